@@ -1,0 +1,77 @@
+"""ActivityNet Captions annotations: ``{vid: {duration, timestamps, sentences}}`` JSON files."""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+
+from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport, resolve_segment
+from datamodules.records import GroundingRecord
+
+SPLITS = ("train", "val_1", "val_2")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _segment(value: object) -> tuple[float, float] | None:
+    if isinstance(value, list | tuple) and len(value) == 2 and all(map(_is_number, value)):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def parse_activitynet(
+    path: str | Path, split: str, policy: QuirkPolicy | None = None
+) -> tuple[list[GroundingRecord], QuirkReport]:
+    """Parse one captions file into one record per sentence; qids are ``anet:{split}:{vid}:{i}``."""
+    policy = policy or QuirkPolicy()
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise QuirkError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    if not isinstance(data, dict):
+        raise QuirkError(f"{path}: expected a JSON object of videos, got {type(data).__name__}")
+    report = QuirkReport(source=str(path))
+    records: list[GroundingRecord] = []
+    for video_id, entry in data.items():
+        where = f"{path}:{video_id}"
+        timestamps = entry.get("timestamps") if isinstance(entry, dict) else None
+        sentences = entry.get("sentences") if isinstance(entry, dict) else None
+        if not (isinstance(timestamps, list) and isinstance(sentences, list)) or len(timestamps) != len(
+            sentences
+        ):
+            report.malformed(where, "needs 'timestamps' and 'sentences' lists of equal length", policy)
+            continue
+        duration = float(entry["duration"]) if _is_number(entry.get("duration")) else None
+        for i, (stamp, sentence) in enumerate(zip(timestamps, sentences, strict=True)):
+            segment = _segment(stamp)
+            if segment is None or not isinstance(sentence, str):
+                report.malformed(f"{where}[{i}]", f"bad segment {stamp!r} or sentence {sentence!r}", policy)
+                continue
+            record = resolve_segment(
+                f"anet:{split}:{video_id}:{i}",
+                video_id,
+                sentence.strip(),
+                duration,
+                *segment,
+                f"{where}[{i}]",
+                policy,
+                report,
+            )
+            if record is not None:
+                records.append(record)
+    return records, report
+
+
+def load_activitynet(
+    root: str | Path, split: str, policy: QuirkPolicy | None = None
+) -> tuple[list[GroundingRecord], QuirkReport]:
+    """Load ``{split}.json`` (train, val_1 or val_2) from ``root``; logs the quirk report."""
+    if split not in SPLITS:
+        raise ValueError(f"ActivityNet Captions split must be one of {SPLITS}, got {split!r}")
+    records, report = parse_activitynet(Path(root) / f"{split}.json", split, policy)
+    report.log()
+    return records, report

@@ -1,0 +1,88 @@
+"""Charades-STA annotations: ``VIDEOID start end##sentence`` lines, durations from the Charades CSVs."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_segment
+from datamodules.records import GroundingRecord
+
+SPLITS = ("train", "test")
+CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")
+
+
+def read_durations(csv_paths: Iterable[str | Path]) -> dict[str, float | None]:
+    """Map video id to the CSV ``length`` in seconds (None when the cell is not a number)."""
+    durations: dict[str, float | None] = {}
+    for path in csv_paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"id", "length"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path}: expected 'id' and 'length' columns, got {reader.fieldnames}")
+            for row in reader:
+                try:
+                    durations[row["id"]] = float(row["length"])
+                except (TypeError, ValueError):
+                    durations[row["id"]] = None
+    return durations
+
+
+def parse_charades_sta(
+    path: str | Path,
+    durations: Mapping[str, float | None],
+    split: str,
+    policy: QuirkPolicy | None = None,
+) -> tuple[list[GroundingRecord], QuirkReport]:
+    """Parse one annotation file; qids are ``charades:{split}:{line:06d}`` (1-based line numbers)."""
+    policy = policy or QuirkPolicy()
+    path = Path(path)
+    report = QuirkReport(source=str(path))
+    records: list[GroundingRecord] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            head, sep, sentence = line.rstrip("\r\n").partition("##")
+            fields = head.split()
+            if not sep or len(fields) != 3:
+                report.malformed(
+                    where, f"expected 'VIDEOID start end##sentence', got {line.strip()!r}", policy
+                )
+                continue
+            video_id, start_text, end_text = fields
+            try:
+                start, end = float(start_text), float(end_text)
+            except ValueError:
+                report.malformed(where, f"times are not numbers: {start_text!r} {end_text!r}", policy)
+                continue
+            qid = f"charades:{split}:{lineno:06d}"
+            duration = durations.get(video_id)
+            record = resolve_segment(
+                qid, video_id, sentence.strip(), duration, start, end, where, policy, report
+            )
+            if record is not None:
+                records.append(record)
+    return records, report
+
+
+def load_charades_sta(
+    root: str | Path,
+    split: str,
+    policy: QuirkPolicy | None = None,
+    annotation_file: str | None = None,
+) -> tuple[list[GroundingRecord], QuirkReport]:
+    """Load ``charades_sta_{split}.txt`` (or ``annotation_file``) from ``root``; logs the quirk report."""
+    if split not in SPLITS:
+        raise ValueError(f"Charades-STA split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    csv_paths = [root / name for name in CSV_NAMES if (root / name).is_file()]
+    if not csv_paths:
+        raise FileNotFoundError(f"no Charades duration CSV ({' or '.join(CSV_NAMES)}) in {root}")
+    records, report = parse_charades_sta(
+        root / (annotation_file or f"charades_sta_{split}.txt"), read_durations(csv_paths), split, policy
+    )
+    report.log()
+    return records, report

@@ -1,0 +1,148 @@
+"""Policy and report for known annotation quirks, shared by the dataset parsers.
+
+Every record that a parser drops or changes is counted here by quirk kind, so nothing
+disappears silently; the report is returned alongside the records and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from datamodules.prompts import normalize_query
+from datamodules.records import GroundingRecord
+
+log = logging.getLogger(__name__)
+
+START_AFTER_END = "start_after_end"
+END_AFTER_DURATION = "end_after_duration"
+START_AFTER_DURATION = "start_after_duration"
+UNKNOWN_VIDEO = "unknown_video"
+EMPTY_QUERY = "empty_query"
+MALFORMED = "malformed"
+
+DROPPED, SKIPPED = "dropped", "skipped"
+
+# Ends within this many seconds past the duration are float noise (ActivityNet stores durations
+# such as 70.28999999999999 for segments ending at 70.29); they are snapped to the duration
+# without counting as a quirk.
+TIME_TOLERANCE = 1e-6
+
+
+class QuirkError(ValueError):
+    """An annotation problem that the policy says must stop parsing; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class QuirkPolicy:
+    """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip."""
+
+    start_after_end: Literal["swap", "drop"] = "swap"
+    end_after_duration: Literal["clip", "drop"] = "clip"
+    unknown_video: Literal["drop", "error"] = "error"
+    empty_query: Literal["drop", "error"] = "drop"
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "start_after_end": ("swap", "drop"),
+            "end_after_duration": ("clip", "drop"),
+            "unknown_video": ("drop", "error"),
+            "empty_query": ("drop", "error"),
+        }
+        for name, options in allowed.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"QuirkPolicy.{name} must be one of {options}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class QuirkReport:
+    """Counts of queries read/kept and of each quirk met, with the first few examples (``file:line``)."""
+
+    source: str
+    kept: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    actions: dict[str, str] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+
+    @property
+    def read(self) -> int:
+        """Queries met in the source: kept + dropped, so no query can vanish uncounted."""
+        return self.kept + self.dropped
+
+    @property
+    def dropped(self) -> int:
+        """Queries read but not kept (dropped by policy or skipped as malformed)."""
+        return sum(n for kind, n in self.counts.items() if self.actions[kind] in (DROPPED, SKIPPED))
+
+    def note(self, kind: str, action: str, where: str, detail: str) -> None:
+        """Count one occurrence of ``kind`` handled by ``action`` at ``where``."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.actions[kind] = action
+        examples = self.examples.setdefault(kind, [])
+        if len(examples) < self.max_examples:
+            examples.append(f"{where} ({detail})")
+
+    def malformed(self, where: str, detail: str, policy: QuirkPolicy) -> None:
+        """Raise for a malformed entry under a strict policy, else count it as skipped."""
+        if policy.strict:
+            raise QuirkError(f"{where}: malformed annotation: {detail}")
+        self.note(MALFORMED, SKIPPED, where, detail)
+
+    def summary_lines(self) -> list[str]:
+        """One line for the totals, then one line per quirk kind with its first examples."""
+        lines = [f"{self.source}: kept {self.kept} of {self.read} queries ({self.dropped} dropped)"]
+        for kind in sorted(self.counts):
+            examples = "; ".join(self.examples[kind])
+            lines.append(f"{self.source}: {kind}: {self.counts[kind]} {self.actions[kind]}, e.g. {examples}")
+        return lines
+
+    def log(self, logger: logging.Logger = log) -> None:
+        """Log the summary: totals at INFO, each quirk kind at WARNING."""
+        total, *quirks = self.summary_lines()
+        logger.info(total)
+        for line in quirks:
+            logger.warning(line)
+
+
+def resolve_segment(
+    qid: str,
+    video_id: str,
+    query: str,
+    duration: float | None,
+    start: float,
+    end: float,
+    where: str,
+    policy: QuirkPolicy,
+    report: QuirkReport,
+) -> GroundingRecord | None:
+    """Apply ``policy`` to one parsed query; return its record, or None when the policy drops it."""
+    if not (math.isfinite(start) and math.isfinite(end) and start >= 0 and end >= 0):
+        return report.malformed(where, f"video {video_id}: bad times {start}, {end}", policy)
+
+    def reject(kind: str, action: str, detail: str) -> None:
+        if action == "error":
+            raise QuirkError(f"{where}: {kind.replace('_', ' ')}: {detail}")
+        report.note(kind, DROPPED, where, detail)
+
+    if not normalize_query(query):
+        return reject(EMPTY_QUERY, policy.empty_query, f"video {video_id}: empty sentence {query!r}")
+    if duration is None or not (math.isfinite(duration) and duration > 0):
+        return reject(UNKNOWN_VIDEO, policy.unknown_video, f"video {video_id} has no usable duration")
+    if start > end:
+        if policy.start_after_end == "drop":
+            return reject(START_AFTER_END, "drop", f"{video_id} {start} > {end}")
+        report.note(START_AFTER_END, "swapped", where, f"{video_id} {start} > {end}")
+        start, end = end, start
+    if start >= duration:
+        return reject(START_AFTER_DURATION, "drop", f"{video_id} start {start} >= duration {duration}")
+    if end > duration + TIME_TOLERANCE:
+        detail = f"{video_id} end {end} > duration {duration}"
+        if policy.end_after_duration == "drop":
+            return reject(END_AFTER_DURATION, "drop", detail)
+        report.note(END_AFTER_DURATION, "clipped", where, detail)
+    report.kept += 1
+    return GroundingRecord(qid, video_id, query, duration, start, min(end, duration))

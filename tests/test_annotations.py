@@ -1,0 +1,239 @@
+"""Charades-STA / ActivityNet Captions parsers, quirk policy and prompt helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from datamodules.activitynet import load_activitynet, parse_activitynet
+from datamodules.charades_sta import load_charades_sta, parse_charades_sta, read_durations
+from datamodules.prompts import DEFAULT_TEMPLATE, normalize_query, render_prompt
+from datamodules.quirks import QuirkError, QuirkPolicy
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHARADES, ANET = DATA / "charades_sta", DATA / "activitynet_captions"
+
+CSV = "id,subject,length\r\nAAAAA,x,10.0\r\nBBBBB,y,20.5\r\nCCCCC,z,n/a\r\n"
+STA_LINES = [
+    "AAAAA 1.0 4.5##a person opens a door.",  # 1 clean
+    "AAAAA 6.0 3.0##person sits down.",  # 2 start > end
+    "BBBBB 18.0 21.0##someone drinks",  # 3 end past duration
+    "BBBBB 21.0 22.0##person leaves.",  # 4 start past duration
+    "ZZZZZ 1.0 2.0##unknown video.",  # 5 unknown video id
+    "AAAAA 1.0 2.0## . ",  # 6 empty sentence
+]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode())
+    return path
+
+
+@pytest.fixture
+def sta(tmp_path: Path) -> tuple[Path, dict]:
+    write(tmp_path / "Charades_v1_train.csv", CSV)
+    path = write(tmp_path / "charades_sta_train.txt", "\n".join(STA_LINES) + "\n")
+    return path, read_durations([tmp_path / "Charades_v1_train.csv"])
+
+
+def test_read_durations_parses_crlf_csv(sta):
+    _, durations = sta
+    assert durations == {"AAAAA": 10.0, "BBBBB": 20.5, "CCCCC": None}
+
+
+def test_charades_default_policy_counts_every_quirk(sta):
+    path, durations = sta
+    records, report = parse_charades_sta(path, durations, "train", QuirkPolicy(unknown_video="drop"))
+    by_qid = {r.qid: r for r in records}
+    assert sorted(by_qid) == ["charades:train:000001", "charades:train:000002", "charades:train:000003"]
+    assert (by_qid["charades:train:000002"].start, by_qid["charades:train:000002"].end) == (3.0, 6.0)
+    assert by_qid["charades:train:000003"].end == 20.5
+    assert by_qid["charades:train:000001"].query == "a person opens a door."
+    assert report.counts == {
+        "start_after_end": 1,
+        "end_after_duration": 1,
+        "start_after_duration": 1,
+        "unknown_video": 1,
+        "empty_query": 1,
+    }
+    assert (report.read, report.kept, report.dropped) == (6, 3, 3)
+    assert f"{path}:2" in report.examples["start_after_end"][0]
+
+
+def test_charades_drop_policy(sta):
+    path, durations = sta
+    policy = QuirkPolicy(start_after_end="drop", end_after_duration="drop", unknown_video="drop")
+    records, report = parse_charades_sta(path, durations, "train", policy)
+    assert [r.qid for r in records] == ["charades:train:000001"]
+    assert report.actions["start_after_end"] == "dropped" and report.dropped == 5
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (QuirkPolicy(unknown_video="error"), ":5: unknown video: video ZZZZZ"),
+        (QuirkPolicy(unknown_video="drop", empty_query="error"), ":6: empty query"),
+    ],
+)
+def test_charades_error_policies_name_file_and_line(sta, policy, message):
+    path, durations = sta
+    with pytest.raises(QuirkError, match=str(path) + message):
+        parse_charades_sta(path, durations, "train", policy)
+
+
+@pytest.mark.parametrize(
+    "bad", ["AAAAA 1.0 2.0 a person", "AAAAA 1.0##x", "AAAAA one 2.0##x", "AAAAA -1 2##x"]
+)
+def test_charades_malformed_line(tmp_path, bad):
+    path = write(tmp_path / "sta.txt", f"AAAAA 1.0 2.0##fine.\n\n{bad}\n")
+    with pytest.raises(QuirkError, match=f"{path}:3: malformed"):
+        parse_charades_sta(path, {"AAAAA": 10.0}, "test")
+    records, report = parse_charades_sta(path, {"AAAAA": 10.0}, "test", QuirkPolicy(strict=False))
+    assert len(records) == 1 and report.counts == {"malformed": 1} and report.read == 2
+
+
+def test_load_charades_requires_csv(tmp_path):
+    write(tmp_path / "charades_sta_test.txt", "AAAAA 1.0 2.0##x\n")
+    with pytest.raises(FileNotFoundError, match="Charades_v1"):
+        load_charades_sta(tmp_path, "test")
+    with pytest.raises(ValueError, match="split"):
+        load_charades_sta(tmp_path, "val")
+
+
+def anet_file(tmp_path: Path, data: object) -> Path:
+    return write(tmp_path / "val_1.json", json.dumps(data))
+
+
+def test_activitynet_quirks_and_qids(tmp_path):
+    path = anet_file(
+        tmp_path,
+        {
+            "v_a": {
+                "duration": 70.28999999999999,
+                "timestamps": [[0, 10], [30, 20.5], [60, 70.29], [65, 71.5], [71, 80]],
+                "sentences": ["A man talks.", " He sits.", " Float noise.", " Past end.", " Outside."],
+            },
+            "v_b": {"timestamps": [[1, 2]], "sentences": ["No duration."]},
+            "v_c": {"duration": 5.0, "timestamps": [[1, 2]], "sentences": ["   "]},
+        },
+    )
+    records, report = parse_activitynet(path, "val_1", QuirkPolicy(unknown_video="drop"))
+    assert [r.qid for r in records] == [f"anet:val_1:v_a:{i}" for i in range(4)]
+    assert records[1].query == "He sits." and (records[1].start, records[1].end) == (20.5, 30.0)
+    assert records[2].end == records[3].end == 70.28999999999999
+    assert report.counts == {
+        "start_after_end": 1,
+        "end_after_duration": 1,  # float noise (70.29 vs 70.28999999999999) is not a quirk
+        "start_after_duration": 1,
+        "unknown_video": 1,
+        "empty_query": 1,
+    }
+    assert f"{path}:v_a[3]" in report.examples["end_after_duration"][0]
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"v_a": {"duration": 9.0, "timestamps": [[1, 2]], "sentences": []}}, ":v_a: malformed"),
+        ({"v_a": {"duration": 9.0, "timestamps": [[1]], "sentences": ["x"]}}, r":v_a\[0\]: malformed"),
+        ({"v_a": {"duration": 9.0, "timestamps": [[1, 2]], "sentences": [3]}}, r":v_a\[0\]: malformed"),
+        ({"v_a": [1, 2]}, ":v_a: malformed"),
+    ],
+)
+def test_activitynet_malformed(tmp_path, data, where):
+    path = anet_file(tmp_path, data)
+    with pytest.raises(QuirkError, match=str(path) + where):
+        parse_activitynet(path, "val_1")
+    records, report = parse_activitynet(path, "val_1", QuirkPolicy(strict=False))
+    assert records == [] and report.counts == {"malformed": 1}
+
+
+def test_activitynet_invalid_json_names_file(tmp_path):
+    path = write(tmp_path / "train.json", '{"v_a": {"duration": 3.0,\n oops}')
+    with pytest.raises(QuirkError, match=f"{path}:2: not valid JSON"):
+        parse_activitynet(path, "train")
+
+
+def test_policy_rejects_unknown_options():
+    with pytest.raises(ValueError, match="start_after_end"):
+        QuirkPolicy(start_after_end="clip")
+
+
+def test_report_logs_one_line_per_kind(sta, caplog):
+    path, durations = sta
+    _, report = parse_charades_sta(path, durations, "train", QuirkPolicy(unknown_video="drop"))
+    with caplog.at_level(logging.INFO):
+        report.log()
+    assert len(caplog.records) == 1 + 5
+    assert "kept 3 of 6 queries (3 dropped)" in caplog.records[0].getMessage()
+
+
+def test_normalize_and_render_prompt():
+    assert normalize_query("  A Person opens  the door.. ") == "a person opens the door"
+    assert normalize_query(" . ") == ""
+    prompt = render_prompt(DEFAULT_TEMPLATE, " He {braces} it.")
+    assert prompt.startswith("<video>\n") and "see he {braces} it occurring?" in prompt
+    with pytest.raises(ValueError, match="<video>"):
+        render_prompt("{query}", "x")
+    with pytest.raises(ValueError, match="query"):
+        render_prompt("<video> what?", "x")
+
+
+def needs(path: Path):
+    return pytest.mark.skipif(not path.is_file(), reason=f"real annotation file absent: {path}")
+
+
+@pytest.mark.real_data
+@needs(CHARADES / "charades_sta_train.txt")
+def test_real_charades_train():
+    records, report = load_charades_sta(CHARADES, "train")
+    assert report.read == 12408
+    assert report.counts == {"start_after_end": 4, "end_after_duration": 1802, "start_after_duration": 3}
+    # After swapping, 3 of the 4 reversed lines lie wholly past the video's end: dropped, and their
+    # end > length is counted there, hence 1802 + 3 = the 1,805 known end > length queries.
+    assert [e.split(" ")[0].rsplit(":", 1)[1] for e in report.examples["start_after_end"]] == [
+        "8252",
+        "8440",
+        "9623",
+    ]
+    assert len(records) == report.kept == 12405
+    assert len({r.qid for r in records}) == 12405
+    assert len({r.video_id for r in records}) == 5338 - 2  # LEOL6 and AKKWU had only those lines
+
+
+@pytest.mark.real_data
+@needs(CHARADES / "charades_sta_train.vslnet_fixed.txt")
+def test_real_charades_train_vslnet_fixed_keeps_all():
+    records, report = load_charades_sta(
+        CHARADES, "train", annotation_file="charades_sta_train.vslnet_fixed.txt"
+    )
+    assert len(records) == 12408 and report.counts == {"end_after_duration": 1802}
+
+
+@pytest.mark.real_data
+@needs(CHARADES / "charades_sta_test.txt")
+def test_real_charades_test():
+    records, report = load_charades_sta(CHARADES, "test")
+    assert len(records) == report.read == 3720 and report.counts == {"end_after_duration": 562}
+    assert len({r.video_id for r in records}) == 1334
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    ("split", "total", "counts"),
+    [
+        ("train", 37421, {"start_after_end": 2, "end_after_duration": 29}),
+        ("val_1", 17505, {"end_after_duration": 5}),
+        ("val_2", 17031, {"end_after_duration": 1}),
+    ],
+)
+def test_real_activitynet(split, total, counts):
+    if not (ANET / f"{split}.json").is_file():
+        pytest.skip(f"real annotation file absent: {ANET / f'{split}.json'}")
+    records, report = load_activitynet(ANET, split)
+    assert len(records) == report.read == report.kept == total
+    assert report.counts == counts
+    assert all(0 <= r.start <= r.end <= r.duration for r in records)
