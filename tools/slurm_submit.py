@@ -1,0 +1,99 @@
+"""Submit train.py to SLURM: one job, or one job array for a Hydra-style sweep.
+
+Example::
+
+    python tools/slurm_submit.py --nodes 2 --gpus-per-node 8 --time 12:00:00 -- experiment=tiny seed=1,2
+
+Everything after ``--`` is passed to ``train.py`` as overrides; comma lists become an array job.
+See docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `tools` importable
+    sys.path.insert(0, str(REPO))
+
+from tools.sbatch_template import JobSpec, expand_sweep, render_sbatch  # noqa: E402
+
+__all__ = ["JobSpec", "build_parser", "expand_sweep", "main", "render_sbatch", "spec_from_args", "submit"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; defaults mirror :class:`JobSpec`."""
+    d = JobSpec()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=d.nodes, help="-> --nodes and trainer.num_nodes")
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node,
+                   help="-> --gres=gpu:G, --ntasks-per-node=G and trainer.devices=G (0: CPU job)")
+    p.add_argument("--tasks-per-node", type=int, default=d.tasks_per_node,
+                   help="CPU jobs only: -> --ntasks-per-node and trainer.devices")
+    p.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task, help="-> --cpus-per-task")
+    p.add_argument("--mem", help="-> --mem (e.g. 64G); omitted: the partition default")
+    p.add_argument("--time", default=d.time, help="-> --time (MM, HH:MM:SS, D-HH:MM:SS)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--signal", default=d.signal,
+                   help="-> --signal; Lightning saves an HPC checkpoint and requeues on it ('' to disable)")
+    p.add_argument("--no-requeue", dest="requeue", action="store_false", help="render --no-requeue")
+    p.add_argument("--extra-sbatch", action="append", default=[], metavar="LINE",
+                   help="extra '#SBATCH ...' line (repeatable; use --extra-sbatch=--flag=x for bare flags)")
+    p.add_argument("--setup", action="append", default=[], metavar="CMD",
+                   help="shell line run before srun, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--job-name", default=d.job_name)
+    p.add_argument("--log-dir", default=d.log_dir, help="stdout/stderr dir (relative to --workdir)")
+    p.add_argument("--runs-dir", default=d.runs_dir,
+                   help="run dirs go to RUNS_DIR/JOB_NAME/<jobid>_<arrayindex> (relative to --workdir)")
+    p.add_argument("--workdir", default=str(REPO), help="directory train.py is run from (sbatch --chdir)")
+    p.add_argument("--max-parallel", type=int, help="array jobs: at most this many tasks at once (%%N)")
+    p.add_argument("--python", default=d.python, help="python executable on the compute nodes")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument("overrides", nargs="*", help="train.py overrides (after --); a,b,c lists sweep")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """Map parsed CLI arguments onto a :class:`JobSpec`."""
+    fields = set(JobSpec.__dataclass_fields__)
+    return JobSpec(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def submit(script: str, spec: JobSpec) -> str:
+    """Submit ``script`` with sbatch (read from stdin) and return the job id."""
+    workdir = Path(spec.workdir or ".")
+    (workdir / spec.log_dir).mkdir(parents=True, exist_ok=True)  # SLURM does not create log dirs
+    proc = subprocess.run(["sbatch"], input=script, capture_output=True, text=True, check=False)
+    match = re.search(r"Submitted batch job (\d+)", proc.stdout)
+    if proc.returncode != 0 or not match:
+        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return match.group(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: render, then print (``--dry-run``) or submit."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    spec = spec_from_args(args)
+    try:
+        script = render_sbatch(spec)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    job_id = submit(script, spec)
+    runs = len(expand_sweep(spec.overrides))
+    print(f"Submitted batch job {job_id}" + (f" (array of {runs})" if runs > 1 else ""), file=sys.stderr)
+    print(job_id)  # stdout carries only the id: JOB=$(python tools/slurm_submit.py ...)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
