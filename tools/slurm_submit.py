@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
-    job_id = submit(script, spec)
+    try:
+        job_id = submit(script, spec)
+    except (OSError, RuntimeError) as err:
+        print(f"slurm_submit: {err}", file=sys.stderr)
+        return 1
     runs = len(expand_sweep(spec.overrides))
     print(f"Submitted batch job {job_id}" + (f" (array of {runs})" if runs > 1 else ""), file=sys.stderr)
     print(job_id)  # stdout carries only the id: JOB=$(python tools/slurm_submit.py ...)

@@ -1,0 +1,176 @@
+"""Rendering, sweep expansion, validation and dry-run of tools/slurm_submit.py (no SLURM needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import slurm_submit
+from tools.slurm_submit import JobSpec, expand_sweep, render_sbatch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def fake_bin(tmp_path: Path, name: str, body: str) -> dict[str, str]:
+    """Put an executable ``name`` on PATH; return the environment to run with."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    exe = bindir / name
+    exe.write_text(f"#!/bin/bash\n{body}\n")
+    exe.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "PATH": f"{bindir}:{env['PATH']}"}
+
+
+def run_script(script: str, tmp_path: Path, task_id: int | None = None) -> list[str]:
+    """Execute a rendered script with a fake srun; return the argv train.py would get."""
+    env = fake_bin(tmp_path, "srun", 'printf "%s\\n" "$@" > "$SRUN_ARGS"')
+    env.update(SRUN_ARGS=str(tmp_path / "argv"), SLURM_JOB_ID="42")
+    if task_id is not None:
+        env.update(SLURM_ARRAY_JOB_ID="41", SLURM_ARRAY_TASK_ID=str(task_id))
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", str(path)], env=env, cwd=tmp_path, check=True, capture_output=True)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    return argv[argv.index("train.py") + 1:]
+
+
+def test_one_node_cpu_job(tmp_path: Path) -> None:
+    spec = JobSpec(overrides=["experiment=tiny", "trainer.max_steps=20"], tasks_per_node=2, time="10")
+    script = render_sbatch(spec)
+    lines = sbatch_lines(script)
+    assert "#SBATCH --nodes=1" in lines
+    assert "#SBATCH --ntasks-per-node=2" in lines
+    assert not any("--gres" in line or "--array" in line for line in lines)
+    assert {"#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@90"} <= set(lines)
+    assert "#SBATCH --output=runs/slurm_logs/%x-%j.out" in lines
+    argv = run_script(script, tmp_path)
+    assert argv == ["experiment=tiny", "trainer.max_steps=20", "output_dir=runs/timerefine/42_0",
+                    "trainer.num_nodes=1", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+
+
+def test_single_cpu_task_has_no_ddp(tmp_path: Path) -> None:
+    argv = run_script(render_sbatch(JobSpec(time="5")), tmp_path)
+    assert "trainer.devices=1" in argv
+    assert not any(a.startswith("trainer.strategy") for a in argv)
+
+
+def test_two_nodes_eight_gpus(tmp_path: Path) -> None:
+    spec = JobSpec(overrides=["seed=3"], nodes=2, gpus_per_node=8, cpus_per_task=8, mem="256G",
+                   partition="gpu", account="proj", qos="high", setup=["export FOO=bar"],
+                   extra_sbatch=["#SBATCH --exclusive", "--constraint=h100"])
+    script = render_sbatch(spec)
+    lines = sbatch_lines(script)
+    for expected in ("--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8", "--cpus-per-task=8", "--mem=256G",
+                     "--partition=gpu", "--account=proj", "--qos=high", "--exclusive", "--constraint=h100"):
+        assert f"#SBATCH {expected}" in lines
+    assert "\nexport FOO=bar\n" in script
+    argv = run_script(script, tmp_path)
+    assert "trainer.num_nodes=2" in argv and "trainer.devices=8" in argv
+    assert "trainer.accelerator=gpu" in argv and "trainer.strategy=ddp" in argv
+
+
+def test_user_strategy_is_kept(tmp_path: Path) -> None:
+    argv = run_script(render_sbatch(JobSpec(overrides=["trainer.strategy=fsdp"], gpus_per_node=4)), tmp_path)
+    assert [a for a in argv if a.startswith("trainer.strategy")] == ["trainer.strategy=fsdp"]
+
+
+def test_expand_sweep_cartesian_product() -> None:
+    runs = expand_sweep(["experiment=tiny", "model.refine.steps=0,1,2,3", "seed=1,2"])
+    assert len(runs) == 8
+    assert runs[0] == ["experiment=tiny", "model.refine.steps=0", "seed=1"]
+    assert runs[1] == ["experiment=tiny", "model.refine.steps=0", "seed=2"]
+    assert runs[7] == ["experiment=tiny", "model.refine.steps=3", "seed=2"]
+    assert expand_sweep(["a=1"]) == [["a=1"]]
+    assert expand_sweep([]) == [[]]
+
+
+def test_expand_sweep_keeps_lists_and_quotes() -> None:
+    assert expand_sweep(["x=[1,2]", "y='a,b'", "f=g(1,2)", "~z"]) == [["x=[1,2]", "y='a,b'", "f=g(1,2)", "~z"]]
+    assert expand_sweep(["x=[1,2],[3]"]) == [["x=[1,2]"], ["x=[3]"]]
+
+
+def test_sweep_becomes_one_array(tmp_path: Path) -> None:
+    spec = JobSpec(overrides=["model.refine.steps=0,1,2,3", "seed=1,2"], job_name="sweep", max_parallel=3)
+    script = render_sbatch(spec)
+    lines = sbatch_lines(script)
+    assert "#SBATCH --array=0-7%3" in lines
+    assert "#SBATCH --output=runs/slurm_logs/%x-%A_%a.out" in lines
+    for index, expected in enumerate(expand_sweep(spec.overrides)):
+        argv = run_script(script, tmp_path, task_id=index)
+        assert argv[:2] == expected
+        assert f"output_dir=runs/sweep/41_{index}" in argv
+
+
+def test_unknown_array_index_fails(tmp_path: Path) -> None:
+    with pytest.raises(subprocess.CalledProcessError):
+        run_script(render_sbatch(JobSpec(overrides=["seed=1,2"])), tmp_path, task_id=5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"nodes": 0}, "nodes must be >= 1"),
+    ({"cpus_per_task": 0}, "cpus-per-task must be >= 1"),
+    ({"gpus_per_node": -1}, "gpus-per-node must be >= 0"),
+    ({"gpus_per_node": 8, "tasks_per_node": 2}, "one task per GPU"),
+    ({"time": "1:2:3:4"}, "bad time"),
+    ({"time": "1h"}, "bad time"),
+    ({"time": "1"}, "fires before"),
+    ({"mem": "lots"}, "bad mem"),
+    ({"signal": "B:USR1@90"}, "bad signal"),
+    ({"job_name": "bash"}, "bad job name"),
+    ({"job_name": "a/b"}, "bad job name"),
+    ({"overrides": ["seed=1,,2"]}, "empty value in sweep"),
+    ({"overrides": ["trainer.devices=4"]}, "is set by the tool"),
+    ({"overrides": ["output_dir=/tmp/x"]}, "is set by the tool"),
+])
+def test_validation_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        render_sbatch(JobSpec(**kwargs))
+
+
+@pytest.mark.parametrize("time", ["30", "30:00", "12:00:00", "2-00", "1-12:30", "1-12:30:00", "INFINITE"])
+def test_valid_times(time: str) -> None:
+    assert f"#SBATCH --time={time}" in render_sbatch(JobSpec(time=time))
+
+
+def test_dry_run_prints_and_does_not_submit(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError("dry run must not call sbatch")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert slurm_submit.main(["--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--", "seed=1,2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash") and "#SBATCH --array=0-1" in out
+
+
+def test_cli_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        slurm_submit.main(["--dry-run", "--time", "soon"])
+    assert exc.value.code == 2
+    assert "bad time" in capsys.readouterr().err
+
+
+def test_submit_parses_job_id(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, "sbatch", f'cat > {tmp_path}/stdin; echo "Submitted batch job 1234"')
+    cmd = [sys.executable, str(REPO / "tools/slurm_submit.py"), "--workdir", str(tmp_path), "--log-dir", "logs",
+           "--", "seed=1,2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "1234"
+    assert "#SBATCH --array=0-1" in (tmp_path / "stdin").read_text()
+    assert (tmp_path / "logs").is_dir()
+
+
+def test_submit_reports_sbatch_failure(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, "sbatch", 'echo "sbatch: error: invalid partition" >&2; exit 1')
+    cmd = [sys.executable, str(REPO / "tools/slurm_submit.py"), "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "invalid partition" in proc.stderr
