@@ -1,0 +1,142 @@
+"""Feature stores: per-video files in a folder, a packed litdata dataset, and synthetic features.
+
+Every store returns float32 ``(num_frames, feature_dim)`` arrays and raises :class:`FeatureError`
+(naming the video and the file) for anything missing or malformed. Reasons start with a short
+kind (``missing``, ``unreadable``, ``bad shape``, ``empty``, ``non-finite``) used to group them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodules.records import FeatureError, FeatureStore, resample_frames
+from datamodules.synthetic_features import SyntheticFeatureStore
+
+SUFFIXES = (".npy", ".npz", ".pt")
+PACKED_META = "timerefine_features.json"
+
+
+def reason_kind(error: FeatureError) -> str:
+    """The short kind that starts a store's reason, e.g. ``missing`` or ``non-finite``."""
+    return error.reason.split(":", 1)[0]
+
+
+def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int) -> np.ndarray:
+    """Validate a ``(T, feature_dim)`` numeric array with T > 0 and finite values; return it as ndarray."""
+    array = np.asarray(array)
+    if array.ndim != 2 or array.shape[1] != feature_dim:
+        raise FeatureError(video_id, str(path), f"bad shape: expected (T, {feature_dim}), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise FeatureError(video_id, str(path), f"bad shape: dtype {array.dtype} is not numeric")
+    if array.shape[0] == 0:
+        raise FeatureError(video_id, str(path), "empty: zero frames")
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise FeatureError(video_id, str(path), f"non-finite: {bad} NaN/inf values")
+    return array
+
+
+def read_feature_file(path: Path) -> np.ndarray:
+    """Read one ``.npy`` / ``.npz`` (key ``features`` or the first array) / ``.pt`` (tensor) file."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if not archive.files:
+                raise ValueError("the .npz archive holds no array")
+            return archive["features" if "features" in archive.files else archive.files[0]]
+    import torch
+
+    tensor = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"expected a tensor, got {type(tensor).__name__}")
+    return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+class FolderFeatureStore:
+    """``root/{video_id}.npy`` (or ``.npz`` / ``.pt``) with any ``(T, D)``, resampled to ``num_frames``."""
+
+    def __init__(self, root: str | Path, num_frames: int = 100, feature_dim: int = 768) -> None:
+        self.root, self.num_frames, self.feature_dim = Path(root), num_frames, feature_dim
+
+    def video_ids(self) -> list[str]:
+        """Sorted ids of the videos that have a feature file."""
+        return sorted({p.stem for p in self.root.iterdir() if p.suffix in SUFFIXES and p.is_file()})
+
+    def path(self, video_id: str) -> Path:
+        """The file holding ``video_id`` (the ``.npy`` name when there is none)."""
+        candidates = [self.root / f"{video_id}{suffix}" for suffix in SUFFIXES]
+        return next((p for p in candidates if p.is_file()), candidates[0])
+
+    def load(self, video_id: str) -> np.ndarray:
+        path = self.path(video_id)
+        if not path.is_file():
+            raise FeatureError(video_id, str(path), f"missing: no {'/'.join(SUFFIXES)} file in {self.root}")
+        try:
+            array = read_feature_file(path)
+        except Exception as err:
+            raise FeatureError(video_id, str(path), f"unreadable: {type(err).__name__}: {err}") from err
+        array = check_features(array, video_id, path, self.feature_dim)
+        return resample_frames(array, self.num_frames).astype(np.float32)
+
+
+class PackedFeatureStore:
+    """A litdata-optimized folder (see ``tools/pack_features.py``), read by video id.
+
+    ``num_frames`` defaults to the packed length (other values resample); ``feature_dim``, when
+    given, must match the packed one.
+    """
+
+    def __init__(
+        self, path: str | Path, num_frames: int | None = None, feature_dim: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        meta_path = self.path / PACKED_META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a packed feature store")
+        meta = json.loads(meta_path.read_text())
+        if feature_dim is not None and feature_dim != meta["feature_dim"]:
+            raise ValueError(
+                f"{self.path} holds {meta['feature_dim']}-d features, {feature_dim} were asked for"
+            )
+        self.feature_dim = meta["feature_dim"]
+        self.num_frames = num_frames or meta["num_frames"]
+        self.index: dict[str, int] = meta["index"]
+        self._dataset: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_dataset": None}  # each DataLoader worker opens its own reader
+
+    def load(self, video_id: str) -> np.ndarray:
+        if video_id not in self.index:
+            raise FeatureError(video_id, str(self.path), "missing: video not in the packed store")
+        try:
+            if self._dataset is None:
+                from litdata import StreamingDataset
+
+                self._dataset = StreamingDataset(str(self.path.resolve()))
+            item = self._dataset[self.index[video_id]]
+        except Exception as err:
+            raise FeatureError(video_id, str(self.path), f"unreadable: {type(err).__name__}: {err}") from err
+        if item["video_id"] != video_id:
+            raise FeatureError(video_id, str(self.path), f"unreadable: index points at {item['video_id']!r}")
+        array = check_features(item["features"], video_id, self.path, self.feature_dim)
+        return resample_frames(array, self.num_frames).astype(np.float32)
+
+
+FEATURE_STORES: dict[str, type] = {
+    "folder": FolderFeatureStore,
+    "packed": PackedFeatureStore,
+    "synthetic": SyntheticFeatureStore,
+}
+
+
+def build_feature_store(kind: str, **kwargs: Any) -> FeatureStore:
+    """Build the store named ``kind`` (folder, packed or synthetic) from its keyword arguments."""
+    if kind not in FEATURE_STORES:
+        raise ValueError(f"unknown feature store kind {kind!r}; expected one of {sorted(FEATURE_STORES)}")
+    return FEATURE_STORES[kind](**kwargs)

@@ -1,0 +1,197 @@
+"""Folder, packed and synthetic feature stores, the pack tool and the coverage check."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.coverage import check_coverage
+from datamodules.feature_stores import (
+    FolderFeatureStore,
+    PackedFeatureStore,
+    SyntheticFeatureStore,
+    build_feature_store,
+)
+from datamodules.records import FeatureError, GroundingRecord
+from datamodules.synthetic_features import query_signature, stable_seed
+from tools.pack_features import main as pack_main
+from tools.pack_features import pack_folder
+
+D = 8
+
+
+def features(frames: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((frames, D)).astype(np.float16)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "feats"
+    root.mkdir()
+    np.save(root / "vid_a.npy", features(10, 1))
+    np.savez(root / "vid_b.npz", other=features(4, 2), features=features(20, 3))
+    np.savez(root / "vid_c.npz", features(6, 4))
+    torch.save(torch.from_numpy(features(5, 5)), root / "vid_d.pt")
+    return root
+
+
+def test_folder_store_formats_and_resampling(folder):
+    store = FolderFeatureStore(folder, num_frames=10, feature_dim=D)
+    assert store.video_ids() == ["vid_a", "vid_b", "vid_c", "vid_d"]
+    for video_id in store.video_ids():
+        out = store.load(video_id)
+        assert out.shape == (10, D) and out.dtype == np.float32
+    np.testing.assert_array_equal(store.load("vid_a"), features(10, 1).astype(np.float32))
+    np.testing.assert_array_equal(store.load("vid_b")[[0, -1]], features(20, 3)[[0, -1]].astype(np.float32))
+    np.testing.assert_array_equal(store.load("vid_d")[:2], features(5, 5)[[0, 0]].astype(np.float32))
+
+
+BAD_FILES = {
+    "missing": ("gone.npy", None, "missing"),
+    "wrong_dim": ("wrong_dim.npy", np.zeros((5, D + 1), np.float16), "bad shape"),
+    "one_d": ("one_d.npy", np.zeros(D, np.float16), "bad shape"),
+    "zero_frames": ("zero_frames.npy", np.zeros((0, D), np.float16), "empty"),
+    "nan": ("nan.npy", np.full((3, D), np.nan, np.float16), "non-finite"),
+    "inf": ("inf.npz", np.full((3, D), np.inf, np.float32), "non-finite"),
+    "corrupt": ("corrupt.npy", b"\x93NUMPY garbage", "unreadable"),
+    "empty_npz": ("empty_npz.npz", "empty archive", "unreadable"),
+    "not_tensor": ("not_tensor.pt", {"x": 1}, "unreadable"),
+}
+
+
+def write_bad(root: Path, name: str, content: object) -> None:
+    path = root / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        np.savez(path)  # an archive with no array
+    elif path.suffix == ".pt":
+        torch.save(content, path)
+    elif path.suffix == ".npz":
+        np.savez(path, features=content)
+    elif content is not None:
+        np.save(path, content)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_folder_store_bad_files_raise_feature_error(tmp_path, case):
+    name, content, kind = BAD_FILES[case]
+    write_bad(tmp_path, name, content)
+    video_id = name.split(".")[0]
+    with pytest.raises(FeatureError, match=kind) as info:
+        FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D).load(video_id)
+    assert info.value.video_id == video_id and video_id in str(info.value)
+    assert str(tmp_path / (name if case != "missing" else f"{video_id}.npy")) in str(info.value)
+
+
+def test_pack_round_trip_equals_folder_store(folder, tmp_path):
+    write_bad(folder, "broken.npy", np.full((3, D), np.nan, np.float16))
+    report = pack_folder(folder, tmp_path / "packed", num_frames=10, feature_dim=D, dtype="float32")
+    assert report.packed == ["vid_a", "vid_b", "vid_c", "vid_d"] and list(report.bad) == ["broken"]
+    assert "non-finite" in report.bad["broken"]
+    packed = PackedFeatureStore(tmp_path / "packed", feature_dim=D)
+    folder_store = FolderFeatureStore(folder, num_frames=10, feature_dim=D)
+    assert (packed.num_frames, packed.feature_dim) == (10, D)
+    for video_id in report.packed:
+        np.testing.assert_array_equal(packed.load(video_id), folder_store.load(video_id))
+    with pytest.raises(FeatureError, match="missing") as info:
+        packed.load("broken")
+    assert str(tmp_path / "packed") in str(info.value)
+    clone = pickle.loads(pickle.dumps(packed))  # as sent to DataLoader workers
+    np.testing.assert_array_equal(clone.load("vid_c"), folder_store.load("vid_c"))
+    assert PackedFeatureStore(tmp_path / "packed", num_frames=5).load("vid_a").shape == (5, D)
+    with pytest.raises(ValueError, match="holds 8-d features"):
+        PackedFeatureStore(tmp_path / "packed", feature_dim=D + 1)
+    with pytest.raises(FileExistsError):
+        pack_folder(folder, tmp_path / "packed", num_frames=10, feature_dim=D)
+    for chunk in (tmp_path / "packed").glob("chunk-*.bin"):
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(FeatureError, match=r"'vid_d'.*unreadable"):
+        PackedFeatureStore(tmp_path / "packed").load("vid_d")
+
+
+def test_pack_cli_float16(folder, tmp_path, capsys):
+    assert pack_main([str(folder), str(tmp_path / "p16"), "--num-frames", "6", "--feature-dim", str(D)]) == 0
+    assert "packed 4 videos, 0 bad" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "p16" / "timerefine_features.json").read_text())
+    assert meta["dtype"] == "float16" and sorted(meta["index"]) == ["vid_a", "vid_b", "vid_c", "vid_d"]
+    out = PackedFeatureStore(tmp_path / "p16").load("vid_b")
+    assert out.dtype == np.float32 and out.shape == (6, D)
+
+
+def test_packed_store_rejects_plain_folder(folder):
+    with pytest.raises(FileNotFoundError, match="not a packed feature store"):
+        PackedFeatureStore(folder)
+
+
+def record(qid: str, video_id: str, query: str, start: float, end: float, duration: float = 10.0):
+    return GroundingRecord(qid, video_id, query, duration, start, end)
+
+
+RECORDS = [
+    record("q0", "v1", "A person opens the door.", 2.0, 4.0),
+    record("q1", "v1", "person sits on a chair", 7.0, 9.0),
+    record("q2", "v2", "Someone opens a door", 0.0, 1.0, duration=5.0),
+    record("q3", "v3", "the.", 0.0, 0.01),
+]
+
+
+def test_synthetic_store_is_deterministic_and_grounded():
+    store = SyntheticFeatureStore(RECORDS, num_frames=20, feature_dim=64, seed=3, noise=0.1)
+    v1 = store.load("v1")
+    assert v1.shape == (20, 64) and v1.dtype == np.float32
+    np.testing.assert_array_equal(v1, SyntheticFeatureStore(RECORDS, 20, 64, seed=3, noise=0.1).load("v1"))
+    assert not np.array_equal(v1, SyntheticFeatureStore(RECORDS, 20, 64, seed=4, noise=0.1).load("v1"))
+    opens = query_signature("opens door", 3, 64)
+    scores = v1 @ opens  # frames i cover time (i + 0.5) / 2 seconds
+    inside = np.zeros(20, bool)
+    inside[4:8] = True
+    assert scores[inside].min() > 0.7 and np.abs(scores[~inside]).max() < 0.5
+    # the same words ground the same way in another video
+    v2_scores = store.load("v2") @ opens
+    assert v2_scores[:4].min() > 0.7 and np.abs(v2_scores[4:]).max() < 0.5
+    v1[:] = 0  # callers cannot corrupt the cache
+    assert store.load("v1").any()
+    assert stable_seed("word", 3, "door") == 14403303340753390923  # pinned: same in every process
+
+
+def test_synthetic_store_unknown_video_and_cache_bound():
+    store = SyntheticFeatureStore(RECORDS, num_frames=4, feature_dim=8, cache_size=1)
+    with pytest.raises(FeatureError, match=r"'nope'.*missing"):
+        store.load("nope")
+    store.load("v1"), store.load("v2")
+    assert list(store._cache) == ["v2"]
+    assert store.load("v3").shape == (4, 8)  # no content word: noise only
+
+
+def test_build_feature_store(folder):
+    assert isinstance(build_feature_store("folder", root=folder, feature_dim=D), FolderFeatureStore)
+    assert isinstance(build_feature_store("synthetic", records=RECORDS), SyntheticFeatureStore)
+    with pytest.raises(ValueError, match=r"unknown feature store kind 'lmdb'.*folder.*packed.*synthetic"):
+        build_feature_store("lmdb")
+
+
+def test_coverage_strict_and_lenient(folder):
+    write_bad(folder, "vid_nan.npy", np.full((3, D), np.nan, np.float16))
+    records = [
+        record("a0", "vid_a", "x", 0, 1),
+        record("a1", "vid_a", "y", 0, 1),
+        record("n0", "vid_nan", "x", 0, 1),
+        record("m0", "vid_missing", "x", 0, 1),
+        record("m1", "vid_missing", "y", 0, 1),
+        record("b0", "vid_b", "x", 0, 1),
+    ]
+    store = FolderFeatureStore(folder, num_frames=4, feature_dim=D)
+    usable, report = check_coverage(records, store)
+    assert [r.qid for r in usable] == ["a0", "a1", "b0"]
+    assert (report.total, report.usable) == (6, 3)
+    assert report.skipped_by_reason == {"non-finite": 1, "missing": 2}
+    assert "3/6 queries (50.0%)" in report.summary() and "vid_missing" in report.summary()
+    with pytest.raises(FeatureError, match=r"vid_nan.*vid_nan\.npy.*non-finite"):
+        check_coverage(records, store, strict=True)
+    assert check_coverage(records[:2], store, strict=True)[1].fraction == 1.0

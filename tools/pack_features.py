@@ -1,0 +1,106 @@
+"""Pack a folder of per-video feature files into a litdata dataset readable by PackedFeatureStore.
+
+    python tools/pack_features.py SRC_DIR DST_DIR --num-frames 100 --feature-dim 768 --workers 4
+
+Every file is validated first; bad ones are reported (video, file, reason) and left out, and the
+command then exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.feature_stores import PACKED_META, FolderFeatureStore
+from datamodules.records import FeatureError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackReport:
+    """Videos packed and the files left out, with their error messages."""
+
+    packed: list[str] = field(default_factory=list)
+    bad: dict[str, str] = field(default_factory=dict)
+
+
+def pack_item(video_id: str, src: str, num_frames: int, feature_dim: int, dtype: str) -> dict:
+    """One packed sample: the video id and its resampled features (litdata ``optimize`` function)."""
+    features = FolderFeatureStore(src, num_frames, feature_dim).load(video_id)
+    return {"video_id": video_id, "features": features.astype(dtype)}
+
+
+def pack_folder(
+    src: str | Path,
+    dst: str | Path,
+    num_frames: int = 100,
+    feature_dim: int = 768,
+    workers: int = 1,
+    dtype: str = "float16",
+) -> PackReport:
+    """Validate every file in ``src``, pack the good ones into ``dst`` and write the id index there."""
+    from litdata import StreamingDataset, optimize
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty; pack into a new folder")
+    store, report = FolderFeatureStore(src, num_frames, feature_dim), PackReport()
+    for video_id in store.video_ids():
+        try:
+            store.load(video_id)
+            report.packed.append(video_id)
+        except FeatureError as err:
+            report.bad[video_id] = str(err)
+    for message in report.bad.values():
+        log.warning("left out: %s", message)
+    if not report.packed:
+        raise ValueError(f"no usable feature file in {src} ({len(report.bad)} bad)")
+    optimize(
+        fn=functools.partial(
+            pack_item, src=str(src), num_frames=num_frames, feature_dim=feature_dim, dtype=dtype
+        ),
+        inputs=report.packed,
+        output_dir=str(dst),
+        chunk_bytes="64MB",
+        num_workers=max(1, workers),
+        verbose=False,
+    )
+    dataset = StreamingDataset(str(dst))
+    index = {dataset[i]["video_id"]: i for i in range(len(dataset))}
+    if sorted(index) != report.packed:
+        raise RuntimeError(f"{dst}: packed {len(index)} videos, expected {len(report.packed)}")
+    meta = {"num_frames": num_frames, "feature_dim": feature_dim, "dtype": dtype, "index": index}
+    tmp = dst / f"{PACKED_META}.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, dst / PACKED_META)
+    log.info("packed %d videos into %s (%d bad files left out)", len(index), dst, len(report.bad))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="folder of {video_id}.npy/.npz/.pt feature files")
+    parser.add_argument("dst", help="new, empty output folder")
+    parser.add_argument("--num-frames", type=int, default=100)
+    parser.add_argument("--feature-dim", type=int, default=768)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    report = pack_folder(args.src, args.dst, args.num_frames, args.feature_dim, args.workers, args.dtype)
+    print(f"packed {len(report.packed)} videos, {len(report.bad)} bad files left out")
+    return 1 if report.bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
