@@ -1,0 +1,139 @@
+"""Frame sampling, decoding and CLIP feature extraction on tiny generated videos and a tiny encoder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from datamodules.feature_stores import FolderFeatureStore
+from tools.extract_features import (
+    ClipFrameEncoder,
+    VideoDecodeError,
+    decode_uniform_frames,
+    extract,
+    main,
+    preprocess,
+    sample_frame_indices,
+)
+
+FRAMES = 20  # 2 s at 10 fps
+
+
+def write_video(path: Path, frames: int = FRAMES, size: tuple[int, int] = (64, 48)) -> Path:
+    """Frame i is a flat grey of level 12 * i, so decoded brightness tells the frame index."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for i in range(frames):
+            image = np.full((size[1], size[0], 3), 12 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("clip")
+    CLIPVisionModelWithProjection(config).save_pretrained(root / "proj")
+    CLIPVisionModel(config).save_pretrained(root / "pooled")
+    return root
+
+
+@pytest.fixture
+def videos(tmp_path: Path) -> Path:
+    root = tmp_path / "videos"
+    root.mkdir()
+    write_video(root / "vid_a.mp4")
+    write_video(root / "vid_b.mkv", frames=7, size=(48, 64))  # mkv: no frame count in the header
+    return root
+
+
+def test_sample_frame_indices():
+    assert sample_frame_indices(20, 4).tolist() == [2, 7, 12, 17]
+    assert sample_frame_indices(3, 6).tolist() == [0, 0, 1, 1, 2, 2]
+    assert sample_frame_indices(1, 2).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="total > 0"):
+        sample_frame_indices(0, 4)
+
+
+def test_decode_uniform_frames(videos):
+    frames = decode_uniform_frames(videos / "vid_a.mp4", 4)
+    assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8
+    levels = frames.reshape(4, -1).mean(1) / 12
+    np.testing.assert_allclose(levels, [2, 7, 12, 17], atol=0.6)
+    portrait = decode_uniform_frames(videos / "vid_b.mkv", 10, size=32)  # short side scaled to 32
+    assert portrait.shape == (10, 43, 32, 3)
+
+
+def test_preprocess_is_clip_normalised():
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+    pixels = preprocess(frames, 32)
+    assert pixels.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(
+        pixels[0, :, 0, 0], torch.tensor([-1.7923, -1.7521, -1.4802]), atol=1e-3, rtol=0
+    )
+
+
+def test_corrupt_video_raises_clear_error(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+    with pytest.raises(VideoDecodeError, match=re.escape(f"cannot decode video {bad}")):
+        decode_uniform_frames(bad, 4)
+
+
+@pytest.mark.parametrize(("model", "dim"), [("proj", 16), ("pooled", 32)])
+def test_extract_writes_float16_features_and_resumes(tiny_clip, videos, tmp_path, model, dim):
+    encoder = ClipFrameEncoder(str(tiny_clip / model), projection=model == "proj")
+    assert (encoder.image_size, encoder.dim) == (32, dim)
+    paths = sorted(videos.iterdir())
+    out = tmp_path / "feats"
+    report = extract(paths, encoder, out, num_frames=8, batch_size=3)
+    assert report.done == ["vid_a", "vid_b"] and not report.skipped and not report.failed
+    features = np.load(out / "vid_a.npy")
+    assert features.shape == (8, dim) and features.dtype == np.float16 and np.isfinite(features).all()
+    assert not np.allclose(features[0], features[-1])  # different frames, different embeddings
+    assert sorted(p.name for p in out.iterdir()) == ["vid_a.npy", "vid_b.npy"]  # no temporary files left
+    assert FolderFeatureStore(out, num_frames=8, feature_dim=dim).load("vid_b").shape == (8, dim)
+
+    first_b = np.load(out / "vid_b.npy")
+    (out / "vid_b.npy").write_bytes(b"truncated")  # e.g. a killed run: redone, not trusted
+    again = extract(paths, encoder, out, num_frames=8, batch_size=3)
+    assert again.skipped == ["vid_a"] and again.done == ["vid_b"]
+    np.testing.assert_array_equal(np.load(out / "vid_b.npy"), first_b)
+
+
+def test_extract_counts_or_raises_on_corrupt_video(tiny_clip, videos, tmp_path):
+    (videos / "vid_c.mp4").write_bytes(b"not a video")
+    encoder = ClipFrameEncoder(str(tiny_clip / "proj"))
+    paths = sorted(videos.iterdir())
+    with pytest.raises(VideoDecodeError, match=r"vid_c\.mp4"):
+        extract(paths, encoder, tmp_path / "strict", num_frames=4, strict=True)
+    report = extract(paths, encoder, tmp_path / "lenient", num_frames=4, workers=1)
+    assert report.done == ["vid_a", "vid_b"] and list(report.failed) == ["vid_c"]
+    assert "vid_c.mp4" in report.failed["vid_c"]
+
+
+def test_cli(tiny_clip, videos, tmp_path, capsys):
+    args = [str(videos), str(tmp_path / "out"), "--model", str(tiny_clip / "proj"), "--num-frames", "5"]
+    assert main([*args, "--workers", "0", "--device", "cpu"]) == 0
+    assert "encoded 2, skipped 0 done, 0 failed" in capsys.readouterr().out
+    assert main([*args, "--workers", "0", "--device", "cpu"]) == 0
+    assert "encoded 0, skipped 2 done" in capsys.readouterr().out
