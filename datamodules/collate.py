@@ -1,0 +1,93 @@
+"""Batching: prompt with frame placeholders, TimeRefine answer targets, and the loss mask.
+
+Only answer tokens (and the final EOS) carry LM loss; prompt, video placeholders and padding are
+``-100``. Training sequences are right-padded; the prompts for generation are left-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.answer_tokens import AnswerCodec
+from datamodules.records import GroundingRecord
+from datamodules.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from datamodules.timeline import to_index
+
+IGNORE = -100
+CoarseLookup = Callable[[str], tuple[int, int] | None]
+
+
+class GroundingCollator:
+    """Turns dataset items into model batches. ``coarse_lookup`` supplies on-policy first segments."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        schedule: RefineSchedule,
+        prompt: Callable[[str], str],
+        num_frames: int,
+        seed: int = 0,
+        coarse_lookup: CoarseLookup | None = None,
+    ) -> None:
+        self.tokenizer, self.schedule, self.prompt = tokenizer, schedule, prompt
+        self.codec = AnswerCodec(tokenizer, schedule.steps)
+        self.num_frames, self.seed, self.coarse_lookup = num_frames, seed, coarse_lookup
+        self.video_id = tokenizer.convert_tokens_to_ids("<video>")
+
+    def prompt_ids(self, query: str) -> list[int]:
+        ids = self.tokenizer.encode(self.prompt(query), add_special_tokens=False)
+        if ids.count(self.video_id) != 1:
+            raise ValueError(
+                f"the prompt template must contain '<video>' exactly once: {self.prompt(query)!r}"
+            )
+        if self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        at = ids.index(self.video_id)
+        return [*ids[:at], *[self.video_id] * self.num_frames, *ids[at + 1 :]]
+
+    def target_steps(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineStep]:
+        gt = (to_index(record.start, record.duration), to_index(record.end, record.duration))
+        first = self.coarse_lookup(record.qid) if self.coarse_lookup else None
+        return make_refine_steps(
+            gt, record.duration, self.schedule, sample_rng(self.seed, epoch, index), first
+        )
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        records = [item["record"] for item in items]
+        prompts = [self.prompt_ids(r.query) for r in records]
+        answers = [
+            [
+                *self.codec.encode(self.target_steps(r, item["epoch"], item["index"])),
+                self.tokenizer.eos_token_id,
+            ]
+            for r, item in zip(records, items, strict=True)
+        ]
+        pad = self.tokenizer.pad_token_id
+        full_len = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+        input_ids = torch.full((len(items), full_len), pad, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE)
+        attention = torch.zeros_like(input_ids)
+        prompt_len = max(len(p) for p in prompts)
+        prompt_ids = torch.full((len(items), prompt_len), pad, dtype=torch.long)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            sequence = prompt + answer
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            labels[row, len(prompt) : len(sequence)] = torch.tensor(answer)
+            attention[row, : len(sequence)] = 1
+            prompt_ids[row, prompt_len - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[row, prompt_len - len(prompt) :] = 1
+        return {
+            "features": torch.stack([item["features"] for item in items]),
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "gt_norm": torch.tensor([[r.start / r.duration, r.end / r.duration] for r in records]),
+            "records": records,
+        }

@@ -1,0 +1,112 @@
+"""One LightningDataModule for every dataset: a source gives records and features per split."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Protocol
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.answer import format_answer
+from datamodules.collate import CoarseLookup, GroundingCollator
+from datamodules.dataset import GroundingDataset
+from datamodules.prompts import DEFAULT_TEMPLATE, render_prompt
+from datamodules.records import FeatureStore, GroundingRecord
+from datamodules.sampling import ShardedEpochSampler
+from datamodules.targets import RefineSchedule, make_refine_steps, sample_rng
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+class DataSource(Protocol):
+    """Where a dataset's queries and features come from."""
+
+    name: str
+    num_frames: int
+    feature_dim: int
+
+    def records(self, split: str) -> list[GroundingRecord]: ...
+
+    def store(self, split: str) -> FeatureStore: ...
+
+
+class GroundingDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: DataSource,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        prompt_template: str = DEFAULT_TEMPLATE,
+    ) -> None:
+        super().__init__()
+        self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
+        self.num_workers, self.seed, self.prompt_template = num_workers, seed, prompt_template
+        self.datasets: dict[str, GroundingDataset] = {}
+        self.collator: GroundingCollator | None = None
+
+    def records(self, split: str) -> list[GroundingRecord]:
+        if split not in self.datasets:
+            self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
+        return self.datasets[split].records
+
+    def tokenizer_corpus(self, schedule: RefineSchedule) -> list[str]:
+        """Text a locally trained tokenizer should know: prompts and sample answers."""
+        texts = [render_prompt(self.prompt_template, r.query) for r in self.records("train")]
+        for i, record in enumerate(self.records("train")[:200]):
+            steps = make_refine_steps((i % 50, 50 + i % 50), record.duration, schedule, sample_rng(0, 0, i))
+            texts.append(format_answer(steps, with_offsets=schedule.steps > 0))
+        return texts
+
+    def attach(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        schedule: RefineSchedule,
+        coarse_lookup: CoarseLookup | None = None,
+    ) -> None:
+        """Give the datamodule the model's tokenizer and the refinement schedule of its targets."""
+        self.collator = GroundingCollator(
+            tokenizer,
+            schedule,
+            partial(render_prompt, self.prompt_template),
+            self.source.num_frames,
+            self.seed,
+            coarse_lookup,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, skip: int = 0) -> DataLoader:
+        if self.collator is None:
+            raise RuntimeError("call attach(tokenizer, schedule) before asking for dataloaders")
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = ShardedEpochSampler(len(self.records(split)), shuffle, self.seed, rank, world, skip)
+        if self.trainer is not None:
+            sampler.epoch = self.trainer.current_epoch
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer else 0
+        if done:
+            log.info("resuming mid-epoch: skipping the %d batches this epoch already trained on", done)
+        return self._loader("train", True, self.batch_size, skip=done * self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)

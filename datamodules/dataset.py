@@ -1,0 +1,40 @@
+"""A map-style dataset of grounding records and their features, indexed by ``(epoch, index)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.records import FeatureError, FeatureStore, GroundingRecord
+
+
+class GroundingDataset(Dataset):
+    """Returns one record with its ``(num_frames, dim)`` features; bad features raise FeatureError."""
+
+    def __init__(self, records: list[GroundingRecord], store: FeatureStore) -> None:
+        self.records, self.store = records, store
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        record = self.records[index]
+        features = self.store.load(record.video_id)
+        if features.shape != (self.store.num_frames, self.store.feature_dim):
+            raise FeatureError(
+                record.video_id,
+                "<store>",
+                f"expected shape {(self.store.num_frames, self.store.feature_dim)}, got {features.shape}",
+            )
+        if not np.isfinite(features).all():
+            raise FeatureError(record.video_id, "<store>", "features contain NaN or inf")
+        return {
+            "record": record,
+            "features": torch.from_numpy(np.asarray(features, dtype=np.float32)),
+            "epoch": epoch,
+            "index": index,
+        }

@@ -1,0 +1,109 @@
+"""Batched greedy decoding with a KV cache, free or constrained to the answer layout.
+
+Prompts are left-padded. While decoding, the last hidden state at every <OFFSET> token fed to the
+model is kept, so the aux head can read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from datamodules.answer_tokens import Slot
+from lightning_modules.video_llm import VideoLLM
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    offset_hidden: torch.Tensor | None  # (B, hidden) at the last <OFFSET> fed, NaN-free zeros if none
+    has_offset: torch.Tensor  # (B,) bool
+
+
+class _Decoder:
+    """Holds the KV cache and the running attention mask of one batch."""
+
+    def __init__(
+        self, model: VideoLLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features, offset_id
+    ):
+        self.model, self.offset_id = model, offset_id
+        self.mask = prompt_mask
+        embeds = model.embed(prompt_ids, features)
+        out = self._forward(embeds, prompt_mask.long().cumsum(-1) - 1, past=None)
+        self.offset_hidden = None
+        self.has_offset = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        self.last_logits = out.logits[:, -1].float()
+
+    def _forward(self, embeds, positions, past):
+        out = self.model.lm(
+            inputs_embeds=embeds,
+            attention_mask=self.mask,
+            position_ids=positions.clamp(min=0),
+            past_key_values=past,
+            use_cache=True,
+            output_hidden_states=self.offset_id is not None,
+        )
+        self.past = out.past_key_values
+        return out
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Append ``tokens`` (B, n) and advance the cache."""
+        start = self.mask.long().sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=self.mask.dtype)], dim=1)
+        positions = start + torch.arange(tokens.shape[1], device=tokens.device)
+        out = self._forward(self.model.lm.get_input_embeddings()(tokens), positions, self.past)
+        self.last_logits = out.logits[:, -1].float()
+        if self.offset_id is not None:
+            self._keep_offset_hidden(tokens, out.hidden_states[-1])
+
+    def _keep_offset_hidden(self, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self.offset_hidden is None:
+            self.offset_hidden = hidden.new_zeros(hidden.shape[0], hidden.shape[-1])
+        for column in range(tokens.shape[1]):
+            is_offset = tokens[:, column] == self.offset_id
+            self.offset_hidden[is_offset] = hidden[is_offset, column]
+            self.has_offset |= is_offset
+
+
+@torch.no_grad()
+def generate(
+    model: VideoLLM,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    features: torch.Tensor,
+    eos_id: int,
+    max_new_tokens: int,
+    slots: list[Slot] | None = None,
+    offset_id: int | None = None,
+) -> Generation:
+    """Greedy answers; with ``slots`` only digits/signs are chosen and every answer parses."""
+    decoder = _Decoder(model, prompt_ids, prompt_mask, features, offset_id)
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    columns: list[torch.Tensor] = []
+    if slots is not None:
+        for slot in slots:
+            if slot.fixed:
+                step = torch.tensor(slot.fixed, device=device).expand(batch, -1)
+            else:
+                choices = torch.tensor(slot.choices, device=device)
+                step = choices[decoder.last_logits[:, choices].argmax(-1)].unsqueeze(1)
+            columns.append(step)
+            decoder.feed(step)
+        tokens = torch.cat(columns, dim=1).tolist()
+    else:
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            step = decoder.last_logits.argmax(-1)
+            step = torch.where(finished, torch.full_like(step, eos_id), step)
+            columns.append(step)
+            finished |= step == eos_id
+            if finished.all():
+                break
+            decoder.feed(step.unsqueeze(1))
+        tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
+    return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
+
+
+def _until_eos(row: list[int], eos_id: int) -> list[int]:
+    return row[: row.index(eos_id)] if eos_id in row else row

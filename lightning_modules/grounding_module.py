@@ -1,0 +1,184 @@
+"""The LightningModule: LM cross-entropy + lambda x aux loss, greedy evaluation, grounding metrics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.answer import OFFSET
+from datamodules.answer_tokens import AnswerCodec
+from lightning_modules.generation import generate
+from lightning_modules.predictions import predict, prediction_row, seconds
+from lightning_modules.video_llm import VideoLLM
+from metrics.grounding import GroundingMetric
+from metrics.iou import temporal_iou
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class InferenceSpec:
+    """``final``: last refined segment, aux-head prediction, or their mean. ``constrained``: fill the
+    fixed tokens in and let the model choose only digits and signs."""
+
+    final: str = "last"
+    constrained: bool = True
+    max_new_tokens: int | None = None
+
+
+class GroundingModule(L.LightningModule):
+    def __init__(
+        self,
+        model: VideoLLM,
+        tokenizer: PreTrainedTokenizerBase,
+        refine_steps: int,
+        aux_weight: float,
+        optim: OptimSpec,
+        inference: InferenceSpec,
+    ) -> None:
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.refine_steps, self.aux_weight = refine_steps, aux_weight
+        self.optim, self.inference = optim, inference
+        self.codec = AnswerCodec(tokenizer, refine_steps)
+        self.offset_id = tokenizer.convert_tokens_to_ids(OFFSET) if refine_steps > 0 else None
+        self.num_steps = 1 if refine_steps == 0 else refine_steps + 2
+        self.metrics = torch.nn.ModuleDict({split: GroundingMetric() for split in ("val", "test")})
+        self.step_metrics = torch.nn.ModuleDict(
+            {
+                split: torch.nn.ModuleList(GroundingMetric() for _ in range(self.num_steps))
+                for split in ("val", "test")
+            }
+        )
+        self.predictions: list[dict] = []
+
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int):
+        """Move the tensors; the records (frozen dataclasses) stay on the host as they are."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ---- training -------------------------------------------------------------------------------
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"])
+        losses = {"lm_loss": out.loss}
+        if self.model.aux_head is not None and self.offset_id is not None:
+            at_offset = batch["input_ids"] == self.offset_id
+            segment, logits = self.model.aux_head(out.hidden_states[-1][at_offset])
+            rows = at_offset.nonzero()[:, 0]
+            losses["aux_loss"] = self.model.aux_head.loss(segment, logits, batch["gt_norm"][rows].to(segment))
+            losses["loss"] = out.loss + self.aux_weight * losses["aux_loss"]
+        else:
+            losses["loss"] = out.loss
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        size = len(batch["records"])
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
+        return losses["loss"]
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _evaluate(self, batch: dict[str, Any], split: str) -> None:
+        records = batch["records"]
+        self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
+        slots = self.codec.slots() if self.inference.constrained else None
+        generation = generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["features"],
+            eos_id=self.tokenizer.eos_token_id,
+            max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
+            slots=slots,
+            offset_id=self.offset_id if self.model.aux_head is not None else None,
+        )
+        aux = self._aux_segments(generation)
+        target = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
+        finals, per_step = [], [[] for _ in range(self.num_steps)]
+        for row, record in enumerate(records):
+            text = self.tokenizer.decode(generation.tokens[row], skip_special_tokens=False)
+            prediction = predict(text, self.refine_steps, self.inference.final, aux[row])
+            finals.append(seconds(prediction.final, record.duration))
+            for step in range(self.num_steps):
+                found = prediction.steps[step] if step < len(prediction.steps) else None
+                per_step[step].append(seconds(found, record.duration))
+            if split == "test":
+                iou = self._iou(finals[-1], (record.start, record.end))
+                self.predictions.append(prediction_row(record, prediction, iou))
+        self.metrics[split].update(torch.tensor(finals, dtype=torch.float64), target)
+        for step, metric in enumerate(self.step_metrics[split]):
+            metric.update(torch.tensor(per_step[step], dtype=torch.float64), target)
+
+    def _aux_segments(self, generation) -> list[tuple[float, float] | None]:
+        if generation.offset_hidden is None or self.model.aux_head is None:
+            return [None] * len(generation.tokens)
+        segment, _ = self.model.aux_head(generation.offset_hidden)
+        return [
+            tuple(s) if ok else None
+            for s, ok in zip(segment.tolist(), generation.has_offset.tolist(), strict=True)
+        ]
+
+    @staticmethod
+    def _iou(pred: tuple[float, float], gt: tuple[float, float]) -> float:
+        return float(temporal_iou(torch.tensor([pred]), torch.tensor([gt]))[0])
+
+    def _log_metrics(self, split: str) -> None:
+        scores = self.metrics[split].compute()
+        for name in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "parse_fail"):
+            self.log(f"{split}/{name}", scores[name], prog_bar=name == "mIoU")
+        for step, metric in enumerate(self.step_metrics[split]):
+            self.log(f"{split}/step{step}/mIoU", metric.compute()["mIoU"])
+            metric.reset()
+        self.metrics[split].reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,63 @@
+"""From generated text to predicted segments (per refinement step and final), in seconds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from datamodules.answer import parse_answer, step_segments
+from datamodules.records import GroundingRecord
+from datamodules.timeline import MAX_INDEX, to_seconds
+
+FINAL_CHOICES = ("last", "aux", "mean")
+NAN_SEGMENT = (math.nan, math.nan)
+
+
+@dataclass
+class Prediction:
+    text: str
+    steps: list[tuple[float, float]]  # frame indices: first coarse segment, then each refined one
+    final: tuple[float, float] | None  # frame indices; None when the answer did not parse
+
+
+def predict(text: str, refine_steps: int, final: str, aux_segment: tuple[float, float] | None) -> Prediction:
+    """Parse ``text``; ``aux_segment`` is the aux head's normalized segment (used by ``aux``/``mean``)."""
+    if final not in FINAL_CHOICES:
+        raise ValueError(f"unknown final answer {final!r}; choose from {FINAL_CHOICES}")
+    steps = step_segments(parse_answer(text), refine_steps)
+    last = steps[-1] if steps else None
+    aux = None if aux_segment is None else tuple(sorted(x * MAX_INDEX for x in aux_segment))
+    if final == "last" or aux is None:
+        chosen = last
+    elif final == "aux" or last is None:
+        chosen = aux
+    else:
+        chosen = ((last[0] + aux[0]) / 2, (last[1] + aux[1]) / 2)
+    return Prediction(text, steps, chosen)
+
+
+def seconds(segment: tuple[float, float] | None, duration: float) -> tuple[float, float]:
+    """A frame-index segment in seconds; NaNs for a missing one (scored as IoU 0)."""
+    if segment is None:
+        return NAN_SEGMENT
+    return to_seconds(segment[0], duration), to_seconds(segment[1], duration)
+
+
+def prediction_row(record: GroundingRecord, prediction: Prediction, iou: float) -> dict:
+    """One line of ``predictions/<split>.jsonl``."""
+    final = (
+        None
+        if prediction.final is None
+        else [round(x, 3) for x in seconds(prediction.final, record.duration)]
+    )
+    return {
+        "qid": record.qid,
+        "video_id": record.video_id,
+        "query": record.query,
+        "duration": record.duration,
+        "gt": [record.start, record.end],
+        "pred": final,
+        "iou": round(iou, 5),
+        "steps": [[round(x, 3) for x in seconds(step, record.duration)] for step in prediction.steps],
+        "text": prediction.text,
+    }

@@ -1,0 +1,55 @@
+"""Tokenizers: a Hugging Face one by name/path, or a byte-level BPE trained locally on the data's text.
+
+Either way the grounding tokens (``<SEG_START>`` ... and ``<video>``) are added as special tokens,
+and digits are single tokens so timestamps are spelled digit by digit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from datamodules.answer import SPECIAL_TOKENS, VIDEO
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (any UTF-8 text encodes) trained on ``texts``, with digits kept apart."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+def add_grounding_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add the answer markers and the video placeholder; give the tokenizer a pad token if it has none."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, VIDEO]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for char in "0123456789+-":
+        if tokenizer.convert_tokens_to_ids(char) in (None, tokenizer.unk_token_id):
+            raise ValueError(f"tokenizer has no single token for {char!r}: timestamps cannot be spelled")
+    return tokenizer
+
+
+def build_tokenizer(
+    name_or_path: str | None, texts: Iterable[str], vocab_size: int
+) -> PreTrainedTokenizerBase:
+    """The pretrained tokenizer of ``name_or_path``, or a local BPE trained on ``texts`` when it is None."""
+    if name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    else:
+        tokenizer = train_local_tokenizer(texts, vocab_size)
+    return add_grounding_tokens(tokenizer)

@@ -1,0 +1,55 @@
+"""The Video LLM: projected frame features spliced into the LM's input at the <video> placeholders."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+class VideoLLM(nn.Module):
+    """LM + projector (+ optional aux head). Each sample's prompt holds ``num_frames`` placeholders."""
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        projector: nn.Module,
+        video_token_id: int,
+        aux_head: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.lm, self.projector, self.aux_head = lm, projector, aux_head
+        self.video_token_id = video_token_id
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the placeholders replaced, in order, by the projected frames."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        placeholders = input_ids == self.video_token_id
+        if features is None:
+            if placeholders.any():
+                raise ValueError("input holds <video> placeholders but no features were given")
+            return embeds
+        per_sample = placeholders.sum(dim=1)
+        if not torch.all(per_sample == features.shape[1]):
+            raise ValueError(
+                f"each sample needs {features.shape[1]} <video> placeholders (one per frame), "
+                f"got {per_sample.tolist()}"
+            )
+        frames = self.projector(features.to(embeds.dtype))
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), frames.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+    ):
+        """The LM's output (loss when ``labels`` are given) with all hidden states."""
+        return self.lm(
+            inputs_embeds=self.embed(input_ids, features),
+            attention_mask=attention_mask,
+            labels=labels,
+            output_hidden_states=self.aux_head is not None,
+            use_cache=False,
+        )

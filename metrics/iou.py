@@ -1,0 +1,35 @@
+"""Temporal IoU and recall: pure functions on ``(N, 2)`` tensors of ``[start, end]``."""
+
+from __future__ import annotations
+
+import torch
+
+THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+def temporal_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Row-wise IoU of segments; ``NaN`` rows (unparseable predictions) and empty unions give 0."""
+    pred, target = pred.double(), target.double()
+    inter = (torch.minimum(pred[:, 1], target[:, 1]) - torch.maximum(pred[:, 0], target[:, 0])).clamp(min=0)
+    union = torch.maximum(pred[:, 1], target[:, 1]) - torch.minimum(pred[:, 0], target[:, 0])
+    iou = torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+    identical_points = (pred == target).all(dim=1) & (union == 0)
+    iou = torch.where(identical_points, torch.ones_like(iou), iou)
+    return torch.nan_to_num(iou, nan=0.0)
+
+
+def grounding_sums(iou: torch.Tensor, thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, torch.Tensor]:
+    """Per-batch sums that add up exactly across batches and processes."""
+    return {
+        "iou": iou.sum(),
+        "count": torch.tensor(float(iou.numel()), dtype=torch.float64),
+        **{f"R1@{t}": (iou >= t).sum().double() for t in thresholds},
+    }
+
+
+def grounding_scores(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Percent R1@m and mIoU from accumulated sums (0 when nothing was seen)."""
+    count = float(sums["count"])
+    scale = 100.0 / count if count else 0.0
+    scores = {key: float(value) * scale for key, value in sums.items() if key.startswith("R1@")}
+    return {**scores, "mIoU": float(sums["iou"]) * scale}

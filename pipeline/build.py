@@ -1,0 +1,154 @@
+"""Build every run object from the config: data source, datamodule, model, callbacks, loggers, trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.predictions_writer import PredictionsWriter
+from datamodules.builtin_source import BuiltinSource
+from datamodules.datamodule import DataSource, GroundingDataModule
+from datamodules.targets import RefineSchedule
+from lightning_modules.aux_head import AuxHead
+from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
+from lightning_modules.projector import build_projector
+from lightning_modules.tokenizer import build_tokenizer
+from lightning_modules.video_llm import VideoLLM
+from pipeline.config import ConfigError
+
+SOURCES = {"builtin": BuiltinSource}
+
+
+def build_source(data: DictConfig) -> DataSource:
+    if data.name not in SOURCES:
+        raise ConfigError(f"data.name={data.name!r} is not a known dataset; choose from {sorted(SOURCES)}")
+    return SOURCES[data.name](**OmegaConf.to_container(data.source))
+
+
+def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
+    return GroundingDataModule(
+        build_source(cfg.data),
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        prompt_template=cfg.data.prompt_template,
+    )
+
+
+def refine_schedule(model: DictConfig) -> RefineSchedule:
+    refine = model.refine
+    return RefineSchedule(refine.steps, tuple(refine.noise_std), refine.relative, refine.contain_gt)
+
+
+def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
+    """Tokenizer (trained on the data's text when no pretrained LM is named), LM, projector, aux head."""
+    model = cfg.model
+    schedule = refine_schedule(model)
+    tokenizer = build_tokenizer(
+        model.lm.name_or_path, datamodule.tokenizer_corpus(schedule), model.lm.tokenizer_vocab_size
+    )
+    lm = build_language_model(
+        tokenizer,
+        model.lm.name_or_path,
+        TinyLMSpec(**model.lm.tiny),
+        LoraSpec(**{k: v for k, v in model.lora.items() if k != "enabled"}) if model.lora.enabled else None,
+        model.lm.dtype,
+        model.lm.gradient_checkpointing,
+    )
+    hidden = lm.config.hidden_size
+    aux = (
+        AuxHead(hidden, model.aux.head, model.aux.loss)
+        if model.aux.weight > 0 and schedule.steps > 0
+        else None
+    )
+    video_llm = VideoLLM(
+        lm,
+        build_projector(model.projector, datamodule.source.feature_dim, hidden),
+        tokenizer.convert_tokens_to_ids("<video>"),
+        aux,
+    )
+    datamodule.attach(tokenizer, schedule)
+    return GroundingModule(
+        video_llm,
+        tokenizer,
+        schedule.steps,
+        model.aux.weight,
+        OptimSpec(**model.optim),
+        InferenceSpec(**model.inference),
+    )
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
+    spec = cfg.callbacks
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename="best-step{step}",
+            auto_insert_metric_name=False,
+            monitor=spec.checkpoint.monitor,
+            mode=spec.checkpoint.mode,
+            save_top_k=spec.checkpoint.save_top_k,
+            save_last=spec.checkpoint.save_last,
+            every_n_train_steps=spec.checkpoint.every_n_train_steps,
+        ),
+        PredictionsWriter(output_dir / "predictions"),
+    ]
+    if spec.progress_bar == "rich":
+        callbacks.append(RichProgressBar())
+    elif spec.progress_bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if spec.early_stopping:
+        callbacks.append(EarlyStopping(**spec.early_stopping))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(output_dir, name="logs", version="csv"))
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(output_dir, name="logs", version="tensorboard"))
+    return loggers
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """Gradient accumulation that keeps ``data.global_batch_size`` whatever the device count."""
+    if cfg.data.global_batch_size is None:
+        return 1
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else len(cfg.trainer.devices)
+    per_step = cfg.data.batch_size * devices * cfg.trainer.num_nodes
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of batch_size x devices x "
+            f"num_nodes = {cfg.data.batch_size} x {devices} x {cfg.trainer.num_nodes} = {per_step}"
+        )
+    return cfg.data.global_batch_size // per_step
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+    plugins = [SLURMEnvironment(auto_requeue=True)] if SLURMEnvironment.detect() else []
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer),
+        default_root_dir=output_dir,
+        accumulate_grad_batches=accumulation(cfg),
+        use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
+        callbacks=build_callbacks(cfg, output_dir),
+        logger=build_loggers(cfg, output_dir) or False,
+        plugins=plugins,
+    )

@@ -1,0 +1,44 @@
+"""Run outputs: the saved config, ``metrics.json`` and the closing table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+HEADLINE = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
+
+
+def save_config(cfg: DictConfig, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml")
+
+
+def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
+    """Flat ``metrics.json`` (percent values), keys sorted."""
+    path = output_dir / "metrics.json"
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sorted(metrics.items())}
+    path.write_text(json.dumps(clean, indent=2) + "\n")
+    return path
+
+
+def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
+    table = Table(title="Temporal grounding results (%)")
+    table.add_column("split")
+    for name in HEADLINE:
+        table.add_column(name, justify="right")
+    for split in ("prior", "val", "test"):
+        if f"{split}/mIoU" in metrics:
+            table.add_row(split, *(f"{metrics.get(f'{split}/{n}', float('nan')):.2f}" for n in HEADLINE))
+    console = Console()
+    console.print(table)
+    if "test/mIoU" in metrics and "prior/mIoU" in metrics:
+        gain = metrics["test/mIoU"] - metrics["prior/mIoU"]
+        console.print(
+            f"test mIoU {metrics['test/mIoU']:.2f} vs best constant segment {metrics['prior/mIoU']:.2f} ({gain:+.2f})"
+        )
+    console.print(f"run directory: {output_dir.resolve()}")

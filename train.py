@@ -1,0 +1,72 @@
+"""Train a Video LLM for temporal grounding, test its best checkpoint, and write the run's outputs.
+
+python train.py                                   # TimeRefine on the built-in dataset
+python train.py model=direct trainer.max_steps=200 seed=3 output_dir=runs/x
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from datamodules.builtin_source import prior_scores
+from pipeline.build import build_datamodule, build_module, build_trainer
+from pipeline.config import ConfigError, load_config
+from pipeline.outputs import print_summary, save_config, write_metrics
+from pipeline.resume import resume_checkpoint
+
+log = logging.getLogger("train")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, and return the flat metrics written to metrics.json."""
+    output_dir = Path(cfg.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg, output_dir)
+    if trainer.is_global_zero:
+        save_config(cfg, output_dir)
+        module.tokenizer.save_pretrained(output_dir / "tokenizer")
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.resume, output_dir))
+    metrics: dict[str, float] = {"global_step": trainer.global_step}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    evaluated = best or None
+    if trainer.limit_val_batches:
+        metrics |= _scores(
+            trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False)
+        )
+    if cfg.test:
+        metrics |= _scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
+        metrics |= {
+            f"prior/{k}": v
+            for k, v in prior_scores(datamodule.records("train"), datamodule.records("test")).items()
+        }
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
+        print_summary(metrics, output_dir)
+    return metrics
+
+
+def _scores(results: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(value) for result in results for key, value in result.items()}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
