@@ -195,3 +195,24 @@ def test_coverage_strict_and_lenient(folder):
     with pytest.raises(FeatureError, match=r"vid_nan.*vid_nan\.npy.*non-finite"):
         check_coverage(records, store, strict=True)
     assert check_coverage(records[:2], store, strict=True)[1].fraction == 1.0
+
+
+CHARADES = Path(__file__).resolve().parents[2] / "shared" / "data" / "charades_sta"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(
+    not (CHARADES / "charades_sta_test.txt").is_file(), reason=f"real annotations absent: {CHARADES}"
+)
+def test_synthetic_features_cover_real_charades_test():
+    from datamodules.charades_sta import load_charades_sta
+
+    records, _ = load_charades_sta(CHARADES, "test")
+    store = build_feature_store("synthetic", records=records, num_frames=100, feature_dim=768, seed=0)
+    usable, report = check_coverage(records, store, strict=True)
+    assert len(usable) == report.total == report.usable == 3720
+    first = records[0]
+    scores = store.load(first.video_id) @ query_signature(first.query, 0, 768)
+    times = (np.arange(100) + 0.5) * first.duration / 100
+    inside = (times >= first.start) & (times <= first.end)
+    assert scores[inside].min() > 0.5 > np.abs(scores[~inside]).max()
