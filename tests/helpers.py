@@ -1,0 +1,103 @@
+"""Shared builders for the core tests: tiny data, the local tokenizer, tiny models. Plain functions.
+
+Everything is CPU-sized (a 1-layer, 32-wide LM; 8 frames of 16-d features) and deterministic.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+from typing import Any
+
+import torch
+
+from datamodules.answer import VIDEO, format_answer
+from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
+from datamodules.collate import GroundingCollator
+from datamodules.dataset import GroundingDataset
+from datamodules.prompts import DEFAULT_TEMPLATE, render_prompt
+from datamodules.targets import RefineSchedule, make_refine_steps, sample_rng
+from lightning_modules.aux_head import AuxHead
+from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
+from lightning_modules.projector import build_projector
+from lightning_modules.tokenizer import build_tokenizer
+from lightning_modules.video_llm import VideoLLM
+
+SPEC = BuiltinSpec(num_train=48, num_val=8, num_test=8, num_frames=8, feature_dim=16, seed=0)
+TINY = TinyLMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+HIDDEN = TINY.hidden_size
+
+
+def corpus(spec: BuiltinSpec = SPEC) -> list[str]:
+    """Prompts of the train split plus sample answers of every step count (K = 0..3)."""
+    texts = [render_prompt(DEFAULT_TEMPLATE, r.query) for r in builtin_records(spec, "train")]
+    for k in range(4):
+        schedule = RefineSchedule(steps=k)
+        for i in range(20):
+            steps = make_refine_steps((i, 40 + i), 30.0, schedule, sample_rng(0, k, i))
+            texts.append(format_answer(steps, with_offsets=k > 0))
+    return texts
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    """The local byte-level BPE (built once per session; tests must not modify it)."""
+    return build_tokenizer(None, corpus(), 300)
+
+
+def dataset(split: str = "train", spec: BuiltinSpec = SPEC) -> GroundingDataset:
+    return GroundingDataset(builtin_records(spec, split), BuiltinFeatureStore(spec, split))
+
+
+def items(n: int = 4, split: str = "train", epoch: int = 0, start: int = 0) -> list[dict[str, Any]]:
+    data = dataset(split)
+    return [data[(epoch, i)] for i in range(start, start + n)]
+
+
+def collator(refine_steps: int = 3, seed: int = 0, template: str = DEFAULT_TEMPLATE) -> GroundingCollator:
+    return GroundingCollator(
+        tokenizer(),
+        RefineSchedule(steps=refine_steps),
+        partial(render_prompt, template),
+        SPEC.num_frames,
+        seed,
+    )
+
+
+def batch(refine_steps: int = 3, n: int = 4, split: str = "train", start: int = 0) -> dict[str, Any]:
+    return collator(refine_steps)(items(n, split, start=start))
+
+
+def video_llm(
+    refine_steps: int = 3,
+    aux_loss: str | None = "l1",
+    lora: LoraSpec | None = None,
+    projector: str = "mlp",
+    seed: int = 0,
+) -> VideoLLM:
+    torch.manual_seed(seed)
+    tok = tokenizer()
+    lm = build_language_model(tok, None, TINY, lora)
+    aux = AuxHead(HIDDEN, "mlp", aux_loss) if aux_loss is not None and refine_steps > 0 else None
+    return VideoLLM(
+        lm, build_projector(projector, SPEC.feature_dim, HIDDEN), tok.convert_tokens_to_ids(VIDEO), aux
+    )
+
+
+def module(
+    refine_steps: int = 3,
+    aux_loss: str | None = "l1",
+    aux_weight: float = 1.0,
+    lora: LoraSpec | None = None,
+    seed: int = 0,
+    **inference: Any,
+) -> GroundingModule:
+    model = video_llm(refine_steps, aux_loss if aux_weight > 0 else None, lora, seed=seed)
+    return GroundingModule(
+        model,
+        tokenizer(),
+        refine_steps,
+        aux_weight,
+        OptimSpec(warmup_steps=1),
+        InferenceSpec(**inference),
+    )
