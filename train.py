@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from datamodules.builtin_source import prior_scores
+from metrics.prior import prior_scores
 from pipeline.build import build_datamodule, build_module, build_trainer
 from pipeline.config import ConfigError, load_config
 from pipeline.outputs import print_summary, save_config, write_metrics
@@ -27,8 +27,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg, output_dir)
+    module = build_module(cfg, datamodule, tokenizer_dir=output_dir / "tokenizer")
+    trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:
         save_config(cfg, output_dir)
         module.tokenizer.save_pretrained(output_dir / "tokenizer")
@@ -47,6 +47,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"prior/{k}": v
             for k, v in prior_scores(datamodule.records("train"), datamodule.records("test")).items()
         }
+    metrics |= datamodule.coverage(metrics)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)

@@ -63,20 +63,24 @@ def format_answer(steps: list[RefineStep], with_offsets: bool) -> str:
 _SEGMENT = re.compile(
     r"\s*(\d{1,2})\s*to\s*(\d{1,2})(?:\s*"
     + re.escape(OFFSET)
-    + r"\s*([+-])\s*(\d{1,2})\s*and\s*([+-])\s*(\d{1,2}))?"
+    + r"\s*([+-])\s*(\d{1,2})\s*and\s*([+-])\s*(\d{1,2}))?\s*"
 )
 
 
 def parse_answer(text: str) -> list[RefineStep]:
     """Every step that parses, in order; an empty list when nothing does.
 
-    Reads after ``<SEG_START>`` (when present) up to ``<SEG_END>`` (when present, so truncated
-    generations keep their complete steps). A step without offsets gets zero offsets.
+    Reads after ``<SEG_START>`` (when present) up to ``<SEG_END>``. Without ``<SEG_END>`` the
+    generation was cut short and only the steps closed by ``<RETHINK>`` count. Each step must be
+    exactly ``s to e`` (optionally ``<OFFSET> +a and -b``); a step without offsets gets zero offsets.
     """
-    body = text.split(SEG_START, 1)[-1].split(SEG_END, 1)[0]
+    body = text.split(SEG_START, 1)[-1]
+    chunks = body.split(SEG_END, 1)[0].split(RETHINK)
+    if SEG_END not in body:
+        chunks = chunks[:-1]  # cut short: the last step may end mid-number or before its offsets
     steps = []
-    for chunk in body.split(RETHINK):
-        match = _SEGMENT.match(chunk)
+    for chunk in chunks:
+        match = _SEGMENT.fullmatch(chunk)
         if match is None:
             break
         start, end, sign_s, off_s, sign_e, off_e = match.groups()

@@ -1,12 +1,9 @@
-"""The built-in dataset as a DataSource, plus the constant-segment prior that gives results context."""
+"""The built-in dataset as a DataSource."""
 
 from __future__ import annotations
 
-import torch
-
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
 from datamodules.records import GroundingRecord
-from metrics.prior import best_constant_segment, constant_segment_scores
 
 
 class BuiltinSource:
@@ -24,13 +21,3 @@ class BuiltinSource:
 
     def store(self, split: str) -> BuiltinFeatureStore:
         return BuiltinFeatureStore(self.spec, split)
-
-
-def normalized_segments(records: list[GroundingRecord]) -> torch.Tensor:
-    return torch.tensor([[r.start / r.duration, r.end / r.duration] for r in records], dtype=torch.float64)
-
-
-def prior_scores(train: list[GroundingRecord], test: list[GroundingRecord]) -> dict[str, float]:
-    """Scores of the best constant segment fitted on ``train``, evaluated on ``test``."""
-    segment = best_constant_segment(normalized_segments(train))
-    return constant_segment_scores(segment, normalized_segments(test))

@@ -22,7 +22,11 @@ CoarseLookup = Callable[[str], tuple[int, int] | None]
 
 
 class GroundingCollator:
-    """Turns dataset items into model batches. ``coarse_lookup`` supplies on-policy first segments."""
+    """Turns dataset items into model batches.
+
+    ``coarse_lookup`` maps a qid to the model's own coarse guess, used as the first coarse segment
+    with probability ``on_policy_fraction`` (on-policy refinement).
+    """
 
     def __init__(
         self,
@@ -36,6 +40,7 @@ class GroundingCollator:
         self.tokenizer, self.schedule, self.prompt = tokenizer, schedule, prompt
         self.codec = AnswerCodec(tokenizer, schedule.steps)
         self.num_frames, self.seed, self.coarse_lookup = num_frames, seed, coarse_lookup
+        self.on_policy_fraction = 1.0
         self.video_id = tokenizer.convert_tokens_to_ids("<video>")
 
     def prompt_ids(self, query: str) -> list[int]:

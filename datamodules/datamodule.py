@@ -79,9 +79,23 @@ class GroundingDataModule(L.LightningDataModule):
             coarse_lookup,
         )
 
+    def annotated(self, split: str) -> int:
+        """Queries the annotations hold for ``split``, before any were skipped for bad features."""
+        reports = getattr(self.source, "coverage", {})
+        return reports[split].total if split in reports else len(self.records(split))
+
+    def coverage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Percent of each split's annotated queries that were evaluated, from ``<split>/queries``."""
+        return {
+            f"{split}/coverage": 100.0 * metrics[f"{split}/queries"] / max(self.annotated(split), 1)
+            for split in ("val", "test")
+            if f"{split}/queries" in metrics
+        }
+
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
-            log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
+            if split not in self.datasets:
+                log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, skip: int = 0) -> DataLoader:
         if self.collator is None:

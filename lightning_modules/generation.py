@@ -40,11 +40,12 @@ class _Decoder:
             inputs_embeds=embeds,
             attention_mask=self.mask,
             position_ids=positions.clamp(min=0),
-            past_key_values=past,
+            cache=past,
             use_cache=True,
+            logits_to_keep=1,
             output_hidden_states=self.offset_id is not None,
         )
-        self.past = out.past_key_values
+        self.past = out.cache
         return out
 
     def feed(self, tokens: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from datamodules.answer import OFFSET
 from datamodules.answer_tokens import AnswerCodec
 from lightning_modules.generation import generate
-from lightning_modules.predictions import predict, prediction_row, seconds
+from lightning_modules.predictions import Prediction, predict, prediction_row, seconds
 from lightning_modules.video_llm import VideoLLM
 from metrics.grounding import GroundingMetric
 from metrics.iou import temporal_iou
@@ -93,23 +93,10 @@ class GroundingModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:
         records = batch["records"]
         self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
-        slots = self.codec.slots() if self.inference.constrained else None
-        generation = generate(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["features"],
-            eos_id=self.tokenizer.eos_token_id,
-            max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
-            slots=slots,
-            offset_id=self.offset_id if self.model.aux_head is not None else None,
-        )
-        aux = self._aux_segments(generation)
+        predictions = self.predict_batch(batch)
         target = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
         finals, per_step = [], [[] for _ in range(self.num_steps)]
-        for row, record in enumerate(records):
-            text = self.tokenizer.decode(generation.tokens[row], skip_special_tokens=False)
-            prediction = predict(text, self.refine_steps, self.inference.final, aux[row])
+        for record, prediction in zip(records, predictions, strict=True):
             finals.append(seconds(prediction.final, record.duration))
             for step in range(self.num_steps):
                 found = prediction.steps[step] if step < len(prediction.steps) else None
@@ -120,6 +107,26 @@ class GroundingModule(L.LightningModule):
         self.metrics[split].update(torch.tensor(finals, dtype=torch.float64), target)
         for step, metric in enumerate(self.step_metrics[split]):
             metric.update(torch.tensor(per_step[step], dtype=torch.float64), target)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
+        """Greedy answers for a batch, parsed step by step (constrained when configured)."""
+        generation = generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["features"],
+            eos_id=self.tokenizer.eos_token_id,
+            max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
+            slots=self.codec.slots() if self.inference.constrained else None,
+            offset_id=self.offset_id if self.model.aux_head is not None else None,
+        )
+        aux = self._aux_segments(generation)
+        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)
+        return [
+            predict(text, self.refine_steps, self.inference.final, a)
+            for text, a in zip(texts, aux, strict=True)
+        ]
 
     def _aux_segments(self, generation) -> list[tuple[float, float] | None]:
         if generation.offset_hidden is None or self.model.aux_head is None:
@@ -138,6 +145,7 @@ class GroundingModule(L.LightningModule):
         scores = self.metrics[split].compute()
         for name in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "parse_fail"):
             self.log(f"{split}/{name}", scores[name], prog_bar=name == "mIoU")
+        self.log(f"{split}/queries", scores["count"], reduce_fx="max")
         for step, metric in enumerate(self.step_metrics[split]):
             self.log(f"{split}/step{step}/mIoU", metric.compute()["mIoU"])
             metric.reset()

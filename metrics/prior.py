@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.records import GroundingRecord
 from metrics.iou import grounding_scores, grounding_sums, temporal_iou
 
 
@@ -25,3 +26,14 @@ def constant_segment_scores(segment: tuple[float, float], target: torch.Tensor) 
     """R1@m and mIoU of always predicting ``segment`` against normalized targets (N, 2)."""
     pred = torch.tensor(segment, dtype=torch.float64).expand(len(target), 2)
     return grounding_scores(grounding_sums(temporal_iou(pred, target)))
+
+
+def normalized_segments(records: list[GroundingRecord]) -> torch.Tensor:
+    return torch.tensor([[r.start / r.duration, r.end / r.duration] for r in records], dtype=torch.float64)
+
+
+def prior_scores(train: list[GroundingRecord], test: list[GroundingRecord]) -> dict[str, float]:
+    """Scores of the best constant segment fitted on ``train``, evaluated on ``test``."""
+    return constant_segment_scores(
+        best_constant_segment(normalized_segments(train)), normalized_segments(test)
+    )

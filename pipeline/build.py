@@ -16,8 +16,11 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
+from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
+from datamodules.annotation_source import activitynet_source, charades_sta_source
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
 from datamodules.targets import RefineSchedule
@@ -25,11 +28,12 @@ from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.projector import build_projector
-from lightning_modules.tokenizer import build_tokenizer
+from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from pipeline.config import ConfigError
+from pipeline.strategy import build_strategy
 
-SOURCES = {"builtin": BuiltinSource}
+SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
 
 
 def build_source(data: DictConfig) -> DataSource:
@@ -54,13 +58,19 @@ def refine_schedule(model: DictConfig) -> RefineSchedule:
     return RefineSchedule(refine.steps, tuple(refine.noise_std), refine.relative, refine.contain_gt)
 
 
-def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
-    """Tokenizer (trained on the data's text when no pretrained LM is named), LM, projector, aux head."""
+def build_module(
+    cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
+) -> GroundingModule:
+    """Tokenizer, LM, projector, aux head. The tokenizer is the run's saved one when ``tokenizer_dir``
+    exists (resume, evaluation), else pretrained, else trained on the data's text."""
     model = cfg.model
     schedule = refine_schedule(model)
-    tokenizer = build_tokenizer(
-        model.lm.name_or_path, datamodule.tokenizer_corpus(schedule), model.lm.tokenizer_vocab_size
-    )
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        tokenizer = add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
+    else:
+        tokenizer = build_tokenizer(
+            model.lm.name_or_path, datamodule.tokenizer_corpus(schedule), model.lm.tokenizer_vocab_size
+        )
     lm = build_language_model(
         tokenizer,
         model.lm.name_or_path,
@@ -107,6 +117,13 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
         ),
         PredictionsWriter(output_dir / "predictions"),
     ]
+    on_policy = cfg.model.refine.on_policy
+    if on_policy.fraction > 0 and cfg.model.refine.steps > 0:
+        callbacks.append(
+            OnPolicyCoarse(
+                on_policy.fraction, on_policy.every_n_steps, on_policy.num_samples, cfg.data.eval_batch_size
+            )
+        )
     if spec.progress_bar == "rich":
         callbacks.append(RichProgressBar())
     elif spec.progress_bar == "tqdm":
@@ -141,10 +158,12 @@ def accumulation(cfg: DictConfig) -> int:
     return cfg.data.global_batch_size // per_step
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) -> L.Trainer:
     plugins = [SLURMEnvironment(auto_requeue=True)] if SLURMEnvironment.detect() else []
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     return L.Trainer(
-        **OmegaConf.to_container(cfg.trainer),
+        **trainer_args,
         default_root_dir=output_dir,
         accumulate_grad_batches=accumulation(cfg),
         use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding

@@ -29,11 +29,15 @@ def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
 def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     table = Table(title="Temporal grounding results (%)")
     table.add_column("split")
-    for name in HEADLINE:
+    for name in (*HEADLINE, "coverage"):
         table.add_column(name, justify="right")
     for split in ("prior", "val", "test"):
         if f"{split}/mIoU" in metrics:
-            table.add_row(split, *(f"{metrics.get(f'{split}/{n}', float('nan')):.2f}" for n in HEADLINE))
+            cells = [
+                f"{metrics[f'{split}/{n}']:.2f}" if f"{split}/{n}" in metrics else "-"
+                for n in (*HEADLINE, "coverage")
+            ]
+            table.add_row(split, *cells)
     console = Console()
     console.print(table)
     if "test/mIoU" in metrics and "prior/mIoU" in metrics:

@@ -1,0 +1,104 @@
+"""Charades-STA and ActivityNet Captions as DataSources: parsed annotations + a feature store.
+
+Every split's records are checked against the store once (``strict`` raises on the first bad video,
+otherwise its queries are skipped and counted), and the coverage is kept for the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from datamodules.activitynet import load_activitynet
+from datamodules.charades_sta import load_charades_sta
+from datamodules.coverage import CoverageReport, check_coverage
+from datamodules.feature_stores import build_feature_store
+from datamodules.quirks import QuirkPolicy, QuirkReport
+from datamodules.records import FeatureStore, GroundingRecord
+
+log = logging.getLogger(__name__)
+Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
+LOADERS: dict[str, Loader] = {"charades_sta": load_charades_sta, "activitynet": load_activitynet}
+
+
+class AnnotationSource:
+    """``splits`` maps train/val/test to the dataset's own split names (e.g. val -> val_1)."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        splits: dict[str, str],
+        features: str = "synthetic",
+        feature_path: str | None = None,
+        num_frames: int = 100,
+        feature_dim: int = 768,
+        strict: bool = True,
+        synthetic_noise: float = 0.5,
+        seed: int = 0,
+        quirks: dict | None = None,
+        annotation_files: dict[str, str] | None = None,
+    ) -> None:
+        if name not in LOADERS:
+            raise ValueError(f"unknown annotated dataset {name!r}; choose from {sorted(LOADERS)}")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(
+                f"data.source.root={root}: no such directory (the {name} annotation files go there)"
+            )
+        if features != "synthetic" and not feature_path:
+            raise ValueError(f"data.source.features={features} needs data.source.feature_path")
+        self.name, self.root, self.splits = name, root, dict(splits)
+        self.features, self.feature_path = features, feature_path
+        self.num_frames, self.feature_dim, self.strict = num_frames, feature_dim, strict
+        self.synthetic_noise, self.seed = synthetic_noise, seed
+        self.policy = QuirkPolicy(**(quirks or {}))
+        self.annotation_files = annotation_files or {}
+        self._parsed: dict[str, list[GroundingRecord]] = {}
+        self._usable: dict[str, list[GroundingRecord]] = {}
+        self.coverage: dict[str, CoverageReport] = {}
+        self._store: FeatureStore | None = None
+
+    def _parse(self, split: str) -> list[GroundingRecord]:
+        own = self.splits[split]
+        if own not in self._parsed:
+            kwargs = {"annotation_file": self.annotation_files[own]} if own in self.annotation_files else {}
+            self._parsed[own], _ = LOADERS[self.name](self.root, own, self.policy, **kwargs)
+        return self._parsed[own]
+
+    def store(self, split: str) -> FeatureStore:
+        if self._store is None:
+            if self.features == "synthetic":
+                every = [r for s in self.splits for r in self._parse(s)]
+                self._store = build_feature_store(
+                    "synthetic",
+                    records=every,
+                    num_frames=self.num_frames,
+                    feature_dim=self.feature_dim,
+                    seed=self.seed,
+                    noise=self.synthetic_noise,
+                )
+            else:
+                location = {"folder": "root", "packed": "path"}.get(self.features, "root")
+                self._store = build_feature_store(
+                    self.features,
+                    **{location: self.feature_path},
+                    num_frames=self.num_frames,
+                    feature_dim=self.feature_dim,
+                )
+        return self._store
+
+    def records(self, split: str) -> list[GroundingRecord]:
+        if split not in self._usable:
+            usable, report = check_coverage(self._parse(split), self.store(split), strict=self.strict)
+            self._usable[split], self.coverage[split] = usable, report
+            log.info("%s %s (%s): %s", self.name, split, self.splits[split], report.summary())
+        return self._usable[split]
+
+
+def charades_sta_source(**kwargs: object) -> AnnotationSource:
+    return AnnotationSource("charades_sta", **kwargs)  # type: ignore[arg-type]
+
+
+def activitynet_source(**kwargs: object) -> AnnotationSource:
+    return AnnotationSource("activitynet", **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,87 @@
+"""Aggregate finished runs of an ablation into a table and plots (pure, apart from the file writers)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+HEADLINE = ("test/R1@0.3", "test/R1@0.5", "test/R1@0.7", "test/mIoU")
+
+
+def load_runs(root: Path) -> list[dict]:
+    """One row per ``<root>/<variant>/seed<k>/metrics.json``."""
+    rows = []
+    for path in sorted(root.glob("*/seed*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        rows.append({"variant": path.parent.parent.name, "seed": int(path.parent.name[4:]), **metrics})
+    return rows
+
+
+def step_keys(row: dict) -> list[str]:
+    keys = [k for k in row if k.startswith("test/step") and k.endswith("/mIoU")]
+    return sorted(keys, key=lambda k: int(k.split("/")[1][4:]))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std (over seeds) of the headline metrics and of each step's mIoU, per variant."""
+    summary = []
+    for variant in dict.fromkeys(row["variant"] for row in rows):
+        runs = [row for row in rows if row["variant"] == variant]
+        entry: dict = {"variant": variant, "seeds": len(runs)}
+        for key in (*HEADLINE, *step_keys(runs[0])):
+            values = [run[key] for run in runs if run.get(key) is not None]
+            entry[key] = statistics.fmean(values) if values else float("nan")
+            entry[key + " std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict]) -> str:
+    lines = [
+        "| variant | seeds | R1@0.3 | R1@0.5 | R1@0.7 | mIoU | mIoU per step (coarse -> final) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in summary:
+        cells = [f"{entry[k]:.2f} ± {entry[k + ' std']:.2f}" for k in HEADLINE]
+        steps = " -> ".join(
+            f"{entry[k]:.1f}" for k in entry if k.startswith("test/step") and not k.endswith("std")
+        )
+        lines.append(f"| {entry['variant']} | {entry['seeds']} | " + " | ".join(cells) + f" | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    """Left: final test mIoU per variant (mean ± std). Right: mIoU at each refinement step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [entry["variant"] for entry in summary]
+    left.bar(names, [e["test/mIoU"] for e in summary], yerr=[e["test/mIoU std"] for e in summary], capsize=4)
+    left.set_ylabel("test mIoU (%)")
+    left.set_title("final mIoU per variant")
+    left.tick_params(axis="x", rotation=30)
+    for entry in summary:
+        keys = [k for k in entry if k.startswith("test/step") and not k.endswith("std")]
+        if len(keys) > 1:
+            right.plot(range(len(keys)), [entry[k] for k in keys], marker="o", label=entry["variant"])
+    right.set_xlabel("step (0 = first coarse segment)")
+    right.set_ylabel("test mIoU (%)")
+    right.set_title("progressive refinement")
+    if right.lines:
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

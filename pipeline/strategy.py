@@ -1,0 +1,46 @@
+"""Turn ``trainer.strategy`` into a Lightning strategy; a mapping with ``name: fsdp`` gets decoder-layer
+auto-wrapping for whatever LM the module holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch import nn
+
+from pipeline.config import ConfigError
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """Transformer block classes of any Hugging Face LM (LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
+    return {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
+
+
+def build_strategy(spec: Any, model: nn.Module) -> str | Strategy:
+    if isinstance(spec, str):
+        return spec
+    options = dict(spec)
+    name = options.pop("name", None)
+    if name != "fsdp":
+        raise ConfigError(
+            f"trainer.strategy mapping needs name: fsdp, got {name!r}; use a string for other strategies"
+        )
+    layers = (
+        decoder_layer_classes(model)
+        if options.pop("auto_wrap", "decoder_layers") == "decoder_layers"
+        else None
+    )
+    if layers is not None and not layers:
+        raise ConfigError(
+            "trainer.strategy.auto_wrap=decoder_layers found no *DecoderLayer modules in the LM"
+        )
+    checkpointing = layers if options.pop("activation_checkpointing", False) else None
+    return FSDPStrategy(
+        auto_wrap_policy=layers,
+        activation_checkpointing_policy=checkpointing,
+        state_dict_type=options.pop("state_dict_type", "sharded"),
+        sharding_strategy=options.pop("sharding_strategy", "FULL_SHARD"),
+        cpu_offload=options.pop("cpu_offload", False),
+        use_orig_params=True,  # LoRA / trainable token rows mix frozen and trainable parameters
+        **options,
+    )

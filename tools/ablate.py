@@ -1,0 +1,88 @@
+"""Run an ablation sequentially on one machine, then write results.csv, results.md and results.png.
+
+    python tools/ablate.py --out runs/ablation --seeds 0 1 2 \\
+        --variant direct="model=direct" \\
+        --variant K3_aux="model.refine.steps=3 model.aux.weight=1.0" \\
+        -- trainer.max_steps=1500
+
+A comma list (``model.refine.steps=0,1,2,3``) inside a variant expands to one variant per value.
+Finished runs (with a metrics.json) are skipped, so an interrupted ablation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.ablation import load_runs, markdown_table, plot, summarize, write_csv  # noqa: E402
+from tools.sbatch_template import expand_sweep  # noqa: E402
+
+
+def variants(specs: list[str]) -> dict[str, list[str]]:
+    """``name=overrides`` specs, comma lists expanded (``name[key=value]`` per expansion)."""
+    result: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f'--variant needs NAME="overrides", got {spec!r}')
+        expansions = expand_sweep(overrides.split())
+        for combo in expansions:
+            label = (
+                name
+                if len(expansions) == 1
+                else name + "[" + ",".join(o for o in combo if o not in overrides.split()) + "]"
+            )
+            result[label] = combo
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="ablation directory")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variant", action="append", default=[], help='NAME="override ..." (repeatable)')
+    parser.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
+    parser.add_argument("shared", nargs="*", help="overrides for every run (after --)")
+    args = parser.parse_args(argv)
+
+    if not args.report_only:
+        for name, overrides in variants(args.variant).items():
+            for seed in args.seeds:
+                run_dir = args.out / name / f"seed{seed}"
+                if (run_dir / "metrics.json").is_file():
+                    print(f"[skip] {run_dir} is finished")
+                    continue
+                command = [
+                    sys.executable,
+                    str(ROOT / "train.py"),
+                    *args.shared,
+                    *overrides,
+                    f"seed={seed}",
+                    f"output_dir={run_dir}",
+                ]
+                print("[run]", " ".join(command[1:]), flush=True)
+                if subprocess.call(command, cwd=ROOT) != 0:
+                    print(f"[fail] {run_dir}: see its output above", file=sys.stderr)
+
+    rows = load_runs(args.out)
+    if not rows:
+        print(f"no finished runs under {args.out}", file=sys.stderr)
+        return 1
+    summary = summarize(rows)
+    write_csv(rows, args.out / "results.csv")
+    (args.out / "results.md").write_text(markdown_table(summary))
+    plot(summary, args.out / "results.png")
+    print(markdown_table(summary))
+    print(f"wrote {args.out / 'results.csv'}, results.md and results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
