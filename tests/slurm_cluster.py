@@ -25,8 +25,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO / ".ci" / "setup_slurm.sh"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 SLURM_CONF = """\
 ClusterName=pytest
@@ -140,17 +149,34 @@ class SlurmCluster:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
         subprocess.run(
-            ["munged", "--force", f"--socket={munge}/munge.socket", f"--key-file={key}",
-             f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed",
-             f"--log-file={self.root}/log/munged.log"],
-            check=True, capture_output=True, timeout=30,
+            [
+                "munged",
+                "--force",
+                f"--socket={munge}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={munge}/munged.pid",
+                f"--seed-file={munge}/munged.seed",
+                f"--log-file={self.root}/log/munged.log",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         conf = Path(self.env["SLURM_CONF"])
-        conf.write_text(SLURM_CONF.format(
-            root=self.root, host=self.host, ctld_port=_free_port(), slurmd_port=_free_port(),
-            cpus=max(4, os.cpu_count() or 1), mem_mb=_mem_mb(),
-        ))
-        for cmd in (["slurmctld", "-D", "-c", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf), "-N", self.host]):
+        conf.write_text(
+            SLURM_CONF.format(
+                root=self.root,
+                host=self.host,
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+                cpus=max(4, os.cpu_count() or 1),
+                mem_mb=_mem_mb(),
+            )
+        )
+        for cmd in (
+            ["slurmctld", "-D", "-c", "-f", str(conf)],
+            ["slurmd", "-D", "-f", str(conf), "-N", self.host],
+        ):
             log = (self.root / "log" / f"{cmd[0]}.stdout").open("w")
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
             time.sleep(1)
@@ -181,8 +207,12 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        subprocess.run(["munged", "--stop", f"--socket={self.root}/munge/munge.socket"],
-                       capture_output=True, timeout=30, check=False)
+        subprocess.run(
+            ["munged", "--stop", f"--socket={self.root}/munge/munge.socket"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
 
 
 @pytest.fixture(scope="session")

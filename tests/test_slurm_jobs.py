@@ -3,6 +3,7 @@ signalled mid-training, saves Lightning's HPC checkpoint, requeues itself and re
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -21,10 +22,21 @@ MAX_STEPS = 60
 # A tiny run: small LM and data, no validation/test decoding, a checkpoint every 10 steps (the requeue
 # test waits for the first one before signalling, so the signal lands mid-training).
 TINY = [
-    f"trainer.max_steps={MAX_STEPS}", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=5", "test=false",
-    "data.source.num_train=64", "data.source.num_val=8", "data.source.num_test=8", "data.source.num_frames=16",
-    "data.batch_size=4", "model.lm.tiny.hidden_size=32", "model.lm.tiny.num_layers=1", "model.lm.tiny.num_heads=2",
-    "model.lm.tiny.intermediate_size=64", "callbacks.progress_bar=none", "callbacks.checkpoint.monitor=null",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.limit_val_batches=0",
+    "trainer.log_every_n_steps=5",
+    "test=false",
+    "data.source.num_train=64",
+    "data.source.num_val=8",
+    "data.source.num_test=8",
+    "data.source.num_frames=16",
+    "data.batch_size=4",
+    "model.lm.tiny.hidden_size=32",
+    "model.lm.tiny.num_layers=1",
+    "model.lm.tiny.num_heads=2",
+    "model.lm.tiny.intermediate_size=64",
+    "callbacks.progress_bar=none",
+    "callbacks.checkpoint.monitor=null",
     "callbacks.checkpoint.every_n_train_steps=10",
 ]
 
@@ -36,9 +48,27 @@ class Submitter:
         self.cluster, self.root = cluster, root
 
     def submit(self, name: str, overrides: list[str], *options: str) -> str:
-        cmd = [sys.executable, str(REPO / "tools" / "slurm_submit.py"), "--job-name", name, "--time", "10",
-               "--cpus-per-task", "1", "--python", sys.executable, "--workdir", str(REPO),
-               "--log-dir", str(self.root / "logs"), "--runs-dir", str(self.root / "runs"), *options, "--", *overrides]
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "slurm_submit.py"),
+            "--job-name",
+            name,
+            "--time",
+            "10",
+            "--cpus-per-task",
+            "1",
+            "--python",
+            sys.executable,
+            "--workdir",
+            str(REPO),
+            "--log-dir",
+            str(self.root / "logs"),
+            "--runs-dir",
+            str(self.root / "runs"),
+            *options,
+            "--",
+            *overrides,
+        ]
         proc = subprocess.run(cmd, env=self.cluster.env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
@@ -113,7 +143,9 @@ def _requeued(cluster: SlurmCluster, job_id: str, timeout: float) -> bool:
 # rank that handles the signal while the other one sits in a gradient all-reduce deadlocks both
 # (Lightning-AI/pytorch-lightning#21406). Remove the xfail once train.py handles the signal at a step
 # boundary agreed by all ranks.
-DDP_DEADLOCK = pytest.mark.xfail(reason="Lightning's in-handler HPC save deadlocks under DDP (#21406)", strict=False)
+DDP_DEADLOCK = pytest.mark.xfail(
+    reason="Lightning's in-handler HPC save deadlocks under DDP (#21406)", strict=False
+)
 
 
 @pytest.mark.parametrize("tasks", [1, pytest.param(2, marks=[pytest.mark.distributed, DDP_DEADLOCK])])
@@ -132,6 +164,12 @@ def test_signal_requeues_and_resumes(submitter: Submitter, ddp_run: Path, tasks:
     hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert 10 <= hpc["global_step"] < MAX_STEPS, f"signal not mid-training: step {hpc['global_step']}"
     log = (submitter.root / "logs" / f"{name}-{job_id}.err").read_text()
-    assert "Restoring states from the checkpoint path at" in log and "hpc_ckpt_1.ckpt" in log, submitter.report(job_id)
+    assert "Restoring states from the checkpoint path at" in log and "hpc_ckpt_1.ckpt" in log, (
+        submitter.report(job_id)
+    )
     assert (submitter.root / "logs" / f"{name}-{job_id}.out").read_text().count(" restart 1 ") == 1
     assert metrics(run_dir)["global_step"] == metrics(ddp_run)["global_step"] == MAX_STEPS
+    # The CSV logger continues in the same file: rows from before the signal and after the resume.
+    with (run_dir / "logs" / "csv" / "metrics.csv").open() as file:
+        steps = {int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")}
+    assert min(steps) < hpc["global_step"] <= max(steps) and max(steps) >= MAX_STEPS - 5, sorted(steps)

@@ -41,7 +41,7 @@ def run_script(script: str, tmp_path: Path, task_id: int | None = None) -> list[
     path.write_text(script)
     subprocess.run(["bash", str(path)], env=env, cwd=tmp_path, check=True, capture_output=True)
     argv = (tmp_path / "argv").read_text().splitlines()
-    return argv[argv.index("train.py") + 1:]
+    return argv[argv.index("train.py") + 1 :]
 
 
 def test_one_node_cpu_job(tmp_path: Path) -> None:
@@ -54,8 +54,15 @@ def test_one_node_cpu_job(tmp_path: Path) -> None:
     assert {"#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@90"} <= set(lines)
     assert "#SBATCH --output=runs/slurm_logs/%x-%j.out" in lines
     argv = run_script(script, tmp_path)
-    assert argv == ["experiment=tiny", "trainer.max_steps=20", "output_dir=runs/timerefine/42_0",
-                    "trainer.num_nodes=1", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp"]
+    assert argv == [
+        "experiment=tiny",
+        "trainer.max_steps=20",
+        "output_dir=runs/timerefine/42_0",
+        "trainer.num_nodes=1",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.strategy=ddp",
+    ]
 
 
 def test_single_cpu_task_has_no_ddp(tmp_path: Path) -> None:
@@ -65,13 +72,32 @@ def test_single_cpu_task_has_no_ddp(tmp_path: Path) -> None:
 
 
 def test_two_nodes_eight_gpus(tmp_path: Path) -> None:
-    spec = JobSpec(overrides=["seed=3"], nodes=2, gpus_per_node=8, cpus_per_task=8, mem="256G",
-                   partition="gpu", account="proj", qos="high", setup=["export FOO=bar"],
-                   extra_sbatch=["#SBATCH --exclusive", "--constraint=h100"])
+    spec = JobSpec(
+        overrides=["seed=3"],
+        nodes=2,
+        gpus_per_node=8,
+        cpus_per_task=8,
+        mem="256G",
+        partition="gpu",
+        account="proj",
+        qos="high",
+        setup=["export FOO=bar"],
+        extra_sbatch=["#SBATCH --exclusive", "--constraint=h100"],
+    )
     script = render_sbatch(spec)
     lines = sbatch_lines(script)
-    for expected in ("--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8", "--cpus-per-task=8", "--mem=256G",
-                     "--partition=gpu", "--account=proj", "--qos=high", "--exclusive", "--constraint=h100"):
+    for expected in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--gres=gpu:8",
+        "--cpus-per-task=8",
+        "--mem=256G",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--exclusive",
+        "--constraint=h100",
+    ):
         assert f"#SBATCH {expected}" in lines
     assert "\nexport FOO=bar\n" in script
     argv = run_script(script, tmp_path)
@@ -95,7 +121,9 @@ def test_expand_sweep_cartesian_product() -> None:
 
 
 def test_expand_sweep_keeps_lists_and_quotes() -> None:
-    assert expand_sweep(["x=[1,2]", "y='a,b'", "f=g(1,2)", "~z"]) == [["x=[1,2]", "y='a,b'", "f=g(1,2)", "~z"]]
+    assert expand_sweep(["x=[1,2]", "y='a,b'", "f=g(1,2)", "~z"]) == [
+        ["x=[1,2]", "y='a,b'", "f=g(1,2)", "~z"]
+    ]
     assert expand_sweep(["x=[1,2],[3]"]) == [["x=[1,2]"], ["x=[3]"]]
 
 
@@ -116,22 +144,25 @@ def test_unknown_array_index_fails(tmp_path: Path) -> None:
         run_script(render_sbatch(JobSpec(overrides=["seed=1,2"])), tmp_path, task_id=5)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"nodes": 0}, "nodes must be >= 1"),
-    ({"cpus_per_task": 0}, "cpus-per-task must be >= 1"),
-    ({"gpus_per_node": -1}, "gpus-per-node must be >= 0"),
-    ({"gpus_per_node": 8, "tasks_per_node": 2}, "one task per GPU"),
-    ({"time": "1:2:3:4"}, "bad time"),
-    ({"time": "1h"}, "bad time"),
-    ({"time": "1"}, "fires before"),
-    ({"mem": "lots"}, "bad mem"),
-    ({"signal": "B:USR1@90"}, "bad signal"),
-    ({"job_name": "bash"}, "bad job name"),
-    ({"job_name": "a/b"}, "bad job name"),
-    ({"overrides": ["seed=1,,2"]}, "empty value in sweep"),
-    ({"overrides": ["trainer.devices=4"]}, "is set by the tool"),
-    ({"overrides": ["output_dir=/tmp/x"]}, "is set by the tool"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nodes": 0}, "nodes must be >= 1"),
+        ({"cpus_per_task": 0}, "cpus-per-task must be >= 1"),
+        ({"gpus_per_node": -1}, "gpus-per-node must be >= 0"),
+        ({"gpus_per_node": 8, "tasks_per_node": 2}, "one task per GPU"),
+        ({"time": "1:2:3:4"}, "bad time"),
+        ({"time": "1h"}, "bad time"),
+        ({"time": "1"}, "fires before"),
+        ({"mem": "lots"}, "bad mem"),
+        ({"signal": "B:USR1@90"}, "bad signal"),
+        ({"job_name": "bash"}, "bad job name"),
+        ({"job_name": "a/b"}, "bad job name"),
+        ({"overrides": ["seed=1,,2"]}, "empty value in sweep"),
+        ({"overrides": ["trainer.devices=4"]}, "is set by the tool"),
+        ({"overrides": ["output_dir=/tmp/x"]}, "is set by the tool"),
+    ],
+)
 def test_validation_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         render_sbatch(JobSpec(**kwargs))
@@ -142,7 +173,9 @@ def test_valid_times(time: str) -> None:
     assert f"#SBATCH --time={time}" in render_sbatch(JobSpec(time=time))
 
 
-def test_dry_run_prints_and_does_not_submit(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_dry_run_prints_and_does_not_submit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     def no_subprocess(*args: object, **kwargs: object) -> None:
         raise AssertionError("dry run must not call sbatch")
 
@@ -161,8 +194,16 @@ def test_cli_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
 
 def test_submit_parses_job_id(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, "sbatch", f'cat > {tmp_path}/stdin; echo "Submitted batch job 1234"')
-    cmd = [sys.executable, str(REPO / "tools/slurm_submit.py"), "--workdir", str(tmp_path), "--log-dir", "logs",
-           "--", "seed=1,2"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools/slurm_submit.py"),
+        "--workdir",
+        str(tmp_path),
+        "--log-dir",
+        "logs",
+        "--",
+        "seed=1,2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "1234"
     assert "#SBATCH --array=0-1" in (tmp_path / "stdin").read_text()

@@ -120,26 +120,35 @@ def validate(spec: JobSpec) -> None:
     if spec.mem is not None and not _MEM_RE.match(spec.mem):
         raise ValueError(f"bad mem {spec.mem!r}; use e.g. 64G or 16000M")
     if not _NAME_RE.match(spec.job_name) or spec.job_name in ("bash", "interactive"):
-        raise ValueError(f"bad job name {spec.job_name!r}: use [A-Za-z0-9._-], and not bash/interactive "
-                         "(Lightning then ignores SLURM)")
+        raise ValueError(
+            f"bad job name {spec.job_name!r}: use [A-Za-z0-9._-], and not bash/interactive "
+            "(Lightning then ignores SLURM)"
+        )
     if spec.signal:
         match = _SIGNAL_RE.match(spec.signal)
         if not match:
-            raise ValueError(f"bad signal {spec.signal!r}; use e.g. USR1@90 (sent to the srun tasks, "
-                             "where Lightning handles it; B: would only reach the batch shell)")
+            raise ValueError(
+                f"bad signal {spec.signal!r}; use e.g. USR1@90 (sent to the srun tasks, "
+                "where Lightning handles it; B: would only reach the batch shell)"
+            )
         if int(match.group(4)) >= _seconds(spec.time):
             raise ValueError(f"signal {spec.signal} fires before the job starts: time limit is {spec.time}")
     for item in spec.overrides:
         if item.partition("=")[0].lstrip("+~") in RESERVED_KEYS:
-            raise ValueError(f"{item!r} is set by the tool; use --nodes/--gpus-per-node/--tasks-per-node/"
-                             "--runs-dir instead")
+            raise ValueError(
+                f"{item!r} is set by the tool; use --nodes/--gpus-per-node/--tasks-per-node/"
+                "--runs-dir instead"
+            )
     expand_sweep(spec.overrides)
 
 
 def _trainer_overrides(spec: JobSpec) -> list[str]:
     """Trainer overrides that mirror the rendered resources."""
-    out = [f"trainer.num_nodes={spec.nodes}", f"trainer.devices={spec.devices}",
-           f"trainer.accelerator={'gpu' if spec.gpus_per_node else 'cpu'}"]
+    out = [
+        f"trainer.num_nodes={spec.nodes}",
+        f"trainer.devices={spec.devices}",
+        f"trainer.accelerator={'gpu' if spec.gpus_per_node else 'cpu'}",
+    ]
     user_strategy = any(o.lstrip("+").startswith("trainer.strategy=") for o in spec.overrides)
     if spec.nodes * spec.devices > 1 and not user_strategy:
         out.append("trainer.strategy=ddp")
@@ -169,17 +178,23 @@ def render_sbatch(spec: JobSpec) -> str:
     if spec.mem:
         lines.append(f"#SBATCH --mem={spec.mem}")
     lines.append(f"#SBATCH --time={spec.time}")
-    lines += [f"#SBATCH --{key}={value}" for key in ("partition", "account", "qos")
-              if (value := getattr(spec, key))]
+    lines += [
+        f"#SBATCH --{key}={value}" for key in ("partition", "account", "qos") if (value := getattr(spec, key))
+    ]
     if spec.signal:
         lines.append(f"#SBATCH --signal={spec.signal}")
-    lines += ["#SBATCH --requeue" if spec.requeue else "#SBATCH --no-requeue", "#SBATCH --open-mode=append",
-              f"#SBATCH --output={log}.out", f"#SBATCH --error={log}.err"]
+    lines += [
+        "#SBATCH --requeue" if spec.requeue else "#SBATCH --no-requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={log}.out",
+        f"#SBATCH --error={log}.err",
+    ]
     if is_array:
         limit = f"%{spec.max_parallel}" if spec.max_parallel else ""
         lines.append(f"#SBATCH --array=0-{len(runs) - 1}{limit}")
     lines += [x if x.startswith("#SBATCH") else f"#SBATCH {x}" for x in spec.extra_sbatch]
-    lines += ["", "set -euo pipefail", "export PYTHONUNBUFFERED=1", *spec.setup, ""]
+    # No `set -u`: `module load` and some activate scripts read unset variables.
+    lines += ["", "set -eo pipefail", "export PYTHONUNBUFFERED=1", *spec.setup, ""]
     if is_array:
         lines.append('case "$SLURM_ARRAY_TASK_ID" in')
         lines += [f"  {i}) {_bash_array('OVERRIDES', run)} ;;" for i, run in enumerate(runs)]
@@ -187,7 +202,9 @@ def render_sbatch(spec: JobSpec) -> str:
     else:
         lines.append(_bash_array("OVERRIDES", runs[0]))
     # Derived from the job id only, so a requeued job writes to (and resumes from) the same directory.
-    run_dir = f"{spec.runs_dir}/{spec.job_name}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
+    run_dir = (
+        f"{spec.runs_dir}/{spec.job_name}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
+    )
     lines += [
         f'RUN_DIR="{run_dir}"',
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $RUN_DIR ${OVERRIDES[*]}"',

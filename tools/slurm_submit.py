@@ -30,27 +30,51 @@ def build_parser() -> argparse.ArgumentParser:
     d = JobSpec()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=d.nodes, help="-> --nodes and trainer.num_nodes")
-    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node,
-                   help="-> --gres=gpu:G, --ntasks-per-node=G and trainer.devices=G (0: CPU job)")
-    p.add_argument("--tasks-per-node", type=int, default=d.tasks_per_node,
-                   help="CPU jobs only: -> --ntasks-per-node and trainer.devices")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=d.gpus_per_node,
+        help="-> --gres=gpu:G, --ntasks-per-node=G and trainer.devices=G (0: CPU job)",
+    )
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=d.tasks_per_node,
+        help="CPU jobs only: -> --ntasks-per-node and trainer.devices",
+    )
     p.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task, help="-> --cpus-per-task")
     p.add_argument("--mem", help="-> --mem (e.g. 64G); omitted: the partition default")
     p.add_argument("--time", default=d.time, help="-> --time (MM, HH:MM:SS, D-HH:MM:SS)")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
-    p.add_argument("--signal", default=d.signal,
-                   help="-> --signal; Lightning saves an HPC checkpoint and requeues on it ('' to disable)")
+    p.add_argument(
+        "--signal",
+        default=d.signal,
+        help="-> --signal; Lightning saves an HPC checkpoint and requeues on it ('' to disable)",
+    )
     p.add_argument("--no-requeue", dest="requeue", action="store_false", help="render --no-requeue")
-    p.add_argument("--extra-sbatch", action="append", default=[], metavar="LINE",
-                   help="extra '#SBATCH ...' line (repeatable; use --extra-sbatch=--flag=x for bare flags)")
-    p.add_argument("--setup", action="append", default=[], metavar="CMD",
-                   help="shell line run before srun, e.g. 'module load cuda' (repeatable)")
+    p.add_argument(
+        "--extra-sbatch",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="extra '#SBATCH ...' line (repeatable; use --extra-sbatch=--flag=x for bare flags)",
+    )
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="shell line run before srun, e.g. 'module load cuda' (repeatable)",
+    )
     p.add_argument("--job-name", default=d.job_name)
     p.add_argument("--log-dir", default=d.log_dir, help="stdout/stderr dir (relative to --workdir)")
-    p.add_argument("--runs-dir", default=d.runs_dir,
-                   help="run dirs go to RUNS_DIR/JOB_NAME/<jobid>_<arrayindex> (relative to --workdir)")
+    p.add_argument(
+        "--runs-dir",
+        default=d.runs_dir,
+        help="run dirs go to RUNS_DIR/JOB_NAME/<jobid>_<arrayindex> (relative to --workdir)",
+    )
     p.add_argument("--workdir", default=str(REPO), help="directory train.py is run from (sbatch --chdir)")
     p.add_argument("--max-parallel", type=int, help="array jobs: at most this many tasks at once (%%N)")
     p.add_argument("--python", default=d.python, help="python executable on the compute nodes")
