@@ -122,7 +122,9 @@ def test_extra_whitespace():
 
 def test_single_digit_numbers():
     assert parse_answer("From <SEG_START> 5 to 9 <SEG_END>.") == [RefineStep(5, 9)]
-    assert parse_answer("From <SEG_START> 5 to 40 <OFFSET> +1 and -4 <SEG_END>.") == [RefineStep(5, 40, 1, -4)]
+    assert parse_answer("From <SEG_START> 5 to 40 <OFFSET> +1 and -4 <SEG_END>.") == [
+        RefineStep(5, 40, 1, -4)
+    ]
 
 
 def test_text_after_seg_end_is_ignored():

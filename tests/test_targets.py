@@ -23,7 +23,9 @@ STEP_WITH_OFFSETS = rf"{NUM} to {NUM} <OFFSET> {SIGNED} and {SIGNED}"
 def answer_pattern(k: int) -> re.Pattern[str]:
     if k == 0:
         return re.compile(rf"From <SEG_START> {NUM} to {NUM} <SEG_END>\.")
-    return re.compile(rf"From <SEG_START> {STEP_WITH_OFFSETS}( <RETHINK> {STEP_WITH_OFFSETS}){{{k}}} <SEG_END>\.")
+    return re.compile(
+        rf"From <SEG_START> {STEP_WITH_OFFSETS}( <RETHINK> {STEP_WITH_OFFSETS}){{{k}}} <SEG_END>\."
+    )
 
 
 @st.composite
