@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path")
     parser.add_argument("--name", default="test", help="subdirectory of <run>/eval for the outputs")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     cfg = OmegaConf.load(args.run_dir / "config.yaml")
     try:

@@ -34,6 +34,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module.tokenizer.save_pretrained(output_dir / "tokenizer")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.resume, output_dir))
+    if any(getattr(callback, "requeued", False) for callback in trainer.callbacks):
+        log.info("stopped for a SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
+        return {}
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = best or None

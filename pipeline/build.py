@@ -13,13 +13,14 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
     TQDMProgressBar,
 )
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
+from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import activitynet_source, charades_sta_source
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
@@ -31,6 +32,7 @@ from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from pipeline.config import ConfigError
+from pipeline.loggers import ResumableCSVLogger
 from pipeline.strategy import build_strategy
 
 SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
@@ -87,7 +89,13 @@ def build_module(
     )
     video_llm = VideoLLM(
         lm,
-        build_projector(model.projector, datamodule.source.feature_dim, hidden),
+        build_projector(
+            model.projector.kind,
+            datamodule.source.feature_dim,
+            hidden,
+            datamodule.source.num_frames,
+            model.projector.temporal_embedding,
+        ),
         tokenizer.convert_tokens_to_ids("<video>"),
         aux,
     )
@@ -138,7 +146,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(output_dir, name="logs", version="csv"))
+        loggers.append(ResumableCSVLogger(output_dir, name="logs", version="csv"))
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(output_dir, name="logs", version="tensorboard"))
     return loggers
@@ -159,7 +167,9 @@ def accumulation(cfg: DictConfig) -> int:
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) -> L.Trainer:
-    plugins = [SLURMEnvironment(auto_requeue=True)] if SLURMEnvironment.detect() else []
+    on_slurm = SLURMEnvironment.detect()
+    # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
+    plugins = [SLURMEnvironment(auto_requeue=False)] if on_slurm else []
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     return L.Trainer(
@@ -167,7 +177,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) 
         default_root_dir=output_dir,
         accumulate_grad_batches=accumulation(cfg),
         use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
-        callbacks=build_callbacks(cfg, output_dir),
+        callbacks=build_callbacks(cfg, output_dir) + ([SlurmRequeue()] if on_slurm else []),
         logger=build_loggers(cfg, output_dir) or False,
         plugins=plugins,
     )

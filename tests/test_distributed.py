@@ -1,0 +1,62 @@
+"""Exact evaluation under DDP: 2 CPU processes (gloo) give the single-process metrics and predictions.
+
+The test split (13 queries, eval batches of 4) divides neither by the process count nor by the batch
+size, so padding duplicates or a dropped remainder would change the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.source.num_train=48",
+    "data.source.num_val=6",
+    "data.source.num_test=13",
+    "data.source.num_frames=20",
+    "data.batch_size=8",
+    "data.eval_batch_size=4",
+    "model.lm.tiny.hidden_size=32",
+    "model.lm.tiny.num_layers=1",
+    "model.lm.tiny.num_heads=2",
+    "model.lm.tiny.intermediate_size=64",
+    "model.refine.steps=1",
+    "callbacks.progress_bar=none",
+    "logger.tensorboard=false",
+    "trainer.accelerator=cpu",
+]
+
+
+def _run(*args: str) -> None:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_evaluation_matches_single_process(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _run("train.py", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6", "test=false", f"output_dir={run}")
+    _run("evaluate.py", str(run), "--ckpt", "last", "--name", "single")
+    _run("evaluate.py", str(run), "--ckpt", "last", "--name", "ddp", "trainer.devices=2", "trainer.strategy=ddp")
+
+    single = json.loads((run / "eval/single/metrics.json").read_text())
+    ddp = json.loads((run / "eval/ddp/metrics.json").read_text())
+    assert single["test/queries"] == ddp["test/queries"] == 13
+    for key in ("test/R1@0.3", "test/R1@0.5", "test/R1@0.7", "test/mIoU", "test/step0/mIoU", "test/step2/mIoU"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
+
+    rows_single = _predictions(run / "eval/single/predictions/test.jsonl")
+    rows_ddp = _predictions(run / "eval/ddp/predictions/test.jsonl")
+    assert [r["qid"] for r in rows_ddp] == [r["qid"] for r in rows_single]
+    assert len({r["qid"] for r in rows_ddp}) == 13
+    assert [r["pred"] for r in rows_ddp] == [r["pred"] for r in rows_single]
