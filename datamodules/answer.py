@@ -90,6 +90,13 @@ def parse_answer(text: str) -> list[RefineStep]:
     return steps
 
 
+def spaced(text: str) -> str:
+    """Generated text with one space around each marker (tokenizers may fold those spaces away)."""
+    for marker in (SEG_START, OFFSET, RETHINK):
+        text = re.sub(r"\s*" + re.escape(marker) + r"\s*", f" {marker} ", text)
+    return re.sub(r"\s*" + re.escape(SEG_END), f" {SEG_END}", text).strip()
+
+
 def ordered_clipped(segment: tuple[float, float]) -> tuple[float, float]:
     """A segment with its ends inside ``[0, 99]`` and ``start <= end``."""
     start, end = (min(max(x, 0), MAX_INDEX) for x in segment)

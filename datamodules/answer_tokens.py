@@ -1,4 +1,7 @@
-"""Answer <-> token ids, atom by atom, so training targets and constrained decoding agree exactly."""
+"""Answer <-> token ids, so training targets and constrained decoding agree exactly.
+
+Each run of fixed text is encoded as one string; every digit and sign is its own single token.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ DIGITS, SIGNS = "0123456789", "+-"
 
 @dataclass(frozen=True)
 class Slot:
-    """A decoding position: ``fixed`` token ids to copy, or ``choices`` to pick the best one from."""
+    """A decoding position: ``fixed`` token ids to copy, or ``choices`` to pick the best one from.
+
+    While encoding a concrete answer, a digit/sign slot carries both (its value in ``fixed``).
+    """
 
     fixed: tuple[int, ...] = ()
     choices: tuple[int, ...] = ()
@@ -26,34 +32,41 @@ class AnswerCodec:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, refine_steps: int) -> None:
         self.tokenizer, self.refine_steps = tokenizer, refine_steps
         self.char_ids = {char: tokenizer.convert_tokens_to_ids(char) for char in DIGITS + SIGNS}
-        self._text_ids: dict[str, list[int]] = {}
+        self._text_cache: dict[str, list[int]] = {}
 
-    def _atom_ids(self, atom: Atom) -> list[int]:
-        if atom.kind != "text":
-            return [self.char_ids[atom.text]]
-        if atom.text not in self._text_ids:
-            self._text_ids[atom.text] = self.tokenizer.encode(atom.text, add_special_tokens=False)
-        return self._text_ids[atom.text]
+    def _text_ids(self, text: str) -> list[int]:
+        if text not in self._text_cache:
+            self._text_cache[text] = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._text_cache[text]
+
+    def _runs(self, atoms: list[Atom]) -> list[Slot]:
+        """Maximal runs of text atoms become one fixed slot (encoded together); each digit/sign is a slot."""
+        slots: list[Slot] = []
+        text = ""
+        for atom in [*atoms, Atom("sign", "+")]:  # sentinel flushes the last text run
+            if atom.kind == "text":
+                text += atom.text
+                continue
+            if text:
+                slots.append(Slot(fixed=tuple(self._text_ids(text))))
+                text = ""
+            charset = DIGITS if atom.kind == "digit" else SIGNS
+            slots.append(
+                Slot(fixed=(self.char_ids[atom.text],), choices=tuple(self.char_ids[c] for c in charset))
+            )
+        return slots[:-1]
 
     def encode(self, steps: list[RefineStep]) -> list[int]:
         """Token ids of the answer for ``steps`` (no EOS)."""
         atoms = answer_atoms(steps, with_offsets=self.refine_steps > 0)
-        return [token for atom in atoms for token in self._atom_ids(atom)]
+        return [token for slot in self._runs(atoms) for token in slot.fixed]
 
     def slots(self) -> list[Slot]:
-        """The layout for constrained decoding: runs of fixed ids, and one slot per digit or sign."""
-        slots: list[Slot] = []
-        for atom in answer_layout(self.refine_steps):
-            if atom.kind == "text":
-                ids = tuple(self._atom_ids(atom))
-                if slots and slots[-1].fixed:
-                    slots[-1] = Slot(fixed=slots[-1].fixed + ids)
-                else:
-                    slots.append(Slot(fixed=ids))
-            else:
-                charset = DIGITS if atom.kind == "digit" else SIGNS
-                slots.append(Slot(choices=tuple(self.char_ids[c] for c in charset)))
-        return slots
+        """The layout for constrained decoding: fixed runs of text, and one choice per digit or sign."""
+        return [
+            slot if not slot.choices else Slot(choices=slot.choices)
+            for slot in self._runs(answer_layout(self.refine_steps))
+        ]
 
     def answer_length(self) -> int:
         return sum(len(slot.fixed) or 1 for slot in self.slots())

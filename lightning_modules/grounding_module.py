@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.answer import OFFSET
+from datamodules.answer import OFFSET, spaced
 from datamodules.answer_tokens import AnswerCodec
 from lightning_modules.generation import generate
 from lightning_modules.predictions import Prediction, predict, prediction_row, seconds
@@ -122,7 +122,7 @@ class GroundingModule(L.LightningModule):
             offset_id=self.offset_id if self.model.aux_head is not None else None,
         )
         aux = self._aux_segments(generation)
-        texts = self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)
+        texts = [spaced(t) for t in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
         return [
             predict(text, self.refine_steps, self.inference.final, a)
             for text, a in zip(texts, aux, strict=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from datamodules.answer import SPECIAL_TOKENS, VIDEO
@@ -35,7 +35,9 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTr
 
 def add_grounding_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Add the answer markers and the video placeholder; give the tokenizer a pad token if it has none."""
-    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, VIDEO]})
+    # Spaces around the markers fold into them: shorter answers, the same text once parsed.
+    tokens = [AddedToken(t, lstrip=True, rstrip=True, special=True) for t in (*SPECIAL_TOKENS, VIDEO)]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for char in "0123456789+-":
