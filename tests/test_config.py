@@ -143,3 +143,17 @@ def test_accumulation_rejects_indivisible_global_batches(global_batch, devices):
     cfg = cfg_with(data__batch_size=8, data__global_batch_size=global_batch, trainer__devices=devices)
     with pytest.raises(ConfigError, match="global_batch_size"):
         accumulation(cfg)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="accumulation() multiplies by trainer.devices as given: devices=-1 (all devices) yields a "
+    "negative accumulation instead of a ConfigError or the real device count",
+)
+def test_accumulation_is_never_negative():
+    cfg = cfg_with(data__batch_size=8, data__global_batch_size=64, trainer__devices=-1)
+    try:
+        value = accumulation(cfg)
+    except ConfigError:
+        return
+    assert value >= 1
