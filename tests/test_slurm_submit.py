@@ -215,3 +215,16 @@ def test_submit_reports_sbatch_failure(tmp_path: Path) -> None:
     cmd = [sys.executable, str(REPO / "tools/slurm_submit.py"), "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "invalid partition" in proc.stderr
+
+
+def test_docs_show_the_current_dry_run(capsys: pytest.CaptureFixture) -> None:
+    """docs/cluster.md pastes the dry-run of this 2-node x 8-GPU command; it must stay the real output."""
+    args = [
+        "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "12", "--mem", "480G", "--time", "1-00:00:00",
+        "--partition", "gpu", "--account", "my_project", "--setup", "module load cuda/12.4",
+        "--setup", "source .venv/bin/activate", "--workdir", "/home/me/timerefine", "--job-name", "tr-7b",
+        "--dry-run", "--", "model.lm.name_or_path=Qwen/Qwen2.5-7B-Instruct", "model.lora.enabled=true",
+        "trainer.precision=bf16-mixed", "data.global_batch_size=512",
+    ]  # fmt: skip
+    slurm_submit.main(args)
+    assert capsys.readouterr().out in (REPO / "docs" / "cluster.md").read_text()
