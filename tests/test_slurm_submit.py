@@ -156,6 +156,7 @@ def test_unknown_array_index_fails(tmp_path: Path) -> None:
         ({"time": "1"}, "fires before"),
         ({"mem": "lots"}, "bad mem"),
         ({"signal": "B:USR1@90"}, "bad signal"),
+        ({"signal": "USR2@90"}, "bad signal"),
         ({"job_name": "bash"}, "bad job name"),
         ({"job_name": "a/b"}, "bad job name"),
         ({"overrides": ["seed=1,,2"]}, "empty value in sweep"),

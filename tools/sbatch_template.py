@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 RESERVED_KEYS = ("output_dir", "trainer.num_nodes", "trainer.devices", "trainer.accelerator")
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(INFINITE|UNLIMITED)$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
-_SIGNAL_RE = re.compile(r"^(R:)?(SIG)?([A-Z0-9]+)@(\d+)$")
+_SIGNAL_RE = re.compile(r"^(R:)?(SIG)?USR1@(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -128,10 +128,10 @@ def validate(spec: JobSpec) -> None:
         match = _SIGNAL_RE.match(spec.signal)
         if not match:
             raise ValueError(
-                f"bad signal {spec.signal!r}; use e.g. USR1@90 (sent to the srun tasks, "
-                "where Lightning handles it; B: would only reach the batch shell)"
+                f"bad signal {spec.signal!r}; use USR1@<seconds>: train.py requeues on SIGUSR1, which must "
+                "reach the srun tasks (B: would only reach the batch shell)"
             )
-        if int(match.group(4)) >= _seconds(spec.time):
+        if int(match.group(3)) >= _seconds(spec.time):
             raise ValueError(f"signal {spec.signal} fires before the job starts: time limit is {spec.time}")
     for item in spec.overrides:
         if item.partition("=")[0].lstrip("+~") in RESERVED_KEYS:

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--signal",
         default=d.signal,
-        help="-> --signal; Lightning saves an HPC checkpoint and requeues on it ('' to disable)",
+        help="-> --signal (USR1@SECONDS); train.py saves an HPC checkpoint and requeues on it ('': off)",
     )
     p.add_argument("--no-requeue", dest="requeue", action="store_false", help="render --no-requeue")
     p.add_argument(
