@@ -42,4 +42,6 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         return iter([(self.epoch, index) for index in shard])
 
     def __len__(self) -> int:
-        return max(len(range(self.rank, self.size, self.world_size)) - self.skip, 0)
+        # The full shard, even with a pending skip: Lightning reads the length once and keeps it as
+        # every epoch's batch count, and after a resume it counts the skipped batches as done.
+        return len(range(self.rank, self.size, self.world_size))

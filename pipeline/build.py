@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.slurm_requeue import SlurmRequeue
@@ -111,6 +112,8 @@ def build_module(
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
+    """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
+    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -120,9 +123,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
             monitor=spec.checkpoint.monitor,
             mode=spec.checkpoint.mode,
             save_top_k=spec.checkpoint.save_top_k,
-            save_last=spec.checkpoint.save_last,
-            every_n_train_steps=spec.checkpoint.every_n_train_steps,
         ),
+        LastCheckpoint(output_dir / "checkpoints", spec.checkpoint.last_every_n_steps),
         PredictionsWriter(output_dir / "predictions"),
     ]
     on_policy = cfg.model.refine.on_policy
@@ -152,18 +154,17 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     return loggers
 
 
-def accumulation(cfg: DictConfig) -> int:
-    """Gradient accumulation that keeps ``data.global_batch_size`` whatever the device count."""
-    if cfg.data.global_batch_size is None:
+def accumulation(data: DictConfig, world_size: int) -> int:
+    """Gradient accumulation that keeps ``data.global_batch_size`` whatever the number of processes."""
+    if data.global_batch_size is None:
         return 1
-    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else len(cfg.trainer.devices)
-    per_step = cfg.data.batch_size * devices * cfg.trainer.num_nodes
-    if cfg.data.global_batch_size % per_step:
+    per_step = data.batch_size * world_size
+    if data.global_batch_size % per_step:
         raise ConfigError(
-            f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of batch_size x devices x "
-            f"num_nodes = {cfg.data.batch_size} x {devices} x {cfg.trainer.num_nodes} = {per_step}"
+            f"data.global_batch_size={data.global_batch_size} is not a multiple of data.batch_size x "
+            f"processes = {data.batch_size} x {world_size} = {per_step}"
         )
-    return cfg.data.global_batch_size // per_step
+    return data.global_batch_size // per_step
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) -> L.Trainer:
@@ -172,12 +173,13 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) 
     plugins = [SLURMEnvironment(auto_requeue=False)] if on_slurm else []
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
-    return L.Trainer(
+    trainer = L.Trainer(
         **trainer_args,
         default_root_dir=output_dir,
-        accumulate_grad_batches=accumulation(cfg),
         use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
         callbacks=build_callbacks(cfg, output_dir) + ([SlurmRequeue()] if on_slurm else []),
         logger=build_loggers(cfg, output_dir) or False,
         plugins=plugins,
     )
+    trainer.accumulate_grad_batches = accumulation(cfg.data, trainer.world_size)
+    return trainer

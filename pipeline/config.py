@@ -47,11 +47,24 @@ def _compatible(expected: object, given: object) -> bool:
     return _type_name(expected) == _type_name(given)
 
 
+# Lightning accepts several types for these (int or float, count or list or "auto") and checks them itself.
+LIGHTNING_UNIONS = {
+    "trainer.devices",
+    "trainer.strategy",
+    "trainer.precision",
+    "trainer.val_check_interval",
+    "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.gradient_clip_val",
+}
+
+
 def check_override_types(base: DictConfig, overrides: list[str]) -> None:
     """Reject ``key=value`` overrides whose value's type differs from the default's."""
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
-        if override.is_sweep_override() or (CONF_DIR / key.split("@")[0]).is_dir():
+        if override.is_sweep_override() or key in LIGHTNING_UNIONS or (CONF_DIR / key.split("@")[0]).is_dir():
             continue
         expected = OmegaConf.select(base, key, default=None, throw_on_missing=False)
         given = override.value()

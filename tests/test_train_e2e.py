@@ -141,12 +141,6 @@ def test_checkpoints_and_logs(first):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning 2.6 ModelCheckpoint writes last.ckpt only when a top-k checkpoint is saved: "
-    "when the monitored metric does not improve, last.ckpt stays at an older step and resume=auto "
-    "repeats the work after it",
-)
 def test_last_checkpoint_holds_the_final_step(first):
     assert first.last_step == 30
 
