@@ -224,6 +224,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if os.geteuid() != 0:
         pytest.skip("the local SLURM test cluster runs slurmd as root; run the tests as root")
     root = Path(tempfile.mkdtemp(prefix="pytest-slurm-"))
+    root.chmod(0o755)  # munged wants its socket reachable by everyone
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["SLURM_CONF"] = str(root / "slurm.conf")
     cluster = SlurmCluster(root=root, host=socket.gethostname().split(".")[0], env=env)

@@ -38,7 +38,7 @@ TINY = [
     "model.lm.tiny.intermediate_size=64",
     "callbacks.progress_bar=none",
     "callbacks.checkpoint.monitor=null",
-    "callbacks.checkpoint.every_n_train_steps=10",
+    "callbacks.checkpoint.last_every_n_steps=10",
 ]
 
 
