@@ -134,7 +134,9 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
                 on_policy.fraction, on_policy.every_n_steps, on_policy.num_samples, cfg.data.eval_batch_size
             )
         )
-    if spec.progress_bar == "rich":
+    if not cfg.trainer.enable_progress_bar:
+        pass
+    elif spec.progress_bar == "rich":
         callbacks.append(RichProgressBar())
     elif spec.progress_bar == "tqdm":
         callbacks.append(TQDMProgressBar())

@@ -23,20 +23,10 @@ MAX_STEPS = 60
 # A tiny run: small LM and data, no validation/test decoding, a checkpoint every 10 steps (the requeue
 # test waits for the first one before signalling, so the signal lands mid-training).
 TINY = [
+    "experiment=tiny",
     f"trainer.max_steps={MAX_STEPS}",
     "trainer.limit_val_batches=0",
-    "trainer.log_every_n_steps=5",
     "test=false",
-    "data.source.num_train=64",
-    "data.source.num_val=8",
-    "data.source.num_test=8",
-    "data.source.num_frames=16",
-    "data.batch_size=4",
-    "model.lm.tiny.hidden_size=32",
-    "model.lm.tiny.num_layers=1",
-    "model.lm.tiny.num_heads=2",
-    "model.lm.tiny.intermediate_size=64",
-    "callbacks.progress_bar=none",
     "callbacks.checkpoint.monitor=null",
     "callbacks.checkpoint.last_every_n_steps=10",
 ]
