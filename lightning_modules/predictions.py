@@ -17,23 +17,29 @@ NAN_SEGMENT = (math.nan, math.nan)
 class Prediction:
     text: str
     steps: list[tuple[float, float]]  # frame indices: first coarse segment, then each refined one
-    final: tuple[float, float] | None  # frame indices; None when the answer did not parse
+    aux: tuple[float, float] | None  # the aux head's segment in frame indices, when it has one
+    final_choice: str = "last"
+
+    def choose(self, final: str) -> tuple[float, float] | None:
+        """The answer by ``final`` (falling back to what exists); None when nothing parsed."""
+        last = self.steps[-1] if self.steps else None
+        if final == "last" or self.aux is None:
+            return last
+        if final == "aux" or last is None:
+            return self.aux
+        return ((last[0] + self.aux[0]) / 2, (last[1] + self.aux[1]) / 2)
+
+    @property
+    def final(self) -> tuple[float, float] | None:
+        return self.choose(self.final_choice)
 
 
 def predict(text: str, refine_steps: int, final: str, aux_segment: tuple[float, float] | None) -> Prediction:
     """Parse ``text``; ``aux_segment`` is the aux head's normalized segment (used by ``aux``/``mean``)."""
     if final not in FINAL_CHOICES:
         raise ValueError(f"unknown final answer {final!r}; choose from {FINAL_CHOICES}")
-    steps = step_segments(parse_answer(text), refine_steps)
-    last = steps[-1] if steps else None
     aux = None if aux_segment is None else tuple(sorted(x * MAX_INDEX for x in aux_segment))
-    if final == "last" or aux is None:
-        chosen = last
-    elif final == "aux" or last is None:
-        chosen = aux
-    else:
-        chosen = ((last[0] + aux[0]) / 2, (last[1] + aux[1]) / 2)
-    return Prediction(text, steps, chosen)
+    return Prediction(text, step_segments(parse_answer(text), refine_steps), aux, final)
 
 
 def seconds(segment: tuple[float, float] | None, duration: float) -> tuple[float, float]:
