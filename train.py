@@ -13,6 +13,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from datamodules.quirks import QuirkError
+from datamodules.records import FeatureError
 from metrics.prior import prior_scores
 from pipeline.build import build_datamodule, build_module, build_trainer
 from pipeline.config import ConfigError, load_config
@@ -20,6 +22,7 @@ from pipeline.outputs import print_summary, save_config, write_metrics
 from pipeline.resume import resume_checkpoint
 
 log = logging.getLogger("train")
+INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, FileNotFoundError)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -68,7 +71,11 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except INPUT_ERRORS as error:  # bad data or settings: the message names the file/key, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

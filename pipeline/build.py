@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +23,8 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.slurm_requeue import SlurmRequeue
-from datamodules.annotation_source import activitynet_source, charades_sta_source
+from datamodules.annotation_source import AnnotationSource, activitynet_source, charades_sta_source
+from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
 from datamodules.targets import RefineSchedule
@@ -42,7 +44,12 @@ SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activ
 def build_source(data: DictConfig) -> DataSource:
     if data.name not in SOURCES:
         raise ConfigError(f"data.name={data.name!r} is not a known dataset; choose from {sorted(SOURCES)}")
-    return SOURCES[data.name](**OmegaConf.to_container(data.source))
+    factory, options = SOURCES[data.name], OmegaConf.to_container(data.source)
+    accepted = inspect.signature(AnnotationSource if factory is not BuiltinSource else BuiltinSpec).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"data.source has keys that data={data.name} does not take: {unknown}")
+    return factory(**options)
 
 
 def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
