@@ -8,7 +8,12 @@ from transformers import PreTrainedModel
 
 
 class VideoLLM(nn.Module):
-    """LM + projector (+ optional aux head). Each sample's prompt holds ``num_frames`` placeholders."""
+    """LM + projector (+ optional aux head). Each sample's prompt holds ``num_frames`` placeholders.
+
+    ``frame_index_ids`` ((num_frames, 2): the tens and ones digit token of each frame's 00-99 index)
+    adds to every frame token the LM's own embeddings of its index digits, gated per digit
+    position, so the frame a timestamp should name looks like that timestamp to the LM.
+    """
 
     def __init__(
         self,
@@ -16,10 +21,21 @@ class VideoLLM(nn.Module):
         projector: nn.Module,
         video_token_id: int,
         aux_head: nn.Module | None = None,
+        frame_index_ids: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.lm, self.projector, self.aux_head = lm, projector, aux_head
         self.video_token_id = video_token_id
+        self.register_buffer("frame_index_ids", frame_index_ids, persistent=False)
+        hidden = lm.config.hidden_size
+        self.digit_gate = nn.Parameter(torch.ones(2, hidden)) if frame_index_ids is not None else None
+
+    def frame_embeddings(self, features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        frames = self.projector(features.to(dtype))
+        if self.frame_index_ids is not None:
+            digits = self.lm.get_input_embeddings()(self.frame_index_ids[: features.shape[1]])
+            frames = frames + (digits * self.digit_gate.to(digits.dtype)).sum(1)
+        return frames
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the placeholders replaced, in order, by the projected frames."""
@@ -35,7 +51,7 @@ class VideoLLM(nn.Module):
                 f"each sample needs {features.shape[1]} <video> placeholders (one per frame), "
                 f"got {per_sample.tolist()}"
             )
-        frames = self.projector(features.to(embeds.dtype))
+        frames = self.frame_embeddings(features, embeds.dtype)
         return embeds.masked_scatter(placeholders.unsqueeze(-1), frames.to(embeds.dtype))
 
     def forward(

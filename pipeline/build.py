@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
@@ -28,6 +29,7 @@ from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
 from datamodules.targets import RefineSchedule
+from datamodules.timeline import MAX_INDEX
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
@@ -68,6 +70,12 @@ def refine_schedule(model: DictConfig) -> RefineSchedule:
     return RefineSchedule(refine.steps, tuple(refine.noise_std), refine.relative, refine.contain_gt)
 
 
+def frame_index_ids(tokenizer: PreTrainedTokenizerBase, num_frames: int) -> torch.Tensor:
+    """The tens and ones digit token of each frame's index on the 00-99 timeline, (num_frames, 2)."""
+    indices = [round(i * MAX_INDEX / max(num_frames - 1, 1)) for i in range(num_frames)]
+    return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
+
+
 def build_module(
     cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
 ) -> GroundingModule:
@@ -95,17 +103,18 @@ def build_module(
         if model.aux.weight > 0 and schedule.steps > 0
         else None
     )
+    time_kind = model.projector.temporal_embedding
+    if time_kind not in ("none", "learned", "digits"):
+        raise ConfigError(f"model.projector.temporal_embedding={time_kind!r}: choose none, learned or digits")
+    num_frames = datamodule.source.num_frames
     video_llm = VideoLLM(
         lm,
         build_projector(
-            model.projector.kind,
-            datamodule.source.feature_dim,
-            hidden,
-            datamodule.source.num_frames,
-            model.projector.temporal_embedding,
+            model.projector.kind, datamodule.source.feature_dim, hidden, num_frames, time_kind == "learned"
         ),
         tokenizer.convert_tokens_to_ids("<video>"),
         aux,
+        frame_index_ids(tokenizer, num_frames) if time_kind == "digits" else None,
     )
     datamodule.attach(tokenizer, schedule)
     return GroundingModule(
