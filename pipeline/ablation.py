@@ -77,6 +77,7 @@ def plot(summary: list[dict], path: Path) -> None:
         keys = [k for k in entry if k.startswith("test/step") and not k.endswith("std")]
         if len(keys) > 1:
             right.plot(range(len(keys)), [entry[k] for k in keys], marker="o", label=entry["variant"])
+            right.set_xticks(range(len(keys)))
     right.set_xlabel("step (0 = first coarse segment)")
     right.set_ylabel("test mIoU (%)")
     right.set_title("progressive refinement")
