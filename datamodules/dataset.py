@@ -24,14 +24,15 @@ class GroundingDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index]
         features = self.store.load(record.video_id)
+        where = getattr(self.store, "path", lambda _: type(self.store).__name__)(record.video_id)
         if features.shape != (self.store.num_frames, self.store.feature_dim):
             raise FeatureError(
                 record.video_id,
-                "<store>",
+                str(where),
                 f"expected shape {(self.store.num_frames, self.store.feature_dim)}, got {features.shape}",
             )
         if not np.isfinite(features).all():
-            raise FeatureError(record.video_id, "<store>", "features contain NaN or inf")
+            raise FeatureError(record.video_id, str(where), "features contain NaN or inf")
         return {
             "record": record,
             "features": torch.from_numpy(np.asarray(features, dtype=np.float32)),
