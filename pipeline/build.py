@@ -150,12 +150,9 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
                 on_policy.fraction, on_policy.every_n_steps, on_policy.num_samples, cfg.data.eval_batch_size
             )
         )
-    if not cfg.trainer.enable_progress_bar:
-        pass
-    elif spec.progress_bar == "rich":
-        callbacks.append(RichProgressBar())
-    elif spec.progress_bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
+    bars = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}
+    if cfg.trainer.enable_progress_bar and spec.progress_bar in bars:
+        callbacks.append(bars[spec.progress_bar]())
     if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
@@ -191,6 +188,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) 
     plugins = [SLURMEnvironment(auto_requeue=False)] if on_slurm else []
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
+    trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=output_dir,
