@@ -67,18 +67,26 @@ def measure(overrides: list[str], device: str, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--refine-steps", type=int, nargs="+", default=[0, 1, 3])
     parser.add_argument("--overrides", nargs="*", default=[])
     args = parser.parse_args()
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| K | aux | seq len | s / train step (batch 32) | train tokens/s | ms/query constrained | ms/query free |")
+    print(
+        "| K | aux | seq len | s / train step (batch 32) | train tokens/s | ms/query constrained | ms/query free |"
+    )
     print("|---|---|---|---|---|---|---|")
     for k in args.refine_steps:
         weight = 1.0 if k else 0.0
-        r = measure([f"model.refine.steps={k}", f"model.aux.weight={weight}", *args.overrides], args.device, args.steps)
+        r = measure(
+            [f"model.refine.steps={k}", f"model.aux.weight={weight}", *args.overrides],
+            args.device,
+            args.steps,
+        )
         print(
             f"| {k} | {'on' if weight else 'off'} | {r['seq']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} "
             f"| {r['constrained_ms']:.1f} | {r['free_ms']:.1f} |",

@@ -9,6 +9,7 @@ Everything is a pure function of the config and the seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -69,14 +70,16 @@ class BuiltinSample:
     features: np.ndarray
 
 
+@lru_cache(maxsize=8)
 def _vocabulary_vectors(spec: BuiltinSpec) -> tuple[np.ndarray, np.ndarray]:
+    """One vector per verb and per object, each of norm sqrt(feature_dim); computed once per spec."""
     rng = np.random.default_rng([spec.seed, 7919])
-    verbs = rng.normal(size=(len(VERBS), spec.feature_dim))
-    objects = rng.normal(size=(len(OBJECTS), spec.feature_dim))
-    unit = np.sqrt(spec.feature_dim)
-    return verbs / np.linalg.norm(verbs, axis=1, keepdims=True) * unit, objects / np.linalg.norm(
-        objects, axis=1, keepdims=True
-    ) * unit
+
+    def unit_rows(count: int) -> np.ndarray:
+        rows = rng.normal(size=(count, spec.feature_dim))
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True) * np.sqrt(spec.feature_dim)
+
+    return unit_rows(len(VERBS)), unit_rows(len(OBJECTS))
 
 
 def describe(verb: int, obj: int, rng: np.random.Generator) -> str:

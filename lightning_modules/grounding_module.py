@@ -65,7 +65,7 @@ class GroundingModule(L.LightningModule):
         # With an aux head, the other final-answer choices are scored too ({split}/aux/..., {split}/mean/...).
         choices = ("aux", "mean") if model.aux_head is not None and refine_steps > 0 else ()
         self.choice_metrics = torch.nn.ModuleDict(
-            {f"{split}_{c}": GroundingMetric() for split in ("val", "test") for c in choices}
+            {split: torch.nn.ModuleDict({c: GroundingMetric() for c in choices}) for split in ("val", "test")}
         )
         self.predictions: list[dict] = []
 
@@ -110,13 +110,11 @@ class GroundingModule(L.LightningModule):
                 iou = self._iou(finals[-1], (record.start, record.end))
                 self.predictions.append(prediction_row(record, prediction, iou))
         self.metrics[split].update(torch.tensor(finals, dtype=torch.float64), target)
-        for name, metric in self.choice_metrics.items():
-            if name.startswith(split + "_"):
-                choice = name.split("_", 1)[1]
-                chosen = [
-                    seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
-                ]
-                metric.update(torch.tensor(chosen, dtype=torch.float64), target)
+        for choice, metric in self.choice_metrics[split].items():
+            chosen = [
+                seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
+            ]
+            metric.update(torch.tensor(chosen, dtype=torch.float64), target)
         for step, metric in enumerate(self.step_metrics[split]):
             metric.update(torch.tensor(per_step[step], dtype=torch.float64), target)
 
@@ -161,10 +159,9 @@ class GroundingModule(L.LightningModule):
         for step, metric in enumerate(self.step_metrics[split]):
             self.log(f"{split}/step{step}/mIoU", metric.compute()["mIoU"])
             metric.reset()
-        for name, metric in self.choice_metrics.items():
-            if name.startswith(split + "_"):
-                self.log(f"{split}/{name.split('_', 1)[1]}/mIoU", metric.compute()["mIoU"])
-                metric.reset()
+        for choice, metric in self.choice_metrics[split].items():
+            self.log(f"{split}/{choice}/mIoU", metric.compute()["mIoU"])
+            metric.reset()
         self.metrics[split].reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -45,14 +45,37 @@ def _predictions(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_ddp_evaluation_matches_single_process(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _run("train.py", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6", "test=false", f"output_dir={run}")
+    _run(
+        "train.py",
+        *TINY,
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=6",
+        "test=false",
+        f"output_dir={run}",
+    )
     _run("evaluate.py", str(run), "--ckpt", "last", "--name", "single")
-    _run("evaluate.py", str(run), "--ckpt", "last", "--name", "ddp", "trainer.devices=2", "trainer.strategy=ddp")
+    _run(
+        "evaluate.py",
+        str(run),
+        "--ckpt",
+        "last",
+        "--name",
+        "ddp",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    )
 
     single = json.loads((run / "eval/single/metrics.json").read_text())
     ddp = json.loads((run / "eval/ddp/metrics.json").read_text())
     assert single["test/queries"] == ddp["test/queries"] == 13
-    for key in ("test/R1@0.3", "test/R1@0.5", "test/R1@0.7", "test/mIoU", "test/step0/mIoU", "test/step2/mIoU"):
+    for key in (
+        "test/R1@0.3",
+        "test/R1@0.5",
+        "test/R1@0.7",
+        "test/mIoU",
+        "test/step0/mIoU",
+        "test/step2/mIoU",
+    ):
         assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
 
     rows_single = _predictions(run / "eval/single/predictions/test.jsonl")
