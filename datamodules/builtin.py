@@ -65,9 +65,20 @@ class BuiltinSpec:
 
 
 @dataclass(frozen=True)
+class BuiltinEvent:
+    verb: int
+    obj: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
 class BuiltinSample:
+    """``events[0]`` is the queried event; the others are its distractors."""
+
     record: GroundingRecord
     features: np.ndarray
+    events: tuple[BuiltinEvent, ...]
 
 
 @lru_cache(maxsize=8)
@@ -110,18 +121,18 @@ def make_sample(spec: BuiltinSpec, split: str, index: int) -> BuiltinSample:
         end = float(min(np.round(start + length, 1), duration))
         inside = (times >= start) & (times <= end)
         features[inside] += spec.signal * (verbs[verb] + objects[obj]) / 2
-        segments.append((verb, obj, start, end))
+        segments.append(BuiltinEvent(verb, obj, start, end))
 
-    verb, obj, start, end = segments[0]
+    queried = segments[0]
     record = GroundingRecord(
         qid=f"builtin:{split}:{index:06d}",
         video_id=f"builtin_{split}_{index:06d}",
-        query=describe(verb, obj, rng),
+        query=describe(queried.verb, queried.obj, rng),
         duration=duration,
-        start=start,
-        end=end,
+        start=queried.start,
+        end=queried.end,
     )
-    return BuiltinSample(record, features.astype(np.float32))
+    return BuiltinSample(record, features.astype(np.float32), tuple(segments))
 
 
 def split_size(spec: BuiltinSpec, split: str) -> int:

@@ -65,6 +65,16 @@ def test_two_to_four_events():
     assert {np.linalg.matrix_rank(make_sample(fixed, "val", i).features, tol=1e-3) for i in range(10)} == {3}
 
 
+def test_events_describe_the_video():
+    for index in range(20):
+        sample = make_sample(SPEC, "train", index)
+        queried = sample.events[0]
+        assert (queried.start, queried.end) == (sample.record.start, sample.record.end)
+        assert query_event(sample.record.query) == (queried.verb, queried.obj)
+        assert SPEC.min_events <= len(sample.events) <= SPEC.max_events
+        assert len({(e.verb, e.obj) for e in sample.events}) == len(sample.events)
+
+
 def query_event(query: str) -> tuple[int, int]:
     """The (verb, object) a query names, read from its text."""
     verbs = [

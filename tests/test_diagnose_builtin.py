@@ -1,0 +1,66 @@
+"""tools/diagnose_builtin.py: which event a prediction landed on."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
+from tools.diagnose_builtin import diagnose, landing, main
+
+EVENTS = (BuiltinEvent(0, 0, 10.0, 20.0), BuiltinEvent(0, 5, 30.0, 40.0), BuiltinEvent(3, 0, 50.0, 55.0))
+SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_dim=8)
+
+
+@pytest.mark.parametrize(
+    ("pred", "outcome"),
+    [
+        ([11.0, 19.0], "queried"),
+        ([8.0, 32.0], "queried"),  # overlaps two events, the queried one most
+        ([31.0, 39.0], "distractor: same verb"),
+        ([50.0, 56.0], "distractor: same object"),
+        ([21.0, 29.0], "nothing"),
+        (None, "nothing"),
+    ],
+)
+def test_landing(pred, outcome):
+    assert landing(pred, EVENTS) == outcome
+
+
+def test_landing_on_an_unrelated_distractor():
+    assert landing([1.0, 2.0], (BuiltinEvent(0, 0, 5, 6), BuiltinEvent(1, 1, 1, 2))) == "distractor: other"
+
+
+def prediction_rows(shift: float) -> list[dict]:
+    rows = []
+    for index in range(SPEC.num_test):
+        record = make_sample(SPEC, "test", index).record
+        pred = [record.start + shift, record.end + shift]
+        rows.append(
+            {"qid": record.qid, "video_id": record.video_id, "pred": pred, "iou": 1.0 if not shift else 0}
+        )
+    return rows
+
+
+def test_diagnose_counts_every_query():
+    table = diagnose(prediction_rows(0.0), SPEC)
+    assert table["queried"] == (SPEC.num_test, 100.0)
+    assert sum(count for count, _ in table.values()) == SPEC.num_test
+    far = diagnose(prediction_rows(1000.0), SPEC)
+    assert far["nothing"] == (SPEC.num_test, 0.0)
+
+
+def test_main_reads_a_run_directory(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+    OmegaConf.save({"data": {"name": "builtin", "source": vars(SPEC)}}, tmp_path / "config.yaml")
+    (tmp_path / "predictions").mkdir()
+    rows = prediction_rows(0.0)
+    (tmp_path / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(tmp_path)]) == 0
+    assert re.search(r"^queried\s+100\.0\s+100\.0$", capsys.readouterr().out, re.MULTILINE)
+    OmegaConf.save({"data": {"name": "charades_sta", "source": {}}}, tmp_path / "config.yaml")
+    assert main([str(tmp_path)]) == 2

@@ -1,0 +1,88 @@
+"""Which event did each prediction land on? Splits a built-in run's errors into reading the query
+(landing on the queried event rather than a distractor) and finding its boundaries.
+
+    python tools/diagnose_builtin.py runs/x                      # runs/x/predictions/test.jsonl
+    python tools/diagnose_builtin.py runs/x --predictions runs/x/eval/aux/predictions/test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample  # noqa: E402
+
+OUTCOMES = ("queried", "distractor: same verb", "distractor: same object", "distractor: other", "nothing")
+
+
+def segment_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
+
+
+def landing(pred: list[float] | None, events: tuple[BuiltinEvent, ...]) -> str:
+    """The outcome of one prediction: the event it overlaps most (``events[0]`` is the queried one)."""
+    if pred is None:
+        return "nothing"
+    ious = [segment_iou((pred[0], pred[1]), (e.start, e.end)) for e in events]
+    best = max(range(len(events)), key=ious.__getitem__)
+    if ious[best] == 0:
+        return "nothing"
+    if best == 0:
+        return "queried"
+    queried, hit = events[0], events[best]
+    if hit.verb == queried.verb:
+        return "distractor: same verb"
+    return "distractor: same object" if hit.obj == queried.obj else "distractor: other"
+
+
+def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]]:
+    """``outcome -> (queries, mean IoU with the ground truth in percent)``."""
+    counts: Counter[str] = Counter()
+    iou_sums: Counter[str] = Counter()
+    for row in rows:
+        split = row["qid"].split(":")[1]
+        events = make_sample(spec, split, int(row["video_id"].rsplit("_", 1)[1])).events
+        outcome = landing(row["pred"], events)
+        counts[outcome] += 1
+        iou_sums[outcome] += row["iou"]
+    return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
+    args = parser.parse_args(argv)
+
+    path = args.predictions or args.run_dir / "predictions" / "test.jsonl"
+    for needed in (args.run_dir / "config.yaml", path):
+        if not needed.is_file():
+            print(f"error: {needed} not found", file=sys.stderr)
+            return 2
+    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    if cfg.data.name != "builtin":
+        print(f"error: {args.run_dir} was trained on data={cfg.data.name}; this tool reads builtin runs")
+        return 2
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    table = diagnose(rows, BuiltinSpec(**OmegaConf.to_container(cfg.data.source)))
+    print(f"{path}: {len(rows)} queries")
+    print(f"{'landed on':<26}{'share %':>9}{'mIoU':>8}")
+    for outcome, (count, miou) in table.items():
+        print(f"{outcome:<26}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
