@@ -33,13 +33,13 @@ class GroundingCollator:
         tokenizer: PreTrainedTokenizerBase,
         schedule: RefineSchedule,
         prompt: Callable[[str], str],
-        num_frames: int,
+        video_tokens: int,
         seed: int = 0,
         coarse_lookup: CoarseLookup | None = None,
     ) -> None:
         self.tokenizer, self.schedule, self.prompt = tokenizer, schedule, prompt
         self.codec = AnswerCodec(tokenizer, schedule.steps)
-        self.num_frames, self.seed, self.coarse_lookup = num_frames, seed, coarse_lookup
+        self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
         self.on_policy_fraction = 1.0
         self.video_id = tokenizer.convert_tokens_to_ids("<video>")
 
@@ -52,7 +52,7 @@ class GroundingCollator:
         if self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
         at = ids.index(self.video_id)
-        return [*ids[:at], *[self.video_id] * self.num_frames, *ids[at + 1 :]]
+        return [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
 
     def target_steps(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineStep]:
         gt = (to_index(record.start, record.duration), to_index(record.end, record.duration))

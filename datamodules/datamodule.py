@@ -67,14 +67,16 @@ class GroundingDataModule(L.LightningDataModule):
         self,
         tokenizer: PreTrainedTokenizerBase,
         schedule: RefineSchedule,
+        video_tokens: int | None = None,
         coarse_lookup: CoarseLookup | None = None,
     ) -> None:
-        """Give the datamodule the model's tokenizer and the refinement schedule of its targets."""
+        """Give the datamodule the model's tokenizer, the refinement schedule of its targets and the
+        number of video tokens a prompt holds (default: one per frame)."""
         self.collator = GroundingCollator(
             tokenizer,
             schedule,
             partial(render_prompt, self.prompt_template),
-            self.source.num_frames,
+            video_tokens or self.source.num_frames,
             self.seed,
             coarse_lookup,
         )

@@ -8,10 +8,11 @@ from transformers import PreTrainedModel
 
 
 class VideoLLM(nn.Module):
-    """LM + projector (+ optional aux head). Each sample's prompt holds ``num_frames`` placeholders.
+    """LM + projector (+ optional aux head). Each sample's prompt holds one placeholder per video
+    token the projector makes.
 
-    ``frame_index_ids`` ((num_frames, 2): the tens and ones digit token of each frame's 00-99 index)
-    adds to every frame token the LM's own embeddings of its index digits, gated per digit
+    ``frame_index_ids`` ((video tokens, 2): the tens and ones digit token of each one's 00-99 index)
+    adds to every video token the LM's own embeddings of its index digits, gated per digit
     position, so the frame a timestamp should name looks like that timestamp to the LM.
     """
 
@@ -33,7 +34,7 @@ class VideoLLM(nn.Module):
     def frame_embeddings(self, features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         frames = self.projector(features.to(dtype))
         if self.frame_index_ids is not None:
-            digits = self.lm.get_input_embeddings()(self.frame_index_ids[: features.shape[1]])
+            digits = self.lm.get_input_embeddings()(self.frame_index_ids[: frames.shape[1]])
             frames = frames + (digits * self.digit_gate.to(digits.dtype)).sum(1)
         return frames
 
@@ -45,13 +46,13 @@ class VideoLLM(nn.Module):
             if placeholders.any():
                 raise ValueError("input holds <video> placeholders but no features were given")
             return embeds
+        frames = self.frame_embeddings(features, embeds.dtype)
         per_sample = placeholders.sum(dim=1)
-        if not torch.all(per_sample == features.shape[1]):
+        if not torch.all(per_sample == frames.shape[1]):
             raise ValueError(
-                f"each sample needs {features.shape[1]} <video> placeholders (one per frame), "
+                f"each sample needs {frames.shape[1]} <video> placeholders (one per video token), "
                 f"got {per_sample.tolist()}"
             )
-        frames = self.frame_embeddings(features, embeds.dtype)
         return embeds.masked_scatter(placeholders.unsqueeze(-1), frames.to(embeds.dtype))
 
     def forward(

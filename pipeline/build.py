@@ -70,9 +70,9 @@ def refine_schedule(model: DictConfig) -> RefineSchedule:
     return RefineSchedule(refine.steps, tuple(refine.noise_std), refine.relative, refine.contain_gt)
 
 
-def frame_index_ids(tokenizer: PreTrainedTokenizerBase, num_frames: int) -> torch.Tensor:
-    """The tens and ones digit token of each frame's index on the 00-99 timeline, (num_frames, 2)."""
-    indices = [round(i * MAX_INDEX / max(num_frames - 1, 1)) for i in range(num_frames)]
+def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> torch.Tensor:
+    """The tens and ones digit token of each video token's index on the 00-99 timeline, (tokens, 2)."""
+    indices = [round(i * MAX_INDEX / max(video_tokens - 1, 1)) for i in range(video_tokens)]
     return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
 
 
@@ -106,17 +106,27 @@ def build_module(
     time_kind = model.projector.temporal_embedding
     if time_kind not in ("none", "learned", "digits"):
         raise ConfigError(f"model.projector.temporal_embedding={time_kind!r}: choose none, learned or digits")
-    num_frames = datamodule.source.num_frames
+    num_frames, per_token = datamodule.source.num_frames, model.projector.frames_per_token
+    if per_token < 1 or num_frames % per_token:
+        raise ConfigError(
+            f"model.projector.frames_per_token={per_token} must be >= 1 and divide the data's {num_frames} frames"
+        )
+    video_tokens = num_frames // per_token
     video_llm = VideoLLM(
         lm,
         build_projector(
-            model.projector.kind, datamodule.source.feature_dim, hidden, num_frames, time_kind == "learned"
+            model.projector.kind,
+            datamodule.source.feature_dim,
+            hidden,
+            num_frames,
+            time_kind == "learned",
+            per_token,
         ),
         tokenizer.convert_tokens_to_ids("<video>"),
         aux,
-        frame_index_ids(tokenizer, num_frames) if time_kind == "digits" else None,
+        frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
     )
-    datamodule.attach(tokenizer, schedule)
+    datamodule.attach(tokenizer, schedule, video_tokens)
     return GroundingModule(
         video_llm,
         tokenizer,

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from pipeline.build import accumulation, refine_schedule
+from pipeline.build import accumulation, build_datamodule, build_module, build_trainer, refine_schedule
 from pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,28 +136,57 @@ def test_accumulation_rejects_indivisible_global_batches(global_batch, world_siz
         accumulation(data, world_size)
 
 
+def tiny_build_overrides(tmp_path) -> list[str]:
+    return [
+        "trainer.accelerator=cpu",
+        "data.source.num_train=16",
+        "data.source.num_val=4",
+        "data.source.num_test=4",
+        "model.lm.tiny.hidden_size=32",
+        "model.lm.tiny.num_layers=1",
+        "model.lm.tiny.num_heads=2",
+        "model.lm.tiny.intermediate_size=64",
+        "logger.csv=false",
+        "logger.tensorboard=false",
+        f"output_dir={tmp_path}",
+    ]
+
+
 def test_accumulation_follows_the_trainer_world_size(tmp_path):
     """The trainer resolves devices (-1, "auto", lists); accumulation uses its real process count."""
-    from pipeline.build import build_datamodule, build_module, build_trainer
-
     cfg = load_config(
         [
-            "trainer.accelerator=cpu",
+            *tiny_build_overrides(tmp_path),
             "trainer.devices=1",
             "data.batch_size=8",
             "data.global_batch_size=32",
-            "data.source.num_train=16",
-            "data.source.num_val=4",
-            "data.source.num_test=4",
-            "model.lm.tiny.hidden_size=32",
-            "model.lm.tiny.num_layers=1",
-            "model.lm.tiny.num_heads=2",
-            "model.lm.tiny.intermediate_size=64",
-            "logger.csv=false",
-            "logger.tensorboard=false",
-            f"output_dir={tmp_path}",
         ]
     )
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, tmp_path, build_module(cfg, datamodule))
     assert trainer.world_size == 1 and trainer.accumulate_grad_batches == 4
+
+
+@pytest.mark.parametrize("temporal_embedding", ["learned", "digits"])
+def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedding):
+    cfg = load_config(
+        [
+            *tiny_build_overrides(tmp_path),
+            "model.projector.frames_per_token=4",
+            f"model.projector.temporal_embedding={temporal_embedding}",
+        ]
+    )
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(2)])
+    video = module.tokenizer.convert_tokens_to_ids("<video>")
+    assert (batch["input_ids"] == video).sum(1).tolist() == [25, 25]  # 100 frames / 4
+    assert torch.isfinite(
+        module.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]).loss
+    )
+
+
+def test_frames_per_token_must_divide_the_data_frames(tmp_path):
+    cfg = load_config([*tiny_build_overrides(tmp_path), "model.projector.frames_per_token=3"])
+    with pytest.raises(ConfigError, match="frames_per_token=3 must be >= 1 and divide the data's 100 frames"):
+        build_module(cfg, build_datamodule(cfg))

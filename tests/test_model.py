@@ -28,6 +28,26 @@ def test_projector_shapes(kind):
     assert len(layers) == (1 if kind == "linear" else 2)
 
 
+def test_merged_frames_make_one_token_each():
+    projector = build_projector("mlp", 4, 8, num_frames=6, temporal_embedding=True, frames_per_token=3)
+    features = torch.randn(2, 6, 4)
+    tokens = projector(features)
+    assert tokens.shape == (2, 2, 8)
+    expected = projector.net(features[:, :3].reshape(2, 12)) + projector.time.weight[0]
+    assert torch.allclose(tokens[:, 0], expected)  # frames 0-2, concatenated, then projected
+    changed = features.clone()
+    changed[:, 4] += 1.0
+    after = projector(changed)
+    assert torch.equal(after[:, 0], tokens[:, 0]) and not torch.allclose(after[:, 1], tokens[:, 1])
+
+
+def test_frames_per_token_must_divide_the_frames():
+    with pytest.raises(ValueError, match="divide"):
+        build_projector("linear", 4, 8, num_frames=10, frames_per_token=3)
+    with pytest.raises(ValueError, match="do not split"):
+        build_projector("linear", 4, 8, num_frames=6, frames_per_token=3)(torch.randn(1, 4, 4))
+
+
 def test_unknown_projector_raises():
     with pytest.raises(ValueError, match="qformer"):
         build_projector("qformer", 16, 32)
