@@ -1,8 +1,9 @@
 """A procedurally generated, Charades-like grounding dataset that needs no download.
 
 Each video (10-60 s, ``num_frames`` feature rows) holds 2-4 events, each a (verb, object) pair.
-Frames inside an event carry that event's signature (its verb and object vectors) plus noise;
-the query names one event and the others are distractors, so the model has to read the query.
+Frames inside an event carry that event's signature (its verb and object vectors) plus noise.
+A query names one event and the others are distractors, so the model has to read the query; like
+Charades-STA, a video can be queried several times (``queries_per_video``), once per event.
 Everything is a pure function of the config and the seed.
 """
 
@@ -62,6 +63,11 @@ class BuiltinSpec:
     signal: float = 1.0
     noise: float = 0.5
     seed: int = 0
+    queries_per_video: int = 1
+
+    def __post_init__(self) -> None:
+        if self.queries_per_video < 1:
+            raise ValueError(f"queries_per_video={self.queries_per_video} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -74,11 +80,15 @@ class BuiltinEvent:
 
 @dataclass(frozen=True)
 class BuiltinSample:
-    """``events[0]`` is the queried event; the others are its distractors."""
+    """One video: ``records[k]`` queries ``events[k]``; for it, the other events are distractors."""
 
-    record: GroundingRecord
+    records: tuple[GroundingRecord, ...]
     features: np.ndarray
     events: tuple[BuiltinEvent, ...]
+
+    @property
+    def record(self) -> GroundingRecord:
+        return self.records[0]
 
 
 @lru_cache(maxsize=8)
@@ -103,7 +113,7 @@ def describe(verb: int, obj: int, rng: np.random.Generator) -> str:
 
 
 def make_sample(spec: BuiltinSpec, split: str, index: int) -> BuiltinSample:
-    """Sample ``index`` of ``split``, identical for the same spec and seed."""
+    """Video ``index`` of ``split`` with its queries, identical for the same spec and seed."""
     split_id = {"train": 0, "val": 1, "test": 2}[split]
     rng = np.random.default_rng([spec.seed, split_id, index])
     verbs, objects = _vocabulary_vectors(spec)
@@ -123,19 +133,21 @@ def make_sample(spec: BuiltinSpec, split: str, index: int) -> BuiltinSample:
         features[inside] += spec.signal * (verbs[verb] + objects[obj]) / 2
         segments.append(BuiltinEvent(verb, obj, start, end))
 
-    queried = segments[0]
-    record = GroundingRecord(
-        qid=f"builtin:{split}:{index:06d}",
-        video_id=f"builtin_{split}_{index:06d}",
-        query=describe(queried.verb, queried.obj, rng),
-        duration=duration,
-        start=queried.start,
-        end=queried.end,
+    records = tuple(
+        GroundingRecord(
+            qid=f"builtin:{split}:{index:06d}:{k}",
+            video_id=f"builtin_{split}_{index:06d}",
+            query=describe(event.verb, event.obj, rng),
+            duration=duration,
+            start=event.start,
+            end=event.end,
+        )
+        for k, event in enumerate(segments[: spec.queries_per_video])
     )
-    return BuiltinSample(record, features.astype(np.float32), tuple(segments))
+    return BuiltinSample(records, features.astype(np.float32), tuple(segments))
 
 
-def split_size(spec: BuiltinSpec, split: str) -> int:
+def split_videos(spec: BuiltinSpec, split: str) -> int:
     return {"train": spec.num_train, "val": spec.num_val, "test": spec.num_test}[split]
 
 
@@ -151,4 +163,4 @@ class BuiltinFeatureStore:
 
 
 def builtin_records(spec: BuiltinSpec, split: str) -> list[GroundingRecord]:
-    return [make_sample(spec, split, i).record for i in range(split_size(spec, split))]
+    return [r for i in range(split_videos(spec, split)) for r in make_sample(spec, split, i).records]

@@ -75,6 +75,25 @@ def test_events_describe_the_video():
         assert len({(e.verb, e.obj) for e in sample.events}) == len(sample.events)
 
 
+def test_a_video_is_queried_once_per_event_up_to_queries_per_video():
+    spec = dataclasses.replace(SPEC, queries_per_video=3)
+    records = builtin_records(spec, "train")
+    expected = sum(min(len(make_sample(spec, "train", i).events), 3) for i in range(SPEC.num_train))
+    assert len(records) == expected > SPEC.num_train
+    assert len({r.qid for r in records}) == len(records)
+    for index in range(10):
+        sample = make_sample(spec, "train", index)
+        assert len({r.video_id for r in sample.records}) == 1
+        for record, event in zip(sample.records, sample.events, strict=False):
+            assert (record.start, record.end) == (event.start, event.end)
+            assert query_event(record.query) == (event.verb, event.obj)
+        # The first query and the features do not depend on how many queries are asked.
+        one = make_sample(SPEC, "train", index)
+        assert sample.records[0] == one.records[0] and np.array_equal(sample.features, one.features)
+    with pytest.raises(ValueError, match="queries_per_video=0"):
+        dataclasses.replace(SPEC, queries_per_video=0)
+
+
 def query_event(query: str) -> tuple[int, int]:
     """The (verb, object) a query names, read from its text."""
     verbs = [

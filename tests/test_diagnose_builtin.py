@@ -8,11 +8,11 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
+from datamodules.builtin import BuiltinEvent, BuiltinSpec, builtin_records
 from tools.diagnose_builtin import diagnose, landing, main
 
 EVENTS = (BuiltinEvent(0, 0, 10.0, 20.0), BuiltinEvent(0, 5, 30.0, 40.0), BuiltinEvent(3, 0, 50.0, 55.0))
-SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_dim=8)
+SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_dim=8, queries_per_video=2)
 
 
 @pytest.mark.parametrize(
@@ -30,27 +30,34 @@ def test_landing(pred, outcome):
     assert landing(pred, EVENTS) == outcome
 
 
+def test_landing_follows_the_queried_event():
+    assert landing([31.0, 39.0], EVENTS, queried=1) == "queried"
+    assert landing([11.0, 19.0], EVENTS, queried=1) == "distractor: same verb"
+    assert landing([50.0, 56.0], EVENTS, queried=2) == "queried"
+
+
 def test_landing_on_an_unrelated_distractor():
     assert landing([1.0, 2.0], (BuiltinEvent(0, 0, 5, 6), BuiltinEvent(1, 1, 1, 2))) == "distractor: other"
 
 
 def prediction_rows(shift: float) -> list[dict]:
+    """A prediction per test query (every video is queried twice), ``shift`` seconds off the truth."""
     rows = []
-    for index in range(SPEC.num_test):
-        record = make_sample(SPEC, "test", index).record
+    for record in builtin_records(SPEC, "test"):
         pred = [record.start + shift, record.end + shift]
-        rows.append(
-            {"qid": record.qid, "video_id": record.video_id, "pred": pred, "iou": 1.0 if not shift else 0}
-        )
+        iou = 1.0 if not shift else 0.0
+        rows.append({"qid": record.qid, "video_id": record.video_id, "pred": pred, "iou": iou})
     return rows
 
 
 def test_diagnose_counts_every_query():
-    table = diagnose(prediction_rows(0.0), SPEC)
-    assert table["queried"] == (SPEC.num_test, 100.0)
-    assert sum(count for count, _ in table.values()) == SPEC.num_test
+    rows = prediction_rows(0.0)
+    assert len(rows) == 2 * SPEC.num_test
+    table = diagnose(rows, SPEC)
+    assert table["queried"] == (len(rows), 100.0)
+    assert sum(count for count, _ in table.values()) == len(rows)
     far = diagnose(prediction_rows(1000.0), SPEC)
-    assert far["nothing"] == (SPEC.num_test, 0.0)
+    assert far["nothing"] == (len(rows), 0.0)
 
 
 def test_main_reads_a_run_directory(tmp_path, capsys):

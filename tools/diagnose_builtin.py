@@ -29,8 +29,9 @@ def segment_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def landing(pred: list[float] | None, events: tuple[BuiltinEvent, ...]) -> str:
-    """The outcome of one prediction: the event it overlaps most (``events[0]`` is the queried one)."""
+def landing(pred: list[float] | None, events: tuple[BuiltinEvent, ...], queried: int = 0) -> str:
+    """The outcome of one prediction: the event it overlaps most; ``events[queried]`` is the queried one."""
+    events = (events[queried], *events[:queried], *events[queried + 1 :])
     if pred is None:
         return "nothing"
     ious = [segment_iou((pred[0], pred[1]), (e.start, e.end)) for e in events]
@@ -50,9 +51,9 @@ def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]
     counts: Counter[str] = Counter()
     iou_sums: Counter[str] = Counter()
     for row in rows:
-        split = row["qid"].split(":")[1]
-        events = make_sample(spec, split, int(row["video_id"].rsplit("_", 1)[1])).events
-        outcome = landing(row["pred"], events)
+        _, split, video, *event = row["qid"].split(":")  # builtin:<split>:<video>[:<event>]
+        events = make_sample(spec, split, int(video)).events
+        outcome = landing(row["pred"], events, int(event[0]) if event else 0)
         counts[outcome] += 1
         iou_sums[outcome] += row["iou"]
     return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
