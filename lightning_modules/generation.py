@@ -29,7 +29,7 @@ class _Decoder:
     ):
         self.model, self.offset_id = model, offset_id
         self.mask = prompt_mask
-        embeds = model.embed(prompt_ids, features)
+        embeds = model.embed(prompt_ids, features, prompt_mask)
         out = self._forward(embeds, prompt_mask.long().cumsum(-1) - 1, past=None)
         self.offset_hidden = None
         self.has_offset = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)

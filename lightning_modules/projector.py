@@ -13,6 +13,11 @@ class FrameProjector(nn.Module):
     averaged away; the LM reads ``num_frames / frames_per_token`` video tokens). With
     ``temporal_embedding`` a learned vector per video token is added, so each token carries its
     position on the 00-99 timeline explicitly.
+
+    ``query_size`` (the LM's hidden size) turns on query conditioning (FiLM): the frames are scaled
+    by ``1 + W q`` before projection, ``q`` the mean embedding of the prompt's text, so whether a
+    frame shows what the query names is computed per frame (text-conditioned visual tokens, as in
+    LLaMA-VID or InstructBLIP). ``W`` starts at zero: the projector starts unconditioned.
     """
 
     def __init__(
@@ -23,6 +28,7 @@ class FrameProjector(nn.Module):
         num_frames: int,
         temporal_embedding: bool,
         frames_per_token: int = 1,
+        query_size: int | None = None,
     ) -> None:
         super().__init__()
         if frames_per_token < 1 or num_frames % frames_per_token:
@@ -39,17 +45,26 @@ class FrameProjector(nn.Module):
             )
         else:
             raise ValueError(f"unknown projector kind {kind!r}; choose 'linear' or 'mlp'")
+        self.film = nn.Linear(query_size, in_dim) if query_size else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
         tokens = num_frames // frames_per_token
         self.time = nn.Embedding(tokens, hidden_size) if temporal_embedding else None
         if self.time is not None:
             nn.init.normal_(self.time.weight, std=0.02)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``(..., T, D)`` frames to ``(..., T / frames_per_token, hidden)`` tokens."""
+    def forward(self, features: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., T, D)`` frames to ``(..., T / frames_per_token, hidden)`` tokens; ``query``
+        ``(..., query_size)`` is needed with query conditioning."""
         *lead, frames, dim = features.shape
         if frames % self.frames_per_token:
             raise ValueError(f"{frames} frames do not split into tokens of {self.frames_per_token}")
         merged = features.reshape(*lead, frames // self.frames_per_token, dim * self.frames_per_token)
+        if self.film is not None:
+            if query is None:
+                raise ValueError("this projector is query-conditioned: pass the query embedding")
+            merged = merged * (1 + self.film(query).unsqueeze(-2))
         tokens = self.net(merged)
         if self.time is not None:
             tokens = tokens + self.time.weight[: tokens.shape[-2]].to(tokens.dtype)
@@ -63,5 +78,14 @@ def build_projector(
     num_frames: int = 100,
     temporal_embedding: bool = False,
     frames_per_token: int = 1,
+    query_conditioned: bool = False,
 ) -> FrameProjector:
-    return FrameProjector(kind, feature_dim, hidden_size, num_frames, temporal_embedding, frames_per_token)
+    return FrameProjector(
+        kind,
+        feature_dim,
+        hidden_size,
+        num_frames,
+        temporal_embedding,
+        frames_per_token,
+        hidden_size if query_conditioned else None,
+    )

@@ -31,22 +31,34 @@ class VideoLLM(nn.Module):
         hidden = lm.config.hidden_size
         self.digit_gate = nn.Parameter(torch.ones(2, hidden)) if frame_index_ids is not None else None
 
-    def frame_embeddings(self, features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        frames = self.projector(features.to(dtype))
+    def frame_embeddings(
+        self, features: torch.Tensor, dtype: torch.dtype, query: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        frames = self.projector(features.to(dtype), query)
         if self.frame_index_ids is not None:
             digits = self.lm.get_input_embeddings()(self.frame_index_ids[: frames.shape[1]])
             frames = frames + (digits * self.digit_gate.to(digits.dtype)).sum(1)
         return frames
 
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the placeholders replaced, in order, by the projected frames."""
+    def embed(
+        self, input_ids: torch.Tensor, features: torch.Tensor | None, prompt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with the placeholders replaced, in order, by the projected frames.
+        ``prompt_mask`` marks the prompt (not padding, not the answer); a query-conditioned
+        projector reads the mean embedding of its text tokens."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         placeholders = input_ids == self.video_token_id
         if features is None:
             if placeholders.any():
                 raise ValueError("input holds <video> placeholders but no features were given")
             return embeds
-        frames = self.frame_embeddings(features, embeds.dtype)
+        query = None
+        if getattr(self.projector, "film", None) is not None:
+            if prompt_mask is None:
+                raise ValueError("a query-conditioned projector needs the prompt mask")
+            text = (prompt_mask.bool() & ~placeholders).unsqueeze(-1).to(embeds.dtype)
+            query = (embeds * text).sum(1) / text.sum(1).clamp(min=1)
+        frames = self.frame_embeddings(features, embeds.dtype, query)
         per_sample = placeholders.sum(dim=1)
         if not torch.all(per_sample == frames.shape[1]):
             raise ValueError(
@@ -63,8 +75,9 @@ class VideoLLM(nn.Module):
         labels: torch.Tensor | None = None,
     ):
         """The LM's output (loss when ``labels`` are given) with all hidden states."""
+        prompt = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
         return self.lm(
-            inputs_embeds=self.embed(input_ids, features),
+            inputs_embeds=self.embed(input_ids, features, prompt),
             attention_mask=attention_mask,
             labels=labels,
             output_hidden_states=self.aux_head is not None,

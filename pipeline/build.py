@@ -121,6 +121,7 @@ def build_module(
             num_frames,
             time_kind == "learned",
             per_token,
+            model.projector.query_conditioned,
         ),
         tokenizer.convert_tokens_to_ids("<video>"),
         aux,

@@ -75,6 +75,51 @@ def test_embed_splices_projected_frames_in_order():
     assert not torch.allclose(frames[0, 0], frames[0, 1])
 
 
+def test_query_conditioned_projector_starts_unconditioned_and_needs_the_query():
+    plain = build_projector("mlp", 4, 8, num_frames=6)
+    film = build_projector("mlp", 4, 8, num_frames=6, query_conditioned=True)
+    film.net.load_state_dict(plain.net.state_dict())
+    features, query = torch.randn(2, 6, 4), torch.randn(2, 8)
+    assert torch.allclose(film(features, query), plain(features))  # zero-initialized FiLM
+    torch.nn.init.normal_(film.film.weight)
+    conditioned = film(features, query)
+    assert not torch.allclose(conditioned, plain(features))
+    assert not torch.allclose(conditioned[0], film(features, query.flip(0))[0])
+    with pytest.raises(ValueError, match="query-conditioned"):
+        film(features)
+
+
+def test_the_query_embedding_comes_from_the_prompt_text_only():
+    model = helpers.video_llm(refine_steps=0)
+    model.projector = build_projector(
+        "mlp", helpers.SPEC.feature_dim, helpers.HIDDEN, helpers.SPEC.num_frames, query_conditioned=True
+    )
+    torch.nn.init.normal_(model.projector.film.weight)
+    batch = helpers.batch(refine_steps=0, n=2)
+    ids, features, labels = batch["input_ids"], batch["features"], batch["labels"]
+    prompt = batch["attention_mask"].bool() & (labels == -100)
+    video = helpers.tokenizer().convert_tokens_to_ids(VIDEO)
+    placeholders = ids == video
+
+    def frames(token_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.embed(token_ids, features, prompt)[placeholders].view(2, -1, helpers.HIDDEN)
+
+    base = frames(ids)
+    answer_changed, query_changed = ids.clone(), ids.clone()
+    answer_changed[labels != -100] = ids[0, 0]
+    text = (prompt & ~placeholders).nonzero()
+    query_changed[tuple(text[-1])] = ids[0, 0]  # the last prompt token of the last row
+    assert torch.equal(frames(answer_changed), base)
+    changed = frames(query_changed)
+    assert torch.equal(changed[0], base[0]) and not torch.allclose(changed[1], base[1])
+    with pytest.raises(ValueError, match="prompt mask"):
+        model.embed(ids, features)
+    # Decoding hands the (left-padded) prompt mask to the projector too.
+    generation = generate(model, batch["prompt_ids"], batch["prompt_mask"], features, -1, 3)
+    assert [len(tokens) for tokens in generation.tokens] == [3, 3]
+
+
 def test_embed_rejects_wrong_placeholder_counts():
     model = helpers.video_llm(refine_steps=0)
     batch = helpers.batch(refine_steps=0, n=2)
