@@ -69,6 +69,7 @@ def train_probe(args: argparse.Namespace, blind: bool) -> None:
     torch.manual_seed(0)
     probe = PointerProbe(len(vocab), spec.feature_dim)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    print(f"{len(train_x)} training / {len(test_x)} test queries", flush=True)
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = torch.randint(0, len(train_x), (32,))
