@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.answer import OFFSET, spaced
@@ -38,6 +39,12 @@ class InferenceSpec:
     max_new_tokens: int | None = None
 
 
+def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, tokens): 1 where a video token's place on the normalized timeline lies in the truth."""
+    places = torch.linspace(0, 1, tokens, device=gt_norm.device, dtype=gt_norm.dtype)
+    return ((places >= gt_norm[:, :1]) & (places <= gt_norm[:, 1:])).to(gt_norm.dtype)
+
+
 class GroundingModule(L.LightningModule):
     def __init__(
         self,
@@ -47,10 +54,11 @@ class GroundingModule(L.LightningModule):
         aux_weight: float,
         optim: OptimSpec,
         inference: InferenceSpec,
+        saliency_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.refine_steps, self.aux_weight = refine_steps, aux_weight
+        self.refine_steps, self.aux_weight, self.saliency_weight = refine_steps, aux_weight, saliency_weight
         self.optim, self.inference = optim, inference
         self.codec = AnswerCodec(tokenizer, refine_steps)
         self.offset_id = tokenizer.convert_tokens_to_ids(OFFSET) if refine_steps > 0 else None
@@ -85,6 +93,11 @@ class GroundingModule(L.LightningModule):
             losses["loss"] = out.loss + self.aux_weight * losses["aux_loss"]
         else:
             losses["loss"] = out.loss
+        if "saliency_logits" in out:
+            logits = out["saliency_logits"]
+            target = saliency_targets(batch["gt_norm"].to(logits), logits.shape[1])
+            losses["saliency_loss"] = F.binary_cross_entropy_with_logits(logits, target)
+            losses["loss"] = losses["loss"] + self.saliency_weight * losses["saliency_loss"]
         return losses
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

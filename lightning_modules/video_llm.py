@@ -23,9 +23,11 @@ class VideoLLM(nn.Module):
         video_token_id: int,
         aux_head: nn.Module | None = None,
         frame_index_ids: torch.Tensor | None = None,
+        saliency_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.lm, self.projector, self.aux_head = lm, projector, aux_head
+        self.saliency_head = saliency_head
         self.video_token_id = video_token_id
         self.register_buffer("frame_index_ids", frame_index_ids, persistent=False)
         hidden = lm.config.hidden_size
@@ -46,12 +48,17 @@ class VideoLLM(nn.Module):
         """Token embeddings with the placeholders replaced, in order, by the projected frames.
         ``prompt_mask`` marks the prompt (not padding, not the answer); a query-conditioned
         projector reads the mean embedding of its text tokens."""
+        return self._embed_with_frames(input_ids, features, prompt_mask)[0]
+
+    def _embed_with_frames(
+        self, input_ids: torch.Tensor, features: torch.Tensor | None, prompt_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds = self.lm.get_input_embeddings()(input_ids)
         placeholders = input_ids == self.video_token_id
         if features is None:
             if placeholders.any():
                 raise ValueError("input holds <video> placeholders but no features were given")
-            return embeds
+            return embeds, None
         query = None
         if getattr(self.projector, "film", None) is not None:
             if prompt_mask is None:
@@ -65,7 +72,7 @@ class VideoLLM(nn.Module):
                 f"each sample needs {frames.shape[1]} <video> placeholders (one per video token), "
                 f"got {per_sample.tolist()}"
             )
-        return embeds.masked_scatter(placeholders.unsqueeze(-1), frames.to(embeds.dtype))
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), frames.to(embeds.dtype)), frames
 
     def forward(
         self,
@@ -74,12 +81,17 @@ class VideoLLM(nn.Module):
         features: torch.Tensor | None,
         labels: torch.Tensor | None = None,
     ):
-        """The LM's output (loss when ``labels`` are given) with all hidden states."""
+        """The LM's output (loss when ``labels`` are given) with all hidden states; with a saliency
+        head also ``saliency_logits`` (B, video tokens): does each video token show the query?"""
         prompt = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
-        return self.lm(
-            inputs_embeds=self.embed(input_ids, features, prompt),
+        embeds, frames = self._embed_with_frames(input_ids, features, prompt)
+        out = self.lm(
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             labels=labels,
             output_hidden_states=self.aux_head is not None,
             use_cache=False,
         )
+        if self.saliency_head is not None and frames is not None:
+            out["saliency_logits"] = self.saliency_head(frames.float()).squeeze(-1)
+        return out

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from callbacks.last_checkpoint import LastCheckpoint
@@ -106,6 +107,11 @@ def build_module(
     time_kind = model.projector.temporal_embedding
     if time_kind not in ("none", "learned", "digits"):
         raise ConfigError(f"model.projector.temporal_embedding={time_kind!r}: choose none, learned or digits")
+    if model.saliency.weight > 0 and not model.projector.query_conditioned:
+        raise ConfigError(
+            "model.saliency.weight > 0 needs model.projector.query_conditioned=true: "
+            "without it a video token cannot know which query it is scored against"
+        )
     num_frames, per_token = datamodule.source.num_frames, model.projector.frames_per_token
     if per_token < 1 or num_frames % per_token:
         raise ConfigError(
@@ -126,6 +132,7 @@ def build_module(
         tokenizer.convert_tokens_to_ids("<video>"),
         aux,
         frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
+        nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,
     )
     datamodule.attach(tokenizer, schedule, video_tokens)
     return GroundingModule(
@@ -135,6 +142,7 @@ def build_module(
         model.aux.weight,
         OptimSpec(**model.optim),
         InferenceSpec(**model.inference),
+        model.saliency.weight,
     )
 
 

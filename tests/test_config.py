@@ -190,3 +190,34 @@ def test_frames_per_token_must_divide_the_data_frames(tmp_path):
     cfg = load_config([*tiny_build_overrides(tmp_path), "model.projector.frames_per_token=3"])
     with pytest.raises(ConfigError, match="frames_per_token=3 must be >= 1 and divide the data's 100 frames"):
         build_module(cfg, build_datamodule(cfg))
+
+
+def test_saliency_loss_trains_the_query_conditioning(tmp_path):
+    cfg = load_config(
+        [
+            *tiny_build_overrides(tmp_path),
+            "model.projector.query_conditioned=true",
+            "model.saliency.weight=0.5",
+        ]
+    )
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(4)])
+    losses = module._losses(batch)
+    assert {"lm_loss", "aux_loss", "saliency_loss", "loss"} <= losses.keys()
+    expected = losses["lm_loss"] + losses["aux_loss"] + 0.5 * losses["saliency_loss"]
+    assert torch.allclose(losses["loss"], expected)
+    losses["saliency_loss"].backward()
+    assert module.model.projector.film.weight.grad.abs().sum() > 0  # the query reaches the frames
+
+
+def test_saliency_needs_query_conditioning(tmp_path):
+    cfg = load_config(
+        [
+            *tiny_build_overrides(tmp_path),
+            "model.saliency.weight=1.0",
+            "model.projector.query_conditioned=false",
+        ]
+    )
+    with pytest.raises(ConfigError, match="query_conditioned=true"):
+        build_module(cfg, build_datamodule(cfg))

@@ -12,6 +12,7 @@ from datamodules.answer_tokens import AnswerCodec
 from datamodules.timeline import MAX_INDEX, NUM_BINS
 from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_loss, l1_loss
 from lightning_modules.generation import generate
+from lightning_modules.grounding_module import saliency_targets
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from lightning_modules.projector import build_projector
 from tests import helpers
@@ -118,6 +119,11 @@ def test_the_query_embedding_comes_from_the_prompt_text_only():
     # Decoding hands the (left-padded) prompt mask to the projector too.
     generation = generate(model, batch["prompt_ids"], batch["prompt_mask"], features, -1, 3)
     assert [len(tokens) for tokens in generation.tokens] == [3, 3]
+
+
+def test_saliency_targets_mark_the_tokens_inside_the_truth():
+    gt = torch.tensor([[0.2, 0.6], [0.0, 1.0], [0.9, 0.95]])
+    assert saliency_targets(gt, 5).tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]
 
 
 def test_embed_rejects_wrong_placeholder_counts():
