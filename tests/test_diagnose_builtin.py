@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, builtin_records
-from tools.diagnose_builtin import diagnose, landing, main
+from tools.diagnose_builtin import diagnose, landing, main, refinement_trace
 
 EVENTS = (BuiltinEvent(0, 0, 10.0, 20.0), BuiltinEvent(0, 5, 30.0, 40.0), BuiltinEvent(3, 0, 50.0, 55.0))
 SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_dim=8, queries_per_video=2)
@@ -71,3 +71,29 @@ def test_main_reads_a_run_directory(tmp_path, capsys):
     assert re.search(r"^queried\s+100\.0\s+100\.0$", capsys.readouterr().out, re.MULTILINE)
     OmegaConf.save({"data": {"name": "charades_sta", "source": {}}}, tmp_path / "config.yaml")
     assert main([str(tmp_path)]) == 2
+
+
+def test_refinement_trace_measures_each_step_in_frame_indices():
+    # 99 s videos: one second is one frame index.
+    rows = [
+        {"duration": 99.0, "gt": [10.0, 20.0], "steps": [[0.0, 30.0], [12.0, 20.0], [10.0, 20.0]]},
+        {"duration": 99.0, "gt": [50.0, 60.0], "steps": [[40.0, 60.0], [50.0, 62.0], [50.0, 62.5]]},
+        {"duration": 99.0, "gt": [50.0, 60.0], "steps": [[40.0, 60.0]]},  # truncated: not traced
+    ]
+    errors, moved = refinement_trace(rows)
+    assert errors == pytest.approx([(10 + 10 + 10 + 0) / 4, (2 + 0 + 0 + 2) / 4, (0 + 0 + 0 + 2.5) / 4])
+    assert moved == 50.0  # the first row's final answer moved 2 frames; the second's only half a frame
+
+
+def test_main_traces_the_steps_of_a_refinement_run(tmp_path, capsys):
+    OmegaConf.save({"data": {"name": "builtin", "source": vars(SPEC)}}, tmp_path / "config.yaml")
+    (tmp_path / "predictions").mkdir()
+    rows = [
+        row | {"duration": 50.0, "gt": row["pred"], "steps": [row["pred"], row["pred"]]}
+        for row in prediction_rows(0.0)
+    ]
+    (tmp_path / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "coarse -> final): 0.00 -> 0.00" in out
+    assert "differs from the first refined one: 0.0 %" in out

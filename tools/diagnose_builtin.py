@@ -1,5 +1,7 @@
 """Which event did each prediction land on? Splits a built-in run's errors into reading the query
-(landing on the queried event rather than a distractor) and finding its boundaries.
+(landing on the queried event rather than a distractor) and finding its boundaries. For TimeRefine
+runs it also traces the steps: the mean boundary error of each step's answer, and how many final
+answers differ from the first refined one.
 
     python tools/diagnose_builtin.py runs/x                      # runs/x/predictions/test.jsonl
     python tools/diagnose_builtin.py runs/x --predictions runs/x/eval/aux/predictions/test.jsonl
@@ -19,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import OmegaConf  # noqa: E402
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample  # noqa: E402
+from datamodules.timeline import MAX_INDEX  # noqa: E402
 
 OUTCOMES = ("queried", "distractor: same verb", "distractor: same object", "distractor: other", "nothing")
 
@@ -59,6 +62,24 @@ def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]
     return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
 
 
+def refinement_trace(rows: list[dict]) -> tuple[list[float], float]:
+    """Over the rows that parsed into every step (coarse, then each refined answer): the mean
+    |boundary - truth| in frame indices per step, and the % of final answers a frame or more away
+    from the first refined one."""
+    depth = max(len(row.get("steps") or []) for row in rows)
+    traced = [row for row in rows if len(row.get("steps") or []) == depth]
+    frames = [
+        [[t * MAX_INDEX / row["duration"] for t in segment] for segment in (*row["steps"], row["gt"])]
+        for row in traced
+    ]
+    errors = [
+        sum(abs(f[i][0] - f[-1][0]) + abs(f[i][1] - f[-1][1]) for f in frames) / (2 * len(frames))
+        for i in range(depth)
+    ]
+    moved = sum(max(abs(f[depth - 1][0] - f[1][0]), abs(f[depth - 1][1] - f[1][1])) >= 1 for f in frames)
+    return errors, 100 * moved / len(frames)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'landed on':<26}{'share %':>9}{'mIoU':>8}")
     for outcome, (count, miou) in table.items():
         print(f"{outcome:<26}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
+    if rows and max(len(row.get("steps") or []) for row in rows) > 1:
+        errors, moved = refinement_trace(rows)
+        print(
+            "mean boundary error per step (frame indices, coarse -> final): "
+            + " -> ".join(f"{e:.2f}" for e in errors)
+        )
+        print(f"final answer differs from the first refined one: {moved:.1f} %")
     return 0
 
 
