@@ -2,8 +2,11 @@
 
 A target is a list of :class:`RefineStep`. Step ``i`` holds a coarse segment sampled with
 noise ``std[i]`` and the offsets that move it onto the ground truth, all in frame-index space,
-so ``coarse + offset == ground truth`` holds exactly. Zero refinement steps give one step with
-the ground truth itself and no offsets: the plain direct-prediction answer.
+so ``coarse + offset == ground truth`` holds exactly (the reference). With ``residual_std`` the
+offsets of the steps before the last one stop short of the truth by a shrinking random residual,
+so the context of a later step no longer spells the truth out; the last step is always exact.
+Zero refinement steps give one step with the ground truth itself and no offsets: the plain
+direct-prediction answer.
 """
 
 from __future__ import annotations
@@ -36,31 +39,46 @@ class RefineSchedule:
     ``noise_std`` lists one std per segment (coarse + each refinement step). A list of another
     length is interpolated linearly over the steps, so ``[5, 3, 1, 0]`` also serves K=1 and K=2.
     ``relative`` reads the stds as fractions of the duration instead of seconds.
+    ``residual_std`` (same units, interpolated the same way; empty = exact offsets everywhere)
+    is the std of the error left in each refined answer but the last.
     """
 
     steps: int = 3
     noise_std: tuple[float, ...] = (5.0, 3.0, 1.0, 0.0)
     relative: bool = False
     contain_gt: bool = True
+    residual_std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"refinement steps must be >= 0, got {self.steps}")
         if not self.noise_std or min(self.noise_std) < 0:
             raise ValueError(f"noise_std must be a non-empty list of stds >= 0, got {self.noise_std}")
+        if self.residual_std and min(self.residual_std) < 0:
+            raise ValueError(f"residual_std must list stds >= 0, got {self.residual_std}")
 
     def stds(self) -> list[float]:
-        """One std per segment (``steps + 1`` values)."""
-        if len(self.noise_std) == self.steps + 1:
-            return list(self.noise_std)
-        known = np.linspace(0.0, 1.0, len(self.noise_std))
-        return list(np.interp(np.linspace(0.0, 1.0, self.steps + 1), known, self.noise_std))
+        """One coarse-noise std per segment (``steps + 1`` values)."""
+        return per_segment(self.noise_std, self.steps + 1)
+
+    def residual_stds(self) -> list[float]:
+        """One residual std per segment; the last is 0 (the final answer is exact)."""
+        if not self.residual_std:
+            return [0.0] * (self.steps + 1)
+        return [*per_segment(self.residual_std, self.steps + 1)[:-1], 0.0]
+
+
+def per_segment(stds: tuple[float, ...], count: int) -> list[float]:
+    """``stds`` as ``count`` values: as given when the lengths match, else linearly interpolated."""
+    if len(stds) == count:
+        return list(stds)
+    return list(np.interp(np.linspace(0.0, 1.0, count), np.linspace(0.0, 1.0, len(stds)), stds))
 
 
 def sample_coarse(
     gt: tuple[int, int], std: float, contain_gt: bool, rng: np.random.Generator
 ) -> tuple[int, int]:
-    """One coarse segment around ``gt`` with Gaussian noise of ``std`` frame indices."""
+    """One segment around ``gt`` with Gaussian noise of ``std`` frame indices, clipped and ordered."""
     noise = rng.normal(0.0, std, size=2) if std > 0 else np.zeros(2)
     if contain_gt:
         noise = np.array([-abs(noise[0]), abs(noise[1])])
@@ -84,11 +102,12 @@ def make_refine_steps(
         return [RefineStep(*gt)]
     scale = MAX_INDEX if schedule.relative else MAX_INDEX / duration
     steps = []
-    for i, std in enumerate(schedule.stds()):
+    for i, (std, residual) in enumerate(zip(schedule.stds(), schedule.residual_stds(), strict=True)):
         coarse = sample_coarse(gt, std * scale, schedule.contain_gt, rng)
         if i == 0 and first_coarse is not None:
             coarse = first_coarse
-        steps.append(RefineStep(coarse[0], coarse[1], gt[0] - coarse[0], gt[1] - coarse[1]))
+        target = sample_coarse(gt, residual * scale, False, rng) if residual > 0 else gt
+        steps.append(RefineStep(coarse[0], coarse[1], target[0] - coarse[0], target[1] - coarse[1]))
     return steps
 
 

@@ -68,7 +68,13 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
 
 def refine_schedule(model: DictConfig) -> RefineSchedule:
     refine = model.refine
-    return RefineSchedule(refine.steps, tuple(refine.noise_std), refine.relative, refine.contain_gt)
+    return RefineSchedule(
+        refine.steps,
+        tuple(refine.noise_std),
+        refine.relative,
+        refine.contain_gt,
+        tuple(refine.get("residual_std") or ()),
+    )
 
 
 def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> torch.Tensor:

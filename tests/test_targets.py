@@ -208,3 +208,47 @@ def test_first_coarse_replaces_the_first_segment():
 def test_invalid_schedules_raise(kwargs):
     with pytest.raises(ValueError):
         RefineSchedule(**kwargs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.lists(st.floats(0.0, 20.0), min_size=1, max_size=4))
+def test_residual_offsets_stop_short_of_the_truth_but_the_last_is_exact(case, residual):
+    gt, duration, schedule, key = case
+    schedule = RefineSchedule(schedule.steps, schedule.noise_std, False, schedule.contain_gt, tuple(residual))
+    steps = make_refine_steps(gt, duration, schedule, sample_rng(*key))
+
+    assert len(steps) == schedule.steps + 1
+    assert steps[-1].refined == gt
+    for step in steps:
+        start, end = step.refined
+        assert 0 <= start <= end <= MAX_INDEX  # a residual answer is still a segment on the timeline
+    assert steps == make_refine_steps(gt, duration, schedule, sample_rng(*key))
+
+
+def test_residual_error_shrinks_with_its_schedule():
+    schedule = RefineSchedule(3, (5.0, 3.0, 1.0, 0.0), residual_std=(6.0, 0.0))
+    assert schedule.residual_stds() == pytest.approx([6.0, 4.0, 2.0, 0.0])  # interpolated
+    assert RefineSchedule(1, residual_std=(6.0, 6.0)).residual_stds() == [6.0, 0.0]  # the last is exact
+    gt = (30, 60)
+    errors = np.array(
+        [
+            [abs(s.refined[0] - gt[0]) for s in make_refine_steps(gt, 99.0, schedule, sample_rng(0, 0, i))]
+            for i in range(2000)
+        ]
+    )
+    mean = errors.mean(0)  # one second is one index at 99 s: E|N(0, s)| = 0.8 s
+    assert mean[0] == pytest.approx(0.8 * 6.0, rel=0.1)
+    assert mean[1] == pytest.approx(0.8 * 4.0, rel=0.1)
+    assert mean[2] == pytest.approx(0.8 * 2.0, rel=0.1)
+    assert mean[3] == 0
+
+
+def test_no_residual_leaves_the_reference_targets_unchanged():
+    plain = RefineSchedule(3)
+    explicit = RefineSchedule(3, residual_std=(0.0,))
+    for i in range(20):
+        assert make_refine_steps((10, 40), 30.0, plain, sample_rng(1, 2, i)) == make_refine_steps(
+            (10, 40), 30.0, explicit, sample_rng(1, 2, i)
+        )
+    with pytest.raises(ValueError, match="residual_std"):
+        RefineSchedule(3, residual_std=(-1.0,))
