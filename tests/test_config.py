@@ -25,6 +25,7 @@ def test_defaults_load():
     assert cfg.output_dir.startswith("runs/") and "${" not in cfg.output_dir  # resolved
     schedule = refine_schedule(cfg.model)
     assert schedule.steps == 3 and len(schedule.stds()) == 4
+    assert schedule.residual_stds() == [0.0] * 4  # the reference: every offset lands on the truth
 
 
 def test_overrides_apply():
@@ -61,6 +62,8 @@ def test_list_and_float_overrides():
     cfg = load_config(["model.refine.noise_std=[4,2,0]", "model.optim.lr=0.01", "model.optim.lr=1"])
     assert list(cfg.model.refine.noise_std) == [4, 2, 0]
     assert cfg.model.optim.lr == 1  # an int for a float key is fine
+    schedule = refine_schedule(load_config(["model.refine.residual_std=[3,1,0.5,0]"]).model)
+    assert schedule.residual_stds() == [3, 1, 0.5, 0]
 
 
 @pytest.mark.parametrize("key", ["foo.bar", "model.lora.rank", "trainer.max_stepz", "data.source.num_trains"])
