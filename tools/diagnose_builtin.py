@@ -62,11 +62,13 @@ def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]
     return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
 
 
-def refinement_trace(rows: list[dict]) -> tuple[list[float], float]:
+def refinement_trace(rows: list[dict]) -> tuple[list[float], float] | None:
     """Over the rows that parsed into every step (coarse, then each refined answer): the mean
     |boundary - truth| in frame indices per step, and the % of final answers a frame or more away
-    from the first refined one."""
-    depth = max(len(row.get("steps") or []) for row in rows)
+    from the first refined one. None without refinement steps (direct answers)."""
+    depth = max((len(row.get("steps") or []) for row in rows), default=0)
+    if depth < 2:
+        return None
     traced = [row for row in rows if len(row.get("steps") or []) == depth]
     frames = [
         [[t * MAX_INDEX / row["duration"] for t in segment] for segment in (*row["steps"], row["gt"])]
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'landed on':<26}{'share %':>9}{'mIoU':>8}")
     for outcome, (count, miou) in table.items():
         print(f"{outcome:<26}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
-    if rows and max(len(row.get("steps") or []) for row in rows) > 1:
-        errors, moved = refinement_trace(rows)
+    if trace := refinement_trace(rows):
+        errors, moved = trace
         print(
             "mean boundary error per step (frame indices, coarse -> final): "
             + " -> ".join(f"{e:.2f}" for e in errors)
