@@ -18,9 +18,9 @@ import lightning as L
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.build import build_datamodule, build_module, build_trainer
-from pipeline.config import ConfigError, check_override_types
-from pipeline.outputs import print_summary, write_metrics
+from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
+from timerefine.pipeline.config import ConfigError, check_override_types
+from timerefine.pipeline.outputs import print_summary, write_metrics
 
 
 def checkpoint_path(run_dir: Path, ckpt: str) -> Path:

@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 
 from datamodules.quirks import QuirkError
 from datamodules.records import FeatureError
-from metrics.prior import prior_scores
-from pipeline.build import build_datamodule, build_module, build_trainer
-from pipeline.config import ConfigError, load_config
-from pipeline.outputs import print_summary, save_config, write_metrics
-from pipeline.resume import resume_checkpoint
+from timerefine.metrics.prior import prior_scores
+from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.outputs import print_summary, save_config, write_metrics
+from timerefine.pipeline.resume import resume_checkpoint
 
 log = logging.getLogger("train")
 INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, FileNotFoundError)

@@ -3,7 +3,7 @@
     python bench/data_loading.py [--videos 2000] [--workers 0 2] [--no-write]
 
 Writes ``--videos`` random float16 ``(num_frames, feature_dim)`` files to a temporary folder, packs
-them with ``tools/pack_features.py``, then times shuffled epochs of ``store.load`` (float32 out):
+them with ``timerefine/tools/pack_features.py``, then times shuffled epochs of ``store.load`` (float32 out):
 a plain loop, and a torch DataLoader per worker count. Configurations take turns for three rounds
 (best round kept) so that load from other jobs hits them alike. The ``## Data loading`` section of
 ``bench/RESULTS.md`` is updated. Files were just written: this is a warm page cache, not disk speed.
@@ -26,12 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from datamodules.feature_stores import FolderFeatureStore, PackedFeatureStore
 from datamodules.records import FeatureStore
-from tools.pack_features import pack_folder
+from timerefine.tools.pack_features import pack_folder
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Data loading"

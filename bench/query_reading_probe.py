@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from datamodules.builtin import BuiltinSpec, make_sample
-from datamodules.prompts import normalize_query
-from datamodules.timeline import MAX_INDEX
+from timerefine.answer_format.prompts import normalize_query
+from timerefine.answer_format.timeline import MAX_INDEX
 
 
 def load(spec: BuiltinSpec, split: str, videos: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:

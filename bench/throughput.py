@@ -10,16 +10,12 @@ and milliseconds per query for constrained and free greedy decoding.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.build import build_datamodule, build_module
-from pipeline.config import load_config
+from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import load_config
 
 
 def measure(overrides: list[str], device: str, steps: int) -> dict[str, float]:

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.answer_tokens import AnswerCodec
 from datamodules.records import GroundingRecord
-from datamodules.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
-from datamodules.timeline import to_index
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from timerefine.answer_format.timeline import to_index
 
 IGNORE = -100
 CoarseLookup = Callable[[str], tuple[int, int] | None]

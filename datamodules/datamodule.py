@@ -10,13 +10,13 @@ import lightning as L
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.answer import format_answer
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
-from datamodules.prompts import DEFAULT_TEMPLATE, render_prompt
 from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import ShardedEpochSampler
-from datamodules.targets import RefineSchedule, make_refine_steps, sample_rng
+from timerefine.answer_format.layout import format_answer
+from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -86,7 +86,7 @@ class FolderFeatureStore:
 
 
 class PackedFeatureStore:
-    """A litdata-optimized folder (see ``tools/pack_features.py``), read by video id.
+    """A litdata-optimized folder (see ``timerefine/tools/pack_features.py``), read by video id.
 
     ``num_frames`` defaults to the packed length (other values resample); ``feature_dim``, when
     given, must match the packed one.

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from datamodules.prompts import normalize_query
 from datamodules.records import GroundingRecord
+from timerefine.answer_format.prompts import normalize_query
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from datamodules.prompts import normalize_query
 from datamodules.records import FeatureError, GroundingRecord
+from timerefine.answer_format.prompts import normalize_query
 
 _STOPWORD_TEXT = (
     "a an the and or of to in on at with from into onto by for is are was were be been being it its "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from datamodules.timeline import MAX_INDEX, NUM_BINS
+from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
 
 AUX_LOSSES = ("l1", "giou", "l1_giou", "distance")
 

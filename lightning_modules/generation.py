@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from datamodules.answer_tokens import Slot
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.codec import Slot
 
 
 @dataclass

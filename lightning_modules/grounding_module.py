@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.answer import OFFSET, spaced
-from datamodules.answer_tokens import AnswerCodec
 from lightning_modules.generation import generate
-from lightning_modules.predictions import Prediction, predict, prediction_row, seconds
 from lightning_modules.video_llm import VideoLLM
-from metrics.grounding import GroundingMetric
-from metrics.iou import temporal_iou
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.layout import OFFSET, spaced
+from timerefine.answer_format.predictions import Prediction, predict, prediction_row, seconds
+from timerefine.metrics.grounding import GroundingMetric
+from timerefine.metrics.iou import temporal_iou
 
 
 @dataclass

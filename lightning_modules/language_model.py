@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from datamodules.answer import SPECIAL_TOKENS, VIDEO
+from timerefine.answer_format.layout import SPECIAL_TOKENS, VIDEO
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from datamodules.answer import SPECIAL_TOKENS, VIDEO
+from timerefine.answer_format.layout import SPECIAL_TOKENS, VIDEO
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 

@@ -10,18 +10,18 @@ from typing import Any
 
 import torch
 
-from datamodules.answer import VIDEO, format_answer
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
 from datamodules.collate import GroundingCollator
 from datamodules.dataset import GroundingDataset
-from datamodules.prompts import DEFAULT_TEMPLATE, render_prompt
-from datamodules.targets import RefineSchedule, make_refine_steps, sample_rng
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.layout import VIDEO, format_answer
+from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
 
 SPEC = BuiltinSpec(num_train=48, num_val=8, num_test=8, num_frames=8, feature_dim=16, seed=0)
 TINY = TinyLMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

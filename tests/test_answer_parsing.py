@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamodules.answer import format_answer, parse_answer, step_segments
-from datamodules.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
-from lightning_modules.predictions import predict, seconds
+from timerefine.answer_format.layout import format_answer, parse_answer, step_segments
+from timerefine.answer_format.predictions import predict, seconds
+from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
 
 
 @st.composite

@@ -10,8 +10,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.build import accumulation, build_datamodule, build_module, build_trainer, refine_schedule
-from pipeline.config import ConfigError, load_config
+from timerefine.pipeline.build import (
+    accumulation,
+    build_datamodule,
+    build_module,
+    build_trainer,
+    refine_schedule,
+)
+from timerefine.pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""tools/diagnose_builtin.py: which event a prediction landed on."""
+"""timerefine/tools/diagnose_builtin.py: which event a prediction landed on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, builtin_records
-from tools.diagnose_builtin import diagnose, landing, main, refinement_trace
+from timerefine.tools.diagnose_builtin import diagnose, landing, main, refinement_trace
 
 EVENTS = (BuiltinEvent(0, 0, 10.0, 20.0), BuiltinEvent(0, 5, 30.0, 40.0), BuiltinEvent(3, 0, 50.0, 55.0))
 SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_dim=8, queries_per_video=2)

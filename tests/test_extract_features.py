@@ -12,7 +12,7 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from datamodules.feature_stores import FolderFeatureStore
-from tools.extract_features import (
+from timerefine.tools.extract_features import (
     ClipFrameEncoder,
     VideoDecodeError,
     decode_uniform_frames,

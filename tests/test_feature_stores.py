@@ -19,8 +19,8 @@ from datamodules.feature_stores import (
 )
 from datamodules.records import FeatureError, GroundingRecord
 from datamodules.synthetic_features import query_signature, stable_seed
-from tools.pack_features import main as pack_main
-from tools.pack_features import pack_folder
+from timerefine.tools.pack_features import main as pack_main
+from timerefine.tools.pack_features import pack_folder
 
 D = 8
 

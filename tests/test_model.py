@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.answer import OFFSET, SEG_END, SEG_START, SPECIAL_TOKENS, parse_answer
-from datamodules.answer_tokens import AnswerCodec
-from datamodules.timeline import MAX_INDEX, NUM_BINS
 from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_loss, l1_loss
 from lightning_modules.generation import generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from tests import helpers
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.layout import OFFSET, SEG_END, SEG_START, SPECIAL_TOKENS, parse_answer
+from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
 
 # ---- aux head ------------------------------------------------------------------------------------
 

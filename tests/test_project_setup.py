@@ -7,6 +7,7 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -34,13 +35,16 @@ def _normalized(name: str) -> str:
 
 
 def _declared_distributions() -> set[str]:
-    declared = set()
+    """Names in pyproject.toml's dependencies and in requirements*.txt."""
+    lines = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     for requirements in ROOT.glob("requirements*.txt"):
-        for line in requirements.read_text().splitlines():
-            match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
-            if match and not line.lstrip().startswith(("#", "-")):
-                declared.add(_normalized(match.group(1)))
-    return declared
+        lines += requirements.read_text().splitlines()
+    names = (re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line) for line in lines)
+    return {
+        _normalized(match.group(1))
+        for line, match in zip(lines, names, strict=True)
+        if match and not line.lstrip().startswith(("#", "-"))
+    }
 
 
 def _imported_top_level_modules(files: list[Path]) -> set[str]:
@@ -67,4 +71,4 @@ def test_every_imported_package_is_declared():
         for module in third_party
         if not any(_normalized(dist) in declared for dist in owners.get(module, []))
     )
-    assert not undeclared, f"imported but not declared in requirements*.txt: {undeclared}"
+    assert not undeclared, f"imported but not declared in pyproject.toml or requirements*.txt: {undeclared}"

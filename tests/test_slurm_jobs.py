@@ -33,7 +33,7 @@ TINY = [
 
 
 class Submitter:
-    """Submits train.py through tools/slurm_submit.py with logs and run dirs under one temp dir."""
+    """Submits train.py through timerefine/tools/slurm_submit.py with logs and run dirs under one temp dir."""
 
     def __init__(self, cluster: SlurmCluster, root: Path) -> None:
         self.cluster, self.root = cluster, root

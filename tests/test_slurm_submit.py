@@ -1,4 +1,4 @@
-"""Rendering, sweep expansion, validation and dry-run of tools/slurm_submit.py (no SLURM needed)."""
+"""Rendering, sweep expansion, validation and dry-run of timerefine/tools/slurm_submit.py (no SLURM needed)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import slurm_submit
-from tools.slurm_submit import JobSpec, expand_sweep, render_sbatch
+from timerefine.tools import slurm_submit
+from timerefine.tools.slurm_submit import JobSpec, expand_sweep, render_sbatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,8 @@ def test_submit_parses_job_id(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, "sbatch", f'cat > {tmp_path}/stdin; echo "Submitted batch job 1234"')
     cmd = [
         sys.executable,
-        str(REPO / "tools/slurm_submit.py"),
+        "-m",
+        "timerefine.tools.slurm_submit",
         "--workdir",
         str(tmp_path),
         "--log-dir",
@@ -213,7 +214,7 @@ def test_submit_parses_job_id(tmp_path: Path) -> None:
 
 def test_submit_reports_sbatch_failure(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, "sbatch", 'echo "sbatch: error: invalid partition" >&2; exit 1')
-    cmd = [sys.executable, str(REPO / "tools/slurm_submit.py"), "--workdir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "timerefine.tools.slurm_submit", "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "invalid partition" in proc.stderr
 

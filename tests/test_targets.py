@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamodules.answer import format_answer
 from datamodules.records import GroundingRecord
-from datamodules.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
-from datamodules.timeline import MAX_INDEX, to_index
 from tests import helpers
+from timerefine.answer_format.layout import format_answer
+from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from timerefine.answer_format.timeline import MAX_INDEX, to_index
 
 NUM = r"\d\d"
 SIGNED = r"[+-]\d\d"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.answer import VIDEO
 from lightning_modules.language_model import build_tiny_lm
 from lightning_modules.projector import build_projector
 from lightning_modules.video_llm import VideoLLM
-from pipeline.build import frame_index_ids
 from tests import helpers
+from timerefine.answer_format.layout import VIDEO
+from timerefine.pipeline.build import frame_index_ids
 
 
 def _model(mode: str, num_frames: int = 12) -> VideoLLM:

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamodules.answer import SPECIAL_TOKENS, VIDEO, format_answer, spaced
-from datamodules.answer_tokens import DIGITS, SIGNS, AnswerCodec
 from datamodules.collate import IGNORE
-from datamodules.targets import RefineSchedule, make_refine_steps, sample_rng
 from tests import helpers
+from timerefine.answer_format.codec import DIGITS, SIGNS, AnswerCodec
+from timerefine.answer_format.layout import SPECIAL_TOKENS, VIDEO, format_answer, spaced
+from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
 
 SENTENCES = [
     "A person opens the door.",
@@ -75,7 +75,7 @@ def some_steps(k: int, seed: int = 0):
 def test_codec_encodes_text_runs_together_and_digits_alone(k):
     from itertools import groupby
 
-    from datamodules.answer import answer_atoms, parse_answer
+    from timerefine.answer_format.layout import answer_atoms, parse_answer
 
     tok = helpers.tokenizer()
     codec = AnswerCodec(tok, k)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metrics.iou import temporal_iou
-from pipeline.config import load_config
+from timerefine.metrics.iou import temporal_iou
+from timerefine.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST, BATCH = 64, 16, 8

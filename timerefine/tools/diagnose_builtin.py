@@ -3,8 +3,8 @@
 runs it also traces the steps: the mean boundary error of each step's answer, and how many final
 answers differ from the first refined one.
 
-    python tools/diagnose_builtin.py runs/x                      # runs/x/predictions/test.jsonl
-    python tools/diagnose_builtin.py runs/x --predictions runs/x/eval/aux/predictions/test.jsonl
+    timerefine-diagnose-builtin runs/x                      # runs/x/predictions/test.jsonl
+    timerefine-diagnose-builtin runs/x --predictions runs/x/eval/aux/predictions/test.jsonl
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
+from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
+from timerefine.answer_format.timeline import MAX_INDEX
 
-from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample  # noqa: E402
-from datamodules.timeline import MAX_INDEX  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 OUTCOMES = ("queried", "distractor: same verb", "distractor: same object", "distractor: other", "nothing")
 

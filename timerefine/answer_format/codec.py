@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.answer import Atom, answer_atoms, answer_layout
-from datamodules.targets import RefineStep
+from timerefine.answer_format.layout import Atom, answer_atoms, answer_layout
+from timerefine.answer_format.targets import RefineStep
 
 DIGITS, SIGNS = "0123456789", "+-"
 

@@ -29,17 +29,17 @@ from datamodules.annotation_source import AnnotationSource, activitynet_source, 
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
-from datamodules.targets import RefineSchedule
-from datamodules.timeline import MAX_INDEX
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
-from pipeline.config import ConfigError
-from pipeline.loggers import ResumableCSVLogger
-from pipeline.strategy import build_strategy
+from timerefine.answer_format.targets import RefineSchedule
+from timerefine.answer_format.timeline import MAX_INDEX
+from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.loggers import ResumableCSVLogger
+from timerefine.pipeline.strategy import build_strategy
 
 SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
 

@@ -8,7 +8,7 @@ from typing import Any
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch import nn
 
-from pipeline.config import ConfigError
+from timerefine.pipeline.config import ConfigError
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:

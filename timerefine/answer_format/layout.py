@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from datamodules.targets import RefineStep
-from datamodules.timeline import MAX_INDEX
+from timerefine.answer_format.targets import RefineStep
+from timerefine.answer_format.timeline import MAX_INDEX
 
 SEG_START, SEG_END, OFFSET, RETHINK = "<SEG_START>", "<SEG_END>", "<OFFSET>", "<RETHINK>"
 VIDEO = "<video>"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from datamodules.answer import parse_answer, step_segments
 from datamodules.records import GroundingRecord
-from datamodules.timeline import MAX_INDEX, to_seconds
+from timerefine.answer_format.layout import parse_answer, step_segments
+from timerefine.answer_format.timeline import MAX_INDEX, to_seconds
 
 FINAL_CHOICES = ("last", "aux", "mean")
 NAN_SEGMENT = (math.nan, math.nan)

@@ -1,6 +1,6 @@
 """Extract per-frame CLIP features from videos: ``{video_id}.npy`` float16 ``(num_frames, D)`` files.
 
-    python tools/extract_features.py VIDEO_DIR OUT_DIR --model openai/clip-vit-large-patch14 \\
+    timerefine-extract-features VIDEO_DIR OUT_DIR --model openai/clip-vit-large-patch14 \\
         --num-frames 100 --batch-size 100 --device cuda --fp16
 
 Frames are decoded uniformly with PyAV (in DataLoader workers), resized and centre-cropped to the

@@ -2,7 +2,7 @@
 
 Example::
 
-    python tools/slurm_submit.py --nodes 2 --gpus-per-node 8 --time 12:00:00 -- experiment=tiny seed=1,2
+    timerefine-slurm-submit --nodes 2 --gpus-per-node 8 --time 12:00:00 -- experiment=tiny seed=1,2
 
 Everything after ``--`` is passed to ``train.py`` as overrides; comma lists become an array job.
 See docs/cluster.md.
@@ -16,11 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a script: make `tools` importable
-    sys.path.insert(0, str(REPO))
+from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch
 
-from tools.sbatch_template import JobSpec, expand_sweep, render_sbatch  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 __all__ = ["JobSpec", "build_parser", "expand_sweep", "main", "render_sbatch", "spec_from_args", "submit"]
 
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     runs = len(expand_sweep(spec.overrides))
     print(f"Submitted batch job {job_id}" + (f" (array of {runs})" if runs > 1 else ""), file=sys.stderr)
-    print(job_id)  # stdout carries only the id: JOB=$(python tools/slurm_submit.py ...)
+    print(job_id)  # stdout carries only the id: JOB=$(timerefine-slurm-submit ...)
     return 0
 
 

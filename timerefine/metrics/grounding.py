@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from metrics.iou import THRESHOLDS, grounding_scores, grounding_sums, temporal_iou
+from timerefine.metrics.iou import THRESHOLDS, grounding_scores, grounding_sums, temporal_iou
 
 
 class GroundingMetric(Metric):

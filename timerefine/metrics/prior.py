@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from datamodules.records import GroundingRecord
-from metrics.iou import grounding_scores, grounding_sums, temporal_iou
+from timerefine.metrics.iou import grounding_scores, grounding_sums, temporal_iou
 
 
 def best_constant_segment(train: torch.Tensor, grid: int = 50) -> tuple[float, float]:

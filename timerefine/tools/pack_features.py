@@ -1,6 +1,6 @@
 """Pack a folder of per-video feature files into a litdata dataset readable by PackedFeatureStore.
 
-    python tools/pack_features.py SRC_DIR DST_DIR --num-frames 100 --feature-dim 768 --workers 4
+    timerefine-pack-features SRC_DIR DST_DIR --num-frames 100 --feature-dim 768 --workers 4
 
 Every file is validated first; bad ones are reported (video, file, reason) and left out, and the
 command then exits with status 1.
@@ -16,9 +16,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
 from datamodules.records import FeatureError

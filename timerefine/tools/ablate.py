@@ -1,6 +1,6 @@
 """Run an ablation sequentially on one machine, then write results.csv, results.md and results.png.
 
-    python tools/ablate.py --out runs/ablation --seeds 0 1 2 \\
+    timerefine-ablate --out runs/ablation --seeds 0 1 2 \\
         --variant direct="model=direct" \\
         --variant K3_aux="model.refine.steps=3 model.aux.weight=1.0" \\
         -- trainer.max_steps=1500
@@ -16,11 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from timerefine.pipeline.ablation import load_runs, markdown_table, plot, summarize, write_csv
+from timerefine.tools.sbatch_template import expand_sweep
 
-from pipeline.ablation import load_runs, markdown_table, plot, summarize, write_csv  # noqa: E402
-from tools.sbatch_template import expand_sweep  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def variants(specs: list[str]) -> dict[str, list[str]]:

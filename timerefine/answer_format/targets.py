@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datamodules.timeline import MAX_INDEX
+from timerefine.answer_format.timeline import MAX_INDEX
 
 
 @dataclass(frozen=True)

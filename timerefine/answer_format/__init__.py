@@ -1,0 +1,1 @@
+"""The model's output format: timeline, refinement targets, answer text, token codec, parsing."""
