@@ -1,7 +1,7 @@
 """Batching: prompt with frame placeholders, TimeRefine answer targets, and the loss mask.
 
 Only answer tokens (and the final EOS) carry LM loss; prompt, video placeholders and padding are
-``-100``. Training sequences are right-padded; the prompts for generation are left-padded.
+``IGNORE_INDEX``. Training sequences are right-padded; the prompts for generation are left-padded.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from datamodules.records import GroundingRecord
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
 from timerefine.answer_format.timeline import to_index
+from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
-IGNORE = -100
 CoarseLookup = Callable[[str], tuple[int, int] | None]
 
 
@@ -41,13 +41,13 @@ class GroundingCollator:
         self.codec = AnswerCodec(tokenizer, schedule.steps)
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
         self.on_policy_fraction = 1.0
-        self.video_id = tokenizer.convert_tokens_to_ids("<video>")
+        self.video_id = tokenizer.convert_tokens_to_ids(VIDEO)
 
     def prompt_ids(self, query: str) -> list[int]:
         ids = self.tokenizer.encode(self.prompt(query), add_special_tokens=False)
         if ids.count(self.video_id) != 1:
             raise ValueError(
-                f"the prompt template must contain '<video>' exactly once: {self.prompt(query)!r}"
+                f"the prompt template must contain '{VIDEO}' exactly once: {self.prompt(query)!r}"
             )
         if self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
@@ -74,7 +74,7 @@ class GroundingCollator:
         pad = self.tokenizer.pad_token_id
         full_len = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
         input_ids = torch.full((len(items), full_len), pad, dtype=torch.long)
-        labels = torch.full_like(input_ids, IGNORE)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
         attention = torch.zeros_like(input_ids)
         prompt_len = max(len(p) for p in prompts)
         prompt_ids = torch.full((len(items), prompt_len), pad, dtype=torch.long)

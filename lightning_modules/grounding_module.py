@@ -14,10 +14,11 @@ from transformers import PreTrainedTokenizerBase
 from lightning_modules.generation import generate
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.layout import OFFSET, spaced
+from timerefine.answer_format.layout import spaced
 from timerefine.answer_format.predictions import Prediction, predict, prediction_row, seconds
+from timerefine.answer_format.tokens import OFFSET
 from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import temporal_iou
+from timerefine.metrics.iou import THRESHOLDS, temporal_iou
 
 
 @dataclass
@@ -166,7 +167,7 @@ class GroundingModule(L.LightningModule):
 
     def _log_metrics(self, split: str) -> None:
         scores = self.metrics[split].compute()
-        for name in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "parse_fail"):
+        for name in (*(f"R1@{t}" for t in THRESHOLDS), "mIoU", "parse_fail"):
             self.log(f"{split}/{name}", scores[name], prog_bar=name == "mIoU")
         self.log(f"{split}/queries", scores["count"], reduce_fx="max")
         for step, metric in enumerate(self.step_metrics[split]):

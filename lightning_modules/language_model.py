@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from timerefine.answer_format.layout import SPECIAL_TOKENS, VIDEO
+from timerefine.answer_format.tokens import GROUNDING_TOKENS
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
@@ -64,7 +64,7 @@ def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTr
 
 
 def grounding_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, VIDEO])
+    return tokenizer.convert_tokens_to_ids(list(GROUNDING_TOKENS))
 
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> PreTrainedModel:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from timerefine.answer_format.layout import SPECIAL_TOKENS, VIDEO
+from timerefine.answer_format.tokens import DIGITS, GROUNDING_TOKENS, SIGNS
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -36,11 +36,11 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTr
 def add_grounding_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Add the answer markers and the video placeholder; give the tokenizer a pad token if it has none."""
     # Spaces around the markers fold into them: shorter answers, the same text once parsed.
-    tokens = [AddedToken(t, lstrip=True, rstrip=True, special=True) for t in (*SPECIAL_TOKENS, VIDEO)]
+    tokens = [AddedToken(t, lstrip=True, rstrip=True, special=True) for t in GROUNDING_TOKENS]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    for char in "0123456789+-":
+    for char in DIGITS + SIGNS:
         if tokenizer.convert_tokens_to_ids(char) in (None, tokenizer.unk_token_id):
             raise ValueError(f"tokenizer has no single token for {char!r}: timestamps cannot be spelled")
     return tokenizer

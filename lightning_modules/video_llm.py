@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from timerefine.answer_format.tokens import IGNORE_INDEX
+
 
 class VideoLLM(nn.Module):
     """LM + projector (+ optional aux head). Each sample's prompt holds one placeholder per video
@@ -83,7 +85,7 @@ class VideoLLM(nn.Module):
     ):
         """The LM's output (loss when ``labels`` are given) with all hidden states; with a saliency
         head also ``saliency_logits`` (B, video tokens): does each video token show the query?"""
-        prompt = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
+        prompt = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == IGNORE_INDEX)
         embeds, frames = self._embed_with_frames(input_ids, features, prompt)
         out = self.lm(
             inputs_embeds=embeds,

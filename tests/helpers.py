@@ -19,9 +19,10 @@ from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_languag
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.layout import VIDEO, format_answer
+from timerefine.answer_format.layout import format_answer
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
 from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
+from timerefine.answer_format.tokens import VIDEO
 
 SPEC = BuiltinSpec(num_train=48, num_val=8, num_test=8, num_frames=8, feature_dim=16, seed=0)
 TINY = TinyLMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from timerefine.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import (
     accumulation,
     build_datamodule,
@@ -188,7 +189,7 @@ def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedd
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(2)])
-    video = module.tokenizer.convert_tokens_to_ids("<video>")
+    video = module.tokenizer.convert_tokens_to_ids(VIDEO)
     assert (batch["input_ids"] == video).sum(1).tolist() == [25, 25]  # 100 frames / 4
     assert torch.isfinite(
         module.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]).loss

@@ -12,8 +12,9 @@ from lightning_modules.generation import generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from tests import helpers
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.layout import OFFSET, SEG_END, SEG_START, SPECIAL_TOKENS, parse_answer
+from timerefine.answer_format.layout import parse_answer
 from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
+from timerefine.answer_format.tokens import MARKERS, OFFSET, SEG_END, SEG_START
 
 # ---- aux head ------------------------------------------------------------------------------------
 
@@ -296,7 +297,7 @@ def test_lora_freezes_the_base_and_trains_adapters_and_grounding_rows():
     grounding = set(grounding_token_ids(tok))
     assert changed and changed <= grounding
     # The answer markers are in every target, so their rows must have moved.
-    assert {tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS} <= changed
+    assert {tok.convert_tokens_to_ids(t) for t in MARKERS} <= changed
     for name, p in lm.named_parameters():
         if name in frozen_before:
             assert torch.equal(p, frozen_before[name]), name

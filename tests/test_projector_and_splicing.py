@@ -10,7 +10,7 @@ from lightning_modules.generation import generate
 from lightning_modules.grounding_module import saliency_targets
 from lightning_modules.projector import build_projector
 from tests import helpers
-from timerefine.answer_format.layout import VIDEO
+from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
 # ---- projector -----------------------------------------------------------------------------------
 
@@ -93,7 +93,7 @@ def test_the_query_embedding_comes_from_the_prompt_text_only():
     torch.nn.init.normal_(model.projector.film.weight)
     batch = helpers.batch(refine_steps=0, n=2)
     ids, features, labels = batch["input_ids"], batch["features"], batch["labels"]
-    prompt = batch["attention_mask"].bool() & (labels == -100)
+    prompt = batch["attention_mask"].bool() & (labels == IGNORE_INDEX)
     video = helpers.tokenizer().convert_tokens_to_ids(VIDEO)
     placeholders = ids == video
 
@@ -103,7 +103,7 @@ def test_the_query_embedding_comes_from_the_prompt_text_only():
 
     base = frames(ids)
     answer_changed, query_changed = ids.clone(), ids.clone()
-    answer_changed[labels != -100] = ids[0, 0]
+    answer_changed[labels != IGNORE_INDEX] = ids[0, 0]
     text = (prompt & ~placeholders).nonzero()
     query_changed[tuple(text[-1])] = ids[0, 0]  # the last prompt token of the last row
     assert torch.equal(frames(answer_changed), base)

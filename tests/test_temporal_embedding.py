@@ -8,7 +8,7 @@ from lightning_modules.language_model import build_tiny_lm
 from lightning_modules.projector import build_projector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
-from timerefine.answer_format.layout import VIDEO
+from timerefine.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import frame_index_ids
 
 

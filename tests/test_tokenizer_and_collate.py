@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamodules.collate import IGNORE
 from tests import helpers
-from timerefine.answer_format.codec import DIGITS, SIGNS, AnswerCodec
-from timerefine.answer_format.layout import SPECIAL_TOKENS, VIDEO, format_answer, spaced
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.layout import format_answer, spaced
 from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
+from timerefine.answer_format.tokens import DIGITS, GROUNDING_TOKENS, IGNORE_INDEX, SEG_START, SIGNS, VIDEO
 
 SENTENCES = [
     "A person opens the door.",
@@ -46,12 +46,12 @@ def test_round_trip_of_arbitrary_unicode(text):
 
 def test_special_tokens_are_single_tokens():
     tok = helpers.tokenizer()
-    for marker in (*SPECIAL_TOKENS, VIDEO):
+    for marker in GROUNDING_TOKENS:
         ids = tok.encode(marker, add_special_tokens=False)
         assert len(ids) == 1 and tok.convert_ids_to_tokens(ids[0]) == marker
         # Also inside text, with no spaces around.
         assert tok.convert_tokens_to_ids(marker) in tok.encode(f"x{marker}y", add_special_tokens=False)
-    ids = [tok.convert_tokens_to_ids(m) for m in (*SPECIAL_TOKENS, VIDEO)]
+    ids = [tok.convert_tokens_to_ids(m) for m in GROUNDING_TOKENS]
     assert len(set(ids)) == len(ids)
     assert {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}.isdisjoint(ids)
     assert tok.eos_token_id != tok.pad_token_id
@@ -100,7 +100,7 @@ def test_filling_the_slots_reproduces_encode(k, seed):
     steps = some_steps(k, seed)
     encoded = codec.encode(steps)
     text = format_answer(steps, with_offsets=k > 0)
-    chosen = iter(c for c in text.split("<SEG_START>", 1)[1] if c in DIGITS + SIGNS)
+    chosen = iter(c for c in text.split(SEG_START, 1)[1] if c in DIGITS + SIGNS)
     filled = []
     for slot in codec.slots():
         assert bool(slot.fixed) != bool(slot.choices)
@@ -171,7 +171,7 @@ def test_labels_cover_exactly_the_answer_and_eos(collated):
         prompt = collator.prompt_ids(item["record"].query)
         answer = collator.codec.encode(collator.target_steps(item["record"], item["epoch"], item["index"]))
         labels, ids, mask = batch["labels"][row], batch["input_ids"][row], batch["attention_mask"][row]
-        labelled = (labels != IGNORE).nonzero().flatten().tolist()
+        labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
         assert labelled == list(range(len(prompt), len(prompt) + len(answer) + 1))
         assert labels[labelled].tolist() == [*answer, tok.eos_token_id]
         assert torch.equal(labels[labelled], ids[labelled])
@@ -180,18 +180,18 @@ def test_labels_cover_exactly_the_answer_and_eos(collated):
         assert text == format_answer(
             collator.target_steps(item["record"], item["epoch"], item["index"]), with_offsets=k > 0
         )
-        # Right padding: attention over the sequence, pad ids and IGNORE labels after it.
+        # Right padding: attention over the sequence, pad ids and IGNORE_INDEX labels after it.
         length = len(prompt) + len(answer) + 1
         assert mask[:length].all() and not mask[length:].any()
         assert (ids[length:] == tok.pad_token_id).all()
-        assert (labels[length:] == IGNORE).all()
+        assert (labels[length:] == IGNORE_INDEX).all()
 
 
 def test_prompt_tokens_and_placeholders_never_carry_labels(collated):
     _, _, _, batch = collated
     video = helpers.tokenizer().convert_tokens_to_ids(VIDEO)
-    assert (batch["labels"][batch["input_ids"] == video] == IGNORE).all()
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    assert (batch["labels"][batch["input_ids"] == video] == IGNORE_INDEX).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
 def test_prompts_are_left_padded(collated):

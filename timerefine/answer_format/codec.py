@@ -11,8 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from timerefine.answer_format.layout import Atom, answer_atoms, answer_layout
 from timerefine.answer_format.targets import RefineStep
-
-DIGITS, SIGNS = "0123456789", "+-"
+from timerefine.answer_format.tokens import DIGITS, SIGNS
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,7 @@ from typing import Literal
 
 from timerefine.answer_format.targets import RefineStep
 from timerefine.answer_format.timeline import MAX_INDEX
-
-SEG_START, SEG_END, OFFSET, RETHINK = "<SEG_START>", "<SEG_END>", "<OFFSET>", "<RETHINK>"
-VIDEO = "<video>"
-SPECIAL_TOKENS = (SEG_START, SEG_END, OFFSET, RETHINK)
+from timerefine.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START
 
 AtomKind = Literal["text", "digit", "sign"]
 

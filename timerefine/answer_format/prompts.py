@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-DEFAULT_TEMPLATE = "<video>\nAt which time interval in the video can we see {query} occurring?"
-VIDEO_TOKEN = "<video>"
+from timerefine.answer_format.tokens import VIDEO
+
+DEFAULT_TEMPLATE = f"{VIDEO}\nAt which time interval in the video can we see {{query}} occurring?"
 
 
 def normalize_query(text: str) -> str:
@@ -13,7 +14,7 @@ def normalize_query(text: str) -> str:
 
 def render_prompt(template: str, query: str) -> str:
     """Fill ``{query}`` in ``template`` (which must also hold ``<video>``) with the normalised query."""
-    for placeholder in ("{query}", VIDEO_TOKEN):
+    for placeholder in ("{query}", VIDEO):
         if placeholder not in template:
             raise ValueError(f"prompt template lacks the {placeholder} placeholder: {template!r}")
     return template.replace("{query}", normalize_query(query))

@@ -7,7 +7,9 @@ import json
 import statistics
 from pathlib import Path
 
-HEADLINE = ("test/R1@0.3", "test/R1@0.5", "test/R1@0.7", "test/mIoU")
+from timerefine.metrics.iou import THRESHOLDS
+
+HEADLINE = (*(f"test/R1@{t}" for t in THRESHOLDS), "test/mIoU")
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -40,8 +42,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown_table(summary: list[dict]) -> str:
     lines = [
-        "| variant | seeds | R1@0.3 | R1@0.5 | R1@0.7 | mIoU | mIoU per step (coarse -> final) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | seeds | "
+        + " | ".join(k.removeprefix("test/") for k in HEADLINE)
+        + " | mIoU per step (coarse -> final) |",
+        "|---" * (len(HEADLINE) + 3) + "|",
     ]
     for entry in summary:
         cells = [f"{entry[k]:.2f} ± {entry[k + ' std']:.2f}" for k in HEADLINE]

@@ -37,6 +37,7 @@ from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.targets import RefineSchedule
 from timerefine.answer_format.timeline import MAX_INDEX
+from timerefine.answer_format.tokens import VIDEO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.loggers import ResumableCSVLogger
 from timerefine.pipeline.strategy import build_strategy
@@ -135,7 +136,7 @@ def build_module(
             per_token,
             model.projector.query_conditioned,
         ),
-        tokenizer.convert_tokens_to_ids("<video>"),
+        tokenizer.convert_tokens_to_ids(VIDEO),
         aux,
         frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
         nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,

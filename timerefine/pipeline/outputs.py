@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-HEADLINE = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
+from timerefine.metrics.iou import THRESHOLDS
+
+HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
 
 
 def save_config(cfg: DictConfig, output_dir: Path) -> None:
