@@ -49,8 +49,8 @@ class OnPolicyCoarse(L.Callback):
                 trainer.datamodule.collator(items), pl_module.device, 0
             )
             for record, prediction in zip(batch["records"], pl_module.predict_batch(batch), strict=True):
-                if prediction.steps:
-                    found[record.qid] = tuple(round(x) for x in prediction.steps[0])
+                if prediction.segments:
+                    found[record.qid] = tuple(round(x) for x in prediction.segments[0])
         pl_module.train()
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             parts: list[dict] = [{} for _ in range(trainer.world_size)]

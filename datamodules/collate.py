@@ -10,11 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from datamodules.records import GroundingRecord
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from timerefine.answer_format.targets import RefineRound, make_target_rounds, sample_rng
 from timerefine.answer_format.timeline import to_index
 from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
@@ -22,7 +21,8 @@ CoarseLookup = Callable[[str], tuple[int, int] | None]
 
 
 class GroundingCollator:
-    """Turns dataset items into model batches.
+    """Turns dataset items into model batches; ``codec`` (shared with the module) holds the
+    tokenizer and the refinement schedule of the targets.
 
     ``coarse_lookup`` maps a qid to the model's own coarse guess, used as the first coarse segment
     with probability ``on_policy_fraction`` (on-policy refinement).
@@ -30,18 +30,16 @@ class GroundingCollator:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
-        schedule: RefineSchedule,
+        codec: AnswerCodec,
         prompt: Callable[[str], str],
         video_tokens: int,
         seed: int = 0,
         coarse_lookup: CoarseLookup | None = None,
     ) -> None:
-        self.tokenizer, self.schedule, self.prompt = tokenizer, schedule, prompt
-        self.codec = AnswerCodec(tokenizer, schedule.steps)
+        self.codec, self.tokenizer, self.prompt = codec, codec.tokenizer, prompt
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
         self.on_policy_fraction = 1.0
-        self.video_id = tokenizer.convert_tokens_to_ids(VIDEO)
+        self.video_id = self.tokenizer.convert_tokens_to_ids(VIDEO)
 
     def prompt_ids(self, query: str) -> list[int]:
         ids = self.tokenizer.encode(self.prompt(query), add_special_tokens=False)
@@ -54,11 +52,11 @@ class GroundingCollator:
         at = ids.index(self.video_id)
         return [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
 
-    def target_steps(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineStep]:
+    def target_rounds(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineRound]:
         gt = (to_index(record.start, record.duration), to_index(record.end, record.duration))
         first = self.coarse_lookup(record.qid) if self.coarse_lookup else None
-        return make_refine_steps(
-            gt, record.duration, self.schedule, sample_rng(self.seed, epoch, index), first
+        return make_target_rounds(
+            gt, record.duration, self.codec.schedule, sample_rng(self.seed, epoch, index), first
         )
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -66,7 +64,7 @@ class GroundingCollator:
         prompts = [self.prompt_ids(r.query) for r in records]
         answers = [
             [
-                *self.codec.encode(self.target_steps(r, item["epoch"], item["index"])),
+                *self.codec.encode(self.target_rounds(r, item["epoch"], item["index"])),
                 self.tokenizer.eos_token_id,
             ]
             for r, item in zip(records, items, strict=True)

@@ -8,15 +8,13 @@ from typing import Protocol
 
 import lightning as L
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
 from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import ShardedEpochSampler
-from timerefine.answer_format.layout import format_answer
+from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
-from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -55,26 +53,13 @@ class GroundingDataModule(L.LightningDataModule):
             self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
         return self.datasets[split].records
 
-    def tokenizer_corpus(self, schedule: RefineSchedule) -> list[str]:
-        """Text a locally trained tokenizer should know: prompts and sample answers."""
-        texts = [render_prompt(self.prompt_template, r.query) for r in self.records("train")]
-        for i, record in enumerate(self.records("train")[:200]):
-            steps = make_refine_steps((i % 50, 50 + i % 50), record.duration, schedule, sample_rng(0, 0, i))
-            texts.append(format_answer(steps, with_offsets=schedule.steps > 0))
-        return texts
-
     def attach(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        schedule: RefineSchedule,
-        video_tokens: int | None = None,
-        coarse_lookup: CoarseLookup | None = None,
+        self, codec: AnswerCodec, video_tokens: int | None = None, coarse_lookup: CoarseLookup | None = None
     ) -> None:
-        """Give the datamodule the model's tokenizer, the refinement schedule of its targets and the
-        number of video tokens a prompt holds (default: one per frame)."""
+        """Give the datamodule the model's answer codec (its tokenizer and the refinement schedule of
+        the targets) and the number of video tokens a prompt holds (default: one per frame)."""
         self.collator = GroundingCollator(
-            tokenizer,
-            schedule,
+            codec,
             partial(render_prompt, self.prompt_template),
             video_tokens or self.source.num_frames,
             self.seed,
@@ -101,7 +86,7 @@ class GroundingDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, skip: int = 0) -> DataLoader:
         if self.collator is None:
-            raise RuntimeError("call attach(tokenizer, schedule) before asking for dataloaders")
+            raise RuntimeError("call attach(codec) before asking for dataloaders")
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = ShardedEpochSampler(len(self.records(split)), shuffle, self.seed, rank, world, skip)
         if self.trainer is not None:

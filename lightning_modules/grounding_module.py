@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
 
 from lightning_modules.generation import generate
 from lightning_modules.video_llm import VideoLLM
@@ -47,32 +46,33 @@ def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 class GroundingModule(L.LightningModule):
+    """``codec`` (shared with the collator) holds the tokenizer and the refinement schedule: the
+    answer layout to decode, and the predicted segments scored one by one as ``{split}/step{k}/mIoU``."""
+
     def __init__(
         self,
         model: VideoLLM,
-        tokenizer: PreTrainedTokenizerBase,
-        refine_steps: int,
+        codec: AnswerCodec,
         aux_weight: float,
         optim: OptimSpec,
         inference: InferenceSpec,
         saliency_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        self.model, self.tokenizer = model, tokenizer
-        self.refine_steps, self.aux_weight, self.saliency_weight = refine_steps, aux_weight, saliency_weight
+        self.model, self.codec, self.tokenizer = model, codec, codec.tokenizer
+        self.aux_weight, self.saliency_weight = aux_weight, saliency_weight
         self.optim, self.inference = optim, inference
-        self.codec = AnswerCodec(tokenizer, refine_steps)
-        self.offset_id = tokenizer.convert_tokens_to_ids(OFFSET) if refine_steps > 0 else None
-        self.num_steps = 1 if refine_steps == 0 else refine_steps + 2
+        with_offsets = codec.schedule.with_offsets
+        self.offset_id = self.tokenizer.convert_tokens_to_ids(OFFSET) if with_offsets else None
         self.metrics = torch.nn.ModuleDict({split: GroundingMetric() for split in ("val", "test")})
-        self.step_metrics = torch.nn.ModuleDict(
+        self.segment_metrics = torch.nn.ModuleDict(
             {
-                split: torch.nn.ModuleList(GroundingMetric() for _ in range(self.num_steps))
+                split: torch.nn.ModuleList(GroundingMetric() for _ in range(codec.schedule.num_segments))
                 for split in ("val", "test")
             }
         )
         # With an aux head, the other final-answer choices are scored too ({split}/aux/..., {split}/mean/...).
-        choices = ("aux", "mean") if model.aux_head is not None and refine_steps > 0 else ()
+        choices = ("aux", "mean") if model.aux_head is not None and with_offsets else ()
         self.choice_metrics = torch.nn.ModuleDict(
             {split: torch.nn.ModuleDict({c: GroundingMetric() for c in choices}) for split in ("val", "test")}
         )
@@ -114,12 +114,12 @@ class GroundingModule(L.LightningModule):
         self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
         predictions = self.predict_batch(batch)
         target = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
-        finals, per_step = [], [[] for _ in range(self.num_steps)]
+        finals, per_segment = [], [[] for _ in self.segment_metrics[split]]
         for record, prediction in zip(records, predictions, strict=True):
             finals.append(seconds(prediction.final, record.duration))
-            for step in range(self.num_steps):
-                found = prediction.steps[step] if step < len(prediction.steps) else None
-                per_step[step].append(seconds(found, record.duration))
+            for k, found in enumerate(per_segment):
+                segment = prediction.segments[k] if k < len(prediction.segments) else None
+                found.append(seconds(segment, record.duration))
             if split == "test":
                 iou = self._iou(finals[-1], (record.start, record.end))
                 self.predictions.append(prediction_row(record, prediction, iou))
@@ -129,12 +129,12 @@ class GroundingModule(L.LightningModule):
                 seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
             ]
             metric.update(torch.tensor(chosen, dtype=torch.float64), target)
-        for step, metric in enumerate(self.step_metrics[split]):
-            metric.update(torch.tensor(per_step[step], dtype=torch.float64), target)
+        for metric, found in zip(self.segment_metrics[split], per_segment, strict=True):
+            metric.update(torch.tensor(found, dtype=torch.float64), target)
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
-        """Greedy answers for a batch, parsed step by step (constrained when configured)."""
+        """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
         generation = generate(
             self.model,
             batch["prompt_ids"],
@@ -148,7 +148,7 @@ class GroundingModule(L.LightningModule):
         aux = self._aux_segments(generation)
         texts = [spaced(t) for t in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
         return [
-            predict(text, self.refine_steps, self.inference.final, a)
+            predict(text, self.codec.schedule.num_segments, self.inference.final, a)
             for text, a in zip(texts, aux, strict=True)
         ]
 
@@ -170,8 +170,8 @@ class GroundingModule(L.LightningModule):
         for name in (*(f"R1@{t}" for t in THRESHOLDS), "mIoU", "parse_fail"):
             self.log(f"{split}/{name}", scores[name], prog_bar=name == "mIoU")
         self.log(f"{split}/queries", scores["count"], reduce_fx="max")
-        for step, metric in enumerate(self.step_metrics[split]):
-            self.log(f"{split}/step{step}/mIoU", metric.compute()["mIoU"])
+        for k, metric in enumerate(self.segment_metrics[split]):
+            self.log(f"{split}/step{k}/mIoU", metric.compute()["mIoU"])
             metric.reset()
         for choice, metric in self.choice_metrics[split].items():
             self.log(f"{split}/{choice}/mIoU", metric.compute()["mIoU"])

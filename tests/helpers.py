@@ -19,9 +19,10 @@ from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_languag
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import format_answer
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
-from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
+from timerefine.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
 from timerefine.answer_format.tokens import VIDEO
 
 SPEC = BuiltinSpec(num_train=48, num_val=8, num_test=8, num_frames=8, feature_dim=16, seed=0)
@@ -30,13 +31,13 @@ HIDDEN = TINY.hidden_size
 
 
 def corpus(spec: BuiltinSpec = SPEC) -> list[str]:
-    """Prompts of the train split plus sample answers of every step count (K = 0..3)."""
+    """Prompts of the train split plus sample answers of every K = 0..3."""
     texts = [render_prompt(DEFAULT_TEMPLATE, r.query) for r in builtin_records(spec, "train")]
     for k in range(4):
         schedule = RefineSchedule(steps=k)
         for i in range(20):
-            steps = make_refine_steps((i, 40 + i), 30.0, schedule, sample_rng(0, k, i))
-            texts.append(format_answer(steps, with_offsets=k > 0))
+            rounds = make_target_rounds((i, 40 + i), 30.0, schedule, sample_rng(0, k, i))
+            texts.append(format_answer(rounds, schedule.with_offsets))
     return texts
 
 
@@ -55,10 +56,13 @@ def items(n: int = 4, split: str = "train", epoch: int = 0, start: int = 0) -> l
     return [data[(epoch, i)] for i in range(start, start + n)]
 
 
+def codec(refine_steps: int = 3) -> AnswerCodec:
+    return AnswerCodec(tokenizer(), RefineSchedule(steps=refine_steps))
+
+
 def collator(refine_steps: int = 3, seed: int = 0, template: str = DEFAULT_TEMPLATE) -> GroundingCollator:
     return GroundingCollator(
-        tokenizer(),
-        RefineSchedule(steps=refine_steps),
+        codec(refine_steps),
         partial(render_prompt, template),
         SPEC.num_frames,
         seed,
@@ -96,8 +100,7 @@ def module(
     model = video_llm(refine_steps, aux_loss if aux_weight > 0 else None, lora, seed=seed)
     return GroundingModule(
         model,
-        tokenizer(),
-        refine_steps,
+        codec(refine_steps),
         aux_weight,
         OptimSpec(warmup_steps=1),
         InferenceSpec(**inference),

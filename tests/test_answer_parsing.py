@@ -8,9 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from timerefine.answer_format.layout import format_answer, parse_answer, step_segments
+from timerefine.answer_format.layout import format_answer, parse_answer, predicted_segments
 from timerefine.answer_format.predictions import predict, seconds
-from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from timerefine.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
+
+
+def num_segments(k: int) -> int:
+    return RefineSchedule(steps=k).num_segments
 
 
 @st.composite
@@ -19,7 +23,7 @@ def targets(draw, k=None):
     start = draw(st.integers(0, 99))
     end = draw(st.integers(start, 99))
     schedule = RefineSchedule(steps=k, noise_std=(30.0, 10.0, 3.0, 0.0), contain_gt=draw(st.booleans()))
-    steps = make_refine_steps((start, end), 30.0, schedule, sample_rng(draw(st.integers(0, 10**6)), 0, 0))
+    steps = make_target_rounds((start, end), 30.0, schedule, sample_rng(draw(st.integers(0, 10**6)), 0, 0))
     return k, steps
 
 
@@ -33,9 +37,9 @@ def test_round_trip(target):
 
 @settings(max_examples=200, deadline=None)
 @given(targets())
-def test_step_segments_follow_the_refinement_path(target):
+def test_predicted_segments_follow_the_refinement_path(target):
     k, steps = target
-    segments = step_segments(parse_answer(format_answer(steps, with_offsets=k > 0)), k)
+    segments = predicted_segments(parse_answer(format_answer(steps, with_offsets=k > 0)), num_segments(k))
     gt = steps[0].refined
     if k == 0:
         assert segments == [gt]
@@ -45,22 +49,22 @@ def test_step_segments_follow_the_refinement_path(target):
     assert all(segment == gt for segment in segments[1:])
 
 
-def test_step_segments_order_and_clip():
-    steps = [RefineStep(60, 20, 0, 0), RefineStep(90, 95, 30, 10)]
-    assert step_segments(steps, 0) == [(20, 60)]
-    assert step_segments(steps, 1) == [(20, 60), (20, 60), (99, 99)]
-    assert step_segments([], 3) == []
+def test_predicted_segments_order_and_clip():
+    steps = [RefineRound(60, 20, 0, 0), RefineRound(90, 95, 30, 10)]
+    assert predicted_segments(steps, num_segments(0)) == [(20, 60)]
+    assert predicted_segments(steps, num_segments(1)) == [(20, 60), (20, 60), (99, 99)]
+    assert predicted_segments([], num_segments(3)) == []
     # More parsed steps than the schedule has: only the first K+1 refinements count.
-    assert len(step_segments([RefineStep(1, 2)] * 6, 2)) == 4
+    assert len(predicted_segments([RefineRound(1, 2)] * 6, num_segments(2))) == 4
 
 
-def is_prefix(parsed: list[RefineStep], steps: list[RefineStep]) -> bool:
+def is_prefix(parsed: list[RefineRound], steps: list[RefineRound]) -> bool:
     return parsed == steps[: len(parsed)]
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_truncated_generations_keep_only_complete_steps(k):
-    steps = make_refine_steps((23, 68), 30.0, RefineSchedule(steps=k), sample_rng(3, 0, 1))
+    steps = make_target_rounds((23, 68), 30.0, RefineSchedule(steps=k), sample_rng(3, 0, 1))
     text = format_answer(steps, with_offsets=k > 0)
     for cut in range(len(text) + 1):
         parsed = parse_answer(text[:cut])
@@ -95,8 +99,8 @@ def test_truncation_never_invents_steps(target, data):
 )
 def test_garbage_parses_to_nothing(text):
     assert parse_answer(text) == []
-    prediction = predict(text, 3, "last", None)
-    assert prediction.final is None and prediction.steps == []
+    prediction = predict(text, num_segments(3), "last", None)
+    assert prediction.final is None and prediction.segments == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -105,31 +109,31 @@ def test_arbitrary_text_never_raises(text):
     for step in parse_answer(text):
         assert 0 <= step.start <= 99 and 0 <= step.end <= 99
         assert -99 <= step.offset_start <= 99 and -99 <= step.offset_end <= 99
-    predict(text, 2, "mean", (0.1, 0.2))
+    predict(text, num_segments(2), "mean", (0.1, 0.2))
 
 
 def test_missing_seg_start_reads_the_whole_text():
-    assert parse_answer("36 to 68 <SEG_END>.") == [RefineStep(36, 68)]
+    assert parse_answer("36 to 68 <SEG_END>.") == [RefineRound(36, 68)]
     # The "From" prefix without the marker: either nothing or the right step, never a wrong one.
-    assert parse_answer("From 36 to 68 <SEG_END>.") in ([], [RefineStep(36, 68)])
+    assert parse_answer("From 36 to 68 <SEG_END>.") in ([], [RefineRound(36, 68)])
 
 
 def test_extra_whitespace():
     text = "From <SEG_START>   36\tto  68 \n<OFFSET>  + 01  and   -04  <RETHINK>  37 to 65 <OFFSET> +00 and +00   <SEG_END> ."
-    assert parse_answer(text) == [RefineStep(36, 68, 1, -4), RefineStep(37, 65, 0, 0)]
-    assert parse_answer("From <SEG_START>36 to 68<SEG_END>.") == [RefineStep(36, 68)]
+    assert parse_answer(text) == [RefineRound(36, 68, 1, -4), RefineRound(37, 65, 0, 0)]
+    assert parse_answer("From <SEG_START>36 to 68<SEG_END>.") == [RefineRound(36, 68)]
 
 
 def test_single_digit_numbers():
-    assert parse_answer("From <SEG_START> 5 to 9 <SEG_END>.") == [RefineStep(5, 9)]
+    assert parse_answer("From <SEG_START> 5 to 9 <SEG_END>.") == [RefineRound(5, 9)]
     assert parse_answer("From <SEG_START> 5 to 40 <OFFSET> +1 and -4 <SEG_END>.") == [
-        RefineStep(5, 40, 1, -4)
+        RefineRound(5, 40, 1, -4)
     ]
 
 
 def test_text_after_seg_end_is_ignored():
     assert parse_answer("From <SEG_START> 10 to 20 <SEG_END>. 30 to 40 <RETHINK> 50 to 60") == [
-        RefineStep(10, 20)
+        RefineRound(10, 20)
     ]
 
 
@@ -137,38 +141,38 @@ ANSWER = "From <SEG_START> 20 to 70 <OFFSET> +05 and -10 <RETHINK> 24 to 62 <OFF
 
 
 def test_predict_last():
-    prediction = predict(ANSWER, 1, "last", (0.9, 0.1))
-    assert prediction.steps == [(20, 70), (25, 60), (25, 60)]
+    prediction = predict(ANSWER, num_segments(1), "last", (0.9, 0.1))
+    assert prediction.segments == [(20, 70), (25, 60), (25, 60)]
     assert prediction.final == (25, 60)
     assert prediction.text == ANSWER
 
 
 def test_predict_aux_sorts_and_scales_to_indices():
-    prediction = predict(ANSWER, 1, "aux", (0.5, 0.2))
+    prediction = predict(ANSWER, num_segments(1), "aux", (0.5, 0.2))
     assert prediction.final == pytest.approx((0.2 * 99, 0.5 * 99))
-    assert prediction.steps == [(20, 70), (25, 60), (25, 60)]  # the text is still parsed
-    assert predict(ANSWER, 1, "aux", None).final == (25, 60)  # no aux output: the text's answer
+    assert prediction.segments == [(20, 70), (25, 60), (25, 60)]  # the text is still parsed
+    assert predict(ANSWER, num_segments(1), "aux", None).final == (25, 60)  # no aux output: the text's answer
 
 
 def test_predict_mean():
-    prediction = predict(ANSWER, 1, "mean", (0.0, 1.0))
+    prediction = predict(ANSWER, num_segments(1), "mean", (0.0, 1.0))
     assert prediction.final == pytest.approx(((25 + 0) / 2, (60 + 99) / 2))
 
 
 @pytest.mark.parametrize("final", ["last", "aux", "mean"])
 def test_unparseable_answer_without_aux_has_no_final(final):
-    prediction = predict("the model rambles", 3, final, None)
-    assert prediction.final is None and prediction.steps == []
+    prediction = predict("the model rambles", num_segments(3), final, None)
+    assert prediction.final is None and prediction.segments == []
 
 
 def test_unparseable_answer_with_aux_uses_aux_only_when_asked():
-    assert predict("garbage", 3, "last", (0.1, 0.2)).final is None
-    assert predict("garbage", 3, "aux", (0.1, 0.2)).final == pytest.approx((9.9, 19.8))
+    assert predict("garbage", num_segments(3), "last", (0.1, 0.2)).final is None
+    assert predict("garbage", num_segments(3), "aux", (0.1, 0.2)).final == pytest.approx((9.9, 19.8))
 
 
 def test_predict_rejects_unknown_final():
     with pytest.raises(ValueError, match="final"):
-        predict(ANSWER, 1, "best", None)
+        predict(ANSWER, num_segments(1), "best", None)
 
 
 def test_seconds():

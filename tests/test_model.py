@@ -11,7 +11,6 @@ from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_
 from lightning_modules.generation import generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from tests import helpers
-from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import parse_answer
 from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
 from timerefine.answer_format.tokens import MARKERS, OFFSET, SEG_END, SEG_START
@@ -188,7 +187,7 @@ def test_constrained_decoding_always_parses(k):
     tok = helpers.tokenizer()
     model = helpers.video_llm(refine_steps=k, aux_loss="l1", seed=k).eval()
     batch = helpers.batch(refine_steps=k, n=4)
-    codec = AnswerCodec(tok, k)
+    codec = helpers.codec(k)
     offset = tok.convert_tokens_to_ids(OFFSET) if k else None
     generation = generate(
         model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], tok.eos_token_id, 0,
@@ -257,7 +256,7 @@ def test_module_predicts_parsed_segments():
     assert len(predictions) == 3
     for prediction in predictions:
         assert SEG_START in prediction.text and SEG_END in prediction.text
-        assert len(prediction.steps) == 4 and prediction.final is not None
+        assert len(prediction.segments) == 4 and prediction.final is not None
         assert all(0 <= x <= MAX_INDEX for x in prediction.final)
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from datamodules.records import GroundingRecord
 from tests import helpers
 from timerefine.answer_format.layout import format_answer
-from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from timerefine.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
 from timerefine.answer_format.timeline import MAX_INDEX, to_index
 
 NUM = r"\d\d"
@@ -54,7 +54,7 @@ def cases(draw):
 @given(cases())
 def test_target_properties(case):
     gt, duration, schedule, key = case
-    steps = make_refine_steps(gt, duration, schedule, sample_rng(*key))
+    steps = make_target_rounds(gt, duration, schedule, sample_rng(*key))
     k = schedule.steps
 
     assert len(steps) == k + 1
@@ -65,7 +65,7 @@ def test_target_properties(case):
         if schedule.contain_gt:
             assert step.start <= gt[0] and step.end >= gt[1]
     if k == 0:
-        assert steps == [RefineStep(*gt)]
+        assert steps == [RefineRound(*gt)]
     if schedule.stds()[-1] == 0 and k > 0:
         assert (steps[-1].start, steps[-1].end) == gt
 
@@ -78,40 +78,40 @@ def test_target_properties(case):
 @given(cases())
 def test_same_key_same_target(case):
     gt, duration, schedule, key = case
-    first = make_refine_steps(gt, duration, schedule, sample_rng(*key))
-    again = make_refine_steps(gt, duration, schedule, sample_rng(*key))
+    first = make_target_rounds(gt, duration, schedule, sample_rng(*key))
+    again = make_target_rounds(gt, duration, schedule, sample_rng(*key))
     assert first == again
 
 
 def test_different_epochs_give_different_noise():
     schedule = RefineSchedule(steps=3)
-    targets = {tuple(make_refine_steps((30, 60), 30.0, schedule, sample_rng(0, e, 7))) for e in range(10)}
+    targets = {tuple(make_target_rounds((30, 60), 30.0, schedule, sample_rng(0, e, 7))) for e in range(10)}
     assert len(targets) >= 9
-    by_index = {tuple(make_refine_steps((30, 60), 30.0, schedule, sample_rng(0, 0, i))) for i in range(10)}
+    by_index = {tuple(make_target_rounds((30, 60), 30.0, schedule, sample_rng(0, 0, i))) for i in range(10)}
     assert len(by_index) >= 9
-    by_seed = {tuple(make_refine_steps((30, 60), 30.0, schedule, sample_rng(s, 0, 0))) for s in range(10)}
+    by_seed = {tuple(make_target_rounds((30, 60), 30.0, schedule, sample_rng(s, 0, 0))) for s in range(10)}
     assert len(by_seed) >= 9
 
 
 def test_collator_targets_follow_seed_epoch_index():
     collator = helpers.collator(refine_steps=3, seed=5)
     record = GroundingRecord("q", "v", "a person opens the door", 30.0, 6.0, 18.0)
-    assert collator.target_steps(record, 2, 3) == collator.target_steps(record, 2, 3)
-    assert collator.target_steps(record, 2, 3) == make_refine_steps(
+    assert collator.target_rounds(record, 2, 3) == collator.target_rounds(record, 2, 3)
+    assert collator.target_rounds(record, 2, 3) == make_target_rounds(
         (to_index(6.0, 30.0), to_index(18.0, 30.0)), 30.0, RefineSchedule(steps=3), sample_rng(5, 2, 3)
     )
-    per_epoch = {tuple(collator.target_steps(record, e, 3)) for e in range(8)}
+    per_epoch = {tuple(collator.target_rounds(record, e, 3)) for e in range(8)}
     assert len(per_epoch) >= 7
 
 
 def test_direct_answer_has_no_offsets():
-    steps = make_refine_steps((12, 80), 20.0, RefineSchedule(steps=0), sample_rng(0, 0, 0))
-    assert steps == [RefineStep(12, 80, 0, 0)]
+    steps = make_target_rounds((12, 80), 20.0, RefineSchedule(steps=0), sample_rng(0, 0, 0))
+    assert steps == [RefineRound(12, 80, 0, 0)]
     assert format_answer(steps, with_offsets=False) == "From <SEG_START> 12 to 80 <SEG_END>."
 
 
 def test_format_pads_to_two_digits_and_signs_offsets():
-    steps = [RefineStep(3, 95, 2, -9), RefineStep(5, 86, 0, 0)]
+    steps = [RefineRound(3, 95, 2, -9), RefineRound(5, 86, 0, 0)]
     assert (
         format_answer(steps, with_offsets=True)
         == "From <SEG_START> 03 to 95 <OFFSET> +02 and -09 <RETHINK> 05 to 86 <OFFSET> +00 and +00 <SEG_END>."
@@ -122,18 +122,18 @@ def test_format_pads_to_two_digits_and_signs_offsets():
 def test_clipping_at_both_ends(gt):
     schedule = RefineSchedule(steps=3, noise_std=(40.0, 30.0, 20.0, 10.0))
     for i in range(50):
-        for step in make_refine_steps(gt, 10.0, schedule, sample_rng(1, 0, i)):
+        for step in make_target_rounds(gt, 10.0, schedule, sample_rng(1, 0, i)):
             assert 0 <= step.start <= gt[0] and gt[1] <= step.end <= MAX_INDEX
             assert step.refined == gt
     if gt == (0, 99):
-        assert make_refine_steps(gt, 10.0, schedule, sample_rng(1, 0, 0)) == [RefineStep(0, 99)] * 4
+        assert make_target_rounds(gt, 10.0, schedule, sample_rng(1, 0, 0)) == [RefineRound(0, 99)] * 4
 
 
 def test_clipping_without_containment_keeps_segments_valid():
     schedule = RefineSchedule(steps=2, noise_std=(60.0,), contain_gt=False)
     seen_clipped = set()
     for i in range(200):
-        for step in make_refine_steps((2, 97), 10.0, schedule, sample_rng(2, 0, i)):
+        for step in make_target_rounds((2, 97), 10.0, schedule, sample_rng(2, 0, i)):
             assert 0 <= step.start <= step.end <= MAX_INDEX
             assert step.refined == (2, 97)
             seen_clipped |= {step.start == 0, step.end == MAX_INDEX}
@@ -143,7 +143,7 @@ def test_clipping_without_containment_keeps_segments_valid():
 def test_very_short_video_noise_saturates():
     # 5 s of noise on a 1 s video is ~500 frame indices: almost every coarse segment is the full video.
     schedule = RefineSchedule(steps=3)
-    firsts = [make_refine_steps((40, 60), 1.0, schedule, sample_rng(0, 0, i))[0] for i in range(100)]
+    firsts = [make_target_rounds((40, 60), 1.0, schedule, sample_rng(0, 0, i))[0] for i in range(100)]
     full = sum((s.start, s.end) == (0, MAX_INDEX) for s in firsts)
     assert full >= 80
     assert all(s.refined == (40, 60) for s in firsts)
@@ -155,7 +155,7 @@ def test_very_long_video_noise_is_small():
     offsets = [
         abs(o)
         for i in range(200)
-        for s in make_refine_steps((40, 60), 600.0, schedule, sample_rng(0, 0, i))
+        for s in make_target_rounds((40, 60), 600.0, schedule, sample_rng(0, 0, i))
         for o in (s.offset_start, s.offset_end)
     ]
     assert max(offsets) <= 5
@@ -185,25 +185,30 @@ def test_schedule_stds_length_and_ends(steps, stds):
 
 def test_relative_mode_ignores_the_duration():
     relative = RefineSchedule(steps=3, noise_std=(0.2, 0.1, 0.05, 0.0), relative=True)
-    a = make_refine_steps((30, 60), 10.0, relative, sample_rng(0, 0, 1))
-    b = make_refine_steps((30, 60), 500.0, relative, sample_rng(0, 0, 1))
+    a = make_target_rounds((30, 60), 10.0, relative, sample_rng(0, 0, 1))
+    b = make_target_rounds((30, 60), 500.0, relative, sample_rng(0, 0, 1))
     assert a == b
-    assert a[0] != RefineStep(30, 60, 0, 0)  # 0.2 x 99 indices of noise: the coarse segment moved
+    assert a[0] != RefineRound(30, 60, 0, 0)  # 0.2 x 99 indices of noise: the coarse segment moved
 
     absolute = RefineSchedule(steps=3, noise_std=(10.0, 5.0, 2.5, 0.0))
-    assert make_refine_steps((30, 60), 50.0, absolute, sample_rng(0, 0, 1)) == a  # 10 s of 50 s = 0.2
-    assert make_refine_steps((30, 60), 20.0, absolute, sample_rng(0, 0, 1)) != a
+    assert make_target_rounds((30, 60), 50.0, absolute, sample_rng(0, 0, 1)) == a  # 10 s of 50 s = 0.2
+    assert make_target_rounds((30, 60), 20.0, absolute, sample_rng(0, 0, 1)) != a
 
 
 def test_first_coarse_replaces_the_first_segment():
-    steps = make_refine_steps((30, 60), 30.0, RefineSchedule(steps=2), sample_rng(0, 0, 0), (70, 90))
+    steps = make_target_rounds((30, 60), 30.0, RefineSchedule(steps=2), sample_rng(0, 0, 0), (70, 90))
     assert (steps[0].start, steps[0].end) == (70, 90)
     assert all(step.refined == (30, 60) for step in steps)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"steps": -1}, {"noise_std": ()}, {"noise_std": (1.0, -0.5)}, {"steps": 2, "noise_std": (-1.0,)}],
+    [
+        {"steps": -1},
+        {"noise_std": ()},
+        {"noise_std": (1.0, -0.5)},
+        {"steps": 2, "noise_std": (-1.0,)},
+    ],
 )
 def test_invalid_schedules_raise(kwargs):
     with pytest.raises(ValueError):
@@ -215,14 +220,14 @@ def test_invalid_schedules_raise(kwargs):
 def test_residual_offsets_stop_short_of_the_truth_but_the_last_is_exact(case, residual):
     gt, duration, schedule, key = case
     schedule = RefineSchedule(schedule.steps, schedule.noise_std, False, schedule.contain_gt, tuple(residual))
-    steps = make_refine_steps(gt, duration, schedule, sample_rng(*key))
+    steps = make_target_rounds(gt, duration, schedule, sample_rng(*key))
 
     assert len(steps) == schedule.steps + 1
     assert steps[-1].refined == gt
     for step in steps:
         start, end = step.refined
         assert 0 <= start <= end <= MAX_INDEX  # a residual answer is still a segment on the timeline
-    assert steps == make_refine_steps(gt, duration, schedule, sample_rng(*key))
+    assert steps == make_target_rounds(gt, duration, schedule, sample_rng(*key))
 
 
 def test_residual_error_shrinks_with_its_schedule():
@@ -232,7 +237,7 @@ def test_residual_error_shrinks_with_its_schedule():
     gt = (30, 60)
     errors = np.array(
         [
-            [abs(s.refined[0] - gt[0]) for s in make_refine_steps(gt, 99.0, schedule, sample_rng(0, 0, i))]
+            [abs(s.refined[0] - gt[0]) for s in make_target_rounds(gt, 99.0, schedule, sample_rng(0, 0, i))]
             for i in range(2000)
         ]
     )
@@ -247,7 +252,7 @@ def test_no_residual_leaves_the_reference_targets_unchanged():
     plain = RefineSchedule(3)
     explicit = RefineSchedule(3, residual_std=(0.0,))
     for i in range(20):
-        assert make_refine_steps((10, 40), 30.0, plain, sample_rng(1, 2, i)) == make_refine_steps(
+        assert make_target_rounds((10, 40), 30.0, plain, sample_rng(1, 2, i)) == make_target_rounds(
             (10, 40), 30.0, explicit, sample_rng(1, 2, i)
         )
     with pytest.raises(ValueError, match="residual_std"):

@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import helpers
-from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import format_answer, spaced
-from timerefine.answer_format.targets import RefineSchedule, make_refine_steps, sample_rng
+from timerefine.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
 from timerefine.answer_format.tokens import DIGITS, GROUNDING_TOKENS, IGNORE_INDEX, SEG_START, SIGNS, VIDEO
 
 SENTENCES = [
@@ -68,7 +67,7 @@ def test_digits_and_signs_are_single_tokens():
 
 
 def some_steps(k: int, seed: int = 0):
-    return make_refine_steps((17, 64), 40.0, RefineSchedule(steps=k), sample_rng(seed, 0, 3))
+    return make_target_rounds((17, 64), 40.0, RefineSchedule(steps=k), sample_rng(seed, 0, 3))
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
@@ -78,7 +77,7 @@ def test_codec_encodes_text_runs_together_and_digits_alone(k):
     from timerefine.answer_format.layout import answer_atoms, parse_answer
 
     tok = helpers.tokenizer()
-    codec = AnswerCodec(tok, k)
+    codec = helpers.codec(k)
     steps = some_steps(k)
     expected = []
     for is_text, group in groupby(answer_atoms(steps, with_offsets=k > 0), key=lambda a: a.kind == "text"):
@@ -96,7 +95,7 @@ def test_codec_encodes_text_runs_together_and_digits_alone(k):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_filling_the_slots_reproduces_encode(k, seed):
     tok = helpers.tokenizer()
-    codec = AnswerCodec(tok, k)
+    codec = helpers.codec(k)
     steps = some_steps(k, seed)
     encoded = codec.encode(steps)
     text = format_answer(steps, with_offsets=k > 0)
@@ -117,7 +116,7 @@ def test_filling_the_slots_reproduces_encode(k, seed):
 
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_slot_layout(k):
-    codec = AnswerCodec(helpers.tokenizer(), k)
+    codec = helpers.codec(k)
     slots = codec.slots()
     choice_slots = [s for s in slots if s.choices]
     digits = 4 * (k + 1) if k == 0 else 8 * (k + 1)
@@ -169,7 +168,7 @@ def test_labels_cover_exactly_the_answer_and_eos(collated):
     tok = helpers.tokenizer()
     for row, item in enumerate(items):
         prompt = collator.prompt_ids(item["record"].query)
-        answer = collator.codec.encode(collator.target_steps(item["record"], item["epoch"], item["index"]))
+        answer = collator.codec.encode(collator.target_rounds(item["record"], item["epoch"], item["index"]))
         labels, ids, mask = batch["labels"][row], batch["input_ids"][row], batch["attention_mask"][row]
         labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
         assert labelled == list(range(len(prompt), len(prompt) + len(answer) + 1))
@@ -178,7 +177,7 @@ def test_labels_cover_exactly_the_answer_and_eos(collated):
         assert ids[: len(prompt)].tolist() == prompt
         text = spaced(tok.decode(labels[labelled][:-1].tolist(), skip_special_tokens=False))
         assert text == format_answer(
-            collator.target_steps(item["record"], item["epoch"], item["index"]), with_offsets=k > 0
+            collator.target_rounds(item["record"], item["epoch"], item["index"]), with_offsets=k > 0
         )
         # Right padding: attention over the sequence, pad ids and IGNORE_INDEX labels after it.
         length = len(prompt) + len(answer) + 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from timerefine.answer_format.layout import Atom, answer_atoms, answer_layout
-from timerefine.answer_format.targets import RefineStep
+from timerefine.answer_format.targets import RefineRound, RefineSchedule
 from timerefine.answer_format.tokens import DIGITS, SIGNS
 
 
@@ -26,10 +26,11 @@ class Slot:
 
 
 class AnswerCodec:
-    """Encodes answers with ``refine_steps`` refinement steps and describes their token layout."""
+    """Encodes the answers of ``schedule`` and describes their token layout. One instance per run
+    serves the collator (training targets) and the module (decoding, parsing, metrics)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, refine_steps: int) -> None:
-        self.tokenizer, self.refine_steps = tokenizer, refine_steps
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, schedule: RefineSchedule) -> None:
+        self.tokenizer, self.schedule = tokenizer, schedule
         self.char_ids = {char: tokenizer.convert_tokens_to_ids(char) for char in DIGITS + SIGNS}
         self._text_cache: dict[str, list[int]] = {}
 
@@ -55,16 +56,16 @@ class AnswerCodec:
             )
         return slots[:-1]
 
-    def encode(self, steps: list[RefineStep]) -> list[int]:
-        """Token ids of the answer for ``steps`` (no EOS)."""
-        atoms = answer_atoms(steps, with_offsets=self.refine_steps > 0)
+    def encode(self, rounds: list[RefineRound]) -> list[int]:
+        """Token ids of the answer for ``rounds`` (no EOS)."""
+        atoms = answer_atoms(rounds, self.schedule.with_offsets)
         return [token for slot in self._runs(atoms) for token in slot.fixed]
 
     def slots(self) -> list[Slot]:
         """The layout for constrained decoding: fixed runs of text, and one choice per digit or sign."""
         return [
             slot if not slot.choices else Slot(choices=slot.choices)
-            for slot in self._runs(answer_layout(self.refine_steps))
+            for slot in self._runs(answer_layout(self.schedule))
         ]
 
     def answer_length(self) -> int:

@@ -1,4 +1,4 @@
-"""From generated text to predicted segments (per refinement step and final), in seconds."""
+"""From generated text to the predicted segments (along the refinement path, and final), in seconds."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from datamodules.records import GroundingRecord
-from timerefine.answer_format.layout import parse_answer, step_segments
+from timerefine.answer_format.layout import parse_answer, predicted_segments
 from timerefine.answer_format.timeline import MAX_INDEX, to_seconds
 
 FINAL_CHOICES = ("last", "aux", "mean")
@@ -16,13 +16,13 @@ NAN_SEGMENT = (math.nan, math.nan)
 @dataclass
 class Prediction:
     text: str
-    steps: list[tuple[float, float]]  # frame indices: first coarse segment, then each refined one
+    segments: list[tuple[float, float]]  # frame indices: first coarse segment, then each refined one
     aux: tuple[float, float] | None  # the aux head's segment in frame indices, when it has one
     final_choice: str = "last"
 
     def choose(self, final: str) -> tuple[float, float] | None:
         """The answer by ``final`` (falling back to what exists); None when nothing parsed."""
-        last = self.steps[-1] if self.steps else None
+        last = self.segments[-1] if self.segments else None
         if final == "last" or self.aux is None:
             return last
         if final == "aux" or last is None:
@@ -34,12 +34,13 @@ class Prediction:
         return self.choose(self.final_choice)
 
 
-def predict(text: str, refine_steps: int, final: str, aux_segment: tuple[float, float] | None) -> Prediction:
-    """Parse ``text``; ``aux_segment`` is the aux head's normalized segment (used by ``aux``/``mean``)."""
+def predict(text: str, num_segments: int, final: str, aux_segment: tuple[float, float] | None) -> Prediction:
+    """Parse ``text`` into at most ``num_segments`` segments; ``aux_segment`` is the aux head's
+    normalized segment (used by ``aux``/``mean``)."""
     if final not in FINAL_CHOICES:
         raise ValueError(f"unknown final answer {final!r}; choose from {FINAL_CHOICES}")
     aux = None if aux_segment is None else tuple(sorted(x * MAX_INDEX for x in aux_segment))
-    return Prediction(text, step_segments(parse_answer(text), refine_steps), aux, final)
+    return Prediction(text, predicted_segments(parse_answer(text), num_segments), aux, final)
 
 
 def seconds(segment: tuple[float, float] | None, duration: float) -> tuple[float, float]:
@@ -64,6 +65,8 @@ def prediction_row(record: GroundingRecord, prediction: Prediction, iou: float) 
         "gt": [record.start, record.end],
         "pred": final,
         "iou": round(iou, 5),
-        "steps": [[round(x, 3) for x in seconds(step, record.duration)] for step in prediction.steps],
+        "steps": [
+            [round(x, 3) for x in seconds(segment, record.duration)] for segment in prediction.segments
+        ],
         "text": prediction.text,
     }

@@ -35,6 +35,9 @@ from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_languag
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.corpus import tokenizer_corpus
+from timerefine.answer_format.prompts import render_prompt
 from timerefine.answer_format.targets import RefineSchedule
 from timerefine.answer_format.timeline import MAX_INDEX
 from timerefine.answer_format.tokens import VIDEO
@@ -68,6 +71,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
 
 
 def refine_schedule(model: DictConfig) -> RefineSchedule:
+    """``model.refine`` (``steps`` is K) as the one object every use of K reads."""
     refine = model.refine
     return RefineSchedule(
         refine.steps,
@@ -87,16 +91,18 @@ def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> to
 def build_module(
     cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
 ) -> GroundingModule:
-    """Tokenizer, LM, projector, aux head. The tokenizer is the run's saved one when ``tokenizer_dir``
-    exists (resume, evaluation), else pretrained, else trained on the data's text."""
+    """Tokenizer, LM, projector, aux head, and the answer codec the module and the datamodule share.
+    The tokenizer is the run's saved one when ``tokenizer_dir`` exists (resume, evaluation), else
+    pretrained, else trained on the data's text."""
     model = cfg.model
     schedule = refine_schedule(model)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         tokenizer = add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
     else:
-        tokenizer = build_tokenizer(
-            model.lm.name_or_path, datamodule.tokenizer_corpus(schedule), model.lm.tokenizer_vocab_size
-        )
+        train = datamodule.records("train")
+        prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
+        corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
+        tokenizer = build_tokenizer(model.lm.name_or_path, corpus, model.lm.tokenizer_vocab_size)
     lm = build_language_model(
         tokenizer,
         model.lm.name_or_path,
@@ -108,7 +114,7 @@ def build_module(
     hidden = lm.config.hidden_size
     aux = (
         AuxHead(hidden, model.aux.head, model.aux.loss)
-        if model.aux.weight > 0 and schedule.steps > 0
+        if model.aux.weight > 0 and schedule.with_offsets
         else None
     )
     time_kind = model.projector.temporal_embedding
@@ -141,11 +147,11 @@ def build_module(
         frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
         nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,
     )
-    datamodule.attach(tokenizer, schedule, video_tokens)
+    codec = AnswerCodec(tokenizer, schedule)
+    datamodule.attach(codec, video_tokens)
     return GroundingModule(
         video_llm,
-        tokenizer,
-        schedule.steps,
+        codec,
         model.aux.weight,
         OptimSpec(**model.optim),
         InferenceSpec(**model.inference),
@@ -153,9 +159,10 @@ def build_module(
     )
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
+def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
-    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement."""
+    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement
+    (when ``schedule``, the module's, has coarse segments to start from)."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -170,7 +177,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
         PredictionsWriter(output_dir / "predictions"),
     ]
     on_policy = cfg.model.refine.on_policy
-    if on_policy.fraction > 0 and cfg.model.refine.steps > 0:
+    if on_policy.fraction > 0 and schedule.with_offsets:
         callbacks.append(
             OnPolicyCoarse(
                 on_policy.fraction, on_policy.every_n_steps, on_policy.num_samples, cfg.data.eval_batch_size
@@ -208,7 +215,7 @@ def accumulation(data: DictConfig, world_size: int) -> int:
     return data.global_batch_size // per_step
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
     on_slurm = SLURMEnvironment.detect()
     # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
     plugins = [SLURMEnvironment(auto_requeue=False)] if on_slurm else []
@@ -219,7 +226,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) 
         **trainer_args,
         default_root_dir=output_dir,
         use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
-        callbacks=build_callbacks(cfg, output_dir) + ([SlurmRequeue()] if on_slurm else []),
+        callbacks=build_callbacks(cfg, output_dir, module.codec.schedule)
+        + ([SlurmRequeue()] if on_slurm else []),
         logger=build_loggers(cfg, output_dir) or False,
         plugins=plugins,
     )
