@@ -14,7 +14,7 @@ from lightning_modules.generation import generate
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import spaced
-from timerefine.answer_format.predictions import Prediction, predict, prediction_row, seconds
+from timerefine.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
 from timerefine.answer_format.tokens import OFFSET
 from timerefine.metrics.grounding import GroundingMetric
 from timerefine.metrics.iou import THRESHOLDS, temporal_iou
@@ -72,7 +72,7 @@ class GroundingModule(L.LightningModule):
             }
         )
         # With an aux head, the other final-answer choices are scored too ({split}/aux/..., {split}/mean/...).
-        choices = ("aux", "mean") if model.aux_head is not None and with_offsets else ()
+        choices = AUX_CHOICES if model.aux_head is not None and with_offsets else ()
         self.choice_metrics = torch.nn.ModuleDict(
             {split: torch.nn.ModuleDict({c: GroundingMetric() for c in choices}) for split in ("val", "test")}
         )

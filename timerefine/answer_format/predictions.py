@@ -9,7 +9,8 @@ from datamodules.records import GroundingRecord
 from timerefine.answer_format.layout import parse_answer, predicted_segments
 from timerefine.answer_format.timeline import MAX_INDEX, to_seconds
 
-FINAL_CHOICES = ("last", "aux", "mean")
+AUX_CHOICES = ("aux", "mean")  # the final answers that read the aux head
+FINAL_CHOICES = ("last", *AUX_CHOICES)
 NAN_SEGMENT = (math.nan, math.nan)
 
 
