@@ -37,7 +37,7 @@ def test_round_trip(target):
 
 @settings(max_examples=200, deadline=None)
 @given(targets())
-def test_predicted_segments_follow_the_refinement_path(target):
+def test_step_segments_follow_the_refinement_path(target):
     k, steps = target
     segments = predicted_segments(parse_answer(format_answer(steps, with_offsets=k > 0)), num_segments(k))
     gt = steps[0].refined
@@ -49,7 +49,7 @@ def test_predicted_segments_follow_the_refinement_path(target):
     assert all(segment == gt for segment in segments[1:])
 
 
-def test_predicted_segments_order_and_clip():
+def test_step_segments_order_and_clip():
     steps = [RefineRound(60, 20, 0, 0), RefineRound(90, 95, 30, 10)]
     assert predicted_segments(steps, num_segments(0)) == [(20, 60)]
     assert predicted_segments(steps, num_segments(1)) == [(20, 60), (20, 60), (99, 99)]
