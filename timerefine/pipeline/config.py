@@ -12,6 +12,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from timerefine.pipeline.schema import register_schemas
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -24,6 +26,7 @@ if not OmegaConf.has_resolver("now"):
 
 
 def _compose(overrides: list[str], name: str) -> DictConfig:
+    register_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
