@@ -131,8 +131,9 @@ def check_override_types(base: DictConfig, overrides: list[Override], config_dir
         if isinstance(expected, (DictConfig, ListConfig)):
             expected = OmegaConf.to_container(expected)
         if not _compatible(expected, given):
+            default = "" if isinstance(expected, dict) else f" (default {expected!r})"
             raise ConfigError(
-                f"{key}={given!r}: expected {_type_name(expected)} (default {expected!r}), got {_type_name(given)}"
+                f"{key}={given!r}: expected {_type_name(expected)}{default}, got {_type_name(given)}"
             )
 
 
