@@ -15,23 +15,39 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
 
+from timerefine.pipeline.best_checkpoint import recorded_best
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, check_override_types
-from timerefine.pipeline.outputs import print_summary, write_metrics
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config_values import not_a_file
+from timerefine.pipeline.outputs import print_summary, scores, write_metrics
+from train import INPUT_ERRORS
 
 
 def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
-    if ckpt == "last":
-        return run_dir / "checkpoints" / "last.ckpt"
+    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none."""
     if ckpt == "best":
-        found = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
-        if not found:
-            raise FileNotFoundError(f"no best-*.ckpt in {run_dir / 'checkpoints'}; try --ckpt last")
-        return found[-1]
-    return Path(ckpt)
+        return recorded_best(run_dir / "checkpoints")
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
+    """Test ``ckpt`` and write the flat metrics, with the test split's coverage."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
+    trainer = build_trainer(cfg, output_dir, module)
+    metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
+    metrics |= datamodule.coverage(metrics)
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
+        print_summary(metrics, output_dir)
+    return metrics
 
 
 def main(argv: list[str]) -> int:
@@ -45,28 +61,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
 
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    config, output_dir = args.run_dir / "config.yaml", args.run_dir / "eval" / args.name
+    if not config.is_file():
+        print(f"error: no {config}: not a run directory", file=sys.stderr)
+        return 2
     try:
-        check_override_types(cfg, args.overrides)
-        OmegaConf.set_struct(cfg, True)
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
-    except (ConfigError, OmegaConfBaseException) as error:
+        cfg = load_config(args.overrides, name=config.stem, config_dir=args.run_dir)
+    except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    ckpt = checkpoint_path(args.run_dir, args.ckpt)
-    if not ckpt.is_file():
-        print(f"no checkpoint at {ckpt}", file=sys.stderr)
+    try:
+        ckpt = checkpoint_path(args.run_dir, args.ckpt)
+        if reason := not_a_file(output_dir):
+            raise FileExistsError(f"--name {args.name}: {reason}")
+        rank_zero_only(print)(f"checkpoint: {ckpt}")
+        evaluate(cfg, args.run_dir, ckpt, output_dir)
+    except (*INPUT_ERRORS, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    output_dir = args.run_dir / "eval" / args.name
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule, tokenizer_dir=args.run_dir / "tokenizer")
-    trainer = build_trainer(cfg, output_dir, module)
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
-    if trainer.is_global_zero:
-        metrics = {key: float(value) for result in results for key, value in result.items()}
-        write_metrics(metrics, output_dir)
-        print_summary(metrics, output_dir)
     return 0
 
 

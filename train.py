@@ -18,7 +18,7 @@ from datamodules.records import FeatureError
 from timerefine.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
-from timerefine.pipeline.outputs import print_summary, save_config, write_metrics
+from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.resume import resume_checkpoint
 
 log = logging.getLogger("train")
@@ -44,11 +44,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = best or None
     if trainer.limit_val_batches:
-        metrics |= _scores(
-            trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False)
-        )
+        metrics |= scores(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
     if cfg.test:
-        metrics |= _scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
+        metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
         metrics |= {
             f"prior/{k}": v
             for k, v in prior_scores(datamodule.records("train"), datamodule.records("test")).items()
@@ -58,10 +56,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)
     return metrics
-
-
-def _scores(results: list[dict[str, float]]) -> dict[str, float]:
-    return {key: float(value) for result in results for key, value in result.items()}
 
 
 def main(argv: list[str]) -> int:

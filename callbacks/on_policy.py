@@ -9,6 +9,7 @@ uses it (with probability ``fraction``) as the first coarse segment of that quer
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,17 @@ import numpy as np
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnPolicySpec:
+    """``fraction``: share of training targets whose first coarse segment is the model's own cached
+    guess (0 = off, the reference recipe); refreshed every ``every_n_steps`` on ``num_samples``
+    training queries."""
+
+    fraction: float = 0.0
+    every_n_steps: int = 250
+    num_samples: int = 512
 
 
 class OnPolicyCoarse(L.Callback):

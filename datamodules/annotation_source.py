@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.activitynet import load_activitynet
@@ -20,6 +21,30 @@ from datamodules.records import FeatureStore, GroundingRecord
 log = logging.getLogger(__name__)
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
 LOADERS: dict[str, Loader] = {"charades_sta": load_charades_sta, "activitynet": load_activitynet}
+
+
+@dataclass(frozen=True)
+class AnnotationSpec:
+    """Where an annotated dataset's files are and how its features are read.
+
+    ``splits`` maps train/val/test to the dataset's own split names. ``features``: synthetic (signatures
+    of each query's words inside its segment, no download) | folder ({video_id}.npy/.npz/.pt under
+    ``feature_path``) | packed (a store written by timerefine-pack-features). ``strict=False`` skips
+    (and counts) queries whose features are missing or bad. ``annotation_files`` replaces a split's
+    file, e.g. ``{train: charades_sta_train.vslnet_fixed.txt}``.
+    """
+
+    root: str
+    splits: dict[str, str]
+    features: str = "synthetic"
+    feature_path: str | None = None
+    num_frames: int = 100
+    feature_dim: int = 768
+    strict: bool = True
+    synthetic_noise: float = 0.5
+    seed: int = 0
+    quirks: QuirkPolicy = field(default_factory=QuirkPolicy)
+    annotation_files: dict[str, str] = field(default_factory=dict)
 
 
 class AnnotationSource:

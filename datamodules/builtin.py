@@ -59,7 +59,7 @@ class BuiltinSpec:
     min_events: int = 2
     max_events: int = 4
     min_event_fraction: float = 0.1
-    max_event_fraction: float = 0.5
+    max_event_fraction: float = 0.4
     signal: float = 1.0
     noise: float = 0.5
     seed: int = 0

@@ -37,7 +37,7 @@ class GroundingDataModule(L.LightningDataModule):
         self,
         source: DataSource,
         batch_size: int = 32,
-        eval_batch_size: int = 64,
+        eval_batch_size: int = 100,
         num_workers: int = 0,
         seed: int = 0,
         prompt_template: str = DEFAULT_TEMPLATE,

@@ -6,12 +6,24 @@ Losses grow with the distance from the truth: ``l1`` (the reference), ``giou``, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
 
 AUX_LOSSES = ("l1", "giou", "l1_giou", "distance")
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """``weight`` is lambda in LM loss + lambda x aux loss (0 turns the head off); ``loss``: one of
+    AUX_LOSSES; ``head``: linear | mlp."""
+
+    weight: float = 1.0
+    loss: str = "l1"
+    head: str = "mlp"
 
 
 class AuxHead(nn.Module):

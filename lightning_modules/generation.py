@@ -1,7 +1,9 @@
 """Batched greedy decoding with a KV cache, free or constrained to the answer layout.
 
 Prompts are left-padded. While decoding, the last hidden state at every <OFFSET> token fed to the
-model is kept, so the aux head can read it.
+model is kept, so the aux head can read it. With an FSDP-sharded model every forward pass is a
+collective (it all-gathers the sharded layers), so free decoding stops only once the answers of every
+rank have ended: all ranks run the same passes.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import Slot
@@ -94,16 +99,30 @@ def generate(
         tokens = torch.cat(columns, dim=1).tolist()
     else:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        in_step = is_sharded(model)
         for _ in range(max_new_tokens):
             step = decoder.last_logits.argmax(-1)
             step = torch.where(finished, torch.full_like(step, eos_id), step)
             columns.append(step)
             finished |= step == eos_id
-            if finished.all():
+            if all_finished(finished, across_ranks=in_step):
                 break
             decoder.feed(step.unsqueeze(1))
         tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
     return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP units (FSDP1 or FSDP2), whose every forward all-gathers their shards."""
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+
+
+def all_finished(finished: torch.Tensor, across_ranks: bool) -> bool:
+    """Whether every answer has ended; ``across_ranks``: on every rank of the default process group."""
+    done = finished.all().to(torch.int32)
+    if across_ranks:
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    return bool(done)
 
 
 def _until_eos(row: list[int], eos_id: int) -> list[int]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.generation import generate
+from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import spaced
@@ -195,13 +196,12 @@ class GroundingModule(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        params = dict(self.named_parameters())
+        decay, no_decay = weight_decay_split(self)
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": self.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
+                {"params": [params[n] for n in decay], "weight_decay": self.optim.weight_decay},
+                {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
             ],
             lr=self.optim.lr,
             betas=tuple(self.optim.betas),

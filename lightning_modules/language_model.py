@@ -43,6 +43,18 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+@dataclass
+class LMSpec:
+    """``name_or_path``: a Hugging Face model name or local path; None builds the tiny LM (random
+    init). ``tokenizer_vocab_size`` sizes the locally trained tokenizer (tiny LM only)."""
+
+    name_or_path: str | None = None
+    tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
+    tokenizer_vocab_size: int = 1000
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+
 def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     if spec.arch not in TINY_ARCHITECTURES:
         raise ValueError(f"unknown tiny LM arch {spec.arch!r}; choose from {sorted(TINY_ARCHITECTURES)}")

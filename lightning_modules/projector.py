@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """``kind``: linear | mlp. ``temporal_embedding``: what tells a video token its place on the 00-99
+    timeline: none | learned (an embedding per token) | digits (the LM's own embeddings of the index
+    digits, gated). ``frames_per_token`` consecutive frames are concatenated into one video token (it
+    must divide the data's frame count); ``query_conditioned`` FiLMs the frames with the prompt's mean
+    text embedding before projecting them."""
+
+    kind: str = "mlp"
+    temporal_embedding: str = "learned"
+    frames_per_token: int = 2
+    query_conditioned: bool = True
 
 
 class FrameProjector(nn.Module):

@@ -231,3 +231,114 @@ def test_saliency_needs_query_conditioning(tmp_path):
     )
     with pytest.raises(ConfigError, match="query_conditioned=true"):
         build_module(cfg, build_datamodule(cfg))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.refine.steps=-1", "model.refine.steps"),
+        ("model.refine.steps=null", "model.refine.steps"),
+        ("model.refine.noise_std=[]", "model.refine.noise_std"),
+        ("model.refine.noise_std=[3,-1]", "model.refine.noise_std"),
+        ("model.refine.residual_std=[-1]", "model.refine.residual_std"),
+        ("model.refine.on_policy.fraction=1.5", "model.refine.on_policy.fraction"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.global_batch_size=0", "data.global_batch_size"),
+        ("data.source.num_test=0", "data.source.num_test"),
+        ("data.source.min_events=5", "data.source.min_events"),  # more than max_events (4)
+        ("model.lora.dropout=1.5", "model.lora.dropout"),
+        ("model.lora.target_modules=[]", "model.lora.target_modules"),
+        ("model.optim.lr=0", "model.optim.lr"),
+        ("model.optim.betas=[0.9]", "model.optim.betas"),
+        ("model.optim.min_lr_ratio=2", "model.optim.min_lr_ratio"),
+        ("model.aux.loss=l2", "model.aux.loss"),
+        ("model.inference.final=first", "model.inference.final"),
+        ("callbacks.progress_bar=fancy", "callbacks.progress_bar"),
+        ("callbacks.checkpoint.last_every_n_steps=0", "callbacks.checkpoint.last_every_n_steps"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+        ("seed=-1", "seed"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config([override])
+    assert str(error.value).startswith(key) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.refine.steps=0",
+        "model.refine.residual_std=[]",
+        "model.refine.on_policy.fraction=1",
+        "data.global_batch_size=null",
+        "model.inference.max_new_tokens=null",
+        "trainer.max_steps=-1",
+        "callbacks.checkpoint.save_top_k=-1",
+    ],
+)
+def test_boundary_values_are_accepted(override):
+    load_config([override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("+model.refine.stepz=3", "model.refine.stepz"),
+        ("++model.refine.stepz=3", "model.refine.stepz"),
+        ("+trainer.foo=1", "trainer.foo"),
+        ("+data.source.num_trains=5", "data.source.num_trains"),
+    ],
+)
+def test_added_keys_nothing_reads_are_refused(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config([override])
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
+def test_added_keys_that_are_read_are_accepted():
+    assert load_config(["+trainer.detect_anomaly=true"]).trainer.detect_anomaly is True  # a Trainer argument
+    files = load_config(["data=charades_sta", "+data.source.annotation_files.test=fixed.txt"])
+    assert files.data.source.annotation_files.test == "fixed.txt"
+
+
+def test_deleting_a_key_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.saliency"):
+        load_config(["~model.saliency"])
+
+
+@pytest.fixture
+def train_main():
+    import train
+
+    return train.main
+
+
+CLI_ERRORS = [
+    ("model.refine.steps=-1", "model.refine.steps"),
+    ("model.refine.steps=null", "model.refine.steps"),
+    ("model.refine.noise_std=[]", "model.refine.noise_std"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("+trainer.foo=1", "trainer.foo"),
+    ("+model.refine.stepz=3", "model.refine.stepz"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), CLI_ERRORS)
+def test_train_py_refuses_bad_settings_before_writing(train_main, tmp_path, capsys, override, key):
+    output_dir = tmp_path / "run"
+    assert (
+        train_main(["experiment=tiny", "trainer.accelerator=cpu", f"output_dir={output_dir}", override]) == 2
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {key}"), lines
+    assert not output_dir.exists()
+
+
+def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me\n")
+    assert train_main(["experiment=tiny", f"output_dir={taken}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: output_dir") and str(taken) in lines[0]
+    assert taken.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [taken]

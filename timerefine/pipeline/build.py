@@ -12,8 +12,6 @@ from lightning.pytorch.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
-    RichProgressBar,
-    TQDMProgressBar,
 )
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -24,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
+from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import AnnotationSource, activitynet_source, charades_sta_source
 from datamodules.builtin import BuiltinSpec
@@ -183,7 +182,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
                 on_policy.fraction, on_policy.every_n_steps, on_policy.num_samples, cfg.data.eval_batch_size
             )
         )
-    bars = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}
+    bars = {"rich": StepRichProgressBar, "tqdm": StepTQDMProgressBar}
     if cfg.trainer.enable_progress_bar and spec.progress_bar in bars:
         callbacks.append(bars[spec.progress_bar]())
     if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from timerefine.pipeline.config_values import value_errors
+from timerefine.pipeline.schema import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -19,14 +28,67 @@ class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, bad value. The message says which."""
 
 
+_ABSENT = object()
+
+
 if not OmegaConf.has_resolver("now"):
     OmegaConf.register_new_resolver("now", lambda fmt: datetime.now().strftime(fmt), use_cache=True)
 
 
-def _compose(overrides: list[str], name: str) -> DictConfig:
+def _compose(config_dir: Path, overrides: list[str], name: str) -> DictConfig:
+    register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
+
+
+def _is_group(config_dir: Path, key: str) -> bool:
+    return (config_dir / key.split("@")[0]).is_dir()
+
+
+def _arguments(target: Callable, *set_by_build: str) -> frozenset[str] | None:
+    """The keyword arguments a config mapping may add for ``target``; None: any (it takes ``**kwargs``)."""
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return frozenset(parameters) - set(set_by_build)
+
+
+# Mappings handed on as keyword arguments: a key added there with `+` is read when the callee takes it.
+PASSED_ON: dict[str, tuple[str, frozenset[str] | None]] = {
+    "trainer": (
+        "lightning.Trainer",
+        _arguments(
+            L.Trainer, "default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"
+        ),
+    ),
+    "trainer.strategy": (
+        "FSDPStrategy",
+        _arguments(FSDPStrategy, "auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"),
+    ),
+    "callbacks.early_stopping": ("EarlyStopping", _arguments(EarlyStopping)),
+    "data.source.annotation_files": ("the annotation source", None),  # any split name
+}
+
+
+def check_added_keys(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
+    """Reject ``+key=value`` for a key that no code would read (a typo would silently change nothing),
+    and ``~key``: code reads every key, so none can be removed."""
+    for override in overrides:
+        key = override.key_or_group
+        if _is_group(config_dir, key):
+            continue
+        if override.is_delete():
+            raise ConfigError(f"~{key}: keys cannot be removed; set a value instead (null where allowed)")
+        if not (override.is_add() or override.is_force_add()):
+            continue
+        if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
+            continue
+        parent, _, name = key.rpartition(".")
+        reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
+        if accepted is not None and name not in accepted:
+            takes = f" and {reader} takes no argument {name!r}" if reader else ""
+            raise ConfigError(f"{key}: added with + but not a config key{takes}, so nothing would read it")
 
 
 def _type_name(value: object) -> str:
@@ -60,31 +122,37 @@ LIGHTNING_UNIONS = {
 }
 
 
-def check_override_types(base: DictConfig, overrides: list[str]) -> None:
+def check_override_types(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
     """Reject ``key=value`` overrides whose value's type differs from the default's."""
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in overrides:
         key = override.key_or_group
-        if override.is_sweep_override() or key in LIGHTNING_UNIONS or (CONF_DIR / key.split("@")[0]).is_dir():
+        if override.is_sweep_override() or key in LIGHTNING_UNIONS or _is_group(config_dir, key):
             continue
         expected = OmegaConf.select(base, key, default=None, throw_on_missing=False)
         given = override.value()
         if isinstance(expected, (DictConfig, ListConfig)):
             expected = OmegaConf.to_container(expected)
         if not _compatible(expected, given):
+            default = "" if isinstance(expected, dict) else f" (default {expected!r})"
             raise ConfigError(
-                f"{key}={given!r}: expected {_type_name(expected)} (default {expected!r}), got {_type_name(given)}"
+                f"{key}={given!r}: expected {_type_name(expected)}{default}, got {_type_name(given)}"
             )
 
 
-def load_config(overrides: list[str], name: str = "train") -> DictConfig:
-    """The composed, type-checked config; raises ConfigError with a one-line reason."""
+def load_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
+    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason.
+    ``config_dir``/``name``: conf/train.yaml, or a run's saved config.yaml (evaluate.py)."""
     try:
-        cfg = _compose(overrides, name)
-        groups = [
-            o for o in overrides if "." not in o.split("=", 1)[0] and (CONF_DIR / o.split("=", 1)[0]).is_dir()
-        ]
-        check_override_types(_compose(groups, name), overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        groups = [o.input_line for o in parsed if _is_group(config_dir, o.key_or_group)]
+        base = _compose(config_dir, groups, name)
+        check_added_keys(base, parsed, config_dir)
+        check_override_types(base, parsed, config_dir)
+        cfg = _compose(config_dir, overrides, name)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(" ".join(str(error).split()) or repr(error)) from error
+    errors = value_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
     return cfg

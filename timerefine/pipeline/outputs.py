@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -20,10 +21,24 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     OmegaConf.save(cfg, output_dir / "config.yaml")
 
 
+def scores(results: list[dict[str, float]]) -> dict[str, float]:
+    """The flat metrics of ``trainer.validate`` / ``trainer.test`` results."""
+    return {key: float(value) for result in results for key, value in result.items()}
+
+
+def clean_number(value: float) -> float | None:
+    """A float32 value as its shortest decimal (95.19999694824219 -> 95.2), NaN as None; a value no
+    float32 holds (float64 arithmetic) is kept whole."""
+    if math.isnan(value):
+        return None
+    single = np.float32(value)
+    return float(str(single)) if float(single) == value else value
+
+
 def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
-    """Flat ``metrics.json`` (percent values), keys sorted."""
+    """Flat ``metrics.json`` (percent values), keys sorted, floats without float32 noise."""
     path = output_dir / "metrics.json"
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sorted(metrics.items())}
+    clean = {k: (clean_number(v) if isinstance(v, float) else v) for k, v in sorted(metrics.items())}
     path.write_text(json.dumps(clean, indent=2) + "\n")
     return path
 

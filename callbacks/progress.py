@@ -1,0 +1,42 @@
+"""Progress bars whose training description counts optimizer steps (``Epoch 3, step 80/1200``).
+
+A run ends at ``max_steps`` with ``max_epochs=-1``, for which Lightning's Rich bar shows ``Epoch 9/-2``
+and its tqdm bar only the epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+
+def train_description(trainer: L.Trainer) -> str:
+    """``Epoch e`` (``/last`` only when max_epochs bounds the run), then ``, step s/max_steps``."""
+    text = f"Epoch {trainer.current_epoch}"
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        text += f"/{trainer.max_epochs - 1}"
+    if trainer.max_steps > 0:
+        text += f", step {trainer.global_step}/{trainer.max_steps}"
+    return text
+
+
+class StepRichProgressBar(RichProgressBar):
+    def _get_train_description(self, current_epoch: int) -> str:
+        return train_description(self.trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=train_description(trainer))
+        super().on_train_batch_end(trainer, *args)
+
+
+class StepTQDMProgressBar(TQDMProgressBar):
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(train_description(trainer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.train_progress_bar.set_description(train_description(trainer), refresh=False)
+        super().on_train_batch_end(trainer, *args)

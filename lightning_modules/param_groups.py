@@ -1,0 +1,19 @@
+"""Weight-decay groups chosen by parameter name and module type, never by shape: under FSDP
+(``use_orig_params=True``) the optimizer sees every parameter as a flat 1-D shard."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.trainer_pt_utils import get_parameter_names
+
+# Hugging Face Trainer's rule: biases and normalization weights (LayerNorm modules, or named *norm*).
+NO_DECAY_LAYERS = [nn.LayerNorm]
+NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def weight_decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters that decay (weight matrices, embeddings and their new token
+    rows, LoRA, the temporal embedding, the digit gate) and of those that do not (biases, norms)."""
+    decays = set(get_parameter_names(model, NO_DECAY_LAYERS, NO_DECAY_NAMES))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    return [n for n in trainable if n in decays], [n for n in trainable if n not in decays]

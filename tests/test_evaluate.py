@@ -1,0 +1,113 @@
+"""evaluate.py: which checkpoint ``--ckpt best`` loads, the coverage it reports, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+import evaluate
+from timerefine.pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Validation at steps 5 and 10, both kept (save_top_k=2); monitoring the step itself makes step 10
+# the best, while the names sort as strings the other way ("best-step10" < "best-step5").
+RUN = [
+    "experiment=tiny",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=5",
+    "callbacks.checkpoint.monitor=step",
+    "callbacks.checkpoint.mode=max",
+    "callbacks.checkpoint.save_top_k=2",
+    "logger.csv=false",
+    "logger.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", *RUN, f"output_dir={output_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir
+
+
+def eval_metrics(run: Path, name: str) -> dict:
+    return json.loads((run / "eval" / name / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_best_is_the_recorded_best_checkpoint(run, capsys):
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("best-*.ckpt")) == ["best-step10.ckpt", "best-step5.ckpt"]
+    assert evaluate.main([str(run), "--name", "best"]) == 0
+    assert f"checkpoint: {checkpoints / 'best-step10.ckpt'}" in capsys.readouterr().out
+    metrics = eval_metrics(run, "best")
+    # train.py tested the best checkpoint its ModelCheckpoint knew: the same numbers.
+    trained = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/mIoU"] == trained["test/mIoU"] and metrics["test/coverage"] == 100.0
+    for value in metrics.values():  # float32 values are written as their shortest decimal
+        assert not isinstance(value, float) or repr(value) == str(np.float32(value))
+
+
+@pytest.mark.slow
+def test_partial_evaluation_reports_its_coverage(run):
+    overrides = ["trainer.limit_test_batches=1", "data.eval_batch_size=4"]  # 1 batch of 4 of the 8 queries
+    assert evaluate.main([str(run), "--ckpt", "last", "--name", "partial", *overrides]) == 0
+    metrics = eval_metrics(run, "partial")
+    assert metrics["test/queries"] == 4 and metrics["test/coverage"] == 50.0
+
+
+@pytest.fixture
+def config_only(tmp_path) -> Path:
+    """A run folder holding only its config.yaml."""
+    OmegaConf.save(load_config(["experiment=tiny", f"output_dir={tmp_path}"]), tmp_path / "config.yaml")
+    return tmp_path
+
+
+def one_error_line(capsys, prefix: str) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), lines
+    return lines[0]
+
+
+def test_a_folder_without_config_is_an_error(tmp_path, capsys):
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert str(tmp_path / "config.yaml") in one_error_line(capsys, "error:")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ckpt", ["best", "last", "elsewhere.ckpt"])
+def test_a_missing_checkpoint_is_an_error(config_only, capsys, ckpt):
+    assert evaluate.main([str(config_only), "--ckpt", ckpt]) == 2
+    line = one_error_line(capsys, "error:")
+    assert ("elsewhere.ckpt" if ckpt == "elsewhere.ckpt" else str(config_only / "checkpoints")) in line
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.refine.steps=-1", "model.refine.steps"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("+model.refine.stepz=3", "model.refine.stepz"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("model=direct", "model"),
+    ],
+)
+def test_bad_overrides_are_config_errors(config_only, capsys, override, key):
+    assert evaluate.main([str(config_only), override]) == 2
+    assert key in one_error_line(capsys, "config error:")
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]

@@ -1,0 +1,33 @@
+"""metrics.json: the numbers a run writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from timerefine.pipeline.outputs import write_metrics
+
+
+def test_metrics_json_holds_clean_numbers(tmp_path):
+    logged = torch.tensor(95.2).item()  # what trainer.test returns for a float32 metric
+    assert logged == 95.19999694824219
+    metrics = {
+        "test/mIoU": logged,
+        "test/loss": float(np.float32(8.510042)),
+        "prior/mIoU": 33.49952545074611,  # float64 arithmetic: kept whole
+        "test/queries": 8.0,
+        "global_step": 30,
+        "val/mIoU": float("nan"),
+    }
+    text = write_metrics(metrics, tmp_path).read_text()
+    assert '"test/mIoU": 95.2,' in text and '"test/loss": 8.510042,' in text
+    assert json.loads(text) == {
+        "global_step": 30,
+        "prior/mIoU": 33.49952545074611,
+        "test/loss": 8.510042,
+        "test/mIoU": 95.2,
+        "test/queries": 8.0,
+        "val/mIoU": None,
+    }

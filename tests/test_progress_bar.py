@@ -1,0 +1,46 @@
+"""The training progress bar of a step-bounded run (max_epochs=-1) counts steps, not a bogus epoch total."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from timerefine.pipeline.build import build_callbacks
+from timerefine.pipeline.config import load_config
+
+
+def train_description(bar: ProgressBar) -> str:
+    if isinstance(bar, RichProgressBar):
+        return next(t.description for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)
+    return bar.train_progress_bar.desc
+
+
+@pytest.mark.parametrize("kind", ["rich", "tqdm"])
+def test_progress_bar_counts_steps(kind, tmp_path):
+    cfg = load_config([f"callbacks.progress_bar={kind}", "trainer.max_steps=3"])
+    bar = next(c for c in build_callbacks(cfg, tmp_path) if isinstance(c, ProgressBar))
+    seen: list[str] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, *_) -> None:
+            seen.append(train_description(bar))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        max_epochs=-1,
+        callbacks=[bar, Record()],
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(BoringModel())
+    assert [d.strip().rstrip(":") for d in seen] == [
+        "Epoch 0, step 1/3",
+        "Epoch 0, step 2/3",
+        "Epoch 0, step 3/3",
+    ]
