@@ -13,7 +13,7 @@ from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.projector import build_projector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
-from timerefine.answer_format.layout import VIDEO
+from timerefine.answer_format.tokens import VIDEO
 
 
 def every_part(arch: str, lora: LoraSpec | None) -> VideoLLM:

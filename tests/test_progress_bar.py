@@ -7,7 +7,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from timerefine.pipeline.build import build_callbacks
+from timerefine.pipeline.build import build_callbacks, refine_schedule
 from timerefine.pipeline.config import load_config
 
 
@@ -20,7 +20,9 @@ def train_description(bar: ProgressBar) -> str:
 @pytest.mark.parametrize("kind", ["rich", "tqdm"])
 def test_progress_bar_counts_steps(kind, tmp_path):
     cfg = load_config([f"callbacks.progress_bar={kind}", "trainer.max_steps=3"])
-    bar = next(c for c in build_callbacks(cfg, tmp_path) if isinstance(c, ProgressBar))
+    bar = next(
+        c for c in build_callbacks(cfg, tmp_path, refine_schedule(cfg.model)) if isinstance(c, ProgressBar)
+    )
     seen: list[str] = []
 
     class Record(Callback):
