@@ -118,9 +118,9 @@ class GroundingModule(L.LightningModule):
         finals, per_segment = [], [[] for _ in self.segment_metrics[split]]
         for record, prediction in zip(records, predictions, strict=True):
             finals.append(seconds(prediction.final, record.duration))
-            for k, found in enumerate(per_segment):
+            for k, column in enumerate(per_segment):
                 segment = prediction.segments[k] if k < len(prediction.segments) else None
-                found.append(seconds(segment, record.duration))
+                column.append(seconds(segment, record.duration))
             if split == "test":
                 iou = self._iou(finals[-1], (record.start, record.end))
                 self.predictions.append(prediction_row(record, prediction, iou))
@@ -130,8 +130,8 @@ class GroundingModule(L.LightningModule):
                 seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
             ]
             metric.update(torch.tensor(chosen, dtype=torch.float64), target)
-        for metric, found in zip(self.segment_metrics[split], per_segment, strict=True):
-            metric.update(torch.tensor(found, dtype=torch.float64), target)
+        for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
+            metric.update(torch.tensor(column, dtype=torch.float64), target)
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
