@@ -1,4 +1,5 @@
-"""Short ``train.py`` runs on tiny Charades-STA annotation files written in tmp_path (no ../shared)."""
+"""Tiny Charades-STA annotation files written in tmp_path (no ../shared): short ``train.py`` runs on
+packed features, splits without usable queries, and quirk drops in the coverage."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 import train
+from datamodules.annotation_source import AnnotationSource
+from datamodules.datamodule import GroundingDataModule
+from datamodules.records import EmptySplitError
 from tools.pack_features import pack_folder
 
 DIM, FRAMES = 16, 8
@@ -79,3 +83,81 @@ def test_train_and_test_on_packed_features(tmp_path, num_workers):
     assert metrics["test/coverage"] == metrics["val/coverage"] == 100.0
     predictions = (tmp_path / "run" / "predictions" / "test.jsonl").read_text().splitlines()
     assert len(predictions) == len(TEST_VIDEOS) * len(SENTENCES)
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_no_usable_training_query_is_a_one_line_error(tmp_path, capsys):
+    root = charades_root(tmp_path / "charades")
+    empty = feature_folder(tmp_path / "features", ())
+    overrides = tiny_run(
+        root,
+        tmp_path / "run",
+        "data.source.features=folder",
+        f"data.source.feature_path={empty}",
+        "data.source.strict=false",
+    )
+    assert train.main(overrides) == 2
+    error = one_line_error(capsys)
+    assert error.startswith(f"error: charades_sta train ({root / 'charades_sta_train.txt'}): ")
+    assert "0 of 12 queries usable: 12 skipped (missing: 12)" in error and "TRA01" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_split_without_usable_query_is_named_before_anything_is_written(tmp_path, capsys):
+    root = charades_root(tmp_path / "charades")
+    folder = feature_folder(tmp_path / "features", TRAIN_VIDEOS)
+    overrides = tiny_run(
+        root,
+        tmp_path / "run",
+        "data.source.features=folder",
+        f"data.source.feature_path={folder}",
+        "data.source.strict=false",
+    )
+    assert train.main(overrides) == 2
+    error = one_line_error(capsys)
+    assert error.startswith("error: charades_sta val (") and "charades_sta_test.txt" in error
+    assert "0 of 6 queries usable: 6 skipped (missing: 6)" in error
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_empty_builtin_split_is_a_one_line_error(tmp_path, capsys, split):
+    output_dir = tmp_path / "run"
+    assert train.main(["experiment=tiny", f"data.source.num_{split}=0", f"output_dir={output_dir}"]) == 2
+    assert one_line_error(capsys) == f"error: builtin {split}: no query (data.source.num_{split}=0)"
+    assert not output_dir.exists()
+
+
+def test_queries_dropped_by_the_quirk_policy_count_in_the_coverage(tmp_path):
+    root = charades_root(tmp_path / "charades")
+    with open(root / "charades_sta_test.txt", "a") as annotations:
+        annotations.write("TES01 1.0 2.0## . \n")  # an empty sentence: dropped by the default policy
+    source = AnnotationSource(
+        "charades_sta",
+        str(root),
+        {"train": "train", "val": "test", "test": "test"},
+        num_frames=FRAMES,
+        feature_dim=DIM,
+    )
+    assert len(source.records("test")) == 6
+    report = source.coverage["test"]
+    assert (report.total, report.usable, report.skipped_by_reason) == (7, 6, {"empty_query": 1})
+    assert "charades_sta_test.txt:7" in report.examples["empty_query"]
+    coverage = GroundingDataModule(source).coverage({"test/queries": 6.0})["test/coverage"]
+    assert coverage == pytest.approx(100 * 6 / 7)
+
+
+def test_annotation_file_without_queries_names_the_file(tmp_path):
+    root = charades_root(tmp_path / "charades")
+    (root / "charades_sta_test.txt").write_text("\n")
+    source = AnnotationSource("charades_sta", str(root), {"train": "train", "val": "test", "test": "test"})
+    assert len(source.records("train")) == 12
+    with pytest.raises(
+        EmptySplitError, match=r"charades_sta test \(.*charades_sta_test.txt\): the annotations"
+    ):
+        source.records("test")
