@@ -14,7 +14,13 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.records import GroundingRecord
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.targets import RefineSchedule, RefineStep, make_refine_steps, sample_rng
+from timerefine.answer_format.targets import (
+    RefineSchedule,
+    RefineStep,
+    make_refine_steps,
+    on_policy_draw,
+    sample_rng,
+)
 from timerefine.answer_format.timeline import to_index
 
 IGNORE = -100
@@ -25,7 +31,7 @@ class GroundingCollator:
     """Turns dataset items into model batches.
 
     ``coarse_lookup`` maps a qid to the model's own coarse guess, used as the first coarse segment
-    with probability ``on_policy_fraction`` (on-policy refinement).
+    with probability ``on_policy_fraction`` (on-policy refinement), drawn per (seed, epoch, sample).
     """
 
     def __init__(
@@ -56,7 +62,9 @@ class GroundingCollator:
 
     def target_steps(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineStep]:
         gt = (to_index(record.start, record.duration), to_index(record.end, record.duration))
-        first = self.coarse_lookup(record.qid) if self.coarse_lookup else None
+        first = None
+        if self.coarse_lookup and on_policy_draw(self.seed, epoch, index) < self.on_policy_fraction:
+            first = self.coarse_lookup(record.qid)
         return make_refine_steps(
             gt, record.duration, self.schedule, sample_rng(self.seed, epoch, index), first
         )
