@@ -14,7 +14,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from datamodules.quirks import QuirkError
-from datamodules.records import FeatureError
+from datamodules.records import EmptySplitError, FeatureError
 from timerefine.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
@@ -22,7 +22,7 @@ from timerefine.pipeline.outputs import print_summary, save_config, scores, writ
 from timerefine.pipeline.resume import resume_checkpoint
 
 log = logging.getLogger("train")
-INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, FileNotFoundError)
+INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, EmptySplitError, FileNotFoundError)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
+    datamodule.setup()  # read and check every split before anything is written
     module = build_module(cfg, datamodule, tokenizer_dir=output_dir / "tokenizer")
     trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:

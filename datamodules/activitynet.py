@@ -40,10 +40,11 @@ def parse_activitynet(
         where = f"{path}:{video_id}"
         timestamps = entry.get("timestamps") if isinstance(entry, dict) else None
         sentences = entry.get("sentences") if isinstance(entry, dict) else None
-        if not (isinstance(timestamps, list) and isinstance(sentences, list)) or len(timestamps) != len(
-            sentences
-        ):
-            report.malformed(where, "needs 'timestamps' and 'sentences' lists of equal length", policy)
+        lists = [len(x) for x in (timestamps, sentences) if isinstance(x, list)]
+        if len(lists) != 2 or lists[0] != lists[1]:
+            queries = max(lists, default=1) or 1  # every query the entry may have held is skipped
+            detail = f"needs 'timestamps' and 'sentences' lists of equal length, got lengths {lists}"
+            report.malformed(where, detail, policy, queries)
             continue
         duration = float(entry["duration"]) if _is_number(entry.get("duration")) else None
         for i, (stamp, sentence) in enumerate(zip(timestamps, sentences, strict=True)):

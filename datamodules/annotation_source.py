@@ -1,7 +1,8 @@
 """Charades-STA and ActivityNet Captions as DataSources: parsed annotations + a feature store.
 
 Every split's records are checked against the store once (``strict`` raises on the first bad video,
-otherwise its queries are skipped and counted), and the coverage is kept for the metrics.
+otherwise its queries are skipped and counted), and the coverage (which also counts the queries the
+quirk policy dropped) is kept for the metrics. A split with no usable query raises EmptySplitError.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 
 from datamodules.activitynet import load_activitynet
 from datamodules.charades_sta import load_charades_sta
-from datamodules.coverage import CoverageReport, check_coverage
+from datamodules.coverage import CoverageReport, check_coverage, with_annotation_drops
 from datamodules.feature_stores import build_feature_store
 from datamodules.quirks import QuirkPolicy, QuirkReport
-from datamodules.records import FeatureStore, GroundingRecord
+from datamodules.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
@@ -79,22 +80,22 @@ class AnnotationSource:
         self.synthetic_noise, self.seed = synthetic_noise, seed
         self.policy = QuirkPolicy(**(quirks or {}))
         self.annotation_files = annotation_files or {}
-        self._parsed: dict[str, list[GroundingRecord]] = {}
+        self._parsed: dict[str, tuple[list[GroundingRecord], QuirkReport]] = {}
         self._usable: dict[str, list[GroundingRecord]] = {}
         self.coverage: dict[str, CoverageReport] = {}
         self._store: FeatureStore | None = None
 
-    def _parse(self, split: str) -> list[GroundingRecord]:
+    def _parse(self, split: str) -> tuple[list[GroundingRecord], QuirkReport]:
         own = self.splits[split]
         if own not in self._parsed:
             kwargs = {"annotation_file": self.annotation_files[own]} if own in self.annotation_files else {}
-            self._parsed[own], _ = LOADERS[self.name](self.root, own, self.policy, **kwargs)
+            self._parsed[own] = LOADERS[self.name](self.root, own, self.policy, **kwargs)
         return self._parsed[own]
 
     def store(self, split: str) -> FeatureStore:
         if self._store is None:
             if self.features == "synthetic":
-                every = [r for s in self.splits for r in self._parse(s)]
+                every = [r for s in self.splits for r in self._parse(s)[0]]
                 self._store = build_feature_store(
                     "synthetic",
                     records=every,
@@ -115,9 +116,13 @@ class AnnotationSource:
 
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self._usable:
-            usable, report = check_coverage(self._parse(split), self.store(split), strict=self.strict)
-            self._usable[split], self.coverage[split] = usable, report
+            parsed, quirks = self._parse(split)
+            usable, features = check_coverage(parsed, self.store(split), strict=self.strict)
+            report = with_annotation_drops(features, quirks)
             log.info("%s %s (%s): %s", self.name, split, self.splits[split], report.summary())
+            if not usable:
+                raise EmptySplitError(f"{self.name} {split} ({quirks.source}): {report.none_usable()}")
+            self._usable[split], self.coverage[split] = usable, report
         return self._usable[split]
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from datamodules.records import GroundingRecord
+from datamodules.records import FeatureError, GroundingRecord
 
 VERBS = (
     ("opens", "is opening", ""),
@@ -159,7 +159,10 @@ class BuiltinFeatureStore:
         self.num_frames, self.feature_dim = spec.num_frames, spec.feature_dim
 
     def load(self, video_id: str) -> np.ndarray:
-        return make_sample(self.spec, self.split, int(video_id.rsplit("_", 1)[1])).features
+        index = video_id.removeprefix(f"builtin_{self.split}_")
+        if not (index.isdigit() and video_id != index and int(index) < split_videos(self.spec, self.split)):
+            raise FeatureError(video_id, f"builtin:{self.split}", "missing: not a video of this split")
+        return make_sample(self.spec, self.split, int(index)).features
 
 
 def builtin_records(spec: BuiltinSpec, split: str) -> list[GroundingRecord]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
-from datamodules.records import GroundingRecord
+from datamodules.records import EmptySplitError, GroundingRecord
 
 
 class BuiltinSource:
@@ -17,6 +17,8 @@ class BuiltinSource:
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self._records:
             self._records[split] = builtin_records(self.spec, split)
+            if not self._records[split]:
+                raise EmptySplitError(f"builtin {split}: no query (data.source.num_{split}=0)")
         return self._records[split]
 
     def store(self, split: str) -> BuiltinFeatureStore:

@@ -13,7 +13,7 @@ import torch
 
 from datamodules.records import GroundingRecord
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.targets import RefineRound, make_target_rounds, sample_rng
+from timerefine.answer_format.targets import RefineRound, make_target_rounds, on_policy_draw, sample_rng
 from timerefine.answer_format.timeline import to_index
 from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
@@ -25,7 +25,7 @@ class GroundingCollator:
     tokenizer and the refinement schedule of the targets.
 
     ``coarse_lookup`` maps a qid to the model's own coarse guess, used as the first coarse segment
-    with probability ``on_policy_fraction`` (on-policy refinement).
+    with probability ``on_policy_fraction`` (on-policy refinement), drawn per (seed, epoch, sample).
     """
 
     def __init__(
@@ -54,7 +54,9 @@ class GroundingCollator:
 
     def target_rounds(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineRound]:
         gt = (to_index(record.start, record.duration), to_index(record.end, record.duration))
-        first = self.coarse_lookup(record.qid) if self.coarse_lookup else None
+        first = None
+        if self.coarse_lookup and on_policy_draw(self.seed, epoch, index) < self.on_policy_fraction:
+            first = self.coarse_lookup(record.qid)
         return make_target_rounds(
             gt, record.duration, self.codec.schedule, sample_rng(self.seed, epoch, index), first
         )

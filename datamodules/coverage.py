@@ -1,4 +1,5 @@
-"""Which records have usable features: check each video once, keep or skip its queries."""
+"""Which queries are usable: check each video's features once, keep or skip its queries, and add
+the queries the annotation quirk policy dropped, so a split's coverage counts every query read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from datamodules.feature_stores import reason_kind
+from datamodules.quirks import QuirkReport
 from datamodules.records import FeatureError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,28 @@ class CoverageReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.skipped_by_reason.items()))
-        line = f"feature coverage: {self.usable}/{self.total} queries ({self.fraction:.1%})"
+        line = f"coverage: {self.usable}/{self.total} queries ({self.fraction:.1%})"
         return f"{line}; skipped {skipped}; e.g. {'; '.join(self.examples.values())}" if skipped else line
+
+    def none_usable(self) -> str:
+        """Why no query is usable, e.g. ``0 of 12 queries usable: 12 skipped (missing: 12), e.g. ...``."""
+        if not self.total:
+            return "the annotations hold no query"
+        kinds = sorted(self.skipped_by_reason.items(), key=lambda item: -item[1])
+        counts = ", ".join(f"{kind}: {n}" for kind, n in kinds)
+        skipped = f"{self.total - self.usable} skipped ({counts}), e.g. {self.examples[kinds[0][0]]}"
+        return f"{self.usable} of {self.total} queries usable: {skipped}"
+
+
+def with_annotation_drops(features: CoverageReport, quirks: QuirkReport) -> CoverageReport:
+    """The feature coverage of the parsed records, plus the queries the quirk policy dropped."""
+    dropped = quirks.dropped_by_kind()
+    return CoverageReport(
+        features.total + sum(dropped.values()),
+        features.usable,
+        {**features.skipped_by_reason, **dropped},
+        {**features.examples, **{kind: quirks.examples[kind][0] for kind in dropped}},
+    )
 
 
 def check_coverage(

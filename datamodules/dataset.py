@@ -24,18 +24,18 @@ class GroundingDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index]
         features = self.store.load(record.video_id)
-        where = getattr(self.store, "path", lambda _: type(self.store).__name__)(record.video_id)
-        if features.shape != (self.store.num_frames, self.store.feature_dim):
-            raise FeatureError(
-                record.video_id,
-                str(where),
-                f"expected shape {(self.store.num_frames, self.store.feature_dim)}, got {features.shape}",
-            )
+        expected = (self.store.num_frames, self.store.feature_dim)
+        if features.shape != expected:
+            self._broken_contract(record.video_id, f"expected shape {expected}, got {features.shape}")
         if not np.isfinite(features).all():
-            raise FeatureError(record.video_id, str(where), "features contain NaN or inf")
+            self._broken_contract(record.video_id, "features contain NaN or inf")
         return {
             "record": record,
             "features": torch.from_numpy(np.asarray(features, dtype=np.float32)),
             "epoch": epoch,
             "index": index,
         }
+
+    def _broken_contract(self, video_id: str, reason: str) -> None:
+        """A store returned what it must not (stores check their own files): name the store."""
+        raise FeatureError(video_id, type(self.store).__name__, reason)

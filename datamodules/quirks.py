@@ -76,21 +76,25 @@ class QuirkReport:
     @property
     def dropped(self) -> int:
         """Queries read but not kept (dropped by policy or skipped as malformed)."""
-        return sum(n for kind, n in self.counts.items() if self.actions[kind] in (DROPPED, SKIPPED))
+        return sum(self.dropped_by_kind().values())
 
-    def note(self, kind: str, action: str, where: str, detail: str) -> None:
-        """Count one occurrence of ``kind`` handled by ``action`` at ``where``."""
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+    def dropped_by_kind(self) -> dict[str, int]:
+        """Queries read but not kept, per quirk kind."""
+        return {kind: n for kind, n in self.counts.items() if self.actions[kind] in (DROPPED, SKIPPED)}
+
+    def note(self, kind: str, action: str, where: str, detail: str, queries: int = 1) -> None:
+        """Count ``queries`` occurrences of ``kind`` handled by ``action`` at ``where``."""
+        self.counts[kind] = self.counts.get(kind, 0) + queries
         self.actions[kind] = action
         examples = self.examples.setdefault(kind, [])
         if len(examples) < self.max_examples:
             examples.append(f"{where} ({detail})")
 
-    def malformed(self, where: str, detail: str, policy: QuirkPolicy) -> None:
-        """Raise for a malformed entry under a strict policy, else count it as skipped."""
+    def malformed(self, where: str, detail: str, policy: QuirkPolicy, queries: int = 1) -> None:
+        """Raise for a malformed entry under a strict policy, else count its ``queries`` as skipped."""
         if policy.strict:
             raise QuirkError(f"{where}: malformed annotation: {detail}")
-        self.note(MALFORMED, SKIPPED, where, detail)
+        self.note(MALFORMED, SKIPPED, where, detail, queries)
 
     def summary_lines(self) -> list[str]:
         """One line for the totals, then one line per quirk kind with its first examples."""

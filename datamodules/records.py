@@ -36,6 +36,10 @@ class FeatureError(Exception):
         self.video_id, self.path, self.reason = video_id, path, reason
 
 
+class EmptySplitError(ValueError):
+    """A split with no usable query; the message names the split and says why."""
+
+
 class FeatureStore(Protocol):
     """Maps a video id to a float32 array of shape ``(num_frames, feature_dim)``.
 

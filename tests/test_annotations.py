@@ -151,6 +151,19 @@ def test_activitynet_malformed(tmp_path, data, where):
     assert records == [] and report.counts == {"malformed": 1}
 
 
+def test_activitynet_mismatched_lists_count_every_query_skipped(tmp_path):
+    path = anet_file(
+        tmp_path,
+        {
+            "v_a": {"duration": 9.0, "timestamps": [[1, 2], [3, 4], [5, 6]], "sentences": ["a.", "b."]},
+            "v_b": {"duration": 9.0, "timestamps": [[1, 2]], "sentences": ["c."]},
+        },
+    )
+    records, report = parse_activitynet(path, "val_1", QuirkPolicy(strict=False))
+    assert [r.qid for r in records] == ["anet:val_1:v_b:0"]
+    assert report.counts == {"malformed": 3} and (report.read, report.kept, report.dropped) == (4, 1, 3)
+
+
 def test_activitynet_invalid_json_names_file(tmp_path):
     path = write(tmp_path / "train.json", '{"v_a": {"duration": 3.0,\n oops}')
     with pytest.raises(QuirkError, match=f"{path}:2: not valid JSON"):

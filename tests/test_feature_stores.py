@@ -1,23 +1,28 @@
-"""Folder, packed and synthetic feature stores, the pack tool and the coverage check."""
+"""Folder, packed, synthetic and built-in feature stores, the pack tool, the coverage check, and
+every store read through GroundingDataset and a DataLoader."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
 from datamodules.coverage import check_coverage
+from datamodules.dataset import GroundingDataset
 from datamodules.feature_stores import (
     FolderFeatureStore,
     PackedFeatureStore,
     SyntheticFeatureStore,
     build_feature_store,
 )
-from datamodules.records import FeatureError, GroundingRecord
+from datamodules.records import FeatureError, FeatureStore, GroundingRecord
 from datamodules.synthetic_features import query_signature, stable_seed
 from timerefine.tools.pack_features import main as pack_main
 from timerefine.tools.pack_features import pack_folder
@@ -91,7 +96,9 @@ def test_folder_store_bad_files_raise_feature_error(tmp_path, case):
 
 def test_pack_round_trip_equals_folder_store(folder, tmp_path):
     write_bad(folder, "broken.npy", np.full((3, D), np.nan, np.float16))
+    start_method = multiprocessing.get_start_method()
     report = pack_folder(folder, tmp_path / "packed", num_frames=10, feature_dim=D, dtype="float32")
+    assert multiprocessing.get_start_method() == start_method  # litdata forces spawn
     assert report.packed == ["vid_a", "vid_b", "vid_c", "vid_d"] and list(report.bad) == ["broken"]
     assert "non-finite" in report.bad["broken"]
     packed = PackedFeatureStore(tmp_path / "packed", feature_dim=D)
@@ -216,3 +223,40 @@ def test_synthetic_features_cover_real_charades_test():
     times = (np.arange(100) + 0.5) * first.duration / 100
     inside = (times >= first.start) & (times <= first.end)
     assert scores[inside].min() > 0.5 > np.abs(scores[~inside]).max()
+
+
+STORE_KINDS = ("folder", "packed", "synthetic", "builtin")
+
+
+def store_and_records(kind: str, folder: Path, tmp_path: Path) -> tuple[FeatureStore, list[GroundingRecord]]:
+    """A store of each kind with one record per video it serves."""
+    if kind == "builtin":
+        spec = BuiltinSpec(num_train=4, num_frames=10, feature_dim=D)
+        return BuiltinFeatureStore(spec, "train"), builtin_records(spec, "train")
+    videos = FolderFeatureStore(folder).video_ids()
+    records = [record(f"q{i}", video, "a person opens the door", 1.0, 3.0) for i, video in enumerate(videos)]
+    if kind == "synthetic":
+        return SyntheticFeatureStore(records, num_frames=10, feature_dim=D), records
+    if kind == "packed":
+        pack_folder(folder, tmp_path / "packed", num_frames=10, feature_dim=D, dtype="float32")
+        return PackedFeatureStore(tmp_path / "packed", feature_dim=D), records
+    return FolderFeatureStore(folder, num_frames=10, feature_dim=D), records
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_every_store_serves_the_dataset_through_a_dataloader(folder, tmp_path, kind, num_workers):
+    store, records = store_and_records(kind, folder, tmp_path)
+    dataset = GroundingDataset(records, store)
+    keys = [(3, i) for i in range(len(records))]
+    loader = DataLoader(dataset, batch_size=2, sampler=keys, collate_fn=list, num_workers=num_workers)
+    items = [item for batch in loader for item in batch]
+    assert [(item["epoch"], item["index"]) for item in items] == keys
+    for item, expected in zip(items, records, strict=True):
+        assert item["record"] == expected
+        assert item["features"].dtype == torch.float32 and item["features"].shape == (10, D)
+        np.testing.assert_array_equal(item["features"].numpy(), store.load(expected.video_id))
+    assert dataset[0]["epoch"] == 0
+    unknown = GroundingDataset([record("q", "builtin_train_999999", "x", 0, 1)], store)
+    with pytest.raises(FeatureError, match=r"'builtin_train_999999'.*missing"):
+        unknown[0]

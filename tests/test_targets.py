@@ -257,3 +257,21 @@ def test_no_residual_leaves_the_reference_targets_unchanged():
         )
     with pytest.raises(ValueError, match="residual_std"):
         RefineSchedule(3, residual_std=(-1.0,))
+
+
+def on_policy_share(fraction: float, seed: int = 0, epoch: int = 0, n: int = 400) -> tuple[float, set[int]]:
+    """Share of ``n`` samples whose first coarse segment is the cached guess, and their indices."""
+    collator = helpers.collator(refine_steps=3, seed=seed)
+    collator.coarse_lookup, collator.on_policy_fraction = {"q": (70, 90)}.get, fraction
+    record = GroundingRecord("q", "v", "a person opens the door", 30.0, 6.0, 18.0)  # gt (20, 59)
+    own = {i for i in range(n) if collator.target_rounds(record, epoch, i)[0].start == 70}
+    return len(own) / n, own
+
+
+def test_on_policy_fraction_is_a_seeded_draw_per_sample():
+    assert on_policy_share(0.0)[0] == 0.0
+    assert on_policy_share(1.0)[0] == 1.0
+    share, own = on_policy_share(0.5)
+    assert 0.42 < share < 0.58 and on_policy_share(0.5)[1] == own
+    assert 0.05 < on_policy_share(0.1)[0] < 0.15
+    assert on_policy_share(0.5, epoch=1)[1] != own and on_policy_share(0.5, seed=1)[1] != own

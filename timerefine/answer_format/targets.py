@@ -131,3 +131,9 @@ def make_target_rounds(
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator for one sample in one epoch: fresh noise each epoch, reproducible."""
     return np.random.default_rng([seed, epoch, index])
+
+
+def on_policy_draw(seed: int, epoch: int, index: int) -> float:
+    """A uniform [0, 1) draw for one sample in one epoch, independent of its target noise: the
+    sample starts from the model's own coarse guess when it is below the on-policy fraction."""
+    return float(np.random.default_rng([seed, epoch, index, 1]).random())

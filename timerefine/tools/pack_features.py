@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import sys
 from dataclasses import dataclass, field
@@ -62,16 +63,20 @@ def pack_folder(
         log.warning("left out: %s", message)
     if not report.packed:
         raise ValueError(f"no usable feature file in {src} ({len(report.bad)} bad)")
-    optimize(
-        fn=functools.partial(
-            pack_item, src=str(src), num_frames=num_frames, feature_dim=feature_dim, dtype=dtype
-        ),
-        inputs=report.packed,
-        output_dir=str(dst),
-        chunk_bytes="64MB",
-        num_workers=max(1, workers),
-        verbose=False,
-    )
+    start_method = multiprocessing.get_start_method()
+    try:
+        optimize(
+            fn=functools.partial(
+                pack_item, src=str(src), num_frames=num_frames, feature_dim=feature_dim, dtype=dtype
+            ),
+            inputs=report.packed,
+            output_dir=str(dst),
+            chunk_bytes="64MB",
+            num_workers=max(1, workers),
+            verbose=False,
+        )
+    finally:  # optimize() forces "spawn" process-wide; give the caller back its own start method
+        multiprocessing.set_start_method(start_method, force=True)
     dataset = StreamingDataset(str(dst))
     index = {dataset[i]["video_id"]: i for i in range(len(dataset))}
     if sorted(index) != report.packed:
