@@ -37,6 +37,7 @@ from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_languag
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.config import ConfigError
 from pipeline.loggers import ResumableCSVLogger
 from pipeline.strategy import build_strategy
@@ -210,7 +211,7 @@ def accumulation(data: DictConfig, world_size: int) -> int:
 def build_trainer(cfg: DictConfig, output_dir: Path, module: L.LightningModule) -> L.Trainer:
     on_slurm = SLURMEnvironment.detect()
     # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if on_slurm else []
+    plugins: list = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if on_slurm else [])
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
