@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
+from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import AnnotationSource, activitynet_source, charades_sta_source
 from datamodules.builtin import BuiltinSpec
@@ -39,7 +40,7 @@ from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.config import ConfigError
-from pipeline.loggers import ResumableCSVLogger
+from pipeline.loggers import CSVResume, ResumableCSVLogger
 from pipeline.strategy import build_strategy
 
 SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
@@ -155,7 +156,8 @@ def build_module(
 
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
-    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement."""
+    ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
+    the CSV log's resume point, progress, lr, on-policy refinement."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -165,8 +167,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
             monitor=spec.checkpoint.monitor,
             mode=spec.checkpoint.mode,
             save_top_k=spec.checkpoint.save_top_k,
+            enable_version_counter=False,  # a resumed run that validates a step again overwrites its file
         ),
         LastCheckpoint(output_dir / "checkpoints", spec.checkpoint.last_every_n_steps),
+        RandomState(),
         PredictionsWriter(output_dir / "predictions"),
     ]
     on_policy = cfg.model.refine.on_policy
@@ -179,6 +183,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
     bars = {"rich": RichProgressBar, "tqdm": TQDMProgressBar}
     if cfg.trainer.enable_progress_bar and spec.progress_bar in bars:
         callbacks.append(bars[spec.progress_bar]())
+    if cfg.logger.csv:
+        callbacks.append(CSVResume())
     if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:

@@ -1,21 +1,158 @@
-"""Runs survive a kill: checkpoints are written atomically, and an unreadable resume checkpoint is one
-clear error line."""
+"""Runs survive a kill: a resumed run ends exactly like an uninterrupted one, checkpoints are written
+atomically, and an unreadable resume checkpoint is one clear error line."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
+from datamodules.sampling import ResumableLoader, ShardedEpochSampler
 from pipeline.resume import CheckpointError, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+MAX_STEPS, STEPS_PER_EPOCH = 24, 7
+RUN = [
+    "experiment=tiny",
+    "data.source.num_train=50",  # 13 batches an epoch, the last one short
+    "data.global_batch_size=8",  # two batches a step: 7 steps an epoch, the last of one batch
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.val_check_interval=10",  # batches: step 5 ends on batch 10, right before a validation
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.last_every_n_steps=5",
+    "model.lora.enabled=true",  # dropout: the random state must continue as well
+    "model.refine.on_policy.fraction=0.5",  # callback state that changes the targets
+    "model.refine.on_policy.every_n_steps=4",
+    "model.refine.on_policy.num_samples=8",
+]
+
+
+def command(output_dir: Path) -> list[str]:
+    return [sys.executable, "train.py", *RUN, f"output_dir={output_dir}"]
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+
+
+def kill_after_next_checkpoint(output_dir: Path) -> int:
+    """Start the run and ``kill -9`` it as soon as it has written a new ``last.ckpt``; its step."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    before = identity(last)
+    with open(output_dir.parent / "killed.log", "a") as log:
+        process = subprocess.Popen(command(output_dir), cwd=ROOT, env=ENV, stdout=log, stderr=log)
+        while identity(last) == before:
+            assert process.poll() is None, "the run ended before writing last.ckpt"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+
+
+def finish(output_dir: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command(output_dir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def final_state(output_dir: Path) -> tuple[dict, dict, list[dict]]:
+    weights = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    with open(output_dir / "logs" / "csv" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    return weights["state_dict"], metrics, rows
+
+
+@pytest.mark.slow
+def test_run_killed_twice_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
+    finish(tmp_path / "uninterrupted")
+    killed = tmp_path / "killed"
+    steps = [kill_after_next_checkpoint(killed), kill_after_next_checkpoint(killed)]
+    # Both kills come right after a mid-epoch last.ckpt; the first one's step ends on the batch that
+    # validation follows.
+    assert steps == [5, 10] and all(step % STEPS_PER_EPOCH for step in steps)
+    assert "resuming from" in finish(killed).stderr
+
+    weights, metrics, rows = final_state(killed)
+    expected_weights, expected_metrics, expected_rows = final_state(tmp_path / "uninterrupted")
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert metrics == expected_metrics
+    # The CSV log holds no repeated rows. Lightning logs a batch's training row after the batch-end
+    # hooks, so the row of the batch last.ckpt was written at is missing when the kill fell in between.
+    after_checkpoint = next(r for r in expected_rows if r["train/loss"] and int(r["step"]) == steps[-1] - 1)
+    assert rows in (expected_rows, [r for r in expected_rows if r is not after_checkpoint])
+
+
+class Keys(Dataset):
+    """Returns the sampler's ``(epoch, index)`` key itself."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int]:
+        return key
+
+
+def loader(size: int = 22, batch: int = 4, workers: int = 0) -> ResumableLoader:
+    sampler = ShardedEpochSampler(size, True, seed=3)
+    return ResumableLoader(Keys(size), sampler, batch_size=batch, num_workers=workers)
+
+
+def keys(batches) -> list[tuple[int, int]]:
+    return [(int(e), int(i)) for epochs, indices in batches for e, i in zip(epochs, indices, strict=True)]
+
+
+def test_loader_state_resumes_mid_epoch_any_number_of_times():
+    everything = keys(loader())
+    first = loader()
+    seen = keys(batch for _, batch in zip(range(2), first, strict=False))
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    seen += keys(batch for _, batch in zip(range(2), second, strict=False))
+    third = loader()  # a second resume in the same epoch continues from the right place too
+    third.load_state_dict(second.state_dict())
+    assert third.state_dict() == {"epoch": 0, "batches": 4}
+    assert seen + keys(third) == everything
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_at_the_end_of_an_epoch_starts_the_next_one_whole(workers):
+    first = loader()
+    first.sampler.set_epoch(2)
+    list(first)
+    resumed = loader(workers=workers)
+    resumed.load_state_dict(first.state_dict())
+    batches = iter(resumed)  # Lightning's order: load, iter, then set_epoch for the next epoch
+    resumed.sampler.set_epoch(3)
+    fresh = loader()
+    fresh.sampler.set_epoch(3)
+    assert keys(batches) == keys(fresh)
+    assert resumed.state_dict() == {"epoch": 3, "batches": len(resumed)}
+
+
+def test_loader_iteration_leaves_the_global_random_state_alone():
+    before = torch.get_rng_state()
+    list(loader())
+    assert torch.equal(torch.get_rng_state(), before)  # dropout after a resume must not depend on epochs
+
+
 CHILD = """
 import sys
 from pathlib import Path
