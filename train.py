@@ -19,15 +19,16 @@ from timerefine.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
-from timerefine.pipeline.resume import resume_checkpoint
+from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
 
 log = logging.getLogger("train")
-INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, EmptySplitError, FileNotFoundError)
+INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, EmptySplitError, FileNotFoundError, CheckpointError)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, and return the flat metrics written to metrics.json."""
     output_dir = Path(cfg.output_dir)
+    checkpoint = resume_checkpoint(cfg.resume, output_dir)  # checked before anything is written
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.setup()  # read and check every split before anything is written
@@ -37,7 +38,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         save_config(cfg, output_dir)
         module.tokenizer.save_pretrained(output_dir / "tokenizer")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.resume, output_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     if any(getattr(callback, "requeued", False) for callback in trainer.callbacks):
         log.info("stopped for a SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
         return {}

@@ -22,7 +22,7 @@ def measure(overrides: list[str], device: str, steps: int) -> dict[str, float]:
     cfg = load_config(overrides)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule).to(device)
-    batches = iter(datamodule._loader("train", True, cfg.data.batch_size))
+    batches = iter(datamodule.train_dataloader())
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def batch() -> dict:

@@ -28,9 +28,13 @@ def slurm_job_id() -> str:
     return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
 
 
+def hpc_checkpoints(directory: Path) -> dict[int, Path]:
+    """The ``hpc_ckpt_<n>.ckpt`` files in ``directory`` by version ``n``."""
+    return {int(p.stem.rsplit("_", 1)[1]): p for p in directory.glob("hpc_ckpt_*.ckpt")}
+
+
 def next_hpc_checkpoint(directory: Path) -> Path:
-    versions = [int(p.stem.rsplit("_", 1)[1]) for p in directory.glob("hpc_ckpt_*.ckpt")]
-    return directory / f"hpc_ckpt_{max(versions, default=0) + 1}.ckpt"
+    return directory / f"hpc_ckpt_{max(hpc_checkpoints(directory), default=0) + 1}.ckpt"
 
 
 class SlurmRequeue(L.Callback):

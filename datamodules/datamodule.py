@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
 from datamodules.records import FeatureStore, GroundingRecord
-from datamodules.sampling import ShardedEpochSampler
+from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
 
@@ -84,30 +84,31 @@ class GroundingDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, skip: int = 0) -> DataLoader:
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _loader_options(self) -> dict[str, Any]:
         if self.collator is None:
             raise RuntimeError("call attach(codec) before asking for dataloaders")
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = ShardedEpochSampler(len(self.records(split)), shuffle, self.seed, rank, world, skip)
+        return {"collate_fn": self.collator, "num_workers": self.num_workers}
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Resumes mid-epoch through its ``state_dict``, which Lightning checkpoints."""
+        sampler = ShardedEpochSampler(len(self.records("train")), True, self.seed, *self._rank_and_world())
         if self.trainer is not None:
             sampler.epoch = self.trainer.current_epoch
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            persistent_workers=False,
+        return ResumableLoader(
+            self.datasets["train"], sampler, batch_size=self.batch_size, **self._loader_options()
         )
 
-    def train_dataloader(self) -> DataLoader:
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed if self.trainer else 0
-        if done:
-            log.info("resuming mid-epoch: skipping the %d batches this epoch already trained on", done)
-        return self._loader("train", True, self.batch_size, skip=done * self.batch_size)
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        sampler = EvaluationSampler(len(self.records(split)), *self._rank_and_world())
+        return DataLoader(
+            self.datasets[split], self.eval_batch_size, sampler=sampler, **self._loader_options()
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        return self._evaluation_loader("test")

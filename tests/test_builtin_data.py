@@ -214,7 +214,8 @@ def test_shuffle_is_reproducible_and_differs_per_epoch_and_seed():
 
 
 def test_skip_applies_once_to_its_own_epoch():
-    sampler = ShardedEpochSampler(20, True, seed=1, rank=0, world_size=2, skip=4)
+    sampler = ShardedEpochSampler(20, True, seed=1, rank=0, world_size=2)
+    sampler.resume(0, skip=4)
     sampler.set_epoch(0)
     full = ShardedEpochSampler(20, True, seed=1, rank=0, world_size=2)
     expected = list(full)
@@ -223,7 +224,8 @@ def test_skip_applies_once_to_its_own_epoch():
 
 
 def test_skip_is_dropped_when_the_epoch_changes():
-    sampler = ShardedEpochSampler(20, True, seed=1, skip=5)
+    sampler = ShardedEpochSampler(20, True, seed=1)
+    sampler.resume(0, skip=5)
     sampler.set_epoch(1)  # resumed state belonged to epoch 0
     reference = ShardedEpochSampler(20, True, seed=1)
     reference.set_epoch(1)

@@ -23,6 +23,7 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
+from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import AnnotationSource, activitynet_source, charades_sta_source
 from datamodules.builtin import BuiltinSpec
@@ -40,8 +41,9 @@ from timerefine.answer_format.prompts import render_prompt
 from timerefine.answer_format.targets import RefineSchedule
 from timerefine.answer_format.timeline import MAX_INDEX
 from timerefine.answer_format.tokens import VIDEO
+from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
-from timerefine.pipeline.loggers import ResumableCSVLogger
+from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.strategy import build_strategy
 
 SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
@@ -160,8 +162,9 @@ def build_module(
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
-    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement
-    (when ``schedule``, the module's, has coarse segments to start from)."""
+    ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
+    the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
+    has coarse segments to start from)."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -171,8 +174,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
             monitor=spec.checkpoint.monitor,
             mode=spec.checkpoint.mode,
             save_top_k=spec.checkpoint.save_top_k,
+            enable_version_counter=False,  # a resumed run that validates a step again overwrites its file
         ),
         LastCheckpoint(output_dir / "checkpoints", spec.checkpoint.last_every_n_steps),
+        RandomState(),
         PredictionsWriter(output_dir / "predictions"),
     ]
     on_policy = cfg.model.refine.on_policy
@@ -185,6 +190,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     bars = {"rich": StepRichProgressBar, "tqdm": StepTQDMProgressBar}
     if cfg.trainer.enable_progress_bar and spec.progress_bar in bars:
         callbacks.append(bars[spec.progress_bar]())
+    if cfg.logger.csv:
+        callbacks.append(CSVResume())
     if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
@@ -217,7 +224,7 @@ def accumulation(data: DictConfig, world_size: int) -> int:
 def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
     on_slurm = SLURMEnvironment.detect()
     # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if on_slurm else []
+    plugins: list = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if on_slurm else [])
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"

@@ -1,29 +1,59 @@
-"""Which checkpoint a run continues from."""
+"""Which checkpoint a run continues from, checked to be readable before the run writes anything."""
 
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from callbacks.slurm_requeue import hpc_checkpoints
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(Exception):
+    """A resume checkpoint that cannot be read."""
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a whole ``torch.save`` file (its zip index is read, not its tensors); None if it is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return "no torch.save data in it"
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"truncated or corrupt: {error}"
+    return None
+
+
+def checked(path: Path) -> str:
+    problem = unreadable(path)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({problem}); delete it to start the run over, "
+            "or pass resume=<another checkpoint>"
+        )
+    return str(path)
 
 
 def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     """``auto``: a SLURM HPC checkpoint (Lightning finds it: "hpc"), else ``checkpoints/last.ckpt``
-    when present, else nothing. Any other value is a checkpoint path that must exist."""
+    when present, else nothing. Any other value is a checkpoint path that must exist. The checkpoint
+    must be readable: a truncated or corrupt one is a :class:`CheckpointError` naming it."""
     if resume is None:
         return None
     if resume != "auto":
         if not Path(resume).is_file():
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
-        return resume
-    if SLURMEnvironment.detect() and any(output_dir.glob("hpc_ckpt_*.ckpt")):
-        log.info("resuming from the SLURM HPC checkpoint in %s", output_dir)
+        return checked(Path(resume))
+    hpc = hpc_checkpoints(output_dir)
+    if SLURMEnvironment.detect() and hpc:
+        log.info("resuming from the SLURM HPC checkpoint %s", checked(hpc[max(hpc)]))
         return "hpc"
     last = output_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
-        log.info("resuming from %s", last)
+        log.info("resuming from %s", checked(last))
         return str(last)
     return None

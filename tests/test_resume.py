@@ -1,0 +1,262 @@
+"""Runs survive a kill: a resumed run ends exactly like an uninterrupted one, checkpoints are written
+atomically, and an unreadable resume checkpoint is one clear error line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.sampling import ResumableLoader, ShardedEpochSampler
+from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+MAX_STEPS, STEPS_PER_EPOCH = 24, 7
+RUN = [
+    "experiment=tiny",
+    "data.source.num_train=50",  # 13 batches an epoch, the last one short
+    "data.global_batch_size=8",  # two batches a step: 7 steps an epoch, the last of one batch
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.val_check_interval=10",  # batches: step 5 ends on batch 10, right before a validation
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.last_every_n_steps=5",
+    "model.lora.enabled=true",  # dropout: the random state must continue as well
+    "model.refine.on_policy.fraction=0.5",  # callback state that changes the targets
+    "model.refine.on_policy.every_n_steps=4",
+    "model.refine.on_policy.num_samples=8",
+]
+
+
+def command(output_dir: Path) -> list[str]:
+    return [sys.executable, "train.py", *RUN, f"output_dir={output_dir}"]
+
+
+def identity(path: Path) -> tuple[int, int] | None:
+    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+
+
+def kill_after_next_checkpoint(output_dir: Path) -> int:
+    """Start the run and ``kill -9`` it as soon as it has written a new ``last.ckpt``; its step."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    before = identity(last)
+    with open(output_dir.parent / "killed.log", "a") as log:
+        process = subprocess.Popen(command(output_dir), cwd=ROOT, env=ENV, stdout=log, stderr=log)
+        while identity(last) == before:
+            assert process.poll() is None, "the run ended before writing last.ckpt"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+
+
+def finish(output_dir: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command(output_dir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def final_state(output_dir: Path) -> tuple[dict, dict, list[dict]]:
+    weights = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    with open(output_dir / "logs" / "csv" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    return weights["state_dict"], metrics, rows
+
+
+@pytest.mark.slow
+def test_run_killed_twice_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
+    finish(tmp_path / "uninterrupted")
+    killed = tmp_path / "killed"
+    steps = [kill_after_next_checkpoint(killed), kill_after_next_checkpoint(killed)]
+    # Both kills come right after a mid-epoch last.ckpt; the first one's step ends on the batch that
+    # validation follows.
+    assert steps == [5, 10] and all(step % STEPS_PER_EPOCH for step in steps)
+    assert "resuming from" in finish(killed).stderr
+
+    weights, metrics, rows = final_state(killed)
+    expected_weights, expected_metrics, expected_rows = final_state(tmp_path / "uninterrupted")
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert metrics == expected_metrics
+    # The CSV log holds no repeated rows. Lightning logs a batch's training row after the batch-end
+    # hooks, so the row of the batch last.ckpt was written at is missing when the kill fell in between.
+    after_checkpoint = next(r for r in expected_rows if r["train/loss"] and int(r["step"]) == steps[-1] - 1)
+    assert rows in (expected_rows, [r for r in expected_rows if r is not after_checkpoint])
+
+
+class Keys(Dataset):
+    """Returns the sampler's ``(epoch, index)`` key itself."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int]:
+        return key
+
+
+def loader(size: int = 22, batch: int = 4, workers: int = 0) -> ResumableLoader:
+    sampler = ShardedEpochSampler(size, True, seed=3)
+    return ResumableLoader(Keys(size), sampler, batch_size=batch, num_workers=workers)
+
+
+def keys(batches) -> list[tuple[int, int]]:
+    return [(int(e), int(i)) for epochs, indices in batches for e, i in zip(epochs, indices, strict=True)]
+
+
+def test_loader_state_resumes_mid_epoch_any_number_of_times():
+    everything = keys(loader())
+    first = loader()
+    seen = keys(batch for _, batch in zip(range(2), first, strict=False))
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    seen += keys(batch for _, batch in zip(range(2), second, strict=False))
+    third = loader()  # a second resume in the same epoch continues from the right place too
+    third.load_state_dict(second.state_dict())
+    assert third.state_dict() == {"epoch": 0, "batches": 4}
+    assert seen + keys(third) == everything
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_at_the_end_of_an_epoch_starts_the_next_one_whole(workers):
+    first = loader()
+    first.sampler.set_epoch(2)
+    list(first)
+    resumed = loader(workers=workers)
+    resumed.load_state_dict(first.state_dict())
+    batches = iter(resumed)  # Lightning's order: load, iter, then set_epoch for the next epoch
+    resumed.sampler.set_epoch(3)
+    fresh = loader()
+    fresh.sampler.set_epoch(3)
+    assert keys(batches) == keys(fresh)
+    assert resumed.state_dict() == {"epoch": 3, "batches": len(resumed)}
+
+
+def test_loader_iteration_leaves_the_global_random_state_alone():
+    before = torch.get_rng_state()
+    list(loader())
+    assert torch.equal(torch.get_rng_state(), before)  # dropout after a resume must not depend on epochs
+
+
+CHILD = """
+import sys
+from pathlib import Path
+import torch
+from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
+out = Path(sys.argv[1])
+io = AtomicCheckpointIO()  # what build_trainer gives every Trainer (test_trainer_writes_checkpoints_atomically)
+weights = torch.zeros(2**24)  # 64 MiB: a save lasts long enough to be killed in the middle of it
+for step in range(10_000):
+    io.save_checkpoint({"step": step, "weights": weights.fill_(step)}, out / "checkpoints" / "last.ckpt")
+    print(step, flush=True)
+"""
+
+
+def listing(directory: Path) -> dict[str, tuple[int, int, int]]:
+    entries = {}
+    for entry in os.scandir(directory):
+        with_stat = entry.stat()
+        entries[entry.name] = (with_stat.st_ino, with_stat.st_size, with_stat.st_mtime_ns)
+    return entries
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_leaves_the_last_complete_checkpoint(tmp_path):
+    # The system temp dir on another filesystem than the run, as on clusters (node-local /tmp).
+    env = dict(ENV, TMPDIR="/dev/shm") if Path("/dev/shm").is_dir() else ENV
+    process = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "0", "the first checkpoint was not written"
+    directory = tmp_path / "checkpoints"
+    complete = listing(directory)
+    while listing(directory) == complete:  # the next save has started writing: kill it now
+        assert process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    state = torch.load(directory / "last.ckpt", weights_only=True)
+    assert torch.equal(state["weights"], torch.full((2**24,), float(state["step"])))
+    assert all(name.startswith(".") for name in os.listdir(directory) if name != "last.ckpt")
+
+
+def test_next_save_removes_what_a_killed_save_left(tmp_path):
+    from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
+
+    (tmp_path / ".partial-killed").write_bytes(b"half a checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt")["step"] == 1
+
+
+def corrupt_variants(path: Path) -> dict[str, bytes]:
+    torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, path)
+    good = path.read_bytes()
+    return {"truncated": good[: len(good) // 2], "empty": b"", "garbage": b"not a checkpoint\n" * 10}
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage"])
+def test_unreadable_resume_checkpoint_is_a_one_line_error(tmp_path, kind):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(corrupt_variants(tmp_path / "good.ckpt")[kind])
+    for resume in ("auto", str(last)):
+        with pytest.raises(CheckpointError) as error:
+            resume_checkpoint(resume, tmp_path)
+        message = str(error.value)
+        assert str(last) in message and "\n" not in message
+        assert "delete" in message and "resume=" in message  # what to do about it
+
+
+def test_readable_resume_checkpoint_is_used(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    corrupt_variants(last)  # writes a good checkpoint there
+    assert resume_checkpoint("auto", tmp_path) == str(last)
+
+
+def test_train_with_a_truncated_last_checkpoint_exits_with_one_line(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(corrupt_variants(tmp_path / "good.ckpt")["truncated"])
+    (tmp_path / "good.ckpt").unlink()
+    result = subprocess.run(
+        [sys.executable, "train.py", "experiment=tiny", f"output_dir={tmp_path}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} ")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "checkpoints",
+        "checkpoints/last.ckpt",
+    ]  # nothing written before the check
+
+
+def test_trainer_writes_checkpoints_atomically(tmp_path):
+    from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
+    from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
+    from timerefine.pipeline.config import load_config
+
+    cfg = load_config(["experiment=tiny", f"output_dir={tmp_path}"])
+    module = build_module(cfg, build_datamodule(cfg))
+    assert isinstance(build_trainer(cfg, tmp_path, module).strategy.checkpoint_io, AtomicCheckpointIO)
