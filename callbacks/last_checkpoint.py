@@ -7,6 +7,14 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from timerefine.lightning_compat import (
+    every_n_train_steps,
+    mark_saved_at,
+    save_last,
+    should_skip_saving,
+    validation_follows_this_batch,
+)
+
 
 class LastCheckpoint(ModelCheckpoint):
     """Written where Lightning resumes exactly: at the end of the step's batch, or, when validation
@@ -26,19 +34,19 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._last_global_step_saved = trainer.global_step  # a resumed run starts at its checkpoint
+        mark_saved_at(self, trainer.global_step)  # a resumed run starts at its checkpoint
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        every = self._every_n_train_steps
+        every = every_n_train_steps(self)
         due = (every > 0 and trainer.global_step % every == 0) or trainer.global_step == trainer.max_steps
-        if not due or self._should_skip_saving_checkpoint(trainer):
+        if not due or should_skip_saving(self, trainer):
             return
-        if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        if validation_follows_this_batch(trainer):
             self._after_validation = True
         else:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last(self, trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._after_validation and not trainer.sanity_checking:
             self._after_validation = False
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last(self, trainer)

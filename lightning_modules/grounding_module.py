@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lightning_modules.generation import generate
 from lightning_modules.param_groups import weight_decay_split
+from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import spaced
@@ -58,8 +59,12 @@ class GroundingModule(L.LightningModule):
         optim: OptimSpec,
         inference: InferenceSpec,
         saliency_weight: float = 0.0,
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """``config``: the run's resolved config, saved in every checkpoint (``hyper_parameters``)
+        together with the tokenizer's files, so a checkpoint says what it is without its run folder."""
         super().__init__()
+        self.save_hyperparameters({"config": config}, logger=False)
         self.model, self.codec, self.tokenizer = model, codec, codec.tokenizer
         self.aux_weight, self.saliency_weight = aux_weight, saliency_weight
         self.optim, self.inference = optim, inference
@@ -181,6 +186,9 @@ class GroundingModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

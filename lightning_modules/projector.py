@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+TEMPORAL_EMBEDDINGS = ("none", "learned", "digits")
+
 
 @dataclass(frozen=True)
 class ProjectorSpec:
@@ -41,8 +43,8 @@ class FrameProjector(nn.Module):
         kind: str,
         feature_dim: int,
         hidden_size: int,
-        num_frames: int,
-        temporal_embedding: bool,
+        num_frames: int = 100,
+        temporal_embedding: bool = False,
         frames_per_token: int = 1,
         query_size: int | None = None,
     ) -> None:
@@ -86,22 +88,17 @@ class FrameProjector(nn.Module):
             tokens = tokens + self.time.weight[: tokens.shape[-2]].to(tokens.dtype)
         return tokens
 
-
-def build_projector(
-    kind: str,
-    feature_dim: int,
-    hidden_size: int,
-    num_frames: int = 100,
-    temporal_embedding: bool = False,
-    frames_per_token: int = 1,
-    query_conditioned: bool = False,
-) -> FrameProjector:
-    return FrameProjector(
-        kind,
-        feature_dim,
-        hidden_size,
-        num_frames,
-        temporal_embedding,
-        frames_per_token,
-        hidden_size if query_conditioned else None,
-    )
+    @classmethod
+    def from_spec(
+        cls, spec: ProjectorSpec, feature_dim: int, hidden_size: int, num_frames: int
+    ) -> FrameProjector:
+        """The projector ``spec`` describes (``digits`` time embeddings live in the VideoLLM)."""
+        return cls(
+            spec.kind,
+            feature_dim,
+            hidden_size,
+            num_frames,
+            temporal_embedding=spec.temporal_embedding == "learned",
+            frames_per_token=spec.frames_per_token,
+            query_size=hidden_size if spec.query_conditioned else None,
+        )

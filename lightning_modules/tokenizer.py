@@ -6,7 +6,9 @@ and digits are single tokens so timestamps are spelled digit by digit.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -55,3 +57,18 @@ def build_tokenizer(
     else:
         tokenizer = train_local_tokenizer(texts, vocab_size)
     return add_grounding_tokens(tokenizer)
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes, by name (what a checkpoint keeps of its tokenizer)."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`tokenizer_files` kept."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, content in files.items():
+            (Path(folder) / name).write_bytes(content)
+        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder))

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from timerefine.answer_format.tokens import IGNORE_INDEX
+from lightning_modules.aux_head import AuxHead, AuxSpec
+from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.timeline import MAX_INDEX
+from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
+
+
+def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> torch.Tensor:
+    """The tens and ones digit token of each video token's index on the 00-99 timeline, (tokens, 2)."""
+    indices = [round(i * MAX_INDEX / max(video_tokens - 1, 1)) for i in range(video_tokens)]
+    return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
 
 
 class VideoLLM(nn.Module):
@@ -34,6 +44,43 @@ class VideoLLM(nn.Module):
         self.register_buffer("frame_index_ids", frame_index_ids, persistent=False)
         hidden = lm.config.hidden_size
         self.digit_gate = nn.Parameter(torch.ones(2, hidden)) if frame_index_ids is not None else None
+
+    @classmethod
+    def from_config(
+        cls,
+        lm: PreTrainedModel,
+        codec: AnswerCodec,
+        projector: ProjectorSpec,
+        aux: AuxSpec,
+        saliency_weight: float,
+        feature_dim: int,
+        num_frames: int,
+    ) -> VideoLLM:
+        """The Video LLM a config describes around ``lm``: the projector, the aux head (when its
+        weight is on and answers have offsets), the digit time embeddings, the saliency head.
+        Raises ValueError for a combination that cannot work."""
+        if projector.temporal_embedding not in TEMPORAL_EMBEDDINGS:
+            raise ValueError(
+                f"temporal_embedding={projector.temporal_embedding!r}: choose {TEMPORAL_EMBEDDINGS}"
+            )
+        if saliency_weight > 0 and not projector.query_conditioned:
+            raise ValueError("a saliency loss needs a query-conditioned projector")
+        hidden = lm.config.hidden_size
+        frames = FrameProjector.from_spec(projector, feature_dim, hidden, num_frames)
+        video_tokens = num_frames // projector.frames_per_token
+        with_aux = aux.weight > 0 and codec.schedule.with_offsets
+        return cls(
+            lm,
+            frames,
+            codec.tokenizer.convert_tokens_to_ids(VIDEO),
+            aux_head=AuxHead(hidden, aux.head, aux.loss) if with_aux else None,
+            frame_index_ids=(
+                frame_index_ids(codec.tokenizer, video_tokens)
+                if projector.temporal_embedding == "digits"
+                else None
+            ),
+            saliency_head=nn.Linear(hidden, 1) if saliency_weight > 0 else None,
+        )
 
     def frame_embeddings(
         self, features: torch.Tensor, dtype: torch.dtype, query: torch.Tensor | None = None

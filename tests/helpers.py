@@ -16,7 +16,7 @@ from datamodules.dataset import GroundingDataset
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
-from lightning_modules.projector import build_projector
+from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
@@ -85,7 +85,7 @@ def video_llm(
     lm = build_language_model(tok, None, TINY, lora)
     aux = AuxHead(HIDDEN, "mlp", aux_loss) if aux_loss is not None and refine_steps > 0 else None
     return VideoLLM(
-        lm, build_projector(projector, SPEC.feature_dim, HIDDEN), tok.convert_tokens_to_ids(VIDEO), aux
+        lm, FrameProjector(projector, SPEC.feature_dim, HIDDEN), tok.convert_tokens_to_ids(VIDEO), aux
     )
 
 

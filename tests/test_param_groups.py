@@ -10,7 +10,7 @@ from torch import nn
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.param_groups import weight_decay_split
-from lightning_modules.projector import build_projector
+from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
 from timerefine.answer_format.tokens import VIDEO
@@ -23,7 +23,7 @@ def every_part(arch: str, lora: LoraSpec | None) -> VideoLLM:
     spec = TinyLMSpec(arch=arch, hidden_size=hidden, num_layers=1, num_heads=2, intermediate_size=64)
     return VideoLLM(
         build_language_model(tokenizer, None, spec, lora),
-        build_projector("mlp", helpers.SPEC.feature_dim, hidden, tokens, True, 1, True),
+        FrameProjector("mlp", helpers.SPEC.feature_dim, hidden, tokens, True, 1, hidden),
         tokenizer.convert_tokens_to_ids(VIDEO),
         AuxHead(hidden),
         torch.zeros(tokens, 2, dtype=torch.long),

@@ -8,7 +8,7 @@ import torch
 
 from lightning_modules.generation import generate
 from lightning_modules.grounding_module import saliency_targets
-from lightning_modules.projector import build_projector
+from lightning_modules.projector import FrameProjector
 from tests import helpers
 from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
@@ -17,7 +17,7 @@ from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_projector_shapes(kind):
-    projector = build_projector(kind, 16, 32)
+    projector = FrameProjector(kind, 16, 32)
     assert projector(torch.randn(3, 8, 16)).shape == (3, 8, 32)
     assert projector(torch.randn(5, 16)).shape == (5, 32)
     layers = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
@@ -25,7 +25,7 @@ def test_projector_shapes(kind):
 
 
 def test_merged_frames_make_one_token_each():
-    projector = build_projector("mlp", 4, 8, num_frames=6, temporal_embedding=True, frames_per_token=3)
+    projector = FrameProjector("mlp", 4, 8, num_frames=6, temporal_embedding=True, frames_per_token=3)
     features = torch.randn(2, 6, 4)
     tokens = projector(features)
     assert tokens.shape == (2, 2, 8)
@@ -39,14 +39,14 @@ def test_merged_frames_make_one_token_each():
 
 def test_frames_per_token_must_divide_the_frames():
     with pytest.raises(ValueError, match="divide"):
-        build_projector("linear", 4, 8, num_frames=10, frames_per_token=3)
+        FrameProjector("linear", 4, 8, num_frames=10, frames_per_token=3)
     with pytest.raises(ValueError, match="do not split"):
-        build_projector("linear", 4, 8, num_frames=6, frames_per_token=3)(torch.randn(1, 4, 4))
+        FrameProjector("linear", 4, 8, num_frames=6, frames_per_token=3)(torch.randn(1, 4, 4))
 
 
 def test_unknown_projector_raises():
     with pytest.raises(ValueError, match="qformer"):
-        build_projector("qformer", 16, 32)
+        FrameProjector("qformer", 16, 32)
 
 
 # ---- frame splicing ------------------------------------------------------------------------------
@@ -72,8 +72,8 @@ def test_embed_splices_projected_frames_in_order():
 
 
 def test_query_conditioned_projector_starts_unconditioned_and_needs_the_query():
-    plain = build_projector("mlp", 4, 8, num_frames=6)
-    film = build_projector("mlp", 4, 8, num_frames=6, query_conditioned=True)
+    plain = FrameProjector("mlp", 4, 8, num_frames=6)
+    film = FrameProjector("mlp", 4, 8, num_frames=6, query_size=8)
     film.net.load_state_dict(plain.net.state_dict())
     features, query = torch.randn(2, 6, 4), torch.randn(2, 8)
     assert torch.allclose(film(features, query), plain(features))  # zero-initialized FiLM
@@ -87,8 +87,8 @@ def test_query_conditioned_projector_starts_unconditioned_and_needs_the_query():
 
 def test_the_query_embedding_comes_from_the_prompt_text_only():
     model = helpers.video_llm(refine_steps=0)
-    model.projector = build_projector(
-        "mlp", helpers.SPEC.feature_dim, helpers.HIDDEN, helpers.SPEC.num_frames, query_conditioned=True
+    model.projector = FrameProjector(
+        "mlp", helpers.SPEC.feature_dim, helpers.HIDDEN, helpers.SPEC.num_frames, query_size=helpers.HIDDEN
     )
     torch.nn.init.normal_(model.projector.film.weight)
     batch = helpers.batch(refine_steps=0, n=2)

@@ -5,20 +5,17 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.language_model import build_tiny_lm
-from lightning_modules.projector import build_projector
-from lightning_modules.video_llm import VideoLLM
+from lightning_modules.projector import FrameProjector
+from lightning_modules.video_llm import VideoLLM, frame_index_ids
 from tests import helpers
 from timerefine.answer_format.tokens import VIDEO
-from timerefine.pipeline.build import frame_index_ids
 
 
 def _model(mode: str, num_frames: int = 12) -> VideoLLM:
     tok = helpers.tokenizer()
     torch.manual_seed(0)
     lm = build_tiny_lm(helpers.TINY, tok)
-    projector = build_projector(
-        "linear", 16, helpers.HIDDEN, num_frames, temporal_embedding=mode == "learned"
-    )
+    projector = FrameProjector("linear", 16, helpers.HIDDEN, num_frames, temporal_embedding=mode == "learned")
     ids = frame_index_ids(tok, num_frames) if mode == "digits" else None
     return VideoLLM(lm, projector, tok.convert_tokens_to_ids(VIDEO), None, ids)
 

@@ -6,7 +6,6 @@ import inspect
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -16,7 +15,6 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from callbacks.last_checkpoint import LastCheckpoint
@@ -29,21 +27,21 @@ from datamodules.annotation_source import AnnotationSource, activitynet_source, 
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
-from lightning_modules.aux_head import AuxHead
+from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
-from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
-from lightning_modules.projector import build_projector
+from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model
+from lightning_modules.projector import ProjectorSpec
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.corpus import tokenizer_corpus
 from timerefine.answer_format.prompts import render_prompt
 from timerefine.answer_format.targets import RefineSchedule
-from timerefine.answer_format.timeline import MAX_INDEX
-from timerefine.answer_format.tokens import VIDEO
+from timerefine.lightning_compat import check_lightning_internals
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
+from timerefine.pipeline.schema import from_node
 from timerefine.pipeline.strategy import build_strategy
 
 SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
@@ -73,90 +71,57 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
 
 def refine_schedule(model: DictConfig) -> RefineSchedule:
     """``model.refine`` (``steps`` is K) as the one object every use of K reads."""
-    refine = model.refine
-    return RefineSchedule(
-        refine.steps,
-        tuple(refine.noise_std),
-        refine.relative,
-        refine.contain_gt,
-        tuple(refine.get("residual_std") or ()),
-    )
+    return from_node(RefineSchedule, model.refine)
 
 
-def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> torch.Tensor:
-    """The tens and ones digit token of each video token's index on the 00-99 timeline, (tokens, 2)."""
-    indices = [round(i * MAX_INDEX / max(video_tokens - 1, 1)) for i in range(video_tokens)]
-    return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
+def build_tokenizer_for(
+    cfg: DictConfig, datamodule: GroundingDataModule, schedule: RefineSchedule, tokenizer_dir: Path | None
+) -> PreTrainedTokenizerBase:
+    """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the
+    pretrained one, else a local BPE trained on the training prompts and sample answers."""
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
+    train = datamodule.records("train")
+    prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
+    corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
+    return build_tokenizer(cfg.model.lm.name_or_path, corpus, cfg.model.lm.tokenizer_vocab_size)
 
 
 def build_module(
     cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
 ) -> GroundingModule:
-    """Tokenizer, LM, projector, aux head, and the answer codec the module and the datamodule share.
-    The tokenizer is the run's saved one when ``tokenizer_dir`` exists (resume, evaluation), else
-    pretrained, else trained on the data's text."""
+    """The tokenizer, the Video LLM and the answer codec that the module and the datamodule share."""
     model = cfg.model
     schedule = refine_schedule(model)
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        tokenizer = add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
-    else:
-        train = datamodule.records("train")
-        prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
-        corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
-        tokenizer = build_tokenizer(model.lm.name_or_path, corpus, model.lm.tokenizer_vocab_size)
+    codec = AnswerCodec(build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
+    lm_spec = from_node(LMSpec, model.lm)
     lm = build_language_model(
-        tokenizer,
-        model.lm.name_or_path,
-        TinyLMSpec(**model.lm.tiny),
-        LoraSpec(**{k: v for k, v in model.lora.items() if k != "enabled"}) if model.lora.enabled else None,
-        model.lm.dtype,
-        model.lm.gradient_checkpointing,
+        codec.tokenizer,
+        lm_spec.name_or_path,
+        lm_spec.tiny,
+        from_node(LoraSpec, model.lora) if model.lora.enabled else None,
+        lm_spec.dtype,
+        lm_spec.gradient_checkpointing,
     )
-    hidden = lm.config.hidden_size
-    aux = (
-        AuxHead(hidden, model.aux.head, model.aux.loss)
-        if model.aux.weight > 0 and schedule.with_offsets
-        else None
-    )
-    time_kind = model.projector.temporal_embedding
-    if time_kind not in ("none", "learned", "digits"):
-        raise ConfigError(f"model.projector.temporal_embedding={time_kind!r}: choose none, learned or digits")
-    if model.saliency.weight > 0 and not model.projector.query_conditioned:
-        raise ConfigError(
-            "model.saliency.weight > 0 needs model.projector.query_conditioned=true: "
-            "without it a video token cannot know which query it is scored against"
-        )
-    num_frames, per_token = datamodule.source.num_frames, model.projector.frames_per_token
-    if per_token < 1 or num_frames % per_token:
-        raise ConfigError(
-            f"model.projector.frames_per_token={per_token} must be >= 1 and divide the data's {num_frames} frames"
-        )
-    video_tokens = num_frames // per_token
-    video_llm = VideoLLM(
+    projector = from_node(ProjectorSpec, model.projector)
+    video_llm = VideoLLM.from_config(
         lm,
-        build_projector(
-            model.projector.kind,
-            datamodule.source.feature_dim,
-            hidden,
-            num_frames,
-            time_kind == "learned",
-            per_token,
-            model.projector.query_conditioned,
-        ),
-        tokenizer.convert_tokens_to_ids(VIDEO),
-        aux,
-        frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
-        nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,
+        codec,
+        projector=projector,
+        aux=from_node(AuxSpec, model.aux),
+        saliency_weight=model.saliency.weight,
+        feature_dim=datamodule.source.feature_dim,
+        num_frames=datamodule.source.num_frames,
     )
-    codec = AnswerCodec(tokenizer, schedule)
-    datamodule.attach(codec, video_tokens)
+    datamodule.attach(codec, datamodule.source.num_frames // projector.frames_per_token)
     return GroundingModule(
         video_llm,
         codec,
-        model.aux.weight,
-        OptimSpec(**model.optim),
-        InferenceSpec(**model.inference),
-        model.saliency.weight,
+        aux_weight=model.aux.weight,
+        optim=from_node(OptimSpec, model.optim),
+        inference=from_node(InferenceSpec, model.inference),
+        saliency_weight=model.saliency.weight,
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
 
 
@@ -222,6 +187,7 @@ def accumulation(data: DictConfig, world_size: int) -> int:
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
+    check_lightning_internals()
     on_slurm = SLURMEnvironment.detect()
     # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
     plugins: list = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if on_slurm else [])

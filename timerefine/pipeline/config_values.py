@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.aux_head import AUX_LOSSES
 from lightning_modules.language_model import TINY_ARCHITECTURES
+from lightning_modules.projector import TEMPORAL_EMBEDDINGS
 from timerefine.answer_format.predictions import FINAL_CHOICES
 
 Check = Callable[[Any], "str | None"]
@@ -123,6 +124,7 @@ RULES: dict[str, Check] = {
     "model.lora.target_modules": items(lambda name: None if isinstance(name, str) else "must be a name", 1),
     "model.projector.kind": one_of("linear", "mlp"),
     "model.projector.frames_per_token": integer(1),
+    "model.projector.temporal_embedding": one_of(*TEMPORAL_EMBEDDINGS),
     "model.refine.steps": integer(0),
     "model.refine.noise_std": items(NON_NEGATIVE, 1),
     "model.refine.residual_std": optional(items(NON_NEGATIVE)),
@@ -159,6 +161,29 @@ ORDERED = [
 ]
 
 
+def _frames_split_into_tokens(cfg: DictConfig) -> str | None:
+    per_token = OmegaConf.select(cfg, "model.projector.frames_per_token", default=None)
+    frames = OmegaConf.select(cfg, "data.source.num_frames", default=None)
+    if isinstance(per_token, int) and per_token >= 1 and isinstance(frames, int) and frames % per_token:
+        return f"model.projector.frames_per_token={per_token} must divide data.source.num_frames={frames}"
+    return None
+
+
+def _saliency_reads_the_query(cfg: DictConfig) -> str | None:
+    weight = OmegaConf.select(cfg, "model.saliency.weight", default=0)
+    conditioned = OmegaConf.select(cfg, "model.projector.query_conditioned", default=True)
+    if _is_number(weight) and weight > 0 and not conditioned:
+        return (
+            f"model.saliency.weight={weight} needs model.projector.query_conditioned=true: without it a "
+            "video token cannot know which query it is scored against"
+        )
+    return None
+
+
+# Checks across keys: each returns what is wrong, or None.
+CONSTRAINTS: list[Callable[[DictConfig], str | None]] = [_frames_split_into_tokens, _saliency_reads_the_query]
+
+
 def _show(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
@@ -177,4 +202,4 @@ def value_errors(cfg: DictConfig) -> list[str]:
         low, high = (OmegaConf.select(cfg, key, default=None) for key in (small, large))
         if _is_number(low) and _is_number(high) and low > high:
             errors.append(f"{small}={low} must not exceed {large}={high}")
-    return errors
+    return errors + [reason for constraint in CONSTRAINTS if (reason := constraint(cfg))]

@@ -2,54 +2,22 @@
 
 from __future__ import annotations
 
-import csv
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-
-class _ContinuingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (Lightning's writer deletes it) and appends to it."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
-
-    def drop_from(self, step: int) -> None:
-        """Removes the rows logged at ``step`` or later."""
-        if not self._fs.isfile(self.metrics_file_path):
-            return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            rows = list(csv.DictReader(file))
-        kept = [row for row in rows if int(row["step"]) < step]
-        if len(kept) < len(rows):
-            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
+from timerefine.lightning_compat import ContinuingCSVLogger
 
 
-class ResumableCSVLogger(CSVLogger):
+class ResumableCSVLogger(ContinuingCSVLogger):
     """Continues metrics.csv after a resume. Every row is written as it is logged (also those that
     bypass Lightning's flushing, like the learning-rate monitor's), so a killed run has written every
     row it logged before its checkpoint; :class:`CSVResume` removes those it logged after it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, flush_logs_every_n_steps=1, **kwargs)
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment
 
     @rank_zero_only
     def resume_at(self, step: int) -> None:

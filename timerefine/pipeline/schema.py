@@ -8,10 +8,13 @@ and hold nothing but what a choice changes.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from callbacks.on_policy import OnPolicySpec
 from datamodules.annotation_source import AnnotationSpec
@@ -87,6 +90,28 @@ DATASETS: dict[str, DataConfig] = {
         ),
     ),
 }
+
+
+Spec = TypeVar("Spec")
+
+
+def from_node(spec_type: type[Spec], node: DictConfig | dict[str, Any]) -> Spec:
+    """A spec dataclass built by keyword from its config node: its own fields only (a node may hold
+    more, e.g. ``model.refine.on_policy``), nested specs built the same way, lists made tuples where
+    the field holds a tuple."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    hints = typing.get_type_hints(spec_type)
+    kwargs = {}
+    for spec_field in dataclasses.fields(spec_type):
+        if spec_field.name not in values:
+            continue
+        value, hint = values[spec_field.name], hints[spec_field.name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_node(hint, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[spec_field.name] = value
+    return spec_type(**kwargs)
 
 
 def as_node(spec: Any) -> dict[str, Any]:

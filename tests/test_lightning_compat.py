@@ -1,0 +1,50 @@
+"""The Lightning internals this project relies on are all named in one place and checked."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from timerefine.lightning_compat import INTERNALS, LightningInternalsChanged, check_lightning_internals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_lightning_has_every_internal_we_rely_on():
+    check_lightning_internals()
+
+
+def test_a_changed_signature_fails_loudly_naming_the_internal(monkeypatch):
+    monkeypatch.setattr(ModelCheckpoint, "_save_last_checkpoint", lambda self, trainer: None)
+    with pytest.raises(LightningInternalsChanged, match=r"ModelCheckpoint\._save_last_checkpoint"):
+        check_lightning_internals()
+
+
+def test_a_removed_internal_fails_loudly_naming_it(monkeypatch):
+    monkeypatch.delattr(ModelCheckpoint, "_should_skip_saving_checkpoint")
+    with pytest.raises(LightningInternalsChanged, match="_should_skip_saving_checkpoint"):
+        check_lightning_internals()
+
+
+def test_no_other_module_touches_a_listed_internal():
+    names = sorted({name for _, name, _ in INTERNALS})
+    found = subprocess.run(
+        [
+            "git",
+            "grep",
+            "-n",
+            "-E",
+            "|".join(names),
+            "--",
+            "*.py",
+            ":!tests",
+            ":!timerefine/lightning_compat.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert found == "", f"Lightning internals used outside timerefine/lightning_compat.py:\n{found}"

@@ -1,0 +1,122 @@
+"""Every use of Lightning's private internals, in one place.
+
+Exact resume and a continuing CSV log need a few things Lightning keeps private. Each is wrapped or
+overridden here and nowhere else, and :func:`check_lightning_internals` (run when a Trainer is built,
+and by tests/test_lightning_compat.py) fails loudly, naming the internal, when a Lightning upgrade
+changes one of them, instead of letting a resume go silently wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+# (owner, private member, the parameters it must take; None for a plain attribute)
+INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
+    (ModelCheckpoint, "_save_last_checkpoint", ("self", "trainer", "monitor_candidates")),
+    (ModelCheckpoint, "_monitor_candidates", ("self", "trainer")),
+    (ModelCheckpoint, "_should_skip_saving_checkpoint", ("self", "trainer")),
+    (ModelCheckpoint, "_last_global_step_saved", None),
+    (ModelCheckpoint, "_every_n_train_steps", None),
+    (_TrainingEpochLoop, "_should_check_val_fx", ("self", "data_fetcher")),
+    (ExperimentWriter, "_check_log_dir_exists", ("self",)),
+    (CSVLogger, "_experiment", None),
+]
+
+
+class LightningInternalsChanged(RuntimeError):
+    """An internal of Lightning that this project overrides is gone or has another signature."""
+
+
+def _instance_attributes(owner: type) -> set[str]:
+    if owner is ModelCheckpoint:
+        return set(vars(ModelCheckpoint()))
+    if owner is CSVLogger:
+        return set(vars(CSVLogger(save_dir=".")))
+    return set()
+
+
+def check_lightning_internals() -> None:
+    """Raise :class:`LightningInternalsChanged` naming the first internal that no longer fits."""
+    for owner, name, parameters in INTERNALS:
+        where = f"{owner.__name__}.{name} (lightning {L.__version__})"
+        if parameters is None:
+            if name not in _instance_attributes(owner):
+                raise LightningInternalsChanged(
+                    f"{where} is gone; timerefine/lightning_compat.py relies on it"
+                )
+            continue
+        member = getattr(owner, name, None)
+        if member is None:
+            raise LightningInternalsChanged(f"{where} is gone; timerefine/lightning_compat.py relies on it")
+        found = tuple(inspect.signature(member).parameters)
+        if found != parameters:
+            raise LightningInternalsChanged(
+                f"{where} now takes {found}, not {parameters}; update timerefine/lightning_compat.py"
+            )
+
+
+# ---- ModelCheckpoint and the fit loop -----------------------------------------------------------
+def every_n_train_steps(callback: ModelCheckpoint) -> int:
+    return callback._every_n_train_steps
+
+
+def should_skip_saving(callback: ModelCheckpoint, trainer: L.Trainer) -> bool:
+    return callback._should_skip_saving_checkpoint(trainer)
+
+
+def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:
+    """Tell ``callback`` that the checkpoint of ``step`` exists (a resumed run starts at it)."""
+    callback._last_global_step_saved = step
+
+
+def save_last(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
+    """Write ``callback``'s ``last.ckpt`` now."""
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def validation_follows_this_batch(trainer: L.Trainer) -> bool:
+    """Whether the fit loop validates right after the batch that just ended."""
+    return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+# ---- CSVLogger that continues its file ----------------------------------------------------------
+class ContinuingExperimentWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (Lightning's writer deletes it) and appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
+
+    def drop_from(self, step: int) -> None:
+        """Removes the rows logged at ``step`` or later."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if int(row["step"]) < step]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """A CSVLogger whose experiment is a :class:`ContinuingExperimentWriter`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuingExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
