@@ -18,7 +18,7 @@ from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import OFFSET, spaced
 from timerefine.answer_format.predictions import Prediction, predict, prediction_row, seconds
 from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import temporal_iou
+from timerefine.metrics.windows import metric_inputs, record_iou
 
 
 @dataclass
@@ -113,7 +113,6 @@ class GroundingModule(L.LightningModule):
         records = batch["records"]
         self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
         predictions = self.predict_batch(batch)
-        target = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
         finals, per_step = [], [[] for _ in range(self.num_steps)]
         for record, prediction in zip(records, predictions, strict=True):
             finals.append(seconds(prediction.final, record.duration))
@@ -121,16 +120,16 @@ class GroundingModule(L.LightningModule):
                 found = prediction.steps[step] if step < len(prediction.steps) else None
                 per_step[step].append(seconds(found, record.duration))
             if split == "test":
-                iou = self._iou(finals[-1], (record.start, record.end))
+                iou = record_iou(finals[-1], record)
                 self.predictions.append(prediction_row(record, prediction, iou))
-        self.metrics[split].update(torch.tensor(finals, dtype=torch.float64), target)
+        self.metrics[split].update(*metric_inputs(finals, records))
         for choice, metric in self.choice_metrics[split].items():
             chosen = [
                 seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
             ]
-            metric.update(torch.tensor(chosen, dtype=torch.float64), target)
+            metric.update(*metric_inputs(chosen, records))
         for step, metric in enumerate(self.step_metrics[split]):
-            metric.update(torch.tensor(per_step[step], dtype=torch.float64), target)
+            metric.update(*metric_inputs(per_step[step], records))
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
@@ -160,10 +159,6 @@ class GroundingModule(L.LightningModule):
             tuple(s) if ok else None
             for s, ok in zip(segment.tolist(), generation.has_offset.tolist(), strict=True)
         ]
-
-    @staticmethod
-    def _iou(pred: tuple[float, float], gt: tuple[float, float]) -> float:
-        return float(temporal_iou(torch.tensor([pred]), torch.tensor([gt]))[0])
 
     def _log_metrics(self, split: str) -> None:
         scores = self.metrics[split].compute()
