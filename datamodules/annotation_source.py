@@ -1,4 +1,4 @@
-"""Charades-STA and ActivityNet Captions as DataSources: parsed annotations + a feature store.
+"""Charades-STA, ActivityNet Captions and JSONL files as DataSources: parsed annotations + a feature store.
 
 Every split's records are checked against the store once (``strict`` raises on the first bad video,
 otherwise its queries are skipped and counted), and the coverage (which also counts the queries the
@@ -16,12 +16,17 @@ from datamodules.activitynet import load_activitynet
 from datamodules.charades_sta import load_charades_sta
 from datamodules.coverage import CoverageReport, check_coverage, with_annotation_drops
 from datamodules.feature_stores import build_feature_store
+from datamodules.jsonl import FIELDS, load_jsonl
 from datamodules.quirks import QuirkPolicy, QuirkReport
 from datamodules.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
-LOADERS: dict[str, Loader] = {"charades_sta": load_charades_sta, "activitynet": load_activitynet}
+LOADERS: dict[str, Loader] = {
+    "charades_sta": load_charades_sta,
+    "activitynet": load_activitynet,
+    "jsonl": load_jsonl,
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class AnnotationSource:
         self.synthetic_noise, self.seed = synthetic_noise, seed
         self.policy = QuirkPolicy(**(quirks or {}))
         self.annotation_files = annotation_files or {}
+        self.loader_options: dict[str, object] = {}  # more keyword arguments of the loader
         self._parsed: dict[str, tuple[list[GroundingRecord], QuirkReport]] = {}
         self._usable: dict[str, list[GroundingRecord]] = {}
         self.coverage: dict[str, CoverageReport] = {}
@@ -89,7 +95,9 @@ class AnnotationSource:
         own = self.splits[split]
         if own not in self._parsed:
             kwargs = {"annotation_file": self.annotation_files[own]} if own in self.annotation_files else {}
-            self._parsed[own] = LOADERS[self.name](self.root, own, self.policy, **kwargs)
+            self._parsed[own] = LOADERS[self.name](
+                self.root, own, self.policy, **kwargs, **self.loader_options
+            )
         return self._parsed[own]
 
     def store(self, split: str) -> FeatureStore:
@@ -132,3 +140,22 @@ def charades_sta_source(**kwargs: object) -> AnnotationSource:
 
 def activitynet_source(**kwargs: object) -> AnnotationSource:
     return AnnotationSource("activitynet", **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class JsonlSpec(AnnotationSpec):
+    """A JSONL dataset (datamodules/jsonl.py), ``{split}.jsonl`` in ``root`` unless ``annotation_files``
+    names the file. ``keys`` maps each field to its key in the files. ``multi_window`` scores a query
+    with several windows against the best-matching one (``best``, Lighthouse) or their union
+    (``union``, UniTime); its targets use :func:`timerefine.metrics.windows.target_window`."""
+
+    keys: dict[str, str] = field(default_factory=lambda: {name: name for name in FIELDS})
+    multi_window: str = "best"
+
+
+class JsonlSource(AnnotationSource):
+    def __init__(
+        self, keys: dict[str, str] | None = None, multi_window: str = "best", **common: object
+    ) -> None:
+        super().__init__("jsonl", **common)  # type: ignore[arg-type]
+        self.loader_options = {"keys": keys, "multi_window": multi_window}

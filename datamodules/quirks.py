@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from datamodules.records import GroundingRecord
 from timerefine.answer_format.prompts import normalize_query
+from timerefine.metrics.windows import target_window
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,27 @@ def resolve_segment(
     report: QuirkReport,
 ) -> GroundingRecord | None:
     """Apply ``policy`` to one parsed query; return its record, or None when the policy drops it."""
-    if not (math.isfinite(start) and math.isfinite(end) and start >= 0 and end >= 0):
-        return report.malformed(where, f"video {video_id}: bad times {start}, {end}", policy)
+    return resolve_windows(qid, video_id, query, duration, [(start, end)], where, policy, report)
+
+
+def resolve_windows(
+    qid: str,
+    video_id: str,
+    query: str,
+    duration: float | None,
+    windows: Sequence[tuple[float, float]],
+    where: str,
+    policy: QuirkPolicy,
+    report: QuirkReport,
+    multi_window: str = "best",
+) -> GroundingRecord | None:
+    """Apply ``policy`` to one query and each of its windows; return its record (targets on the
+    :func:`target_window` under ``multi_window``), or None when the policy drops it. A window the
+    policy drops drops its query (scored without it, a prediction of that moment would count as
+    wrong); swaps and clips are counted per window."""
+    for start, end in windows:
+        if not (math.isfinite(start) and math.isfinite(end) and start >= 0 and end >= 0):
+            return report.malformed(where, f"video {video_id}: bad times {start}, {end}", policy)
 
     def reject(kind: str, action: str, detail: str) -> None:
         if action == "error":
@@ -136,17 +157,21 @@ def resolve_segment(
         return reject(EMPTY_QUERY, policy.empty_query, f"video {video_id}: empty sentence {query!r}")
     if duration is None or not (math.isfinite(duration) and duration > 0):
         return reject(UNKNOWN_VIDEO, policy.unknown_video, f"video {video_id} has no usable duration")
-    if start > end:
-        if policy.start_after_end == "drop":
-            return reject(START_AFTER_END, "drop", f"{video_id} {start} > {end}")
-        report.note(START_AFTER_END, "swapped", where, f"{video_id} {start} > {end}")
-        start, end = end, start
-    if start >= duration:
-        return reject(START_AFTER_DURATION, "drop", f"{video_id} start {start} >= duration {duration}")
-    if end > duration + TIME_TOLERANCE:
-        detail = f"{video_id} end {end} > duration {duration}"
-        if policy.end_after_duration == "drop":
-            return reject(END_AFTER_DURATION, "drop", detail)
-        report.note(END_AFTER_DURATION, "clipped", where, detail)
+    resolved = []
+    for start, end in windows:
+        if start > end:
+            if policy.start_after_end == "drop":
+                return reject(START_AFTER_END, "drop", f"{video_id} {start} > {end}")
+            report.note(START_AFTER_END, "swapped", where, f"{video_id} {start} > {end}")
+            start, end = end, start
+        if start >= duration:
+            return reject(START_AFTER_DURATION, "drop", f"{video_id} start {start} >= duration {duration}")
+        if end > duration + TIME_TOLERANCE:
+            detail = f"{video_id} end {end} > duration {duration}"
+            if policy.end_after_duration == "drop":
+                return reject(END_AFTER_DURATION, "drop", detail)
+            report.note(END_AFTER_DURATION, "clipped", where, detail)
+        resolved.append((start, min(end, duration)))
     report.kept += 1
-    return GroundingRecord(qid, video_id, query, duration, start, min(end, duration))
+    start, end = target_window(resolved, multi_window)
+    return GroundingRecord(qid, video_id, query, duration, start, end, tuple(resolved), multi_window)

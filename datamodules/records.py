@@ -10,7 +10,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class GroundingRecord:
-    """One text query grounded in one video; times are seconds within ``[0, duration]``."""
+    """One text query grounded in one video; times are seconds within ``[0, duration]``.
+
+    ``start``/``end`` is the segment the targets use. ``windows`` are all the query's ground-truth
+    windows (default: that one segment); with several, predictions are scored by ``multi_window``
+    (``best`` or ``union``, timerefine/metrics/windows.py).
+    """
 
     qid: str
     video_id: str
@@ -18,14 +23,17 @@ class GroundingRecord:
     duration: float
     start: float
     end: float
+    windows: tuple[tuple[float, float], ...] = ()
+    multi_window: str = "best"
 
     def __post_init__(self) -> None:
         if not self.duration > 0:
             raise ValueError(f"{self.qid}: duration must be > 0, got {self.duration}")
-        if not 0 <= self.start <= self.end <= self.duration:
-            raise ValueError(
-                f"{self.qid}: segment [{self.start}, {self.end}] is not inside [0, {self.duration}]"
-            )
+        if not self.windows:
+            object.__setattr__(self, "windows", ((self.start, self.end),))
+        for start, end in ((self.start, self.end), *self.windows):
+            if not 0 <= start <= end <= self.duration:
+                raise ValueError(f"{self.qid}: segment [{start}, {end}] is not inside [0, {self.duration}]")
 
 
 class FeatureError(Exception):

@@ -1,7 +1,7 @@
 """Synthetic frame features for real annotations, so the pipeline runs with no video download.
 
 Each query leaves a signature (the normalised sum of per-word random unit vectors) on the
-frames inside its ground-truth segment, on top of Gaussian noise everywhere. Word vectors are
+frames inside each of its ground-truth windows, on top of Gaussian noise everywhere. Word vectors are
 shared across videos, so a model can learn to ground words; everything is deterministic from
 ``(seed, video_id)``. This validates plumbing and learning, not video understanding.
 """
@@ -99,8 +99,11 @@ class SyntheticFeatureStore:
             signature = query_signature(record.query, self.seed, self.feature_dim)
             if signature is None:
                 continue
-            inside = (times >= record.start) & (times <= record.end)
-            if not inside.any():  # a segment shorter than a frame still marks its nearest frame
-                inside[np.abs(times - (record.start + record.end) / 2).argmin()] = True
+            inside = np.zeros(self.num_frames, dtype=bool)
+            for start, end in record.windows:
+                window = (times >= start) & (times <= end)
+                if not window.any():  # a segment shorter than a frame still marks its nearest frame
+                    window[np.abs(times - (start + end) / 2).argmin()] = True
+                inside |= window
             features[inside] += signature
         return features.astype(np.float32)

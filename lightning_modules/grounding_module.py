@@ -19,7 +19,8 @@ from timerefine.answer_format.layout import spaced
 from timerefine.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
 from timerefine.answer_format.tokens import OFFSET
 from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import THRESHOLDS, temporal_iou
+from timerefine.metrics.iou import THRESHOLDS
+from timerefine.metrics.windows import metric_inputs, record_iou
 
 
 @dataclass
@@ -119,7 +120,6 @@ class GroundingModule(L.LightningModule):
         records = batch["records"]
         self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
         predictions = self.predict_batch(batch)
-        target = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
         finals, per_segment = [], [[] for _ in self.segment_metrics[split]]
         for record, prediction in zip(records, predictions, strict=True):
             finals.append(seconds(prediction.final, record.duration))
@@ -127,16 +127,16 @@ class GroundingModule(L.LightningModule):
                 segment = prediction.segments[k] if k < len(prediction.segments) else None
                 column.append(seconds(segment, record.duration))
             if split == "test":
-                iou = self._iou(finals[-1], (record.start, record.end))
+                iou = record_iou(finals[-1], record)
                 self.predictions.append(prediction_row(record, prediction, iou))
-        self.metrics[split].update(torch.tensor(finals, dtype=torch.float64), target)
+        self.metrics[split].update(*metric_inputs(finals, records))
         for choice, metric in self.choice_metrics[split].items():
             chosen = [
                 seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
             ]
-            metric.update(torch.tensor(chosen, dtype=torch.float64), target)
+            metric.update(*metric_inputs(chosen, records))
         for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
-            metric.update(torch.tensor(column, dtype=torch.float64), target)
+            metric.update(*metric_inputs(column, records))
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
@@ -166,10 +166,6 @@ class GroundingModule(L.LightningModule):
             tuple(s) if ok else None
             for s, ok in zip(segment.tolist(), generation.has_offset.tolist(), strict=True)
         ]
-
-    @staticmethod
-    def _iou(pred: tuple[float, float], gt: tuple[float, float]) -> float:
-        return float(temporal_iou(torch.tensor([pred]), torch.tensor([gt]))[0])
 
     def _log_metrics(self, split: str) -> None:
         scores = self.metrics[split].compute()

@@ -52,7 +52,8 @@ def seconds(segment: tuple[float, float] | None, duration: float) -> tuple[float
 
 
 def prediction_row(record: GroundingRecord, prediction: Prediction, iou: float) -> dict:
-    """One line of ``predictions/<split>.jsonl``."""
+    """One line of ``predictions/<split>.jsonl``; ``windows`` when the query has several (``gt`` is the
+    target window then, ``iou`` by the record's ``multi_window`` rule)."""
     final = (
         None
         if prediction.final is None
@@ -64,6 +65,7 @@ def prediction_row(record: GroundingRecord, prediction: Prediction, iou: float) 
         "query": record.query,
         "duration": record.duration,
         "gt": [record.start, record.end],
+        **({"windows": [list(w) for w in record.windows]} if len(record.windows) > 1 else {}),
         "pred": final,
         "iou": round(iou, 5),
         "steps": [

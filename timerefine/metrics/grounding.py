@@ -23,8 +23,9 @@ class GroundingMetric(Metric):
         for name in ("iou", "count", "failed", *(f"R1@{t}" for t in thresholds)):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        sums = grounding_sums(temporal_iou(pred, target), self.thresholds)
+    def update(self, pred: torch.Tensor, target: torch.Tensor, iou: torch.Tensor | None = None) -> None:
+        """``iou``: each row's IoU when it is not the one with ``target`` (queries with several windows)."""
+        sums = grounding_sums(temporal_iou(pred, target) if iou is None else iou, self.thresholds)
         for name, value in sums.items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
         self.failed += torch.isnan(pred).any(dim=1).sum().double()

@@ -6,6 +6,7 @@ import torch
 
 from datamodules.records import GroundingRecord
 from timerefine.metrics.iou import grounding_scores, grounding_sums, temporal_iou
+from timerefine.metrics.windows import record_iou
 
 
 def best_constant_segment(train: torch.Tensor, grid: int = 50) -> tuple[float, float]:
@@ -33,7 +34,8 @@ def normalized_segments(records: list[GroundingRecord]) -> torch.Tensor:
 
 
 def prior_scores(train: list[GroundingRecord], test: list[GroundingRecord]) -> dict[str, float]:
-    """Scores of the best constant segment fitted on ``train``, evaluated on ``test``."""
-    return constant_segment_scores(
-        best_constant_segment(normalized_segments(train)), normalized_segments(test)
-    )
+    """Scores of the best constant segment fitted on ``train`` (target windows), evaluated on ``test``
+    as the model is (each query's windows by its ``multi_window`` rule)."""
+    start, end = best_constant_segment(normalized_segments(train))
+    iou = [record_iou((start * r.duration, end * r.duration), r) for r in test]
+    return grounding_scores(grounding_sums(torch.tensor(iou, dtype=torch.float64)))

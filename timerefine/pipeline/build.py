@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +23,13 @@ from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
-from datamodules.annotation_source import AnnotationSource, activitynet_source, charades_sta_source
+from datamodules.annotation_source import (
+    AnnotationSpec,
+    JsonlSource,
+    JsonlSpec,
+    activitynet_source,
+    charades_sta_source,
+)
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
@@ -44,15 +50,21 @@ from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import from_node
 from timerefine.pipeline.strategy import build_strategy
 
-SOURCES = {"builtin": BuiltinSource, "charades_sta": charades_sta_source, "activitynet": activitynet_source}
+# data.name -> the source's factory and the spec dataclass naming the keys data.source may hold.
+SOURCES = {
+    "builtin": (BuiltinSource, BuiltinSpec),
+    "charades_sta": (charades_sta_source, AnnotationSpec),
+    "activitynet": (activitynet_source, AnnotationSpec),
+    "jsonl": (JsonlSource, JsonlSpec),
+}
 
 
 def build_source(data: DictConfig) -> DataSource:
     if data.name not in SOURCES:
         raise ConfigError(f"data.name={data.name!r} is not a known dataset; choose from {sorted(SOURCES)}")
-    factory, options = SOURCES[data.name], OmegaConf.to_container(data.source)
-    accepted = inspect.signature(AnnotationSource if factory is not BuiltinSource else BuiltinSpec).parameters
-    unknown = sorted(set(options) - set(accepted))
+    (factory, spec), options = SOURCES[data.name], OmegaConf.to_container(data.source)
+    accepted = {f.name for f in fields(spec)}
+    unknown = sorted(set(options) - accepted)
     if unknown:
         raise ConfigError(f"data.source has keys that data={data.name} does not take: {unknown}")
     return factory(**options)

@@ -17,6 +17,7 @@ from lightning_modules.aux_head import AUX_LOSSES
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
 from timerefine.answer_format.predictions import FINAL_CHOICES
+from timerefine.metrics.windows import MULTI_WINDOW_MODES
 
 Check = Callable[[Any], "str | None"]
 _ABSENT = object()
@@ -83,6 +84,14 @@ def one_of(*choices: str) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
+def key_names(value: Any) -> str | None:
+    """A mapping of field names to the non-empty keys that name them in a file."""
+    names = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    if not isinstance(names, dict) or not all(isinstance(k, str) and k for k in names.values()):
+        return "must map each field to a non-empty key"
+    return None
+
+
 def not_a_file(value: Any) -> str | None:
     """A directory that may not exist yet."""
     path = Path(str(value))
@@ -111,6 +120,8 @@ RULES: dict[str, Check] = {
     "data.source.noise": NON_NEGATIVE,
     "data.source.synthetic_noise": NON_NEGATIVE,
     "data.source.queries_per_video": integer(1),
+    "data.source.multi_window": one_of(*MULTI_WINDOW_MODES),
+    "data.source.keys": key_names,
     "model.lm.tiny.arch": one_of(*sorted(TINY_ARCHITECTURES)),
     "model.lm.tiny.hidden_size": integer(1),
     "model.lm.tiny.num_layers": integer(1),

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.on_policy import OnPolicySpec
-from datamodules.annotation_source import AnnotationSpec
+from datamodules.annotation_source import AnnotationSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
@@ -77,6 +77,36 @@ class DataConfig:
     prompt_template: str = DEFAULT_TEMPLATE
 
 
+SPLITS = {"train": "train", "val": "val", "test": "test"}
+# Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP
+# (512) clip features concatenated; Lighthouse's 2818 adds 2 temporal-endpoint dimensions it computes
+# at load time, which files here do not hold (the projector places tokens on the timeline itself).
+LIGHTHOUSE_KEYS = {
+    "qid": "qid",
+    "query": "query",
+    "video_id": "vid",
+    "duration": "duration",
+    "windows": "relevant_windows",
+}
+SLOWFAST_CLIP_DIM = 2304 + 512
+
+
+def lighthouse(root: str, prefix: str, splits: dict[str, str], **spec: Any) -> DataConfig:
+    """A dataset in Lighthouse's layout: ``{prefix}_{split}_release.jsonl`` files in ``root``."""
+    files = {own: f"{prefix}_{own}_release.jsonl" for own in splits.values()}
+    return DataConfig(
+        "jsonl",
+        JsonlSpec(
+            root=root,
+            splits=splits,
+            annotation_files=files,
+            keys=LIGHTHOUSE_KEYS,
+            feature_dim=SLOWFAST_CLIP_DIM,
+            **spec,
+        ),
+    )
+
+
 DATASETS: dict[str, DataConfig] = {
     "builtin": DataConfig("builtin", BuiltinSpec()),
     "charades_sta": DataConfig(
@@ -89,6 +119,16 @@ DATASETS: dict[str, DataConfig] = {
             root="data/activitynet_captions", splits={"train": "train", "val": "val_1", "test": "val_2"}
         ),
     ),
+    "jsonl": DataConfig("jsonl", JsonlSpec(root="data/jsonl", splits=SPLITS)),
+    # 150-s videos in 2-s clips: 75 clips, as 150 frames = 75 video tokens of 2 frames, one per clip.
+    # The test split's windows are withheld: test on val.
+    "qvhighlights": lighthouse(
+        "data/qvhighlights", "highlight", {"train": "train", "val": "val", "test": "val"}, num_frames=150
+    ),
+    # Videos of about 5 min (2-s clips: about 150): 200 frames, 100 video tokens.
+    "tacos": lighthouse("data/tacos", "tacos", SPLITS, num_frames=200),
+    # Videos of up to 30 s (2-s clips: 15): 30 frames, 15 video tokens.
+    "didemo": lighthouse("data/didemo", "didemo", SPLITS, num_frames=30),
 }
 
 

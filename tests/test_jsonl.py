@@ -1,0 +1,282 @@
+"""data=jsonl: the parser (file:line errors, quirk policy, renamed keys, several windows), the source
+built from the config, and the converter from Charades-STA / ActivityNet Captions."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from datamodules.activitynet import load_activitynet
+from datamodules.charades_sta import load_charades_sta
+from datamodules.jsonl import load_jsonl, parse_jsonl
+from datamodules.quirks import QuirkError, QuirkPolicy
+from timerefine.pipeline.build import build_source
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.tools import to_jsonl
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHARADES, ANET = DATA / "charades_sta", DATA / "activitynet_captions"
+
+
+def line(qid, spans, video="v1", query="a man opens a door", duration=30.0, **keys) -> str:
+    """One JSONL query; ``keys`` renames fields as a file spells them."""
+    names = {name: keys.get(name, name) for name in ("qid", "query", "video_id", "duration", "windows")}
+    entry = {names["qid"]: qid, names["query"]: query, names["video_id"]: video}
+    return json.dumps(entry | {names["duration"]: duration, names["windows"]: spans})
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_one_or_several_windows(tmp_path):
+    path = write(
+        tmp_path / "train.jsonl",
+        [line("a", [[2, 7.5]]), "", line(7, [[0, 3], [10, 12]]), line("c", [4.0, 6.0], video=12)],
+    )
+    records, report = parse_jsonl(path)
+    assert [(r.qid, r.video_id, r.windows) for r in records] == [
+        ("a", "v1", ((2.0, 7.5),)),
+        ("7", "v1", ((0.0, 3.0), (10.0, 12.0))),
+        ("c", "12", ((4.0, 6.0),)),  # a single [start, end] is one window
+    ]
+    assert (records[1].start, records[1].end) == (0.0, 3.0)  # best: the targets use the first window
+    assert (report.kept, report.read, report.counts) == (3, 3, {})
+
+
+def test_union_targets_the_segment_that_covers_the_union_best(tmp_path):
+    path = write(tmp_path / "train.jsonl", [line("a", [[0, 10], [12, 20]])])
+    (record,), _ = parse_jsonl(path, multi_window="union")
+    assert (record.start, record.end, record.multi_window) == (0.0, 20.0, "union")
+    assert record.windows == ((0.0, 10.0), (12.0, 20.0))
+
+
+def test_lighthouse_keys(tmp_path):
+    lighthouse = {"video_id": "vid", "windows": "relevant_windows"}
+    path = write(tmp_path / "val.jsonl", [line(37421, [[0.28, 55.15]], duration=55.15, **lighthouse)])
+    (record,), _ = parse_jsonl(path, keys=lighthouse)
+    assert (record.qid, record.video_id, record.start, record.end) == ("37421", "v1", 0.28, 55.15)
+    with pytest.raises(QuirkError, match=r"val.jsonl:1: malformed annotation: missing key\(s\) \['video_id'"):
+        parse_jsonl(path)
+    with pytest.raises(ValueError, match=r"\['vid'\] are not JSONL fields"):
+        parse_jsonl(path, keys={"vid": "video_id"})
+
+
+def test_quirk_policy_applies_to_every_window(tmp_path):
+    path = write(
+        tmp_path / "train.jsonl",
+        [
+            line("swap", [[0, 3], [9, 6]]),  # 1: the second window reversed
+            line("clip", [[25, 31]]),  # 2: ends past the 30-s video
+            line("past", [[0, 3], [31, 32]]),  # 3: one window wholly past the end: the query goes
+            line("empty", [[0, 3]], query=" . "),  # 4
+        ],
+    )
+    records, report = parse_jsonl(path)
+    assert {r.qid: r.windows for r in records} == {"swap": ((0.0, 3.0), (6.0, 9.0)), "clip": ((25.0, 30.0),)}
+    assert report.counts == {
+        "start_after_end": 1,
+        "end_after_duration": 1,
+        "start_after_duration": 1,
+        "empty_query": 1,
+    }
+    assert (report.kept, report.read) == (2, 4)
+    assert report.examples["start_after_duration"][0].startswith(f"{path}:3 ")
+    dropped, report = parse_jsonl(path, QuirkPolicy(start_after_end="drop", end_after_duration="drop"))
+    assert dropped == [] and report.read == 4
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ('{"qid": "x", "query": ', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        (line("x", [[1]]), "'windows' must be [start, end] or a non-empty list of them, got [[1]]"),
+        (line("x", []), "'windows' must be"),
+        (line("x", [[1, 2]], duration="30"), "'duration' must be a number"),
+        (line("a", [[1, 2]]), "qid a repeats line 1"),
+        (line("x", [[-1, 2]]), "bad times -1.0, 2.0"),
+    ],
+)
+def test_malformed_lines_name_file_and_line_or_are_counted(tmp_path, bad, reason):
+    path = write(tmp_path / "test.jsonl", [line("a", [[1, 2]]), bad, line("b", [[3, 4]])])
+    with pytest.raises(QuirkError, match=re.escape(f"{path}:2: malformed annotation: ")) as error:
+        parse_jsonl(path)
+    assert reason in str(error.value)
+    records, report = parse_jsonl(path, QuirkPolicy(strict=False))
+    assert [r.qid for r in records] == ["a", "b"]
+    assert report.counts == {"malformed": 1} and report.read == 3
+
+
+def test_missing_split_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"val.jsonl: no such annotation file \(the val split\)"):
+        load_jsonl(tmp_path, "val")
+
+
+def source_config(*overrides: str):
+    return load_config(["data=jsonl", *overrides, "output_dir=unused"])
+
+
+def test_source_from_the_config_reads_splits_and_counts_coverage(tmp_path):
+    for split in ("train", "val", "test"):
+        write(
+            tmp_path / f"{split}.jsonl", [line(f"{split}1", [[1, 4], [20, 25]]), line(f"{split}2", [[2, 9]])]
+        )
+    with open(tmp_path / "test.jsonl", "a") as f:
+        f.write(line("dropped", [[1, 2]], query="") + "\n")
+    cfg = source_config(f"data.source.root={tmp_path}", "data.source.multi_window=union")
+    source = build_source(cfg.data)
+    (first, _) = source.records("test")
+    assert (first.windows, first.multi_window) == (((1.0, 4.0), (20.0, 25.0)), "union")
+    report = source.coverage["test"]
+    assert (report.total, report.usable, report.skipped_by_reason) == (3, 2, {"empty_query": 1})
+
+
+@pytest.mark.parametrize("dataset", ["qvhighlights", "tacos", "didemo"])
+def test_ready_layouts_read_lighthouse_files(tmp_path, dataset):
+    cfg = load_config([f"data={dataset}", f"data.source.root={tmp_path}", "output_dir=unused"])
+    lighthouse = {"video_id": "vid", "windows": "relevant_windows"}
+    for own in set(cfg.data.source.splits.values()):
+        entries = [line(1, [[0, 4], [10, 14]], **lighthouse), line(2, [[2, 6]], **lighthouse)]
+        write(tmp_path / cfg.data.source.annotation_files[own], entries)
+    source = build_source(cfg.data)
+    assert [len(r.windows) for r in source.records("test")] == [2, 1]
+    assert source.store("test").load("v1").shape == (cfg.data.source.num_frames, cfg.data.source.feature_dim)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.source.multi_window=mean", "data.source.multi_window=mean: must be one of best, union"),
+        (
+            "data.source.keys.video_id=null",
+            "data.source.keys={'qid': 'qid', 'query': 'query', 'video_id': None",
+        ),
+        ("+data.source.keys.vid=video_id", "data.source.keys.vid: added with + but not a config key"),
+        ("data.source.multi_windows=best", "multi_windows"),
+    ],
+)
+def test_config_mistakes_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        source_config(override)
+
+
+def test_charades_source_refuses_jsonl_keys(tmp_path):
+    cfg = load_config(["data=charades_sta", "output_dir=unused"])
+    data = OmegaConf.create(OmegaConf.to_container(cfg.data))
+    data.source.multi_window = "best"
+    with pytest.raises(ConfigError, match=r"does not take: \['multi_window'\]"):
+        build_source(data)
+
+
+# ---- the converter ------------------------------------------------------------------------------
+CSV = "id,subject,length\nAAAAA,x,10.0\nBBBBB,y,20.5\n"
+STA = ["AAAAA 1.0 4.5##a person opens a door.", "AAAAA 6.0 3.0##person sits down.", "BBBBB 18.0 21.0##drinks"]
+ANET_JSON = {
+    "v_x": {"duration": 70.28999999999999, "timestamps": [[0, 10.5], [60, 70.29]], "sentences": ["A", " B."]},
+    "v_y": {"duration": 12.0, "timestamps": [[3, 2]], "sentences": ["C"]},
+}
+
+
+def charades_root(root: Path) -> Path:
+    write(root / "Charades_v1_train.csv", [CSV.strip()])
+    write(root / "charades_sta_train.txt", STA)
+    write(root / "charades_sta_test.txt", STA[:1])
+    return root
+
+
+def fields(records):
+    return [(r.qid, r.video_id, r.query, r.duration, r.start, r.end, r.windows) for r in records]
+
+
+def test_converted_charades_reads_back_as_the_parser_reads_it(tmp_path, capsys):
+    root = charades_root(tmp_path / "charades")
+    assert to_jsonl.main(["charades_sta", str(root), str(tmp_path / "out")]) == 0
+    for split in ("train", "test"):
+        converted, report = load_jsonl(tmp_path / "out", split)
+        assert fields(converted) == fields(load_charades_sta(root, split)[0]) and report.counts == {}
+    assert f"{tmp_path / 'out' / 'train.jsonl'}: 3 queries (0 of 3 dropped)" in capsys.readouterr().out
+
+
+def test_converter_applies_the_quirk_policy(tmp_path, capsys):
+    root = charades_root(tmp_path / "charades")
+    argv = [
+        "charades_sta",
+        str(root),
+        str(tmp_path / "out"),
+        "--splits",
+        "train",
+        "--start-after-end",
+        "drop",
+    ]
+    assert to_jsonl.main(argv) == 0
+    assert [r.qid for r in load_jsonl(tmp_path / "out", "train")[0]] == [
+        "charades:train:000001",
+        "charades:train:000003",
+    ]
+    assert "2 queries (1 of 3 dropped)" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "test.jsonl").exists()
+
+
+def test_converted_activitynet_keeps_its_times(tmp_path):
+    root = tmp_path / "anet"
+    write(root / "val_1.json", [json.dumps(ANET_JSON)])
+    assert to_jsonl.main(["activitynet", str(root), str(tmp_path / "out")]) == 0
+    converted, _ = load_jsonl(tmp_path / "out", "val_1")
+    assert fields(converted) == fields(load_activitynet(root, "val_1")[0])
+    assert converted[1].end == converted[1].duration == 70.28999999999999
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--splits", "val"],
+            "error: charades_sta in {root}: --splits ['val']: charades_sta has ['train', 'test']",
+        ),
+        (["--unknown-video", "drop", "--splits", "train", "test"], None),
+    ],
+)
+def test_converter_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    root = charades_root(tmp_path / "charades")
+    (root / "charades_sta_test.txt").write_text("ZZZZZ 1.0 2.0##unknown video.\n")
+    code = to_jsonl.main(["charades_sta", str(root), str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    if message is None:  # an unknown video is dropped by the option, not an error
+        assert code == 0 and not err
+        return
+    assert (code, err) == (2, message.format(root=root))
+    assert not (tmp_path / "out").exists()
+
+
+def test_converter_writes_nothing_when_a_split_fails(tmp_path, capsys):
+    root = charades_root(tmp_path / "charades")
+    (root / "charades_sta_test.txt").write_text("ZZZZZ 1.0 2.0##unknown video.\n")
+    assert to_jsonl.main(["charades_sta", str(root), str(tmp_path / "out")]) == 2
+    assert "charades_sta_test.txt:1: unknown video" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    ("dataset", "root", "kept"),
+    [
+        ("charades_sta", CHARADES, {"train": 12405, "test": 3720}),
+        ("activitynet", ANET, {"train": 37421, "val_1": 17505, "val_2": 17031}),
+    ],
+)
+def test_real_annotations_convert_with_every_query(tmp_path, dataset, root, kept):
+    splits = to_jsonl.present_splits(dataset, root) if root.is_dir() else []
+    if not splits:
+        pytest.skip(f"real annotation files absent: {root}")
+    assert to_jsonl.main([dataset, str(root), str(tmp_path), "--splits", *splits]) == 0
+    for split in splits:
+        records, report = load_jsonl(tmp_path, split)
+        assert len(records) == report.read == kept[split] and report.counts == {}
+        assert len({r.qid for r in records}) == kept[split]
