@@ -335,3 +335,17 @@ def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: output_dir") and str(taken) in lines[0]
     assert taken.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [taken]
+
+
+def test_experiment_null_means_no_experiment():
+    assert load_config(["experiment=null"]).trainer.max_steps == load_config([]).trainer.max_steps
+
+
+def test_a_required_group_set_to_null_is_a_config_error():
+    with pytest.raises(ConfigError, match="model=null: model needs a choice: direct, timerefine"):
+        load_config(["model=null"])
+
+
+def test_stored_features_need_a_path():
+    with pytest.raises(ConfigError, match=r"data\.source\.features=folder needs data\.source\.feature_path"):
+        load_config(["data=charades_sta", "data.source.features=folder"])

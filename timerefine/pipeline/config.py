@@ -46,6 +46,25 @@ def _is_group(config_dir: Path, key: str) -> bool:
     return (config_dir / key.split("@")[0]).is_dir()
 
 
+# Groups whose default is no choice at all (``experiment: null`` in conf/train.yaml).
+OPTIONAL_GROUPS = ("experiment",)
+
+
+def _unset_null_groups(overrides: list[str], config_dir: Path) -> list[str]:
+    """``experiment=null`` means no experiment (Hydra spells it ``~experiment``); any other group
+    needs a choice."""
+    kept = []
+    for line, override in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
+        group = override.key_or_group
+        if _is_group(config_dir, group) and override.value() is None and not override.is_delete():
+            if group not in OPTIONAL_GROUPS:
+                options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+                raise ConfigError(f"{line}: {group} needs a choice: {', '.join(options)}")
+            line = f"~{group}"
+        kept.append(line)
+    return kept
+
+
 def _arguments(target: Callable, *set_by_build: str) -> frozenset[str] | None:
     """The keyword arguments a config mapping may add for ``target``; None: any (it takes ``**kwargs``)."""
     parameters = inspect.signature(target).parameters
@@ -143,6 +162,7 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
     """The composed config, its overrides and values checked; raises ConfigError with a one-line reason.
     ``config_dir``/``name``: conf/train.yaml, or a run's saved config.yaml (evaluate.py)."""
     try:
+        overrides = _unset_null_groups(overrides, config_dir)
         parsed = OverridesParser.create().parse_overrides(overrides)
         groups = [o.input_line for o in parsed if _is_group(config_dir, o.key_or_group)]
         base = _compose(config_dir, groups, name)

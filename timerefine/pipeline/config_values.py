@@ -120,6 +120,7 @@ RULES: dict[str, Check] = {
     "data.source.noise": NON_NEGATIVE,
     "data.source.synthetic_noise": NON_NEGATIVE,
     "data.source.queries_per_video": integer(1),
+    "data.source.features": one_of("synthetic", "folder", "packed"),
     "data.source.multi_window": one_of(*MULTI_WINDOW_MODES),
     "data.source.keys": key_names,
     "model.lm.tiny.arch": one_of(*sorted(TINY_ARCHITECTURES)),
@@ -191,8 +192,19 @@ def _saliency_reads_the_query(cfg: DictConfig) -> str | None:
     return None
 
 
+def _stored_features_have_a_path(cfg: DictConfig) -> str | None:
+    features = OmegaConf.select(cfg, "data.source.features", default="synthetic")
+    if features != "synthetic" and OmegaConf.select(cfg, "data.source.feature_path", default=None) is None:
+        return f"data.source.features={features} needs data.source.feature_path (the folder or packed store)"
+    return None
+
+
 # Checks across keys: each returns what is wrong, or None.
-CONSTRAINTS: list[Callable[[DictConfig], str | None]] = [_frames_split_into_tokens, _saliency_reads_the_query]
+CONSTRAINTS: list[Callable[[DictConfig], str | None]] = [
+    _frames_split_into_tokens,
+    _saliency_reads_the_query,
+    _stored_features_have_a_path,
+]
 
 
 def _show(value: Any) -> str:

@@ -1,0 +1,87 @@
+"""Evaluate a trained run's checkpoint, on any number of devices, without training.
+
+    python evaluate.py runs/x                       # best checkpoint, test split
+    python evaluate.py runs/x --ckpt last trainer.devices=2 trainer.strategy=ddp model.inference.final=aux
+
+Writes ``<run>/eval/<name>/metrics.json`` and ``predictions/test.jsonl``; overrides apply on top
+of the run's saved config.yaml (same checks as train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from timerefine.pipeline.best_checkpoint import recorded_best
+from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config_values import not_a_file
+from timerefine.pipeline.outputs import print_summary, scores, write_metrics
+from timerefine.train import INPUT_ERRORS
+
+
+def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
+    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none."""
+    if ckpt == "best":
+        return recorded_best(run_dir / "checkpoints")
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
+    """Test ``ckpt`` and write the flat metrics, with the test split's coverage."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
+    trainer = build_trainer(cfg, output_dir, module)
+    metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
+    metrics |= datamodule.coverage(metrics)
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
+        print_summary(metrics, output_dir)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path")
+    parser.add_argument("--name", default="test", help="subdirectory of <run>/eval for the outputs")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+
+    config, output_dir = args.run_dir / "config.yaml", args.run_dir / "eval" / args.name
+    if not config.is_file():
+        print(f"error: no {config}: not a run directory", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.overrides, name=config.stem, config_dir=args.run_dir)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        ckpt = checkpoint_path(args.run_dir, args.ckpt)
+        if reason := not_a_file(output_dir):
+            raise FileExistsError(f"--name {args.name}: {reason}")
+        rank_zero_only(print)(f"checkpoint: {ckpt}")
+        evaluate(cfg, args.run_dir, ckpt, output_dir)
+    except (*INPUT_ERRORS, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
