@@ -14,7 +14,7 @@ from datamodules.dataset import GroundingDataset
 from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from timerefine.answer_format.prompts import render_prompt
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -36,12 +36,14 @@ class GroundingDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: DataSource,
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
-        seed: int = 0,
-        prompt_template: str = DEFAULT_TEMPLATE,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        seed: int,
+        prompt_template: str,
     ) -> None:
+        """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.prompt_template = num_workers, seed, prompt_template

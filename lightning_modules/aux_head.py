@@ -29,7 +29,7 @@ class AuxSpec:
 class AuxHead(nn.Module):
     """Linear or MLP head; outputs a normalized ``[start, end]`` and, for ``distance``, bin logits."""
 
-    def __init__(self, hidden_size: int, kind: str = "mlp", loss: str = "l1") -> None:
+    def __init__(self, hidden_size: int, kind: str, loss: str) -> None:
         super().__init__()
         if loss not in AUX_LOSSES:
             raise ValueError(f"unknown aux loss {loss!r}; choose from {AUX_LOSSES}")

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from datamodules.builtin import BuiltinSpec
-from datamodules.datamodule import GroundingDataModule
 from timerefine.pipeline.config import CONF_DIR, load_config
 from timerefine.pipeline.schema import DATASETS, ModelConfig, as_node
 
@@ -25,12 +23,6 @@ def test_each_dataset_config_is_its_schema_default(dataset):
 
 def test_the_default_model_is_the_schema_default():
     assert composed()["model"] == as_node(ModelConfig())
-
-
-def test_builders_default_to_the_same_values():
-    data = composed()["data"]
-    assert as_node(BuiltinSpec()) == data["source"]
-    assert GroundingDataModule.__init__.__defaults__[:2] == (data["batch_size"], data["eval_batch_size"])
 
 
 def _leaves(node: object, prefix: str = "") -> dict[str, object]:

@@ -25,7 +25,7 @@ def every_part(arch: str, lora: LoraSpec | None) -> VideoLLM:
         build_language_model(tokenizer, None, spec, lora),
         FrameProjector("mlp", helpers.SPEC.feature_dim, hidden, tokens, True, 1, hidden),
         tokenizer.convert_tokens_to_ids(VIDEO),
-        AuxHead(hidden),
+        AuxHead(hidden, "mlp", "l1"),
         torch.zeros(tokens, 2, dtype=torch.long),
         nn.Linear(hidden, 1),
     )
