@@ -16,6 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from lightning_modules.released_weights import InitFromSpec, merge_released
 from timerefine.answer_format.tokens import GROUNDING_TOKENS
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -122,9 +123,10 @@ def build_language_model(
     lora: LoraSpec | None,
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
+    init_from: InitFromSpec | None = None,
 ) -> PreTrainedModel:
     """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
-    set to the mean of its other rows, optionally wrapped with LoRA."""
+    set to the mean of its other rows, released adapters merged (``init_from``), optionally LoRA."""
     if name_or_path:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -132,6 +134,8 @@ def build_language_model(
         init_rows_from_mean(model, grounding_token_ids(tokenizer), len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
+    if init_from is not None:
+        model = merge_released(model, tokenizer, init_from)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

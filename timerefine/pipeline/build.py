@@ -32,6 +32,7 @@ from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.projector import build_projector
+from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
@@ -102,6 +103,7 @@ def build_module(
         prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
         corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
         tokenizer = build_tokenizer(model.lm.name_or_path, corpus, model.lm.tokenizer_vocab_size)
+    init_from = InitFromSpec(**OmegaConf.to_container(model.init_from))
     lm = build_language_model(
         tokenizer,
         model.lm.name_or_path,
@@ -109,6 +111,7 @@ def build_module(
         LoraSpec(**{k: v for k, v in model.lora.items() if k != "enabled"}) if model.lora.enabled else None,
         model.lm.dtype,
         model.lm.gradient_checkpointing,
+        init_from,
     )
     hidden = lm.config.hidden_size
     aux = (
@@ -146,6 +149,7 @@ def build_module(
         frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
         nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,
     )
+    load_released_heads(video_llm, init_from)
     codec = AnswerCodec(tokenizer, schedule)
     datamodule.attach(codec, video_tokens)
     return GroundingModule(
