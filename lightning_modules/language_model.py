@@ -16,14 +16,17 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from lightning_modules.released_weights import InitFromSpec, merge_released
 from timerefine.answer_format.tokens import GROUNDING_TOKENS
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the LM but its output layer
 
 
 @dataclass
 class TinyLMSpec:
-    """Shape of a randomly initialised LM for CPU runs and tests."""
+    """Shape of a randomly initialised LM for CPU runs and tests; its vocabulary is the tokenizer's.
+    ``tie_word_embeddings``: one matrix for the input and output embeddings (small Qwen2 models)."""
 
     arch: str = "llama"
     hidden_size: int = 128
@@ -31,16 +34,18 @@ class TinyLMSpec:
     num_heads: int = 4
     intermediate_size: int = 512
     max_positions: int = 512
+    tie_word_embeddings: bool = False
 
 
 @dataclass
 class LoraSpec:
-    """LoRA adapters on ``target_modules``; the grounding tokens' embedding rows train too."""
+    """LoRA adapters on ``target_modules`` (``[all-linear]``: every linear layer of the LM but its
+    output layer, as VTimeLLM/TimeRefine train); the grounding tokens' embedding and output rows train too."""
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
 
 
 @dataclass
@@ -70,7 +75,7 @@ def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTr
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
     return model_cls(config)
 
@@ -79,14 +84,33 @@ def grounding_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return tokenizer.convert_tokens_to_ids(list(GROUNDING_TOKENS))
 
 
+def embedding_layers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """The input and output embedding layers by module name (both, also when their weight is tied)."""
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    return {name: module for name, module in model.named_modules() if any(module is m for m in layers)}
+
+
+def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary_size: int) -> None:
+    """Set the input and output rows of ``token_ids`` to the mean row of the other tokens of the
+    vocabulary (rows past ``vocabulary_size``, a checkpoint's padding, are left out of the mean)."""
+    others = torch.ones(vocabulary_size, dtype=torch.bool)
+    others[token_ids] = False
+    weights = {id(layer.weight): layer.weight for layer in embedding_layers(model).values()}
+    with torch.no_grad():
+        for weight in weights.values():
+            weight[token_ids] = weight[:vocabulary_size][others].float().mean(0).to(weight.dtype)
+
+
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> PreTrainedModel:
-    """Wrap ``model`` with LoRA; base weights freeze, the new tokens' embedding rows stay trainable."""
+    """Wrap ``model`` with LoRA; base weights freeze, the new tokens' input and output rows stay
+    trainable (with tied embeddings peft trains the one matrix's rows for both)."""
+    modules = list(spec.target_modules)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
-        trainable_token_indices=list(token_ids),
+        target_modules=ALL_LINEAR if modules == [ALL_LINEAR] else modules,
+        trainable_token_indices={name: list(token_ids) for name in embedding_layers(model)},
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -99,14 +123,19 @@ def build_language_model(
     lora: LoraSpec | None,
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
+    init_from: InitFromSpec | None = None,
 ) -> PreTrainedModel:
-    """The LM with its embeddings resized to the tokenizer, optionally wrapped with LoRA."""
+    """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
+    set to the mean of its other rows, released adapters merged (``init_from``), optionally LoRA."""
     if name_or_path:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        init_rows_from_mean(model, grounding_token_ids(tokenizer), len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    if init_from is not None:
+        model = merge_released(model, tokenizer, init_from)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

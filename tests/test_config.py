@@ -241,6 +241,9 @@ def test_saliency_needs_query_conditioning(tmp_path):
         ("data.source.min_events=5", "data.source.min_events"),  # more than max_events (4)
         ("model.lora.dropout=1.5", "model.lora.dropout"),
         ("model.lora.target_modules=[]", "model.lora.target_modules"),
+        ("model.init_from.adapters=['']", "model.init_from.adapters"),
+        ("model.init_from.added_tokens=[]", "model.init_from.added_tokens"),
+        ("model.init_from.projector=''", "model.init_from.projector"),
         ("model.optim.lr=0", "model.optim.lr"),
         ("model.optim.betas=[0.9]", "model.optim.betas"),
         ("model.optim.min_lr_ratio=2", "model.optim.min_lr_ratio"),

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from datamodules.quirks import QuirkError
 from datamodules.records import EmptySplitError, FeatureError
+from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
@@ -22,7 +23,15 @@ from timerefine.pipeline.outputs import print_summary, save_config, scores, writ
 from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
 
 log = logging.getLogger("train")
-INPUT_ERRORS = (ConfigError, FeatureError, QuirkError, EmptySplitError, FileNotFoundError, CheckpointError)
+INPUT_ERRORS = (
+    ConfigError,
+    FeatureError,
+    QuirkError,
+    EmptySplitError,
+    FileNotFoundError,
+    CheckpointError,
+    ReleasedWeightsError,
+)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

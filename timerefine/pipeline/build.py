@@ -37,6 +37,7 @@ from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model
 from lightning_modules.projector import ProjectorSpec
+from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
@@ -105,6 +106,7 @@ def build_module(
     """The tokenizer, the Video LLM and the answer codec that the module and the datamodule share."""
     model = cfg.model
     schedule = refine_schedule(model)
+    init_from = from_node(InitFromSpec, model.init_from)
     codec = AnswerCodec(build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
     lm_spec = from_node(LMSpec, model.lm)
     lm = build_language_model(
@@ -114,6 +116,7 @@ def build_module(
         from_node(LoraSpec, model.lora) if model.lora.enabled else None,
         lm_spec.dtype,
         lm_spec.gradient_checkpointing,
+        init_from,
     )
     projector = from_node(ProjectorSpec, model.projector)
     video_llm = VideoLLM.from_config(
@@ -125,6 +128,7 @@ def build_module(
         feature_dim=datamodule.source.feature_dim,
         num_frames=datamodule.source.num_frames,
     )
+    load_released_heads(video_llm, init_from)
     datamodule.attach(codec, datamodule.source.num_frames // projector.frames_per_token)
     return GroundingModule(
         video_llm,

@@ -92,6 +92,11 @@ def key_names(value: Any) -> str | None:
     return None
 
 
+def a_name(value: Any) -> str | None:
+    """A non-empty string: a name or a path."""
+    return None if isinstance(value, str) and value else "must be a non-empty name or path"
+
+
 def not_a_file(value: Any) -> str | None:
     """A directory that may not exist yet."""
     path = Path(str(value))
@@ -133,7 +138,10 @@ RULES: dict[str, Check] = {
     "model.lora.r": integer(1),
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": PROBABILITY,
-    "model.lora.target_modules": items(lambda name: None if isinstance(name, str) else "must be a name", 1),
+    "model.lora.target_modules": items(a_name, 1),
+    "model.init_from.projector": optional(a_name),
+    "model.init_from.adapters": items(a_name),
+    "model.init_from.added_tokens": items(a_name, 1),
     "model.projector.kind": one_of("linear", "mlp"),
     "model.projector.frames_per_token": integer(1),
     "model.projector.temporal_embedding": one_of(*TEMPORAL_EMBEDDINGS),

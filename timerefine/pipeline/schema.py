@@ -23,6 +23,7 @@ from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
+from lightning_modules.released_weights import InitFromSpec
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE
 from timerefine.answer_format.targets import RefineSchedule
 
@@ -61,6 +62,7 @@ class ModelConfig:
     inference: InferenceSpec = field(default_factory=InferenceSpec)
     saliency: SaliencySpec = field(default_factory=SaliencySpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
+    init_from: InitFromSpec = field(default_factory=InitFromSpec)
 
 
 @dataclass
