@@ -27,46 +27,65 @@ class Generation:
 
 
 class _Decoder:
-    """Holds the KV cache and the running attention mask of one batch."""
+    """Holds the KV cache and the running attention mask of one batch.
+
+    Fed tokens wait until logits are asked for, so consecutive feeds run as one forward pass: the
+    prompt with the answer's first fixed text, each chosen digit or sign with the fixed text after
+    it. Tokens fed after the last choice run only if the aux head needs one of them (an <OFFSET>).
+    """
 
     def __init__(
         self, model: VideoLLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features, offset_id
     ):
         self.model, self.offset_id = model, offset_id
-        self.mask = prompt_mask
-        embeds = model.embed(prompt_ids, features, prompt_mask)
-        out = self._forward(embeds, prompt_mask.long().cumsum(-1) - 1, past=None)
+        self.mask = prompt_mask[:, :0]  # the columns in the cache
+        self.past = None
         self.offset_hidden = None
         self.has_offset = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        self.last_logits = out.logits[:, -1].float()
+        self._pending = [(prompt_ids, prompt_mask, model.embed(prompt_ids, features, prompt_mask))]
+        self._logits: torch.Tensor | None = None
 
-    def _forward(self, embeds, positions, past):
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Append ``tokens`` (B, n); they run with the next pass."""
+        embeds = self.model.lm.get_input_embeddings()(tokens)
+        self._pending.append((tokens, torch.ones_like(tokens, dtype=self.mask.dtype), embeds))
+        self._logits = None
+
+    @property
+    def last_logits(self) -> torch.Tensor:
+        """(B, vocabulary) float logits after everything fed so far."""
+        if self._logits is None:
+            self._run()
+        return self._logits
+
+    def finish(self) -> None:
+        """Run the waiting tokens if the aux head needs the hidden state of one of them."""
+        if self.offset_id is not None and any((t == self.offset_id).any() for t, _, _ in self._pending):
+            self._run()
+
+    def _run(self) -> None:
+        tokens, mask, embeds = (torch.cat(parts, dim=1) for parts in zip(*self._pending, strict=True))
+        self._pending = []
+        self.mask = torch.cat([self.mask, mask], dim=1)
+        positions = (self.mask.long().cumsum(-1) - 1)[:, -tokens.shape[1] :].clamp(min=0)
         out = self.model.lm(
             inputs_embeds=embeds,
             attention_mask=self.mask,
-            position_ids=positions.clamp(min=0),
-            cache=past,
+            position_ids=positions,
+            cache=self.past,
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=self.offset_id is not None,
         )
         self.past = out.cache
-        return out
-
-    def feed(self, tokens: torch.Tensor) -> None:
-        """Append ``tokens`` (B, n) and advance the cache."""
-        start = self.mask.long().sum(-1, keepdim=True)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=self.mask.dtype)], dim=1)
-        positions = start + torch.arange(tokens.shape[1], device=tokens.device)
-        out = self._forward(self.model.lm.get_input_embeddings()(tokens), positions, self.past)
-        self.last_logits = out.logits[:, -1].float()
+        self._logits = out.logits[:, -1].float()
         if self.offset_id is not None:
             self._keep_offset_hidden(tokens, out.hidden_states[-1])
 
     def _keep_offset_hidden(self, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
         if self.offset_hidden is None:
             self.offset_hidden = hidden.new_zeros(hidden.shape[0], hidden.shape[-1])
-        for column in range(tokens.shape[1]):
+        for column in (tokens == self.offset_id).any(0).nonzero().flatten().tolist():
             is_offset = tokens[:, column] == self.offset_id
             self.offset_hidden[is_offset] = hidden[is_offset, column]
             self.has_offset |= is_offset
@@ -109,6 +128,7 @@ def generate(
                 break
             decoder.feed(step.unsqueeze(1))
         tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
+    decoder.finish()
     return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
 
 
