@@ -66,14 +66,16 @@ class VideoLLM(nn.Module):
         if saliency_weight > 0 and not projector.query_conditioned:
             raise ValueError("a saliency loss needs a query-conditioned projector")
         hidden = lm.config.hidden_size
+        # Built in this order (aux head, projector, saliency head) so a seed gives the same weights.
+        with_aux = aux.weight > 0 and codec.schedule.with_offsets
+        aux_head = AuxHead(hidden, aux.head, aux.loss) if with_aux else None
         frames = FrameProjector.from_spec(projector, feature_dim, hidden, num_frames)
         video_tokens = num_frames // projector.frames_per_token
-        with_aux = aux.weight > 0 and codec.schedule.with_offsets
         return cls(
             lm,
             frames,
             codec.tokenizer.convert_tokens_to_ids(VIDEO),
-            aux_head=AuxHead(hidden, aux.head, aux.loss) if with_aux else None,
+            aux_head=aux_head,
             frame_index_ids=(
                 frame_index_ids(codec.tokenizer, video_tokens)
                 if projector.temporal_embedding == "digits"
