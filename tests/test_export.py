@@ -16,7 +16,7 @@ from safetensors import safe_open
 from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
 from lightning_modules.tokenizer import train_local_tokenizer
 from tests.helpers import corpus
-from tests.video_run import ROOT
+from tests.inference_runs import ROOT
 from timerefine.inference.export import LM_DIR, WEIGHTS
 from timerefine.inference.grounder import Grounder
 from timerefine.tools.export import main as export_main

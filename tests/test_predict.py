@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.video_run import ROOT, VIDEOS, write_moment_video
+from tests.inference_runs import ROOT, VIDEOS, write_moment_video
 from timerefine.inference.grounder import Grounder
 from timerefine.tools.predict import main
 

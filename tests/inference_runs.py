@@ -1,4 +1,4 @@
-"""A tiny run trained on features extracted from real video files, for the inference tests.
+"""Tiny trained runs for the inference tests: one on real video files, one on the built-in data.
 
 Six small videos are written with PyAV: a grey background on which a coloured square appears between
 two known times. Their features come from a tiny random CLIP vision model through the extraction tool
@@ -136,3 +136,15 @@ def train_video_run(root: Path, *overrides: str) -> VideoRun:
 @pytest.fixture(scope="session")
 def video_run(tmp_path_factory) -> VideoRun:
     return train_video_run(tmp_path_factory.mktemp("video_run"))
+
+
+@pytest.fixture(scope="session")
+def builtin_run(tmp_path_factory) -> Path:
+    """``experiment=tiny`` on the built-in data: features only, no pixels."""
+    run_dir = tmp_path_factory.mktemp("builtin_run") / "run"
+    overrides = ["experiment=tiny", "trainer.accelerator=cpu", "logger.csv=false", f"output_dir={run_dir}"]
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
