@@ -23,6 +23,7 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
+from callbacks.refinement_trace import RefinementTrace
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import AnnotationSource, activitynet_source, charades_sta_source
 from datamodules.builtin import BuiltinSpec
@@ -153,7 +154,8 @@ def build_module(
 
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
-    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement."""
+    ``last_every_n_steps`` steps and on a crash, predictions, progress, lr, on-policy refinement, the
+    refinement trace figure."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -181,6 +183,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list[Callback]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
         callbacks.append(EarlyStopping(**spec.early_stopping))
+    if spec.get("refinement_trace", 0) > 0:  # absent from the config of older runs
+        callbacks.append(RefinementTrace(output_dir / "refinement_trace", spec.refinement_trace))
     return callbacks
 
 
