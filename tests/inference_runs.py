@@ -4,10 +4,13 @@ Six small videos are written with PyAV: a grey background on which a coloured sq
 two known times. Their features come from a tiny random CLIP vision model through the extraction tool
 (which records the encoder), and a tiny run trains on them as Charades-STA-format annotations
 (``data=charades_sta data.source.features=folder``). Nothing downloads weights.
+
+``python -m tests.inference_runs runs/video_demo`` makes that run for trying predict, demo and export.
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -148,3 +151,15 @@ def builtin_run(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Write the test videos, extract their features, train a tiny run."
+    )
+    parser.add_argument("root", type=Path, help="a new folder: videos/, features/, tiny_clip/, run/")
+    print(train_video_run(parser.parse_args().root))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from tests.inference_runs import ROOT, VIDEOS, write_moment_video
 from timerefine.inference.grounder import Grounder
@@ -115,7 +116,7 @@ def write_frameless(path: Path) -> Path:
 
 
 @pytest.fixture
-def bad_inputs(video_run, tmp_path) -> dict[str, tuple[list[str], str]]:
+def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], str]]:
     """Each bad input: the CLI arguments and what its one error line must say."""
     run, red = str(video_run.run_dir), str(video_run.videos / "vid_red_a.mp4")
     garbage = tmp_path / "garbage.mp4"
@@ -126,6 +127,8 @@ def bad_inputs(video_run, tmp_path) -> dict[str, tuple[list[str], str]]:
     np.save(wide, np.zeros((8, 32), np.float32))
     no_ckpt = tmp_path / "no_ckpt"
     shutil.copytree(video_run.run_dir, no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
+    pooled = tmp_path / "pooled_clip"
+    CLIPVisionModel(CLIPVisionConfig.from_pretrained(video_run.encoder)).save_pretrained(pooled)
     query = ["--query", "a red square appears"]
     return {
         "missing video": (
@@ -144,12 +147,24 @@ def bad_inputs(video_run, tmp_path) -> dict[str, tuple[list[str], str]]:
             [str(wide), "--run", run, "--duration", "3", *query],
             f"{wide}: bad shape: expected (T, 16), got (8, 32)",
         ),
-        "features without duration": ([str(wide), "--run", run, *query], "--duration: features hold no time"),
+        "features without duration": (
+            [str(wide), "--run", run, *query],
+            "--duration: needed with features, which hold no time",
+        ),
         "no checkpoint": (
             [red, "--run", str(no_ckpt), *query],
             f"no checkpoint in {no_ckpt / 'checkpoints'}",
         ),
         "not a run": ([red, "--run", str(tmp_path), *query], f"{tmp_path}: no config.yaml"),
+        "no encoder recorded": ([red, "--run", str(builtin_run), *query], "the run records no video encoder"),
+        "encoder not found": (
+            [red, "--run", run, "--encoder", str(tmp_path / "nope"), *query],
+            f"--encoder {tmp_path / 'nope'}: cannot load it",
+        ),
+        "encoder of another size": (
+            [red, "--run", run, "--encoder", str(pooled), "--no-projection", *query],
+            f"--encoder {pooled}: makes 32-d features, the run reads 16-d",
+        ),
     }
 
 
@@ -166,6 +181,9 @@ def bad_inputs(video_run, tmp_path) -> dict[str, tuple[list[str], str]]:
         "features without duration",
         "no checkpoint",
         "not a run",
+        "no encoder recorded",
+        "encoder not found",
+        "encoder of another size",
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(bad_inputs, case, capsys):

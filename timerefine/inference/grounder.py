@@ -20,6 +20,7 @@ import torch
 
 from timerefine.answer_format.predictions import Prediction, seconds
 from timerefine.answer_format.prompts import normalize_query
+from timerefine.inference.export import is_export, load_export
 from timerefine.inference.run_loading import LoadedRun, load_run, predict
 from timerefine.inference.video_features import (
     FEATURE_SUFFIXES,
@@ -118,8 +119,6 @@ class Grounder:
         cls, folder: str | Path, device: str = "cpu", encoder: EncoderSpec | None = None
     ) -> Grounder:
         """An exported model (``timerefine-export``): no Lightning checkpoint needed."""
-        from timerefine.inference.export import load_export
-
         run, recorded = load_export(Path(folder), device)
         return cls(run, encoder or recorded)
 
@@ -128,8 +127,6 @@ class Grounder:
         cls, path: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
     ) -> Grounder:
         """``from_export`` for an exported folder, ``from_run`` for a run directory."""
-        from timerefine.inference.export import is_export
-
         if is_export(Path(path)):
             return cls.from_export(path, device, encoder)
         return cls.from_run(path, ckpt, device, encoder)
@@ -144,7 +141,12 @@ class Grounder:
                     "the run records no video encoder (its features were not made by "
                     "timerefine-extract-features): pass --encoder, or give a feature file"
                 )
-            encoder = ClipFrameEncoder(spec.model, spec.projection, str(self.run.module.device), spec.fp16)
+            try:
+                encoder = ClipFrameEncoder(
+                    spec.model, spec.projection, str(self.run.module.device), spec.fp16
+                )
+            except OSError as err:
+                raise InputError(f"--encoder {spec.model}: cannot load it ({err})") from err
             if encoder.dim != self.run.feature_dim:
                 raise InputError(
                     f"--encoder {spec.model}: makes {encoder.dim}-d features, the run reads {self.run.feature_dim}-d"
@@ -157,13 +159,15 @@ class Grounder:
         frames, dim = self.run.num_frames, self.run.feature_dim
         if isinstance(video, (str, Path)) and Path(video).suffix.lower() not in FEATURE_SUFFIXES:
             info = probe_video(Path(video))
-            spec = self.encoder_spec
-            sampled = encode_video(Path(video), self.encoder, spec.num_frames if spec else frames)
+            encoder = self.encoder
+            sampled = encode_video(Path(video), encoder, self.encoder_spec.num_frames)
             return Features(checked_features(sampled, str(video), dim, frames), duration or info.duration)
-        if duration is None or not duration > 0:
+        if duration is None:
             raise InputError(
-                f"--duration: features hold no time, give the video's duration in seconds (got {duration})"
+                "--duration: needed with features, which hold no time (the video's length in seconds)"
             )
+        if not duration > 0:
+            raise InputError(f"--duration={duration}: must be > 0 seconds")
         if isinstance(video, (str, Path)):
             return Features(read_features(Path(video), dim, frames), float(duration))
         return Features(checked_features(video, "the feature array", dim, frames), float(duration))
