@@ -147,7 +147,7 @@ def choose(driver: webdriver.Chrome, wait: WebDriverWait, label: str) -> None:
 
 
 def main() -> None:
-    from timerefine.demo.app import build_app, file_examples, launch, run_examples
+    from timerefine.demo.app import build_app, demo_examples, launch
     from timerefine.inference.grounder import Grounder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--query")
     args = parser.parse_args()
     grounder = Grounder.load(args.run)
-    examples = file_examples(args.video) + run_examples(grounder)
+    examples = demo_examples(grounder, args.video)
     app, port = build_app(grounder, examples, args.run.name), free_port()
     launch(app, port, block=False)
     try:

@@ -158,7 +158,9 @@ def main() -> None:
         description="Write the test videos, extract their features, train a tiny run."
     )
     parser.add_argument("root", type=Path, help="a new folder: videos/, features/, tiny_clip/, run/")
-    print(train_video_run(parser.parse_args().root))
+    parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. trainer.max_steps=300")
+    args = parser.parse_args()
+    print(train_video_run(args.root, *args.overrides))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 
 from tests.demo_browser import ask, browser_available, chromium, free_port
 from tests.inference_runs import VIDEOS, write_moment_video
-from timerefine.demo.app import Demo, build_app, file_examples, launch, run_examples
+from timerefine.demo.app import Demo, build_app, demo_examples, launch
 from timerefine.demo.timeline import Row, rows_of, timeline_svg
 from timerefine.inference.grounder import Grounder, Grounding
 
@@ -38,18 +38,16 @@ def test_timeline_svg_places_bars_in_seconds():
 def video_demo(video_run) -> Demo:
     grounder = Grounder.from_run(video_run.run_dir)
     videos = sorted(video_run.videos.glob("*.mp4"))[:2]
-    return Demo(grounder, file_examples(videos) + run_examples(grounder), Path(tempfile.mkdtemp()))
+    return Demo(grounder, demo_examples(grounder, videos), Path(tempfile.mkdtemp()))
 
 
 @pytest.mark.slow
 def test_demo_answers_a_video_file_with_frames_and_clip(video_demo, video_run):
-    label = sorted(video_run.videos.glob("*.mp4"))[0].name
+    label = sorted(video_run.videos.glob("*.mp4"))[0].name  # vid_blue_a.mp4, a test video of the run
+    assert video_demo.query_of(label) == "a blue square appears"
     status, timeline, frames, clip, features = video_demo.answer(label, None, "a blue square appears")
-    assert (
-        status.startswith("**Answer:")
-        and 'data-row="step4"' in timeline
-        and 'data-row="truth"' not in timeline
-    )
+    assert status.startswith("**Answer:") and 'data-row="step4"' in timeline
+    assert 'data-row="truth" data-start="2.000" data-end="3.500"' in timeline and "IoU" in status
     assert frames["visible"] and len(frames["value"]) == 2 and frames["value"][0][0].shape[0] == 160
     assert clip["visible"] and Path(clip["value"]).stat().st_size > 0 and not features["visible"]
 
@@ -70,7 +68,7 @@ def test_demo_shows_features_and_truth_for_the_runs_own_test_queries(video_demo)
 @pytest.mark.slow
 def test_demo_works_on_a_builtin_run_out_of_the_box(builtin_run):
     grounder = Grounder.from_run(builtin_run)
-    demo = Demo(grounder, run_examples(grounder), Path(tempfile.mkdtemp()))
+    demo = Demo(grounder, demo_examples(grounder, []), Path(tempfile.mkdtemp()))
     assert demo.examples and all(label.startswith("builtin_test_") for label in demo.examples)
     label = next(iter(demo.examples))
     _, timeline, _, _, features = demo.answer(label, None, demo.query_of(label))
@@ -106,7 +104,7 @@ def test_demo_in_a_headless_browser(video_run, tmp_path):
     video = video_run.videos / "vid_red_a.mp4"
     uploaded = write_moment_video(tmp_path / "my_clip.mp4", 6.0, "green", 2.0, 4.0)
     expected = grounder.ground(video, "a red square appears")[0]
-    app = build_app(grounder, file_examples([video]) + run_examples(grounder), "video run")
+    app = build_app(grounder, demo_examples(grounder, [video]), "video run")
     port = free_port()
     launch(app, port, block=False)
     url = f"http://127.0.0.1:{port}"
@@ -124,10 +122,11 @@ def test_demo_in_a_headless_browser(video_run, tmp_path):
     assert list(drawn.segments["final"]) == [shown["start"], shown["end"]]
     assert [list(drawn.segments[f"step{i}"]) for i in range(len(shown["steps"]))] == shown["steps"]
     assert list(drawn.segments["aux"]) == shown["aux"]
-    assert "truth" not in drawn.segments and f"{expected.start:.2f}" in drawn.status
+    assert drawn.segments["truth"] == (1.0, 2.5) and f"{expected.start:.2f}" in drawn.status
     assert drawn.frames == 2 and drawn.clip and not drawn.features
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert upload.segments["final"][1] <= 6.0 + 1e-3 and upload.frames == 2 and upload.clip
+    assert "truth" not in upload.segments  # nothing is known about an uploaded video
     assert truth.segments["truth"] == (2.0, 3.5) and truth.features and "IoU" in truth.status
     assert error.status == "error: type a query" and not error.segments
     # Nothing but the demo itself was fetched.

@@ -50,26 +50,31 @@ class Example:
     truth: tuple[float, float] | None = None
 
 
-def file_examples(videos: list[Path]) -> list[Example]:
-    return [Example(video.name, video=video) for video in videos]
-
-
-def run_examples(grounder: Grounder, count: int = 20) -> list[Example]:
-    """The first ``count`` test queries of the run's data, features only (none when the data is absent)."""
+def demo_examples(grounder: Grounder, videos: list[Path], count: int = 20) -> list[Example]:
+    """The ``videos`` files, then the first ``count`` test queries of the run's data as features only
+    (none when the data is not on this machine). A file named after a test video comes with that
+    video's query and truth."""
     try:
-        pairs = list(dataset_examples(grounder.run.cfg))[:count]
-        return [
+        queries = list(dataset_examples(grounder.run.cfg))
+        by_video = {record.video_id: record for record, _ in queries}
+        from_data = [
             Example(
                 f"{record.video_id}: {record.query}",
                 record.query,
                 features=Features(store.load(record.video_id), record.duration),
                 truth=(record.start, record.end),
             )
-            for record, store in pairs
+            for record, store in queries[:count]
         ]
     except DATA_ERRORS as err:
         log.warning("no test queries of the run's data to offer (%s)", err)
-        return []
+        by_video, from_data = {}, []
+    files = []
+    for video in videos:
+        record = by_video.get(video.stem)
+        truth = None if record is None else (record.start, record.end)
+        files.append(Example(video.name, record.query if record else "", video=video, truth=truth))
+    return files + from_data
 
 
 def summary(answer: Grounding, truth: tuple[float, float] | None) -> str:
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    examples = file_examples(args.video) + run_examples(grounder)
+    examples = demo_examples(grounder, args.video)
     print(f"serving {args.run} on http://127.0.0.1:{args.port}")
     launch(build_app(grounder, examples, args.run.name), args.port)
     return 0
