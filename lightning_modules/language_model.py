@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -90,6 +91,17 @@ def embedding_layers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if any(module is m for m in layers)}
 
 
+def untrained_grounding_ids(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The grounding tokens a pretrained LM has no trained rows for: those its own tokenizer lacks
+    (all of them when it ships none). A model saved by this project (a merged export) keeps its rows."""
+    try:
+        own = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return grounding_token_ids(tokenizer)
+    known = own.get_vocab()
+    return [tokenizer.convert_tokens_to_ids(t) for t in GROUNDING_TOKENS if t not in known]
+
+
 def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary_size: int) -> None:
     """Set the input and output rows of ``token_ids`` to the mean row of the other tokens of the
     vocabulary (rows past ``vocabulary_size``, a checkpoint's padding, are left out of the mean)."""
@@ -131,7 +143,8 @@ def build_language_model(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        init_rows_from_mean(model, grounding_token_ids(tokenizer), len(tokenizer))
+        if untrained := untrained_grounding_ids(name_or_path, tokenizer):
+            init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
     if init_from is not None:

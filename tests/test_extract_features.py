@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -110,7 +111,19 @@ def test_extract_writes_float16_features_and_resumes(tiny_clip, videos, tmp_path
     features = np.load(out / "vid_a.npy")
     assert features.shape == (8, dim) and features.dtype == np.float16 and np.isfinite(features).all()
     assert not np.allclose(features[0], features[-1])  # different frames, different embeddings
-    assert sorted(p.name for p in out.iterdir()) == ["vid_a.npy", "vid_b.npy"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "encoder.json",
+        "vid_a.npy",
+        "vid_b.npy",
+    ]  # no temp files
+    record = json.loads((out / "encoder.json").read_text())
+    assert record == {
+        "model": str(tiny_clip / model),
+        "projection": model == "proj",
+        "fp16": False,
+        "num_frames": 8,
+        "dim": dim,
+    }
     assert FolderFeatureStore(out, num_frames=8, feature_dim=dim).load("vid_b").shape == (8, dim)
 
     first_b = np.load(out / "vid_b.npy")

@@ -18,22 +18,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from timerefine.pipeline.best_checkpoint import recorded_best
+from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.config_values import not_a_file
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.train import INPUT_ERRORS
-
-
-def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
-    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none."""
-    if ckpt == "best":
-        return recorded_best(run_dir / "checkpoints")
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return path
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:

@@ -21,6 +21,7 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
+from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import (
@@ -145,7 +146,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
     ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
     the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
-    has coarse segments to start from)."""
+    has coarse segments to start from), the refinement trace figure."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -177,6 +178,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
         callbacks.append(EarlyStopping(**spec.early_stopping))
+    if spec.get("refinement_trace", 0) > 0:  # absent from the config of older runs
+        callbacks.append(RefinementTrace(output_dir / "refinement_trace", spec.refinement_trace))
     return callbacks
 
 

@@ -171,6 +171,7 @@ RULES: dict[str, Check] = {
     "callbacks.checkpoint.save_top_k": integer(-1),
     "callbacks.checkpoint.last_every_n_steps": integer(1),
     "callbacks.progress_bar": one_of("rich", "tqdm", "none"),
+    "callbacks.refinement_trace": integer(0),
 }
 
 # (smaller, larger): the first may not exceed the second.
