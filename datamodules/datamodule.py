@@ -15,6 +15,7 @@ from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import ShardedEpochSampler
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -41,10 +42,12 @@ class GroundingDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         prompt_template: str = DEFAULT_TEMPLATE,
+        timeline: Timeline = DEFAULT_TIMELINE,
     ) -> None:
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.prompt_template = num_workers, seed, prompt_template
+        self.timeline = timeline
         self.datasets: dict[str, GroundingDataset] = {}
         self.collator: GroundingCollator | None = None
 
@@ -64,6 +67,7 @@ class GroundingDataModule(L.LightningDataModule):
             video_tokens or self.source.num_frames,
             self.seed,
             coarse_lookup,
+            self.timeline,
         )
 
     def annotated(self, split: str) -> int:

@@ -38,9 +38,10 @@ from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.corpus import tokenizer_corpus
 from timerefine.answer_format.prompts import render_prompt
 from timerefine.answer_format.targets import RefineSchedule
-from timerefine.answer_format.timeline import MAX_INDEX
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from timerefine.answer_format.tokens import VIDEO
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.conventions import run_protocol, run_timeline
 from timerefine.pipeline.loggers import ResumableCSVLogger
 from timerefine.pipeline.strategy import build_strategy
 
@@ -66,6 +67,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
+        timeline=run_timeline(cfg),
     )
 
 
@@ -78,12 +80,16 @@ def refine_schedule(model: DictConfig) -> RefineSchedule:
         refine.relative,
         refine.contain_gt,
         tuple(refine.get("residual_std") or ()),
+        refine.offset_space,
+        refine.resample,
     )
 
 
-def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> torch.Tensor:
-    """The tens and ones digit token of each video token's index on the 00-99 timeline, (tokens, 2)."""
-    indices = [round(i * MAX_INDEX / max(video_tokens - 1, 1)) for i in range(video_tokens)]
+def frame_index_ids(
+    tokenizer: PreTrainedTokenizerBase, video_tokens: int, timeline: Timeline = DEFAULT_TIMELINE
+) -> torch.Tensor:
+    """The tens and ones digit token of each video token's index on ``timeline``, (tokens, 2)."""
+    indices = [timeline.frame_index(i, video_tokens) for i in range(video_tokens)]
     return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
 
 
@@ -93,7 +99,7 @@ def build_module(
     """Tokenizer, LM, projector, aux head, and the answer codec the module and the datamodule share.
     The tokenizer is the run's saved one when ``tokenizer_dir`` exists (resume, evaluation), else
     pretrained, else trained on the data's text."""
-    model = cfg.model
+    model, timeline = cfg.model, run_timeline(cfg)
     schedule = refine_schedule(model)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         tokenizer = add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -112,7 +118,7 @@ def build_module(
     )
     hidden = lm.config.hidden_size
     aux = (
-        AuxHead(hidden, model.aux.head, model.aux.loss)
+        AuxHead(hidden, model.aux.head, model.aux.loss, model.aux.scaling, timeline)
         if model.aux.weight > 0 and schedule.with_offsets
         else None
     )
@@ -143,7 +149,7 @@ def build_module(
         ),
         tokenizer.convert_tokens_to_ids(VIDEO),
         aux,
-        frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
+        frame_index_ids(tokenizer, video_tokens, timeline) if time_kind == "digits" else None,
         nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,
     )
     codec = AnswerCodec(tokenizer, schedule)
@@ -155,6 +161,8 @@ def build_module(
         OptimSpec(**model.optim),
         InferenceSpec(**model.inference),
         model.saliency.weight,
+        timeline,
+        run_protocol(cfg),
     )
 
 
