@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import subprocess
@@ -15,6 +16,9 @@ import torch
 
 from timerefine.metrics.grounding import GroundingMetric
 from timerefine.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
+from timerefine.pipeline.config import load_config
+from timerefine.pipeline.conventions import recorded_conventions, run_protocol
+from timerefine.pipeline.outputs import print_summary
 from timerefine.tools.rescore import main as rescore_main
 from timerefine.tools.rescore import rescore
 
@@ -207,3 +211,14 @@ def test_rescore_rejects_an_unknown_protocol(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         rescore_main([str(tmp_path / "x.jsonl"), "--protocol", "trace"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_parsed_only_runs_warn_in_the_log_and_the_summary(tmp_path, caplog, capsys):
+    cfg = load_config(["eval.protocol=parsed_only", "output_dir=unused"])
+    with caplog.at_level(logging.WARNING):
+        assert run_protocol(cfg).name == "parsed_only"
+    assert "inflated" in caplog.text
+    print_summary({"test/mIoU": 50.0, **recorded_conventions(cfg)}, tmp_path)
+    assert "warning: protocol parsed_only" in capsys.readouterr().out
+    print_summary({"test/mIoU": 50.0, "eval/protocol": "exact"}, tmp_path)
+    assert "warning" not in capsys.readouterr().out

@@ -210,6 +210,7 @@ RECIPE = {
     "model.optim.warmup_ratio": 0.03,
     "model.optim.min_lr_ratio": 0.0,
     "trainer.precision": "bf16-mixed",
+    "callbacks.checkpoint.monitor": None,
 }
 
 
