@@ -15,6 +15,7 @@ from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.prompts import render_prompt
+from timerefine.answer_format.timeline import Timeline
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -42,11 +43,13 @@ class GroundingDataModule(L.LightningDataModule):
         num_workers: int,
         seed: int,
         prompt_template: str,
+        timeline: Timeline,
     ) -> None:
         """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.prompt_template = num_workers, seed, prompt_template
+        self.timeline = timeline
         self.datasets: dict[str, GroundingDataset] = {}
         self.collator: GroundingCollator | None = None
 
@@ -66,6 +69,7 @@ class GroundingDataModule(L.LightningDataModule):
             video_tokens or self.source.num_frames,
             self.seed,
             coarse_lookup,
+            self.timeline,
         )
 
     def annotated(self, split: str) -> int:

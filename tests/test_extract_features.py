@@ -67,10 +67,12 @@ def videos(tmp_path: Path) -> Path:
     return root
 
 
-def test_sample_frame_indices():
-    assert sample_frame_indices(20, 4).tolist() == [2, 7, 12, 17]
-    assert sample_frame_indices(3, 6).tolist() == [0, 0, 1, 1, 2, 2]
+def test_sample_frame_indices_include_the_first_and_last_frame():
+    """VTimeLLM's ``np.linspace(0, T - 1, n, dtype=np.int32)``: frame k of n shows k / (n - 1) of the video."""
+    assert sample_frame_indices(20, 4).tolist() == [0, 6, 12, 19]  # 0, 6.33, 12.67, 19 truncated
+    assert sample_frame_indices(3, 6).tolist() == [0, 0, 0, 1, 1, 2]
     assert sample_frame_indices(1, 2).tolist() == [0, 0]
+    assert sample_frame_indices(1000, 100).tolist() == np.linspace(0, 999, 100, dtype=np.int32).tolist()
     with pytest.raises(ValueError, match="total > 0"):
         sample_frame_indices(0, 4)
 
@@ -79,7 +81,7 @@ def test_decode_uniform_frames(videos):
     frames = decode_uniform_frames(videos / "vid_a.mp4", 4)
     assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8
     levels = frames.reshape(4, -1).mean(1) / 12
-    np.testing.assert_allclose(levels, [2, 7, 12, 17], atol=0.6)
+    np.testing.assert_allclose(levels, [0, 6, 12, 19], atol=0.6)
     portrait = decode_uniform_frames(videos / "vid_b.mkv", 10, size=32)  # short side scaled to 32
     assert portrait.shape == (10, 43, 32, 3)
 

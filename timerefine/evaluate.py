@@ -22,6 +22,7 @@ from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.config_values import not_a_file
+from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.train import INPUT_ERRORS
 
@@ -33,7 +34,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
-    metrics |= datamodule.coverage(metrics)
+    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)

@@ -15,8 +15,8 @@ serves the collator (targets) and the module (decoding, parsing, metrics).
 Modules:
 
 - ``tokens``: ``<video>``, the markers, digits and signs, ``IGNORE_INDEX``.
-- ``timeline``: seconds <-> frame indices 00-99.
-- ``targets``: ``RefineSchedule``, ``RefineRound`` and drawing the target rounds.
+- ``timeline``: the timeline conventions (``data.timeline``): seconds <-> frame indices 00-99, frame places.
+- ``targets``: ``RefineSchedule``, ``RefineRound`` and drawing the target rounds (index or seconds space).
 - ``layout``: rounds <-> answer text (atoms), parsing, the predicted segments.
 - ``codec``: answer <-> token ids, and the slots of constrained decoding.
 - ``prompts``: query normalisation and prompt rendering.

@@ -48,6 +48,7 @@ from timerefine.answer_format.targets import RefineSchedule
 from timerefine.lightning_compat import check_lightning_internals
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.conventions import run_protocol, run_timeline
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import from_node
 from timerefine.pipeline.strategy import build_strategy
@@ -80,6 +81,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
+        timeline=run_timeline(cfg),
     )
 
 
@@ -105,7 +107,7 @@ def build_module(
     cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
 ) -> GroundingModule:
     """The tokenizer, the Video LLM and the answer codec that the module and the datamodule share."""
-    model = cfg.model
+    model, timeline = cfg.model, run_timeline(cfg)
     schedule = refine_schedule(model)
     init_from = from_node(InitFromSpec, model.init_from)
     codec = AnswerCodec(build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
@@ -128,6 +130,7 @@ def build_module(
         saliency_weight=model.saliency.weight,
         feature_dim=datamodule.source.feature_dim,
         num_frames=datamodule.source.num_frames,
+        timeline=timeline,
     )
     load_released_heads(video_llm, init_from)
     datamodule.attach(codec, datamodule.source.num_frames // projector.frames_per_token)
@@ -139,6 +142,8 @@ def build_module(
         inference=from_node(InferenceSpec, model.inference),
         saliency_weight=model.saliency.weight,
         config=OmegaConf.to_container(cfg, resolve=True),
+        timeline=timeline,
+        protocol=run_protocol(cfg),
     )
 
 

@@ -3,8 +3,9 @@
     timerefine-extract-features VIDEO_DIR OUT_DIR --model openai/clip-vit-large-patch14 \\
         --num-frames 100 --batch-size 100 --device cuda --fp16
 
-Frames are decoded uniformly with PyAV (in DataLoader workers), resized and centre-cropped to the
-encoder's image size, CLIP-normalised and encoded; the projected image embedding (or, with
+Frames are decoded with PyAV in DataLoader workers at ``linspace(0, T - 1, n)`` (first and last frame
+included, as VTimeLLM samples them: the frame placement of every timeline in
+``timerefine/answer_format/timeline.py``), resized and centre-cropped to the encoder's image size, CLIP-normalised and encoded; the projected image embedding (or, with
 ``--no-projection``, the pooled output) is kept per frame. Finished videos are skipped, outputs are
 written atomically, and undecodable videos are counted and reported (or raise with ``--strict``).
 ``OUT_DIR/encoder.json`` records the encoder and frame count, so a trained run can encode a new video
@@ -28,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from timerefine.answer_format.timeline import sample_frame_indices
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,13 +48,6 @@ class VideoDecodeError(Exception):
 
     def __reduce__(self) -> tuple:  # survives the trip back from DataLoader workers
         return type(self), (self.path, self.reason)
-
-
-def sample_frame_indices(total: int, n: int) -> np.ndarray:
-    """Indices of the centres of ``n`` equal segments of ``total`` frames (repeats when total < n)."""
-    if total <= 0 or n <= 0:
-        raise ValueError(f"need total > 0 and n > 0 frames, got total={total}, n={n}")
-    return np.minimum(((np.arange(n) + 0.5) * total / n).astype(np.int64), total - 1)
 
 
 def _frame_count(path: str | Path) -> int:
