@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.config_values import not_a_file
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {config}: not a run directory", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.overrides, name=config.stem, config_dir=args.run_dir)
+        cfg = load_run_config(args.run_dir, args.overrides)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ from timerefine.inference.video_features import InputError
 from timerefine.lightning_compat import load_sharded_checkpoint
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, load_run_config
+from timerefine.pipeline.conventions import run_timeline
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def run_config(folder: Path) -> DictConfig:
     if not (folder / "config.yaml").is_file():
         raise InputError(f"{folder}: no config.yaml, so not a run directory or an exported model")
     try:
-        return load_config([], name="config", config_dir=folder)
+        return load_run_config(folder, [])
     except ConfigError as err:
         raise InputError(f"{folder / 'config.yaml'}: {err}") from err
 
@@ -96,6 +97,7 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
         num_workers=0,
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
+        timeline=run_timeline(cfg),
     )
     module = build_module(cfg, datamodule, tokenizer_dir=tokenizer_dir)
     assert datamodule.collator is not None
