@@ -107,7 +107,7 @@ def test_filling_the_slots_reproduces_encode(k, seed):
             filled += slot.fixed
         else:
             token = tok.convert_tokens_to_ids(next(chosen))
-            assert token in slot.choices
+            assert (token,) in slot.choices
             filled.append(token)
     assert next(chosen, None) is None
     assert filled == encoded

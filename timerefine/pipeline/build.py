@@ -34,6 +34,7 @@ from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_languag
 from lightning_modules.projector import build_projector
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.chat import answer_end_id
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.corpus import tokenizer_corpus
 from timerefine.answer_format.prompts import render_prompt
@@ -66,6 +67,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
+        chat_template=cfg.data.chat_template,
     )
 
 
@@ -87,6 +89,22 @@ def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> to
     return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
 
 
+def answer_codec(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, schedule: RefineSchedule
+) -> AnswerCodec:
+    """The codec of ``model.answer_tokens``, whose answers end as ``data.chat_template`` ends a turn."""
+    try:
+        codec = AnswerCodec(
+            tokenizer, schedule, cfg.model.answer_tokens, answer_end_id(cfg.data.chat_template, tokenizer)
+        )
+        codec.slots()  # canonical: find (and check) the slots now, so a tokenizer that cannot stops here
+    except ValueError as error:
+        raise ConfigError(
+            f"model.answer_tokens={cfg.model.answer_tokens}, data.chat_template={cfg.data.chat_template}: {error}"
+        ) from error
+    return codec
+
+
 def build_module(
     cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
 ) -> GroundingModule:
@@ -101,7 +119,10 @@ def build_module(
         train = datamodule.records("train")
         prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
         corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
-        tokenizer = build_tokenizer(model.lm.name_or_path, corpus, model.lm.tokenizer_vocab_size)
+        tokenizer = build_tokenizer(
+            model.lm.tokenizer or model.lm.name_or_path, corpus, model.lm.tokenizer_vocab_size
+        )
+    codec = answer_codec(cfg, tokenizer, schedule)
     lm = build_language_model(
         tokenizer,
         model.lm.name_or_path,
@@ -146,7 +167,6 @@ def build_module(
         frame_index_ids(tokenizer, video_tokens) if time_kind == "digits" else None,
         nn.Linear(hidden, 1) if model.saliency.weight > 0 else None,
     )
-    codec = AnswerCodec(tokenizer, schedule)
     datamodule.attach(codec, video_tokens)
     return GroundingModule(
         video_llm,

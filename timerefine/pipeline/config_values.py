@@ -15,7 +15,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_modules.aux_head import AUX_LOSSES
 from lightning_modules.language_model import TINY_ARCHITECTURES
+from timerefine.answer_format.chat import CHAT_TEMPLATES
+from timerefine.answer_format.codec import ANSWER_TOKENS
 from timerefine.answer_format.predictions import FINAL_CHOICES
+from timerefine.answer_format.prompts import template_error
 
 Check = Callable[[Any], "str | None"]
 _ABSENT = object()
@@ -88,6 +91,12 @@ def not_a_file(value: Any) -> str | None:
     return f"{path} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
+def tokenizer_source(value: Any) -> str | None:
+    """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
+    local = str(value).startswith((".", "/", "~"))
+    return f"{value} is not a directory" if local and not Path(str(value)).expanduser().is_dir() else None
+
+
 RULES: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),
     "output_dir": not_a_file,
@@ -95,6 +104,8 @@ RULES: dict[str, Check] = {
     "data.eval_batch_size": integer(1),
     "data.global_batch_size": optional(integer(1)),
     "data.num_workers": integer(0),
+    "data.prompt_template": template_error,
+    "data.chat_template": one_of(*CHAT_TEMPLATES),
     "data.source.num_train": integer(1),
     "data.source.num_val": integer(1),
     "data.source.num_test": integer(1),
@@ -116,7 +127,9 @@ RULES: dict[str, Check] = {
     "model.lm.tiny.num_heads": integer(1),
     "model.lm.tiny.intermediate_size": integer(1),
     "model.lm.tiny.max_positions": integer(1),
+    "model.lm.tokenizer": optional(tokenizer_source),
     "model.lm.tokenizer_vocab_size": integer(1),
+    "model.answer_tokens": one_of(*ANSWER_TOKENS),
     "model.lora.r": integer(1),
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": PROBABILITY,
