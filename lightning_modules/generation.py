@@ -11,6 +11,7 @@ rank have ended: all ranks run the same passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -120,7 +121,7 @@ def _constrained(decoder: _Decoder, slots: list[Slot], in_step: bool) -> list[li
             written += [torch.ones(batch, dtype=torch.bool, device=device)] * step.shape[1]
             decoder.feed(step)
             continue
-        for step, fed in _walk(decoder, _Trie(slot.choices, device), in_step):
+        for step, fed in _walk(decoder, _trie(slot.choices, device), in_step):
             columns.append(step)
             written.append(fed)
     tokens, kept = torch.stack(columns, 1).tolist(), torch.stack(written, 1).tolist()
@@ -144,6 +145,12 @@ class _Trie:
         self.tokens = torch.tensor([[*c, *[-1] * (width - len(c))] for c in children], device=device)
         self.nodes = torch.tensor([[*c.values(), *[0] * (width - len(c))] for c in children], device=device)
         self.depth = max(map(len, choices))
+
+
+@lru_cache(maxsize=256)
+def _trie(choices: tuple[tuple[int, ...], ...], device: torch.device) -> _Trie:
+    """Built once per slot and device (every batch decodes the same slots)."""
+    return _Trie(choices, device)
 
 
 def _walk(decoder: _Decoder, trie: _Trie, in_step: bool):
