@@ -1,7 +1,8 @@
 """Batching: prompt with frame placeholders, TimeRefine answer targets, and the loss mask.
 
-Only answer tokens (and the answer's end token, ``codec.end_id``) carry LM loss; prompt, video placeholders and padding are
-``IGNORE_INDEX``. Training sequences are right-padded; the prompts for generation are left-padded.
+Only answer tokens and the answer's end token (``codec.end_id``: EOS, or a chat format's end of
+turn) carry LM loss; prompt, video placeholders and padding are ``IGNORE_INDEX``. Training
+sequences are right-padded; the prompts for generation are left-padded.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Constrained decoding copies the fixed tokens and walks each choice slot's token trie, taking the
 best-scoring allowed token at every level; a row whose pick is complete waits (its fed token is
-masked out) until the slot's longest pick in the batch is. Prompts are left-padded. While decoding, the last hidden state at every <OFFSET> token fed to the
-model is kept, so the aux head can read it. With an FSDP-sharded model every forward pass is a
+masked out) until the slot's longest pick in the batch is. Prompts are left-padded. While
+decoding, the last hidden state at every <OFFSET> token fed to the model is kept, so the aux head can read it. With an FSDP-sharded model every forward pass is a
 collective (it all-gathers the sharded layers), so free decoding stops only once the answers of every
 rank have ended: all ranks run the same passes.
 """

@@ -92,16 +92,17 @@ def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> to
 def answer_codec(
     cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, schedule: RefineSchedule
 ) -> AnswerCodec:
-    """The codec of ``model.answer_tokens``, whose answers end as ``data.chat_template`` ends a turn."""
+    """The codec of ``model.answer_tokens``, whose answers end as ``data.chat_template`` ends a turn;
+    its slots are made (and, canonical, checked) now, before anything is written."""
     try:
-        codec = AnswerCodec(
-            tokenizer, schedule, cfg.model.answer_tokens, answer_end_id(cfg.data.chat_template, tokenizer)
-        )
-        codec.slots()  # canonical: find (and check) the slots now, so a tokenizer that cannot stops here
+        end_id = answer_end_id(cfg.data.chat_template, tokenizer)
     except ValueError as error:
-        raise ConfigError(
-            f"model.answer_tokens={cfg.model.answer_tokens}, data.chat_template={cfg.data.chat_template}: {error}"
-        ) from error
+        raise ConfigError(f"data.chat_template={cfg.data.chat_template}: {error}") from error
+    codec = AnswerCodec(tokenizer, schedule, cfg.model.answer_tokens, end_id)
+    try:
+        codec.slots()
+    except ValueError as error:
+        raise ConfigError(f"model.answer_tokens={cfg.model.answer_tokens}: {error}") from error
     return codec
 
 
