@@ -2,12 +2,14 @@
 
     python bench/answer_tokens.py                          # answer lengths and decoding time
     python bench/answer_tokens.py --train gpt2 --steps 200 # and a short training run per spelling
+    python bench/answer_tokens.py --train gpt2 --steps 300 --overrides model=direct
 
 For each tokenizer of ``../shared/data/tokenizers``: the K=3 answer length in tokens in both
 spellings, and the constrained decoding time per query of the same tiny LM (built-in data, one
 batch, best of ``--repeats`` interleaved rounds) in both, measured in this invocation; their ratio
 is what carries over to another machine. ``--train NAME`` adds one ``train.py`` run per spelling
-with that tokenizer (one at a time) and its test mIoU. The ``name=value`` lines come last.
+with that tokenizer (one at a time, ``--overrides`` added) and its test mIoU. The ``name=value``
+lines come last.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def decoding(name: str, queries: int, repeats: int) -> dict[str, tuple[int, floa
     return {mode: (modules[mode].codec.answer_length(), best[mode]) for mode in ANSWER_TOKENS}
 
 
-def train_run(name: str, mode: str, steps: int, out: Path) -> dict[str, float]:
+def train_run(name: str, mode: str, steps: int, out: Path, extra: list[str]) -> dict[str, float]:
     """One ``train.py`` run: test mIoU (final answer and first coarse segment), val mIoU, seconds."""
     output_dir = out / f"{name}_{mode}"
     overrides = [
@@ -78,6 +80,7 @@ def train_run(name: str, mode: str, steps: int, out: Path) -> dict[str, float]:
         *TRAIN,
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps // 2}",
+        *extra,
         f"output_dir={output_dir}",
     ]
     start = time.perf_counter()
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train", choices=NAMES, help="also train once per spelling with this tokenizer")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--overrides", nargs="*", default=[], help="more train.py overrides")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_answer_tokens")
     args = parser.parse_args()
     if not TOKENIZERS.is_dir():
@@ -113,7 +117,7 @@ def main() -> None:
         results[f"{name}/canonical_over_digits/decode_time"] = round(ratio, 3)
     if args.train:
         for mode in ANSWER_TOKENS:
-            for key, value in train_run(args.train, mode, args.steps, args.out).items():
+            for key, value in train_run(args.train, mode, args.steps, args.out, args.overrides).items():
                 results[f"{args.train}/{mode}/{key}"] = round(value, 2)
     for key, value in results.items():
         print(f"{key}={value}")
