@@ -1,7 +1,8 @@
 """Batching: prompt with frame placeholders, TimeRefine answer targets, and the loss mask.
 
-Only answer tokens (and the final EOS) carry LM loss; prompt, video placeholders and padding are
-``IGNORE_INDEX``. Training sequences are right-padded; the prompts for generation are left-padded.
+Only answer tokens and the answer's end token (``codec.end_id``: EOS, or a chat format's end of
+turn) carry LM loss; prompt, video placeholders and padding are ``IGNORE_INDEX``. Training
+sequences are right-padded; the prompts for generation are left-padded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from datamodules.records import GroundingRecord
+from timerefine.answer_format.chat import prompt_bos
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
 from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
@@ -50,8 +52,9 @@ class GroundingCollator:
             raise ValueError(
                 f"the prompt template must contain '{VIDEO}' exactly once: {self.prompt(query)!r}"
             )
-        if self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id, *ids]
+        bos = prompt_bos(self.tokenizer)
+        if bos is not None and ids[:1] != [bos]:  # once, also when a chat template writes it
+            ids = [bos, *ids]
         at = ids.index(self.video_id)
         return [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
 
@@ -69,7 +72,7 @@ class GroundingCollator:
         answers = [
             [
                 *self.codec.encode(self.target_rounds(r, item["epoch"], item["index"])),
-                self.tokenizer.eos_token_id,
+                self.codec.end_id,
             ]
             for r, item in zip(records, items, strict=True)
         ]

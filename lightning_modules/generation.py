@@ -1,7 +1,9 @@
 """Batched greedy decoding with a KV cache, free or constrained to the answer layout.
 
-Prompts are left-padded. While decoding, the last hidden state at every <OFFSET> token fed to the
-model is kept, so the aux head can read it. With an FSDP-sharded model every forward pass is a
+Constrained decoding copies the fixed tokens and walks each choice slot's token trie, taking the
+best-scoring allowed token at every level; a row whose pick is complete waits (its fed token is
+masked out) until the slot's longest pick in the batch is. Prompts are left-padded. While
+decoding, the last hidden state at every <OFFSET> token fed to the model is kept, so the aux head can read it. With an FSDP-sharded model every forward pass is a
 collective (it all-gathers the sharded layers), so free decoding stops only once the answers of every
 rank have ended: all ranks run the same passes.
 """
@@ -9,6 +11,7 @@ rank have ended: all ranks run the same passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -53,21 +56,24 @@ class _Decoder:
         self.past = out.cache
         return out
 
-    def feed(self, tokens: torch.Tensor) -> None:
-        """Append ``tokens`` (B, n) and advance the cache."""
+    def feed(self, tokens: torch.Tensor, fed: torch.Tensor | None = None) -> None:
+        """Append ``tokens`` (B, n) and advance the cache; with ``fed`` (B,) bool, only those rows'
+        single token counts (the others are masked out and keep their last logits)."""
+        added = torch.ones_like(tokens, dtype=self.mask.dtype) if fed is None else fed[:, None].to(self.mask)
         start = self.mask.long().sum(-1, keepdim=True)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=self.mask.dtype)], dim=1)
+        self.mask = torch.cat([self.mask, added], dim=1)
         positions = start + torch.arange(tokens.shape[1], device=tokens.device)
         out = self._forward(self.model.lm.get_input_embeddings()(tokens), positions, self.past)
-        self.last_logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
+        self.last_logits = logits if fed is None else torch.where(fed[:, None], logits, self.last_logits)
         if self.offset_id is not None:
-            self._keep_offset_hidden(tokens, out.hidden_states[-1])
+            self._keep_offset_hidden(tokens, out.hidden_states[-1], added.bool())
 
-    def _keep_offset_hidden(self, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+    def _keep_offset_hidden(self, tokens: torch.Tensor, hidden: torch.Tensor, fed: torch.Tensor) -> None:
         if self.offset_hidden is None:
             self.offset_hidden = hidden.new_zeros(hidden.shape[0], hidden.shape[-1])
         for column in range(tokens.shape[1]):
-            is_offset = tokens[:, column] == self.offset_id
+            is_offset = (tokens[:, column] == self.offset_id) & fed[:, column]
             self.offset_hidden[is_offset] = hidden[is_offset, column]
             self.has_offset |= is_offset
 
@@ -83,33 +89,84 @@ def generate(
     slots: list[Slot] | None = None,
     offset_id: int | None = None,
 ) -> Generation:
-    """Greedy answers; with ``slots`` only digits/signs are chosen and every answer parses."""
+    """Greedy answers; with ``slots`` only the choice slots are chosen and every answer parses."""
     decoder = _Decoder(model, prompt_ids, prompt_mask, features, offset_id)
     batch, device = prompt_ids.shape[0], prompt_ids.device
-    columns: list[torch.Tensor] = []
+    in_step = is_sharded(model)
     if slots is not None:
-        for slot in slots:
-            if slot.fixed:
-                step = torch.tensor(slot.fixed, device=device).expand(batch, -1)
-            else:
-                choices = torch.tensor(slot.choices, device=device)
-                step = choices[decoder.last_logits[:, choices].argmax(-1)].unsqueeze(1)
-            columns.append(step)
-            decoder.feed(step)
-        tokens = torch.cat(columns, dim=1).tolist()
-    else:
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        in_step = is_sharded(model)
-        for _ in range(max_new_tokens):
-            step = decoder.last_logits.argmax(-1)
-            step = torch.where(finished, torch.full_like(step, eos_id), step)
-            columns.append(step)
-            finished |= step == eos_id
-            if all_finished(finished, across_ranks=in_step):
-                break
-            decoder.feed(step.unsqueeze(1))
-        tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
+        return Generation(_constrained(decoder, slots, in_step), decoder.offset_hidden, decoder.has_offset)
+    columns: list[torch.Tensor] = []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        step = decoder.last_logits.argmax(-1)
+        step = torch.where(finished, torch.full_like(step, eos_id), step)
+        columns.append(step)
+        finished |= step == eos_id
+        if all_finished(finished, across_ranks=in_step):
+            break
+        decoder.feed(step.unsqueeze(1))
+    tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
     return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
+
+
+def _constrained(decoder: _Decoder, slots: list[Slot], in_step: bool) -> list[list[int]]:
+    """Each row's tokens: the fixed slots copied, each choice slot's trie walked greedily."""
+    batch, device = decoder.mask.shape[0], decoder.mask.device
+    columns: list[torch.Tensor] = []  # (B,) tokens fed
+    written: list[torch.Tensor] = []  # (B,) bool: whether that token belongs to the row's answer
+    for slot in slots:
+        if slot.fixed:
+            step = torch.tensor(slot.fixed, device=device).expand(batch, -1)
+            columns += step.unbind(1)
+            written += [torch.ones(batch, dtype=torch.bool, device=device)] * step.shape[1]
+            decoder.feed(step)
+            continue
+        for step, fed in _walk(decoder, _trie(slot.choices, device), in_step):
+            columns.append(step)
+            written.append(fed)
+    tokens, kept = torch.stack(columns, 1).tolist(), torch.stack(written, 1).tolist()
+    return [[t for t, keep in zip(*row, strict=True) if keep] for row in zip(tokens, kept, strict=True)]
+
+
+class _Trie:
+    """A slot's choices as a token trie: for each node, its children's tokens and node numbers
+    (padded with -1 and 0); node 0 is the root, a node without children ends a choice."""
+
+    def __init__(self, choices: tuple[tuple[int, ...], ...], device: torch.device) -> None:
+        children: list[dict[int, int]] = [{}]
+        for choice in choices:
+            node = 0
+            for token in choice:
+                if token not in children[node]:
+                    children[node][token] = len(children)
+                    children.append({})
+                node = children[node][token]
+        width = max(map(len, children))
+        self.tokens = torch.tensor([[*c, *[-1] * (width - len(c))] for c in children], device=device)
+        self.nodes = torch.tensor([[*c.values(), *[0] * (width - len(c))] for c in children], device=device)
+        self.depth = max(map(len, choices))
+
+
+@lru_cache(maxsize=256)
+def _trie(choices: tuple[tuple[int, ...], ...], device: torch.device) -> _Trie:
+    """Built once per slot and device (every batch decodes the same slots)."""
+    return _Trie(choices, device)
+
+
+def _walk(decoder: _Decoder, trie: _Trie, in_step: bool):
+    """Greedy descent of ``trie`` for every row: yields each level's (tokens, fed) (B,), feeding them."""
+    node = torch.zeros(decoder.mask.shape[0], dtype=torch.long, device=decoder.mask.device)
+    for level in range(trie.depth):
+        allowed = trie.tokens[node]
+        fed = (allowed >= 0).any(-1)
+        if level and all_finished(~fed, across_ranks=in_step):
+            return
+        scores = decoder.last_logits.gather(1, allowed.clamp(min=0)).masked_fill(allowed < 0, -torch.inf)
+        pick = scores.argmax(-1, keepdim=True)
+        step = allowed.gather(1, pick).squeeze(1).clamp(min=0)
+        node = torch.where(fed, trie.nodes[node].gather(1, pick).squeeze(1), node)
+        yield step, fed
+        decoder.feed(step[:, None], fed)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -164,7 +164,7 @@ class GroundingModule(L.LightningModule):
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch["features"],
-            eos_id=self.tokenizer.eos_token_id,
+            eos_id=self.codec.end_id,
             max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,

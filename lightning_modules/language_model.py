@@ -52,9 +52,12 @@ class LoraSpec:
 @dataclass
 class LMSpec:
     """``name_or_path``: a Hugging Face model name or local path; None builds the tiny LM (random
-    init). ``tokenizer_vocab_size`` sizes the locally trained tokenizer (tiny LM only)."""
+    init). ``tokenizer``: a tokenizer name or path, whatever the LM (the tiny LM's embeddings take
+    its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
+    sized by ``tokenizer_vocab_size``."""
 
     name_or_path: str | None = None
+    tokenizer: str | None = None
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = 1000
     dtype: str = "float32"

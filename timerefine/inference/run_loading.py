@@ -98,6 +98,7 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
         timeline=run_timeline(cfg),
+        chat_template=cfg.data.chat_template,
     )
     module = build_module(cfg, datamodule, tokenizer_dir=tokenizer_dir)
     assert datamodule.collator is not None

@@ -41,6 +41,7 @@ from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.chat import answer_end_id
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.corpus import tokenizer_corpus
 from timerefine.answer_format.prompts import render_prompt
@@ -82,6 +83,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
         timeline=run_timeline(cfg),
+        chat_template=cfg.data.chat_template,
     )
 
 
@@ -100,7 +102,25 @@ def build_tokenizer_for(
     train = datamodule.records("train")
     prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
     corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
-    return build_tokenizer(cfg.model.lm.name_or_path, corpus, cfg.model.lm.tokenizer_vocab_size)
+    lm = cfg.model.lm
+    return build_tokenizer(lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size)
+
+
+def answer_codec(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, schedule: RefineSchedule
+) -> AnswerCodec:
+    """The codec of ``model.answer_tokens``, whose answers end as ``data.chat_template`` ends a turn;
+    its slots are made (and, canonical, checked) now, before anything is written."""
+    try:
+        end_id = answer_end_id(cfg.data.chat_template, tokenizer)
+    except ValueError as error:
+        raise ConfigError(f"data.chat_template={cfg.data.chat_template}: {error}") from error
+    codec = AnswerCodec(tokenizer, schedule, cfg.model.answer_tokens, end_id)
+    try:
+        codec.slots()
+    except ValueError as error:
+        raise ConfigError(f"model.answer_tokens={cfg.model.answer_tokens}: {error}") from error
+    return codec
 
 
 def build_module(
@@ -110,7 +130,7 @@ def build_module(
     model, timeline = cfg.model, run_timeline(cfg)
     schedule = refine_schedule(model)
     init_from = from_node(InitFromSpec, model.init_from)
-    codec = AnswerCodec(build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
+    codec = answer_codec(cfg, build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
     lm_spec = from_node(LMSpec, model.lm)
     lm = build_language_model(
         codec.tokenizer,

@@ -16,7 +16,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
+from timerefine.answer_format.chat import CHAT_TEMPLATES
+from timerefine.answer_format.codec import ANSWER_TOKENS
 from timerefine.answer_format.predictions import FINAL_CHOICES
+from timerefine.answer_format.prompts import template_error
 from timerefine.answer_format.targets import OFFSET_SPACES, RESAMPLING
 from timerefine.answer_format.timeline import TIMELINES
 from timerefine.metrics.protocols import PROTOCOLS
@@ -106,6 +109,12 @@ def not_a_file(value: Any) -> str | None:
     return f"{path} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
+def tokenizer_source(value: Any) -> str | None:
+    """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
+    local = str(value).startswith((".", "/", "~"))
+    return f"{value} is not a directory" if local and not Path(str(value)).expanduser().is_dir() else None
+
+
 RULES: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),
     "output_dir": not_a_file,
@@ -115,6 +124,8 @@ RULES: dict[str, Check] = {
     "data.num_workers": integer(0),
     "data.timeline": one_of(*TIMELINES),
     "eval.protocol": one_of(*PROTOCOLS),
+    "data.prompt_template": template_error,
+    "data.chat_template": one_of(*CHAT_TEMPLATES),
     "data.source.num_train": integer(1),
     "data.source.num_val": integer(1),
     "data.source.num_test": integer(1),
@@ -139,7 +150,9 @@ RULES: dict[str, Check] = {
     "model.lm.tiny.num_heads": integer(1),
     "model.lm.tiny.intermediate_size": integer(1),
     "model.lm.tiny.max_positions": integer(1),
+    "model.lm.tokenizer": optional(tokenizer_source),
     "model.lm.tokenizer_vocab_size": integer(1),
+    "model.answer_tokens": one_of(*ANSWER_TOKENS),
     "model.lora.r": integer(1),
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": PROBABILITY,

@@ -24,7 +24,6 @@ from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE
 from timerefine.answer_format.targets import RefineSchedule
 from timerefine.answer_format.timeline import DEFAULT_TIMELINE
 from timerefine.metrics.protocols import EXACT
@@ -54,9 +53,12 @@ class SaliencySpec:
 
 @dataclass
 class ModelConfig:
-    """TimeRefine (K = ``refine.steps``) with the aux head; ``model=direct`` sets K = 0, no head."""
+    """TimeRefine (K = ``refine.steps``) with the aux head; ``model=direct`` sets K = 0, no head.
+    ``answer_tokens``: how answers are spelled in tokens, ``digits`` (one token per digit/sign) or
+    ``canonical`` (the tokenizer's own; timerefine/answer_format/codec.py)."""
 
     lm: LMSpec = field(default_factory=LMSpec)
+    answer_tokens: str = "digits"
     lora: LoraConfig = field(default_factory=LoraConfig)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -71,7 +73,9 @@ class ModelConfig:
 class DataConfig:
     """The keys every dataset shares; ``source`` is the dataset's own spec. With ``global_batch_size``
     set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
-    what the answers' frame indices mean (timerefine/answer_format/timeline.py)."""
+    what the answers' frame indices mean (timerefine/answer_format/timeline.py). ``prompt_template``:
+    a name from ``PROMPTS`` or a template (timerefine/answer_format/prompts.py); ``chat_template``:
+    none, tokenizer or a named one (timerefine/answer_format/chat.py)."""
 
     name: str
     source: Any
@@ -79,7 +83,8 @@ class DataConfig:
     eval_batch_size: int = 100
     global_batch_size: int | None = None
     num_workers: int = 0
-    prompt_template: str = DEFAULT_TEMPLATE
+    prompt_template: str = "default"
+    chat_template: str = "none"
     timeline: str = DEFAULT_TIMELINE.name
 
 
