@@ -43,7 +43,7 @@ import torch
 from transformers import CompileConfig, StaticCache
 
 from bench.figures_out import interleaved, machine, print_figures
-from lightning_modules.generation import Generation, _Decoder, generate
+from lightning_modules.generation import Generation, _constrained, _Decoder, generate
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.answer_format.codec import Slot
 from timerefine.answer_format.layout import spaced
@@ -95,24 +95,20 @@ class _EagerDecoder(_Decoder):
         super().__init__(*args)
         self._run()
 
-    def feed(self, tokens: torch.Tensor) -> None:
-        super().feed(tokens)
+    def feed(self, tokens: torch.Tensor, fed: torch.Tensor | None = None) -> None:
+        super().feed(tokens, fed)
         self._run()
 
 
 def constrained_with(decoder_type: type[_Decoder]) -> Decoder:
-    """Constrained decoding (the loop of ``generation.generate``) on ``decoder_type``."""
+    """The project's constrained decoding (``generation._constrained``) on ``decoder_type``."""
 
     @torch.no_grad()
     def run(module: GroundingModule, batch: dict) -> Generation:
         decoder = _start(module, batch, decoder_type)
-        columns = []
-        for slot in module.codec.slots():
-            step = _slot_step(decoder, slot, len(batch["records"]))
-            columns.append(step)
-            decoder.feed(step)
+        tokens = _constrained(decoder, module.codec.slots(), in_step=False)
         decoder.finish()
-        return Generation(torch.cat(columns, 1).tolist(), decoder.offset_hidden, decoder.has_offset)
+        return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
 
     return run
 
@@ -122,10 +118,17 @@ def _start(module: GroundingModule, batch: dict, decoder_type: type[_Decoder] = 
     return decoder_type(module.model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], offset_id)
 
 
+def _single_tokens(slot: Slot) -> list[int]:
+    """A choice slot's tokens (``model.answer_tokens=digits``: every digit and sign is one token)."""
+    if any(len(choice) != 1 for choice in slot.choices):
+        raise SystemExit("error: this benchmark's adaptive and HF decoders need model.answer_tokens=digits")
+    return [token for (token,) in slot.choices]
+
+
 def _slot_step(decoder: _Decoder, slot: Slot, rows: int) -> torch.Tensor:
     if slot.fixed:
         return torch.tensor(slot.fixed).expand(rows, -1)
-    choices = torch.tensor(slot.choices)
+    choices = torch.tensor(_single_tokens(slot))
     return choices[decoder.last_logits[:, choices].argmax(-1)].unsqueeze(1)
 
 
@@ -205,7 +208,7 @@ def _layout_tokens(slots: list[Slot]) -> list[list[int]]:
     """The tokens allowed at each position of the answer."""
     allowed: list[list[int]] = []
     for slot in slots:
-        allowed += [[t] for t in slot.fixed] or [list(slot.choices)]
+        allowed += [[t] for t in slot.fixed] or [_single_tokens(slot)]
     return allowed
 
 
@@ -240,7 +243,7 @@ def hf_generate(module: GroundingModule, batch: dict, *, constrained: bool, budg
 def decoders(module: GroundingModule, trained: bool, compile_step: bool) -> dict[str, Decoder]:
     """The decoders to compare. A random-init model gets no EOS: free decoding runs the answer's
     length plus one token, as a trained model's answer and its EOS."""
-    eos = module.tokenizer.eos_token_id
+    eos = module.codec.end_id
     budget = module.codec.answer_length() + (8 if trained else 1)
     free_eos, hf_eos = (eos, eos) if trained else (-1, None)
     runs: dict[str, Decoder] = {
@@ -281,7 +284,9 @@ def predictions(module: GroundingModule, generation: Generation) -> list[Predict
     aux = module._aux_segments(generation)
     texts = [spaced(t) for t in module.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
     num_segments, final = module.codec.schedule.num_segments, module.inference.final
-    return [predict(text, num_segments, final, a) for text, a in zip(texts, aux, strict=True)]
+    return [
+        predict(text, num_segments, final, a, module.timeline) for text, a in zip(texts, aux, strict=True)
+    ]
 
 
 def speed(module: GroundingModule, batches: list[dict], runs: dict[str, Decoder], rounds: int) -> dict:
@@ -316,7 +321,8 @@ def quality(module: GroundingModule, loader, runs: dict[str, Decoder]) -> dict[s
             else:
                 generation = run(module, batch)
             for record, prediction in zip(batch["records"], predictions(module, generation), strict=True):
-                ious[name].append(record_iou(seconds(prediction.final, record.duration), record))
+                final = seconds(prediction.final, record.duration, module.timeline)
+                ious[name].append(record_iou(final, record))
     out = {f"test_mIoU_{name}": 100 * statistics.mean(v) for name, v in ious.items()}
     out["adaptive_rounds_skipped_per_query"] = statistics.mean(skipped)
     out["adaptive_queries_stopped_early"] = sum(s > 0 for s in skipped) / len(skipped)

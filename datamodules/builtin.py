@@ -15,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from datamodules.records import FeatureError, GroundingRecord
+from timerefine.answer_format.timeline import frame_times
 
 VERBS = (
     ("opens", "is opening", ""),
@@ -121,7 +122,7 @@ def make_sample(spec: BuiltinSpec, split: str, index: int) -> BuiltinSample:
     n_events = int(rng.integers(spec.min_events, spec.max_events + 1))
     pairs = rng.choice(len(VERBS) * len(OBJECTS), size=n_events, replace=False)
 
-    times = np.linspace(0.0, duration, spec.num_frames)
+    times = frame_times(spec.num_frames, duration)
     features = rng.normal(0.0, spec.noise, size=(spec.num_frames, spec.feature_dim))
     segments = []
     for pair in pairs:

@@ -1,7 +1,8 @@
 """Batching: prompt with frame placeholders, TimeRefine answer targets, and the loss mask.
 
-Only answer tokens (and the final EOS) carry LM loss; prompt, video placeholders and padding are
-``IGNORE_INDEX``. Training sequences are right-padded; the prompts for generation are left-padded.
+Only answer tokens and the answer's end token (``codec.end_id``: EOS, or a chat format's end of
+turn) carry LM loss; prompt, video placeholders and padding are ``IGNORE_INDEX``. Training
+sequences are right-padded; the prompts for generation are left-padded.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Any
 import torch
 
 from datamodules.records import GroundingRecord
+from timerefine.answer_format.chat import prompt_bos
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.targets import RefineRound, make_target_rounds, on_policy_draw, sample_rng
-from timerefine.answer_format.timeline import to_index
+from timerefine.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
 CoarseLookup = Callable[[str], tuple[int, int] | None]
@@ -26,6 +28,7 @@ class GroundingCollator:
 
     ``coarse_lookup`` maps a qid to the model's own coarse guess, used as the first coarse segment
     with probability ``on_policy_fraction`` (on-policy refinement), drawn per (seed, epoch, sample).
+    ``timeline`` (``data.timeline``) maps the ground truth in seconds to the answer's indices.
     """
 
     def __init__(
@@ -35,9 +38,11 @@ class GroundingCollator:
         video_tokens: int,
         seed: int = 0,
         coarse_lookup: CoarseLookup | None = None,
+        timeline: Timeline = DEFAULT_TIMELINE,
     ) -> None:
         self.codec, self.tokenizer, self.prompt = codec, codec.tokenizer, prompt
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
+        self.timeline = timeline
         self.on_policy_fraction = 1.0
         self.video_id = self.tokenizer.convert_tokens_to_ids(VIDEO)
 
@@ -47,19 +52,19 @@ class GroundingCollator:
             raise ValueError(
                 f"the prompt template must contain '{VIDEO}' exactly once: {self.prompt(query)!r}"
             )
-        if self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id, *ids]
+        bos = prompt_bos(self.tokenizer)
+        if bos is not None and ids[:1] != [bos]:  # once, also when a chat template writes it
+            ids = [bos, *ids]
         at = ids.index(self.video_id)
         return [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
 
     def target_rounds(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineRound]:
-        gt = (to_index(record.start, record.duration), to_index(record.end, record.duration))
-        first = None
+        schedule, first = self.codec.schedule, None
         if self.coarse_lookup and on_policy_draw(self.seed, epoch, index) < self.on_policy_fraction:
             first = self.coarse_lookup(record.qid)
-        return make_target_rounds(
-            gt, record.duration, self.codec.schedule, sample_rng(self.seed, epoch, index), first
-        )
+        rng = target_rng(self.seed, epoch, index, schedule.resample)
+        gt = (record.start, record.end)
+        return draw_target_rounds(gt, record.duration, schedule, self.timeline, rng, first)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         records = [item["record"] for item in items]
@@ -67,7 +72,7 @@ class GroundingCollator:
         answers = [
             [
                 *self.codec.encode(self.target_rounds(r, item["epoch"], item["index"])),
-                self.tokenizer.eos_token_id,
+                self.codec.end_id,
             ]
             for r, item in zip(records, items, strict=True)
         ]

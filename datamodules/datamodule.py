@@ -13,8 +13,10 @@ from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
 from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
+from timerefine.answer_format.chat import chat_prompt
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.prompts import render_prompt
+from timerefine.answer_format.prompts import resolve_template
+from timerefine.answer_format.timeline import Timeline
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -33,6 +35,9 @@ class DataSource(Protocol):
 
 
 class GroundingDataModule(L.LightningDataModule):
+    """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
+    the prompt becomes the model's chat turn (timerefine/answer_format/chat.py)."""
+
     def __init__(
         self,
         source: DataSource,
@@ -42,11 +47,14 @@ class GroundingDataModule(L.LightningDataModule):
         num_workers: int,
         seed: int,
         prompt_template: str,
+        timeline: Timeline,
+        chat_template: str,
     ) -> None:
         """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
-        self.num_workers, self.seed, self.prompt_template = num_workers, seed, prompt_template
+        self.num_workers, self.seed, self.timeline = num_workers, seed, timeline
+        self.prompt_template, self.chat_template = resolve_template(prompt_template), chat_template
         self.datasets: dict[str, GroundingDataset] = {}
         self.collator: GroundingCollator | None = None
 
@@ -62,10 +70,11 @@ class GroundingDataModule(L.LightningDataModule):
         the targets) and the number of video tokens a prompt holds (default: one per frame)."""
         self.collator = GroundingCollator(
             codec,
-            partial(render_prompt, self.prompt_template),
+            partial(chat_prompt, self.prompt_template, self.chat_template, codec.tokenizer),
             video_tokens or self.source.num_frames,
             self.seed,
             coarse_lookup,
+            self.timeline,
         )
 
     def annotated(self, split: str) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from datamodules.records import FeatureError, GroundingRecord
 from timerefine.answer_format.prompts import normalize_query
+from timerefine.answer_format.timeline import frame_times
 
 _STOPWORD_TEXT = (
     "a an the and or of to in on at with from into onto by for is are was were be been being it its "
@@ -54,7 +55,8 @@ def query_signature(query: str, seed: int, dim: int) -> np.ndarray | None:
 
 
 class SyntheticFeatureStore:
-    """Features synthesized from ``records``; frame i shows time ``(i + 0.5) * duration / num_frames``.
+    """Features synthesized from ``records``; frame k shows ``k / (num_frames - 1)`` of the video
+    (``frame_times``, as every timeline places frames).
 
     ``noise`` is the expected norm of each frame's noise vector (signatures have norm 1).
     """
@@ -94,7 +96,7 @@ class SyntheticFeatureStore:
         rng = np.random.default_rng(stable_seed("video", self.seed, video_id))
         shape = (self.num_frames, self.feature_dim)
         features = rng.standard_normal(shape) * (self.noise / np.sqrt(self.feature_dim))
-        times = (np.arange(self.num_frames) + 0.5) * records[0].duration / self.num_frames
+        times = frame_times(self.num_frames, records[0].duration)
         for record in records:
             signature = query_signature(record.query, self.seed, self.feature_dim)
             if signature is None:

@@ -1,7 +1,11 @@
 """Batched greedy decoding with a KV cache, free or constrained to the answer layout.
 
-Prompts are left-padded. While decoding, the last hidden state at every <OFFSET> token fed to the
-model is kept, so the aux head can read it. With an FSDP-sharded model every forward pass is a
+Constrained decoding copies the fixed tokens and walks each choice slot's token trie, taking the
+best-scoring allowed token at every level; a row whose pick is complete waits (its fed token is
+masked out) until the slot's longest pick in the batch is. A forward pass runs only when logits
+are needed: each chosen token goes with the fixed text after it. Prompts are left-padded. While
+decoding, the last hidden state at every <OFFSET> token fed to the model is kept, so the aux head
+can read it. With an FSDP-sharded model every forward pass is a
 collective (it all-gathers the sharded layers), so free decoding stops only once the answers of every
 rank have ended: all ranks run the same passes.
 """
@@ -9,6 +13,7 @@ rank have ended: all ranks run the same passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -30,8 +35,8 @@ class _Decoder:
     """Holds the KV cache and the running attention mask of one batch.
 
     Fed tokens wait until logits are asked for, so consecutive feeds run as one forward pass: the
-    prompt with the answer's first fixed text, each chosen digit or sign with the fixed text after
-    it. Tokens fed after the last choice run only if the aux head needs one of them (an <OFFSET>).
+    prompt with the answer's first fixed text, each chosen token with the fixed text after it.
+    Tokens fed after the last choice run only if the aux head needs one of them (an <OFFSET>).
     """
 
     def __init__(
@@ -45,16 +50,16 @@ class _Decoder:
         self._pending = [(prompt_ids, prompt_mask, model.embed(prompt_ids, features, prompt_mask))]
         self._logits: torch.Tensor | None = None
 
-    def feed(self, tokens: torch.Tensor) -> None:
-        """Append ``tokens`` (B, n); they run with the next pass."""
-        embeds = self.model.lm.get_input_embeddings()(tokens)
-        self._pending.append((tokens, torch.ones_like(tokens, dtype=self.mask.dtype), embeds))
-        self._logits = None
+    def feed(self, tokens: torch.Tensor, fed: torch.Tensor | None = None) -> None:
+        """Append ``tokens`` (B, n), to run with the next pass; with ``fed`` (B,) bool, only those
+        rows' single token counts (the others are masked out and keep their last logits)."""
+        mask = torch.ones_like(tokens, dtype=self.mask.dtype) if fed is None else fed[:, None].to(self.mask)
+        self._pending.append((tokens, mask, self.model.lm.get_input_embeddings()(tokens)))
 
     @property
     def last_logits(self) -> torch.Tensor:
-        """(B, vocabulary) float logits after everything fed so far."""
-        if self._logits is None:
+        """(B, vocabulary) float logits after each row's last fed token."""
+        if self._pending:
             self._run()
         return self._logits
 
@@ -68,25 +73,32 @@ class _Decoder:
         self._pending = []
         self.mask = torch.cat([self.mask, mask], dim=1)
         positions = (self.mask.long().cumsum(-1) - 1)[:, -tokens.shape[1] :].clamp(min=0)
+        new = mask.bool()
+        last = tokens.shape[1] - 1 - new.flip(1).int().argmax(1)  # each row's last fed column
+        columns = torch.unique(last)
         out = self.model.lm(
             inputs_embeds=embeds,
             attention_mask=self.mask,
             position_ids=positions,
             cache=self.past,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=columns,
             output_hidden_states=self.offset_id is not None,
         )
         self.past = out.cache
-        self._logits = out.logits[:, -1].float()
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        logits = out.logits[rows, torch.searchsorted(columns, last)].float()
+        fed = new.any(1, keepdim=True)
+        self._logits = logits if self._logits is None else torch.where(fed, logits, self._logits)
         if self.offset_id is not None:
-            self._keep_offset_hidden(tokens, out.hidden_states[-1])
+            self._keep_offset_hidden(tokens, out.hidden_states[-1], new)
 
-    def _keep_offset_hidden(self, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+    def _keep_offset_hidden(self, tokens: torch.Tensor, hidden: torch.Tensor, fed: torch.Tensor) -> None:
         if self.offset_hidden is None:
             self.offset_hidden = hidden.new_zeros(hidden.shape[0], hidden.shape[-1])
-        for column in (tokens == self.offset_id).any(0).nonzero().flatten().tolist():
-            is_offset = tokens[:, column] == self.offset_id
+        at_offset = (tokens == self.offset_id) & fed
+        for column in at_offset.any(0).nonzero().flatten().tolist():
+            is_offset = at_offset[:, column]
             self.offset_hidden[is_offset] = hidden[is_offset, column]
             self.has_offset |= is_offset
 
@@ -102,23 +114,15 @@ def generate(
     slots: list[Slot] | None = None,
     offset_id: int | None = None,
 ) -> Generation:
-    """Greedy answers; with ``slots`` only digits/signs are chosen and every answer parses."""
+    """Greedy answers; with ``slots`` only the choice slots are chosen and every answer parses."""
     decoder = _Decoder(model, prompt_ids, prompt_mask, features, offset_id)
     batch, device = prompt_ids.shape[0], prompt_ids.device
-    columns: list[torch.Tensor] = []
+    in_step = is_sharded(model)
     if slots is not None:
-        for slot in slots:
-            if slot.fixed:
-                step = torch.tensor(slot.fixed, device=device).expand(batch, -1)
-            else:
-                choices = torch.tensor(slot.choices, device=device)
-                step = choices[decoder.last_logits[:, choices].argmax(-1)].unsqueeze(1)
-            columns.append(step)
-            decoder.feed(step)
-        tokens = torch.cat(columns, dim=1).tolist()
+        tokens = _constrained(decoder, slots, in_step)
     else:
+        columns: list[torch.Tensor] = []
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        in_step = is_sharded(model)
         for _ in range(max_new_tokens):
             step = decoder.last_logits.argmax(-1)
             step = torch.where(finished, torch.full_like(step, eos_id), step)
@@ -130,6 +134,66 @@ def generate(
         tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
     decoder.finish()
     return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
+
+
+def _constrained(decoder: _Decoder, slots: list[Slot], in_step: bool) -> list[list[int]]:
+    """Each row's tokens: the fixed slots copied, each choice slot's trie walked greedily."""
+    batch, device = decoder.mask.shape[0], decoder.mask.device
+    columns: list[torch.Tensor] = []  # (B,) tokens fed
+    written: list[torch.Tensor] = []  # (B,) bool: whether that token belongs to the row's answer
+    for slot in slots:
+        if slot.fixed:
+            step = torch.tensor(slot.fixed, device=device).expand(batch, -1)
+            columns += step.unbind(1)
+            written += [torch.ones(batch, dtype=torch.bool, device=device)] * step.shape[1]
+            decoder.feed(step)
+            continue
+        for step, fed in _walk(decoder, _trie(slot.choices, device), in_step):
+            columns.append(step)
+            written.append(fed)
+    tokens, kept = torch.stack(columns, 1).tolist(), torch.stack(written, 1).tolist()
+    return [[t for t, keep in zip(*row, strict=True) if keep] for row in zip(tokens, kept, strict=True)]
+
+
+class _Trie:
+    """A slot's choices as a token trie: for each node, its children's tokens and node numbers
+    (padded with -1 and 0); node 0 is the root, a node without children ends a choice."""
+
+    def __init__(self, choices: tuple[tuple[int, ...], ...], device: torch.device) -> None:
+        children: list[dict[int, int]] = [{}]
+        for choice in choices:
+            node = 0
+            for token in choice:
+                if token not in children[node]:
+                    children[node][token] = len(children)
+                    children.append({})
+                node = children[node][token]
+        width = max(map(len, children))
+        self.tokens = torch.tensor([[*c, *[-1] * (width - len(c))] for c in children], device=device)
+        self.nodes = torch.tensor([[*c.values(), *[0] * (width - len(c))] for c in children], device=device)
+        self.depth = max(map(len, choices))
+
+
+@lru_cache(maxsize=256)
+def _trie(choices: tuple[tuple[int, ...], ...], device: torch.device) -> _Trie:
+    """Built once per slot and device (every batch decodes the same slots)."""
+    return _Trie(choices, device)
+
+
+def _walk(decoder: _Decoder, trie: _Trie, in_step: bool):
+    """Greedy descent of ``trie`` for every row: yields each level's (tokens, fed) (B,), feeding them."""
+    node = torch.zeros(decoder.mask.shape[0], dtype=torch.long, device=decoder.mask.device)
+    for level in range(trie.depth):
+        allowed = trie.tokens[node]
+        fed = (allowed >= 0).any(-1)
+        if level and all_finished(~fed, across_ranks=in_step):
+            return
+        scores = decoder.last_logits.gather(1, allowed.clamp(min=0)).masked_fill(allowed < 0, -torch.inf)
+        pick = scores.argmax(-1, keepdim=True)
+        step = allowed.gather(1, pick).squeeze(1).clamp(min=0)
+        node = torch.where(fed, trie.nodes[node].gather(1, pick).squeeze(1), node)
+        yield step, fed
+        decoder.feed(step[:, None], fed)
 
 
 def is_sharded(model: nn.Module) -> bool:

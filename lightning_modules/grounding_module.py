@@ -17,19 +17,28 @@ from lightning_modules.video_llm import VideoLLM
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.layout import spaced
 from timerefine.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from timerefine.answer_format.tokens import OFFSET
 from timerefine.metrics.grounding import GroundingMetric
 from timerefine.metrics.iou import THRESHOLDS
+from timerefine.metrics.protocols import EXACT, Protocol
 from timerefine.metrics.windows import metric_inputs, record_iou
 
 
 @dataclass
 class OptimSpec:
+    """AdamW, linear warmup, cosine decay to ``min_lr_ratio`` x lr. ``warmup_ratio`` > 0 replaces
+    ``warmup_steps`` by that share of the run's steps, rounded up (Hugging Face Trainer's rule)."""
+
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
+
+    def warmup(self, total_steps: int) -> int:
+        return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio > 0 else self.warmup_steps
 
 
 @dataclass
@@ -50,7 +59,9 @@ def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
 
 class GroundingModule(L.LightningModule):
     """``codec`` (shared with the collator) holds the tokenizer and the refinement schedule: the
-    answer layout to decode, and the predicted segments scored one by one as ``{split}/step{k}/mIoU``."""
+    answer layout to decode, and the predicted segments scored one by one as ``{split}/step{k}/mIoU``.
+    ``timeline`` (``data.timeline``) reads the answers' indices as seconds; every score follows
+    ``protocol`` (``eval.protocol``)."""
 
     def __init__(
         self,
@@ -61,6 +72,8 @@ class GroundingModule(L.LightningModule):
         inference: InferenceSpec,
         saliency_weight: float = 0.0,
         config: dict[str, Any] | None = None,
+        timeline: Timeline = DEFAULT_TIMELINE,
+        protocol: Protocol = EXACT,
     ) -> None:
         """``config``: the run's resolved config, saved in every checkpoint (``hyper_parameters``)
         together with the tokenizer's files, so a checkpoint says what it is without its run folder."""
@@ -68,20 +81,24 @@ class GroundingModule(L.LightningModule):
         self.save_hyperparameters({"config": config}, logger=False)
         self.model, self.codec, self.tokenizer = model, codec, codec.tokenizer
         self.aux_weight, self.saliency_weight = aux_weight, saliency_weight
-        self.optim, self.inference = optim, inference
+        self.optim, self.inference, self.timeline = optim, inference, timeline
         with_offsets = codec.schedule.with_offsets
         self.offset_id = self.tokenizer.convert_tokens_to_ids(OFFSET) if with_offsets else None
-        self.metrics = torch.nn.ModuleDict({split: GroundingMetric() for split in ("val", "test")})
+
+        def metric() -> GroundingMetric:
+            return GroundingMetric(protocol=protocol)
+
+        self.metrics = torch.nn.ModuleDict({split: metric() for split in ("val", "test")})
         self.segment_metrics = torch.nn.ModuleDict(
             {
-                split: torch.nn.ModuleList(GroundingMetric() for _ in range(codec.schedule.num_segments))
+                split: torch.nn.ModuleList(metric() for _ in range(codec.schedule.num_segments))
                 for split in ("val", "test")
             }
         )
         # With an aux head, the other final-answer choices are scored too ({split}/aux/..., {split}/mean/...).
         choices = AUX_CHOICES if model.aux_head is not None and with_offsets else ()
         self.choice_metrics = torch.nn.ModuleDict(
-            {split: torch.nn.ModuleDict({c: GroundingMetric() for c in choices}) for split in ("val", "test")}
+            {split: torch.nn.ModuleDict({c: metric() for c in choices}) for split in ("val", "test")}
         )
         self.predictions: list[dict] = []
 
@@ -122,17 +139,18 @@ class GroundingModule(L.LightningModule):
         predictions = self.predict_batch(batch)
         finals, per_segment = [], [[] for _ in self.segment_metrics[split]]
         for record, prediction in zip(records, predictions, strict=True):
-            finals.append(seconds(prediction.final, record.duration))
+            finals.append(seconds(prediction.final, record.duration, self.timeline))
             for k, column in enumerate(per_segment):
                 segment = prediction.segments[k] if k < len(prediction.segments) else None
-                column.append(seconds(segment, record.duration))
+                column.append(seconds(segment, record.duration, self.timeline))
             if split == "test":
                 iou = record_iou(finals[-1], record)
-                self.predictions.append(prediction_row(record, prediction, iou))
+                self.predictions.append(prediction_row(record, prediction, iou, self.timeline))
         self.metrics[split].update(*metric_inputs(finals, records))
         for choice, metric in self.choice_metrics[split].items():
             chosen = [
-                seconds(p.choose(choice), r.duration) for r, p in zip(records, predictions, strict=True)
+                seconds(p.choose(choice), r.duration, self.timeline)
+                for r, p in zip(records, predictions, strict=True)
             ]
             metric.update(*metric_inputs(chosen, records))
         for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
@@ -146,7 +164,7 @@ class GroundingModule(L.LightningModule):
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch["features"],
-            eos_id=self.tokenizer.eos_token_id,
+            eos_id=self.codec.end_id,
             max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,
@@ -154,7 +172,7 @@ class GroundingModule(L.LightningModule):
         aux = self._aux_segments(generation)
         texts = [spaced(t) for t in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
         return [
-            predict(text, self.codec.schedule.num_segments, self.inference.final, a)
+            predict(text, self.codec.schedule.num_segments, self.inference.final, a, self.timeline)
             for text, a in zip(texts, aux, strict=True)
         ]
 
@@ -211,7 +229,7 @@ class GroundingModule(L.LightningModule):
             betas=tuple(self.optim.betas),
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
+        warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
 
         def schedule(step: int) -> float:
             if step < warmup:

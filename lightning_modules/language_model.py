@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -51,9 +52,12 @@ class LoraSpec:
 @dataclass
 class LMSpec:
     """``name_or_path``: a Hugging Face model name or local path; None builds the tiny LM (random
-    init). ``tokenizer_vocab_size`` sizes the locally trained tokenizer (tiny LM only)."""
+    init). ``tokenizer``: a tokenizer name or path, whatever the LM (the tiny LM's embeddings take
+    its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
+    sized by ``tokenizer_vocab_size``."""
 
     name_or_path: str | None = None
+    tokenizer: str | None = None
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = 1000
     dtype: str = "float32"
@@ -88,6 +92,17 @@ def embedding_layers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     """The input and output embedding layers by module name (both, also when their weight is tied)."""
     layers = (model.get_input_embeddings(), model.get_output_embeddings())
     return {name: module for name, module in model.named_modules() if any(module is m for m in layers)}
+
+
+def untrained_grounding_ids(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The grounding tokens a pretrained LM has no trained rows for: those its own tokenizer lacks
+    (all of them when it ships none). A model saved by this project (a merged export) keeps its rows."""
+    try:
+        own = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return grounding_token_ids(tokenizer)
+    known = own.get_vocab()
+    return [tokenizer.convert_tokens_to_ids(t) for t in GROUNDING_TOKENS if t not in known]
 
 
 def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary_size: int) -> None:
@@ -131,7 +146,8 @@ def build_language_model(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        init_rows_from_mean(model, grounding_token_ids(tokenizer), len(tokenizer))
+        if untrained := untrained_grounding_ids(name_or_path, tokenizer):
+            init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
     if init_from is not None:

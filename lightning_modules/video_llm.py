@@ -9,13 +9,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_modules.aux_head import AuxHead, AuxSpec
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec
 from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.timeline import MAX_INDEX
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
 
-def frame_index_ids(tokenizer: PreTrainedTokenizerBase, video_tokens: int) -> torch.Tensor:
-    """The tens and ones digit token of each video token's index on the 00-99 timeline, (tokens, 2)."""
-    indices = [round(i * MAX_INDEX / max(video_tokens - 1, 1)) for i in range(video_tokens)]
+def frame_index_ids(
+    tokenizer: PreTrainedTokenizerBase, video_tokens: int, timeline: Timeline = DEFAULT_TIMELINE
+) -> torch.Tensor:
+    """The tens and ones digit token of each video token's index on ``timeline``, (tokens, 2)."""
+    indices = [timeline.frame_index(i, video_tokens) for i in range(video_tokens)]
     return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
 
 
@@ -55,6 +57,7 @@ class VideoLLM(nn.Module):
         saliency_weight: float,
         feature_dim: int,
         num_frames: int,
+        timeline: Timeline = DEFAULT_TIMELINE,
     ) -> VideoLLM:
         """The Video LLM a config describes around ``lm``: the projector, the aux head (when its
         weight is on and answers have offsets), the digit time embeddings, the saliency head.
@@ -66,16 +69,18 @@ class VideoLLM(nn.Module):
         if saliency_weight > 0 and not projector.query_conditioned:
             raise ValueError("a saliency loss needs a query-conditioned projector")
         hidden = lm.config.hidden_size
+        # Built in this order (aux head, projector, saliency head) so a seed gives the same weights.
+        with_aux = aux.weight > 0 and codec.schedule.with_offsets
+        aux_head = AuxHead(hidden, aux.head, aux.loss, aux.scaling, timeline) if with_aux else None
         frames = FrameProjector.from_spec(projector, feature_dim, hidden, num_frames)
         video_tokens = num_frames // projector.frames_per_token
-        with_aux = aux.weight > 0 and codec.schedule.with_offsets
         return cls(
             lm,
             frames,
             codec.tokenizer.convert_tokens_to_ids(VIDEO),
-            aux_head=AuxHead(hidden, aux.head, aux.loss) if with_aux else None,
+            aux_head=aux_head,
             frame_index_ids=(
-                frame_index_ids(codec.tokenizer, video_tokens)
+                frame_index_ids(codec.tokenizer, video_tokens, timeline)
                 if projector.temporal_embedding == "digits"
                 else None
             ),

@@ -14,6 +14,7 @@ from datamodules.annotation_source import AnnotationSource
 from datamodules.datamodule import GroundingDataModule
 from datamodules.records import EmptySplitError
 from timerefine.answer_format.prompts import DEFAULT_TEMPLATE
+from timerefine.answer_format.timeline import UNIFORM99
 from timerefine.tools.pack_features import pack_folder
 
 DIM, FRAMES = 16, 8
@@ -151,7 +152,13 @@ def test_queries_dropped_by_the_quirk_policy_count_in_the_coverage(tmp_path):
     assert (report.total, report.usable, report.skipped_by_reason) == (7, 6, {"empty_query": 1})
     assert "charades_sta_test.txt:7" in report.examples["empty_query"]
     coverage = GroundingDataModule(
-        source, batch_size=4, eval_batch_size=4, num_workers=0, seed=0, prompt_template=DEFAULT_TEMPLATE
+        source,
+        batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        seed=0,
+        prompt_template=DEFAULT_TEMPLATE,
+        timeline=UNIFORM99,
     ).coverage({"test/queries": 6.0})["test/coverage"]
     assert coverage == pytest.approx(100 * 6 / 7)
 

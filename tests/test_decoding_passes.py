@@ -19,8 +19,9 @@ def uncached_constrained(model, prompt: list[int], features: torch.Tensor, slots
             if slot.fixed:
                 ids += slot.fixed
                 continue
+            choices = [choice for (choice,) in slot.choices]  # digits and signs: one token each
             out = model.lm(inputs_embeds=model.embed(torch.tensor([ids]), features[None]), use_cache=False)
-            ids.append(slot.choices[int(out.logits[0, -1, list(slot.choices)].argmax())])
+            ids.append(choices[int(out.logits[0, -1, choices].argmax())])
         out = model.lm(
             inputs_embeds=model.embed(torch.tensor([ids]), features[None]),
             use_cache=False,

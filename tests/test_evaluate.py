@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,18 @@ def test_partial_evaluation_reports_its_coverage(run):
     assert evaluate.main([str(run), "--ckpt", "last", "--name", "partial", *overrides]) == 0
     metrics = eval_metrics(run, "partial")
     assert metrics["test/queries"] == 4 and metrics["test/coverage"] == 50.0
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_newer_keys_still_evaluates(run, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(run, older, ignore=shutil.ignore_patterns("eval"))
+    saved = OmegaConf.load(older / "config.yaml")
+    del saved["eval"]  # keys the schema gained after the run was saved
+    del saved.data["timeline"]
+    OmegaConf.save(saved, older / "config.yaml")
+    assert evaluate.main([str(older), "--ckpt", "last", "--name", "old"]) == 0
+    assert eval_metrics(older, "old")["eval/protocol"] == "exact"
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -66,10 +67,12 @@ def videos(tmp_path: Path) -> Path:
     return root
 
 
-def test_sample_frame_indices():
-    assert sample_frame_indices(20, 4).tolist() == [2, 7, 12, 17]
-    assert sample_frame_indices(3, 6).tolist() == [0, 0, 1, 1, 2, 2]
+def test_sample_frame_indices_include_the_first_and_last_frame():
+    """VTimeLLM's ``np.linspace(0, T - 1, n, dtype=np.int32)``: frame k of n shows k / (n - 1) of the video."""
+    assert sample_frame_indices(20, 4).tolist() == [0, 6, 12, 19]  # 0, 6.33, 12.67, 19 truncated
+    assert sample_frame_indices(3, 6).tolist() == [0, 0, 0, 1, 1, 2]
     assert sample_frame_indices(1, 2).tolist() == [0, 0]
+    assert sample_frame_indices(1000, 100).tolist() == np.linspace(0, 999, 100, dtype=np.int32).tolist()
     with pytest.raises(ValueError, match="total > 0"):
         sample_frame_indices(0, 4)
 
@@ -78,7 +81,7 @@ def test_decode_uniform_frames(videos):
     frames = decode_uniform_frames(videos / "vid_a.mp4", 4)
     assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8
     levels = frames.reshape(4, -1).mean(1) / 12
-    np.testing.assert_allclose(levels, [2, 7, 12, 17], atol=0.6)
+    np.testing.assert_allclose(levels, [0, 6, 12, 19], atol=0.6)
     portrait = decode_uniform_frames(videos / "vid_b.mkv", 10, size=32)  # short side scaled to 32
     assert portrait.shape == (10, 43, 32, 3)
 
@@ -110,7 +113,19 @@ def test_extract_writes_float16_features_and_resumes(tiny_clip, videos, tmp_path
     features = np.load(out / "vid_a.npy")
     assert features.shape == (8, dim) and features.dtype == np.float16 and np.isfinite(features).all()
     assert not np.allclose(features[0], features[-1])  # different frames, different embeddings
-    assert sorted(p.name for p in out.iterdir()) == ["vid_a.npy", "vid_b.npy"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "encoder.json",
+        "vid_a.npy",
+        "vid_b.npy",
+    ]  # no temp files
+    record = json.loads((out / "encoder.json").read_text())
+    assert record == {
+        "model": str(tiny_clip / model),
+        "projection": model == "proj",
+        "fp16": False,
+        "num_frames": 8,
+        "dim": dim,
+    }
     assert FolderFeatureStore(out, num_frames=8, feature_dim=dim).load("vid_b").shape == (8, dim)
 
     first_b = np.load(out / "vid_b.npy")

@@ -24,6 +24,7 @@ from datamodules.feature_stores import (
 )
 from datamodules.records import FeatureError, FeatureStore, GroundingRecord
 from datamodules.synthetic_features import query_signature, stable_seed
+from timerefine.answer_format.timeline import frame_times
 from timerefine.tools.pack_features import main as pack_main
 from timerefine.tools.pack_features import pack_folder
 
@@ -155,7 +156,7 @@ def test_synthetic_store_is_deterministic_and_grounded():
     np.testing.assert_array_equal(v1, SyntheticFeatureStore(RECORDS, 20, 64, seed=3, noise=0.1).load("v1"))
     assert not np.array_equal(v1, SyntheticFeatureStore(RECORDS, 20, 64, seed=4, noise=0.1).load("v1"))
     opens = query_signature("opens door", 3, 64)
-    scores = v1 @ opens  # frames i cover time (i + 0.5) / 2 seconds
+    scores = v1 @ opens  # frame k shows time 10 k / 19 seconds: 2.1 to 3.7 s for k = 4..7
     inside = np.zeros(20, bool)
     inside[4:8] = True
     assert scores[inside].min() > 0.7 and np.abs(scores[~inside]).max() < 0.5
@@ -220,7 +221,7 @@ def test_synthetic_features_cover_real_charades_test():
     assert len(usable) == report.total == report.usable == 3720
     first = records[0]
     scores = store.load(first.video_id) @ query_signature(first.query, 0, 768)
-    times = (np.arange(100) + 0.5) * first.duration / 100
+    times = frame_times(100, first.duration)
     inside = (times >= first.start) & (times <= first.end)
     assert scores[inside].min() > 0.5 > np.abs(scores[~inside]).max()
 

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from timerefine.lightning_compat import INTERNALS, LightningInternalsChanged, check_lightning_internals
+from timerefine.lightning_compat import (
+    INTERNALS,
+    MODULE_INTERNALS,
+    LightningInternalsChanged,
+    check_lightning_internals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +35,7 @@ def test_a_removed_internal_fails_loudly_naming_it(monkeypatch):
 
 
 def test_no_other_module_touches_a_listed_internal():
-    names = sorted({name for _, name, _ in INTERNALS})
+    names = sorted({name for _, name, _ in INTERNALS} | {name for _, name in MODULE_INTERNALS})
     found = subprocess.run(
         [
             "git",
@@ -48,3 +53,11 @@ def test_no_other_module_touches_a_listed_internal():
         text=True,
     ).stdout
     assert found == "", f"Lightning internals used outside timerefine/lightning_compat.py:\n{found}"
+
+
+def test_a_removed_module_internal_fails_loudly(monkeypatch):
+    from lightning.fabric.utilities import load
+
+    monkeypatch.delattr(load, "_load_distributed_checkpoint")
+    with pytest.raises(LightningInternalsChanged, match="_load_distributed_checkpoint"):
+        check_lightning_internals()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_loss, l1_loss
-from lightning_modules.generation import generate
+from lightning_modules.generation import _Decoder, generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from tests import helpers
 from timerefine.answer_format.layout import parse_answer
+from timerefine.answer_format.slots import Slot
 from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
 from timerefine.answer_format.tokens import MARKERS, OFFSET, SEG_END, SEG_START
 
@@ -246,6 +249,87 @@ def test_free_decoding_stops_at_eos():
         expected = first[row][: first[row].index(eos)] if eos in first[row] else first[row]
         assert tokens[row] == expected
         assert len(tokens[row]) <= 4
+
+
+def next_logits(model, ids: list[int], features: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.lm(inputs_embeds=model.embed(torch.tensor([ids]), features[None])).logits[0, -1]
+
+
+def constrained_without_cache(model, prompt: list[int], features: torch.Tensor, slots) -> list[int]:
+    """One row, a full forward pass per token: fixed runs copied, each choice slot's tokens picked
+    one by one as the best next token among the choices that continue what was picked."""
+    ids = list(prompt)
+    for slot in slots:
+        if slot.fixed:
+            ids += slot.fixed
+            continue
+        picked: tuple[int, ...] = ()
+        while picked not in slot.choices:
+            following = {c[len(picked)] for c in slot.choices if c[: len(picked)] == picked}
+            logits = next_logits(model, ids, features)
+            best = max(following, key=lambda token: logits[token])
+            picked += (best,)
+            ids.append(best)
+    return ids[len(prompt) :]
+
+
+def test_constrained_decoding_walks_choices_of_different_lengths_like_one_row_at_a_time():
+    """Tokenizers may spell some numbers in fewer tokens than others: rows whose choice is complete
+    wait, masked out, while the others go on; every row gets what decoding it alone gives."""
+    tok = helpers.tokenizer()
+    model = helpers.video_llm(refine_steps=0, seed=0).eval()
+    batch = helpers.batch(refine_steps=0, n=6)
+    prompts = [
+        ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)
+    ]
+    start = tok.convert_tokens_to_ids(SEG_START)
+    logits = torch.stack(
+        [next_logits(model, [*p, start], f) for p, f in zip(prompts, batch["features"], strict=True)]
+    )
+    # Two tokens the rows rank differently, so that rows take choices of different lengths.
+    x, y = next(
+        (x, y)
+        for x, y in itertools.combinations(logits[0].topk(50).indices.tolist(), 2)
+        if 0 < int((logits[:, x] > logits[:, y]).sum()) < len(prompts)
+    )
+    a, b, c, d = (tok.convert_tokens_to_ids(t) for t in "abcd")
+    slots = [
+        Slot(fixed=(start,)),
+        Slot(choices=((x,), (y, a, b), (y, c))),
+        Slot(fixed=(d,)),
+        Slot(choices=((a, b, c), (x,), (b, c), (y,))),
+    ]
+    tokens = generate(
+        model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], -1, 0, slots=slots
+    ).tokens
+    assert len({len(t) for t in tokens}) > 1
+    for row, prompt in enumerate(prompts):
+        assert tokens[row] == constrained_without_cache(model, prompt, batch["features"][row], slots)
+
+
+def test_a_masked_out_feed_leaves_the_row_as_if_it_had_not_been_fed():
+    """The cache and logits after feeds where some rows sit out equal each row decoded alone."""
+    model = helpers.video_llm(refine_steps=0, seed=1).eval()
+    batch = helpers.batch(refine_steps=0, n=3)
+    prompts = [
+        ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)
+    ]
+    decoder = _Decoder(model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], None)
+    feeds = [
+        ([5, 6, 7], [True, False, True]),
+        ([8, 9, 10], [False, False, True]),
+        ([11, 12, 13], [True, False, False]),
+    ]
+    written = [list(p) for p in prompts]
+    with torch.no_grad():
+        for tokens, fed in feeds:
+            decoder.feed(torch.tensor(tokens)[:, None], torch.tensor(fed))
+            for row in range(3):
+                written[row] += [tokens[row]] if fed[row] else []
+    for row in range(3):
+        expected = next_logits(model, written[row], batch["features"][row])
+        assert torch.allclose(decoder.last_logits[row], expected, atol=1e-4)
 
 
 def test_module_predicts_parsed_segments():

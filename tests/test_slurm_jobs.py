@@ -41,7 +41,8 @@ class Submitter:
     def submit(self, name: str, overrides: list[str], *options: str) -> str:
         cmd = [
             sys.executable,
-            str(REPO / "tools" / "slurm_submit.py"),
+            "-m",
+            "timerefine.tools.slurm_submit",
             "--job-name",
             name,
             "--time",

@@ -13,7 +13,7 @@ from datamodules.records import GroundingRecord
 from tests import helpers
 from timerefine.answer_format.layout import format_answer
 from timerefine.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
-from timerefine.answer_format.timeline import MAX_INDEX, to_index
+from timerefine.answer_format.timeline import MAX_INDEX, UNIFORM99
 
 NUM = r"\d\d"
 SIGNED = r"[+-]\d\d"
@@ -35,7 +35,7 @@ def cases(draw):
     a = draw(st.floats(0.0, 1.0))
     b = draw(st.floats(0.0, 1.0))
     start, end = sorted((a * duration, b * duration))
-    gt = (to_index(start, duration), to_index(end, duration))
+    gt = (UNIFORM99.to_index(start, duration), UNIFORM99.to_index(end, duration))
     schedule = RefineSchedule(
         steps=draw(st.integers(0, 5)),
         noise_std=tuple(draw(st.lists(st.floats(0.0, 30.0), min_size=1, max_size=5))),
@@ -98,7 +98,10 @@ def test_collator_targets_follow_seed_epoch_index():
     record = GroundingRecord("q", "v", "a person opens the door", 30.0, 6.0, 18.0)
     assert collator.target_rounds(record, 2, 3) == collator.target_rounds(record, 2, 3)
     assert collator.target_rounds(record, 2, 3) == make_target_rounds(
-        (to_index(6.0, 30.0), to_index(18.0, 30.0)), 30.0, RefineSchedule(steps=3), sample_rng(5, 2, 3)
+        (UNIFORM99.to_index(6.0, 30.0), UNIFORM99.to_index(18.0, 30.0)),
+        30.0,
+        RefineSchedule(steps=3),
+        sample_rng(5, 2, 3),
     )
     per_epoch = {tuple(collator.target_rounds(record, e, 3)) for e in range(8)}
     assert len(per_epoch) >= 7

@@ -107,7 +107,7 @@ def test_filling_the_slots_reproduces_encode(k, seed):
             filled += slot.fixed
         else:
             token = tok.convert_tokens_to_ids(next(chosen))
-            assert token in slot.choices
+            assert (token,) in slot.choices
             filled.append(token)
     assert next(chosen, None) is None
     assert filled == encoded
@@ -233,3 +233,20 @@ def test_prompt_template_must_hold_one_video_placeholder():
         collator(helpers.items(1))
     with pytest.raises(ValueError, match="placeholder"):
         helpers.collator(template="no video here: {query}")(helpers.items(1))
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_canonical_answers_with_the_local_tokenizer(k):
+    """The local BPE keeps digits apart, so its canonical answers spell numbers digit by digit too."""
+    from timerefine.answer_format.codec import AnswerCodec
+    from timerefine.answer_format.layout import parse_answer
+
+    tok = helpers.tokenizer()
+    codec = AnswerCodec(tok, RefineSchedule(steps=k), "canonical")
+    for seed in range(3):
+        steps = some_steps(k, seed)
+        ids = codec.encode(steps)
+        assert ids == tok.encode(format_answer(steps, with_offsets=k > 0), add_special_tokens=False)
+        assert parse_answer(spaced(tok.decode(ids))) == steps
+    numbers = [slot for slot in codec.slots() if slot.choices]
+    assert all(len({len(choice) for choice in slot.choices}) == 1 for slot in numbers)

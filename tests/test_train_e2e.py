@@ -85,11 +85,13 @@ def test_config_yaml_is_the_composed_config(first):
 
 
 def test_metrics_json(first):
-    metrics = first.metrics
+    metrics = dict(first.metrics)
     assert metrics["global_step"] == 30
     for split in ("val", "test", "prior"):
         for name in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"):
             assert f"{split}/{name}" in metrics
+    scored_by = {"eval/protocol": "exact", "data/timeline": "uniform99"}  # the defaults, recorded
+    assert {key: metrics.pop(key) for key in scored_by} == scored_by
     for key, value in metrics.items():
         assert isinstance(key, str)
         assert value is None or (isinstance(value, int | float) and math.isfinite(value)), (key, value)
@@ -106,7 +108,7 @@ def test_predictions_jsonl(first):
     rows = [json.loads(line) for line in lines]
     assert len(rows) == NUM_TEST
     assert len({row["qid"] for row in rows}) == NUM_TEST
-    keys = {"qid", "video_id", "query", "duration", "gt", "pred", "iou", "steps", "text"}
+    keys = {"qid", "video_id", "query", "duration", "gt", "pred", "pred_index", "iou", "steps", "text"}
     ious = []
     for row in rows:
         assert keys <= set(row), row

@@ -18,22 +18,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from timerefine.pipeline.best_checkpoint import recorded_best
+from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.config_values import not_a_file
+from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.train import INPUT_ERRORS
-
-
-def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
-    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none."""
-    if ckpt == "best":
-        return recorded_best(run_dir / "checkpoints")
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return path
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
@@ -43,7 +34,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
-    metrics |= datamodule.coverage(metrics)
+    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)
@@ -67,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {config}: not a run directory", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.overrides, name=config.stem, config_dir=args.run_dir)
+        cfg = load_run_config(args.run_dir, args.overrides)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

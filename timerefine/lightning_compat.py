@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import inspect
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities import load as fabric_load
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -29,6 +32,11 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (ExperimentWriter, "_check_log_dir_exists", ("self",)),
     (CSVLogger, "_experiment", None),
 ]
+# (module, private name): module-level internals (a sharded checkpoint's layout)
+MODULE_INTERNALS: list[tuple[object, str]] = [
+    (fabric_load, "_METADATA_FILENAME"),
+    (fabric_load, "_load_distributed_checkpoint"),
+]
 
 
 class LightningInternalsChanged(RuntimeError):
@@ -45,6 +53,12 @@ def _instance_attributes(owner: type) -> set[str]:
 
 def check_lightning_internals() -> None:
     """Raise :class:`LightningInternalsChanged` naming the first internal that no longer fits."""
+    for module, name in MODULE_INTERNALS:
+        if not hasattr(module, name):
+            raise LightningInternalsChanged(
+                f"{module.__name__}.{name} (lightning {L.__version__}) is gone; "
+                "timerefine/lightning_compat.py relies on it"
+            )
     for owner, name, parameters in INTERNALS:
         where = f"{owner.__name__}.{name} (lightning {L.__version__})"
         if parameters is None:
@@ -120,3 +134,14 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+# ---- sharded (FSDP) checkpoints: folders ------------------------------------------------------
+def sharded_checkpoint_metadata(folder: Path) -> Path:
+    """The file of a sharded checkpoint folder that holds everything but the weights."""
+    return folder / fabric_load._METADATA_FILENAME
+
+
+def load_sharded_checkpoint(folder: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder as one full checkpoint dict (on CPU)."""
+    return fabric_load._load_distributed_checkpoint(folder)

@@ -19,6 +19,7 @@ from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
 
@@ -62,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"prior/{k}": v
             for k, v in prior_scores(datamodule.records("train"), datamodule.records("test")).items()
         }
-    metrics |= datamodule.coverage(metrics)
+    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)

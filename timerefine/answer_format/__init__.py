@@ -15,11 +15,14 @@ serves the collator (targets) and the module (decoding, parsing, metrics).
 Modules:
 
 - ``tokens``: ``<video>``, the markers, digits and signs, ``IGNORE_INDEX``.
-- ``timeline``: seconds <-> frame indices 00-99.
-- ``targets``: ``RefineSchedule``, ``RefineRound`` and drawing the target rounds.
+- ``timeline``: the timeline conventions (``data.timeline``): seconds <-> frame indices 00-99, frame places.
+- ``targets``: ``RefineSchedule``, ``RefineRound`` and drawing the target rounds (index or seconds space).
 - ``layout``: rounds <-> answer text (atoms), parsing, the predicted segments.
-- ``codec``: answer <-> token ids, and the slots of constrained decoding.
-- ``prompts``: query normalisation and prompt rendering.
+- ``codec``: answer <-> token ids (``model.answer_tokens``: digit by digit, or canonical), and the
+  slots of constrained decoding (``slots``); ``canonical`` finds the slots of the tokenizer's own
+  spelling of the numbers.
+- ``prompts``: query normalisation, the named prompts and prompt rendering.
+- ``chat``: chat formats (``data.chat_template``): the prompt as a user turn, BOS, the answer's end token.
 - ``corpus``: the text a locally trained tokenizer learns from.
 - ``predictions``: generated text -> predicted segments, the final-answer choice, prediction rows.
 """

@@ -31,8 +31,9 @@ def _number(value: int) -> list[Atom]:
     return [Atom("digit", str(tens)), Atom("digit", str(ones))]
 
 
-def _signed(value: int) -> list[Atom]:
-    return [Atom("sign", "+" if value >= 0 else "-"), *_number(abs(value))]
+def _signed(value: int, zero_sign: str) -> list[Atom]:
+    sign = "+" if value > 0 else "-" if value < 0 else zero_sign
+    return [Atom("sign", sign), *_number(abs(value))]
 
 
 def answer_atoms(rounds: list[RefineRound], with_offsets: bool) -> list[Atom]:
@@ -44,7 +45,12 @@ def answer_atoms(rounds: list[RefineRound], with_offsets: bool) -> list[Atom]:
         atoms += [*_number(round_.start), Atom("text", " to "), *_number(round_.end)]
         if with_offsets:
             atoms += [Atom("text", " "), Atom("text", OFFSET), Atom("text", " ")]
-            atoms += [*_signed(round_.offset_start), Atom("text", " and "), *_signed(round_.offset_end)]
+            start_sign, end_sign = round_.zero_signs
+            atoms += [
+                *_signed(round_.offset_start, start_sign),
+                Atom("text", " and "),
+                *_signed(round_.offset_end, end_sign),
+            ]
     return [*atoms, Atom("text", " "), Atom("text", SEG_END), Atom("text", ".")]
 
 
@@ -70,6 +76,7 @@ def parse_answer(text: str) -> list[RefineRound]:
     Reads after ``<SEG_START>`` (when present) up to ``<SEG_END>``. Without ``<SEG_END>`` the
     generation was cut short and only the rounds closed by ``<RETHINK>`` count. Each round must be
     exactly ``s to e`` (optionally ``<OFFSET> +a and -b``); a round without offsets gets zero offsets.
+    The sign of an offset of zero is kept (``-00``).
     """
     body = text.split(SEG_START, 1)[-1]
     chunks = body.split(SEG_END, 1)[0].split(RETHINK)
@@ -83,7 +90,11 @@ def parse_answer(text: str) -> list[RefineRound]:
         start, end, sign_s, off_s, sign_e, off_e = match.groups()
         offset_start = int(sign_s + off_s) if off_s is not None else 0
         offset_end = int(sign_e + off_e) if off_e is not None else 0
-        rounds.append(RefineRound(int(start), int(end), offset_start, offset_end))
+        zero_signs = "".join(
+            "-" if (sign, value) == ("-", 0) else "+"
+            for sign, value in ((sign_s, offset_start), (sign_e, offset_end))
+        )
+        rounds.append(RefineRound(int(start), int(end), offset_start, offset_end, zero_signs))
     return rounds
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from datamodules.records import GroundingRecord
 from timerefine.answer_format.layout import parse_answer, predicted_segments
-from timerefine.answer_format.timeline import MAX_INDEX, to_seconds
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 
 AUX_CHOICES = ("aux", "mean")  # the final answers that read the aux head
 FINAL_CHOICES = ("last", *AUX_CHOICES)
@@ -35,30 +35,38 @@ class Prediction:
         return self.choose(self.final_choice)
 
 
-def predict(text: str, num_segments: int, final: str, aux_segment: tuple[float, float] | None) -> Prediction:
+def predict(
+    text: str,
+    num_segments: int,
+    final: str,
+    aux_segment: tuple[float, float] | None,
+    timeline: Timeline = DEFAULT_TIMELINE,
+) -> Prediction:
     """Parse ``text`` into at most ``num_segments`` segments; ``aux_segment`` is the aux head's
-    normalized segment (used by ``aux``/``mean``)."""
+    normalized segment (used by ``aux``/``mean``), placed on ``timeline``'s indices."""
     if final not in FINAL_CHOICES:
         raise ValueError(f"unknown final answer {final!r}; choose from {FINAL_CHOICES}")
-    aux = None if aux_segment is None else tuple(sorted(x * MAX_INDEX for x in aux_segment))
+    aux = None if aux_segment is None else tuple(sorted(x * timeline.span for x in aux_segment))
     return Prediction(text, predicted_segments(parse_answer(text), num_segments), aux, final)
 
 
-def seconds(segment: tuple[float, float] | None, duration: float) -> tuple[float, float]:
+def seconds(
+    segment: tuple[float, float] | None, duration: float, timeline: Timeline = DEFAULT_TIMELINE
+) -> tuple[float, float]:
     """A frame-index segment in seconds; NaNs for a missing one (scored as IoU 0)."""
     if segment is None:
         return NAN_SEGMENT
-    return to_seconds(segment[0], duration), to_seconds(segment[1], duration)
+    return timeline.to_seconds(segment[0], duration), timeline.to_seconds(segment[1], duration)
 
 
-def prediction_row(record: GroundingRecord, prediction: Prediction, iou: float) -> dict:
-    """One line of ``predictions/<split>.jsonl``; ``windows`` when the query has several (``gt`` is the
-    target window then, ``iou`` by the record's ``multi_window`` rule)."""
-    final = (
-        None
-        if prediction.final is None
-        else [round(x, 3) for x in seconds(prediction.final, record.duration)]
-    )
+def prediction_row(
+    record: GroundingRecord, prediction: Prediction, iou: float, timeline: Timeline = DEFAULT_TIMELINE
+) -> dict:
+    """One line of ``predictions/<split>.jsonl``: everything rescoring needs (timerefine-rescore), times
+    in unrounded seconds, the final answer also as the frame indices it was read from; ``windows`` when
+    the query has several (``gt`` is the target window then, ``iou`` by the record's ``multi_window``
+    rule)."""
+    final = prediction.final
     return {
         "qid": record.qid,
         "video_id": record.video_id,
@@ -66,10 +74,9 @@ def prediction_row(record: GroundingRecord, prediction: Prediction, iou: float) 
         "duration": record.duration,
         "gt": [record.start, record.end],
         **({"windows": [list(w) for w in record.windows]} if len(record.windows) > 1 else {}),
-        "pred": final,
+        "pred": None if final is None else list(seconds(final, record.duration, timeline)),
+        "pred_index": None if final is None else list(final),
         "iou": round(iou, 5),
-        "steps": [
-            [round(x, 3) for x in seconds(segment, record.duration)] for segment in prediction.segments
-        ],
+        "steps": [list(seconds(segment, record.duration, timeline)) for segment in prediction.segments],
         "text": prediction.text,
     }

@@ -1,10 +1,30 @@
-"""Query normalisation and prompt rendering for grounding queries."""
+"""Query normalisation and prompt rendering for grounding queries.
+
+``data.prompt_template`` is a name from :data:`PROMPTS` or a template of its own; either way it
+holds ``{query}`` and ``<video>``.
+"""
 
 from __future__ import annotations
 
 from timerefine.answer_format.tokens import VIDEO
 
 DEFAULT_TEMPLATE = f"{VIDEO}\nAt which time interval in the video can we see {{query}} occurring?"
+REFERENCE_TEMPLATE = f"{VIDEO}\nDuring which frames can we see {{query}}?"  # VTimeLLM's grounding question
+PROMPTS = {"default": DEFAULT_TEMPLATE, "reference": REFERENCE_TEMPLATE}
+
+
+def resolve_template(name_or_template: str) -> str:
+    """The template a ``data.prompt_template`` value names, or the value itself when it is one."""
+    return PROMPTS.get(name_or_template, name_or_template)
+
+
+def template_error(name_or_template: str) -> str | None:
+    """What keeps ``name_or_template`` from being a prompt template, or None."""
+    template = resolve_template(name_or_template)
+    missing = [p for p in ("{query}", VIDEO) if p not in template]
+    if missing:
+        return f"must be one of {', '.join(PROMPTS)} or a template holding {' and '.join(missing)}"
+    return None
 
 
 def normalize_query(text: str) -> str:

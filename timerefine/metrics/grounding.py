@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from timerefine.metrics.iou import THRESHOLDS, grounding_scores, grounding_sums, temporal_iou
+from timerefine.metrics.iou import THRESHOLDS
+from timerefine.metrics.protocols import EXACT, Protocol, protocol_scores, protocol_sums
 
 
 class GroundingMetric(Metric):
-    """R1@{0.3,0.5,0.7}, mIoU and the parse-failure rate over every query seen.
+    """R1@{0.3,0.5,0.7}, mIoU and the parse-failure rate over every query seen, under ``protocol``
+    (``eval.protocol``, see timerefine/metrics/protocols.py).
 
     ``update`` takes predictions with ``NaN`` rows for answers that did not parse; they count
     as IoU 0 and as parse failures.
@@ -17,22 +19,32 @@ class GroundingMetric(Metric):
 
     full_state_update = False
 
-    def __init__(self, thresholds: tuple[float, ...] = THRESHOLDS) -> None:
+    def __init__(self, thresholds: tuple[float, ...] = THRESHOLDS, protocol: Protocol = EXACT) -> None:
         super().__init__()
-        self.thresholds = thresholds
-        for name in ("iou", "count", "failed", *(f"R1@{t}" for t in thresholds)):
+        self.thresholds, self.protocol = thresholds, protocol
+        for name in self._sum_names():
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, iou: torch.Tensor | None = None) -> None:
-        """``iou``: each row's IoU when it is not the one with ``target`` (queries with several windows)."""
-        sums = grounding_sums(temporal_iou(pred, target) if iou is None else iou, self.thresholds)
+    def _sum_names(self) -> tuple[str, ...]:
+        return ("iou", "count", "failed", *(f"R1@{t}" for t in self.thresholds))
+
+    def update(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        duration: torch.Tensor | None = None,
+        iou: torch.Tensor | None = None,
+    ) -> None:
+        """``pred``/``target`` ``(N, 2)`` in seconds; ``duration`` ``(N,)`` (needed by protocols on
+        fractions of the duration); ``iou``: each row's IoU when it is not the one with ``target``
+        (queries with several windows), rounded as the protocol says."""
+        if duration is None:
+            if self.protocol.on_fractions and iou is None:
+                raise ValueError(f"protocol {self.protocol.name} scores fractions: pass the durations")
+            duration = torch.ones(len(pred), dtype=torch.float64)
+        sums = protocol_sums(pred, target, duration, self.protocol, self.thresholds, iou)
         for name, value in sums.items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
-        self.failed += torch.isnan(pred).any(dim=1).sum().double()
 
     def compute(self) -> dict[str, float]:
-        sums = {name: getattr(self, name) for name in ("iou", "count", *(f"R1@{t}" for t in self.thresholds))}
-        scores = grounding_scores(sums)
-        scores["parse_fail"] = 100.0 * float(self.failed) / float(self.count) if float(self.count) else 0.0
-        scores["count"] = float(self.count)
-        return scores
+        return protocol_scores({name: getattr(self, name) for name in self._sum_names()}, self.protocol)

@@ -79,12 +79,16 @@ def record_iou(pred: Segment, record: GroundingRecord) -> float:
 
 def metric_inputs(
     segments: Sequence[Segment], records: Sequence[GroundingRecord]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(pred, target, iou)`` for :meth:`GroundingMetric.update`: the predicted segments (seconds,
-    NaN when unparsed), the records' target segments and each prediction's :func:`record_iou`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(pred, target, duration, iou)`` for :meth:`GroundingMetric.update`: the predicted segments
+    (seconds, NaN when unparsed), the records' target segments, their durations, and, when a query
+    has several windows, each prediction's :func:`record_iou` (else None: the protocol computes it)."""
     pred = torch.tensor(segments, dtype=torch.float64)
     target = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
+    duration = torch.tensor([r.duration for r in records], dtype=torch.float64)
+    if all(len(r.windows) == 1 for r in records):
+        return pred, target, duration, None
     iou = torch.tensor(
         [record_iou(p, r) for p, r in zip(segments, records, strict=True)], dtype=torch.float64
     )
-    return pred, target, iou
+    return pred, target, duration, iou

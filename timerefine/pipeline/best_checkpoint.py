@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+from timerefine.lightning_compat import sharded_checkpoint_metadata
 
 
 def trainer_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's dict without reading its weights (mapped lazily); a sharded checkpoint (a folder)
     keeps everything but the weights in its metadata file."""
-    file = checkpoint / _METADATA_FILENAME if checkpoint.is_dir() else checkpoint
+    file = sharded_checkpoint_metadata(checkpoint) if checkpoint.is_dir() else checkpoint
     return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
 
 
@@ -31,4 +32,14 @@ def recorded_best(checkpoint_dir: Path) -> Path:
     path = checkpoint_dir / Path(best).name
     if not path.exists():
         raise FileNotFoundError(f"{newest} records {path} as the best checkpoint, but it is gone")
+    return path
+
+
+def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
+    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none."""
+    if ckpt == "best":
+        return recorded_best(run_dir / "checkpoints")
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
     return path

@@ -21,6 +21,7 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
+from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import (
@@ -40,6 +41,7 @@ from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.answer_format.chat import answer_end_id
 from timerefine.answer_format.codec import AnswerCodec
 from timerefine.answer_format.corpus import tokenizer_corpus
 from timerefine.answer_format.prompts import render_prompt
@@ -47,6 +49,7 @@ from timerefine.answer_format.targets import RefineSchedule
 from timerefine.lightning_compat import check_lightning_internals
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.conventions import run_protocol, run_timeline
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import from_node
 from timerefine.pipeline.strategy import build_strategy
@@ -79,6 +82,8 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         prompt_template=cfg.data.prompt_template,
+        timeline=run_timeline(cfg),
+        chat_template=cfg.data.chat_template,
     )
 
 
@@ -97,17 +102,35 @@ def build_tokenizer_for(
     train = datamodule.records("train")
     prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
     corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
-    return build_tokenizer(cfg.model.lm.name_or_path, corpus, cfg.model.lm.tokenizer_vocab_size)
+    lm = cfg.model.lm
+    return build_tokenizer(lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size)
+
+
+def answer_codec(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, schedule: RefineSchedule
+) -> AnswerCodec:
+    """The codec of ``model.answer_tokens``, whose answers end as ``data.chat_template`` ends a turn;
+    its slots are made (and, canonical, checked) now, before anything is written."""
+    try:
+        end_id = answer_end_id(cfg.data.chat_template, tokenizer)
+    except ValueError as error:
+        raise ConfigError(f"data.chat_template={cfg.data.chat_template}: {error}") from error
+    codec = AnswerCodec(tokenizer, schedule, cfg.model.answer_tokens, end_id)
+    try:
+        codec.slots()
+    except ValueError as error:
+        raise ConfigError(f"model.answer_tokens={cfg.model.answer_tokens}: {error}") from error
+    return codec
 
 
 def build_module(
     cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
 ) -> GroundingModule:
     """The tokenizer, the Video LLM and the answer codec that the module and the datamodule share."""
-    model = cfg.model
+    model, timeline = cfg.model, run_timeline(cfg)
     schedule = refine_schedule(model)
     init_from = from_node(InitFromSpec, model.init_from)
-    codec = AnswerCodec(build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
+    codec = answer_codec(cfg, build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
     lm_spec = from_node(LMSpec, model.lm)
     lm = build_language_model(
         codec.tokenizer,
@@ -127,6 +150,7 @@ def build_module(
         saliency_weight=model.saliency.weight,
         feature_dim=datamodule.source.feature_dim,
         num_frames=datamodule.source.num_frames,
+        timeline=timeline,
     )
     load_released_heads(video_llm, init_from)
     datamodule.attach(codec, datamodule.source.num_frames // projector.frames_per_token)
@@ -138,6 +162,8 @@ def build_module(
         inference=from_node(InferenceSpec, model.inference),
         saliency_weight=model.saliency.weight,
         config=OmegaConf.to_container(cfg, resolve=True),
+        timeline=timeline,
+        protocol=run_protocol(cfg),
     )
 
 
@@ -145,7 +171,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
     ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
     the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
-    has coarse segments to start from)."""
+    has coarse segments to start from), the refinement trace figure."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -177,6 +203,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
         callbacks.append(EarlyStopping(**spec.early_stopping))
+    if spec.get("refinement_trace", 0) > 0:  # absent from the config of older runs
+        callbacks.append(RefinementTrace(output_dir / "refinement_trace", spec.refinement_trace))
     return callbacks
 
 

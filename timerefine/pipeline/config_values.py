@@ -13,10 +13,16 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lightning_modules.aux_head import AUX_LOSSES
+from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
+from timerefine.answer_format.chat import CHAT_TEMPLATES
+from timerefine.answer_format.codec import ANSWER_TOKENS
 from timerefine.answer_format.predictions import FINAL_CHOICES
+from timerefine.answer_format.prompts import template_error
+from timerefine.answer_format.targets import OFFSET_SPACES, RESAMPLING
+from timerefine.answer_format.timeline import TIMELINES
+from timerefine.metrics.protocols import PROTOCOLS
 from timerefine.metrics.windows import MULTI_WINDOW_MODES
 
 Check = Callable[[Any], "str | None"]
@@ -103,6 +109,12 @@ def not_a_file(value: Any) -> str | None:
     return f"{path} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
+def tokenizer_source(value: Any) -> str | None:
+    """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
+    local = str(value).startswith((".", "/", "~"))
+    return f"{value} is not a directory" if local and not Path(str(value)).expanduser().is_dir() else None
+
+
 RULES: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),
     "output_dir": not_a_file,
@@ -110,6 +122,10 @@ RULES: dict[str, Check] = {
     "data.eval_batch_size": integer(1),
     "data.global_batch_size": optional(integer(1)),
     "data.num_workers": integer(0),
+    "data.timeline": one_of(*TIMELINES),
+    "eval.protocol": one_of(*PROTOCOLS),
+    "data.prompt_template": template_error,
+    "data.chat_template": one_of(*CHAT_TEMPLATES),
     "data.source.num_train": integer(1),
     "data.source.num_val": integer(1),
     "data.source.num_test": integer(1),
@@ -134,7 +150,9 @@ RULES: dict[str, Check] = {
     "model.lm.tiny.num_heads": integer(1),
     "model.lm.tiny.intermediate_size": integer(1),
     "model.lm.tiny.max_positions": integer(1),
+    "model.lm.tokenizer": optional(tokenizer_source),
     "model.lm.tokenizer_vocab_size": integer(1),
+    "model.answer_tokens": one_of(*ANSWER_TOKENS),
     "model.lora.r": integer(1),
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": PROBABILITY,
@@ -148,18 +166,22 @@ RULES: dict[str, Check] = {
     "model.refine.steps": integer(0),
     "model.refine.noise_std": items(NON_NEGATIVE, 1),
     "model.refine.residual_std": optional(items(NON_NEGATIVE)),
+    "model.refine.offset_space": one_of(*OFFSET_SPACES),
+    "model.refine.resample": one_of(*RESAMPLING),
     "model.refine.on_policy.fraction": PROBABILITY,
     "model.refine.on_policy.every_n_steps": integer(1),
     "model.refine.on_policy.num_samples": integer(1),
     "model.aux.weight": NON_NEGATIVE,
     "model.aux.loss": one_of(*AUX_LOSSES),
     "model.aux.head": one_of("linear", "mlp"),
+    "model.aux.scaling": one_of(*AUX_SCALINGS),
     "model.inference.final": one_of(*FINAL_CHOICES),
     "model.inference.max_new_tokens": optional(integer(1)),
     "model.saliency.weight": NON_NEGATIVE,
     "model.optim.lr": POSITIVE,
     "model.optim.weight_decay": NON_NEGATIVE,
     "model.optim.warmup_steps": integer(0),
+    "model.optim.warmup_ratio": number(0, 1, open_high=True),
     "model.optim.min_lr_ratio": PROBABILITY,
     "model.optim.betas": items(number(0, 1, open_high=True), 2, 2),
     "trainer.num_nodes": integer(1),
@@ -171,7 +193,14 @@ RULES: dict[str, Check] = {
     "callbacks.checkpoint.save_top_k": integer(-1),
     "callbacks.checkpoint.last_every_n_steps": integer(1),
     "callbacks.progress_bar": one_of("rich", "tqdm", "none"),
+    "callbacks.refinement_trace": integer(0),
 }
+
+# (key, value, other key, the other's allowed values): settings that only work together.
+REQUIRES = [
+    ("model.aux.scaling", "reference", "model.aux.loss", ("l1",)),
+    ("model.refine.offset_space", "seconds", "model.refine.residual_std", (None, [])),
+]
 
 # (smaller, larger): the first may not exceed the second.
 ORDERED = [
@@ -229,6 +258,13 @@ def value_errors(cfg: DictConfig) -> list[str]:
         reason = None if value is _ABSENT else check(value)
         if reason:
             errors.append(f"{key}={_show(value)}: {reason}")
+    for key, value, other, allowed in REQUIRES:
+        given = OmegaConf.select(cfg, key, default=None)
+        needed = OmegaConf.select(cfg, other, default=None)
+        needed = OmegaConf.to_container(needed) if isinstance(needed, ListConfig) else needed
+        if given == value and needed not in allowed:
+            choices = " or ".join(_show(a) for a in allowed)
+            errors.append(f"{key}={value} needs {other}={choices}, got {_show(needed)}")
     for small, large in ORDERED:
         low, high = (OmegaConf.select(cfg, key, default=None) for key in (small, large))
         if _is_number(low) and _is_number(high) and low > high:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from timerefine.metrics.iou import THRESHOLDS
+from timerefine.metrics.protocols import PROTOCOLS
 
 HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
 
@@ -62,4 +63,7 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
         console.print(
             f"test mIoU {metrics['test/mIoU']:.2f} vs best constant segment {metrics['prior/mIoU']:.2f} ({gain:+.2f})"
         )
+    protocol = PROTOCOLS.get(str(metrics.get("eval/protocol")))
+    if protocol is not None and protocol.warning:
+        console.print(f"warning: {protocol.warning}")
     console.print(f"run directory: {output_dir.resolve()}")

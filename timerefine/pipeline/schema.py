@@ -1,4 +1,4 @@
-"""The config schema: every default of the ``model`` and ``data`` groups, written once, in dataclasses.
+"""The config schema: every default of the ``model``, ``data`` and ``eval`` groups, written once, in dataclasses.
 
 Each field's default lives in the spec dataclass of the object it builds (``RefineSchedule``,
 ``OptimSpec``, ``BuiltinSpec``, ``QuirkPolicy``, ...); this module only composes them. The YAML
@@ -24,8 +24,9 @@ from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE
 from timerefine.answer_format.targets import RefineSchedule
+from timerefine.answer_format.timeline import DEFAULT_TIMELINE
+from timerefine.metrics.protocols import EXACT
 
 
 @dataclass
@@ -52,9 +53,12 @@ class SaliencySpec:
 
 @dataclass
 class ModelConfig:
-    """TimeRefine (K = ``refine.steps``) with the aux head; ``model=direct`` sets K = 0, no head."""
+    """TimeRefine (K = ``refine.steps``) with the aux head; ``model=direct`` sets K = 0, no head.
+    ``answer_tokens``: how answers are spelled in tokens, ``digits`` (one token per digit/sign) or
+    ``canonical`` (the tokenizer's own; timerefine/answer_format/codec.py)."""
 
     lm: LMSpec = field(default_factory=LMSpec)
+    answer_tokens: str = "digits"
     lora: LoraConfig = field(default_factory=LoraConfig)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -68,7 +72,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """The keys every dataset shares; ``source`` is the dataset's own spec. With ``global_batch_size``
-    set, gradient accumulation = global_batch_size / (batch_size x devices x nodes)."""
+    set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
+    what the answers' frame indices mean (timerefine/answer_format/timeline.py). ``prompt_template``:
+    a name from ``PROMPTS`` or a template (timerefine/answer_format/prompts.py); ``chat_template``:
+    none, tokenizer or a named one (timerefine/answer_format/chat.py)."""
 
     name: str
     source: Any
@@ -76,7 +83,16 @@ class DataConfig:
     eval_batch_size: int = 100
     global_batch_size: int | None = None
     num_workers: int = 0
-    prompt_template: str = DEFAULT_TEMPLATE
+    prompt_template: str = "default"
+    chat_template: str = "none"
+    timeline: str = DEFAULT_TIMELINE.name
+
+
+@dataclass
+class EvalConfig:
+    """``protocol``: how IoUs become R1@m and mIoU (timerefine/metrics/protocols.py)."""
+
+    protocol: str = EXACT.name
 
 
 SPLITS = {"train": "train", "val": "val", "test": "test"}
@@ -170,8 +186,10 @@ def as_node(spec: Any) -> dict[str, Any]:
 
 
 def register_schemas() -> None:
-    """Put the defaults into Hydra's ConfigStore as ``/schema/model`` and ``/schema/data/<name>``."""
+    """Put the defaults into Hydra's ConfigStore as ``/schema/model``, ``/schema/eval`` and
+    ``/schema/data/<name>``."""
     store = ConfigStore.instance()
     store.store(group="schema", name="model", node=as_node(ModelConfig()))
+    store.store(group="schema", name="eval", node=as_node(EvalConfig()))
     for name, data in DATASETS.items():
         store.store(group="schema/data", name=name, node=as_node(data))

@@ -3,15 +3,19 @@
     timerefine-extract-features VIDEO_DIR OUT_DIR --model openai/clip-vit-large-patch14 \\
         --num-frames 100 --batch-size 100 --device cuda --fp16
 
-Frames are decoded uniformly with PyAV (in DataLoader workers), resized and centre-cropped to the
-encoder's image size, CLIP-normalised and encoded; the projected image embedding (or, with
+Frames are decoded with PyAV in DataLoader workers at ``linspace(0, T - 1, n)`` (first and last frame
+included, as VTimeLLM samples them: the frame placement of every timeline in
+``timerefine/answer_format/timeline.py``), resized and centre-cropped to the encoder's image size, CLIP-normalised and encoded; the projected image embedding (or, with
 ``--no-projection``, the pooled output) is kept per frame. Finished videos are skipped, outputs are
 written atomically, and undecodable videos are counted and reported (or raise with ``--strict``).
+``OUT_DIR/encoder.json`` records the encoder and frame count, so a trained run can encode a new video
+the same way (``timerefine-predict``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,11 +29,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from timerefine.answer_format.timeline import sample_frame_indices
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+ENCODER_RECORD = "encoder.json"
 
 
 class VideoDecodeError(Exception):
@@ -41,13 +48,6 @@ class VideoDecodeError(Exception):
 
     def __reduce__(self) -> tuple:  # survives the trip back from DataLoader workers
         return type(self), (self.path, self.reason)
-
-
-def sample_frame_indices(total: int, n: int) -> np.ndarray:
-    """Indices of the centres of ``n`` equal segments of ``total`` frames (repeats when total < n)."""
-    if total <= 0 or n <= 0:
-        raise ValueError(f"need total > 0 and n > 0 frames, got total={total}, n={n}")
-    return np.minimum(((np.arange(n) + 0.5) * total / n).astype(np.int64), total - 1)
 
 
 def _frame_count(path: str | Path) -> int:
@@ -107,7 +107,7 @@ class ClipFrameEncoder:
         model_class = CLIPVisionModelWithProjection if projection else CLIPVisionModel
         self.dtype = torch.float16 if fp16 else torch.float32
         self.model = model_class.from_pretrained(name_or_path).eval().to(device, self.dtype)
-        self.device, self.projection = device, projection
+        self.name_or_path, self.device, self.projection, self.fp16 = name_or_path, device, projection, fp16
         config = self.model.config
         self.image_size = config.image_size
         self.dim = config.projection_dim if projection else config.hidden_size
@@ -116,6 +116,28 @@ class ClipFrameEncoder:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels.to(self.device, self.dtype))
         return (out.image_embeds if self.projection else out.pooler_output).float().cpu()
+
+
+def video_pixels(path: str | Path, num_frames: int, image_size: int) -> torch.Tensor:
+    """``num_frames`` uniformly sampled frames of a video, preprocessed for the encoder."""
+    return preprocess(decode_uniform_frames(path, num_frames, image_size), image_size)
+
+
+def encode_pixels(encoder: ClipFrameEncoder, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Frame embeddings ``(N, encoder.dim)`` as stored: float16."""
+    return torch.cat([encoder(batch) for batch in pixels.split(batch_size)]).numpy().astype(np.float16)
+
+
+def encoder_record(encoder: ClipFrameEncoder, num_frames: int) -> dict[str, object]:
+    """What encoded the features: the model (a local path made absolute), its output, frames per video."""
+    local = Path(encoder.name_or_path)
+    return {
+        "model": str(local.resolve()) if local.exists() else encoder.name_or_path,
+        "projection": encoder.projection,
+        "fp16": encoder.fp16,
+        "num_frames": num_frames,
+        "dim": encoder.dim,
+    }
 
 
 class _VideoFrames(Dataset):
@@ -129,10 +151,9 @@ class _VideoFrames(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor | VideoDecodeError]:
         try:
-            frames = decode_uniform_frames(self.paths[i], self.num_frames, self.image_size)
+            return self.paths[i].stem, video_pixels(self.paths[i], self.num_frames, self.image_size)
         except VideoDecodeError as err:
             return self.paths[i].stem, err
-        return self.paths[i].stem, preprocess(frames, self.image_size)
 
 
 @dataclass
@@ -173,6 +194,7 @@ def extract(
     """Encode each video's frames to ``out_dir/{video_id}.npy`` (float16), skipping finished ones."""
     out_dir, report = Path(out_dir), ExtractReport()
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ENCODER_RECORD).write_text(json.dumps(encoder_record(encoder, num_frames), indent=2) + "\n")
     todo = []
     for path in map(Path, videos):
         if is_complete(out_dir / f"{path.stem}.npy", num_frames, encoder.dim):
@@ -187,8 +209,7 @@ def extract(
             log.warning("skipped: %s", pixels)
             report.failed[video_id] = str(pixels)
             continue
-        features = torch.cat([encoder(batch) for batch in pixels.split(batch_size)])
-        save_atomic(out_dir / f"{video_id}.npy", features.numpy().astype(np.float16))
+        save_atomic(out_dir / f"{video_id}.npy", encode_pixels(encoder, pixels, batch_size))
         report.done.append(video_id)
     log.info(
         "encoded %d, skipped %d done, %d failed", len(report.done), len(report.skipped), len(report.failed)

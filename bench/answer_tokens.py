@@ -1,0 +1,127 @@
+"""Digit-by-digit vs canonical answer tokens (``model.answer_tokens``) with the real tokenizers.
+
+    python bench/answer_tokens.py                          # answer lengths and decoding time
+    python bench/answer_tokens.py --train gpt2 --steps 200 # and a short training run per spelling
+    python bench/answer_tokens.py --train gpt2 --steps 300 --overrides model=direct
+
+For each tokenizer of ``../shared/data/tokenizers``: the K=3 answer length in tokens in both
+spellings, and the constrained decoding time per query of the same tiny LM (built-in data, one
+batch, best of ``--repeats`` interleaved rounds) in both, measured in this invocation; their ratio
+is what carries over to another machine. ``--train NAME`` adds one ``train.py`` run per spelling
+with that tokenizer (one at a time, ``--overrides`` added) and its test mIoU. The ``name=value``
+lines come last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from timerefine.answer_format.codec import ANSWER_TOKENS
+from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"
+NAMES = ("llama2_spm", "llama3_bpe", "qwen2", "gpt2")
+# A small default model and data: the tiny LM at hidden 64 with 2 layers, 20 frames (10 video tokens).
+SMALL = [
+    "data.source.num_frames=20",
+    "model.lm.tiny.hidden_size=64",
+    "model.lm.tiny.intermediate_size=256",
+    "model.lm.tiny.num_layers=2",
+]
+# The training comparison: batch 16, a higher lr with a short warm-up, 100 val / 300 test queries.
+TRAIN = [
+    "data.batch_size=16",
+    "model.optim.lr=2e-3",
+    "model.optim.warmup_steps=20",
+    "data.source.num_val=100",
+    "data.source.num_test=300",
+    "callbacks.progress_bar=none",
+]
+
+
+def decoding(name: str, queries: int, repeats: int) -> dict[str, tuple[int, float]]:
+    """Per spelling: the K=3 answer length, and the constrained decoding ms/query of the same
+    (untrained) model on the same batch."""
+    modules, batches = {}, {}
+    for mode in ANSWER_TOKENS:
+        cfg = load_config(
+            [*SMALL, f"model.lm.tokenizer={TOKENIZERS / name}", f"model.answer_tokens={mode}", "seed=0"]
+        )
+        datamodule = build_datamodule(cfg)
+        torch.manual_seed(0)
+        modules[mode] = build_module(cfg, datamodule).eval()
+        batches[mode] = next(iter(datamodule._loader("val", False, queries)))
+        modules[mode].predict_batch(batches[mode])  # warm-up
+    best = dict.fromkeys(ANSWER_TOKENS, float("inf"))
+    for _ in range(repeats):
+        for mode in ANSWER_TOKENS:
+            start = time.perf_counter()
+            modules[mode].predict_batch(batches[mode])
+            best[mode] = min(best[mode], (time.perf_counter() - start) * 1000 / queries)
+    return {mode: (modules[mode].codec.answer_length(), best[mode]) for mode in ANSWER_TOKENS}
+
+
+def train_run(name: str, mode: str, steps: int, out: Path, extra: list[str]) -> dict[str, float]:
+    """One ``train.py`` run: test mIoU (final answer and first coarse segment), val mIoU, seconds."""
+    output_dir = out / f"{name}_{mode}"
+    overrides = [
+        *SMALL,
+        f"model.lm.tokenizer={TOKENIZERS / name}",
+        f"model.answer_tokens={mode}",
+        *TRAIN,
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps // 2}",
+        *extra,
+        f"output_dir={output_dir}",
+    ]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, check=True, capture_output=True)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    return {
+        "test_mIoU": metrics["test/mIoU"],
+        "val_mIoU": metrics["val/mIoU"],
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queries", type=int, default=32, help="queries in the timed decoding batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train", choices=NAMES, help="also train once per spelling with this tokenizer")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--overrides", nargs="*", default=[], help="more train.py overrides")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_answer_tokens")
+    args = parser.parse_args()
+    if not TOKENIZERS.is_dir():
+        sys.exit(f"error: no tokenizers at {TOKENIZERS}")
+    torch.set_num_threads(1)
+    results: dict[str, float] = {}
+    for name in NAMES:
+        measured = decoding(name, args.queries, args.repeats)
+        for mode, (length, ms) in measured.items():
+            results[f"{name}/{mode}/answer_tokens"] = length
+            results[f"{name}/{mode}/decode_ms_per_query"] = round(ms, 2)
+        ratio = measured["canonical"][1] / measured["digits"][1]
+        results[f"{name}/canonical_over_digits/decode_time"] = round(ratio, 3)
+    if args.train:
+        for mode in ANSWER_TOKENS:
+            for key, value in train_run(args.train, mode, args.steps, args.out, args.overrides).items():
+                results[f"{args.train}/{mode}/{key}"] = round(value, 2)
+    for key, value in results.items():
+        print(f"{key}={value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Chat formats (``data.chat_template``) and named prompts (``data.prompt_template``): Qwen2's own
+template and VTimeLLM's ``vicuna_v1`` with the Llama-2 tokenizer, the answer and its end token the
+only labels, and the config checks of the new keys."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+
+import train
+from datamodules.collate import GroundingCollator
+from tests import helpers, real_tokenizers
+from timerefine.answer_format.chat import VICUNA_V1_SYSTEM, answer_end_id, chat_prompt, render_chat
+from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, REFERENCE_TEMPLATE, render_prompt
+from timerefine.answer_format.targets import RefineSchedule
+from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
+from timerefine.pipeline.build import build_datamodule
+from timerefine.pipeline.config import ConfigError, load_config
+
+needs_tokenizers = real_tokenizers.needs_tokenizers
+
+
+def test_vicuna_v1_is_the_system_sentence_then_the_two_roles():
+    prompt = render_prompt(REFERENCE_TEMPLATE, "A person sits down.")
+    assert render_chat("vicuna_v1", prompt, None) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <video>\n"
+        "During which frames can we see a person sits down? ASSISTANT:"
+    )
+    assert render_chat("none", prompt, None) == prompt
+
+
+def collated(name: str, chat_template: str, k: int = 3):
+    tok = real_tokenizers.shared(name)
+    codec = AnswerCodec(tok, RefineSchedule(steps=k), end_id=answer_end_id(chat_template, tok))
+    collator = GroundingCollator(
+        codec, partial(chat_prompt, DEFAULT_TEMPLATE, chat_template, tok), helpers.SPEC.num_frames
+    )
+    items = helpers.items(3)
+    return tok, codec, collator, items, collator(items)
+
+
+def check_only_the_answer_and_its_end_carry_loss(codec, collator, items, batch) -> None:
+    for row, item in enumerate(items):
+        prompt = collator.prompt_ids(item["record"].query)
+        answer = codec.encode(collator.target_rounds(item["record"], item["epoch"], item["index"]))
+        labels = batch["labels"][row]
+        labelled = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert labelled == list(range(len(prompt), len(prompt) + len(answer) + 1))
+        assert labels[labelled].tolist() == [*answer, codec.end_id]
+        assert batch["input_ids"][row, : len(prompt)].tolist() == prompt
+
+
+@needs_tokenizers
+def test_llama2_with_vicuna_v1():
+    tok, codec, collator, items, batch = collated("llama2_spm", "vicuna_v1")
+    assert codec.end_id == tok.eos_token_id == tok.convert_tokens_to_ids("</s>")
+    query = items[0]["record"].query
+    text = f"{VICUNA_V1_SYSTEM} USER: {render_prompt(DEFAULT_TEMPLATE, query)} ASSISTANT:"
+    ids = tok.encode(text, add_special_tokens=False)
+    at = ids.index(tok.convert_tokens_to_ids(VIDEO))
+    frames = [ids[at]] * helpers.SPEC.num_frames
+    assert collator.prompt_ids(query) == [tok.bos_token_id, *ids[:at], *frames, *ids[at + 1 :]]
+    assert tok.decode(ids).endswith("occurring? ASSISTANT:")
+    check_only_the_answer_and_its_end_carry_loss(codec, collator, items, batch)
+
+
+@needs_tokenizers
+def test_qwen2_with_its_own_chat_template():
+    tok, codec, collator, items, batch = collated("qwen2", "tokenizer")
+    assert codec.end_id == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    query = items[0]["record"].query
+    text = chat_prompt(DEFAULT_TEMPLATE, "tokenizer", tok, query)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert text.count(VIDEO) == 1 and render_prompt(DEFAULT_TEMPLATE, query) in text
+    prompt = collator.prompt_ids(query)
+    assert prompt[0] == tok.convert_tokens_to_ids("<|im_start|>")  # no BOS: Qwen2's is its EOS
+    assert prompt.count(tok.convert_tokens_to_ids(VIDEO)) == helpers.SPEC.num_frames
+    check_only_the_answer_and_its_end_carry_loss(codec, collator, items, batch)
+
+
+@needs_tokenizers
+def test_the_tokenizer_chat_template_needs_the_tokenizer_to_have_one(tmp_path, capsys):
+    with pytest.raises(ValueError, match="has no chat template"):
+        render_chat("tokenizer", "<video> {query}", real_tokenizers.shared("gpt2"))
+    output = tmp_path / "run"
+    argv = [
+        "experiment=tiny",
+        f"model.lm.tokenizer={real_tokenizers.path('gpt2')}",
+        "data.chat_template=tokenizer",
+        f"output_dir={output}",
+    ]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.chat_template=tokenizer" in err[0] and "no chat template" in err[0]
+    assert not output.exists()
+
+
+def test_prompt_templates_are_named_choices():
+    cfg = load_config(["data.prompt_template=reference"])
+    assert build_datamodule(cfg).prompt_template == REFERENCE_TEMPLATE
+    assert build_datamodule(load_config([])).prompt_template == DEFAULT_TEMPLATE
+    custom = "Where in <video> is {query}?"
+    assert build_datamodule(load_config([f"data.prompt_template='{custom}'"])).prompt_template == custom
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.prompt_template=vtimellm", "data.prompt_template=vtimellm: must be one of default, reference"),
+        ("data.prompt_template='{query}?'", "or a template holding <video>"),
+        ("data.chat_template=chatml", "data.chat_template=chatml: must be one of none, tokenizer, vicuna_v1"),
+        ("model.answer_tokens=bpe", "model.answer_tokens=bpe: must be one of digits, canonical"),
+        (
+            "model.lm.tokenizer=./no/such/folder",
+            "model.lm.tokenizer=./no/such/folder: ./no/such/folder is not a",
+        ),
+    ],
+)
+def test_bad_values_of_the_new_keys_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("?", r"\?")):
+        load_config([override])

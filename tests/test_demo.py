@@ -1,0 +1,140 @@
+"""The web demo: its timeline (pure), its answers and messages, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.demo_browser import ask, browser_available, chromium, free_port
+from tests.inference_runs import VIDEOS, write_moment_video
+from timerefine.demo.app import Demo, build_app, demo_examples, launch
+from timerefine.demo.timeline import Row, rows_of, timeline_svg
+from timerefine.inference.grounder import Grounder, Grounding
+
+ANSWER = Grounding("q", 2.0, 3.0, [(1.0, 4.0), (1.5, 3.5), (2.0, 3.0)], (1.9, 3.1), "From ...", 10.0)
+
+
+def test_rows_hold_truth_every_step_aux_and_answer():
+    rows = rows_of(ANSWER, truth=(2.2, 3.2))
+    assert [r.name for r in rows] == ["truth", "step0", "step1", "step2", "aux", "final"]
+    assert [r.label for r in rows][1:4] == ["coarse (step 0)", "refined, step 1", "refined, step 2 (last)"]
+    assert rows_of(ANSWER, truth=None)[0].name == "step0"
+    unparsed = Grounding("q", None, None, [], None, "garbage", 10.0)
+    assert rows_of(unparsed, truth=None) == []
+
+
+def test_timeline_svg_places_bars_in_seconds():
+    svg = timeline_svg([Row("final", "answer <b>", 2.5, 5.0, "final")], duration=10.0)
+    assert 'data-row="final" data-start="2.500" data-end="5.000"' in svg
+    assert 'x="300.0"' in svg and 'width="150.0"' in svg  # 150 px of labels, then 60 px a second
+    assert "answer &lt;b&gt;" in svg and ">0 s<" in svg and ">10 s<" in svg
+
+
+@pytest.fixture(scope="module")
+def video_demo(video_run) -> Demo:
+    grounder = Grounder.from_run(video_run.run_dir)
+    videos = sorted(video_run.videos.glob("*.mp4"))[:2]
+    return Demo(grounder, demo_examples(grounder, videos), Path(tempfile.mkdtemp()))
+
+
+@pytest.mark.slow
+def test_demo_answers_a_video_file_with_frames_and_clip(video_demo, video_run):
+    label = sorted(video_run.videos.glob("*.mp4"))[0].name  # vid_blue_a.mp4, a test video of the run
+    assert video_demo.query_of(label) == "a blue square appears"
+    status, timeline, frames, clip, features = video_demo.answer(label, None, "a blue square appears")
+    assert status.startswith("**Answer:") and 'data-row="step4"' in timeline
+    assert 'data-row="truth" data-start="2.000" data-end="3.500"' in timeline and "IoU" in status
+    assert frames["visible"] and len(frames["value"]) == 2 and frames["value"][0][0].shape[0] == 160
+    assert clip["visible"] and Path(clip["value"]).stat().st_size > 0 and not features["visible"]
+
+
+@pytest.mark.slow
+def test_demo_shows_features_and_truth_for_the_runs_own_test_queries(video_demo):
+    examples = [label for label in video_demo.examples if ":" in label]
+    assert len(examples) == len(VIDEOS)  # the run's test split, read from its config
+    status, timeline, frames, clip, features = video_demo.answer(
+        examples[0], None, video_demo.query_of(examples[0])
+    )
+    assert "ground truth" in status and "IoU" in status and 'data-row="truth"' in timeline
+    assert (
+        features["visible"] and features["value"].ndim == 3 and not frames["visible"] and not clip["visible"]
+    )
+
+
+@pytest.mark.slow
+def test_demo_works_on_a_builtin_run_out_of_the_box(builtin_run):
+    grounder = Grounder.from_run(builtin_run)
+    demo = Demo(grounder, demo_examples(grounder, []), Path(tempfile.mkdtemp()))
+    assert demo.examples and all(label.startswith("builtin_test_") for label in demo.examples)
+    label = next(iter(demo.examples))
+    _, timeline, _, _, features = demo.answer(label, None, demo.query_of(label))
+    assert 'data-row="truth"' in timeline and features["visible"]
+
+
+@pytest.mark.slow
+def test_demo_messages_for_bad_input(video_demo, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    cases = {
+        (None, None, "a red square"): "**error:** choose a video or upload one",
+        (next(iter(video_demo.examples)), None, "  "): "**error:** type a query",
+        (None, str(broken), "a red square"): f"**error:** {broken}: not a readable video",
+        (
+            None,
+            str(tmp_path / "gone.mp4"),
+            "a red square",
+        ): f"**error:** {tmp_path / 'gone.mp4'}: no such file",
+    }
+    for arguments, message in cases.items():
+        status, timeline, frames, clip, features = video_demo.answer(*arguments)
+        assert status.startswith(message) and timeline == ""
+        assert not (frames["visible"] or clip["visible"] or features["visible"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not browser_available(), reason="needs Debian chromium + chromium-driver (.ci/setup_browser.sh)"
+)
+def test_demo_in_a_headless_browser(video_run, tmp_path):
+    grounder = Grounder.from_run(video_run.run_dir)
+    video = video_run.videos / "vid_red_a.mp4"
+    uploaded = write_moment_video(tmp_path / "my_clip.mp4", 6.0, "green", 2.0, 4.0)
+    expected = grounder.ground(video, "a red square appears")[0]
+    app = build_app(grounder, demo_examples(grounder, [video]), "video run")
+    port = free_port()
+    launch(app, port, block=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with chromium(tmp_path / "profile") as driver:
+            drawn = ask(driver, url, "a red square appears")
+            driver.save_screenshot(str(tmp_path / "demo.png"))
+            upload = ask(driver, url, "a green square appears", upload=uploaded)
+            truth = ask(driver, url, "a blue square appears", video="vid_blue_a: a blue square appears")
+            error = ask(driver, url, " ")
+    finally:
+        app.close()
+    # The rendered segment is the API's answer; every refinement step and the aux head are drawn.
+    shown = expected.as_json()  # seconds to 3 decimals, as the bars carry them
+    assert list(drawn.segments["final"]) == [shown["start"], shown["end"]]
+    assert [list(drawn.segments[f"step{i}"]) for i in range(len(shown["steps"]))] == shown["steps"]
+    assert list(drawn.segments["aux"]) == shown["aux"]
+    assert drawn.segments["truth"] == (1.0, 2.5) and f"{expected.start:.2f}" in drawn.status
+    assert drawn.frames == 2 and drawn.clip and not drawn.features
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert upload.segments["final"][1] <= 6.0 + 1e-3 and upload.frames == 2 and upload.clip
+    assert "truth" not in upload.segments  # nothing is known about an uploaded video
+    assert truth.segments["truth"] == (2.0, 3.5) and truth.features and "IoU" in truth.status
+    assert error.status == "error: type a query" and not error.segments
+    # Nothing but the demo itself was fetched.
+    hosts = {
+        urlparse(u).hostname
+        for r in (drawn, upload, truth, error)
+        for u in r.requested
+        if u.startswith(("http", "ws"))
+    }
+    assert hosts == {"127.0.0.1"}
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)

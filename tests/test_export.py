@@ -1,0 +1,129 @@
+"""Export -> reload: the exported folder predicts exactly as the checkpoint, without the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
+from lightning_modules.tokenizer import train_local_tokenizer
+from tests.helpers import corpus
+from tests.inference_runs import ROOT
+from timerefine.inference.export import LM_DIR, WEIGHTS
+from timerefine.inference.grounder import Grounder
+from timerefine.tools.export import main as export_main
+from timerefine.tools.predict import main as predict_main
+
+pytestmark = pytest.mark.slow
+QUERIES = ["a red square appears", "a green square appears", "someone opens the door"]
+
+
+def answers(grounder: Grounder, video, duration: float | None = None) -> list[dict]:
+    return [a.as_json() for a in grounder.ground(video, QUERIES, duration=duration)]
+
+
+def assert_same_weights(a: Grounder, b: Grounder) -> None:
+    """Every tensor of the two modules is equal: any decoding (free, sampled) gives the same answers."""
+    state_a, state_b = a.run.module.state_dict(), b.run.module.state_dict()
+    assert sorted(state_a) == sorted(state_b)
+    assert [n for n in state_a if not torch.equal(state_a[n], state_b[n])] == []
+
+
+def test_export_reloads_without_the_checkpoint_and_predicts_identically(video_run, tmp_path, capsys):
+    assert export_main([str(video_run.run_dir), str(tmp_path / "export")]) == 0
+    assert "exported" in capsys.readouterr().out
+    moved = shutil.move(tmp_path / "export", tmp_path / "elsewhere")  # nothing points back at the run
+    video = video_run.videos / "vid_blue_a.mp4"
+    from_checkpoint = Grounder.from_run(video_run.run_dir).ground(video, QUERIES)
+    exported = Grounder.from_export(moved)
+    assert exported.ground(video, QUERIES) == from_checkpoint  # every float, the aux head's included
+    assert_same_weights(exported, Grounder.from_run(video_run.run_dir))
+    manifest = json.loads((Path(moved) / "export.json").read_text())
+    assert manifest["encoder"]["model"] == str(video_run.encoder) and not manifest["merged_lora"]
+    # The CLI takes the export where it takes a run.
+    assert predict_main([str(video), "--run", str(moved), "--query", QUERIES[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["steps"] == from_checkpoint[0].as_json()["steps"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    """A tiny run with LoRA on a saved 'pretrained' base whose vocabulary lacks the grounding tokens."""
+    root = tmp_path_factory.mktemp("lora")
+    tokenizer = train_local_tokenizer(corpus(), 300)
+    tokenizer.save_pretrained(root / "base")
+    build_tiny_lm(
+        TinyLMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tokenizer
+    ).save_pretrained(root / "base")
+    overrides = [
+        "experiment=tiny",
+        f"model.lm.name_or_path={root / 'base'}",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "logger.csv=false",
+        "logger.tensorboard=false",
+        f"output_dir={root / 'run'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root / "run"
+
+
+def test_lora_export_holds_only_the_trained_parts(lora_run, tmp_path):
+    assert export_main([str(lora_run), str(tmp_path / "export")]) == 0
+    with safe_open(tmp_path / "export" / WEIGHTS, "pt") as weights:
+        names = set(weights.keys())
+    assert any("lora_A" in n for n in names) and any(n.startswith("model.projector.") for n in names)
+    assert any(n.startswith("model.aux_head.") for n in names) and any("trainable_tokens" in n for n in names)
+    assert not any("base_layer" in n and not n.endswith(".new_rows") for n in names)  # no frozen base weights
+    assert sum(n.endswith(".new_rows") for n in names) >= 1  # the rows resizing drew at random
+    from_checkpoint = Grounder.from_run(lora_run)
+    exported = Grounder.from_export(tmp_path / "export")
+    features, duration = from_checkpoint.run.cfg.data.source, 20.0
+    video = np.random.default_rng(0).normal(size=(features.num_frames, features.feature_dim))
+    assert answers(exported, video, duration) == answers(from_checkpoint, video, duration)
+    assert_same_weights(exported, from_checkpoint)  # the new token rows of lm_head included
+
+
+def test_merged_lora_export(lora_run, tmp_path):
+    assert export_main([str(lora_run), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert (tmp_path / "merged" / LM_DIR / "config.json").is_file()
+    manifest = json.loads((tmp_path / "merged" / "export.json").read_text())
+    assert manifest["merged_lora"] and manifest["language_model"] == LM_DIR
+    from_checkpoint = Grounder.from_run(lora_run)
+    merged = Grounder.from_export(tmp_path / "merged")
+    # Merged weights differ from base + adapters by float rounding only: compare logits, not greedy
+    # answers (an untrained model's near-ties may flip under rounding).
+    ids = torch.randint(
+        0, len(from_checkpoint.run.module.tokenizer), (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = from_checkpoint.run.module.model.lm(input_ids=ids).logits
+        found = merged.run.module.model.lm(input_ids=ids).logits
+    assert torch.allclose(found, expected, atol=1e-4)
+    assert [n for n, _ in merged.run.module.model.lm.named_modules() if "lora" in n.lower()] == []
+
+
+def test_export_errors(video_run, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert export_main([str(video_run.run_dir), str(tmp_path / "taken")]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path / 'taken'}: exists and is not an export; give a new folder"
+    )
+    assert export_main([str(tmp_path / "taken"), str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'taken'}: no config.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,204 @@
+"""Grounding queries in real video files: the Grounder API and the predict CLI, with their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from tests.inference_runs import ROOT, VIDEOS, write_moment_video
+from timerefine.inference.grounder import Grounder
+from timerefine.tools.predict import main
+
+pytestmark = pytest.mark.slow  # each test needs the session's tiny video run (trained once, ~15 s)
+QUERIES = ["a red square appears", "a blue square appears"]
+STEPS = 5  # the first coarse segment and K=3 refinements of it, then the final one: refine.steps + 2
+
+
+@pytest.fixture(scope="module")
+def grounder(video_run) -> Grounder:
+    return Grounder.from_run(video_run.run_dir)
+
+
+def test_predict_json_on_a_real_video(video_run, grounder):
+    video = video_run.videos / "vid_red_a.mp4"
+    command = [sys.executable, "-m", "timerefine.tools.predict", str(video), "--run", str(video_run.run_dir)]
+    result = subprocess.run(
+        [*command, "--query", QUERIES[0], "--query", QUERIES[1], "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout)
+    assert [a["query"] for a in answers] == QUERIES
+    for answer in answers:
+        assert {"query", "start", "end", "steps", "aux", "text"} <= set(answer)
+        assert answer["duration"] == 4.0 and len(answer["steps"]) == STEPS
+        assert [answer["start"], answer["end"]] == answer["steps"][-1]  # model.inference.final=last
+        assert all(0 <= s <= e <= 4.0 for s, e in answer["steps"])
+        assert answer["aux"] is not None and answer["text"].startswith("From <SEG_START>")
+    # The CLI and the Python API agree to the printed precision.
+    expected = [a.as_json() for a in grounder.ground(video, QUERIES)]
+    assert [{k: a[k] for k in expected[0]} for a in answers] == expected
+
+
+def test_a_video_gives_the_features_extraction_gave_training(video_run, grounder):
+    """Decoding + encoding a video at predict time reproduces the extracted feature file exactly."""
+    video, features = video_run.videos / "vid_green_b.mp4", video_run.features / "vid_green_b.npy"
+    from_video = grounder.features(video)
+    from_file = grounder.features(features, duration=5.0)
+    np.testing.assert_array_equal(from_video.array, from_file.array)
+    assert from_video.duration == pytest.approx(5.0)
+    assert grounder.ground(from_video, QUERIES) == grounder.ground(features, QUERIES, duration=5.0)
+
+
+def test_queries_are_batched(video_run, grounder):
+    queries = ["a green square appears", "red", "a blue square shows up in the middle of the video"]
+    video = grounder.features(video_run.videos / "vid_blue_a.mp4")
+    one_by_one = [grounder.ground(video, [query])[0] for query in queries]
+    batched = grounder.ground(video, queries, batch_size=2)  # left-padded prompts of different lengths
+    assert [(a.query, a.text, a.steps) for a in batched] == [(a.query, a.text, a.steps) for a in one_by_one]
+    for together, alone in zip(batched, one_by_one, strict=True):  # padding moves floats by rounding only
+        assert together.aux == pytest.approx(alone.aux, abs=1e-5)
+    array = grounder.ground(video.array, queries, duration=video.duration)  # a (T, D) array
+    assert [a.text for a in array] == [a.text for a in one_by_one]
+
+
+def test_jsonl_pairs_and_table(video_run, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"video": str(video_run.videos / "vid_red_b.mp4"), "query": QUERIES[0]},
+        {"video": str(video_run.features / "vid_blue_b.npy"), "query": QUERIES[1], "duration": 5.0},
+        {"video": str(video_run.videos / "vid_red_b.mp4"), "query": QUERIES[1]},
+    ]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main([str(pairs), "--run", str(video_run.run_dir), "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [(a["video"], a["query"]) for a in answers] == [(r["video"], r["query"]) for r in rows]
+    assert [a["duration"] for a in answers] == [5.0, 5.0, 5.0]
+    video = video_run.videos / "vid_red_b.mp4"
+    assert main([str(video), "--run", str(video_run.run_dir), "--query", QUERIES[0]]) == 0
+    table = capsys.readouterr().out
+    assert "vid_red_b.mp4" in table and "a red square" in table and "->" in table
+
+
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return path
+
+
+def write_frameless(path: Path) -> Path:
+    """A Matroska file whose video stream holds no frame (a sound track keeps the file valid)."""
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*audio.encode(frame), *audio.encode(), *video.encode()]:
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], str]]:
+    """Each bad input: the CLI arguments and what its one error line must say."""
+    run, red = str(video_run.run_dir), str(video_run.videos / "vid_red_a.mp4")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 50)
+    audio = write_audio_only(tmp_path / "audio.mp4")
+    frameless = write_frameless(tmp_path / "frameless.mkv")
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((8, 32), np.float32))
+    no_ckpt = tmp_path / "no_ckpt"
+    shutil.copytree(video_run.run_dir, no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
+    pooled = tmp_path / "pooled_clip"
+    CLIPVisionModel(CLIPVisionConfig.from_pretrained(video_run.encoder)).save_pretrained(pooled)
+    query = ["--query", "a red square appears"]
+    return {
+        "missing video": (
+            [str(tmp_path / "nope.mp4"), "--run", run, *query],
+            f"{tmp_path / 'nope.mp4'}: no such file",
+        ),
+        "unreadable video": ([str(garbage), "--run", run, *query], f"{garbage}: not a readable video"),
+        "no video stream": ([str(audio), "--run", run, *query], f"{audio}: has no video stream"),
+        "no frame": ([str(frameless), "--run", run, *query], f"{frameless}: the video stream holds no frame"),
+        "empty query": (
+            [red, "--run", run, "--query", "a", "--query", "  "],
+            "--query 2: the query is empty",
+        ),
+        "no query": ([red, "--run", run], "--query: give at least one query"),
+        "wrong feature size": (
+            [str(wide), "--run", run, "--duration", "3", *query],
+            f"{wide}: bad shape: expected (T, 16), got (8, 32)",
+        ),
+        "features without duration": (
+            [str(wide), "--run", run, *query],
+            "--duration: needed with features, which hold no time",
+        ),
+        "no checkpoint": (
+            [red, "--run", str(no_ckpt), *query],
+            f"no checkpoint in {no_ckpt / 'checkpoints'}",
+        ),
+        "not a run": ([red, "--run", str(tmp_path), *query], f"{tmp_path}: no config.yaml"),
+        "no encoder recorded": ([red, "--run", str(builtin_run), *query], "the run records no video encoder"),
+        "encoder not found": (
+            [red, "--run", run, "--encoder", str(tmp_path / "nope"), *query],
+            f"--encoder {tmp_path / 'nope'}: cannot load it",
+        ),
+        "encoder of another size": (
+            [red, "--run", run, "--encoder", str(pooled), "--no-projection", *query],
+            f"--encoder {pooled}: makes 32-d features, the run reads 16-d",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing video",
+        "unreadable video",
+        "no video stream",
+        "no frame",
+        "empty query",
+        "no query",
+        "wrong feature size",
+        "features without duration",
+        "no checkpoint",
+        "not a run",
+        "no encoder recorded",
+        "encoder not found",
+        "encoder of another size",
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(bad_inputs, case, capsys):
+    argv, message = bad_inputs[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+
+
+def test_a_longer_video_of_another_size(video_run, grounder, tmp_path):
+    """Any resolution and length: frames are sampled uniformly and centre-cropped as in extraction."""
+    video = write_moment_video(tmp_path / "long.mp4", 9.0, "green", 4.0, 6.0, fps=7)
+    (answer,) = grounder.ground(video, "a green square appears")
+    assert answer.duration == pytest.approx(9.0, abs=0.2) and len(answer.steps) == STEPS
+    assert re.fullmatch(r"From <SEG_START> .* <SEG_END>\.", answer.text)
+    assert VIDEOS  # the run never saw this video

@@ -1,0 +1,224 @@
+"""Scoring protocols against hand-computed values, the metric under each, and rescoring saved predictions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import subprocess
+import sys
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import pytest
+import torch
+
+from timerefine.metrics.grounding import GroundingMetric
+from timerefine.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
+from timerefine.pipeline.config import load_config
+from timerefine.pipeline.conventions import recorded_conventions, run_protocol
+from timerefine.pipeline.outputs import print_summary
+from timerefine.tools.rescore import main as rescore_main
+from timerefine.tools.rescore import rescore
+
+NAN = math.nan
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tensor(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def scores(protocol: str, pred, gt, duration) -> dict[str, float]:
+    metric = GroundingMetric(protocol=protocol_named(protocol))
+    metric.update(tensor(pred), tensor(gt), tensor(duration))
+    return metric.compute()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.695, 0.70),  # Python's round(0.695, 2) gives 0.69: 0.695 is 0.69499999... in binary
+        (0.685, 0.69),
+        (0.705, 0.71),
+        (0.6949999999999999, 0.70),  # float noise of a computed 0.695
+        (0.694, 0.69),
+        (0.3, 0.30),
+        (0.0, 0.0),
+        (1.0, 1.0),
+    ],
+)
+def test_round_half_up_is_decimal_half_up(value, expected):
+    assert round(0.695, 2) == 0.69  # the pitfall this avoids
+    assert float(round_half_up(tensor([value]), 2)[0]) == expected
+
+
+def test_vtimellm_counts_0695_at_07():
+    """IoU 0.695 on fractions of the duration: below 0.7 exactly, 0.70 after rounding."""
+    pred, gt, duration = [[0.0, 100.0]], [[0.0, 69.5]], [100.0]
+    exact, vtimellm = scores("exact", pred, gt, duration), scores("vtimellm", pred, gt, duration)
+    assert exact["R1@0.7"] == 0.0 and exact["mIoU"] == pytest.approx(69.5)
+    assert vtimellm["R1@0.7"] == 100.0 and vtimellm["mIoU"] == pytest.approx(70.0)
+
+
+def test_vtimellm_iou_is_on_fractions_and_rounded():
+    # 10/30 of the video against [0, 1/3]: IoU 1/3 -> 0.33 (0.3333 unrounded).
+    iou = protocol_iou(tensor([[0.0, 10.0]]), tensor([[0.0, 3.3333]]), tensor([10.0]), PROTOCOLS["vtimellm"])
+    assert float(iou[0]) == 0.33
+
+
+@pytest.mark.parametrize(("protocol", "hit"), [("exact", 100.0), ("strict", 0.0), ("vtimellm", 100.0)])
+def test_a_tie_counts_under_ge_but_not_under_gt(protocol, hit):
+    """IoU exactly 0.5 (and 0.3): ``>=`` counts it, ``>`` (strict) does not."""
+    at_half = scores(protocol, [[0.0, 10.0]], [[0.0, 5.0]], [20.0])
+    assert at_half["R1@0.5"] == hit and at_half["R1@0.3"] == 100.0 and at_half["R1@0.7"] == 0.0
+    assert scores(protocol, [[0.0, 10.0]], [[0.0, 3.0]], [20.0])["R1@0.3"] == hit
+
+
+# Four queries: IoU 1, 0.5 (a tie at 0.5), 0.695 (0.7 after rounding), and an unparseable answer.
+PRED = [[2.0, 4.0], [0.0, 10.0], [0.0, 100.0], [NAN, NAN]]
+GT = [[2.0, 4.0], [0.0, 5.0], [0.0, 69.5], [1.0, 2.0]]
+DURATION = [10.0, 20.0, 100.0, 10.0]
+EXPECTED = {  # (R1@0.3, R1@0.5, R1@0.7, mIoU, parse_fail), hand-computed
+    "exact": (75.0, 75.0, 25.0, (1 + 0.5 + 0.695) / 4 * 100, 25.0),
+    "vtimellm": (75.0, 75.0, 50.0, (1 + 0.5 + 0.70) / 4 * 100, 25.0),
+    "strict": (75.0, 50.0, 25.0, (1 + 0.5 + 0.695) / 4 * 100, 25.0),
+    "parsed_only": (100.0, 100.0, 100 / 3, (1 + 0.5 + 0.695) / 3 * 100, 25.0),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_each_protocol_hand_computed_with_an_unparseable_answer(protocol):
+    result = scores(protocol, PRED, GT, DURATION)
+    got = tuple(result[k] for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "parse_fail"))
+    assert got == pytest.approx(EXPECTED[protocol])
+    assert result["count"] == 4
+
+
+def test_exact_is_the_default_and_needs_no_durations():
+    metric = GroundingMetric()
+    metric.update(tensor(PRED), tensor(GT))
+    assert metric.protocol.name == "exact"
+    assert metric.compute()["mIoU"] == pytest.approx(EXPECTED["exact"][3])
+    with pytest.raises(ValueError, match="pass the durations"):
+        GroundingMetric(protocol=PROTOCOLS["vtimellm"]).update(tensor(PRED), tensor(GT))
+
+
+def test_only_parsed_only_warns():
+    assert [name for name, p in PROTOCOLS.items() if p.warning] == ["parsed_only"]
+    assert "inflated" in PROTOCOLS["parsed_only"].warning
+    with pytest.raises(ValueError, match="choose from exact, vtimellm, strict, parsed_only"):
+        protocol_named("trace")
+
+
+# ---- rescoring a saved predictions file --------------------------------------------------------------
+
+
+def independent_scores(rows: list[dict], protocol: str) -> dict[str, float]:
+    """Plain-Python scoring written from the protocol definitions, with Decimal rounding."""
+    ious, parsed = [], 0
+    for row in rows:
+        if row["pred"] is None:
+            ious.append(0.0)
+            continue
+        parsed += 1
+        (ps, pe), (gs, ge), d = row["pred"], row["gt"], row["duration"]
+        if protocol == "vtimellm":
+            ps, pe, gs, ge = ps / d, pe / d, gs / d, ge / d
+        inter, union = max(0.0, min(pe, ge) - max(ps, gs)), max(pe, ge) - min(ps, gs)
+        iou = inter / union if union > 0 else float(ps == gs and pe == ge)
+        if protocol == "vtimellm":
+            iou = float(Decimal(f"{iou:.9f}").quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+        ious.append(iou)
+    denominator = parsed if protocol == "parsed_only" else len(rows)
+    counts = (lambda i, t: i > t) if protocol == "strict" else (lambda i, t: i >= t)
+    result = {f"R1@{t}": 100 * sum(counts(i, t) for i in ious) / denominator for t in (0.3, 0.5, 0.7)}
+    return {
+        **result,
+        "mIoU": 100 * sum(ious) / denominator,
+        "parse_fail": 100 * (len(rows) - parsed) / len(rows),
+    }
+
+
+def write_predictions(path: Path, count: int = 3720, seed: int = 0) -> list[dict]:
+    """Rows like a run's predictions file: index answers read as seconds, some unparseable, some ties."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        duration = rng.choice([30.0, 31.3, 100.0, 17.25])
+        gs = rng.uniform(0, duration * 0.7)
+        gt = [round(gs, 2), round(min(duration, gs + rng.uniform(0.5, duration * 0.3)), 2)]
+        index = sorted(rng.randrange(100) for _ in range(2))
+        pred = None if i % 17 == 0 else [index[0] / 100 * duration, index[1] / 100 * duration]
+        if i % 23 == 0:  # ties: IoU exactly 0.5 and 0.695
+            pred, gt = ([0.0, 10.0], [0.0, 5.0]) if i % 2 else ([0.0, duration], [0.0, 0.695 * duration])
+        rows.append({"qid": f"q{i}", "duration": duration, "gt": gt, "pred": pred, "text": "..."})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_rescore_agrees_with_an_independent_computation(tmp_path, protocol):
+    path = tmp_path / "test.jsonl"
+    rows = write_predictions(path)
+    got = rescore(path, PROTOCOLS[protocol])
+    expected = independent_scores(rows, protocol)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+    assert got["queries"] == len(rows) and got["protocol"] == protocol
+
+
+def test_rescore_cli_prints_one_json_object(tmp_path, capsys):
+    path = tmp_path / "test.jsonl"
+    write_predictions(path, count=50)
+    assert rescore_main([str(path), "--protocol", "parsed_only"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert set(result) == {"R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "queries", "parse_fail", "protocol"}
+    assert result["protocol"] == "parsed_only" and "inflated" in err
+
+
+def test_rescore_console_script_runs(tmp_path):
+    path = tmp_path / "test.jsonl"
+    write_predictions(path, count=20)
+    command = [sys.executable, "-m", "timerefine.tools.rescore", str(path), "--protocol", "vtimellm"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["protocol"] == "vtimellm"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file"),
+        ('{"pred": [1, 2], "gt": [1, 2], "duration": 3}\nnot json\n', "test.jsonl:2: not JSON"),
+        ('{"pred": [1, 2], "duration": 3}\n', "test.jsonl:1: needs pred, gt and duration"),
+        ('{"pred": [1, 2], "gt": [1, 2], "duration": 0}\n', "duration > 0"),
+        ("\n", "no prediction rows"),
+    ],
+)
+def test_rescore_bad_file_is_one_error_line(tmp_path, capsys, content, message):
+    path = tmp_path / "test.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert rescore_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_rescore_rejects_an_unknown_protocol(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        rescore_main([str(tmp_path / "x.jsonl"), "--protocol", "trace"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_parsed_only_runs_warn_in_the_log_and_the_summary(tmp_path, caplog, capsys):
+    cfg = load_config(["eval.protocol=parsed_only", "output_dir=unused"])
+    with caplog.at_level(logging.WARNING):
+        assert run_protocol(cfg).name == "parsed_only"
+    assert "inflated" in caplog.text
+    print_summary({"test/mIoU": 50.0, **recorded_conventions(cfg)}, tmp_path)
+    assert "warning: protocol parsed_only" in capsys.readouterr().out
+    print_summary({"test/mIoU": 50.0, "eval/protocol": "exact"}, tmp_path)
+    assert "warning" not in capsys.readouterr().out

@@ -1,0 +1,217 @@
+"""A web demo of a trained run: choose or upload a video, type a query, see the refinement.
+
+    timerefine-demo runs/x [--video clip.mp4 ...] [--port 7860]      # python demo.py runs/x
+
+Shows a timeline with the ground truth (for the run's own test queries) and every refinement step's
+segment, the frames at the answer's boundaries and the moment as a playable clip. The run's test
+videos have features only (the built-in data has no pixels): for them the features are drawn over
+time instead. Serves on 127.0.0.1 only, with Gradio's analytics off; the page loads nothing from
+outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import torch
+from transformers.utils import logging as transformers_logging
+
+from datamodules.quirks import QuirkError
+from datamodules.records import FeatureError
+from timerefine.answer_format.prompts import normalize_query
+from timerefine.demo.media import cut_clip, feature_timeline, frames_at
+from timerefine.demo.timeline import rows_of, timeline_svg
+from timerefine.inference.grounder import Features, Grounder, Grounding
+from timerefine.inference.run_loading import dataset_examples
+from timerefine.inference.video_features import InputError
+from timerefine.metrics.iou import temporal_iou
+from timerefine.pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+DATA_ERRORS = (ConfigError, FeatureError, QuirkError, OSError, ValueError)
+CSS = "#timeline svg { max-width: 100%; height: auto; }"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A video to choose: a file (pixels) or features only, with a query and its truth when known."""
+
+    label: str
+    query: str = ""
+    video: Path | None = None
+    features: Features | None = None
+    truth: tuple[float, float] | None = None
+
+
+def demo_examples(grounder: Grounder, videos: list[Path], count: int = 20) -> list[Example]:
+    """The ``videos`` files, then the first ``count`` test queries of the run's data as features only
+    (none when the data is not on this machine). A file named after a test video comes with that
+    video's query and truth."""
+    try:
+        queries = list(dataset_examples(grounder.run.cfg))
+        by_video = {record.video_id: record for record, _ in queries}
+        from_data = [
+            Example(
+                f"{record.video_id}: {record.query}",
+                record.query,
+                features=Features(store.load(record.video_id), record.duration),
+                truth=(record.start, record.end),
+            )
+            for record, store in queries[:count]
+        ]
+    except DATA_ERRORS as err:
+        log.warning("no test queries of the run's data to offer (%s)", err)
+        by_video, from_data = {}, []
+    files = []
+    for video in videos:
+        record = by_video.get(video.stem)
+        truth = None if record is None else (record.start, record.end)
+        files.append(Example(video.name, record.query if record else "", video=video, truth=truth))
+    return files + from_data
+
+
+def summary(answer: Grounding, truth: tuple[float, float] | None) -> str:
+    if answer.start is None or answer.end is None:
+        return f"**The answer did not parse.** Generated text: `{answer.text}`"
+    text = f"**Answer: {answer.start:.2f} – {answer.end:.2f} s** of {answer.duration:.2f} s"
+    if truth is not None:
+        iou = float(temporal_iou(torch.tensor([[answer.start, answer.end]]), torch.tensor([truth]))[0])
+        text += f" · ground truth {truth[0]:.2f} – {truth[1]:.2f} s · IoU {iou:.2f}"
+    return f"{text}\n\n`{answer.text}`"
+
+
+class Demo:
+    """The callbacks of the page: ground a query, show the answer."""
+
+    def __init__(self, grounder: Grounder, examples: list[Example], clip_dir: Path) -> None:
+        self.grounder, self.clip_dir = grounder, clip_dir
+        self.examples = {example.label: example for example in examples}
+
+    def query_of(self, label: str | None) -> str:
+        return self.examples[label].query if label in self.examples else ""
+
+    def answer(self, label: str | None, upload: str | None, query: str) -> tuple:
+        """Status, timeline, boundary frames, clip and feature picture for ``query`` about the chosen
+        or uploaded video; a video file shows frames and the clip, a features-only one its features."""
+        example = Example(Path(upload).name, video=Path(upload)) if upload else self.examples.get(label or "")
+        try:
+            if example is None:
+                raise InputError("choose a video or upload one")
+            if not normalize_query(query or ""):
+                raise InputError("type a query")
+            video = example.video if example.video is not None else example.features
+            (answer,) = self.grounder.ground(video, [query])
+        except InputError as err:
+            return f"**error:** {err}", "", *self.media(None, None, None)
+        timeline = timeline_svg(rows_of(answer, example.truth), answer.duration)
+        segment = None if answer.start is None or answer.end is None else (answer.start, answer.end)
+        return summary(answer, example.truth), timeline, *self.media(example, answer, segment)
+
+    def media(self, example: Example | None, answer: Grounding | None, segment: tuple[float, float] | None):
+        """Updates of the boundary frames, the clip and the feature picture (only the relevant ones show)."""
+        if example is None or answer is None or segment is None:
+            return (
+                gr.update(value=[], visible=False),
+                gr.update(value=None, visible=False),
+                gr.update(value=None, visible=False),
+            )
+        if example.video is None:
+            picture = feature_timeline(example.features.array, answer.duration, segment)
+            return (
+                gr.update(value=[], visible=False),
+                gr.update(value=None, visible=False),
+                gr.update(value=picture, visible=True),
+            )
+        start_frame, end_frame = frames_at(example.video, list(segment))
+        pictures = [(start_frame, f"start {segment[0]:.2f} s"), (end_frame, f"end {segment[1]:.2f} s")]
+        clip = cut_clip(example.video, *segment, Path(tempfile.mkstemp(".webm", dir=self.clip_dir)[1]))
+        return (
+            gr.update(value=pictures, visible=True),
+            gr.update(value=str(clip), visible=True),
+            gr.update(value=None, visible=False),
+        )
+
+
+def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blocks:
+    demo = Demo(grounder, examples, Path(tempfile.mkdtemp(prefix="timerefine-demo-")))
+    first = examples[0].label if examples else None
+    with gr.Blocks(analytics_enabled=False, title="TimeRefine demo") as app:
+        gr.Markdown(f"## Temporal grounding · {title}")
+        with gr.Row():
+            with gr.Column(scale=2):
+                choice = gr.Dropdown(list(demo.examples), value=first, label="Video", elem_id="video-choice")
+                upload = gr.Video(label="… or upload one", sources=["upload"], elem_id="upload", height=220)
+                query = gr.Textbox(label="Query", value=demo.query_of(first), elem_id="query")
+                button = gr.Button("Ground", variant="primary", elem_id="ground")
+            with gr.Column(scale=3):
+                status = gr.Markdown(elem_id="status")
+                timeline = gr.HTML(elem_id="timeline")
+                pictures = gr.Gallery(
+                    label="Frames at the answer's boundaries",
+                    elem_id="boundaries",
+                    columns=2,
+                    height=220,
+                    visible=False,
+                )
+                clip = gr.Video(
+                    label="The moment", elem_id="clip", interactive=False, height=220, visible=False
+                )
+                features = gr.Image(
+                    label="Features over time", elem_id="features", interactive=False, visible=False
+                )
+        outputs = [status, timeline, pictures, clip, features]
+        choice.change(demo.query_of, choice, query)
+        button.click(demo.answer, [choice, upload, query], outputs)
+        query.submit(demo.answer, [choice, upload, query], outputs)
+    return app
+
+
+def launch(app: gr.Blocks, port: int | None, block: bool = True) -> None:
+    """Serve on 127.0.0.1 only; no share link, no server-side rendering (which would need Node)."""
+    app.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        share=False,
+        ssr_mode=False,
+        quiet=True,
+        css=CSS,
+        prevent_thread_lock=not block,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path, help="a run directory or an exported model")
+    parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path (run directories)")
+    parser.add_argument("--video", type=Path, action="append", default=[], help="a video to offer (repeat)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    transformers_logging.disable_progress_bar()
+    try:
+        missing = [video for video in args.video if not video.is_file()]
+        if missing:
+            raise InputError(f"--video {missing[0]}: no such file")
+        grounder = Grounder.load(args.run, args.ckpt, args.device)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    examples = demo_examples(grounder, args.video)
+    print(f"serving {args.run} on http://127.0.0.1:{args.port}")
+    launch(build_app(grounder, examples, args.run.name), args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

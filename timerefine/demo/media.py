@@ -1,0 +1,88 @@
+"""Pictures and clips for the demo: frames at given times, the moment as a playable clip, and, for
+videos that have only features (the built-in data), an image of the features over time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+THUMBNAIL_HEIGHT = 160
+
+
+def _even(value: float) -> int:
+    return max(2, int(value) // 2 * 2)
+
+
+def frames_at(video: Path, times: list[float]) -> list[np.ndarray]:
+    """RGB frames ``(H, W, 3)`` shown at each of ``times`` (seconds), scaled to the thumbnail height."""
+    found: list[np.ndarray] = []
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        scale = THUMBNAIL_HEIGHT / stream.codec_context.height
+        size = {"width": _even(stream.codec_context.width * scale), "height": THUMBNAIL_HEIGHT}
+        for time in times:
+            container.seek(int(time / stream.time_base), stream=stream, backward=True)
+            frame = None
+            for frame in container.decode(stream):  # stops at the first frame shown at ``time``
+                if frame.time is not None and frame.time + 1e-6 >= time:
+                    break
+            if frame is not None:
+                found.append(frame.to_ndarray(format="rgb24", **size))
+    return found
+
+
+def cut_clip(video: Path, start: float, end: float, out: Path) -> Path:
+    """The frames of ``video`` from ``start`` to ``end`` seconds as a VP8 WebM (plays in any browser)."""
+    with av.open(str(video)) as source, av.open(str(out), "w") as target:
+        stream = source.streams.video[0]
+        rate = stream.average_rate or 25
+        encoder = target.add_stream("libvpx", rate=rate)
+        encoder.width, encoder.height = _even(stream.codec_context.width), _even(stream.codec_context.height)
+        encoder.pix_fmt, encoder.bit_rate = "yuv420p", 2_000_000
+        source.seek(int(start / stream.time_base), stream=stream, backward=True)
+        for frame in source.decode(stream):
+            if frame.time is None or frame.time + 1e-6 < start:
+                continue
+            if frame.time > end:
+                break
+            image = frame.reformat(width=encoder.width, height=encoder.height, format="yuv420p")
+            image.pts = None
+            for packet in encoder.encode(image):
+                target.mux(packet)
+        for packet in encoder.encode():
+            target.mux(packet)
+    return out
+
+
+def feature_timeline(
+    features: np.ndarray, duration: float, segment: tuple[float, float] | None
+) -> np.ndarray:
+    """The ``(T, D)`` features as a heatmap over time with the answer's boundaries, an RGB image."""
+    figure = Figure(figsize=(7.6, 2.2), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    scale = np.abs(features).max() or 1.0
+    axes.imshow(
+        features.T,
+        aspect="auto",
+        cmap="coolwarm",
+        vmin=-scale,
+        vmax=scale,
+        extent=(0, duration, features.shape[1], 0),
+    )
+    if segment is not None:
+        for boundary in segment:
+            axes.axvline(boundary, color="black", linewidth=2)
+        axes.axvspan(*segment, color="black", alpha=0.12)
+    axes.set_xlabel("seconds")
+    axes.set_ylabel("feature")
+    axes.set_title(
+        "features over time (this video has no pixels); lines: the answer's boundaries", fontsize=9
+    )
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -1,0 +1,121 @@
+"""Export a trained run into a folder that loads without the Lightning checkpoint (timerefine-export).
+
+The folder holds ``config.yaml``, ``tokenizer/``, ``export.json`` and ``weights.safetensors``: the
+trained parts by their state-dict names (projector, LoRA adapters, trainable token rows, aux head,
+saliency head, time gates), plus the rows that resizing added to a pretrained LM's frozen embedding
+matrices (``<name>.new_rows``). A base that cannot be reloaded (the randomly initialised tiny LM) is
+stored whole. ``--merge-lora`` folds the adapters into the base weights and saves that LM with
+``save_pretrained`` under ``lm/``. ``Grounder.from_export`` loads it and predicts exactly as the
+checkpoint does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
+from timerefine.inference.video_features import EncoderSpec, InputError
+
+MANIFEST, WEIGHTS, LM_DIR, FORMAT = "export.json", "weights.safetensors", "lm", "timerefine-export/1"
+NEW_ROWS = ".new_rows"
+
+
+def is_export(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def base_vocab_size(run: LoadedRun) -> int | None:
+    """The vocabulary of the pretrained base LM (None for the tiny LM, which has no base)."""
+    name = run.cfg.model.lm.name_or_path
+    return AutoConfig.from_pretrained(name).vocab_size if name else None
+
+
+def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> dict[str, torch.Tensor]:
+    """The tensors a rebuilt module needs on top of what its config and base LM give it."""
+    state = run.module.state_dict()
+    if merged:  # the whole LM goes to lm/
+        return {n: t for n, t in state.items() if not n.startswith(run.language_model_prefix)}
+    if base_vocab is None:
+        return state
+    trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
+    tensors = {n: t for n, t in state.items() if n in trainable}
+    vocab = len(run.module.tokenizer)
+    for name, tensor in state.items():
+        if name not in trainable and vocab > base_vocab and tensor.dim() == 2 and tensor.shape[0] == vocab:
+            tensors[name + NEW_ROWS] = tensor[base_vocab:]  # rows resize_token_embeddings drew at random
+    return tensors
+
+
+def export_run(
+    run: LoadedRun, out: Path, merge_lora: bool = False, encoder: EncoderSpec | None = None
+) -> Path:
+    """Write the export folder of ``run`` to ``out`` (replaced when it is an earlier export)."""
+    if out.exists() and not is_export(out) and any(out.iterdir()):
+        raise InputError(f"{out}: exists and is not an export; give a new folder")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cfg = run.cfg.copy()
+    merged = merge_lora and isinstance(run.language_model, PeftModel)
+    base_vocab = None if merged else base_vocab_size(run)
+    if merged:
+        run.language_model = run.language_model.merge_and_unload()
+        run.language_model.save_pretrained(out / LM_DIR)
+        run.module.tokenizer.save_pretrained(out / LM_DIR)  # its rows of the grounding tokens are trained
+        cfg.model.lora.enabled = False
+    tensors = exported_tensors(run, merged, base_vocab)
+    save_file({n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}, out / WEIGHTS)
+    OmegaConf.save(cfg, out / "config.yaml")
+    run.module.tokenizer.save_pretrained(out / "tokenizer")
+    manifest = {
+        "format": FORMAT,
+        "checkpoint": str(run.weights),
+        "merged_lora": merged,
+        "language_model": LM_DIR if merged else None,
+        "base_vocab_size": base_vocab,
+        "encoder": encoder.as_dict() if encoder else None,
+        "tensors": len(tensors),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSpec | None]:
+    """The exported model in eval mode and the video encoder it records."""
+    if not is_export(folder):
+        raise InputError(f"{folder}: no {MANIFEST}, so not an exported model")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    cfg = run_config(folder)
+    if manifest["language_model"]:
+        cfg.model.lm.name_or_path = str(folder / manifest["language_model"])
+    module, collator = build_untrained(cfg, folder / "tokenizer")
+    run = LoadedRun(cfg, module, collator, folder)
+    tensors = load_file(folder / WEIGHTS)
+    rows = {n.removesuffix(NEW_ROWS): t for n, t in tensors.items() if n.endswith(NEW_ROWS)}
+    missing, unexpected = module.load_state_dict(
+        {n: t for n, t in tensors.items() if not n.endswith(NEW_ROWS)}, strict=False
+    )
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    from_base = manifest["language_model"] is not None
+    lacking = [
+        n for n in missing if n not in frozen and not (from_base and n.startswith(run.language_model_prefix))
+    ]
+    if unexpected or lacking:
+        raise InputError(
+            f"{folder / WEIGHTS}: does not fit the config (missing {lacking[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, values in rows.items():
+            module.get_parameter(name)[manifest["base_vocab_size"] :] = values
+    encoder = EncoderSpec(**manifest["encoder"]) if manifest["encoder"] else None
+    run.module.to(device)
+    return run, encoder

@@ -1,0 +1,194 @@
+"""Ground text queries in your own video with a trained run (or an exported model).
+
+    grounder = Grounder.from_run("runs/x")                 # or Grounder.from_export("exported/x")
+    for answer in grounder.ground("kitchen.mp4", ["person opens the door", "someone sits down"]):
+        print(answer.start, answer.end, answer.steps)
+
+``video`` is a video file (encoded with the encoder the run's features came from), a feature file
+(``.npy`` / ``.npz`` / ``.pt``, any number of rows) or a ``(T, D)`` array; feature inputs hold no time,
+so they need ``duration``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from timerefine.answer_format.predictions import Prediction, seconds
+from timerefine.answer_format.prompts import normalize_query
+from timerefine.inference.export import is_export, load_export
+from timerefine.inference.run_loading import LoadedRun, load_run, predict
+from timerefine.inference.video_features import (
+    FEATURE_SUFFIXES,
+    EncoderSpec,
+    InputError,
+    checked_features,
+    encode_video,
+    probe_video,
+    read_features,
+    recorded_encoder,
+)
+from timerefine.tools.extract_features import ClipFrameEncoder
+
+Segment = tuple[float, float]
+VideoInput = str | Path | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """One query's answer in seconds: the final segment (None when the answer did not parse), every
+    refinement step's segment (first coarse one first), the aux head's segment, the generated text."""
+
+    query: str
+    start: float | None
+    end: float | None
+    steps: list[Segment]
+    aux: Segment | None
+    text: str
+    duration: float
+
+    def as_json(self) -> dict[str, object]:
+        def rounded(segment: Segment | None) -> list[float] | None:
+            return None if segment is None else [round(x, 3) for x in segment]
+
+        final = rounded(None if self.start is None else (self.start, self.end))
+        return {
+            "query": self.query,
+            "start": final and final[0],
+            "end": final and final[1],
+            "steps": [rounded(step) for step in self.steps],
+            "aux": rounded(self.aux),
+            "text": self.text,
+            "duration": self.duration,
+        }
+
+
+def to_grounding(query: str, prediction: Prediction, duration: float) -> Grounding:
+    """A prediction in frame indices as seconds of a ``duration``-second video."""
+    final = None if prediction.final is None else seconds(prediction.final, duration)
+    return Grounding(
+        query,
+        None if final is None else final[0],
+        None if final is None else final[1],
+        [seconds(segment, duration) for segment in prediction.segments],
+        None if prediction.aux is None else seconds(prediction.aux, duration),
+        prediction.text,
+        duration,
+    )
+
+
+def check_queries(queries: Sequence[str]) -> None:
+    """InputError unless there is at least one query and none is empty."""
+    if not queries:
+        raise InputError("--query: give at least one query")
+    for number, query in enumerate(queries, start=1):
+        if not normalize_query(query):
+            raise InputError(f"--query {number}: the query is empty")
+
+
+@dataclass(frozen=True)
+class Features:
+    """A video's features as the run reads them, ``(num_frames, feature_dim)``, and its duration."""
+
+    array: np.ndarray
+    duration: float
+
+
+class Grounder:
+    """A trained model that answers grounding queries about any video."""
+
+    def __init__(self, run: LoadedRun, encoder: EncoderSpec | None = None) -> None:
+        self.run, self.encoder_spec = run, encoder
+        self._encoder: ClipFrameEncoder | None = None
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
+    ) -> Grounder:
+        """A run's ``best`` / ``last`` / given checkpoint; videos are encoded with ``encoder``, else
+        with the one recorded next to the run's features (``encoder.json`` of the extraction)."""
+        run = load_run(Path(run_dir), ckpt, device)
+        return cls(run, encoder or recorded_encoder(run.cfg.data.source.get("feature_path")))
+
+    @classmethod
+    def from_export(
+        cls, folder: str | Path, device: str = "cpu", encoder: EncoderSpec | None = None
+    ) -> Grounder:
+        """An exported model (``timerefine-export``): no Lightning checkpoint needed."""
+        run, recorded = load_export(Path(folder), device)
+        return cls(run, encoder or recorded)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
+    ) -> Grounder:
+        """``from_export`` for an exported folder, ``from_run`` for a run directory."""
+        if is_export(Path(path)):
+            return cls.from_export(path, device, encoder)
+        return cls.from_run(path, ckpt, device, encoder)
+
+    @property
+    def encoder(self) -> ClipFrameEncoder:
+        """The video encoder (loaded on first use); InputError when the run records none."""
+        if self._encoder is None:
+            spec = self.encoder_spec
+            if spec is None:
+                raise InputError(
+                    "the run records no video encoder (its features were not made by "
+                    "timerefine-extract-features): pass --encoder, or give a feature file"
+                )
+            try:
+                encoder = ClipFrameEncoder(
+                    spec.model, spec.projection, str(self.run.module.device), spec.fp16
+                )
+            except OSError as err:
+                raise InputError(f"--encoder {spec.model}: cannot load it ({err})") from err
+            if encoder.dim != self.run.feature_dim:
+                raise InputError(
+                    f"--encoder {spec.model}: makes {encoder.dim}-d features, the run reads {self.run.feature_dim}-d"
+                )
+            self._encoder = encoder
+        return self._encoder
+
+    def features(self, video: VideoInput, duration: float | None = None) -> Features:
+        """The run's view of ``video``: ``(num_frames, feature_dim)`` float32 features and the duration."""
+        frames, dim = self.run.num_frames, self.run.feature_dim
+        if isinstance(video, (str, Path)) and Path(video).suffix.lower() not in FEATURE_SUFFIXES:
+            info = probe_video(Path(video))
+            encoder = self.encoder
+            sampled = encode_video(Path(video), encoder, self.encoder_spec.num_frames)
+            return Features(checked_features(sampled, str(video), dim, frames), duration or info.duration)
+        if duration is None:
+            raise InputError(
+                "--duration: needed with features, which hold no time (the video's length in seconds)"
+            )
+        if not duration > 0:
+            raise InputError(f"--duration={duration}: must be > 0 seconds")
+        if isinstance(video, (str, Path)):
+            return Features(read_features(Path(video), dim, frames), float(duration))
+        return Features(checked_features(video, "the feature array", dim, frames), float(duration))
+
+    def ground(
+        self,
+        video: VideoInput | Features,
+        queries: str | Sequence[str],
+        duration: float | None = None,
+        batch_size: int = 32,
+    ) -> list[Grounding]:
+        """One answer per query, decoded in batches of ``batch_size`` queries."""
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        check_queries(queries)
+        features = video if isinstance(video, Features) else self.features(video, duration)
+        array = torch.from_numpy(features.array)
+        answers = []
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start : start + batch_size]
+            predictions = predict(self.run, array.expand(len(chunk), -1, -1), chunk)
+            answers += [
+                to_grounding(q, p, features.duration) for q, p in zip(chunk, predictions, strict=True)
+            ]
+        return answers

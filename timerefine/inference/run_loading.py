@@ -1,0 +1,165 @@
+"""Rebuild a trained run's model for inference: the one module that uses the model's internal API.
+
+The module and the prompt collator are built from ``<run>/config.yaml`` and ``<run>/tokenizer`` with
+``build_module`` as evaluate.py does, then given a checkpoint's weights (or an export's, see
+export.py). No dataset is read: inference needs only the data's frame count and feature size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedModel
+
+from datamodules.collate import GroundingCollator
+from datamodules.datamodule import GroundingDataModule
+from datamodules.records import FeatureStore, GroundingRecord
+from lightning_modules.grounding_module import GroundingModule
+from timerefine.answer_format.predictions import Prediction
+from timerefine.inference.video_features import InputError
+from timerefine.lightning_compat import load_sharded_checkpoint
+from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import ConfigError, load_run_config
+from timerefine.pipeline.conventions import run_timeline
+
+
+@dataclass(frozen=True)
+class ShapeOnlySource:
+    """A data source that holds only the run's frame count and feature size."""
+
+    name: str
+    num_frames: int
+    feature_dim: int
+
+    def records(self, split: str) -> list[GroundingRecord]:
+        raise RuntimeError("inference reads no dataset")
+
+    def store(self, split: str) -> FeatureStore:
+        raise RuntimeError("inference reads no dataset")
+
+
+@dataclass
+class LoadedRun:
+    """A run's model in eval mode, its prompt collator and config, and where the weights came from."""
+
+    cfg: DictConfig
+    module: GroundingModule
+    collator: GroundingCollator
+    weights: Path
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.cfg.data.source.num_frames)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.cfg.data.source.feature_dim)
+
+    @property
+    def language_model(self) -> PreTrainedModel:
+        return self.module.model.lm
+
+    @language_model.setter
+    def language_model(self, lm: PreTrainedModel) -> None:
+        self.module.model.lm = lm
+
+    @property
+    def language_model_prefix(self) -> str:
+        """What the language model's names start with in the module's state dict."""
+        return "model.lm."
+
+
+def run_config(folder: Path) -> DictConfig:
+    """The saved config of a run (or an export), with the checks of train.py."""
+    if not (folder / "config.yaml").is_file():
+        raise InputError(f"{folder}: no config.yaml, so not a run directory or an exported model")
+    try:
+        return load_run_config(folder, [])
+    except ConfigError as err:
+        raise InputError(f"{folder / 'config.yaml'}: {err}") from err
+
+
+def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModule, GroundingCollator]:
+    """The run's module (weights as initialised) and the collator that renders its prompts."""
+    if not tokenizer_dir.is_dir():
+        raise InputError(f"{tokenizer_dir}: missing (the run's tokenizer)")
+    source = cfg.data.source
+    datamodule = GroundingDataModule(
+        ShapeOnlySource(cfg.data.name, source.num_frames, source.feature_dim),
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=0,
+        seed=cfg.seed,
+        prompt_template=cfg.data.prompt_template,
+        timeline=run_timeline(cfg),
+        chat_template=cfg.data.chat_template,
+    )
+    module = build_module(cfg, datamodule, tokenizer_dir=tokenizer_dir)
+    assert datamodule.collator is not None
+    return module.eval(), datamodule.collator
+
+
+def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
+    """``best``, ``last`` or a path, as evaluate.py reads it; InputError when there is none."""
+    try:
+        return checkpoint_path(run_dir, ckpt)
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from err
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The module's state dict in a Lightning checkpoint (a file, or a sharded folder)."""
+    state = (
+        load_sharded_checkpoint(path)
+        if path.is_dir()
+        else torch.load(path, map_location="cpu", weights_only=False)
+    )
+    return state["state_dict"]
+
+
+def load_run(run_dir: Path, ckpt: str = "best", device: str = "cpu") -> LoadedRun:
+    """A trained run with the weights of its ``ckpt`` checkpoint (best, last or a path)."""
+    cfg = run_config(run_dir)
+    path = run_checkpoint(run_dir, ckpt)
+    module, collator = build_untrained(cfg, run_dir / "tokenizer")
+    module.load_state_dict(checkpoint_weights(path))
+    return LoadedRun(cfg, module.to(device), collator, path)
+
+
+def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision as the run trained with it (plain float32 otherwise)."""
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def predict(run: LoadedRun, features: torch.Tensor, queries: list[str]) -> list[Prediction]:
+    """Greedy answers (frame indices) for ``queries``; ``features`` is ``(len(queries), frames, dim)``."""
+    prompts = [run.collator.prompt_ids(query) for query in queries]
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), run.module.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):  # left-padded, as the collator pads prompts for generation
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    device = run.module.device
+    batch = {"prompt_ids": ids.to(device), "prompt_mask": mask.to(device), "features": features.to(device)}
+    with _autocast(run.cfg, device):
+        return run.module.predict_batch(batch)
+
+
+def dataset_examples(cfg: DictConfig, split: str = "test") -> Iterator[tuple[GroundingRecord, FeatureStore]]:
+    """The run's own ``split`` queries with their feature store (raises when the data is not here)."""
+    datamodule = build_datamodule(cfg)
+    records = datamodule.records(split)
+    store = datamodule.source.store(split)
+    return ((record, store) for record in records)

@@ -1,0 +1,127 @@
+"""The frame features of a user's own input, checked against what a run reads.
+
+A video file is decoded and encoded exactly as ``timerefine-extract-features`` does (same frame
+sampling, preprocessing, encoder and float16 storage), then resampled to the run's frame count like
+a feature file on disk; a feature file or an array is read and checked like the folder feature store.
+Every problem is an :class:`InputError` whose one-line message names the file or argument.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from datamodules.feature_stores import SUFFIXES, check_features, read_feature_file
+from datamodules.records import FeatureError, resample_frames
+from timerefine.tools.extract_features import (
+    ENCODER_RECORD,
+    ClipFrameEncoder,
+    VideoDecodeError,
+    encode_pixels,
+    video_pixels,
+)
+
+FEATURE_SUFFIXES = SUFFIXES
+
+
+class InputError(ValueError):
+    """A video, feature file, query or run that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a run's features were made: the CLIP model (hub name or local path), whether its projection
+    was kept, its precision and the frames sampled per video (``encoder.json`` of the extraction)."""
+
+    model: str
+    projection: bool = True
+    fp16: bool = False
+    num_frames: int = 100
+
+    @classmethod
+    def read(cls, path: Path) -> EncoderSpec:
+        record = json.loads(path.read_text())
+        return cls(record["model"], record["projection"], record["fp16"], record["num_frames"])
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "projection": self.projection,
+            "fp16": self.fp16,
+            "num_frames": self.num_frames,
+        }
+
+
+def recorded_encoder(feature_dir: str | Path | None) -> EncoderSpec | None:
+    """The encoder recorded next to a feature folder, or None when there is no record."""
+    record = Path(feature_dir) / ENCODER_RECORD if feature_dir else None
+    return EncoderSpec.read(record) if record is not None and record.is_file() else None
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float  # seconds
+    frames: int
+    width: int
+    height: int
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Duration, frame count and size of a video file; InputError for anything unusable."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                duration = (container.duration or 0) / av.time_base
+            if duration <= 0:
+                duration = frames / float(stream.average_rate or 25)
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except (av.FFmpegError, OSError) as err:
+        raise InputError(f"{path}: not a readable video ({type(err).__name__}: {err})") from err
+    if frames == 0:
+        raise InputError(f"{path}: the video stream holds no frame (shorter than one frame)")
+    return VideoInfo(duration, frames, width, height)
+
+
+def encode_video(path: Path, encoder: ClipFrameEncoder, num_frames: int, batch_size: int = 100) -> np.ndarray:
+    """``(num_frames, encoder.dim)`` float16 features of a video, as the extraction tool stores them."""
+    try:
+        return encode_pixels(encoder, video_pixels(path, num_frames, encoder.image_size), batch_size)
+    except VideoDecodeError as err:
+        raise InputError(str(err)) from err
+
+
+def checked_features(
+    array: np.ndarray | torch.Tensor, name: str, feature_dim: int, num_frames: int
+) -> np.ndarray:
+    """A ``(T, feature_dim)`` array checked like a feature store does and resampled to ``num_frames``."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy()
+    try:
+        array = check_features(array, name, name, feature_dim)
+    except FeatureError as err:
+        raise InputError(f"{name}: {err.reason} (the run reads {feature_dim}-d features)") from err
+    return resample_frames(array, num_frames).astype(np.float32)
+
+
+def read_features(path: Path, feature_dim: int, num_frames: int) -> np.ndarray:
+    """A ``.npy`` / ``.npz`` / ``.pt`` feature file, checked and resampled."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        array = read_feature_file(path)
+    except Exception as err:
+        raise InputError(f"{path}: unreadable feature file ({type(err).__name__}: {err})") from err
+    return checked_features(array, str(path), feature_dim, num_frames)

@@ -1,0 +1,142 @@
+"""Ground queries in your own video with a trained run or an exported model.
+
+    timerefine-predict kitchen.mp4 --run runs/x --query "person opens the door" [--query ...] [--json]
+    timerefine-predict features.npy --duration 31.5 --run runs/x --query "..."
+    timerefine-predict pairs.jsonl --run runs/x --json        # lines {"video": ..., "query": ...[, "duration": s]}
+
+A video file is encoded with the encoder the run's features were extracted with (recorded by
+timerefine-extract-features; ``--encoder`` to choose another). Prints a table, or with ``--json`` a list
+with one object per query: ``query``, ``start``, ``end`` (seconds), ``steps`` ([start, end] per
+refinement step, first coarse segment first), ``aux`` (the aux head's segment or null), ``text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as transformers_logging
+
+from timerefine.inference.grounder import Grounder, Grounding, check_queries
+from timerefine.inference.video_features import EncoderSpec, InputError
+
+
+@dataclass(frozen=True)
+class Request:
+    video: Path
+    query: str
+    duration: float | None
+
+
+def read_pairs(path: Path) -> list[Request]:
+    """The (video, query[, duration]) lines of a JSONL file; relative videos are next to the file."""
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            video, query, duration = Path(row["video"]), str(row["query"]), row.get("duration")
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(
+                f'{path}:{number}: expected {{"video": ..., "query": ...}}, got {line.strip()!r}'
+            ) from err
+        requests.append(Request(video if video.is_absolute() else path.parent / video, query, duration))
+    if not requests:
+        raise InputError(f"{path}: holds no (video, query) line")
+    return requests
+
+
+def requests_of(args: argparse.Namespace) -> list[Request]:
+    if args.input.suffix == ".jsonl":
+        if args.query:
+            raise InputError("--query: the queries of a .jsonl input are in the file")
+        if not args.input.is_file():
+            raise InputError(f"{args.input}: no such file")
+        return read_pairs(args.input)
+    check_queries(args.query)
+    return [Request(args.input, query, args.duration) for query in args.query]
+
+
+def ground_all(grounder: Grounder, requests: list[Request], batch_size: int) -> list[tuple[Path, Grounding]]:
+    """Answers in input order; each video is encoded once for all its queries."""
+    by_video: dict[tuple[Path, float | None], list[int]] = {}
+    for index, request in enumerate(requests):
+        by_video.setdefault((request.video, request.duration), []).append(index)
+    answers: dict[int, Grounding] = {}
+    for (video, duration), indices in by_video.items():
+        found = grounder.ground(video, [requests[i].query for i in indices], duration, batch_size)
+        answers |= dict(zip(indices, found, strict=True))
+    return [(requests[i].video, answers[i]) for i in range(len(requests))]
+
+
+def segment_text(segment: tuple[float, float] | None) -> str:
+    return "-" if segment is None else f"{segment[0]:.1f}-{segment[1]:.1f}"
+
+
+def print_table(results: list[tuple[Path, Grounding]]) -> None:
+    table = Table(title="Grounded queries (seconds)")
+    for column in ("video", "query", "start", "end", "refinement steps", "aux"):
+        table.add_column(column, justify="right" if column in ("start", "end") else "left")
+    for video, answer in results:
+        final = (answer.start, answer.end) if answer.start is not None else None
+        table.add_row(
+            video.name,
+            answer.query,
+            "-" if final is None else f"{final[0]:.2f}",
+            "-" if final is None else f"{final[1]:.2f}",
+            " -> ".join(segment_text(step) for step in answer.steps),
+            segment_text(answer.aux),
+        )
+    Console().print(table)
+
+
+def encoder_override(args: argparse.Namespace, grounder: Grounder) -> EncoderSpec | None:
+    if args.encoder is None:
+        return grounder.encoder_spec
+    frames = grounder.encoder_spec.num_frames if grounder.encoder_spec else grounder.run.num_frames
+    return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "input", type=Path, help="a video file, a feature file (.npy/.npz/.pt) or a .jsonl of pairs"
+    )
+    parser.add_argument("--run", type=Path, required=True, help="a run directory or an exported model")
+    parser.add_argument("--query", action="append", default=[], help="a query (repeat for several)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path (run directories)")
+    parser.add_argument("--duration", type=float, help="seconds; needed for a feature file")
+    parser.add_argument("--encoder", help="CLIP vision model (hub name or path) instead of the recorded one")
+    parser.add_argument("--no-projection", action="store_true", help="with --encoder: pooled output")
+    parser.add_argument("--fp16", action="store_true", help="with --encoder: encode in float16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32, help="queries per generation batch")
+    args = parser.parse_args(argv)
+    transformers_logging.disable_progress_bar()
+    try:
+        requests = requests_of(args)
+        grounder = Grounder.load(args.run, args.ckpt, args.device)
+        grounder.encoder_spec = encoder_override(args, grounder)
+        results = ground_all(grounder, requests, args.batch_size)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:  # one object per line
+        rows = [json.dumps({"video": str(video), **answer.as_json()}) for video, answer in results]
+        print("[\n" + ",\n".join(rows) + "\n]")
+    else:
+        print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
