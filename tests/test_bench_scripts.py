@@ -22,6 +22,7 @@ SCRIPTS = {
     "decoding": ([], {"speedup_vs_hf_generate", "passes_K3_b4_constrained", "match_free_hf_greedy_K3_b4"}),
     "scaling": (["--no-plot"], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
     "gpu_step": ([], {"plain_tokens_per_s", "plain_peak_mem_gb", "fsdp_samples_per_s", "largest_batch"}),
+    "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
 }
 
 

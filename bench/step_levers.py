@@ -1,0 +1,108 @@
+"""What a training step of the default model costs under each lever, as a ratio to the plain step.
+
+    python -m bench.step_levers                # threads, bf16 autocast, 4 frames per token, eager attention
+    python -m bench.step_levers --compile      # also torch.compile of the LM (its compile time printed)
+    python -m bench.step_levers --quick        # experiment=tiny, one round
+
+Every variant gets its own copy of the default model and the same training batches (batch 32) and
+runs ``--steps`` steps (forward, backward, AdamW) per round; variants take turns for ``--rounds``
+rounds and each is reported as the median of its per-round ratio to ``base`` (the default: torch's
+intra-op threads, fp32, 2 frames per token, SDPA attention). ``threads1``/``threads2``: the same
+step with 1 / 2 intra-op threads (``torch.set_num_threads``). Prints ``ratio_<variant>=`` (< 1 is
+faster) and ``base_s_per_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from bench.figures_out import machine, median_ratio, print_figures
+from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import load_config
+
+# name: (overrides, autocast dtype, intra-op threads, attention implementation)
+VARIANTS = {
+    "base": ([], None, None, None),
+    "threads1": ([], None, 1, None),
+    "threads2": ([], None, 2, None),
+    "bf16_autocast": ([], torch.bfloat16, None, None),
+    "frames_per_token4": (["model.projector.frames_per_token=4"], None, None, None),
+    "eager_attention": ([], None, None, "eager"),
+}
+
+
+def setup(overrides: list[str], batches: int, attention: str | None) -> dict:
+    cfg = load_config(overrides)
+    torch.manual_seed(cfg.seed)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    module = build_module(cfg, datamodule)
+    if attention:
+        module.model.lm.config._attn_implementation = attention
+    loader = iter(datamodule.train_dataloader())
+    return {
+        "module": module,
+        "optimizer": torch.optim.AdamW(module.parameters(), lr=1e-4),
+        "batches": [next(loader) for _ in range(batches)],
+    }
+
+
+def steps(run: dict, dtype: torch.dtype | None) -> None:
+    for batch in run["batches"]:
+        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+            loss = run["module"]._losses(batch)["loss"]
+        loss.backward()
+        run["optimizer"].step()
+        run["optimizer"].zero_grad()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also torch.compile(model.lm, dynamic=True)")
+    parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round of one step")
+    args = parser.parse_args(argv)
+    extra = ["experiment=tiny"] if args.quick else []
+    rounds, count = (1, 1) if args.quick else (args.rounds, args.steps)
+    default_threads = torch.get_num_threads()
+    print(f"machine: {machine()}")
+    variants = dict(VARIANTS)
+    if args.compile:
+        variants["compiled"] = ([], None, None, None)
+    runs = {name: setup([*extra, *v[0]], count, v[3]) for name, v in variants.items()}
+    figures: dict[str, float] = {}
+    if args.compile:
+        runs["compiled"]["module"].model.lm = torch.compile(runs["compiled"]["module"].model.lm, dynamic=True)
+        start = time.perf_counter()
+        steps(runs["compiled"], None)
+        figures["compile_s"] = time.perf_counter() - start
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for name, (_, dtype, threads, _) in variants.items():
+            torch.set_num_threads(threads or default_threads)
+            start = time.perf_counter()
+            steps(runs[name], dtype)
+            seconds[name].append((time.perf_counter() - start) / count)
+    torch.set_num_threads(default_threads)
+    seconds = {name: values[1:] for name, values in seconds.items()}
+    print("| variant | step time / base's | s per step here (median) |")
+    print("|---|---:|---:|")
+    for name, values in seconds.items():
+        ratio = median_ratio(values, seconds["base"])
+        figures[f"ratio_{name}"] = ratio
+        print(f"| {name} | {ratio:.2f} | {statistics.median(values):.3f} |")
+    figures["base_s_per_step"] = statistics.median(seconds["base"])
+    print(f"machine after: {machine()}")
+    print_figures(figures)
+
+
+if __name__ == "__main__":
+    main()
