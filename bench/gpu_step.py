@@ -32,6 +32,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.shape, args.steps = "tiny", 1
+    # Each decoder layer holds frozen weights and LoRA adapters: FSDP then keeps gradient memory for
+    # the whole unit (torch warns per layer; said once here).
+    warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False.*")
     device, shape = torch.device(args.device), SHAPES[args.shape]
     print(f"machine: {machine()}")
     if device.type == "cuda":
