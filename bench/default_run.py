@@ -1,16 +1,17 @@
 """The default run, timed end to end: ``python train.py`` in a child process, on a fresh output folder.
 
-    python -m bench.default_run                               # the default run (about 4 min on 2 free cores)
-    python -m bench.default_run --reference "trainer.max_steps=1200 ..."   # and a reference run, same invocation
-    python -m bench.default_run --quick                        # a seconds-long smoke run (experiment=tiny)
+    python -m bench.default_run --profile            # the default run (about 7.5 min on 2 free cores)
+    python -m bench.default_run --reference "" --threads 1 --reference-threads 2 --rounds 2  # in turns
+    python -m bench.default_run --quick              # a seconds-long smoke run (experiment=tiny)
 
 Prints ``wall_s`` (seconds from launch to exit), ``peak_rss_mb`` (the child's peak resident memory),
 ``test_mIoU`` and ``prior_mIoU`` (the best constant segment, from the run's ``metrics.json``), and
 with ``--profile`` (Lightning's SimpleProfiler, ``+trainer.profiler=simple``) where the time went:
 ``train_steps_s`` (forward, backward, optimizer), ``data_s``, ``val_s``, ``test_s``,
 ``checkpoint_s`` and ``other_s`` (start-up: imports, data generation, tokenizer training; the prior;
-outputs). With ``--reference`` a second run with those overrides goes first, so both saw the
-machine at nearly the same time, and ``wall_ratio`` = wall_s / reference_wall_s.
+outputs). With ``--reference`` a run with those overrides goes before each run (``--rounds``
+times, taking turns, so both see the machine alike); figures are medians over the rounds and
+``wall_ratio`` is the median of the per-round wall_s / reference wall_s.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import math
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.figures_out import machine, print_figures
+from bench.figures_out import machine, median_ratio, print_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["experiment=tiny", "logger.tensorboard=false"]
@@ -105,20 +107,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", help="overrides of a reference run, one quoted string")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the run (default: inherited)")
     parser.add_argument("--reference-threads", type=int, help="OMP_NUM_THREADS of the reference run")
+    parser.add_argument("--rounds", type=int, default=1, help="reference and run take turns this often")
     parser.add_argument("--profile", action="store_true", help="phase seconds (SimpleProfiler)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny: a smoke test")
-    parser.add_argument("--keep", type=Path, help="write the run here and keep it")
+    parser.add_argument("--keep", type=Path, help="write the (last) run here and keep it")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else []
     print(f"machine: {machine()}")
     print(f"command: python train.py {shlex.join(base + args.overrides)}", flush=True)
-    figures: dict[str, float] = {}
-    if args.reference is not None:
-        reference = run_once(base + shlex.split(args.reference), args.profile, None, args.reference_threads)
-        figures |= {f"reference_{name}": value for name, value in reference.items()}
-    figures = run_once(base + args.overrides, args.profile, args.keep, args.threads) | figures
-    if args.reference is not None:
-        figures["wall_ratio"] = figures["wall_s"] / figures["reference_wall_s"]
+    runs: list[dict[str, float]] = []
+    references: list[dict[str, float]] = []
+    for _ in range(args.rounds):
+        if args.reference is not None:
+            overrides = base + shlex.split(args.reference)
+            references.append(run_once(overrides, args.profile, None, args.reference_threads))
+        runs.append(run_once(base + args.overrides, args.profile, args.keep, args.threads))
+        print(
+            f"round: {runs[-1]['wall_s']:.1f} s"
+            + (f" (reference {references[-1]['wall_s']:.1f} s)" if references else "")
+        )
+    figures = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+    if references:
+        figures |= {f"reference_{n}": statistics.median(r[n] for r in references) for n in references[0]}
+        figures["wall_ratio"] = median_ratio([r["wall_s"] for r in runs], [r["wall_s"] for r in references])
     print(f"machine after: {machine()}")
     print_figures(figures)
 
