@@ -1,0 +1,127 @@
+"""The default run, timed end to end: ``python train.py`` in a child process, on a fresh output folder.
+
+    python -m bench.default_run                               # the default run (about 4 min on 2 free cores)
+    python -m bench.default_run --reference "trainer.max_steps=1200 ..."   # and a reference run, same invocation
+    python -m bench.default_run --quick                        # a seconds-long smoke run (experiment=tiny)
+
+Prints ``wall_s`` (seconds from launch to exit), ``peak_rss_mb`` (the child's peak resident memory),
+``test_mIoU`` and ``prior_mIoU`` (the best constant segment, from the run's ``metrics.json``), and
+with ``--profile`` (Lightning's SimpleProfiler, ``+trainer.profiler=simple``) where the time went:
+``train_steps_s`` (forward, backward, optimizer), ``data_s``, ``val_s``, ``test_s``,
+``checkpoint_s`` and ``other_s`` (start-up: imports, data generation, tokenizer training; the prior;
+outputs). With ``--reference`` a second run with those overrides goes first, so both saw the
+machine at nearly the same time, and ``wall_ratio`` = wall_s / reference_wall_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.figures_out import machine, print_figures
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["experiment=tiny", "logger.tensorboard=false"]
+# SimpleProfiler actions summed into each phase, from the process's last report (each report --
+# after fit, validate, test -- holds everything recorded so far).
+PHASES = {
+    "train_steps_s": ("run_training_batch",),
+    "data_s": ("[_TrainingEpochLoop].train_dataloader_next",),
+    "val_s": ("validation_step", "[_EvaluationLoop].val_next"),
+    "test_s": ("test_step", "[_EvaluationLoop].test_next"),
+    "checkpoint_s": ("save_checkpoint",),
+}
+ROW = re.compile(r"^\|\s+(\S.*?)\s+\|\s+\S+\s+\|\s+(\d+)\s+\|\s+([\d.e+-]+)\s+\|")
+
+
+def phase_seconds(log: str) -> dict[str, float]:
+    """Seconds per phase from the last SimpleProfiler table in a run's log."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    last_report = log[log.rfind("|  Action") :]
+    for line in last_report.splitlines():
+        match = ROW.match(line.replace("\t", " "))
+        if not match:
+            continue
+        action, seconds = match.group(1), float(match.group(3))
+        for phase, names in PHASES.items():
+            if any(action == n or action.endswith(f".{n}") for n in names):
+                totals[phase] += seconds
+    return totals
+
+
+def run_once(
+    overrides: list[str], profile: bool, keep: Path | None, threads: int | None = None
+) -> dict[str, float]:
+    """One ``python train.py`` with ``overrides`` (``threads``: its OMP_NUM_THREADS): wall seconds,
+    peak RSS, scores (and phases)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        output_dir = keep or Path(tmp) / "run"
+        args = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *overrides,
+            "callbacks.progress_bar=none",
+            f"output_dir={output_dir}",
+            *(["+trainer.profiler=simple"] if profile else []),
+        ]
+        log_path = Path(tmp) / "log.txt"
+        with open(log_path, "w") as log:
+            start = time.perf_counter()
+            child = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+            wall = time.perf_counter() - start
+            child.returncode = os.waitstatus_to_exitcode(status)
+        log_text = log_path.read_text()
+        if child.returncode:
+            sys.exit(f"error: train.py exited with {child.returncode}:\n{log_text[-3000:]}")
+        metrics = json.loads((output_dir / "metrics.json").read_text())
+    figures = {
+        "wall_s": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "test_mIoU": metrics.get("test/mIoU", math.nan),
+        "prior_mIoU": metrics.get("prior/mIoU", math.nan),
+    }
+    if profile:
+        phases = phase_seconds(log_text)
+        figures |= phases | {"other_s": wall - sum(phases.values())}
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="overrides of the run (default: none)")
+    parser.add_argument("--reference", help="overrides of a reference run, one quoted string")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the run (default: inherited)")
+    parser.add_argument("--reference-threads", type=int, help="OMP_NUM_THREADS of the reference run")
+    parser.add_argument("--profile", action="store_true", help="phase seconds (SimpleProfiler)")
+    parser.add_argument("--quick", action="store_true", help="experiment=tiny: a smoke test")
+    parser.add_argument("--keep", type=Path, help="write the run here and keep it")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else []
+    print(f"machine: {machine()}")
+    print(f"command: python train.py {shlex.join(base + args.overrides)}", flush=True)
+    figures: dict[str, float] = {}
+    if args.reference is not None:
+        reference = run_once(base + shlex.split(args.reference), args.profile, None, args.reference_threads)
+        figures |= {f"reference_{name}": value for name, value in reference.items()}
+    figures = run_once(base + args.overrides, args.profile, args.keep, args.threads) | figures
+    if args.reference is not None:
+        figures["wall_ratio"] = figures["wall_s"] / figures["reference_wall_s"]
+    print(f"machine after: {machine()}")
+    print_figures(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""What every benchmark script shares: the machine it ran on, interleaved timing rounds, and the
+closing ``name=value`` lines (printed last, parsed by tests/test_bench_scripts.py)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def machine() -> str:
+    """CPU count, load average, Python/torch versions, intra-op threads and the date: the context
+    a ratio was measured in."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op "
+        f"thread(s), {datetime.datetime.now().isoformat(timespec='minutes')}"
+    )
+
+
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each run, taking turns for ``rounds`` rounds so that load from other jobs
+    hits them alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median of per-round ratios: each round's two timings saw the same machine load."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def print_figures(figures: dict[str, float | int | str]) -> None:
+    """The script's figures, one ``name=value`` line each, last in its output."""
+    for name, value in figures.items():
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"{name}={text}", flush=True)

@@ -1,0 +1,75 @@
+"""Every benchmark script runs in its --quick mode and ends with its figures as name=value lines."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.default_run import phase_seconds
+from bench.figures_out import print_figures
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURE = re.compile(r"^([A-Za-z_][\w.@]*)=(\S+)$")
+SCRIPTS = {
+    "default_run": (["--profile"], {"wall_s", "test_mIoU", "prior_mIoU", "peak_rss_mb", "train_steps_s"}),
+    "overhead": ([], {"overhead_ratio", "raw_samples_per_s", "project_samples_per_s"}),
+    "scaling": (["--no-plot"], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
+    "gpu_step": ([], {"plain_tokens_per_s", "plain_peak_mem_gb", "fsdp_samples_per_s", "largest_batch"}),
+}
+
+
+def final_figures(stdout: str) -> dict[str, float]:
+    """The name=value lines that end ``stdout``, as floats."""
+    figures: dict[str, float] = {}
+    for line in reversed(stdout.strip().splitlines()):
+        match = FIGURE.match(line.strip())
+        if not match:
+            break
+        figures[match.group(1)] = float(match.group(2))
+    return figures
+
+
+def test_figures_are_printed_last_and_parse(capsys):
+    print("a table | x |")
+    print_figures({"ratio": 1.23456, "count": 3, "missing": math.nan})
+    figures = final_figures(capsys.readouterr().out)
+    assert figures["ratio"] == 1.235 and figures["count"] == 3 and math.isnan(figures["missing"])
+
+
+def test_profiler_phases_come_from_the_last_report():
+    log = "\n".join(
+        [
+            "|  Action  |  Mean duration (s)  |  Num calls  |  Total time (s)  |  Percentage %  |",
+            "|  run_training_batch  |  0.5  |  4  |  2.0  |  50 %  |",
+            "|  Action  |  Mean duration (s)  |  Num calls  |  Total time (s)  |  Percentage %  |",
+            "|  run_training_batch  |  0.5  |  4  |  2.0  |  50 %  |",
+            "|  [Strategy]SingleDeviceStrategy.validation_step  |  0.25  |  2  |  0.5  |  10 %  |",
+            "|  [Strategy]SingleDeviceStrategy.validation_step  |  0.25  |  1  |  0.25  |  10 %  |",
+            "|  [Strategy]SingleDeviceStrategy.test_step  |  1e-01  |  3  |  3e-01  |  5 %  |",
+        ]
+    )
+    phases = phase_seconds(log)
+    assert phases["train_steps_s"] == 2.0 and phases["val_s"] == 0.75 and phases["test_s"] == 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_bench_script_quick_mode(script):
+    extra, expected = SCRIPTS[script]
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{script}", "--quick", *extra],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = final_figures(result.stdout)
+    assert expected <= set(figures), f"missing {expected - set(figures)} in {sorted(figures)}"
