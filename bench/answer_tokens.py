@@ -71,7 +71,7 @@ def decoding(name: str, queries: int, repeats: int) -> dict[str, tuple[int, floa
 
 
 def train_run(name: str, mode: str, steps: int, out: Path, extra: list[str]) -> dict[str, float]:
-    """One ``train.py`` run: test mIoU (final answer and first coarse segment), val mIoU, seconds."""
+    """One ``train.py`` run: its test and val mIoU and wall-clock seconds."""
     output_dir = out / f"{name}_{mode}"
     overrides = [
         *SMALL,
@@ -84,7 +84,11 @@ def train_run(name: str, mode: str, steps: int, out: Path, extra: list[str]) -> 
         f"output_dir={output_dir}",
     ]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, check=True, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True
+    )
+    if result.returncode:
+        sys.exit(f"train.py {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
     metrics = json.loads((output_dir / "metrics.json").read_text())
     return {
         "test_mIoU": metrics["test/mIoU"],

@@ -159,6 +159,7 @@ def test_queries_dropped_by_the_quirk_policy_count_in_the_coverage(tmp_path):
         seed=0,
         prompt_template=DEFAULT_TEMPLATE,
         timeline=UNIFORM99,
+        chat_template="none",
     ).coverage({"test/queries": 6.0})["test/coverage"]
     assert coverage == pytest.approx(100 * 6 / 7)
 
