@@ -5,8 +5,8 @@
 
 Three ways to run ``--steps`` training steps of the same config, taking turns each round (so that
 load from other jobs hits them alike), each on its own copy of the module, all reading the
-datamodule's own train loader (collation included) and taking the same AdamW groups, LR schedule
-and gradient clipping:
+datamodule's own train loader (collation included) and taking the same AdamW groups, LR schedule,
+gradient clipping and mixed precision (``trainer.precision``; bf16 autocast by default):
 
 - ``raw``: ``for batch in loader: loss = module._losses(batch)["loss"]; backward; clip; step;
   schedule; zero_grad`` -- the floor;
@@ -23,6 +23,7 @@ step; target <= 1.05), ``bare_overhead_ratio``, samples/s of each and the start-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -52,8 +53,18 @@ class StepClock(L.Callback):
         self.end = time.perf_counter()
 
 
-def raw_loop(module: GroundingModule, datamodule, steps: int, warmup: int, total_steps: int) -> float:
-    """The floor: seconds for steps ``warmup..steps-1`` of a plain loop with the module's optimizer."""
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """What Lightning's ``precision`` does to the forward pass: bf16/fp16 autocast, or nothing."""
+    dtypes = {"bf16": torch.bfloat16, "16": torch.float16}
+    dtype = next((d for prefix, d in dtypes.items() if precision.startswith(prefix)), None)
+    return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def raw_loop(
+    module: GroundingModule, datamodule, steps: int, warmup: int, total_steps: int, precision: str
+) -> float:
+    """The floor: seconds for steps ``warmup..steps-1`` of a plain loop with the module's optimizer,
+    under the run's mixed precision."""
     module.trainer = L.Trainer(max_steps=total_steps, logger=False)  # configure_optimizers reads it
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -64,7 +75,8 @@ def raw_loop(module: GroundingModule, datamodule, steps: int, warmup: int, total
             break
         if step == warmup:
             start = time.perf_counter()
-        loss = module._losses(batch)["loss"]
+        with autocast(precision):
+            loss = module._losses(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
@@ -109,14 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     datamodule.setup()
     module = build_module(cfg, datamodule)
     modules = {name: copy.deepcopy(module) for name in ("raw", "project", "bare")}
-    batch_size = cfg.data.batch_size
+    batch_size, precision = cfg.data.batch_size, str(cfg.trainer.precision)
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}; batch {batch_size}, {steps} steps a run, {rounds} rounds")
     seconds: dict[str, list[float]] = {name: [] for name in modules}
     startup: dict[str, list[float]] = {"project": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            seconds["raw"].append(raw_loop(modules["raw"], datamodule, steps, args.warmup, steps))
+            seconds["raw"].append(raw_loop(modules["raw"], datamodule, steps, args.warmup, steps, precision))
             for name in ("project", "bare"):
                 clock = StepClock(args.warmup)
                 if name == "project":
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     trainer = L.Trainer(
                         max_steps=steps,
+                        precision=precision,
                         logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False,
