@@ -1,6 +1,6 @@
 """The default run, timed end to end: ``python train.py`` in a child process, on a fresh output folder.
 
-    python -m bench.default_run --profile            # the default run (about 7.5 min on 2 free cores)
+    python -m bench.default_run --profile            # the default run (about 3.5 min on 2 free cores)
     python -m bench.default_run --reference "" --threads 1 --reference-threads 2 --rounds 2  # in turns
     python -m bench.default_run --quick              # a seconds-long smoke run (experiment=tiny)
 

@@ -30,7 +30,7 @@ class OptimSpec:
     """AdamW, linear warmup, cosine decay to ``min_lr_ratio`` x lr. ``warmup_ratio`` > 0 replaces
     ``warmup_steps`` by that share of the run's steps, rounded up (Hugging Face Trainer's rule).
     The defaults suit the built-in default run (a small LM trained from scratch: lr 3e-3 reaches in
-    600 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``."""
+    540 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``."""
 
     lr: float = 3e-3
     weight_decay: float = 0.01
