@@ -23,7 +23,6 @@ step; target <= 1.05), ``bare_overhead_ratio``, samples/s of each and the start-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ import torch
 
 from bench.figures_out import machine, median_ratio, print_figures
 from lightning_modules.grounding_module import GroundingModule
+from timerefine.inference.run_loading import precision_autocast
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import load_config
 
@@ -53,13 +53,6 @@ class StepClock(L.Callback):
         self.end = time.perf_counter()
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """What Lightning's ``precision`` does to the forward pass: bf16/fp16 autocast, or nothing."""
-    dtypes = {"bf16": torch.bfloat16, "16": torch.float16}
-    dtype = next((d for prefix, d in dtypes.items() if precision.startswith(prefix)), None)
-    return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def raw_loop(
     module: GroundingModule, datamodule, steps: int, warmup: int, total_steps: int, precision: str
 ) -> float:
@@ -75,7 +68,7 @@ def raw_loop(
             break
         if step == warmup:
             start = time.perf_counter()
-        with autocast(precision):
+        with precision_autocast(precision, "cpu"):
             loss = module._losses(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)

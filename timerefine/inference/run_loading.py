@@ -132,13 +132,12 @@ def load_run(run_dir: Path, ckpt: str = "best", device: str = "cpu") -> LoadedRu
     return LoadedRun(cfg, module.to(device), collator, path)
 
 
-def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision as the run trained with it (plain float32 otherwise)."""
-    precision = str(cfg.trainer.precision)
+def precision_autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """What Lightning's ``trainer.precision`` does to a forward pass: bf16/fp16 autocast, or nothing."""
     if precision.startswith("bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision.startswith("16"):
-        return torch.autocast(device.type, dtype=torch.float16)
+        return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -153,7 +152,7 @@ def predict(run: LoadedRun, features: torch.Tensor, queries: list[str]) -> list[
         mask[row, width - len(prompt) :] = 1
     device = run.module.device
     batch = {"prompt_ids": ids.to(device), "prompt_mask": mask.to(device), "features": features.to(device)}
-    with _autocast(run.cfg, device):
+    with precision_autocast(str(run.cfg.trainer.precision), device.type):  # as the run trained
         return run.module.predict_batch(batch)
 
 
