@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 from transformers import CompileConfig
+from transformers.utils import logging as hf_logging
 
 from bench.decoding_levers import (
     DecoderRun,
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="also HF generate, static cache, compiled")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round")
     args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()  # generate() warns at every call that EOS -1 never comes
     extra = ["experiment=tiny"] if args.quick else []
     rounds, singles, batch_size = (1, 2, 4) if args.quick else (args.rounds, args.singles, 32)
     print(f"machine: {machine()}")

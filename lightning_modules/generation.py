@@ -7,7 +7,8 @@ are needed: each chosen token goes with the fixed text after it. Prompts are lef
 decoding, the last hidden state at every <OFFSET> token fed to the model is kept, so the aux head
 can read it. With an FSDP-sharded model every forward pass is a
 collective (it all-gathers the sharded layers), so free decoding stops only once the answers of every
-rank have ended: all ranks run the same passes.
+rank have ended: all ranks run the same passes. ``hf_generation.hf_generate`` writes the same answers
+through Hugging Face ``generate()`` (``model.inference.decoder``).
 """
 
 from __future__ import annotations
