@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         module, datamodule = load_run(args.run)
         runs = decoders(module, trained=True, compile_step=False)
-        runs = {n: runs[n] for n in ("constrained", "constrained_eager", "adaptive", "adaptive_tol1", "free")}
+        runs = {n: run for n, run in runs.items() if n != "constrained_static"}
         figures |= quality(module, datamodule.test_dataloader(), runs)
     print(f"machine after: {machine()}")
     print_figures(figures)
