@@ -54,12 +54,12 @@ from bench.decoding_levers import (
     static_cache_decoder,
 )
 from bench.figures_out import interleaved, machine, print_figures
+from grounding.answer_format.codec import Slot
+from grounding.answer_format.layout import spaced
+from grounding.answer_format.predictions import Prediction, predict, seconds
+from grounding.metrics.windows import record_iou
 from lightning_modules.generation import Generation
 from lightning_modules.grounding_module import GroundingModule
-from timerefine.answer_format.codec import Slot
-from timerefine.answer_format.layout import spaced
-from timerefine.answer_format.predictions import Prediction, predict, seconds
-from timerefine.metrics.windows import record_iou
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 

@@ -10,7 +10,7 @@ import pytest
 
 import evaluate
 import train
-from timerefine.metrics.windows import multi_window_iou
+from grounding.metrics.windows import multi_window_iou
 
 SENTENCES = ("a person opens a door.", "someone sits on a chair.", "person holds a cup.")
 WINDOWS = ([[2.0, 8.0]], [[1.0, 5.0], [12.0, 18.0]], [[0.0, 4.0], [8.0, 11.0], [15.0, 19.0]])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.conventions import recorded_conventions, run_protocol
 from timerefine.pipeline.outputs import print_summary

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datamodules.records import GroundingRecord
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import temporal_iou
-from timerefine.metrics.windows import merged, metric_inputs, multi_window_iou, record_iou, target_window
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import temporal_iou
+from grounding.metrics.windows import merged, metric_inputs, multi_window_iou, record_iou, target_window
+from grounding.records import GroundingRecord
 
 TWO = [(0.0, 10.0), (20.0, 30.0)]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
-from timerefine.answer_format.timeline import MAX_INDEX
+from grounding.answer_format.timeline import MAX_INDEX
 
 ROOT = Path(__file__).resolve().parents[2]
 

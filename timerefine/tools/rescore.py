@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import PROTOCOLS, Protocol, protocol_scores, protocol_sums
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import PROTOCOLS, Protocol, protocol_scores, protocol_sums
 
 
 class PredictionsError(ValueError):
