@@ -210,7 +210,7 @@ def quality(module: GroundingModule, loader, runs: dict[str, Decoder]) -> dict[s
     return out
 
 
-def load_run(run_dir: Path) -> tuple[GroundingModule, object]:
+def trained_model(run_dir: Path) -> tuple[GroundingModule, object]:
     """A run's best checkpoint in eval mode, and its datamodule."""
     from timerefine.pipeline.best_checkpoint import recorded_best
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         **figures,
     }
     if args.run:
-        module, datamodule = load_run(args.run)
+        module, datamodule = trained_model(args.run)
         runs = decoders(module, trained=True, compile_step=False)
         runs = {n: runs[n] for n in ("constrained", "constrained_eager", "adaptive", "adaptive_tol1", "free")}
         figures |= quality(module, datamodule.test_dataloader(), runs)

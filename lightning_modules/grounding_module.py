@@ -233,11 +233,11 @@ class GroundingModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
 
-        def schedule(step: int) -> float:
+        def lr_curve(step: int) -> float:  # the LR factor: linear warmup, then cosine decay
             if step < warmup:
                 return (step + 1) / warmup
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_curve)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -28,7 +28,7 @@ from grounding.answer_format.prompts import normalize_query
 from grounding.metrics.iou import temporal_iou
 from grounding.records import FeatureError
 from timerefine.demo.media import cut_clip, feature_timeline, frames_at
-from timerefine.demo.timeline import rows_of, timeline_svg
+from timerefine.demo.timeline_plot import rows_of, timeline_svg
 from timerefine.inference.grounder import Features, Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
 from timerefine.inference.video_features import InputError

@@ -20,7 +20,7 @@ import torch
 
 from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.prompts import normalize_query
-from timerefine.inference.export import is_export, load_export
+from timerefine.inference.export_folder import is_export, load_export
 from timerefine.inference.frame_encoder import ClipFrameEncoder
 from timerefine.inference.run_loading import LoadedRun, load_run, predict
 from timerefine.inference.video_features import (

@@ -30,7 +30,7 @@ from lightning_modules.released_weights import InitFromSpec
 
 
 @dataclass
-class LoraConfig(LoraSpec):
+class LoraOption(LoraSpec):
     """LoRA adapters (off by default: the tiny LM trains fully)."""
 
     enabled: bool = False
@@ -59,7 +59,7 @@ class ModelConfig:
 
     lm: LMSpec = field(default_factory=LMSpec)
     answer_tokens: str = "digits"
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraOption = field(default_factory=LoraOption)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     refine: RefineConfig = field(default_factory=RefineConfig)
     aux: AuxSpec = field(default_factory=AuxSpec)
