@@ -10,19 +10,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.layout import spaced
+from grounding.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.answer_format.tokens import OFFSET
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import EXACT, Protocol
+from grounding.metrics.windows import metric_inputs, record_iou
 from lightning_modules.generation import generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.layout import spaced
-from timerefine.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
-from timerefine.answer_format.tokens import OFFSET
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import EXACT, Protocol
-from timerefine.metrics.windows import metric_inputs, record_iou
 
 
 @dataclass
@@ -233,11 +233,11 @@ class GroundingModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
 
-        def schedule(step: int) -> float:
+        def lr_curve(step: int) -> float:  # the LR factor: linear warmup, then cosine decay
             if step < warmup:
                 return (step + 1) / warmup
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_curve)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

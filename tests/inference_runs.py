@@ -22,7 +22,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from timerefine.tools.extract_features import ClipFrameEncoder, extract
+from timerefine.inference.frame_encoder import ClipFrameEncoder
+from timerefine.tools.extract_features import extract
 
 ROOT = Path(__file__).resolve().parents[1]
 FPS, SIZE, FRAMES, DIM = 10, (64, 48), 16, 16

@@ -12,7 +12,7 @@ import pytest
 from tests.demo_browser import ask, browser_available, chromium, free_port
 from tests.inference_runs import VIDEOS, write_moment_video
 from timerefine.demo.app import Demo, build_app, demo_examples, launch
-from timerefine.demo.timeline import Row, rows_of, timeline_svg
+from timerefine.demo.timeline_plot import Row, rows_of, timeline_svg
 from timerefine.inference.grounder import Grounder, Grounding
 
 ANSWER = Grounding("q", 2.0, 3.0, [(1.0, 4.0), (1.5, 3.5), (2.0, 3.0)], (1.9, 3.1), "From ...", 10.0)

@@ -17,7 +17,7 @@ from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
 from lightning_modules.tokenizer import train_local_tokenizer
 from tests.helpers import corpus
 from tests.inference_runs import ROOT
-from timerefine.inference.export import LM_DIR, WEIGHTS
+from timerefine.inference.export_folder import LM_DIR, WEIGHTS
 from timerefine.inference.grounder import Grounder
 from timerefine.tools.export import main as export_main
 from timerefine.tools.predict import main as predict_main

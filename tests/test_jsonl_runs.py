@@ -10,8 +10,8 @@ import pytest
 
 import evaluate
 import train
-from timerefine.metrics.protocols import EXACT
-from timerefine.metrics.windows import multi_window_iou
+from grounding.metrics.protocols import EXACT
+from grounding.metrics.windows import multi_window_iou
 from timerefine.tools.rescore import rescore
 
 SENTENCES = ("a person opens a door.", "someone sits on a chair.", "person holds a cup.")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.conventions import recorded_conventions, run_protocol
 from timerefine.pipeline.outputs import print_summary
@@ -247,7 +247,7 @@ def test_rescore_needs_the_rule_of_a_query_with_windows(tmp_path, capsys):
 
 
 def test_rescore_orders_and_clips_predictions_as_the_run_does(tmp_path, capsys):
-    """The run's answers are ordered and inside the video (timerefine/answer_format/layout.py): a row
+    """The run's answers are ordered and inside the video (grounding/answer_format/layout.py): a row
     that is not is scored as the run would score it, and counted."""
     rows = [
         {"pred": [8.0, 2.0], "gt": [2.0, 6.0], "duration": 10.0},  # reordered: [2, 8], IoU 4/6

@@ -24,14 +24,14 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from datamodules.quirks import QuirkError
-from datamodules.records import FeatureError
-from timerefine.answer_format.prompts import normalize_query
+from grounding.answer_format.prompts import normalize_query
+from grounding.metrics.iou import temporal_iou
+from grounding.records import FeatureError
 from timerefine.demo.media import cut_clip, feature_timeline, frames_at
-from timerefine.demo.timeline import rows_of, timeline_svg
+from timerefine.demo.timeline_plot import rows_of, timeline_svg
 from timerefine.inference.grounder import Features, Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
 from timerefine.inference.video_features import InputError
-from timerefine.metrics.iou import temporal_iou
 from timerefine.pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from timerefine.answer_format.predictions import Prediction, seconds
-from timerefine.answer_format.prompts import normalize_query
-from timerefine.inference.export import is_export, load_export
+from grounding.answer_format.predictions import Prediction, seconds
+from grounding.answer_format.prompts import normalize_query
+from timerefine.inference.export_folder import is_export, load_export
+from timerefine.inference.frame_encoder import ClipFrameEncoder
 from timerefine.inference.run_loading import LoadedRun, load_run, predict
 from timerefine.inference.video_features import (
     FEATURE_SUFFIXES,
@@ -32,7 +33,6 @@ from timerefine.inference.video_features import (
     read_features,
     recorded_encoder,
 )
-from timerefine.tools.extract_features import ClipFrameEncoder
 
 Segment = tuple[float, float]
 VideoInput = str | Path | np.ndarray | torch.Tensor

@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
+from callbacks.lightning_compat import load_sharded_checkpoint
 from datamodules.collate import GroundingCollator
 from datamodules.datamodule import GroundingDataModule
-from datamodules.records import FeatureStore, GroundingRecord
+from grounding.answer_format.predictions import Prediction
+from grounding.records import FeatureStore, GroundingRecord
 from lightning_modules.grounding_module import GroundingModule
-from timerefine.answer_format.predictions import Prediction
 from timerefine.inference.video_features import InputError
-from timerefine.lightning_compat import load_sharded_checkpoint
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from datamodules.feature_stores import SUFFIXES, check_features, read_feature_file
-from datamodules.records import FeatureError, resample_frames
-from timerefine.tools.extract_features import (
+from grounding.records import FeatureError, resample_frames
+from timerefine.inference.frame_encoder import (
     ENCODER_RECORD,
     ClipFrameEncoder,
     VideoDecodeError,

@@ -8,7 +8,7 @@ Each row needs ``pred`` ([start, end] seconds, or null when the answer did not p
 ([start, end] seconds) and ``duration``; a query with several ground-truth windows has ``windows`` and
 the rule that scores them, ``multi_window`` (``best`` or ``union``; ``--multi-window`` overrides it).
 
-Rows are scored as the run scores its own answers (the same metric, timerefine/metrics/): a
+Rows are scored as the run scores its own answers (the same metric, grounding/metrics/): a
 prediction with start > end is reordered and one outside ``[0, duration]`` clipped, as the run does to
 what it parses, and both are counted and reported. Ground truth outside that rule is refused.
 """
@@ -21,11 +21,11 @@ import math
 import sys
 from pathlib import Path
 
-from datamodules.records import GroundingRecord
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import PROTOCOLS, Protocol
-from timerefine.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import PROTOCOLS, Protocol
+from grounding.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
+from grounding.records import GroundingRecord
 
 
 class PredictionsError(ValueError):

@@ -6,7 +6,7 @@ holds ``{query}`` and ``<video>``.
 
 from __future__ import annotations
 
-from timerefine.answer_format.tokens import VIDEO
+from grounding.answer_format.tokens import VIDEO
 
 DEFAULT_TEMPLATE = f"{VIDEO}\nAt which time interval in the video can we see {{query}} occurring?"
 REFERENCE_TEMPLATE = f"{VIDEO}\nDuring which frames can we see {{query}}?"  # VTimeLLM's grounding question

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from datamodules.records import GroundingRecord
-from timerefine.answer_format.layout import parse_answer, predicted_segments
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.answer_format.layout import parse_answer, predicted_segments
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.records import GroundingRecord
 
 AUX_CHOICES = ("aux", "mean")  # the final answers that read the aux head
 FINAL_CHOICES = ("last", *AUX_CHOICES)
