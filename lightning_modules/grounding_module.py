@@ -158,6 +158,11 @@ class GroundingModule(L.LightningModule):
         for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
             metric.update(*metric_inputs(column, records))
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens a generated answer may take."""
+        return self.inference.max_new_tokens or self.codec.answer_length() + 8
+
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
@@ -167,7 +172,7 @@ class GroundingModule(L.LightningModule):
             batch["prompt_mask"],
             batch["features"],
             eos_id=self.codec.end_id,
-            max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
+            max_new_tokens=self.max_new_tokens,
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,
         )
