@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
-from datamodules.records import FeatureStore, GroundingRecord
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
-from timerefine.answer_format.chat import chat_prompt
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.prompts import resolve_template
-from timerefine.answer_format.timeline import Timeline
+from grounding.answer_format.chat import chat_prompt
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.prompts import resolve_template
+from grounding.answer_format.timeline import Timeline
+from grounding.records import FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -36,7 +36,7 @@ class DataSource(Protocol):
 
 class GroundingDataModule(L.LightningDataModule):
     """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
-    the prompt becomes the model's chat turn (timerefine/answer_format/chat.py)."""
+    the prompt becomes the model's chat turn (grounding/answer_format/chat.py)."""
 
     def __init__(
         self,

@@ -22,8 +22,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from transformers import Cache
 
+from grounding.answer_format.codec import Slot
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.codec import Slot
 
 
 @dataclass

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
+from grounding.answer_format.slots import Slot
 from lightning_modules.generation import Generation, is_sharded
 from lightning_modules.slot_logits_processor import SlotLogitsProcessor
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.slots import Slot
 
 
 @torch.no_grad()

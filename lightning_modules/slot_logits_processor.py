@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
-from timerefine.answer_format.slots import Slot
+from grounding.answer_format.slots import Slot
 
 
 def layout_automaton(slots: Sequence[Slot], end_id: int) -> list[dict[int, int]]:

@@ -14,16 +14,16 @@ from torch.utils.data import DataLoader
 
 import evaluate
 from datamodules.collate import GroundingCollator
+from grounding.answer_format.codec import ANSWER_TOKENS, AnswerCodec
+from grounding.answer_format.layout import parse_answer, spaced
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from grounding.answer_format.slots import Slot
+from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.generation import Generation, generate
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.hf_generation import hf_generate
 from lightning_modules.slot_logits_processor import SlotLogitsProcessor
 from tests import helpers
-from timerefine.answer_format.codec import ANSWER_TOKENS, AnswerCodec
-from timerefine.answer_format.layout import parse_answer, spaced
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
-from timerefine.answer_format.slots import Slot
-from timerefine.answer_format.targets import RefineSchedule
 from timerefine.pipeline.config import ConfigError, load_config
 
 LAYOUTS = [(k, spelling) for k in range(4) for spelling in ANSWER_TOKENS]

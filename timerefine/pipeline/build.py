@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.lightning_compat import check_lightning_internals
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
@@ -34,6 +35,11 @@ from datamodules.annotation_source import (
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
+from grounding.answer_format.chat import answer_end_id
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.corpus import tokenizer_corpus
+from grounding.answer_format.prompts import render_prompt
+from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model
@@ -41,12 +47,6 @@ from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.chat import answer_end_id
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.corpus import tokenizer_corpus
-from timerefine.answer_format.prompts import render_prompt
-from timerefine.answer_format.targets import RefineSchedule
-from timerefine.lightning_compat import check_lightning_internals
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_protocol, run_timeline
