@@ -11,15 +11,18 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
-from datamodules.records import FeatureStore, GroundingRecord
+from datamodules.quirks import QuirkError
+from datamodules.records import EmptySplitError, FeatureStore, GroundingRecord
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from timerefine.answer_format.chat import chat_prompt
 from timerefine.answer_format.codec import AnswerCodec
+from timerefine.answer_format.length import too_long
 from timerefine.answer_format.prompts import resolve_template
 from timerefine.answer_format.timeline import Timeline
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+TOO_LONG = ("error", "drop")
 
 
 class DataSource(Protocol):
@@ -36,7 +39,9 @@ class DataSource(Protocol):
 
 class GroundingDataModule(L.LightningDataModule):
     """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
-    the prompt becomes the model's chat turn (timerefine/answer_format/chat.py)."""
+    the prompt becomes the model's chat turn (timerefine/answer_format/chat.py). ``query_too_long``:
+    a query whose prompt and answer exceed the LM's positions is an ``error`` naming its ``file:line``,
+    or (``drop``) a skip counted in the split's coverage and logged."""
 
     def __init__(
         self,
@@ -49,25 +54,36 @@ class GroundingDataModule(L.LightningDataModule):
         prompt_template: str,
         timeline: Timeline,
         chat_template: str,
+        query_too_long: str = "error",
     ) -> None:
         """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.timeline = num_workers, seed, timeline
         self.prompt_template, self.chat_template = resolve_template(prompt_template), chat_template
+        self.query_too_long = query_too_long
         self.datasets: dict[str, GroundingDataset] = {}
         self.collator: GroundingCollator | None = None
+        self.max_positions: int | None = None
+        self.too_long: dict[str, int] = {}  # queries skipped per split by data.query_too_long=drop
 
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self.datasets:
             self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
+            if self.collator is not None:
+                self._keep_fitting(split)
         return self.datasets[split].records
 
     def attach(
-        self, codec: AnswerCodec, video_tokens: int | None = None, coarse_lookup: CoarseLookup | None = None
+        self,
+        codec: AnswerCodec,
+        video_tokens: int | None = None,
+        coarse_lookup: CoarseLookup | None = None,
+        max_positions: int | None = None,
     ) -> None:
         """Give the datamodule the model's answer codec (its tokenizer and the refinement schedule of
-        the targets) and the number of video tokens a prompt holds (default: one per frame)."""
+        the targets), the number of video tokens a prompt holds (default: one per frame) and the LM's
+        positions, which every query read (now or later) must fit with its prompt and answer."""
         self.collator = GroundingCollator(
             codec,
             partial(chat_prompt, self.prompt_template, self.chat_template, codec.tokenizer),
@@ -76,11 +92,43 @@ class GroundingDataModule(L.LightningDataModule):
             coarse_lookup,
             self.timeline,
         )
+        self.max_positions = max_positions
+        for split in list(self.datasets):
+            self._keep_fitting(split)
+
+    def _keep_fitting(self, split: str) -> None:
+        """Keep the split's queries whose prompt and answer fit the LM, as ``query_too_long`` says."""
+        assert self.collator is not None
+        if self.max_positions is None:
+            return
+        dataset, answer = self.datasets[split], self.collator.codec.answer_length() + 1  # + end token
+        problems = [
+            too_long(len(self.collator.prompt_ids(record.query)), answer, self.max_positions)
+            for record in dataset.records
+        ]
+        skipped = [(r, p) for r, p in zip(dataset.records, problems, strict=True) if p]
+        if not skipped:
+            return
+        record, problem = skipped[0]
+        example = f"{record.where or f'{self.source.name} {split} query {record.qid}'}: {problem}"
+        if self.query_too_long == "error":
+            raise QuirkError(f"{example} (data.query_too_long=drop skips such queries)")
+        kept = [r for r, p in zip(dataset.records, problems, strict=True) if not p]
+        log.warning(
+            "%s %s: %d of %d queries skipped, e.g. %s",
+            *(self.source.name, split, len(skipped), len(dataset.records), example),
+        )
+        if not kept:
+            raise EmptySplitError(f"{self.source.name} {split}: every query is too long, e.g. {example}")
+        self.datasets[split] = GroundingDataset(kept, dataset.store)
+        self.too_long[split] = self.too_long.get(split, 0) + len(skipped)
 
     def annotated(self, split: str) -> int:
-        """Queries the annotations hold for ``split``, before any were skipped for bad features."""
+        """Queries the annotations hold for ``split``, before any were skipped (bad features, too long)."""
         reports = getattr(self.source, "coverage", {})
-        return reports[split].total if split in reports else len(self.records(split))
+        if split in reports:
+            return reports[split].total
+        return len(self.records(split)) + self.too_long.get(split, 0)
 
     def coverage(self, metrics: dict[str, float]) -> dict[str, float]:
         """Percent of each split's annotated queries that were evaluated, from ``<split>/queries``."""

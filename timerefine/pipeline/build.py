@@ -84,6 +84,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         prompt_template=cfg.data.prompt_template,
         timeline=run_timeline(cfg),
         chat_template=cfg.data.chat_template,
+        query_too_long=cfg.data.query_too_long,
     )
 
 
@@ -153,7 +154,11 @@ def build_module(
         timeline=timeline,
     )
     load_released_heads(video_llm, init_from)
-    datamodule.attach(codec, datamodule.source.num_frames // projector.frames_per_token)
+    datamodule.attach(
+        codec,
+        datamodule.source.num_frames // projector.frames_per_token,
+        max_positions=getattr(lm.config, "max_position_embeddings", None),
+    )
     return GroundingModule(
         video_llm,
         codec,

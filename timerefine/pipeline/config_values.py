@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from datamodules.datamodule import TOO_LONG
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
@@ -123,6 +124,7 @@ RULES: dict[str, Check] = {
     "data.global_batch_size": optional(integer(1)),
     "data.num_workers": integer(0),
     "data.timeline": one_of(*TIMELINES),
+    "data.query_too_long": one_of(*TOO_LONG),
     "eval.protocol": one_of(*PROTOCOLS),
     "data.prompt_template": template_error,
     "data.chat_template": one_of(*CHAT_TEMPLATES),
