@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from timerefine.answer_format.codec import ANSWER_TOKENS
+from grounding.answer_format.codec import ANSWER_TOKENS
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.feature_stores import FolderFeatureStore, PackedFeatureStore
-from datamodules.records import FeatureStore
+from grounding.records import FeatureStore
 from timerefine.tools.pack_features import pack_folder
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -54,12 +54,12 @@ from bench.decoding_levers import (
     static_cache_decoder,
 )
 from bench.figures_out import interleaved, machine, print_figures
+from grounding.answer_format.codec import Slot
+from grounding.answer_format.layout import spaced
+from grounding.answer_format.predictions import Prediction, predict, seconds
+from grounding.metrics.windows import record_iou
 from lightning_modules.generation import Generation
 from lightning_modules.grounding_module import GroundingModule
-from timerefine.answer_format.codec import Slot
-from timerefine.answer_format.layout import spaced
-from timerefine.answer_format.predictions import Prediction, predict, seconds
-from timerefine.metrics.windows import record_iou
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 
@@ -210,7 +210,7 @@ def quality(module: GroundingModule, loader, runs: dict[str, Decoder]) -> dict[s
     return out
 
 
-def load_run(run_dir: Path) -> tuple[GroundingModule, object]:
+def trained_model(run_dir: Path) -> tuple[GroundingModule, object]:
     """A run's best checkpoint in eval mode, and its datamodule."""
     from timerefine.pipeline.best_checkpoint import recorded_best
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         **figures,
     }
     if args.run:
-        module, datamodule = load_run(args.run)
+        module, datamodule = trained_model(args.run)
         runs = decoders(module, trained=True, compile_step=False)
         runs = {n: runs[n] for n in ("constrained", "constrained_eager", "adaptive", "adaptive_tol1", "free")}
         figures |= quality(module, datamodule.test_dataloader(), runs)

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from transformers import StaticCache
 
+from grounding.answer_format.codec import Slot
+from grounding.answer_format.timeline import MAX_INDEX
 from lightning_modules.generation import Generation, _constrained, _Decoder, generate
 from lightning_modules.grounding_module import GroundingModule
-from timerefine.answer_format.codec import Slot
-from timerefine.answer_format.timeline import MAX_INDEX
 
 CHOICES_PER_ROUND = 10  # start, end (2 digits each); two signed offsets (sign + 2 digits each)
 Decoder = Callable[[GroundingModule, dict], Generation]

@@ -46,6 +46,10 @@ from bench.figures_out import machine, print_figures
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
 from datamodules.collate import GroundingCollator
 from datamodules.dataset import GroundingDataset
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.corpus import tokenizer_corpus
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import (
@@ -58,10 +62,6 @@ from lightning_modules.language_model import (
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.corpus import tokenizer_corpus
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
-from timerefine.answer_format.targets import RefineSchedule
 from timerefine.pipeline.strategy import decoder_layer_classes
 
 

@@ -5,7 +5,7 @@
 
 Three ways to run ``--steps`` training steps of the same config, taking turns each round (so that
 load from other jobs hits them alike), each on its own copy of the module, all reading the
-datamodule's own train loader (collation included) and taking the same AdamW groups, LR schedule,
+datamodule's own train loader (collation included) and taking the same AdamW groups, LR scheduler,
 gradient clipping and mixed precision (``trainer.precision``; bf16 autocast by default):
 
 - ``raw``: ``for batch in loader: loss = module._losses(batch)["loss"]; backward; clip; step;

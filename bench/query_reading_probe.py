@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from datamodules.builtin import BuiltinSpec, make_sample
-from timerefine.answer_format.prompts import normalize_query
-from timerefine.answer_format.timeline import MAX_INDEX
+from grounding.answer_format.prompts import normalize_query
+from grounding.answer_format.timeline import MAX_INDEX
 
 
 def load(spec: BuiltinSpec, split: str, videos: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from timerefine.lightning_compat import (
+from callbacks.lightning_compat import (
     every_n_train_steps,
     mark_saved_at,
     save_last,

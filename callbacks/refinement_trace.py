@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from timerefine.answer_format.predictions import seconds
+from grounding.answer_format.predictions import seconds
 
 Segment = tuple[float, float]
 

@@ -7,7 +7,7 @@ import numbers
 from pathlib import Path
 
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport, resolve_segment
-from datamodules.records import GroundingRecord
+from grounding.records import GroundingRecord
 
 SPLITS = ("train", "val_1", "val_2")
 

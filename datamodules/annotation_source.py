@@ -18,7 +18,7 @@ from datamodules.coverage import CoverageReport, check_coverage, with_annotation
 from datamodules.feature_stores import build_feature_store
 from datamodules.jsonl import FIELDS, load_jsonl
 from datamodules.quirks import QuirkPolicy, QuirkReport
-from datamodules.records import EmptySplitError, FeatureStore, GroundingRecord
+from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
@@ -147,7 +147,7 @@ class JsonlSpec(AnnotationSpec):
     """A JSONL dataset (datamodules/jsonl.py), ``{split}.jsonl`` in ``root`` unless ``annotation_files``
     names the file. ``keys`` maps each field to its key in the files. ``multi_window`` scores a query
     with several windows against the best-matching one (``best``, Lighthouse) or their union
-    (``union``, UniTime); its targets use :func:`timerefine.metrics.windows.target_window`."""
+    (``union``, UniTime); its targets use :func:`grounding.metrics.windows.target_window`."""
 
     keys: dict[str, str] = field(default_factory=lambda: {name: name for name in FIELDS})
     multi_window: str = "best"

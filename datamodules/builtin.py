@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from datamodules.records import FeatureError, GroundingRecord
-from timerefine.answer_format.timeline import frame_times
+from grounding.answer_format.timeline import frame_times
+from grounding.records import FeatureError, GroundingRecord
 
 VERBS = (
     ("opens", "is opening", ""),

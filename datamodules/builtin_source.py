@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
-from datamodules.records import EmptySplitError, GroundingRecord
+from grounding.records import EmptySplitError, GroundingRecord
 
 
 class BuiltinSource:

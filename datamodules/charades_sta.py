@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_segment, text_lines
-from datamodules.records import GroundingRecord
+from grounding.records import GroundingRecord
 
 SPLITS = ("train", "test")
 CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")

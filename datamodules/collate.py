@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from datamodules.records import GroundingRecord
-from timerefine.answer_format.chat import prompt_bos
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
-from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
+from grounding.answer_format.chat import prompt_bos
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
+from grounding.records import GroundingRecord
 
 CoarseLookup = Callable[[str], tuple[int, int] | None]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from datamodules.feature_stores import reason_kind
 from datamodules.quirks import QuirkReport
-from datamodules.records import FeatureError, FeatureStore, GroundingRecord
+from grounding.records import FeatureError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,12 @@ from torch.utils.data import DataLoader
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
 from datamodules.quirks import QuirkError
-from datamodules.records import EmptySplitError, FeatureStore, GroundingRecord
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
-from timerefine.answer_format.chat import chat_prompt
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.length import too_long
-from timerefine.answer_format.prompts import resolve_template
-from timerefine.answer_format.timeline import Timeline
+from grounding.answer_format.chat import chat_prompt
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.prompts import query_length_error, resolve_template
+from grounding.answer_format.timeline import Timeline
+from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -39,7 +38,7 @@ class DataSource(Protocol):
 
 class GroundingDataModule(L.LightningDataModule):
     """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
-    the prompt becomes the model's chat turn (timerefine/answer_format/chat.py). ``query_too_long``:
+    the prompt becomes the model's chat turn (grounding/answer_format/chat.py). ``query_too_long``:
     a query whose prompt and answer exceed the LM's positions is an ``error`` naming its ``file:line``,
     or (``drop``) a skip counted in the split's coverage and logged."""
 
@@ -65,6 +64,7 @@ class GroundingDataModule(L.LightningDataModule):
         self.datasets: dict[str, GroundingDataset] = {}
         self.collator: GroundingCollator | None = None
         self.max_positions: int | None = None
+        self.answer_tokens = 0
         self.too_long: dict[str, int] = {}  # queries skipped per split by data.query_too_long=drop
 
     def records(self, split: str) -> list[GroundingRecord]:
@@ -80,10 +80,12 @@ class GroundingDataModule(L.LightningDataModule):
         video_tokens: int | None = None,
         coarse_lookup: CoarseLookup | None = None,
         max_positions: int | None = None,
+        answer_tokens: int = 0,
     ) -> None:
         """Give the datamodule the model's answer codec (its tokenizer and the refinement schedule of
-        the targets), the number of video tokens a prompt holds (default: one per frame) and the LM's
-        positions, which every query read (now or later) must fit with its prompt and answer."""
+        the targets), the number of video tokens a prompt holds (default: one per frame), and the
+        LM's positions, which every query read (now or later) must fit with its prompt and the
+        ``answer_tokens`` an answer may take."""
         self.collator = GroundingCollator(
             codec,
             partial(chat_prompt, self.prompt_template, self.chat_template, codec.tokenizer),
@@ -92,27 +94,33 @@ class GroundingDataModule(L.LightningDataModule):
             coarse_lookup,
             self.timeline,
         )
-        self.max_positions = max_positions
+        self.max_positions, self.answer_tokens = max_positions, answer_tokens
         for split in list(self.datasets):
             self._keep_fitting(split)
 
     def _keep_fitting(self, split: str) -> None:
-        """Keep the split's queries whose prompt and answer fit the LM, as ``query_too_long`` says."""
+        """Keep the split's queries that fit the LM with their prompt and answer, as ``query_too_long``
+        says: an error naming the first that does not, or a logged and counted skip."""
         assert self.collator is not None
         if self.max_positions is None:
             return
-        dataset, answer = self.datasets[split], self.collator.codec.answer_length() + 1  # + end token
+        dataset, rest = self.datasets[split], len(self.collator.prompt_ids(""))
         problems = [
-            too_long(len(self.collator.prompt_ids(record.query)), answer, self.max_positions)
+            query_length_error(
+                len(self.collator.prompt_ids(record.query)) - rest,
+                rest + self.answer_tokens,
+                self.max_positions,
+            )
             for record in dataset.records
         ]
         skipped = [(r, p) for r, p in zip(dataset.records, problems, strict=True) if p]
         if not skipped:
             return
         record, problem = skipped[0]
-        example = f"{record.where or f'{self.source.name} {split} query {record.qid}'}: {problem}"
+        where = record.where or f"{self.source.name} {split} query {record.qid}"
+        example = f"{where}: query too long: {problem}"
         if self.query_too_long == "error":
-            raise QuirkError(f"{example} (data.query_too_long=drop skips such queries)")
+            raise QuirkError(f"{example}; data.query_too_long=drop skips such queries")
         kept = [r for r, p in zip(dataset.records, problems, strict=True) if not p]
         log.warning(
             "%s %s: %d of %d queries skipped, e.g. %s",

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.records import FeatureError, FeatureStore, GroundingRecord
+from grounding.records import FeatureError, FeatureStore, GroundingRecord
 
 
 class GroundingDataset(Dataset):

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.records import FeatureError, FeatureStore, resample_frames
 from datamodules.synthetic_features import SyntheticFeatureStore
+from grounding.records import FeatureError, FeatureStore, resample_frames
 
 SUFFIXES = (".npy", ".npz", ".pt")
 PACKED_META = "timerefine_features.json"

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_windows, text_lines
-from datamodules.records import GroundingRecord
-from timerefine.metrics.windows import MULTI_WINDOW_MODES
+from grounding.metrics.windows import MULTI_WINDOW_MODES
+from grounding.records import GroundingRecord
 
 FIELDS = ("qid", "query", "video_id", "duration", "windows")
 

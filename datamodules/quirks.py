@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from datamodules.records import GroundingRecord
-from timerefine.answer_format.prompts import normalize_query
-from timerefine.metrics.windows import target_window
+from grounding.answer_format.prompts import normalize_query
+from grounding.metrics.windows import target_window
+from grounding.records import GroundingRecord
 
 log = logging.getLogger(__name__)
 

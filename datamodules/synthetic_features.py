@@ -16,9 +16,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from datamodules.records import FeatureError, GroundingRecord
-from timerefine.answer_format.prompts import normalize_query
-from timerefine.answer_format.timeline import frame_times
+from grounding.answer_format.prompts import normalize_query
+from grounding.answer_format.timeline import frame_times
+from grounding.records import FeatureError, GroundingRecord
 
 _STOPWORD_TEXT = (
     "a an the and or of to in on at with from into onto by for is are was were be been being it its "

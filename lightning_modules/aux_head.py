@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, NUM_BINS, Timeline
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, NUM_BINS, Timeline
 
 AUX_LOSSES = ("l1", "giou", "l1_giou", "distance")
 AUX_SCALINGS = ("lambda", "reference")

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
+from grounding.answer_format.codec import Slot
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.codec import Slot
 
 
 @dataclass

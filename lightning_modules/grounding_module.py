@@ -10,19 +10,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.layout import spaced
+from grounding.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.answer_format.tokens import OFFSET
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import EXACT, Protocol
+from grounding.metrics.windows import metric_inputs, record_iou
 from lightning_modules.generation import generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.layout import spaced
-from timerefine.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
-from timerefine.answer_format.tokens import OFFSET
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import EXACT, Protocol
-from timerefine.metrics.windows import metric_inputs, record_iou
 
 
 @dataclass
@@ -158,6 +158,11 @@ class GroundingModule(L.LightningModule):
         for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
             metric.update(*metric_inputs(column, records))
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens a generated answer may take."""
+        return self.inference.max_new_tokens or self.codec.answer_length() + 8
+
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
@@ -167,7 +172,7 @@ class GroundingModule(L.LightningModule):
             batch["prompt_mask"],
             batch["features"],
             eos_id=self.codec.end_id,
-            max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
+            max_new_tokens=self.max_new_tokens,
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,
         )
@@ -233,11 +238,11 @@ class GroundingModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
 
-        def schedule(step: int) -> float:
+        def lr_curve(step: int) -> float:  # the LR factor: linear warmup, then cosine decay
             if step < warmup:
                 return (step + 1) / warmup
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_curve)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -17,8 +17,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from grounding.answer_format.tokens import GROUNDING_TOKENS
 from lightning_modules.released_weights import InitFromSpec, merge_released
-from timerefine.answer_format.tokens import GROUNDING_TOKENS
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the LM but its output layer

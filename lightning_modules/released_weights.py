@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grounding.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START
 
 RELEASED_TOKENS = (SEG_START, SEG_END, RETHINK, OFFSET)  # the official add_tokens order
 PEFT_PREFIX = "base_model.model."

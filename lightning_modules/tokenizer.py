@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from timerefine.answer_format.tokens import DIGITS, GROUNDING_TOKENS, SIGNS
+from grounding.answer_format.tokens import DIGITS, GROUNDING_TOKENS, SIGNS
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 

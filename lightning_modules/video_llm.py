@@ -6,11 +6,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
 from lightning_modules.aux_head import AuxHead, AuxSpec
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
-from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
 
 def frame_index_ids(

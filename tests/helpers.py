@@ -13,17 +13,17 @@ import torch
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
 from datamodules.collate import GroundingCollator
 from datamodules.dataset import GroundingDataset
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.layout import format_answer
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from grounding.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
+from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.layout import format_answer
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
-from timerefine.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
-from timerefine.answer_format.tokens import VIDEO
 
 SPEC = BuiltinSpec(num_train=48, num_val=8, num_test=8, num_frames=8, feature_dim=16, seed=0)
 TINY = TinyLMSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

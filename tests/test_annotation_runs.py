@@ -12,9 +12,9 @@ import pytest
 import train
 from datamodules.annotation_source import AnnotationSource
 from datamodules.datamodule import GroundingDataModule
-from datamodules.records import EmptySplitError
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE
-from timerefine.answer_format.timeline import UNIFORM99
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE
+from grounding.answer_format.timeline import UNIFORM99
+from grounding.records import EmptySplitError
 from timerefine.tools.pack_features import pack_folder
 
 DIM, FRAMES = 16, 8

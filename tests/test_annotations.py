@@ -11,7 +11,7 @@ import pytest
 from datamodules.activitynet import load_activitynet, parse_activitynet
 from datamodules.charades_sta import load_charades_sta, parse_charades_sta, read_durations
 from datamodules.quirks import QuirkError, QuirkPolicy
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, normalize_query, render_prompt
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE, normalize_query, render_prompt
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHARADES, ANET = DATA / "charades_sta", DATA / "activitynet_captions"

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from timerefine.answer_format.layout import format_answer, parse_answer, predicted_segments
-from timerefine.answer_format.predictions import predict, seconds
-from timerefine.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
+from grounding.answer_format.layout import format_answer, parse_answer, predicted_segments
+from grounding.answer_format.predictions import predict, seconds
+from grounding.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
 
 
 def num_segments(k: int) -> int:

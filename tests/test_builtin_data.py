@@ -9,10 +9,10 @@ import pytest
 
 from datamodules.builtin import OBJECTS, VERBS, BuiltinSpec, _vocabulary_vectors, builtin_records, make_sample
 from datamodules.builtin_source import BuiltinSource
-from datamodules.records import FeatureError
 from datamodules.sampling import ShardedEpochSampler
+from grounding.metrics.prior import prior_scores
+from grounding.records import FeatureError
 from tests import helpers
-from timerefine.metrics.prior import prior_scores
 
 SPEC = BuiltinSpec(num_train=60, num_val=10, num_test=20, num_frames=50, feature_dim=32, seed=0)
 

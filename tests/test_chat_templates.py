@@ -10,12 +10,12 @@ import pytest
 
 import train
 from datamodules.collate import GroundingCollator
+from grounding.answer_format.chat import VICUNA_V1_SYSTEM, answer_end_id, chat_prompt, render_chat
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE, REFERENCE_TEMPLATE, render_prompt
+from grounding.answer_format.targets import RefineSchedule
+from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
 from tests import helpers, real_tokenizers
-from timerefine.answer_format.chat import VICUNA_V1_SYSTEM, answer_end_id, chat_prompt, render_chat
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, REFERENCE_TEMPLATE, render_prompt
-from timerefine.answer_format.targets import RefineSchedule
-from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import ConfigError, load_config
 

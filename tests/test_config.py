@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from timerefine.answer_format.tokens import VIDEO
+from grounding.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import (
     accumulation,
     build_datamodule,

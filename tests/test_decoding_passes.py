@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grounding.answer_format.tokens import OFFSET
 from lightning_modules.generation import generate
 from tests import helpers
-from timerefine.answer_format.tokens import OFFSET
 
 
 def uncached_constrained(model, prompt: list[int], features: torch.Tensor, slots, offset_id: int):

@@ -40,6 +40,12 @@ def test_landing_on_an_unrelated_distractor():
     assert landing([1.0, 2.0], (BuiltinEvent(0, 0, 5, 6), BuiltinEvent(1, 1, 1, 2))) == "distractor: other"
 
 
+def test_a_point_prediction_lands_on_the_same_point_as_the_metric_scores_it():
+    """One IoU (grounding/metrics/windows.py): two equal points overlap fully (IoU 1), as in the run's mIoU."""
+    assert landing([5.0, 5.0], (BuiltinEvent(0, 0, 5.0, 5.0),)) == "queried"
+    assert landing([5.0, 5.0], (BuiltinEvent(0, 0, 6.0, 6.0),)) == "nothing"
+
+
 def prediction_rows(shift: float) -> list[dict]:
     """A prediction per test query (every video is queried twice), ``shift`` seconds off the truth."""
     rows = []

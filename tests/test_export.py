@@ -17,7 +17,7 @@ from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
 from lightning_modules.tokenizer import train_local_tokenizer
 from tests.helpers import corpus
 from tests.inference_runs import ROOT
-from timerefine.inference.export import LM_DIR, WEIGHTS
+from timerefine.inference.export_folder import LM_DIR, WEIGHTS
 from timerefine.inference.grounder import Grounder
 from timerefine.tools.export import main as export_main
 from timerefine.tools.predict import main as predict_main
@@ -126,4 +126,38 @@ def test_export_errors(video_run, tmp_path, capsys):
     )
     assert export_main([str(tmp_path / "taken"), str(tmp_path / "out")]) == 2
     assert f"{tmp_path / 'taken'}: no config.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reexport_replaces_only_its_own_files(video_run, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert export_main([str(video_run.run_dir), str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "tokenizer" / "notes.txt").write_text("mine too")
+    (out / WEIGHTS).write_bytes(b"stale")  # a file the export wrote is replaced
+    assert export_main([str(video_run.run_dir), str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "tokenizer" / "notes.txt").read_text() == "mine too"
+    video = video_run.videos / "vid_blue_a.mp4"
+    assert Grounder.from_export(out).ground(video, QUERIES) == Grounder.from_run(video_run.run_dir).ground(
+        video, QUERIES
+    )
+    assert "notes.txt" not in json.loads((out / "export.json").read_text())["files"]
+
+
+def test_export_to_a_file_is_one_error_line(video_run, tmp_path, capsys):
+    target = tmp_path / "model.bin"
+    target.write_text("mine")
+    assert export_main([str(video_run.run_dir), str(target)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {target}: is a file, not a folder; give a folder"
+    assert target.read_text() == "mine"
+    assert export_main([str(video_run.run_dir), str(target / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {target / 'export'}: ") and "\n" not in err
+
+
+def test_merge_lora_without_lora_is_refused(video_run, tmp_path, capsys):
+    assert export_main([str(video_run.run_dir), str(tmp_path / "out"), "--merge-lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --merge-lora: ") and "model.lora.enabled" in err and "\n" not in err
     assert not (tmp_path / "out").exists()

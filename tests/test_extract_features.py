@@ -13,15 +13,14 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from datamodules.feature_stores import FolderFeatureStore
-from timerefine.tools.extract_features import (
+from grounding.answer_format.timeline import sample_frame_indices
+from timerefine.inference.frame_encoder import (
     ClipFrameEncoder,
     VideoDecodeError,
     decode_uniform_frames,
-    extract,
-    main,
     preprocess,
-    sample_frame_indices,
 )
+from timerefine.tools.extract_features import extract, main
 
 FRAMES = 20  # 2 s at 10 fps
 

@@ -22,9 +22,9 @@ from datamodules.feature_stores import (
     SyntheticFeatureStore,
     build_feature_store,
 )
-from datamodules.records import FeatureError, FeatureStore, GroundingRecord
 from datamodules.synthetic_features import query_signature, stable_seed
-from timerefine.answer_format.timeline import frame_times
+from grounding.answer_format.timeline import frame_times
+from grounding.records import FeatureError, FeatureStore, GroundingRecord
 from timerefine.tools.pack_features import main as pack_main
 from timerefine.tools.pack_features import pack_folder
 

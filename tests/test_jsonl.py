@@ -163,7 +163,8 @@ def test_source_from_the_config_reads_splits_and_counts_coverage(tmp_path):
 
 
 # A tiny run on JSONL files in ``root`` whose LM takes 192 positions: a short query's prompt (about 60
-# tokens with its 8 video tokens) and its 70-token answer fit, a query of 60 words (about 270) does not.
+# tokens with its 8 video tokens) and its answer (up to 77 generated tokens) fit, a query of 60 words
+# (about 270 tokens) does not.
 def tiny_jsonl(root: Path, *overrides: str) -> list[str]:
     return [
         "data=jsonl",
@@ -212,7 +213,9 @@ def test_bad_training_data_stops_the_run_in_one_line(tmp_path, capsys, bad, over
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}{message}"), lines
     if "too long" in message:
-        assert re.search(r"query too long: \d{3} tokens .* > 192 positions", lines[0]), lines[0]
+        assert re.search(r"too long: the query is \d{3} tokens long; .* has 192 positions", lines[0]), lines[
+            0
+        ]
     assert not output_dir.exists()
 
 

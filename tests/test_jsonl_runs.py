@@ -10,7 +10,9 @@ import pytest
 
 import evaluate
 import train
-from timerefine.metrics.windows import multi_window_iou
+from grounding.metrics.protocols import EXACT
+from grounding.metrics.windows import multi_window_iou
+from timerefine.tools.rescore import rescore
 
 SENTENCES = ("a person opens a door.", "someone sits on a chair.", "person holds a cup.")
 WINDOWS = ([[2.0, 8.0]], [[1.0, 5.0], [12.0, 18.0]], [[0.0, 4.0], [8.0, 11.0], [15.0, 19.0]])
@@ -68,15 +70,16 @@ def test_jsonl_trains_and_tests_with_several_windows(tmp_path, mode):
     by_windows = {len(row.get("windows", [row["gt"]])): row for row in rows}
     assert sorted(by_windows) == [1, 2, 3] and "windows" not in by_windows[1]
     assert by_windows[3]["windows"] == WINDOWS[2]
-    assert_scored_by(rows, metrics, mode)
+    assert_scored_by(rows, metrics, mode, output_dir / "predictions" / "test.jsonl")
 
     # The same checkpoint's same answers, scored by the other rule: the switch changes the scores.
     other = {"best": "union", "union": "best"}[mode]
     assert evaluate.main([str(output_dir), "--name", other, f"data.source.multi_window={other}"]) == 0
     other_rows = read_rows(output_dir / "eval" / other / "predictions" / "test.jsonl")
     assert [row["pred"] for row in other_rows] == [row["pred"] for row in rows]
+    other_metrics = json.loads((output_dir / "eval" / other / "metrics.json").read_text())
     assert_scored_by(
-        other_rows, json.loads((output_dir / "eval" / other / "metrics.json").read_text()), other
+        other_rows, other_metrics, other, output_dir / "eval" / other / "predictions" / "test.jsonl"
     )
     assert [row["iou"] for row in other_rows] != [row["iou"] for row in rows]
 
@@ -85,8 +88,15 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(row) for row in path.read_text().splitlines()]
 
 
-def assert_scored_by(rows: list[dict], metrics: dict, mode: str) -> None:
-    """Each row's IoU is its prediction's by ``mode``, and the test mIoU is their mean."""
+def assert_scored_by(rows: list[dict], metrics: dict, mode: str, path: Path) -> None:
+    """Each row's IoU is its prediction's by ``mode``, the test mIoU is their mean, and rescoring the
+    predictions file gives the run's own scores."""
+    rescored = rescore(path, EXACT)
+    for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "parse_fail"):
+        assert rescored[key] == pytest.approx(metrics[f"test/{key}"], abs=1e-4), (
+            key
+        )  # float32 in metrics.json
+    assert rescored["multi_window"] == mode and rescored["queries"] == metrics["test/queries"]
     for row in rows:
         windows = [tuple(w) for w in row.get("windows", [row["gt"]])]
         expected = multi_window_iou(tuple(row["pred"]), windows, mode)

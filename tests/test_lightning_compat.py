@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from timerefine.lightning_compat import (
+from callbacks.lightning_compat import (
     INTERNALS,
     MODULE_INTERNALS,
     LightningInternalsChanged,
@@ -46,13 +46,13 @@ def test_no_other_module_touches_a_listed_internal():
             "--",
             "*.py",
             ":!tests",
-            ":!timerefine/lightning_compat.py",
+            ":!callbacks/lightning_compat.py",
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
     ).stdout
-    assert found == "", f"Lightning internals used outside timerefine/lightning_compat.py:\n{found}"
+    assert found == "", f"Lightning internals used outside callbacks/lightning_compat.py:\n{found}"
 
 
 def test_a_removed_module_internal_fails_loudly(monkeypatch):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import temporal_iou
-from timerefine.metrics.prior import best_constant_segment, constant_segment_scores
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import temporal_iou
+from grounding.metrics.prior import best_constant_segment, constant_segment_scores
 
 NAN = math.nan
 

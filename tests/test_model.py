@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from grounding.answer_format.layout import parse_answer
+from grounding.answer_format.slots import Slot
+from grounding.answer_format.timeline import MAX_INDEX, NUM_BINS
+from grounding.answer_format.tokens import MARKERS, OFFSET, SEG_END, SEG_START
 from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_loss, l1_loss
 from lightning_modules.generation import _Decoder, generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from tests import helpers
-from timerefine.answer_format.layout import parse_answer
-from timerefine.answer_format.slots import Slot
-from timerefine.answer_format.timeline import MAX_INDEX, NUM_BINS
-from timerefine.answer_format.tokens import MARKERS, OFFSET, SEG_END, SEG_START
 
 # ---- aux head ------------------------------------------------------------------------------------
 

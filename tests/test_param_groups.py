@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
-from timerefine.answer_format.tokens import VIDEO
 
 
 def every_part(arch: str, lora: LoraSpec | None) -> VideoLLM:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
 from lightning_modules.generation import generate
 from lightning_modules.grounding_module import saliency_targets
 from lightning_modules.projector import FrameProjector
 from tests import helpers
-from timerefine.answer_format.tokens import IGNORE_INDEX, VIDEO
 
 # ---- projector -----------------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.conventions import recorded_conventions, run_protocol
 from timerefine.pipeline.outputs import print_summary
@@ -175,8 +175,12 @@ def test_rescore_cli_prints_one_json_object(tmp_path, capsys):
     assert rescore_main([str(path), "--protocol", "parsed_only"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
-    assert set(result) == {"R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "queries", "parse_fail", "protocol"}
+    assert set(result) == {
+        "R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "queries", "parse_fail",
+        "pred_reordered", "pred_clipped", "multi_window", "protocol",
+    }  # fmt: skip
     assert result["protocol"] == "parsed_only" and "inflated" in err
+    assert result["pred_reordered"] == result["pred_clipped"] == 0 and result["multi_window"] is None
 
 
 def test_rescore_console_script_runs(tmp_path):
@@ -205,6 +209,85 @@ def test_rescore_bad_file_is_one_error_line(tmp_path, capsys, content, message):
     assert rescore_main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+TWO_WINDOWS = [[1.0, 5.0], [12.0, 18.0]]
+WINDOW_ROWS = [  # best: 1, 1, 2/3; union: 4/10, 6/10, 2/3
+    {"pred": [1.0, 5.0], "gt": [1.0, 5.0], "windows": TWO_WINDOWS, "duration": 20.0},
+    {"pred": [12.0, 18.0], "gt": [1.0, 5.0], "windows": TWO_WINDOWS, "duration": 20.0},
+    {"pred": [2.0, 8.0], "gt": [2.0, 6.0], "duration": 20.0},
+]
+
+
+@pytest.mark.parametrize(("mode", "ious"), [("best", (1.0, 1.0, 2 / 3)), ("union", (0.4, 0.6, 2 / 3))])
+def test_rescore_scores_each_query_by_its_windows(tmp_path, mode, ious):
+    recorded = [{**row, "multi_window": mode} if "windows" in row else row for row in WINDOW_ROWS]
+    other = {"best": "union", "union": "best"}[mode]
+    by_row = rescore(write_rows(tmp_path / "recorded.jsonl", recorded), PROTOCOLS["exact"])
+    by_flag = rescore(write_rows(tmp_path / "plain.jsonl", WINDOW_ROWS), PROTOCOLS["exact"], mode)
+    overridden = rescore(tmp_path / "recorded.jsonl", PROTOCOLS["exact"], other)
+    for got in (by_row, by_flag):
+        assert got["mIoU"] == pytest.approx(100 * sum(ious) / 3, abs=1e-9) and got["multi_window"] == mode
+        assert got["R1@0.5"] == pytest.approx(100 * sum(i >= 0.5 for i in ious) / 3)
+    assert overridden["multi_window"] == other and overridden["mIoU"] != pytest.approx(by_row["mIoU"])
+
+
+def test_rescore_needs_the_rule_of_a_query_with_windows(tmp_path, capsys):
+    path = write_rows(tmp_path / "test.jsonl", [WINDOW_ROWS[2], WINDOW_ROWS[0]])
+    assert rescore_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:2: ") and "--multi-window" in err and "\n" not in err
+    assert rescore_main([str(path), "--multi-window", "union"]) == 0
+    assert json.loads(capsys.readouterr().out)["multi_window"] == "union"
+
+
+def test_rescore_orders_and_clips_predictions_as_the_run_does(tmp_path, capsys):
+    """The run's answers are ordered and inside the video (grounding/answer_format/layout.py): a row
+    that is not is scored as the run would score it, and counted."""
+    rows = [
+        {"pred": [8.0, 2.0], "gt": [2.0, 6.0], "duration": 10.0},  # reordered: [2, 8], IoU 4/6
+        {"pred": [-3.0, 4.0], "gt": [0.0, 4.0], "duration": 10.0},  # clipped: [0, 4], IoU 1
+        {"pred": [14.0, 6.0], "gt": [6.0, 10.0], "duration": 10.0},  # both: [6, 10], IoU 1
+        {"pred": None, "gt": [6.0, 10.0], "duration": 10.0},
+    ]
+    path = write_rows(tmp_path / "test.jsonl", rows)
+    assert rescore_main([str(path)]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["mIoU"] == pytest.approx(100 * (4 / 6 + 1 + 1) / 4)
+    assert result["pred_reordered"] == 2 and result["pred_clipped"] == 2 and result["parse_fail"] == 25.0
+    assert err.strip() == (
+        "warning: 2 predictions had start > end (scored reordered) and 2 lay outside [0, duration] "
+        "(scored clipped), as the run scores its own answers"
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"pred": [1.0, 2.0], "gt": [5.0, 2.0], "duration": 10.0}, "ground truth [5.0, 2.0]"),
+        ({"pred": [1.0, 2.0], "gt": [5.0, 12.0], "duration": 10.0}, "ground truth [5.0, 12.0]"),
+        (
+            {"pred": [1.0, 2.0], "gt": [1.0, 2.0], "windows": [[1, 2], [-1, 3]], "duration": 10.0},
+            "[-1.0, 3.0]",
+        ),
+        ({"pred": [1.0, 2.0], "gt": [1.0, 2.0], "windows": [[1, 2], [3]], "duration": 10.0}, "[start, end]"),
+        (
+            {"pred": [1, 2], "gt": [1, 2], "windows": TWO_WINDOWS, "multi_window": "any", "duration": 20},
+            "'any'",
+        ),
+    ],
+)
+def test_rescore_refuses_malformed_ground_truth(tmp_path, capsys, row, message):
+    path = write_rows(tmp_path / "test.jsonl", [WINDOW_ROWS[2], row])
+    assert rescore_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:2: ") and message in err and "\n" not in err
 
 
 def test_rescore_rejects_an_unknown_protocol(tmp_path, capsys):

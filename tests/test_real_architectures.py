@@ -15,6 +15,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import train
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.targets import RefineSchedule
+from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import (
@@ -28,9 +31,6 @@ from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import add_grounding_tokens, train_local_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.targets import RefineSchedule
-from timerefine.answer_format.tokens import VIDEO
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
 # (arch, tied embeddings, tokenizer folder or None for the local BPE): the families as released.

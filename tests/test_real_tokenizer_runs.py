@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
+from grounding.answer_format.layout import parse_answer, spaced
 from tests import real_tokenizers
-from timerefine.answer_format.layout import parse_answer, spaced
 
 pytestmark = [real_tokenizers.needs_tokenizers, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

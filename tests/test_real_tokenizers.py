@@ -13,19 +13,19 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from datamodules.collate import GroundingCollator
+from grounding.answer_format.chat import chat_prompt, prompt_bos
+from grounding.answer_format.codec import ANSWER_TOKENS, AnswerCodec
+from grounding.answer_format.layout import format_answer, parse_answer, spaced
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE
+from grounding.answer_format.slots import Slot
+from grounding.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
+from grounding.answer_format.tokens import GROUNDING_TOKENS, IGNORE_INDEX, OFFSET, VIDEO
 from lightning_modules.generation import generate
 from lightning_modules.language_model import build_language_model
 from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import add_grounding_tokens
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers, real_tokenizers
-from timerefine.answer_format.chat import chat_prompt, prompt_bos
-from timerefine.answer_format.codec import ANSWER_TOKENS, AnswerCodec
-from timerefine.answer_format.layout import format_answer, parse_answer, spaced
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE
-from timerefine.answer_format.slots import Slot
-from timerefine.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
-from timerefine.answer_format.tokens import GROUNDING_TOKENS, IGNORE_INDEX, OFFSET, VIDEO
 
 pytestmark = real_tokenizers.needs_tokenizers
 NAMES = real_tokenizers.NAMES

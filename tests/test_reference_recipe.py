@@ -17,16 +17,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.collate import GroundingCollator
-from lightning_modules.aux_head import AuxHead
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
-from lightning_modules.language_model import build_language_model
-from lightning_modules.projector import FrameProjector
-from lightning_modules.video_llm import VideoLLM
-from tests import helpers
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.layout import format_answer, parse_answer
-from timerefine.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
-from timerefine.answer_format.targets import (
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.layout import format_answer, parse_answer
+from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
+from grounding.answer_format.targets import (
     RefineRound,
     RefineSchedule,
     make_seconds_target_rounds,
@@ -35,9 +29,15 @@ from timerefine.answer_format.targets import (
     seconds_offset_round,
     target_rng,
 )
-from timerefine.answer_format.timeline import UNIFORM99, VTIMELLM100
-from timerefine.answer_format.tokens import VIDEO
-from timerefine.metrics.protocols import PROTOCOLS
+from grounding.answer_format.timeline import UNIFORM99, VTIMELLM100
+from grounding.answer_format.tokens import VIDEO
+from grounding.metrics.protocols import PROTOCOLS
+from lightning_modules.aux_head import AuxHead
+from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.language_model import build_language_model
+from lightning_modules.projector import FrameProjector
+from lightning_modules.video_llm import VideoLLM
+from tests import helpers
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.tools.rescore import rescore
 

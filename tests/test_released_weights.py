@@ -15,11 +15,11 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 import train
+from grounding.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START, VIDEO
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.released_weights import RELEASED_TOKENS, ReleasedWeightsError
 from lightning_modules.tokenizer import train_local_tokenizer
 from tests import helpers
-from timerefine.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START, VIDEO
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamodules.records import GroundingRecord
+from grounding.answer_format.layout import format_answer
+from grounding.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
+from grounding.answer_format.timeline import MAX_INDEX, UNIFORM99
+from grounding.records import GroundingRecord
 from tests import helpers
-from timerefine.answer_format.layout import format_answer
-from timerefine.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
-from timerefine.answer_format.timeline import MAX_INDEX, UNIFORM99
 
 NUM = r"\d\d"
 SIGNED = r"[+-]\d\d"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from grounding.answer_format.tokens import VIDEO
 from lightning_modules.language_model import build_tiny_lm
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM, frame_index_ids
 from tests import helpers
-from timerefine.answer_format.tokens import VIDEO
 
 
 def _model(mode: str, num_frames: int = 12) -> VideoLLM:

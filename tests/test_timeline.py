@@ -8,18 +8,18 @@ import pytest
 import torch
 
 from datamodules.builtin import BuiltinSpec, builtin_records
-from datamodules.records import GroundingRecord
-from lightning_modules.aux_head import AuxHead, distance_loss
-from timerefine.answer_format.predictions import predict, seconds
-from timerefine.answer_format.targets import RefineSchedule, draw_target_rounds, sample_rng
-from timerefine.answer_format.timeline import (
+from grounding.answer_format.predictions import predict, seconds
+from grounding.answer_format.targets import RefineSchedule, draw_target_rounds, sample_rng
+from grounding.answer_format.timeline import (
     TIMELINES,
     UNIFORM99,
     VTIMELLM100,
     frame_times,
     timeline_named,
 )
-from timerefine.metrics.ceiling import timeline_ceiling
+from grounding.metrics.ceiling import timeline_ceiling
+from grounding.records import GroundingRecord
+from lightning_modules.aux_head import AuxHead, distance_loss
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grounding.answer_format.layout import format_answer, spaced
+from grounding.answer_format.prompts import query_length_error
+from grounding.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
+from grounding.answer_format.tokens import DIGITS, GROUNDING_TOKENS, IGNORE_INDEX, SEG_START, SIGNS, VIDEO
 from tests import helpers
-from timerefine.answer_format.layout import format_answer, spaced
-from timerefine.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
-from timerefine.answer_format.tokens import DIGITS, GROUNDING_TOKENS, IGNORE_INDEX, SEG_START, SIGNS, VIDEO
 
 SENTENCES = [
     "A person opens the door.",
@@ -74,7 +75,7 @@ def some_steps(k: int, seed: int = 0):
 def test_codec_encodes_text_runs_together_and_digits_alone(k):
     from itertools import groupby
 
-    from timerefine.answer_format.layout import answer_atoms, parse_answer
+    from grounding.answer_format.layout import answer_atoms, parse_answer
 
     tok = helpers.tokenizer()
     codec = helpers.codec(k)
@@ -238,8 +239,8 @@ def test_prompt_template_must_hold_one_video_placeholder():
 @pytest.mark.parametrize("k", [0, 3])
 def test_canonical_answers_with_the_local_tokenizer(k):
     """The local BPE keeps digits apart, so its canonical answers spell numbers digit by digit too."""
-    from timerefine.answer_format.codec import AnswerCodec
-    from timerefine.answer_format.layout import parse_answer
+    from grounding.answer_format.codec import AnswerCodec
+    from grounding.answer_format.layout import parse_answer
 
     tok = helpers.tokenizer()
     codec = AnswerCodec(tok, RefineSchedule(steps=k), "canonical")
@@ -250,3 +251,12 @@ def test_canonical_answers_with_the_local_tokenizer(k):
         assert parse_answer(spaced(tok.decode(ids))) == steps
     numbers = [slot for slot in codec.slots() if slot.choices]
     assert all(len({len(choice) for choice in slot.choices}) == 1 for slot in numbers)
+
+
+def test_a_query_fits_the_positions_the_prompt_video_and_answer_leave():
+    assert query_length_error(412, 100, 512) is None  # exactly the room left
+    assert query_length_error(413, 100, 512) == (
+        "the query is 413 tokens long; this model takes at most 412 (its language model has 512 "
+        "positions, 100 of them for the prompt, the video and the answer)"
+    )
+    assert "at most 0 " in query_length_error(1, 600, 512)  # the rest alone is too long

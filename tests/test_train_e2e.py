@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from timerefine.metrics.iou import temporal_iou
+from grounding.metrics.iou import temporal_iou
 from timerefine.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datamodules.records import GroundingRecord
-from timerefine.metrics.grounding import GroundingMetric
-from timerefine.metrics.iou import temporal_iou
-from timerefine.metrics.windows import merged, metric_inputs, multi_window_iou, record_iou, target_window
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import temporal_iou
+from grounding.metrics.windows import (
+    merged,
+    metric_inputs,
+    multi_window_iou,
+    record_iou,
+    segment_iou,
+    target_window,
+)
+from grounding.records import GroundingRecord
 
 TWO = [(0.0, 10.0), (20.0, 30.0)]
 
@@ -54,6 +61,13 @@ def test_point_prediction_on_a_point_window_scores_one():
 
 
 segments = st.tuples(st.floats(0, 100), st.floats(0, 100)).map(lambda s: tuple(sorted(s)))
+
+
+@given(segments, segments)
+def test_segment_iou_is_the_metrics_temporal_iou(a, b):
+    assert segment_iou(a, b) == pytest.approx(plain_iou(a, b), abs=1e-12)
+    assert segment_iou((3.0, 3.0), (3.0, 3.0)) == plain_iou((3.0, 3.0), (3.0, 3.0)) == 1.0
+    assert segment_iou((3.0, 3.0), (4.0, 4.0)) == plain_iou((3.0, 3.0), (4.0, 4.0)) == 0.0
 
 
 @given(segments, segments)

@@ -1,5 +1,5 @@
-"""TimeRefine on Lightning: the method's answer format, metrics, run pipeline and tools.
+"""TimeRefine on Lightning, the top layer: the run pipeline, inference, tools, demo and entry points.
 
-The model (``lightning_modules``), the data (``datamodules``) and the callbacks (``callbacks``) are
-sibling packages; this one holds what they share and what composes them.
+It composes the design card's packages (``lightning_modules``, ``datamodules``, ``callbacks``), which
+build on the method's pure code (``grounding``).
 """

@@ -29,9 +29,9 @@ from timerefine.pipeline.build import build_datamodule, build_module, build_trai
 from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.config_values import not_a_file
 from timerefine.pipeline.conventions import recorded_conventions
+from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.pipeline.run_identity import identity_error
-from timerefine.train import INPUT_ERRORS
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:

@@ -13,26 +13,15 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from datamodules.quirks import QuirkError
-from datamodules.records import EmptySplitError, FeatureError
-from lightning_modules.released_weights import ReleasedWeightsError
-from timerefine.metrics.prior import prior_scores
+from grounding.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.conventions import recorded_conventions
+from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
-from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
+from timerefine.pipeline.resume import resume_checkpoint
 
 log = logging.getLogger("train")
-INPUT_ERRORS = (
-    ConfigError,
-    FeatureError,
-    QuirkError,
-    EmptySplitError,
-    FileNotFoundError,
-    CheckpointError,
-    ReleasedWeightsError,
-)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from timerefine.metrics.iou import THRESHOLDS
+from grounding.metrics.iou import THRESHOLDS
 
 HEADLINE = (*(f"test/R1@{t}" for t in THRESHOLDS), "test/mIoU")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from timerefine.lightning_compat import sharded_checkpoint_metadata
+from callbacks.lightning_compat import sharded_checkpoint_metadata
 
 
 def trainer_state(checkpoint: Path) -> dict[str, Any]:

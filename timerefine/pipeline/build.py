@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.lightning_compat import check_lightning_internals
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
@@ -34,6 +35,11 @@ from datamodules.annotation_source import (
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
+from grounding.answer_format.chat import answer_end_id
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.corpus import tokenizer_corpus
+from grounding.answer_format.prompts import render_prompt
+from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model
@@ -41,12 +47,6 @@ from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
-from timerefine.answer_format.chat import answer_end_id
-from timerefine.answer_format.codec import AnswerCodec
-from timerefine.answer_format.corpus import tokenizer_corpus
-from timerefine.answer_format.prompts import render_prompt
-from timerefine.answer_format.targets import RefineSchedule
-from timerefine.lightning_compat import check_lightning_internals
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_protocol, run_timeline
@@ -154,12 +154,7 @@ def build_module(
         timeline=timeline,
     )
     load_released_heads(video_llm, init_from)
-    datamodule.attach(
-        codec,
-        datamodule.source.num_frames // projector.frames_per_token,
-        max_positions=getattr(lm.config, "max_position_embeddings", None),
-    )
-    return GroundingModule(
+    module = GroundingModule(
         video_llm,
         codec,
         aux_weight=model.aux.weight,
@@ -170,6 +165,13 @@ def build_module(
         timeline=timeline,
         protocol=run_protocol(cfg),
     )
+    datamodule.attach(
+        codec,
+        datamodule.source.num_frames // projector.frames_per_token,
+        max_positions=getattr(lm.config, "max_position_embeddings", None),
+        answer_tokens=max(module.max_new_tokens, codec.answer_length() + 1),  # generated, or trained on
+    )
+    return module
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:

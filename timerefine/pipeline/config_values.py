@@ -14,17 +14,17 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.datamodule import TOO_LONG
+from grounding.answer_format.chat import CHAT_TEMPLATES
+from grounding.answer_format.codec import ANSWER_TOKENS
+from grounding.answer_format.predictions import FINAL_CHOICES
+from grounding.answer_format.prompts import template_error
+from grounding.answer_format.targets import OFFSET_SPACES, RESAMPLING
+from grounding.answer_format.timeline import TIMELINES
+from grounding.metrics.protocols import PROTOCOLS
+from grounding.metrics.windows import MULTI_WINDOW_MODES
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
-from timerefine.answer_format.chat import CHAT_TEMPLATES
-from timerefine.answer_format.codec import ANSWER_TOKENS
-from timerefine.answer_format.predictions import FINAL_CHOICES
-from timerefine.answer_format.prompts import template_error
-from timerefine.answer_format.targets import OFFSET_SPACES, RESAMPLING
-from timerefine.answer_format.timeline import TIMELINES
-from timerefine.metrics.protocols import PROTOCOLS
-from timerefine.metrics.windows import MULTI_WINDOW_MODES
 
 Check = Callable[[Any], "str | None"]
 _ABSENT = object()

@@ -7,8 +7,8 @@ import logging
 
 from omegaconf import DictConfig
 
-from timerefine.answer_format.timeline import Timeline, timeline_named
-from timerefine.metrics.protocols import Protocol, protocol_named
+from grounding.answer_format.timeline import Timeline, timeline_named
+from grounding.metrics.protocols import Protocol, protocol_named
 
 log = logging.getLogger(__name__)
 

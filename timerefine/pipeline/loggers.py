@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from timerefine.lightning_compat import ContinuingCSVLogger
+from callbacks.lightning_compat import ContinuingCSVLogger
 
 
 class ResumableCSVLogger(ContinuingCSVLogger):

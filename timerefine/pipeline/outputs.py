@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import PROTOCOLS
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import PROTOCOLS
 
 HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
 

@@ -19,18 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.on_policy import OnPolicySpec
 from datamodules.annotation_source import AnnotationSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
+from grounding.answer_format.targets import RefineSchedule
+from grounding.answer_format.timeline import DEFAULT_TIMELINE
+from grounding.metrics.protocols import EXACT
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
-from timerefine.answer_format.targets import RefineSchedule
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE
-from timerefine.metrics.protocols import EXACT
 
 
 @dataclass
-class LoraConfig(LoraSpec):
+class LoraOption(LoraSpec):
     """LoRA adapters (off by default: the tiny LM trains fully)."""
 
     enabled: bool = False
@@ -55,11 +55,11 @@ class SaliencySpec:
 class ModelConfig:
     """TimeRefine (K = ``refine.steps``) with the aux head; ``model=direct`` sets K = 0, no head.
     ``answer_tokens``: how answers are spelled in tokens, ``digits`` (one token per digit/sign) or
-    ``canonical`` (the tokenizer's own; timerefine/answer_format/codec.py)."""
+    ``canonical`` (the tokenizer's own; grounding/answer_format/codec.py)."""
 
     lm: LMSpec = field(default_factory=LMSpec)
     answer_tokens: str = "digits"
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraOption = field(default_factory=LoraOption)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     refine: RefineConfig = field(default_factory=RefineConfig)
     aux: AuxSpec = field(default_factory=AuxSpec)
@@ -73,9 +73,9 @@ class ModelConfig:
 class DataConfig:
     """The keys every dataset shares; ``source`` is the dataset's own spec. With ``global_batch_size``
     set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
-    what the answers' frame indices mean (timerefine/answer_format/timeline.py). ``prompt_template``:
-    a name from ``PROMPTS`` or a template (timerefine/answer_format/prompts.py); ``chat_template``:
-    none, tokenizer or a named one (timerefine/answer_format/chat.py). ``query_too_long``: a query
+    what the answers' frame indices mean (grounding/answer_format/timeline.py). ``prompt_template``:
+    a name from ``PROMPTS`` or a template (grounding/answer_format/prompts.py); ``chat_template``:
+    none, tokenizer or a named one (grounding/answer_format/chat.py). ``query_too_long``: a query
     whose prompt, video tokens and answer exceed the LM's positions stops the run naming its
     ``file:line`` (``error``) or is skipped, counted in the coverage and logged (``drop``)."""
 
@@ -93,7 +93,7 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """``protocol``: how IoUs become R1@m and mIoU (timerefine/metrics/protocols.py)."""
+    """``protocol``: how IoUs become R1@m and mIoU (grounding/metrics/protocols.py)."""
 
     protocol: str = EXACT.name
 

@@ -18,17 +18,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
-from timerefine.answer_format.timeline import MAX_INDEX
+from grounding.answer_format.timeline import MAX_INDEX
+from grounding.metrics.windows import segment_iou
 
 ROOT = Path(__file__).resolve().parents[2]
 
 OUTCOMES = ("queried", "distractor: same verb", "distractor: same object", "distractor: other", "nothing")
-
-
-def segment_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
 
 
 def landing(pred: list[float] | None, events: tuple[BuiltinEvent, ...], queried: int = 0) -> str:

@@ -2,7 +2,7 @@
 
     timerefine-export runs/x exported/x [--ckpt best] [--merge-lora]
 
-See timerefine/inference/export.py for what the folder holds; ``Grounder.from_export`` (and
+See timerefine/inference/export_folder.py for what the folder holds; ``Grounder.from_export`` (and
 ``timerefine-predict --run``, ``timerefine-demo``) load it.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from timerefine.inference.export import export_run
+from timerefine.inference.export_folder import export_files, export_run
 from timerefine.inference.run_loading import load_run
 from timerefine.inference.video_features import InputError, recorded_encoder
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    size = sum((out / name).stat().st_size for name in export_files(out))
     print(f"exported {run.weights} -> {out} ({size / 2**20:.1f} MiB)")
     return 0
 

@@ -3,10 +3,8 @@
     timerefine-extract-features VIDEO_DIR OUT_DIR --model openai/clip-vit-large-patch14 \\
         --num-frames 100 --batch-size 100 --device cuda --fp16
 
-Frames are decoded with PyAV in DataLoader workers at ``linspace(0, T - 1, n)`` (first and last frame
-included, as VTimeLLM samples them: the frame placement of every timeline in
-``timerefine/answer_format/timeline.py``), resized and centre-cropped to the encoder's image size, CLIP-normalised and encoded; the projected image embedding (or, with
-``--no-projection``, the pooled output) is kept per frame. Finished videos are skipped, outputs are
+Frames are decoded in DataLoader workers and encoded as ``timerefine/inference/frame_encoder.py``
+says (with ``--no-projection``, the pooled output is kept). Finished videos are skipped, outputs are
 written atomically, and undecodable videos are counted and reported (or raise with ``--strict``).
 ``OUT_DIR/encoder.json`` records the encoder and frame count, so a trained run can encode a new video
 the same way (``timerefine-predict``).
@@ -23,121 +21,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
-from timerefine.answer_format.timeline import sample_frame_indices
+from timerefine.inference.frame_encoder import (
+    ENCODER_RECORD,
+    ClipFrameEncoder,
+    VideoDecodeError,
+    encode_pixels,
+    encoder_record,
+    video_pixels,
+)
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-ENCODER_RECORD = "encoder.json"
-
-
-class VideoDecodeError(Exception):
-    """A video could not be decoded; the message names the file."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"cannot decode video {path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-    def __reduce__(self) -> tuple:  # survives the trip back from DataLoader workers
-        return type(self), (self.path, self.reason)
-
-
-def _frame_count(path: str | Path) -> int:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-
-
-def decode_uniform_frames(path: str | Path, n: int, size: int | None = None) -> np.ndarray:
-    """Decode ``n`` uniformly spaced RGB frames as uint8 ``(n, H, W, 3)``; ``size`` scales the short side."""
-    try:
-        wanted = sample_frame_indices(_frame_count(path), n)
-        wanted_set, last_wanted = set(wanted.tolist()), int(wanted[-1])
-        picked: dict[int, np.ndarray] = {}
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            scale = (
-                {} if size is None else _scaled(stream.codec_context.width, stream.codec_context.height, size)
-            )
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted_set:
-                    picked[i] = frame.to_ndarray(format="rgb24", **scale)
-                if i >= last_wanted:
-                    break
-    except (av.FFmpegError, IndexError, ValueError) as err:
-        raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
-    if not picked:
-        raise VideoDecodeError(path, "no frame could be decoded")
-    last = picked[max(picked)]  # frames promised by the header but missing: repeat the last one
-    return np.stack([picked.get(int(i), last) for i in wanted])
-
-
-def _scaled(width: int, height: int, size: int) -> dict[str, int]:
-    ratio = size / min(width, height)
-    return {"width": max(size, round(width * ratio)), "height": max(size, round(height * ratio))}
-
-
-def preprocess(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` frames to CLIP-normalised float ``(N, 3, image_size, image_size)``."""
-    transform = v2.Compose(
-        [
-            v2.Resize(image_size, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
-    return transform(torch.from_numpy(frames).permute(0, 3, 1, 2))
-
-
-class ClipFrameEncoder:
-    """A transformers CLIP vision tower (hub name or local path) mapping frames to embeddings."""
-
-    def __init__(self, name_or_path: str, projection: bool = True, device: str = "cpu", fp16: bool = False):
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
-
-        model_class = CLIPVisionModelWithProjection if projection else CLIPVisionModel
-        self.dtype = torch.float16 if fp16 else torch.float32
-        self.model = model_class.from_pretrained(name_or_path).eval().to(device, self.dtype)
-        self.name_or_path, self.device, self.projection, self.fp16 = name_or_path, device, projection, fp16
-        config = self.model.config
-        self.image_size = config.image_size
-        self.dim = config.projection_dim if projection else config.hidden_size
-
-    @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixels.to(self.device, self.dtype))
-        return (out.image_embeds if self.projection else out.pooler_output).float().cpu()
-
-
-def video_pixels(path: str | Path, num_frames: int, image_size: int) -> torch.Tensor:
-    """``num_frames`` uniformly sampled frames of a video, preprocessed for the encoder."""
-    return preprocess(decode_uniform_frames(path, num_frames, image_size), image_size)
-
-
-def encode_pixels(encoder: ClipFrameEncoder, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Frame embeddings ``(N, encoder.dim)`` as stored: float16."""
-    return torch.cat([encoder(batch) for batch in pixels.split(batch_size)]).numpy().astype(np.float16)
-
-
-def encoder_record(encoder: ClipFrameEncoder, num_frames: int) -> dict[str, object]:
-    """What encoded the features: the model (a local path made absolute), its output, frames per video."""
-    local = Path(encoder.name_or_path)
-    return {
-        "model": str(local.resolve()) if local.exists() else encoder.name_or_path,
-        "projection": encoder.projection,
-        "fp16": encoder.fp16,
-        "num_frames": num_frames,
-        "dim": encoder.dim,
-    }
 
 
 class _VideoFrames(Dataset):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
-from datamodules.records import FeatureError
+from grounding.records import FeatureError
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,16 @@
 """Re-score a saved ``predictions/*.jsonl`` under a scoring protocol, without a model.
 
-    timerefine-rescore runs/x/predictions/test.jsonl --protocol vtimellm
+    timerefine-rescore runs/x/predictions/test.jsonl --protocol vtimellm [--multi-window union]
 
 Prints one JSON object: ``R1@0.3``, ``R1@0.5``, ``R1@0.7``, ``mIoU`` (percent), ``queries``,
-``parse_fail`` (percent) and ``protocol``. Each row needs ``pred`` ([start, end] seconds, or null
-when the answer did not parse), ``gt`` ([start, end] seconds) and ``duration``.
+``parse_fail`` (percent), ``pred_reordered``, ``pred_clipped``, ``multi_window`` and ``protocol``.
+Each row needs ``pred`` ([start, end] seconds, or null when the answer did not parse), ``gt``
+([start, end] seconds) and ``duration``; a query with several ground-truth windows has ``windows`` and
+the rule that scores them, ``multi_window`` (``best`` or ``union``; ``--multi-window`` overrides it).
+
+Rows are scored as the run scores its own answers (the same metric, grounding/metrics/): a
+prediction with start > end is reordered and one outside ``[0, duration]`` clipped, as the run does to
+what it parses, and both are counted and reported. Ground truth outside that rule is refused.
 """
 
 from __future__ import annotations
@@ -15,61 +21,108 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import PROTOCOLS, Protocol, protocol_scores, protocol_sums
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import PROTOCOLS, Protocol
+from grounding.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
+from grounding.records import GroundingRecord
 
 
 class PredictionsError(ValueError):
     """A predictions file that cannot be scored; the message names the file and line."""
 
 
-def _row_times(row: dict, where: str) -> tuple[list[float], list[float], float]:
+def segment(values: list[float], what: str, where: str) -> Segment:
     try:
-        pred = [math.nan, math.nan] if row["pred"] is None else [float(x) for x in row["pred"]]
-        gt, duration = [float(x) for x in row["gt"]], float(row["duration"])
+        start, end = (float(x) for x in values)
+    except (TypeError, ValueError) as error:
+        raise PredictionsError(f"{where}: {what} must be [start, end] ({error})") from error
+    return start, end
+
+
+def ordered_clipped(pred: Segment, duration: float) -> tuple[Segment, bool, bool]:
+    """``pred`` ordered and inside ``[0, duration]`` as the run's answers are, and whether it was
+    reordered and whether clipped (a NaN segment, an unparsed answer, stays as it is)."""
+    start, end = pred
+    if math.isnan(start) or math.isnan(end):
+        return pred, False, False
+    reordered = start > end
+    start, end = sorted(pred)
+    clipped = start < 0 or end > duration
+    return (min(max(start, 0.0), duration), min(max(end, 0.0), duration)), reordered, clipped
+
+
+def row_record(row: dict, where: str, multi_window: str | None) -> GroundingRecord:
+    """The row's ground truth as the run's record of it: target window, windows and their rule."""
+    try:
+        gt, duration = segment(row["gt"], "gt", where), float(row["duration"])
     except (KeyError, TypeError, ValueError) as error:
         message = f"{where}: needs pred, gt and duration ({type(error).__name__}: {error})"
         raise PredictionsError(message) from error
-    if len(pred) != 2 or len(gt) != 2 or not duration > 0:
-        raise PredictionsError(f"{where}: pred and gt must be [start, end] and duration > 0")
-    return pred, gt, duration
+    if not duration > 0:
+        raise PredictionsError(f"{where}: needs duration > 0, got {duration}")
+    windows = [segment(w, "each of windows", where) for w in row.get("windows") or [gt]]
+    for start, end in (gt, *windows):
+        if not 0 <= start <= end <= duration:
+            raise PredictionsError(
+                f"{where}: ground truth [{start}, {end}] is not a segment inside [0, {duration}]"
+            )
+    mode = multi_window or row.get("multi_window")
+    if (mode is None and len(windows) > 1) or (mode is not None and mode not in MULTI_WINDOW_MODES):
+        raise PredictionsError(
+            f"{where}: the rule of a query's several windows, multi_window, must be best or union "
+            f"(got {mode!r}); pass --multi-window best|union"
+        )
+    qid = str(row.get("qid", where))
+    return GroundingRecord(qid, "", "", duration, *gt, tuple(windows), mode or "best")
 
 
-def read_predictions(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(pred, gt, duration)`` tensors of a predictions file; unparsed answers are NaN rows."""
-    preds, gts, durations = [], [], []
+def read_predictions(
+    path: Path, multi_window: str | None = None
+) -> tuple[list[Segment], list[GroundingRecord], int, int]:
+    """Each row's prediction (ordered and clipped; NaN when unparsed) and record, and how many
+    predictions were reordered and clipped."""
+    segments, records, reordered, clipped = [], [], 0, 0
     try:
         lines = path.read_text().splitlines()
-    except OSError as error:
-        raise PredictionsError(f"{path}: {error.strerror or error}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise PredictionsError(f"{path}: {getattr(error, 'strerror', None) or error}") from error
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise PredictionsError(f"{path}:{number}: not JSON ({error.msg})") from error
-        pred, gt, duration = _row_times(row, f"{path}:{number}")
-        preds.append(pred)
-        gts.append(gt)
-        durations.append(duration)
-    if not preds:
+            raise PredictionsError(f"{where}: not JSON ({error.msg})") from error
+        if not isinstance(row, dict) or "pred" not in row:
+            raise PredictionsError(f"{where}: needs pred, gt and duration (KeyError: 'pred')")
+        records.append(row_record(row, where, multi_window))
+        pred = (math.nan, math.nan) if row["pred"] is None else segment(row["pred"], "pred", where)
+        pred, was_reordered, was_clipped = ordered_clipped(pred, records[-1].duration)
+        segments.append(pred)
+        reordered, clipped = reordered + was_reordered, clipped + was_clipped
+    if not records:
         raise PredictionsError(f"{path}: no prediction rows")
-    pred, gt, duration = (torch.tensor(values, dtype=torch.float64) for values in (preds, gts, durations))
-    return pred, gt, duration
+    return segments, records, reordered, clipped
 
 
-def rescore(path: Path, protocol: Protocol) -> dict[str, float | str]:
-    """The headline scores of the predictions in ``path`` under ``protocol``."""
-    pred, gt, duration = read_predictions(path)
-    scores = protocol_scores(protocol_sums(pred, gt, duration, protocol), protocol)
+def rescore(path: Path, protocol: Protocol, multi_window: str | None = None) -> dict[str, float | str | None]:
+    """The headline scores of the predictions in ``path`` under ``protocol``, by the run's metric;
+    ``multi_window`` overrides the rule each row records for its windows."""
+    segments, records, reordered, clipped = read_predictions(path, multi_window)
+    metric = GroundingMetric(protocol=protocol)
+    metric.update(*metric_inputs(segments, records))
+    scores = metric.compute()
+    modes = sorted({r.multi_window for r in records if len(r.windows) > 1})
     return {
         **{f"R1@{t}": scores[f"R1@{t}"] for t in THRESHOLDS},
         "mIoU": scores["mIoU"],
         "queries": int(scores["count"]),
         "parse_fail": scores["parse_fail"],
+        "pred_reordered": reordered,
+        "pred_clipped": clipped,
+        "multi_window": ",".join(modes) or None,
         "protocol": protocol.name,
     }
 
@@ -80,15 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("predictions", type=Path, help="a predictions/*.jsonl file of a run")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="exact")
+    parser.add_argument(
+        "--multi-window", choices=MULTI_WINDOW_MODES, help="default: the rule each row records"
+    )
     args = parser.parse_args(argv)
     protocol = PROTOCOLS[args.protocol]
     try:
-        scores = rescore(args.predictions, protocol)
+        scores = rescore(args.predictions, protocol, args.multi_window)
     except PredictionsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if protocol.warning:
         print(f"warning: {protocol.warning}", file=sys.stderr)
+    if scores["pred_reordered"] or scores["pred_clipped"]:
+        print(
+            f"warning: {scores['pred_reordered']} predictions had start > end (scored reordered) and "
+            f"{scores['pred_clipped']} lay outside [0, duration] (scored clipped), as the run scores "
+            "its own answers",
+            file=sys.stderr,
+        )
     print(json.dumps(scores))
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from datamodules import activitynet, charades_sta
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport
-from datamodules.records import GroundingRecord
+from grounding.records import GroundingRecord
 
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
 DATASETS: dict[str, tuple[Loader, tuple[str, ...], str]] = {

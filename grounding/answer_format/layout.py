@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from timerefine.answer_format.targets import RefineRound, RefineSchedule
-from timerefine.answer_format.timeline import MAX_INDEX
-from timerefine.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START
+from grounding.answer_format.targets import RefineRound, RefineSchedule
+from grounding.answer_format.timeline import MAX_INDEX
+from grounding.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START
 
 AtomKind = Literal["text", "digit", "sign"]
 

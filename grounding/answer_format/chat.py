@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from timerefine.answer_format.prompts import render_prompt
+from grounding.answer_format.prompts import render_prompt
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

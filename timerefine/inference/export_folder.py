@@ -7,12 +7,18 @@ matrices (``<name>.new_rows``). A base that cannot be reloaded (the randomly ini
 stored whole. ``--merge-lora`` folds the adapters into the base weights and saves that LM with
 ``save_pretrained`` under ``lm/``. ``Grounder.from_export`` loads it and predicts exactly as the
 checkpoint does.
+
+``export.json`` lists every file the export wrote. Exporting into an earlier export replaces those
+files and leaves anything else in the folder alone; any other non-empty folder, or a file, is refused.
+The export is written to a staging folder next to the target first, so a failed export changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -54,16 +60,25 @@ def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> di
     return tensors
 
 
-def export_run(
-    run: LoadedRun, out: Path, merge_lora: bool = False, encoder: EncoderSpec | None = None
-) -> Path:
-    """Write the export folder of ``run`` to ``out`` (replaced when it is an earlier export)."""
-    if out.exists() and not is_export(out) and any(out.iterdir()):
+def export_files(folder: Path) -> list[str]:
+    """The files (relative paths) the export in ``folder`` wrote; none known for one written before
+    ``export.json`` listed them."""
+    return json.loads((folder / MANIFEST).read_text()).get("files", []) if is_export(folder) else []
+
+
+def check_target(out: Path) -> None:
+    """Refuse an ``out`` that is (or lies under) a file, or a non-empty folder that is not an export."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        where = "" if existing == out else f"{existing} "
+        raise InputError(f"{out}: {where}is a file, not a folder; give a folder")
+    if out.is_dir() and not is_export(out) and any(out.iterdir()):
         raise InputError(f"{out}: exists and is not an export; give a new folder")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+
+
+def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec | None) -> None:
+    """Write the export files of ``run`` into the empty folder ``out``."""
     cfg = run.cfg.copy()
-    merged = merge_lora and isinstance(run.language_model, PeftModel)
     base_vocab = None if merged else base_vocab_size(run)
     if merged:
         run.language_model = run.language_model.merge_and_unload()
@@ -74,6 +89,7 @@ def export_run(
     save_file({n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}, out / WEIGHTS)
     OmegaConf.save(cfg, out / "config.yaml")
     run.module.tokenizer.save_pretrained(out / "tokenizer")
+    files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
     manifest = {
         "format": FORMAT,
         "checkpoint": str(run.weights),
@@ -82,8 +98,50 @@ def export_run(
         "base_vocab_size": base_vocab,
         "encoder": encoder.as_dict() if encoder else None,
         "tensors": len(tensors),
+        "files": [*files, MANIFEST],
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def install(staging: Path, out: Path) -> None:
+    """Move the export in ``staging`` into ``out``, removing the files an earlier export there wrote
+    that the new one does not (folders they leave empty too); the manifest moves last."""
+    new = export_files(staging)
+    out.mkdir(exist_ok=True)
+    for name in set(export_files(out)) - set(new):
+        path = (out / name).resolve()
+        if path.is_relative_to(out.resolve()) and path.is_file():
+            path.unlink()
+            for folder in path.parents:
+                if folder == out.resolve() or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    for name in sorted(new, key=lambda n: n == MANIFEST):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, out / name)
+
+
+def export_run(
+    run: LoadedRun, out: Path, merge_lora: bool = False, encoder: EncoderSpec | None = None
+) -> Path:
+    """Write the export folder of ``run`` to ``out`` (a new or empty folder, or an earlier export)."""
+    check_target(out)
+    has_lora = isinstance(run.language_model, PeftModel)
+    if merge_lora and not has_lora:
+        raise InputError(
+            "--merge-lora: the run has no LoRA adapters (model.lora.enabled is false), nothing to merge; "
+            "export without --merge-lora"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:
+        raise InputError(f"{out}: cannot create it ({error.strerror})") from error
+    try:
+        write_export(run, staging, merge_lora, encoder)
+        install(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

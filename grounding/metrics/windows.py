@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from datamodules.records import GroundingRecord
+from grounding.records import GroundingRecord
 
 MULTI_WINDOW_MODES = ("best", "union")
 Segment = tuple[float, float]
@@ -34,7 +34,7 @@ def overlap(a: Segment, b: Segment) -> float:
 
 
 def segment_iou(a: Segment, b: Segment) -> float:
-    """:func:`timerefine.metrics.iou.temporal_iou` of two segments, in plain floats."""
+    """:func:`grounding.metrics.iou.temporal_iou` of two segments, in plain floats."""
     span = max(a[1], b[1]) - min(a[0], b[0])
     if span <= 0:
         return 1.0 if tuple(a) == tuple(b) else 0.0

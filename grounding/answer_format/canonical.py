@@ -14,9 +14,9 @@ import itertools
 import random
 from collections.abc import Callable, Sequence
 
-from timerefine.answer_format.layout import Atom
-from timerefine.answer_format.slots import Slot
-from timerefine.answer_format.tokens import DIGITS, SIGNS
+from grounding.answer_format.layout import Atom
+from grounding.answer_format.slots import Slot
+from grounding.answer_format.tokens import DIGITS, SIGNS
 
 Encode = Callable[[list[str]], list[list[int]]]  # texts -> their token ids, no special tokens added
 CHECKED_SAMPLES = 20

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from timerefine.metrics.iou import THRESHOLDS, temporal_iou
+from grounding.metrics.iou import THRESHOLDS, temporal_iou
 
 
 @dataclass(frozen=True)

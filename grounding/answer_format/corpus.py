@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from timerefine.answer_format.layout import format_answer
-from timerefine.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
+from grounding.answer_format.layout import format_answer
+from grounding.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
 
 SAMPLE_ANSWERS = 200
 

@@ -6,18 +6,18 @@ Two spellings of the answer (``model.answer_tokens``):
   single token, whatever the tokenizer would do with the number.
 - ``canonical``: the tokenizer's own ids for the whole answer text (``36`` may be one token); each
   number's choice slot holds the token sequences of its 100 (or 200 signed) values
-  (:mod:`timerefine.answer_format.canonical`).
+  (:mod:`grounding.answer_format.canonical`).
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from timerefine.answer_format.canonical import canonical_slots, check_canonical
-from timerefine.answer_format.layout import Atom, answer_atoms, answer_layout, format_answer
-from timerefine.answer_format.slots import Slot
-from timerefine.answer_format.targets import RefineRound, RefineSchedule
-from timerefine.answer_format.tokens import DIGITS, SIGNS
+from grounding.answer_format.canonical import canonical_slots, check_canonical
+from grounding.answer_format.layout import Atom, answer_atoms, answer_layout, format_answer
+from grounding.answer_format.slots import Slot
+from grounding.answer_format.targets import RefineRound, RefineSchedule
+from grounding.answer_format.tokens import DIGITS, SIGNS
 
 ANSWER_TOKENS = ("digits", "canonical")
 __all__ = ["ANSWER_TOKENS", "AnswerCodec", "Slot"]

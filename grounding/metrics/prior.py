@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.records import GroundingRecord
-from timerefine.metrics.iou import grounding_scores, grounding_sums, temporal_iou
-from timerefine.metrics.windows import record_iou
+from grounding.metrics.iou import grounding_scores, grounding_sums, temporal_iou
+from grounding.metrics.windows import record_iou
+from grounding.records import GroundingRecord
 
 
 def best_constant_segment(train: torch.Tensor, grid: int = 50) -> tuple[float, float]:

@@ -14,7 +14,7 @@ class GroundingRecord:
 
     ``start``/``end`` is the segment the targets use. ``windows`` are all the query's ground-truth
     windows (default: that one segment); with several, predictions are scored by ``multi_window``
-    (``best`` or ``union``, timerefine/metrics/windows.py). ``where``: the annotation's ``file:line``
+    (``best`` or ``union``, grounding/metrics/windows.py). ``where``: the annotation's ``file:line``
     (empty for generated data), for messages about the query.
     """
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.records import GroundingRecord
-from timerefine.answer_format.timeline import Timeline
-from timerefine.metrics.protocols import EXACT, Protocol, protocol_scores, protocol_sums
+from grounding.answer_format.timeline import Timeline
+from grounding.metrics.protocols import EXACT, Protocol, protocol_scores, protocol_sums
+from grounding.records import GroundingRecord
 
 
 def timeline_ceiling(

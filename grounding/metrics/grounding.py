@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from timerefine.metrics.iou import THRESHOLDS
-from timerefine.metrics.protocols import EXACT, Protocol, protocol_scores, protocol_sums
+from grounding.metrics.iou import THRESHOLDS
+from grounding.metrics.protocols import EXACT, Protocol, protocol_scores, protocol_sums
 
 
 class GroundingMetric(Metric):
     """R1@{0.3,0.5,0.7}, mIoU and the parse-failure rate over every query seen, under ``protocol``
-    (``eval.protocol``, see timerefine/metrics/protocols.py).
+    (``eval.protocol``, see grounding/metrics/protocols.py).
 
     ``update`` takes predictions with ``NaN`` rows for answers that did not parse; they count
     as IoU 0 and as parse failures.

@@ -57,23 +57,23 @@ def check_lightning_internals() -> None:
         if not hasattr(module, name):
             raise LightningInternalsChanged(
                 f"{module.__name__}.{name} (lightning {L.__version__}) is gone; "
-                "timerefine/lightning_compat.py relies on it"
+                "callbacks/lightning_compat.py relies on it"
             )
     for owner, name, parameters in INTERNALS:
         where = f"{owner.__name__}.{name} (lightning {L.__version__})"
         if parameters is None:
             if name not in _instance_attributes(owner):
                 raise LightningInternalsChanged(
-                    f"{where} is gone; timerefine/lightning_compat.py relies on it"
+                    f"{where} is gone; callbacks/lightning_compat.py relies on it"
                 )
             continue
         member = getattr(owner, name, None)
         if member is None:
-            raise LightningInternalsChanged(f"{where} is gone; timerefine/lightning_compat.py relies on it")
+            raise LightningInternalsChanged(f"{where} is gone; callbacks/lightning_compat.py relies on it")
         found = tuple(inspect.signature(member).parameters)
         if found != parameters:
             raise LightningInternalsChanged(
-                f"{where} now takes {found}, not {parameters}; update timerefine/lightning_compat.py"
+                f"{where} now takes {found}, not {parameters}; update callbacks/lightning_compat.py"
             )
 
 

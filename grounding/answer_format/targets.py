@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, MAX_INDEX, Timeline
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, MAX_INDEX, Timeline
 
 OFFSET_SPACES = ("index", "seconds")
 RESAMPLING = ("epoch", "once")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from datamodules.records import GroundingRecord
-from timerefine.answer_format.layout import parse_answer, predicted_segments
-from timerefine.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.answer_format.layout import parse_answer, predicted_segments
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
+from grounding.records import GroundingRecord
 
 AUX_CHOICES = ("aux", "mean")  # the final answers that read the aux head
 FINAL_CHOICES = ("last", *AUX_CHOICES)
@@ -63,9 +63,9 @@ def prediction_row(
     record: GroundingRecord, prediction: Prediction, iou: float, timeline: Timeline = DEFAULT_TIMELINE
 ) -> dict:
     """One line of ``predictions/<split>.jsonl``: everything rescoring needs (timerefine-rescore), times
-    in unrounded seconds, the final answer also as the frame indices it was read from; ``windows`` when
-    the query has several (``gt`` is the target window then, ``iou`` by the record's ``multi_window``
-    rule)."""
+    in unrounded seconds, the final answer also as the frame indices it was read from; ``windows`` and
+    their rule ``multi_window`` when the query has several (``gt`` is the target window then, ``iou`` by
+    that rule)."""
     final = prediction.final
     return {
         "qid": record.qid,
@@ -73,7 +73,11 @@ def prediction_row(
         "query": record.query,
         "duration": record.duration,
         "gt": [record.start, record.end],
-        **({"windows": [list(w) for w in record.windows]} if len(record.windows) > 1 else {}),
+        **(
+            {"windows": [list(w) for w in record.windows], "multi_window": record.multi_window}
+            if len(record.windows) > 1
+            else {}
+        ),
         "pred": None if final is None else list(seconds(final, record.duration, timeline)),
         "pred_index": None if final is None else list(final),
         "iou": round(iou, 5),

@@ -1,0 +1,20 @@
+"""The errors that mean a user mistake (bad data, config, checkpoint): the entry points print their
+one-line message and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+from datamodules.quirks import QuirkError
+from grounding.records import EmptySplitError, FeatureError
+from lightning_modules.released_weights import ReleasedWeightsError
+from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.resume import CheckpointError
+
+INPUT_ERRORS = (
+    ConfigError,
+    FeatureError,
+    QuirkError,
+    EmptySplitError,
+    FileNotFoundError,
+    CheckpointError,
+    ReleasedWeightsError,
+)
