@@ -20,6 +20,7 @@ from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
 from grounding.metrics.windows import metric_inputs, record_iou
 from lightning_modules.generation import generate
+from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.video_llm import VideoLLM
@@ -43,14 +44,20 @@ class OptimSpec:
         return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio > 0 else self.warmup_steps
 
 
+# The greedy decoders, which give the same answers: the project's (fused forward passes, each
+# choice's token with the fixed text after it) and Hugging Face generate() with a SlotLogitsProcessor.
+DECODERS = {"fused": generate, "generate": hf_generate}
+
+
 @dataclass
 class InferenceSpec:
     """``final``: last refined segment, aux-head prediction, or their mean. ``constrained``: fill the
-    fixed tokens in and let the model choose only digits and signs."""
+    fixed tokens in and let the model choose only digits and signs. ``decoder``: a name from ``DECODERS``."""
 
     final: str = "last"
     constrained: bool = True
     max_new_tokens: int | None = None
+    decoder: str = "fused"
 
 
 def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -166,7 +173,7 @@ class GroundingModule(L.LightningModule):
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
-        generation = generate(
+        generation = DECODERS[self.inference.decoder](
             self.model,
             batch["prompt_ids"],
             batch["prompt_mask"],

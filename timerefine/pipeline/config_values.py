@@ -23,6 +23,7 @@ from grounding.answer_format.timeline import TIMELINES
 from grounding.metrics.protocols import PROTOCOLS
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
+from lightning_modules.grounding_module import DECODERS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
 
@@ -179,6 +180,7 @@ RULES: dict[str, Check] = {
     "model.aux.scaling": one_of(*AUX_SCALINGS),
     "model.inference.final": one_of(*FINAL_CHOICES),
     "model.inference.max_new_tokens": optional(integer(1)),
+    "model.inference.decoder": one_of(*DECODERS),
     "model.saliency.weight": NON_NEGATIVE,
     "model.optim.lr": POSITIVE,
     "model.optim.weight_decay": NON_NEGATIVE,
