@@ -11,15 +11,17 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import CoarseLookup, GroundingCollator
 from datamodules.dataset import GroundingDataset
+from datamodules.quirks import QuirkError
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from grounding.answer_format.chat import chat_prompt
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompts import resolve_template
+from grounding.answer_format.prompts import query_length_error, resolve_template
 from grounding.answer_format.timeline import Timeline
-from grounding.records import FeatureStore, GroundingRecord
+from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+TOO_LONG = ("error", "drop")
 
 
 class DataSource(Protocol):
@@ -36,7 +38,9 @@ class DataSource(Protocol):
 
 class GroundingDataModule(L.LightningDataModule):
     """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
-    the prompt becomes the model's chat turn (grounding/answer_format/chat.py)."""
+    the prompt becomes the model's chat turn (grounding/answer_format/chat.py). ``query_too_long``:
+    a query whose prompt and answer exceed the LM's positions is an ``error`` naming its ``file:line``,
+    or (``drop``) a skip counted in the split's coverage and logged."""
 
     def __init__(
         self,
@@ -49,25 +53,39 @@ class GroundingDataModule(L.LightningDataModule):
         prompt_template: str,
         timeline: Timeline,
         chat_template: str,
+        query_too_long: str = "error",
     ) -> None:
         """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.timeline = num_workers, seed, timeline
         self.prompt_template, self.chat_template = resolve_template(prompt_template), chat_template
+        self.query_too_long = query_too_long
         self.datasets: dict[str, GroundingDataset] = {}
         self.collator: GroundingCollator | None = None
+        self.max_positions: int | None = None
+        self.answer_tokens = 0
+        self.too_long: dict[str, int] = {}  # queries skipped per split by data.query_too_long=drop
 
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self.datasets:
             self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
+            if self.collator is not None:
+                self._keep_fitting(split)
         return self.datasets[split].records
 
     def attach(
-        self, codec: AnswerCodec, video_tokens: int | None = None, coarse_lookup: CoarseLookup | None = None
+        self,
+        codec: AnswerCodec,
+        video_tokens: int | None = None,
+        coarse_lookup: CoarseLookup | None = None,
+        max_positions: int | None = None,
+        answer_tokens: int = 0,
     ) -> None:
         """Give the datamodule the model's answer codec (its tokenizer and the refinement schedule of
-        the targets) and the number of video tokens a prompt holds (default: one per frame)."""
+        the targets), the number of video tokens a prompt holds (default: one per frame), and the
+        LM's positions, which every query read (now or later) must fit with its prompt and the
+        ``answer_tokens`` an answer may take."""
         self.collator = GroundingCollator(
             codec,
             partial(chat_prompt, self.prompt_template, self.chat_template, codec.tokenizer),
@@ -76,11 +94,49 @@ class GroundingDataModule(L.LightningDataModule):
             coarse_lookup,
             self.timeline,
         )
+        self.max_positions, self.answer_tokens = max_positions, answer_tokens
+        for split in list(self.datasets):
+            self._keep_fitting(split)
+
+    def _keep_fitting(self, split: str) -> None:
+        """Keep the split's queries that fit the LM with their prompt and answer, as ``query_too_long``
+        says: an error naming the first that does not, or a logged and counted skip."""
+        assert self.collator is not None
+        if self.max_positions is None:
+            return
+        dataset, rest = self.datasets[split], len(self.collator.prompt_ids(""))
+        problems = [
+            query_length_error(
+                len(self.collator.prompt_ids(record.query)) - rest,
+                rest + self.answer_tokens,
+                self.max_positions,
+            )
+            for record in dataset.records
+        ]
+        skipped = [(r, p) for r, p in zip(dataset.records, problems, strict=True) if p]
+        if not skipped:
+            return
+        record, problem = skipped[0]
+        where = record.where or f"{self.source.name} {split} query {record.qid}"
+        example = f"{where}: query too long: {problem}"
+        if self.query_too_long == "error":
+            raise QuirkError(f"{example}; data.query_too_long=drop skips such queries")
+        kept = [r for r, p in zip(dataset.records, problems, strict=True) if not p]
+        log.warning(
+            "%s %s: %d of %d queries skipped, e.g. %s",
+            *(self.source.name, split, len(skipped), len(dataset.records), example),
+        )
+        if not kept:
+            raise EmptySplitError(f"{self.source.name} {split}: every query is too long, e.g. {example}")
+        self.datasets[split] = GroundingDataset(kept, dataset.store)
+        self.too_long[split] = self.too_long.get(split, 0) + len(skipped)
 
     def annotated(self, split: str) -> int:
-        """Queries the annotations hold for ``split``, before any were skipped for bad features."""
+        """Queries the annotations hold for ``split``, before any were skipped (bad features, too long)."""
         reports = getattr(self.source, "coverage", {})
-        return reports[split].total if split in reports else len(self.records(split))
+        if split in reports:
+            return reports[split].total
+        return len(self.records(split)) + self.too_long.get(split, 0)
 
     def coverage(self, metrics: dict[str, float]) -> dict[str, float]:
         """Percent of each split's annotated queries that were evaluated, from ``<split>/queries``."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from grounding.answer_format.prompts import normalize_query
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 START_AFTER_END = "start_after_end"
 END_AFTER_DURATION = "end_after_duration"
 START_AFTER_DURATION = "start_after_duration"
+ZERO_LENGTH = "zero_length"
 UNKNOWN_VIDEO = "unknown_video"
 EMPTY_QUERY = "empty_query"
 MALFORMED = "malformed"
@@ -39,12 +41,15 @@ class QuirkError(ValueError):
 
 @dataclass(frozen=True)
 class QuirkPolicy:
-    """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip."""
+    """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip.
+    ``zero_length``: a window with start == end (after swapping and clipping), a moment no prediction
+    can overlap (ActivityNet Captions train holds 2)."""
 
     start_after_end: Literal["swap", "drop"] = "swap"
     end_after_duration: Literal["clip", "drop"] = "clip"
     unknown_video: Literal["drop", "error"] = "error"
     empty_query: Literal["drop", "error"] = "drop"
+    zero_length: Literal["drop", "error"] = "drop"
     strict: bool = True
 
     def __post_init__(self) -> None:
@@ -53,6 +58,7 @@ class QuirkPolicy:
             "end_after_duration": ("clip", "drop"),
             "unknown_video": ("drop", "error"),
             "empty_query": ("drop", "error"),
+            "zero_length": ("drop", "error"),
         }
         for name, options in allowed.items():
             if getattr(self, name) not in options:
@@ -114,6 +120,21 @@ class QuirkReport:
             logger.warning(line)
 
 
+def text_lines(path: Path, report: QuirkReport, policy: QuirkPolicy) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for each non-blank line of a UTF-8 file; a line that is not UTF-8 is
+    malformed (an error naming ``file:line`` and the byte, or a counted skip)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                detail = f"not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                report.malformed(f"{path}:{lineno}", detail, policy)
+                continue
+            if line.strip():
+                yield lineno, line
+
+
 def resolve_segment(
     qid: str,
     video_id: str,
@@ -171,7 +192,10 @@ def resolve_windows(
             if policy.end_after_duration == "drop":
                 return reject(END_AFTER_DURATION, "drop", detail)
             report.note(END_AFTER_DURATION, "clipped", where, detail)
-        resolved.append((start, min(end, duration)))
+        end = min(end, duration)
+        if end <= start:
+            return reject(ZERO_LENGTH, policy.zero_length, f"{video_id} [{start}, {end}]")
+        resolved.append((start, end))
     report.kept += 1
     start, end = target_window(resolved, multi_window)
-    return GroundingRecord(qid, video_id, query, duration, start, end, tuple(resolved), multi_window)
+    return GroundingRecord(qid, video_id, query, duration, start, end, tuple(resolved), multi_window, where)

@@ -84,6 +84,7 @@ def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
         prompt_template=cfg.data.prompt_template,
         timeline=run_timeline(cfg),
         chat_template=cfg.data.chat_template,
+        query_too_long=cfg.data.query_too_long,
     )
 
 
@@ -153,8 +154,7 @@ def build_module(
         timeline=timeline,
     )
     load_released_heads(video_llm, init_from)
-    datamodule.attach(codec, datamodule.source.num_frames // projector.frames_per_token)
-    return GroundingModule(
+    module = GroundingModule(
         video_llm,
         codec,
         aux_weight=model.aux.weight,
@@ -165,6 +165,13 @@ def build_module(
         timeline=timeline,
         protocol=run_protocol(cfg),
     )
+    datamodule.attach(
+        codec,
+        datamodule.source.num_frames // projector.frames_per_token,
+        max_positions=getattr(lm.config, "max_position_embeddings", None),
+        answer_tokens=max(module.max_new_tokens, codec.answer_length() + 1),  # generated, or trained on
+    )
+    return module
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:

@@ -91,6 +91,19 @@ PASSED_ON: dict[str, tuple[str, frozenset[str] | None]] = {
 }
 
 
+def unread(base: DictConfig, key: str) -> str | None:
+    """Why no code would read ``key`` (not a key of ``base``, nor an argument a ``PASSED_ON`` mapping's
+    reader takes), or None when something reads it."""
+    if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
+        return None
+    parent, _, name = key.rpartition(".")
+    reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
+    if accepted is None or name in accepted:
+        return None
+    takes = f" and {reader} takes no argument {name!r}" if reader else ""
+    return f"not a config key{takes}, so nothing would read it"
+
+
 def check_added_keys(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
     """Reject ``+key=value`` for a key that no code would read (a typo would silently change nothing),
     and ``~key``: code reads every key, so none can be removed."""
@@ -100,15 +113,21 @@ def check_added_keys(base: DictConfig, overrides: list[Override], config_dir: Pa
             continue
         if override.is_delete():
             raise ConfigError(f"~{key}: keys cannot be removed; set a value instead (null where allowed)")
-        if not (override.is_add() or override.is_force_add()):
-            continue
-        if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
-            continue
-        parent, _, name = key.rpartition(".")
-        reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
-        if accepted is not None and name not in accepted:
-            takes = f" and {reader} takes no argument {name!r}" if reader else ""
-            raise ConfigError(f"{key}: added with + but not a config key{takes}, so nothing would read it")
+        if (override.is_add() or override.is_force_add()) and (reason := unread(base, key)):
+            raise ConfigError(f"{key}: added with + but {reason}")
+
+
+def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:
+    """The keys of ``saved`` that no code would read, judged against ``base`` as :func:`unread`
+    judges a ``+key``; a mapping where ``base`` holds a value (``trainer.strategy``) is its reader's."""
+    keys = []
+    for name, value in saved.items():
+        key = f"{prefix}{name}"
+        if unread(base, key):
+            keys.append(key)
+        elif isinstance(value, DictConfig) and isinstance(OmegaConf.select(base, key), DictConfig):
+            keys.extend(unread_keys(value, base, f"{key}."))
+    return keys
 
 
 def _type_name(value: object) -> str:
@@ -182,11 +201,13 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
 def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """A run's saved ``config.yaml`` (evaluation, prediction, export), with the keys added to the schema
     since it was saved taking today's defaults for its dataset, then ``overrides`` checked as by
-    :func:`load_config`."""
+    :func:`load_config`. A saved key that nothing reads is a ConfigError naming it."""
     saved = OmegaConf.load(run_dir / "config.yaml")
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
     defaults = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
+    if unknown := unread_keys(saved, defaults):
+        raise ConfigError(f"{', '.join(sorted(unknown))}: not config keys, so nothing would read them")
     OmegaConf.set_struct(defaults, False)
     with tempfile.TemporaryDirectory() as folder:
         OmegaConf.save(OmegaConf.merge(defaults, saved), Path(folder) / "config.yaml")

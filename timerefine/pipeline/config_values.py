@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from datamodules.datamodule import TOO_LONG
 from grounding.answer_format.chat import CHAT_TEMPLATES
 from grounding.answer_format.codec import ANSWER_TOKENS
 from grounding.answer_format.predictions import FINAL_CHOICES
@@ -124,6 +125,7 @@ RULES: dict[str, Check] = {
     "data.global_batch_size": optional(integer(1)),
     "data.num_workers": integer(0),
     "data.timeline": one_of(*TIMELINES),
+    "data.query_too_long": one_of(*TOO_LONG),
     "eval.protocol": one_of(*PROTOCOLS),
     "data.prompt_template": template_error,
     "data.chat_template": one_of(*CHAT_TEMPLATES),

@@ -75,7 +75,9 @@ class DataConfig:
     set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
     what the answers' frame indices mean (grounding/answer_format/timeline.py). ``prompt_template``:
     a name from ``PROMPTS`` or a template (grounding/answer_format/prompts.py); ``chat_template``:
-    none, tokenizer or a named one (grounding/answer_format/chat.py)."""
+    none, tokenizer or a named one (grounding/answer_format/chat.py). ``query_too_long``: a query
+    whose prompt, video tokens and answer exceed the LM's positions stops the run naming its
+    ``file:line`` (``error``) or is skipped, counted in the coverage and logged (``drop``)."""
 
     name: str
     source: Any
@@ -86,6 +88,7 @@ class DataConfig:
     prompt_template: str = "default"
     chat_template: str = "none"
     timeline: str = DEFAULT_TIMELINE.name
+    query_too_long: str = "error"
 
 
 @dataclass
