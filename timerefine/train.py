@@ -23,7 +23,7 @@ from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.previous_run import ChangedSettingsError, check_same_settings, finished
-from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
 
 log = logging.getLogger("train")
 INPUT_ERRORS = (
@@ -47,6 +47,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if finished(cfg, output_dir):
         log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
         return json.loads((output_dir / "metrics.json").read_text())
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint_file(checkpoint, output_dir))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.setup()  # read and check every split before anything is written

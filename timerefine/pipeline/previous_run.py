@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.config import with_schema_defaults
+from timerefine.pipeline.resume import checkpoint_file
 
 # How a run is carried out, not what it computes: a finished run re-run with only these changed is done.
 INCIDENTAL = (
@@ -64,18 +65,19 @@ def show(value: Any) -> str:
 
 
 def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str, dict[str, Any]]]:
-    """(file, resolved config) of what an earlier run left: ``output_dir/config.yaml`` and the config a
-    resume checkpoint carries (``hyper_parameters.config``; its tensors are mapped, not read), each
-    completed by today's schema defaults."""
+    """(file, resolved config) of what an earlier run left: ``output_dir/config.yaml`` and the config
+    that ``checkpoint`` (a ``resume_checkpoint`` result) carries in ``hyper_parameters`` (its tensors
+    are mapped, not read); each completed by today's schema defaults."""
     found: list[tuple[str, DictConfig]] = []
     saved = output_dir / "config.yaml"
     if saved.is_file():
         found.append((str(saved), OmegaConf.load(saved)))
-    if checkpoint not in (None, "hpc"):  # Lightning finds "hpc" in output_dir, beside config.yaml
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    if checkpoint is not None:
+        file = checkpoint_file(checkpoint, output_dir)
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
         config = state.get("hyper_parameters", {}).get("config")
         if config is not None:
-            found.append((checkpoint, OmegaConf.create(config)))
+            found.append((str(file), OmegaConf.create(config)))
     return [(where, OmegaConf.to_container(with_schema_defaults(cfg), resolve=True)) for where, cfg in found]
 
 
