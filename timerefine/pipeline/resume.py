@@ -46,7 +46,7 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
         return checked(Path(resume))
     hpc = hpc_checkpoints(output_dir)
-    if SLURMEnvironment.detect() and hpc:
+    if hpc and SLURMEnvironment.detect():  # detect() warns wherever srun is installed: only when needed
         checked(hpc[max(hpc)])
         return "hpc"
     last = output_dir / "checkpoints" / "last.ckpt"
