@@ -198,17 +198,22 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
     return cfg
 
 
-def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """A run's saved ``config.yaml`` (evaluation, prediction, export), with the keys added to the schema
-    since it was saved taking today's defaults for its dataset, then ``overrides`` checked as by
-    :func:`load_config`. A saved key that nothing reads is a ConfigError naming it."""
-    saved = OmegaConf.load(run_dir / "config.yaml")
+def with_schema_defaults(saved: DictConfig) -> DictConfig:
+    """A run's saved config with the keys added to the schema since it was saved taking today's
+    defaults for its dataset. A saved key that nothing reads is a ConfigError naming it."""
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
     defaults = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
     if unknown := unread_keys(saved, defaults):
         raise ConfigError(f"{', '.join(sorted(unknown))}: not config keys, so nothing would read them")
     OmegaConf.set_struct(defaults, False)
+    return OmegaConf.merge(defaults, saved)
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """A run's saved ``config.yaml`` (evaluation, prediction, export), completed by
+    :func:`with_schema_defaults`, then ``overrides`` checked as by :func:`load_config`."""
+    saved = with_schema_defaults(OmegaConf.load(run_dir / "config.yaml"))
     with tempfile.TemporaryDirectory() as folder:
-        OmegaConf.save(OmegaConf.merge(defaults, saved), Path(folder) / "config.yaml")
+        OmegaConf.save(saved, Path(folder) / "config.yaml")
         return load_config(overrides, name="config", config_dir=Path(folder))
