@@ -24,6 +24,7 @@ from timerefine.answer_format.targets import OFFSET_SPACES, RESAMPLING
 from timerefine.answer_format.timeline import TIMELINES
 from timerefine.metrics.protocols import PROTOCOLS
 from timerefine.metrics.windows import MULTI_WINDOW_MODES
+from timerefine.pipeline.precision import PRECISIONS
 
 Check = Callable[[Any], "str | None"]
 _ABSENT = object()
@@ -185,6 +186,7 @@ RULES: dict[str, Check] = {
     "model.optim.min_lr_ratio": PROBABILITY,
     "model.optim.betas": items(number(0, 1, open_high=True), 2, 2),
     "trainer.num_nodes": integer(1),
+    "trainer.precision": one_of(*PRECISIONS),
     "trainer.max_steps": integer(-1),
     "trainer.max_epochs": optional(integer(-1)),
     "trainer.log_every_n_steps": integer(1),
