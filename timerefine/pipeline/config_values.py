@@ -26,6 +26,7 @@ from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.grounding_module import DECODERS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
+from timerefine.pipeline.precision import PRECISIONS
 
 Check = Callable[[Any], "str | None"]
 _ABSENT = object()
@@ -189,6 +190,7 @@ RULES: dict[str, Check] = {
     "model.optim.min_lr_ratio": PROBABILITY,
     "model.optim.betas": items(number(0, 1, open_high=True), 2, 2),
     "trainer.num_nodes": integer(1),
+    "trainer.precision": one_of(*PRECISIONS),
     "trainer.max_steps": integer(-1),
     "trainer.max_epochs": optional(integer(-1)),
     "trainer.log_every_n_steps": integer(1),
