@@ -9,12 +9,11 @@ from typing import Any, Protocol
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.collate import CoarseLookup, GroundingCollator
+from datamodules.collate import GroundingCollator
 from datamodules.dataset import GroundingDataset
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from grounding.answer_format.chat import chat_prompt
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompts import resolve_template
 from grounding.answer_format.timeline import Timeline
 from grounding.records import FeatureStore, GroundingRecord
 
@@ -35,13 +34,18 @@ class DataSource(Protocol):
 
 
 class GroundingDataModule(L.LightningDataModule):
-    """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
-    the prompt becomes the model's chat turn (grounding/answer_format/chat.py)."""
+    """``codec`` (shared with the module) holds the tokenizer and the refinement schedule of the
+    targets; a prompt holds ``video_tokens`` video tokens. ``prompt_template``: a template;
+    ``chat_template``: how the prompt becomes the model's chat turn (grounding/answer_format/chat.py).
+    ``coarse_guesses`` holds the model's own coarse segments by qid (callbacks/on_policy.py); the
+    collator starts a target from one with probability ``on_policy_fraction``."""
 
     def __init__(
         self,
         source: DataSource,
+        codec: AnswerCodec,
         *,
+        video_tokens: int,
         batch_size: int,
         eval_batch_size: int,
         num_workers: int,
@@ -49,33 +53,30 @@ class GroundingDataModule(L.LightningDataModule):
         prompt_template: str,
         timeline: Timeline,
         chat_template: str,
+        on_policy_fraction: float = 0.0,
     ) -> None:
         """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.timeline = num_workers, seed, timeline
-        self.prompt_template, self.chat_template = resolve_template(prompt_template), chat_template
+        self.prompt_template, self.chat_template = prompt_template, chat_template
         self.datasets: dict[str, GroundingDataset] = {}
-        self.collator: GroundingCollator | None = None
+        self.codec = codec
+        self.coarse_guesses: dict[str, tuple[int, int]] = {}
+        self.collator = GroundingCollator(
+            codec,
+            partial(chat_prompt, prompt_template, chat_template, codec.tokenizer),
+            video_tokens,
+            seed,
+            self.coarse_guesses.get if on_policy_fraction > 0 else None,
+            timeline,
+            on_policy_fraction,
+        )
 
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self.datasets:
             self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
         return self.datasets[split].records
-
-    def attach(
-        self, codec: AnswerCodec, video_tokens: int | None = None, coarse_lookup: CoarseLookup | None = None
-    ) -> None:
-        """Give the datamodule the model's answer codec (its tokenizer and the refinement schedule of
-        the targets) and the number of video tokens a prompt holds (default: one per frame)."""
-        self.collator = GroundingCollator(
-            codec,
-            partial(chat_prompt, self.prompt_template, self.chat_template, codec.tokenizer),
-            video_tokens or self.source.num_frames,
-            self.seed,
-            coarse_lookup,
-            self.timeline,
-        )
 
     def annotated(self, split: str) -> int:
         """Queries the annotations hold for ``split``, before any were skipped for bad features."""
@@ -99,8 +100,6 @@ class GroundingDataModule(L.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _loader_options(self) -> dict[str, Any]:
-        if self.collator is None:
-            raise RuntimeError("call attach(codec) before asking for dataloaders")
         return {"collate_fn": self.collator, "num_workers": self.num_workers}
 
     def train_dataloader(self) -> ResumableLoader:

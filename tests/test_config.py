@@ -187,6 +187,7 @@ def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedd
         ]
     )
     datamodule = build_datamodule(cfg)
+    datamodule.setup()
     module = build_module(cfg, datamodule)
     batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(2)])
     video = module.tokenizer.convert_tokens_to_ids(VIDEO)
@@ -210,6 +211,7 @@ def test_saliency_loss_trains_the_query_conditioning(tmp_path):
         ]
     )
     datamodule = build_datamodule(cfg)
+    datamodule.setup()
     module = build_module(cfg, datamodule)
     batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(4)])
     losses = module._losses(batch)
@@ -331,6 +333,18 @@ def test_train_py_refuses_bad_settings_before_writing(train_main, tmp_path, caps
     assert not output_dir.exists()
 
 
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--help"]])
+def test_train_py_prints_the_composed_config_and_runs_nothing(train_main, tmp_path, capsys, flags):
+    overrides = ["model=direct", "trainer.max_steps=7", f"output_dir={tmp_path / 'run'}"]
+    assert train_main([*flags, *overrides]) == 0
+    out = capsys.readouterr().out
+    if "--help" in flags:
+        assert "Config groups" in out and "  data: activitynet, builtin, charades_sta, didemo" in out
+        out = out.split("The composed config (key=value sets a key):\n")[1]
+    assert OmegaConf.create(out) == load_config(overrides)  # every key, with its default or override
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("keep me\n")
@@ -350,5 +364,5 @@ def test_a_required_group_set_to_null_is_a_config_error():
 
 
 def test_stored_features_need_a_path():
-    with pytest.raises(ConfigError, match=r"data\.source\.features=folder needs data\.source\.feature_path"):
+    with pytest.raises(ConfigError, match=r"data\.source\.features=folder needs feature_path"):
         load_config(["data=charades_sta", "data.source.features=folder"])

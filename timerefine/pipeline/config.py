@@ -1,25 +1,27 @@
-"""Compose the run config from conf/ with Hydra's compose API, and check overrides before running."""
+"""Compose the run config from conf/ with Hydra's compose API on the typed schema (schema.py), and
+check what OmegaConf does not: the spec dataclasses' rules, and keys added with ``+``."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import lightning as L
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from timerefine.pipeline.config_values import value_errors
+from grounding.checks import SpecError
 from timerefine.pipeline.schema import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -27,9 +29,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, bad value. The message says which."""
-
-
-_ABSENT = object()
 
 
 if not OmegaConf.has_resolver("now"):
@@ -43,24 +42,28 @@ def _compose(config_dir: Path, overrides: list[str], name: str) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
-def _is_group(config_dir: Path, key: str) -> bool:
-    return (config_dir / key.split("@")[0]).is_dir()
+def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """Each config group (a folder of conf/) and its options."""
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(config_dir.iterdir()) if d.is_dir()
+    }
 
 
 # Groups whose default is no choice at all (``experiment: null`` in conf/train.yaml).
 OPTIONAL_GROUPS = ("experiment",)
 
 
-def _unset_null_groups(overrides: list[str], config_dir: Path) -> list[str]:
-    """``experiment=null`` means no experiment (Hydra spells it ``~experiment``); any other group
-    needs a choice."""
-    kept = []
+def _plain_overrides(overrides: list[str], config_dir: Path) -> list[str]:
+    """``experiment=null`` means no experiment (Hydra spells it ``~experiment``); any other group needs
+    a choice. ``~key`` is refused: code reads every key, so none can be removed."""
+    kept, groups = [], group_options(config_dir)
     for line, override in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
-        group = override.key_or_group
-        if _is_group(config_dir, group) and override.value() is None and not override.is_delete():
+        group = override.key_or_group.split("@")[0]
+        if group not in groups and override.is_delete():
+            raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
+        if group in groups and override.value() is None and not override.is_delete():
             if group not in OPTIONAL_GROUPS:
-                options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-                raise ConfigError(f"{line}: {group} needs a choice: {', '.join(options)}")
+                raise ConfigError(f"{line}: {group} needs a choice: {', '.join(groups[group])}")
             line = f"~{group}"
         kept.append(line)
     return kept
@@ -91,103 +94,85 @@ PASSED_ON: dict[str, tuple[str, frozenset[str] | None]] = {
 }
 
 
-def check_added_keys(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
-    """Reject ``+key=value`` for a key that no code would read (a typo would silently change nothing),
-    and ``~key``: code reads every key, so none can be removed."""
+def check_overrides(cfg: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
+    """What OmegaConf lets through: ``+key`` for a key that no code would read (a typo would silently
+    change nothing), and a value that is not true or false for a boolean key (OmegaConf reads 1 as true)."""
+    groups = group_options(config_dir)
     for override in overrides:
         key = override.key_or_group
-        if _is_group(config_dir, key):
-            continue
-        if override.is_delete():
-            raise ConfigError(f"~{key}: keys cannot be removed; set a value instead (null where allowed)")
-        if not (override.is_add() or override.is_force_add()):
-            continue
-        if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
-            continue
         parent, _, name = key.rpartition(".")
-        reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
-        if accepted is not None and name not in accepted:
-            takes = f" and {reader} takes no argument {name!r}" if reader else ""
-            raise ConfigError(f"{key}: added with + but not a config key{takes}, so nothing would read it")
-
-
-def _type_name(value: object) -> str:
-    if isinstance(value, (DictConfig, dict)):
-        return "mapping"
-    if isinstance(value, (ListConfig, list)):
-        return "list"
-    return type(value).__name__
-
-
-def _compatible(expected: object, given: object) -> bool:
-    if expected is None or given is None:
-        return True
-    if isinstance(expected, bool) or isinstance(given, bool):
-        return isinstance(expected, bool) and isinstance(given, bool)
-    if isinstance(expected, float):
-        return isinstance(given, (int, float))
-    return _type_name(expected) == _type_name(given)
-
-
-# Lightning accepts several types for these (int or float, count or list or "auto") and checks them itself.
-LIGHTNING_UNIONS = {
-    "trainer.devices",
-    "trainer.strategy",
-    "trainer.precision",
-    "trainer.val_check_interval",
-    "trainer.limit_train_batches",
-    "trainer.limit_val_batches",
-    "trainer.limit_test_batches",
-    "trainer.gradient_clip_val",
-}
-
-
-def check_override_types(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
-    """Reject ``key=value`` overrides whose value's type differs from the default's."""
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_sweep_override() or key in LIGHTNING_UNIONS or _is_group(config_dir, key):
+        if key.split("@")[0] in groups or override.is_sweep_override():
             continue
-        expected = OmegaConf.select(base, key, default=None, throw_on_missing=False)
-        given = override.value()
-        if isinstance(expected, (DictConfig, ListConfig)):
-            expected = OmegaConf.to_container(expected)
-        if not _compatible(expected, given):
-            default = "" if isinstance(expected, dict) else f" (default {expected!r})"
-            raise ConfigError(
-                f"{key}={given!r}: expected {_type_name(expected)}{default}, got {_type_name(given)}"
-            )
+        if override.is_add() or override.is_force_add():
+            spec = OmegaConf.get_type(OmegaConf.select(cfg, parent) if parent else cfg)
+            if dataclasses.is_dataclass(spec) and name in {f.name for f in dataclasses.fields(spec)}:
+                continue
+            reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
+            if accepted is not None and name not in accepted:
+                takes = f" and {reader} takes no argument {name!r}" if reader else ""
+                raise ConfigError(
+                    f"{key}: added with + but not a config key{takes}, so nothing would read it"
+                )
+        elif isinstance(OmegaConf.select(cfg, key), bool) and not isinstance(override.value(), bool):
+            raise ConfigError(f"{key}={override.value()}: must be true or false")
+
+
+def spec_errors(node: DictConfig, at: str = "") -> list[str]:
+    """What the spec dataclasses of ``node`` and below refuse, innermost first, each line naming the
+    full key."""
+    errors = [
+        e
+        for key, child in node.items()
+        if isinstance(child, DictConfig)
+        for e in spec_errors(child, f"{at}{key}.")
+    ]
+    if errors or not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        return errors
+    try:
+        OmegaConf.to_object(node)
+    except SpecError as error:
+        return [at + line for line in error.lines]
+    return []
+
+
+def _one_line(error: Exception, overrides: list[Override]) -> str:
+    """Hydra's message names the override; OmegaConf's, its cause, says what is wrong with it."""
+    text, cause = " ".join(str(error).split()), error.__cause__
+    keys = [o.key_or_group for o in overrides if o.key_or_group in text]
+    if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
+        return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
+    return text or repr(error)
 
 
 def load_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
-    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason.
-    ``config_dir``/``name``: conf/train.yaml, or a run's saved config.yaml (evaluate.py)."""
+    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason."""
+    parsed: list[Override] = []
     try:
-        overrides = _unset_null_groups(overrides, config_dir)
+        overrides = _plain_overrides(overrides, config_dir)
         parsed = OverridesParser.create().parse_overrides(overrides)
-        groups = [o.input_line for o in parsed if _is_group(config_dir, o.key_or_group)]
-        base = _compose(config_dir, groups, name)
-        check_added_keys(base, parsed, config_dir)
-        check_override_types(base, parsed, config_dir)
         cfg = _compose(config_dir, overrides, name)
+        check_overrides(cfg, parsed, config_dir)
         OmegaConf.resolve(cfg)
+        errors = spec_errors(cfg)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(" ".join(str(error).split()) or repr(error)) from error
-    errors = value_errors(cfg)
+        raise ConfigError(_one_line(error, parsed)) from error
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """A run's saved ``config.yaml`` (evaluation, prediction, export), with the keys added to the schema
-    since it was saved taking today's defaults for its dataset, then ``overrides`` checked as by
-    :func:`load_config`."""
+    """A run's saved ``config.yaml`` (evaluation, prediction, export) on today's schema, the keys added
+    since it was saved taking today's defaults for its dataset, then ``overrides`` as :func:`load_config`
+    takes them."""
     saved = OmegaConf.load(run_dir / "config.yaml")
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
-    defaults = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
-    OmegaConf.set_struct(defaults, False)
-    with tempfile.TemporaryDirectory() as folder:
-        OmegaConf.save(OmegaConf.merge(defaults, saved), Path(folder) / "config.yaml")
-        return load_config(overrides, name="config", config_dir=Path(folder))
+    run = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
+    try:
+        with open_dict(run), open_dict(run.trainer):  # as trainer arguments added with +
+            run.merge_with(saved)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {_one_line(error, [])}") from error
+    ConfigStore.instance().store(name="saved_run", node=run)
+    return load_config(overrides, name="saved_run")
