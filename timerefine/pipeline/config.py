@@ -69,29 +69,22 @@ def _plain_overrides(overrides: list[str], config_dir: Path) -> list[str]:
     return kept
 
 
-def _arguments(target: Callable, *set_by_build: str) -> frozenset[str] | None:
-    """The keyword arguments a config mapping may add for ``target``; None: any (it takes ``**kwargs``)."""
-    parameters = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return frozenset(parameters) - set(set_by_build)
-
-
-# Mappings handed on as keyword arguments: a key added there with `+` is read when the callee takes it.
-PASSED_ON: dict[str, tuple[str, frozenset[str] | None]] = {
-    "trainer": (
-        "lightning.Trainer",
-        _arguments(
-            L.Trainer, "default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"
-        ),
-    ),
+# Mappings handed on as keyword arguments (None: any key), less those the builder sets itself: a key
+# added there with `+` is read when the callee takes it.
+PASSED_ON: dict[str, tuple[Callable | None, set[str]]] = {
+    "trainer": (L.Trainer, {"default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"}),
     "trainer.strategy": (
-        "FSDPStrategy",
-        _arguments(FSDPStrategy, "auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"),
+        FSDPStrategy,
+        {"auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"},
     ),
-    "callbacks.early_stopping": ("EarlyStopping", _arguments(EarlyStopping)),
-    "data.source.annotation_files": ("the annotation source", None),  # any split name
+    "callbacks.early_stopping": (EarlyStopping, set()),
+    "data.source.annotation_files": (None, set()),  # any split name
 }
+
+
+def _takes(target: Callable | None, name: str) -> bool:
+    parameters = inspect.signature(target).parameters.values() if target else ()
+    return not target or any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def check_overrides(cfg: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
@@ -107,9 +100,9 @@ def check_overrides(cfg: DictConfig, overrides: list[Override], config_dir: Path
             spec = OmegaConf.get_type(OmegaConf.select(cfg, parent) if parent else cfg)
             if dataclasses.is_dataclass(spec) and name in {f.name for f in dataclasses.fields(spec)}:
                 continue
-            reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
-            if accepted is not None and name not in accepted:
-                takes = f" and {reader} takes no argument {name!r}" if reader else ""
+            target, set_by_build = PASSED_ON.get(parent, (object, set()))
+            if parent not in PASSED_ON or name in set_by_build or not _takes(target, name):
+                takes = f" and {target.__name__} takes no argument {name!r}" if parent in PASSED_ON else ""
                 raise ConfigError(
                     f"{key}: added with + but not a config key{takes}, so nothing would read it"
                 )

@@ -1,9 +1,7 @@
-"""The config schema: typed dataclasses that Hydra stores as structured configs, so OmegaConf checks
-every key and type; each field's default and range rule is written once, on the spec of the object it
-builds (``RefineSchedule``, ``OptimSpec``, ``BuiltinSpec``, ...). ``conf/train.yaml`` starts from
-``RunConfig``; a ``conf/data`` YAML starts from one of ``DATA_SCHEMAS`` and holds what its dataset
-changes. ``python train.py --cfg job`` prints the composed config.
-"""
+"""The config schema, stored in Hydra as structured configs so OmegaConf checks every key and type.
+Each default and range rule is written once, on the spec of the object it builds (``RefineSchedule``,
+``OptimSpec``, ``BuiltinSpec``, ...). conf/train.yaml starts from ``RunConfig``, a conf/data YAML from
+one of ``DATA_SCHEMAS``; the YAML comments say what the keys do."""
 
 from __future__ import annotations
 
@@ -34,11 +32,8 @@ from lightning_modules.released_weights import InitFromSpec
 
 def not_a_file(value: str) -> str | None:
     """A directory that may not exist yet."""
-    return (
-        f"{value} exists and is not a directory"
-        if Path(value).exists() and not Path(value).is_dir()
-        else None
-    )
+    path = Path(value)
+    return f"{value} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
 @dataclass
@@ -111,13 +106,9 @@ class DataConfig(Checked):
 # Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP
 # (512) clip features concatenated; Lighthouse's 2818 adds 2 temporal-endpoint dimensions it computes
 # at load time, which files here do not hold (the projector places tokens on the timeline itself).
-LIGHTHOUSE_KEYS = {
-    "qid": "qid",
-    "query": "query",
-    "video_id": "vid",
-    "duration": "duration",
-    "windows": "relevant_windows",
-}
+LIGHTHOUSE_KEYS = dict(
+    qid="qid", query="query", video_id="vid", duration="duration", windows="relevant_windows"
+)
 LIGHTHOUSE = JsonlSpec(MISSING, MISSING, keys=LIGHTHOUSE_KEYS, feature_dim=2304 + 512)
 # The schemas a conf/data YAML starts from (``/schema/data/<name>@_here_``): the generated data, and
 # annotation files read by ``LOADERS[data.name]``.
@@ -138,10 +129,7 @@ class EvalConfig(Checked):
 
 @dataclass
 class TrainerConfig(Checked):
-    """Arguments of ``lightning.Trainer`` (``+trainer.<argument>=...`` adds any other); Lightning checks
-    the union-typed ones (``Any``) itself. CPU or one GPU, picked automatically. bf16 autocast: 0.81x
-    the fp32 step time on a CPU with bf16 instructions (bench/step_levers.py); on a CPU without them,
-    32-true may be faster."""
+    """Arguments of ``lightning.Trainer``; Lightning checks the union-typed ones (``Any``) itself."""
 
     accelerator: str = "auto"
     devices: Any = 1
@@ -162,17 +150,12 @@ class TrainerConfig(Checked):
 
 @dataclass
 class LoggerConfig:
-    """Loggers write under <output_dir>/logs; both continue the same run on resume."""
-
     csv: bool = True
     tensorboard: bool = True
 
 
 @dataclass
 class CheckpointConfig(Checked):
-    """The best checkpoint by ``monitor`` (null: no selection, the final weights are tested), and
-    last.ckpt, the resume point, every ``last_every_n_steps`` steps, at the end and on a crash."""
-
     monitor: str | None = "val/mIoU"
     mode: str = checked("max", one_of("min", "max"))
     save_top_k: int = checked(1, integer(-1))
@@ -181,10 +164,6 @@ class CheckpointConfig(Checked):
 
 @dataclass
 class CallbacksConfig(Checked):
-    """``early_stopping``: EarlyStopping's arguments, e.g. {monitor: val/mIoU, mode: max, patience: 5};
-    ``refinement_trace``: validation queries drawn step by step at each validation
-    (refinement_trace/), 0: off."""
-
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     progress_bar: str = checked("rich", one_of("rich", "tqdm", "none"))
     lr_monitor: bool = True
@@ -194,10 +173,7 @@ class CallbacksConfig(Checked):
 
 @dataclass
 class RunConfig(Checked):
-    """The root. ``output_dir``: where everything of the run goes (config, metrics, predictions,
-    checkpoints, logs). ``resume``: auto (continue from <output_dir>/checkpoints/last.ckpt or a SLURM
-    HPC checkpoint when present), a checkpoint path, or null (always start fresh). ``test``: test the
-    best checkpoint after fitting."""
+    """The root: the run's own keys, then one node per group."""
 
     seed: int = checked(0, integer(0, 2**32 - 1))
     output_dir: str = checked("runs/${now:%Y-%m-%d_%H-%M-%S}", not_a_file)
