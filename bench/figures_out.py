@@ -6,19 +6,35 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its bf16 instruction sets (``/proc/cpuinfo``; the architecture where
+    that is unreadable): whether bf16 autocast is a lever or a cost depends on them."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.is_file() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    present = set(flags.group(1).split()) if flags else set()
+    bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in present]
+    name = model.group(1).strip() if model else platform.machine()
+    return f"{name} ({' + '.join(bf16) if bf16 else 'no bf16 instructions'})" if flags else name
+
+
 def machine() -> str:
-    """CPU count, load average, Python/torch versions, intra-op threads and the date: the context
-    a ratio was measured in."""
+    """CPU model, count, load average, Python/torch versions, intra-op threads and the date: the
+    context a ratio was measured in."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load}, Python "
+        f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load}, Python "
         f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op "
         f"thread(s), {datetime.datetime.now().isoformat(timespec='minutes')}"
     )

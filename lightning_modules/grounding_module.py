@@ -39,6 +39,7 @@ from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
 from grounding.metrics.windows import metric_inputs, record_iou
 from lightning_modules.generation import generate
+from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.video_llm import VideoLLM
@@ -62,14 +63,24 @@ class OptimSpec(Checked):
         return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio > 0 else self.warmup_steps
 
 
+# The greedy decoders, which give the same answers: the project's (fused forward passes, each
+# choice's token with the fixed text after it) and Hugging Face generate() with a SlotLogitsProcessor.
+DECODERS = {"fused": generate, "generate": hf_generate}
+
+
 @dataclass
 class InferenceSpec(Checked):
     """``final``: last refined segment, aux-head prediction, or their mean. ``constrained``: fill the
-    fixed tokens in and let the model choose only digits and signs."""
+    fixed tokens in and let the model choose only digits and signs. ``decoder``: a name from ``DECODERS``."""
 
     final: str = checked("last", one_of(*FINAL_CHOICES))
     constrained: bool = True
     max_new_tokens: int | None = checked(None, optional(integer(1)))
+    decoder: str = checked("fused", one_of(*DECODERS))
+
+    def new_tokens(self, answer_length: int) -> int:
+        """The most tokens a generated answer may take, answers being ``answer_length`` tokens long."""
+        return self.max_new_tokens or answer_length + 8
 
 
 def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -177,16 +188,21 @@ class GroundingModule(L.LightningModule):
         for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
             metric.update(*metric_inputs(column, records))
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens a generated answer may take."""
+        return self.inference.new_tokens(self.codec.answer_length())
+
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
-        generation = generate(
+        generation = DECODERS[self.inference.decoder](
             self.model,
             batch["prompt_ids"],
             batch["prompt_mask"],
             batch["features"],
             eos_id=self.codec.end_id,
-            max_new_tokens=self.inference.max_new_tokens or self.codec.answer_length() + 8,
+            max_new_tokens=self.max_new_tokens,
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -70,6 +71,13 @@ class LMSpec(Checked):
     tokenizer_vocab_size: int = checked(1000, integer(1))
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+
+
+def max_positions(spec: LMSpec) -> int | None:
+    """The positions the LM of ``spec`` holds (its config's ``max_position_embeddings``), None if unstated."""
+    if not spec.name_or_path:
+        return spec.tiny.max_positions
+    return getattr(AutoConfig.from_pretrained(spec.name_or_path), "max_position_embeddings", None)
 
 
 def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -47,7 +47,7 @@ class ReleasedWeightsError(ValueError):
 
 @dataclass
 class InitFromSpec(Checked):
-    """Released weights to start from (README "Released weights"). ``projector``: stage 1's
+    """Released weights to start from (docs/real_lms.md "Released weights"). ``projector``: stage 1's
     ``mm_projector.bin``; ``adapters``: the stage-2 and stage-3 LoRA folders, merged into the LM in
     this order; ``added_tokens``: the tokens the release added after its base vocabulary, in order."""
 

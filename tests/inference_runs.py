@@ -60,11 +60,19 @@ TRAIN_OVERRIDES = [
 
 
 def write_moment_video(
-    path: Path, duration: float, colour: str, appear: float, disappear: float, fps: int = FPS
+    path: Path,
+    duration: float,
+    colour: str,
+    appear: float,
+    disappear: float,
+    fps: int = FPS,
+    faststart: bool = False,
 ) -> Path:
-    """An mpeg4 video, grey but for a ``colour`` square shown from ``appear`` to ``disappear`` seconds."""
+    """An mpeg4 video, grey but for a ``colour`` square shown from ``appear`` to ``disappear`` seconds;
+    ``faststart``: an MP4's index before its frames (as web videos are), so a truncated copy opens."""
     width, height = SIZE
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(round(duration * fps)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -11,7 +12,7 @@ import pytest
 
 from tests.demo_browser import ask, browser_available, chromium, free_port
 from tests.inference_runs import VIDEOS, write_moment_video
-from timerefine.demo.app import Demo, build_app, demo_examples, launch
+from timerefine.demo.app import Demo, build_app, demo_examples, launch, main
 from timerefine.demo.timeline_plot import Row, rows_of, timeline_svg
 from timerefine.inference.grounder import Grounder, Grounding
 
@@ -93,6 +94,35 @@ def test_demo_messages_for_bad_input(video_demo, tmp_path):
         status, timeline, frames, clip, features = video_demo.answer(*arguments)
         assert status.startswith(message) and timeline == ""
         assert not (frames["visible"] or clip["visible"] or features["visible"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("taken", ["before loading", "while loading"])
+def test_a_busy_port_is_one_error_line_before_serving(video_run, taken, capsys, monkeypatch):
+    if taken == "while loading":  # the port is free when checked, taken by the time the demo serves
+        monkeypatch.setattr("timerefine.demo.app.check_port", lambda port: None)
+    with socket.socket() as busy:  # another server's port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([str(video_run.run_dir), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [
+        f"error: --port {port}: 127.0.0.1:{port} is in use; choose another port"
+    ]
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1"])
+def test_a_port_out_of_range_is_refused_by_the_parser(port, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["some_run", "--port", port])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(f"error: argument --port: must be a port number from 1 to 65535, got '{port}'")
+    )
 
 
 @pytest.mark.slow

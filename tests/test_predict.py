@@ -16,11 +16,13 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from tests.inference_runs import ROOT, VIDEOS, write_moment_video
 from timerefine.inference.grounder import Grounder
+from timerefine.inference.video_features import InputError
 from timerefine.tools.predict import main
 
 pytestmark = pytest.mark.slow  # each test needs the session's tiny video run (trained once, ~15 s)
 QUERIES = ["a red square appears", "a blue square appears"]
 STEPS = 5  # the first coarse segment and K=3 refinements of it, then the final one: refine.steps + 2
+LONG_QUERY = "a red square appears in the middle " * 150  # over 512 positions in any tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,11 @@ def test_jsonl_pairs_and_table(video_run, tmp_path, capsys):
     assert "vid_red_b.mp4" in table and "a red square" in table and "->" in table
 
 
+def pairs_file(path: Path, *rows: dict) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_audio_only(path: Path) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("aac", rate=8000)
@@ -129,6 +136,16 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     shutil.copytree(video_run.run_dir, no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
     pooled = tmp_path / "pooled_clip"
     CLIPVisionModel(CLIPVisionConfig.from_pretrained(video_run.encoder)).save_pretrained(pooled)
+    six = write_moment_video(tmp_path / "six.mp4", 6.0, "red", 2.0, 4.0)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(
+        json.dumps({"video": red, "query": "a red square"}).encode()
+        + b"\n"
+        + b'{"video": "vid_red_a.mp4", "query": "a red caf\xe9"}\n'
+    )
+    ten = pairs_file(tmp_path / "ten.jsonl", {"video": red, "query": "a red square", "duration": "ten"})
+    nameless = pairs_file(tmp_path / "nameless.jsonl", {"video": red, "query": " . "})
+    long_pairs = pairs_file(tmp_path / "long.jsonl", {"video": red, "query": LONG_QUERY})
     query = ["--query", "a red square appears"]
     return {
         "missing video": (
@@ -165,6 +182,21 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
             [red, "--run", run, "--encoder", str(pooled), "--no-projection", *query],
             f"--encoder {pooled}: makes 32-d features, the run reads 16-d",
         ),
+        "non-UTF-8 pairs file": ([str(latin1), "--run", run], f"{latin1}:2: not UTF-8 text (byte 0xe9"),
+        "duration not a number": (
+            [str(ten), "--run", run],
+            f"{ten}:1: \"duration\" must be a positive number of seconds, got 'ten'",
+        ),
+        "empty query in a pairs file": ([str(nameless), "--run", run], f"{nameless}:1: the query is empty"),
+        "duration of another video": (
+            [str(six), "--run", run, "--duration", "100", *query],
+            f"--duration=100: {six} lasts 6.00 s",
+        ),
+        "query too long": (
+            [red, "--run", run, *query, "--query", LONG_QUERY],
+            "--query 2: the query is ",
+        ),
+        "query too long in a pairs file": ([str(long_pairs), "--run", run], f"{long_pairs}:1: the query is "),
     }
 
 
@@ -184,6 +216,12 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "no encoder recorded",
         "encoder not found",
         "encoder of another size",
+        "non-UTF-8 pairs file",
+        "duration not a number",
+        "empty query in a pairs file",
+        "duration of another video",
+        "query too long",
+        "query too long in a pairs file",
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(bad_inputs, case, capsys):
@@ -202,3 +240,75 @@ def test_a_longer_video_of_another_size(video_run, grounder, tmp_path):
     assert answer.duration == pytest.approx(9.0, abs=0.2) and len(answer.steps) == STEPS
     assert re.fullmatch(r"From <SEG_START> .* <SEG_END>\.", answer.text)
     assert VIDEOS  # the run never saw this video
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("--batch-size", "0", "must be an integer >= 1, got '0'"),
+        ("--batch-size", "-3", "must be an integer >= 1, got '-3'"),
+        ("--duration", "-5", "must be a positive number of seconds, got '-5'"),
+        ("--duration", "0", "must be a positive number of seconds, got '0'"),
+        ("--duration", "nan", "must be a positive number of seconds, got 'nan'"),
+        ("--duration", "inf", "must be a positive number of seconds, got 'inf'"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(video_run, argument, value, message, capsys):
+    video = str(video_run.videos / "vid_red_a.mp4")
+    with pytest.raises(SystemExit) as exit_:
+        main([video, "--run", str(video_run.run_dir), "--query", "a red square", argument, value])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines()[-1].endswith(f"error: argument {argument}: {message}")
+
+
+def test_a_given_duration_must_be_the_videos_own(video_run, grounder, tmp_path, capsys):
+    """Close to the video's length (an annotation's rounding) it is used; far from it, it is refused."""
+    six = write_moment_video(tmp_path / "six.mp4", 6.0, "red", 2.0, 4.0)
+    assert (
+        main([str(six), "--run", str(video_run.run_dir), "--query", "red", "--duration", "6.2", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)[0]["duration"] == 6.2
+    for duration in (3.0, 100.0, -5.0, float("nan")):
+        with pytest.raises(InputError, match=r"^--duration="):
+            grounder.features(six, duration)
+
+
+def truncated_copy(video: Path, out: Path, keep: float) -> Path:
+    """The first ``keep`` share of a file's bytes, as an interrupted download leaves it."""
+    data = video.read_bytes()
+    out.write_bytes(data[: int(len(data) * keep)])
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_truncated_video_is_refused(video_run, grounder, tmp_path, suffix, capsys):
+    """An MP4 whose index promises 100 frames, and a Matroska file whose header promises 10 s,
+    cut short: the answer would be about the part that decodes, stretched over the whole length."""
+    whole = write_moment_video(tmp_path / f"whole{suffix}", 10.0, "red", 2.0, 4.0, faststart=suffix == ".mp4")
+    cut = truncated_copy(whole, tmp_path / f"cut{suffix}", keep=0.5)
+    assert grounder.features(whole).duration == pytest.approx(10.0)  # the same file, whole, is fine
+    assert main([str(cut), "--run", str(video_run.run_dir), "--query", "a red square"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert captured.out == "" and line.startswith(f"error: {cut}: only "), line
+    decoded = re.search(
+        r"only (\d+)% of the video decodes \((\d+) of (\d+) frames, up to ([\d.]+) s of 10.00 s\)", line
+    )
+    assert decoded, line
+    share, frames, promised, end = int(decoded[1]), int(decoded[2]), int(decoded[3]), float(decoded[4])
+    assert 10 <= share <= 90 and share == round(100 * end / 10.0) and frames <= promised
+    assert line.endswith("the file is truncated or damaged")
+
+
+def test_a_query_longer_than_the_language_model_is_refused(video_run, grounder):
+    """Past its positions the LM reads nonsense (RoPE extrapolates without an error): say so instead."""
+    video = grounder.features(video_run.videos / "vid_red_a.mp4")
+    limit = grounder.run.language_model.config.max_position_embeddings
+    with pytest.raises(
+        InputError,
+        match=rf"^query 2: the query is [\d,]+ tokens long; this model takes at most \d+ \(its language model has {limit} positions",
+    ):
+        grounder.ground(video, ["a red square", LONG_QUERY])

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grounding.answer_format.layout import format_answer, spaced
+from grounding.answer_format.prompts import query_length_error
 from grounding.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
 from grounding.answer_format.tokens import DIGITS, GROUNDING_TOKENS, IGNORE_INDEX, SEG_START, SIGNS, VIDEO
 from tests import helpers
@@ -250,3 +251,12 @@ def test_canonical_answers_with_the_local_tokenizer(k):
         assert parse_answer(spaced(tok.decode(ids))) == steps
     numbers = [slot for slot in codec.slots() if slot.choices]
     assert all(len({len(choice) for choice in slot.choices}) == 1 for slot in numbers)
+
+
+def test_a_query_fits_the_positions_the_prompt_video_and_answer_leave():
+    assert query_length_error(412, 100, 512) is None  # exactly the room left
+    assert query_length_error(413, 100, 512) == (
+        "the query is 413 tokens long; this model takes at most 412 (its language model has 512 "
+        "positions, 100 of them for the prompt, the video and the answer)"
+    )
+    assert "at most 0 " in query_length_error(1, 600, 512)  # the rest alone is too long

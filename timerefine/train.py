@@ -7,6 +7,7 @@ python train.py --cfg job [overrides]             # print the composed config, r
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -20,21 +21,30 @@ from timerefine.pipeline.config import ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
-from timerefine.pipeline.resume import resume_checkpoint
+from timerefine.pipeline.previous_run import check_same_settings, finished
+from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
 
 log = logging.getLogger("train")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, and return the flat metrics written to metrics.json."""
+    """Fit, test the best checkpoint, and return the flat metrics written to metrics.json (those
+    already there when ``output_dir`` holds this run finished)."""
     output_dir = Path(cfg.output_dir)
     checkpoint = resume_checkpoint(cfg.resume, output_dir)  # checked before anything is written
+    check_same_settings(cfg, output_dir, checkpoint)
+    if finished(cfg, output_dir):
+        log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
+        return json.loads((output_dir / "metrics.json").read_text())
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint_file(checkpoint, output_dir))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=output_dir / "tokenizer")
     datamodule.setup()  # read and check every split before anything is written
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:
+        (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
         save_config(cfg, output_dir)
         module.tokenizer.save_pretrained(output_dir / "tokenizer")
 

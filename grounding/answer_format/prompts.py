@@ -38,3 +38,17 @@ def render_prompt(template: str, query: str) -> str:
         if placeholder not in template:
             raise ValueError(f"prompt template lacks the {placeholder} placeholder: {template!r}")
     return template.replace("{query}", normalize_query(query))
+
+
+def query_length_error(query_tokens: int, other_tokens: int, max_positions: int) -> str | None:
+    """Why a query of ``query_tokens`` tokens does not fit a language model of ``max_positions``
+    positions when the rest of its sequence (template, video tokens, answer) takes ``other_tokens``;
+    None when it fits. Past its positions a model reads nonsense, often without an error."""
+    room = max_positions - other_tokens
+    if query_tokens <= room:
+        return None
+    return (
+        f"the query is {query_tokens:,} tokens long; this model takes at most {max(room, 0):,} (its "
+        f"language model has {max_positions:,} positions, {other_tokens:,} of them for the prompt, "
+        "the video and the answer)"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from timerefine.pipeline.config import ConfigError
 log = logging.getLogger(__name__)
 DATA_ERRORS = (ConfigError, FeatureError, QuirkError, OSError, ValueError)
 CSS = "#timeline svg { max-width: 100%; height: auto; }"
+HOST = "127.0.0.1"  # served on the loopback interface only
 
 
 @dataclass(frozen=True)
@@ -173,17 +175,45 @@ def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blo
     return app
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return port
+
+
+def port_taken(port: int) -> InputError:
+    return InputError(f"--port {port}: {HOST}:{port} is in use; choose another port")
+
+
+def check_port(port: int) -> None:
+    """InputError unless ``port`` on 127.0.0.1 is free to serve on (checked before loading the model)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            probe.bind((HOST, port))
+        except OSError as err:
+            raise port_taken(port) from err
+
+
 def launch(app: gr.Blocks, port: int | None, block: bool = True) -> None:
-    """Serve on 127.0.0.1 only; no share link, no server-side rendering (which would need Node)."""
+    """Serve on 127.0.0.1 only; no share link, no server-side rendering (which would need Node).
+    ``block``: then wait until interrupted."""
     app.launch(
-        server_name="127.0.0.1",
+        server_name=HOST,
         server_port=port,
         share=False,
         ssr_mode=False,
         quiet=True,
         css=CSS,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
     )
+    if block:
+        app.block_thread()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a run directory or an exported model")
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path (run directories)")
     parser.add_argument("--video", type=Path, action="append", default=[], help="a video to offer (repeat)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -203,13 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         missing = [video for video in args.video if not video.is_file()]
         if missing:
             raise InputError(f"--video {missing[0]}: no such file")
+        check_port(args.port)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
+        app = build_app(grounder, demo_examples(grounder, args.video), args.run.name)
+        try:
+            launch(app, args.port, block=False)
+        except OSError as err:  # taken meanwhile
+            raise port_taken(args.port) from err
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    examples = demo_examples(grounder, args.video)
-    print(f"serving {args.run} on http://127.0.0.1:{args.port}")
-    launch(build_app(grounder, examples, args.run.name), args.port)
+    print(f"serving {args.run} on http://{HOST}:{args.port}")
+    app.block_thread()
     return 0
 
 

@@ -9,6 +9,7 @@ folder of videos; the grounder runs it on one new video.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -40,18 +41,38 @@ def _frame_count(path: str | Path) -> int:
         return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def decode_uniform_frames(path: str | Path, n: int, size: int | None = None) -> np.ndarray:
-    """Decode ``n`` uniformly spaced RGB frames as uint8 ``(n, H, W, 3)``; ``size`` scales the short side."""
+@dataclass(frozen=True)
+class SampledFrames:
+    """``n`` uniformly spaced RGB frames, uint8 ``(n, H, W, 3)``, and how much of the video decoded:
+    ``decoded`` of the ``promised`` frames, the last one ending ``end`` seconds into the stream (None
+    when the frames carry no time)."""
+
+    frames: np.ndarray
+    decoded: int
+    promised: int
+    end: float | None
+
+
+def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledFrames:
+    """Decode ``n`` uniformly spaced frames; ``size`` scales the short side. Frames the header
+    promises but the stream lacks repeat the last decoded one (``decoded`` says how many there were)."""
     try:
-        wanted = sample_frame_indices(_frame_count(path), n)
+        promised = _frame_count(path)
+        wanted = sample_frame_indices(promised, n)
         wanted_set, last_wanted = set(wanted.tolist()), int(wanted[-1])
         picked: dict[int, np.ndarray] = {}
+        decoded, end = 0, None
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             scale = (
                 {} if size is None else _scaled(stream.codec_context.width, stream.codec_context.height, size)
             )
+            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            step = 1 / float(stream.average_rate) if stream.average_rate else 0.0
             for i, frame in enumerate(container.decode(stream)):
+                decoded = i + 1
+                if frame.time is not None:
+                    end = max(end or 0.0, frame.time - start + step)
                 if i in wanted_set:
                     picked[i] = frame.to_ndarray(format="rgb24", **scale)
                 if i >= last_wanted:
@@ -60,8 +81,13 @@ def decode_uniform_frames(path: str | Path, n: int, size: int | None = None) -> 
         raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
     if not picked:
         raise VideoDecodeError(path, "no frame could be decoded")
-    last = picked[max(picked)]  # frames promised by the header but missing: repeat the last one
-    return np.stack([picked.get(int(i), last) for i in wanted])
+    last = picked[max(picked)]
+    return SampledFrames(np.stack([picked.get(int(i), last) for i in wanted]), decoded, promised, end)
+
+
+def decode_uniform_frames(path: str | Path, n: int, size: int | None = None) -> np.ndarray:
+    """Decode ``n`` uniformly spaced RGB frames as uint8 ``(n, H, W, 3)``; ``size`` scales the short side."""
+    return sample_frames(path, n, size).frames
 
 
 def _scaled(width: int, height: int, size: int) -> dict[str, int]:

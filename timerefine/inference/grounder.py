@@ -22,13 +22,15 @@ from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.prompts import normalize_query
 from timerefine.inference.export_folder import is_export, load_export
 from timerefine.inference.frame_encoder import ClipFrameEncoder
-from timerefine.inference.run_loading import LoadedRun, load_run, predict
+from timerefine.inference.run_loading import LoadedRun, load_run, predict, query_error
 from timerefine.inference.video_features import (
     FEATURE_SUFFIXES,
     EncoderSpec,
     InputError,
     checked_features,
+    durations_agree,
     encode_video,
+    positive_seconds,
     probe_video,
     read_features,
     recorded_encoder,
@@ -155,22 +157,31 @@ class Grounder:
         return self._encoder
 
     def features(self, video: VideoInput, duration: float | None = None) -> Features:
-        """The run's view of ``video``: ``(num_frames, feature_dim)`` float32 features and the duration."""
+        """The run's view of ``video``: ``(num_frames, feature_dim)`` float32 features and the duration
+        (a video file's own, or ``duration`` when it agrees with it up to rounding)."""
         frames, dim = self.run.num_frames, self.run.feature_dim
+        if duration is not None and positive_seconds(duration) is None:
+            raise InputError(f"--duration={duration}: must be a positive number of seconds")
         if isinstance(video, (str, Path)) and Path(video).suffix.lower() not in FEATURE_SUFFIXES:
             info = probe_video(Path(video))
-            encoder = self.encoder
-            sampled = encode_video(Path(video), encoder, self.encoder_spec.num_frames)
+            if duration is not None and not durations_agree(duration, info.duration):
+                raise InputError(
+                    f"--duration={duration:g}: {video} lasts {info.duration:.2f} s (leave the duration "
+                    "out to use the video's own)"
+                )
+            sampled = encode_video(Path(video), self.encoder, self.encoder_spec.num_frames, info.duration)
             return Features(checked_features(sampled, str(video), dim, frames), duration or info.duration)
         if duration is None:
             raise InputError(
                 "--duration: needed with features, which hold no time (the video's length in seconds)"
             )
-        if not duration > 0:
-            raise InputError(f"--duration={duration}: must be > 0 seconds")
         if isinstance(video, (str, Path)):
             return Features(read_features(Path(video), dim, frames), float(duration))
         return Features(checked_features(video, "the feature array", dim, frames), float(duration))
+
+    def query_error(self, query: str) -> str | None:
+        """Why the model cannot take ``query`` (longer than its language model's positions), or None."""
+        return query_error(self.run, query)
 
     def ground(
         self,
@@ -182,6 +193,11 @@ class Grounder:
         """One answer per query, decoded in batches of ``batch_size`` queries."""
         queries = [queries] if isinstance(queries, str) else list(queries)
         check_queries(queries)
+        if batch_size < 1:
+            raise InputError(f"batch_size={batch_size}: must be >= 1")
+        for number, query in enumerate(queries, start=1):
+            if reason := self.query_error(query):
+                raise InputError(f"query {number}: {reason}")
         features = video if isinstance(video, Features) else self.features(video, duration)
         array = torch.from_numpy(features.array)
         answers = []

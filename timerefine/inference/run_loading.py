@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from callbacks.lightning_compat import load_sharded_checkpoint
 from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
+from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.video_features import InputError
@@ -126,6 +127,17 @@ def precision_autocast(precision: str, device_type: str) -> contextlib.AbstractC
     if precision.startswith("16"):
         return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def query_error(run: LoadedRun, query: str) -> str | None:
+    """Why ``query``, with the prompt, the video and the longest answer, does not fit the run's
+    language model; None when it fits (or the model states no limit)."""
+    limit = getattr(run.language_model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    others = len(run.collator.prompt_ids(""))
+    query_tokens = len(run.collator.prompt_ids(query)) - others
+    return query_length_error(query_tokens, others + run.module.max_new_tokens, limit)
 
 
 def predict(run: LoadedRun, features: torch.Tensor, queries: list[str]) -> list[Prediction]:

@@ -9,6 +9,7 @@ Every problem is an :class:`InputError` whose one-line message names the file or
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,19 @@ from grounding.records import FeatureError, resample_frames
 from timerefine.inference.frame_encoder import (
     ENCODER_RECORD,
     ClipFrameEncoder,
+    SampledFrames,
     VideoDecodeError,
     encode_pixels,
-    video_pixels,
+    preprocess,
+    sample_frames,
 )
 
 FEATURE_SUFFIXES = SUFFIXES
+# How far a video may fall short of its header (missing frames, or seconds missing at its end), and
+# a given duration differ from the video's own, in seconds or as a share, whichever is more lenient:
+# headers miscount a frame or two, annotations round lengths.
+SHORTFALL_FRAMES, SHORTFALL_SHARE = 2, 0.02
+DURATION_SECONDS, DURATION_SHARE = 0.5, 0.05
 
 
 class InputError(ValueError):
@@ -95,12 +103,47 @@ def probe_video(path: Path) -> VideoInfo:
     return VideoInfo(duration, frames, width, height)
 
 
-def encode_video(path: Path, encoder: ClipFrameEncoder, num_frames: int, batch_size: int = 100) -> np.ndarray:
-    """``(num_frames, encoder.dim)`` float16 features of a video, as the extraction tool stores them."""
+def positive_seconds(value: object) -> float | None:
+    """``value`` as a finite number of seconds > 0, or None when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def durations_agree(given: float, own: float) -> bool:
+    """Whether a duration given for a video can be its own length (``own``), up to rounding."""
+    return abs(given - own) <= max(DURATION_SECONDS, DURATION_SHARE * own)
+
+
+def decoded_share(sampled: SampledFrames, duration: float) -> float:
+    """The share of a ``duration``-second video that decoded: the less of its frames and its time."""
+    share = sampled.decoded / sampled.promised
+    return share if sampled.end is None else min(share, sampled.end / duration)
+
+
+def decodes_whole(sampled: SampledFrames, duration: float) -> bool:
+    """Whether all of the video decoded, but for what :data:`SHORTFALL_FRAMES` allows."""
+    allowed = max(SHORTFALL_SHARE, SHORTFALL_FRAMES / sampled.promised)
+    return decoded_share(sampled, duration) >= 1 - allowed
+
+
+def encode_video(
+    path: Path, encoder: ClipFrameEncoder, num_frames: int, duration: float, batch_size: int = 100
+) -> np.ndarray:
+    """``(num_frames, encoder.dim)`` float16 features of a ``duration``-second video, as the extraction
+    tool stores them; InputError when less of it decodes than its header promises (a truncated file)."""
     try:
-        return encode_pixels(encoder, video_pixels(path, num_frames, encoder.image_size), batch_size)
+        sampled = sample_frames(path, num_frames, encoder.image_size)
     except VideoDecodeError as err:
         raise InputError(str(err)) from err
+    if not decodes_whole(sampled, duration):
+        end = duration if sampled.end is None else sampled.end
+        raise InputError(
+            f"{path}: only {decoded_share(sampled, duration):.0%} of the video decodes ({sampled.decoded} "
+            f"of {sampled.promised} frames, up to {end:.2f} s of {duration:.2f} s): the file is "
+            "truncated or damaged"
+        )
+    return encode_pixels(encoder, preprocess(sampled.frames, encoder.image_size), batch_size)
 
 
 def checked_features(

@@ -30,7 +30,7 @@ from grounding.answer_format.corpus import tokenizer_corpus
 from grounding.answer_format.prompts import render_prompt, resolve_template
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
-from lightning_modules.language_model import build_language_model
+from lightning_modules.language_model import build_language_model, max_positions
 from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
@@ -97,6 +97,7 @@ def build_datamodule(
     data, source = cfg.data, source or build_source(cfg.data)
     schedule, template = refine_schedule(cfg.model), resolve_template(data.prompt_template)
     codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
+    generated = OmegaConf.to_object(cfg.model.inference).new_tokens(codec.answer_length())
     return GroundingDataModule(
         source,
         codec,
@@ -109,6 +110,9 @@ def build_datamodule(
         timeline=run_timeline(cfg),
         chat_template=data.chat_template,
         on_policy_fraction=cfg.model.refine.on_policy.fraction if schedule.with_offsets else 0.0,
+        max_positions=max_positions(OmegaConf.to_object(cfg.model.lm)),
+        answer_tokens=max(generated, codec.answer_length() + 1),  # generated, or trained on
+        query_too_long=data.query_too_long,
     )
 
 

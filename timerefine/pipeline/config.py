@@ -27,6 +27,9 @@ from timerefine.pipeline.schema import register_schemas
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+_ABSENT = object()
+
+
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, bad value. The message says which."""
 
@@ -87,26 +90,46 @@ def _takes(target: Callable | None, name: str) -> bool:
     return not target or any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def check_overrides(cfg: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
-    """What OmegaConf lets through: ``+key`` for a key that no code would read (a typo would silently
-    change nothing), and a value that is not true or false for a boolean key (OmegaConf reads 1 as true)."""
+def unread(base: DictConfig, key: str) -> str | None:
+    """Why no code would read ``key``: not a key of ``base``, nor an argument that the reader of a
+    ``PASSED_ON`` mapping takes; None when something reads it."""
+    if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
+        return None
+    parent, _, name = key.rpartition(".")
+    target, set_by_build = PASSED_ON.get(parent, (object, set()))
+    if parent in PASSED_ON and name not in set_by_build and _takes(target, name):
+        return None
+    takes = f" and {target.__name__} takes no argument {name!r}" if parent in PASSED_ON else ""
+    return f"not a config key{takes}, so nothing would read it"
+
+
+def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:
+    """The keys of ``saved`` that no code would read, judged against ``base`` as :func:`unread`
+    judges a ``+key``; a mapping where ``base`` holds a value (``trainer.strategy``) is its reader's."""
+    keys = []
+    for name, value in saved.items():
+        key = f"{prefix}{name}"
+        if unread(base, key):
+            keys.append(key)
+        elif isinstance(value, DictConfig) and isinstance(OmegaConf.select(base, key), DictConfig):
+            keys.extend(unread_keys(value, base, f"{key}."))
+    return keys
+
+
+def check_overrides(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
+    """What OmegaConf lets through, judged against ``base`` (the config before the overrides): ``+key``
+    for a key that no code would read (a typo would silently change nothing), and a value that is not
+    true or false for a boolean key (OmegaConf reads 1 as true)."""
     groups = group_options(config_dir)
     for override in overrides:
         key = override.key_or_group
-        parent, _, name = key.rpartition(".")
         if key.split("@")[0] in groups or override.is_sweep_override():
             continue
-        if override.is_add() or override.is_force_add():
-            spec = OmegaConf.get_type(OmegaConf.select(cfg, parent) if parent else cfg)
-            if dataclasses.is_dataclass(spec) and name in {f.name for f in dataclasses.fields(spec)}:
-                continue
-            target, set_by_build = PASSED_ON.get(parent, (object, set()))
-            if parent not in PASSED_ON or name in set_by_build or not _takes(target, name):
-                takes = f" and {target.__name__} takes no argument {name!r}" if parent in PASSED_ON else ""
-                raise ConfigError(
-                    f"{key}: added with + but not a config key{takes}, so nothing would read it"
-                )
-        elif isinstance(OmegaConf.select(cfg, key), bool) and not isinstance(override.value(), bool):
+        if (override.is_add() or override.is_force_add()) and (reason := unread(base, key)):
+            raise ConfigError(f"{key}: added with + but {reason}")
+        if isinstance(OmegaConf.select(base, key, default=None), bool) and not isinstance(
+            override.value(), bool
+        ):
             raise ConfigError(f"{key}={override.value()}: must be true or false")
 
 
@@ -143,8 +166,9 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
     try:
         overrides = _plain_overrides(overrides, config_dir)
         parsed = OverridesParser.create().parse_overrides(overrides)
+        groups = [o.input_line for o in parsed if o.key_or_group.split("@")[0] in group_options(config_dir)]
+        check_overrides(_compose(config_dir, groups, name), parsed, config_dir)
         cfg = _compose(config_dir, overrides, name)
-        check_overrides(cfg, parsed, config_dir)
         OmegaConf.resolve(cfg)
         errors = spec_errors(cfg)
     except (HydraException, OmegaConfBaseException) as error:
@@ -154,18 +178,27 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
     return cfg
 
 
-def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """A run's saved ``config.yaml`` (evaluation, prediction, export) on today's schema, the keys added
-    since it was saved taking today's defaults for its dataset, then ``overrides`` as :func:`load_config`
-    takes them."""
-    saved = OmegaConf.load(run_dir / "config.yaml")
+def with_schema_defaults(saved: DictConfig) -> DictConfig:
+    """A run's saved config on today's schema, the keys added since it was saved taking today's
+    defaults for its dataset. A saved key that nothing reads, or a value of the wrong type, is a
+    ConfigError naming it."""
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
     run = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
+    if unknown := unread_keys(saved, run):
+        raise ConfigError(f"{', '.join(sorted(unknown))}: not config keys, so nothing would read them")
     try:
-        with open_dict(run), open_dict(run.trainer):  # as trainer arguments added with +
+        with open_dict(run), open_dict(run.trainer):  # the mappings passed on may hold more keys
             run.merge_with(saved)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{run_dir / 'config.yaml'}: {_one_line(error, [])}") from error
-    ConfigStore.instance().store(name="saved_run", node=run)
+        raise ConfigError(_one_line(error, [])) from error
+    return run
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """A run's saved ``config.yaml`` (evaluation, prediction, export), completed by
+    :func:`with_schema_defaults`, then ``overrides`` checked as by :func:`load_config`."""
+    ConfigStore.instance().store(
+        name="saved_run", node=with_schema_defaults(OmegaConf.load(run_dir / "config.yaml"))
+    )
     return load_config(overrides, name="saved_run")

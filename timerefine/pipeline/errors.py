@@ -7,6 +7,7 @@ from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
 INPUT_ERRORS = (
@@ -16,5 +17,6 @@ INPUT_ERRORS = (
     EmptySplitError,
     FileNotFoundError,
     CheckpointError,
+    ChangedSettingsError,
     ReleasedWeightsError,
 )

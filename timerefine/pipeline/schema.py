@@ -16,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from callbacks.on_policy import OnPolicySpec
 from datamodules.annotation_source import AnnotationSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
+from datamodules.datamodule import TOO_LONG
 from grounding.answer_format.chat import CHAT_TEMPLATES
 from grounding.answer_format.codec import ANSWER_TOKENS
 from grounding.answer_format.prompts import template_error
@@ -90,7 +91,9 @@ class DataConfig(Checked):
     set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
     what the answers' frame indices mean (grounding/answer_format/timeline.py). ``prompt_template``:
     a name from ``PROMPTS`` or a template (grounding/answer_format/prompts.py); ``chat_template``:
-    none, tokenizer or a named one (grounding/answer_format/chat.py)."""
+    none, tokenizer or a named one (grounding/answer_format/chat.py). ``query_too_long``: a query
+    whose prompt, video tokens and answer exceed the LM's positions stops the run naming its
+    ``file:line`` (``error``) or is skipped, counted in the coverage and logged (``drop``)."""
 
     name: str
     source: Any
@@ -101,6 +104,7 @@ class DataConfig(Checked):
     prompt_template: str = checked("default", template_error)
     chat_template: str = checked("none", one_of(*CHAT_TEMPLATES))
     timeline: str = checked(DEFAULT_TIMELINE.name, one_of(*TIMELINES))
+    query_too_long: str = checked("error", one_of(*TOO_LONG))
 
 
 # Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP

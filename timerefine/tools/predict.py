@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
+from grounding.answer_format.prompts import normalize_query
 from timerefine.inference.grounder import Grounder, Grounding, check_queries
-from timerefine.inference.video_features import EncoderSpec, InputError
+from timerefine.inference.video_features import EncoderSpec, InputError, positive_seconds
 
 
 @dataclass(frozen=True)
@@ -31,22 +33,43 @@ class Request:
     video: Path
     query: str
     duration: float | None
+    where: str  # what names the query in a message: "--query 2", "pairs.jsonl:3"
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a UTF-8 text file; InputError naming the line of a byte that is not."""
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            ) from err
 
 
 def read_pairs(path: Path) -> list[Request]:
     """The (video, query[, duration]) lines of a JSONL file; relative videos are next to the file."""
     requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in text_lines(path):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
-            video, query, duration = Path(row["video"]), str(row["query"]), row.get("duration")
+            video, query, duration = Path(row["video"]), row["query"], row.get("duration")
         except (ValueError, KeyError, TypeError) as err:
             raise InputError(
-                f'{path}:{number}: expected {{"video": ..., "query": ...}}, got {line.strip()!r}'
+                f'{where}: expected {{"video": ..., "query": ...}}, got {line.strip()!r}'
             ) from err
-        requests.append(Request(video if video.is_absolute() else path.parent / video, query, duration))
+        if not isinstance(query, str):
+            raise InputError(f'{where}: "query" must be a string, got {query!r}')
+        if not normalize_query(query):
+            raise InputError(f"{where}: the query is empty")
+        seconds = None if duration is None else positive_seconds(duration)
+        if duration is not None and seconds is None:
+            raise InputError(f'{where}: "duration" must be a positive number of seconds, got {duration!r}')
+        video = video if video.is_absolute() else path.parent / video
+        requests.append(Request(video, query, seconds, where))
     if not requests:
         raise InputError(f"{path}: holds no (video, query) line")
     return requests
@@ -60,7 +83,17 @@ def requests_of(args: argparse.Namespace) -> list[Request]:
             raise InputError(f"{args.input}: no such file")
         return read_pairs(args.input)
     check_queries(args.query)
-    return [Request(args.input, query, args.duration) for query in args.query]
+    return [
+        Request(args.input, query, args.duration, f"--query {number}")
+        for number, query in enumerate(args.query, start=1)
+    ]
+
+
+def check_lengths(grounder: Grounder, requests: list[Request]) -> None:
+    """InputError naming the first query longer than the model takes (before any video is read)."""
+    for request in requests:
+        if reason := grounder.query_error(request.query):
+            raise InputError(f"{request.where}: {reason}")
 
 
 def ground_all(grounder: Grounder, requests: list[Request], batch_size: int) -> list[tuple[Path, Grounding]]:
@@ -103,6 +136,28 @@ def encoder_override(args: argparse.Namespace, grounder: Grounder) -> EncoderSpe
     return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_duration(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = positive_seconds(float(text))
+    except ValueError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,18 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", action="append", default=[], help="a query (repeat for several)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path (run directories)")
-    parser.add_argument("--duration", type=float, help="seconds; needed for a feature file")
+    parser.add_argument(
+        "--duration",
+        type=positive_duration,
+        help="seconds; needed for a feature file (a video's own, if given)",
+    )
     parser.add_argument("--encoder", help="CLIP vision model (hub name or path) instead of the recorded one")
     parser.add_argument("--no-projection", action="store_true", help="with --encoder: pooled output")
     parser.add_argument("--fp16", action="store_true", help="with --encoder: encode in float16")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32, help="queries per generation batch")
+    parser.add_argument("--batch-size", type=at_least_one, default=32, help="queries per generation batch")
     args = parser.parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
         requests = requests_of(args)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
         grounder.encoder_spec = encoder_override(args, grounder)
+        check_lengths(grounder, requests)
         results = ground_all(grounder, requests, args.batch_size)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
