@@ -5,14 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from callbacks.on_policy import OnPolicyCoarse
 from grounding.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import (
     accumulation,
+    build_callbacks,
     build_datamodule,
     build_module,
     build_trainer,
@@ -195,6 +198,22 @@ def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedd
     assert torch.isfinite(
         module.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]).loss
     )
+
+
+def test_on_policy_guesses_reach_the_collator_it_was_built_with(tmp_path):
+    """The builder mutates nothing: the collator reads the datamodule's guesses, which the on-policy
+    callback fills (refresh) and restores (resume)."""
+    cfg = load_config([*tiny_build_overrides(tmp_path), "model.refine.on_policy.fraction=1"])
+    datamodule = build_datamodule(cfg)
+    (callback,) = [
+        c for c in build_callbacks(cfg, tmp_path, refine_schedule(cfg.model)) if isinstance(c, OnPolicyCoarse)
+    ]
+    callback.setup(SimpleNamespace(datamodule=datamodule), None, "fit")
+    first, second = datamodule.records("train")[:2]
+    callback.coarse[first.qid] = (70, 90)  # as refresh() keeps a guess
+    callback.load_state_dict({"coarse": {second.qid: [10, 20]}})  # as a resumed checkpoint restores them
+    assert datamodule.collator.target_rounds(second, 0, 0)[0].start == 10
+    assert first.qid not in datamodule.coarse_guesses
 
 
 def test_frames_per_token_must_divide_the_data_frames(tmp_path):
