@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import train
-from timerefine.pipeline.previous_run import MAY_CHANGE, changes
+from timerefine.pipeline.config_diff import changes
+from timerefine.pipeline.previous_run import MAY_CHANGE
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

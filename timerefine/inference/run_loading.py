@@ -26,6 +26,7 @@ from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
+from timerefine.pipeline.precision import choose_precision, machine_capabilities
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ class LoadedRun:
     @language_model.setter
     def language_model(self, lm: PreTrainedModel) -> None:
         self.module.model.lm = lm
+
+    @property
+    def precision(self) -> str:
+        """The run's ``trainer.precision`` on the module's device here: ``auto`` is chosen for this
+        machine as train.py and evaluate.py choose it, any other value is used as trained."""
+        requested = str(self.cfg.trainer.precision)
+        return choose_precision(requested, self.module.device.type, machine_capabilities).precision
 
     @property
     def language_model_prefix(self) -> str:
@@ -151,7 +159,7 @@ def predict(run: LoadedRun, features: torch.Tensor, queries: list[str]) -> list[
         mask[row, width - len(prompt) :] = 1
     device = run.module.device
     batch = {"prompt_ids": ids.to(device), "prompt_mask": mask.to(device), "features": features.to(device)}
-    with precision_autocast(str(run.cfg.trainer.precision), device.type):  # as the run trained
+    with precision_autocast(run.precision, device.type):
         return run.module.predict_batch(batch)
 
 

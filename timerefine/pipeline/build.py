@@ -3,12 +3,14 @@ datamodule (with the answer codec it shares with the model), model, callbacks, l
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -36,10 +38,12 @@ from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
-from timerefine.pipeline.conventions import run_protocol, run_timeline
+from timerefine.pipeline.conventions import run_precision, run_protocol, run_timeline
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
+
+log = logging.getLogger(__name__)
 
 
 def build_source(data: DictConfig) -> DataSource:
@@ -222,6 +226,9 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
+    precision = run_precision(cfg)
+    rank_zero_only(log.info)("precision: %s (%s)", precision.precision, precision.reason)
+    trainer_args["precision"] = precision.precision
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=output_dir,

@@ -4,8 +4,6 @@ with, and a finished run is not run again."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.config import with_schema_defaults
+from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import checkpoint_file
 
 # How a run is carried out, not what it computes: a finished run re-run with only these changed is done.
@@ -35,33 +34,10 @@ CONTINUABLE = (
     "test",
 )
 MAY_CHANGE = INCIDENTAL + CONTINUABLE
-ABSENT = "(absent)"
 
 
 class ChangedSettingsError(Exception):
     """A run started in a folder, or from a checkpoint, of a run with other settings."""
-
-
-def flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of every leaf (a list or an empty mapping is a leaf)."""
-    leaves: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, Mapping) and value:
-            leaves |= flat(value, f"{prefix}{key}.")
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
-
-
-def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (old, new) of every leaf that differs; :data:`ABSENT` where one has no such key."""
-    before, after = flat(old), flat(new)
-    pairs = {key: (before.get(key, ABSENT), after.get(key, ABSENT)) for key in before.keys() | after.keys()}
-    return {key: pair for key, pair in sorted(pairs.items()) if pair[0] != pair[1]}
-
-
-def show(value: Any) -> str:
-    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
 def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str, dict[str, Any]]]:

@@ -29,6 +29,7 @@ from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
+from timerefine.pipeline.precision import AUTO, PRECISIONS
 
 
 def not_a_file(value: str) -> str | None:
@@ -139,7 +140,7 @@ class TrainerConfig(Checked):
     devices: Any = 1
     num_nodes: int = checked(1, integer(1))
     strategy: Any = "auto"
-    precision: Any = "bf16-mixed"
+    precision: str = checked(AUTO, one_of(*PRECISIONS))
     max_steps: int = checked(540, integer(-1))
     max_epochs: int | None = checked(-1, optional(integer(-1)))
     val_check_interval: Any = 270
