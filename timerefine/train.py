@@ -2,6 +2,7 @@
 
 python train.py                                   # TimeRefine on the built-in dataset
 python train.py model=direct trainer.max_steps=200 seed=3 output_dir=runs/x
+python train.py --cfg job [overrides]             # print the composed config, run nothing
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from grounding.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
@@ -38,9 +39,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint_file(checkpoint, output_dir))
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, tokenizer_dir=output_dir / "tokenizer")
     datamodule.setup()  # read and check every split before anything is written
-    module = build_module(cfg, datamodule, tokenizer_dir=output_dir / "tokenizer")
+    module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
@@ -69,14 +70,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def usage() -> str:
+    """This module's docstring and the config groups with their options."""
+    groups = "\n".join(f"  {group}: {', '.join(options)}" for group, options in group_options().items())
+    return (
+        f"{__doc__}\nConfig groups (group=option):\n{groups}\n\nThe composed config (key=value sets a key):"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
     try:
-        cfg = load_config(argv)
+        cfg = load_config([arg for arg in argv if arg not in shown])
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    if shown:
+        helping = {"--help", "-h"} & set(shown)
+        print(f"{usage()}\n" if helping else "", OmegaConf.to_yaml(cfg), sep="", end="")
+        return 0
     try:
         run(cfg)
     except INPUT_ERRORS as error:  # bad data or settings: the message names the file/key, no traceback

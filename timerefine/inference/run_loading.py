@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 
 from callbacks.lightning_compat import load_sharded_checkpoint
 from datamodules.collate import GroundingCollator
-from datamodules.datamodule import GroundingDataModule
 from grounding.answer_format.predictions import Prediction
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
@@ -27,7 +26,6 @@ from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
-from timerefine.pipeline.conventions import run_timeline
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
 
 
@@ -98,20 +96,9 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
     """The run's module (weights as initialised) and the collator that renders its prompts."""
     if not tokenizer_dir.is_dir():
         raise InputError(f"{tokenizer_dir}: missing (the run's tokenizer)")
-    source = cfg.data.source
-    datamodule = GroundingDataModule(
-        ShapeOnlySource(cfg.data.name, source.num_frames, source.feature_dim),
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=0,
-        seed=cfg.seed,
-        prompt_template=cfg.data.prompt_template,
-        timeline=run_timeline(cfg),
-        chat_template=cfg.data.chat_template,
-    )
-    module = build_module(cfg, datamodule, tokenizer_dir=tokenizer_dir)
-    assert datamodule.collator is not None
-    return module.eval(), datamodule.collator
+    source = ShapeOnlySource(cfg.data.name, cfg.data.source.num_frames, cfg.data.source.feature_dim)
+    datamodule = build_datamodule(cfg, tokenizer_dir, source)
+    return build_module(cfg, datamodule).eval(), datamodule.collator
 
 
 def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
