@@ -10,17 +10,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from datamodules.action_timelines import Timeline, read_timelines
+from datamodules.action_trace import ActionTraceFeatureStore, ActionTraceSpec
 from datamodules.activitynet import load_activitynet
-from datamodules.charades_sta import load_charades_sta
+from datamodules.charades_sta import CSV_NAMES, load_charades_sta
 from datamodules.coverage import CoverageReport, check_coverage, with_annotation_drops
 from datamodules.feature_stores import build_feature_store
 from datamodules.jsonl import FIELDS, load_jsonl
+from datamodules.query_control import apply_query_control
 from datamodules.quirks import QuirkPolicy, QuirkReport
 from datamodules.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
+STORED_FEATURES = ("folder", "packed")  # read from data.source.feature_path; the others are made here
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
 LOADERS: dict[str, Loader] = {
     "charades_sta": load_charades_sta,
@@ -35,9 +40,11 @@ class AnnotationSpec:
 
     ``splits`` maps train/val/test to the dataset's own split names. ``features``: synthetic (signatures
     of each query's words inside its segment, no download) | folder ({video_id}.npy/.npz/.pt under
-    ``feature_path``) | packed (a store written by timerefine-pack-features). ``strict=False`` skips
+    ``feature_path``) | packed (a store written by timerefine-pack-features) | action_trace
+    (Charades-STA only: :class:`CharadesSpec`). ``strict=False`` skips
     (and counts) queries whose features are missing or bad. ``annotation_files`` replaces a split's
-    file, e.g. ``{train: charades_sta_train.vslnet_fixed.txt}``.
+    file, e.g. ``{train: charades_sta_train.vslnet_fixed.txt}``. ``queries``: annotated, or a leak
+    check, ``empty`` or ``shuffled`` (datamodules/query_control.py).
     """
 
     root: str
@@ -51,6 +58,7 @@ class AnnotationSpec:
     seed: int = 0
     quirks: QuirkPolicy = field(default_factory=QuirkPolicy)
     annotation_files: dict[str, str] = field(default_factory=dict)
+    queries: str = "annotated"
 
 
 class AnnotationSource:
@@ -70,6 +78,7 @@ class AnnotationSource:
         seed: int = 0,
         quirks: dict | None = None,
         annotation_files: dict[str, str] | None = None,
+        queries: str = "annotated",
     ) -> None:
         if name not in LOADERS:
             raise ValueError(f"unknown annotated dataset {name!r}; choose from {sorted(LOADERS)}")
@@ -77,7 +86,7 @@ class AnnotationSource:
             raise FileNotFoundError(
                 f"data.source.root={root}: no such directory (the {name} annotation files go there)"
             )
-        if features != "synthetic" and not feature_path:
+        if features in STORED_FEATURES and not feature_path:
             raise ValueError(f"data.source.features={features} needs data.source.feature_path")
         self.name, self.root, self.splits = name, root, dict(splits)
         self.features, self.feature_path = features, feature_path
@@ -85,6 +94,7 @@ class AnnotationSource:
         self.synthetic_noise, self.seed = synthetic_noise, seed
         self.policy = QuirkPolicy(**(quirks or {}))
         self.annotation_files = annotation_files or {}
+        self.queries = queries
         self.loader_options: dict[str, object] = {}  # more keyword arguments of the loader
         self._parsed: dict[str, tuple[list[GroundingRecord], QuirkReport]] = {}
         self._usable: dict[str, list[GroundingRecord]] = {}
@@ -102,25 +112,27 @@ class AnnotationSource:
 
     def store(self, split: str) -> FeatureStore:
         if self._store is None:
-            if self.features == "synthetic":
-                every = [r for s in self.splits for r in self._parse(s)[0]]
-                self._store = build_feature_store(
-                    "synthetic",
-                    records=every,
-                    num_frames=self.num_frames,
-                    feature_dim=self.feature_dim,
-                    seed=self.seed,
-                    noise=self.synthetic_noise,
-                )
-            else:
-                location = {"folder": "root", "packed": "path"}.get(self.features, "root")
-                self._store = build_feature_store(
-                    self.features,
-                    **{location: self.feature_path},
-                    num_frames=self.num_frames,
-                    feature_dim=self.feature_dim,
-                )
+            self._store = self._build_store()
         return self._store
+
+    def _build_store(self) -> FeatureStore:
+        if self.features == "synthetic":
+            every = [r for s in self.splits for r in self._parse(s)[0]]
+            return build_feature_store(
+                "synthetic",
+                records=every,
+                num_frames=self.num_frames,
+                feature_dim=self.feature_dim,
+                seed=self.seed,
+                noise=self.synthetic_noise,
+            )
+        location = {"folder": "root", "packed": "path"}.get(self.features, "root")
+        return build_feature_store(
+            self.features,
+            **{location: self.feature_path},
+            num_frames=self.num_frames,
+            feature_dim=self.feature_dim,
+        )
 
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self._usable:
@@ -130,12 +142,40 @@ class AnnotationSource:
             log.info("%s %s (%s): %s", self.name, split, self.splits[split], report.summary())
             if not usable:
                 raise EmptySplitError(f"{self.name} {split} ({quirks.source}): {report.none_usable()}")
+            usable = apply_query_control(usable, self.queries, split, self.seed)
             self._usable[split], self.coverage[split] = usable, report
         return self._usable[split]
 
 
-def charades_sta_source(**kwargs: object) -> AnnotationSource:
-    return AnnotationSource("charades_sta", **kwargs)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class CharadesSpec(AnnotationSpec):
+    """Charades-STA. ``features=action_trace`` makes each video's frames from its real action
+    timeline (``Charades_v1_*.csv``) as a simulated action detector sees it, degraded as
+    ``action_trace`` says (datamodules/action_trace.py); the query never enters them."""
+
+    action_trace: ActionTraceSpec = field(default_factory=ActionTraceSpec)
+
+
+class CharadesSource(AnnotationSource):
+    """Charades-STA, with its videos' action timelines (the query-free baseline reads them)."""
+
+    def __init__(self, action_trace: dict | None = None, **common: object) -> None:
+        super().__init__("charades_sta", **common)  # type: ignore[arg-type]
+        self.action_trace = ActionTraceSpec(**(action_trace or {}))
+
+    @cached_property
+    def timelines(self) -> dict[str, Timeline]:
+        """Video id -> its annotated actions, from the Charades CSVs in ``root``."""
+        return read_timelines(
+            Path(self.root) / name for name in CSV_NAMES if (Path(self.root) / name).is_file()
+        )
+
+    def _build_store(self) -> FeatureStore:
+        if self.features != "action_trace":
+            return super()._build_store()
+        return ActionTraceFeatureStore(
+            self.timelines, self.num_frames, self.feature_dim, self.seed, self.action_trace
+        )
 
 
 def activitynet_source(**kwargs: object) -> AnnotationSource:

@@ -26,10 +26,11 @@ from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
 from datamodules.annotation_source import (
     AnnotationSpec,
+    CharadesSource,
+    CharadesSpec,
     JsonlSource,
     JsonlSpec,
     activitynet_source,
-    charades_sta_source,
 )
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
@@ -57,7 +58,7 @@ from timerefine.pipeline.strategy import build_strategy
 # data.name -> the source's factory and the spec dataclass naming the keys data.source may hold.
 SOURCES = {
     "builtin": (BuiltinSource, BuiltinSpec),
-    "charades_sta": (charades_sta_source, AnnotationSpec),
+    "charades_sta": (CharadesSource, CharadesSpec),
     "activitynet": (activitynet_source, AnnotationSpec),
     "jsonl": (JsonlSource, JsonlSpec),
 }

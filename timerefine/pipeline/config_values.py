@@ -13,6 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from datamodules.action_timelines import NUM_CLASSES
+from datamodules.annotation_source import STORED_FEATURES
+from datamodules.query_control import QUERY_CONTROLS
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.language_model import TINY_ARCHITECTURES
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
@@ -141,7 +144,16 @@ RULES: dict[str, Check] = {
     "data.source.noise": NON_NEGATIVE,
     "data.source.synthetic_noise": NON_NEGATIVE,
     "data.source.queries_per_video": integer(1),
-    "data.source.features": one_of("synthetic", "folder", "packed"),
+    "data.source.features": one_of("synthetic", "action_trace", *STORED_FEATURES),
+    "data.source.queries": one_of(*QUERY_CONTROLS),
+    "data.source.action_trace.blur": NON_NEGATIVE,
+    "data.source.action_trace.jitter": NON_NEGATIVE,
+    "data.source.action_trace.miss_rate": PROBABILITY,
+    "data.source.action_trace.confusion": PROBABILITY,
+    "data.source.action_trace.confusable": integer(1, NUM_CLASSES - 1),
+    "data.source.action_trace.false_per_minute": NON_NEGATIVE,
+    "data.source.action_trace.min_confidence": PROBABILITY,
+    "data.source.action_trace.noise": NON_NEGATIVE,
     "data.source.multi_window": one_of(*MULTI_WINDOW_MODES),
     "data.source.keys": key_names,
     "model.lm.tiny.arch": one_of(*sorted(TINY_ARCHITECTURES)),
@@ -231,8 +243,16 @@ def _saliency_reads_the_query(cfg: DictConfig) -> str | None:
 
 def _stored_features_have_a_path(cfg: DictConfig) -> str | None:
     features = OmegaConf.select(cfg, "data.source.features", default="synthetic")
-    if features != "synthetic" and OmegaConf.select(cfg, "data.source.feature_path", default=None) is None:
+    stored = features in STORED_FEATURES
+    if stored and OmegaConf.select(cfg, "data.source.feature_path", default=None) is None:
         return f"data.source.features={features} needs data.source.feature_path (the folder or packed store)"
+    return None
+
+
+def _action_traces_need_timelines(cfg: DictConfig) -> str | None:
+    features = OmegaConf.select(cfg, "data.source.features", default=None)
+    if features == "action_trace" and OmegaConf.select(cfg, "data.name", default=None) != "charades_sta":
+        return "data.source.features=action_trace needs data=charades_sta (the Charades action timelines)"
     return None
 
 
@@ -241,6 +261,7 @@ CONSTRAINTS: list[Callable[[DictConfig], str | None]] = [
     _frames_split_into_tokens,
     _saliency_reads_the_query,
     _stored_features_have_a_path,
+    _action_traces_need_timelines,
 ]
 
 

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.on_policy import OnPolicySpec
-from datamodules.annotation_source import AnnotationSpec, JsonlSpec
+from datamodules.annotation_source import AnnotationSpec, CharadesSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
@@ -129,7 +129,7 @@ DATASETS: dict[str, DataConfig] = {
     "builtin": DataConfig("builtin", BuiltinSpec()),
     "charades_sta": DataConfig(
         "charades_sta",
-        AnnotationSpec(root="data/charades_sta", splits={"train": "train", "val": "test", "test": "test"}),
+        CharadesSpec(root="data/charades_sta", splits={"train": "train", "val": "test", "test": "test"}),
     ),
     "activitynet": DataConfig(
         "activitynet",
