@@ -1,6 +1,6 @@
 """Frame features from a video's real action timeline, as a simulated action detector would see it.
 
-What a frame holds: per-class detector evidence, ``(num_frames, num_classes)``, embedded in
+What a frame holds: per-class detector evidence, ``(num_frames, 157)``, embedded in
 ``feature_dim`` dimensions through fixed random unit vectors, one per class (seeded; class
 identities carry no meaning beyond being distinct), so ``features = evidence @ embeddings``.
 The evidence comes from the video's annotated actions (``Charades_v1_*.csv``), degraded as a
@@ -18,11 +18,14 @@ detector would degrade them:
   class combine by maximum;
 - ``noise``: white Gaussian noise of this std on every class's evidence in every frame.
 
-What a frame cannot hold: the query. Nothing here reads a sentence; which annotated action a
-Charades-STA query names is known only from its text, which the model must learn to map to the
-classes' embeddings from the training queries. Every draw is a pure function of ``(seed, the
-video's CSV split, video_id)`` (test videos draw from their own seeds), and each degradation draws
-from its own stream, so changing one knob leaves the others' draws as they were.
+What a frame cannot hold: the query. Nothing here reads a sentence or the Charades-STA files: every
+annotated action is detected alike, queried or not, so which one a query names is known only from
+its text, which the model must learn to map to the classes' embeddings from the training queries.
+Nor the class names, nor the exact annotated boundaries (unless ``jitter`` and ``blur`` are 0).
+
+Every draw is a pure function of ``(seed, the video's CSV split, video_id)`` (test videos draw from
+their own seeds), and each degradation draws from its own stream, so changing one knob leaves the
+others' draws as they were.
 """
 
 from __future__ import annotations
