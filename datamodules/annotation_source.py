@@ -10,20 +10,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from datamodules.action_trace import ActionTraceFeatureStore, ActionTraceSpec
 from datamodules.activitynet import load_activitynet
-from datamodules.charades_sta import load_charades_sta
+from datamodules.charades_sta import CSV_NAMES, load_charades_sta
 from datamodules.coverage import CoverageReport, check_coverage, with_annotation_drops
 from datamodules.feature_stores import build_feature_store
 from datamodules.jsonl import FIELDS, load_jsonl
+from datamodules.query_control import QUERY_CONTROLS, apply_query_control
 from datamodules.quirks import QuirkPolicy, QuirkReport
+from grounding.action_timelines import Timeline, read_timelines
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
+STORED_FEATURES = ("folder", "packed")  # read from data.source.feature_path; the others are made here
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
 # The datasets read from annotation files: ``data.name`` -> its loader, called as
 # ``loader(root, split, policy, [annotation_file=...], **options)``, the options being the fields its
@@ -41,14 +46,16 @@ class AnnotationSpec(Checked):
 
     ``splits`` maps train/val/test to the dataset's own split names. ``features``: synthetic (signatures
     of each query's words inside its segment, no download) | folder ({video_id}.npy/.npz/.pt under
-    ``feature_path``) | packed (a store written by timerefine-pack-features). ``strict=False`` skips
-    (and counts) queries whose features are missing or bad. ``annotation_files`` replaces a split's
-    file, e.g. ``{train: charades_sta_train.vslnet_fixed.txt}``.
+    ``feature_path``) | packed (a store written by timerefine-pack-features) | action_trace
+    (Charades-STA only: :class:`CharadesSpec`). ``strict=False`` skips (and counts) queries whose
+    features are missing or bad. ``annotation_files`` replaces a split's file, e.g.
+    ``{train: charades_sta_train.vslnet_fixed.txt}``. ``queries``: annotated, or a leak check,
+    ``empty`` or ``shuffled`` (datamodules/query_control.py).
     """
 
     root: str
     splits: dict[str, str]
-    features: str = checked("synthetic", one_of("synthetic", "folder", "packed"))
+    features: str = checked("synthetic", one_of("synthetic", "action_trace", *STORED_FEATURES))
     feature_path: str | None = None
     num_frames: int = checked(100, integer(1))
     feature_dim: int = checked(768, integer(1))
@@ -57,9 +64,13 @@ class AnnotationSpec(Checked):
     seed: int = 0
     quirks: QuirkPolicy = field(default_factory=QuirkPolicy)
     annotation_files: dict[str, str] = field(default_factory=dict)
+    queries: str = checked("annotated", one_of(*QUERY_CONTROLS))
+    has_action_timelines: ClassVar[bool] = False
 
     def relations(self) -> Iterator[str]:
-        if self.features != "synthetic" and not self.feature_path:
+        if self.features == "action_trace" and not self.has_action_timelines:
+            yield "features=action_trace needs data=charades_sta (the Charades action timelines)"
+        if self.features in STORED_FEATURES and not self.feature_path:
             yield f"features={self.features} needs feature_path (the folder or packed store)"
 
 
@@ -84,12 +95,14 @@ class JsonlSpec(AnnotationSpec):
 class AnnotationSource:
     """The records of ``spec``'s files, read by ``LOADERS[name]``, and their feature store."""
 
+    STORE_OPTIONS: tuple[str, ...] = ()  # fields of a subclass's spec that its store reads, not its loader
+
     def __init__(self, name: str, spec: AnnotationSpec) -> None:
         if not Path(spec.root).is_dir():
             raise FileNotFoundError(
                 f"data.source.root={spec.root}: no such directory (the {name} annotation files go there)"
             )
-        own = {f.name for f in fields(AnnotationSpec)}
+        own = {f.name for f in fields(AnnotationSpec)} | set(self.STORE_OPTIONS)
         self.name, self.spec, self.load = name, spec, LOADERS[name]
         self.options = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in own}
         self.num_frames, self.feature_dim = spec.num_frames, spec.feature_dim
@@ -136,5 +149,43 @@ class AnnotationSource:
             log.info("%s %s (%s): %s", self.name, split, self.spec.splits[split], report.summary())
             if not usable:
                 raise EmptySplitError(f"{self.name} {split} ({quirks.source}): {report.none_usable()}")
+            usable = apply_query_control(usable, self.spec.queries, split, self.spec.seed)
             self._usable[split], self.coverage[split] = usable, report
         return self._usable[split]
+
+
+@dataclass(frozen=True)
+class CharadesSpec(AnnotationSpec):
+    """Charades-STA. ``features=action_trace`` makes each video's frames from its real action
+    timeline (``Charades_v1_*.csv``) as a simulated action detector sees it, degraded as
+    ``action_trace`` says (datamodules/action_trace.py); the query never enters them."""
+
+    has_action_timelines: ClassVar[bool] = True
+    action_trace: ActionTraceSpec = field(default_factory=ActionTraceSpec)
+
+
+class CharadesSource(AnnotationSource):
+    """Charades-STA, with its videos' action timelines (the query-free baseline reads them)."""
+
+    STORE_OPTIONS = ("action_trace",)
+    spec: CharadesSpec
+
+    @cached_property
+    def timelines(self) -> dict[str, Timeline]:
+        """Video id -> its annotated actions, from the Charades CSVs in ``root``."""
+        root = Path(self.spec.root)
+        return read_timelines(root / name for name in CSV_NAMES if (root / name).is_file())
+
+    def store(self, split: str) -> FeatureStore:
+        if self.spec.features != "action_trace":
+            return super().store(split)
+        if self._store is None:
+            self._store = ActionTraceFeatureStore(
+                self.timelines, self.num_frames, self.feature_dim, self.spec.seed, self.spec.action_trace
+            )
+        return self._store
+
+
+def annotation_source(name: str, spec: AnnotationSpec) -> AnnotationSource:
+    """The source of dataset ``name`` (Charades-STA's knows its videos' action timelines)."""
+    return CharadesSource(name, spec) if isinstance(spec, CharadesSpec) else AnnotationSource(name, spec)

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, group_options, load_config
@@ -59,10 +60,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= scores(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
     if cfg.test:
         metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
-        metrics |= {
-            f"prior/{k}": v
-            for k, v in prior_scores(datamodule.records("train"), datamodule.records("test")).items()
-        }
+        train, test = datamodule.records("train"), datamodule.records("test")
+        metrics |= {f"prior/{k}": v for k, v in prior_scores(train, test).items()}
+        if timelines := getattr(datamodule.source, "timelines", None):  # Charades: the query-free best action
+            metrics |= {f"best_action/{k}": v for k, v in best_action_scores(train, test, timelines).items()}
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)

@@ -22,7 +22,7 @@ from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
-from datamodules.annotation_source import LOADERS, AnnotationSource
+from datamodules.annotation_source import LOADERS, annotation_source
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
@@ -53,7 +53,7 @@ def build_source(data: DictConfig) -> DataSource:
         return BuiltinSource(spec)
     if data.name not in LOADERS:
         raise ConfigError(f"data.name={data.name}: no loader of that name; known: {', '.join(LOADERS)}")
-    return AnnotationSource(data.name, spec)
+    return annotation_source(data.name, spec)
 
 
 def refine_schedule(model: DictConfig) -> RefineSchedule:

@@ -54,7 +54,7 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     table.add_column("split")
     for name in (*HEADLINE, "coverage"):
         table.add_column(name, justify="right")
-    for split in ("prior", "val", "test"):
+    for split in ("prior", "best_action", "val", "test"):
         if f"{split}/mIoU" in metrics:
             cells = [
                 f"{metrics[f'{split}/{n}']:.2f}" if f"{split}/{n}" in metrics else "-"

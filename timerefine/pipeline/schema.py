@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from callbacks.on_policy import OnPolicySpec
-from datamodules.annotation_source import AnnotationSpec, JsonlSpec
+from datamodules.annotation_source import AnnotationSpec, CharadesSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
 from datamodules.datamodule import TOO_LONG
 from grounding.answer_format.chat import CHAT_TEMPLATES
@@ -120,6 +120,7 @@ LIGHTHOUSE = JsonlSpec(MISSING, MISSING, keys=LIGHTHOUSE_KEYS, feature_dim=2304 
 DATA_SCHEMAS = {
     "builtin": DataConfig("builtin", BuiltinSpec()),
     "annotated": DataConfig(MISSING, AnnotationSpec(MISSING, MISSING)),
+    "charades": DataConfig("charades_sta", CharadesSpec(MISSING, MISSING)),
     "jsonl": DataConfig("jsonl", JsonlSpec(MISSING, MISSING)),
     "lighthouse": DataConfig("jsonl", LIGHTHOUSE),
 }

@@ -1,0 +1,101 @@
+"""Wrong event or bad boundaries? Which annotated action each prediction of a Charades-STA run landed on.
+
+Every Charades-STA moment is one of its video's annotated actions (``Charades_v1_*.csv``), so a
+prediction either lands on the queried action (then its IoU with the truth says whether the
+boundaries are good, >= 0.5, or bad), on another action of the same video (the wrong event), or on
+no action at all. It lands on the action it overlaps most (IoU); an action with the queried one's
+exact interval counts as the queried one. For TimeRefine runs it also prints each step's mean
+boundary error (timerefine/tools/diagnose_builtin.py).
+
+    timerefine-diagnose-actions runs/x                      # runs/x/predictions/test.jsonl
+    timerefine-diagnose-actions runs/x --predictions runs/x/eval/test/predictions/test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from datamodules.charades_sta import CSV_NAMES
+from grounding.action_timelines import Action, Timeline, read_timelines
+from grounding.metrics.windows import segment_iou
+from timerefine.tools.diagnose_builtin import refinement_trace
+
+GOOD_BOUNDARIES = 0.5  # IoU with the truth from which a prediction on the right action counts as good
+RIGHT_GOOD, RIGHT_BAD = "right action, IoU >= 0.5", "right action, IoU < 0.5"
+WRONG, NOTHING = "another action", "no action"
+OUTCOMES = (RIGHT_GOOD, RIGHT_BAD, WRONG, NOTHING)
+
+
+def landing(pred: tuple[float, float] | None, truth: tuple[float, float], actions: tuple[Action, ...]) -> str:
+    """The outcome of one prediction (seconds; None: unparsed) against the truth and the video's actions."""
+    if pred is None or not actions:
+        return NOTHING
+    intervals = [(a.start, a.end) for a in actions]
+    queried = max(intervals, key=lambda interval: segment_iou(interval, truth))
+    landed = max(intervals, key=lambda interval: (segment_iou(pred, interval), interval == queried))
+    if segment_iou(pred, landed) == 0:
+        return NOTHING
+    if landed != queried:
+        return WRONG
+    return RIGHT_GOOD if segment_iou(pred, truth) >= GOOD_BOUNDARIES else RIGHT_BAD
+
+
+def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, tuple[int, float]]:
+    """``outcome -> (queries, their mIoU in percent)`` over prediction rows (predictions/test.jsonl)."""
+    counts: Counter[str] = Counter()
+    iou_sums: Counter[str] = Counter()
+    for row in rows:
+        timeline = timelines.get(row["video_id"])
+        pred = None if row["pred"] is None else (row["pred"][0], row["pred"][1])
+        outcome = landing(pred, (row["gt"][0], row["gt"][1]), timeline.actions if timeline else ())
+        counts[outcome] += 1
+        iou_sums[outcome] += row["iou"]
+    return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
+    args = parser.parse_args(argv)
+
+    path = args.predictions or args.run_dir / "predictions" / "test.jsonl"
+    for needed in (args.run_dir / "config.yaml", path):
+        if not needed.is_file():
+            print(f"error: {needed} not found", file=sys.stderr)
+            return 2
+    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    if cfg.data.name != "charades_sta":
+        print(f"error: {args.run_dir} was trained on data={cfg.data.name}; this tool reads charades_sta runs")
+        return 2
+    csv_paths = [Path(cfg.data.source.root) / name for name in CSV_NAMES]
+    if missing := [str(p) for p in csv_paths if not p.is_file()]:
+        print(f"error: {', '.join(missing)} not found (data.source.root of the run)", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    table = diagnose(rows, read_timelines(csv_paths))
+    print(f"{path}: {len(rows)} queries")
+    print(f"{'landed on':<28}{'share %':>9}{'mIoU':>8}")
+    for outcome, (count, miou) in table.items():
+        print(f"{outcome:<28}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
+    if trace := refinement_trace(rows):
+        errors, moved = trace
+        print(
+            "mean boundary error per step (frame indices, coarse -> final): "
+            + " -> ".join(f"{e:.2f}" for e in errors)
+        )
+        print(f"final answer differs from the first refined one: {moved:.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
