@@ -13,19 +13,16 @@ boundary error (timerefine/tools/diagnose_builtin.py).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from datamodules.charades_sta import CSV_NAMES
 from grounding.action_timelines import Action, Timeline, read_timelines
 from grounding.metrics.windows import segment_iou
 from timerefine.tools.diagnose_builtin import refinement_trace
+from timerefine.tools.run_diagnosis import RunError, fail, print_report, read_run
 
 GOOD_BOUNDARIES = 0.5  # IoU with the truth from which a prediction on the right action counts as good
 RIGHT_GOOD, RIGHT_BAD = "right action, IoU >= 0.5", "right action, IoU < 0.5"
@@ -61,39 +58,14 @@ def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
-    args = parser.parse_args(argv)
-
-    path = args.predictions or args.run_dir / "predictions" / "test.jsonl"
-    for needed in (args.run_dir / "config.yaml", path):
-        if not needed.is_file():
-            print(f"error: {needed} not found", file=sys.stderr)
-            return 2
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
-    if cfg.data.name != "charades_sta":
-        print(f"error: {args.run_dir} was trained on data={cfg.data.name}; this tool reads charades_sta runs")
-        return 2
+    try:
+        path, cfg, rows = read_run(argv, __doc__, "charades_sta")
+    except RunError as error:
+        return fail(error)
     csv_paths = [Path(cfg.data.source.root) / name for name in CSV_NAMES]
     if missing := [str(p) for p in csv_paths if not p.is_file()]:
-        print(f"error: {', '.join(missing)} not found (data.source.root of the run)", file=sys.stderr)
-        return 2
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    table = diagnose(rows, read_timelines(csv_paths))
-    print(f"{path}: {len(rows)} queries")
-    print(f"{'landed on':<28}{'share %':>9}{'mIoU':>8}")
-    for outcome, (count, miou) in table.items():
-        print(f"{outcome:<28}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
-    if trace := refinement_trace(rows):
-        errors, moved = trace
-        print(
-            "mean boundary error per step (frame indices, coarse -> final): "
-            + " -> ".join(f"{e:.2f}" for e in errors)
-        )
-        print(f"final answer differs from the first refined one: {moved:.1f} %")
+        return fail(RunError(f"{', '.join(missing)} not found (data.source.root of the run)"))
+    print_report(path, rows, diagnose(rows, read_timelines(csv_paths)), refinement_trace(rows))
     return 0
 
 
