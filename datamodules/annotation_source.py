@@ -176,6 +176,12 @@ class CharadesSource(AnnotationSource):
         root = Path(self.spec.root)
         return read_timelines(root / name for name in CSV_NAMES if (root / name).is_file())
 
+    @property
+    def baseline_timelines(self) -> dict[str, Timeline] | None:
+        """The timelines the query-free best-action baseline reads: only with ``features=action_trace``
+        (other features need no actions in the CSVs, only durations)."""
+        return self.timelines if self.spec.features == "action_trace" else None
+
     def store(self, split: str) -> FeatureStore:
         if self.spec.features != "action_trace":
             return super().store(split)

@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
         train, test = datamodule.records("train"), datamodule.records("test")
         metrics |= {f"prior/{k}": v for k, v in prior_scores(train, test).items()}
-        if timelines := getattr(datamodule.source, "timelines", None):  # Charades: the query-free best action
+        if timelines := getattr(datamodule.source, "baseline_timelines", None):  # Charades action traces
             metrics |= {f"best_action/{k}": v for k, v in best_action_scores(train, test, timelines).items()}
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
