@@ -270,7 +270,7 @@ def test_config_mistakes_are_config_errors(override, message):
 
 def test_charades_source_refuses_jsonl_keys():
     with pytest.raises(
-        ConfigError, match=r"data\.source\.multi_window: Key 'multi_window' not in 'AnnotationSpec'"
+        ConfigError, match=r"data\.source\.multi_window: Key 'multi_window' not in 'CharadesSpec'"
     ):
         load_config(["data=charades_sta", "data.source.multi_window=best", "output_dir=unused"])
 
