@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from grounding.answer_format.tokens import GROUNDING_TOKENS
+from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -51,7 +52,8 @@ class LoraSpec:
 
 @dataclass
 class LMSpec:
-    """``name_or_path``: a Hugging Face model name or local path; None builds the tiny LM (random
+    """``name_or_path``: a Hugging Face model name or local folder, a GGUF file, or a package's file
+    (``package:<module>/<file>``, lightning_modules/pretrained.py); None builds the tiny LM (random
     init). ``tokenizer``: a tokenizer name or path, whatever the LM (the tiny LM's embeddings take
     its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
     sized by ``tokenizer_vocab_size``."""
@@ -143,10 +145,11 @@ def build_language_model(
     """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
     set to the mean of its other rows, released adapters merged (``init_from``), optionally LoRA."""
     if name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        source = resolve_pretrained(name_or_path, dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if untrained := untrained_grounding_ids(name_or_path, tokenizer):
+        if untrained := untrained_grounding_ids(source, tokenizer):
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))

@@ -27,6 +27,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from lightning_modules.pretrained import resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
 
@@ -40,8 +41,12 @@ def is_export(folder: Path) -> bool:
 
 def base_vocab_size(run: LoadedRun) -> int | None:
     """The vocabulary of the pretrained base LM (None for the tiny LM, which has no base)."""
-    name = run.cfg.model.lm.name_or_path
-    return AutoConfig.from_pretrained(name).vocab_size if name else None
+    lm = run.cfg.model.lm
+    return (
+        AutoConfig.from_pretrained(resolve_pretrained(lm.name_or_path, lm.dtype)).vocab_size
+        if lm.name_or_path
+        else None
+    )
 
 
 def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model
+from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
@@ -103,7 +104,8 @@ def build_tokenizer_for(
     prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
     corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
     lm = cfg.model.lm
-    return build_tokenizer(lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size)
+    source = lm.tokenizer or lm.name_or_path
+    return build_tokenizer(source and resolve_pretrained(source, lm.dtype), corpus, lm.tokenizer_vocab_size)
 
 
 def answer_codec(
@@ -164,6 +166,7 @@ def build_module(
         config=OmegaConf.to_container(cfg, resolve=True),
         timeline=timeline,
         protocol=run_protocol(cfg),
+        base_name=lm_spec.name_or_path,
     )
 
 

@@ -23,6 +23,7 @@ from grounding.metrics.protocols import PROTOCOLS
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.language_model import TINY_ARCHITECTURES
+from lightning_modules.pretrained import PACKAGE, missing_model
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
 
 Check = Callable[[Any], "str | None"]
@@ -109,10 +110,16 @@ def not_a_file(value: Any) -> str | None:
     return f"{path} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
-def tokenizer_source(value: Any) -> str | None:
-    """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
-    local = str(value).startswith((".", "/", "~"))
-    return f"{value} is not a directory" if local and not Path(str(value)).expanduser().is_dir() else None
+def pretrained_source(value: Any) -> str | None:
+    """A Hugging Face name, a local folder that exists, or a GGUF or package file that exists (a path
+    is never looked up online)."""
+    text = str(value)
+    if (missing := missing_model(text)) is not None:
+        return missing
+    if text.startswith(PACKAGE) or text.endswith(".gguf"):
+        return None
+    local = text.startswith((".", "/", "~"))
+    return f"{value} is not a directory" if local and not Path(text).expanduser().is_dir() else None
 
 
 RULES: dict[str, Check] = {
@@ -150,7 +157,8 @@ RULES: dict[str, Check] = {
     "model.lm.tiny.num_heads": integer(1),
     "model.lm.tiny.intermediate_size": integer(1),
     "model.lm.tiny.max_positions": integer(1),
-    "model.lm.tokenizer": optional(tokenizer_source),
+    "model.lm.name_or_path": optional(pretrained_source),
+    "model.lm.tokenizer": optional(pretrained_source),
     "model.lm.tokenizer_vocab_size": integer(1),
     "model.answer_tokens": one_of(*ANSWER_TOKENS),
     "model.lora.r": integer(1),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
+from lightning_modules.base_weights import BaseWeightsError
+from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.resume import CheckpointError
@@ -17,4 +19,6 @@ INPUT_ERRORS = (
     FileNotFoundError,
     CheckpointError,
     ReleasedWeightsError,
+    BaseWeightsError,
+    MissingModelError,
 )
