@@ -57,11 +57,12 @@ def local_file(name_or_path: str) -> Path | None:
 
 
 def missing_model(name_or_path: str) -> str | None:
-    """Why ``name_or_path`` cannot be loaded here (a config check); None when it can or is a Hugging Face name."""
+    """Why ``name_or_path`` cannot be loaded here (a config check's reason, which follows the value);
+    None when it can, or is a Hugging Face name."""
     try:
         local_file(name_or_path)
     except MissingModelError as error:
-        return str(error)
+        return str(error).removeprefix(f"{name_or_path}: ")
     return None
 
 

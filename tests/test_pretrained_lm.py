@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 import evaluate
@@ -83,7 +84,8 @@ def test_generation_through_the_chat_template_before_training(built):
     assert "Paris" in answer  # the grounding tokens and the LoRA wrapping left the pretrained LM intact
     assert tokenizer.decode(module.codec.end_id) == "<|im_end|>"  # answers end as ChatML ends a turn
     batch = next(iter(datamodule.train_dataloader()))
-    assert tokenizer.decode(batch["prompt_ids"][0]).lstrip(tokenizer.pad_token).startswith("<|im_start|>")
+    prompt_ids = batch["prompt_ids"][0][batch["prompt_mask"][0].bool()]  # without the left padding
+    assert tokenizer.decode(prompt_ids).startswith("<|im_start|>system")
 
 
 def test_lora_targets_every_linear_layer_and_nothing_else_of_the_lm_trains(built):
@@ -100,9 +102,15 @@ def test_lora_targets_every_linear_layer_and_nothing_else_of_the_lm_trains(built
         for ab in "AB"
     }
     assert in_lm == expected_lora | {f"{prefix}.embed_tokens.token_adapter.trainable_tokens_delta.default"}
-    linear = {n for n, m in module.model.lm.named_modules() if isinstance(m, torch.nn.Linear)}
-    wrapped = {n.rsplit(".base_layer", 1)[0] for n in linear if n.endswith(".base_layer")}
-    assert len(wrapped) == layers * len(PROJECTIONS)
+    modules = dict(module.model.lm.named_modules())
+    adapted = {n for n, m in modules.items() if isinstance(m, LoraLayer)}
+    linear = {
+        n.removesuffix(".base_layer")
+        for n, m in modules.items()
+        if type(m) is torch.nn.Linear and ".lora_" not in n  # not the adapters' own A and B
+    }
+    assert len(adapted) == layers * len(PROJECTIONS)
+    assert linear - adapted == {"base_model.model.lm_head.token_adapter"}  # every linear layer but the output
     outside = {n.split(".")[1] for n in trainable - in_lm}
     assert outside == {"projector", "aux_head", "saliency_head"}
 
