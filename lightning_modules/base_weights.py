@@ -9,6 +9,7 @@ frozen weights hash the same, and puts them back into the checkpoint's state dic
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,10 +50,8 @@ def without_frozen(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {n: t for n, t in state.items() if n not in left_out}
 
 
-def restore_frozen(module: nn.Module, checkpoint: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Fill the checkpoint's state dict with ``module``'s frozen tensors, which it left out. Raises
-    BaseWeightsError when the checkpoint recorded other base weights than ``identity`` (the module's)."""
-    saved = checkpoint[IDENTITY]
+def check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Raise BaseWeightsError when a checkpoint's recorded base (``saved``) is not ``identity``."""
     if (saved["tensors"], saved["sha256"]) != (identity["tensors"], identity["sha256"]):
         raise BaseWeightsError(
             f"the checkpoint was trained on the base LM {saved['name']} (sha256 {saved['sha256'][:12]}, "
@@ -60,6 +59,17 @@ def restore_frozen(module: nn.Module, checkpoint: dict[str, Any], identity: dict
             f"(sha256 {identity['sha256'][:12]}, {identity['tensors']}): use the run's model.lm "
             "name_or_path and dtype, with the same weights"
         )
+
+
+def saved_identity(path: Path) -> dict[str, Any] | None:
+    """The base identity a checkpoint file records (its tensors are mapped, not read); None if none."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(IDENTITY)
+
+
+def restore_frozen(module: nn.Module, checkpoint: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Fill the checkpoint's state dict with ``module``'s frozen tensors, which it left out. Raises
+    BaseWeightsError when the checkpoint recorded other base weights than ``identity`` (the module's)."""
+    check_identity(checkpoint[IDENTITY], identity)
     state = module.state_dict()
     checkpoint["state_dict"] |= {
         n: state[n] for n in frozen_names(module) if n not in checkpoint["state_dict"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,8 +24,10 @@ from grounding.metrics.windows import metric_inputs, record_iou
 from lightning_modules.base_weights import (
     IDENTITY,
     base_identity,
+    check_identity,
     frozen_names,
     restore_frozen,
+    saved_identity,
     without_frozen,
 )
 from lightning_modules.generation import generate
@@ -234,6 +237,12 @@ class GroundingModule(L.LightningModule):
         if self.base_name is not None and not sharded:  # FSDP's sharded checkpoints keep every tensor
             checkpoint[IDENTITY] = self.base_identity
             checkpoint["state_dict"] = without_frozen(checkpoint["state_dict"], frozen_names(self))
+
+    def check_base(self, checkpoint: Path) -> None:
+        """Raise BaseWeightsError when the checkpoint file was trained on other base weights."""
+        saved = saved_identity(checkpoint)
+        if saved is not None:
+            check_identity(saved, self.base_identity)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the base's frozen weights back into a checkpoint that left them out (refused when the

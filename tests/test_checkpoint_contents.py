@@ -127,3 +127,15 @@ def test_a_checkpoint_of_other_base_weights_is_refused_in_one_line(lora_run, tmp
     assert "Traceback" not in err and err.count("error: ") == 1 and line.startswith("error: ")
     assert "trained on the base LM" in line and str(lora_run.root / "base") in line and "other" in line
     assert not (lora_run.run_dir / "eval" / "other" / "metrics.json").exists()
+
+
+def test_resuming_on_other_base_weights_is_refused_before_anything_is_written(lora_run, tmp_path, capsys):
+    save_tiny_base(tmp_path / "other", seed=1)
+    capsys.readouterr()
+    written = {p: p.read_bytes() for p in lora_run.run_dir.rglob("*") if p.is_file()}
+    assert train.main([*lora_run.overrides, f"model.lm.name_or_path={tmp_path / 'other'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "error: the checkpoint was trained"
+    )
+    assert {p: p.read_bytes() for p in lora_run.run_dir.rglob("*") if p.is_file()} == written

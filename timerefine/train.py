@@ -32,6 +32,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.setup()  # read and check every split before anything is written
     module = build_module(cfg, datamodule, tokenizer_dir=output_dir / "tokenizer")
+    if checkpoint not in (None, "hpc"):
+        module.check_base(Path(checkpoint))  # other base weights: refused before anything is written
     trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:
         save_config(cfg, output_dir)
