@@ -4,6 +4,7 @@
     python -m bench.step_levers --compile      # also torch.compile of the LM (its compile time printed)
     python -m bench.step_levers --quick        # experiment=tiny, one round
     python -m bench.step_levers --experiment smollm2 --batch 8   # a pretrained LM (SmolLM2-135M + LoRA)
+    python -m bench.step_levers --experiment smollm2 --only logits_everywhere,bf16_autocast
 
 Every variant gets its own copy of the default model and the same training batches (batch 32) and
 runs ``--steps`` steps (forward, backward, AdamW) per round; variants take turns for ``--rounds``
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round of one step")
     parser.add_argument("--experiment", help="start every variant from this experiment (e.g. smollm2)")
     parser.add_argument("--batch", type=int, help="data.batch_size (default: the experiment's)")
+    parser.add_argument("--only", help="comma-separated variants to run besides base (default: all)")
     args = parser.parse_args(argv)
     extra = (
         ["experiment=tiny"] if args.quick else [f"experiment={args.experiment}"] if args.experiment else []
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     variants = dict(VARIANTS)
     if args.experiment:
         del variants["frames_per_token4"]
+    if args.only:
+        variants = {n: v for n, v in variants.items() if n == "base" or n in args.only.split(",")}
     if args.compile:
         variants["compiled"] = ([], None, None, None)
     runs = {name: setup(name, [*extra, *v[0]], count, v[3]) for name, v in variants.items()}

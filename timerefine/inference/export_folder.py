@@ -56,7 +56,7 @@ def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> di
         return {n: t for n, t in state.items() if not n.startswith(run.language_model_prefix)}
     if base_vocab is None:
         return state
-    trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in run.module.named_parameters(remove_duplicate=False) if p.requires_grad}
     tensors = {n: t for n, t in state.items() if n in trainable}
     vocab = len(run.module.tokenizer)
     for name, tensor in state.items():
@@ -167,7 +167,7 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     missing, unexpected = module.load_state_dict(
         {n: t for n, t in tensors.items() if not n.endswith(NEW_ROWS)}, strict=False
     )
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
     from_base = manifest["language_model"] is not None
     lacking = [
         n for n in missing if n not in frozen and not (from_base and n.startswith(run.language_model_prefix))
