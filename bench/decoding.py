@@ -17,9 +17,10 @@ Decoders (greedy, KV cache; batch 1 = queries one at a time, batch 32 = one left
   the rest of the layout is filled in without the model (that segment, zero offsets), and the
   query leaves the batch (its rows of the cache dropped) -- the "adaptive refinement depth" lever;
 - ``free``: this project's free greedy decoding;
-- ``hf_greedy``: ``model.lm.generate(inputs_embeds=...)``, greedy with its dynamic KV cache;
-- ``hf_constrained``: the same with ``prefix_allowed_tokens_fn`` allowing the layout's token at each
-  position (one token, or the digits/signs of a choice);
+- ``hf_greedy``: ``model.lm.generate(inputs_embeds=...)`` (``hf_generation.hf_generate``), greedy
+  with its dynamic KV cache;
+- ``hf_constrained``: the same with ``SlotLogitsProcessor`` allowing only what the layout allows
+  next (``model.inference.decoder=generate``);
 - ``hf_static_compiled`` (``--compile``): ``hf_greedy`` with ``cache_implementation="static"`` and
   its decoding step compiled (``CompileConfig``, allowed on CPU).
 
@@ -43,84 +44,58 @@ from pathlib import Path
 
 import torch
 from transformers import CompileConfig
+from transformers.utils import logging as hf_logging
 
 from bench.decoding_levers import (
-    Decoder,
+    DecoderRun,
     EagerDecoder,
     adaptive,
     constrained_with,
     project_generate,
-    single_tokens,
     static_cache_decoder,
 )
 from bench.figures_out import interleaved, machine, print_figures
-from grounding.answer_format.codec import Slot
 from grounding.answer_format.layout import spaced
 from grounding.answer_format.predictions import Prediction, predict, seconds
 from grounding.metrics.windows import record_iou
 from lightning_modules.generation import Generation
 from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.hf_generation import hf_generate
 from timerefine.pipeline.build import build_datamodule, build_module
-from timerefine.pipeline.config import load_config
+from timerefine.pipeline.config import load_config, load_run_config
 
 
-def _layout_tokens(slots: list[Slot]) -> list[list[int]]:
-    """The tokens allowed at each position of the answer."""
-    allowed: list[list[int]] = []
-    for slot in slots:
-        allowed += [[t] for t in slot.fixed] or [single_tokens(slot)]
-    return allowed
-
-
-@torch.no_grad()
-def hf_generate(module: GroundingModule, batch: dict, *, constrained: bool, budget: int, eos_id: int | None,
-                **options) -> Generation:  # fmt: skip
-    """``generate()`` of the Hugging Face LM on the spliced prompt embeddings."""
-    model = module.model
-    embeds = model.embed(batch["prompt_ids"], batch["features"], batch["prompt_mask"])
-    kwargs = {}
-    if constrained:
-        allowed = _layout_tokens(module.codec.slots())
-        budget = len(allowed)
-        kwargs["prefix_allowed_tokens_fn"] = lambda _, sent: allowed[min(sent.shape[-1], budget - 1)]
-    out = model.lm.generate(
-        inputs_embeds=embeds,
-        attention_mask=batch["prompt_mask"],
-        max_new_tokens=budget,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos_id,
-        pad_token_id=module.tokenizer.pad_token_id,
-        **kwargs,
+def hf_run(module: GroundingModule, batch: dict, *, constrained: bool, budget: int, eos_id: int, **options) -> Generation:  # fmt: skip
+    """``model.inference.decoder=generate`` on a test batch (its aux state too)."""
+    return hf_generate(
+        module.model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], eos_id, budget,
+        slots=module.codec.slots() if constrained else None,
+        offset_id=module.offset_id if module.model.aux_head is not None else None,
         **options,
-    )
-    rows = out.tolist()
-    if eos_id is not None:
-        rows = [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
-    return Generation(rows, None, torch.zeros(len(rows), dtype=torch.bool))
+    )  # fmt: skip
 
 
-def decoders(module: GroundingModule, trained: bool, compile_step: bool) -> dict[str, Decoder]:
+def decoders(module: GroundingModule, trained: bool, compile_step: bool) -> dict[str, DecoderRun]:
     """The decoders to compare. A random-init model gets no EOS: free decoding runs the answer's
     length plus one token, as a trained model's answer and its EOS."""
     eos = module.codec.end_id
     budget = module.codec.answer_length() + (8 if trained else 1)
-    free_eos, hf_eos = (eos, eos) if trained else (-1, None)
-    runs: dict[str, Decoder] = {
+    free_eos = eos if trained else -1
+    runs: dict[str, DecoderRun] = {
         "constrained": lambda m, b: project_generate(m, b, True, eos, budget),
         "constrained_static": constrained_with(static_cache_decoder(module.codec.answer_length())),
         "constrained_eager": constrained_with(EagerDecoder),
         "adaptive": lambda m, b: adaptive(m, b)[0],
         "adaptive_tol1": lambda m, b: adaptive(m, b, tolerance=1)[0],
         "free": lambda m, b: project_generate(m, b, False, free_eos, budget),
-        "hf_greedy": lambda m, b: hf_generate(m, b, constrained=False, budget=budget, eos_id=hf_eos),
-        "hf_constrained": lambda m, b: hf_generate(m, b, constrained=True, budget=budget, eos_id=hf_eos),
+        "hf_greedy": lambda m, b: hf_run(m, b, constrained=False, budget=budget, eos_id=free_eos),
+        "hf_constrained": lambda m, b: hf_run(m, b, constrained=True, budget=budget, eos_id=eos),
     }
     if compile_step:
         config = CompileConfig(dynamic=False, mode="default")
         config._compile_all_devices = True  # CompileConfig's flag for compiling off GPU
-        runs["hf_static_compiled"] = lambda m, b: hf_generate(
-            m, b, constrained=False, budget=budget, eos_id=hf_eos,
+        runs["hf_static_compiled"] = lambda m, b: hf_run(
+            m, b, constrained=False, budget=budget, eos_id=free_eos,
             cache_implementation="static", compile_config=config,
         )  # fmt: skip
     return runs
@@ -150,7 +125,7 @@ def predictions(module: GroundingModule, generation: Generation) -> list[Predict
     ]
 
 
-def speed(module: GroundingModule, batches: list[dict], runs: dict[str, Decoder], rounds: int) -> dict:
+def speed(module: GroundingModule, batches: list[dict], runs: dict[str, DecoderRun], rounds: int) -> dict:
     """Queries/s and forward passes per query of each decoder, and which answers agree."""
     counter, answers, passes = PassCounter(module), {}, {}
     for name, run in runs.items():  # warm-up, answers and passes
@@ -173,7 +148,7 @@ def speed(module: GroundingModule, batches: list[dict], runs: dict[str, Decoder]
 TOLERANCES = {"adaptive": 0, "adaptive_tol1": 1}
 
 
-def quality(module: GroundingModule, loader, runs: dict[str, Decoder]) -> dict[str, float]:
+def quality(module: GroundingModule, loader, runs: dict[str, DecoderRun]) -> dict[str, float]:
     """Per decoder on the trained model's test split: mIoU, queries/s (decoders take turns on each
     batch) and, for adaptive decoding, the share of queries that stopped early and the rounds skipped."""
     ious: dict[str, list[float]] = {name: [] for name in runs}
@@ -214,10 +189,10 @@ def trained_model(run_dir: Path) -> tuple[GroundingModule, object]:
     """A run's best checkpoint in eval mode, and its datamodule."""
     from timerefine.pipeline.best_checkpoint import recorded_best
 
-    cfg = load_config([], name="config", config_dir=run_dir)
-    datamodule = build_datamodule(cfg)
+    cfg = load_run_config(run_dir, [])
+    datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
     datamodule.setup()
-    module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
+    module = build_module(cfg, datamodule)
     state = torch.load(recorded_best(run_dir / "checkpoints"), map_location="cpu", weights_only=False)
     module.on_load_checkpoint(state)  # a pretrained base's frozen weights, left out of the checkpoint
     module.load_state_dict(state["state_dict"])
@@ -248,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="also HF generate, static cache, compiled")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round")
     args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()  # generate() warns at every call that EOS -1 never comes
     extra = ["experiment=tiny"] if args.quick else []
     rounds, singles, batch_size = (1, 2, 4) if args.quick else (args.rounds, args.singles, 32)
     print(f"machine: {machine()}")
@@ -276,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         module, datamodule = trained_model(args.run)
         runs = decoders(module, trained=True, compile_step=False)
-        runs = {n: runs[n] for n in ("constrained", "constrained_eager", "adaptive", "adaptive_tol1", "free")}
+        runs = {n: run for n, run in runs.items() if n != "constrained_static"}
         figures |= quality(module, datamodule.test_dataloader(), runs)
     print(f"machine after: {machine()}")
     print_figures(figures)

@@ -1,5 +1,5 @@
 """This project's decoders as ``bench/decoding.py`` runs them: the default constrained decoding on a
-chosen ``_Decoder`` (the static-cache and eager variants), and adaptive refinement depth."""
+chosen ``Decoder`` (the static-cache and eager variants), and adaptive refinement depth."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from transformers import StaticCache
 
 from grounding.answer_format.codec import Slot
 from grounding.answer_format.timeline import MAX_INDEX
-from lightning_modules.generation import Generation, _constrained, _Decoder, generate
+from lightning_modules.generation import Decoder, Generation, constrained, generate
 from lightning_modules.grounding_module import GroundingModule
 
 CHOICES_PER_ROUND = 10  # start, end (2 digits each); two signed offsets (sign + 2 digits each)
-Decoder = Callable[[GroundingModule, dict], Generation]
+DecoderRun = Callable[[GroundingModule, dict], Generation]
 
 
 def project_generate(
@@ -33,46 +33,47 @@ def project_generate(
     )
 
 
-def static_cache_decoder(answer_length: int) -> type[_Decoder]:
+def static_cache_decoder(answer_length: int) -> type[Decoder]:
     """The project's decoder on a static KV cache (preallocated for the prompt and the answer,
     written in place) instead of Hugging Face's DynamicCache (grown by concatenation every pass)."""
 
-    class StaticCacheDecoder(_Decoder):
+    class StaticCacheDecoder(Decoder):
         def __init__(self, model, prompt_ids, *args) -> None:
-            super().__init__(model, prompt_ids, *args)
             length = prompt_ids.shape[1] + answer_length
-            self.past = StaticCache(config=model.lm.config, max_cache_len=length)
+            super().__init__(
+                model, prompt_ids, *args, StaticCache(config=model.lm.config, max_cache_len=length)
+            )
 
     return StaticCacheDecoder
 
 
-class EagerDecoder(_Decoder):
+class EagerDecoder(Decoder):
     """The project's decoding before this benchmark: every feed runs at once (one pass for the
     prompt, one per chosen token, one per fixed run)."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self._run()
+        self.run()
 
     def feed(self, tokens: torch.Tensor, fed: torch.Tensor | None = None) -> None:
         super().feed(tokens, fed)
-        self._run()
+        self.run()
 
 
-def constrained_with(decoder_type: type[_Decoder]) -> Decoder:
-    """The project's constrained decoding (``generation._constrained``) on ``decoder_type``."""
+def constrained_with(decoder_type: type[Decoder]) -> DecoderRun:
+    """The project's constrained decoding (``generation.constrained``) on ``decoder_type``."""
 
     @torch.no_grad()
     def run(module: GroundingModule, batch: dict) -> Generation:
         decoder = _start(module, batch, decoder_type)
-        tokens = _constrained(decoder, module.codec.slots(), in_step=False)
+        tokens = constrained(decoder, module.codec.slots())
         decoder.finish()
         return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
 
     return run
 
 
-def _start(module: GroundingModule, batch: dict, decoder_type: type[_Decoder] = _Decoder) -> _Decoder:
+def _start(module: GroundingModule, batch: dict, decoder_type: type[Decoder] = Decoder) -> Decoder:
     offset_id = module.offset_id if module.model.aux_head is not None else None
     return decoder_type(module.model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], offset_id)
 
@@ -84,23 +85,11 @@ def single_tokens(slot: Slot) -> list[int]:
     return [token for (token,) in slot.choices]
 
 
-def _slot_step(decoder: _Decoder, slot: Slot, rows: int) -> torch.Tensor:
+def _slot_step(decoder: Decoder, slot: Slot, rows: int) -> torch.Tensor:
     if slot.fixed:
         return torch.tensor(slot.fixed).expand(rows, -1)
     choices = torch.tensor(single_tokens(slot))
     return choices[decoder.last_logits[:, choices].argmax(-1)].unsqueeze(1)
-
-
-def _keep_rows(decoder: _Decoder, keep: torch.Tensor) -> None:
-    """Drop the other rows from the decoder's cache, mask and waiting tokens."""
-    for layer in decoder.past.layers:
-        if layer.is_initialized:
-            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-    decoder.mask = decoder.mask[keep]
-    decoder._pending = [tuple(part[keep] for part in item) for item in decoder._pending]
-    decoder._logits = None if decoder._logits is None else decoder._logits[keep]
-    decoder.has_offset = decoder.has_offset[keep]
-    decoder.offset_hidden = None if decoder.offset_hidden is None else decoder.offset_hidden[keep]
 
 
 def _value(chars: list[str]) -> int:
@@ -170,7 +159,7 @@ def adaptive(module: GroundingModule, batch: dict, tolerance: int = 0) -> tuple[
         active = active[keep]
         if not len(active):
             break
-        _keep_rows(decoder, keep)
+        decoder.keep_rows(keep)
     decoder.finish()
     if len(active):
         keep_aux_state(torch.arange(len(active)), active)

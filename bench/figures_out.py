@@ -6,19 +6,50 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from timerefine.pipeline.precision import cpu_bf16_instructions
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and its bf16 instructions (they decide ``trainer.precision: auto``)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), ""
+    )
+    bf16 = ", ".join(cpu_bf16_instructions(text)) or "no bf16 instructions"
+    return f"{name or 'unknown CPU'} ({bf16})"
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and its bf16 instruction sets (``/proc/cpuinfo``; the architecture where
+    that is unreadable): whether bf16 autocast is a lever or a cost depends on them."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.is_file() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    if not re.search(r"^flags\s*:", cpuinfo, re.M):
+        return model.group(1).strip() if model else platform.machine()
+    bf16 = cpu_bf16_instructions(cpuinfo)
+    name = model.group(1).strip() if model else platform.machine()
+    return f"{name} ({' + '.join(bf16) if bf16 else 'no bf16 instructions'})"
+
 
 def machine() -> str:
-    """CPU count, load average, Python/torch versions, intra-op threads and the date: the context
-    a ratio was measured in."""
+    """CPU model, count, load average, Python/torch versions, intra-op threads and the date: the
+    context a ratio was measured in."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load}, Python "
+        f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load}, Python "
         f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op "
         f"thread(s), {datetime.datetime.now().isoformat(timespec='minutes')}"
     )

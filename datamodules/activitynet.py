@@ -28,8 +28,12 @@ def parse_activitynet(
     """Parse one captions file into one record per sentence; qids are ``anet:{split}:{vid}:{i}``."""
     policy = policy or QuirkPolicy()
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise QuirkError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
     except json.JSONDecodeError as err:
         raise QuirkError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     if not isinstance(data, dict):

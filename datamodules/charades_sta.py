@@ -6,7 +6,7 @@ import csv
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_segment
+from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_segment, text_lines
 from grounding.records import GroundingRecord
 
 SPLITS = ("train", "test")
@@ -40,31 +40,24 @@ def parse_charades_sta(
     path = Path(path)
     report = QuirkReport(source=str(path))
     records: list[GroundingRecord] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            head, sep, sentence = line.rstrip("\r\n").partition("##")
-            fields = head.split()
-            if not sep or len(fields) != 3:
-                report.malformed(
-                    where, f"expected 'VIDEOID start end##sentence', got {line.strip()!r}", policy
-                )
-                continue
-            video_id, start_text, end_text = fields
-            try:
-                start, end = float(start_text), float(end_text)
-            except ValueError:
-                report.malformed(where, f"times are not numbers: {start_text!r} {end_text!r}", policy)
-                continue
-            qid = f"charades:{split}:{lineno:06d}"
-            duration = durations.get(video_id)
-            record = resolve_segment(
-                qid, video_id, sentence.strip(), duration, start, end, where, policy, report
-            )
-            if record is not None:
-                records.append(record)
+    for lineno, line in text_lines(path, report, policy):
+        where = f"{path}:{lineno}"
+        head, sep, sentence = line.rstrip("\r\n").partition("##")
+        fields = head.split()
+        if not sep or len(fields) != 3:
+            report.malformed(where, f"expected 'VIDEOID start end##sentence', got {line.strip()!r}", policy)
+            continue
+        video_id, start_text, end_text = fields
+        try:
+            start, end = float(start_text), float(end_text)
+        except ValueError:
+            report.malformed(where, f"times are not numbers: {start_text!r} {end_text!r}", policy)
+            continue
+        qid = f"charades:{split}:{lineno:06d}"
+        duration = durations.get(video_id)
+        record = resolve_segment(qid, video_id, sentence.strip(), duration, start, end, where, policy, report)
+        if record is not None:
+            records.append(record)
     return records, report
 
 

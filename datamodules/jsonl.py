@@ -2,7 +2,8 @@
 
 ``windows`` is one ``[start, end]`` or a list of them (seconds). ``keys`` names the fields as a file
 spells them, e.g. QVHighlights/Lighthouse files: ``{video_id: vid, windows: relevant_windows}``.
-Problems name ``file:line``; the quirk policy applies to every window (datamodules/quirks.py).
+Problems name ``file:line`` (a line that is not UTF-8 is malformed); the quirk policy applies to every
+window (datamodules/quirks.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
-from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_windows
+from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_windows, text_lines
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import GroundingRecord
 
@@ -83,37 +84,34 @@ def parse_jsonl(
     report = QuirkReport(source=str(path))
     records: list[GroundingRecord] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.malformed(where, f"not valid JSON: {err.msg} (column {err.colno})", policy)
-                continue
-            problem = _problem(entry, keys)
-            qid = None if problem else str(entry[keys["qid"]])
-            if qid in seen:
-                problem = f"qid {qid} repeats line {seen[qid]}"
-            if problem:
-                report.malformed(where, problem, policy)
-                continue
-            seen[qid] = lineno
-            record = resolve_windows(
-                qid,
-                str(entry[keys["video_id"]]),
-                entry[keys["query"]].strip(),
-                float(entry[keys["duration"]]),
-                parse_windows(entry[keys["windows"]]),
-                where,
-                policy,
-                report,
-                multi_window,
-            )
-            if record is not None:
-                records.append(record)
+    for lineno, line in text_lines(path, report, policy):
+        where = f"{path}:{lineno}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            report.malformed(where, f"not valid JSON: {err.msg} (column {err.colno})", policy)
+            continue
+        problem = _problem(entry, keys)
+        qid = None if problem else str(entry[keys["qid"]])
+        if qid in seen:
+            problem = f"qid {qid} repeats line {seen[qid]}"
+        if problem:
+            report.malformed(where, problem, policy)
+            continue
+        seen[qid] = lineno
+        record = resolve_windows(
+            qid,
+            str(entry[keys["video_id"]]),
+            entry[keys["query"]].strip(),
+            float(entry[keys["duration"]]),
+            parse_windows(entry[keys["windows"]]),
+            where,
+            policy,
+            report,
+            multi_window,
+        )
+        if record is not None:
+            records.append(record)
     return records, report
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
 from grounding.answer_format.prompts import normalize_query
+from grounding.checks import Checked, checked, one_of
 from grounding.metrics.windows import target_window
 from grounding.records import GroundingRecord
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 START_AFTER_END = "start_after_end"
 END_AFTER_DURATION = "end_after_duration"
 START_AFTER_DURATION = "start_after_duration"
+ZERO_LENGTH = "zero_length"
 UNKNOWN_VIDEO = "unknown_video"
 EMPTY_QUERY = "empty_query"
 MALFORMED = "malformed"
@@ -38,25 +40,17 @@ class QuirkError(ValueError):
 
 
 @dataclass(frozen=True)
-class QuirkPolicy:
-    """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip."""
+class QuirkPolicy(Checked):
+    """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip.
+    ``zero_length``: a window with start == end (after swapping and clipping), a moment no prediction
+    can overlap (ActivityNet Captions train holds 2)."""
 
-    start_after_end: Literal["swap", "drop"] = "swap"
-    end_after_duration: Literal["clip", "drop"] = "clip"
-    unknown_video: Literal["drop", "error"] = "error"
-    empty_query: Literal["drop", "error"] = "drop"
+    start_after_end: str = checked("swap", one_of("swap", "drop"))
+    end_after_duration: str = checked("clip", one_of("clip", "drop"))
+    unknown_video: str = checked("error", one_of("drop", "error"))
+    empty_query: str = checked("drop", one_of("drop", "error"))
+    zero_length: str = checked("drop", one_of("drop", "error"))
     strict: bool = True
-
-    def __post_init__(self) -> None:
-        allowed = {
-            "start_after_end": ("swap", "drop"),
-            "end_after_duration": ("clip", "drop"),
-            "unknown_video": ("drop", "error"),
-            "empty_query": ("drop", "error"),
-        }
-        for name, options in allowed.items():
-            if getattr(self, name) not in options:
-                raise ValueError(f"QuirkPolicy.{name} must be one of {options}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -112,6 +106,21 @@ class QuirkReport:
         logger.info(total)
         for line in quirks:
             logger.warning(line)
+
+
+def text_lines(path: Path, report: QuirkReport, policy: QuirkPolicy) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for each non-blank line of a UTF-8 file; a line that is not UTF-8 is
+    malformed (an error naming ``file:line`` and the byte, or a counted skip)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                detail = f"not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                report.malformed(f"{path}:{lineno}", detail, policy)
+                continue
+            if line.strip():
+                yield lineno, line
 
 
 def resolve_segment(
@@ -171,7 +180,10 @@ def resolve_windows(
             if policy.end_after_duration == "drop":
                 return reject(END_AFTER_DURATION, "drop", detail)
             report.note(END_AFTER_DURATION, "clipped", where, detail)
-        resolved.append((start, min(end, duration)))
+        end = min(end, duration)
+        if end <= start:
+            return reject(ZERO_LENGTH, policy.zero_length, f"{video_id} [{start}, {end}]")
+        resolved.append((start, end))
     report.kept += 1
     start, end = target_window(resolved, multi_window)
-    return GroundingRecord(qid, video_id, query, duration, start, end, tuple(resolved), multi_window)
+    return GroundingRecord(qid, video_id, query, duration, start, end, tuple(resolved), multi_window, where)

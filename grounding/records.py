@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -14,7 +14,8 @@ class GroundingRecord:
 
     ``start``/``end`` is the segment the targets use. ``windows`` are all the query's ground-truth
     windows (default: that one segment); with several, predictions are scored by ``multi_window``
-    (``best`` or ``union``, grounding/metrics/windows.py).
+    (``best`` or ``union``, grounding/metrics/windows.py). ``where``: the annotation's ``file:line``
+    (empty for generated data), for messages about the query.
     """
 
     qid: str
@@ -25,6 +26,7 @@ class GroundingRecord:
     end: float
     windows: tuple[tuple[float, float], ...] = ()
     multi_window: str = "best"
+    where: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.duration > 0:

@@ -7,7 +7,8 @@ are needed: each chosen token goes with the fixed text after it. Prompts are lef
 decoding, the last hidden state at every <OFFSET> token fed to the model is kept, so the aux head
 can read it. With an FSDP-sharded model every forward pass is a
 collective (it all-gathers the sharded layers), so free decoding stops only once the answers of every
-rank have ended: all ranks run the same passes.
+rank have ended: all ranks run the same passes. ``hf_generation.hf_generate`` writes the same answers
+through Hugging Face ``generate()`` (``model.inference.decoder``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from transformers import Cache
 
 from grounding.answer_format.codec import Slot
 from lightning_modules.video_llm import VideoLLM
@@ -31,20 +33,27 @@ class Generation:
     has_offset: torch.Tensor  # (B,) bool
 
 
-class _Decoder:
+class Decoder:
     """Holds the KV cache and the running attention mask of one batch.
 
     Fed tokens wait until logits are asked for, so consecutive feeds run as one forward pass: the
     prompt with the answer's first fixed text, each chosen token with the fixed text after it.
     Tokens fed after the last choice run only if the aux head needs one of them (an <OFFSET>).
+    ``cache``: the KV cache to fill (e.g. a ``StaticCache``); None grows a ``DynamicCache``.
     """
 
     def __init__(
-        self, model: VideoLLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, features, offset_id
+        self,
+        model: VideoLLM,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        features,
+        offset_id,
+        cache: Cache | None = None,
     ):
         self.model, self.offset_id = model, offset_id
         self.mask = prompt_mask[:, :0]  # the columns in the cache
-        self.past = None
+        self.past = cache
         self.offset_hidden = None
         self.has_offset = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         self._pending = [(prompt_ids, prompt_mask, model.embed(prompt_ids, features, prompt_mask))]
@@ -60,15 +69,27 @@ class _Decoder:
     def last_logits(self) -> torch.Tensor:
         """(B, vocabulary) float logits after each row's last fed token."""
         if self._pending:
-            self._run()
+            self.run()
         return self._logits
 
     def finish(self) -> None:
         """Run the waiting tokens if the aux head needs the hidden state of one of them."""
         if self.offset_id is not None and any((t == self.offset_id).any() for t, _, _ in self._pending):
-            self._run()
+            self.run()
 
-    def _run(self) -> None:
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows ``keep`` (indices) of the batch: their dynamic cache, mask, waiting
+        tokens and aux state."""
+        for layer in self.past.layers if self.past is not None else ():
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+        self.mask, self.has_offset = self.mask[keep], self.has_offset[keep]
+        self._pending = [tuple(part[keep] for part in item) for item in self._pending]
+        self._logits = None if self._logits is None else self._logits[keep]
+        self.offset_hidden = None if self.offset_hidden is None else self.offset_hidden[keep]
+
+    def run(self) -> None:
+        """Run the waiting tokens now, as one forward pass."""
         tokens, mask, embeds = (torch.cat(parts, dim=1) for parts in zip(*self._pending, strict=True))
         self._pending = []
         self.mask = torch.cat([self.mask, mask], dim=1)
@@ -115,11 +136,11 @@ def generate(
     offset_id: int | None = None,
 ) -> Generation:
     """Greedy answers; with ``slots`` only the choice slots are chosen and every answer parses."""
-    decoder = _Decoder(model, prompt_ids, prompt_mask, features, offset_id)
+    decoder = Decoder(model, prompt_ids, prompt_mask, features, offset_id)
     batch, device = prompt_ids.shape[0], prompt_ids.device
     in_step = is_sharded(model)
     if slots is not None:
-        tokens = _constrained(decoder, slots, in_step)
+        tokens = constrained(decoder, slots, in_step)
     else:
         columns: list[torch.Tensor] = []
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -136,8 +157,9 @@ def generate(
     return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
 
 
-def _constrained(decoder: _Decoder, slots: list[Slot], in_step: bool) -> list[list[int]]:
-    """Each row's tokens: the fixed slots copied, each choice slot's trie walked greedily."""
+def constrained(decoder: Decoder, slots: list[Slot], in_step: bool = False) -> list[list[int]]:
+    """Each row's tokens: the fixed slots copied, each choice slot's trie walked greedily. ``in_step``:
+    every rank of the default process group decodes in step (a sharded model)."""
     batch, device = decoder.mask.shape[0], decoder.mask.device
     columns: list[torch.Tensor] = []  # (B,) tokens fed
     written: list[torch.Tensor] = []  # (B,) bool: whether that token belongs to the row's answer
@@ -180,7 +202,7 @@ def _trie(choices: tuple[tuple[int, ...], ...], device: torch.device) -> _Trie:
     return _Trie(choices, device)
 
 
-def _walk(decoder: _Decoder, trie: _Trie, in_step: bool):
+def _walk(decoder: Decoder, trie: _Trie, in_step: bool):
     """Greedy descent of ``trie`` for every row: yields each level's (tokens, fed) (B,), feeding them."""
     node = torch.zeros(decoder.mask.shape[0], dtype=torch.long, device=decoder.mask.device)
     for level in range(trie.depth):

@@ -14,9 +14,28 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
-from grounding.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
+from grounding.answer_format.predictions import (
+    AUX_CHOICES,
+    FINAL_CHOICES,
+    Prediction,
+    predict,
+    prediction_row,
+    seconds,
+)
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import OFFSET
+from grounding.checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    Checked,
+    checked,
+    integer,
+    items,
+    number,
+    one_of,
+    optional,
+)
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
@@ -31,37 +50,48 @@ from lightning_modules.base_weights import (
     without_frozen,
 )
 from lightning_modules.generation import generate
+from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.video_llm import VideoLLM
 
 
 @dataclass
-class OptimSpec:
+class OptimSpec(Checked):
     """AdamW, linear warmup, cosine decay to ``min_lr_ratio`` x lr. ``warmup_ratio`` > 0 replaces
     ``warmup_steps`` by that share of the run's steps, rounded up (Hugging Face Trainer's rule).
     The defaults suit the built-in default run (a small LM trained from scratch: lr 3e-3 reaches in
     540 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``."""
 
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
+    lr: float = checked(3e-3, POSITIVE)
+    weight_decay: float = checked(0.01, NON_NEGATIVE)
+    warmup_steps: int = checked(100, integer(0))
+    warmup_ratio: float = checked(0.0, number(0, 1, open_high=True))
+    min_lr_ratio: float = checked(0.05, PROBABILITY)
+    betas: tuple[float, float] = checked((0.9, 0.98), items(number(0, 1, open_high=True), 2, 2))
 
     def warmup(self, total_steps: int) -> int:
         return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio > 0 else self.warmup_steps
 
 
-@dataclass
-class InferenceSpec:
-    """``final``: last refined segment, aux-head prediction, or their mean. ``constrained``: fill the
-    fixed tokens in and let the model choose only digits and signs."""
+# The greedy decoders, which give the same answers: the project's (fused forward passes, each
+# choice's token with the fixed text after it) and Hugging Face generate() with a SlotLogitsProcessor.
+DECODERS = {"fused": generate, "generate": hf_generate}
 
-    final: str = "last"
+
+@dataclass
+class InferenceSpec(Checked):
+    """``final``: last refined segment, aux-head prediction, or their mean. ``constrained``: fill the
+    fixed tokens in and let the model choose only digits and signs. ``decoder``: a name from ``DECODERS``."""
+
+    final: str = checked("last", one_of(*FINAL_CHOICES))
     constrained: bool = True
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = checked(None, optional(integer(1)))
+    decoder: str = checked("fused", one_of(*DECODERS))
+
+    def new_tokens(self, answer_length: int) -> int:
+        """The most tokens a generated answer may take, answers being ``answer_length`` tokens long."""
+        return self.max_new_tokens or answer_length + 8
 
 
 def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -177,12 +207,12 @@ class GroundingModule(L.LightningModule):
     @property
     def max_new_tokens(self) -> int:
         """The most tokens a generated answer may take."""
-        return self.inference.max_new_tokens or self.codec.answer_length() + 8
+        return self.inference.new_tokens(self.codec.answer_length())
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
-        generation = generate(
+        generation = DECODERS[self.inference.decoder](
             self.model,
             batch["prompt_ids"],
             batch["prompt_mask"],

@@ -1,7 +1,8 @@
 """Drive the demo in headless Debian Chromium with Selenium (nothing downloads a browser or a driver).
 
 ``python -m tests.demo_browser RUN_DIR docs/demo.png [--video FILE] [--query TEXT]`` serves the demo
-on a free loopback port and saves the screenshot the browser test takes (the README's picture).
+on a free loopback port and saves the screenshot the browser test takes (the picture in
+docs/using_a_model.md).
 """
 
 from __future__ import annotations

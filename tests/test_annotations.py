@@ -95,6 +95,24 @@ def test_charades_malformed_line(tmp_path, bad):
     assert len(records) == 1 and report.counts == {"malformed": 1} and report.read == 2
 
 
+def test_charades_zero_length_and_non_utf8_lines(tmp_path):
+    path = tmp_path / "sta.txt"
+    path.write_bytes(b"AAAAA 1.0 2.0##fine.\nAAAAA 3.0 3.0##a point.\nAAAAA 1.0 2.0##caf\xe9.\n")
+    with pytest.raises(QuirkError, match=f"{path}:3: malformed annotation: not UTF-8 \\(byte 0xe9"):
+        parse_charades_sta(path, {"AAAAA": 10.0}, "test")
+    records, report = parse_charades_sta(path, {"AAAAA": 10.0}, "test", QuirkPolicy(strict=False))
+    assert len(records) == 1 and report.counts == {"zero_length": 1, "malformed": 1}
+    with pytest.raises(QuirkError, match=f"{path}:2: zero length: AAAAA"):
+        parse_charades_sta(path, {"AAAAA": 10.0}, "test", QuirkPolicy(zero_length="error"))
+
+
+def test_activitynet_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "val_1.json"
+    path.write_bytes(b'{"v_a": {"duration": 9.0,\n "timestamps": [[1, 2]], "sentences": ["caf\xe9"]}}')
+    with pytest.raises(QuirkError, match=f"{path}:2: not UTF-8 \\(byte 0xe9\\)"):
+        parse_activitynet(path, "val_1")
+
+
 def test_load_charades_requires_csv(tmp_path):
     write(tmp_path / "charades_sta_test.txt", "AAAAA 1.0 2.0##x\n")
     with pytest.raises(FileNotFoundError, match="Charades_v1"):
@@ -238,7 +256,8 @@ def test_real_charades_test():
 @pytest.mark.parametrize(
     ("split", "total", "counts"),
     [
-        ("train", 37421, {"start_after_end": 2, "end_after_duration": 29}),
+        # train: two moments of zero length ([34.77, 34.77] and [4.97, 4.97]), dropped
+        ("train", 37421, {"start_after_end": 2, "end_after_duration": 29, "zero_length": 2}),
         ("val_1", 17505, {"end_after_duration": 5}),
         ("val_2", 17031, {"end_after_duration": 1}),
     ],
@@ -247,6 +266,6 @@ def test_real_activitynet(split, total, counts):
     if not (ANET / f"{split}.json").is_file():
         pytest.skip(f"real annotation file absent: {ANET / f'{split}.json'}")
     records, report = load_activitynet(ANET, split)
-    assert len(records) == report.read == report.kept == total
+    assert report.read == total and len(records) == report.kept == total - counts.get("zero_length", 0)
     assert report.counts == counts
     assert all(0 <= r.start <= r.end <= r.duration for r in records)

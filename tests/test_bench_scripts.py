@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.default_run import phase_seconds
-from bench.figures_out import print_figures
+from bench.figures_out import cpu_name, print_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"^([A-Za-z_][\w.@]*)=(\S+)$")
@@ -23,7 +23,9 @@ SCRIPTS = {
     "scaling": (["--no-plot"], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
     "gpu_step": ([], {"plain_tokens_per_s", "plain_peak_mem_gb", "fsdp_samples_per_s", "largest_batch"}),
     "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
+    "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
 }
+EXPERIMENTS = ("answer_tokens", "query_reading_probe")  # research probes: no target, kept runnable
 
 
 def final_figures(stdout: str) -> dict[str, float]:
@@ -42,6 +44,12 @@ def test_figures_are_printed_last_and_parse(capsys):
     print_figures({"ratio": 1.23456, "count": 3, "missing": math.nan})
     figures = final_figures(capsys.readouterr().out)
     assert figures["ratio"] == 1.235 and figures["count"] == 3 and math.isnan(figures["missing"])
+
+
+def test_cpu_name_says_which_bf16_instructions_it_has():
+    info = "processor : 0\nmodel name : Some CPU 9000\nflags : fpu avx2 avx512_bf16 amx_bf16\n"
+    assert cpu_name(info) == "Some CPU 9000 (AVX-512 BF16 + AMX-BF16)"
+    assert cpu_name(info.replace(" avx512_bf16 amx_bf16", "")) == "Some CPU 9000 (no bf16 instructions)"
 
 
 def test_profiler_phases_come_from_the_last_report():
@@ -75,3 +83,16 @@ def test_bench_script_quick_mode(script):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = final_figures(result.stdout)
     assert expected <= set(figures), f"missing {expected - set(figures)} in {sorted(figures)}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_as_a_module(experiment):
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.experiments.{experiment}", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"bench.experiments.{experiment}" in result.stdout

@@ -6,6 +6,7 @@ which nothing can rebuild, is saved whole."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_a_lora_checkpoint_leaves_the_frozen_base_out(lora_run):
     assert torch.equal(restored, base["model.layers.1.mlp.up_proj.weight"])
 
 
-def test_resume_evaluate_and_predict_from_a_lora_checkpoint_match_the_run(lora_run):
+def test_resume_evaluate_and_predict_from_a_lora_checkpoint_match_the_run(lora_run, tmp_path):
     def test_scores(metrics: Path) -> dict:
         return {k: v for k, v in json.loads(metrics.read_text()).items() if k.startswith("test/")}
 
@@ -106,9 +107,6 @@ def test_resume_evaluate_and_predict_from_a_lora_checkpoint_match_the_run(lora_r
     tested = test_scores(run_dir / "metrics.json")  # train.py tested its best checkpoint, read back from disk
     assert evaluate.main([str(run_dir), "--name", "again"]) == 0
     assert test_scores(run_dir / "eval" / "again" / "metrics.json") == tested
-    # Resuming restores last.ckpt (at max_steps: nothing left to train), then tests again.
-    assert train.main(lora_run.overrides) == 0
-    assert test_scores(run_dir / "metrics.json") == tested
 
     rows = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     run = load_run(run_dir, "best")
@@ -117,25 +115,38 @@ def test_resume_evaluate_and_predict_from_a_lora_checkpoint_match_the_run(lora_r
     found = predict(run, features, [r.query for r, _ in examples])
     assert [p.text for p in found] == [row["text"] for row in rows]
 
-
-def test_a_checkpoint_of_other_base_weights_is_refused_in_one_line(lora_run, tmp_path, capsys):
-    save_tiny_base(tmp_path / "other", seed=1)
-    other = f"model.lm.name_or_path={tmp_path / 'other'}"
-    assert evaluate.main([str(lora_run.run_dir), "--name", "other", other]) == 2
-    err = capsys.readouterr().err
-    line = err.strip().splitlines()[-1]  # after the loading progress bars
-    assert "Traceback" not in err and err.count("error: ") == 1 and line.startswith("error: ")
-    assert "trained on the base LM" in line and str(lora_run.root / "base") in line and "other" in line
-    assert not (lora_run.run_dir / "eval" / "other" / "metrics.json").exists()
-
-
-def test_resuming_on_other_base_weights_is_refused_before_anything_is_written(lora_run, tmp_path, capsys):
-    save_tiny_base(tmp_path / "other", seed=1)
-    capsys.readouterr()
-    written = {p: p.read_bytes() for p in lora_run.run_dir.rglob("*") if p.is_file()}
-    assert train.main([*lora_run.overrides, f"model.lm.name_or_path={tmp_path / 'other'}"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-        "error: the checkpoint was trained"
+    # Continued from last.ckpt (step 6) to step 9, the run ends as one trained to step 9 at once.
+    shutil.copytree(run_dir, tmp_path / "continued")
+    longer = [*lora_run.overrides, "trainer.max_steps=9"]
+    assert train.main([*longer, f"output_dir={tmp_path / 'continued'}"]) == 0
+    assert train.main([*longer, f"output_dir={tmp_path / 'straight'}"]) == 0
+    continued, straight = (
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for run in ("continued", "straight")
     )
-    assert {p: p.read_bytes() for p in lora_run.run_dir.rglob("*") if p.is_file()} == written
+    assert continued.keys() == straight.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(continued[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert test_scores(tmp_path / "continued" / "metrics.json") == test_scores(
+        tmp_path / "straight" / "metrics.json"
+    )
+
+
+def test_other_base_weights_are_refused_in_one_line_before_anything_is_written(lora_run, capsys):
+    """The base folder now holds other weights under the same name: evaluate and resume refuse."""
+    base, kept = lora_run.root / "base", lora_run.root / "base.kept"
+    base.rename(kept)
+    try:
+        save_tiny_base(base, seed=1)
+        capsys.readouterr()
+        written = {p: p.read_bytes() for p in lora_run.run_dir.rglob("*") if p.is_file()}
+        assert evaluate.main([str(lora_run.run_dir), "--name", "other"]) == 2
+        assert train.main([*lora_run.overrides, "trainer.max_steps=9"]) == 2  # a resume
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in err and len(lines) == 2
+        assert all("was trained on the base LM" in line and str(base) in line for line in lines)
+        assert {p: p.read_bytes() for p in lora_run.run_dir.rglob("*") if p.is_file()} == written
+    finally:
+        shutil.rmtree(base)
+        kept.rename(base)

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import evaluate
-from timerefine.pipeline.config import load_config
+from timerefine.pipeline.config import load_config, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Validation at steps 5 and 10, both kept (save_top_k=2); monitoring the step itself makes step 10
@@ -124,3 +124,78 @@ def test_bad_overrides_are_config_errors(config_only, capsys, override, key):
     assert evaluate.main([str(config_only), override]) == 2
     assert key in one_error_line(capsys, "config error:")
     assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]
+
+
+def test_a_saved_config_with_keys_nothing_reads_is_refused(config_only, capsys):
+    saved = OmegaConf.load(config_only / "config.yaml")
+    OmegaConf.set_struct(saved, False)
+    saved.model.refine.stepz = 3  # a typo: nothing reads it
+    saved.extra = {"note": "x"}
+    OmegaConf.save(saved, config_only / "config.yaml")
+    assert evaluate.main([str(config_only)]) == 2
+    line = one_error_line(capsys, "config error:")
+    assert str(config_only / "config.yaml") in line and "extra, model.refine.stepz: not config keys" in line
+
+
+def test_a_saved_config_keeps_keys_their_readers_take(config_only, capsys):
+    """A Trainer argument added with +, early stopping's and FSDP's options are read: the run goes
+    on to look for its checkpoint."""
+    saved = OmegaConf.load(config_only / "config.yaml")
+    OmegaConf.set_struct(saved, False)
+    saved.trainer.accumulate_grad_batches = 2
+    saved.callbacks.early_stopping = {"monitor": "val/mIoU", "mode": "max", "patience": 3}
+    saved.trainer.strategy = {"name": "fsdp", "auto_wrap": "decoder_layers", "cpu_offload": False}
+    OmegaConf.save(saved, config_only / "config.yaml")
+    assert evaluate.main([str(config_only)]) == 2
+    assert str(config_only / "checkpoints") in one_error_line(capsys, "error:")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.timeline=vtimellm100"],
+        ["model.refine.steps=1"],
+        ["model.answer_tokens=canonical", "data.source.num_frames=8"],
+        ["model.lm.tiny.hidden_size=64"],
+        ["data.prompt_template=reference"],
+    ],
+)
+def test_overriding_what_the_run_was_trained_as_is_refused(config_only, capsys, overrides):
+    assert evaluate.main([str(config_only), *overrides]) == 2
+    line = one_error_line(capsys, "config error:")
+    assert ", ".join(sorted(o.split("=")[0] for o in overrides)) in line and "trained" in line
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "eval.protocol=vtimellm",
+        "data.eval_batch_size=4",
+        "trainer.limit_test_batches=1",
+        "trainer.precision=32-true",
+        "model.inference.final=aux",
+        "data.timeline=uniform99",  # the run's own value
+        "data.source.num_test=4",
+    ],
+)
+def test_evaluation_settings_stay_overridable(config_only, capsys, override):
+    assert evaluate.main([str(config_only), override]) == 2  # no checkpoint: past the config checks
+    assert str(config_only / "checkpoints") in one_error_line(capsys, "error:")
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        ["data=builtin", "trainer=fsdp"],  # trainer.strategy: a mapping where the default holds "auto"
+        ["data=charades_sta", "trainer=ddp"],
+        ["data=activitynet", "trainer=gpu"],
+        ["data=jsonl", "callbacks.early_stopping={monitor: val/mIoU}", "+trainer.accumulate_grad_batches=2"],
+        ["data=qvhighlights", "experiment=timerefine_onpolicy"],  # Lighthouse keys, annotation_files
+    ],
+)
+def test_every_config_train_saves_reads_back(tmp_path, choices):
+    """No key of a config train.py composes counts as one nothing reads."""
+    saved = load_config([*choices, f"output_dir={tmp_path}"])
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path, []) == saved

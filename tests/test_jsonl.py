@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
+import train
 from datamodules.activitynet import load_activitynet
 from datamodules.charades_sta import load_charades_sta
 from datamodules.jsonl import load_jsonl, parse_jsonl
 from datamodules.quirks import QuirkError, QuirkPolicy
-from timerefine.pipeline.build import build_source
+from timerefine.pipeline.build import build_datamodule, build_module, build_source
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.tools import to_jsonl
 
@@ -114,6 +114,29 @@ def test_malformed_lines_name_file_and_line_or_are_counted(tmp_path, bad, reason
     assert report.counts == {"malformed": 1} and report.read == 3
 
 
+def test_a_line_that_is_not_utf8_names_file_and_line_or_is_counted(tmp_path):
+    path = tmp_path / "train.jsonl"
+    latin1 = line("b", [[1, 2]], query="a cafe door").encode().replace(b"cafe", b"caf\xe9")  # not UTF-8
+    path.write_bytes(b"\n".join([line("a", [[1, 2]]).encode(), latin1, line("c", [[3, 4]]).encode()]))
+    with pytest.raises(QuirkError, match=re.escape(f"{path}:2: malformed annotation: not UTF-8 (byte 0xe9")):
+        parse_jsonl(path)
+    records, report = parse_jsonl(path, QuirkPolicy(strict=False))
+    assert [r.qid for r in records] == ["a", "c"] and report.counts == {"malformed": 1}
+
+
+def test_a_zero_length_window_drops_its_query_counted_or_is_an_error(tmp_path):
+    path = write(
+        tmp_path / "train.jsonl",
+        [line("a", [[1, 2]]), line("point", [[5, 5]]), line("one_of_two", [[0, 3], [7.5, 7.5]])],
+    )
+    records, report = parse_jsonl(path)
+    assert [r.qid for r in records] == ["a"]
+    assert report.counts == {"zero_length": 2} and (report.read, report.dropped) == (3, 2)
+    assert report.examples["zero_length"][0].startswith(f"{path}:2 (")
+    with pytest.raises(QuirkError, match=re.escape(f"{path}:2: zero length: v1 [5.0, 5.0]")):
+        parse_jsonl(path, QuirkPolicy(zero_length="error"))
+
+
 def test_missing_split_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"val.jsonl: no such annotation file \(the val split\)"):
         load_jsonl(tmp_path, "val")
@@ -138,6 +161,83 @@ def test_source_from_the_config_reads_splits_and_counts_coverage(tmp_path):
     assert (report.total, report.usable, report.skipped_by_reason) == (3, 2, {"empty_query": 1})
 
 
+# A tiny run on JSONL files in ``root`` whose LM takes 192 positions: a short query's prompt (about 60
+# tokens with its 8 video tokens) and its answer (up to 77 generated tokens) fit, a query of 60 words
+# (about 270 tokens) does not.
+def tiny_jsonl(root: Path, *overrides: str) -> list[str]:
+    return [
+        "data=jsonl",
+        f"data.source.root={root}",
+        "data.source.num_frames=16",
+        "data.source.feature_dim=16",
+        "data.batch_size=4",
+        "model.lm.tiny={hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}",
+        "model.lm.tiny.max_positions=192",
+        "model.lm.tokenizer_vocab_size=300",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=2",
+        "callbacks.progress_bar=none",
+        *overrides,
+    ]
+
+
+LONG_QUERY = " ".join(["a person opens the door and then sits on a chair"] * 6)
+
+
+def jsonl_splits(root: Path, bad_in: str = "train", bad: str = "") -> Path:
+    """Four queries per split; the third of ``bad_in`` replaced by the line ``bad`` (bytes allowed)."""
+    for split in ("train", "val", "test"):
+        lines = [line(f"{split}{i}", [[i, i + 4]], video=f"{split}v{i}") for i in range(4)]
+        (root / f"{split}.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        if split == bad_in:
+            lines[2] = bad
+        (root / f"{split}.jsonl").write_bytes("\n".join(lines).encode() + b"\n")
+    return root / f"{bad_in}.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("bad", "overrides", "message"),
+    [
+        (line("caf\udcff", [[2, 6]]), [], ":3: malformed annotation: not UTF-8 (byte 0xff at column"),
+        (line("point", [[4, 4]]), ["data.source.quirks.zero_length=error"], ":3: zero length: v1 [4.0, 4.0]"),
+        (line("long", [[2, 6]], query=LONG_QUERY), [], ":3: query too long: "),
+    ],
+    ids=["not_utf8", "zero_length", "too_long"],
+)
+def test_bad_training_data_stops_the_run_in_one_line(tmp_path, capsys, bad, overrides, message):
+    path = jsonl_splits(tmp_path / "jsonl", bad=bad)
+    path.write_bytes(path.read_bytes().replace(b"\\udcff", b"\xff"))  # a lone 0xff byte in a qid
+    output_dir = tmp_path / "run"
+    assert train.main([*tiny_jsonl(tmp_path / "jsonl", *overrides), f"output_dir={output_dir}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}{message}"), lines
+    if "too long" in message:
+        assert re.search(r"too long: the query is \d{3} tokens long; .* has 192 positions", lines[0]), lines[
+            0
+        ]
+    assert not output_dir.exists()
+
+
+def test_queries_too_long_for_the_lm_can_be_counted_skips(tmp_path, caplog):
+    """``data.query_too_long=drop``: skipped, counted in the split's coverage, logged with an example;
+    the check applies to the splits read before the model is built (train.py) and after (evaluate.py)."""
+    path = jsonl_splits(tmp_path / "jsonl", "test", line("long", [[2, 6]], query=LONG_QUERY))
+    cfg = load_config([*tiny_jsonl(tmp_path / "jsonl", "data.query_too_long=drop"), "output_dir=unused"])
+    for read_first in (True, False):
+        datamodule = build_datamodule(cfg)
+        if read_first:
+            datamodule.setup()
+        with caplog.at_level("WARNING"):
+            build_module(cfg, datamodule)
+            test = datamodule.records("test")
+        assert [r.qid for r in test] == ["test0", "test1", "test3"]
+        assert datamodule.annotated("test") == 4  # coverage: 3 of 4 queries
+        assert datamodule.coverage({"test/queries": 3}) == {"test/coverage": 75.0}
+        warnings = [r.getMessage() for r in caplog.records if "query too long" in r.getMessage()]
+        assert len(warnings) == 1 and f"{path}:3" in warnings[0] and "1 of 4 queries skipped" in warnings[0]
+        caplog.clear()
+
+
 @pytest.mark.parametrize("dataset", ["qvhighlights", "tacos", "didemo"])
 def test_ready_layouts_read_lighthouse_files(tmp_path, dataset):
     cfg = load_config([f"data={dataset}", f"data.source.root={tmp_path}", "output_dir=unused"])
@@ -156,8 +256,9 @@ def test_ready_layouts_read_lighthouse_files(tmp_path, dataset):
         ("data.source.multi_window=mean", "data.source.multi_window=mean: must be one of best, union"),
         (
             "data.source.keys.video_id=null",
-            "data.source.keys={'qid': 'qid', 'query': 'query', 'video_id': None",
+            "data.source.keys.video_id: field 'data.source.keys.video_id' is not",
         ),
+        ("data.source.keys.video_id=''", "data.source.keys={'qid': 'qid', 'query': 'query', 'video_id': ''"),
         ("+data.source.keys.vid=video_id", "data.source.keys.vid: added with + but not a config key"),
         ("data.source.multi_windows=best", "multi_windows"),
     ],
@@ -167,12 +268,11 @@ def test_config_mistakes_are_config_errors(override, message):
         source_config(override)
 
 
-def test_charades_source_refuses_jsonl_keys(tmp_path):
-    cfg = load_config(["data=charades_sta", "output_dir=unused"])
-    data = OmegaConf.create(OmegaConf.to_container(cfg.data))
-    data.source.multi_window = "best"
-    with pytest.raises(ConfigError, match=r"does not take: \['multi_window'\]"):
-        build_source(data)
+def test_charades_source_refuses_jsonl_keys():
+    with pytest.raises(
+        ConfigError, match=r"data\.source\.multi_window: Key 'multi_window' not in 'AnnotationSpec'"
+    ):
+        load_config(["data=charades_sta", "data.source.multi_window=best", "output_dir=unused"])
 
 
 # ---- the converter ------------------------------------------------------------------------------
@@ -268,7 +368,8 @@ def test_converter_writes_nothing_when_a_split_fails(tmp_path, capsys):
     ("dataset", "root", "kept"),
     [
         ("charades_sta", CHARADES, {"train": 12405, "test": 3720}),
-        ("activitynet", ANET, {"train": 37421, "val_1": 17505, "val_2": 17031}),
+        # ActivityNet train: 2 zero-length moments are dropped by the parser's default policy
+        ("activitynet", ANET, {"train": 37419, "val_1": 17505, "val_2": 17031}),
     ],
 )
 def test_real_annotations_convert_with_every_query(tmp_path, dataset, root, kept):

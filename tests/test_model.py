@@ -14,7 +14,7 @@ from grounding.answer_format.slots import Slot
 from grounding.answer_format.timeline import MAX_INDEX, NUM_BINS
 from grounding.answer_format.tokens import IGNORE_INDEX, MARKERS, OFFSET, SEG_END, SEG_START
 from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_loss, l1_loss
-from lightning_modules.generation import _Decoder, generate
+from lightning_modules.generation import Decoder, generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
 from tests import helpers
 
@@ -339,7 +339,7 @@ def test_a_masked_out_feed_leaves_the_row_as_if_it_had_not_been_fed():
     prompts = [
         ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)
     ]
-    decoder = _Decoder(model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], None)
+    decoder = Decoder(model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], None)
     feeds = [
         ([5, 6, 7], [True, False, True]),
         ([8, 9, 10], [False, False, True]),

@@ -219,14 +219,25 @@ def test_submit_reports_sbatch_failure(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "invalid partition" in proc.stderr
 
 
-def test_docs_show_the_current_dry_run(capsys: pytest.CaptureFixture) -> None:
-    """docs/cluster.md pastes the dry-run of this 2-node x 8-GPU command; it must stay the real output."""
-    args = [
+DOCUMENTED_DRY_RUNS = {
+    "2 nodes x 8 GPUs": [
         "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "12", "--mem", "480G", "--time", "1-00:00:00",
         "--partition", "gpu", "--account", "my_project", "--setup", "module load cuda/12.4",
         "--setup", "source .venv/bin/activate", "--workdir", "/home/me/timerefine", "--job-name", "tr-7b",
         "--dry-run", "--", "model.lm.name_or_path=Qwen/Qwen2.5-7B-Instruct", "model.lora.enabled=true",
         "trainer.precision=bf16-mixed", "data.global_batch_size=512",
-    ]  # fmt: skip
-    slurm_submit.main(args)
+    ],
+    "paper scale": [
+        "--gpus-per-node", "8", "--cpus-per-task", "8", "--mem", "480G", "--time", "2-00:00:00",
+        "--workdir", "/home/me/timerefine", "--job-name", "tr-charades", "--dry-run", "--",
+        "experiment=paper_charades", "data.source.root=/data/charades_sta",
+        "data.source.feature_path=/data/charades_sta/clip_vit_l14",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("example", sorted(DOCUMENTED_DRY_RUNS))
+def test_docs_show_the_current_dry_run(example: str, capsys: pytest.CaptureFixture) -> None:
+    """docs/cluster.md pastes the dry-run of these commands; each must stay the real output."""
+    slurm_submit.main(DOCUMENTED_DRY_RUNS[example])
     assert capsys.readouterr().out in (REPO / "docs" / "cluster.md").read_text()

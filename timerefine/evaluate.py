@@ -4,7 +4,13 @@
     python evaluate.py runs/x --ckpt last trainer.devices=2 trainer.strategy=ddp model.inference.final=aux
 
 Writes ``<run>/eval/<name>/metrics.json`` and ``predictions/test.jsonl``; overrides apply on top
-of the run's saved config.yaml (same checks as train.py).
+of the run's saved config.yaml (same checks as train.py; a saved key nothing reads is an error too).
+What the run was trained as cannot be overridden (timerefine/pipeline/run_identity.py): ``model.*``
+but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.chat_template``,
+``data.source.num_frames`` and ``data.source.feature_dim``. Evaluation settings can: ``eval.protocol``,
+``model.inference.*``, batch sizes, ``trainer.*`` (devices, precision, ``limit_test_batches``) and
+where the data is (``data.source.root``, ``annotation_files``, ``splits``, features, quirks,
+``multi_window``), e.g. another test split.
 """
 
 from __future__ import annotations
@@ -21,17 +27,18 @@ from omegaconf import DictConfig
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_run_config
-from timerefine.pipeline.config_values import not_a_file
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
+from timerefine.pipeline.run_identity import identity_error
+from timerefine.pipeline.schema import not_a_file
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
     """Test ``ckpt`` and write the flat metrics, with the test split's coverage."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
+    datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
+    module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
@@ -58,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {config}: not a run directory", file=sys.stderr)
         return 2
     try:
+        trained = load_run_config(args.run_dir, [])
+    except ConfigError as error:
+        print(f"config error: {config}: {error}", file=sys.stderr)
+        return 2
+    try:
         cfg = load_run_config(args.run_dir, args.overrides)
+        if reason := identity_error(trained, cfg):
+            raise ConfigError(reason)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
 INPUT_ERRORS = (
@@ -18,6 +19,7 @@ INPUT_ERRORS = (
     EmptySplitError,
     FileNotFoundError,
     CheckpointError,
+    ChangedSettingsError,
     ReleasedWeightsError,
     BaseWeightsError,
     MissingModelError,

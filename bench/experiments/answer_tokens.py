@@ -1,8 +1,8 @@
 """Digit-by-digit vs canonical answer tokens (``model.answer_tokens``) with the real tokenizers.
 
-    python bench/answer_tokens.py                          # answer lengths and decoding time
-    python bench/answer_tokens.py --train gpt2 --steps 200 # and a short training run per spelling
-    python bench/answer_tokens.py --train gpt2 --steps 300 --overrides model=direct
+    python -m bench.experiments.answer_tokens                          # answer lengths, decoding time
+    python -m bench.experiments.answer_tokens --train gpt2 --steps 200 # and a training run per spelling
+    python -m bench.experiments.answer_tokens --train gpt2 --steps 300 --overrides model=direct
 
 For each tokenizer of ``../shared/data/tokenizers``: the K=3 answer length in tokens in both
 spellings, and the constrained decoding time per query of the same tiny LM (built-in data, one
@@ -27,7 +27,7 @@ from grounding.answer_format.codec import ANSWER_TOKENS
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"
 NAMES = ("llama2_spm", "llama3_bpe", "qwen2", "gpt2")
 # A small default model and data: the tiny LM at hidden 64 with 2 layers, 20 frames (10 video tokens).

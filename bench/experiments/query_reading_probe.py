@@ -5,7 +5,7 @@ a bag-of-words embedding of the query, and is trained to point at the queried ev
 Run once with the query and once with it blanked (a query-blind control): the gap is what reading
 the query is worth, and the steps it takes show how quickly it can be learned.
 
-    python bench/query_reading_probe.py --steps 1500
+    python -m bench.experiments.query_reading_probe --steps 1500
 """
 
 from __future__ import annotations

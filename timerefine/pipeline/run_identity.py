@@ -1,0 +1,44 @@
+"""What a trained run is: the config keys its weights and the meaning of its answers depend on.
+
+Evaluating a run with another value of one of them would score another model than the one trained
+(another K, answer spelling, LM shape, prompt, frame count), or read its answers' frame indices on
+another timeline: evaluate.py refuses such overrides. Under ``model`` only ``model.inference.*`` (how
+the final answer is chosen, how many tokens are generated) is an evaluation choice.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from timerefine.pipeline.config_diff import changes
+
+IDENTITY = (
+    "model",
+    "data.timeline",
+    "data.prompt_template",
+    "data.chat_template",
+    "data.source.num_frames",
+    "data.source.feature_dim",
+)
+EVALUATION = ("model.inference",)
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
+
+
+def is_identity(key: str) -> bool:
+    return _under(key, IDENTITY) and not _under(key, EVALUATION)
+
+
+def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
+    """One line naming the identity keys whose value differs between the run's config and the one to
+    evaluate it with, and the run's values; None when there are none."""
+    differing = changes(
+        OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
+    )
+    changed = [key for key in differing if is_identity(key)]
+    if not changed:
+        return None
+    was = ", ".join(f"{key}={differing[key][0]}" for key in changed)
+    return f"{', '.join(changed)}: what the run was trained as cannot change (trained with {was})"
