@@ -269,8 +269,9 @@ class GroundingModule(L.LightningModule):
             checkpoint["state_dict"] = without_frozen(checkpoint["state_dict"], frozen_names(self))
 
     def check_base(self, checkpoint: Path) -> None:
-        """Raise BaseWeightsError when the checkpoint file was trained on other base weights."""
-        saved = saved_identity(checkpoint)
+        """Raise BaseWeightsError when the checkpoint file was trained on other base weights (a
+        sharded checkpoint, a folder, keeps every tensor)."""
+        saved = None if checkpoint.is_dir() else saved_identity(checkpoint)
         if saved is not None:
             check_identity(saved, self.base_identity)
 

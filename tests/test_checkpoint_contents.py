@@ -23,6 +23,7 @@ from lightning_modules.tokenizer import tokenizer_from_files, train_local_tokeni
 from tests.helpers import corpus
 from timerefine.inference.run_loading import dataset_examples, load_run, predict
 from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import load_config
 
 
 def test_a_checkpoint_holds_its_config_and_tokenizer_and_a_random_lm_whole(tmp_path):
@@ -40,7 +41,7 @@ def test_a_checkpoint_holds_its_config_and_tokenizer_and_a_random_lm_whole(tmp_p
     assert kept.encode(text) == saved.encode(text)
     assert len(kept) == len(saved)
     # LoRA on a randomly initialised LM: its frozen weights cannot be rebuilt, so they are saved too.
-    cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    cfg = load_config([*overrides, f"output_dir={run}"])
     module = build_module(cfg, build_datamodule(cfg))
     assert IDENTITY not in checkpoint and checkpoint["state_dict"].keys() == module.state_dict().keys()
 
@@ -77,6 +78,7 @@ def lora_run(tmp_path_factory) -> LoraRun:
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "callbacks.checkpoint.last_every_n_steps=3",
+        "callbacks.checkpoint.save_top_k=-1",  # best-step3.ckpt stays: a resume point mid-run
         f"output_dir={root / 'run'}",
     ]
     assert train.main(overrides) == 0
@@ -115,21 +117,17 @@ def test_resume_evaluate_and_predict_from_a_lora_checkpoint_match_the_run(lora_r
     found = predict(run, features, [r.query for r, _ in examples])
     assert [p.text for p in found] == [row["text"] for row in rows]
 
-    # Continued from last.ckpt (step 6) to step 9, the run ends as one trained to step 9 at once.
-    shutil.copytree(run_dir, tmp_path / "continued")
-    longer = [*lora_run.overrides, "trainer.max_steps=9"]
-    assert train.main([*longer, f"output_dir={tmp_path / 'continued'}"]) == 0
-    assert train.main([*longer, f"output_dir={tmp_path / 'straight'}"]) == 0
-    continued, straight = (
-        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-        for run in ("continued", "straight")
-    )
-    assert continued.keys() == straight.keys()
-    for name, tensor in straight.items():
-        torch.testing.assert_close(continued[name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert test_scores(tmp_path / "continued" / "metrics.json") == test_scores(
-        tmp_path / "straight" / "metrics.json"
-    )
+    # Continued from step 3 in another folder, the run ends with the weights of the run itself.
+    continued = tmp_path / "continued"
+    resume = f"resume={run_dir / 'checkpoints' / 'best-step3.ckpt'}"
+    assert train.main([*lora_run.overrides, resume, f"output_dir={continued}"]) == 0
+    ends = [
+        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for d in (continued, run_dir)
+    ]
+    assert ends[0].keys() == ends[1].keys()
+    for name, tensor in ends[1].items():
+        torch.testing.assert_close(ends[0][name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_other_base_weights_are_refused_in_one_line_before_anything_is_written(lora_run, capsys):
