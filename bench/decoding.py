@@ -194,6 +194,7 @@ def trained_model(run_dir: Path) -> tuple[GroundingModule, object]:
     datamodule.setup()
     module = build_module(cfg, datamodule)
     state = torch.load(recorded_best(run_dir / "checkpoints"), map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(state)  # a pretrained base's frozen weights, left out of the checkpoint
     module.load_state_dict(state["state_dict"])
     return module.eval(), datamodule
 

@@ -3,12 +3,18 @@
     python -m bench.step_levers                # threads, bf16 autocast, 4 frames per token, eager attention
     python -m bench.step_levers --compile      # also torch.compile of the LM (its compile time printed)
     python -m bench.step_levers --quick        # experiment=tiny, one round
+    python -m bench.step_levers --experiment smollm2 --batch 8   # a pretrained LM (SmolLM2-135M + LoRA)
+    python -m bench.step_levers --experiment smollm2 --only logits_everywhere,bf16_autocast
 
 Every variant gets its own copy of the default model and the same training batches (batch 32) and
 runs ``--steps`` steps (forward, backward, AdamW) per round; variants take turns for ``--rounds``
 rounds and each is reported as the median of its per-round ratio to ``base`` (the default: torch's
 intra-op threads, fp32, 2 frames per token, SDPA attention). ``threads1``/``threads2``: the same
-step with 1 / 2 intra-op threads (``torch.set_num_threads``). Prints ``ratio_<variant>=`` (< 1 is
+step with 1 / 2 intra-op threads (``torch.set_num_threads``). ``logits_everywhere``: the LM head and
+cross-entropy on every position, as Hugging Face's own loss does, instead of only on the positions
+that predict an answer token (the module's). ``gradient_checkpointing``: activations recomputed in
+the backward pass. With ``--experiment`` every variant starts from that experiment (its LM, its
+frames per token; ``frames_per_token4`` is then left out). Prints ``ratio_<variant>=`` (< 1 is
 faster) and ``base_s_per_step``.
 """
 
@@ -18,10 +24,13 @@ import argparse
 import contextlib
 import statistics
 import time
+from types import MethodType
 
 import torch
 
 from bench.figures_out import machine, median_ratio, print_figures
+from grounding.answer_format.tokens import IGNORE_INDEX
+from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 
@@ -33,10 +42,28 @@ VARIANTS = {
     "bf16_autocast": ([], torch.bfloat16, None, None),
     "frames_per_token4": (["model.projector.frames_per_token=4"], None, None, None),
     "eager_attention": ([], None, None, "eager"),
+    "logits_everywhere": ([], None, None, None),
+    "gradient_checkpointing": (["model.lm.gradient_checkpointing=true"], None, None, None),
 }
 
 
-def setup(overrides: list[str], batches: int, attention: str | None) -> dict:
+def logits_everywhere(self: VideoLLM, input_ids, attention_mask, features, labels=None):
+    """VideoLLM.forward as Hugging Face computes the loss: logits at every position."""
+    prompt = attention_mask.bool() & (labels == IGNORE_INDEX)
+    embeds, frames = self._embed_with_frames(input_ids, features, prompt)
+    out = self.lm(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        labels=labels,
+        output_hidden_states=self.aux_head is not None,
+        use_cache=False,
+    )
+    if self.saliency_head is not None:
+        out["saliency_logits"] = self.saliency_head(frames.float()).squeeze(-1)
+    return out
+
+
+def setup(name: str, overrides: list[str], batches: int, attention: str | None) -> dict:
     cfg = load_config(overrides)
     torch.manual_seed(cfg.seed)
     datamodule = build_datamodule(cfg)
@@ -44,6 +71,8 @@ def setup(overrides: list[str], batches: int, attention: str | None) -> dict:
     module = build_module(cfg, datamodule)
     if attention:
         module.model.lm.config._attn_implementation = attention
+    if name == "logits_everywhere":
+        module.model.forward = MethodType(logits_everywhere, module.model)
     loader = iter(datamodule.train_dataloader())
     return {
         "module": module,
@@ -69,15 +98,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile(model.lm, dynamic=True)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round of one step")
+    parser.add_argument("--experiment", help="start every variant from this experiment (e.g. smollm2)")
+    parser.add_argument("--batch", type=int, help="data.batch_size (default: the experiment's)")
+    parser.add_argument("--only", help="comma-separated variants to run besides base (default: all)")
     args = parser.parse_args(argv)
-    extra = ["experiment=tiny"] if args.quick else []
+    extra = (
+        ["experiment=tiny"] if args.quick else [f"experiment={args.experiment}"] if args.experiment else []
+    )
+    extra += [f"data.batch_size={args.batch}"] if args.batch else []
     rounds, count = (1, 1) if args.quick else (args.rounds, args.steps)
     default_threads = torch.get_num_threads()
     print(f"machine: {machine()}")
     variants = dict(VARIANTS)
+    if args.experiment:
+        del variants["frames_per_token4"]
+    if args.only:
+        variants = {n: v for n, v in variants.items() if n == "base" or n in args.only.split(",")}
     if args.compile:
         variants["compiled"] = ([], None, None, None)
-    runs = {name: setup([*extra, *v[0]], count, v[3]) for name, v in variants.items()}
+    runs = {name: setup(name, [*extra, *v[0]], count, v[3]) for name, v in variants.items()}
     figures: dict[str, float] = {}
     if args.compile:
         runs["compiled"]["module"].model.lm = torch.compile(runs["compiled"]["module"].model.lm, dynamic=True)

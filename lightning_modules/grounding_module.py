@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
@@ -38,6 +40,15 @@ from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
 from grounding.metrics.windows import metric_inputs, record_iou
+from lightning_modules.base_weights import (
+    IDENTITY,
+    base_identity,
+    check_identity,
+    frozen_names,
+    restore_frozen,
+    saved_identity,
+    without_frozen,
+)
 from lightning_modules.generation import generate
 from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
@@ -106,10 +117,15 @@ class GroundingModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         timeline: Timeline = DEFAULT_TIMELINE,
         protocol: Protocol = EXACT,
+        base_name: str | None = None,
     ) -> None:
         """``config``: the run's resolved config, saved in every checkpoint (``hyper_parameters``)
-        together with the tokenizer's files, so a checkpoint says what it is without its run folder."""
+        together with the tokenizer's files, so a checkpoint says what it is without its run folder.
+        ``base_name``: the pretrained LM the frozen weights come from (``model.lm.name_or_path``);
+        checkpoints then leave those out and record their identity (lightning_modules/base_weights.py).
+        None (a randomly initialised LM, which no one can rebuild): checkpoints hold everything."""
         super().__init__()
+        self.base_name, self._base_identity = base_name, None
         self.save_hyperparameters({"config": config}, logger=False)
         self.model, self.codec, self.tokenizer = model, codec, codec.tokenizer
         self.aux_weight, self.saliency_weight = aux_weight, saliency_weight
@@ -238,8 +254,32 @@ class GroundingModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    @property
+    def base_identity(self) -> dict[str, Any]:
+        """The frozen base weights' name and digest (computed once: they do not change)."""
+        if self._base_identity is None:
+            self._base_identity = base_identity(self, str(self.base_name))
+        return self._base_identity
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if self.base_name is not None and not sharded:  # FSDP's sharded checkpoints keep every tensor
+            checkpoint[IDENTITY] = self.base_identity
+            checkpoint["state_dict"] = without_frozen(checkpoint["state_dict"], frozen_names(self))
+
+    def check_base(self, checkpoint: Path) -> None:
+        """Raise BaseWeightsError when the checkpoint file was trained on other base weights (a
+        sharded checkpoint, a folder, keeps every tensor)."""
+        saved = None if checkpoint.is_dir() else saved_identity(checkpoint)
+        if saved is not None:
+            check_identity(saved, self.base_identity)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the base's frozen weights back into a checkpoint that left them out (refused when the
+        checkpoint was trained on other base weights)."""
+        if IDENTITY in checkpoint:
+            restore_frozen(self, checkpoint, self.base_identity)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

@@ -21,6 +21,7 @@ from transformers import (
 
 from grounding.answer_format.tokens import GROUNDING_TOKENS
 from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
+from lightning_modules.pretrained import PACKAGE, missing_model, resolve_pretrained
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -52,21 +53,27 @@ class LoraSpec(Checked):
     target_modules: list[str] = checked([ALL_LINEAR], items(a_name, 1))
 
 
-def tokenizer_source(value: str) -> str | None:
-    """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
+def pretrained_source(value: str) -> str | None:
+    """A Hugging Face name, a local folder that exists, or a GGUF or package file that exists (a path
+    is never looked up online)."""
+    if (missing := missing_model(value)) is not None:
+        return missing
+    if value.startswith(PACKAGE) or value.endswith(".gguf"):
+        return None
     local = value.startswith((".", "/", "~"))
     return f"{value} is not a directory" if local and not Path(value).expanduser().is_dir() else None
 
 
 @dataclass
 class LMSpec(Checked):
-    """``name_or_path``: a Hugging Face model name or local path; None builds the tiny LM (random
+    """``name_or_path``: a Hugging Face model name or local folder, a GGUF file, or a package's file
+    (``package:<module>/<file>``, lightning_modules/pretrained.py); None builds the tiny LM (random
     init). ``tokenizer``: a tokenizer name or path, whatever the LM (the tiny LM's embeddings take
     its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
     sized by ``tokenizer_vocab_size``."""
 
-    name_or_path: str | None = None
-    tokenizer: str | None = checked(None, optional(tokenizer_source))
+    name_or_path: str | None = checked(None, optional(pretrained_source))
+    tokenizer: str | None = checked(None, optional(pretrained_source))
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = checked(1000, integer(1))
     dtype: str = "float32"
@@ -77,7 +84,8 @@ def max_positions(spec: LMSpec) -> int | None:
     """The positions the LM of ``spec`` holds (its config's ``max_position_embeddings``), None if unstated."""
     if not spec.name_or_path:
         return spec.tiny.max_positions
-    return getattr(AutoConfig.from_pretrained(spec.name_or_path), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(resolve_pretrained(spec.name_or_path, spec.dtype))
+    return getattr(config, "max_position_embeddings", None)
 
 
 def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -159,10 +167,11 @@ def build_language_model(
     """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
     set to the mean of its other rows, released adapters merged (``init_from``), optionally LoRA."""
     if name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        source = resolve_pretrained(name_or_path, dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if untrained := untrained_grounding_ids(name_or_path, tokenizer):
+        if untrained := untrained_grounding_ids(source, tokenizer):
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -11,6 +12,14 @@ from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
 from lightning_modules.aux_head import AuxHead, AuxSpec
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec
+
+
+def answer_loss_inputs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the LM's next-token logits are scored and against what: (B, T) bool, the positions whose
+    next label is not ignored, and the labels they predict, in the same (row-major) order."""
+    following = labels[:, 1:]
+    scored = torch.cat([following != IGNORE_INDEX, following.new_zeros(len(labels), 1, dtype=torch.bool)], 1)
+    return scored, following[following != IGNORE_INDEX]
 
 
 def frame_index_ids(
@@ -135,17 +144,23 @@ class VideoLLM(nn.Module):
         features: torch.Tensor | None,
         labels: torch.Tensor | None = None,
     ):
-        """The LM's output (loss when ``labels`` are given) with all hidden states; with a saliency
-        head also ``saliency_logits`` (B, video tokens): does each video token show the query?"""
+        """The LM's output with all hidden states when there is an aux head. With ``labels``: the
+        loss, the mean next-token cross-entropy over the labelled tokens, and ``logits`` only at the
+        positions that predict one (flattened, (labelled tokens, vocabulary)): the output layer runs
+        on the answers, not on every prompt and video token. With a saliency head also
+        ``saliency_logits`` (B, video tokens): does each video token show the query?"""
         prompt = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == IGNORE_INDEX)
         embeds, frames = self._embed_with_frames(input_ids, features, prompt)
+        scored, targets = answer_loss_inputs(labels) if labels is not None else (None, None)
         out = self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            labels=labels,
             output_hidden_states=self.aux_head is not None,
             use_cache=False,
+            **({"logits_to_keep": scored} if scored is not None else {}),
         )
+        if targets is not None:
+            out["loss"] = F.cross_entropy(out.logits.float(), targets)
         if self.saliency_head is not None and frames is not None:
             out["saliency_logits"] = self.saliency_head(frames.float()).squeeze(-1)
         return out

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from grounding.answer_format.layout import parse_answer
 from grounding.answer_format.slots import Slot
 from grounding.answer_format.timeline import MAX_INDEX, NUM_BINS
-from grounding.answer_format.tokens import MARKERS, OFFSET, SEG_END, SEG_START
+from grounding.answer_format.tokens import IGNORE_INDEX, MARKERS, OFFSET, SEG_END, SEG_START
 from lightning_modules.aux_head import AUX_LOSSES, AuxHead, distance_loss, giou_loss, l1_loss
 from lightning_modules.generation import Decoder, generate
 from lightning_modules.language_model import LoraSpec, grounding_token_ids
@@ -159,6 +159,30 @@ def test_lm_loss_only_reads_answer_tokens():
     ids[batch["attention_mask"] == 0] = helpers.tokenizer().convert_tokens_to_ids("a")
     other["input_ids"] = ids
     assert torch.allclose(module._losses(other)["lm_loss"], base, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(r=4, alpha=8, dropout=0.0)])
+def test_lm_loss_on_the_answer_positions_equals_the_loss_on_every_position(lora):
+    module = helpers.module(refine_steps=2, aux_weight=0.0, lora=lora)
+    batch = helpers.batch(refine_steps=2, n=5)
+    assert (batch["attention_mask"] == 0).any()  # padded rows: answers end at different positions
+    model = module.model
+    loss = module._losses(batch)["lm_loss"]
+    prompt = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)
+    embeds = model.embed(batch["input_ids"], batch["features"], prompt)
+    everywhere = model.lm(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]
+    )
+    torch.testing.assert_close(loss, everywhere.loss, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, model.projector.net[0].weight)
+    (expected,) = torch.autograd.grad(everywhere.loss, model.projector.net[0].weight)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    scored = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    assert (
+        model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]).logits.shape[0]
+        == scored
+        < batch["attention_mask"].sum()
+    )  # the output layer ran only where an answer token follows
 
 
 def test_training_step_logs_the_aux_loss():

@@ -39,6 +39,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
     module = build_module(cfg, datamodule)
+    module.check_base(ckpt)  # other base weights: refused before anything is written
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)

@@ -43,6 +43,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg, tokenizer_dir=output_dir / "tokenizer")
     datamodule.setup()  # read and check every split before anything is written
     module = build_module(cfg, datamodule)
+    if checkpoint not in (None, "hpc"):
+        module.check_base(Path(checkpoint))  # other base weights: refused before anything is written
     trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends

@@ -27,6 +27,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from lightning_modules.pretrained import resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
 
@@ -40,8 +41,12 @@ def is_export(folder: Path) -> bool:
 
 def base_vocab_size(run: LoadedRun) -> int | None:
     """The vocabulary of the pretrained base LM (None for the tiny LM, which has no base)."""
-    name = run.cfg.model.lm.name_or_path
-    return AutoConfig.from_pretrained(name).vocab_size if name else None
+    lm = run.cfg.model.lm
+    return (
+        AutoConfig.from_pretrained(resolve_pretrained(lm.name_or_path, lm.dtype)).vocab_size
+        if lm.name_or_path
+        else None
+    )
 
 
 def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> dict[str, torch.Tensor]:
@@ -51,7 +56,7 @@ def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> di
         return {n: t for n, t in state.items() if not n.startswith(run.language_model_prefix)}
     if base_vocab is None:
         return state
-    trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in run.module.named_parameters(remove_duplicate=False) if p.requires_grad}
     tensors = {n: t for n, t in state.items() if n in trainable}
     vocab = len(run.module.tokenizer)
     for name, tensor in state.items():
@@ -162,7 +167,7 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     missing, unexpected = module.load_state_dict(
         {n: t for n, t in tensors.items() if not n.endswith(NEW_ROWS)}, strict=False
     )
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
     from_base = manifest["language_model"] is not None
     lacking = [
         n for n in missing if n not in frozen and not (from_base and n.startswith(run.language_model_prefix))

@@ -21,6 +21,7 @@ from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
+from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path
@@ -109,14 +110,20 @@ def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
         raise InputError(str(err)) from err
 
 
-def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The module's state dict in a Lightning checkpoint (a file, or a sharded folder)."""
-    state = (
+def load_checkpoint(module: GroundingModule, path: Path) -> None:
+    """Give ``module`` the weights of a Lightning checkpoint (a file, or a sharded folder); the frozen
+    base weights a checkpoint leaves out come from the rebuilt module (InputError when they differ
+    from those the checkpoint was trained on)."""
+    checkpoint = (
         load_sharded_checkpoint(path)
         if path.is_dir()
         else torch.load(path, map_location="cpu", weights_only=False)
     )
-    return state["state_dict"]
+    try:
+        module.on_load_checkpoint(checkpoint)
+    except BaseWeightsError as error:
+        raise InputError(f"{path}: {error}") from error
+    module.load_state_dict(checkpoint["state_dict"])
 
 
 def load_run(run_dir: Path, ckpt: str = "best", device: str = "cpu") -> LoadedRun:
@@ -124,7 +131,7 @@ def load_run(run_dir: Path, ckpt: str = "best", device: str = "cpu") -> LoadedRu
     cfg = run_config(run_dir)
     path = run_checkpoint(run_dir, ckpt)
     module, collator = build_untrained(cfg, run_dir / "tokenizer")
-    module.load_state_dict(checkpoint_weights(path))
+    load_checkpoint(module, path)
     return LoadedRun(cfg, module.to(device), collator, path)
 
 

@@ -33,6 +33,7 @@ from grounding.answer_format.prompts import render_prompt, resolve_template
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import build_language_model, max_positions
+from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.video_llm import VideoLLM
@@ -73,7 +74,10 @@ def build_tokenizer_for(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
     )
     lm = cfg.model.lm
-    return build_tokenizer(lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size)
+    pretrained = lm.tokenizer or lm.name_or_path
+    return build_tokenizer(
+        pretrained and resolve_pretrained(pretrained, lm.dtype), corpus, lm.tokenizer_vocab_size
+    )
 
 
 def answer_codec(
@@ -155,6 +159,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         config=OmegaConf.to_container(cfg, resolve=True),
         timeline=timeline,
         protocol=run_protocol(cfg),
+        base_name=lm.name_or_path,
     )
 
 

