@@ -60,6 +60,7 @@ class LMSpec:
     tokenizer: str | None = None
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = 1000
+    grounding_tokens: str = "project"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
 
@@ -85,7 +86,9 @@ def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTr
 
 
 def grounding_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return tokenizer.convert_tokens_to_ids(list(GROUNDING_TOKENS))
+    """The ids of the grounding tokens the tokenizer holds (``<video>`` only in the project's style)."""
+    added = tokenizer.get_added_vocab()
+    return [added[token] for token in GROUNDING_TOKENS if token in added]
 
 
 def embedding_layers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
@@ -101,8 +104,8 @@ def untrained_grounding_ids(name_or_path: str, tokenizer: PreTrainedTokenizerBas
         own = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
         return grounding_token_ids(tokenizer)
-    known = own.get_vocab()
-    return [tokenizer.convert_tokens_to_ids(t) for t in GROUNDING_TOKENS if t not in known]
+    known, added = own.get_vocab(), tokenizer.get_added_vocab()
+    return [added[t] for t in GROUNDING_TOKENS if t in added and t not in known]
 
 
 def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary_size: int) -> None:

@@ -104,7 +104,9 @@ def build_tokenizer_for(
     prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
     corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
     lm = cfg.model.lm
-    return build_tokenizer(lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size)
+    return build_tokenizer(
+        lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens
+    )
 
 
 def answer_codec(

@@ -20,6 +20,7 @@ from grounding.answer_format.predictions import FINAL_CHOICES
 from grounding.answer_format.prompts import template_error
 from grounding.answer_format.targets import OFFSET_SPACES, RESAMPLING
 from grounding.answer_format.timeline import TIMELINES
+from grounding.answer_format.tokens import TOKEN_STYLES
 from grounding.metrics.protocols import PROTOCOLS
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
@@ -155,6 +156,7 @@ RULES: dict[str, Check] = {
     "model.lm.tiny.max_positions": integer(1),
     "model.lm.tokenizer": optional(tokenizer_source),
     "model.lm.tokenizer_vocab_size": integer(1),
+    "model.lm.grounding_tokens": one_of(*TOKEN_STYLES),
     "model.answer_tokens": one_of(*ANSWER_TOKENS),
     "model.lora.r": integer(1),
     "model.lora.alpha": POSITIVE,
