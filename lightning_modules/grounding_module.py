@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
@@ -23,6 +24,7 @@ from lightning_modules.generation import generate
 from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
+from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
 
 
@@ -116,6 +118,11 @@ class GroundingModule(L.LightningModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Log which parts train (``model.trainable``, LoRA) and their parameter counts."""
+        lines = summary_lines(parameter_summary(self.model))
+        rank_zero_info("parameters by part (model.trainable):\n  " + "\n  ".join(lines))
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"])
         losses = {"lm_loss": out.loss}

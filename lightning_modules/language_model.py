@@ -20,6 +20,7 @@ from transformers import (
 from grounding.answer_format.tokens import GROUNDING_TOKENS
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
+TOKEN_ROWS_INITS = ("mean", "resize")
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the LM but its output layer
 
@@ -61,6 +62,7 @@ class LMSpec:
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = 1000
     grounding_tokens: str = "project"
+    token_rows_init: str = "mean"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
 
@@ -120,15 +122,17 @@ def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary
 
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> PreTrainedModel:
-    """Wrap ``model`` with LoRA; base weights freeze, the new tokens' input and output rows stay
-    trainable (with tied embeddings peft trains the one matrix's rows for both)."""
+    """Wrap ``model`` with LoRA; base weights freeze, the input and output rows of ``token_ids`` (the
+    new tokens', or none) stay trainable (with tied embeddings peft trains the one matrix's rows for both)."""
     modules = list(spec.target_modules)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=ALL_LINEAR if modules == [ALL_LINEAR] else modules,
-        trainable_token_indices={name: list(token_ids) for name in embedding_layers(model)},
+        trainable_token_indices={name: list(token_ids) for name in embedding_layers(model)}
+        if token_ids
+        else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -142,14 +146,21 @@ def build_language_model(
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     init_from: InitFromSpec | None = None,
+    token_rows_init: str = "mean",
+    train_token_rows: bool = True,
 ) -> PreTrainedModel:
     """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
-    set to the mean of its other rows, released adapters merged (``init_from``), optionally LoRA."""
+    set to the mean of its other rows (``token_rows_init``), released adapters merged
+    (``init_from``), optionally LoRA (training the grounding tokens' rows unless ``train_token_rows``
+    is off)."""
+    if token_rows_init not in TOKEN_ROWS_INITS:
+        raise ValueError(f"token_rows_init={token_rows_init!r}: choose from {', '.join(TOKEN_ROWS_INITS)}")
     if name_or_path:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if untrained := untrained_grounding_ids(name_or_path, tokenizer):
+        untrained = untrained_grounding_ids(name_or_path, tokenizer)
+        if untrained and token_rows_init == "mean":
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
@@ -159,5 +170,5 @@ def build_language_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if lora is not None:
-        model = apply_lora(model, lora, grounding_token_ids(tokenizer))
+        model = apply_lora(model, lora, grounding_token_ids(tokenizer) if train_token_rows else [])
     return model

@@ -18,6 +18,7 @@ from timerefine.pipeline.build import build_datamodule, build_module, build_trai
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
+from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.resume import resume_checkpoint
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(argv)
+        cfg = inherit_settings(load_config(argv), argv)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -42,14 +42,16 @@ from grounding.answer_format.prompts import render_prompt
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
-from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model
+from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model, grounding_token_ids
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec, load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
+from lightning_modules.trainable import TrainableSpec, apply_trainable
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_protocol, run_timeline
+from timerefine.pipeline.init_from_run import start_from_run
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import from_node
 from timerefine.pipeline.strategy import build_strategy
@@ -98,6 +100,8 @@ def build_tokenizer_for(
 ) -> PreTrainedTokenizerBase:
     """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the
     pretrained one, else a local BPE trained on the training prompts and sample answers."""
+    if (tokenizer_dir is None or not tokenizer_dir.is_dir()) and cfg.init_from_run:
+        tokenizer_dir = Path(cfg.init_from_run) / "tokenizer"  # the run it starts from
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
     train = datamodule.records("train")
@@ -134,15 +138,18 @@ def build_module(
     schedule = refine_schedule(model)
     init_from = from_node(InitFromSpec, model.init_from)
     codec = answer_codec(cfg, build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
-    lm_spec = from_node(LMSpec, model.lm)
+    lm_spec, trainable = from_node(LMSpec, model.lm), from_node(TrainableSpec, model.trainable)
+    lora = from_node(LoraSpec, model.lora) if model.lora.enabled else None
     lm = build_language_model(
         codec.tokenizer,
         lm_spec.name_or_path,
         lm_spec.tiny,
-        from_node(LoraSpec, model.lora) if model.lora.enabled else None,
+        lora,
         lm_spec.dtype,
         lm_spec.gradient_checkpointing,
         init_from,
+        lm_spec.token_rows_init,
+        trainable.token_rows,
     )
     projector = from_node(ProjectorSpec, model.projector)
     video_llm = VideoLLM.from_config(
@@ -167,6 +174,10 @@ def build_module(
         timeline=timeline,
         protocol=run_protocol(cfg),
     )
+    if cfg.init_from_run:
+        rows = grounding_token_ids(codec.tokenizer) if trainable.token_rows else []
+        start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
+    apply_trainable(video_llm, trainable)
     datamodule.attach(
         codec,
         datamodule.source.num_frames // projector.frames_per_token,

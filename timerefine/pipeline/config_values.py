@@ -25,9 +25,10 @@ from grounding.metrics.protocols import PROTOCOLS
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from lightning_modules.aux_head import AUX_LOSSES, AUX_SCALINGS
 from lightning_modules.grounding_module import DECODERS
-from lightning_modules.language_model import TINY_ARCHITECTURES
+from lightning_modules.language_model import TINY_ARCHITECTURES, TOKEN_ROWS_INITS
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS
 
+INHERITED = ("continue", "merge")  # model.lora.inherited: what becomes of init_from_run's adapters
 Check = Callable[[Any], "str | None"]
 _ABSENT = object()
 
@@ -112,6 +113,14 @@ def not_a_file(value: Any) -> str | None:
     return f"{path} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
+def a_run_folder(value: Any) -> str | None:
+    """A run's folder: its config.yaml and checkpoints/."""
+    folder = Path(str(value))
+    if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
+        return f"{folder} is not a run directory (config.yaml and checkpoints/)"
+    return None
+
+
 def tokenizer_source(value: Any) -> str | None:
     """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
     local = str(value).startswith((".", "/", "~"))
@@ -121,6 +130,7 @@ def tokenizer_source(value: Any) -> str | None:
 RULES: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),
     "output_dir": not_a_file,
+    "init_from_run": optional(a_run_folder),
     "data.batch_size": integer(1),
     "data.eval_batch_size": integer(1),
     "data.global_batch_size": optional(integer(1)),
@@ -157,11 +167,13 @@ RULES: dict[str, Check] = {
     "model.lm.tokenizer": optional(tokenizer_source),
     "model.lm.tokenizer_vocab_size": integer(1),
     "model.lm.grounding_tokens": one_of(*TOKEN_STYLES),
+    "model.lm.token_rows_init": one_of(*TOKEN_ROWS_INITS),
     "model.answer_tokens": one_of(*ANSWER_TOKENS),
     "model.lora.r": integer(1),
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": PROBABILITY,
     "model.lora.target_modules": items(a_name, 1),
+    "model.lora.inherited": one_of(*INHERITED),
     "model.init_from.projector": optional(a_name),
     "model.init_from.adapters": items(a_name),
     "model.init_from.added_tokens": items(a_name, 1),
@@ -206,6 +218,7 @@ RULES: dict[str, Check] = {
 REQUIRES = [
     ("model.aux.scaling", "reference", "model.aux.loss", ("l1",)),
     ("model.refine.offset_space", "seconds", "model.refine.residual_std", (None, [])),
+    ("model.trainable.token_rows", False, "model.lora.enabled", (True,)),  # without LoRA the whole LM trains
 ]
 
 # (smaller, larger): the first may not exceed the second.

@@ -7,6 +7,7 @@ from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.init_from_run import RunStartError
 from timerefine.pipeline.resume import CheckpointError
 
 INPUT_ERRORS = (
@@ -17,4 +18,5 @@ INPUT_ERRORS = (
     FileNotFoundError,
     CheckpointError,
     ReleasedWeightsError,
+    RunStartError,
 )

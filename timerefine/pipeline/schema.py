@@ -27,13 +27,16 @@ from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
+from lightning_modules.trainable import TrainableSpec
 
 
 @dataclass
 class LoraOption(LoraSpec):
-    """LoRA adapters (off by default: the tiny LM trains fully)."""
+    """LoRA adapters (off by default: the tiny LM trains fully). ``inherited``: what becomes of
+    ``init_from_run``'s adapters, ``continue`` (train them on) or ``merge`` (into the LM, then new ones)."""
 
     enabled: bool = False
+    inherited: str = "continue"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class ModelConfig:
     saliency: SaliencySpec = field(default_factory=SaliencySpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     init_from: InitFromSpec = field(default_factory=InitFromSpec)
+    trainable: TrainableSpec = field(default_factory=TrainableSpec)
 
 
 @dataclass
