@@ -62,7 +62,7 @@ from lightning_modules.generation import Generation
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.hf_generation import hf_generate
 from timerefine.pipeline.build import build_datamodule, build_module
-from timerefine.pipeline.config import load_config
+from timerefine.pipeline.config import load_config, load_run_config
 
 
 def hf_run(module: GroundingModule, batch: dict, *, constrained: bool, budget: int, eos_id: int, **options) -> Generation:  # fmt: skip
@@ -189,10 +189,10 @@ def trained_model(run_dir: Path) -> tuple[GroundingModule, object]:
     """A run's best checkpoint in eval mode, and its datamodule."""
     from timerefine.pipeline.best_checkpoint import recorded_best
 
-    cfg = load_config([], name="config", config_dir=run_dir)
-    datamodule = build_datamodule(cfg)
+    cfg = load_run_config(run_dir, [])
+    datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
     datamodule.setup()
-    module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
+    module = build_module(cfg, datamodule)
     state = torch.load(recorded_best(run_dir / "checkpoints"), map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     return module.eval(), datamodule

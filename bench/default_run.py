@@ -3,15 +3,21 @@
     python -m bench.default_run --profile            # the default run (about 3.5 min on 2 free cores)
     python -m bench.default_run --reference "" --threads 1 --reference-threads 2 --rounds 2  # in turns
     python -m bench.default_run --quick              # a seconds-long smoke run (experiment=tiny)
+    python -m bench.default_run --reference "" --env ONEDNN_MAX_CPU_ISA=AVX2 --env ATEN_CPU_CAPABILITY=avx2 \
+        --env MKL_ENABLE_INSTRUCTIONS=AVX2         # the default run as on a CPU without bf16, vs as here
 
-Prints ``wall_s`` (seconds from launch to exit), ``peak_rss_mb`` (the child's peak resident memory),
+Prints ``wall_s`` (seconds from launch to exit), ``cpu_s`` (the child's user + system CPU seconds: with
+``--threads 1`` less inflated than wall_s on a shared machine; with more threads, waiting threads
+spin and inflate it), ``peak_rss_mb`` (the child's peak resident memory),
 ``test_mIoU`` and ``prior_mIoU`` (the best constant segment, from the run's ``metrics.json``), and
 with ``--profile`` (Lightning's SimpleProfiler, ``+trainer.profiler=simple``) where the time went:
 ``train_steps_s`` (forward, backward, optimizer), ``data_s``, ``val_s``, ``test_s``,
 ``checkpoint_s`` and ``other_s`` (start-up: imports, data generation, tokenizer training; the prior;
 outputs). With ``--reference`` a run with those overrides goes before each run (``--rounds``
 times, taking turns, so both see the machine alike); figures are medians over the rounds and
-``wall_ratio`` is the median of the per-round wall_s / reference wall_s.
+``wall_ratio`` is the median of the per-round wall_s / reference wall_s. ``--env`` sets environment
+variables of the run only (not the reference), e.g. to emulate a CPU without bf16 instructions; the
+precision each run chose (``trainer.precision: auto``) is printed from its ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -61,11 +67,15 @@ def phase_seconds(log: str) -> dict[str, float]:
 
 
 def run_once(
-    overrides: list[str], profile: bool, keep: Path | None, threads: int | None = None
+    overrides: list[str],
+    profile: bool,
+    keep: Path | None,
+    threads: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """One ``python train.py`` with ``overrides`` (``threads``: its OMP_NUM_THREADS): wall seconds,
-    peak RSS, scores (and phases)."""
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    """One ``python train.py`` with ``overrides`` (``threads``: its OMP_NUM_THREADS; ``extra_env``: more
+    environment): wall and CPU seconds, peak RSS, scores (and phases)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(extra_env or {}))
     with tempfile.TemporaryDirectory() as tmp:
         output_dir = keep or Path(tmp) / "run"
         args = [
@@ -87,8 +97,10 @@ def run_once(
         if child.returncode:
             sys.exit(f"error: train.py exited with {child.returncode}:\n{log_text[-3000:]}")
         metrics = json.loads((output_dir / "metrics.json").read_text())
+    print(f"precision: {metrics.get('trainer/precision')} ({metrics.get('trainer/precision_reason')})")
     figures = {
         "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
         "test_mIoU": metrics.get("test/mIoU", math.nan),
         "prior_mIoU": metrics.get("prior/mIoU", math.nan),
@@ -111,17 +123,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="phase seconds (SimpleProfiler)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny: a smoke test")
     parser.add_argument("--keep", type=Path, help="write the (last) run here and keep it")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the run only"
+    )
     args = parser.parse_args(argv)
+    extra_env = dict(item.split("=", 1) for item in args.env)
     base = QUICK if args.quick else []
     print(f"machine: {machine()}")
-    print(f"command: python train.py {shlex.join(base + args.overrides)}", flush=True)
+    environment = " ".join(f"{k}={v}" for k, v in extra_env.items())
+    print(
+        f"command: {environment + ' ' if environment else ''}python train.py {shlex.join(base + args.overrides)}"
+    )
+    if args.reference is not None:
+        print(f"reference: python train.py {shlex.join(base + shlex.split(args.reference))}", flush=True)
     runs: list[dict[str, float]] = []
     references: list[dict[str, float]] = []
     for _ in range(args.rounds):
         if args.reference is not None:
             overrides = base + shlex.split(args.reference)
             references.append(run_once(overrides, args.profile, None, args.reference_threads))
-        runs.append(run_once(base + args.overrides, args.profile, args.keep, args.threads))
+        runs.append(run_once(base + args.overrides, args.profile, args.keep, args.threads, extra_env))
         print(
             f"round: {runs[-1]['wall_s']:.1f} s"
             + (f" (reference {references[-1]['wall_s']:.1f} s)" if references else "")

@@ -14,6 +14,21 @@ from pathlib import Path
 
 import torch
 
+from timerefine.pipeline.precision import cpu_bf16_instructions
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and its bf16 instructions (they decide ``trainer.precision: auto``)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), ""
+    )
+    bf16 = ", ".join(cpu_bf16_instructions(text)) or "no bf16 instructions"
+    return f"{name or 'unknown CPU'} ({bf16})"
+
 
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU's model name and its bf16 instruction sets (``/proc/cpuinfo``; the architecture where
@@ -22,11 +37,11 @@ def cpu_name(cpuinfo: str | None = None) -> str:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.is_file() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-    present = set(flags.group(1).split()) if flags else set()
-    bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in present]
+    if not re.search(r"^flags\s*:", cpuinfo, re.M):
+        return model.group(1).strip() if model else platform.machine()
+    bf16 = cpu_bf16_instructions(cpuinfo)
     name = model.group(1).strip() if model else platform.machine()
-    return f"{name} ({' + '.join(bf16) if bf16 else 'no bf16 instructions'})" if flags else name
+    return f"{name} ({' + '.join(bf16) if bf16 else 'no bf16 instructions'})"
 
 
 def machine() -> str:

@@ -6,7 +6,8 @@
 Three ways to run ``--steps`` training steps of the same config, taking turns each round (so that
 load from other jobs hits them alike), each on its own copy of the module, all reading the
 datamodule's own train loader (collation included) and taking the same AdamW groups, LR scheduler,
-gradient clipping and mixed precision (``trainer.precision``; bf16 autocast by default):
+gradient clipping and mixed precision (``trainer.precision`` as chosen here; bf16 autocast by default
+on a CPU with bf16 instructions):
 
 - ``raw``: ``for batch in loader: loss = module._losses(batch)["loss"]; backward; clip; step;
   schedule; zero_grad`` -- the floor;
@@ -37,6 +38,7 @@ from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.run_loading import precision_autocast
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import load_config
+from timerefine.pipeline.conventions import run_precision
 
 
 class StepClock(L.Callback):
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     datamodule.setup()
     module = build_module(cfg, datamodule)
     modules = {name: copy.deepcopy(module) for name in ("raw", "project", "bare")}
-    batch_size, precision = cfg.data.batch_size, str(cfg.trainer.precision)
+    batch_size, precision = cfg.data.batch_size, run_precision(cfg).precision
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}; batch {batch_size}, {steps} steps a run, {rounds} rounds")
     seconds: dict[str, list[float]] = {name: [] for name in modules}

@@ -2,8 +2,9 @@
 
 The reference recipe draws every coarse segment around the ground truth, so the offsets never
 learn to correct the model's real errors. Every ``every_n_steps`` this callback re-predicts a
-random subset of training queries and keeps each one's first coarse segment; the collator then
-uses it (with probability ``fraction``) as the first coarse segment of that query's target.
+random subset of training queries and keeps each one's first coarse segment in the datamodule's
+``coarse_guesses``, which its collator was built to read: with probability ``fraction`` a guess is
+the first coarse segment of that query's target.
 """
 
 from __future__ import annotations
@@ -16,31 +17,35 @@ import lightning as L
 import numpy as np
 import torch.distributed as dist
 
+from grounding.checks import PROBABILITY, Checked, checked, integer
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class OnPolicySpec:
+class OnPolicySpec(Checked):
     """``fraction``: share of training targets whose first coarse segment is the model's own cached
     guess (0 = off, the reference recipe); refreshed every ``every_n_steps`` on ``num_samples``
     training queries."""
 
-    fraction: float = 0.0
-    every_n_steps: int = 250
-    num_samples: int = 512
+    fraction: float = checked(0.0, PROBABILITY)
+    every_n_steps: int = checked(250, integer(1))
+    num_samples: int = checked(512, integer(1))
 
 
 class OnPolicyCoarse(L.Callback):
-    def __init__(self, fraction: float, every_n_steps: int, num_samples: int, batch_size: int = 64) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"on-policy fraction must be in (0, 1], got {fraction}")
-        self.fraction, self.every_n_steps = fraction, every_n_steps
-        self.num_samples, self.batch_size = num_samples, batch_size
+    """Refreshes the guesses every ``spec.every_n_steps`` steps, predicting ``batch_size`` at a time."""
+
+    def __init__(self, spec: OnPolicySpec, batch_size: int = 64) -> None:
+        self.every_n_steps, self.num_samples, self.batch_size = (
+            spec.every_n_steps,
+            spec.num_samples,
+            batch_size,
+        )
         self.coarse: dict[str, tuple[int, int]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        collator = trainer.datamodule.collator
-        collator.coarse_lookup, collator.on_policy_fraction = self.coarse.get, self.fraction
+        self.coarse = trainer.datamodule.coarse_guesses  # what the collator reads
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:

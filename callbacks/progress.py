@@ -1,7 +1,9 @@
-"""Progress bars whose training description counts optimizer steps (``Epoch 3, step 80/1200``).
+"""Progress bars whose training description counts optimizer steps (``Epoch 3, step 80/1200``) and
+whose metrics are the logged ones only.
 
 A run ends at ``max_steps`` with ``max_epochs=-1``, for which Lightning's Rich bar shows ``Epoch 9/-2``
-and its tqdm bar only the epoch.
+and its tqdm bar only the epoch. Lightning also shows the loggers' version as ``v_num``, cut to its
+last 4 characters (``oard`` of ``tensorboard``), which says nothing here.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 
 def train_description(trainer: L.Trainer) -> str:
@@ -22,7 +24,16 @@ def train_description(trainer: L.Trainer) -> str:
     return text
 
 
-class StepRichProgressBar(RichProgressBar):
+class WithoutVersion(ProgressBar):
+    """Leaves ``v_num`` out of the bar's metrics."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class StepRichProgressBar(WithoutVersion, RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return train_description(self.trainer)
 
@@ -32,7 +43,7 @@ class StepRichProgressBar(RichProgressBar):
         super().on_train_batch_end(trainer, *args)
 
 
-class StepTQDMProgressBar(TQDMProgressBar):
+class StepTQDMProgressBar(WithoutVersion, TQDMProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(train_description(trainer))

@@ -9,12 +9,14 @@ Everything is a pure function of the config and the seed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from grounding.answer_format.timeline import frame_times
+from grounding.checks import NON_NEGATIVE, POSITIVE, Checked, checked, integer, number
 from grounding.records import FeatureError, GroundingRecord
 
 VERBS = (
@@ -47,28 +49,30 @@ SUBJECTS = ("person", "a person", "the person", "someone")
 
 
 @dataclass(frozen=True)
-class BuiltinSpec:
+class BuiltinSpec(Checked):
     """Sizes and difficulty of the built-in dataset."""
 
-    num_train: int = 4000
-    num_val: int = 200
-    num_test: int = 500
-    num_frames: int = 100
-    feature_dim: int = 64
-    min_duration: float = 10.0
-    max_duration: float = 60.0
-    min_events: int = 2
-    max_events: int = 4
-    min_event_fraction: float = 0.1
-    max_event_fraction: float = 0.4
-    signal: float = 1.0
-    noise: float = 0.5
+    num_train: int = checked(4000, integer(1))
+    num_val: int = checked(200, integer(1))
+    num_test: int = checked(500, integer(1))
+    num_frames: int = checked(100, integer(1))
+    feature_dim: int = checked(64, integer(1))
+    min_duration: float = checked(10.0, POSITIVE)
+    max_duration: float = checked(60.0, POSITIVE)
+    min_events: int = checked(2, integer(1))
+    max_events: int = checked(4, integer(1))
+    min_event_fraction: float = checked(0.1, number(0, 1, open_low=True))
+    max_event_fraction: float = checked(0.4, number(0, 1, open_low=True))
+    signal: float = checked(1.0, NON_NEGATIVE)
+    noise: float = checked(0.5, NON_NEGATIVE)
     seed: int = 0
-    queries_per_video: int = 1
+    queries_per_video: int = checked(1, integer(1))
 
-    def __post_init__(self) -> None:
-        if self.queries_per_video < 1:
-            raise ValueError(f"queries_per_video={self.queries_per_video} must be at least 1")
+    def relations(self) -> Iterator[str]:
+        for name in ("duration", "events", "event_fraction"):
+            low, high = getattr(self, f"min_{name}"), getattr(self, f"max_{name}")
+            if low > high:
+                yield f"min_{name}={low} must not exceed max_{name}={high}"
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from grounding.records import EmptySplitError, GroundingRecord
 class BuiltinSource:
     name = "builtin"
 
-    def __init__(self, **spec: object) -> None:
-        self.spec = BuiltinSpec(**spec)  # type: ignore[arg-type]
+    def __init__(self, spec: BuiltinSpec) -> None:
+        self.spec = spec
         self.num_frames, self.feature_dim = self.spec.num_frames, self.spec.feature_dim
         self._records: dict[str, list[GroundingRecord]] = {}
 

@@ -40,11 +40,11 @@ class GroundingCollator:
         seed: int = 0,
         coarse_lookup: CoarseLookup | None = None,
         timeline: Timeline = DEFAULT_TIMELINE,
+        on_policy_fraction: float = 1.0,
     ) -> None:
         self.codec, self.tokenizer, self.prompt = codec, codec.tokenizer, prompt
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
-        self.timeline = timeline
-        self.on_policy_fraction = 1.0
+        self.timeline, self.on_policy_fraction = timeline, on_policy_fraction
         self.video_id = video_placeholder_id(self.tokenizer)
 
     def prompt_ids(self, query: str) -> list[int]:

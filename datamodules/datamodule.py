@@ -9,13 +9,13 @@ from typing import Any, Protocol
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.collate import CoarseLookup, GroundingCollator
+from datamodules.collate import GroundingCollator
 from datamodules.dataset import GroundingDataset
 from datamodules.quirks import QuirkError
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from grounding.answer_format.chat import chat_prompt
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompts import query_length_error, resolve_template
+from grounding.answer_format.prompts import query_length_error
 from grounding.answer_format.timeline import Timeline
 from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
@@ -37,15 +37,21 @@ class DataSource(Protocol):
 
 
 class GroundingDataModule(L.LightningDataModule):
-    """``prompt_template``: a name (``data.prompt_template``) or a template; ``chat_template``: how
-    the prompt becomes the model's chat turn (grounding/answer_format/chat.py). ``query_too_long``:
-    a query whose prompt and answer exceed the LM's positions is an ``error`` naming its ``file:line``,
-    or (``drop``) a skip counted in the split's coverage and logged."""
+    """``codec`` (shared with the module) holds the tokenizer and the refinement schedule of the
+    targets; a prompt holds ``video_tokens`` video tokens. ``prompt_template``: a template;
+    ``chat_template``: how the prompt becomes the model's chat turn (grounding/answer_format/chat.py).
+    ``coarse_guesses`` holds the model's own coarse segments by qid (callbacks/on_policy.py); the
+    collator starts a target from one with probability ``on_policy_fraction``. Every query read must
+    fit the LM's ``max_positions`` (None: no limit) with its prompt and the ``answer_tokens`` an answer
+    may take; ``query_too_long``: one that does not is an ``error`` naming its ``file:line``, or
+    (``drop``) a skip counted in the split's coverage and logged."""
 
     def __init__(
         self,
         source: DataSource,
+        codec: AnswerCodec,
         *,
+        video_tokens: int,
         batch_size: int,
         eval_batch_size: int,
         num_workers: int,
@@ -53,55 +59,44 @@ class GroundingDataModule(L.LightningDataModule):
         prompt_template: str,
         timeline: Timeline,
         chat_template: str,
+        on_policy_fraction: float = 0.0,
+        max_positions: int | None = None,
+        answer_tokens: int = 0,
         query_too_long: str = "error",
     ) -> None:
         """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.num_workers, self.seed, self.timeline = num_workers, seed, timeline
-        self.prompt_template, self.chat_template = resolve_template(prompt_template), chat_template
-        self.query_too_long = query_too_long
+        self.prompt_template, self.chat_template = prompt_template, chat_template
         self.datasets: dict[str, GroundingDataset] = {}
-        self.collator: GroundingCollator | None = None
-        self.max_positions: int | None = None
-        self.answer_tokens = 0
+        self.codec = codec
+        self.coarse_guesses: dict[str, tuple[int, int]] = {}
+        self.collator = GroundingCollator(
+            codec,
+            partial(chat_prompt, prompt_template, chat_template, codec.tokenizer),
+            video_tokens,
+            seed,
+            self.coarse_guesses.get if on_policy_fraction > 0 else None,
+            timeline,
+            on_policy_fraction,
+        )
+        self.max_positions, self.answer_tokens, self.query_too_long = (
+            max_positions,
+            answer_tokens,
+            query_too_long,
+        )
         self.too_long: dict[str, int] = {}  # queries skipped per split by data.query_too_long=drop
 
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self.datasets:
             self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
-            if self.collator is not None:
-                self._keep_fitting(split)
-        return self.datasets[split].records
-
-    def attach(
-        self,
-        codec: AnswerCodec,
-        video_tokens: int | None = None,
-        coarse_lookup: CoarseLookup | None = None,
-        max_positions: int | None = None,
-        answer_tokens: int = 0,
-    ) -> None:
-        """Give the datamodule the model's answer codec (its tokenizer and the refinement schedule of
-        the targets), the number of video tokens a prompt holds (default: one per frame), and the
-        LM's positions, which every query read (now or later) must fit with its prompt and the
-        ``answer_tokens`` an answer may take."""
-        self.collator = GroundingCollator(
-            codec,
-            partial(chat_prompt, self.prompt_template, self.chat_template, codec.tokenizer),
-            video_tokens or self.source.num_frames,
-            self.seed,
-            coarse_lookup,
-            self.timeline,
-        )
-        self.max_positions, self.answer_tokens = max_positions, answer_tokens
-        for split in list(self.datasets):
             self._keep_fitting(split)
+        return self.datasets[split].records
 
     def _keep_fitting(self, split: str) -> None:
         """Keep the split's queries that fit the LM with their prompt and answer, as ``query_too_long``
         says: an error naming the first that does not, or a logged and counted skip."""
-        assert self.collator is not None
         if self.max_positions is None:
             return
         dataset, rest = self.datasets[split], len(self.collator.prompt_ids(""))
@@ -155,8 +150,6 @@ class GroundingDataModule(L.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _loader_options(self) -> dict[str, Any]:
-        if self.collator is None:
-            raise RuntimeError("call attach(codec) before asking for dataloaders")
         return {"collate_fn": self.collator, "num_workers": self.num_workers}
 
     def train_dataloader(self) -> ResumableLoader:

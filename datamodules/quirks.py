@@ -11,9 +11,9 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from grounding.answer_format.prompts import normalize_query
+from grounding.checks import Checked, checked, one_of
 from grounding.metrics.windows import target_window
 from grounding.records import GroundingRecord
 
@@ -40,29 +40,17 @@ class QuirkError(ValueError):
 
 
 @dataclass(frozen=True)
-class QuirkPolicy:
+class QuirkPolicy(Checked):
     """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip.
     ``zero_length``: a window with start == end (after swapping and clipping), a moment no prediction
     can overlap (ActivityNet Captions train holds 2)."""
 
-    start_after_end: Literal["swap", "drop"] = "swap"
-    end_after_duration: Literal["clip", "drop"] = "clip"
-    unknown_video: Literal["drop", "error"] = "error"
-    empty_query: Literal["drop", "error"] = "drop"
-    zero_length: Literal["drop", "error"] = "drop"
+    start_after_end: str = checked("swap", one_of("swap", "drop"))
+    end_after_duration: str = checked("clip", one_of("clip", "drop"))
+    unknown_video: str = checked("error", one_of("drop", "error"))
+    empty_query: str = checked("drop", one_of("drop", "error"))
+    zero_length: str = checked("drop", one_of("drop", "error"))
     strict: bool = True
-
-    def __post_init__(self) -> None:
-        allowed = {
-            "start_after_end": ("swap", "drop"),
-            "end_after_duration": ("clip", "drop"),
-            "unknown_video": ("drop", "error"),
-            "empty_query": ("drop", "error"),
-            "zero_length": ("drop", "error"),
-        }
-        for name, options in allowed.items():
-            if getattr(self, name) not in options:
-                raise ValueError(f"QuirkPolicy.{name} must be one of {options}, got {getattr(self, name)!r}")
 
 
 @dataclass

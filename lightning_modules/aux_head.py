@@ -10,6 +10,7 @@ absolute error divided again by N, the number of scalars in the micro-batch (wit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,20 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, NUM_BINS, Timeline
+from grounding.checks import NON_NEGATIVE, Checked, checked, one_of
 
 AUX_LOSSES = ("l1", "giou", "l1_giou", "distance")
 AUX_SCALINGS = ("lambda", "reference")
 
 
 @dataclass(frozen=True)
-class AuxSpec:
+class AuxSpec(Checked):
     """``weight`` is lambda in LM loss + lambda x aux loss (0 turns the head off); ``loss``: one of
     AUX_LOSSES; ``head``: linear | mlp; ``scaling``: one of AUX_SCALINGS (``reference`` needs ``l1``)."""
 
-    weight: float = 1.0
-    loss: str = "l1"
-    head: str = "mlp"
-    scaling: str = "lambda"
+    weight: float = checked(1.0, NON_NEGATIVE)
+    loss: str = checked("l1", one_of(*AUX_LOSSES))
+    head: str = checked("mlp", one_of("linear", "mlp"))
+    scaling: str = checked("lambda", one_of(*AUX_SCALINGS))
+
+    def relations(self) -> Iterator[str]:
+        if self.scaling == "reference" and self.loss != "l1":
+            yield f"scaling=reference needs loss=l1, got {self.loss}"
 
 
 class AuxHead(nn.Module):

@@ -13,9 +13,28 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
-from grounding.answer_format.predictions import AUX_CHOICES, Prediction, predict, prediction_row, seconds
+from grounding.answer_format.predictions import (
+    AUX_CHOICES,
+    FINAL_CHOICES,
+    Prediction,
+    predict,
+    prediction_row,
+    seconds,
+)
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import OFFSET
+from grounding.checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    Checked,
+    checked,
+    integer,
+    items,
+    number,
+    one_of,
+    optional,
+)
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
@@ -29,18 +48,18 @@ from lightning_modules.video_llm import VideoLLM
 
 
 @dataclass
-class OptimSpec:
+class OptimSpec(Checked):
     """AdamW, linear warmup, cosine decay to ``min_lr_ratio`` x lr. ``warmup_ratio`` > 0 replaces
     ``warmup_steps`` by that share of the run's steps, rounded up (Hugging Face Trainer's rule).
     The defaults suit the built-in default run (a small LM trained from scratch: lr 3e-3 reaches in
     540 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``."""
 
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
+    lr: float = checked(3e-3, POSITIVE)
+    weight_decay: float = checked(0.01, NON_NEGATIVE)
+    warmup_steps: int = checked(100, integer(0))
+    warmup_ratio: float = checked(0.0, number(0, 1, open_high=True))
+    min_lr_ratio: float = checked(0.05, PROBABILITY)
+    betas: tuple[float, float] = checked((0.9, 0.98), items(number(0, 1, open_high=True), 2, 2))
 
     def warmup(self, total_steps: int) -> int:
         return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio > 0 else self.warmup_steps
@@ -52,18 +71,22 @@ DECODERS = {"fused": generate, "generate": hf_generate}
 
 
 @dataclass
-class InferenceSpec:
+class InferenceSpec(Checked):
     """``final``: last refined segment, aux-head prediction (at the last <OFFSET>, or ``_all``: its
     mean over every <OFFSET>, as the official evaluation), or their mean (FINAL_CHOICES).
     ``constrained``: fill the fixed tokens in and let the model choose only digits and signs.
     ``decoder``: a name from ``DECODERS``. ``order_and_clip``: order every predicted segment and clip
     it to the video; off, a segment is scored as written (the official evaluation)."""
 
-    final: str = "last"
+    final: str = checked("last", one_of(*FINAL_CHOICES))
     constrained: bool = True
-    max_new_tokens: int | None = None
-    decoder: str = "fused"
+    max_new_tokens: int | None = checked(None, optional(integer(1)))
+    decoder: str = checked("fused", one_of(*DECODERS))
     order_and_clip: bool = True
+
+    def new_tokens(self, answer_length: int) -> int:
+        """The most tokens a generated answer may take, answers being ``answer_length`` tokens long."""
+        return self.max_new_tokens or answer_length + 8
 
 
 def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -180,7 +203,7 @@ class GroundingModule(L.LightningModule):
     @property
     def max_new_tokens(self) -> int:
         """The most tokens a generated answer may take."""
-        return self.inference.max_new_tokens or self.codec.answer_length() + 8
+        return self.inference.new_tokens(self.codec.answer_length())
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -17,7 +19,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from grounding.answer_format.tokens import GROUNDING_TOKENS
+from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES
+from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
 TOKEN_ROWS_INITS = ("mean", "resize")
@@ -26,45 +29,58 @@ ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the LM but it
 
 
 @dataclass
-class TinyLMSpec:
+class TinyLMSpec(Checked):
     """Shape of a randomly initialised LM for CPU runs and tests; its vocabulary is the tokenizer's.
     ``tie_word_embeddings``: one matrix for the input and output embeddings (small Qwen2 models)."""
 
-    arch: str = "llama"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_positions: int = 512
+    arch: str = checked("llama", one_of(*TINY_ARCHITECTURES))
+    hidden_size: int = checked(128, integer(1))
+    num_layers: int = checked(4, integer(1))
+    num_heads: int = checked(4, integer(1))
+    intermediate_size: int = checked(512, integer(1))
+    max_positions: int = checked(512, integer(1))
     tie_word_embeddings: bool = False
 
 
 @dataclass
-class LoraSpec:
+class LoraSpec(Checked):
     """LoRA adapters on ``target_modules`` (``[all-linear]``: every linear layer of the LM but its
     output layer, as VTimeLLM/TimeRefine train); the grounding tokens' embedding and output rows train too."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    r: int = checked(16, integer(1))
+    alpha: int = checked(32, POSITIVE)
+    dropout: float = checked(0.05, PROBABILITY)
+    target_modules: list[str] = checked([ALL_LINEAR], items(a_name, 1))
+
+
+def tokenizer_source(value: str) -> str | None:
+    """A Hugging Face name, or a local folder that exists (a path is never looked up online)."""
+    local = value.startswith((".", "/", "~"))
+    return f"{value} is not a directory" if local and not Path(value).expanduser().is_dir() else None
 
 
 @dataclass
-class LMSpec:
+class LMSpec(Checked):
     """``name_or_path``: a Hugging Face model name or local path; None builds the tiny LM (random
     init). ``tokenizer``: a tokenizer name or path, whatever the LM (the tiny LM's embeddings take
     its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
     sized by ``tokenizer_vocab_size``."""
 
     name_or_path: str | None = None
-    tokenizer: str | None = None
+    tokenizer: str | None = checked(None, optional(tokenizer_source))
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
-    tokenizer_vocab_size: int = 1000
-    grounding_tokens: str = "project"
-    token_rows_init: str = "mean"
+    tokenizer_vocab_size: int = checked(1000, integer(1))
+    grounding_tokens: str = checked("project", one_of(*TOKEN_STYLES))
+    token_rows_init: str = checked("mean", one_of(*TOKEN_ROWS_INITS))
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+
+
+def max_positions(spec: LMSpec) -> int | None:
+    """The positions the LM of ``spec`` holds (its config's ``max_position_embeddings``), None if unstated."""
+    if not spec.name_or_path:
+        return spec.tiny.max_positions
+    return getattr(AutoConfig.from_pretrained(spec.name_or_path), "max_position_embeddings", None)
 
 
 def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

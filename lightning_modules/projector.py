@@ -7,20 +7,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from grounding.checks import Checked, checked, integer, one_of
+
 TEMPORAL_EMBEDDINGS = ("none", "learned", "digits")
 
 
 @dataclass(frozen=True)
-class ProjectorSpec:
+class ProjectorSpec(Checked):
     """``kind``: linear | mlp. ``temporal_embedding``: what tells a video token its place on the 00-99
     timeline: none | learned (an embedding per token) | digits (the LM's own embeddings of the index
     digits, gated). ``frames_per_token`` consecutive frames are concatenated into one video token (it
     must divide the data's frame count); ``query_conditioned`` FiLMs the frames with the prompt's mean
     text embedding before projecting them."""
 
-    kind: str = "mlp"
-    temporal_embedding: str = "learned"
-    frames_per_token: int = 2
+    kind: str = checked("mlp", one_of("linear", "mlp"))
+    temporal_embedding: str = checked("learned", one_of(*TEMPORAL_EMBEDDINGS))
+    frames_per_token: int = checked(2, integer(1))
     query_conditioned: bool = True
 
 

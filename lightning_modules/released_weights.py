@@ -25,7 +25,7 @@ the file and the key.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grounding.answer_format.tokens import REFERENCE_MARKERS
+from grounding.checks import Checked, a_name, checked, items, optional
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
@@ -53,14 +54,14 @@ class ReleasedWeightsError(ValueError):
 
 
 @dataclass
-class InitFromSpec:
+class InitFromSpec(Checked):
     """Released weights to start from (docs/real_lms.md "Released weights"). ``projector``: stage 1's
     ``mm_projector.bin``; ``adapters``: the stage-2 and stage-3 LoRA folders, merged into the LM in
     this order; ``added_tokens``: the tokens the release added after its base vocabulary, in order."""
 
-    projector: str | None = None
-    adapters: list[str] = field(default_factory=list)
-    added_tokens: list[str] = field(default_factory=lambda: list(RELEASED_TOKENS))
+    projector: str | None = checked(None, optional(a_name))
+    adapters: list[str] = checked([], items(a_name))
+    added_tokens: list[str] = checked(list(RELEASED_TOKENS), items(a_name, 1))
 
 
 def _one_line(error: Exception) -> str:

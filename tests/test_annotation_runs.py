@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 
 import train
-from datamodules.annotation_source import AnnotationSource
+from datamodules.annotation_source import AnnotationSource, AnnotationSpec
 from datamodules.datamodule import GroundingDataModule
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE
 from grounding.answer_format.timeline import UNIFORM99
 from grounding.records import EmptySplitError
+from tests import helpers
 from timerefine.tools.pack_features import pack_folder
 
 DIM, FRAMES = 16, 8
 TRAIN_VIDEOS, TEST_VIDEOS = ("TRA01", "TRA02", "TRA03", "TRA04"), ("TES01", "TES02")
 SENTENCES = ("a person opens a door.", "someone sits on a chair.", "person holds a cup.")
+CHARADES_SPLITS = {"train": "train", "val": "test", "test": "test"}
 
 
 def charades_root(root: Path) -> Path:
@@ -140,19 +142,16 @@ def test_queries_dropped_by_the_quirk_policy_count_in_the_coverage(tmp_path):
     root = charades_root(tmp_path / "charades")
     with open(root / "charades_sta_test.txt", "a") as annotations:
         annotations.write("TES01 1.0 2.0## . \n")  # an empty sentence: dropped by the default policy
-    source = AnnotationSource(
-        "charades_sta",
-        str(root),
-        {"train": "train", "val": "test", "test": "test"},
-        num_frames=FRAMES,
-        feature_dim=DIM,
-    )
+    spec = AnnotationSpec(str(root), CHARADES_SPLITS, num_frames=FRAMES, feature_dim=DIM)
+    source = AnnotationSource("charades_sta", spec)
     assert len(source.records("test")) == 6
     report = source.coverage["test"]
     assert (report.total, report.usable, report.skipped_by_reason) == (7, 6, {"empty_query": 1})
     assert "charades_sta_test.txt:7" in report.examples["empty_query"]
     coverage = GroundingDataModule(
         source,
+        helpers.codec(),
+        video_tokens=FRAMES,
         batch_size=4,
         eval_batch_size=4,
         num_workers=0,
@@ -167,7 +166,7 @@ def test_queries_dropped_by_the_quirk_policy_count_in_the_coverage(tmp_path):
 def test_annotation_file_without_queries_names_the_file(tmp_path):
     root = charades_root(tmp_path / "charades")
     (root / "charades_sta_test.txt").write_text("\n")
-    source = AnnotationSource("charades_sta", str(root), {"train": "train", "val": "test", "test": "test"})
+    source = AnnotationSource("charades_sta", AnnotationSpec(str(root), CHARADES_SPLITS))
     assert len(source.records("train")) == 12
     with pytest.raises(
         EmptySplitError, match=r"charades_sta test \(.*charades_sta_test.txt\): the annotations"

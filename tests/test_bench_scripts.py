@@ -48,7 +48,7 @@ def test_figures_are_printed_last_and_parse(capsys):
 
 def test_cpu_name_says_which_bf16_instructions_it_has():
     info = "processor : 0\nmodel name : Some CPU 9000\nflags : fpu avx2 avx512_bf16 amx_bf16\n"
-    assert cpu_name(info) == "Some CPU 9000 (AVX-512 BF16 + AMX)"
+    assert cpu_name(info) == "Some CPU 9000 (AVX-512 BF16 + AMX-BF16)"
     assert cpu_name(info.replace(" avx512_bf16 amx_bf16", "")) == "Some CPU 9000 (no bf16 instructions)"
 
 

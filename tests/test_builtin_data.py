@@ -36,7 +36,7 @@ def test_different_seed_or_split_different_data():
 
 
 def test_sizes_and_ids():
-    source = BuiltinSource(**dataclasses.asdict(SPEC))
+    source = BuiltinSource(SPEC)
     for split, size in (("train", 60), ("val", 10), ("test", 20)):
         records = source.records(split)
         assert len(records) == size

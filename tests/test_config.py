@@ -5,14 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from callbacks.on_policy import OnPolicyCoarse
 from grounding.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import (
     accumulation,
+    build_callbacks,
     build_datamodule,
     build_module,
     build_trainer,
@@ -187,6 +190,7 @@ def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedd
         ]
     )
     datamodule = build_datamodule(cfg)
+    datamodule.setup()
     module = build_module(cfg, datamodule)
     batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(2)])
     video = module.tokenizer.convert_tokens_to_ids(VIDEO)
@@ -194,6 +198,22 @@ def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedd
     assert torch.isfinite(
         module.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]).loss
     )
+
+
+def test_on_policy_guesses_reach_the_collator_it_was_built_with(tmp_path):
+    """The builder mutates nothing: the collator reads the datamodule's guesses, which the on-policy
+    callback fills (refresh) and restores (resume)."""
+    cfg = load_config([*tiny_build_overrides(tmp_path), "model.refine.on_policy.fraction=1"])
+    datamodule = build_datamodule(cfg)
+    (callback,) = [
+        c for c in build_callbacks(cfg, tmp_path, refine_schedule(cfg.model)) if isinstance(c, OnPolicyCoarse)
+    ]
+    callback.setup(SimpleNamespace(datamodule=datamodule), None, "fit")
+    first, second = datamodule.records("train")[:2]
+    callback.coarse[first.qid] = (70, 90)  # as refresh() keeps a guess
+    callback.load_state_dict({"coarse": {second.qid: [10, 20]}})  # as a resumed checkpoint restores them
+    assert datamodule.collator.target_rounds(second, 0, 0)[0].start == 10
+    assert first.qid not in datamodule.coarse_guesses
 
 
 def test_frames_per_token_must_divide_the_data_frames(tmp_path):
@@ -210,6 +230,7 @@ def test_saliency_loss_trains_the_query_conditioning(tmp_path):
         ]
     )
     datamodule = build_datamodule(cfg)
+    datamodule.setup()
     module = build_module(cfg, datamodule)
     batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(4)])
     losses = module._losses(batch)
@@ -331,6 +352,18 @@ def test_train_py_refuses_bad_settings_before_writing(train_main, tmp_path, caps
     assert not output_dir.exists()
 
 
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--help"]])
+def test_train_py_prints_the_composed_config_and_runs_nothing(train_main, tmp_path, capsys, flags):
+    overrides = ["model=direct", "trainer.max_steps=7", f"output_dir={tmp_path / 'run'}"]
+    assert train_main([*flags, *overrides]) == 0
+    out = capsys.readouterr().out
+    if "--help" in flags:
+        assert "Config groups" in out and "  data: activitynet, builtin, charades_sta, didemo" in out
+        out = out.split("The composed config (key=value sets a key):\n")[1]
+    assert OmegaConf.create(out) == load_config(overrides)  # every key, with its default or override
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("keep me\n")
@@ -350,5 +383,5 @@ def test_a_required_group_set_to_null_is_a_config_error():
 
 
 def test_stored_features_need_a_path():
-    with pytest.raises(ConfigError, match=r"data\.source\.features=folder needs data\.source\.feature_path"):
+    with pytest.raises(ConfigError, match=r"data\.source\.features=folder needs feature_path"):
         load_config(["data=charades_sta", "data.source.features=folder"])

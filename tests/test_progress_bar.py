@@ -1,4 +1,5 @@
-"""The training progress bar of a step-bounded run (max_epochs=-1) counts steps, not a bogus epoch total."""
+"""The training progress bar of a step-bounded run (max_epochs=-1) counts steps, not a bogus epoch total,
+and shows the logged metrics without the loggers' version (``v_num``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from timerefine.pipeline.build import build_callbacks, refine_schedule
+from timerefine.pipeline.build import build_callbacks, build_loggers, refine_schedule
 from timerefine.pipeline.config import load_config
 
 
@@ -17,12 +18,16 @@ def train_description(bar: ProgressBar) -> str:
     return bar.train_progress_bar.desc
 
 
-@pytest.mark.parametrize("kind", ["rich", "tqdm"])
-def test_progress_bar_counts_steps(kind, tmp_path):
+def project_bar(kind: str, tmp_path) -> ProgressBar:
     cfg = load_config([f"callbacks.progress_bar={kind}", "trainer.max_steps=3"])
-    bar = next(
+    return next(
         c for c in build_callbacks(cfg, tmp_path, refine_schedule(cfg.model)) if isinstance(c, ProgressBar)
     )
+
+
+@pytest.mark.parametrize("kind", ["rich", "tqdm"])
+def test_progress_bar_counts_steps(kind, tmp_path):
+    bar = project_bar(kind, tmp_path)
     seen: list[str] = []
 
     class Record(Callback):
@@ -46,3 +51,28 @@ def test_progress_bar_counts_steps(kind, tmp_path):
         "Epoch 0, step 2/3",
         "Epoch 0, step 3/3",
     ]
+
+
+class LossOnBar(BoringModel):
+    def training_step(self, batch, batch_idx):
+        output = super().training_step(batch, batch_idx)
+        self.log("train/loss", output["loss"], prog_bar=True)
+        return output
+
+
+@pytest.mark.parametrize("kind", ["rich", "tqdm"])
+def test_progress_bar_shows_the_losses_without_the_version(kind, tmp_path):
+    # With the run's loggers (versions "csv" and "tensorboard"), Lightning adds v_num "oard".
+    bar = project_bar(kind, tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[bar],
+        logger=build_loggers(load_config([]), tmp_path),
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(LossOnBar())
+    assert set(bar.get_metrics(trainer, trainer.lightning_module)) == {"train/loss"}

@@ -253,10 +253,10 @@ def test_paper_scale_configs(experiment, dataset):
         ),
         ("model.refine.resample=never", "model.refine.resample=never: must be one of epoch, once"),
         ("model.optim.warmup_ratio=1.5", "model.optim.warmup_ratio=1.5: must be a number in [0, 1)"),
-        ("model.aux.loss=giou", "model.aux.scaling=reference needs model.aux.loss=l1, got giou"),
+        ("model.aux.loss=giou", "model.aux.scaling=reference needs loss=l1, got giou"),
         (
             "model.refine.residual_std=[1,0]",
-            "model.refine.offset_space=seconds needs model.refine.residual_std=null or [], got [1, 0]",
+            "model.refine.residual_std needs offset_space=index: seconds-space offsets are exact",
         ),
     ],
 )

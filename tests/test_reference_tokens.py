@@ -107,6 +107,7 @@ def test_prompt_and_answer_ids_equal_the_official_construction(steps):
         ]
     )
     datamodule = build_datamodule(cfg)
+    datamodule.setup()
     module = build_module(cfg, datamodule)
     tok = module.tokenizer
     assert tok.convert_tokens_to_ids(OFFICIAL_MARKERS) == [32000, 32001, 32002, 32003] and len(tok) == 32004

@@ -92,6 +92,8 @@ def test_metrics_json(first):
             assert f"{split}/{name}" in metrics
     scored_by = {"eval/protocol": "exact", "data/timeline": "uniform99"}  # the defaults, recorded
     assert {key: metrics.pop(key) for key in scored_by} == scored_by
+    assert metrics.pop("trainer/precision") in ("bf16-mixed", "32-true")  # auto, chosen for this machine
+    assert metrics.pop("trainer/precision_reason").startswith("auto: ")
     for key, value in metrics.items():
         assert isinstance(key, str)
         assert value is None or (isinstance(value, int | float) and math.isfinite(value)), (key, value)

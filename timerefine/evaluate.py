@@ -27,18 +27,18 @@ from omegaconf import DictConfig
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_run_config
-from timerefine.pipeline.config_values import not_a_file
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.pipeline.run_identity import identity_error
+from timerefine.pipeline.schema import not_a_file
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
     """Test ``ckpt`` and write the flat metrics, with the test split's coverage."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule, tokenizer_dir=run_dir / "tokenizer")
+    datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
+    module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)

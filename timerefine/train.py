@@ -2,39 +2,51 @@
 
 python train.py                                   # TimeRefine on the built-in dataset
 python train.py model=direct trainer.max_steps=200 seed=3 output_dir=runs/x
+python train.py --cfg job [overrides]             # print the composed config, run nothing
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
-from timerefine.pipeline.resume import resume_checkpoint
+from timerefine.pipeline.previous_run import check_same_settings, finished
+from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
 
 log = logging.getLogger("train")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, and return the flat metrics written to metrics.json."""
+    """Fit, test the best checkpoint, and return the flat metrics written to metrics.json (those
+    already there when ``output_dir`` holds this run finished)."""
     output_dir = Path(cfg.output_dir)
     checkpoint = resume_checkpoint(cfg.resume, output_dir)  # checked before anything is written
+    check_same_settings(cfg, output_dir, checkpoint)
+    if finished(cfg, output_dir):
+        log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
+        return json.loads((output_dir / "metrics.json").read_text())
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint_file(checkpoint, output_dir))
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, tokenizer_dir=output_dir / "tokenizer")
     datamodule.setup()  # read and check every split before anything is written
-    module = build_module(cfg, datamodule, tokenizer_dir=output_dir / "tokenizer")
+    module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, output_dir, module)
     if trainer.is_global_zero:
+        (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
         save_config(cfg, output_dir)
         module.tokenizer.save_pretrained(output_dir / "tokenizer")
 
@@ -49,10 +61,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= scores(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
     if cfg.test:
         metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
-        metrics |= {
-            f"prior/{k}": v
-            for k, v in prior_scores(datamodule.records("train"), datamodule.records("test")).items()
-        }
+        train, test = datamodule.records("train"), datamodule.records("test")
+        metrics |= {f"prior/{k}": v for k, v in prior_scores(train, test).items()}
+        if timelines := getattr(datamodule.source, "baseline_timelines", None):  # Charades action traces
+            metrics |= {f"best_action/{k}": v for k, v in best_action_scores(train, test, timelines).items()}
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
@@ -60,14 +72,28 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def usage() -> str:
+    """This module's docstring and the config groups with their options."""
+    groups = "\n".join(f"  {group}: {', '.join(options)}" for group, options in group_options().items())
+    return (
+        f"{__doc__}\nConfig groups (group=option):\n{groups}\n\nThe composed config (key=value sets a key):"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
     try:
-        cfg = inherit_settings(load_config(argv), argv)
+        overrides = [arg for arg in argv if arg not in shown]
+        cfg = inherit_settings(load_config(overrides), overrides)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    if shown:
+        helping = {"--help", "-h"} & set(shown)
+        print(f"{usage()}\n" if helping else "", OmegaConf.to_yaml(cfg), sep="", end="")
+        return 0
     try:
         run(cfg)
     except INPUT_ERRORS as error:  # bad data or settings: the message names the file/key, no traceback

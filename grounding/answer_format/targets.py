@@ -19,11 +19,13 @@ with the ground truth itself and no offsets: the plain direct-prediction answer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, MAX_INDEX, Timeline
+from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, one_of, optional
 
 OFFSET_SPACES = ("index", "seconds")
 RESAMPLING = ("epoch", "once")
@@ -46,39 +48,29 @@ class RefineRound:
 
 
 @dataclass(frozen=True)
-class RefineSchedule:
+class RefineSchedule(Checked):
     """``model.refine``: ``steps`` is K, the number of refinement steps (0 = direct answers); the
     other fields say how the coarse segments of the target rounds are drawn.
 
     ``noise_std`` lists one std per round. A list of another length is interpolated linearly over
     the rounds, so ``[5, 3, 1, 0]`` also serves K=1 and K=2.
     ``relative`` reads the stds as fractions of the duration instead of seconds.
-    ``residual_std`` (same units, interpolated the same way; empty = exact offsets everywhere)
+    ``residual_std`` (same units, interpolated the same way; empty or null = exact offsets everywhere)
     is the std of the error left in each refined answer but the last (``offset_space: index`` only).
     ``offset_space``: index | seconds and ``resample``: epoch | once (see the module docstring).
     """
 
-    steps: int = 3
-    noise_std: tuple[float, ...] = (5.0, 3.0, 1.0, 0.0)
+    steps: int = checked(3, integer(0))
+    noise_std: tuple[float, ...] = checked((5.0, 3.0, 1.0, 0.0), items(NON_NEGATIVE, 1))
     relative: bool = False
     contain_gt: bool = True
-    residual_std: tuple[float, ...] = ()
-    offset_space: str = "index"
-    resample: str = "epoch"
+    residual_std: tuple[float, ...] | None = checked((), optional(items(NON_NEGATIVE)))
+    offset_space: str = checked("index", one_of(*OFFSET_SPACES))
+    resample: str = checked("epoch", one_of(*RESAMPLING))
 
-    def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"refinement steps must be >= 0, got {self.steps}")
-        if not self.noise_std or min(self.noise_std) < 0:
-            raise ValueError(f"noise_std must be a non-empty list of stds >= 0, got {self.noise_std}")
-        if self.residual_std and min(self.residual_std) < 0:
-            raise ValueError(f"residual_std must list stds >= 0, got {self.residual_std}")
-        if self.offset_space not in OFFSET_SPACES:
-            raise ValueError(f"offset_space must be one of {OFFSET_SPACES}, got {self.offset_space!r}")
-        if self.resample not in RESAMPLING:
-            raise ValueError(f"resample must be one of {RESAMPLING}, got {self.resample!r}")
+    def relations(self) -> Iterator[str]:
         if self.residual_std and self.offset_space == "seconds":
-            raise ValueError("residual_std needs offset_space=index: seconds-space offsets are exact")
+            yield "residual_std needs offset_space=index: seconds-space offsets are exact"
 
     @property
     def num_rounds(self) -> int:

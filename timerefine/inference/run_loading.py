@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 
 from callbacks.lightning_compat import load_sharded_checkpoint
 from datamodules.collate import GroundingCollator
-from datamodules.datamodule import GroundingDataModule
 from grounding.answer_format.predictions import Prediction
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
@@ -27,7 +26,7 @@ from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
-from timerefine.pipeline.conventions import run_timeline
+from timerefine.pipeline.precision import choose_precision, machine_capabilities
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,13 @@ class LoadedRun:
         self.module.model.lm = lm
 
     @property
+    def precision(self) -> str:
+        """The run's ``trainer.precision`` on the module's device here: ``auto`` is chosen for this
+        machine as train.py and evaluate.py choose it, any other value is used as trained."""
+        requested = str(self.cfg.trainer.precision)
+        return choose_precision(requested, self.module.device.type, machine_capabilities).precision
+
+    @property
     def language_model_prefix(self) -> str:
         """What the language model's names start with in the module's state dict."""
         return "model.lm."
@@ -90,20 +96,9 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
     """The run's module (weights as initialised) and the collator that renders its prompts."""
     if not tokenizer_dir.is_dir():
         raise InputError(f"{tokenizer_dir}: missing (the run's tokenizer)")
-    source = cfg.data.source
-    datamodule = GroundingDataModule(
-        ShapeOnlySource(cfg.data.name, source.num_frames, source.feature_dim),
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=0,
-        seed=cfg.seed,
-        prompt_template=cfg.data.prompt_template,
-        timeline=run_timeline(cfg),
-        chat_template=cfg.data.chat_template,
-    )
-    module = build_module(cfg, datamodule, tokenizer_dir=tokenizer_dir)
-    assert datamodule.collator is not None
-    return module.eval(), datamodule.collator
+    source = ShapeOnlySource(cfg.data.name, cfg.data.source.num_frames, cfg.data.source.feature_dim)
+    datamodule = build_datamodule(cfg, tokenizer_dir, source)
+    return build_module(cfg, datamodule).eval(), datamodule.collator
 
 
 def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
@@ -164,7 +159,7 @@ def predict(run: LoadedRun, features: torch.Tensor, queries: list[str]) -> list[
         mask[row, width - len(prompt) :] = 1
     device = run.module.device
     batch = {"prompt_ids": ids.to(device), "prompt_mask": mask.to(device), "features": features.to(device)}
-    with precision_autocast(str(run.cfg.trainer.precision), device.type):  # as the run trained
+    with precision_autocast(run.precision, device.type):
         return run.module.predict_batch(batch)
 
 

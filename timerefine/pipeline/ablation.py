@@ -10,6 +10,8 @@ from pathlib import Path
 from grounding.metrics.iou import THRESHOLDS
 
 HEADLINE = (*(f"test/R1@{t}" for t in THRESHOLDS), "test/mIoU")
+# Query-free references that runs report beside their test scores (metrics.json prefix -> table name).
+BASELINES = {"prior": "prior (best constant segment)", "best_action": "best action without the query"}
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -26,17 +28,27 @@ def step_keys(row: dict) -> list[str]:
     return sorted(keys, key=lambda k: int(k.split("/")[1][4:]))
 
 
+def _mean_and_std(entry: dict, key: str, values: list[float]) -> None:
+    entry[key] = statistics.fmean(values) if values else float("nan")
+    entry[key + " std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std (over seeds) of the headline metrics and of each step's mIoU, per variant."""
+    """Mean and std (over seeds) of the headline metrics and of each step's mIoU, per variant; then
+    one entry per query-free baseline that every run reports (:data:`BASELINES`)."""
     summary = []
     for variant in dict.fromkeys(row["variant"] for row in rows):
         runs = [row for row in rows if row["variant"] == variant]
         entry: dict = {"variant": variant, "seeds": len(runs)}
         for key in (*HEADLINE, *step_keys(runs[0])):
-            values = [run[key] for run in runs if run.get(key) is not None]
-            entry[key] = statistics.fmean(values) if values else float("nan")
-            entry[key + " std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            _mean_and_std(entry, key, [run[key] for run in runs if run.get(key) is not None])
         summary.append(entry)
+    for prefix, name in BASELINES.items():
+        if rows and all(f"{prefix}/mIoU" in row for row in rows):
+            entry = {"variant": name, "seeds": len(rows)}
+            for key in HEADLINE:
+                _mean_and_std(entry, key, [row[key.replace("test/", f"{prefix}/")] for row in rows])
+            summary.append(entry)
     return summary
 
 

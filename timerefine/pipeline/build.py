@@ -1,19 +1,16 @@
-"""Build every run object from the config: data source, datamodule, model, callbacks, loggers, trainer."""
+"""Build every run object from the config, each from the spec OmegaConf makes of its node: data source,
+datamodule (with the answer codec it shares with the model), model, callbacks, loggers, trainer."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import (
-    Callback,
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-)
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -25,78 +22,49 @@ from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
-from datamodules.annotation_source import (
-    AnnotationSpec,
-    JsonlSource,
-    JsonlSpec,
-    activitynet_source,
-    charades_sta_source,
-)
+from datamodules.annotation_source import LOADERS, annotation_source
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
 from datamodules.datamodule import DataSource, GroundingDataModule
 from grounding.answer_format.chat import answer_end_id
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.corpus import tokenizer_corpus
-from grounding.answer_format.prompts import render_prompt
+from grounding.answer_format.prompts import render_prompt, resolve_template
 from grounding.answer_format.targets import RefineSchedule
-from lightning_modules.aux_head import AuxSpec
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
-from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model, grounding_token_ids
-from lightning_modules.projector import ProjectorSpec
-from lightning_modules.released_weights import InitFromSpec, load_released_heads
+from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.language_model import build_language_model, grounding_token_ids, max_positions
+from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
-from lightning_modules.trainable import TrainableSpec, apply_trainable
+from lightning_modules.trainable import apply_trainable
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
-from timerefine.pipeline.conventions import run_protocol, run_timeline
+from timerefine.pipeline.conventions import run_precision, run_protocol, run_timeline
 from timerefine.pipeline.init_from_run import start_from_run
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
-from timerefine.pipeline.schema import from_node
+from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
 
-# data.name -> the source's factory and the spec dataclass naming the keys data.source may hold.
-SOURCES = {
-    "builtin": (BuiltinSource, BuiltinSpec),
-    "charades_sta": (charades_sta_source, AnnotationSpec),
-    "activitynet": (activitynet_source, AnnotationSpec),
-    "jsonl": (JsonlSource, JsonlSpec),
-}
+log = logging.getLogger(__name__)
 
 
 def build_source(data: DictConfig) -> DataSource:
-    if data.name not in SOURCES:
-        raise ConfigError(f"data.name={data.name!r} is not a known dataset; choose from {sorted(SOURCES)}")
-    (factory, spec), options = SOURCES[data.name], OmegaConf.to_container(data.source)
-    accepted = {f.name for f in fields(spec)}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(f"data.source has keys that data={data.name} does not take: {unknown}")
-    return factory(**options)
-
-
-def build_datamodule(cfg: DictConfig) -> GroundingDataModule:
-    return GroundingDataModule(
-        build_source(cfg.data),
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        prompt_template=cfg.data.prompt_template,
-        timeline=run_timeline(cfg),
-        chat_template=cfg.data.chat_template,
-        query_too_long=cfg.data.query_too_long,
-    )
+    """``data.source`` as its spec: generated, or read from annotation files by ``LOADERS[data.name]``."""
+    spec = OmegaConf.to_object(data.source)
+    if isinstance(spec, BuiltinSpec):
+        return BuiltinSource(spec)
+    if data.name not in LOADERS:
+        raise ConfigError(f"data.name={data.name}: no loader of that name; known: {', '.join(LOADERS)}")
+    return annotation_source(data.name, spec)
 
 
 def refine_schedule(model: DictConfig) -> RefineSchedule:
     """``model.refine`` (``steps`` is K) as the one object every use of K reads."""
-    return from_node(RefineSchedule, model.refine)
+    return OmegaConf.to_object(model.refine)
 
 
 def build_tokenizer_for(
-    cfg: DictConfig, datamodule: GroundingDataModule, schedule: RefineSchedule, tokenizer_dir: Path | None
+    cfg: DictConfig, source: DataSource, template: str, schedule: RefineSchedule, tokenizer_dir: Path | None
 ) -> PreTrainedTokenizerBase:
     """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the
     pretrained one, else a local BPE trained on the training prompts and sample answers."""
@@ -104,9 +72,10 @@ def build_tokenizer_for(
         tokenizer_dir = Path(cfg.init_from_run) / "tokenizer"  # the run it starts from
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
-    train = datamodule.records("train")
-    prompts = [render_prompt(datamodule.prompt_template, r.query) for r in train]
-    corpus = tokenizer_corpus(prompts, [r.duration for r in train], schedule)
+    train = source.records("train")
+    corpus = tokenizer_corpus(
+        [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
+    )
     lm = cfg.model.lm
     return build_tokenizer(
         lm.tokenizer or lm.name_or_path, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens
@@ -130,60 +99,76 @@ def answer_codec(
     return codec
 
 
-def build_module(
-    cfg: DictConfig, datamodule: GroundingDataModule, tokenizer_dir: Path | None = None
-) -> GroundingModule:
-    """The tokenizer, the Video LLM and the answer codec that the module and the datamodule share."""
-    model, timeline = cfg.model, run_timeline(cfg)
-    schedule = refine_schedule(model)
-    init_from = from_node(InitFromSpec, model.init_from)
-    codec = answer_codec(cfg, build_tokenizer_for(cfg, datamodule, schedule, tokenizer_dir), schedule)
-    lm_spec, trainable = from_node(LMSpec, model.lm), from_node(TrainableSpec, model.trainable)
-    lora = from_node(LoraSpec, model.lora) if model.lora.enabled else None
-    lm = build_language_model(
-        codec.tokenizer,
-        lm_spec.name_or_path,
-        lm_spec.tiny,
-        lora,
-        lm_spec.dtype,
-        lm_spec.gradient_checkpointing,
-        init_from,
-        lm_spec.token_rows_init,
-        trainable.token_rows,
-    )
-    projector = from_node(ProjectorSpec, model.projector)
-    video_llm = VideoLLM.from_config(
-        lm,
+def build_datamodule(
+    cfg: DictConfig, tokenizer_dir: Path | None = None, source: DataSource | None = None
+) -> GroundingDataModule:
+    """The datamodule of ``source`` (default: ``data``'s) with its collator and the answer codec (the
+    tokenizer and the refinement schedule) that the module shares; see :func:`build_tokenizer_for`."""
+    data, source = cfg.data, source or build_source(cfg.data)
+    schedule, template = refine_schedule(cfg.model), resolve_template(data.prompt_template)
+    codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
+    generated = OmegaConf.to_object(cfg.model.inference).new_tokens(codec.answer_length())
+    return GroundingDataModule(
+        source,
         codec,
-        projector=projector,
-        aux=from_node(AuxSpec, model.aux),
+        video_tokens=source.num_frames // cfg.model.projector.frames_per_token,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        num_workers=data.num_workers,
+        seed=cfg.seed,
+        prompt_template=template,
+        timeline=run_timeline(cfg),
+        chat_template=data.chat_template,
+        on_policy_fraction=cfg.model.refine.on_policy.fraction if schedule.with_offsets else 0.0,
+        max_positions=max_positions(OmegaConf.to_object(cfg.model.lm)),
+        answer_tokens=max(generated, codec.answer_length() + 1),  # generated, or trained on
+        query_too_long=data.query_too_long,
+    )
+
+
+def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
+    """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it."""
+    model: ModelConfig = OmegaConf.to_object(cfg.model)
+    codec, source, timeline = datamodule.codec, datamodule.source, run_timeline(cfg)
+    lm = model.lm
+    language_model = build_language_model(
+        codec.tokenizer,
+        lm.name_or_path,
+        lm.tiny,
+        model.lora if model.lora.enabled else None,
+        lm.dtype,
+        lm.gradient_checkpointing,
+        model.init_from,
+        lm.token_rows_init,
+        model.trainable.token_rows,
+    )
+    video_llm = VideoLLM.from_config(
+        language_model,
+        codec,
+        projector=model.projector,
+        aux=model.aux,
         saliency_weight=model.saliency.weight,
-        feature_dim=datamodule.source.feature_dim,
-        num_frames=datamodule.source.num_frames,
+        feature_dim=source.feature_dim,
+        num_frames=source.num_frames,
         timeline=timeline,
     )
-    load_released_heads(video_llm, init_from)
+    load_released_heads(video_llm, model.init_from)
     module = GroundingModule(
         video_llm,
         codec,
         aux_weight=model.aux.weight,
-        optim=from_node(OptimSpec, model.optim),
-        inference=from_node(InferenceSpec, model.inference),
+        optim=model.optim,
+        inference=model.inference,
         saliency_weight=model.saliency.weight,
         config=OmegaConf.to_container(cfg, resolve=True),
         timeline=timeline,
         protocol=run_protocol(cfg),
     )
     if cfg.init_from_run:
-        rows = grounding_token_ids(codec.tokenizer) if trainable.token_rows else []
+        rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []
+        lora = model.lora if model.lora.enabled else None
         start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
-    apply_trainable(video_llm, trainable)
-    datamodule.attach(
-        codec,
-        datamodule.source.num_frames // projector.frames_per_token,
-        max_positions=getattr(lm.config, "max_position_embeddings", None),
-        answer_tokens=max(module.max_new_tokens, codec.answer_length() + 1),  # generated, or trained on
-    )
+    apply_trainable(video_llm, model.trainable)
     return module
 
 
@@ -207,12 +192,9 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         RandomState(),
         PredictionsWriter(output_dir / "predictions"),
     ]
-    on_policy = cfg.model.refine.on_policy
-    if on_policy.fraction > 0 and schedule.with_offsets:
+    if cfg.model.refine.on_policy.fraction > 0 and schedule.with_offsets:
         callbacks.append(
-            OnPolicyCoarse(
-                on_policy.fraction, on_policy.every_n_steps, on_policy.num_samples, cfg.data.eval_batch_size
-            )
+            OnPolicyCoarse(OmegaConf.to_object(cfg.model.refine.on_policy), cfg.data.eval_batch_size)
         )
     bars = {"rich": StepRichProgressBar, "tqdm": StepTQDMProgressBar}
     if cfg.trainer.enable_progress_bar and spec.progress_bar in bars:
@@ -223,7 +205,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
         callbacks.append(EarlyStopping(**spec.early_stopping))
-    if spec.get("refinement_trace", 0) > 0:  # absent from the config of older runs
+    if spec.refinement_trace > 0:
         callbacks.append(RefinementTrace(output_dir / "refinement_trace", spec.refinement_trace))
     return callbacks
 
@@ -258,6 +240,9 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
+    precision = run_precision(cfg)
+    rank_zero_only(log.info)("precision: %s (%s)", precision.precision, precision.reason)
+    trainer_args["precision"] = precision.precision
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=output_dir,

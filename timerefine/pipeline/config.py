@@ -1,35 +1,37 @@
-"""Compose the run config from conf/ with Hydra's compose API, and check overrides before running."""
+"""Compose the run config from conf/ with Hydra's compose API on the typed schema (schema.py), and
+check what OmegaConf does not: the spec dataclasses' rules, and keys added with ``+``."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 import lightning as L
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import FSDPStrategy
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from timerefine.pipeline.config_values import value_errors
+from grounding.checks import SpecError
 from timerefine.pipeline.schema import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+_ABSENT = object()
+
+
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, bad value. The message says which."""
-
-
-_ABSENT = object()
 
 
 if not OmegaConf.has_resolver("now"):
@@ -43,78 +45,62 @@ def _compose(config_dir: Path, overrides: list[str], name: str) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
-def _is_group(config_dir: Path, key: str) -> bool:
-    return (config_dir / key.split("@")[0]).is_dir()
+def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """Each config group (a folder of conf/) and its options."""
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(config_dir.iterdir()) if d.is_dir()
+    }
 
 
 # Groups whose default is no choice at all (``experiment: null`` in conf/train.yaml).
 OPTIONAL_GROUPS = ("experiment",)
 
 
-def _unset_null_groups(overrides: list[str], config_dir: Path) -> list[str]:
-    """``experiment=null`` means no experiment (Hydra spells it ``~experiment``); any other group
-    needs a choice."""
-    kept = []
+def _plain_overrides(overrides: list[str], config_dir: Path) -> list[str]:
+    """``experiment=null`` means no experiment (Hydra spells it ``~experiment``); any other group needs
+    a choice. ``~key`` is refused: code reads every key, so none can be removed."""
+    kept, groups = [], group_options(config_dir)
     for line, override in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
-        group = override.key_or_group
-        if _is_group(config_dir, group) and override.value() is None and not override.is_delete():
+        group = override.key_or_group.split("@")[0]
+        if group not in groups and override.is_delete():
+            raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
+        if group in groups and override.value() is None and not override.is_delete():
             if group not in OPTIONAL_GROUPS:
-                options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-                raise ConfigError(f"{line}: {group} needs a choice: {', '.join(options)}")
+                raise ConfigError(f"{line}: {group} needs a choice: {', '.join(groups[group])}")
             line = f"~{group}"
         kept.append(line)
     return kept
 
 
-def _arguments(target: Callable, *set_by_build: str) -> frozenset[str] | None:
-    """The keyword arguments a config mapping may add for ``target``; None: any (it takes ``**kwargs``)."""
-    parameters = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return frozenset(parameters) - set(set_by_build)
-
-
-# Mappings handed on as keyword arguments: a key added there with `+` is read when the callee takes it.
-PASSED_ON: dict[str, tuple[str, frozenset[str] | None]] = {
-    "trainer": (
-        "lightning.Trainer",
-        _arguments(
-            L.Trainer, "default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"
-        ),
-    ),
+# Mappings handed on as keyword arguments (None: any key), less those the builder sets itself: a key
+# added there with `+` is read when the callee takes it.
+PASSED_ON: dict[str, tuple[Callable | None, set[str]]] = {
+    "trainer": (L.Trainer, {"default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"}),
     "trainer.strategy": (
-        "FSDPStrategy",
-        _arguments(FSDPStrategy, "auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"),
+        FSDPStrategy,
+        {"auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"},
     ),
-    "callbacks.early_stopping": ("EarlyStopping", _arguments(EarlyStopping)),
-    "data.source.annotation_files": ("the annotation source", None),  # any split name
+    "callbacks.early_stopping": (EarlyStopping, set()),
+    "data.source.annotation_files": (None, set()),  # any split name
 }
 
 
+def _takes(target: Callable | None, name: str) -> bool:
+    parameters = inspect.signature(target).parameters.values() if target else ()
+    return not target or any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def unread(base: DictConfig, key: str) -> str | None:
-    """Why no code would read ``key`` (not a key of ``base``, nor an argument a ``PASSED_ON`` mapping's
-    reader takes), or None when something reads it."""
+    """Why no code would read ``key``: not a key of ``base``, nor an argument that the reader of a
+    ``PASSED_ON`` mapping takes; None when something reads it."""
     if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
         return None
     parent, _, name = key.rpartition(".")
-    reader, accepted = PASSED_ON.get(parent, ("", frozenset()))
-    if accepted is None or name in accepted:
+    target, set_by_build = PASSED_ON.get(parent, (object, set()))
+    if parent in PASSED_ON and name not in set_by_build and _takes(target, name):
         return None
-    takes = f" and {reader} takes no argument {name!r}" if reader else ""
+    takes = f" and {target.__name__} takes no argument {name!r}" if parent in PASSED_ON else ""
     return f"not a config key{takes}, so nothing would read it"
-
-
-def check_added_keys(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
-    """Reject ``+key=value`` for a key that no code would read (a typo would silently change nothing),
-    and ``~key``: code reads every key, so none can be removed."""
-    for override in overrides:
-        key = override.key_or_group
-        if _is_group(config_dir, key):
-            continue
-        if override.is_delete():
-            raise ConfigError(f"~{key}: keys cannot be removed; set a value instead (null where allowed)")
-        if (override.is_add() or override.is_force_add()) and (reason := unread(base, key)):
-            raise ConfigError(f"{key}: added with + but {reason}")
 
 
 def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:
@@ -130,85 +116,89 @@ def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[s
     return keys
 
 
-def _type_name(value: object) -> str:
-    if isinstance(value, (DictConfig, dict)):
-        return "mapping"
-    if isinstance(value, (ListConfig, list)):
-        return "list"
-    return type(value).__name__
-
-
-def _compatible(expected: object, given: object) -> bool:
-    if expected is None or given is None:
-        return True
-    if isinstance(expected, bool) or isinstance(given, bool):
-        return isinstance(expected, bool) and isinstance(given, bool)
-    if isinstance(expected, float):
-        return isinstance(given, (int, float))
-    return _type_name(expected) == _type_name(given)
-
-
-# Lightning accepts several types for these (int or float, count or list or "auto") and checks them itself.
-LIGHTNING_UNIONS = {
-    "trainer.devices",
-    "trainer.strategy",
-    "trainer.precision",
-    "trainer.val_check_interval",
-    "trainer.limit_train_batches",
-    "trainer.limit_val_batches",
-    "trainer.limit_test_batches",
-    "trainer.gradient_clip_val",
-}
-
-
-def check_override_types(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
-    """Reject ``key=value`` overrides whose value's type differs from the default's."""
+def check_overrides(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
+    """What OmegaConf lets through, judged against ``base`` (the config before the overrides): ``+key``
+    for a key that no code would read (a typo would silently change nothing), and a value that is not
+    true or false for a boolean key (OmegaConf reads 1 as true)."""
+    groups = group_options(config_dir)
     for override in overrides:
         key = override.key_or_group
-        if override.is_sweep_override() or key in LIGHTNING_UNIONS or _is_group(config_dir, key):
+        if key.split("@")[0] in groups or override.is_sweep_override():
             continue
-        expected = OmegaConf.select(base, key, default=None, throw_on_missing=False)
-        given = override.value()
-        if isinstance(expected, (DictConfig, ListConfig)):
-            expected = OmegaConf.to_container(expected)
-        if not _compatible(expected, given):
-            default = "" if isinstance(expected, dict) else f" (default {expected!r})"
-            raise ConfigError(
-                f"{key}={given!r}: expected {_type_name(expected)}{default}, got {_type_name(given)}"
-            )
+        if (override.is_add() or override.is_force_add()) and (reason := unread(base, key)):
+            raise ConfigError(f"{key}: added with + but {reason}")
+        if isinstance(OmegaConf.select(base, key, default=None), bool) and not isinstance(
+            override.value(), bool
+        ):
+            raise ConfigError(f"{key}={override.value()}: must be true or false")
+
+
+def spec_errors(node: DictConfig, at: str = "") -> list[str]:
+    """What the spec dataclasses of ``node`` and below refuse, innermost first, each line naming the
+    full key."""
+    errors = [
+        e
+        for key, child in node.items()
+        if isinstance(child, DictConfig)
+        for e in spec_errors(child, f"{at}{key}.")
+    ]
+    if errors or not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        return errors
+    try:
+        OmegaConf.to_object(node)
+    except SpecError as error:
+        return [at + line for line in error.lines]
+    return []
+
+
+def _one_line(error: Exception, overrides: list[Override]) -> str:
+    """Hydra's message names the override; OmegaConf's, its cause, says what is wrong with it."""
+    text, cause = " ".join(str(error).split()), error.__cause__
+    keys = [o.key_or_group for o in overrides if o.key_or_group in text]
+    if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
+        return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
+    return text or repr(error)
 
 
 def load_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
-    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason.
-    ``config_dir``/``name``: conf/train.yaml, or a run's saved config.yaml (evaluate.py)."""
+    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason."""
+    parsed: list[Override] = []
     try:
-        overrides = _unset_null_groups(overrides, config_dir)
+        overrides = _plain_overrides(overrides, config_dir)
         parsed = OverridesParser.create().parse_overrides(overrides)
-        groups = [o.input_line for o in parsed if _is_group(config_dir, o.key_or_group)]
-        base = _compose(config_dir, groups, name)
-        check_added_keys(base, parsed, config_dir)
-        check_override_types(base, parsed, config_dir)
+        groups = [o.input_line for o in parsed if o.key_or_group.split("@")[0] in group_options(config_dir)]
+        check_overrides(_compose(config_dir, groups, name), parsed, config_dir)
         cfg = _compose(config_dir, overrides, name)
         OmegaConf.resolve(cfg)
+        errors = spec_errors(cfg)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(" ".join(str(error).split()) or repr(error)) from error
-    errors = value_errors(cfg)
+        raise ConfigError(_one_line(error, parsed)) from error
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
 
 
-def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """A run's saved ``config.yaml`` (evaluation, prediction, export), with the keys added to the schema
-    since it was saved taking today's defaults for its dataset, then ``overrides`` checked as by
-    :func:`load_config`. A saved key that nothing reads is a ConfigError naming it."""
-    saved = OmegaConf.load(run_dir / "config.yaml")
+def with_schema_defaults(saved: DictConfig) -> DictConfig:
+    """A run's saved config on today's schema, the keys added since it was saved taking today's
+    defaults for its dataset. A saved key that nothing reads, or a value of the wrong type, is a
+    ConfigError naming it."""
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
-    defaults = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
-    if unknown := unread_keys(saved, defaults):
+    run = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
+    if unknown := unread_keys(saved, run):
         raise ConfigError(f"{', '.join(sorted(unknown))}: not config keys, so nothing would read them")
-    OmegaConf.set_struct(defaults, False)
-    with tempfile.TemporaryDirectory() as folder:
-        OmegaConf.save(OmegaConf.merge(defaults, saved), Path(folder) / "config.yaml")
-        return load_config(overrides, name="config", config_dir=Path(folder))
+    try:
+        with open_dict(run), open_dict(run.trainer):  # the mappings passed on may hold more keys
+            run.merge_with(saved)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error, [])) from error
+    return run
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """A run's saved ``config.yaml`` (evaluation, prediction, export), completed by
+    :func:`with_schema_defaults`, then ``overrides`` checked as by :func:`load_config`."""
+    ConfigStore.instance().store(
+        name="saved_run", node=with_schema_defaults(OmegaConf.load(run_dir / "config.yaml"))
+    )
+    return load_config(overrides, name="saved_run")

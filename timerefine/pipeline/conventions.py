@@ -1,5 +1,6 @@
-"""The published conventions a run follows, read from its config: the timeline (``data.timeline``) and
-the scoring protocol (``eval.protocol``); both are recorded in ``metrics.json``."""
+"""The conventions a run follows, read from its config: the timeline (``data.timeline``), the scoring
+protocol (``eval.protocol``) and the precision ``trainer.precision`` gives on this machine; all are
+recorded in ``metrics.json``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 
 from grounding.answer_format.timeline import Timeline, timeline_named
 from grounding.metrics.protocols import Protocol, protocol_named
+from timerefine.pipeline.precision import PrecisionChoice, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,17 @@ def run_protocol(cfg: DictConfig) -> Protocol:
     return protocol
 
 
+def run_precision(cfg: DictConfig) -> PrecisionChoice:
+    """What ``trainer.precision`` (``auto`` or a Lightning value) gives on this machine, and why."""
+    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+
+
 def recorded_conventions(cfg: DictConfig) -> dict[str, str]:
     """The ``metrics.json`` entries that say how the scores were computed."""
-    return {"eval/protocol": cfg.eval.protocol, "data/timeline": cfg.data.timeline}
+    precision = run_precision(cfg)
+    return {
+        "eval/protocol": cfg.eval.protocol,
+        "data/timeline": cfg.data.timeline,
+        "trainer/precision": precision.precision,
+        "trainer/precision_reason": precision.reason,
+    }

@@ -8,6 +8,7 @@ from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import RunStartError
+from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
 INPUT_ERRORS = (
@@ -17,6 +18,7 @@ INPUT_ERRORS = (
     EmptySplitError,
     FileNotFoundError,
     CheckpointError,
+    ChangedSettingsError,
     ReleasedWeightsError,
     RunStartError,
 )

@@ -21,9 +21,9 @@ from callbacks.lightning_compat import load_sharded_checkpoint
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
 from timerefine.pipeline.best_checkpoint import checkpoint_path
-from timerefine.pipeline.config import ConfigError, load_run_config
-from timerefine.pipeline.config_values import INHERITED, a_run_folder, value_errors
+from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
 from timerefine.pipeline.run_identity import IDENTITY
+from timerefine.pipeline.schema import INHERITED
 
 
 class RunStartError(ValueError):
@@ -45,8 +45,6 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     result checked as load_config checks a config. Raises ConfigError."""
     if cfg.init_from_run is None:
         return cfg
-    if reason := a_run_folder(cfg.init_from_run):
-        raise ConfigError(f"init_from_run={cfg.init_from_run}: {reason}")
     if any(key == "model" for key, _ in _given("model", overrides)):
         raise ConfigError(
             "model=...: init_from_run takes its run's model settings; change single model.* keys"
@@ -60,7 +58,7 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             OmegaConf.update(cfg, key, value, merge=False)
         for given, value in _given(key, overrides):
             OmegaConf.update(cfg, given, value, merge=False)
-    if errors := value_errors(cfg):
+    if errors := spec_errors(cfg):
         raise ConfigError("; ".join(errors))
     return cfg
 

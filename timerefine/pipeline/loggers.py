@@ -28,7 +28,15 @@ class ResumableCSVLogger(ContinuingCSVLogger):
 
 
 class CSVResume(L.Callback):
-    """Tells the :class:`ResumableCSVLogger` where a resumed fit continues."""
+    """Tells the :class:`ResumableCSVLogger` where a fit continues: at a resumed checkpoint's step, or
+    at step 0 for a fit without one (an earlier attempt in the same folder, killed before its first
+    checkpoint, leaves no rows)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.resume_at(0)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,12 @@ HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
 
 
 def save_config(cfg: DictConfig, output_dir: Path) -> None:
+    """``config.yaml``, whole or not at all: the run's other processes may be reading it
+    (:func:`~timerefine.pipeline.previous_run.check_same_settings`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml")
+    partial = output_dir / f".config.yaml.partial-{os.getpid()}"
+    OmegaConf.save(cfg, partial)
+    os.replace(partial, output_dir / "config.yaml")
 
 
 def scores(results: list[dict[str, float]]) -> dict[str, float]:
@@ -49,7 +54,7 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     table.add_column("split")
     for name in (*HEADLINE, "coverage"):
         table.add_column(name, justify="right")
-    for split in ("prior", "val", "test"):
+    for split in ("prior", "best_action", "val", "test"):
         if f"{split}/mIoU" in metrics:
             cells = [
                 f"{metrics[f'{split}/{n}']:.2f}" if f"{split}/{n}" in metrics else "-"

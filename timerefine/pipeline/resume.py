@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import zipfile
 from pathlib import Path
 
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.slurm_requeue import hpc_checkpoints
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(Exception):
@@ -49,11 +46,16 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
         return checked(Path(resume))
     hpc = hpc_checkpoints(output_dir)
-    if SLURMEnvironment.detect() and hpc:
-        log.info("resuming from the SLURM HPC checkpoint %s", checked(hpc[max(hpc)]))
+    if hpc and SLURMEnvironment.detect():  # detect() warns wherever srun is installed: only when needed
+        checked(hpc[max(hpc)])
         return "hpc"
     last = output_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("resuming from %s", checked(last))
-        return str(last)
-    return None
+    return checked(last) if last.is_file() else None
+
+
+def checkpoint_file(checkpoint: str, output_dir: Path) -> Path:
+    """The file a :func:`resume_checkpoint` result names (``hpc``: the newest SLURM HPC checkpoint)."""
+    if checkpoint == "hpc":
+        hpc = hpc_checkpoints(output_dir)
+        return hpc[max(hpc)]
+    return Path(checkpoint)

@@ -8,9 +8,9 @@ the final answer is chosen, how many tokens are generated) is an evaluation choi
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
+
+from timerefine.pipeline.config_diff import changes
 
 IDENTITY = (
     "model",
@@ -21,7 +21,6 @@ IDENTITY = (
     "data.source.feature_dim",
 )
 EVALUATION = ("model.inference",)
-_ABSENT = object()
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -32,27 +31,14 @@ def is_identity(key: str) -> bool:
     return _under(key, IDENTITY) and not _under(key, EVALUATION)
 
 
-def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Every value of a config (or plain mapping) by its dotted key; lists are values."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    if not isinstance(node, dict):
-        return {prefix.rstrip("."): node}
-    return {
-        key: value for name, child in node.items() for key, value in leaves(child, f"{prefix}{name}.").items()
-    }
-
-
 def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming the identity keys whose value differs between the run's config and the one to
     evaluate it with, and the run's values; None when there are none."""
-    before, after = leaves(trained), leaves(evaluated)
-    changed = sorted(
-        key
-        for key in before.keys() | after.keys()
-        if is_identity(key) and before.get(key, _ABSENT) != after.get(key, _ABSENT)
+    differing = changes(
+        OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
     )
+    changed = [key for key in differing if is_identity(key)]
     if not changed:
         return None
-    was = ", ".join(f"{key}={before.get(key, 'absent')}" for key in changed)
+    was = ", ".join(f"{key}={differing[key][0]}" for key in changed)
     return f"{', '.join(changed)}: what the run was trained as cannot change (trained with {was})"

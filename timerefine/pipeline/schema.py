@@ -1,33 +1,53 @@
-"""The config schema: every default of the ``model``, ``data`` and ``eval`` groups, written once, in dataclasses.
-
-Each field's default lives in the spec dataclass of the object it builds (``RefineSchedule``,
-``OptimSpec``, ``BuiltinSpec``, ``QuirkPolicy``, ...); this module only composes them. The YAML
-files in ``conf/model`` and ``conf/data`` start from these nodes (``defaults: [/schema/...@_here_]``)
-and hold nothing but what a choice changes.
-"""
+"""The config schema, stored in Hydra as structured configs so OmegaConf checks every key and type.
+Each default and range rule is written once, on the spec of the object it builds (``RefineSchedule``,
+``OptimSpec``, ``BuiltinSpec``, ...). conf/train.yaml starts from ``RunConfig``, a conf/data YAML from
+one of ``DATA_SCHEMAS``; the YAML comments say what the keys do."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from callbacks.on_policy import OnPolicySpec
-from datamodules.annotation_source import AnnotationSpec, JsonlSpec
+from datamodules.annotation_source import AnnotationSpec, CharadesSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
+from datamodules.datamodule import TOO_LONG
+from grounding.answer_format.chat import CHAT_TEMPLATES
+from grounding.answer_format.codec import ANSWER_TOKENS
+from grounding.answer_format.prompts import template_error
 from grounding.answer_format.targets import RefineSchedule
-from grounding.answer_format.timeline import DEFAULT_TIMELINE
-from grounding.metrics.protocols import EXACT
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, TIMELINES
+from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, optional
+from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
 from lightning_modules.trainable import TrainableSpec
+from timerefine.pipeline.precision import AUTO, PRECISIONS
+
+
+def not_a_file(value: str) -> str | None:
+    """A directory that may not exist yet."""
+    path = Path(value)
+    return f"{value} exists and is not a directory" if path.exists() and not path.is_dir() else None
+
+
+def a_run_folder(value: str) -> str | None:
+    """A run's folder: its config.yaml and checkpoints/."""
+    folder = Path(value)
+    if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
+        return f"{value} is not a run directory (config.yaml and checkpoints/)"
+    return None
+
+
+INHERITED = ("continue", "merge")  # model.lora.inherited: what becomes of init_from_run's adapters
 
 
 @dataclass
@@ -36,7 +56,7 @@ class LoraOption(LoraSpec):
     ``init_from_run``'s adapters, ``continue`` (train them on) or ``merge`` (into the LM, then new ones)."""
 
     enabled: bool = False
-    inherited: str = "continue"
+    inherited: str = checked("continue", one_of(*INHERITED))
 
 
 @dataclass(frozen=True)
@@ -47,21 +67,21 @@ class RefineConfig(RefineSchedule):
 
 
 @dataclass(frozen=True)
-class SaliencySpec:
+class SaliencySpec(Checked):
     """Weight of a per-video-token BCE "inside the queried moment?" on the projector's output (needs
     ``projector.query_conditioned``); 0 turns it off."""
 
-    weight: float = 3.0
+    weight: float = checked(3.0, NON_NEGATIVE)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """TimeRefine (K = ``refine.steps``) with the aux head; ``model=direct`` sets K = 0, no head.
     ``answer_tokens``: how answers are spelled in tokens, ``digits`` (one token per digit/sign) or
     ``canonical`` (the tokenizer's own; grounding/answer_format/codec.py)."""
 
     lm: LMSpec = field(default_factory=LMSpec)
-    answer_tokens: str = "digits"
+    answer_tokens: str = checked("digits", one_of(*ANSWER_TOKENS))
     lora: LoraOption = field(default_factory=LoraOption)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -72,10 +92,20 @@ class ModelConfig:
     init_from: InitFromSpec = field(default_factory=InitFromSpec)
     trainable: TrainableSpec = field(default_factory=TrainableSpec)
 
+    def relations(self) -> Iterator[str]:
+        if self.saliency.weight > 0 and not self.projector.query_conditioned:
+            yield (
+                f"saliency.weight={self.saliency.weight} needs projector.query_conditioned=true: without "
+                "it a video token cannot know which query it is scored against"
+            )
+        if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
+            yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
+
 
 @dataclass
-class DataConfig:
-    """The keys every dataset shares; ``source`` is the dataset's own spec. With ``global_batch_size``
+class DataConfig(Checked):
+    """The keys every dataset shares; ``name`` picks the loader (datamodules/annotation_source.py
+    LOADERS; ``builtin``: generated), ``source`` is the dataset's own spec. With ``global_batch_size``
     set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
     what the answers' frame indices mean (grounding/answer_format/timeline.py). ``prompt_template``:
     a name from ``PROMPTS`` or a template (grounding/answer_format/prompts.py); ``chat_template``:
@@ -85,118 +115,119 @@ class DataConfig:
 
     name: str
     source: Any
-    batch_size: int = 32
-    eval_batch_size: int = 100
-    global_batch_size: int | None = None
-    num_workers: int = 0
-    prompt_template: str = "default"
-    chat_template: str = "none"
-    timeline: str = DEFAULT_TIMELINE.name
-    query_too_long: str = "error"
+    batch_size: int = checked(32, integer(1))
+    eval_batch_size: int = checked(100, integer(1))
+    global_batch_size: int | None = checked(None, optional(integer(1)))
+    num_workers: int = checked(0, integer(0))
+    prompt_template: str = checked("default", template_error)
+    chat_template: str = checked("none", one_of(*CHAT_TEMPLATES))
+    timeline: str = checked(DEFAULT_TIMELINE.name, one_of(*TIMELINES))
+    query_too_long: str = checked("error", one_of(*TOO_LONG))
 
 
-@dataclass
-class EvalConfig:
-    """``protocol``: how IoUs become R1@m and mIoU (grounding/metrics/protocols.py)."""
-
-    protocol: str = EXACT.name
-
-
-SPLITS = {"train": "train", "val": "val", "test": "test"}
 # Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP
 # (512) clip features concatenated; Lighthouse's 2818 adds 2 temporal-endpoint dimensions it computes
 # at load time, which files here do not hold (the projector places tokens on the timeline itself).
-LIGHTHOUSE_KEYS = {
-    "qid": "qid",
-    "query": "query",
-    "video_id": "vid",
-    "duration": "duration",
-    "windows": "relevant_windows",
-}
-SLOWFAST_CLIP_DIM = 2304 + 512
-
-
-def lighthouse(root: str, prefix: str, splits: dict[str, str], **spec: Any) -> DataConfig:
-    """A dataset in Lighthouse's layout: ``{prefix}_{split}_release.jsonl`` files in ``root``."""
-    files = {own: f"{prefix}_{own}_release.jsonl" for own in splits.values()}
-    return DataConfig(
-        "jsonl",
-        JsonlSpec(
-            root=root,
-            splits=splits,
-            annotation_files=files,
-            keys=LIGHTHOUSE_KEYS,
-            feature_dim=SLOWFAST_CLIP_DIM,
-            **spec,
-        ),
-    )
-
-
-DATASETS: dict[str, DataConfig] = {
+LIGHTHOUSE_KEYS = dict(
+    qid="qid", query="query", video_id="vid", duration="duration", windows="relevant_windows"
+)
+LIGHTHOUSE = JsonlSpec(MISSING, MISSING, keys=LIGHTHOUSE_KEYS, feature_dim=2304 + 512)
+# The schemas a conf/data YAML starts from (``/schema/data/<name>@_here_``): the generated data, and
+# annotation files read by ``LOADERS[data.name]``.
+DATA_SCHEMAS = {
     "builtin": DataConfig("builtin", BuiltinSpec()),
-    "charades_sta": DataConfig(
-        "charades_sta",
-        AnnotationSpec(root="data/charades_sta", splits={"train": "train", "val": "test", "test": "test"}),
-    ),
-    "activitynet": DataConfig(
-        "activitynet",
-        AnnotationSpec(
-            root="data/activitynet_captions", splits={"train": "train", "val": "val_1", "test": "val_2"}
-        ),
-    ),
-    "jsonl": DataConfig("jsonl", JsonlSpec(root="data/jsonl", splits=SPLITS)),
-    # 150-s videos in 2-s clips: 75 clips, as 150 frames = 75 video tokens of 2 frames, one per clip.
-    # The test split's windows are withheld: test on val.
-    "qvhighlights": lighthouse(
-        "data/qvhighlights", "highlight", {"train": "train", "val": "val", "test": "val"}, num_frames=150
-    ),
-    # Videos of about 5 min (2-s clips: about 150): 200 frames, 100 video tokens.
-    "tacos": lighthouse("data/tacos", "tacos", SPLITS, num_frames=200),
-    # Videos of up to 30 s (2-s clips: 15): 30 frames, 15 video tokens.
-    "didemo": lighthouse("data/didemo", "didemo", SPLITS, num_frames=30),
+    "annotated": DataConfig(MISSING, AnnotationSpec(MISSING, MISSING)),
+    "charades": DataConfig("charades_sta", CharadesSpec(MISSING, MISSING)),
+    "jsonl": DataConfig("jsonl", JsonlSpec(MISSING, MISSING)),
+    "lighthouse": DataConfig("jsonl", LIGHTHOUSE),
 }
 
 
-Spec = TypeVar("Spec")
+@dataclass
+class EvalConfig(Checked):
+    """``protocol``: how IoUs become R1@m and mIoU (grounding/metrics/protocols.py)."""
+
+    protocol: str = checked(EXACT.name, one_of(*PROTOCOLS))
 
 
-def from_node(spec_type: type[Spec], node: DictConfig | dict[str, Any]) -> Spec:
-    """A spec dataclass built by keyword from its config node: its own fields only (a node may hold
-    more, e.g. ``model.refine.on_policy``), nested specs built the same way, lists made tuples where
-    the field holds a tuple."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    hints = typing.get_type_hints(spec_type)
-    kwargs = {}
-    for spec_field in dataclasses.fields(spec_type):
-        if spec_field.name not in values:
-            continue
-        value, hint = values[spec_field.name], hints[spec_field.name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_node(hint, value)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[spec_field.name] = value
-    return spec_type(**kwargs)
+@dataclass
+class TrainerConfig(Checked):
+    """Arguments of ``lightning.Trainer``; Lightning checks the union-typed ones (``Any``) itself."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = checked(1, integer(1))
+    strategy: Any = "auto"
+    precision: str = checked(AUTO, one_of(*PRECISIONS))
+    max_steps: int = checked(540, integer(-1))
+    max_epochs: int | None = checked(-1, optional(integer(-1)))
+    val_check_interval: Any = 270
+    check_val_every_n_epoch: int | None = checked(None, optional(integer(1)))
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = checked(20, integer(1))
+    deterministic: bool = False
+    enable_progress_bar: bool = True
 
 
-def as_node(spec: Any) -> dict[str, Any]:
-    """A spec as plain config values (tuples become lists)."""
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    tensorboard: bool = True
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
 
-    return plain(asdict(spec))
+@dataclass
+class CheckpointConfig(Checked):
+    monitor: str | None = "val/mIoU"
+    mode: str = checked("max", one_of("min", "max"))
+    save_top_k: int = checked(1, integer(-1))
+    last_every_n_steps: int = checked(100, integer(1))
+
+
+@dataclass
+class CallbacksConfig(Checked):
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    progress_bar: str = checked("rich", one_of("rich", "tqdm", "none"))
+    lr_monitor: bool = True
+    early_stopping: Any = None
+    refinement_trace: int = checked(6, integer(0))
+
+
+@dataclass
+class RunConfig(Checked):
+    """The root: the run's own keys, then one node per group."""
+
+    seed: int = checked(0, integer(0, 2**32 - 1))
+    output_dir: str = checked("runs/${now:%Y-%m-%d_%H-%M-%S}", not_a_file)
+    resume: str | None = "auto"
+    test: bool = True
+    init_from_run: str | None = checked(None, optional(a_run_folder))
+    data: DataConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def relations(self) -> Iterator[str]:
+        per_token, frames = self.model.projector.frames_per_token, self.data.source.num_frames
+        if frames % per_token:
+            yield f"model.projector.frames_per_token={per_token} must divide data.source.num_frames={frames}"
+
+
+def _writable(node: DictConfig) -> DictConfig:
+    """``node`` with the read-only flag of frozen spec dataclasses lifted: YAML files merge into it."""
+    OmegaConf.set_readonly(node, None)
+    for key, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig) and not OmegaConf.is_missing(node, key):
+            _writable(child)
+    return node
 
 
 def register_schemas() -> None:
-    """Put the defaults into Hydra's ConfigStore as ``/schema/model``, ``/schema/eval`` and
-    ``/schema/data/<name>``."""
+    """Store ``RunConfig`` as ``/schema/run`` and each of ``DATA_SCHEMAS`` as ``/schema/data/<name>``."""
     store = ConfigStore.instance()
-    store.store(group="schema", name="model", node=as_node(ModelConfig()))
-    store.store(group="schema", name="eval", node=as_node(EvalConfig()))
-    for name, data in DATASETS.items():
-        store.store(group="schema/data", name=name, node=as_node(data))
+    store.store(group="schema", name="run", node=_writable(OmegaConf.structured(RunConfig)))
+    for name, data in DATA_SCHEMAS.items():
+        store.store(group="schema/data", name=name, node=_writable(OmegaConf.structured(data)))

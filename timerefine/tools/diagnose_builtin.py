@@ -9,8 +9,6 @@ answers differ from the first refined one.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,7 @@ from omegaconf import OmegaConf
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
 from grounding.answer_format.timeline import MAX_INDEX
 from grounding.metrics.windows import segment_iou
+from timerefine.tools.run_diagnosis import RunError, fail, print_report, read_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,35 +76,12 @@ def refinement_trace(rows: list[dict]) -> tuple[list[float], float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
-    args = parser.parse_args(argv)
-
-    path = args.predictions or args.run_dir / "predictions" / "test.jsonl"
-    for needed in (args.run_dir / "config.yaml", path):
-        if not needed.is_file():
-            print(f"error: {needed} not found", file=sys.stderr)
-            return 2
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
-    if cfg.data.name != "builtin":
-        print(f"error: {args.run_dir} was trained on data={cfg.data.name}; this tool reads builtin runs")
-        return 2
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        path, cfg, rows = read_run(argv, __doc__, "builtin")
+    except RunError as error:
+        return fail(error)
     table = diagnose(rows, BuiltinSpec(**OmegaConf.to_container(cfg.data.source)))
-    print(f"{path}: {len(rows)} queries")
-    print(f"{'landed on':<26}{'share %':>9}{'mIoU':>8}")
-    for outcome, (count, miou) in table.items():
-        print(f"{outcome:<26}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
-    if trace := refinement_trace(rows):
-        errors, moved = trace
-        print(
-            "mean boundary error per step (frame indices, coarse -> final): "
-            + " -> ".join(f"{e:.2f}" for e in errors)
-        )
-        print(f"final answer differs from the first refined one: {moved:.1f} %")
+    print_report(path, rows, table, refinement_trace(rows))
     return 0
 
 

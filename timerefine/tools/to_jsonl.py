@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,14 +62,13 @@ def convert(
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
-    """One option per QuirkPolicy field, its choices and default from the dataclass."""
-    hints = typing.get_type_hints(QuirkPolicy)
+    """One option per QuirkPolicy field, its choices (its rule's) and default from the dataclass."""
     for spec in dataclasses.fields(QuirkPolicy):
         flag = f"--{spec.name.replace('_', '-')}"
-        if hints[spec.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default)
+        if "rule" in spec.metadata:
+            parser.add_argument(flag, choices=spec.metadata["rule"].choices, default=spec.default)
         else:
-            parser.add_argument(flag, choices=typing.get_args(hints[spec.name]), default=spec.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default)
 
 
 def main(argv: list[str] | None = None) -> int:

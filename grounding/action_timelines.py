@@ -1,0 +1,73 @@
+"""The real action timelines of Charades videos: the ``actions`` and ``length`` columns of
+``Charades_v1_{train,test}.csv`` (``c092 11.90 21.20;c147 0.00 12.60``: class, start, end seconds).
+
+Every Charades-STA query's moment is exactly one of its video's annotated actions, so a timeline
+lists the events a query can name. Reversed intervals are swapped and ends past ``length`` clipped
+(both occur in the release); intervals left empty by the clipping are dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+NUM_CLASSES = 157
+_ACTION = re.compile(r"c(\d{3}) (\d+(?:\.\d*)?) (\d+(?:\.\d*)?)")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One annotated action: class index ``label`` (``c092`` -> 92) over [start, end] seconds."""
+
+    label: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """A video's annotated actions; ``split`` names the CSV it came from (train or test)."""
+
+    video_id: str
+    split: str
+    duration: float
+    actions: tuple[Action, ...]
+
+
+def parse_actions(cell: str, duration: float, where: str) -> tuple[Action, ...]:
+    """The ``actions`` cell as Actions inside [0, duration]; raises ValueError naming ``where``."""
+    actions = []
+    for item in filter(None, (part.strip() for part in cell.split(";"))):
+        match = _ACTION.fullmatch(item)
+        if match is None or int(match[1]) >= NUM_CLASSES:
+            raise ValueError(f"{where}: expected 'cNNN start end' (class < {NUM_CLASSES}), got {item!r}")
+        start, end = sorted((float(match[2]), float(match[3])))
+        start, end = min(start, duration), min(end, duration)
+        if end > start:
+            actions.append(Action(int(match[1]), start, end))
+    return tuple(actions)
+
+
+def read_timelines(csv_paths: Iterable[str | Path]) -> dict[str, Timeline]:
+    """Video id -> Timeline from Charades CSVs named ``Charades_v1_<split>.csv``; rows whose
+    ``length`` is not a positive number are left out (their videos then have no timeline)."""
+    timelines: dict[str, Timeline] = {}
+    for path in map(Path, csv_paths):
+        split = path.stem.rpartition("_")[2]
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"id", "actions", "length"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path}: expected 'id', 'actions' and 'length' columns")
+            for row in reader:
+                try:
+                    duration = float(row["length"])
+                except (TypeError, ValueError):
+                    continue
+                if duration > 0:
+                    where = f"{path}:{reader.line_num}"
+                    actions = parse_actions(row["actions"] or "", duration, where)
+                    timelines[row["id"]] = Timeline(row["id"], split, duration, actions)
+    return timelines

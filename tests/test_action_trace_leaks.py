@@ -1,0 +1,91 @@
+"""Leak checks of the Charades-STA action traces, with small real trainings (``features=action_trace``).
+
+(a) Trained and tested with empty queries, a model cannot beat the best single action chosen without
+the query (grounding/metrics/action_prior.py) by more than noise: nothing in the frames says which
+action a query names. (b) A model trained with the queries, tested with each test query moved to
+another video, drops to the prior (the best constant segment): its score came from reading the
+query. Both compare on the same test queries; the numbers are in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamodules.charades_sta import CSV_NAMES, load_charades_sta
+from grounding.action_timelines import read_timelines
+from grounding.metrics.action_prior import best_action_scores
+from grounding.metrics.prior import prior_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"
+pytestmark = [
+    pytest.mark.long,  # two 600-step runs on real data: ~16 min each on 2 shared cores
+    pytest.mark.slow,
+    pytest.mark.real_data,
+    pytest.mark.skipif(not (CHARADES / "charades_sta_test.txt").is_file(), reason=f"absent: {CHARADES}"),
+]
+TEST_QUERIES = 1000  # the first 1,000 test queries: a standard error of about 1.2 mIoU
+NOISE = 3.0  # mIoU points: about 2.5 standard errors of a 1,000-query mean
+SMALL = [
+    "experiment=charades_actions",
+    "model=direct",
+    "trainer.max_steps=600",
+    "trainer.val_check_interval=600",
+    "trainer.limit_val_batches=1",
+    f"trainer.limit_test_batches={TEST_QUERIES // 100}",
+    "callbacks.progress_bar=none",
+    "callbacks.refinement_trace=0",
+    "logger.tensorboard=false",
+]
+
+
+def run(script: str, *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=3600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def scores(predictions: Path) -> dict[str, float]:
+    """mIoU of the predictions (``model``), and of the prior and the best query-free action on the
+    same test queries."""
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    train, _ = load_charades_sta(CHARADES, "train")
+    test, _ = load_charades_sta(CHARADES, "test")
+    evaluated = {row["qid"] for row in rows}
+    assert len(evaluated) == len(rows) == TEST_QUERIES
+    test = [r for r in test if r.qid in evaluated]
+    timelines = read_timelines(CHARADES / name for name in CSV_NAMES)
+    return {
+        "model": 100 * sum(row["iou"] for row in rows) / len(rows),
+        "prior": prior_scores(train, test)["mIoU"],
+        "best_action": best_action_scores(train, test, timelines)["mIoU"],
+    }
+
+
+@pytest.fixture(scope="module")
+def reading_run(tmp_path_factory) -> Path:
+    """A small direct model trained with the queries."""
+    output_dir = tmp_path_factory.mktemp("action_trace") / "queries"
+    run("train.py", *SMALL, f"output_dir={output_dir}")
+    return output_dir
+
+
+def test_without_the_query_no_model_beats_the_best_action(tmp_path):
+    output_dir = tmp_path / "empty"
+    run("train.py", *SMALL, "data.source.queries=empty", f"output_dir={output_dir}")
+    blind = scores(output_dir / "predictions" / "test.jsonl")
+    assert blind["model"] <= blind["best_action"] + NOISE, blind
+
+
+def test_shuffled_queries_drop_a_trained_model_to_the_prior(reading_run):
+    reading = scores(reading_run / "predictions" / "test.jsonl")
+    run("evaluate.py", str(reading_run), "--name", "shuffled", "data.source.queries=shuffled")
+    shuffled = scores(reading_run / "eval" / "shuffled" / "predictions" / "test.jsonl")
+    assert reading["model"] - shuffled["model"] > 2 * NOISE, (reading, shuffled)  # it read the query
+    assert shuffled["model"] <= shuffled["prior"] + NOISE, shuffled

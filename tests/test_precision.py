@@ -1,0 +1,199 @@
+"""``trainer.precision: auto``: bf16 autocast only where bf16 is native, an explicit value as set, and the
+choice said once and recorded in the run's outputs (train.py, evaluate.py, the Grounder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import evaluate
+from timerefine.inference import run_loading
+from timerefine.inference.run_loading import LoadedRun
+from timerefine.pipeline import precision
+from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.precision import (
+    Capabilities,
+    choose_precision,
+    cpu_bf16_instructions,
+    cpu_kernel_limit,
+    resolve_precision,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# /proc/cpuinfo flags (abridged) of an AVX2-only AMD EPYC and of an Intel Xeon with AVX-512 BF16 and AMX.
+EPYC_AVX2 = "flags\t\t: fpu sse sse2 avx avx2 fma bmi2 sha_ni clzero\n"
+XEON_AMX = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+CPU_WITH_BF16 = Capabilities(cuda_bf16=False, cpu_bf16=("AVX-512 BF16", "AMX-BF16"))
+CPU_WITHOUT_BF16 = Capabilities(cuda_bf16=False, cpu_bf16=())
+CPU_CAPPED = Capabilities(False, ("AVX-512 BF16",), "oneDNN is limited to AVX2 (ONEDNN_MAX_CPU_ISA)")
+AMPERE = Capabilities(cuda_bf16=True, cpu_bf16=())
+VOLTA = Capabilities(cuda_bf16=False, cpu_bf16=("AVX-512 BF16",))
+
+
+def probe_of(capabilities: Capabilities):
+    return lambda: capabilities
+
+
+@pytest.mark.parametrize(
+    ("device", "capabilities", "expected"),
+    [
+        ("cpu", CPU_WITH_BF16, "bf16-mixed"),
+        ("cpu", CPU_WITHOUT_BF16, "32-true"),
+        ("cpu", CPU_CAPPED, "32-true"),
+        ("cuda", AMPERE, "bf16-mixed"),
+        ("cuda", VOLTA, "32-true"),  # a CPU's bf16 says nothing about the GPU's
+        ("cpu", AMPERE, "32-true"),  # nor a GPU's about the CPU's
+        ("mps", CPU_WITH_BF16, "32-true"),
+    ],
+)
+def test_auto_takes_bf16_only_where_it_is_native(device, capabilities, expected):
+    choice = choose_precision("auto", device, probe_of(capabilities))
+    assert choice.precision == expected
+    assert choice.reason.startswith("auto: ")
+
+
+def test_the_reason_names_what_was_found():
+    assert "AVX-512 BF16 and AMX-BF16" in choose_precision("auto", "cpu", probe_of(CPU_WITH_BF16)).reason
+    assert "no AVX-512 BF16 or AMX-BF16" in choose_precision("auto", "cpu", probe_of(CPU_WITHOUT_BF16)).reason
+    assert "ONEDNN_MAX_CPU_ISA" in choose_precision("auto", "cpu", probe_of(CPU_CAPPED)).reason
+
+
+@pytest.mark.parametrize("requested", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_explicit_precision_is_used_as_set(requested, device):
+    def no_probe() -> Capabilities:
+        raise AssertionError("an explicit precision needs no probe")
+
+    assert choose_precision(requested, device, no_probe).precision == requested
+
+
+def test_cpu_flags():
+    assert cpu_bf16_instructions(EPYC_AVX2) == ()
+    assert cpu_bf16_instructions(XEON_AMX) == ("AVX-512 BF16", "AMX-BF16")
+    assert cpu_bf16_instructions("model name\t: avx512_bf16 in a name, not a flag\n") == ()
+
+
+@pytest.mark.parametrize(
+    ("aten", "onednn", "limited"),
+    [
+        ("AVX512", None, False),
+        ("AVX512", "ALL", False),
+        ("AVX512", "AVX512_CORE_AMX", False),
+        ("AVX512", "AVX512_CORE_BF16", False),
+        ("AVX512", "AVX2", True),
+        ("AVX512", "avx512_core", True),
+        ("AVX2", None, True),
+        ("DEFAULT", None, True),
+    ],
+)
+def test_kernel_limits(aten, onednn, limited):
+    assert (cpu_kernel_limit(aten, onednn) is not None) == limited
+
+
+def test_auto_is_the_default_and_other_values_are_refused():
+    assert load_config([]).trainer.precision == "auto"
+    assert load_config(["trainer.precision=32-true"]).trainer.precision == "32-true"
+    with pytest.raises(ConfigError, match=r"trainer\.precision=bf17-mixed: must be one of auto, 32-true"):
+        load_config(["trainer.precision=bf17-mixed"])
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    tiny = ["experiment=tiny", "trainer.accelerator=cpu", "logger.csv=false", "logger.tensorboard=false"]
+    return load_config([*tiny, f"output_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "requested", "expected"),
+    [
+        (CPU_WITH_BF16, "auto", "bf16-mixed"),
+        (CPU_WITHOUT_BF16, "auto", "32-true"),
+        (CPU_WITHOUT_BF16, "bf16-mixed", "bf16-mixed"),
+        (CPU_WITH_BF16, "32-true", "32-true"),
+    ],
+)
+def test_the_trainer_gets_the_choice(monkeypatch, tmp_path, capabilities, requested, expected):
+    monkeypatch.setattr(precision, "machine_capabilities", probe_of(capabilities))
+    cfg = tiny_config(tmp_path, f"trainer.precision={requested}")
+    trainer = build_trainer(cfg, tmp_path, build_module(cfg, build_datamodule(cfg)))
+    assert trainer.precision == expected
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "requested", "expected"),
+    [
+        (CPU_WITH_BF16, "auto", torch.bfloat16),
+        (CPU_WITHOUT_BF16, "auto", None),
+        (CPU_WITHOUT_BF16, "bf16-mixed", torch.bfloat16),
+    ],
+)
+def test_the_grounder_runs_as_evaluate_does(monkeypatch, tmp_path, capabilities, requested, expected):
+    """A run trained with ``auto`` predicts with what ``auto`` gives on this machine."""
+    monkeypatch.setattr(run_loading, "machine_capabilities", probe_of(capabilities))
+    cfg = tiny_config(tmp_path, f"trainer.precision={requested}")
+    run = LoadedRun(cfg, SimpleNamespace(device=torch.device("cpu")), None, tmp_path)
+    with run_loading.precision_autocast(run.precision, "cpu"):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    assert dtype == expected
+
+
+EMULATED_AVX2 = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def train(output_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    overrides = [
+        "experiment=tiny",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "logger.tensorboard=false",
+    ]
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"output_dir={output_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **env),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def said_and_recorded(result: subprocess.CompletedProcess, metrics: Path) -> tuple[str, str]:
+    """The precision the run said it chose (one INFO line) and the one its metrics.json records."""
+    said = [line for line in result.stderr.splitlines() if " precision: " in line]
+    assert len(said) == 1, said
+    recorded = json.loads(metrics.read_text())
+    assert said[0].endswith(
+        f"precision: {recorded['trainer/precision']} ({recorded['trainer/precision_reason']})"
+    )
+    return recorded["trainer/precision"], recorded["trainer/precision_reason"]
+
+
+@pytest.mark.slow
+def test_a_run_says_and_records_its_precision(tmp_path):
+    result = train(tmp_path / "run", {})
+    here = resolve_precision("auto", "auto")
+    assert said_and_recorded(result, tmp_path / "run" / "metrics.json") == (here.precision, here.reason)
+    assert evaluate.main([str(tmp_path / "run")]) == 0  # evaluated with what auto gives here, recorded too
+    recorded = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
+    assert recorded["trainer/precision"] == here.precision
+
+
+@pytest.mark.slow
+def test_without_bf16_instructions_the_run_is_fp32(tmp_path):
+    """torch's kernels limited to AVX2 (as on an AVX2-only CPU): the default run takes 32-true."""
+    result = train(tmp_path / "run", EMULATED_AVX2)
+    chosen, reason = said_and_recorded(result, tmp_path / "run" / "metrics.json")
+    assert chosen == "32-true" and reason.startswith("auto: ")

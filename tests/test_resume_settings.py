@@ -1,0 +1,198 @@
+"""A run continues only with the settings it started with: train.py in the folder of a killed or
+finished run, with other model or data settings, stops with one line before it writes anything; with
+the same settings it resumes, starts over without repeated log rows, or says the run is done."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from timerefine.pipeline.config_diff import changes
+from timerefine.pipeline.previous_run import MAY_CHANGE
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+RUN = [
+    "experiment=tiny",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "logger.tensorboard=false",
+    "callbacks.refinement_trace=0",
+]
+EVERY_2 = "callbacks.checkpoint.last_every_n_steps=2"  # the run killed after a checkpoint
+
+
+def overrides(output_dir: Path, *extra: str) -> list[str]:
+    return [*RUN, f"output_dir={output_dir}", *extra]
+
+
+def kill_when(output_dir: Path, ready: Callable[[], bool], *extra: str) -> None:
+    """Start ``train.py`` and ``kill -9`` it as soon as ``ready()``."""
+    with open(output_dir.parent / f"{output_dir.name}.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "train.py", *overrides(output_dir, *extra)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=log,
+            stderr=log,
+        )
+        while not ready():
+            assert process.poll() is None, "the run ended before it was killed"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
+def csv_rows(output_dir: Path) -> list[dict[str, str]]:
+    path = output_dir / "logs" / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def repeated_rows(output_dir: Path) -> list[tuple[str, frozenset[str]]]:
+    """(step, logged keys) that appear in more than one row of metrics.csv."""
+    kinds = Counter((r["step"], frozenset(k for k, v in r.items() if v)) for r in csv_rows(output_dir))
+    return [kind for kind, count in kinds.items() if count > 1]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under ``folder``: (inode, size, mtime), which a rewrite changes."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture(scope="module")
+def killed_after_checkpoint(tmp_path_factory) -> Path:
+    """A run killed right after its first ``last.ckpt`` (step 2 of 6)."""
+    run = tmp_path_factory.mktemp("killed_after_checkpoint") / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    kill_when(run, last.is_file, EVERY_2)
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    return run
+
+
+@pytest.fixture(scope="module")
+def killed_before_checkpoint(tmp_path_factory) -> Path:
+    """A run killed after logging its step 2, before any ``last.ckpt`` (its first is at step 6)."""
+    run = tmp_path_factory.mktemp("killed_before_checkpoint") / "run"
+    kill_when(run, lambda: any(r["step"] == "2" for r in csv_rows(run)))
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+    return run
+
+
+def copy(run: Path, tmp_path: Path) -> Path:
+    copied = tmp_path / "run"
+    shutil.copytree(run, copied)
+    return copied
+
+
+def refused(argv: list[str], capsys) -> str:
+    """The line ``train.main`` stops with (exit code 2)."""
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return error.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        ("model.lm.tiny.hidden_size=48", "model.lm.tiny.hidden_size: 32 -> 48"),  # was a RuntimeError
+        ("model.lora.enabled=true", "model.lora.enabled: false -> true"),  # was a RuntimeError
+        ("model.refine.steps=1", "model.refine.steps: 3 -> 1"),  # was accepted: K=3 and K=1 in one run
+    ],
+)
+def test_resume_with_other_model_settings_stops_before_writing(
+    killed_after_checkpoint, tmp_path, capsys, change, shown
+):
+    run = copy(killed_after_checkpoint, tmp_path)
+    before = snapshot(run)
+    line = refused(overrides(run, EVERY_2, change), capsys)
+    assert line.startswith(f"error: {run / 'config.yaml'} was written by a run with other settings (")
+    assert shown in line and all(key in line for key in MAY_CHANGE)
+    assert snapshot(run) == before  # config.yaml, tokenizer/, metrics.csv, checkpoints: untouched
+
+
+def test_resume_from_another_runs_checkpoint_with_other_settings_stops(
+    killed_after_checkpoint, tmp_path, capsys
+):
+    last = killed_after_checkpoint / "checkpoints" / "last.ckpt"
+    new = tmp_path / "new"
+    line = refused(overrides(new, EVERY_2, f"resume={last}", "model.lora.enabled=true"), capsys)
+    assert line.startswith(f"error: {last} was written by a run with other settings (model.lora.enabled: ")
+    assert not new.exists()
+
+
+def test_run_killed_before_a_checkpoint_with_other_settings_stops(killed_before_checkpoint, tmp_path):
+    run = copy(killed_before_checkpoint, tmp_path)
+    before = snapshot(run)
+    result = cli(overrides(run, "model.lora.r=8"))  # was accepted: metrics.csv mixed both runs
+    assert result.returncode == 2
+    [line] = (result.stdout + result.stderr).strip().splitlines()  # nothing else
+    assert line.startswith(f"error: {run / 'config.yaml'} was written by a run with other settings ")
+    assert "(model.lora.r: 16 -> 8)" in line
+    assert snapshot(run) == before
+
+
+def test_run_killed_before_a_checkpoint_starts_over_without_repeated_rows(killed_before_checkpoint, tmp_path):
+    run = copy(killed_before_checkpoint, tmp_path)
+    assert repeated_rows(run) == [] and csv_rows(run)  # the killed attempt logged steps 0-2
+    assert train.main(overrides(run)) == 0
+    assert repeated_rows(run) == []
+    assert [r["step"] for r in csv_rows(run) if r["train/loss"]] == [str(step) for step in range(6)]
+
+
+def test_finished_run_run_again_is_done_and_may_train_longer(killed_after_checkpoint, tmp_path, caplog):
+    run = copy(killed_after_checkpoint, tmp_path)
+    assert train.main(overrides(run, EVERY_2)) == 0  # resumes at step 2 and finishes
+    finished = snapshot(run)
+    done = f"INFO train: {run} holds this run finished (metrics.json): nothing to do"
+    result = cli(overrides(run, EVERY_2))  # was: validated and tested again, rows appended
+    assert result.returncode == 0 and (result.stdout + result.stderr).strip().splitlines() == [done]
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    assert train.main(overrides(run, EVERY_2, "data.num_workers=1", "trainer.enable_progress_bar=false")) == 0
+    assert [f"INFO {r.name}: {r.getMessage()}" for r in caplog.records] == [done]
+    assert snapshot(run) == finished  # nothing appended, nothing rewritten
+
+    # trainer.max_steps may change: the run continues from its last.ckpt
+    assert train.main(overrides(run, EVERY_2, "trainer.max_steps=8")) == 0
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 8
+    trained = [int(r["step"]) for r in csv_rows(run) if r["train/loss"]]
+    # the row of step 1 is missing when the kill came between its checkpoint and that row (README)
+    assert trained in ([0, *range(2, 8)], list(range(8))) and repeated_rows(run) == []
+
+
+def test_changes_name_added_removed_and_changed_leaves():
+    old = {"model": {"lora": {"r": 16, "target_modules": ["q", "v"]}}, "seed": 0}
+    new = {"model": {"lora": {"r": 16, "target_modules": ["q"]}}, "trainer": {"foo": 1}}
+    assert changes(old, new) == {
+        "model.lora.target_modules": (["q", "v"], ["q"]),
+        "seed": (0, "(absent)"),
+        "trainer.foo": ("(absent)", 1),
+    }

@@ -1,0 +1,112 @@
+"""``trainer.precision: auto``: bf16 autocast where the hardware computes bf16 natively, else fp32.
+
+bf16 autocast is 0.81x the fp32 step on a CPU with AVX-512 BF16 / AMX (bench/step_levers.py) but
+many times slower where bf16 is emulated (an AVX2-only CPU, a GPU older than Ampere). ``auto`` picks
+``bf16-mixed`` on CUDA with native bf16 and on a CPU with AVX-512 BF16 or AMX-BF16 whose instructions
+torch's kernels may use, else ``32-true``. Any other value is Lightning's and is used unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.fabric.accelerators import CUDAAccelerator, MPSAccelerator
+
+AUTO = "auto"
+# Lightning's trainer.precision values this project runs with, plus auto.
+PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+# /proc/cpuinfo flag -> its name: the x86 instructions that compute bf16 products natively.
+CPU_BF16_FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX-BF16"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What decides whether bf16 is native here."""
+
+    cuda_bf16: bool  # the CUDA device computes bf16 natively (compute capability 8.0+, or ROCm)
+    cpu_bf16: tuple[str, ...]  # the CPU's bf16 instructions, named as in CPU_BF16_FLAGS
+    cpu_limit: str | None = None  # what keeps torch's CPU kernels from using them, if anything
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str
+    reason: str
+
+
+def cpu_bf16_instructions(cpuinfo: str) -> tuple[str, ...]:
+    """The bf16 instructions in the ``flags`` lines of a /proc/cpuinfo text."""
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
+    return tuple(name for flag, name in CPU_BF16_FLAGS.items() if flag in flags)
+
+
+def cpu_kernel_limit(aten_capability: str, onednn_max_isa: str | None) -> str | None:
+    """What keeps torch's CPU kernels from bf16 instructions: ATen's vector kernels below AVX-512
+    (``ATEN_CPU_CAPABILITY``) or oneDNN's matmuls capped below them (``ONEDNN_MAX_CPU_ISA``)."""
+    if not aten_capability.startswith("AVX512"):
+        return f"torch's CPU kernels use {aten_capability} (ATEN_CPU_CAPABILITY)"
+    isa = (onednn_max_isa or "ALL").upper()
+    if isa != "ALL" and not any(name in isa for name in ("BF16", "AMX", "AVX10")):
+        return f"oneDNN is limited to {onednn_max_isa} (ONEDNN_MAX_CPU_ISA)"
+    return None
+
+
+@functools.cache
+def machine_capabilities(cpuinfo: Path = Path("/proc/cpuinfo")) -> Capabilities:
+    """This machine's, probed once per process (a CPU whose flags cannot be read counts as one
+    without bf16)."""
+    try:
+        cpu_bf16 = cpu_bf16_instructions(cpuinfo.read_text())
+    except OSError:
+        cpu_bf16 = ()
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return Capabilities(
+        cuda_bf16, cpu_bf16, cpu_kernel_limit(torch.backends.cpu.get_cpu_capability(), onednn)
+    )
+
+
+def device_type(accelerator: str) -> str:
+    """The device a ``trainer.accelerator`` runs on, resolved as Lightning resolves ``auto`` and ``gpu``
+    (TPUs aside)."""
+    if accelerator in ("auto", "gpu"):
+        if CUDAAccelerator.is_available():
+            return "cuda"
+        if MPSAccelerator.is_available():
+            return "mps"
+        return "cpu" if accelerator == "auto" else "cuda"
+    return accelerator
+
+
+def choose_precision(requested: str, device: str, probe: Callable[[], Capabilities]) -> PrecisionChoice:
+    """``requested`` unless it is ``auto``; for ``auto``, bf16 autocast only where bf16 is native on
+    ``device`` (cpu, cuda, ...) by what ``probe`` finds."""
+    if requested != AUTO:
+        return PrecisionChoice(str(requested), "set by trainer.precision")
+    if device not in ("cpu", "cuda"):
+        return PrecisionChoice("32-true", f"auto: fp32 on {device}")
+    capabilities = probe()
+    if device == "cuda":
+        if capabilities.cuda_bf16:
+            return PrecisionChoice("bf16-mixed", "auto: the CUDA device computes bf16 natively")
+        return PrecisionChoice("32-true", "auto: the CUDA device has no native bf16 (before Ampere)")
+    if not capabilities.cpu_bf16:
+        return PrecisionChoice(
+            "32-true", "auto: this CPU has no AVX-512 BF16 or AMX-BF16, so bf16 would be emulated (slower)"
+        )
+    found = " and ".join(capabilities.cpu_bf16)
+    if capabilities.cpu_limit:
+        return PrecisionChoice(
+            "32-true", f"auto: this CPU has {found} but {capabilities.cpu_limit}, so bf16 would be slower"
+        )
+    return PrecisionChoice("bf16-mixed", f"auto: this CPU computes bf16 natively ({found})")
+
+
+def resolve_precision(requested: str, accelerator: str) -> PrecisionChoice:
+    """The precision that ``trainer.precision`` and ``trainer.accelerator`` give on this machine."""
+    return choose_precision(requested, device_type(str(accelerator)), machine_capabilities)

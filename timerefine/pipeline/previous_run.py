@@ -1,0 +1,83 @@
+"""What ``output_dir`` and the resume checkpoint hold of an earlier run, checked before a run writes
+anything: a run continues (or starts over in the same folder) only with the settings it was started
+with, and a finished run is not run again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from timerefine.pipeline.config import with_schema_defaults
+from timerefine.pipeline.config_diff import changes, show
+from timerefine.pipeline.resume import checkpoint_file
+
+# How a run is carried out, not what it computes: a finished run re-run with only these changed is done.
+INCIDENTAL = (
+    "output_dir",
+    "resume",
+    "data.num_workers",
+    "trainer.enable_progress_bar",
+    "callbacks.progress_bar",
+)
+# What a continued run may do differently: train longer, validate, log and test otherwise.
+CONTINUABLE = (
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.log_every_n_steps",
+    "test",
+)
+MAY_CHANGE = INCIDENTAL + CONTINUABLE
+
+
+class ChangedSettingsError(Exception):
+    """A run started in a folder, or from a checkpoint, of a run with other settings."""
+
+
+def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """(file, resolved config) of what an earlier run left: ``output_dir/config.yaml`` and the config
+    that ``checkpoint`` (a ``resume_checkpoint`` result) carries in ``hyper_parameters`` (its tensors
+    are mapped, not read); each completed by today's schema defaults."""
+    found: list[tuple[str, DictConfig]] = []
+    saved = output_dir / "config.yaml"
+    if saved.is_file():
+        found.append((str(saved), OmegaConf.load(saved)))
+    if checkpoint is not None:
+        file = checkpoint_file(checkpoint, output_dir)
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        config = state.get("hyper_parameters", {}).get("config")
+        if config is not None:
+            found.append((str(file), OmegaConf.create(config)))
+    return [(where, OmegaConf.to_container(with_schema_defaults(cfg), resolve=True)) for where, cfg in found]
+
+
+def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
+    """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
+    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    for where, old in recorded_configs(output_dir, checkpoint):
+        refused = {k: pair for k, pair in changes(old, new).items() if k not in MAY_CHANGE}
+        if refused:
+            listed = ", ".join(f"{k}: {show(a)} -> {show(b)}" for k, (a, b) in refused.items())
+            raise ChangedSettingsError(
+                f"{where} was written by a run with other settings ({listed}); a run continues with "
+                f"the settings it started with, only {', '.join(MAY_CHANGE)} may change: "
+                "use another output_dir for the new settings"
+            )
+
+
+def finished(cfg: DictConfig, output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds this run finished: ``metrics.json`` (which a run removes when it
+    starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones. Only with
+    ``resume=auto``: ``resume=null`` starts the run over."""
+    saved = output_dir / "config.yaml"
+    if cfg.resume != "auto" or not (output_dir / "metrics.json").is_file() or not saved.is_file():
+        return False
+    old = OmegaConf.to_container(with_schema_defaults(OmegaConf.load(saved)), resolve=True)
+    return all(key in INCIDENTAL for key in changes(old, OmegaConf.to_container(cfg, resolve=True)))

@@ -1,0 +1,73 @@
+"""Wrong event or bad boundaries? Which annotated action each prediction of a Charades-STA run landed on.
+
+Every Charades-STA moment is one of its video's annotated actions (``Charades_v1_*.csv``), so a
+prediction either lands on the queried action (then its IoU with the truth says whether the
+boundaries are good, >= 0.5, or bad), on another action of the same video (the wrong event), or on
+no action at all. It lands on the action it overlaps most (IoU); an action with the queried one's
+exact interval counts as the queried one. For TimeRefine runs it also prints each step's mean
+boundary error (timerefine/tools/diagnose_builtin.py).
+
+    timerefine-diagnose-actions runs/x                      # runs/x/predictions/test.jsonl
+    timerefine-diagnose-actions runs/x --predictions runs/x/eval/test/predictions/test.jsonl
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from datamodules.charades_sta import CSV_NAMES
+from grounding.action_timelines import Action, Timeline, read_timelines
+from grounding.metrics.windows import segment_iou
+from timerefine.tools.diagnose_builtin import refinement_trace
+from timerefine.tools.run_diagnosis import RunError, fail, print_report, read_run
+
+GOOD_BOUNDARIES = 0.5  # IoU with the truth from which a prediction on the right action counts as good
+RIGHT_GOOD, RIGHT_BAD = "right action, IoU >= 0.5", "right action, IoU < 0.5"
+WRONG, NOTHING = "another action", "no action"
+OUTCOMES = (RIGHT_GOOD, RIGHT_BAD, WRONG, NOTHING)
+
+
+def landing(pred: tuple[float, float] | None, truth: tuple[float, float], actions: tuple[Action, ...]) -> str:
+    """The outcome of one prediction (seconds; None: unparsed) against the truth and the video's actions."""
+    if pred is None or not actions:
+        return NOTHING
+    intervals = [(a.start, a.end) for a in actions]
+    queried = max(intervals, key=lambda interval: segment_iou(interval, truth))
+    landed = max(intervals, key=lambda interval: (segment_iou(pred, interval), interval == queried))
+    if segment_iou(pred, landed) == 0:
+        return NOTHING
+    if landed != queried:
+        return WRONG
+    return RIGHT_GOOD if segment_iou(pred, truth) >= GOOD_BOUNDARIES else RIGHT_BAD
+
+
+def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, tuple[int, float]]:
+    """``outcome -> (queries, their mIoU in percent)`` over prediction rows (predictions/test.jsonl)."""
+    counts: Counter[str] = Counter()
+    iou_sums: Counter[str] = Counter()
+    for row in rows:
+        timeline = timelines.get(row["video_id"])
+        pred = None if row["pred"] is None else (row["pred"][0], row["pred"][1])
+        outcome = landing(pred, (row["gt"][0], row["gt"][1]), timeline.actions if timeline else ())
+        counts[outcome] += 1
+        iou_sums[outcome] += row["iou"]
+    return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        path, cfg, rows = read_run(argv, __doc__, "charades_sta")
+    except RunError as error:
+        return fail(error)
+    csv_paths = [Path(cfg.data.source.root) / name for name in CSV_NAMES]
+    if missing := [str(p) for p in csv_paths if not p.is_file()]:
+        return fail(RunError(f"{', '.join(missing)} not found (data.source.root of the run)"))
+    print_report(path, rows, diagnose(rows, read_timelines(csv_paths)), refinement_trace(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""What the diagnosis tools share: a run's test predictions read for one dataset, and their report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class RunError(Exception):
+    """A run folder a diagnosis cannot read; the message names the file."""
+
+
+def read_run(argv: list[str] | None, description: str, dataset: str) -> tuple[Path, DictConfig, list[dict]]:
+    """Parse ``run_dir [--predictions FILE]``; the predictions file, the run's config and its rows.
+    Raises :class:`RunError` for a missing file or a run of another dataset."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
+    args = parser.parse_args(argv)
+    path = args.predictions or args.run_dir / "predictions" / "test.jsonl"
+    for needed in (args.run_dir / "config.yaml", path):
+        if not needed.is_file():
+            raise RunError(f"{needed} not found")
+    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    if cfg.data.name != dataset:
+        raise RunError(f"{args.run_dir} was trained on data={cfg.data.name}; this tool reads {dataset} runs")
+    return path, cfg, [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def print_report(
+    path: Path, rows: list[dict], table: dict[str, tuple[int, float]], trace: tuple[list[float], float] | None
+) -> None:
+    """The share and mIoU of each outcome, then the refinement trace when the answers have steps."""
+    width = max(len(outcome) for outcome in table) + 2
+    print(f"{path}: {len(rows)} queries")
+    print(f"{'landed on':<{width}}{'share %':>9}{'mIoU':>8}")
+    for outcome, (count, miou) in table.items():
+        print(f"{outcome:<{width}}{100 * count / max(len(rows), 1):>9.1f}{miou:>8.1f}")
+    if trace:
+        errors, moved = trace
+        print(
+            "mean boundary error per step (frame indices, coarse -> final): "
+            + " -> ".join(f"{e:.2f}" for e in errors)
+        )
+        print(f"final answer differs from the first refined one: {moved:.1f} %")
+
+
+def fail(error: RunError) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
