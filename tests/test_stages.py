@@ -107,7 +107,10 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(stage_a, tmp_path, capsys):
     [
         (["init_from_run=/nonexistent"], "init_from_run=/nonexistent: /nonexistent is not a run directory"),
         (["model=direct"], "model=...: init_from_run takes its run's model settings"),
-        (["model.trainable.token_rows=false", "model.lora.enabled=false"], "model.trainable.token_rows=false needs lora.enabled=true"),
+        (
+            ["model.trainable.token_rows=false", "model.lora.enabled=false"],
+            "model.trainable.token_rows=false needs lora.enabled=true",
+        ),
     ],
 )
 def test_config_mistakes_name_the_key(stage_a, overrides, message):
