@@ -14,9 +14,10 @@ import torch
 
 from grounding.answer_format.chat import prompt_bos
 from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.prompt_ids import encode_prompt, video_placeholder_id
 from grounding.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
-from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
+from grounding.answer_format.tokens import IGNORE_INDEX
 from grounding.records import GroundingRecord
 
 CoarseLookup = Callable[[str], tuple[int, int] | None]
@@ -44,14 +45,10 @@ class GroundingCollator:
         self.codec, self.tokenizer, self.prompt = codec, codec.tokenizer, prompt
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
         self.timeline, self.on_policy_fraction = timeline, on_policy_fraction
-        self.video_id = self.tokenizer.convert_tokens_to_ids(VIDEO)
+        self.video_id = video_placeholder_id(self.tokenizer)
 
     def prompt_ids(self, query: str) -> list[int]:
-        ids = self.tokenizer.encode(self.prompt(query), add_special_tokens=False)
-        if ids.count(self.video_id) != 1:
-            raise ValueError(
-                f"the prompt template must contain '{VIDEO}' exactly once: {self.prompt(query)!r}"
-            )
+        ids = encode_prompt(self.tokenizer, self.prompt(query), self.video_id)
         bos = prompt_bos(self.tokenizer)
         if bos is not None and ids[:1] != [bos]:  # once, also when a chat template writes it
             ids = [bos, *ids]

@@ -22,9 +22,17 @@ class BaseWeightsError(ValueError):
     """A checkpoint trained on other base weights than those the model was rebuilt from."""
 
 
+BASE = "model.lm."  # where the LM sits in a GroundingModule's state dict
+
+
 def frozen_names(module: nn.Module) -> list[str]:
-    """State-dict names of the frozen parameters (tied ones under each of their names), sorted."""
-    return sorted(n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad)
+    """State-dict names of the LM's frozen parameters (tied ones under each of their names), sorted;
+    a frozen projector or head is not the base's and stays in checkpoints."""
+    return sorted(
+        n
+        for n, p in module.named_parameters(remove_duplicate=False)
+        if n.startswith(BASE) and not p.requires_grad
+    )
 
 
 def weights_digest(module: nn.Module, names: list[str]) -> str:

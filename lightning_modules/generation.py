@@ -31,6 +31,7 @@ class Generation:
     tokens: list[list[int]]
     offset_hidden: torch.Tensor | None  # (B, hidden) at the last <OFFSET> fed, NaN-free zeros if none
     has_offset: torch.Tensor  # (B,) bool
+    offset_states: list[torch.Tensor | None] | None = None  # per row (<OFFSET>s fed, hidden), in order
 
 
 class Decoder:
@@ -56,6 +57,7 @@ class Decoder:
         self.past = cache
         self.offset_hidden = None
         self.has_offset = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        self.offset_states: list[list[torch.Tensor]] = [[] for _ in range(prompt_ids.shape[0])]
         self._pending = [(prompt_ids, prompt_mask, model.embed(prompt_ids, features, prompt_mask))]
         self._logits: torch.Tensor | None = None
 
@@ -87,6 +89,7 @@ class Decoder:
         self._pending = [tuple(part[keep] for part in item) for item in self._pending]
         self._logits = None if self._logits is None else self._logits[keep]
         self.offset_hidden = None if self.offset_hidden is None else self.offset_hidden[keep]
+        self.offset_states = [self.offset_states[row] for row in keep.tolist()]
 
     def run(self) -> None:
         """Run the waiting tokens now, as one forward pass."""
@@ -122,6 +125,15 @@ class Decoder:
             is_offset = at_offset[:, column]
             self.offset_hidden[is_offset] = hidden[is_offset, column]
             self.has_offset |= is_offset
+            for row in is_offset.nonzero().flatten().tolist():
+                self.offset_states[row].append(hidden[row, column])
+
+    def generation(self, tokens: list[list[int]]) -> Generation:
+        """The answers ``tokens`` with the hidden states kept at their <OFFSET> tokens."""
+        states = [torch.stack(row) if row else None for row in self.offset_states]
+        return Generation(
+            tokens, self.offset_hidden, self.has_offset, states if self.offset_hidden is not None else None
+        )
 
 
 @torch.no_grad()
@@ -154,7 +166,7 @@ def generate(
             decoder.feed(step.unsqueeze(1))
         tokens = [_until_eos(row, eos_id) for row in torch.stack(columns, dim=1).tolist()]
     decoder.finish()
-    return Generation(tokens, decoder.offset_hidden, decoder.has_offset)
+    return decoder.generation(tokens)
 
 
 def constrained(decoder: Decoder, slots: list[Slot], in_step: bool = False) -> list[list[int]]:

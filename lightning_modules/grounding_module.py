@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
@@ -53,6 +54,7 @@ from lightning_modules.generation import generate
 from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
+from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
 
 
@@ -81,13 +83,17 @@ DECODERS = {"fused": generate, "generate": hf_generate}
 
 @dataclass
 class InferenceSpec(Checked):
-    """``final``: last refined segment, aux-head prediction, or their mean. ``constrained``: fill the
-    fixed tokens in and let the model choose only digits and signs. ``decoder``: a name from ``DECODERS``."""
+    """``final``: last refined segment, aux-head prediction (at the last <OFFSET>, or ``_all``: its
+    mean over every <OFFSET>, as the official evaluation), or their mean (FINAL_CHOICES).
+    ``constrained``: fill the fixed tokens in and let the model choose only digits and signs.
+    ``decoder``: a name from ``DECODERS``. ``order_and_clip``: order every predicted segment and clip
+    it to the video; off, a segment is scored as written (the official evaluation)."""
 
     final: str = checked("last", one_of(*FINAL_CHOICES))
     constrained: bool = True
     max_new_tokens: int | None = checked(None, optional(integer(1)))
     decoder: str = checked("fused", one_of(*DECODERS))
+    order_and_clip: bool = True
 
     def new_tokens(self, answer_length: int) -> int:
         """The most tokens a generated answer may take, answers being ``answer_length`` tokens long."""
@@ -155,6 +161,11 @@ class GroundingModule(L.LightningModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- training -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Log which parts train (``model.trainable``, LoRA) and their parameter counts."""
+        lines = summary_lines(parameter_summary(self.model))
+        rank_zero_info("parameters by part (model.trainable):\n  " + "\n  ".join(lines))
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"])
         losses = {"lm_loss": out.loss}
@@ -186,18 +197,19 @@ class GroundingModule(L.LightningModule):
         self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
         predictions = self.predict_batch(batch)
         finals, per_segment = [], [[] for _ in self.segment_metrics[split]]
+        clip = self.inference.order_and_clip
         for record, prediction in zip(records, predictions, strict=True):
-            finals.append(seconds(prediction.final, record.duration, self.timeline))
+            finals.append(seconds(prediction.final, record.duration, self.timeline, clip))
             for k, column in enumerate(per_segment):
                 segment = prediction.segments[k] if k < len(prediction.segments) else None
-                column.append(seconds(segment, record.duration, self.timeline))
+                column.append(seconds(segment, record.duration, self.timeline, clip))
             if split == "test":
                 iou = record_iou(finals[-1], record)
-                self.predictions.append(prediction_row(record, prediction, iou, self.timeline))
+                self.predictions.append(prediction_row(record, prediction, iou, self.timeline, clip))
         self.metrics[split].update(*metric_inputs(finals, records))
         for choice, metric in self.choice_metrics[split].items():
             chosen = [
-                seconds(p.choose(choice), r.duration, self.timeline)
+                seconds(p.choose(choice), r.duration, self.timeline, clip)
                 for r, p in zip(records, predictions, strict=True)
             ]
             metric.update(*metric_inputs(chosen, records))
@@ -222,21 +234,27 @@ class GroundingModule(L.LightningModule):
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,
         )
-        aux = self._aux_segments(generation)
+        aux, aux_all = self._aux_segments(generation)
         texts = [spaced(t) for t in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
+        spec, num_segments = self.inference, self.codec.schedule.num_segments
         return [
-            predict(text, self.codec.schedule.num_segments, self.inference.final, a, self.timeline)
-            for text, a in zip(texts, aux, strict=True)
+            predict(text, num_segments, spec.final, a, self.timeline, every, spec.order_and_clip)
+            for text, a, every in zip(texts, aux, aux_all, strict=True)
         ]
 
-    def _aux_segments(self, generation) -> list[tuple[float, float] | None]:
+    def _aux_segments(self, generation) -> tuple[list, list]:
+        """Each answer's aux segment at its last <OFFSET>, and the mean over every <OFFSET> (None without)."""
+        rows = len(generation.tokens)
         if generation.offset_hidden is None or self.model.aux_head is None:
-            return [None] * len(generation.tokens)
+            return [None] * rows, [None] * rows
         segment, _ = self.model.aux_head(generation.offset_hidden)
-        return [
+        last = [
             tuple(s) if ok else None
             for s, ok in zip(segment.tolist(), generation.has_offset.tolist(), strict=True)
         ]
+        states = generation.offset_states or [None] * rows
+        every = [None if h is None else tuple(self.model.aux_head(h)[0].mean(0).tolist()) for h in states]
+        return last, every
 
     def _log_metrics(self, split: str) -> None:
         scores = self.metrics[split].compute()
@@ -260,6 +278,10 @@ class GroundingModule(L.LightningModule):
         if self._base_identity is None:
             self._base_identity = base_identity(self, str(self.base_name))
         return self._base_identity
+
+    def base_changed(self) -> None:
+        """The LM's frozen weights changed (adapters merged into them): digest them anew when asked."""
+        self._base_identity = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)

@@ -69,8 +69,11 @@ def _offset_state(out, tokens: list[list[int]], offset_id: int) -> Generation:
     fed = torch.stack([step[-1][:, -1] for step in out.hidden_states[1:]], dim=1)  # (B, tokens fed, H)
     hidden = fed.new_zeros(fed.shape[0], fed.shape[-1])
     has_offset = torch.zeros(fed.shape[0], dtype=torch.bool, device=fed.device)
+    states: list[torch.Tensor | None] = []
     for row, answer in enumerate(tokens):
-        if offset_id in answer:
-            hidden[row] = fed[row, len(answer) - 1 - answer[::-1].index(offset_id)]
+        at = [i for i, token in enumerate(answer) if token == offset_id]
+        states.append(fed[row, at] if at else None)
+        if at:
+            hidden[row] = fed[row, at[-1]]
             has_offset[row] = True
-    return Generation(tokens, hidden, has_offset)
+    return Generation(tokens, hidden, has_offset, states)

@@ -19,11 +19,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from grounding.answer_format.tokens import GROUNDING_TOKENS
+from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES
 from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
 from lightning_modules.pretrained import PACKAGE, missing_model, resolve_pretrained
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
+TOKEN_ROWS_INITS = ("mean", "resize")
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the LM but its output layer
 
@@ -76,6 +77,8 @@ class LMSpec(Checked):
     tokenizer: str | None = checked(None, optional(pretrained_source))
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = checked(1000, integer(1))
+    grounding_tokens: str = checked("project", one_of(*TOKEN_STYLES))
+    token_rows_init: str = checked("mean", one_of(*TOKEN_ROWS_INITS))
     dtype: str = "float32"
     gradient_checkpointing: bool = False
 
@@ -109,7 +112,9 @@ def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTr
 
 
 def grounding_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return tokenizer.convert_tokens_to_ids(list(GROUNDING_TOKENS))
+    """The ids of the grounding tokens the tokenizer holds (``<video>`` only in the project's style)."""
+    added = tokenizer.get_added_vocab()
+    return [added[token] for token in GROUNDING_TOKENS if token in added]
 
 
 def embedding_layers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
@@ -125,8 +130,8 @@ def untrained_grounding_ids(name_or_path: str, tokenizer: PreTrainedTokenizerBas
         own = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
         return grounding_token_ids(tokenizer)
-    known = own.get_vocab()
-    return [tokenizer.convert_tokens_to_ids(t) for t in GROUNDING_TOKENS if t not in known]
+    known, added = own.get_vocab(), tokenizer.get_added_vocab()
+    return [added[t] for t in GROUNDING_TOKENS if t in added and t not in known]
 
 
 def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary_size: int) -> None:
@@ -141,15 +146,17 @@ def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary
 
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> PreTrainedModel:
-    """Wrap ``model`` with LoRA; base weights freeze, the new tokens' input and output rows stay
-    trainable (with tied embeddings peft trains the one matrix's rows for both)."""
+    """Wrap ``model`` with LoRA; base weights freeze, the input and output rows of ``token_ids`` (the
+    new tokens', or none) stay trainable (with tied embeddings peft trains the one matrix's rows for both)."""
     modules = list(spec.target_modules)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=ALL_LINEAR if modules == [ALL_LINEAR] else modules,
-        trainable_token_indices={name: list(token_ids) for name in embedding_layers(model)},
+        trainable_token_indices={name: list(token_ids) for name in embedding_layers(model)}
+        if token_ids
+        else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -163,15 +170,22 @@ def build_language_model(
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     init_from: InitFromSpec | None = None,
+    token_rows_init: str = "mean",
+    train_token_rows: bool = True,
 ) -> PreTrainedModel:
     """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
-    set to the mean of its other rows, released adapters merged (``init_from``), optionally LoRA."""
+    set to the mean of its other rows (``token_rows_init``), released adapters merged
+    (``init_from``), optionally LoRA (training the grounding tokens' rows unless ``train_token_rows``
+    is off)."""
+    if token_rows_init not in TOKEN_ROWS_INITS:
+        raise ValueError(f"token_rows_init={token_rows_init!r}: choose from {', '.join(TOKEN_ROWS_INITS)}")
     if name_or_path:
         source = resolve_pretrained(name_or_path, dtype)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if untrained := untrained_grounding_ids(source, tokenizer):
+        untrained = untrained_grounding_ids(source, tokenizer)
+        if untrained and token_rows_init == "mean":
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
@@ -181,5 +195,5 @@ def build_language_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if lora is not None:
-        model = apply_lora(model, lora, grounding_token_ids(tokenizer))
+        model = apply_lora(model, lora, grounding_token_ids(tokenizer) if train_token_rows else [])
     return model

@@ -7,7 +7,13 @@ The layout (facts of the official releases; none of their code is used):
 - stages 2 and 3: PEFT LoRA folders (``adapter_config.json``, ``adapter_model.safetensors`` or
   ``.bin``) and, optionally, ``non_lora_trainables.bin``, whose keys start with ``base_model.model.``:
   the aux head ``segment_head`` (``Linear(hidden, 2)`` then a sigmoid), projector keys, or any LM
-  weight by its Hugging Face name (whole embedding and output matrices included);
+  weight by its Hugging Face name (whole embedding and output matrices included). The official LoRA
+  config lists ``segment_head`` in ``modules_to_save``, so PEFT wraps the head: a Trainer checkpoint
+  (``checkpoint-N``, what the official evaluation loads) holds it in ``adapter_model.*`` as
+  ``segment_head.weight`` (with the resized embedding matrices), the final save in
+  ``non_lora_trainables.bin`` as ``segment_head.modules_to_save.default.*``. Keys of the wrapper's
+  ``original_module`` (PEFT's frozen copy of the head before training, unused once trained) are
+  left out; every other key has a place or is an error;
 - the release added its tokens after the base vocabulary, in ``InitFromSpec.added_tokens``' order,
   so the rows of its embedding matrices are matched to this model's tokens by text, not by number.
 
@@ -18,27 +24,29 @@ the file and the key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grounding.answer_format.tokens import OFFSET, RETHINK, SEG_END, SEG_START
+from grounding.answer_format.tokens import REFERENCE_MARKERS
 from grounding.checks import Checked, a_name, checked, items, optional
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
 
-RELEASED_TOKENS = (SEG_START, SEG_END, RETHINK, OFFSET)  # the official add_tokens order
+RELEASED_TOKENS = REFERENCE_MARKERS  # the official add_tokens order
 PEFT_PREFIX = "base_model.model."
 NON_LORA = "non_lora_trainables.bin"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
 PROJECTOR_KEY, SEGMENT_HEAD, LORA_KEY = "mm_projector.", "segment_head.", "lora_"
+MODULES_TO_SAVE, ORIGINAL_MODULE = ".modules_to_save.", ".original_module."  # PEFT's ModulesToSaveWrapper
 
 
 class ReleasedWeightsError(ValueError):
@@ -60,20 +68,21 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` file or a torch state dict (memory-mapped: only the tensors used are read)."""
+def read_state_dict(path: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file or a torch state dict whose keys ``keep`` accepts (read
+    lazily: only those tensors are loaded)."""
     if not path.is_file():
         raise ReleasedWeightsError(f"{path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with safe_open(path, framework="pt") as file:
+                return {key: file.get_tensor(key) for key in file.keys() if keep(key)}  # noqa: SIM118 (not a dict)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # any unreadable file: pickle, zip and safetensors raise different types
         raise ReleasedWeightsError(f"{path}: not a readable state dict ({_one_line(error)})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ReleasedWeightsError(f"{path}: not a state dict of tensors")
-    return state
+    return {key: value for key, value in state.items() if keep(key)}
 
 
 def check_keys(
@@ -93,17 +102,34 @@ def check_keys(
 
 
 def without_prefix(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
-    """A PEFT-saved state dict's keys without ``base_model.model.``; a key without it is an error."""
-    for key in state:
+    """A PEFT-saved state dict's keys without ``base_model.model.`` and PEFT's modules-to-save
+    wrapping (``X.modules_to_save.<adapter>.Y`` is ``X.Y``; ``X.original_module.*`` is left out); a
+    key without the prefix is an error."""
+    kept = {}
+    for key, value in state.items():
         if not key.startswith(PEFT_PREFIX):
             raise ReleasedWeightsError(f"{file}: key {key} does not start with {PEFT_PREFIX}")
-    return {key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
+        if ORIGINAL_MODULE in key:
+            continue
+        if MODULES_TO_SAVE in key:
+            wrapped, rest = key.split(MODULES_TO_SAVE, 1)
+            key = f"{wrapped}.{rest.split('.', 1)[-1]}"
+        kept[key.removeprefix(PEFT_PREFIX)] = value
+    return kept
 
 
 def non_lora_trainables(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    """``non_lora_trainables.bin`` of a stage folder, its keys without ``base_model.model.`` ({} if absent)."""
+    """``non_lora_trainables.bin`` of a stage folder, its keys as :func:`without_prefix` gives them ({} if absent)."""
     file = folder / NON_LORA
     return file, without_prefix(read_state_dict(file), file) if file.is_file() else {}
+
+
+def adapter_weights(folder: Path) -> Path:
+    """The ``adapter_model.*`` file of a LoRA folder."""
+    weights_file = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
+    if weights_file is None:
+        raise ReleasedWeightsError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)}")
+    return weights_file
 
 
 def is_head_key(key: str) -> bool:
@@ -183,18 +209,21 @@ def merge_lora(
     lm: PreTrainedModel, folder: Path, tokenizer: PreTrainedTokenizerBase, spec: InitFromSpec
 ) -> PreTrainedModel:
     """``lm`` with the LoRA adapter of ``folder`` loaded (every key present, of its shape) and merged.
-    Other weights in the adapter file (PEFT saves resized embedding matrices there) load as LM weights."""
+    Other weights in the adapter file load as LM weights (PEFT saves resized embedding matrices
+    there), except those of the aux head and the projector (``load_released_heads``)."""
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         raise ReleasedWeightsError(
             f"{config_file}: no such file (a LoRA folder holds it and adapter_model.*)"
         )
-    weights_file = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
-    if weights_file is None:
-        raise ReleasedWeightsError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)}")
+    weights_file = adapter_weights(folder)
     weights = read_state_dict(weights_file)
-    others = {key: value for key, value in weights.items() if LORA_KEY not in key}
-    load_lm_weights(lm, without_prefix(others, weights_file), tokenizer, spec, weights_file)
+    others = without_prefix(
+        {key: value for key, value in weights.items() if LORA_KEY not in key}, weights_file
+    )
+    load_lm_weights(
+        lm, {k: v for k, v in others.items() if not is_head_key(k)}, tokenizer, spec, weights_file
+    )
     try:
         config = PeftConfig.from_pretrained(str(folder))
         if not isinstance(config, LoraConfig):
@@ -212,17 +241,21 @@ def merge_lora(
 
 
 def load_released_heads(model: VideoLLM, spec: InitFromSpec) -> None:
-    """Stage 1's projector, then the projector and aux head weights of each stage's non_lora_trainables."""
+    """Stage 1's projector, then the projector and aux head weights of each stage, from its adapter
+    file (a Trainer checkpoint's modules to save) and its non_lora_trainables (the final save)."""
     if spec.projector:
         file = Path(spec.projector)
         load_projector(model, read_state_dict(file), file, "")
     for folder in map(Path, spec.adapters):
-        file, state = non_lora_trainables(folder)
-        if any(PROJECTOR_KEY in key for key in state):
-            load_projector(model, state, file, PEFT_PREFIX)
-        head = {k.removeprefix(SEGMENT_HEAD): v for k, v in state.items() if k.startswith(SEGMENT_HEAD)}
-        if head:
-            load_segment_head(model.aux_head, head, file, PEFT_PREFIX + SEGMENT_HEAD)
+        file = adapter_weights(folder)
+        sources = [(file, without_prefix(read_state_dict(file, lambda k: LORA_KEY not in k), file))]
+        sources.append(non_lora_trainables(folder))
+        for file, state in sources:
+            if any(PROJECTOR_KEY in key for key in state):
+                load_projector(model, state, file, PEFT_PREFIX)
+            head = {k.removeprefix(SEGMENT_HEAD): v for k, v in state.items() if k.startswith(SEGMENT_HEAD)}
+            if head:
+                load_segment_head(model.aux_head, head, file, PEFT_PREFIX + SEGMENT_HEAD)
 
 
 def load_projector(model: VideoLLM, state: dict[str, torch.Tensor], file: Path, prefix: str) -> None:

@@ -1,7 +1,9 @@
 """Tokenizers: a Hugging Face one by name/path, or a byte-level BPE trained locally on the data's text.
 
-Either way the grounding tokens (``<SEG_START>`` ... and ``<video>``) are added as special tokens,
-and digits are single tokens so timestamps are spelled digit by digit.
+Either way the grounding tokens (``<SEG_START>`` ... and, in the project's style, ``<video>``) are
+added as special tokens, in the order and spelling of ``model.lm.grounding_tokens``
+(:data:`~grounding.answer_format.tokens.TOKEN_STYLES`), and digits are single tokens so timestamps
+are spelled digit by digit.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from grounding.answer_format.tokens import DIGITS, GROUNDING_TOKENS, SIGNS
+from grounding.answer_format.tokens import DIGITS, MARKERS, SIGNS, TOKEN_STYLES, VIDEO
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -35,10 +37,22 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTr
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS)
 
 
-def add_grounding_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add the answer markers and the video placeholder; give the tokenizer a pad token if it has none."""
-    # Spaces around the markers fold into them: shorter answers, the same text once parsed.
-    tokens = [AddedToken(t, lstrip=True, rstrip=True, special=True) for t in GROUNDING_TOKENS]
+def add_grounding_tokens(
+    tokenizer: PreTrainedTokenizerBase, style: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Add the grounding tokens of ``style``; give the tokenizer a pad token if it has none. ``None``:
+    the style of the markers the tokenizer holds (a run's saved one: ``reference`` when it has no
+    ``<video>``), else ``project``. Adding them again restores their spelling, which a saved
+    tokenizer may forget (Qwen2's does)."""
+    if style is None:
+        added = tokenizer.get_added_vocab()
+        style = "reference" if set(MARKERS) <= set(added) and VIDEO not in added else "project"
+    if style not in TOKEN_STYLES:
+        raise ValueError(f"grounding tokens {style!r}: choose from {', '.join(TOKEN_STYLES)}")
+    # project: spaces around a token fold into it (shorter answers, the same text once parsed);
+    # reference: they stay, as the official add_tokens(..., special_tokens=True) keeps them.
+    strip = style == "project"
+    tokens = [AddedToken(t, lstrip=strip, rstrip=strip, special=True) for t in TOKEN_STYLES[style]]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -49,14 +63,15 @@ def add_grounding_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
 
 
 def build_tokenizer(
-    name_or_path: str | None, texts: Iterable[str], vocab_size: int
+    name_or_path: str | None, texts: Iterable[str], vocab_size: int, style: str = "project"
 ) -> PreTrainedTokenizerBase:
-    """The pretrained tokenizer of ``name_or_path``, or a local BPE trained on ``texts`` when it is None."""
+    """The pretrained tokenizer of ``name_or_path``, or a local BPE trained on ``texts`` when it is
+    None, with the grounding tokens of ``style`` (``model.lm.grounding_tokens``)."""
     if name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
         tokenizer = train_local_tokenizer(texts, vocab_size)
-    return add_grounding_tokens(tokenizer)
+    return add_grounding_tokens(tokenizer, style)
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:

@@ -8,8 +8,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.prompt_ids import video_placeholder_id
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
-from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
+from grounding.answer_format.tokens import IGNORE_INDEX
 from lightning_modules.aux_head import AuxHead, AuxSpec
 from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec
 
@@ -86,7 +87,7 @@ class VideoLLM(nn.Module):
         return cls(
             lm,
             frames,
-            codec.tokenizer.convert_tokens_to_ids(VIDEO),
+            video_placeholder_id(codec.tokenizer),
             aux_head=aux_head,
             frame_index_ids=(
                 frame_index_ids(codec.tokenizer, video_tokens, timeline)
@@ -116,8 +117,8 @@ class VideoLLM(nn.Module):
     def _embed_with_frames(
         self, input_ids: torch.Tensor, features: torch.Tensor | None, prompt_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        placeholders = input_ids == self.video_token_id
+        placeholders = input_ids == self.video_token_id  # may lie outside the vocabulary (VIDEO_INDEX)
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if features is None:
             if placeholders.any():
                 raise ValueError("input holds <video> placeholders but no features were given")

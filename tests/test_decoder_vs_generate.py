@@ -90,6 +90,10 @@ def assert_same(fused: Generation, hf: Generation) -> None:
         assert hf.offset_hidden is None
     else:  # the same hidden states, from passes of other shapes
         torch.testing.assert_close(fused.offset_hidden, hf.offset_hidden, rtol=1e-4, atol=1e-5)
+        for ours, theirs in zip(fused.offset_states, hf.offset_states, strict=True):  # at every <OFFSET>
+            assert (ours is None) == (theirs is None)
+            if ours is not None:
+                torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def offset_id(k: int) -> int | None:

@@ -191,7 +191,11 @@ RECIPE = {
     "model.refine.resample": "once",
     "model.refine.on_policy.fraction": 0.0,
     "model.inference.constrained": False,
+    "model.lm.grounding_tokens": "reference",
+    "model.lm.token_rows_init": "resize",
+    "model.answer_tokens": "canonical",
     "model.inference.final": "last",
+    "model.inference.order_and_clip": False,
     "model.lora.enabled": True,
     "model.lora.r": 64,
     "model.lora.alpha": 128,
@@ -232,6 +236,10 @@ def test_paper_scale_configs(experiment, dataset):
     assert dataset in cfg.data.source.feature_path
     assert (cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.accelerator) == (8, "ddp", "gpu")
     assert cfg.model.lm.gradient_checkpointing and cfg.trainer.max_epochs == 8
+    assert (
+        cfg.model.init_from.projector.endswith("stage1/mm_projector.bin")
+        and not cfg.model.trainable.projector
+    )
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from timerefine.pipeline.build import build_datamodule, build_module, build_trai
 from timerefine.pipeline.config import ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
+from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.previous_run import check_same_settings, finished
 from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
     try:
-        cfg = load_config([arg for arg in argv if arg not in shown])
+        overrides = [arg for arg in argv if arg not in shown]
+        cfg = inherit_settings(load_config(overrides), overrides)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -111,11 +111,17 @@ def ordered_clipped(segment: tuple[float, float]) -> tuple[float, float]:
     return (start, end) if start <= end else (end, start)
 
 
-def predicted_segments(rounds: list[RefineRound], num_segments: int) -> list[tuple[float, float]]:
+def predicted_segments(
+    rounds: list[RefineRound], num_segments: int, order_and_clip: bool = True
+) -> list[tuple[float, float]]:
     """The predictions along the refinement path: the first coarse segment, then each round's
     refined one; at most ``num_segments`` (``RefineSchedule.num_segments``: 1 for a direct answer,
-    whose one segment is its coarse one), fewer when the generation was cut short."""
+    whose one segment is its coarse one), fewer when the generation was cut short. Each is ordered
+    and clipped to the indices, unless ``order_and_clip`` is off (the official evaluation: a refined
+    segment stays as written, start + offset may leave the video or pass its end)."""
     if not rounds:
         return []
-    first = ordered_clipped((rounds[0].start, rounds[0].end))
-    return [first, *(ordered_clipped(round_.refined) for round_ in rounds)][:num_segments]
+    keep = ordered_clipped if order_and_clip else tuple
+    return [keep((rounds[0].start, rounds[0].end)), *(keep(round_.refined) for round_ in rounds)][
+        :num_segments
+    ]

@@ -6,5 +6,11 @@ VIDEO = "<video>"  # the prompt's placeholder for the video tokens
 SEG_START, SEG_END, OFFSET, RETHINK = "<SEG_START>", "<SEG_END>", "<OFFSET>", "<RETHINK>"
 MARKERS = (SEG_START, SEG_END, OFFSET, RETHINK)
 GROUNDING_TOKENS = (*MARKERS, VIDEO)  # added to every tokenizer as special tokens, in this order
+# ``model.lm.grounding_tokens``: ``project`` adds GROUNDING_TOKENS, which absorb the spaces around them;
+# ``reference`` adds the official code's four markers in its order (Vicuna ids 32000-32003), spaces
+# kept, and ``<video>`` is no token: a prompt holds VIDEO_INDEX (LLaVA's image index) in its place.
+REFERENCE_MARKERS = (SEG_START, SEG_END, RETHINK, OFFSET)
+TOKEN_STYLES = {"project": GROUNDING_TOKENS, "reference": REFERENCE_MARKERS}
+VIDEO_INDEX = -200
 DIGITS, SIGNS = "0123456789", "+-"  # each a single token: timestamps are spelled character by character
 IGNORE_INDEX = -100  # the label of tokens without LM loss (the default ``ignore_index`` of torch and HF)

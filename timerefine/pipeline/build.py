@@ -32,14 +32,16 @@ from grounding.answer_format.corpus import tokenizer_corpus
 from grounding.answer_format.prompts import render_prompt, resolve_template
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
-from lightning_modules.language_model import build_language_model, max_positions
+from lightning_modules.language_model import build_language_model, grounding_token_ids, max_positions
 from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
+from lightning_modules.trainable import apply_trainable
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_precision, run_protocol, run_timeline
+from timerefine.pipeline.init_from_run import start_from_run
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
@@ -67,6 +69,8 @@ def build_tokenizer_for(
 ) -> PreTrainedTokenizerBase:
     """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the
     pretrained one, else a local BPE trained on the training prompts and sample answers."""
+    if (tokenizer_dir is None or not tokenizer_dir.is_dir()) and cfg.init_from_run:
+        tokenizer_dir = Path(cfg.init_from_run) / "tokenizer"  # the run it starts from
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
     train = source.records("train")
@@ -76,7 +80,10 @@ def build_tokenizer_for(
     lm = cfg.model.lm
     pretrained = lm.tokenizer or lm.name_or_path
     return build_tokenizer(
-        pretrained and resolve_pretrained(pretrained, lm.dtype), corpus, lm.tokenizer_vocab_size
+        pretrained and resolve_pretrained(pretrained, lm.dtype),
+        corpus,
+        lm.tokenizer_vocab_size,
+        lm.grounding_tokens,
     )
 
 
@@ -137,6 +144,8 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         lm.dtype,
         lm.gradient_checkpointing,
         model.init_from,
+        lm.token_rows_init,
+        model.trainable.token_rows,
     )
     video_llm = VideoLLM.from_config(
         language_model,
@@ -149,7 +158,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         timeline=timeline,
     )
     load_released_heads(video_llm, model.init_from)
-    return GroundingModule(
+    module = GroundingModule(
         video_llm,
         codec,
         aux_weight=model.aux.weight,
@@ -161,6 +170,12 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         protocol=run_protocol(cfg),
         base_name=lm.name_or_path,
     )
+    if cfg.init_from_run:
+        rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []
+        lora = model.lora if model.lora.enabled else None
+        start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
+    apply_trainable(video_llm, model.trainable)
+    return module
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:

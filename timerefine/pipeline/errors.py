@@ -9,6 +9,7 @@ from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.init_from_run import RunStartError
 from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
@@ -23,4 +24,5 @@ INPUT_ERRORS = (
     ReleasedWeightsError,
     BaseWeightsError,
     MissingModelError,
+    RunStartError,
 )

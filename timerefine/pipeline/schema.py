@@ -29,6 +29,7 @@ from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
+from lightning_modules.trainable import TrainableSpec
 from timerefine.pipeline.precision import AUTO, PRECISIONS
 
 
@@ -38,11 +39,24 @@ def not_a_file(value: str) -> str | None:
     return f"{value} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
 
+def a_run_folder(value: str) -> str | None:
+    """A run's folder: its config.yaml and checkpoints/."""
+    folder = Path(value)
+    if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
+        return f"{value} is not a run directory (config.yaml and checkpoints/)"
+    return None
+
+
+INHERITED = ("continue", "merge")  # model.lora.inherited: what becomes of init_from_run's adapters
+
+
 @dataclass
 class LoraOption(LoraSpec):
-    """LoRA adapters (off by default: the tiny LM trains fully)."""
+    """LoRA adapters (off by default: the tiny LM trains fully). ``inherited``: what becomes of
+    ``init_from_run``'s adapters, ``continue`` (train them on) or ``merge`` (into the LM, then new ones)."""
 
     enabled: bool = False
+    inherited: str = checked("continue", one_of(*INHERITED))
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,7 @@ class ModelConfig(Checked):
     saliency: SaliencySpec = field(default_factory=SaliencySpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     init_from: InitFromSpec = field(default_factory=InitFromSpec)
+    trainable: TrainableSpec = field(default_factory=TrainableSpec)
 
     def relations(self) -> Iterator[str]:
         if self.saliency.weight > 0 and not self.projector.query_conditioned:
@@ -83,6 +98,8 @@ class ModelConfig(Checked):
                 f"saliency.weight={self.saliency.weight} needs projector.query_conditioned=true: without "
                 "it a video token cannot know which query it is scored against"
             )
+        if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
+            yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
 
 
 @dataclass
@@ -186,6 +203,7 @@ class RunConfig(Checked):
     output_dir: str = checked("runs/${now:%Y-%m-%d_%H-%M-%S}", not_a_file)
     resume: str | None = "auto"
     test: bool = True
+    init_from_run: str | None = checked(None, optional(a_run_folder))
     data: DataConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

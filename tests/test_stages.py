@@ -1,0 +1,152 @@
+"""Runs that start from another run (``init_from_run``) and per-part freezing (``model.trainable``):
+a two-stage chain on the tiny model, as the official recipe chains its stages (stage B continues
+stage A's adapters with the head frozen)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import train
+from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.language_model import LoraSpec, build_language_model, grounding_token_ids
+from lightning_modules.tokenizer import train_local_tokenizer
+from tests import helpers
+from timerefine import evaluate
+from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.init_from_run import inherit_settings
+
+TINY = [
+    "experiment=tiny",
+    "data.source.num_train=16",
+    "data.source.num_val=4",
+    "data.source.num_test=4",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+]
+FROZEN_IN_B = ["model.trainable.aux_head=false", "model.trainable.projector=false"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint_path(run, "best"), map_location="cpu", weights_only=False)["state_dict"]
+
+
+def parts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        "lora": {k: v for k, v in state.items() if "lora_" in k},
+        "projector": {k: v for k, v in state.items() if k.startswith("model.projector.")},
+        "aux head": {k: v for k, v in state.items() if k.startswith("model.aux_head.")},
+        "base": {k: v for k, v in state.items() if k.startswith("model.lm.") and "base_layer" in k},
+    }
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def built(overrides: list[str]) -> GroundingModule:
+    cfg = inherit_settings(load_config(overrides), overrides)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    return build_module(cfg, datamodule)
+
+
+@pytest.fixture(scope="module")
+def stage_a(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("stage_a")
+    assert train.main([*TINY, "model.lora.enabled=true", f"output_dir={run}"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_stage_b_continues_stage_a_and_keeps_its_frozen_parts(stage_a, tmp_path, caplog):
+    overrides = [*TINY, f"init_from_run={stage_a}", *FROZEN_IN_B]
+    start = built(overrides)  # the model settings (LoRA on) come from stage A
+    assert same(start.state_dict(), weights(stage_a))
+    trains = {n.split(".")[1] for n, p in start.named_parameters() if p.requires_grad}
+    assert trains == {"lm", "saliency_head"}
+    caplog.set_level(logging.INFO)
+    assert train.main([*overrides, f"output_dir={tmp_path / 'b'}"]) == 0
+    assert "projector        frozen" in caplog.text and "aux head         frozen" in caplog.text
+    before, after = parts(weights(stage_a)), parts(weights(tmp_path / "b"))
+    assert not same(before["lora"], after["lora"])  # the same adapters, trained on
+    for frozen in ("projector", "aux head", "base"):
+        assert before[frozen] and same(before[frozen], after[frozen]), frozen
+    assert evaluate.main([str(tmp_path / "b")]) == 0  # rebuilt from stage A, then its own checkpoint
+
+
+def test_merge_puts_new_adapters_on_the_merged_model(stage_a):
+    continued = built([*TINY, f"init_from_run={stage_a}"]).eval()
+    merged = built([*TINY, f"init_from_run={stage_a}", "model.lora.inherited=merge"]).eval()
+    fresh = parts(merged.state_dict())["lora"]
+    assert fresh and all(v.eq(0).all() for k, v in fresh.items() if "lora_B" in k)
+    batch = helpers.batch(n=2)
+    ids = batch["input_ids"].clamp(max=len(continued.tokenizer) - 1)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a = continued.model.lm(input_ids=ids, attention_mask=mask).logits
+        b = merged.model.lm(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line(stage_a, tmp_path, capsys):
+    assert train.main([*TINY, f"init_from_run={stage_a}", "model.lora.r=8", f"output_dir={tmp_path}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "lora_A" in last and "has shape" in last
+    assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["init_from_run=/nonexistent"], "init_from_run=/nonexistent: /nonexistent is not a run directory"),
+        (["model=direct"], "model=...: init_from_run takes its run's model settings"),
+        (
+            ["model.trainable.token_rows=false", "model.lora.enabled=false"],
+            "model.trainable.token_rows=false needs lora.enabled=true",
+        ),
+    ],
+)
+def test_config_mistakes_name_the_key(stage_a, overrides, message):
+    given = [*TINY, f"init_from_run={stage_a}", *overrides]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        inherit_settings(load_config(given), given)
+
+
+def pretrained(tmp_path: Path):
+    """A saved tiny Llama whose tokenizer lacks the grounding tokens, and that tokenizer with them."""
+    base = train_local_tokenizer(helpers.corpus(), 300)
+    config = LlamaConfig(
+        vocab_size=len(base), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    base.save_pretrained(tmp_path)
+    return helpers.tokenizer()
+
+
+@pytest.mark.parametrize("init", ["mean", "resize"])
+def test_new_token_rows_start_at_the_mean_or_as_resized(tmp_path, init):
+    tokenizer = pretrained(tmp_path)
+    lm = build_language_model(tokenizer, str(tmp_path), helpers.TINY, None, token_rows_init=init)
+    rows = lm.get_input_embeddings().weight
+    ids = grounding_token_ids(tokenizer)
+    others = torch.ones(len(tokenizer), dtype=torch.bool)
+    others[ids] = False
+    at_mean = torch.allclose(rows[ids], rows[others].mean(0).expand(len(ids), -1))
+    assert at_mean == (init == "mean")
+
+
+@pytest.mark.parametrize("train_rows", [True, False])
+def test_token_rows_train_only_when_asked(tmp_path, train_rows):
+    tokenizer = pretrained(tmp_path)
+    lm = build_language_model(
+        tokenizer, str(tmp_path), helpers.TINY, LoraSpec(r=2), train_token_rows=train_rows
+    )
+    rows = [n for n, p in lm.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    assert bool(rows) == train_rows

@@ -1,0 +1,97 @@
+"""``init_from_run=<run dir>``: a run that starts where another one ended.
+
+It takes the other run's settings of what its weights are (``model.*`` and the data keys of
+``run_identity.IDENTITY``: timeline, prompt, chat format, frames, feature size; those given on the
+command line still apply on top), its tokenizer, and the weights of its best checkpoint: LoRA
+adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
+``continue`` trains the same ones on (the official TimeRefine recipe's second stage), ``merge`` merges
+them into the LM and trains new ones. Every build of the run (training, resuming, evaluation) starts
+from the other run again, so its folder must stay where it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.lightning_compat import load_sharded_checkpoint
+from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.language_model import LoraSpec, apply_lora
+from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
+from timerefine.pipeline.run_identity import IDENTITY
+from timerefine.pipeline.schema import INHERITED
+
+
+class RunStartError(ValueError):
+    """A run to start from whose checkpoint does not fit the model; names the checkpoint and the key."""
+
+
+def _given(key: str, overrides: list[str]) -> list[tuple[str, object]]:
+    """The ``key`` or ``key.*`` values set on the command line, in order."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [
+        (o.key_or_group, o.value())
+        for o in parsed
+        if o.key_or_group == key or o.key_or_group.startswith(f"{key}.")
+    ]
+
+
+def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with ``init_from_run``'s identity settings, then the ones ``overrides`` give; the
+    result checked as load_config checks a config. Raises ConfigError."""
+    if cfg.init_from_run is None:
+        return cfg
+    if any(key == "model" for key, _ in _given("model", overrides)):
+        raise ConfigError(
+            "model=...: init_from_run takes its run's model settings; change single model.* keys"
+        )
+    try:
+        run = load_run_config(Path(cfg.init_from_run), [])
+    except ConfigError as error:
+        raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
+    for key in IDENTITY:
+        if (value := OmegaConf.select(run, key, default=None)) is not None:
+            OmegaConf.update(cfg, key, value, merge=False)
+        for given, value in _given(key, overrides):
+            OmegaConf.update(cfg, given, value, merge=False)
+    if errors := spec_errors(cfg):
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def start_from_run(
+    module: GroundingModule, run_dir: Path, inherited: str, lora: LoraSpec | None, token_ids: list[int]
+) -> None:
+    """Load the best checkpoint of ``run_dir`` into ``module`` (built with the run's settings); with
+    ``merge`` (and LoRA), merge the adapters into the LM and put new ``lora`` adapters (with
+    ``token_ids``' rows training) on it."""
+    if inherited not in INHERITED:
+        raise ValueError(f"inherited={inherited!r}: choose from {', '.join(INHERITED)}")
+    try:
+        path = checkpoint_path(run_dir, "best")
+    except FileNotFoundError as error:
+        raise RunStartError(f"init_from_run={run_dir}: {error}") from error
+    checkpoint = (
+        load_sharded_checkpoint(path)
+        if path.is_dir()
+        else torch.load(path, map_location="cpu", weights_only=False)
+    )
+    module.on_load_checkpoint(checkpoint)
+    state, own = checkpoint["state_dict"], module.state_dict()
+    if missing := sorted(own.keys() - state.keys()):
+        raise RunStartError(f"{path} lacks {missing[0]}: not a model of this run's settings")
+    if unexpected := sorted(state.keys() - own.keys()):
+        raise RunStartError(f"{path} holds {unexpected[0]}, which this run's model has no place for")
+    for key, tensor in state.items():
+        if tensor.shape != own[key].shape:
+            raise RunStartError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, this run's model needs {tuple(own[key].shape)}"
+            )
+    module.load_state_dict(state)
+    if inherited == "merge" and lora is not None:
+        module.model.lm = apply_lora(module.model.lm.merge_and_unload(), lora, token_ids)
+        module.base_changed()
