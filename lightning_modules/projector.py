@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from grounding.checks import Checked, checked, integer, one_of
@@ -16,8 +17,8 @@ TEMPORAL_EMBEDDINGS = ("none", "learned", "digits")
 class ProjectorSpec(Checked):
     """``kind``: linear | mlp. ``temporal_embedding``: what tells a video token its place on the 00-99
     timeline: none | learned (an embedding per token) | digits (the LM's own embeddings of the index
-    digits, gated). ``frames_per_token`` consecutive frames are concatenated into one video token (it
-    must divide the data's frame count); ``query_conditioned`` FiLMs the frames with the prompt's mean
+    digits, gated). ``frames_per_token`` consecutive frames are concatenated into one video token (the
+    last token's missing frames are zeros); ``query_conditioned`` FiLMs the frames with the prompt's mean
     text embedding before projecting them."""
 
     kind: str = checked("mlp", one_of("linear", "mlp"))
@@ -26,11 +27,17 @@ class ProjectorSpec(Checked):
     query_conditioned: bool = True
 
 
+def video_token_count(num_frames: int, frames_per_token: int) -> int:
+    """How many video tokens ``num_frames`` frames make, ``frames_per_token`` to a token (rounded up)."""
+    return -(-num_frames // frames_per_token)
+
+
 class FrameProjector(nn.Module):
     """``linear`` (one layer) or ``mlp`` (two layers with GELU, LLaVA's mlp2x_gelu).
 
     ``frames_per_token`` consecutive frames are concatenated into one LM token (no information is
-    averaged away; the LM reads ``num_frames / frames_per_token`` video tokens). With
+    averaged away; the LM reads ``video_token_count`` video tokens, the last one's missing frames
+    zero). With
     ``temporal_embedding`` a learned vector per video token is added, so each token carries its
     position on the 00-99 timeline explicitly.
 
@@ -51,10 +58,8 @@ class FrameProjector(nn.Module):
         query_size: int | None = None,
     ) -> None:
         super().__init__()
-        if frames_per_token < 1 or num_frames % frames_per_token:
-            raise ValueError(
-                f"frames_per_token={frames_per_token} must be >= 1 and divide {num_frames} frames"
-            )
+        if frames_per_token < 1:
+            raise ValueError(f"frames_per_token={frames_per_token} must be >= 1")
         self.frames_per_token = frames_per_token
         in_dim = feature_dim * frames_per_token
         if kind == "linear":
@@ -69,18 +74,19 @@ class FrameProjector(nn.Module):
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
-        tokens = num_frames // frames_per_token
+        tokens = video_token_count(num_frames, frames_per_token)
         self.time = nn.Embedding(tokens, hidden_size) if temporal_embedding else None
         if self.time is not None:
             nn.init.normal_(self.time.weight, std=0.02)
 
     def forward(self, features: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """``(..., T, D)`` frames to ``(..., T / frames_per_token, hidden)`` tokens; ``query``
-        ``(..., query_size)`` is needed with query conditioning."""
+        """``(..., T, D)`` frames to ``(..., video_token_count(T, frames_per_token), hidden)`` tokens;
+        ``query`` ``(..., query_size)`` is needed with query conditioning."""
         *lead, frames, dim = features.shape
-        if frames % self.frames_per_token:
-            raise ValueError(f"{frames} frames do not split into tokens of {self.frames_per_token}")
-        merged = features.reshape(*lead, frames // self.frames_per_token, dim * self.frames_per_token)
+        tokens = video_token_count(frames, self.frames_per_token)
+        if missing := tokens * self.frames_per_token - frames:
+            features = F.pad(features, (0, 0, 0, missing))
+        merged = features.reshape(*lead, tokens, dim * self.frames_per_token)
         if self.film is not None:
             if query is None:
                 raise ValueError("this projector is query-conditioned: pass the query embedding")

@@ -12,7 +12,7 @@ from grounding.answer_format.prompt_ids import video_placeholder_id
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import IGNORE_INDEX
 from lightning_modules.aux_head import AuxHead, AuxSpec
-from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec
+from lightning_modules.projector import TEMPORAL_EMBEDDINGS, FrameProjector, ProjectorSpec, video_token_count
 
 
 def answer_loss_inputs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +83,7 @@ class VideoLLM(nn.Module):
         with_aux = aux.weight > 0 and codec.schedule.with_offsets
         aux_head = AuxHead(hidden, aux.head, aux.loss, aux.scaling, timeline) if with_aux else None
         frames = FrameProjector.from_spec(projector, feature_dim, hidden, num_frames)
-        video_tokens = num_frames // projector.frames_per_token
+        video_tokens = video_token_count(num_frames, projector.frames_per_token)
         return cls(
             lm,
             frames,

@@ -216,9 +216,14 @@ def test_on_policy_guesses_reach_the_collator_it_was_built_with(tmp_path):
     assert first.qid not in datamodule.coarse_guesses
 
 
-def test_frames_per_token_must_divide_the_data_frames(tmp_path):
-    with pytest.raises(ConfigError, match=r"frames_per_token=3 must divide data\.source\.num_frames=100"):
-        load_config([*tiny_build_overrides(tmp_path), "model.projector.frames_per_token=3"])
+def test_frames_per_token_need_not_divide_the_data_frames(tmp_path):
+    """DiDeMo's 30 frames at 4 per token: 8 video tokens, the last one's two missing frames zero."""
+    cfg = load_config(
+        [*tiny_build_overrides(tmp_path), "model.projector.frames_per_token=4", "data.source.num_frames=30"]
+    )
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    assert datamodule.collator.video_tokens == 8 == module.model.projector.time.num_embeddings
 
 
 def test_saliency_loss_trains_the_query_conditioning(tmp_path):

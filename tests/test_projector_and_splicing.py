@@ -37,11 +37,14 @@ def test_merged_frames_make_one_token_each():
     assert torch.equal(after[:, 0], tokens[:, 0]) and not torch.allclose(after[:, 1], tokens[:, 1])
 
 
-def test_frames_per_token_must_divide_the_frames():
-    with pytest.raises(ValueError, match="divide"):
-        FrameProjector("linear", 4, 8, num_frames=10, frames_per_token=3)
-    with pytest.raises(ValueError, match="do not split"):
-        FrameProjector("linear", 4, 8, num_frames=6, frames_per_token=3)(torch.randn(1, 4, 4))
+def test_frames_that_do_not_fill_the_last_token_are_zero_padded():
+    projector = FrameProjector("linear", 4, 8, num_frames=10, frames_per_token=3)
+    frames = torch.randn(2, 10, 4)
+    tokens = projector(frames)
+    assert tokens.shape == (2, 4, 8)
+    last = torch.cat([frames[:, 9], torch.zeros(2, 8)], dim=-1)
+    torch.testing.assert_close(tokens[:, 3], projector.net(last))
+    torch.testing.assert_close(tokens[:, :3], projector(frames[:, :9])[:, :3])
 
 
 def test_unknown_projector_raises():

@@ -34,6 +34,7 @@ from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import build_language_model, grounding_token_ids, max_positions
 from lightning_modules.pretrained import resolve_pretrained
+from lightning_modules.projector import video_token_count
 from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
 from lightning_modules.trainable import apply_trainable
@@ -116,7 +117,7 @@ def build_datamodule(
     return GroundingDataModule(
         source,
         codec,
-        video_tokens=source.num_frames // cfg.model.projector.frames_per_token,
+        video_tokens=video_token_count(source.num_frames, cfg.model.projector.frames_per_token),
         batch_size=data.batch_size,
         eval_batch_size=data.eval_batch_size,
         num_workers=data.num_workers,

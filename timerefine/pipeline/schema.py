@@ -211,11 +211,6 @@ class RunConfig(Checked):
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def relations(self) -> Iterator[str]:
-        per_token, frames = self.model.projector.frames_per_token, self.data.source.num_frames
-        if frames % per_token:
-            yield f"model.projector.frames_per_token={per_token} must divide data.source.num_frames={frames}"
-
 
 def _writable(node: DictConfig) -> DictConfig:
     """``node`` with the read-only flag of frozen spec dataclasses lifted: YAML files merge into it."""
