@@ -59,11 +59,6 @@ def build_source(data: DictConfig) -> DataSource:
     return annotation_source(data.name, spec)
 
 
-def refine_schedule(model: DictConfig) -> RefineSchedule:
-    """``model.refine`` (``steps`` is K) as the one object every use of K reads."""
-    return OmegaConf.to_object(model.refine)
-
-
 def build_tokenizer_for(
     cfg: DictConfig, source: DataSource, template: str, schedule: RefineSchedule, tokenizer_dir: Path | None
 ) -> PreTrainedTokenizerBase:
@@ -110,7 +105,8 @@ def build_datamodule(
     """The datamodule of ``source`` (default: ``data``'s) with its collator and the answer codec (the
     tokenizer and the refinement schedule) that the module shares; see :func:`build_tokenizer_for`."""
     data, source = cfg.data, source or build_source(cfg.data)
-    schedule, template = refine_schedule(cfg.model), resolve_template(data.prompt_template)
+    schedule: RefineSchedule = OmegaConf.to_object(cfg.model.refine)  # the one object every use of K reads
+    template = resolve_template(data.prompt_template)
     codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
     generated = OmegaConf.to_object(cfg.model.inference).new_tokens(codec.answer_length())
     return GroundingDataModule(
@@ -135,12 +131,12 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it."""
     model: ModelConfig = OmegaConf.to_object(cfg.model)
     codec, source, timeline = datamodule.codec, datamodule.source, run_timeline(cfg)
-    lm = model.lm
+    lm, lora = model.lm, model.lora if model.lora.enabled else None
     language_model = build_language_model(
         codec.tokenizer,
         lm.name_or_path,
         lm.tiny,
-        model.lora if model.lora.enabled else None,
+        lora,
         lm.dtype,
         lm.gradient_checkpointing,
         model.init_from,
@@ -172,7 +168,6 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     )
     if cfg.init_from_run:
         rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []
-        lora = model.lora if model.lora.enabled else None
         start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
     apply_trainable(video_llm, model.trainable)
     return module
