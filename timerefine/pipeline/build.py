@@ -104,15 +104,14 @@ def build_datamodule(
 ) -> GroundingDataModule:
     """The datamodule of ``source`` (default: ``data``'s) with its collator and the answer codec (the
     tokenizer and the refinement schedule) that the module shares; see :func:`build_tokenizer_for`."""
-    data, source = cfg.data, source or build_source(cfg.data)
-    schedule: RefineSchedule = OmegaConf.to_object(cfg.model.refine)  # the one object every use of K reads
-    template = resolve_template(data.prompt_template)
+    data, source, model = cfg.data, source or build_source(cfg.data), OmegaConf.to_object(cfg.model)
+    schedule, template = model.refine, resolve_template(data.prompt_template)  # every use of K reads schedule
     codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
-    generated = OmegaConf.to_object(cfg.model.inference).new_tokens(codec.answer_length())
+    generated = model.inference.new_tokens(codec.answer_length())
     return GroundingDataModule(
         source,
         codec,
-        video_tokens=source.num_frames // cfg.model.projector.frames_per_token,
+        video_tokens=source.num_frames // model.projector.frames_per_token,
         batch_size=data.batch_size,
         eval_batch_size=data.eval_batch_size,
         num_workers=data.num_workers,
@@ -120,8 +119,8 @@ def build_datamodule(
         prompt_template=template,
         timeline=run_timeline(cfg),
         chat_template=data.chat_template,
-        on_policy_fraction=cfg.model.refine.on_policy.fraction if schedule.with_offsets else 0.0,
-        max_positions=max_positions(OmegaConf.to_object(cfg.model.lm)),
+        on_policy_fraction=schedule.on_policy.fraction if schedule.with_offsets else 0.0,
+        max_positions=max_positions(model.lm),
         answer_tokens=max(generated, codec.answer_length() + 1),  # generated, or trained on
         query_too_long=data.query_too_long,
     )
