@@ -17,10 +17,6 @@ from typing import Any
 Rule = Callable[[Any], "str | None"]
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
 def integer(low: int, high: int | None = None) -> Rule:
     """An int in [low, high]."""
     within = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -40,7 +36,8 @@ def number(low: float, high: float = math.inf, open_low: bool = False, open_high
         within = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
 
     def rule(value: Any) -> str | None:
-        above = is_number(value) and (value > low if open_low else value >= low)
+        a_number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        above = a_number and (value > low if open_low else value >= low)
         below = above and (value < high if open_high else value <= high)
         return None if below else f"must be a number {within}"
 

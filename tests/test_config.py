@@ -19,7 +19,6 @@ from timerefine.pipeline.build import (
     build_datamodule,
     build_module,
     build_trainer,
-    refine_schedule,
 )
 from timerefine.pipeline.config import ConfigError, load_config
 
@@ -33,7 +32,7 @@ def test_defaults_load():
     assert cfg.seed == 0 and cfg.resume == "auto" and cfg.test is True
     assert isinstance(cfg.trainer.max_steps, int)
     assert cfg.output_dir.startswith("runs/") and "${" not in cfg.output_dir  # resolved
-    schedule = refine_schedule(cfg.model)
+    schedule = OmegaConf.to_object(cfg.model.refine)
     assert schedule.steps == 3 and len(schedule.stds()) == 4
     assert schedule.residual_stds() == [0.0] * 4  # the reference: every offset lands on the truth
 
@@ -72,7 +71,7 @@ def test_list_and_float_overrides():
     cfg = load_config(["model.refine.noise_std=[4,2,0]", "model.optim.lr=0.01", "model.optim.lr=1"])
     assert list(cfg.model.refine.noise_std) == [4, 2, 0]
     assert cfg.model.optim.lr == 1  # an int for a float key is fine
-    schedule = refine_schedule(load_config(["model.refine.residual_std=[3,1,0.5,0]"]).model)
+    schedule = OmegaConf.to_object(load_config(["model.refine.residual_std=[3,1,0.5,0]"]).model.refine)
     assert schedule.residual_stds() == [3, 1, 0.5, 0]
 
 
@@ -206,7 +205,9 @@ def test_on_policy_guesses_reach_the_collator_it_was_built_with(tmp_path):
     cfg = load_config([*tiny_build_overrides(tmp_path), "model.refine.on_policy.fraction=1"])
     datamodule = build_datamodule(cfg)
     (callback,) = [
-        c for c in build_callbacks(cfg, tmp_path, refine_schedule(cfg.model)) if isinstance(c, OnPolicyCoarse)
+        c
+        for c in build_callbacks(cfg, tmp_path, OmegaConf.to_object(cfg.model.refine))
+        if isinstance(c, OnPolicyCoarse)
     ]
     callback.setup(SimpleNamespace(datamodule=datamodule), None, "fit")
     first, second = datamodule.records("train")[:2]

@@ -7,8 +7,9 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
+from omegaconf import OmegaConf
 
-from timerefine.pipeline.build import build_callbacks, build_loggers, refine_schedule
+from timerefine.pipeline.build import build_callbacks, build_loggers
 from timerefine.pipeline.config import load_config
 
 
@@ -21,7 +22,9 @@ def train_description(bar: ProgressBar) -> str:
 def project_bar(kind: str, tmp_path) -> ProgressBar:
     cfg = load_config([f"callbacks.progress_bar={kind}", "trainer.max_steps=3"])
     return next(
-        c for c in build_callbacks(cfg, tmp_path, refine_schedule(cfg.model)) if isinstance(c, ProgressBar)
+        c
+        for c in build_callbacks(cfg, tmp_path, OmegaConf.to_object(cfg.model.refine))
+        if isinstance(c, ProgressBar)
     )
 
 

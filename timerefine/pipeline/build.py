@@ -60,11 +60,6 @@ def build_source(data: DictConfig) -> DataSource:
     return annotation_source(data.name, spec)
 
 
-def refine_schedule(model: DictConfig) -> RefineSchedule:
-    """``model.refine`` (``steps`` is K) as the one object every use of K reads."""
-    return OmegaConf.to_object(model.refine)
-
-
 def build_tokenizer_for(
     cfg: DictConfig, source: DataSource, template: str, schedule: RefineSchedule, tokenizer_dir: Path | None
 ) -> PreTrainedTokenizerBase:
@@ -110,14 +105,14 @@ def build_datamodule(
 ) -> GroundingDataModule:
     """The datamodule of ``source`` (default: ``data``'s) with its collator and the answer codec (the
     tokenizer and the refinement schedule) that the module shares; see :func:`build_tokenizer_for`."""
-    data, source = cfg.data, source or build_source(cfg.data)
-    schedule, template = refine_schedule(cfg.model), resolve_template(data.prompt_template)
+    data, source, model = cfg.data, source or build_source(cfg.data), OmegaConf.to_object(cfg.model)
+    schedule, template = model.refine, resolve_template(data.prompt_template)  # every use of K reads schedule
     codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
-    generated = OmegaConf.to_object(cfg.model.inference).new_tokens(codec.answer_length())
+    generated = model.inference.new_tokens(codec.answer_length())
     return GroundingDataModule(
         source,
         codec,
-        video_tokens=video_token_count(source.num_frames, cfg.model.projector.frames_per_token),
+        video_tokens=video_token_count(source.num_frames, model.projector.frames_per_token),
         batch_size=data.batch_size,
         eval_batch_size=data.eval_batch_size,
         num_workers=data.num_workers,
@@ -125,8 +120,8 @@ def build_datamodule(
         prompt_template=template,
         timeline=run_timeline(cfg),
         chat_template=data.chat_template,
-        on_policy_fraction=cfg.model.refine.on_policy.fraction if schedule.with_offsets else 0.0,
-        max_positions=max_positions(OmegaConf.to_object(cfg.model.lm)),
+        on_policy_fraction=schedule.on_policy.fraction if schedule.with_offsets else 0.0,
+        max_positions=max_positions(model.lm),
         answer_tokens=max(generated, codec.answer_length() + 1),  # generated, or trained on
         query_too_long=data.query_too_long,
     )
@@ -136,12 +131,12 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it."""
     model: ModelConfig = OmegaConf.to_object(cfg.model)
     codec, source, timeline = datamodule.codec, datamodule.source, run_timeline(cfg)
-    lm = model.lm
+    lm, lora = model.lm, model.lora if model.lora.enabled else None
     language_model = build_language_model(
         codec.tokenizer,
         lm.name_or_path,
         lm.tiny,
-        model.lora if model.lora.enabled else None,
+        lora,
         lm.dtype,
         lm.gradient_checkpointing,
         model.init_from,
@@ -173,7 +168,6 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     )
     if cfg.init_from_run:
         rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []
-        lora = model.lora if model.lora.enabled else None
         start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
     apply_trainable(video_llm, model.trainable)
     return module

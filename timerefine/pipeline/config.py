@@ -52,42 +52,17 @@ def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     }
 
 
-# Groups whose default is no choice at all (``experiment: null`` in conf/train.yaml).
-OPTIONAL_GROUPS = ("experiment",)
-
-
-def _plain_overrides(overrides: list[str], config_dir: Path) -> list[str]:
-    """``experiment=null`` means no experiment (Hydra spells it ``~experiment``); any other group needs
-    a choice. ``~key`` is refused: code reads every key, so none can be removed."""
-    kept, groups = [], group_options(config_dir)
-    for line, override in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
-        group = override.key_or_group.split("@")[0]
-        if group not in groups and override.is_delete():
-            raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
-        if group in groups and override.value() is None and not override.is_delete():
-            if group not in OPTIONAL_GROUPS:
-                raise ConfigError(f"{line}: {group} needs a choice: {', '.join(groups[group])}")
-            line = f"~{group}"
-        kept.append(line)
-    return kept
-
-
-# Mappings handed on as keyword arguments (None: any key), less those the builder sets itself: a key
-# added there with `+` is read when the callee takes it.
-PASSED_ON: dict[str, tuple[Callable | None, set[str]]] = {
+# Mappings handed on as keyword arguments, less those the builder sets itself: a key added there with
+# `+` is read when the callee takes it.
+PASSED_ON: dict[str, tuple[Callable, set[str]]] = {
     "trainer": (L.Trainer, {"default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"}),
     "trainer.strategy": (
         FSDPStrategy,
         {"auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"},
     ),
     "callbacks.early_stopping": (EarlyStopping, set()),
-    "data.source.annotation_files": (None, set()),  # any split name
+    "data.source.annotation_files": (lambda **splits: None, set()),  # any split name
 }
-
-
-def _takes(target: Callable | None, name: str) -> bool:
-    parameters = inspect.signature(target).parameters.values() if target else ()
-    return not target or any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def unread(base: DictConfig, key: str) -> str | None:
@@ -96,11 +71,13 @@ def unread(base: DictConfig, key: str) -> str | None:
     if OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
         return None
     parent, _, name = key.rpartition(".")
-    target, set_by_build = PASSED_ON.get(parent, (object, set()))
-    if parent in PASSED_ON and name not in set_by_build and _takes(target, name):
+    if parent not in PASSED_ON:
+        return "not a config key, so nothing would read it"
+    target, set_by_build = PASSED_ON[parent]
+    arguments = inspect.signature(target).parameters.values()
+    if name not in set_by_build and any(p.name == name or p.kind is p.VAR_KEYWORD for p in arguments):
         return None
-    takes = f" and {target.__name__} takes no argument {name!r}" if parent in PASSED_ON else ""
-    return f"not a config key{takes}, so nothing would read it"
+    return f"not a config key and {target.__name__} takes no argument {name!r}, so nothing would read it"
 
 
 def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:
@@ -116,11 +93,24 @@ def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[s
     return keys
 
 
-def check_overrides(base: DictConfig, overrides: list[Override], config_dir: Path = CONF_DIR) -> None:
+def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str:
+    """``line`` as Hydra takes it, or a ConfigError for what Hydra would take wrongly: ``~key`` (code
+    reads every key, so none can be removed), a group set to null (only ``experiment=null``, no
+    experiment, which Hydra spells ``~experiment``)."""
+    group = override.key_or_group.split("@")[0]
+    if group not in groups and override.is_delete():
+        raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
+    if group in groups and override.value() is None and not override.is_delete():
+        if group != "experiment":
+            raise ConfigError(f"{line}: {group} needs a choice: {', '.join(groups[group])}")
+        return f"~{group}"
+    return line
+
+
+def check_overrides(base: DictConfig, overrides: list[Override], groups: dict[str, list[str]]) -> None:
     """What OmegaConf lets through, judged against ``base`` (the config before the overrides): ``+key``
     for a key that no code would read (a typo would silently change nothing), and a value that is not
     true or false for a boolean key (OmegaConf reads 1 as true)."""
-    groups = group_options(config_dir)
     for override in overrides:
         key = override.key_or_group
         if key.split("@")[0] in groups or override.is_sweep_override():
@@ -163,12 +153,15 @@ def _one_line(error: Exception, overrides: list[Override]) -> str:
 def load_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
     """The composed config, its overrides and values checked; raises ConfigError with a one-line reason."""
     parsed: list[Override] = []
+    groups = group_options(config_dir)
     try:
-        overrides = _plain_overrides(overrides, config_dir)
         parsed = OverridesParser.create().parse_overrides(overrides)
-        groups = [o.input_line for o in parsed if o.key_or_group.split("@")[0] in group_options(config_dir)]
-        check_overrides(_compose(config_dir, groups, name), parsed, config_dir)
-        cfg = _compose(config_dir, overrides, name)
+        lines = [_checked(line, o, groups) for line, o in zip(overrides, parsed, strict=True)]
+        choices = [
+            line for line, o in zip(lines, parsed, strict=True) if o.key_or_group.split("@")[0] in groups
+        ]
+        check_overrides(_compose(config_dir, choices, name), parsed, groups)
+        cfg = _compose(config_dir, lines, name)
         OmegaConf.resolve(cfg)
         errors = spec_errors(cfg)
     except (HydraException, OmegaConfBaseException) as error:
