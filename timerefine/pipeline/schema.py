@@ -26,6 +26,7 @@ from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, op
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
+from lightning_modules.grpo_module import GRPOSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
@@ -210,11 +211,24 @@ class RunConfig(Checked):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOSpec = field(default_factory=GRPOSpec)
 
     def relations(self) -> Iterator[str]:
         per_token, frames = self.model.projector.frames_per_token, self.data.source.num_frames
         if frames % per_token:
             yield f"model.projector.frames_per_token={per_token} must divide data.source.num_frames={frames}"
+        if self.grpo.enabled and self.init_from_run is None:
+            yield "grpo.enabled=true needs init_from_run=<a supervised run's folder> to start from"
+        every, steps = (
+            self.grpo.num_iterations,
+            {
+                "trainer.max_steps": max(self.trainer.max_steps, 0),
+                "callbacks.checkpoint.last_every_n_steps": self.callbacks.checkpoint.last_every_n_steps,
+            },
+        )
+        for key, value in steps.items() if self.grpo.enabled else ():
+            if value % every:
+                yield f"{key}={value} must be a multiple of grpo.num_iterations={every} (steps per rollout)"
 
 
 def _writable(node: DictConfig) -> DictConfig:
