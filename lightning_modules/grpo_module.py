@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from grounding.answer_format.predictions import seconds
+from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.tokens import IGNORE_INDEX
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, number, one_of
 from grounding.metrics.rewards import REWARDS, Answer, total_reward
@@ -131,9 +131,13 @@ class GRPOModule(GroundingModule):
         )
         return generation.tokens
 
+    def parse_answers(self, answers: list[list[int]]) -> list[Prediction]:
+        """The sampled answers parsed into their segments (no aux head states: the text's)."""
+        return self.parse(Generation(answers, None, torch.zeros(len(answers), dtype=torch.bool)))
+
     def rewards(self, answers: list[list[int]], records: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Each answer's reward and final IoU."""
-        predictions = self.parse(_tokens_only(answers))
+        predictions = self.parse_answers(answers)
         expected, clip = self.codec.schedule.num_segments, self.inference.order_and_clip
         rewards, ious = [], []
         for prediction, record in zip(predictions, records, strict=True):
@@ -257,8 +261,3 @@ class GRPOModule(GroundingModule):
         for name, value in {**rollout.stats, **losses}.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "reward_mean"), batch_size=size)
         return losses["loss"].detach()
-
-
-def _tokens_only(answers: list[list[int]]) -> Generation:
-    """``answers`` as a generation without aux states, for :meth:`GroundingModule.parse`."""
-    return Generation(answers, None, torch.zeros(len(answers), dtype=torch.bool))
