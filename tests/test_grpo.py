@@ -4,7 +4,13 @@ the policy's log-probabilities, and ``experiment=grpo`` from a tiny supervised r
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +37,7 @@ SMALL = [
 ]
 TINY = ["experiment=tiny", *SMALL]
 GRPO = ["experiment=grpo", *SMALL, "grpo.G=4", "callbacks.progress_bar=none"]
+ROOT = Path(__file__).resolve().parents[1]
 LOGGED = ("reward_mean", "reward_std", "no_signal", "kl", "clip_fraction", "sampled_iou", "answer_length")
 
 
@@ -185,3 +192,49 @@ def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
     given = [*GRPO, *(o.replace("RUN", str(supervised)) for o in overrides)]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_config(given)
+
+
+def grpo_command(supervised: Path, run: Path) -> list[str]:
+    overrides = [
+        *GRPO,
+        f"init_from_run={supervised}",
+        "grpo.num_iterations=2",
+        "trainer.max_steps=8",
+        "callbacks.checkpoint.last_every_n_steps=2",
+        f"output_dir={run}",
+    ]
+    return [sys.executable, "train.py", *overrides]
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_run_resumes_exactly(supervised, tmp_path):
+    """Killed right after its first last.ckpt (a rollout's two steps done), then run again: the same
+    weights and metrics as an uninterrupted run (the samples' random state goes on too)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(grpo_command(supervised, whole), cwd=ROOT, env=env, check=True, capture_output=True)
+    last = killed / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        grpo_command(supervised, killed),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while not last.exists():
+        assert process.poll() is None, "the run ended before writing last.ckpt"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] < 8
+    result = subprocess.run(
+        grpo_command(supervised, killed), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "resuming from" in result.stderr, result.stderr[-3000:]
+    expected = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    for name, tensor in expected["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads(
+        (whole / "metrics.json").read_text()
+    )
