@@ -13,6 +13,7 @@ through Hugging Face ``generate()`` (``model.inference.decoder``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,6 +33,33 @@ class Generation:
     offset_hidden: torch.Tensor | None  # (B, hidden) at the last <OFFSET> fed, NaN-free zeros if none
     has_offset: torch.Tensor  # (B,) bool
     offset_states: list[torch.Tensor | None] | None = None  # per row (<OFFSET>s fed, hidden), in order
+
+
+Choose = Callable[[torch.Tensor], torch.Tensor]  # (B, n) scores, -inf where not allowed -> (B,) picks
+
+
+def greedy(scores: torch.Tensor) -> torch.Tensor:
+    return scores.argmax(-1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Draws each pick from softmax(scores / ``temperature``) cut to the smallest set of the most
+    likely tokens whose probability reaches ``top_p`` (nucleus sampling); temperature 0 is greedy.
+    Uses torch's global random state (restored on resume with the run's)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return greedy(scores)
+        probs = torch.softmax(scores / self.temperature, -1)
+        if self.top_p < 1:
+            ranked, order = probs.sort(-1, descending=True)
+            ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= self.top_p, 0)
+            probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+        return torch.multinomial(probs, 1).squeeze(-1)
 
 
 class Decoder:
@@ -146,18 +174,20 @@ def generate(
     max_new_tokens: int,
     slots: list[Slot] | None = None,
     offset_id: int | None = None,
+    choose: Choose = greedy,
 ) -> Generation:
-    """Greedy answers; with ``slots`` only the choice slots are chosen and every answer parses."""
+    """Greedy answers (or each token as ``choose`` picks it, e.g. a :class:`Sampling`); with
+    ``slots`` only the choice slots are chosen and every answer parses."""
     decoder = Decoder(model, prompt_ids, prompt_mask, features, offset_id)
     batch, device = prompt_ids.shape[0], prompt_ids.device
     in_step = is_sharded(model)
     if slots is not None:
-        tokens = constrained(decoder, slots, in_step)
+        tokens = constrained(decoder, slots, in_step, choose)
     else:
         columns: list[torch.Tensor] = []
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            step = decoder.last_logits.argmax(-1)
+            step = choose(decoder.last_logits)
             step = torch.where(finished, torch.full_like(step, eos_id), step)
             columns.append(step)
             finished |= step == eos_id
@@ -169,9 +199,12 @@ def generate(
     return decoder.generation(tokens)
 
 
-def constrained(decoder: Decoder, slots: list[Slot], in_step: bool = False) -> list[list[int]]:
-    """Each row's tokens: the fixed slots copied, each choice slot's trie walked greedily. ``in_step``:
-    every rank of the default process group decodes in step (a sharded model)."""
+def constrained(
+    decoder: Decoder, slots: list[Slot], in_step: bool = False, choose: Choose = greedy
+) -> list[list[int]]:
+    """Each row's tokens: the fixed slots copied, each choice slot's trie walked, ``choose`` picking
+    among the allowed tokens (greedily by default). ``in_step``: every rank of the default process
+    group decodes in step (a sharded model)."""
     batch, device = decoder.mask.shape[0], decoder.mask.device
     columns: list[torch.Tensor] = []  # (B,) tokens fed
     written: list[torch.Tensor] = []  # (B,) bool: whether that token belongs to the row's answer
@@ -182,7 +215,7 @@ def constrained(decoder: Decoder, slots: list[Slot], in_step: bool = False) -> l
             written += [torch.ones(batch, dtype=torch.bool, device=device)] * step.shape[1]
             decoder.feed(step)
             continue
-        for step, fed in _walk(decoder, _trie(slot.choices, device), in_step):
+        for step, fed in _walk(decoder, _trie(slot.choices, device), in_step, choose):
             columns.append(step)
             written.append(fed)
     tokens, kept = torch.stack(columns, 1).tolist(), torch.stack(written, 1).tolist()
@@ -214,8 +247,10 @@ def _trie(choices: tuple[tuple[int, ...], ...], device: torch.device) -> _Trie:
     return _Trie(choices, device)
 
 
-def _walk(decoder: Decoder, trie: _Trie, in_step: bool):
-    """Greedy descent of ``trie`` for every row: yields each level's (tokens, fed) (B,), feeding them."""
+def _walk(decoder: Decoder, trie: _Trie, in_step: bool, choose: Choose):
+    """Descent of ``trie`` for every row, ``choose`` picking at each level: yields each level's
+    (tokens, fed) (B,), feeding them. A row with nothing left to pick scores 0 everywhere (its pick
+    is not fed)."""
     node = torch.zeros(decoder.mask.shape[0], dtype=torch.long, device=decoder.mask.device)
     for level in range(trie.depth):
         allowed = trie.tokens[node]
@@ -223,7 +258,7 @@ def _walk(decoder: Decoder, trie: _Trie, in_step: bool):
         if level and all_finished(~fed, across_ranks=in_step):
             return
         scores = decoder.last_logits.gather(1, allowed.clamp(min=0)).masked_fill(allowed < 0, -torch.inf)
-        pick = scores.argmax(-1, keepdim=True)
+        pick = choose(scores.masked_fill(~fed[:, None], 0.0))[:, None]
         step = allowed.gather(1, pick).squeeze(1).clamp(min=0)
         node = torch.where(fed, trie.nodes[node].gather(1, pick).squeeze(1), node)
         yield step, fed

@@ -50,7 +50,7 @@ from lightning_modules.base_weights import (
     saved_identity,
     without_frozen,
 )
-from lightning_modules.generation import generate
+from lightning_modules.generation import Generation, generate
 from lightning_modules.hf_generation import hf_generate
 from lightning_modules.param_groups import weight_decay_split
 from lightning_modules.tokenizer import tokenizer_files
@@ -234,6 +234,10 @@ class GroundingModule(L.LightningModule):
             slots=self.codec.slots() if self.inference.constrained else None,
             offset_id=self.offset_id if self.model.aux_head is not None else None,
         )
+        return self.parse(generation)
+
+    def parse(self, generation: Generation) -> list[Prediction]:
+        """The answers of ``generation`` parsed into their segments (with the aux head's, when kept)."""
         aux, aux_all = self._aux_segments(generation)
         texts = [spaced(t) for t in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
         spec, num_segments = self.inference, self.codec.schedule.num_segments
@@ -242,7 +246,7 @@ class GroundingModule(L.LightningModule):
             for text, a, every in zip(texts, aux, aux_all, strict=True)
         ]
 
-    def _aux_segments(self, generation) -> tuple[list, list]:
+    def _aux_segments(self, generation: Generation) -> tuple[list, list]:
         """Each answer's aux segment at its last <OFFSET>, and the mean over every <OFFSET> (None without)."""
         rows = len(generation.tokens)
         if generation.offset_hidden is None or self.model.aux_head is None:

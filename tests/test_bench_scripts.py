@@ -24,6 +24,7 @@ SCRIPTS = {
     "gpu_step": ([], {"plain_tokens_per_s", "plain_peak_mem_gb", "fsdp_samples_per_s", "largest_batch"}),
     "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
     "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
+    "grpo": ([], {"step_cost_ratio", "sft_steps", "gain_mIoU_iou"}),
 }
 EXPERIMENTS = ("answer_tokens", "query_reading_probe")  # research probes: no target, kept runnable
 

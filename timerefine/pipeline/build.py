@@ -4,6 +4,7 @@ datamodule (with the answer codec it shares with the model), model, callbacks, l
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -32,6 +33,7 @@ from grounding.answer_format.corpus import tokenizer_corpus
 from grounding.answer_format.prompts import render_prompt, resolve_template
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.grpo_module import GRPOModule, GRPOSpec
 from lightning_modules.language_model import build_language_model, grounding_token_ids, max_positions
 from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.projector import video_token_count
@@ -154,7 +156,13 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         timeline=timeline,
     )
     load_released_heads(video_llm, model.init_from)
-    module = GroundingModule(
+    grpo: GRPOSpec = OmegaConf.to_object(cfg.grpo)
+    stage = (
+        partial(GRPOModule, grpo=grpo, max_grad_norm=cfg.trainer.gradient_clip_val)
+        if grpo.enabled
+        else GroundingModule
+    )
+    module = stage(
         video_llm,
         codec,
         aux_weight=model.aux.weight,
@@ -170,6 +178,8 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []
         start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
     apply_trainable(video_llm, model.trainable)
+    if isinstance(module, GRPOModule):
+        module.keep_reference()  # the starting policy, also when resuming
     return module
 
 
@@ -244,6 +254,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     precision = run_precision(cfg)
     rank_zero_only(log.info)("precision: %s (%s)", precision.precision, precision.reason)
     trainer_args["precision"] = precision.precision
+    if cfg.grpo.enabled:  # optimised by hand, which clips with this value itself (GRPOModule)
+        trainer_args["gradient_clip_val"] = None
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=output_dir,
@@ -254,4 +266,9 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
         plugins=plugins,
     )
     trainer.accumulate_grad_batches = accumulation(cfg.data, trainer.world_size)
+    if cfg.grpo.enabled and trainer.accumulate_grad_batches > 1:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size}: GRPO steps once per rollout, without "
+            "gradient accumulation; set it to null and choose data.batch_size and grpo.G"
+        )
     return trainer

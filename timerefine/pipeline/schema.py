@@ -26,6 +26,7 @@ from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, op
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
+from lightning_modules.grpo_module import GRPOSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
@@ -210,6 +211,20 @@ class RunConfig(Checked):
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOSpec = field(default_factory=GRPOSpec)
+
+    def relations(self) -> Iterator[str]:
+        if not self.grpo.enabled:
+            return
+        if self.init_from_run is None:
+            yield "grpo.enabled=true needs init_from_run=<a supervised run's folder> to start from"
+        steps = {
+            "trainer.max_steps": max(self.trainer.max_steps, 0),
+            "callbacks.checkpoint.last_every_n_steps": self.callbacks.checkpoint.last_every_n_steps,
+        }
+        for key, value in steps.items():
+            if value % self.grpo.num_iterations:
+                yield f"{key}={value} must be a multiple of grpo.num_iterations={self.grpo.num_iterations} (steps per rollout)"
 
 
 def _writable(node: DictConfig) -> DictConfig:

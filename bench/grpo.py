@@ -1,0 +1,116 @@
+"""GRPO after supervised training vs the same wall time of continued supervised training.
+
+    python -m bench.grpo                      # from the default run: 3 seeds, rewards iou/time_r1/refine_gain
+    python -m bench.grpo --base runs/x --steps 200 --rewards iou refine_gain --seeds 0 1 2
+    python -m bench.grpo --quick              # experiment=tiny, one seed, one reward, a few steps (seconds)
+
+Trains (or takes, ``--base``) a supervised run, then per seed: ``--steps`` GRPO steps per reward
+(``experiment=grpo init_from_run=<base>``) and continued supervised training (``init_from_run=<base>``)
+for as many steps as take the wall time of the GRPO run (its steps x the GRPO/SFT cost ratio, measured
+first with ``--steps`` of each at seed 0). Each run is a child ``python train.py``; wall times include
+its start-up and test (contended on a shared machine). Figures: ``step_cost_ratio`` (GRPO wall /
+SFT wall over the same steps), ``sft_steps``, then per reward and for ``sft`` the mean test mIoU and
+R1@0.7 over the seeds, and ``gain_mIoU_<reward>`` / ``gain_R1@0.7_<reward>`` over continued SFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.figures_out import machine, print_figures
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_BASE = [
+    "experiment=tiny",
+    "data.source.num_train=32",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+]
+QUICK_STAGE = [
+    "data.source.num_train=32",
+    "data.source.num_val=8",
+    "data.source.num_test=8",
+    "data.batch_size=4",
+    "trainer.val_check_interval=2",
+    "grpo.G=4",
+]
+COMMON = ["logger.tensorboard=false", "callbacks.progress_bar=none"]
+
+
+def train(overrides: list[str], output_dir: Path) -> tuple[float, dict[str, float]]:
+    """Wall seconds of ``python train.py`` and its metrics.json."""
+    start = time.perf_counter()
+    command = [sys.executable, "train.py", *COMMON, *overrides, f"output_dir={output_dir}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start, json.loads((output_dir / "metrics.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--base", type=Path, help="a finished supervised run (default: train the default run)"
+    )
+    parser.add_argument("--steps", type=int, default=200, help="GRPO steps per run")
+    parser.add_argument("--rewards", nargs="+", default=["iou", "time_r1", "refine_gain"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--grpo", nargs="*", default=[], help="more overrides of the GRPO runs")
+    parser.add_argument("--stage", nargs="*", default=[], help="overrides of every run after the base")
+    parser.add_argument("--quick", action="store_true", help="experiment=tiny, one seed, iou, 4 steps")
+    args = parser.parse_args(argv)
+    stage = [*args.stage]
+    if args.quick:
+        args.steps, args.rewards, args.seeds, stage = 4, ["iou"], [0], [*QUICK_STAGE, *stage]
+    print(machine(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as folder:
+        tmp = Path(folder)
+        base = args.base
+        if base is None:
+            base = tmp / "base"
+            train(QUICK_BASE if args.quick else [], base)
+        start = [f"init_from_run={base}", *stage]
+
+        def grpo(reward: str, seed: int) -> tuple[float, dict[str, float]]:
+            overrides = ["experiment=grpo", *start, f"grpo.reward=[{reward}]", *args.grpo]
+            return train(
+                [*overrides, f"seed={seed}", f"trainer.max_steps={args.steps}"], tmp / f"{reward}{seed}"
+            )
+
+        def sft(steps: int, seed: int, name: str) -> tuple[float, dict[str, float]]:
+            return train([*start, f"seed={seed}", f"trainer.max_steps={steps}"], tmp / name)
+
+        grpo_wall, _ = grpo(args.rewards[0], args.seeds[0])
+        sft_wall, _ = sft(args.steps, args.seeds[0], "sft_cost")
+        ratio = grpo_wall / sft_wall
+        sft_steps = max(1, round(args.steps * ratio))
+        scores: dict[str, list[dict[str, float]]] = {name: [] for name in [*args.rewards, "sft"]}
+        for seed in args.seeds:
+            scores["sft"].append(sft(sft_steps, seed, f"sft{seed}")[1])
+            for reward in args.rewards:
+                scores[reward].append(grpo(reward, seed)[1])
+                print(f"seed {seed} {reward}: test mIoU {scores[reward][-1]['test/mIoU']:.2f}", flush=True)
+    figures: dict[str, float | int] = {"step_cost_ratio": ratio, "sft_steps": sft_steps}
+    mean = {
+        name: {m: statistics.mean(s[f"test/{m}"] for s in runs) for m in ("mIoU", "R1@0.7")}
+        for name, runs in scores.items()
+    }
+    for name, values in mean.items():
+        figures |= {f"{name}_mIoU": values["mIoU"], f"{name}_R1@0.7": values["R1@0.7"]}
+    for reward in args.rewards:
+        figures[f"gain_mIoU_{reward}"] = mean[reward]["mIoU"] - mean["sft"]["mIoU"]
+        figures[f"gain_R1@0.7_{reward}"] = mean[reward]["R1@0.7"] - mean["sft"]["R1@0.7"]
+    print_figures(figures)
+
+
+if __name__ == "__main__":
+    main()

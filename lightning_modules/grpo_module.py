@@ -1,0 +1,263 @@
+"""GRPO as a training mode of the grounding module: reinforcement fine-tuning after supervised training.
+
+Each training batch becomes a rollout: G answers per query sampled with the project's decoder
+(temperature, top-p; constrained to the answer layout so every answer parses, or free with the
+``format`` reward), each rewarded (grounding/metrics/rewards.py), their advantages normalised within
+the query's group. The policy then takes ``num_iterations`` optimizer steps on that rollout
+(lightning_modules/grpo_loss.py): the first one's ratio to the sampling policy is 1, the later ones'
+is not. A token counts when the model chose it: in a constrained answer the digits and signs (the
+policy is the model's distribution renormalised over the tokens the layout allows there), in a free
+one every token and the end. The aux head keeps its supervised loss on the sampled answers'
+<OFFSET> states (``aux=train``) or is frozen. Validation and testing are the supervised module's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from grounding.answer_format.predictions import Prediction, seconds
+from grounding.answer_format.tokens import IGNORE_INDEX
+from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, number, one_of
+from grounding.metrics.rewards import REWARDS, Answer, total_reward
+from grounding.metrics.windows import record_iou
+from lightning_modules.generation import Generation, Sampling, generate
+from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
+from lightning_modules.slot_logits_processor import layout_automaton
+from lightning_modules.video_llm import VideoLLM
+
+AUX_MODES = ("train", "freeze")
+
+
+@dataclass
+class GRPOSpec(Checked):
+    """The GRPO stage's keys, named as TRL names them (conf/experiment/grpo.yaml gives the published
+    defaults): ``G`` answers per query, KL weight ``beta``, clip range ``epsilon``, sampling
+    ``temperature`` (0: greedy) and ``top_p``, ``num_iterations`` optimizer steps per rollout,
+    ``reward``: the names of ``REWARDS`` to sum, ``refine_bonus``: refine_gain's bonus per step that
+    raised the IoU, ``constrained``: sample within the answer layout, ``aux``: train or freeze the aux
+    head. ``enabled`` turns the stage on."""
+
+    enabled: bool = False
+    G: int = checked(8, integer(2))
+    beta: float = checked(0.04, NON_NEGATIVE)
+    epsilon: float = checked(0.2, number(0, 1, open_low=True, open_high=True))
+    temperature: float = checked(1.0, NON_NEGATIVE)
+    top_p: float = checked(1.0, number(0, 1, open_low=True))
+    num_iterations: int = checked(1, integer(1))
+    reward: list[str] = checked(["iou"], items(one_of(*REWARDS), 1))
+    refine_bonus: float = checked(0.1, NON_NEGATIVE)
+    constrained: bool = True
+    aux: str = checked("train", one_of(*AUX_MODES))
+
+
+@dataclass
+class Rollout:
+    """A batch's sampled answers as sequences to score: (N, T) ``input_ids``/``attention_mask``/
+    ``labels`` (the answers labelled), ``mask`` (N, T - 1): the next-token positions that count;
+    constrained, ``allowed`` (tokens counted, width) the layout's tokens at each of them (-1 pads) and
+    ``picked`` the sampled one's place among them."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor
+    gt_norm: torch.Tensor
+    mask: torch.Tensor
+    allowed: torch.Tensor | None
+    picked: torch.Tensor | None
+    advantages: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+
+
+def choices_made(automaton: list[dict[int, int]], answer: list[int]) -> list[tuple[int, list[int]]]:
+    """Each place in ``answer`` where the layout allowed more than one token, with those tokens."""
+    state, made = 0, []
+    for place, token in enumerate(answer):
+        options = automaton[state]
+        if len(options) > 1:
+            made.append((place, list(options)))
+        state = options[token]
+    return made
+
+
+class GRPOModule(GroundingModule):
+    """The grounding module trained by GRPO (``grpo``); optimisation is manual, as each rollout
+    serves ``num_iterations`` steps. ``max_grad_norm``: gradient clipping (``trainer.gradient_clip_val``).
+    Call :meth:`keep_reference` once the starting weights are in."""
+
+    def __init__(self, *args: Any, grpo: GRPOSpec, max_grad_norm: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.grpo, self.max_grad_norm = grpo, max_grad_norm
+        self.automatic_optimization = False
+        self._reference: list[VideoLLM] = []  # a list: no submodule, so not in checkpoints
+        self._automaton = (
+            layout_automaton(self.codec.slots(), self.codec.end_id) if grpo.constrained else None
+        )
+
+    def keep_reference(self) -> None:
+        """Freeze a copy of the model as it is now as the KL's reference (none when beta is 0), and
+        the aux head with ``aux=freeze``."""
+        self._reference = [copy.deepcopy(self.model).eval().requires_grad_(False)] if self.grpo.beta else []
+        if self.grpo.aux == "freeze" and self.model.aux_head is not None:
+            self.model.aux_head.requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        for reference in self._reference:
+            reference.to(self.device)
+
+    # ---- the rollout ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Any]) -> list[list[int]]:
+        """G answers per query, each query's in a row."""
+        group = self.grpo.G
+        generation = generate(
+            self.model,
+            batch["prompt_ids"].repeat_interleave(group, 0),
+            batch["prompt_mask"].repeat_interleave(group, 0),
+            batch["features"].repeat_interleave(group, 0),
+            eos_id=self.codec.end_id,
+            max_new_tokens=self.max_new_tokens,
+            slots=self.codec.slots() if self.grpo.constrained else None,
+            choose=Sampling(self.grpo.temperature, self.grpo.top_p),
+        )
+        return generation.tokens
+
+    def parse_answers(self, answers: list[list[int]]) -> list[Prediction]:
+        """The sampled answers parsed into their segments (no aux head states: the text's)."""
+        return self.parse(Generation(answers, None, torch.zeros(len(answers), dtype=torch.bool)))
+
+    def rewards(self, answers: list[list[int]], records: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each answer's reward and final IoU."""
+        predictions = self.parse_answers(answers)
+        expected, clip = self.codec.schedule.num_segments, self.inference.order_and_clip
+        rewards, ious = [], []
+        for prediction, record in zip(predictions, records, strict=True):
+            steps = tuple(seconds(s, record.duration, self.timeline, clip) for s in prediction.segments)
+            answer = Answer(steps, expected)
+            rewards.append(total_reward(self.grpo.reward, answer, record, self.grpo.refine_bonus))
+            ious.append(record_iou(answer.final, record))
+        return torch.tensor(rewards, device=self.device), torch.tensor(ious, device=self.device)
+
+    def rollout(self, batch: dict[str, Any]) -> Rollout:
+        group = self.grpo.G
+        records = [r for r in batch["records"] for _ in range(group)]
+        answers = self.sample(batch)
+        rewards, ious = self.rewards(answers, records)
+        rollout = self._sequences(batch, answers)
+        rollout.advantages = group_advantages(rewards, group)
+        rollout.stats = {
+            "reward_mean": rewards.mean(),
+            "reward_std": rewards.view(-1, group).std(1).mean(),
+            "no_signal": no_signal_share(rewards, group),
+            "sampled_iou": ious.mean(),
+            "answer_length": torch.tensor([len(a) for a in answers], dtype=torch.float).mean(),
+        }
+        with torch.no_grad():
+            if self.grpo.num_iterations > 1:
+                rollout.old_logp = self.token_logps(self.model, rollout)[0]
+            if self._reference:
+                rollout.ref_logp = self.token_logps(self._reference[0], rollout)[0]
+        return rollout
+
+    def _sequences(self, batch: dict[str, Any], answers: list[list[int]]) -> Rollout:
+        """The prompts (unpadded) followed by their answers, right-padded; in free decoding an answer
+        that ended keeps its end token (the policy chose it)."""
+        group, prompts = self.grpo.G, []
+        for ids, keep in zip(batch["prompt_ids"].tolist(), batch["prompt_mask"].tolist(), strict=True):
+            prompts += [[t for t, k in zip(ids, keep, strict=True) if k]] * group
+        if self._automaton is None:
+            answers = [[*a, self.codec.end_id] if len(a) < self.max_new_tokens else a for a in answers]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+        rows = len(answers)
+        input_ids = torch.full((rows, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        attention = torch.zeros_like(input_ids)
+        mask = torch.zeros(rows, length - 1, dtype=torch.bool)
+        allowed, picked = [], []
+        for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            start, end = len(prompt), len(prompt) + len(answer)
+            input_ids[row, :end] = torch.tensor(prompt + answer)
+            labels[row, start:end] = torch.tensor(answer)
+            attention[row, :end] = 1
+            if self._automaton is None:
+                mask[row, start - 1 : end - 1] = True
+                continue
+            for place, options in choices_made(self._automaton, answer):
+                mask[row, start - 1 + place] = True
+                allowed.append(options)
+                picked.append(options.index(answer[place]))
+        width = max(map(len, allowed), default=1)
+        device = self.device
+        return Rollout(
+            input_ids.to(device),
+            attention.to(device),
+            labels.to(device),
+            batch["features"].repeat_interleave(group, 0),
+            batch["gt_norm"].repeat_interleave(group, 0),
+            mask.to(device),
+            torch.tensor([a + [-1] * (width - len(a)) for a in allowed], device=device) if allowed else None,
+            torch.tensor(picked, device=device) if picked else None,
+            advantages=torch.zeros(rows, device=device),
+        )
+
+    # ---- the loss ---------------------------------------------------------------------------------
+    def token_logps(self, model: VideoLLM, rollout: Rollout) -> tuple[torch.Tensor, Any]:
+        """(N, T - 1) log-probabilities of the chosen tokens at the counted places (0 elsewhere),
+        logits divided by the sampling temperature (when > 0), and the model's output."""
+        out = model(rollout.input_ids, rollout.attention_mask, rollout.features, rollout.labels)
+        logits = out.logits.float()  # (labelled tokens, vocabulary), row-major
+        if self.grpo.temperature > 0:
+            logits = logits / self.grpo.temperature
+        labelled = rollout.labels[:, 1:] != IGNORE_INDEX
+        counted = rollout.mask[labelled]  # which labelled tokens count
+        if rollout.allowed is None:
+            targets = rollout.labels[:, 1:][labelled][counted]
+            chosen = F.log_softmax(logits[counted], -1).gather(1, targets[:, None]).squeeze(1)
+        else:
+            scores = logits[counted].gather(1, rollout.allowed.clamp(min=0))
+            scores = scores.masked_fill(rollout.allowed < 0, -torch.inf)
+            chosen = F.log_softmax(scores, -1).gather(1, rollout.picked[:, None]).squeeze(1)
+        logp = torch.zeros(rollout.mask.shape, dtype=chosen.dtype, device=chosen.device)
+        return logp.masked_scatter(rollout.mask, chosen), out
+
+    def grpo_losses(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        logp, out = self.token_logps(self.model, rollout)
+        old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
+        loss, stats = grpo_loss(
+            logp, old, rollout.ref_logp, rollout.advantages, rollout.mask, self.grpo.epsilon, self.grpo.beta
+        )
+        losses = {"grpo_loss": loss, **stats}
+        head = self.model.aux_head
+        if head is not None and self.offset_id is not None and self.grpo.aux == "train":
+            at_offset = rollout.input_ids == self.offset_id
+            segment, aux_logits = head(out.hidden_states[-1][at_offset])
+            target = rollout.gt_norm[at_offset.nonzero()[:, 0]].to(segment)
+            losses["aux_loss"] = head.loss(segment, aux_logits, target)
+            loss = loss + self.aux_weight * losses["aux_loss"]
+        losses["loss"] = loss
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        rollout = self.rollout(batch)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        for _ in range(self.grpo.num_iterations):
+            losses = self.grpo_losses(rollout)
+            optimizer.zero_grad()
+            self.manual_backward(losses["loss"])
+            if self.max_grad_norm:
+                self.clip_gradients(optimizer, self.max_grad_norm, "norm")
+            optimizer.step()
+            scheduler.step()
+        size = len(batch["records"])
+        for name, value in {**rollout.stats, **losses}.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", "reward_mean"), batch_size=size)
+        return losses["loss"].detach()

@@ -1,0 +1,240 @@
+"""The GRPO stage: sampling G answers, the loss against its formula computed here independently,
+the policy's log-probabilities, and ``experiment=grpo`` from a tiny supervised run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from grounding.answer_format.tokens import IGNORE_INDEX
+from lightning_modules.generation import Sampling
+from lightning_modules.grounding_module import InferenceSpec, OptimSpec
+from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
+from lightning_modules.grpo_module import GRPOModule, GRPOSpec
+from tests import helpers
+from timerefine import evaluate
+from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.config import ConfigError, load_config
+
+SMALL = [
+    "data.source.num_train=16",
+    "data.source.num_val=4",
+    "data.source.num_test=4",
+    "data.batch_size=4",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+]
+TINY = ["experiment=tiny", *SMALL]
+GRPO = ["experiment=grpo", *SMALL, "grpo.G=4", "callbacks.progress_bar=none"]
+ROOT = Path(__file__).resolve().parents[1]
+LOGGED = ("reward_mean", "reward_std", "no_signal", "kl", "clip_fraction", "sampled_iou", "answer_length")
+
+
+def grpo_module(**spec) -> GRPOModule:
+    base = helpers.module()
+    module = GRPOModule(
+        base.model, base.codec, 1.0, OptimSpec(warmup_steps=1), InferenceSpec(), grpo=GRPOSpec(**spec)
+    )
+    module.keep_reference()
+    return module
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("constrained", [True, False])
+def test_samples_are_identical_at_temperature_0_and_differ_above(constrained):
+    group = 6
+    batch = helpers.batch(n=2)
+    torch.manual_seed(0)
+    greedy = grpo_module(G=group, temperature=0.0, constrained=constrained).sample(batch)
+    sampled = grpo_module(G=group, temperature=1.0, constrained=constrained).sample(batch)
+    for query in range(2):
+        same = greedy[query * group : (query + 1) * group]
+        assert all(answer == same[0] for answer in same)
+        drawn = sampled[query * group : (query + 1) * group]
+        assert len({tuple(answer) for answer in drawn}) > 1
+
+
+def test_constrained_samples_all_parse():
+    module = grpo_module(G=8, temperature=1.0)
+    batch = helpers.batch(n=2)
+    predictions = module.parse_answers(module.sample(batch))
+    assert all(len(p.segments) == module.codec.schedule.num_segments for p in predictions)
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token():
+    scores = torch.tensor([[0.0, 2.0, 1.0, -torch.inf]] * 50)
+    assert Sampling(1.0, top_p=1e-6)(scores).eq(1).all()
+    assert set(Sampling(1.0, top_p=1.0)(scores).tolist()) == {0, 1, 2}  # never the disallowed one
+
+
+# ---- the loss ---------------------------------------------------------------------------------------
+def test_the_loss_matches_the_formula():
+    """Two queries, G = 3, answers of up to 3 counted tokens; everything recomputed with plain floats."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.2, 0.2])
+    logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.1, -0.3, 0.0], [-1.5, -0.2, -0.7]] * 2)
+    old = logp + torch.tensor([[0.3, -0.3, 0.0], [0.4, 0.1, 0.0], [0.0, 0.25, -0.3]] * 2)
+    ref = logp + torch.tensor([[0.1, 0.2, -0.1], [0.0, -0.2, 0.0], [0.5, 0.0, 0.05]] * 2)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]] * 2)
+    epsilon, beta = 0.2, 0.04
+
+    advantages = []
+    for group in (rewards[:3].tolist(), rewards[3:].tolist()):
+        mean = sum(group) / 3
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / 2)  # unbiased, as torch.std
+        advantages += [(r - mean) / (std + 1e-4) for r in group]
+    per_answer, kls, cut, counted = [], 0.0, 0, 0
+    for row in range(6):
+        terms = []
+        for t in range(3):
+            if not mask[row, t]:
+                continue
+            lp, lo, lr, a = float(logp[row, t]), float(old[row, t]), float(ref[row, t]), advantages[row]
+            ratio = math.exp(lp - lo)
+            surrogate = min(ratio * a, min(max(ratio, 1 - epsilon), 1 + epsilon) * a)
+            kl = math.exp(lr - lp) - (lr - lp) - 1
+            terms.append(-surrogate + beta * kl)
+            kls, counted = kls + kl, counted + 1
+            cut += (ratio < 1 - epsilon and a < 0) or (ratio > 1 + epsilon and a > 0)
+        per_answer.append(sum(terms) / len(terms))
+    expected = sum(per_answer) / 6
+
+    computed_advantages = group_advantages(rewards, 3)
+    assert computed_advantages.tolist() == pytest.approx(advantages, abs=1e-6)
+    loss, stats = grpo_loss(logp, old, ref, computed_advantages, mask, epsilon, beta)
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert float(stats["kl"]) == pytest.approx(kls / counted, abs=1e-6)
+    assert float(stats["clip_fraction"]) == pytest.approx(cut / counted, abs=1e-6)
+    assert cut > 0  # the case exercises the clip
+    assert float(no_signal_share(rewards, 3)) == 0.5  # the second group's rewards are all equal
+    assert computed_advantages[3:].eq(0).all()
+
+
+def test_the_policy_is_the_model_renormalised_over_the_allowed_tokens():
+    """The log-probability of each sampled digit or sign: the LM's logits at that place, softmax over
+    the tokens the layout allows there (recomputed from a plain forward pass); fixed text does not count."""
+    module = grpo_module(G=2, temperature=0.7)
+    batch = helpers.batch(n=1)
+    rollout = module.rollout(batch)
+    logp, _ = module.token_logps(module.model, rollout)
+    with torch.no_grad():
+        embeds = module.model.embed(rollout.input_ids, rollout.features, rollout.labels == IGNORE_INDEX)
+        logits = module.model.lm(inputs_embeds=embeds, attention_mask=rollout.attention_mask).logits.float()
+    digits = [module.codec.char_ids[c] for c in "0123456789"]
+    signs = [module.codec.char_ids[c] for c in "+-"]
+    checked = 0
+    for row, place in rollout.mask.nonzero().tolist():
+        token = int(rollout.input_ids[row, place + 1])
+        options = digits if token in digits else signs
+        expected = torch.log_softmax(logits[row, place, options] / 0.7, -1)[options.index(token)]
+        assert float(logp[row, place]) == pytest.approx(float(expected), abs=1e-4)
+        checked += 1
+    answer_tokens = int((rollout.labels != IGNORE_INDEX).sum())
+    assert 0 < checked < answer_tokens  # the digits and signs count, the fixed text does not
+
+
+# ---- the stage --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("supervised")
+    assert train.main([*TINY, f"output_dir={run}"]) == 0
+    return run
+
+
+def logged(run: Path) -> list[dict[str, str]]:
+    with open(run / "logs" / "csv" / "metrics.csv", newline="") as file:
+        return [row for row in csv.DictReader(file) if row.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
+    run = tmp_path / "grpo"
+    overrides = [
+        *GRPO,
+        f"init_from_run={supervised}",
+        "grpo.num_iterations=2",
+        "grpo.reward=[refine_gain]",
+        f"output_dir={run}",
+    ]
+    assert train.main(overrides) == 0
+    rows = logged(run)
+    assert len(rows) == 2  # a rollout every 2 steps, logged each time
+    assert all(row[f"train/{name}"] for row in rows for name in LOGGED)
+    saved = torch.load(checkpoint_path(run, "last"), map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4
+    start = torch.load(checkpoint_path(supervised, "best"), map_location="cpu", weights_only=False)
+    assert saved["state_dict"].keys() == start["state_dict"].keys()  # the reference is not saved
+    assert evaluate.main([str(run)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "grpo.enabled=true needs init_from_run"),
+        (
+            ["grpo.num_iterations=3", "init_from_run=RUN"],
+            "trainer.max_steps=4 must be a multiple of grpo.num_iterations=3",
+        ),
+        (["grpo.reward=[bleu]", "init_from_run=RUN"], "grpo.reward=['bleu']: every value"),
+    ],
+)
+def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
+    given = [*GRPO, *(o.replace("RUN", str(supervised)) for o in overrides)]
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(given)
+
+
+def grpo_command(supervised: Path, run: Path) -> list[str]:
+    overrides = [
+        *GRPO,
+        f"init_from_run={supervised}",
+        "grpo.num_iterations=2",
+        "trainer.max_steps=8",
+        "callbacks.checkpoint.last_every_n_steps=2",
+        f"output_dir={run}",
+    ]
+    return [sys.executable, "train.py", *overrides]
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_run_resumes_exactly(supervised, tmp_path):
+    """Killed right after its first last.ckpt (a rollout's two steps done), then run again: the same
+    weights and metrics as an uninterrupted run (the samples' random state goes on too)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(grpo_command(supervised, whole), cwd=ROOT, env=env, check=True, capture_output=True)
+    last = killed / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        grpo_command(supervised, killed),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while not last.exists():
+        assert process.poll() is None, "the run ended before writing last.ckpt"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] < 8
+    result = subprocess.run(
+        grpo_command(supervised, killed), cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "resuming from" in result.stderr, result.stderr[-3000:]
+    expected = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    for name, tensor in expected["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads(
+        (whole / "metrics.json").read_text()
+    )
