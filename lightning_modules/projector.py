@@ -23,7 +23,7 @@ class ProjectorSpec(Checked):
 
     kind: str = checked("mlp", one_of("linear", "mlp"))
     temporal_embedding: str = checked("learned", one_of(*TEMPORAL_EMBEDDINGS))
-    frames_per_token: int = checked(2, integer(1))
+    frames_per_token: int = checked(4, integer(1))
     query_conditioned: bool = True
 
 
