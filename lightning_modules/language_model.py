@@ -181,7 +181,7 @@ def build_language_model(
         raise ValueError(f"token_rows_init={token_rows_init!r}: choose from {', '.join(TOKEN_ROWS_INITS)}")
     if name_or_path:
         source = resolve_pretrained(name_or_path, dtype)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).train()
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         untrained = untrained_grounding_ids(source, tokenizer)

@@ -133,6 +133,16 @@ def test_a_pretrained_lm_starts_its_new_token_rows_at_the_mean_of_the_others(
     assert (lm.get_input_embeddings().weight is lm.get_output_embeddings().weight) == tied
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_pretrained_lm_is_built_in_training_mode(tmp_path, lora):
+    """from_pretrained returns a model in eval mode; trained so, its dropout would silently stay off."""
+    base = base_tokenizer(None)
+    build_tiny_lm(tiny("llama", False), base).save_pretrained(tmp_path)
+    tokenizer = add_grounding_tokens(base_tokenizer(None))
+    lm = build_language_model(tokenizer, str(tmp_path), tiny("llama", False), LORA if lora else None)
+    assert [name for name, module in lm.named_modules() if not module.training] == []
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gradient_checkpointing_with_lora_gives_the_same_gradients_under_bf16_autocast(arch):
     grads = []
