@@ -103,11 +103,14 @@ class GRPOModule(GroundingModule):
         )
 
     def keep_reference(self) -> None:
-        """Freeze a copy of the model as it is now as the KL's reference (none when beta is 0), and
-        the aux head with ``aux=freeze``."""
+        """Freeze a copy of the model as it is now as the KL's reference (none when beta is 0), the
+        aux head with ``aux=freeze``, and the saliency head: no GRPO loss reaches it, and DDP (without
+        the cost of ``find_unused_parameters``) needs every trainable parameter to get a gradient."""
         self._reference = [copy.deepcopy(self.model).eval().requires_grad_(False)] if self.grpo.beta else []
-        if self.grpo.aux == "freeze" and self.model.aux_head is not None:
-            self.model.aux_head.requires_grad_(False)
+        frozen = [self.model.saliency_head] + [self.model.aux_head] * (self.grpo.aux == "freeze")
+        for head in frozen:
+            if head is not None:
+                head.requires_grad_(False)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -1,4 +1,5 @@
-"""Exact evaluation under DDP: 2 CPU processes (gloo) give the single-process metrics and predictions.
+"""DDP on 2 CPU processes (gloo): exact evaluation (the single-process metrics and predictions), and
+a GRPO stage whose ranks stay in step.
 
 The test split (13 queries, eval batches of 4) divides neither by the process count nor by the batch
 size, so padding duplicates or a dropped remainder would change the numbers.
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from timerefine.pipeline.best_checkpoint import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -83,3 +87,46 @@ def test_ddp_evaluation_matches_single_process(tmp_path: Path) -> None:
     assert [r["qid"] for r in rows_ddp] == [r["qid"] for r in rows_single]
     assert len({r["qid"] for r in rows_ddp}) == 13
     assert [r["pred"] for r in rows_ddp] == [r["pred"] for r in rows_single]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_grpo_keeps_the_ranks_in_step(tmp_path: Path) -> None:
+    """A GRPO stage on 2 processes, two optimizer steps per rollout (several backward passes in one
+    training step): it finishes, and both ranks end with the same weights, changed from the start."""
+    supervised, grpo, weights = tmp_path / "supervised", tmp_path / "grpo", tmp_path / "weights"
+    _run(
+        "train.py",
+        *TINY,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "test=false",
+        f"output_dir={supervised}",
+    )
+    _run(
+        "-m",
+        "tests.ddp_rank_weights",
+        str(weights),
+        "experiment=grpo",
+        f"init_from_run={supervised}",
+        *(o for o in TINY if not o.startswith("model.")),  # the model's keys come from the run
+        "data.batch_size=2",
+        "grpo.G=4",
+        "grpo.num_iterations=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "test=false",
+        f"output_dir={grpo}",
+    )
+
+    assert json.loads((grpo / "metrics.json").read_text())["global_step"] == 4
+    start = torch.load(checkpoint_path(supervised, "best"), map_location="cpu", weights_only=False)
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for name, tensor in rank0.items():
+        torch.testing.assert_close(rank1[name], tensor, rtol=0, atol=0, msg=name)
+    assert any(
+        not torch.equal(tensor, start["state_dict"][name].to(tensor.dtype)) for name, tensor in rank0.items()
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import train
 from grounding.answer_format.tokens import IGNORE_INDEX
@@ -26,6 +27,7 @@ from tests import helpers
 from timerefine import evaluate
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.init_from_run import inherit_settings
 
 SMALL = [
     "data.source.num_train=16",
@@ -192,6 +194,16 @@ def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
     given = [*GRPO, *(o.replace("RUN", str(supervised)) for o in overrides)]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_config(given)
+
+
+def test_the_stage_takes_its_runs_optimiser_unless_the_command_line_gives_one(supervised):
+    """As conf/experiment/grpo.yaml says: model.optim is the run's; model.optim.* given apply on top."""
+    given = [*GRPO, f"init_from_run={supervised}"]
+    run = OmegaConf.load(supervised / "config.yaml").model.optim
+    assert inherit_settings(load_config(given), given).model.optim == run
+    given += ["model.optim.lr=1e-4", "model.optim.warmup_steps=0"]
+    optim = inherit_settings(load_config(given), given).model.optim
+    assert (optim.lr, optim.warmup_steps, optim.weight_decay) == (1e-4, 0, run.weight_decay)
 
 
 def grpo_command(supervised: Path, run: Path) -> list[str]:
