@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from lightning_modules.pretrained import PACKAGE, missing_model, resolve_pretrai
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
 TOKEN_ROWS_INITS = ("mean", "resize")
+WEIGHTS = (
+    "pretrained",
+    "random",
+)  # model.lm.weights: name_or_path's weights, or its architecture freshly initialised
 TINY_ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the LM but its output layer
 
@@ -71,9 +76,12 @@ class LMSpec(Checked):
     (``package:<module>/<file>``, lightning_modules/pretrained.py); None builds the tiny LM (random
     init). ``tokenizer``: a tokenizer name or path, whatever the LM (the tiny LM's embeddings take
     its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
-    sized by ``tokenizer_vocab_size``."""
+    sized by ``tokenizer_vocab_size``. ``weights``: ``pretrained`` loads ``name_or_path``'s weights;
+    ``random`` builds its architecture with fresh weights from the run's seed (a from-scratch baseline
+    of the same size, with the same tokenizer); no one can rebuild them, so checkpoints hold them whole."""
 
     name_or_path: str | None = checked(None, optional(pretrained_source))
+    weights: str = checked("pretrained", one_of(*WEIGHTS))
     tokenizer: str | None = checked(None, optional(pretrained_source))
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = checked(1000, integer(1))
@@ -81,6 +89,15 @@ class LMSpec(Checked):
     token_rows_init: str = checked("mean", one_of(*TOKEN_ROWS_INITS))
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+
+    def relations(self) -> Iterator[str]:
+        if self.weights == "random" and not self.name_or_path:
+            yield "weights=random needs name_or_path: the architecture to initialise (the tiny LM always starts random)"
+
+    @property
+    def base(self) -> str | None:
+        """The pretrained LM whose weights the model starts from; None when nothing can rebuild them."""
+        return self.name_or_path if self.weights == "pretrained" else None
 
 
 def max_positions(spec: LMSpec) -> int | None:
@@ -162,6 +179,19 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> 
     return get_peft_model(model, config)
 
 
+def named_lm(source: str, dtype: str, weights: str) -> PreTrainedModel:
+    """The LM of the Hugging Face folder or name ``source``: its weights, or (``random``) its
+    architecture initialised from the current random state."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose from {', '.join(WEIGHTS)}")
+    if weights == "random":
+        return AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(source), dtype=getattr(torch, dtype)
+        )
+    # from_pretrained returns the model in eval mode: trained so, its dropout would stay off
+    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).train()
+
+
 def build_language_model(
     tokenizer: PreTrainedTokenizerBase,
     name_or_path: str | None,
@@ -172,19 +202,20 @@ def build_language_model(
     init_from: InitFromSpec | None = None,
     token_rows_init: str = "mean",
     train_token_rows: bool = True,
+    weights: str = "pretrained",
 ) -> PreTrainedModel:
-    """The LM with its embeddings resized to the tokenizer, a pretrained one's grounding-token rows
-    set to the mean of its other rows (``token_rows_init``), released adapters merged
-    (``init_from``), optionally LoRA (training the grounding tokens' rows unless ``train_token_rows``
-    is off)."""
+    """The LM (``name_or_path``'s ``weights``, or the tiny one) with its embeddings resized to the
+    tokenizer, a pretrained one's grounding-token rows set to the mean of its other rows
+    (``token_rows_init``), released adapters merged (``init_from``), optionally LoRA (training the
+    grounding tokens' rows unless ``train_token_rows`` is off)."""
     if token_rows_init not in TOKEN_ROWS_INITS:
         raise ValueError(f"token_rows_init={token_rows_init!r}: choose from {', '.join(TOKEN_ROWS_INITS)}")
     if name_or_path:
         source = resolve_pretrained(name_or_path, dtype)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).train()
+        model = named_lm(source, dtype, weights)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        untrained = untrained_grounding_ids(source, tokenizer)
+        untrained = untrained_grounding_ids(source, tokenizer) if weights == "pretrained" else []
         if untrained and token_rows_init == "mean":
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:

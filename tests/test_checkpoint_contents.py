@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,12 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate
 import train
 from lightning_modules.base_weights import IDENTITY
-from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
+from lightning_modules.language_model import TinyLMSpec, build_language_model, build_tiny_lm
 from lightning_modules.tokenizer import tokenizer_from_files, train_local_tokenizer
 from tests.helpers import corpus
+from timerefine.inference.grounder import Grounder
 from timerefine.inference.run_loading import dataset_examples, load_run, predict
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
+from timerefine.tools.export import main as export_main
 
 
 def test_a_checkpoint_holds_its_config_and_tokenizer_and_a_random_lm_whole(tmp_path):
@@ -148,3 +151,82 @@ def test_other_base_weights_are_refused_in_one_line_before_anything_is_written(l
     finally:
         shutil.rmtree(base)
         kept.rename(base)
+
+
+def test_random_weights_take_the_architecture_and_the_seed_not_the_weights(tmp_path):
+    save_tiny_base(tmp_path, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+
+    def built(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return build_language_model(
+            tokenizer, str(tmp_path), TinyLMSpec(), None, weights="random"
+        ).state_dict()
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    first, again, other = built(1), built(1), built(2)
+    assert {n: t.shape for n, t in first.items()} == {n: t.shape for n, t in base.items()}
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(first[name], base[name]) and not torch.equal(first[name], other[name])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (
+            ["model.lm.weights=random", "model.lora.enabled=true"],
+            "model.lm.weights=random needs lora.enabled=false",
+        ),
+        (
+            ["model.lm.name_or_path=null", "model.lm.weights=random"],
+            "model.lm.weights=random needs name_or_path",
+        ),
+        (["model.lm.weights=scratch"], "model.lm.weights=scratch: must be one of pretrained, random"),
+    ],
+)
+def test_random_weights_are_refused_where_they_mean_nothing(tmp_path, capsys, overrides, key):
+    save_tiny_base(tmp_path / "base", seed=0)
+    capsys.readouterr()
+    run = tmp_path / "run"
+    base = [f"model.lm.name_or_path={tmp_path / 'base'}", "experiment=tiny", f"output_dir={run}"]
+    assert train.main([*base, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert key in err and len(err.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_a_random_base_trains_whole_is_saved_whole_and_reloads_to_the_same_predictions(tmp_path):
+    save_tiny_base(tmp_path / "base", seed=0)
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=tiny",
+        f"model.lm.name_or_path={tmp_path / 'base'}",
+        "model.lm.weights=random",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        f"output_dir={run_dir}",
+    ]
+    assert train.main(overrides) == 0
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    run = load_run(run_dir, "last")
+    assert all(p.requires_grad for n, p in run.module.named_parameters() if n.startswith("model.lm."))
+    assert IDENTITY not in checkpoint and checkpoint["state_dict"].keys() == run.module.state_dict().keys()
+
+    rows = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    best = load_run(run_dir, "best")
+    examples = list(dataset_examples(best.cfg))
+    features = torch.stack([torch.from_numpy(store.load(r.video_id)) for r, store in examples])
+    assert [p.text for p in predict(best, features, [r.query for r, _ in examples])] == [
+        r["text"] for r in rows
+    ]
+
+    # An export has no base to take weights from either: it holds them all and predicts the same.
+    from_run = Grounder.from_run(run_dir)
+    source = from_run.run.cfg.data.source
+    video = np.random.default_rng(0).normal(size=(source.num_frames, source.feature_dim)).astype(np.float32)
+    expected = [a.as_json() for a in from_run.ground(video, ["a person opens the door"], duration=20.0)]
+    assert export_main([str(run_dir), str(tmp_path / "export")]) == 0
+    exported = Grounder.from_export(tmp_path / "export")
+    assert [
+        a.as_json() for a in exported.ground(video, ["a person opens the door"], duration=20.0)
+    ] == expected

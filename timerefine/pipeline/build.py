@@ -144,6 +144,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         model.init_from,
         lm.token_rows_init,
         model.trainable.token_rows,
+        lm.weights,
     )
     video_llm = VideoLLM.from_config(
         language_model,
@@ -172,7 +173,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         config=OmegaConf.to_container(cfg, resolve=True),
         timeline=timeline,
         protocol=run_protocol(cfg),
-        base_name=lm.name_or_path,
+        base_name=lm.base,
     )
     if cfg.init_from_run:
         rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []

@@ -101,6 +101,8 @@ class ModelConfig(Checked):
             )
         if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
             yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
+        if self.lm.weights == "random" and self.lora.enabled:
+            yield "lm.weights=random needs lora.enabled=false: adapters on a frozen random LM learn nothing useful"
 
 
 @dataclass
