@@ -173,5 +173,15 @@ def test_evaluate_gives_the_same_metrics_with_either_decoder(builtin_run, constr
         overrides = [f"model.inference.decoder={decoder}", f"model.inference.constrained={constrained}"]
         assert evaluate.main([str(builtin_run), "--name", name, *overrides]) == 0
         runs[decoder] = json.loads((builtin_run / "eval" / name / "metrics.json").read_text())
-    assert runs["fused"] == runs["generate"]
+    # The answers are the same tokens, so every score of them is equal; the aux head regresses from
+    # hidden states that the two decoders compute in other shapes (a cache vs whole passes), equal to
+    # float rounding (1e-6 relative apart with torch held to AVX2).
+    aux = {key for key in runs["fused"] if key.startswith(("test/aux", "test/mean"))}
+    assert aux
+    assert {k: v for k, v in runs["fused"].items() if k not in aux} == {
+        k: v for k, v in runs["generate"].items() if k not in aux
+    }
+    assert {k: runs["fused"][k] for k in aux} == pytest.approx(
+        {k: runs["generate"][k] for k in aux}, rel=1e-5
+    )
     assert runs["fused"]["test/queries"] == 8
