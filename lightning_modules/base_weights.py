@@ -16,13 +16,11 @@ import torch
 from torch import nn
 
 IDENTITY = "base_weights"  # the checkpoint key of the base's identity
+BASE = "model.lm."  # where the LM sits in a GroundingModule's state dict
 
 
 class BaseWeightsError(ValueError):
     """A checkpoint trained on other base weights than those the model was rebuilt from."""
-
-
-BASE = "model.lm."  # where the LM sits in a GroundingModule's state dict
 
 
 def frozen_names(module: nn.Module) -> list[str]:
