@@ -44,6 +44,7 @@ VARIANTS = {
     "eager_attention": ([], None, None, "eager"),
     "logits_everywhere": ([], None, None, None),
     "gradient_checkpointing": (["model.lm.gradient_checkpointing=true"], None, None, None),
+    "bf16_weights": (["model.lm.dtype=bfloat16"], torch.bfloat16, None, None),
 }
 
 

@@ -97,10 +97,10 @@ class VideoLLM(nn.Module):
             saliency_head=nn.Linear(hidden, 1) if saliency_weight > 0 else None,
         )
 
-    def frame_embeddings(
-        self, features: torch.Tensor, dtype: torch.dtype, query: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        frames = self.projector(features.to(dtype), query)
+    def frame_embeddings(self, features: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """The video tokens, computed in the projector's dtype (the LM's may be lower: ``lm.dtype``)."""
+        dtype = next(self.projector.parameters()).dtype
+        frames = self.projector(features.to(dtype), None if query is None else query.to(dtype))
         if self.frame_index_ids is not None:
             digits = self.lm.get_input_embeddings()(self.frame_index_ids[: frames.shape[1]])
             frames = frames + (digits * self.digit_gate.to(digits.dtype)).sum(1)
@@ -129,7 +129,7 @@ class VideoLLM(nn.Module):
                 raise ValueError("a query-conditioned projector needs the prompt mask")
             text = (prompt_mask.bool() & ~placeholders).unsqueeze(-1).to(embeds.dtype)
             query = (embeds * text).sum(1) / text.sum(1).clamp(min=1)
-        frames = self.frame_embeddings(features, embeds.dtype, query)
+        frames = self.frame_embeddings(features, query)
         per_sample = placeholders.sum(dim=1)
         if not torch.all(per_sample == frames.shape[1]):
             raise ValueError(

@@ -139,3 +139,21 @@ def test_embed_rejects_wrong_placeholder_counts():
         model.embed(broken, features)
     with pytest.raises(ValueError, match="no features"):
         model.embed(ids, None)
+
+
+def test_an_lm_in_bfloat16_embeds_and_decodes_outside_autocast():
+    """``model.lm.dtype=bfloat16`` keeps the projector in fp32: frames are projected in the
+    projector's dtype and spliced in the LM's, also where no autocast is active (a callback's
+    decoding at the end of validation)."""
+    model = helpers.video_llm(refine_steps=0)
+    model.projector = FrameProjector(
+        "mlp", helpers.SPEC.feature_dim, helpers.HIDDEN, helpers.SPEC.num_frames, query_size=helpers.HIDDEN
+    )
+    model.lm.to(torch.bfloat16)
+    batch = helpers.batch(refine_steps=0, n=2)
+    prompt = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["features"], prompt)
+    assert embeds.dtype == torch.bfloat16
+    generation = generate(model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], -1, 3)
+    assert [len(tokens) for tokens in generation.tokens] == [3, 3]

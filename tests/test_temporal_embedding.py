@@ -31,19 +31,19 @@ def test_frame_index_ids_spell_each_frames_index():
 def test_digit_mode_adds_the_gated_digit_embeddings():
     model = _model("digits")
     features = torch.randn(1, 12, 16)
-    frames = model.frame_embeddings(features, torch.float32)
+    frames = model.frame_embeddings(features)
     table = model.lm.get_input_embeddings().weight
     expected = model.projector(features)[0] + (table[model.frame_index_ids] * model.digit_gate).sum(1)
     torch.testing.assert_close(frames[0], expected)
     # Two frames with identical features differ exactly by their digit embeddings.
     same = torch.zeros(1, 12, 16)
-    out = model.frame_embeddings(same, torch.float32)[0]
+    out = model.frame_embeddings(same)[0]
     assert not torch.allclose(out[0], out[5])
 
 
 def test_digit_gate_and_digit_rows_receive_gradients():
     model = _model("digits")
-    model.frame_embeddings(torch.randn(2, 12, 16), torch.float32).pow(2).sum().backward()
+    model.frame_embeddings(torch.randn(2, 12, 16)).pow(2).sum().backward()
     assert model.digit_gate.grad is not None and model.digit_gate.grad.abs().sum() > 0
     digit_rows = model.frame_index_ids.unique()
     grad = model.lm.get_input_embeddings().weight.grad
@@ -53,7 +53,7 @@ def test_digit_gate_and_digit_rows_receive_gradients():
 def test_learned_and_none_modes():
     learned, plain = _model("learned"), _model("none")
     zeros = torch.zeros(1, 12, 16)
-    out = learned.frame_embeddings(zeros, torch.float32)[0]
+    out = learned.frame_embeddings(zeros)[0]
     torch.testing.assert_close(out - learned.projector.net(zeros)[0], learned.projector.time.weight)
-    flat = plain.frame_embeddings(zeros, torch.float32)[0]
+    flat = plain.frame_embeddings(zeros)[0]
     torch.testing.assert_close(flat[0], flat[7])  # nothing tells the frames apart
