@@ -13,8 +13,9 @@ intra-op threads, fp32, 2 frames per token, SDPA attention). ``threads1``/``thre
 step with 1 / 2 intra-op threads (``torch.set_num_threads``). ``logits_everywhere``: the LM head and
 cross-entropy on every position, as Hugging Face's own loss does, instead of only on the positions
 that predict an answer token (the module's). ``gradient_checkpointing``: activations recomputed in
-the backward pass. With ``--experiment`` every variant starts from that experiment (its LM, its
-frames per token; ``frames_per_token4`` is then left out). Prints ``ratio_<variant>=`` (< 1 is
+the backward pass. ``bf16_weights``: the LM's weights stored in bf16 (``model.lm.dtype=bfloat16``)
+under bf16 autocast; the projector, heads and LoRA adapters stay fp32. With ``--experiment`` every
+variant starts from that experiment (its LM, its frames per token; ``frames_per_token4`` is then left out). Prints ``ratio_<variant>=`` (< 1 is
 faster) and ``base_s_per_step``.
 """
 

@@ -52,7 +52,7 @@ from lightning_modules.base_weights import (
 )
 from lightning_modules.generation import Generation, generate
 from lightning_modules.hf_generation import hf_generate
-from lightning_modules.param_groups import weight_decay_split
+from lightning_modules.param_groups import optimizer_groups
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
@@ -63,13 +63,16 @@ class OptimSpec(Checked):
     """AdamW, linear warmup, cosine decay to ``min_lr_ratio`` x lr. ``warmup_ratio`` > 0 replaces
     ``warmup_steps`` by that share of the run's steps, rounded up (Hugging Face Trainer's rule).
     The defaults suit the built-in default run (a small LM trained from scratch: lr 3e-3 reaches in
-    540 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``."""
+    540 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``.
+    ``projector_lr``: the lr of the parts outside the LM (projector, heads), which start from scratch
+    while adapters nudge a pretrained LM (LLaVA's ``mm_projector_lr``); None: ``lr``."""
 
     lr: float = checked(3e-3, POSITIVE)
     weight_decay: float = checked(0.01, NON_NEGATIVE)
     warmup_steps: int = checked(100, integer(0))
     warmup_ratio: float = checked(0.0, number(0, 1, open_high=True))
     min_lr_ratio: float = checked(0.05, PROBABILITY)
+    projector_lr: float | None = checked(None, optional(POSITIVE))
     betas: tuple[float, float] = checked((0.9, 0.98), items(number(0, 1, open_high=True), 2, 2))
 
     def warmup(self, total_steps: int) -> int:
@@ -321,16 +324,8 @@ class GroundingModule(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = dict(self.named_parameters())
-        decay, no_decay = weight_decay_split(self)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [params[n] for n in decay], "weight_decay": self.optim.weight_decay},
-                {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-            ],
-            lr=self.optim.lr,
-            betas=tuple(self.optim.betas),
-        )
+        groups = optimizer_groups(self, self.optim.lr, self.optim.weight_decay, self.optim.projector_lr)
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
 

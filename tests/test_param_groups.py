@@ -10,7 +10,7 @@ from torch import nn
 from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
-from lightning_modules.param_groups import weight_decay_split
+from lightning_modules.param_groups import optimizer_groups, weight_decay_split
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
@@ -56,3 +56,18 @@ def test_frozen_parameters_are_in_no_group() -> None:
     decay, no_decay = weight_decay_split(model)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and not frozen & (set(decay) | set(no_decay))
+
+
+def test_projector_lr_puts_the_parts_outside_the_lm_in_groups_of_their_own() -> None:
+    model = every_part("llama", LoraSpec(r=4, alpha=8, dropout=0.0))
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    same = optimizer_groups(model, 1e-3, 0.01, lm_prefix="lm.")
+    assert [(g["lr"], g["weight_decay"]) for g in same] == [(1e-3, 0.01), (1e-3, 0.0)]
+    groups = optimizer_groups(model, 1e-3, 0.01, projector_lr=3e-3, lm_prefix="lm.")
+    seen = [trainable[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(trainable.values())  # every trainable parameter, once
+    for group in groups:
+        names = [trainable[id(p)] for p in group["params"]]
+        assert all(n.startswith("lm.") == (group["lr"] == 1e-3) for n in names)
+    outside = {trainable[id(p)] for g in groups if g["lr"] == 3e-3 for p in g["params"]}
+    assert {"projector.film.weight", "aux_head.net.0.weight", "saliency_head.bias", "digit_gate"} <= outside
