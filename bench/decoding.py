@@ -4,6 +4,7 @@
     python -m bench.decoding --run runs/default       # and each lever's effect on that run's test mIoU
     python -m bench.decoding --compile                # also HF generate with a static cache, compiled
     python -m bench.decoding --quick                  # experiment=tiny, seconds
+    python -m bench.decoding --experiment smollm2     # SmolLM2-135M (pretrained LM, random projector)
 
 Decoders (greedy, KV cache; batch 1 = queries one at a time, batch 32 = one left-padded batch):
 
@@ -222,9 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--singles", type=int, default=8, help="queries decoded one at a time")
     parser.add_argument("--compile", action="store_true", help="also HF generate, static cache, compiled")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round")
+    parser.add_argument(
+        "--experiment", help="the random-init models start from this experiment (e.g. smollm2)"
+    )
+    parser.add_argument("overrides", nargs="*", help="more overrides of the random-init models")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()  # generate() warns at every call that EOS -1 never comes
     extra = ["experiment=tiny"] if args.quick else []
+    extra += [f"experiment={args.experiment}"] if args.experiment else []
+    extra += args.overrides
     rounds, singles, batch_size = (1, 2, 4) if args.quick else (args.rounds, args.singles, 32)
     print(f"machine: {machine()}")
     print("| K | batch | decoder | queries/s | forward passes per query |")
