@@ -43,13 +43,13 @@ def grpo_loss(
     epsilon: float,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss over (N, L) per-token log-probabilities (``mask``: the tokens that count) and its
-    statistics: ``kl`` (mean per token; 0 without a reference) and ``clip_fraction`` (tokens whose
-    ratio the clip cut off)."""
+    """The loss over (N, L) per-token log-probabilities (``mask``: the tokens that count), with
+    ``advantages`` per answer (N,) or per token (N, L), and its statistics: ``kl`` (mean per token; 0
+    without a reference) and ``clip_fraction`` (tokens whose ratio the clip cut off)."""
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
-    advantages = advantages[:, None]
+    advantages = advantages if advantages.dim() == 2 else advantages[:, None]
     per_token = -torch.min(ratio * advantages, clipped * advantages)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta:

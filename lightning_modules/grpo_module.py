@@ -14,6 +14,7 @@ one every token and the end. The aux head keeps its supervised loss on the sampl
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from grounding.answer_format.predictions import Prediction, seconds
-from grounding.answer_format.tokens import IGNORE_INDEX
+from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, RETHINK
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, number, one_of
 from grounding.metrics.rewards import REWARDS, Answer, total_reward
 from grounding.metrics.windows import record_iou
@@ -32,6 +33,7 @@ from lightning_modules.slot_logits_processor import layout_automaton
 from lightning_modules.video_llm import VideoLLM
 
 AUX_MODES = ("train", "freeze")
+CREDITS = ("answer", "step")
 
 
 @dataclass
@@ -41,7 +43,10 @@ class GRPOSpec(Checked):
     ``temperature`` (0: greedy) and ``top_p``, ``num_iterations`` optimizer steps per rollout,
     ``reward``: the names of ``REWARDS`` to sum, ``refine_bonus``: refine_gain's bonus per step that
     raised the IoU, ``constrained``: sample within the answer layout, ``aux``: train or freeze the aux
-    head. ``enabled`` turns the stage on."""
+    head. ``credit``: which advantage a chosen token gets, ``answer``'s (every token the same, as
+    published) or its ``step``'s: the first coarse segment's tokens are rewarded as if that segment
+    were the answer, each refinement round's tokens as if the segment it refines to were (needs
+    ``constrained``). ``enabled`` turns the stage on."""
 
     enabled: bool = False
     G: int = checked(8, integer(2))
@@ -54,14 +59,20 @@ class GRPOSpec(Checked):
     refine_bonus: float = checked(0.1, NON_NEGATIVE)
     constrained: bool = True
     aux: str = checked("train", one_of(*AUX_MODES))
+    credit: str = checked("answer", one_of(*CREDITS))
+
+    def relations(self) -> Iterator[str]:
+        if self.credit == "step" and not self.constrained:
+            yield "credit=step needs constrained=true: a free answer's tokens need not follow the layout's steps"
 
 
 @dataclass
 class Rollout:
     """A batch's sampled answers as sequences to score: (N, T) ``input_ids``/``attention_mask``/
     ``labels`` (the answers labelled), ``mask`` (N, T - 1): the next-token positions that count;
-    constrained, ``allowed`` (tokens counted, width) the layout's tokens at each of them (-1 pads) and
-    ``picked`` the sampled one's place among them."""
+    constrained, ``allowed`` (tokens counted, width) the layout's tokens at each of them (-1 pads),
+    ``picked`` the sampled one's place among them and ``step`` (N, T - 1) the segment each counted
+    token writes (:func:`step_of`). ``advantages``: (N,) per answer or (N, T - 1) per token."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -71,6 +82,7 @@ class Rollout:
     mask: torch.Tensor
     allowed: torch.Tensor | None
     picked: torch.Tensor | None
+    step: torch.Tensor
     advantages: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     old_logp: torch.Tensor | None = None
@@ -88,6 +100,15 @@ def choices_made(automaton: list[dict[int, int]], answer: list[int]) -> list[tup
     return made
 
 
+def step_of(answer: list[int], place: int, markers: set[int]) -> int:
+    """Which predicted segment (0: the first coarse one, i + 1: round i's refined one) the token at
+    ``place`` writes: round 0's start and end write segment 0; a round's offsets, and the coarse
+    segment a later round restates after ``<RETHINK>``, write that round's refined segment. Read from
+    the ``markers`` (``<OFFSET>``, ``<RETHINK>`` ids) before it."""
+    seen = sum(token in markers for token in answer[:place])
+    return 0 if seen == 0 else seen // 2 + 1
+
+
 class GRPOModule(GroundingModule):
     """The grounding module trained by GRPO (``grpo``); optimisation is manual, as each rollout
     serves ``num_iterations`` steps. ``max_grad_norm``: gradient clipping (``trainer.gradient_clip_val``).
@@ -101,6 +122,7 @@ class GRPOModule(GroundingModule):
         self._automaton = (
             layout_automaton(self.codec.slots(), self.codec.end_id) if grpo.constrained else None
         )
+        self._markers = set(self.tokenizer.convert_tokens_to_ids([OFFSET, RETHINK]))
 
     def keep_reference(self) -> None:
         """Freeze a copy of the model as it is now as the KL's reference (none when beta is 0), the
@@ -139,14 +161,21 @@ class GRPOModule(GroundingModule):
         return self.parse(Generation(answers, None, torch.zeros(len(answers), dtype=torch.bool)))
 
     def rewards(self, answers: list[list[int]], records: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each answer's reward and final IoU."""
+        """(N, S) rewards: each answer's as if it ended at each of its S predicted segments (the last
+        column is the answer's own reward), and (N,) final IoUs."""
         predictions = self.parse_answers(answers)
         expected, clip = self.codec.schedule.num_segments, self.inference.order_and_clip
         rewards, ious = [], []
         for prediction, record in zip(predictions, records, strict=True):
             steps = tuple(seconds(s, record.duration, self.timeline, clip) for s in prediction.segments)
             answer = Answer(steps, expected)
-            rewards.append(total_reward(self.grpo.reward, answer, record, self.grpo.refine_bonus))
+            ends = range(1, expected + 1) if self.grpo.credit == "step" else [expected]
+            rewards.append(
+                [
+                    total_reward(self.grpo.reward, Answer(steps[:end], end), record, self.grpo.refine_bonus)
+                    for end in ends
+                ]
+            )
             ious.append(record_iou(answer.final, record))
         return torch.tensor(rewards, device=self.device), torch.tensor(ious, device=self.device)
 
@@ -154,9 +183,14 @@ class GRPOModule(GroundingModule):
         group = self.grpo.G
         records = [r for r in batch["records"] for _ in range(group)]
         answers = self.sample(batch)
-        rewards, ious = self.rewards(answers, records)
+        per_step, ious = self.rewards(answers, records)
+        rewards = per_step[:, -1]
         rollout = self._sequences(batch, answers)
-        rollout.advantages = group_advantages(rewards, group)
+        if self.grpo.credit == "step":  # each segment's rewards normalised within the group, per token
+            steps = torch.stack([group_advantages(column, group) for column in per_step.T], 1)
+            rollout.advantages = steps.gather(1, rollout.step)
+        else:
+            rollout.advantages = group_advantages(rewards, group)
         rollout.stats = {
             "reward_mean": rewards.mean(),
             "reward_std": rewards.view(-1, group).std(1).mean(),
@@ -185,6 +219,7 @@ class GRPOModule(GroundingModule):
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         attention = torch.zeros_like(input_ids)
         mask = torch.zeros(rows, length - 1, dtype=torch.bool)
+        step = torch.zeros(rows, length - 1, dtype=torch.long)
         allowed, picked = [], []
         for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
             start, end = len(prompt), len(prompt) + len(answer)
@@ -196,6 +231,7 @@ class GRPOModule(GroundingModule):
                 continue
             for place, options in choices_made(self._automaton, answer):
                 mask[row, start - 1 + place] = True
+                step[row, start - 1 + place] = step_of(answer, place, self._markers)
                 allowed.append(options)
                 picked.append(options.index(answer[place]))
         width = max(map(len, allowed), default=1)
@@ -209,6 +245,7 @@ class GRPOModule(GroundingModule):
             mask.to(device),
             torch.tensor([a + [-1] * (width - len(a)) for a in allowed], device=device) if allowed else None,
             torch.tensor(picked, device=device) if picked else None,
+            step.to(device),
             advantages=torch.zeros(rows, device=device),
         )
 

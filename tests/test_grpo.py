@@ -18,11 +18,13 @@ import torch
 from omegaconf import OmegaConf
 
 import train
-from grounding.answer_format.tokens import IGNORE_INDEX
+from grounding.answer_format.targets import RefineRound
+from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, RETHINK
 from lightning_modules.generation import Sampling
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
-from lightning_modules.grpo_module import GRPOModule, GRPOSpec
+from lightning_modules.grpo_module import GRPOModule, GRPOSpec, choices_made, step_of
+from lightning_modules.slot_logits_processor import layout_automaton
 from tests import helpers
 from timerefine import evaluate
 from timerefine.pipeline.best_checkpoint import checkpoint_path
@@ -145,6 +147,55 @@ def test_the_policy_is_the_model_renormalised_over_the_allowed_tokens():
     assert 0 < checked < answer_tokens  # the digits and signs count, the fixed text does not
 
 
+# ---- credit per step --------------------------------------------------------------------------------
+def test_each_chosen_token_is_credited_to_the_segment_it_writes():
+    """K = 3: round 0's start and end write the first coarse segment (0); round i's offsets, and the
+    coarse segment round i restates after <RETHINK>, write round i's refined segment (i + 1)."""
+    codec = helpers.codec(3)
+    rounds = [
+        RefineRound(10, 60, 2, -3),
+        RefineRound(12, 57, 1, 0),
+        RefineRound(13, 57, 0, 1),
+        RefineRound(13, 58, 0, 0),
+    ]
+    answer = codec.encode(rounds)
+    automaton = layout_automaton(codec.slots(), codec.end_id)
+    markers = set(codec.tokenizer.convert_tokens_to_ids([OFFSET, RETHINK]))
+    steps = [step_of(answer, place, markers) for place, _ in choices_made(automaton, answer)]
+    assert steps == [0] * 4 + [1] * 6 + [2] * 10 + [3] * 10 + [4] * 10
+
+
+def test_step_credit_gives_each_token_its_segments_advantage():
+    """With ``credit=step`` a token's advantage is its segment's reward normalised within the group;
+    the last segment's equals the answer's own advantage (``credit=answer``)."""
+    torch.manual_seed(0)
+    module = grpo_module(G=4, temperature=1.0, credit="step")
+    batch = helpers.batch(n=2)
+    rollout = module.rollout(batch)
+    assert rollout.advantages.shape == rollout.mask.shape
+    answers = [row[rollout.labels[i] != IGNORE_INDEX].tolist() for i, row in enumerate(rollout.input_ids)]
+    records = [r for r in batch["records"] for _ in range(4)]
+    per_step, _ = module.rewards(answers, records)
+    assert per_step.shape == (8, module.codec.schedule.num_segments)
+    expected = torch.stack([group_advantages(column, 4) for column in per_step.T], 1)
+    for row, place in rollout.mask.nonzero().tolist():
+        column = int(rollout.step[row, place])
+        assert float(rollout.advantages[row, place]) == pytest.approx(float(expected[row, column]))
+    last = rollout.step == module.codec.schedule.num_segments - 1
+    answer_level = group_advantages(per_step[:, -1], 4)[:, None].expand_as(last)
+    torch.testing.assert_close(rollout.advantages[last & rollout.mask], answer_level[last & rollout.mask])
+    assert set(rollout.step[rollout.mask].tolist()) == set(range(module.codec.schedule.num_segments))
+
+
+def test_per_token_advantages_enter_the_loss_token_by_token():
+    """At ratio 1 without KL the loss is minus the mean over answers of each answer's mean token advantage."""
+    logp = torch.zeros(2, 3)
+    advantages = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, _ = grpo_loss(logp, logp, None, advantages, mask, 0.2, 0.0)
+    assert float(loss) == pytest.approx(-((1.0 - 2.0 + 0.5) / 3 + (0.0 + 3.0) / 2) / 2)
+
+
 # ---- the stage --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory) -> Path:
@@ -188,6 +239,10 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
             "trainer.max_steps=4 must be a multiple of grpo.num_iterations=3",
         ),
         (["grpo.reward=[bleu]", "init_from_run=RUN"], "grpo.reward=['bleu']: every value"),
+        (
+            ["grpo.credit=step", "grpo.constrained=false", "init_from_run=RUN"],
+            "credit=step needs constrained=true",
+        ),
     ],
 )
 def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
