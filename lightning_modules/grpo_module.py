@@ -161,8 +161,9 @@ class GRPOModule(GroundingModule):
         return self.parse(Generation(answers, None, torch.zeros(len(answers), dtype=torch.bool)))
 
     def rewards(self, answers: list[list[int]], records: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, S) rewards: each answer's as if it ended at each of its S predicted segments (the last
-        column is the answer's own reward), and (N,) final IoUs."""
+        """(N, S) rewards, the last column each answer's own; with ``credit=step`` S is the number of
+        predicted segments, column j the reward as if the answer ended at segment j (else S = 1);
+        and (N,) final IoUs."""
         predictions = self.parse_answers(answers)
         expected, clip = self.codec.schedule.num_segments, self.inference.order_and_clip
         rewards, ious = [], []
