@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from timerefine.pipeline.ablation import markdown_table, summarize
+from timerefine.pipeline.ablation import markdown_table, plot, summarize
 
 
 def metrics(variant: str, seed: int, miou: float, **extra: float) -> dict:
@@ -40,3 +40,25 @@ def test_the_table_ends_with_the_baselines_every_run_reports():
 def test_a_baseline_some_runs_lack_is_left_out():
     rows = [metrics("direct", 0, 50.0, **baselines(30.0, 48.0)), metrics("direct", 1, 52.0)]
     assert [e["variant"] for e in summarize(rows)] == ["direct"]
+
+
+def test_the_step_axis_spans_the_longest_chain(tmp_path, monkeypatch):
+    """A K=3 variant (5 steps) plotted before a K=1 one (3 steps) keeps ticks 0-4."""
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    k3 = {
+        "variant": "K3",
+        "test/mIoU": 50.0,
+        "test/mIoU std": 0.0,
+        **{f"test/step{i}/mIoU": 50.0 for i in range(5)},
+    }
+    k1 = {
+        "variant": "K1",
+        "test/mIoU": 50.0,
+        "test/mIoU std": 0.0,
+        **{f"test/step{i}/mIoU": 50.0 for i in range(3)},
+    }
+    plot([k3, k1], tmp_path / "results.png")
+    assert list(closed[0].axes[1].get_xticks()) == [0, 1, 2, 3, 4]

@@ -89,11 +89,13 @@ def plot(summary: list[dict], path: Path) -> None:
     left.set_ylabel("test mIoU (%)")
     left.set_title("final mIoU per variant")
     left.tick_params(axis="x", rotation=30)
+    most = 0
     for entry in summary:
         keys = [k for k in entry if k.startswith("test/step") and not k.endswith("std")]
         if len(keys) > 1:
             right.plot(range(len(keys)), [entry[k] for k in keys], marker="o", label=entry["variant"])
-            right.set_xticks(range(len(keys)))
+            most = max(most, len(keys))
+    right.set_xticks(range(most))
     right.set_xlabel("step (0 = first coarse segment)")
     right.set_ylabel("test mIoU (%)")
     right.set_title("progressive refinement")
