@@ -15,8 +15,8 @@ cross-entropy on every position, as Hugging Face's own loss does, instead of onl
 that predict an answer token (the module's). ``gradient_checkpointing``: activations recomputed in
 the backward pass. ``bf16_weights``: the LM's weights stored in bf16 (``model.lm.dtype=bfloat16``)
 under bf16 autocast; the projector, heads and LoRA adapters stay fp32. With ``--experiment`` every
-variant starts from that experiment (its LM, its frames per token; ``frames_per_token4`` is then left out). Prints ``ratio_<variant>=`` (< 1 is
-faster) and ``base_s_per_step``.
+variant starts from that experiment (its LM, its frames per token; ``frames_per_token4`` is then
+left out). Prints ``ratio_<variant>=`` (< 1 is faster) and ``base_s_per_step``.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class Rollout:
     ``labels`` (the answers labelled), ``mask`` (N, T - 1): the next-token positions that count;
     constrained, ``allowed`` (tokens counted, width) the layout's tokens at each of them (-1 pads),
     ``picked`` the sampled one's place among them and ``step`` (N, T - 1) the segment each counted
-    token writes (:func:`step_of`). ``advantages``: (N,) per answer or (N, T - 1) per token."""
+    token writes (:func:`segment_steps`). ``advantages``: (N,) per answer or (N, T - 1) per token."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -100,13 +100,16 @@ def choices_made(automaton: list[dict[int, int]], answer: list[int]) -> list[tup
     return made
 
 
-def step_of(answer: list[int], place: int, markers: set[int]) -> int:
-    """Which predicted segment (0: the first coarse one, i + 1: round i's refined one) the token at
-    ``place`` writes: round 0's start and end write segment 0; a round's offsets, and the coarse
-    segment a later round restates after ``<RETHINK>``, write that round's refined segment. Read from
-    the ``markers`` (``<OFFSET>``, ``<RETHINK>`` ids) before it."""
-    seen = sum(token in markers for token in answer[:place])
-    return 0 if seen == 0 else seen // 2 + 1
+def segment_steps(answer: list[int], markers: set[int]) -> list[int]:
+    """For each place in ``answer``, which predicted segment (0: the first coarse one, i + 1: round
+    i's refined one) its token writes: round 0's start and end write segment 0; a round's offsets,
+    and the coarse segment a later round restates after ``<RETHINK>``, write that round's refined
+    segment. Read from the ``markers`` (``<OFFSET>``, ``<RETHINK>`` ids) before it, in one pass."""
+    steps, seen = [], 0
+    for token in answer:
+        steps.append(0 if seen == 0 else seen // 2 + 1)
+        seen += token in markers
+    return steps
 
 
 class GRPOModule(GroundingModule):
@@ -230,9 +233,10 @@ class GRPOModule(GroundingModule):
             if self._automaton is None:
                 mask[row, start - 1 : end - 1] = True
                 continue
+            steps = segment_steps(answer, self._markers)
             for place, options in choices_made(self._automaton, answer):
                 mask[row, start - 1 + place] = True
-                step[row, start - 1 + place] = step_of(answer, place, self._markers)
+                step[row, start - 1 + place] = steps[place]
                 allowed.append(options)
                 picked.append(options.index(answer[place]))
         width = max(map(len, allowed), default=1)

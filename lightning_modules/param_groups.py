@@ -6,6 +6,8 @@ from __future__ import annotations
 from torch import nn
 from transformers.trainer_pt_utils import get_parameter_names
 
+from lightning_modules.base_weights import BASE
+
 # Hugging Face Trainer's rule: biases and normalization weights (LayerNorm modules, or named *norm*).
 NO_DECAY_LAYERS = [nn.LayerNorm]
 NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -24,7 +26,7 @@ def optimizer_groups(
     lr: float,
     weight_decay: float,
     projector_lr: float | None = None,
-    lm_prefix: str = "model.lm.",
+    lm_prefix: str = BASE,
 ) -> list[dict]:
     """AdamW's parameter groups: decaying or not, and with ``projector_lr`` the parts outside the LM
     (``lm_prefix``: projector, heads, digit gate; they start from scratch) at that lr apart from the LM's."""

@@ -23,7 +23,7 @@ from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, RETHINK
 from lightning_modules.generation import Sampling
 from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
-from lightning_modules.grpo_module import GRPOModule, GRPOSpec, choices_made, step_of
+from lightning_modules.grpo_module import GRPOModule, GRPOSpec, choices_made, segment_steps
 from lightning_modules.slot_logits_processor import layout_automaton
 from tests import helpers
 from timerefine import evaluate
@@ -161,7 +161,7 @@ def test_each_chosen_token_is_credited_to_the_segment_it_writes():
     answer = codec.encode(rounds)
     automaton = layout_automaton(codec.slots(), codec.end_id)
     markers = set(codec.tokenizer.convert_tokens_to_ids([OFFSET, RETHINK]))
-    steps = [step_of(answer, place, markers) for place, _ in choices_made(automaton, answer)]
+    steps = [segment_steps(answer, markers)[place] for place, _ in choices_made(automaton, answer)]
     assert steps == [0] * 4 + [1] * 6 + [2] * 10 + [3] * 10 + [4] * 10
 
 

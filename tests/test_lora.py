@@ -1,0 +1,48 @@
+"""LoRA on the tiny LM: the base freezes, adapters and the grounding tokens' rows train."""
+
+from __future__ import annotations
+
+import torch
+
+from grounding.answer_format.tokens import MARKERS
+from lightning_modules.language_model import LoraSpec, grounding_token_ids
+from tests import helpers
+
+
+def test_lora_freezes_the_base_and_trains_adapters_and_grounding_rows():
+    tok = helpers.tokenizer()
+    module = helpers.module(refine_steps=1, aux_loss="l1", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    lm = module.model.lm
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in lm.named_parameters() if not p.requires_grad}
+    assert trainable and all("lora_" in n or "trainable_tokens" in n for n in trainable)
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    assert any("trainable_tokens" in n for n in trainable)
+    assert any("q_proj.base_layer" in n for n in frozen) and any("lm_head" in n for n in frozen)
+    assert any("mlp" in n for n in frozen)
+    # Projector and aux head are outside the LM and train fully.
+    assert all(p.requires_grad for p in module.model.projector.parameters())
+    assert all(p.requires_grad for p in module.model.aux_head.parameters())
+
+    vocabulary = torch.arange(len(tok))
+    with torch.no_grad():
+        before = lm.get_input_embeddings()(vocabulary).clone()
+    frozen_before = {n: p.detach().clone() for n, p in lm.named_parameters() if not p.requires_grad}
+
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        module._losses(helpers.batch(refine_steps=1, n=3))["loss"].backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        after = lm.get_input_embeddings()(vocabulary)
+    changed = set((after != before).any(dim=1).nonzero().flatten().tolist())
+    grounding = set(grounding_token_ids(tok))
+    assert changed and changed <= grounding
+    # The answer markers are in every target, so their rows must have moved.
+    assert {tok.convert_tokens_to_ids(t) for t in MARKERS} <= changed
+    for name, p in lm.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(p, frozen_before[name]), name
