@@ -37,6 +37,15 @@ def test_the_table_ends_with_the_baselines_every_run_reports():
     assert "| best action without the query | 3 | 48.00 ± 0.00 |" in markdown_table(summary)
 
 
+def test_a_variant_run_once_states_no_spread():
+    """One seed has no std: the table shows the value alone, not a misleading ``± 0.00``."""
+    summary = summarize([metrics("K2", 0, 50.76), metrics("K3", 0, 50.0), metrics("K3", 1, 52.0)])
+    assert summary[0]["test/mIoU std"] is None
+    table = markdown_table(summary)
+    assert "| K2 | 1 | 50.76 | 50.76 | 50.76 | 50.76 |" in table
+    assert "| K3 | 2 | 51.00 ± 1.41 |" in table
+
+
 def test_a_baseline_some_runs_lack_is_left_out():
     rows = [metrics("direct", 0, 50.0, **baselines(30.0, 48.0)), metrics("direct", 1, 52.0)]
     assert [e["variant"] for e in summarize(rows)] == ["direct"]

@@ -29,8 +29,15 @@ def step_keys(row: dict) -> list[str]:
 
 
 def _mean_and_std(entry: dict, key: str, values: list[float]) -> None:
+    """The mean of ``values`` and their std; one value has no spread to state, so its std is None."""
     entry[key] = statistics.fmean(values) if values else float("nan")
-    entry[key + " std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    entry[key + " std"] = statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(entry: dict, key: str) -> str:
+    """``mean ± std``, or the value alone where one run gives no std."""
+    std = entry[key + " std"]
+    return f"{entry[key]:.2f}" if std is None else f"{entry[key]:.2f} ± {std:.2f}"
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -60,7 +67,7 @@ def markdown_table(summary: list[dict]) -> str:
         "|---" * (len(HEADLINE) + 3) + "|",
     ]
     for entry in summary:
-        cells = [f"{entry[k]:.2f} ± {entry[k + ' std']:.2f}" for k in HEADLINE]
+        cells = [_cell(entry, k) for k in HEADLINE]
         steps = " -> ".join(
             f"{entry[k]:.1f}" for k in entry if k.startswith("test/step") and not k.endswith("std")
         )
@@ -85,7 +92,9 @@ def plot(summary: list[dict], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [entry["variant"] for entry in summary]
-    left.bar(names, [e["test/mIoU"] for e in summary], yerr=[e["test/mIoU std"] for e in summary], capsize=4)
+    left.bar(
+        names, [e["test/mIoU"] for e in summary], yerr=[e["test/mIoU std"] or 0.0 for e in summary], capsize=4
+    )
     left.set_ylabel("test mIoU (%)")
     left.set_title("final mIoU per variant")
     left.tick_params(axis="x", rotation=30)
