@@ -60,6 +60,22 @@ def test_auto_takes_bf16_only_where_it_is_native(device, capabilities, expected)
     assert choice.reason.startswith("auto: ")
 
 
+@pytest.mark.parametrize(
+    ("device", "capabilities", "width", "expected"),
+    [
+        ("cpu", CPU_WITH_BF16, 128, "32-true"),  # the tiny default: bf16 did not pay (1.09x on a Xeon)
+        ("cpu", CPU_WITH_BF16, 512, "bf16-mixed"),
+        ("cpu", CPU_WITH_BF16, None, "bf16-mixed"),  # a pretrained LM
+        ("cuda", AMPERE, 128, "bf16-mixed"),  # on a GPU the width does not decide
+    ],
+)
+def test_on_a_cpu_auto_keeps_a_narrow_tiny_lm_in_fp32(device, capabilities, width, expected):
+    choice = choose_precision("auto", device, probe_of(capabilities), tiny_lm_width=width)
+    assert choice.precision == expected
+    if expected == "32-true":
+        assert "the tiny LM is 128 wide (< 512)" in choice.reason
+
+
 def test_the_reason_names_what_was_found():
     assert "AVX-512 BF16 and AMX-BF16" in choose_precision("auto", "cpu", probe_of(CPU_WITH_BF16)).reason
     assert "no AVX-512 BF16 or AMX-BF16" in choose_precision("auto", "cpu", probe_of(CPU_WITHOUT_BF16)).reason
@@ -110,34 +126,40 @@ def tiny_config(tmp_path: Path, *overrides: str):
     return load_config([*tiny, f"output_dir={tmp_path}", *overrides])
 
 
+WIDE = "model.lm.tiny.hidden_size=512"  # as wide as bf16 autocast needs on a CPU under auto
+NARROW = "model.lm.tiny.hidden_size=32"
+
+
 @pytest.mark.parametrize(
-    ("capabilities", "requested", "expected"),
+    ("capabilities", "requested", "width", "expected"),
     [
-        (CPU_WITH_BF16, "auto", "bf16-mixed"),
-        (CPU_WITHOUT_BF16, "auto", "32-true"),
-        (CPU_WITHOUT_BF16, "bf16-mixed", "bf16-mixed"),
-        (CPU_WITH_BF16, "32-true", "32-true"),
+        (CPU_WITH_BF16, "auto", WIDE, "bf16-mixed"),
+        (CPU_WITH_BF16, "auto", NARROW, "32-true"),
+        (CPU_WITHOUT_BF16, "auto", WIDE, "32-true"),
+        (CPU_WITHOUT_BF16, "bf16-mixed", NARROW, "bf16-mixed"),
+        (CPU_WITH_BF16, "32-true", WIDE, "32-true"),
     ],
 )
-def test_the_trainer_gets_the_choice(monkeypatch, tmp_path, capabilities, requested, expected):
+def test_the_trainer_gets_the_choice(monkeypatch, tmp_path, capabilities, requested, width, expected):
     monkeypatch.setattr(precision, "machine_capabilities", probe_of(capabilities))
-    cfg = tiny_config(tmp_path, f"trainer.precision={requested}")
+    cfg = tiny_config(tmp_path, f"trainer.precision={requested}", width)
     trainer = build_trainer(cfg, tmp_path, build_module(cfg, build_datamodule(cfg)))
     assert trainer.precision == expected
 
 
 @pytest.mark.parametrize(
-    ("capabilities", "requested", "expected"),
+    ("capabilities", "requested", "width", "expected"),
     [
-        (CPU_WITH_BF16, "auto", torch.bfloat16),
-        (CPU_WITHOUT_BF16, "auto", None),
-        (CPU_WITHOUT_BF16, "bf16-mixed", torch.bfloat16),
+        (CPU_WITH_BF16, "auto", WIDE, torch.bfloat16),
+        (CPU_WITH_BF16, "auto", NARROW, None),
+        (CPU_WITHOUT_BF16, "auto", WIDE, None),
+        (CPU_WITHOUT_BF16, "bf16-mixed", NARROW, torch.bfloat16),
     ],
 )
-def test_the_grounder_runs_as_evaluate_does(monkeypatch, tmp_path, capabilities, requested, expected):
-    """A run trained with ``auto`` predicts with what ``auto`` gives on this machine."""
+def test_the_grounder_runs_as_evaluate_does(monkeypatch, tmp_path, capabilities, requested, width, expected):
+    """A run trained with ``auto`` predicts with what ``auto`` gives on this machine for its LM."""
     monkeypatch.setattr(run_loading, "machine_capabilities", probe_of(capabilities))
-    cfg = tiny_config(tmp_path, f"trainer.precision={requested}")
+    cfg = tiny_config(tmp_path, f"trainer.precision={requested}", width)
     run = LoadedRun(cfg, SimpleNamespace(device=torch.device("cpu")), None, tmp_path)
     with run_loading.precision_autocast(run.precision, "cpu"):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
@@ -184,7 +206,7 @@ def said_and_recorded(result: subprocess.CompletedProcess, metrics: Path) -> tup
 @pytest.mark.slow
 def test_a_run_says_and_records_its_precision(tmp_path):
     result = train(tmp_path / "run", {})
-    here = resolve_precision("auto", "auto")
+    here = resolve_precision("auto", "auto", load_config(["experiment=tiny"]).model.lm.tiny.hidden_size)
     assert said_and_recorded(result, tmp_path / "run" / "metrics.json") == (here.precision, here.reason)
     assert evaluate.main([str(tmp_path / "run")]) == 0  # evaluated with what auto gives here, recorded too
     recorded = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())

@@ -27,6 +27,7 @@ from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
+from timerefine.pipeline.conventions import tiny_lm_width
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
 
 
@@ -75,7 +76,8 @@ class LoadedRun:
         """The run's ``trainer.precision`` on the module's device here: ``auto`` is chosen for this
         machine as train.py and evaluate.py choose it, any other value is used as trained."""
         requested = str(self.cfg.trainer.precision)
-        return choose_precision(requested, self.module.device.type, machine_capabilities).precision
+        device, width = self.module.device.type, tiny_lm_width(self.cfg)
+        return choose_precision(requested, device, machine_capabilities, width).precision
 
     @property
     def language_model_prefix(self) -> str:

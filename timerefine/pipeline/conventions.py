@@ -27,9 +27,14 @@ def run_protocol(cfg: DictConfig) -> Protocol:
     return protocol
 
 
+def tiny_lm_width(cfg: DictConfig) -> int | None:
+    """The hidden size of the run's tiny LM; None when the run's LM is a pretrained one."""
+    return None if cfg.model.lm.name_or_path else int(cfg.model.lm.tiny.hidden_size)
+
+
 def run_precision(cfg: DictConfig) -> PrecisionChoice:
     """What ``trainer.precision`` (``auto`` or a Lightning value) gives on this machine, and why."""
-    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, tiny_lm_width(cfg))
 
 
 def recorded_conventions(cfg: DictConfig) -> dict[str, str]:

@@ -1,9 +1,13 @@
-"""``trainer.precision: auto``: bf16 autocast where the hardware computes bf16 natively, else fp32.
+"""``trainer.precision: auto``: bf16 autocast where the hardware computes bf16 natively and it pays, else fp32.
 
-bf16 autocast is 0.81x the fp32 step on a CPU with AVX-512 BF16 / AMX (bench/step_levers.py) but
-many times slower where bf16 is emulated (an AVX2-only CPU, a GPU older than Ampere). ``auto`` picks
-``bf16-mixed`` on CUDA with native bf16 and on a CPU with AVX-512 BF16 or AMX-BF16 whose instructions
-torch's kernels may use, else ``32-true``. Any other value is Lightning's and is used unchanged.
+bf16 autocast is many times slower than fp32 where bf16 is emulated (an AVX2-only CPU, a GPU older
+than Ampere). On a CPU with AVX-512 BF16 / AMX it pays for a real LM's matmuls (SmolLM2, 576 wide:
+0.51x the fp32 step) but not always for the tiny LM's (128 wide: 0.81x on an AMD EPYC, 1.09x on an
+Intel Xeon with AMX; bench/step_levers.py), whose casts cost about what its small matmuls gain.
+``auto`` picks ``bf16-mixed`` on CUDA with native bf16, and on a CPU with AVX-512 BF16 or AMX-BF16
+whose instructions torch's kernels may use for an LM at least :data:`CPU_BF16_MIN_WIDTH` wide; else
+``32-true``, so the tiny default trains alike on every CPU. Any other value is Lightning's and is
+used unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ AUTO = "auto"
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 # /proc/cpuinfo flag -> its name: the x86 instructions that compute bf16 products natively.
 CPU_BF16_FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX-BF16"}
+# The narrowest tiny LM that bf16 autocast runs on a CPU under auto: between the tiny default's 128
+# (not faster) and SmolLM2's 576 (2x faster); every pretrained LM the project names is wider.
+CPU_BF16_MIN_WIDTH = 512
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,12 @@ def device_type(accelerator: str) -> str:
     return accelerator
 
 
-def choose_precision(requested: str, device: str, probe: Callable[[], Capabilities]) -> PrecisionChoice:
+def choose_precision(
+    requested: str, device: str, probe: Callable[[], Capabilities], tiny_lm_width: int | None = None
+) -> PrecisionChoice:
     """``requested`` unless it is ``auto``; for ``auto``, bf16 autocast only where bf16 is native on
-    ``device`` (cpu, cuda, ...) by what ``probe`` finds."""
+    ``device`` (cpu, cuda, ...) by what ``probe`` finds and, on a CPU, the LM is wide enough
+    (``tiny_lm_width``: the built-in tiny LM's hidden size; None: a pretrained LM)."""
     if requested != AUTO:
         return PrecisionChoice(str(requested), "set by trainer.precision")
     if device not in ("cpu", "cuda"):
@@ -104,9 +114,16 @@ def choose_precision(requested: str, device: str, probe: Callable[[], Capabiliti
         return PrecisionChoice(
             "32-true", f"auto: this CPU has {found} but {capabilities.cpu_limit}, so bf16 would be slower"
         )
+    if tiny_lm_width is not None and tiny_lm_width < CPU_BF16_MIN_WIDTH:
+        return PrecisionChoice(
+            "32-true",
+            f"auto: this CPU has {found} but the tiny LM is {tiny_lm_width} wide (< {CPU_BF16_MIN_WIDTH}), "
+            "too narrow for bf16 autocast to pay",
+        )
     return PrecisionChoice("bf16-mixed", f"auto: this CPU computes bf16 natively ({found})")
 
 
-def resolve_precision(requested: str, accelerator: str) -> PrecisionChoice:
-    """The precision that ``trainer.precision`` and ``trainer.accelerator`` give on this machine."""
-    return choose_precision(requested, device_type(str(accelerator)), machine_capabilities)
+def resolve_precision(requested: str, accelerator: str, tiny_lm_width: int | None = None) -> PrecisionChoice:
+    """The precision that ``trainer.precision`` and ``trainer.accelerator`` give on this machine for
+    an LM as in :func:`choose_precision`."""
+    return choose_precision(requested, device_type(str(accelerator)), machine_capabilities, tiny_lm_width)
