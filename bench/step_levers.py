@@ -1,21 +1,22 @@
 """What a training step of the default model costs under each lever, as a ratio to the plain step.
 
-    python -m bench.step_levers                # threads, bf16 autocast, 4 frames per token, eager attention
+    python -m bench.step_levers                # threads, bf16 autocast, 2 frames per token, eager attention
     python -m bench.step_levers --compile      # also torch.compile of the LM (its compile time printed)
     python -m bench.step_levers --quick        # experiment=tiny, one round
     python -m bench.step_levers --experiment smollm2 --batch 8   # a pretrained LM (SmolLM2-135M + LoRA)
     python -m bench.step_levers --experiment smollm2 --only logits_everywhere,bf16_autocast
+    python -m bench.step_levers --only bf16_autocast model.lm.tiny.hidden_size=512   # overrides last
 
 Every variant gets its own copy of the default model and the same training batches (batch 32) and
 runs ``--steps`` steps (forward, backward, AdamW) per round; variants take turns for ``--rounds``
 rounds and each is reported as the median of its per-round ratio to ``base`` (the default: torch's
-intra-op threads, fp32, 2 frames per token, SDPA attention). ``threads1``/``threads2``: the same
+intra-op threads, fp32, 4 frames per token, SDPA attention). ``threads1``/``threads2``: the same
 step with 1 / 2 intra-op threads (``torch.set_num_threads``). ``logits_everywhere``: the LM head and
 cross-entropy on every position, as Hugging Face's own loss does, instead of only on the positions
 that predict an answer token (the module's). ``gradient_checkpointing``: activations recomputed in
 the backward pass. ``bf16_weights``: the LM's weights stored in bf16 (``model.lm.dtype=bfloat16``)
 under bf16 autocast; the projector, heads and LoRA adapters stay fp32. With ``--experiment`` every
-variant starts from that experiment (its LM, its frames per token; ``frames_per_token4`` is then
+variant starts from that experiment (its LM, its frames per token; ``frames_per_token2`` is then
 left out). Prints ``ratio_<variant>=`` (< 1 is faster) and ``base_s_per_step``.
 """
 
@@ -41,7 +42,7 @@ VARIANTS = {
     "threads1": ([], None, 1, None),
     "threads2": ([], None, 2, None),
     "bf16_autocast": ([], torch.bfloat16, None, None),
-    "frames_per_token4": (["model.projector.frames_per_token=4"], None, None, None),
+    "frames_per_token2": (["model.projector.frames_per_token=2"], None, None, None),
     "eager_attention": ([], None, None, "eager"),
     "logits_everywhere": ([], None, None, None),
     "gradient_checkpointing": (["model.lm.gradient_checkpointing=true"], None, None, None),
@@ -103,17 +104,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", help="start every variant from this experiment (e.g. smollm2)")
     parser.add_argument("--batch", type=int, help="data.batch_size (default: the experiment's)")
     parser.add_argument("--only", help="comma-separated variants to run besides base (default: all)")
+    parser.add_argument("overrides", nargs="*", help="config overrides of every variant")
     args = parser.parse_args(argv)
     extra = (
         ["experiment=tiny"] if args.quick else [f"experiment={args.experiment}"] if args.experiment else []
     )
     extra += [f"data.batch_size={args.batch}"] if args.batch else []
+    extra += args.overrides
     rounds, count = (1, 1) if args.quick else (args.rounds, args.steps)
     default_threads = torch.get_num_threads()
     print(f"machine: {machine()}")
     variants = dict(VARIANTS)
     if args.experiment:
-        del variants["frames_per_token4"]
+        del variants["frames_per_token2"]
     if args.only:
         variants = {n: v for n, v in variants.items() if n == "base" or n in args.only.split(",")}
     if args.compile:
