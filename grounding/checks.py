@@ -29,17 +29,17 @@ def integer(low: int, high: int | None = None) -> Rule:
 
 
 def number(low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False) -> Rule:
-    """A number between ``low`` and ``high``; an open end excludes the bound itself."""
+    """A finite number between ``low`` and ``high``; an open end excludes the bound itself."""
     if high == math.inf:
         within = f"> {low}" if open_low else f">= {low}"
     else:
         within = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
 
     def rule(value: Any) -> str | None:
-        a_number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        a_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         above = a_number and (value > low if open_low else value >= low)
         below = above and (value < high if open_high else value <= high)
-        return None if below else f"must be a number {within}"
+        return None if below else f"must be a finite number {within}"
 
     return rule
 

@@ -221,7 +221,7 @@ def test_train_py_names_the_bad_knob(tmp_path, capsys):
     args = ["data=charades_sta", "data.source.action_trace.jitter=-0.1", f"output_dir={output_dir}"]
     assert train.main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["config error: data.source.action_trace.jitter=-0.1: must be a number >= 0"]
+    assert lines == ["config error: data.source.action_trace.jitter=-0.1: must be a finite number >= 0"]
     assert not output_dir.exists()
 
 

@@ -280,6 +280,15 @@ def test_saliency_needs_query_conditioning(tmp_path):
         ("callbacks.checkpoint.last_every_n_steps=0", "callbacks.checkpoint.last_every_n_steps"),
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
         ("seed=-1", "seed"),
+        # not finite: accepted before, trained to a NaN loss or crashed in the targets
+        ("model.optim.lr=inf", "model.optim.lr"),
+        ("model.aux.weight=inf", "model.aux.weight"),
+        ("model.refine.noise_std=[inf]", "model.refine.noise_std"),
+        ("model.refine.residual_std=[inf]", "model.refine.residual_std"),
+        ("data.source.noise=inf", "data.source.noise"),
+        ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
+        ("output_dir=", "output_dir"),  # empty: wrote the run into the working directory
     ],
 )
 def test_bad_values_name_the_key(override, key):

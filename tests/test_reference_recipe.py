@@ -252,7 +252,7 @@ def test_paper_scale_configs(experiment, dataset):
             "model.refine.offset_space=frames: must be one of index, seconds",
         ),
         ("model.refine.resample=never", "model.refine.resample=never: must be one of epoch, once"),
-        ("model.optim.warmup_ratio=1.5", "model.optim.warmup_ratio=1.5: must be a number in [0, 1)"),
+        ("model.optim.warmup_ratio=1.5", "model.optim.warmup_ratio=1.5: must be a finite number in [0, 1)"),
         ("model.aux.loss=giou", "model.aux.scaling=reference needs loss=l1, got giou"),
         (
             "model.refine.residual_std=[1,0]",

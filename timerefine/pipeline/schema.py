@@ -35,7 +35,9 @@ from timerefine.pipeline.precision import AUTO, PRECISIONS
 
 
 def not_a_file(value: str) -> str | None:
-    """A directory that may not exist yet."""
+    """A directory that may not exist yet (not empty: that would be the working directory)."""
+    if not value:
+        return "must name a directory (empty would write the run into the working directory)"
     path = Path(value)
     return f"{value} exists and is not a directory" if path.exists() and not path.is_dir() else None
 
@@ -168,7 +170,7 @@ class TrainerConfig(Checked):
     check_val_every_n_epoch: int | None = checked(None, optional(integer(1)))
     limit_val_batches: Any = None
     limit_test_batches: Any = None
-    gradient_clip_val: float | None = 1.0
+    gradient_clip_val: float | None = checked(1.0, optional(NON_NEGATIVE))
     log_every_n_steps: int = checked(20, integer(1))
     num_sanity_val_steps: int = checked(2, integer(-1))
     deterministic: bool = False
