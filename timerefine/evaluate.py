@@ -24,7 +24,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import recorded_conventions
@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
     module = build_module(cfg, datamodule)
-    module.check_base(ckpt)  # other base weights: refused before anything is written
+    fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused before writing
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)

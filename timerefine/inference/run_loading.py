@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from callbacks.lightning_compat import load_sharded_checkpoint
 from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
 from grounding.answer_format.prompts import query_length_error
@@ -24,11 +23,12 @@ from grounding.records import FeatureStore, GroundingRecord
 from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.video_features import InputError
-from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import tiny_lm_width
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
+from timerefine.pipeline.resume import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -108,21 +108,18 @@ def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
     """``best``, ``last`` or a path, as evaluate.py reads it; InputError when there is none."""
     try:
         return checkpoint_path(run_dir, ckpt)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise InputError(str(err)) from err
 
 
 def load_checkpoint(module: GroundingModule, path: Path) -> None:
     """Give ``module`` the weights of a Lightning checkpoint (a file, or a sharded folder); the frozen
-    base weights a checkpoint leaves out come from the rebuilt module (InputError when they differ
-    from those the checkpoint was trained on)."""
-    checkpoint = (
-        load_sharded_checkpoint(path)
-        if path.is_dir()
-        else torch.load(path, map_location="cpu", weights_only=False)
-    )
+    base weights a checkpoint leaves out come from the rebuilt module. InputError when the file cannot
+    be read, holds no weights that fit the run's model, or was trained on other base weights."""
     try:
-        module.on_load_checkpoint(checkpoint)
+        checkpoint = fitting_checkpoint(module, path)
+    except CheckpointError as error:
+        raise InputError(str(error)) from error
     except BaseWeightsError as error:
         raise InputError(f"{path}: {error}") from error
     module.load_state_dict(checkpoint["state_dict"])

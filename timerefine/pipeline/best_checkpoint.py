@@ -1,29 +1,90 @@
-"""The best checkpoint of a run, as its ModelCheckpoint recorded it (never guessed from file names)."""
+"""A run's checkpoints read for use: the best one as its ModelCheckpoint recorded it (never guessed from
+file names), each read whole or refused in one line (:class:`CheckpointError`), and its weights
+checked to fit the model they are loaded into."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from callbacks.lightning_compat import sharded_checkpoint_metadata
+from callbacks.lightning_compat import load_sharded_checkpoint, sharded_checkpoint_metadata
+from timerefine.pipeline.resume import CheckpointError
+
+if TYPE_CHECKING:
+    from lightning_modules.grounding_module import GroundingModule
+
+log = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
+    """A checkpoint's dict (a file, or a sharded folder); ``weights=False`` maps the tensors lazily (a
+    sharded folder: its metadata file only). A file that is not a whole checkpoint is a
+    :class:`CheckpointError` naming it."""
+    if path.is_dir() and not sharded_checkpoint_metadata(path).is_file():
+        raise CheckpointError(f"checkpoint {path} cannot be read (a folder, but not a sharded checkpoint)")
+    try:
+        if path.is_dir():
+            if weights:
+                return load_sharded_checkpoint(path)
+            path = sharded_checkpoint_metadata(path)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=not weights)
+    except Exception as error:  # truncated, empty, another format, a folder that is no checkpoint
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason})") from error
 
 
 def trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's dict without reading its weights (mapped lazily); a sharded checkpoint (a folder)
-    keeps everything but the weights in its metadata file."""
-    file = sharded_checkpoint_metadata(checkpoint) if checkpoint.is_dir() else checkpoint
-    return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    """A checkpoint's dict without reading its weights (mapped lazily)."""
+    return read_checkpoint(checkpoint, weights=False)
+
+
+def misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """Why the weights ``state`` do not fit a model whose state dict is ``own`` (a missing or extra
+    tensor, another shape); None when they fit."""
+    if missing := sorted(own.keys() - state.keys()):
+        return f"it lacks {missing[0]}: not a model of this run's settings"
+    if unexpected := sorted(state.keys() - own.keys()):
+        return f"it holds {unexpected[0]}, which this run's model has no place for"
+    for key, tensor in state.items():
+        if tensor.shape != own[key].shape:
+            return f"{key} has shape {tuple(tensor.shape)}, this run's model needs {tuple(own[key].shape)}"
+    return None
+
+
+def fitting_checkpoint(module: GroundingModule, path: Path, weights: bool = True) -> dict[str, Any]:
+    """The checkpoint at ``path`` (``weights=False``: its tensors mapped, not read), completed by
+    ``module.on_load_checkpoint`` with the frozen base weights it left out. CheckpointError when it
+    cannot be read or its weights do not fit ``module``; BaseWeightsError when it was trained on other
+    base weights. A sharded folder read without weights is its metadata, checked when loaded."""
+    checkpoint = read_checkpoint(path, weights)
+    if path.is_dir() and not weights:
+        return checkpoint
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    module.on_load_checkpoint(checkpoint)
+    if reason := misfit(checkpoint["state_dict"], module.state_dict()):
+        raise CheckpointError(f"{path}: {reason}")
+    return checkpoint
 
 
 def recorded_best(checkpoint_dir: Path) -> Path:
     """The ``best_model_path`` in the newest checkpoint of ``checkpoint_dir``, taken from that folder (a
     moved run still finds it). At equal steps a ``best-*`` checkpoint, written after validation, is newer
-    than ``last.ckpt``, written at the batch's end before it. Raises FileNotFoundError."""
-    states = {path: trainer_state(path) for path in checkpoint_dir.glob("*.ckpt")}
+    than ``last.ckpt``, written at the batch's end before it; one that cannot be read is skipped with a
+    warning. Raises FileNotFoundError."""
+    states, files = {}, sorted(checkpoint_dir.glob("*.ckpt"))
+    for path in files:
+        try:
+            states[path] = trainer_state(path)
+        except CheckpointError as error:
+            log.warning("skipped: %s", error)
     if not states:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+        unreadable = f" ({len(files)} cannot be read)" if files else ""
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}{unreadable}")
     newest = max(states, key=lambda path: (states[path]["global_step"], not path.name.startswith("last")))
     callbacks = states[newest].get("callbacks", {})
     best = next((s["best_model_path"] for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), "")

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.lightning_compat import load_sharded_checkpoint
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
-from timerefine.pipeline.best_checkpoint import checkpoint_path
+from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
+from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import IDENTITY
 from timerefine.pipeline.schema import INHERITED
 
@@ -75,23 +74,11 @@ def start_from_run(
         path = checkpoint_path(run_dir, "best")
     except FileNotFoundError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
-    checkpoint = (
-        load_sharded_checkpoint(path)
-        if path.is_dir()
-        else torch.load(path, map_location="cpu", weights_only=False)
-    )
-    module.on_load_checkpoint(checkpoint)
-    state, own = checkpoint["state_dict"], module.state_dict()
-    if missing := sorted(own.keys() - state.keys()):
-        raise RunStartError(f"{path} lacks {missing[0]}: not a model of this run's settings")
-    if unexpected := sorted(state.keys() - own.keys()):
-        raise RunStartError(f"{path} holds {unexpected[0]}, which this run's model has no place for")
-    for key, tensor in state.items():
-        if tensor.shape != own[key].shape:
-            raise RunStartError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, this run's model needs {tuple(own[key].shape)}"
-            )
-    module.load_state_dict(state)
+    try:
+        checkpoint = fitting_checkpoint(module, path)
+    except CheckpointError as error:
+        raise RunStartError(f"init_from_run={run_dir}: {error}") from error
+    module.load_state_dict(checkpoint["state_dict"])
     if inherited == "merge" and lora is not None:
         module.model.lm = apply_lora(module.model.lm.merge_and_unload(), lora, token_ids)
         module.base_changed()
