@@ -12,6 +12,7 @@ Finished runs (with a metrics.json) are skipped, so an interrupted ablation cont
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +24,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def variants(specs: list[str]) -> dict[str, list[str]]:
-    """``name=overrides`` specs, comma lists expanded (``name[key=value]`` per expansion)."""
+    """``name=overrides`` specs (overrides split as a shell splits them), comma lists expanded
+    (``name[key=value]`` per expansion). ValueError for a spec without a name, a name that is no
+    folder name, or a name given twice."""
     result: dict[str, list[str]] = {}
     for spec in specs:
-        name, sep, overrides = spec.partition("=")
+        name, sep, text = spec.partition("=")
         if not sep or not name:
-            raise SystemExit(f'--variant needs NAME="overrides", got {spec!r}')
-        expansions = expand_sweep(overrides.split())
+            raise ValueError(f'--variant needs NAME="overrides", got {spec!r}')
+        if "/" in name or name.startswith("."):
+            raise ValueError(
+                f"--variant {name}: a variant's name is its folder's, so no '/' and no leading '.'"
+            )
+        overrides = shlex.split(text)
+        expansions = expand_sweep(overrides)
         for combo in expansions:
             label = (
                 name
                 if len(expansions) == 1
-                else name + "[" + ",".join(o for o in combo if o not in overrides.split()) + "]"
+                else f"{name}[{','.join(o for o in combo if o not in overrides)}]"
             )
+            if label in result:
+                raise ValueError(f"--variant {label}: given twice; each variant needs its own name")
             result[label] = combo
     return result
 
@@ -50,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
     parser.add_argument("shared", nargs="*", help="overrides for every run (after --)")
     args = parser.parse_args(argv)
+    try:
+        chosen = variants(args.variant)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
+    failed = []
     if not args.report_only:
-        for name, overrides in variants(args.variant).items():
+        for name, overrides in chosen.items():
             for seed in args.seeds:
                 run_dir = args.out / name / f"seed{seed}"
                 if (run_dir / "metrics.json").is_file():
@@ -66,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"seed={seed}",
                     f"output_dir={run_dir}",
                 ]
-                print("[run]", " ".join(command[1:]), flush=True)
-                if subprocess.call(command, cwd=ROOT) != 0:
+                print("[run]", shlex.join(command[1:]), flush=True)
+                if subprocess.call(command) != 0:  # in the caller's folder: relative paths are the caller's
                     print(f"[fail] {run_dir}: see its output above", file=sys.stderr)
+                    failed.append(str(run_dir))
 
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     rows = load_runs(args.out)
     if not rows:
         print(f"no finished runs under {args.out}", file=sys.stderr)
@@ -80,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, args.out / "results.png")
     print(markdown_table(summary))
     print(f"wrote {args.out / 'results.csv'}, results.md and results.png")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

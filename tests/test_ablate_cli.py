@@ -1,0 +1,57 @@
+"""timerefine-ablate: variant names and overrides as a user writes them, runs where the user asked,
+and a failed run that the exit code reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from timerefine.tools import ablate
+from timerefine.tools.ablate import variants
+
+TINY = ["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger.tensorboard=false"]
+
+
+def test_a_quoted_value_with_spaces_stays_one_override():
+    """Before: split on whitespace, so the template reached Hydra in pieces."""
+    found = variants(['p=data.prompt_template="<video> When does {query} happen?" seed=1'])
+    assert found == {"p": ["data.prompt_template=<video> When does {query} happen?", "seed=1"]}
+
+
+def test_a_comma_list_expands_into_named_variants():
+    assert variants(["k=model.refine.steps=0,1 seed=2"]) == {
+        "k[model.refine.steps=0]": ["model.refine.steps=0", "seed=2"],
+        "k[model.refine.steps=1]": ["model.refine.steps=1", "seed=2"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["good=model.refine.steps=1", "good=model.refine.steps=2"], "given twice"),  # the first never ran
+        (["a/b=model.refine.steps=0"], "no '/'"),  # ran, but its folder was not a variant's
+        (["=model.refine.steps=0"], "needs NAME="),
+    ],
+)
+def test_names_that_would_lose_a_variant_are_refused(capsys, specs, message):
+    argv = ["--out", "unused", *[f"--variant={spec}" for spec in specs], "--", *TINY]
+    assert ablate.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --variant") and message in lines[0], lines
+
+
+@pytest.mark.slow
+def test_runs_go_where_the_caller_points_and_a_failure_is_the_exit_code(tmp_path, monkeypatch, capsys):
+    """Before: a relative --out went below the package's folder, and a failed run exited 0."""
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--out",
+        "abl",
+        "--variant",
+        "good=model.refine.steps=1",
+        "--variant",
+        "bad=model.refine.steps=-1",
+    ]
+    assert ablate.main([*argv, "--", *TINY]) == 1
+    assert (tmp_path / "abl" / "good" / "seed0" / "metrics.json").is_file()
+    assert "| good | 1 |" in (tmp_path / "abl" / "results.md").read_text()
+    assert "error: 1 run(s) failed: abl/bad/seed0" in capsys.readouterr().err
