@@ -196,3 +196,20 @@ def test_changes_name_added_removed_and_changed_leaves():
         "seed": (0, "(absent)"),
         "trainer.foo": ("(absent)", 1),
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty, or not a mapping of keys"),  # was: "written by a run with other settings" (every key)
+        ("- a\n", "empty, or not a mapping of keys"),  # was: an OmegaConf traceback
+        ("{{{ x\n", "not a run's config (while parsing"),  # was: a YAML scanner traceback
+    ],
+)
+def test_a_half_written_config_in_the_output_dir_is_one_line(tmp_path, capsys, text, why):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    line = refused(overrides(run), capsys)
+    assert line.startswith(f"error: {run / 'config.yaml'}: not a run's config") and why in line, line
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import lightning as L
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -188,10 +189,22 @@ def with_schema_defaults(saved: DictConfig) -> DictConfig:
     return run
 
 
+def saved_config(path: Path) -> DictConfig:
+    """A run's saved ``config.yaml`` as written; ConfigError naming it when it is not YAML, empty, or
+    not a mapping of keys (a run killed while writing it, a file of something else)."""
+    try:
+        saved = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not a run's config ({' '.join(str(error).split())})") from error
+    if not isinstance(saved, DictConfig) or not saved:
+        raise ConfigError(f"{path}: not a run's config (empty, or not a mapping of keys)")
+    return saved
+
+
 def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """A run's saved ``config.yaml`` (evaluation, prediction, export), completed by
     :func:`with_schema_defaults`, then ``overrides`` checked as by :func:`load_config`."""
     ConfigStore.instance().store(
-        name="saved_run", node=with_schema_defaults(OmegaConf.load(run_dir / "config.yaml"))
+        name="saved_run", node=with_schema_defaults(saved_config(run_dir / "config.yaml"))
     )
     return load_config(overrides, name="saved_run")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from timerefine.pipeline.config import with_schema_defaults
+from timerefine.pipeline.config import saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import checkpoint_file
 
@@ -47,7 +47,7 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
     found: list[tuple[str, DictConfig]] = []
     saved = output_dir / "config.yaml"
     if saved.is_file():
-        found.append((str(saved), OmegaConf.load(saved)))
+        found.append((str(saved), saved_config(saved)))
     if checkpoint is not None:
         file = checkpoint_file(checkpoint, output_dir)
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
@@ -79,5 +79,5 @@ def finished(cfg: DictConfig, output_dir: Path) -> bool:
     saved = output_dir / "config.yaml"
     if cfg.resume != "auto" or not (output_dir / "metrics.json").is_file() or not saved.is_file():
         return False
-    old = OmegaConf.to_container(with_schema_defaults(OmegaConf.load(saved)), resolve=True)
+    old = OmegaConf.to_container(with_schema_defaults(saved_config(saved)), resolve=True)
     return all(key in INCIDENTAL for key in changes(old, OmegaConf.to_container(cfg, resolve=True)))
