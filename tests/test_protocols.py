@@ -198,8 +198,23 @@ def test_rescore_console_script_runs(tmp_path):
         (None, "No such file"),
         ('{"pred": [1, 2], "gt": [1, 2], "duration": 3}\nnot json\n', "test.jsonl:2: not JSON"),
         ('{"pred": [1, 2], "duration": 3}\n', "test.jsonl:1: needs pred, gt and duration"),
-        ('{"pred": [1, 2], "gt": [1, 2], "duration": 0}\n', "duration > 0"),
+        ('{"pred": [1, 2], "gt": [1, 2], "duration": 0}\n', "duration must be a finite number > 0, got 0"),
         ("\n", "no prediction rows"),
+        # each was scored before: a string, a dict or bools as a segment, an infinite duration, a repeat
+        (
+            '{"pred": "14", "gt": [2, 5], "duration": 10}\n',
+            'test.jsonl:1: pred must be [start, end], two finite numbers, got "14"',
+        ),
+        ('{"pred": {"1": 0, "4": 0}, "gt": [2, 5], "duration": 10}\n', "pred must be [start, end]"),
+        ('{"pred": [true, false], "gt": [2, 5], "duration": 10}\n', "pred must be [start, end]"),
+        ('{"pred": [1, 4], "gt": "25", "duration": 10}\n', "gt must be [start, end]"),
+        ('{"pred": [NaN, 4], "gt": [2, 5], "duration": 10}\n', "pred must be [start, end]"),
+        ('{"pred": [1, 4], "gt": [2, 5], "duration": Infinity}\n', "duration must be a finite number > 0"),
+        ('{"pred": [1, 4], "gt": [2, 5], "duration": "10"}\n', "duration must be a finite number > 0"),
+        (
+            '{"qid": "a", "pred": [1, 4], "gt": [2, 5], "duration": 10}\n' * 2,
+            "test.jsonl:2: qid a is scored on line 1",
+        ),
     ],
 )
 def test_rescore_bad_file_is_one_error_line(tmp_path, capsys, content, message):

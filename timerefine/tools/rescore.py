@@ -10,7 +10,8 @@ the rule that scores them, ``multi_window`` (``best`` or ``union``; ``--multi-wi
 
 Rows are scored as the run scores its own answers (the same metric, grounding/metrics/): a
 prediction with start > end is reordered and one outside ``[0, duration]`` clipped, as the run does to
-what it parses, and both are counted and reported. Ground truth outside that rule is refused.
+what it parses, and both are counted and reported. Ground truth outside that rule, a segment or
+duration that is not finite numbers, and a qid scored twice are refused (file:line, exit 2).
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ class PredictionsError(ValueError):
     """A predictions file that cannot be scored; the message names the file and line."""
 
 
-def segment(values: list[float], what: str, where: str) -> Segment:
-    try:
-        start, end = (float(x) for x in values)
-    except (TypeError, ValueError) as error:
-        raise PredictionsError(f"{where}: {what} must be [start, end] ({error})") from error
-    return start, end
+def finite_number(value: object) -> bool:
+    """A JSON number (not a bool, a string or NaN/Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def segment(values: object, what: str, where: str) -> Segment:
+    """``[start, end]``: a list of two finite numbers, or a PredictionsError naming ``where``."""
+    if not isinstance(values, (list, tuple)) or len(values) != 2 or not all(map(finite_number, values)):
+        raise PredictionsError(
+            f"{where}: {what} must be [start, end], two finite numbers, got {json.dumps(values)}"
+        )
+    return float(values[0]), float(values[1])
 
 
 def ordered_clipped(pred: Segment, duration: float) -> tuple[Segment, bool, bool]:
@@ -54,13 +61,11 @@ def ordered_clipped(pred: Segment, duration: float) -> tuple[Segment, bool, bool
 
 def row_record(row: dict, where: str, multi_window: str | None) -> GroundingRecord:
     """The row's ground truth as the run's record of it: target window, windows and their rule."""
-    try:
-        gt, duration = segment(row["gt"], "gt", where), float(row["duration"])
-    except (KeyError, TypeError, ValueError) as error:
-        message = f"{where}: needs pred, gt and duration ({type(error).__name__}: {error})"
-        raise PredictionsError(message) from error
-    if not duration > 0:
-        raise PredictionsError(f"{where}: needs duration > 0, got {duration}")
+    if "gt" not in row or "duration" not in row:
+        raise PredictionsError(f"{where}: needs pred, gt and duration")
+    gt, duration = segment(row["gt"], "gt", where), row["duration"]
+    if not finite_number(duration) or not duration > 0:
+        raise PredictionsError(f"{where}: duration must be a finite number > 0, got {json.dumps(duration)}")
     windows = [segment(w, "each of windows", where) for w in row.get("windows") or [gt]]
     for start, end in (gt, *windows):
         if not 0 <= start <= end <= duration:
@@ -83,6 +88,7 @@ def read_predictions(
     """Each row's prediction (ordered and clipped; NaN when unparsed) and record, and how many
     predictions were reordered and clipped."""
     segments, records, reordered, clipped = [], [], 0, 0
+    lines_of: dict[str, int] = {}  # qid -> the line that scored it
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -96,8 +102,10 @@ def read_predictions(
         except json.JSONDecodeError as error:
             raise PredictionsError(f"{where}: not JSON ({error.msg})") from error
         if not isinstance(row, dict) or "pred" not in row:
-            raise PredictionsError(f"{where}: needs pred, gt and duration (KeyError: 'pred')")
+            raise PredictionsError(f"{where}: needs pred, gt and duration")
         records.append(row_record(row, where, multi_window))
+        if (first := lines_of.setdefault(records[-1].qid, number)) != number:
+            raise PredictionsError(f"{where}: qid {records[-1].qid} is scored on line {first} already")
         pred = (math.nan, math.nan) if row["pred"] is None else segment(row["pred"], "pred", where)
         pred, was_reordered, was_clipped = ordered_clipped(pred, records[-1].duration)
         segments.append(pred)
