@@ -64,7 +64,7 @@ def test_auto_takes_bf16_only_where_it_is_native(device, capabilities, expected)
     ("device", "capabilities", "width", "expected"),
     [
         ("cpu", CPU_WITH_BF16, 128, "32-true"),  # the tiny default: bf16 did not pay (1.09x on a Xeon)
-        ("cpu", CPU_WITH_BF16, 512, "bf16-mixed"),
+        ("cpu", CPU_WITH_BF16, 256, "bf16-mixed"),
         ("cpu", CPU_WITH_BF16, None, "bf16-mixed"),  # a pretrained LM
         ("cuda", AMPERE, 128, "bf16-mixed"),  # on a GPU the width does not decide
     ],
@@ -73,7 +73,7 @@ def test_on_a_cpu_auto_keeps_a_narrow_tiny_lm_in_fp32(device, capabilities, widt
     choice = choose_precision("auto", device, probe_of(capabilities), tiny_lm_width=width)
     assert choice.precision == expected
     if expected == "32-true":
-        assert "the tiny LM is 128 wide (< 512)" in choice.reason
+        assert "the tiny LM is 128 wide (< 256)" in choice.reason
 
 
 def test_the_reason_names_what_was_found():
@@ -126,7 +126,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
     return load_config([*tiny, f"output_dir={tmp_path}", *overrides])
 
 
-WIDE = "model.lm.tiny.hidden_size=512"  # as wide as bf16 autocast needs on a CPU under auto
+WIDE = "model.lm.tiny.hidden_size=256"  # as wide as bf16 autocast needs on a CPU under auto
 NARROW = "model.lm.tiny.hidden_size=32"
 
 

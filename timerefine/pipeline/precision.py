@@ -1,9 +1,10 @@
 """``trainer.precision: auto``: bf16 autocast where the hardware computes bf16 natively and it pays, else fp32.
 
 bf16 autocast is many times slower than fp32 where bf16 is emulated (an AVX2-only CPU, a GPU older
-than Ampere). On a CPU with AVX-512 BF16 / AMX it pays for a real LM's matmuls (SmolLM2, 576 wide:
-0.51x the fp32 step) but not always for the tiny LM's (128 wide: 0.81x on an AMD EPYC, 1.09x on an
-Intel Xeon with AMX; bench/step_levers.py), whose casts cost about what its small matmuls gain.
+than Ampere). On a CPU with AVX-512 BF16 / AMX it pays for wider matmuls (the tiny LM 256 wide: 0.74x the fp32
+step; SmolLM2, 576 wide: 0.51x) but not always for the tiny default's (128 wide: 0.81x on an AMD
+EPYC, 1.04-1.09x on an Intel Xeon with AMX; bench/step_levers.py), whose casts cost about what its
+small matmuls gain.
 ``auto`` picks ``bf16-mixed`` on CUDA with native bf16, and on a CPU with AVX-512 BF16 or AMX-BF16
 whose instructions torch's kernels may use for an LM at least :data:`CPU_BF16_MIN_WIDTH` wide; else
 ``32-true``, so the tiny default trains alike on every CPU. Any other value is Lightning's and is
@@ -26,9 +27,10 @@ AUTO = "auto"
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 # /proc/cpuinfo flag -> its name: the x86 instructions that compute bf16 products natively.
 CPU_BF16_FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX-BF16"}
-# The narrowest tiny LM that bf16 autocast runs on a CPU under auto: between the tiny default's 128
-# (not faster) and SmolLM2's 576 (2x faster); every pretrained LM the project names is wider.
-CPU_BF16_MIN_WIDTH = 512
+# The narrowest tiny LM that bf16 autocast runs on a CPU under auto. bf16 / fp32 step of the tiny
+# LM on an Intel Xeon with AMX: 1.04-1.09 at 128 wide (the default), 0.74 at 256, 0.58 at 512
+# (bench/step_levers.py); SmolLM2 (576) 0.51. Every pretrained LM the project names is wider.
+CPU_BF16_MIN_WIDTH = 256
 
 
 @dataclass(frozen=True)
