@@ -367,6 +367,26 @@ def test_train_py_refuses_bad_settings_before_writing(train_main, tmp_path, caps
     assert not output_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.devices=0",
+        "trainer.strategy=foo",
+        pytest.param(
+            "trainer.accelerator=gpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here, so gpu is valid"),
+        ),
+    ],
+)
+def test_trainer_settings_lightning_refuses_are_one_line(train_main, tmp_path, capsys, override):
+    """Before: Lightning's MisconfigurationException or ValueError as a traceback, exit 1."""
+    output_dir = tmp_path / "run"
+    assert train_main(["experiment=tiny", f"output_dir={output_dir}", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: trainer (accelerator, devices, strategy"), lines
+    assert not output_dir.exists()
+
+
 @pytest.mark.parametrize("flags", [["--cfg", "job"], ["--help"]])
 def test_train_py_prints_the_composed_config_and_runs_nothing(train_main, tmp_path, capsys, flags):
     overrides = ["model=direct", "trainer.max_steps=7", f"output_dir={tmp_path / 'run'}"]

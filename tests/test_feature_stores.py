@@ -132,6 +132,40 @@ def test_pack_cli_float16(folder, tmp_path, capsys):
     assert out.dtype == np.float32 and out.shape == (6, D)
 
 
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no source", "no such folder of feature files"),  # each was a traceback, exit 1
+        ("destination is a file", "exists and is not a folder"),
+        ("destination not empty", "is not empty; pack into a new folder"),
+        ("no usable file", "no usable feature file in"),
+    ],
+)
+def test_pack_cli_mistakes_are_one_line(folder, tmp_path, capsys, case, message):
+    src, dst, dim = folder, tmp_path / "packed", str(D)
+    if case == "no source":
+        src = tmp_path / "nowhere"
+    elif case == "destination is a file":
+        dst.write_text("keep me\n")
+    elif case == "destination not empty":
+        dst.mkdir()
+        (dst / "mine.txt").write_text("keep me\n")
+    else:
+        dim = str(D + 1)
+    assert pack_main([str(src), str(dst), "--num-frames", "6", "--feature-dim", dim]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines
+
+
+@pytest.mark.parametrize("option", ["--num-frames", "--feature-dim", "--workers"])
+def test_pack_cli_counts_are_at_least_one(folder, tmp_path, capsys, option):
+    """Before: --num-frames 0 wrote a store of empty videos."""
+    with pytest.raises(SystemExit) as exit_:
+        pack_main([str(folder), str(tmp_path / "packed"), option, "0"])
+    assert exit_.value.code == 2 and "must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "packed").exists()
+
+
 def test_packed_store_rejects_plain_folder(folder):
     with pytest.raises(FileNotFoundError, match="not a packed feature store"):
         PackedFeatureStore(folder)

@@ -355,6 +355,15 @@ def test_converter_mistakes_are_one_line_errors(tmp_path, capsys, argv, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_converter_into_a_file_is_one_line(tmp_path, capsys):
+    """Before: a FileExistsError traceback, exit 1."""
+    taken = tmp_path / "taken"
+    taken.write_text("keep me\n")
+    assert to_jsonl.main(["charades_sta", str(charades_root(tmp_path / "charades")), str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {taken} exists and is not a folder"
+    assert taken.read_text() == "keep me\n"
+
+
 def test_converter_writes_nothing_when_a_split_fails(tmp_path, capsys):
     root = charades_root(tmp_path / "charades")
     (root / "charades_sta_test.txt").write_text("ZZZZZ 1.0 2.0##unknown video.\n")

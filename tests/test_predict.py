@@ -146,8 +146,24 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     ten = pairs_file(tmp_path / "ten.jsonl", {"video": red, "query": "a red square", "duration": "ten"})
     nameless = pairs_file(tmp_path / "nameless.jsonl", {"video": red, "query": " . "})
     long_pairs = pairs_file(tmp_path / "long.jsonl", {"video": red, "query": LONG_QUERY})
+    timeless = pairs_file(tmp_path / "timeless.jsonl", {"video": str(wide), "query": "a red square"})
     query = ["--query", "a red square appears"]
     return {
+        # before: a RuntimeError traceback, exit 1
+        "not a device": ([red, "--run", run, *query, "--device", "foo"], "--device foo: not a device"),
+        "no CUDA here": (
+            [red, "--run", run, *query, "--device", "cuda:7"],
+            "--device cuda:7: no such CUDA device",
+        ),
+        # before: the advice to pass --duration, which a .jsonl input then ignored
+        "features without duration in a pairs file": (
+            [str(timeless), "--run", run],
+            f'{timeless}:1: "duration" is needed with a feature file',
+        ),
+        "--duration with a pairs file": (
+            [str(ten), "--run", run, "--duration", "9"],
+            "--duration: a .jsonl input holds each line's query and duration itself",
+        ),
         "missing video": (
             [str(tmp_path / "nope.mp4"), "--run", run, *query],
             f"{tmp_path / 'nope.mp4'}: no such file",
@@ -222,6 +238,10 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "duration of another video",
         "query too long",
         "query too long in a pairs file",
+        "not a device",
+        "no CUDA here",
+        "features without duration in a pairs file",
+        "--duration with a pairs file",
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(bad_inputs, case, capsys):

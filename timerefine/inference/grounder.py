@@ -100,6 +100,19 @@ class Features:
     duration: float
 
 
+def device_error(device: str) -> str | None:
+    """Why ``device`` cannot run a model here (not a torch device, or no such CUDA/MPS device); None if it can."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "not a device (cpu, cuda, cuda:1, mps, ...)"
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return f"no such CUDA device here ({torch.cuda.device_count()} found)"
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        return "no MPS device here"
+    return None
+
+
 class Grounder:
     """A trained model that answers grounding queries about any video."""
 
@@ -128,7 +141,10 @@ class Grounder:
     def load(
         cls, path: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
     ) -> Grounder:
-        """``from_export`` for an exported folder, ``from_run`` for a run directory."""
+        """``from_export`` for an exported folder, ``from_run`` for a run directory; InputError when
+        ``device`` is not one this machine has."""
+        if reason := device_error(device):
+            raise InputError(f"--device {device}: {reason}")
         if is_export(Path(path)):
             return cls.from_export(path, device, encoder)
         return cls.from_run(path, ckpt, device, encoder)

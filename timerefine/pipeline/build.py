@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -257,15 +258,21 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     trainer_args["precision"] = precision.precision
     if cfg.grpo.enabled:  # optimised by hand, which clips with this value itself (GRPOModule)
         trainer_args["gradient_clip_val"] = None
-    trainer = L.Trainer(
-        **trainer_args,
-        default_root_dir=output_dir,
-        use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
-        callbacks=build_callbacks(cfg, output_dir, module.codec.schedule)
-        + ([SlurmRequeue()] if on_slurm else []),
-        logger=build_loggers(cfg, output_dir) or False,
-        plugins=plugins,
-    )
+    try:
+        trainer = L.Trainer(
+            **trainer_args,
+            default_root_dir=output_dir,
+            use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
+            callbacks=build_callbacks(cfg, output_dir, module.codec.schedule)
+            + ([SlurmRequeue()] if on_slurm else []),
+            logger=build_loggers(cfg, output_dir) or False,
+            plugins=plugins,
+        )
+    except (MisconfigurationException, ValueError) as error:  # a device, strategy or value it cannot use
+        reason = " ".join(str(error).split())
+        raise ConfigError(
+            f"trainer (accelerator, devices, strategy, ...): Lightning refuses it: {reason}"
+        ) from error
     trainer.accumulate_grad_batches = accumulation(cfg.data, trainer.world_size)
     if cfg.grpo.enabled and trainer.accumulate_grad_batches > 1:
         raise ConfigError(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
 from grounding.records import FeatureError
+from timerefine.tools.arguments import at_least_one
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ def pack_folder(
     from litdata import StreamingDataset, optimize
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder of feature files")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder; pack into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; pack into a new folder")
     store, report = FolderFeatureStore(src, num_frames, feature_dim), PackReport()
@@ -93,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="folder of {video_id}.npy/.npz/.pt feature files")
     parser.add_argument("dst", help="new, empty output folder")
-    parser.add_argument("--num-frames", type=int, default=100)
-    parser.add_argument("--feature-dim", type=int, default=768)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--num-frames", type=at_least_one, default=100)
+    parser.add_argument("--feature-dim", type=at_least_one, default=768)
+    parser.add_argument("--workers", type=at_least_one, default=1)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    report = pack_folder(args.src, args.dst, args.num_frames, args.feature_dim, args.workers, args.dtype)
+    try:
+        report = pack_folder(args.src, args.dst, args.num_frames, args.feature_dim, args.workers, args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:  # ValueError: no usable file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"packed {len(report.packed)} videos, {len(report.bad)} bad files left out")
     return 1 if report.bad else 0
 

@@ -25,7 +25,8 @@ from transformers.utils import logging as transformers_logging
 
 from grounding.answer_format.prompts import normalize_query
 from timerefine.inference.grounder import Grounder, Grounding, check_queries
-from timerefine.inference.video_features import EncoderSpec, InputError, positive_seconds
+from timerefine.inference.video_features import FEATURE_SUFFIXES, EncoderSpec, InputError, positive_seconds
+from timerefine.tools.arguments import at_least_one
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def read_pairs(path: Path) -> list[Request]:
         seconds = None if duration is None else positive_seconds(duration)
         if duration is not None and seconds is None:
             raise InputError(f'{where}: "duration" must be a positive number of seconds, got {duration!r}')
+        if seconds is None and video.suffix.lower() in FEATURE_SUFFIXES:
+            raise InputError(f'{where}: "duration" is needed with a feature file, which holds no time')
         video = video if video.is_absolute() else path.parent / video
         requests.append(Request(video, query, seconds, where))
     if not requests:
@@ -77,8 +80,9 @@ def read_pairs(path: Path) -> list[Request]:
 
 def requests_of(args: argparse.Namespace) -> list[Request]:
     if args.input.suffix == ".jsonl":
-        if args.query:
-            raise InputError("--query: the queries of a .jsonl input are in the file")
+        if args.query or args.duration is not None:
+            given = "--query" if args.query else "--duration"
+            raise InputError(f"{given}: a .jsonl input holds each line's query and duration itself")
         if not args.input.is_file():
             raise InputError(f"{args.input}: no such file")
         return read_pairs(args.input)
@@ -134,17 +138,6 @@ def encoder_override(args: argparse.Namespace, grounder: Grounder) -> EncoderSpe
         return grounder.encoder_spec
     frames = grounder.encoder_spec.num_frames if grounder.encoder_spec else grounder.run.num_frames
     return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
-
-
-def at_least_one(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def positive_duration(text: str) -> float:

@@ -52,6 +52,8 @@ def convert(
     load = DATASETS[dataset][0]
     parsed = {split: load(root, split, policy) for split in splits}
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, (records, report) in parsed.items():
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         written = convert(args.dataset, args.root, args.out, splits, policy)
-    except (QuirkError, FileNotFoundError) as error:
+    except (QuirkError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path, report in written.values():
