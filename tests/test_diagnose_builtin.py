@@ -103,3 +103,21 @@ def test_main_traces_the_steps_of_a_refinement_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "coarse -> final): 0.00 -> 0.00" in out
     assert "differs from the first refined one: 0.0 %" in out
+
+
+@pytest.mark.parametrize(
+    ("predictions", "message"),
+    [
+        ("", "no prediction rows"),  # was: a report of 0 queries, exit 0
+        ('{"qid": "jsonl_q1", "pred": [1, 2], "gt": [1, 3], "duration": 9}\n', "not the test predictions"),
+        ("not json\n", "not JSON lines"),
+    ],
+)
+def test_predictions_it_cannot_diagnose_are_one_line(tmp_path, capsys, predictions, message):
+    """Before: a ValueError traceback (rows of a JSONL run), or an empty report."""
+    OmegaConf.save({"data": {"name": "builtin", "source": vars(SPEC)}}, tmp_path / "config.yaml")
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "test.jsonl").write_text(predictions)
+    assert main([str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     csv_paths = [Path(cfg.data.source.root) / name for name in CSV_NAMES]
     if missing := [str(p) for p in csv_paths if not p.is_file()]:
         return fail(RunError(f"{', '.join(missing)} not found (data.source.root of the run)"))
-    print_report(path, rows, diagnose(rows, read_timelines(csv_paths)), refinement_trace(rows))
+    try:
+        table = diagnose(rows, read_timelines(csv_paths))
+    except (ValueError, KeyError) as error:  # a CSV without the actions column, rows of another run
+        return fail(RunError(f"{path} with {', '.join(map(str, csv_paths))}: {error}"))
+    print_report(path, rows, table, refinement_trace(rows))
     return 0
 
 

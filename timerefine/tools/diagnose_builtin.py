@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         path, cfg, rows = read_run(argv, __doc__, "builtin")
     except RunError as error:
         return fail(error)
-    table = diagnose(rows, BuiltinSpec(**OmegaConf.to_container(cfg.data.source)))
+    try:
+        table = diagnose(rows, BuiltinSpec(**OmegaConf.to_container(cfg.data.source)))
+    except (ValueError, KeyError) as error:  # rows of another run's predictions
+        return fail(RunError(f"{path}: not the test predictions of this built-in run ({error})"))
     print_report(path, rows, table, refinement_trace(rows))
     return 0
 

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from timerefine.pipeline.config import ConfigError, saved_config
 
 
 class RunError(Exception):
@@ -27,10 +29,18 @@ def read_run(argv: list[str] | None, description: str, dataset: str) -> tuple[Pa
     for needed in (args.run_dir / "config.yaml", path):
         if not needed.is_file():
             raise RunError(f"{needed} not found")
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    try:
+        cfg = saved_config(args.run_dir / "config.yaml")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (ConfigError, ValueError) as error:  # ValueError: a line that is not JSON
+        raise RunError(
+            f"{error}" if isinstance(error, ConfigError) else f"{path}: not JSON lines ({error})"
+        ) from error
     if cfg.data.name != dataset:
         raise RunError(f"{args.run_dir} was trained on data={cfg.data.name}; this tool reads {dataset} runs")
-    return path, cfg, [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise RunError(f"{path}: no prediction rows")
+    return path, cfg, rows
 
 
 def print_report(
