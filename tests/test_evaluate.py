@@ -199,3 +199,12 @@ def test_every_config_train_saves_reads_back(tmp_path, choices):
     saved = load_config([*choices, f"output_dir={tmp_path}"])
     OmegaConf.save(saved, tmp_path / "config.yaml")
     assert load_run_config(tmp_path, []) == saved
+
+
+@pytest.mark.parametrize("name", ["../../escape", "", "..", "a/b"])
+def test_the_output_name_stays_inside_the_runs_eval_folder(config_only, capsys, name):
+    """Before: --name ../../escape wrote outside the run, --name "" into eval/ itself."""
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(config_only), "--name", name])
+    assert exit_.value.code == 2 and "must be one folder's name inside <run>/eval" in capsys.readouterr().err
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]

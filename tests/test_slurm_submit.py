@@ -193,6 +193,21 @@ def test_cli_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert "bad time" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_overrides_are_checked_before_anything_is_submitted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, dry_run: list[str]
+) -> None:
+    """Before: rendered and submitted; the typo surfaced only when the queued job ran."""
+
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a config mistake must not reach sbatch")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert slurm_submit.main([*dry_run, "--", "experiment=tiny", "seed=1,2", "trainer.max_steps=abc"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("config error: trainer.max_steps")
+
+
 def test_submit_parses_job_id(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, "sbatch", f'cat > {tmp_path}/stdin; echo "Submitted batch job 1234"')
     cmd = [

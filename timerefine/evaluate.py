@@ -49,6 +49,13 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     return metrics
 
 
+def folder_name(text: str) -> str:
+    """An argparse type: one folder's name (``--name ../x`` would write outside the run's eval/)."""
+    if not text or "/" in text or "\\" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"must be one folder's name inside <run>/eval, got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -57,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path")
-    parser.add_argument("--name", default="test", help="subdirectory of <run>/eval for the outputs")
+    parser.add_argument(
+        "--name", default="test", type=folder_name, help="subdirectory of <run>/eval for the outputs"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
 

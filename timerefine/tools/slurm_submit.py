@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         script = render_sbatch(spec)
     except ValueError as err:
         parser.error(str(err))
+    for overrides in expand_sweep(spec.overrides):  # a typo found now, not after the job has queued
+        try:
+            load_config(overrides)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
     if args.dry_run:
         print(script, end="")
         return 0
