@@ -85,6 +85,10 @@ class FolderFeatureStore:
         return resample_frames(array, self.num_frames).astype(np.float32)
 
 
+class StoreMismatchError(ValueError):
+    """A feature store that holds other features than the config asks for; the message names the key."""
+
+
 class PackedFeatureStore:
     """A litdata-optimized folder (see ``timerefine/tools/pack_features.py``), read by video id.
 
@@ -101,8 +105,8 @@ class PackedFeatureStore:
             raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a packed feature store")
         meta = json.loads(meta_path.read_text())
         if feature_dim is not None and feature_dim != meta["feature_dim"]:
-            raise ValueError(
-                f"{self.path} holds {meta['feature_dim']}-d features, {feature_dim} were asked for"
+            raise StoreMismatchError(
+                f"data.source.feature_dim={feature_dim}: {self.path} holds {meta['feature_dim']}-d features"
             )
         self.feature_dim = meta["feature_dim"]
         self.num_frames = num_frames or meta["num_frames"]

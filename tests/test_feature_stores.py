@@ -19,12 +19,14 @@ from datamodules.dataset import GroundingDataset
 from datamodules.feature_stores import (
     FolderFeatureStore,
     PackedFeatureStore,
+    StoreMismatchError,
     SyntheticFeatureStore,
     build_feature_store,
 )
 from datamodules.synthetic_features import query_signature, stable_seed
 from grounding.answer_format.timeline import frame_times
 from grounding.records import FeatureError, FeatureStore, GroundingRecord
+from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.tools.pack_features import main as pack_main
 from timerefine.tools.pack_features import pack_folder
 
@@ -113,8 +115,10 @@ def test_pack_round_trip_equals_folder_store(folder, tmp_path):
     clone = pickle.loads(pickle.dumps(packed))  # as sent to DataLoader workers
     np.testing.assert_array_equal(clone.load("vid_c"), folder_store.load("vid_c"))
     assert PackedFeatureStore(tmp_path / "packed", num_frames=5).load("vid_a").shape == (5, D)
-    with pytest.raises(ValueError, match="holds 8-d features"):
+    # a user mistake that train.py reports in one line naming the key (was a ValueError traceback)
+    with pytest.raises(StoreMismatchError, match=rf"data.source.feature_dim={D + 1}: .* holds 8-d features"):
         PackedFeatureStore(tmp_path / "packed", feature_dim=D + 1)
+    assert StoreMismatchError in INPUT_ERRORS
     with pytest.raises(FileExistsError):
         pack_folder(folder, tmp_path / "packed", num_frames=10, feature_dim=D)
     for chunk in (tmp_path / "packed").glob("chunk-*.bin"):

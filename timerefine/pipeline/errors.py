@@ -3,6 +3,7 @@ one-line message and exit 2, without a traceback."""
 
 from __future__ import annotations
 
+from datamodules.feature_stores import StoreMismatchError
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
@@ -25,4 +26,5 @@ INPUT_ERRORS = (
     BaseWeightsError,
     MissingModelError,
     RunStartError,
+    StoreMismatchError,
 )
