@@ -1,4 +1,5 @@
-"""``last.ckpt``: the resume point, written every n steps, at the final step, and on a crash."""
+"""``last.ckpt``: the resume point, written every n steps, at the final step, and on a crash (not on a
+NaN loss, whose weights are no resume point)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_exception=True,
         )
         self._after_validation = False
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Saved on a crash, except an arithmetic one (a NaN loss): its weights are no resume point,
+        and the last ``last.ckpt`` stays."""
+        if not isinstance(exception, ArithmeticError):
+            super().on_exception(trainer, pl_module, exception)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -109,6 +109,25 @@ def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
     return ((places >= gt_norm[:, :1]) & (places <= gt_norm[:, 1:])).to(gt_norm.dtype)
 
 
+class NonFiniteLossError(ArithmeticError):
+    """Training diverged: the loss is NaN or infinite. The weights that gave it are no resume point, so
+    ``last.ckpt`` keeps the step before (callbacks/last_checkpoint.py)."""
+
+
+def diverged(what: str, step: int, lr: float) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} at step {step}: training diverged (the last checkpoint before it is kept); lower "
+        f"model.optim.lr (now {lr:g}) or set trainer.gradient_clip_val"
+    )
+
+
+def finite_loss(loss: torch.Tensor, step: int, lr: float) -> torch.Tensor:
+    """``loss``, or NonFiniteLossError naming the step and the learning rate."""
+    if not torch.isfinite(loss.detach()).all():
+        raise diverged(f"train/loss is {loss.item()}", step, lr)
+    return loss
+
+
 class GroundingModule(L.LightningModule):
     """``codec`` (shared with the collator) holds the tokenizer and the refinement schedule: the
     answer layout to decode, and the predicted segments scored one by one as ``{split}/step{k}/mIoU``.
@@ -189,10 +208,20 @@ class GroundingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
+        finite_loss(losses["loss"], self.global_step, self.optim.lr)
         size = len(batch["records"])
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse to step on non-finite gradients (they would make every weight NaN), except under
+        fp16's loss scaling, which skips such steps itself."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or str(self.trainer.precision).startswith("16"):
+            return
+        if not torch.isfinite(torch.stack([grad.detach().norm() for grad in grads])).all():
+            raise diverged("the gradients are not finite", self.global_step, self.optim.lr)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:

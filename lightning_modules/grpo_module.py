@@ -27,7 +27,7 @@ from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, num
 from grounding.metrics.rewards import REWARDS, Answer, total_reward
 from grounding.metrics.windows import record_iou
 from lightning_modules.generation import Generation, Sampling, generate
-from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.grounding_module import GroundingModule, finite_loss
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
 from lightning_modules.slot_logits_processor import layout_automaton
 from lightning_modules.video_llm import VideoLLM
@@ -296,6 +296,7 @@ class GRPOModule(GroundingModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for _ in range(self.grpo.num_iterations):
             losses = self.grpo_losses(rollout)
+            finite_loss(losses["loss"], self.global_step, self.optim.lr)
             optimizer.zero_grad()
             self.manual_backward(losses["loss"])
             if self.max_grad_norm:

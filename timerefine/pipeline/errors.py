@@ -7,6 +7,7 @@ from datamodules.feature_stores import StoreMismatchError
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
+from lightning_modules.grounding_module import NonFiniteLossError
 from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.config import ConfigError
@@ -27,4 +28,5 @@ INPUT_ERRORS = (
     MissingModelError,
     RunStartError,
     StoreMismatchError,
+    NonFiniteLossError,
 )
