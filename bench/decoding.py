@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, help="a trained run: decode its test split with each lever")
     parser.add_argument("--refine-steps", type=int, nargs="+", default=[0, 1, 3])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--singles", type=int, default=8, help="queries decoded one at a time")
+    parser.add_argument("--singles", type=int, default=8, help="queries decoded one at a time (0: none)")
     parser.add_argument("--compile", action="store_true", help="also HF generate, static cache, compiled")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round")
     parser.add_argument(
@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     extra = ["experiment=tiny"] if args.quick else []
     extra += [f"experiment={args.experiment}"] if args.experiment else []
     extra += args.overrides
-    rounds, singles, batch_size = (1, 2, 4) if args.quick else (args.rounds, args.singles, 32)
+    rounds, singles, batch_size = (
+        (1, min(args.singles, 2), 4) if args.quick else (args.rounds, args.singles, 32)
+    )
     print(f"machine: {machine()}")
     print("| K | batch | decoder | queries/s | forward passes per query |")
     print("|---|---|---|---:|---:|")
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = decoders(module, trained=False, compile_step=args.compile)
         for size, batches in ((1, test_batches(datamodule, 1, singles)),
                               (batch_size, test_batches(datamodule, batch_size, 1))):  # fmt: skip
+            if not batches:  # --singles 0: batch 1 left out
+                continue
             result = speed(module, batches, runs, rounds)
             for name in runs:
                 qps, passes = result[name]["qps"], result[name]["passes"]

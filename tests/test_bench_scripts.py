@@ -105,3 +105,19 @@ def test_experiment_runs_as_a_module(experiment):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"bench.experiments.{experiment}" in result.stdout
+
+
+@pytest.mark.slow
+def test_decoding_without_single_queries():
+    """``--singles 0`` leaves batch 1 out (it divided by zero before)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.decoding", "--quick", "--singles", "0", "--refine-steps", "0"],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = final_figures(result.stdout)
+    assert "speedup_vs_hf_generate" in figures and not [name for name in figures if "_b1_" in name]
