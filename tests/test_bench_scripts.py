@@ -72,15 +72,8 @@ def test_profiler_phases_come_from_the_last_report():
     assert phases["train_steps_s"] == 2.0 and phases["val_s"] == 0.75 and phases["test_s"] == 0.3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "script",
-    [pytest.param(s, marks=pytest.mark.pretrained) if s in NEEDS_SMOLLM2 else s for s in sorted(SCRIPTS)],
-)
-def test_bench_script_quick_mode(script):
-    if script in NEEDS_SMOLLM2 and (missing := missing_model(SMOLLM2)) is not None:
-        pytest.skip(missing)
-    extra, expected = SCRIPTS[script]
+def quick_figures(script: str, *extra: str) -> dict[str, float]:
+    """The figures ``python -m bench.<script> --quick <extra>`` prints last (one intra-op thread)."""
     result = subprocess.run(
         [sys.executable, "-m", f"bench.{script}", "--quick", *extra],
         cwd=ROOT,
@@ -90,7 +83,19 @@ def test_bench_script_quick_mode(script):
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = final_figures(result.stdout)
+    return final_figures(result.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=pytest.mark.pretrained) if s in NEEDS_SMOLLM2 else s for s in sorted(SCRIPTS)],
+)
+def test_bench_script_quick_mode(script):
+    if script in NEEDS_SMOLLM2 and (missing := missing_model(SMOLLM2)) is not None:
+        pytest.skip(missing)
+    extra, expected = SCRIPTS[script]
+    figures = quick_figures(script, *extra)
     assert expected <= set(figures), f"missing {expected - set(figures)} in {sorted(figures)}"
 
 
@@ -110,14 +115,5 @@ def test_experiment_runs_as_a_module(experiment):
 @pytest.mark.slow
 def test_decoding_without_single_queries():
     """``--singles 0`` leaves batch 1 out (it divided by zero before)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.decoding", "--quick", "--singles", "0", "--refine-steps", "0"],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = final_figures(result.stdout)
+    figures = quick_figures("decoding", "--singles", "0", "--refine-steps", "0")
     assert "speedup_vs_hf_generate" in figures and not [name for name in figures if "_b1_" in name]

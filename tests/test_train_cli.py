@@ -1,0 +1,79 @@
+"""train.py's command line: a bad setting is one line before anything is written, and --cfg job /
+--help print the composed config and run nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from timerefine.pipeline.config import load_config
+
+
+@pytest.fixture
+def train_main():
+    import train
+
+    return train.main
+
+
+CLI_ERRORS = [
+    ("model.refine.steps=-1", "model.refine.steps"),
+    ("model.refine.steps=null", "model.refine.steps"),
+    ("model.refine.noise_std=[]", "model.refine.noise_std"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("+trainer.foo=1", "trainer.foo"),
+    ("+model.refine.stepz=3", "model.refine.stepz"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), CLI_ERRORS)
+def test_train_py_refuses_bad_settings_before_writing(train_main, tmp_path, capsys, override, key):
+    output_dir = tmp_path / "run"
+    assert (
+        train_main(["experiment=tiny", "trainer.accelerator=cpu", f"output_dir={output_dir}", override]) == 2
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {key}"), lines
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.devices=0",
+        "trainer.strategy=foo",
+        pytest.param(
+            "trainer.accelerator=gpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here, so gpu is valid"),
+        ),
+    ],
+)
+def test_trainer_settings_lightning_refuses_are_one_line(train_main, tmp_path, capsys, override):
+    """Before: Lightning's MisconfigurationException or ValueError as a traceback, exit 1."""
+    output_dir = tmp_path / "run"
+    assert train_main(["experiment=tiny", f"output_dir={output_dir}", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: trainer (accelerator, devices, strategy"), lines
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--help"]])
+def test_train_py_prints_the_composed_config_and_runs_nothing(train_main, tmp_path, capsys, flags):
+    overrides = ["model=direct", "trainer.max_steps=7", f"output_dir={tmp_path / 'run'}"]
+    assert train_main([*flags, *overrides]) == 0
+    out = capsys.readouterr().out
+    if "--help" in flags:
+        assert "Config groups" in out and "  data: activitynet, builtin, charades_sta, didemo" in out
+        out = out.split("The composed config (key=value sets a key):\n")[1]
+    assert OmegaConf.create(out) == load_config(overrides)  # every key, with its default or override
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me\n")
+    assert train_main(["experiment=tiny", f"output_dir={taken}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: output_dir") and str(taken) in lines[0]
+    assert taken.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [taken]
