@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.collate import GroundingCollator
+from datamodules.consistency import consistency_warnings
 from datamodules.dataset import GroundingDataset
 from datamodules.quirks import QuirkError
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
@@ -142,9 +143,13 @@ class GroundingDataModule(L.LightningDataModule):
         }
 
     def setup(self, stage: str | None = None) -> None:
+        """Read every split (once), then warn of what only the splits together show."""
+        if all(split in self.datasets for split in SPLITS):
+            return
         for split in SPLITS:
-            if split not in self.datasets:
-                log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
+            log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
+        for warning in consistency_warnings(self.source.name, {s: self.records(s) for s in SPLITS}):
+            log.warning(warning)
 
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -56,6 +58,34 @@ def test_trainer_settings_lightning_refuses_are_one_line(train_main, tmp_path, c
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: trainer (accelerator, devices, strategy"), lines
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "loop"),
+    [("trainer.limit_val_batches=0.0001", "val"), ("trainer.limit_test_batches=0.01", "test")],
+)
+def test_a_batch_fraction_under_one_batch_is_refused_before_anything_is_written(
+    train_main, tmp_path, capsys, override, loop
+):
+    """Before: Lightning's MisconfigurationException as a traceback when the loop started, after
+    config.yaml and the tokenizer were written."""
+    output_dir = tmp_path / "run"
+    assert train_main(["experiment=tiny", f"output_dir={output_dir}", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: trainer.limit_{loop}_batches="), lines
+    assert "of the 1 " + loop + " batches per process is none" in lines[0]
+    assert not output_dir.exists()
+
+
+def test_no_test_batches_is_asked_for_with_test_false(train_main, tmp_path):
+    output_dir = tmp_path / "run"
+    assert (
+        train_main(
+            ["experiment=tiny", f"output_dir={output_dir}", "trainer.limit_test_batches=0", "test=false"]
+        )
+        == 0
+    )
+    assert not any(key.startswith("test/") for key in json.loads((output_dir / "metrics.json").read_text()))
 
 
 @pytest.mark.parametrize("flags", [["--cfg", "job"], ["--help"]])

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
+from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
@@ -47,6 +48,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if checkpoint not in (None, "hpc"):
         module.check_base(Path(checkpoint))  # other base weights: refused before anything is written
     trainer = build_trainer(cfg, output_dir, module)
+    if errors := list(empty_loops(trainer, datamodule)):
+        raise ConfigError("; ".join(errors))
     if trainer.is_global_zero:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
         save_config(cfg, output_dir)

@@ -218,6 +218,8 @@ class RunConfig(Checked):
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
 
     def relations(self) -> Iterator[str]:
+        if self.test and self.trainer.limit_test_batches == 0:
+            yield "trainer.limit_test_batches=0 tests nothing; set test=false to skip the test"
         if not self.grpo.enabled:
             return
         if self.init_from_run is None:

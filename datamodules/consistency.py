@@ -1,0 +1,65 @@
+"""What no single annotation line shows, found across a dataset's splits: a video given two
+durations, and a (video, query) pair that training has seen and evaluation scores again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from grounding.answer_format.prompts import normalize_query
+from grounding.records import GroundingRecord
+
+EXAMPLES = 3
+TRAINED = "train"
+
+
+def _place(record: GroundingRecord, split: str) -> str:
+    return record.where or f"{split} query {record.qid}"
+
+
+def duration_conflicts(splits: Mapping[str, Sequence[GroundingRecord]]) -> list[str]:
+    """A line per video whose queries state different durations: each query is timed by its own,
+    so its features and its answer disagree with another's."""
+    first: dict[str, tuple[float, str]] = {}
+    lines = []
+    for split, records in splits.items():
+        for record in records:
+            duration, where = first.setdefault(record.video_id, (record.duration, _place(record, split)))
+            if abs(record.duration - duration) > 1e-6 * max(duration, 1.0):
+                lines.append(
+                    f"video {record.video_id}: duration {record.duration:g} at {_place(record, split)} "
+                    f"but {duration:g} at {where}"
+                )
+                first[record.video_id] = (record.duration, _place(record, split))
+    return lines
+
+
+def seen_in_training(splits: Mapping[str, Sequence[GroundingRecord]]) -> dict[str, list[str]]:
+    """Per evaluated split, a line per query whose (video, normalised query) is also a training
+    query: its score measures what was memorised, not grounding."""
+    trained = {(r.video_id, normalize_query(r.query)): _place(r, TRAINED) for r in splits.get(TRAINED, ())}
+    found: dict[str, list[str]] = {}
+    for split, records in splits.items():
+        if split == TRAINED:
+            continue
+        for record in records:
+            if (twin := trained.get((record.video_id, normalize_query(record.query)))) is not None:
+                found.setdefault(split, []).append(
+                    f"{_place(record, split)} = {twin} ({record.video_id}, {record.query!r})"
+                )
+    return found
+
+
+def consistency_warnings(name: str, splits: Mapping[str, Sequence[GroundingRecord]]) -> list[str]:
+    """The warnings to log for dataset ``name``, each with its count and first examples."""
+    warnings = []
+    if conflicts := duration_conflicts(splits):
+        warnings.append(
+            f"{name}: {len(conflicts)} queries give their video another duration than an earlier one, "
+            f"e.g. {'; '.join(conflicts[:EXAMPLES])}"
+        )
+    for split, lines in seen_in_training(splits).items():
+        warnings.append(
+            f"{name} {split}: {len(lines)} of {len(splits[split])} queries are also training queries "
+            f"(same video and query), so their scores measure memory, e.g. {'; '.join(lines[:EXAMPLES])}"
+        )
+    return warnings
