@@ -26,7 +26,16 @@ from grounding.metrics.action_prior import best_action_scores, pick_action, quer
 from grounding.records import FeatureError, GroundingRecord
 from timerefine.pipeline.build import build_source
 from timerefine.pipeline.config import ConfigError, load_config
-from timerefine.tools.diagnose_actions import NOTHING, RIGHT_BAD, RIGHT_GOOD, WRONG, diagnose, landing, main
+from timerefine.tools.diagnose_actions import (
+    NOTHING,
+    RIGHT_BAD,
+    RIGHT_GOOD,
+    WRONG,
+    by_moment_length,
+    diagnose,
+    landing,
+    main,
+)
 
 HEADER = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\r\n"
 TRAIN_ROWS = {
@@ -306,6 +315,19 @@ def test_diagnose_and_the_tool(charades, tmp_path, capsys):
         WRONG: (1, 0.0),
         NOTHING: (1, 0.0),
     }
+    rows = [row | {"duration": TEST_ROWS[row["video_id"]][1]} for row in rows]
+    rows[0]["steps"], rows[2]["steps"] = [[1.0, 11.0], [3.0, 11.0]], [[0.0, 6.0], [0.0, 2.0]]
+    middle, long = by_moment_length(rows, timelines)  # 8 / 29 of VIDB1; 14 / 29, 8 / 19, 8 / 19
+    assert (middle.low, middle.high, middle.queries, middle.miou, middle.right_action) == (
+        0.2,
+        0.4,
+        1,
+        100,
+        100,
+    )
+    assert middle.boundary_error == pytest.approx((99 / 29, 0.0))  # coarse: the start 2 s off
+    assert (long.queries, long.miou, long.right_action) == pytest.approx((3, 25 / 3, 100 / 3))
+    assert long.boundary_error == pytest.approx((99 / 19, 3 * 99 / 19))  # refined further off: 6 s
     run = tmp_path / "run"
     (run / "predictions").mkdir(parents=True)
     (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -313,6 +335,7 @@ def test_diagnose_and_the_tool(charades, tmp_path, capsys):
     assert main([str(run)]) == 0
     out = capsys.readouterr().out
     assert "another action" in out and "25.0" in out
+    assert "by the moment's length" in out and "40%-100%" in out
     OmegaConf.save({"data": {"name": "builtin", "source": {}}}, run / "config.yaml")
     assert main([str(run)]) == 2
     OmegaConf.save(

@@ -5,7 +5,9 @@ prediction either lands on the queried action (then its IoU with the truth says 
 boundaries are good, >= 0.5, or bad), on another action of the same video (the wrong event), or on
 no action at all. It lands on the action it overlaps most (IoU); an action with the queried one's
 exact interval counts as the queried one. For TimeRefine runs it also prints each step's mean
-boundary error (timerefine/tools/diagnose_builtin.py).
+boundary error (timerefine/tools/diagnose_builtin.py). Then the same by the moment's length (a
+share of its video): where the answers land, and how far the right-action answers' boundaries are
+from the truth at each step (frame indices, coarse -> final), which shows where refinement helps.
 
     timerefine-diagnose-actions runs/x                      # runs/x/predictions/test.jsonl
     timerefine-diagnose-actions runs/x --predictions runs/x/eval/test/predictions/test.jsonl
@@ -16,10 +18,12 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.charades_sta import CSV_NAMES
 from grounding.action_timelines import Action, Timeline, read_timelines
+from grounding.answer_format.timeline import MAX_INDEX
 from grounding.metrics.windows import segment_iou
 from timerefine.tools.diagnose_builtin import refinement_trace
 from timerefine.tools.run_diagnosis import RunError, fail, print_report, read_run
@@ -28,6 +32,7 @@ GOOD_BOUNDARIES = 0.5  # IoU with the truth from which a prediction on the right
 RIGHT_GOOD, RIGHT_BAD = "right action, IoU >= 0.5", "right action, IoU < 0.5"
 WRONG, NOTHING = "another action", "no action"
 OUTCOMES = (RIGHT_GOOD, RIGHT_BAD, WRONG, NOTHING)
+LENGTH_BINS = ((0.0, 0.2), (0.2, 0.4), (0.4, 1.0))  # the moment's length / its video's duration
 
 
 def landing(pred: tuple[float, float] | None, truth: tuple[float, float], actions: tuple[Action, ...]) -> str:
@@ -49,12 +54,67 @@ def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, t
     counts: Counter[str] = Counter()
     iou_sums: Counter[str] = Counter()
     for row in rows:
-        timeline = timelines.get(row["video_id"])
-        pred = None if row["pred"] is None else (row["pred"][0], row["pred"][1])
-        outcome = landing(pred, (row["gt"][0], row["gt"][1]), timeline.actions if timeline else ())
+        outcome = _outcome(row, timelines)
         counts[outcome] += 1
         iou_sums[outcome] += row["iou"]
     return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
+
+
+def _outcome(row: dict, timelines: Mapping[str, Timeline]) -> str:
+    timeline = timelines.get(row["video_id"])
+    pred = None if row["pred"] is None else (row["pred"][0], row["pred"][1])
+    return landing(pred, (row["gt"][0], row["gt"][1]), timeline.actions if timeline else ())
+
+
+@dataclass(frozen=True)
+class LengthBin:
+    """The queries whose moment fills ``low`` to ``high`` of their video: how many, their mIoU (%),
+    the % landing on the queried action, and those answers' mean boundary error per step."""
+
+    low: float
+    high: float
+    queries: int
+    miou: float
+    right_action: float
+    boundary_error: tuple[float, ...]
+
+
+def boundary_errors(rows: list[dict]) -> tuple[float, ...]:
+    """Mean |boundary - truth| (frame indices) of each step of ``rows`` (``steps``: coarse, then
+    each refined answer; else the answer alone); empty when no row parsed."""
+    chains = [row.get("steps") or [row["pred"]] for row in rows if row["pred"] is not None]
+    depth = min((len(chain) for chain in chains), default=0)
+    return tuple(
+        sum(
+            (abs(chain[i][0] - row["gt"][0]) + abs(chain[i][1] - row["gt"][1])) * MAX_INDEX / row["duration"]
+            for chain, row in zip(chains, (r for r in rows if r["pred"] is not None), strict=True)
+        )
+        / (2 * len(chains))
+        for i in range(depth)
+    )
+
+
+def by_moment_length(rows: list[dict], timelines: Mapping[str, Timeline]) -> list[LengthBin]:
+    """:class:`LengthBin` of each of ``LENGTH_BINS`` that holds a query."""
+    bins = []
+    for low, high in LENGTH_BINS:
+        held = [r for r in rows if low < (r["gt"][1] - r["gt"][0]) / r["duration"] <= high]
+        if not held:
+            continue
+        right = [r for r in held if _outcome(r, timelines) in (RIGHT_GOOD, RIGHT_BAD)]
+        miou, share = (100 * sum(r["iou"] for r in held) / len(held), 100 * len(right) / len(held))
+        bins.append(LengthBin(low, high, len(held), miou, share, boundary_errors(right)))
+    return bins
+
+
+def print_by_length(bins: list[LengthBin]) -> None:
+    print("by the moment's length (share of the video): queries, mIoU, % on the right action, and")
+    print("the right-action answers' mean boundary error per step (frame indices, coarse -> final)")
+    for b in bins:
+        errors = " -> ".join(f"{e:.2f}" for e in b.boundary_error) or "-"
+        print(
+            f"  {b.low:>4.0%}-{b.high:<4.0%} {b.queries:>6} {b.miou:>6.1f} {b.right_action:>6.1f}   {errors}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [str(p) for p in csv_paths if not p.is_file()]:
         return fail(RunError(f"{', '.join(missing)} not found (data.source.root of the run)"))
     try:
-        table = diagnose(rows, read_timelines(csv_paths))
+        timelines = read_timelines(csv_paths)
+        table, bins = diagnose(rows, timelines), by_moment_length(rows, timelines)
     except (ValueError, KeyError) as error:  # a CSV without the actions column, rows of another run
         return fail(RunError(f"{path} with {', '.join(map(str, csv_paths))}: {error}"))
     print_report(path, rows, table, refinement_trace(rows))
+    print_by_length(bins)
     return 0
 
 
