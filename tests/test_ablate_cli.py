@@ -3,6 +3,8 @@ and a failed run that the exit code reports."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from timerefine.tools import ablate
@@ -55,3 +57,27 @@ def test_runs_go_where_the_caller_points_and_a_failure_is_the_exit_code(tmp_path
     assert (tmp_path / "abl" / "good" / "seed0" / "metrics.json").is_file()
     assert "| good | 1 |" in (tmp_path / "abl" / "results.md").read_text()
     assert "error: 1 run(s) failed: abl/bad/seed0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_redefined_variant_is_not_reported_with_its_old_scores(tmp_path, monkeypatch, capfd):
+    """Before: a finished run was skipped by its folder name alone, so ``K`` redefined from K=1 to
+    K=2 (or trained longer) reported the K=1 scores under the new definition, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    run = ["--out", "abl", "--variant"]
+    assert ablate.main([*run, "K=model.refine.steps=1", "--", *TINY]) == 0
+    capfd.readouterr()
+    assert ablate.main([*run, "K=model.refine.steps=1", "--", *TINY, "callbacks.progress_bar=none"]) == 0
+    assert "[skip] abl/K/seed0 is finished with these settings" in capfd.readouterr().out
+    assert ablate.main([*run, "K=model.refine.steps=2", "--", *TINY]) == 1
+    err = capfd.readouterr().err
+    assert "model.refine.steps: 1 -> 2" in err and "error: 1 run(s) failed: abl/K/seed0" in err
+    assert "no finished runs under abl" in err  # the K=1 scores are not reported as K=2's
+    longer = [*TINY, "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    assert ablate.main([*run, "K=model.refine.steps=1", "--", *longer]) == 0  # continued, as train.py does
+    assert json.loads((tmp_path / "abl" / "K" / "seed0" / "metrics.json").read_text())["global_step"] == 4
+
+
+def test_a_seed_given_twice_is_refused(capsys):
+    assert ablate.main(["--out", "abl", "--seeds", "0", "0", "--variant", "a=seed=1"]) == 2
+    assert "--seeds: 0 given twice" in capsys.readouterr().err

@@ -15,11 +15,12 @@ BASELINES = {"prior": "prior (best constant segment)", "best_action": "best acti
 
 
 def load_runs(root: Path) -> list[dict]:
-    """One row per ``<root>/<variant>/seed<k>/metrics.json``."""
+    """One row per ``<root>/<variant>/seed<k>/metrics.json``; ``run_dir`` is its folder as a string."""
     rows = []
     for path in sorted(root.glob("*/seed*/metrics.json")):
         metrics = json.loads(path.read_text())
-        rows.append({"variant": path.parent.parent.name, "seed": int(path.parent.name[4:]), **metrics})
+        variant, seed = path.parent.parent.name, int(path.parent.name[4:])
+        rows.append({"variant": variant, "seed": seed, "run_dir": str(path.parent), **metrics})
     return rows
 
 

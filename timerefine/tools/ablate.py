@@ -6,7 +6,9 @@
         -- trainer.max_steps=1500
 
 A comma list (``model.refine.steps=0,1,2,3``) inside a variant expands to one variant per value.
-Finished runs (with a metrics.json) are skipped, so an interrupted ablation continues where it stopped.
+A run finished with the same settings is skipped, so an interrupted ablation continues where it
+stopped; any other run is train.py's to continue (``trainer.max_steps`` raised) or to refuse (a
+variant redefined under its old name), and a refused run's old scores are left out of the report.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from pathlib import Path
 
 from timerefine.pipeline.ablation import load_runs, markdown_table, plot, summarize, write_csv
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.previous_run import finished
 from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +54,17 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
     return result
 
 
+def done(overrides: list[str], run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the run of ``overrides`` finished with the same settings (train.py's
+    own test); a config that does not load is train.py's to report."""
+    if not (run_dir / "metrics.json").is_file():
+        return False
+    try:
+        return finished(load_config(overrides), run_dir)
+    except ConfigError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         chosen = variants(args.variant)
+        if twice := sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1}):
+            raise ValueError(f"--seeds: {', '.join(map(str, twice))} given twice")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -71,17 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in chosen.items():
             for seed in args.seeds:
                 run_dir = args.out / name / f"seed{seed}"
-                if (run_dir / "metrics.json").is_file():
-                    print(f"[skip] {run_dir} is finished")
+                run = [*args.shared, *overrides, f"seed={seed}", f"output_dir={run_dir}"]
+                if done(run, run_dir):
+                    print(f"[skip] {run_dir} is finished with these settings")
                     continue
-                command = [
-                    sys.executable,
-                    str(ROOT / "train.py"),
-                    *args.shared,
-                    *overrides,
-                    f"seed={seed}",
-                    f"output_dir={run_dir}",
-                ]
+                command = [sys.executable, str(ROOT / "train.py"), *run]
                 print("[run]", shlex.join(command[1:]), flush=True)
                 if subprocess.call(command) != 0:  # in the caller's folder: relative paths are the caller's
                     print(f"[fail] {run_dir}: see its output above", file=sys.stderr)
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    rows = load_runs(args.out)
+    rows = [row for row in load_runs(args.out) if row["run_dir"] not in failed]
     if not rows:
         print(f"no finished runs under {args.out}", file=sys.stderr)
         return 1
