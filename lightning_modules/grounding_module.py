@@ -292,6 +292,21 @@ class GroundingModule(L.LightningModule):
         every = [None if h is None else tuple(self.model.aux_head(h)[0].mean(0).tolist()) for h in states]
         return last, every
 
+    def evaluation_keys(self, split: str) -> list[str]:
+        """The metrics an evaluation of ``split`` logs (what a checkpoint or early stopping can monitor)."""
+        return [
+            f"{split}/{name}"
+            for name in (
+                "loss",
+                *(f"R1@{t}" for t in THRESHOLDS),
+                "mIoU",
+                "parse_fail",
+                "queries",
+                *(f"step{k}/mIoU" for k in range(len(self.segment_metrics[split]))),
+                *(f"{choice}/mIoU" for choice in self.choice_metrics[split]),
+            )
+        ]
+
     def _log_metrics(self, split: str) -> None:
         scores = self.metrics[split].compute()
         for name in (*(f"R1@{t}" for t in THRESHOLDS), "mIoU", "parse_fail"):

@@ -107,3 +107,39 @@ def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: output_dir") and str(taken) in lines[0]
     assert taken.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [taken]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("callbacks.checkpoint.monitor=val/foo", "callbacks.checkpoint.monitor"),
+        (
+            "callbacks.early_stopping={monitor: val/mIoUx, mode: max, patience: 1}",
+            "callbacks.early_stopping.monitor",
+        ),
+    ],
+)
+def test_a_monitored_metric_nothing_logs_is_refused_before_training(
+    train_main, tmp_path, capsys, override, key
+):
+    """Before: a traceback at the first validation, after training had started, exit 1."""
+    output_dir = tmp_path / "run"
+    assert train_main(["experiment=tiny", f"output_dir={output_dir}", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}=val/"), lines
+    assert "val/mIoU" in lines[0] and "val/step4/mIoU" in lines[0]
+    assert not output_dir.exists()
+
+
+def test_every_monitorable_metric_is_logged(train_main, tmp_path):
+    """The keys a monitor may name are the ones a validation logs (aux choices and steps included)."""
+    from timerefine.pipeline.build import build_datamodule, build_module
+
+    output_dir = tmp_path / "run"
+    assert train_main(["experiment=tiny", f"output_dir={output_dir}", "logger.tensorboard=false"]) == 0
+    header = (output_dir / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    cfg = load_config(["experiment=tiny"])
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    keys = build_module(cfg, datamodule).evaluation_keys("val")
+    assert sorted(k for k in header if k.startswith("val/")) == sorted(keys)

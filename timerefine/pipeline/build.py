@@ -245,8 +245,21 @@ def accumulation(data: DictConfig, world_size: int) -> int:
     return data.global_batch_size // per_step
 
 
+def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
+    """A monitored ``val/`` metric must be one the module logs (Lightning finds out only at the
+    first validation, after training has started); other keys (``step``, ``train/loss``) are Lightning's."""
+    logged = module.evaluation_keys("val")
+    for key, monitor in (
+        ("callbacks.checkpoint.monitor", callbacks.checkpoint.monitor),
+        ("callbacks.early_stopping.monitor", (callbacks.early_stopping or {}).get("monitor")),
+    ):
+        if monitor and monitor.startswith("val/") and monitor not in logged:
+            raise ConfigError(f"{key}={monitor}: not a metric this run logs; it logs {', '.join(logged)}")
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
     check_lightning_internals()
+    check_monitors(cfg.callbacks, module)
     on_slurm = SLURMEnvironment.detect()
     # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
     plugins: list = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if on_slurm else [])
