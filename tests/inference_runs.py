@@ -86,6 +86,13 @@ def write_moment_video(
     return path
 
 
+def truncated_copy(video: Path, out: Path, keep: float) -> Path:
+    """The first ``keep`` share of a file's bytes, as an interrupted download leaves it."""
+    data = video.read_bytes()
+    out.write_bytes(data[: int(len(data) * keep)])
+    return out
+
+
 def write_tiny_clip(folder: Path) -> Path:
     """A randomly initialised CLIP vision model with a 16-d projection, saved like a hub model."""
     config = CLIPVisionConfig(

@@ -14,6 +14,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithP
 
 from datamodules.feature_stores import FolderFeatureStore
 from grounding.answer_format.timeline import sample_frame_indices
+from tests.inference_runs import truncated_copy, write_moment_video
 from timerefine.inference.frame_encoder import (
     ClipFrameEncoder,
     VideoDecodeError,
@@ -143,6 +144,22 @@ def test_extract_counts_or_raises_on_corrupt_video(tiny_clip, videos, tmp_path):
     report = extract(paths, encoder, tmp_path / "lenient", num_frames=4, workers=1)
     assert report.done == ["vid_a", "vid_b"] and list(report.failed) == ["vid_c"]
     assert "vid_c.mp4" in report.failed["vid_c"]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_truncated_video_is_not_extracted_as_if_whole(tiny_clip, tmp_path, suffix):
+    """Before: a file of which half decodes was encoded from that half (its last frame repeated, or
+    its frames spread over the whole length) and saved as the video's features."""
+    whole = write_moment_video(tmp_path / f"whole{suffix}", 10.0, "red", 2.0, 4.0, faststart=suffix == ".mp4")
+    cut = truncated_copy(whole, tmp_path / f"cut{suffix}", keep=0.5)
+    encoder = ClipFrameEncoder(str(tiny_clip / "proj"))
+    report = extract([whole, cut], encoder, tmp_path / "out", num_frames=8)
+    assert report.done == ["whole"] and list(report.failed) == ["cut"]
+    assert report.failed["cut"].startswith(f"cannot decode video {cut}: only ")
+    assert report.failed["cut"].endswith("the file is truncated or damaged")
+    assert not (tmp_path / "out" / "cut.npy").exists()
+    with pytest.raises(VideoDecodeError, match="truncated or damaged"):
+        extract([cut], encoder, tmp_path / "strict", num_frames=8, strict=True)
 
 
 def test_cli(tiny_clip, videos, tmp_path, capsys):

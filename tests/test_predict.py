@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from tests.inference_runs import ROOT, VIDEOS, write_moment_video
+from tests.inference_runs import ROOT, VIDEOS, truncated_copy, write_moment_video
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
 from timerefine.tools.predict import main
@@ -294,13 +294,6 @@ def test_a_given_duration_must_be_the_videos_own(video_run, grounder, tmp_path, 
     for duration in (3.0, 100.0, -5.0, float("nan")):
         with pytest.raises(InputError, match=r"^--duration="):
             grounder.features(six, duration)
-
-
-def truncated_copy(video: Path, out: Path, keep: float) -> Path:
-    """The first ``keep`` share of a file's bytes, as an interrupted download leaves it."""
-    data = video.read_bytes()
-    out.write_bytes(data[: int(len(data) * keep)])
-    return out
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])

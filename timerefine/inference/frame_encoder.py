@@ -128,11 +128,6 @@ class ClipFrameEncoder:
         return (out.image_embeds if self.projection else out.pooler_output).float().cpu()
 
 
-def video_pixels(path: str | Path, num_frames: int, image_size: int) -> torch.Tensor:
-    """``num_frames`` uniformly sampled frames of a video, preprocessed for the encoder."""
-    return preprocess(decode_uniform_frames(path, num_frames, image_size), image_size)
-
-
 def encode_pixels(encoder: ClipFrameEncoder, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
     """Frame embeddings ``(N, encoder.dim)`` as stored: float16."""
     return torch.cat([encoder(batch) for batch in pixels.split(batch_size)]).numpy().astype(np.float16)

@@ -136,14 +136,20 @@ def encode_video(
         sampled = sample_frames(path, num_frames, encoder.image_size)
     except VideoDecodeError as err:
         raise InputError(str(err)) from err
-    if not decodes_whole(sampled, duration):
-        end = duration if sampled.end is None else sampled.end
-        raise InputError(
-            f"{path}: only {decoded_share(sampled, duration):.0%} of the video decodes ({sampled.decoded} "
-            f"of {sampled.promised} frames, up to {end:.2f} s of {duration:.2f} s): the file is "
-            "truncated or damaged"
-        )
+    if reason := shortfall(sampled, duration):
+        raise InputError(f"{path}: {reason}")
     return encode_pixels(encoder, preprocess(sampled.frames, encoder.image_size), batch_size)
+
+
+def shortfall(sampled: SampledFrames, duration: float) -> str | None:
+    """Why ``sampled`` does not stand for the whole ``duration``-second video, or None."""
+    if decodes_whole(sampled, duration):
+        return None
+    end = duration if sampled.end is None else sampled.end
+    return (
+        f"only {decoded_share(sampled, duration):.0%} of the video decodes ({sampled.decoded} of "
+        f"{sampled.promised} frames, up to {end:.2f} s of {duration:.2f} s): the file is truncated or damaged"
+    )
 
 
 def checked_features(

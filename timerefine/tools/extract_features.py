@@ -31,8 +31,10 @@ from timerefine.inference.frame_encoder import (
     VideoDecodeError,
     encode_pixels,
     encoder_record,
-    video_pixels,
+    preprocess,
+    sample_frames,
 )
+from timerefine.inference.video_features import InputError, probe_video, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,17 @@ class _VideoFrames(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor | VideoDecodeError]:
+        """A truncated or damaged file, of which less decodes than its header promises, fails too."""
+        path = self.paths[i]
         try:
-            return self.paths[i].stem, video_pixels(self.paths[i], self.num_frames, self.image_size)
+            sampled = sample_frames(path, self.num_frames, self.image_size)
+            if reason := shortfall(sampled, probe_video(path).duration):
+                raise VideoDecodeError(path, reason)
+            return path.stem, preprocess(sampled.frames, self.image_size)
         except VideoDecodeError as err:
-            return self.paths[i].stem, err
+            return path.stem, err
+        except InputError as err:
+            return path.stem, VideoDecodeError(path, str(err))
 
 
 @dataclass
