@@ -12,6 +12,7 @@ from callbacks.lightning_compat import (
     every_n_train_steps,
     mark_saved_at,
     save_last,
+    should_save_on_exception,
     should_skip_saving,
     validation_follows_this_batch,
 )
@@ -36,10 +37,11 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Saved on a crash, except an arithmetic one (a NaN loss): its weights are no resume point,
-        and the last ``last.ckpt`` stays."""
-        if not isinstance(exception, ArithmeticError):
-            super().on_exception(trainer, pl_module, exception)
+        """``last.ckpt`` (only: ModelCheckpoint's own would add an ``epoch=..-step=..`` copy at every
+        interruption) on a crash, a SIGTERM or Ctrl-C, except an arithmetic crash (a NaN loss): its
+        weights are no resume point, and the last ``last.ckpt`` stays."""
+        if not isinstance(exception, ArithmeticError) and should_save_on_exception(self, trainer):
+            save_last(self, trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

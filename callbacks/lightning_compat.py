@@ -26,6 +26,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (ModelCheckpoint, "_save_last_checkpoint", ("self", "trainer", "monitor_candidates")),
     (ModelCheckpoint, "_monitor_candidates", ("self", "trainer")),
     (ModelCheckpoint, "_should_skip_saving_checkpoint", ("self", "trainer")),
+    (ModelCheckpoint, "_should_save_on_exception", ("self", "trainer")),
     (ModelCheckpoint, "_last_global_step_saved", None),
     (ModelCheckpoint, "_every_n_train_steps", None),
     (_TrainingEpochLoop, "_should_check_val_fx", ("self", "data_fetcher")),
@@ -84,6 +85,11 @@ def every_n_train_steps(callback: ModelCheckpoint) -> int:
 
 def should_skip_saving(callback: ModelCheckpoint, trainer: L.Trainer) -> bool:
     return callback._should_skip_saving_checkpoint(trainer)
+
+
+def should_save_on_exception(callback: ModelCheckpoint, trainer: L.Trainer) -> bool:
+    """Whether ``callback`` saves on an exception now (not while sanity checking, nor twice a step)."""
+    return callback._should_save_on_exception(trainer)
 
 
 def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:

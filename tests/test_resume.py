@@ -260,3 +260,34 @@ def test_trainer_writes_checkpoints_atomically(tmp_path):
     cfg = load_config(["experiment=tiny", f"output_dir={tmp_path}"])
     module = build_module(cfg, build_datamodule(cfg))
     assert isinstance(build_trainer(cfg, tmp_path, module).strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_progress_in_last_ckpt_alone_and_says_the_run_did_not_finish(tmp_path):
+    """Before: exit 0 (Lightning's SIGTERMException is a SystemExit without a code), and besides
+    last.ckpt an ``epoch=..-step=...ckpt`` copy at every interruption."""
+    output_dir = tmp_path / "run"
+    last = output_dir / "checkpoints" / "last.ckpt"
+    run = [
+        sys.executable,
+        "train.py",
+        "experiment=tiny",
+        "trainer.max_steps=100000",
+        "callbacks.checkpoint.last_every_n_steps=5",
+        f"output_dir={output_dir}",
+    ]
+    process = subprocess.Popen(
+        run, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    while not last.exists():
+        assert process.poll() is None, "the run ended before writing last.ckpt"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + 15
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM: {last} holds its progress; the same command resumes it"
+    )
+    assert sorted(p.name for p in last.parent.iterdir() if not p.name.startswith("best")) == ["last.ckpt"]
+    assert not (output_dir / "metrics.json").exists()
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 5

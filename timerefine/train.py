@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from grounding.metrics.action_prior import best_action_scores
@@ -28,6 +29,7 @@ from timerefine.pipeline.previous_run import check_same_settings, finished
 from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
 
 log = logging.getLogger("train")
+STOPPED_BY_SIGTERM = 128 + 15  # as a shell reports a process ended by SIGTERM
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -104,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as error:  # bad data or settings: the message names the file/key, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning's: a SystemExit whose code would say the run succeeded
+        print(
+            f"stopped by SIGTERM: {cfg.output_dir}/checkpoints/last.ckpt holds its progress; the same command resumes it",
+            file=sys.stderr,
+        )
+        return STOPPED_BY_SIGTERM
     return 0
 
 
