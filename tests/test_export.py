@@ -161,3 +161,34 @@ def test_merge_lora_without_lora_is_refused(video_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --merge-lora: ") and "model.lora.enabled" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def damage(kind: str, export: Path) -> Path:
+    """Damage one file of ``export`` as a half-copied or edited folder leaves it; the damaged file."""
+    files = {
+        "weights missing": WEIGHTS,
+        "weights truncated": WEIGHTS,
+        "manifest not JSON": "export.json",
+        "tokenizer not JSON": "tokenizer/tokenizer.json",
+    }
+    path = export / files[kind]
+    if kind == "weights missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["weights missing", "weights truncated", "manifest not JSON", "tokenizer not JSON"]
+)
+def test_a_damaged_export_is_one_line_naming_the_file(video_run, tmp_path, capsys, kind):
+    """Before: FileNotFoundError, SafetensorError or JSONDecodeError tracebacks, exit 1."""
+    export = tmp_path / "export"
+    assert export_main([str(video_run.run_dir), str(export)]) == 0
+    capsys.readouterr()
+    broken = damage(kind, export)
+    video = video_run.videos / "vid_blue_a.mp4"
+    assert predict_main([str(video), "--run", str(export), "--query", QUERIES[0]]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {broken if kind != 'tokenizer not JSON' else broken.parent}: "), line

@@ -75,6 +75,16 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
+def test_a_damaged_tokenizer_is_one_line_in_every_tool(run, tmp_path, capsys, tool):
+    """Before: a JSONDecodeError traceback, exit 1."""
+    saved = run / "tokenizer" / "tokenizer.json"
+    saved.write_text("{")
+    assert tools(run, tmp_path, "best")[tool]() == 2
+    assert one_error_line(capsys).startswith(f"error: {saved.parent}: the run's tokenizer cannot be read")
+
+
+@pytest.mark.slow
 def test_best_looks_past_an_unreadable_last_checkpoint(run, caplog):
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert checkpoint_path(run, "best") == best(run)

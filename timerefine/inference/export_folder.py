@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
@@ -154,15 +155,21 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     """The exported model in eval mode and the video encoder it records."""
     if not is_export(folder):
         raise InputError(f"{folder}: no {MANIFEST}, so not an exported model")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except ValueError as err:
+        raise InputError(f"{folder / MANIFEST}: not JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     cfg = run_config(folder)
     if manifest["language_model"]:
         cfg.model.lm.name_or_path = str(folder / manifest["language_model"])
     module, collator = build_untrained(cfg, folder / "tokenizer")
     run = LoadedRun(cfg, module, collator, folder)
-    tensors = load_file(folder / WEIGHTS)
+    try:
+        tensors = load_file(folder / WEIGHTS)
+    except (OSError, SafetensorError) as err:  # missing, truncated, not safetensors
+        raise InputError(f"{folder / WEIGHTS}: cannot be read ({' '.join(str(err).split())})") from err
     rows = {n.removesuffix(NEW_ROWS): t for n, t in tensors.items() if n.endswith(NEW_ROWS)}
     missing, unexpected = module.load_state_dict(
         {n: t for n, t in tensors.items() if not n.endswith(NEW_ROWS)}, strict=False

@@ -24,7 +24,7 @@ from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
-from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.build import TokenizerError, build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import tiny_lm_width
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
@@ -100,7 +100,10 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
     if not tokenizer_dir.is_dir():
         raise InputError(f"{tokenizer_dir}: missing (the run's tokenizer)")
     source = ShapeOnlySource(cfg.data.name, cfg.data.source.num_frames, cfg.data.source.feature_dim)
-    datamodule = build_datamodule(cfg, tokenizer_dir, source)
+    try:
+        datamodule = build_datamodule(cfg, tokenizer_dir, source)
+    except TokenizerError as err:
+        raise InputError(str(err)) from err
     return build_module(cfg, datamodule).eval(), datamodule.collator
 
 

@@ -53,6 +53,10 @@ from timerefine.pipeline.strategy import build_strategy
 log = logging.getLogger(__name__)
 
 
+class TokenizerError(ValueError):
+    """A run's saved tokenizer that cannot be read; the message names its folder."""
+
+
 def build_source(data: DictConfig) -> DataSource:
     """``data.source`` as its spec: generated, or read from annotation files by ``LOADERS[data.name]``."""
     spec = OmegaConf.to_object(data.source)
@@ -71,7 +75,11 @@ def build_tokenizer_for(
     if (tokenizer_dir is None or not tokenizer_dir.is_dir()) and cfg.init_from_run:
         tokenizer_dir = Path(cfg.init_from_run) / "tokenizer"  # the run it starts from
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
+        try:
+            return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
+        except (ValueError, OSError) as error:  # a truncated or edited tokenizer.json (JSONDecodeError)
+            reason = " ".join(str(error).split())
+            raise TokenizerError(f"{tokenizer_dir}: the run's tokenizer cannot be read ({reason})") from error
     train = source.records("train")
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule

@@ -10,6 +10,7 @@ from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import NonFiniteLossError
 from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
+from timerefine.pipeline.build import TokenizerError
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import RunStartError
 from timerefine.pipeline.previous_run import ChangedSettingsError
@@ -29,4 +30,5 @@ INPUT_ERRORS = (
     RunStartError,
     StoreMismatchError,
     NonFiniteLossError,
+    TokenizerError,
 )
