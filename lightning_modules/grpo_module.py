@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, RETHINK
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, number, one_of
 from grounding.metrics.rewards import REWARDS, Answer, total_reward
 from grounding.metrics.windows import record_iou
+from lightning_modules.base_weights import weights_digest
 from lightning_modules.generation import Generation, Sampling, generate
 from lightning_modules.grounding_module import GroundingModule, finite_loss
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
@@ -112,6 +114,13 @@ def segment_steps(answer: list[int], markers: set[int]) -> list[int]:
     return steps
 
 
+REFERENCE = "grpo_reference"  # the checkpoint key of the KL reference's digest
+
+
+class ReferenceChangedError(ValueError):
+    """A GRPO run resumed against another KL reference than it started with."""
+
+
 class GRPOModule(GroundingModule):
     """The grounding module trained by GRPO (``grpo``); optimisation is manual, as each rollout
     serves ``num_iterations`` steps. ``max_grad_norm``: gradient clipping (``trainer.gradient_clip_val``).
@@ -122,6 +131,7 @@ class GRPOModule(GroundingModule):
         self.grpo, self.max_grad_norm = grpo, max_grad_norm
         self.automatic_optimization = False
         self._reference: list[VideoLLM] = []  # a list: no submodule, so not in checkpoints
+        self._reference_digest: str | None = None
         self._automaton = (
             layout_automaton(self.codec.slots(), self.codec.end_id) if grpo.constrained else None
         )
@@ -132,10 +142,39 @@ class GRPOModule(GroundingModule):
         aux head with ``aux=freeze``, and the saliency head: no GRPO loss reaches it, and DDP (without
         the cost of ``find_unused_parameters``) needs every trainable parameter to get a gradient."""
         self._reference = [copy.deepcopy(self.model).eval().requires_grad_(False)] if self.grpo.beta else []
+        self._reference_digest = None
         frozen = [self.model.saliency_head] + [self.model.aux_head] * (self.grpo.aux == "freeze")
         for head in frozen:
             if head is not None:
                 head.requires_grad_(False)
+
+    def reference_digest(self) -> str | None:
+        """SHA-256 of the KL reference's weights (computed once: it is frozen); None without one."""
+        if self._reference and self._reference_digest is None:
+            reference = self._reference[0]
+            self._reference_digest = weights_digest(reference, sorted(reference.state_dict()))
+        return self._reference_digest
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if (digest := self.reference_digest()) is not None:
+            checkpoint[REFERENCE] = digest
+
+    def check_base(self, checkpoint: Path) -> None:
+        """Also refuse to resume against another KL reference than the run started with: the run it
+        started from (``init_from_run``) has trained on since, so its best checkpoint is another."""
+        super().check_base(checkpoint)
+        saved = (
+            None
+            if checkpoint.is_dir()
+            else torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(REFERENCE)
+        )
+        if saved is not None and saved != self.reference_digest():
+            raise ReferenceChangedError(
+                f"{checkpoint}: this GRPO run started from other weights (KL reference sha256 {saved[:12]}) "
+                f"than the run it starts from holds now ({self.reference_digest()[:12]}): init_from_run's "
+                "best checkpoint changed; start a new output_dir from it"
+            )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

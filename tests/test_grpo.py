@@ -305,3 +305,29 @@ def test_a_killed_grpo_run_resumes_exactly(supervised, tmp_path):
     assert json.loads((killed / "metrics.json").read_text()) == json.loads(
         (whole / "metrics.json").read_text()
     )
+
+
+@pytest.mark.slow
+def test_resuming_against_a_changed_starting_run_is_refused(tmp_path, capsys):
+    """Before: the run it started from had trained on (its best checkpoint another), and the resumed
+    GRPO run silently took that as its KL reference."""
+    start, run = tmp_path / "supervised", tmp_path / "grpo"
+    assert train.main([*TINY, f"output_dir={start}"]) == 0
+    stage = [
+        *GRPO,
+        f"init_from_run={start}",
+        "callbacks.checkpoint.last_every_n_steps=2",
+        f"output_dir={run}",
+    ]
+    assert train.main([*stage, "trainer.max_steps=2"]) == 0
+    best = checkpoint_path(start, "best")
+    checkpoint = torch.load(best, weights_only=False)
+    name = next(n for n in checkpoint["state_dict"] if "projector" in n)
+    checkpoint["state_dict"][name] += 0.01  # as if the supervised run had trained on
+    torch.save(checkpoint, best)
+    capsys.readouterr()
+    assert train.main([*stage, "trainer.max_steps=4"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        f"error: {run / 'checkpoints' / 'last.ckpt'}: this GRPO run started from other weights"
+    )
