@@ -52,7 +52,8 @@ def prediction_rows(shift: float) -> list[dict]:
     for record in builtin_records(SPEC, "test"):
         pred = [record.start + shift, record.end + shift]
         iou = 1.0 if not shift else 0.0
-        rows.append({"qid": record.qid, "video_id": record.video_id, "pred": pred, "iou": iou})
+        gt = [record.start, record.end]
+        rows.append({"qid": record.qid, "video_id": record.video_id, "pred": pred, "gt": gt, "iou": iou})
     return rows
 
 
@@ -103,6 +104,20 @@ def test_main_traces_the_steps_of_a_refinement_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "coarse -> final): 0.00 -> 0.00" in out
     assert "differs from the first refined one: 0.0 %" in out
+
+
+def test_predictions_of_other_built_in_data_are_refused(tmp_path, capsys):
+    """Before: another run's predictions (``data.source.seed=7``: the same qids ask other queries)
+    were diagnosed against this run's events, exit 0."""
+    OmegaConf.save(
+        {"data": {"name": "builtin", "source": vars(SPEC) | {"seed": 7}}}, tmp_path / "config.yaml"
+    )
+    (tmp_path / "predictions").mkdir()
+    rows = prediction_rows(0.0)
+    (tmp_path / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "not the test predictions of this built-in run" in line and rows[0]["qid"] in line, line
 
 
 @pytest.mark.parametrize(

@@ -48,8 +48,11 @@ def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]
     iou_sums: Counter[str] = Counter()
     for row in rows:
         _, split, video, *event = row["qid"].split(":")  # builtin:<split>:<video>[:<event>]
-        events = make_sample(spec, split, int(video)).events
-        outcome = landing(row["pred"], events, int(event[0]) if event else 0)
+        events, queried = make_sample(spec, split, int(video)).events, int(event[0]) if event else 0
+        truth = (events[queried].start, events[queried].end)
+        if max(abs(a - b) for a, b in zip(row["gt"], truth, strict=True)) > 1e-3:
+            raise ValueError(f"{row['qid']} has the moment {row['gt']} there, {list(truth)} in this run's data")
+        outcome = landing(row["pred"], events, queried)
         counts[outcome] += 1
         iou_sums[outcome] += row["iou"]
     return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
