@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,13 @@ class InferenceSpec(Checked):
     max_new_tokens: int | None = checked(None, optional(integer(1)))
     decoder: str = checked("fused", one_of(*DECODERS))
     order_and_clip: bool = True
+
+    def relations(self) -> Iterator[str]:
+        if self.constrained and self.max_new_tokens is not None:
+            yield (
+                f"max_new_tokens={self.max_new_tokens} needs constrained=false: constrained decoding "
+                "writes the whole answer layout, whatever the limit"
+            )
 
     def new_tokens(self, answer_length: int) -> int:
         """The most tokens a generated answer may take, answers being ``answer_length`` tokens long."""

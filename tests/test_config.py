@@ -290,6 +290,7 @@ def test_saliency_needs_query_conditioning(tmp_path):
         ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
         ("output_dir=", "output_dir"),  # empty: wrote the run into the working directory
         ("trainer.limit_test_batches=0", "trainer.limit_test_batches"),  # printed a table without test
+        ("model.inference.max_new_tokens=3", "model.inference.max_new_tokens"),  # ignored when constrained
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -74,10 +74,12 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
 
 def finished(cfg: DictConfig, output_dir: Path) -> bool:
     """Whether ``output_dir`` holds this run finished: ``metrics.json`` (which a run removes when it
-    starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones. Only with
-    ``resume=auto``: ``resume=null`` starts the run over."""
+    starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones, or ``test``
+    turned off (its test is done and stays). Only with ``resume=auto``: ``resume=null`` starts the
+    run over."""
     saved = output_dir / "config.yaml"
     if cfg.resume != "auto" or not (output_dir / "metrics.json").is_file() or not saved.is_file():
         return False
     old = OmegaConf.to_container(with_schema_defaults(saved_config(saved)), resolve=True)
-    return all(key in INCIDENTAL for key in changes(old, OmegaConf.to_container(cfg, resolve=True)))
+    changed = changes(old, OmegaConf.to_container(cfg, resolve=True))
+    return all(key in INCIDENTAL or (key == "test" and now is False) for key, (_, now) in changed.items())

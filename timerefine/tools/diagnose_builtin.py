@@ -51,7 +51,9 @@ def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]
         events, queried = make_sample(spec, split, int(video)).events, int(event[0]) if event else 0
         truth = (events[queried].start, events[queried].end)
         if max(abs(a - b) for a, b in zip(row["gt"], truth, strict=True)) > 1e-3:
-            raise ValueError(f"{row['qid']} has the moment {row['gt']} there, {list(truth)} in this run's data")
+            raise ValueError(
+                f"{row['qid']} has the moment {row['gt']} there, {list(truth)} in this run's data"
+            )
         outcome = landing(row["pred"], events, queried)
         counts[outcome] += 1
         iou_sums[outcome] += row["iou"]
