@@ -58,6 +58,12 @@ def read_feature_file(path: Path) -> np.ndarray:
     return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
+def read_error(error: Exception) -> str:
+    """Why a feature file could not be read, in one line (torch's unpickling errors run to ten)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class FolderFeatureStore:
     """``root/{video_id}.npy`` (or ``.npz`` / ``.pt``) with any ``(T, D)``, resampled to ``num_frames``."""
 
@@ -80,7 +86,7 @@ class FolderFeatureStore:
         try:
             array = read_feature_file(path)
         except Exception as err:
-            raise FeatureError(video_id, str(path), f"unreadable: {type(err).__name__}: {err}") from err
+            raise FeatureError(video_id, str(path), f"unreadable: {read_error(err)}") from err
         array = check_features(array, video_id, path, self.feature_dim)
         return resample_frames(array, self.num_frames).astype(np.float32)
 
@@ -124,7 +130,7 @@ class PackedFeatureStore:
                 self._dataset = _open_streaming_dataset(self.path)
             item = self._dataset[self.index[video_id]]
         except Exception as err:
-            raise FeatureError(video_id, str(self.path), f"unreadable: {type(err).__name__}: {err}") from err
+            raise FeatureError(video_id, str(self.path), f"unreadable: {read_error(err)}") from err
         if item["video_id"] != video_id:
             raise FeatureError(video_id, str(self.path), f"unreadable: index points at {item['video_id']!r}")
         array = check_features(item["features"], video_id, self.path, self.feature_dim)

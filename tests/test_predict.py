@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import subprocess
@@ -132,6 +133,8 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     frameless = write_frameless(tmp_path / "frameless.mkv")
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((8, 32), np.float32))
+    pickled = tmp_path / "pickled.pt"  # a pickle that torch.load(weights_only=True) refuses, in ten lines
+    pickled.write_bytes(pickle.dumps(print))
     no_ckpt = tmp_path / "no_ckpt"
     shutil.copytree(video_run.run_dir, no_ckpt, ignore=shutil.ignore_patterns("checkpoints"))
     pooled = tmp_path / "pooled_clip"
@@ -180,6 +183,10 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
             [str(wide), "--run", run, "--duration", "3", *query],
             f"{wide}: bad shape: expected (T, 16), got (8, 32)",
         ),
+        "unreadable .pt features": (
+            [str(pickled), "--run", run, "--duration", "3", *query],
+            f"{pickled}: unreadable feature file (UnpicklingError: Weights only load failed.",
+        ),
         "features without duration": (
             [str(wide), "--run", run, *query],
             "--duration: needed with features, which hold no time",
@@ -226,6 +233,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "empty query",
         "no query",
         "wrong feature size",
+        "unreadable .pt features",
         "features without duration",
         "no checkpoint",
         "not a run",

@@ -17,7 +17,7 @@ import av
 import numpy as np
 import torch
 
-from datamodules.feature_stores import SUFFIXES, check_features, read_feature_file
+from datamodules.feature_stores import SUFFIXES, check_features, read_error, read_feature_file
 from grounding.records import FeatureError, resample_frames
 from timerefine.inference.frame_encoder import (
     ENCODER_RECORD,
@@ -172,5 +172,5 @@ def read_features(path: Path, feature_dim: int, num_frames: int) -> np.ndarray:
     try:
         array = read_feature_file(path)
     except Exception as err:
-        raise InputError(f"{path}: unreadable feature file ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path}: unreadable feature file ({read_error(err)})") from err
     return checked_features(array, str(path), feature_dim, num_frames)
