@@ -25,12 +25,14 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
-def checked(path: Path) -> str:
+def checked(path: Path, own: bool = True) -> str:
+    """``path`` when it reads as a checkpoint; else CheckpointError, advising to delete it only when
+    it is the run's ``own`` resume point (not a file the user named)."""
     problem = unreadable(path)
     if problem is not None:
+        advice = "delete it to start the run over, or pass" if own else "pass"
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({problem}); delete it to start the run over, "
-            "or pass resume=<another checkpoint>"
+            f"checkpoint {path} cannot be read ({problem}); {advice} resume=<another checkpoint>"
         )
     return str(path)
 
@@ -44,7 +46,7 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     if resume != "auto":
         if not Path(resume).is_file():
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
-        return checked(Path(resume))
+        return checked(Path(resume), own=False)
     hpc = hpc_checkpoints(output_dir)
     if hpc and SLURMEnvironment.detect():  # detect() warns wherever srun is installed: only when needed
         checked(hpc[max(hpc)])
