@@ -23,13 +23,13 @@ def duration_conflicts(splits: Mapping[str, Sequence[GroundingRecord]]) -> list[
     lines = []
     for split, records in splits.items():
         for record in records:
-            duration, where = first.setdefault(record.video_id, (record.duration, _place(record, split)))
+            here = (record.duration, _place(record, split))
+            duration, where = first.setdefault(record.video_id, here)
             if abs(record.duration - duration) > 1e-6 * max(duration, 1.0):
                 lines.append(
-                    f"video {record.video_id}: duration {record.duration:g} at {_place(record, split)} "
-                    f"but {duration:g} at {where}"
+                    f"video {record.video_id}: duration {record.duration:g} at {here[1]} but {duration:g} at {where}"
                 )
-                first[record.video_id] = (record.duration, _place(record, split))
+                first[record.video_id] = here
     return lines
 
 
