@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = [*(["experiment=tiny"] if args.quick else []), *args.overrides]
     steps, rounds = (12, 2) if args.quick else (args.steps, args.rounds)
-    overrides += [f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "callbacks.progress_bar=none"]
+    overrides += [
+        f"trainer.max_steps={steps}",
+        "model.saliency.projector_steps=0",  # every step a full one
+        "trainer.limit_val_batches=0",
+        "callbacks.progress_bar=none",
+    ]
     cfg = load_config(overrides)
     torch.manual_seed(cfg.seed)
     datamodule = build_datamodule(cfg)

@@ -39,7 +39,7 @@ ARMS = {
         "model.lora.enabled=false",
         "model.optim.lr=3e-3",
     ],
-    "tiny": [],
+    "tiny": ["model.saliency.projector_steps=0"],  # as experiment=smollm2
 }
 QUICK = [
     "data.source.num_train=16",

@@ -150,6 +150,7 @@ class GroundingModule(L.LightningModule):
         optim: OptimSpec,
         inference: InferenceSpec,
         saliency_weight: float = 0.0,
+        projector_steps: int = 0,
         config: dict[str, Any] | None = None,
         timeline: Timeline = DEFAULT_TIMELINE,
         protocol: Protocol = EXACT,
@@ -157,6 +158,8 @@ class GroundingModule(L.LightningModule):
     ) -> None:
         """``config``: the run's resolved config, saved in every checkpoint (``hyper_parameters``)
         together with the tokenizer's files, so a checkpoint says what it is without its run folder.
+        ``projector_steps``: the first optimizer steps train the projector and the saliency head on
+        the saliency loss alone (no LM pass); the LR curve of the steps after them starts afresh.
         ``base_name``: the pretrained LM the frozen weights come from (``model.lm.name_or_path``);
         checkpoints then leave those out and record their identity (lightning_modules/base_weights.py).
         None (a randomly initialised LM, which no one can rebuild): checkpoints hold everything."""
@@ -165,6 +168,9 @@ class GroundingModule(L.LightningModule):
         self.save_hyperparameters({"config": config}, logger=False)
         self.model, self.codec, self.tokenizer = model, codec, codec.tokenizer
         self.aux_weight, self.saliency_weight = aux_weight, saliency_weight
+        if projector_steps and model.saliency_head is None:
+            raise ValueError("projector_steps train the saliency head: it needs saliency_weight > 0")
+        self.projector_steps = projector_steps
         self.optim, self.inference, self.timeline = optim, inference, timeline
         with_offsets = codec.schedule.with_offsets
         self.offset_id = self.tokenizer.convert_tokens_to_ids(OFFSET) if with_offsets else None
@@ -214,8 +220,18 @@ class GroundingModule(L.LightningModule):
             losses["loss"] = losses["loss"] + self.saliency_weight * losses["saliency_loss"]
         return losses
 
+    def _projector_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The saliency loss of the projector's first steps, read without the LM."""
+        logits = self.model.saliency_logits(
+            batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]
+        )
+        target = saliency_targets(batch["gt_norm"].to(logits), logits.shape[1])
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        return {"saliency_loss": loss, "loss": loss}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self._losses(batch)
+        first = self.global_step < self.projector_steps
+        losses = self._projector_losses(batch) if first else self._losses(batch)
         finite_loss(losses["loss"], self.global_step, self.optim.lr)
         size = len(batch["records"])
         for name, value in losses.items():
@@ -378,10 +394,14 @@ class GroundingModule(L.LightningModule):
     def configure_optimizers(self):
         groups = optimizer_groups(self, self.optim.lr, self.optim.weight_decay, self.optim.projector_lr)
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        first = self.projector_steps  # at the full lr; the curve below starts after them
+        total = max(int(self.trainer.estimated_stepping_batches) - first, 1)
         warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
 
         def lr_curve(step: int) -> float:  # the LR factor: linear warmup, then cosine decay
+            if step < first:
+                return 1.0
+            step -= first
             if step < warmup:
                 return (step + 1) / warmup
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)

@@ -138,6 +138,19 @@ class VideoLLM(nn.Module):
             )
         return embeds.masked_scatter(placeholders.unsqueeze(-1), frames.to(embeds.dtype)), frames
 
+    def saliency_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, video tokens): the saliency head's logits from the projector alone, without the LM's
+        pass (the projector's first steps, ``model.saliency.projector_steps``)."""
+        prompt = attention_mask.bool() & (labels == IGNORE_INDEX)
+        frames = self._embed_with_frames(input_ids, features, prompt)[1]
+        return self.saliency_head(frames.float()).squeeze(-1)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -51,6 +51,7 @@ TRAIN_OVERRIDES = [
     "model.lm.tokenizer_vocab_size=300",
     "trainer.accelerator=cpu",
     "trainer.max_steps=6",
+    "model.saliency.projector_steps=0",
     "trainer.val_check_interval=3",
     "trainer.log_every_n_steps=1",
     "callbacks.progress_bar=none",

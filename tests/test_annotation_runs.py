@@ -58,6 +58,7 @@ def tiny_run(root: Path, output_dir: Path, *overrides: str) -> list[str]:
         "model.lm.tokenizer_vocab_size=300",
         "trainer.accelerator=cpu",
         "trainer.max_steps=4",
+        "model.saliency.projector_steps=0",
         "trainer.val_check_interval=4",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",

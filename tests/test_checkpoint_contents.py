@@ -79,6 +79,7 @@ def lora_run(tmp_path_factory) -> LoraRun:
         "model.lora.enabled=true",
         "model.lora.r=2",
         "trainer.max_steps=6",
+        "model.saliency.projector_steps=0",
         "trainer.val_check_interval=3",
         "callbacks.checkpoint.last_every_n_steps=3",
         "callbacks.checkpoint.save_top_k=-1",  # best-step3.ckpt stays: a resume point mid-run
@@ -203,6 +204,7 @@ def test_a_random_base_trains_whole_is_saved_whole_and_reloads_to_the_same_predi
         f"model.lm.name_or_path={tmp_path / 'base'}",
         "model.lm.weights=random",
         "trainer.max_steps=4",
+        "model.saliency.projector_steps=0",
         "trainer.val_check_interval=4",
         f"output_dir={run_dir}",
     ]

@@ -43,13 +43,13 @@ def test_overrides_apply():
             "data=builtin",
             "model=direct",
             "model.lora.r=8",
-            "trainer.max_steps=200",
+            "trainer.max_steps=700",
             "seed=3",
             "output_dir=runs/x",
         ]
     )
     assert cfg.model.lora.r == 8
-    assert cfg.trainer.max_steps == 200
+    assert cfg.trainer.max_steps == 700
     assert cfg.seed == 3
     assert cfg.output_dir == "runs/x"
     # Everything else keeps its default.

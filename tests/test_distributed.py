@@ -30,6 +30,7 @@ TINY = [
     "model.lm.tiny.num_heads=2",
     "model.lm.tiny.intermediate_size=64",
     "model.refine.steps=1",
+    "model.saliency.projector_steps=0",
     "callbacks.progress_bar=none",
     "logger.tensorboard=false",
     "trainer.accelerator=cpu",
@@ -130,3 +131,27 @@ def test_ddp_grpo_keeps_the_ranks_in_step(tmp_path: Path) -> None:
     assert any(
         not torch.equal(tensor, start["state_dict"][name].to(tensor.dtype)) for name, tensor in rank0.items()
     )
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_projector_steps_run_with_the_lm_unused_and_keep_the_ranks_in_step(tmp_path: Path) -> None:
+    """``trainer.strategy=ddp`` with projector steps (the LM unused in them, which plain DDP refuses):
+    the run finishes and both ranks end with the same weights."""
+    weights = tmp_path / "weights"
+    _run(
+        "-m",
+        "tests.ddp_rank_weights",
+        str(weights),
+        *TINY,
+        "model.saliency.projector_steps=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "test=false",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt") for r in (0, 1))
+    for name, tensor in rank0.items():
+        torch.testing.assert_close(rank1[name], tensor, rtol=0, atol=0, msg=name)

@@ -22,6 +22,7 @@ RUN = [
     "experiment=tiny",
     "trainer.accelerator=cpu",
     "trainer.max_steps=10",
+    "model.saliency.projector_steps=0",
     "trainer.val_check_interval=5",
     "callbacks.checkpoint.monitor=step",
     "callbacks.checkpoint.mode=max",

@@ -69,6 +69,7 @@ def lora_run(tmp_path_factory) -> Path:
         "model.lora.r=4",
         "trainer.accelerator=cpu",
         "trainer.max_steps=6",
+        "model.saliency.projector_steps=0",
         "trainer.val_check_interval=3",
         "logger.csv=false",
         "logger.tensorboard=false",

@@ -176,6 +176,7 @@ def tiny_jsonl(root: Path, *overrides: str) -> list[str]:
         "model.lm.tokenizer_vocab_size=300",
         "trainer.accelerator=cpu",
         "trainer.max_steps=2",
+        "model.saliency.projector_steps=0",
         "callbacks.progress_bar=none",
         *overrides,
     ]

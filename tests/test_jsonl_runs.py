@@ -54,6 +54,7 @@ def test_jsonl_trains_and_tests_with_several_windows(tmp_path, mode):
         "model.lm.tokenizer_vocab_size=300",
         "trainer.accelerator=cpu",
         "trainer.max_steps=4",
+        "model.saliency.projector_steps=0",
         "trainer.val_check_interval=3",
         "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=none",

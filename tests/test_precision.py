@@ -177,6 +177,7 @@ def train(output_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     overrides = [
         "experiment=tiny",
         "trainer.max_steps=2",
+        "model.saliency.projector_steps=0",
         "trainer.val_check_interval=2",
         "logger.tensorboard=false",
     ]

@@ -20,7 +20,9 @@ def train_description(bar: ProgressBar) -> str:
 
 
 def project_bar(kind: str, tmp_path) -> ProgressBar:
-    cfg = load_config([f"callbacks.progress_bar={kind}", "trainer.max_steps=3"])
+    cfg = load_config(
+        [f"callbacks.progress_bar={kind}", "trainer.max_steps=3", "model.saliency.projector_steps=0"]
+    )
     return next(
         c
         for c in build_callbacks(cfg, tmp_path, OmegaConf.to_object(cfg.model.refine))

@@ -222,6 +222,7 @@ def test_a_tiny_run_trains_with_lora_gradient_checkpointing_and_bf16_autocast_on
             "trainer=cpu",
             "trainer.precision=bf16-mixed",
             "trainer.max_steps=6",
+            "model.saliency.projector_steps=0",
             "trainer.val_check_interval=3",
             "data.source.num_val=4",
             "data.source.num_test=4",

@@ -56,6 +56,7 @@ def runs(tmp_path_factory) -> dict[str, Run]:
                 f"model.lm.tokenizer={real_tokenizers.path(name)}",
                 *RUNS[name],
                 f"trainer.max_steps={STEPS}",
+                "model.saliency.projector_steps=0",
                 f"trainer.val_check_interval={STEPS}",
                 "trainer.enable_progress_bar=false",
                 f"output_dir={output_dir}",

@@ -280,6 +280,7 @@ TINY_RUN = [
     "model.lm.tokenizer_vocab_size=300",
     "trainer.max_steps=4",
     "trainer.val_check_interval=4",
+    "model.saliency.projector_steps=0",
     "callbacks.progress_bar=none",
 ]
 

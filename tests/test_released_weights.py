@@ -215,6 +215,7 @@ def test_train_py_fine_tunes_from_released_weights(release, tmp_path):
     overrides = [
         "model.lora.enabled=true",
         "trainer.max_steps=2",
+        "model.saliency.projector_steps=0",
         "data.source.num_val=4",
         "data.source.num_test=4",
     ]

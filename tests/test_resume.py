@@ -27,6 +27,7 @@ RUN = [
     "data.source.num_train=50",  # 13 batches an epoch, the last one short
     "data.global_batch_size=8",  # two batches a step: 7 steps an epoch, the last of one batch
     f"trainer.max_steps={MAX_STEPS}",
+    "model.saliency.projector_steps=0",
     "trainer.val_check_interval=10",  # batches: step 5 ends on batch 10, right before a validation
     "trainer.log_every_n_steps=1",
     "callbacks.checkpoint.last_every_n_steps=5",

@@ -29,6 +29,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN = [
     "experiment=tiny",
     "trainer.max_steps=6",
+    "model.saliency.projector_steps=0",
     "trainer.val_check_interval=3",
     "trainer.log_every_n_steps=1",
     "logger.tensorboard=false",

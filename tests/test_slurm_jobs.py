@@ -25,6 +25,7 @@ MAX_STEPS = 60
 TINY = [
     "experiment=tiny",
     f"trainer.max_steps={MAX_STEPS}",
+    "model.saliency.projector_steps=0",
     "trainer.limit_val_batches=0",
     "test=false",
     "callbacks.checkpoint.monitor=null",

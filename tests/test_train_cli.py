@@ -90,7 +90,7 @@ def test_no_test_batches_is_asked_for_with_test_false(train_main, tmp_path):
 
 @pytest.mark.parametrize("flags", [["--cfg", "job"], ["--help"]])
 def test_train_py_prints_the_composed_config_and_runs_nothing(train_main, tmp_path, capsys, flags):
-    overrides = ["model=direct", "trainer.max_steps=7", f"output_dir={tmp_path / 'run'}"]
+    overrides = ["model=direct", "trainer.max_steps=700", f"output_dir={tmp_path / 'run'}"]
     assert train_main([*flags, *overrides]) == 0
     out = capsys.readouterr().out
     if "--help" in flags:

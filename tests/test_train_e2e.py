@@ -22,6 +22,7 @@ NUM_TRAIN, NUM_TEST, BATCH = 64, 16, 8
 BATCHES_PER_EPOCH = NUM_TRAIN // BATCH
 TINY = [
     "trainer.val_check_interval=15",
+    "model.saliency.projector_steps=0",
     "trainer.log_every_n_steps=1",
     f"data.source.num_train={NUM_TRAIN}",
     "data.source.num_val=16",

@@ -44,6 +44,7 @@ TRAIN = [
     "model.optim.warmup_steps=20",
     "data.source.num_val=100",
     "data.source.num_test=300",
+    "model.saliency.projector_steps=0",  # as measured (before projector steps)
     "callbacks.progress_bar=none",
 ]
 

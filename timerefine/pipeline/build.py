@@ -52,6 +52,9 @@ from timerefine.pipeline.strategy import build_strategy
 
 log = logging.getLogger(__name__)
 
+# trainer.strategy=ddp with projector steps, in which the LM is unused (DDP refuses that by default)
+UNUSED_PARAMETERS = "ddp_find_unused_parameters_true"
+
 
 class TokenizerError(ValueError):
     """A run's saved tokenizer that cannot be read; the message names its folder."""
@@ -179,6 +182,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
         optim=model.optim,
         inference=model.inference,
         saliency_weight=model.saliency.weight,
+        projector_steps=model.saliency.projector_steps,
         config=OmegaConf.to_container(cfg, resolve=True),
         timeline=timeline,
         protocol=run_protocol(cfg),
@@ -272,6 +276,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     # Requeueing is done by callbacks.slurm_requeue at a step boundary, not in Lightning's handler.
     plugins: list = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if on_slurm else [])
     trainer_args = OmegaConf.to_container(cfg.trainer)
+    if module.projector_steps and trainer_args["strategy"] == "ddp":
+        trainer_args["strategy"] = UNUSED_PARAMETERS
     trainer_args["strategy"] = build_strategy(trainer_args["strategy"], module)
     trainer_args["enable_progress_bar"] &= cfg.callbacks.progress_bar != "none"
     precision = run_precision(cfg)
@@ -295,6 +301,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
             f"trainer (accelerator, devices, strategy, ...): Lightning refuses it: {reason}"
         ) from error
     trainer.accumulate_grad_batches = accumulation(cfg.data, trainer.world_size)
+    if module.projector_steps and trainer.world_size > 1 and trainer_args["strategy"] != UNUSED_PARAMETERS:
+        raise ConfigError(
+            f"model.saliency.projector_steps={module.projector_steps} with {trainer.world_size} processes "
+            "needs trainer.strategy=ddp (run as DDP that allows unused parameters): the LM takes no "
+            "part in those steps"
+        )
     if cfg.grpo.enabled and trainer.accumulate_grad_batches > 1:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size}: GRPO steps once per rollout, without "

@@ -172,10 +172,14 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
     return cfg
 
 
+# Keys added with a default that changes what a run does, and the value a run saved before them ran with.
+UNTIL_ADDED = {"model.saliency.projector_steps": 0}
+
+
 def with_schema_defaults(saved: DictConfig) -> DictConfig:
     """A run's saved config on today's schema, the keys added since it was saved taking today's
-    defaults for its dataset. A saved key that nothing reads, or a value of the wrong type, is a
-    ConfigError naming it."""
+    defaults for its dataset (those of ``UNTIL_ADDED`` the value it ran with). A saved key that
+    nothing reads, or a value of the wrong type, is a ConfigError naming it."""
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
     run = _compose(CONF_DIR, [f"data={dataset}"] if known else [], "train")
@@ -186,6 +190,9 @@ def with_schema_defaults(saved: DictConfig) -> DictConfig:
             run.merge_with(saved)
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error, [])) from error
+    for key, value in UNTIL_ADDED.items():
+        if OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
+            OmegaConf.update(run, key, value)
     return run
 
 

@@ -2,7 +2,8 @@
 
 It takes the other run's settings of what its weights are (``model.*`` and the data keys of
 ``run_identity.IDENTITY``: timeline, prompt, chat format, frames, feature size; those given on the
-command line still apply on top), its tokenizer, and the weights of its best checkpoint: LoRA
+command line still apply on top) but no projector steps (its projector has trained; 0 unless
+``model.saliency.projector_steps`` is given), its tokenizer, and the weights of its best checkpoint: LoRA
 adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
 ``continue`` trains the same ones on (the official TimeRefine recipe's second stage), ``merge`` merges
 them into the LM and trains new ones. Every build of the run (training, resuming, evaluation) starts
@@ -23,6 +24,8 @@ from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import IDENTITY
 from timerefine.pipeline.schema import INHERITED
+
+PROJECTOR_STEPS = "model.saliency.projector_steps"
 
 
 class RunStartError(ValueError):
@@ -57,6 +60,12 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             OmegaConf.update(cfg, key, value, merge=False)
         for given, value in _given(key, overrides):
             OmegaConf.update(cfg, given, value, merge=False)
+    if not _given(PROJECTOR_STEPS, overrides):
+        OmegaConf.update(cfg, PROJECTOR_STEPS, 0)
+    elif 0 < cfg.trainer.max_steps <= (steps := OmegaConf.select(cfg, PROJECTOR_STEPS)):
+        raise ConfigError(
+            f"trainer.max_steps={cfg.trainer.max_steps} leaves no step for the LM after {PROJECTOR_STEPS}={steps}"
+        )
     if errors := spec_errors(cfg):
         raise ConfigError("; ".join(errors))
     return cfg

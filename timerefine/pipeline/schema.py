@@ -72,9 +72,14 @@ class RefineConfig(RefineSchedule):
 @dataclass(frozen=True)
 class SaliencySpec(Checked):
     """Weight of a per-video-token BCE "inside the queried moment?" on the projector's output (needs
-    ``projector.query_conditioned``); 0 turns it off."""
+    ``projector.query_conditioned``); 0 turns it off. ``projector_steps``: the run's first optimizer
+    steps train only the projector and the saliency head (and the LM's input embeddings of the prompt,
+    which the projector reads, where they train) on this loss, without the LM's pass (a few percent of
+    a full step), so the LM's first steps read video tokens that already mark the moment (VTimeLLM
+    trains its projector first too, on captions); they count in ``trainer.max_steps``."""
 
     weight: float = checked(3.0, NON_NEGATIVE)
+    projector_steps: int = checked(600, integer(0))
 
 
 @dataclass
@@ -100,6 +105,11 @@ class ModelConfig(Checked):
             yield (
                 f"saliency.weight={self.saliency.weight} needs projector.query_conditioned=true: without "
                 "it a video token cannot know which query it is scored against"
+            )
+        if self.saliency.projector_steps and not self.saliency.weight:
+            yield (
+                "saliency.projector_steps train on the saliency loss: with saliency.weight=0 set "
+                "saliency.projector_steps=0"
             )
         if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
             yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
@@ -164,9 +174,9 @@ class TrainerConfig(Checked):
     num_nodes: int = checked(1, integer(1))
     strategy: Any = "auto"
     precision: str = checked(AUTO, one_of(*PRECISIONS))
-    max_steps: int = checked(540, integer(-1))
+    max_steps: int = checked(1000, integer(-1))
     max_epochs: int | None = checked(-1, optional(integer(-1)))
-    val_check_interval: Any = 270
+    val_check_interval: Any = 500
     check_val_every_n_epoch: int | None = checked(None, optional(integer(1)))
     limit_val_batches: Any = None
     limit_test_batches: Any = None
@@ -220,8 +230,16 @@ class RunConfig(Checked):
     def relations(self) -> Iterator[str]:
         if self.test and self.trainer.limit_test_batches == 0:
             yield "trainer.limit_test_batches=0 tests nothing; set test=false to skip the test"
+        if self.init_from_run is None and 0 < self.trainer.max_steps <= self.model.saliency.projector_steps:
+            yield (
+                f"trainer.max_steps={self.trainer.max_steps} leaves no step for the LM after "
+                f"model.saliency.projector_steps={self.model.saliency.projector_steps}; set fewer "
+                "projector steps (0: none) or more steps"
+            )
         if not self.grpo.enabled:
             return
+        if self.model.saliency.projector_steps:
+            yield "model.saliency.projector_steps must be 0 with grpo.enabled=true (a GRPO step reads the LM)"
         if self.init_from_run is None:
             yield "grpo.enabled=true needs init_from_run=<a supervised run's folder> to start from"
         steps = {
