@@ -1,6 +1,6 @@
 """The default run, timed end to end: ``python train.py`` in a child process, on a fresh output folder.
 
-    python -m bench.default_run --profile            # the default run (about 3.5 min on 2 free cores)
+    python -m bench.default_run --profile            # the default run (under 2 min on 2 free Xeon cores)
     python -m bench.default_run --reference "" --threads 1 --reference-threads 2 --rounds 2  # in turns
     python -m bench.default_run --quick              # a seconds-long smoke run (experiment=tiny)
     python -m bench.default_run --reference "" --env ONEDNN_MAX_CPU_ISA=AVX2 --env ATEN_CPU_CAPABILITY=avx2 \

@@ -21,6 +21,7 @@ from grounding.answer_format.tokens import IGNORE_INDEX
 from grounding.records import GroundingRecord
 
 CoarseLookup = Callable[[str], tuple[int, int] | None]
+MAX_ENCODED = 100_000  # prompts a collator keeps encoded, so later epochs do not tokenize them again
 
 
 class GroundingCollator:
@@ -46,14 +47,20 @@ class GroundingCollator:
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
         self.timeline, self.on_policy_fraction = timeline, on_policy_fraction
         self.video_id = video_placeholder_id(self.tokenizer)
+        self.encoded: dict[str, list[int]] = {}  # query -> prompt ids, read-only
 
     def prompt_ids(self, query: str) -> list[int]:
+        if (known := self.encoded.get(query)) is not None:
+            return known
         ids = encode_prompt(self.tokenizer, self.prompt(query), self.video_id)
         bos = prompt_bos(self.tokenizer)
         if bos is not None and ids[:1] != [bos]:  # once, also when a chat template writes it
             ids = [bos, *ids]
         at = ids.index(self.video_id)
-        return [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
+        ids = [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
+        if len(self.encoded) < MAX_ENCODED:
+            self.encoded[query] = ids
+        return ids
 
     def target_rounds(self, record: GroundingRecord, epoch: int, index: int) -> list[RefineRound]:
         schedule, first = self.codec.schedule, None

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
+from datamodules import builtin
+from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records, make_sample
 from datamodules.coverage import check_coverage
 from datamodules.dataset import GroundingDataset
 from datamodules.feature_stores import (
@@ -299,3 +300,21 @@ def test_every_store_serves_the_dataset_through_a_dataloader(folder, tmp_path, k
     unknown = GroundingDataset([record("q", "builtin_train_999999", "x", 0, 1)], store)
     with pytest.raises(FeatureError, match=r"'builtin_train_999999'.*missing"):
         unknown[0]
+
+
+def test_builtin_features_are_generated_once_up_to_the_cache_budget(monkeypatch):
+    spec = BuiltinSpec(num_train=6, num_frames=10, feature_dim=D)
+    monkeypatch.setattr(builtin, "CACHE_BYTES", 4 * 10 * D * 4)  # four videos' features
+    store, generated = BuiltinFeatureStore(spec, "train"), []
+
+    def counted(spec: BuiltinSpec, split: str, index: int) -> builtin.BuiltinSample:
+        generated.append(index)
+        return make_sample(spec, split, index)
+
+    monkeypatch.setattr(builtin, "make_sample", counted)
+    first = [store.load(f"builtin_train_{i:06d}") for i in range(6)]
+    again = [store.load(f"builtin_train_{i:06d}") for i in range(6)]
+    assert generated == [0, 1, 2, 3, 4, 5, 4, 5]  # the first four are kept, the rest made anew
+    for i, (a, b) in enumerate(zip(first, again, strict=True)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, make_sample(spec, "train", i).features)

@@ -113,7 +113,7 @@ def sample_coarse(
     noise = rng.normal(0.0, std, size=2) if std > 0 else np.zeros(2)
     if contain_gt:
         noise = np.array([-abs(noise[0]), abs(noise[1])])
-    start, end = (int(np.clip(round(g + n), 0, MAX_INDEX)) for g, n in zip(gt, noise, strict=True))
+    start, end = (min(max(round(float(g + n)), 0), MAX_INDEX) for g, n in zip(gt, noise, strict=True))
     return (start, end) if start <= end else (end, start)
 
 
