@@ -7,8 +7,9 @@
 Arms: ``pretrained`` (experiment=smollm2: SmolLM2-135M-Instruct with LoRA), ``scratch`` (the same
 architecture randomly initialised, ``model.lm.weights=random``, every weight trains, at the tiny
 default's lr 3e-3) and ``tiny`` (the default run's 1.2 M-parameter LM, its own settings). Every arm
-runs ``--steps`` steps (default: experiment=smollm2's) at batch ``--batch`` and validates once, at the
-end, on the same data; ``--set ARM="overrides"`` adds overrides to one arm (e.g. another lr).
+runs ``--steps`` steps (default: experiment=smollm2's, its projector steps first) at batch
+``--batch`` and validates once, at the end, on the same data; ``--set ARM="overrides"`` adds overrides
+to one arm (e.g. another lr).
 
 Prints per arm the test mIoU, R1@0.7, the share of answers that did not parse (``parse_fail``, %) and
 wall seconds, then the prior (the best constant segment) and the differences that the issue's targets
@@ -39,7 +40,7 @@ ARMS = {
         "model.lora.enabled=false",
         "model.optim.lr=3e-3",
     ],
-    "tiny": ["model.saliency.projector_steps=0"],  # as experiment=smollm2
+    "tiny": [],
 }
 QUICK = [
     "data.source.num_train=16",
@@ -52,10 +53,12 @@ QUICK = [
 SCORES = {"test_mIoU": "test/mIoU", "test_R1@0.7": "test/R1@0.7", "test_parse_fail": "test/parse_fail"}
 
 
-def equal_budget(steps: int, batch: int, num_val: int) -> list[str]:
-    """What every arm shares: steps, batch, one validation at the end on ``num_val`` queries."""
+def equal_budget(steps: int, projector_steps: int, batch: int, num_val: int) -> list[str]:
+    """What every arm shares: steps (``projector_steps`` of them first), batch, one validation at the
+    end on ``num_val`` queries."""
     return [
         f"trainer.max_steps={steps}",
+        f"model.saliency.projector_steps={projector_steps}",
         f"trainer.val_check_interval={steps}",
         "trainer.num_sanity_val_steps=0",
         f"data.batch_size={batch}",
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="2 steps on a small data set: a smoke test")
     parser.add_argument(
-        "--steps", type=int, help="training steps of every arm (default: experiment=smollm2's)"
+        "--steps",
+        type=int,
+        help="training steps of every arm, projector steps included (default: experiment=smollm2's)",
     )
     parser.add_argument("--batch", type=int, help="batch size of every arm (default: experiment=smollm2's)")
     parser.add_argument(
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     smollm2 = load_config(["experiment=smollm2"])
     steps = args.steps or (2 if args.quick else smollm2.trainer.max_steps)
     batch = args.batch or (2 if args.quick else smollm2.data.batch_size)
-    shared = equal_budget(steps, batch, 4 if args.quick else smollm2.data.source.num_val)
+    projector_steps = 0 if args.quick else smollm2.model.saliency.projector_steps
+    shared = equal_budget(steps, projector_steps, batch, 4 if args.quick else smollm2.data.source.num_val)
     shared += QUICK if args.quick else []
 
     print(f"machine: {machine()}", flush=True)
@@ -135,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{arm}: python train.py {shlex.join(overrides)}", flush=True)
             arms[arm] = arm_figures(overrides, root / arm)
     print(f"machine after: {machine()}")
-    print(f"\n| arm | test mIoU | R1@0.7 | parse_fail % | wall s |  ({steps} steps, batch {batch})")
+    print(
+        f"\n| arm | test mIoU | R1@0.7 | parse_fail % | wall s |  ({steps} steps, {projector_steps} of them projector steps, batch {batch})"
+    )
     print("|---|---|---|---|---|")
     for arm, scores in arms.items():
         row = (scores[name] for name in ("test_mIoU", "test_R1@0.7", "test_parse_fail", "wall_s"))

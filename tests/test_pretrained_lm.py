@@ -41,6 +41,7 @@ SMALL = [
     "data.source.num_frames=16",
     "data.batch_size=2",
     "data.eval_batch_size=4",
+    "model.saliency.projector_steps=0",
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
     "callbacks.checkpoint.last_every_n_steps=3",
