@@ -36,6 +36,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from datamodules.feature_stores import GeneratedFeatures
 from datamodules.synthetic_features import stable_seed
 from grounding.action_timelines import NUM_CLASSES, Timeline
 from grounding.answer_format.timeline import frame_times
@@ -159,8 +160,12 @@ class ActionTraceFeatureStore:
     ) -> None:
         self.timelines, self.num_frames, self.feature_dim = timelines, num_frames, feature_dim
         self.seed, self.spec = seed, spec or ActionTraceSpec()
+        self.generated = GeneratedFeatures(self._make)
 
     def load(self, video_id: str) -> np.ndarray:
+        return self.generated.load(video_id)
+
+    def _make(self, video_id: str) -> np.ndarray:
         timeline = self.timelines.get(video_id)
         if timeline is None:
             raise FeatureError(

@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from datamodules.feature_stores import GeneratedFeatures
 from grounding.answer_format.timeline import frame_times
 from grounding.checks import NON_NEGATIVE, POSITIVE, Checked, checked, integer, number
 from grounding.records import FeatureError, GroundingRecord
@@ -156,29 +157,22 @@ def split_videos(spec: BuiltinSpec, split: str) -> int:
     return {"train": spec.num_train, "val": spec.num_val, "test": spec.num_test}[split]
 
 
-# Generated features a store keeps, so that later epochs do not generate them again (the default's
-# 4,000 training videos take 100 MB); videos past it are generated at every load.
-CACHE_BYTES = 256 * 2**20
-
-
 class BuiltinFeatureStore:
     """Serves the generated features of one split by video id (the FeatureStore contract)."""
 
     def __init__(self, spec: BuiltinSpec, split: str) -> None:
         self.spec, self.split = spec, split
         self.num_frames, self.feature_dim = spec.num_frames, spec.feature_dim
-        self.capacity = CACHE_BYTES // (4 * spec.num_frames * spec.feature_dim)
-        self.cache: dict[int, np.ndarray] = {}
+        self.generated = GeneratedFeatures(self._make)
 
     def load(self, video_id: str) -> np.ndarray:
+        return self.generated.load(video_id)
+
+    def _make(self, video_id: str) -> np.ndarray:
         index = video_id.removeprefix(f"builtin_{self.split}_")
         if not (index.isdigit() and video_id != index and int(index) < split_videos(self.spec, self.split)):
             raise FeatureError(video_id, f"builtin:{self.split}", "missing: not a video of this split")
-        if (features := self.cache.get(int(index))) is None:
-            features = make_sample(self.spec, self.split, int(index)).features
-            if len(self.cache) < self.capacity:
-                self.cache[int(index)] = features
-        return features
+        return make_sample(self.spec, self.split, int(index)).features
 
 
 def builtin_records(spec: BuiltinSpec, split: str) -> list[GroundingRecord]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from datamodules import action_trace, feature_stores
 from datamodules.action_trace import (
     ActionTraceFeatureStore,
     ActionTraceSpec,
@@ -177,6 +178,22 @@ def test_store_embeds_the_evidence_and_names_unknown_videos():
     assert np.allclose(np.linalg.norm(class_embeddings(3, 32), axis=1), 1.0)
     with pytest.raises(FeatureError, match=r"'W'.*action_trace:seed=3.*missing"):
         store.load("W")
+
+
+def test_store_traces_each_video_once_up_to_the_cache_budget(monkeypatch):
+    monkeypatch.setattr(feature_stores, "GENERATED_CACHE_BYTES", 2 * 20 * 32 * 4)  # two videos' features
+    videos = {name: dataclasses.replace(timeline(), video_id=name) for name in "ABC"}
+    store, traced = ActionTraceFeatureStore(videos, num_frames=20, feature_dim=32, seed=3), []
+
+    def counted(video: Timeline, spec: ActionTraceSpec, seed: int, num_frames: int) -> np.ndarray:
+        traced.append(video.video_id)
+        return trace(video, spec, seed, num_frames)
+
+    monkeypatch.setattr(action_trace, "trace", counted)
+    first = [store.load(name) for name in "ABCABC"]
+    assert traced == ["A", "B", "C", "C"]  # A and B are kept, C is traced at every load
+    for name, features in zip("ABCABC", first, strict=True):
+        np.testing.assert_array_equal(features, first["ABC".index(name)])
 
 
 def test_action_trace_source_never_reads_the_query(charades):

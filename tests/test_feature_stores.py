@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules import builtin
+from datamodules import builtin, feature_stores
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records, make_sample
 from datamodules.coverage import check_coverage
 from datamodules.dataset import GroundingDataset
@@ -304,7 +304,7 @@ def test_every_store_serves_the_dataset_through_a_dataloader(folder, tmp_path, k
 
 def test_builtin_features_are_generated_once_up_to_the_cache_budget(monkeypatch):
     spec = BuiltinSpec(num_train=6, num_frames=10, feature_dim=D)
-    monkeypatch.setattr(builtin, "CACHE_BYTES", 4 * 10 * D * 4)  # four videos' features
+    monkeypatch.setattr(feature_stores, "GENERATED_CACHE_BYTES", 4 * 10 * D * 4)  # four videos' features
     store, generated = BuiltinFeatureStore(spec, "train"), []
 
     def counted(spec: BuiltinSpec, split: str, index: int) -> builtin.BuiltinSample:
