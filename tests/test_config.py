@@ -341,6 +341,28 @@ def test_deleting_a_key_is_refused():
         load_config(["~model.saliency"])
 
 
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    if name == "grpo":  # a stage after a supervised run: it names the run it needs
+        with pytest.raises(ConfigError, match="needs init_from_run"):
+            load_config([f"experiment={name}"])
+    else:
+        assert load_config([f"experiment={name}"]).data.name
+
+
+def test_the_pretrained_lm_experiment_adds_to_the_action_trace_benchmark():
+    both, actions, smollm2 = (
+        load_config([f"experiment={name}"])
+        for name in ("charades_actions_smollm2", "charades_actions", "smollm2")
+    )
+    assert both.data.source == actions.data.source and both.data.source.features == "action_trace"
+    assert both.model == smollm2.model and both.trainer.max_steps == smollm2.trainer.max_steps
+    assert both.callbacks.checkpoint.monitor is None  # tested at its last step, as charades_actions
+
+
 def test_experiment_null_means_no_experiment():
     assert load_config(["experiment=null"]).trainer.max_steps == load_config([]).trainer.max_steps
 
