@@ -53,16 +53,19 @@ QUICK = [
 SCORES = {"test_mIoU": "test/mIoU", "test_R1@0.7": "test/R1@0.7", "test_parse_fail": "test/parse_fail"}
 
 
-def equal_budget(steps: int, projector_steps: int, batch: int, num_val: int) -> list[str]:
+def equal_budget(
+    steps: int, projector_steps: int, batch: int, val_batches: int, eval_batch: int
+) -> list[str]:
     """What every arm shares: steps (``projector_steps`` of them first), batch, one validation at the
-    end on ``num_val`` queries."""
+    end on the same ``val_batches`` batches of ``eval_batch`` queries."""
     return [
         f"trainer.max_steps={steps}",
         f"model.saliency.projector_steps={projector_steps}",
         f"trainer.val_check_interval={steps}",
         "trainer.num_sanity_val_steps=0",
         f"data.batch_size={batch}",
-        f"data.source.num_val={num_val}",
+        f"trainer.limit_val_batches={val_batches}",
+        f"data.eval_batch_size={eval_batch}",
     ]
 
 
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (2 if args.quick else smollm2.trainer.max_steps)
     batch = args.batch or (2 if args.quick else smollm2.data.batch_size)
     projector_steps = 0 if args.quick else smollm2.model.saliency.projector_steps
-    shared = equal_budget(steps, projector_steps, batch, 4 if args.quick else smollm2.data.source.num_val)
+    validation = (smollm2.trainer.limit_val_batches, smollm2.data.eval_batch_size)
+    shared = equal_budget(steps, projector_steps, batch, *validation)
     shared += QUICK if args.quick else []
 
     print(f"machine: {machine()}", flush=True)
