@@ -51,7 +51,8 @@ from grounding.answer_format.corpus import tokenizer_corpus
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.aux_head import AuxSpec
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.decoding import InferenceSpec
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import (
     LoraSpec,
     TinyLMSpec,
@@ -59,6 +60,7 @@ from lightning_modules.language_model import (
     build_language_model,
     grounding_token_ids,
 )
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM

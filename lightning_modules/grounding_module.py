@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,6 @@ from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
 from grounding.answer_format.predictions import (
     AUX_CHOICES,
-    FINAL_CHOICES,
     Prediction,
     predict,
     prediction_row,
@@ -26,18 +22,6 @@ from grounding.answer_format.predictions import (
 )
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import OFFSET
-from grounding.checks import (
-    NON_NEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    Checked,
-    checked,
-    integer,
-    items,
-    number,
-    one_of,
-    optional,
-)
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
@@ -51,89 +35,18 @@ from lightning_modules.base_weights import (
     saved_identity,
     without_frozen,
 )
-from lightning_modules.generation import Generation, generate
-from lightning_modules.hf_generation import hf_generate
-from lightning_modules.param_groups import optimizer_groups
+from lightning_modules.decoding import DECODERS, InferenceSpec
+from lightning_modules.generation import Generation
+from lightning_modules.optimization import OptimSpec, adamw_with_curve, diverged, finite_loss
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
-
-
-@dataclass
-class OptimSpec(Checked):
-    """AdamW, linear warmup, cosine decay to ``min_lr_ratio`` x lr. ``warmup_ratio`` > 0 replaces
-    ``warmup_steps`` by that share of the run's steps, rounded up (Hugging Face Trainer's rule).
-    The defaults suit the built-in default run (a small LM trained from scratch: lr 3e-3 reaches in
-    540 steps what 1e-3 did in 1,200); pretrained LMs start from ``experiment=reference_recipe``.
-    ``projector_lr``: the lr of the parts outside the LM (projector, heads), which start from scratch
-    while adapters nudge a pretrained LM (LLaVA's ``mm_projector_lr``); None: ``lr``."""
-
-    lr: float = checked(3e-3, POSITIVE)
-    weight_decay: float = checked(0.01, NON_NEGATIVE)
-    warmup_steps: int = checked(100, integer(0))
-    warmup_ratio: float = checked(0.0, number(0, 1, open_high=True))
-    min_lr_ratio: float = checked(0.05, PROBABILITY)
-    projector_lr: float | None = checked(None, optional(POSITIVE))
-    betas: tuple[float, float] = checked((0.9, 0.98), items(number(0, 1, open_high=True), 2, 2))
-
-    def warmup(self, total_steps: int) -> int:
-        return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio > 0 else self.warmup_steps
-
-
-# The greedy decoders, which give the same answers: the project's (fused forward passes, each
-# choice's token with the fixed text after it) and Hugging Face generate() with a SlotLogitsProcessor.
-DECODERS = {"fused": generate, "generate": hf_generate}
-
-
-@dataclass
-class InferenceSpec(Checked):
-    """``final``: last refined segment, aux-head prediction (at the last <OFFSET>, or ``_all``: its
-    mean over every <OFFSET>, as the official evaluation), or their mean (FINAL_CHOICES).
-    ``constrained``: fill the fixed tokens in and let the model choose only digits and signs.
-    ``decoder``: a name from ``DECODERS``. ``order_and_clip``: order every predicted segment and clip
-    it to the video; off, a segment is scored as written (the official evaluation)."""
-
-    final: str = checked("last", one_of(*FINAL_CHOICES))
-    constrained: bool = True
-    max_new_tokens: int | None = checked(None, optional(integer(1)))
-    decoder: str = checked("fused", one_of(*DECODERS))
-    order_and_clip: bool = True
-
-    def relations(self) -> Iterator[str]:
-        if self.constrained and self.max_new_tokens is not None:
-            yield (
-                f"max_new_tokens={self.max_new_tokens} needs constrained=false: constrained decoding "
-                "writes the whole answer layout, whatever the limit"
-            )
-
-    def new_tokens(self, answer_length: int) -> int:
-        """The most tokens a generated answer may take, answers being ``answer_length`` tokens long."""
-        return self.max_new_tokens or answer_length + 8
 
 
 def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:
     """(B, tokens): 1 where a video token's place on the normalized timeline lies in the truth."""
     places = torch.linspace(0, 1, tokens, device=gt_norm.device, dtype=gt_norm.dtype)
     return ((places >= gt_norm[:, :1]) & (places <= gt_norm[:, 1:])).to(gt_norm.dtype)
-
-
-class NonFiniteLossError(ArithmeticError):
-    """Training diverged: the loss is NaN or infinite. The weights that gave it are no resume point, so
-    ``last.ckpt`` keeps the step before (callbacks/last_checkpoint.py)."""
-
-
-def diverged(what: str, step: int, lr: float) -> NonFiniteLossError:
-    return NonFiniteLossError(
-        f"{what} at step {step}: training diverged (the last checkpoint before it is kept); lower "
-        f"model.optim.lr (now {lr:g}) or set trainer.gradient_clip_val"
-    )
-
-
-def finite_loss(loss: torch.Tensor, step: int, lr: float) -> torch.Tensor:
-    """``loss``, or NonFiniteLossError naming the step and the learning rate."""
-    if not torch.isfinite(loss.detach()).all():
-        raise diverged(f"train/loss is {loss.item()}", step, lr)
-    return loss
 
 
 class GroundingModule(L.LightningModule):
@@ -391,21 +304,6 @@ class GroundingModule(L.LightningModule):
         self._log_metrics("test")
 
     # ---- optimisation ---------------------------------------------------------------------------
-    def configure_optimizers(self):
-        groups = optimizer_groups(self, self.optim.lr, self.optim.weight_decay, self.optim.projector_lr)
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
-        first = self.projector_steps  # at the full lr; the curve below starts after them
-        total = max(int(self.trainer.estimated_stepping_batches) - first, 1)
-        warmup, floor = self.optim.warmup(total), self.optim.min_lr_ratio
-
-        def lr_curve(step: int) -> float:  # the LR factor: linear warmup, then cosine decay
-            if step < first:
-                return 1.0
-            step -= first
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_curve)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_optimizers(self) -> dict[str, Any]:
+        steps = int(self.trainer.estimated_stepping_batches)
+        return adamw_with_curve(self, self.optim, self.projector_steps, steps)

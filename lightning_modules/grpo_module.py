@@ -29,8 +29,9 @@ from grounding.metrics.rewards import REWARDS, Answer, total_reward
 from grounding.metrics.windows import record_iou
 from lightning_modules.base_weights import weights_digest
 from lightning_modules.generation import Generation, Sampling, generate
-from lightning_modules.grounding_module import GroundingModule, finite_loss
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
+from lightning_modules.optimization import finite_loss
 from lightning_modules.slot_logits_processor import layout_automaton
 from lightning_modules.video_llm import VideoLLM
 

@@ -19,8 +19,10 @@ from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
 from grounding.answer_format.targets import RefineSchedule, make_target_rounds, sample_rng
 from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.decoding import InferenceSpec
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM

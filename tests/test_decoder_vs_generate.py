@@ -19,9 +19,11 @@ from grounding.answer_format.layout import parse_answer, spaced
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE, render_prompt
 from grounding.answer_format.slots import Slot
 from grounding.answer_format.targets import RefineSchedule
+from lightning_modules.decoding import InferenceSpec
 from lightning_modules.generation import Generation, generate
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.hf_generation import hf_generate
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.slot_logits_processor import SlotLogitsProcessor
 from tests import helpers
 from timerefine.pipeline.config import ConfigError, load_config

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 import train
-from lightning_modules.grounding_module import NonFiniteLossError, finite_loss
+from lightning_modules.optimization import NonFiniteLossError, finite_loss
 from timerefine.pipeline.errors import INPUT_ERRORS
 
 

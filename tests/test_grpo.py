@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 import train
 from grounding.answer_format.targets import RefineRound
 from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, RETHINK
+from lightning_modules.decoding import InferenceSpec
 from lightning_modules.generation import Sampling
-from lightning_modules.grounding_module import InferenceSpec, OptimSpec
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
 from lightning_modules.grpo_module import GRPOModule, GRPOSpec, choices_made, segment_steps
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.slot_logits_processor import layout_automaton
 from tests import helpers
 from timerefine import evaluate

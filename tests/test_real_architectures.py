@@ -19,7 +19,8 @@ from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.targets import RefineSchedule
 from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.decoding import InferenceSpec
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import (
     LoraSpec,
     TinyLMSpec,
@@ -27,6 +28,7 @@ from lightning_modules.language_model import (
     build_tiny_lm,
     grounding_token_ids,
 )
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import add_grounding_tokens, train_local_tokenizer
 from lightning_modules.video_llm import VideoLLM

@@ -33,8 +33,10 @@ from grounding.answer_format.timeline import UNIFORM99, VTIMELLM100
 from grounding.answer_format.tokens import VIDEO
 from grounding.metrics.protocols import PROTOCOLS
 from lightning_modules.aux_head import AuxHead
-from lightning_modules.grounding_module import GroundingModule, InferenceSpec, OptimSpec
+from lightning_modules.decoding import InferenceSpec
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import build_language_model
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers

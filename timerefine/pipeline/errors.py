@@ -7,8 +7,8 @@ from datamodules.feature_stores import StoreMismatchError
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
-from lightning_modules.grounding_module import NonFiniteLossError
 from lightning_modules.grpo_module import ReferenceChangedError
+from lightning_modules.optimization import NonFiniteLossError
 from lightning_modules.pretrained import MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.build import TokenizerError

@@ -25,9 +25,10 @@ from grounding.answer_format.timeline import DEFAULT_TIMELINE, TIMELINES
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, optional
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
-from lightning_modules.grounding_module import InferenceSpec, OptimSpec
+from lightning_modules.decoding import InferenceSpec
 from lightning_modules.grpo_module import GRPOSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
+from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
 from lightning_modules.trainable import TrainableSpec
