@@ -10,7 +10,7 @@ for as many steps as take the wall time of the GRPO run (its steps x the GRPO/SF
 first with ``--steps`` of each at seed 0). Each run is a child ``python train.py``; wall times include
 its start-up and test (contended on a shared machine). Figures: ``step_cost_ratio`` (GRPO wall /
 SFT wall over the same steps), ``sft_steps``, then per reward and for ``sft`` the mean test mIoU and
-R1@0.7 over the seeds, and ``gain_mIoU_<reward>`` / ``gain_R1@0.7_<reward>`` over continued SFT.
+R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` / ``gain_R1@0.7_<reward>`` over continued SFT.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpo", nargs="*", default=[], help="more overrides of the GRPO runs")
     parser.add_argument("--stage", nargs="*", default=[], help="overrides of every run after the base")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one seed, iou, 4 steps")
+    parser.add_argument("--keep", type=Path, help="write the runs to <keep>/<run> and keep them")
     args = parser.parse_args(argv)
     stage = [*args.stage]
     if args.quick:
         args.steps, args.rewards, args.seeds, stage = 4, ["iou"], [0], [*QUICK_STAGE, *stage]
     print(machine(), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as folder:
-        tmp = Path(folder)
+        tmp = args.keep or Path(folder)
         base = args.base
         if base is None:
             base = tmp / "base"
@@ -96,9 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         scores: dict[str, list[dict[str, float]]] = {name: [] for name in [*args.rewards, "sft"]}
         for seed in args.seeds:
             scores["sft"].append(sft(sft_steps, seed, f"sft{seed}")[1])
-            for reward in args.rewards:
-                scores[reward].append(grpo(reward, seed)[1])
-                print(f"seed {seed} {reward}: test mIoU {scores[reward][-1]['test/mIoU']:.2f}", flush=True)
+            scores.update({reward: [*scores[reward], grpo(reward, seed)[1]] for reward in args.rewards})
+            for name, runs in scores.items():
+                test = runs[-1]
+                print(
+                    f"seed {seed} {name}: test mIoU {test['test/mIoU']:.2f}, R1@0.7 {test['test/R1@0.7']:.2f}",
+                    flush=True,
+                )
     figures: dict[str, float | int] = {"step_cost_ratio": ratio, "sft_steps": sft_steps}
     mean = {
         name: {m: statistics.mean(s[f"test/{m}"] for s in runs) for m in ("mIoU", "R1@0.7")}
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     for name, values in mean.items():
         figures |= {f"{name}_mIoU": values["mIoU"], f"{name}_R1@0.7": values["R1@0.7"]}
+        if len(args.seeds) > 1:
+            figures[f"{name}_mIoU_std"] = statistics.stdev(s["test/mIoU"] for s in scores[name])
     for reward in args.rewards:
         figures[f"gain_mIoU_{reward}"] = mean[reward]["mIoU"] - mean["sft"]["mIoU"]
         figures[f"gain_R1@0.7_{reward}"] = mean[reward]["R1@0.7"] - mean["sft"]["R1@0.7"]
