@@ -97,12 +97,16 @@ class VideoLLM(nn.Module):
             saliency_head=nn.Linear(hidden, 1) if saliency_weight > 0 else None,
         )
 
-    def frame_embeddings(self, features: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """The video tokens, computed in the projector's dtype (the LM's may be lower: ``lm.dtype``)."""
+    def frame_embeddings(
+        self, features: torch.Tensor, query: torch.Tensor | None = None, tokens_fixed: bool = False
+    ) -> torch.Tensor:
+        """The video tokens, computed in the projector's dtype (the LM's may be lower: ``lm.dtype``);
+        ``tokens_fixed``: the LM's embeddings of the index digits as constants."""
         dtype = next(self.projector.parameters()).dtype
         frames = self.projector(features.to(dtype), None if query is None else query.to(dtype))
         if self.frame_index_ids is not None:
             digits = self.lm.get_input_embeddings()(self.frame_index_ids[: frames.shape[1]])
+            digits = digits.detach() if tokens_fixed else digits
             frames = frames + (digits * self.digit_gate.to(digits.dtype)).sum(1)
         return frames
 
@@ -115,10 +119,15 @@ class VideoLLM(nn.Module):
         return self._embed_with_frames(input_ids, features, prompt_mask)[0]
 
     def _embed_with_frames(
-        self, input_ids: torch.Tensor, features: torch.Tensor | None, prompt_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None,
+        tokens_fixed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         placeholders = input_ids == self.video_token_id  # may lie outside the vocabulary (VIDEO_INDEX)
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        embeds = embeds.detach() if tokens_fixed else embeds
         if features is None:
             if placeholders.any():
                 raise ValueError("input holds <video> placeholders but no features were given")
@@ -129,7 +138,7 @@ class VideoLLM(nn.Module):
                 raise ValueError("a query-conditioned projector needs the prompt mask")
             text = (prompt_mask.bool() & ~placeholders).unsqueeze(-1).to(embeds.dtype)
             query = (embeds * text).sum(1) / text.sum(1).clamp(min=1)
-        frames = self.frame_embeddings(features, query)
+        frames = self.frame_embeddings(features, query, tokens_fixed)
         per_sample = placeholders.sum(dim=1)
         if not torch.all(per_sample == frames.shape[1]):
             raise ValueError(
@@ -146,10 +155,18 @@ class VideoLLM(nn.Module):
         labels: torch.Tensor,
     ) -> torch.Tensor:
         """(B, video tokens): the saliency head's logits from the projector alone, without the LM's
-        pass (the projector's first steps, ``model.saliency.projector_steps``)."""
+        pass (the projector's first steps, ``model.saliency.projector_steps``). Token embeddings that
+        train and are tied to the output layer are read as constants: this loss alone would move the
+        LM's output layer."""
         prompt = attention_mask.bool() & (labels == IGNORE_INDEX)
-        frames = self._embed_with_frames(input_ids, features, prompt)[1]
+        frames = self._embed_with_frames(input_ids, features, prompt, self.trains_tied_embeddings())[1]
         return self.saliency_head(frames.float()).squeeze(-1)
+
+    def trains_tied_embeddings(self) -> bool:
+        """Whether the LM's input embeddings train and are its output layer too."""
+        inputs, outputs = self.lm.get_input_embeddings(), self.lm.get_output_embeddings()
+        weight = getattr(inputs, "weight", None)
+        return weight is not None and weight.requires_grad and getattr(outputs, "weight", None) is weight
 
     def forward(
         self,

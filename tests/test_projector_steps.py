@@ -17,9 +17,9 @@ TINY = ["experiment=tiny", "data.source.num_train=16", "model.optim.warmup_steps
 FIRST_STEPS = 2
 
 
-def fitted(steps: int) -> tuple[GroundingModule, dict[str, torch.Tensor]]:
+def fitted(steps: int, *overrides: str) -> tuple[GroundingModule, dict[str, torch.Tensor]]:
     """The tiny model after ``steps`` optimizer steps with FIRST_STEPS projector steps, and its start."""
-    cfg = load_config([*TINY, f"model.saliency.projector_steps={FIRST_STEPS}"])
+    cfg = load_config([*TINY, f"model.saliency.projector_steps={FIRST_STEPS}", *overrides])
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     start = {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -51,6 +51,18 @@ def test_the_first_steps_train_the_projector_alone_and_the_lm_after_them():
     assert changed(module, start) == {"projector", "saliency_head", "embeddings"}
     module, start = fitted(FIRST_STEPS + 1)
     assert changed(module, start) == {"projector", "saliency_head", "embeddings", "lm", "aux_head"}
+
+
+def test_tied_embeddings_stay_out_of_the_projector_steps():
+    """Tied to the output layer, the embedding rows would be trained on the saliency loss alone, at the
+    full lr, for every projector step: a from-scratch SmolLM2 (tied) began its LM steps at loss 42
+    (ln 49,152 = 10.8 at random) and never learned the answers (bench/RESULTS.md)."""
+    module, start = fitted(FIRST_STEPS, "model.lm.tiny.tie_word_embeddings=true")
+    lm = module.model.lm
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    assert changed(module, start) == {"projector", "saliency_head"}
+    module, start = fitted(FIRST_STEPS + 1, "model.lm.tiny.tie_word_embeddings=true")
+    assert {"embeddings", "lm", "aux_head"} <= changed(module, start)
 
 
 def test_the_lr_curve_of_the_lm_starts_after_the_projector_steps():
