@@ -74,10 +74,11 @@ class RefineConfig(RefineSchedule):
 class SaliencySpec(Checked):
     """Weight of a per-video-token BCE "inside the queried moment?" on the projector's output (needs
     ``projector.query_conditioned``); 0 turns it off. ``projector_steps``: the run's first optimizer
-    steps train only the projector and the saliency head (and the LM's input embeddings of the prompt,
-    which the projector reads, where they train) on this loss, without the LM's pass (a few percent of
-    a full step), so the LM's first steps read video tokens that already mark the moment (VTimeLLM
-    trains its projector first too, on captions); they count in ``trainer.max_steps``."""
+    steps train only the projector and the saliency head (and the LM's input embeddings of the
+    prompt, which the projector reads, where they train and are not tied to the output layer) on this
+    loss, without the LM's pass (a few percent of a full step), so the LM's first steps read video
+    tokens that already mark the moment (VTimeLLM trains its projector first too, on captions); they
+    count in ``trainer.max_steps``."""
 
     weight: float = checked(3.0, NON_NEGATIVE)
     projector_steps: int = checked(600, integer(0))
