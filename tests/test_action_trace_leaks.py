@@ -24,8 +24,7 @@ from grounding.metrics.prior import prior_scores
 ROOT = Path(__file__).resolve().parents[1]
 CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"
 pytestmark = [
-    pytest.mark.long,  # two 600-step runs on real data: ~16 min each on 2 shared cores
-    pytest.mark.slow,
+    pytest.mark.slow,  # two 600-step runs on real data: 231 s together alone on 2 cores of an Intel Xeon
     pytest.mark.real_data,
     pytest.mark.skipif(not (CHARADES / "charades_sta_test.txt").is_file(), reason=f"absent: {CHARADES}"),
 ]
