@@ -10,7 +10,8 @@ for as many steps as take the wall time of the GRPO run (its steps x the GRPO/SF
 first with ``--steps`` of each at seed 0). Each run is a child ``python train.py``; wall times include
 its start-up and test (contended on a shared machine). Figures: ``step_cost_ratio`` (GRPO wall /
 SFT wall over the same steps), ``sft_steps``, then per reward and for ``sft`` the mean test mIoU and
-R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` / ``gain_R1@0.7_<reward>`` over continued SFT.
+R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` /
+``gain_R1@0.7_<reward>`` over continued SFT.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         scores: dict[str, list[dict[str, float]]] = {name: [] for name in [*args.rewards, "sft"]}
         for seed in args.seeds:
             scores["sft"].append(sft(sft_steps, seed, f"sft{seed}")[1])
-            scores.update({reward: [*scores[reward], grpo(reward, seed)[1]] for reward in args.rewards})
+            for reward in args.rewards:
+                scores[reward].append(grpo(reward, seed)[1])
             for name, runs in scores.items():
                 test = runs[-1]
                 print(
