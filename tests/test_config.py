@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from callbacks.global_batch import accumulation
 from callbacks.on_policy import OnPolicyCoarse
 from grounding.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import (
-    accumulation,
     build_callbacks,
     build_datamodule,
     build_module,
@@ -128,11 +128,9 @@ def cfg_with(**values):
 
 
 def test_accumulation():
-    assert accumulation(load_config([]).data, 1) == 1  # no global batch size: no accumulation
-    data = cfg_with(data__batch_size=8, data__global_batch_size=64).data
-    assert accumulation(data, 1) == 8
-    assert accumulation(data, 2) == 4
-    assert accumulation(data, 4) == 2  # e.g. 2 devices x 2 nodes
+    assert accumulation(64, 8, 1) == 8
+    assert accumulation(64, 8, 2) == 4
+    assert accumulation(64, 8, 4) == 2  # e.g. 2 devices x 2 nodes
 
 
 def test_device_list_and_float_intervals_are_accepted():
@@ -143,9 +141,8 @@ def test_device_list_and_float_intervals_are_accepted():
 
 @pytest.mark.parametrize(("global_batch", "world_size"), [(60, 1), (64, 3), (8, 2)])
 def test_accumulation_rejects_indivisible_global_batches(global_batch, world_size):
-    data = cfg_with(data__batch_size=8, data__global_batch_size=global_batch).data
-    with pytest.raises(ConfigError, match="global_batch_size"):
-        accumulation(data, world_size)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        accumulation(global_batch, 8, world_size)
 
 
 def tiny_build_overrides(tmp_path) -> list[str]:
@@ -165,18 +162,27 @@ def tiny_build_overrides(tmp_path) -> list[str]:
 
 
 def test_accumulation_follows_the_trainer_world_size(tmp_path):
-    """The trainer resolves devices (-1, "auto", lists); accumulation uses its real process count."""
-    cfg = load_config(
-        [
-            *tiny_build_overrides(tmp_path),
-            "trainer.devices=1",
-            "data.batch_size=8",
-            "data.global_batch_size=32",
-        ]
-    )
-    datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, tmp_path, build_module(cfg, datamodule))
-    assert trainer.world_size == 1 and trainer.accumulate_grad_batches == 4
+    """The trainer resolves devices (-1, "auto", lists); accumulation uses its real process count: one
+    optimizer step of a global batch of 32 reads 4 batches of 8, and no global batch size means 1."""
+    overrides = [*tiny_build_overrides(tmp_path), "trainer.devices=1", "data.batch_size=8"]
+    overrides += ["data.source.num_train=32", "trainer.max_steps=1", "trainer.limit_val_batches=0"]
+    overrides += ["model.saliency.projector_steps=0"]
+    for global_batch, batches in (("32", 4), ("null", 1)):
+        cfg = load_config([*overrides, f"data.global_batch_size={global_batch}"])
+        datamodule = build_datamodule(cfg)
+        module = build_module(cfg, datamodule)
+        trainer = build_trainer(cfg, tmp_path / global_batch, module)
+        trainer.fit(module, datamodule=datamodule)
+        assert trainer.world_size == 1 and trainer.accumulate_grad_batches == batches
+        assert (
+            trainer.global_step == 1 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == batches
+        )
+
+
+def test_a_global_batch_that_the_processes_cannot_split_is_refused_before_training(tmp_path):
+    cfg = load_config([*tiny_build_overrides(tmp_path), "data.batch_size=8", "data.global_batch_size=60"])
+    with pytest.raises(ConfigError, match=r"data\.global_batch_size=60 is not a multiple"):
+        build_trainer(cfg, tmp_path, build_module(cfg, build_datamodule(cfg)))
 
 
 @pytest.mark.parametrize("temporal_embedding", ["learned", "digits"])

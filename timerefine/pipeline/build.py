@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from callbacks.global_batch import GlobalBatch, accumulation
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.lightning_compat import check_lightning_internals
 from callbacks.on_policy import OnPolicyCoarse
@@ -147,16 +148,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     codec, source, timeline = datamodule.codec, datamodule.source, run_timeline(cfg)
     lm, lora = model.lm, model.lora if model.lora.enabled else None
     language_model = build_language_model(
-        codec.tokenizer,
-        lm.name_or_path,
-        lm.tiny,
-        lora,
-        lm.dtype,
-        lm.gradient_checkpointing,
-        model.init_from,
-        lm.token_rows_init,
-        model.trainable.token_rows,
-        lm.weights,
+        codec.tokenizer, lm, lora, model.init_from, model.trainable.token_rows
     )
     video_llm = VideoLLM.from_config(
         language_model,
@@ -201,7 +193,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
     ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
     the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
-    has coarse segments to start from), the refinement trace figure."""
+    has coarse segments to start from), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -230,6 +222,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
         callbacks.append(EarlyStopping(**spec.early_stopping))
+    if cfg.data.global_batch_size:
+        callbacks.append(GlobalBatch(cfg.data.global_batch_size, cfg.data.batch_size))
     if spec.refinement_trace > 0:
         callbacks.append(RefinementTrace(output_dir / "refinement_trace", spec.refinement_trace))
     return callbacks
@@ -242,19 +236,6 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(output_dir, name="logs", version="tensorboard"))
     return loggers
-
-
-def accumulation(data: DictConfig, world_size: int) -> int:
-    """Gradient accumulation that keeps ``data.global_batch_size`` whatever the number of processes."""
-    if data.global_batch_size is None:
-        return 1
-    per_step = data.batch_size * world_size
-    if data.global_batch_size % per_step:
-        raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} is not a multiple of data.batch_size x "
-            f"processes = {data.batch_size} x {world_size} = {per_step}"
-        )
-    return data.global_batch_size // per_step
 
 
 def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
@@ -300,16 +281,21 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
         raise ConfigError(
             f"trainer (accelerator, devices, strategy, ...): Lightning refuses it: {reason}"
         ) from error
-    trainer.accumulate_grad_batches = accumulation(cfg.data, trainer.world_size)
     if module.projector_steps and trainer.world_size > 1 and trainer_args["strategy"] != UNUSED_PARAMETERS:
         raise ConfigError(
             f"model.saliency.projector_steps={module.projector_steps} with {trainer.world_size} processes "
             "needs trainer.strategy=ddp (run as DDP that allows unused parameters): the LM takes no "
             "part in those steps"
         )
-    if cfg.grpo.enabled and trainer.accumulate_grad_batches > 1:
-        raise ConfigError(
-            f"data.global_batch_size={cfg.data.global_batch_size}: GRPO steps once per rollout, without "
-            "gradient accumulation; set it to null and choose data.batch_size and grpo.G"
-        )
+    data = cfg.data
+    if data.global_batch_size:  # checked now, before anything is written; GlobalBatch sets it at setup
+        try:
+            batches_per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if cfg.grpo.enabled and batches_per_step > 1:
+            raise ConfigError(
+                f"data.global_batch_size={data.global_batch_size}: GRPO steps once per rollout, without "
+                "gradient accumulation; set it to null and choose data.batch_size and grpo.G"
+            )
     return trainer
