@@ -54,6 +54,7 @@ from lightning_modules.aux_head import AuxSpec
 from lightning_modules.decoding import InferenceSpec
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import (
+    LMSpec,
     LoraSpec,
     TinyLMSpec,
     apply_lora,
@@ -109,7 +110,9 @@ def build(shape: Shape, codec: AnswerCodec, device: torch.device) -> GroundingMo
     torch.set_default_dtype(torch.bfloat16)
     try:
         with device:
-            lm = build_language_model(codec.tokenizer, None, shape.lm, None, "bfloat16", True)
+            lm = build_language_model(
+                codec.tokenizer, LMSpec(tiny=shape.lm, dtype="bfloat16", gradient_checkpointing=True), None
+            )
             lm.resize_token_embeddings(max(shape.vocab, len(codec.tokenizer)), mean_resizing=False)
             lm = apply_lora(lm, LORA, grounding_token_ids(codec.tokenizer))
             video_llm = VideoLLM.from_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from grounding.answer_format.predictions import (
 )
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import OFFSET
+from grounding.checks import NON_NEGATIVE, Checked, checked, integer
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol
@@ -41,6 +43,20 @@ from lightning_modules.optimization import OptimSpec, adamw_with_curve, diverged
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
+
+
+@dataclass(frozen=True)
+class SaliencySpec(Checked):
+    """Weight of a per-video-token BCE "inside the queried moment?" on the projector's output (needs
+    ``projector.query_conditioned``); 0 turns it off. ``projector_steps``: the run's first optimizer
+    steps train only the projector and the saliency head (and the LM's input embeddings of the
+    prompt, which the projector reads, where they train and are not tied to the output layer) on this
+    loss, without the LM's pass (a few percent of a full step), so the LM's first steps read video
+    tokens that already mark the moment (VTimeLLM trains its projector first too, on captions); they
+    count in ``trainer.max_steps``."""
+
+    weight: float = checked(3.0, NON_NEGATIVE)
+    projector_steps: int = checked(600, integer(0))
 
 
 def saliency_targets(gt_norm: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -194,35 +194,28 @@ def named_lm(source: str, dtype: str, weights: str) -> PreTrainedModel:
 
 def build_language_model(
     tokenizer: PreTrainedTokenizerBase,
-    name_or_path: str | None,
-    tiny: TinyLMSpec,
+    spec: LMSpec,
     lora: LoraSpec | None,
-    dtype: str = "float32",
-    gradient_checkpointing: bool = False,
     init_from: InitFromSpec | None = None,
-    token_rows_init: str = "mean",
     train_token_rows: bool = True,
-    weights: str = "pretrained",
 ) -> PreTrainedModel:
-    """The LM (``name_or_path``'s ``weights``, or the tiny one) with its embeddings resized to the
-    tokenizer, a pretrained one's grounding-token rows set to the mean of its other rows
-    (``token_rows_init``), released adapters merged (``init_from``), optionally LoRA (training the
-    grounding tokens' rows unless ``train_token_rows`` is off)."""
-    if token_rows_init not in TOKEN_ROWS_INITS:
-        raise ValueError(f"token_rows_init={token_rows_init!r}: choose from {', '.join(TOKEN_ROWS_INITS)}")
-    if name_or_path:
-        source = resolve_pretrained(name_or_path, dtype)
-        model = named_lm(source, dtype, weights)
+    """The LM of ``spec`` (``name_or_path``'s ``weights``, or the tiny one) with its embeddings resized
+    to the tokenizer, a pretrained one's grounding-token rows set as ``token_rows_init`` says,
+    released adapters merged (``init_from``), optionally LoRA (training the grounding tokens' rows
+    unless ``train_token_rows`` is off)."""
+    if spec.name_or_path:
+        source = resolve_pretrained(spec.name_or_path, spec.dtype)
+        model = named_lm(source, spec.dtype, spec.weights)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        untrained = untrained_grounding_ids(source, tokenizer) if weights == "pretrained" else []
-        if untrained and token_rows_init == "mean":
+        untrained = untrained_grounding_ids(source, tokenizer) if spec.weights == "pretrained" else []
+        if untrained and spec.token_rows_init == "mean":
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:
-        model = build_tiny_lm(tiny, tokenizer).to(getattr(torch, dtype))
+        model = build_tiny_lm(spec.tiny, tokenizer).to(getattr(torch, spec.dtype))
     if init_from is not None:
         model = merge_released(model, tokenizer, init_from)
-    if gradient_checkpointing:
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if lora is not None:

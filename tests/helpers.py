@@ -21,7 +21,7 @@ from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.decoding import InferenceSpec
 from lightning_modules.grounding_module import GroundingModule
-from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
+from lightning_modules.language_model import LMSpec, LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import build_tokenizer
@@ -84,7 +84,7 @@ def video_llm(
 ) -> VideoLLM:
     torch.manual_seed(seed)
     tok = tokenizer()
-    lm = build_language_model(tok, None, TINY, lora)
+    lm = build_language_model(tok, LMSpec(tiny=TINY), lora)
     aux = AuxHead(HIDDEN, "mlp", aux_loss) if aux_loss is not None and refine_steps > 0 else None
     return VideoLLM(
         lm, FrameProjector(projector, SPEC.feature_dim, HIDDEN), tok.convert_tokens_to_ids(VIDEO), aux

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate
 import train
 from lightning_modules.base_weights import IDENTITY
-from lightning_modules.language_model import TinyLMSpec, build_language_model, build_tiny_lm
+from lightning_modules.language_model import LMSpec, TinyLMSpec, build_language_model, build_tiny_lm
 from lightning_modules.tokenizer import tokenizer_from_files, train_local_tokenizer
 from tests.helpers import corpus
 from timerefine.inference.grounder import Grounder
@@ -160,9 +160,8 @@ def test_random_weights_take_the_architecture_and_the_seed_not_the_weights(tmp_p
 
     def built(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
-        return build_language_model(
-            tokenizer, str(tmp_path), TinyLMSpec(), None, weights="random"
-        ).state_dict()
+        spec = LMSpec(str(tmp_path), weights="random")
+        return build_language_model(tokenizer, spec, None).state_dict()
 
     base = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
     first, again, other = built(1), built(1), built(2)

@@ -9,7 +9,7 @@ from torch import nn
 
 from grounding.answer_format.tokens import VIDEO
 from lightning_modules.aux_head import AuxHead
-from lightning_modules.language_model import LoraSpec, TinyLMSpec, build_language_model
+from lightning_modules.language_model import LMSpec, LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.param_groups import optimizer_groups, weight_decay_split
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
@@ -22,7 +22,7 @@ def every_part(arch: str, lora: LoraSpec | None) -> VideoLLM:
     tokenizer, hidden, tokens = helpers.tokenizer(), helpers.HIDDEN, helpers.SPEC.num_frames
     spec = TinyLMSpec(arch=arch, hidden_size=hidden, num_layers=1, num_heads=2, intermediate_size=64)
     return VideoLLM(
-        build_language_model(tokenizer, None, spec, lora),
+        build_language_model(tokenizer, LMSpec(tiny=spec), lora),
         FrameProjector("mlp", helpers.SPEC.feature_dim, hidden, tokens, True, 1, hidden),
         tokenizer.convert_tokens_to_ids(VIDEO),
         AuxHead(hidden, "mlp", "l1"),

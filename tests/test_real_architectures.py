@@ -22,6 +22,7 @@ from lightning_modules.aux_head import AuxHead
 from lightning_modules.decoding import InferenceSpec
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import (
+    LMSpec,
     LoraSpec,
     TinyLMSpec,
     build_language_model,
@@ -74,7 +75,7 @@ def row_weights(lm: torch.nn.Module, vocabulary: int) -> tuple[torch.Tensor, tor
 def test_lora_trains_the_grounding_rows_of_the_input_and_output_embeddings(arch, tied, folder):
     tokenizer = add_grounding_tokens(base_tokenizer(folder))
     torch.manual_seed(0)
-    lm = build_language_model(tokenizer, None, tiny(arch, tied), LORA)
+    lm = build_language_model(tokenizer, LMSpec(tiny=tiny(arch, tied)), LORA)
     assert lm.config.vocab_size == len(tokenizer)
     vocabulary, grounding = len(tokenizer), grounding_token_ids(tokenizer)
     inputs_before, outputs_before = row_weights(lm, vocabulary)
@@ -98,11 +99,11 @@ def adapted_layers(lm: torch.nn.Module) -> set[str]:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lora_targets_every_linear_layer_of_the_lm_but_its_output_layer_by_default(arch):
-    lm = build_language_model(helpers.tokenizer(), None, tiny(arch, False), LoraSpec())
+    lm = build_language_model(helpers.tokenizer(), LMSpec(tiny=tiny(arch, False)), LoraSpec())
     adapted = adapted_layers(lm)
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     explicit = build_language_model(
-        helpers.tokenizer(), None, tiny(arch, False), LoraSpec(target_modules=["q_proj"])
+        helpers.tokenizer(), LMSpec(tiny=tiny(arch, False)), LoraSpec(target_modules=["q_proj"])
     )
     assert adapted_layers(explicit) == {"q_proj"}
 
@@ -122,7 +123,7 @@ def test_a_pretrained_lm_starts_its_new_token_rows_at_the_mean_of_the_others(
         pretrained.resize_token_embeddings(len(base) + 16, mean_resizing=False)
     pretrained.save_pretrained(tmp_path)
     tokenizer = add_grounding_tokens(base_tokenizer(folder))
-    lm = build_language_model(tokenizer, str(tmp_path), spec, None)
+    lm = build_language_model(tokenizer, LMSpec(str(tmp_path), tiny=spec), None)
 
     inputs, outputs = row_weights(lm, len(tokenizer))
     base_inputs, base_outputs = row_weights(pretrained, len(base))
@@ -141,7 +142,9 @@ def test_a_pretrained_lm_is_built_in_training_mode(tmp_path, lora):
     base = base_tokenizer(None)
     build_tiny_lm(tiny("llama", False), base).save_pretrained(tmp_path)
     tokenizer = add_grounding_tokens(base_tokenizer(None))
-    lm = build_language_model(tokenizer, str(tmp_path), tiny("llama", False), LORA if lora else None)
+    lm = build_language_model(
+        tokenizer, LMSpec(str(tmp_path), tiny=tiny("llama", False)), LORA if lora else None
+    )
     assert [name for name, module in lm.named_modules() if not module.training] == []
 
 
@@ -150,9 +153,8 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients_under_bf16_au
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        lm = build_language_model(
-            helpers.tokenizer(), None, tiny(arch, arch == "qwen2"), LORA, "float32", checkpointing
-        )
+        spec = LMSpec(tiny=tiny(arch, arch == "qwen2"), gradient_checkpointing=checkpointing)
+        lm = build_language_model(helpers.tokenizer(), spec, LORA)
         for name, p in lm.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, so every LoRA matrix gets a gradient
@@ -173,7 +175,7 @@ def module(arch: str, tied: bool, seed: int) -> GroundingModule:
     """LoRA + trainable rows, a projector and a linear aux head on a tiny family LM."""
     tokenizer, schedule = helpers.tokenizer(), RefineSchedule(steps=1)
     torch.manual_seed(seed)
-    lm = build_language_model(tokenizer, None, tiny(arch, tied), LORA)
+    lm = build_language_model(tokenizer, LMSpec(tiny=tiny(arch, tied)), LORA)
     model = VideoLLM(
         lm,
         FrameProjector("linear", helpers.SPEC.feature_dim, 32),

@@ -21,7 +21,7 @@ from grounding.answer_format.slots import Slot
 from grounding.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
 from grounding.answer_format.tokens import GROUNDING_TOKENS, IGNORE_INDEX, OFFSET, VIDEO
 from lightning_modules.generation import generate
-from lightning_modules.language_model import build_language_model
+from lightning_modules.language_model import LMSpec, build_language_model
 from lightning_modules.projector import FrameProjector
 from lightning_modules.tokenizer import add_grounding_tokens
 from lightning_modules.video_llm import VideoLLM
@@ -92,7 +92,7 @@ def test_canonical_answers_take_the_tokenizers_own_number_tokens(name):
 
 def tiny_video_llm(tok, seed: int = 0) -> VideoLLM:
     torch.manual_seed(seed)
-    lm = build_language_model(tok, None, helpers.TINY, None)
+    lm = build_language_model(tok, LMSpec(tiny=helpers.TINY), None)
     projector = FrameProjector("mlp", helpers.SPEC.feature_dim, helpers.HIDDEN)
     return VideoLLM(lm, projector, tok.convert_tokens_to_ids(VIDEO)).eval()
 

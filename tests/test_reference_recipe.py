@@ -35,7 +35,7 @@ from grounding.metrics.protocols import PROTOCOLS
 from lightning_modules.aux_head import AuxHead
 from lightning_modules.decoding import InferenceSpec
 from lightning_modules.grounding_module import GroundingModule
-from lightning_modules.language_model import build_language_model
+from lightning_modules.language_model import LMSpec, build_language_model
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
@@ -141,7 +141,7 @@ def test_reference_aux_loss_divides_twice():
 def test_module_loss_is_lm_plus_weight_times_the_reference_term():
     torch.manual_seed(0)
     tok = helpers.tokenizer()
-    lm = build_language_model(tok, None, helpers.TINY, None)
+    lm = build_language_model(tok, LMSpec(tiny=helpers.TINY), None)
     aux = AuxHead(helpers.HIDDEN, "linear", "l1", "reference")
     model = VideoLLM(
         lm,

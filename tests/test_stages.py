@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import train
 from lightning_modules.grounding_module import GroundingModule
-from lightning_modules.language_model import LoraSpec, build_language_model, grounding_token_ids
+from lightning_modules.language_model import LMSpec, LoraSpec, build_language_model, grounding_token_ids
 from lightning_modules.tokenizer import train_local_tokenizer
 from tests import helpers
 from timerefine import evaluate
@@ -133,7 +133,7 @@ def pretrained(tmp_path: Path):
 @pytest.mark.parametrize("init", ["mean", "resize"])
 def test_new_token_rows_start_at_the_mean_or_as_resized(tmp_path, init):
     tokenizer = pretrained(tmp_path)
-    lm = build_language_model(tokenizer, str(tmp_path), helpers.TINY, None, token_rows_init=init)
+    lm = build_language_model(tokenizer, LMSpec(str(tmp_path), token_rows_init=init), None)
     rows = lm.get_input_embeddings().weight
     ids = grounding_token_ids(tokenizer)
     others = torch.ones(len(tokenizer), dtype=torch.bool)
@@ -145,8 +145,7 @@ def test_new_token_rows_start_at_the_mean_or_as_resized(tmp_path, init):
 @pytest.mark.parametrize("train_rows", [True, False])
 def test_token_rows_train_only_when_asked(tmp_path, train_rows):
     tokenizer = pretrained(tmp_path)
-    lm = build_language_model(
-        tokenizer, str(tmp_path), helpers.TINY, LoraSpec(r=2), train_token_rows=train_rows
-    )
+    spec = LMSpec(str(tmp_path))
+    lm = build_language_model(tokenizer, spec, LoraSpec(r=2), train_token_rows=train_rows)
     rows = [n for n, p in lm.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     assert bool(rows) == train_rows

@@ -26,6 +26,7 @@ from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, op
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.decoding import InferenceSpec
+from lightning_modules.grounding_module import SaliencySpec
 from lightning_modules.grpo_module import GRPOSpec
 from lightning_modules.language_model import LMSpec, LoraSpec
 from lightning_modules.optimization import OptimSpec
@@ -68,20 +69,6 @@ class RefineConfig(RefineSchedule):
     """The refinement targets and on-policy refinement (callbacks/on_policy.py)."""
 
     on_policy: OnPolicySpec = field(default_factory=OnPolicySpec)
-
-
-@dataclass(frozen=True)
-class SaliencySpec(Checked):
-    """Weight of a per-video-token BCE "inside the queried moment?" on the projector's output (needs
-    ``projector.query_conditioned``); 0 turns it off. ``projector_steps``: the run's first optimizer
-    steps train only the projector and the saliency head (and the LM's input embeddings of the
-    prompt, which the projector reads, where they train and are not tied to the output layer) on this
-    loss, without the LM's pass (a few percent of a full step), so the LM's first steps read video
-    tokens that already mark the moment (VTimeLLM trains its projector first too, on captions); they
-    count in ``trainer.max_steps``."""
-
-    weight: float = checked(3.0, NON_NEGATIVE)
-    projector_steps: int = checked(600, integer(0))
 
 
 @dataclass
