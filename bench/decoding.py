@@ -17,6 +17,10 @@ Decoders (greedy, KV cache; batch 1 = queries one at a time, batch 32 = one left
 - ``adaptive``: constrained, but a query stops refining once a step's offsets are ``+00 and +00``:
   the rest of the layout is filled in without the model (that segment, zero offsets), and the
   query leaves the batch (its rows of the cache dropped) -- the "adaptive refinement depth" lever;
+- ``constrained_rows_unmerged``: ``constrained`` without merging the trained token rows into the LM
+  first (every other decoder runs as evaluation does, merged: ``GroundingModule.decoding``), so peft
+  copies the embedding matrix on every forward pass -- the "merged token rows" lever
+  (``speedup_rows_merged``; 1 where nothing trains token rows, as in the tiny LM);
 - ``free``: this project's free greedy decoding;
 - ``hf_greedy``: ``model.lm.generate(inputs_embeds=...)`` (``hf_generation.hf_generate``), greedy
   with its dynamic KV cache;
@@ -76,6 +80,16 @@ def hf_run(module: GroundingModule, batch: dict, *, constrained: bool, budget: i
     )  # fmt: skip
 
 
+def as_evaluated(run: DecoderRun) -> DecoderRun:
+    """``run`` as evaluation runs a decoder: with the trained token rows merged into the LM."""
+
+    def merged(module: GroundingModule, batch: dict) -> Generation:
+        with module.decoding():
+            return run(module, batch)
+
+    return merged
+
+
 def decoders(module: GroundingModule, trained: bool, compile_step: bool) -> dict[str, DecoderRun]:
     """The decoders to compare. A random-init model gets no EOS: free decoding runs the answer's
     length plus one token, as a trained model's answer and its EOS."""
@@ -92,6 +106,8 @@ def decoders(module: GroundingModule, trained: bool, compile_step: bool) -> dict
         "hf_greedy": lambda m, b: hf_run(m, b, constrained=False, budget=budget, eos_id=free_eos),
         "hf_constrained": lambda m, b: hf_run(m, b, constrained=True, budget=budget, eos_id=eos),
     }
+    runs = {name: as_evaluated(run) for name, run in runs.items()}
+    runs["constrained_rows_unmerged"] = lambda m, b: project_generate(m, b, True, eos, budget)
     if compile_step:
         config = CompileConfig(dynamic=False, mode="default")
         config._compile_all_devices = True  # CompileConfig's flag for compiling off GPU
@@ -139,6 +155,7 @@ def speed(module: GroundingModule, batches: list[dict], runs: dict[str, DecoderR
     for a, b in (
         ("constrained", "constrained_eager"),
         ("constrained", "hf_constrained"),
+        ("constrained", "constrained_rows_unmerged"),
         ("free", "hf_greedy"),
     ):
         same = sum(x == y for x, y in zip(answers[a], answers[b], strict=True))
@@ -159,7 +176,8 @@ def quality(module: GroundingModule, loader, runs: dict[str, DecoderRun]) -> dic
         for name, run in runs.items():
             start = time.perf_counter()
             if name in TOLERANCES:
-                generation, skips = adaptive(module, batch, TOLERANCES[name])
+                with module.decoding():
+                    generation, skips = adaptive(module, batch, TOLERANCES[name])
                 skipped[name] += skips
             else:
                 generation = run(module, batch)
@@ -258,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         "speedup_vs_hf_generate": figures[f"qps_{top}_constrained"] / figures[f"qps_{top}_hf_constrained"],
         "speedup_vs_hf_greedy": figures[f"qps_{top}_constrained"] / figures[f"qps_{top}_hf_greedy"],
         "speedup_vs_eager": figures[f"qps_{top}_constrained"] / figures[f"qps_{top}_constrained_eager"],
+        "speedup_rows_merged": figures[f"qps_{top}_constrained"]
+        / figures[f"qps_{top}_constrained_rows_unmerged"],
         **figures,
     }
     if args.run:

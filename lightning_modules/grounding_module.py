@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from lightning_modules.base_weights import (
     without_frozen,
 )
 from lightning_modules.decoding import DECODERS, InferenceSpec
-from lightning_modules.generation import Generation
+from lightning_modules.generation import Generation, is_sharded
+from lightning_modules.language_model import token_rows_merged
 from lightning_modules.optimization import OptimSpec, adamw_with_curve, diverged, finite_loss
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.trainable import parameter_summary, summary_lines
@@ -209,17 +211,23 @@ class GroundingModule(L.LightningModule):
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Greedy answers for a batch, parsed into their segments (constrained when configured)."""
-        generation = DECODERS[self.inference.decoder](
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["features"],
-            eos_id=self.codec.end_id,
-            max_new_tokens=self.max_new_tokens,
-            slots=self.codec.slots() if self.inference.constrained else None,
-            offset_id=self.offset_id if self.model.aux_head is not None else None,
-        )
+        with self.decoding():
+            generation = DECODERS[self.inference.decoder](
+                self.model,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                batch["features"],
+                eos_id=self.codec.end_id,
+                max_new_tokens=self.max_new_tokens,
+                slots=self.codec.slots() if self.inference.constrained else None,
+                offset_id=self.offset_id if self.model.aux_head is not None else None,
+            )
         return self.parse(generation)
+
+    def decoding(self) -> AbstractContextManager:
+        """What decoding runs under: the trained token rows merged into the LM (the same answers,
+        without peft's copy of the embedding matrix on every forward pass), unless it is sharded."""
+        return nullcontext() if is_sharded(self.model) else token_rows_merged(self.model.lm)
 
     def parse(self, generation: Generation) -> list[Prediction]:
         """The answers of ``generation`` parsed into their segments (with the aux head's, when kept)."""

@@ -187,16 +187,17 @@ class GRPOModule(GroundingModule):
     def sample(self, batch: dict[str, Any]) -> list[list[int]]:
         """G answers per query, each query's in a row."""
         group = self.grpo.G
-        generation = generate(
-            self.model,
-            batch["prompt_ids"].repeat_interleave(group, 0),
-            batch["prompt_mask"].repeat_interleave(group, 0),
-            batch["features"].repeat_interleave(group, 0),
-            eos_id=self.codec.end_id,
-            max_new_tokens=self.max_new_tokens,
-            slots=self.codec.slots() if self.grpo.constrained else None,
-            choose=Sampling(self.grpo.temperature, self.grpo.top_p),
-        )
+        with self.decoding():
+            generation = generate(
+                self.model,
+                batch["prompt_ids"].repeat_interleave(group, 0),
+                batch["prompt_mask"].repeat_interleave(group, 0),
+                batch["features"].repeat_interleave(group, 0),
+                eos_id=self.codec.end_id,
+                max_new_tokens=self.max_new_tokens,
+                slots=self.codec.slots() if self.grpo.constrained else None,
+                choose=Sampling(self.grpo.temperature, self.grpo.top_p),
+            )
         return generation.tokens
 
     def parse_answers(self, answers: list[list[int]]) -> list[Prediction]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -177,6 +180,23 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> 
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+@contextmanager
+def token_rows_merged(model: nn.Module) -> Iterator[None]:
+    """The trained token rows of ``model``'s peft ``TrainableTokensLayer``s written into their
+    embedding (and output) weights for the duration: unmerged, peft copies the whole matrix on every
+    forward pass (49,152 x 576 for SmolLM2, twice a decoding step). Exact both ways: merging
+    replaces the rows and unmerging puts back peft's copy of the originals, which never train. Not for
+    a sharded (FSDP) model, whose weights are flat shards."""
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        for layer in reversed(layers):
+            layer.unmerge()
 
 
 def named_lm(source: str, dtype: str, weights: str) -> PreTrainedModel:

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -28,6 +29,7 @@ from lightning_modules.language_model import (
     build_language_model,
     build_tiny_lm,
     grounding_token_ids,
+    token_rows_merged,
 )
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
@@ -91,6 +93,32 @@ def test_lora_trains_the_grounding_rows_of_the_input_and_output_embeddings(arch,
         assert changed == set(grounding)
     if tied:
         assert torch.equal(inputs_after, outputs_after)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_merging_the_token_rows_for_decoding_changes_no_logit_and_no_weight(tied):
+    """Decoding runs with the trained token rows merged (token_rows_merged): the same logits as peft's
+    per-forward copy, and every tensor bit-identical afterwards, so training goes on as it would."""
+    tokenizer = helpers.tokenizer()
+    torch.manual_seed(0)
+    lm = build_language_model(tokenizer, LMSpec(tiny=tiny("qwen2", tied)), LORA)
+    layers = [m for m in lm.modules() if isinstance(m, TrainableTokensLayer)]
+    assert layers
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.5)  # trained rows and adapters that differ from the base
+    ids = torch.tensor([[5, *grounding_token_ids(tokenizer), 7]])
+    before = {n: t.clone() for n, t in lm.state_dict().items()}
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+        with token_rows_merged(lm):
+            assert all(layer.merged for layer in layers)
+            merged = lm(input_ids=ids).logits
+    assert torch.equal(merged, expected)
+    assert not any(layer.merged for layer in layers)
+    after = lm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
 def adapted_layers(lm: torch.nn.Module) -> set[str]:
