@@ -13,6 +13,7 @@ import pytest
 
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
+from bench.pretrained_lm import differences
 from lightning_modules.pretrained import SMOLLM2, missing_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,12 @@ SCRIPTS = {
     "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
     "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
     "grpo": ([], {"step_cost_ratio", "sft_steps", "gain_mIoU_iou"}),
-    "pretrained_lm": ([], {"pretrained_minus_scratch_mIoU", "pretrained_minus_prior_mIoU", "tiny_wall_s"}),
+    # the scratch arm (model.lm.weights=random, 50 s here) is left out: test_checkpoint_contents runs that
+    # path, and test_arm_differences the figures it feeds
+    "pretrained_lm": (
+        ["--arms", "pretrained,tiny"],
+        {"pretrained_minus_tiny_mIoU", "pretrained_minus_prior_mIoU", "tiny_wall_s"},
+    ),
 }
 NEEDS_SMOLLM2 = {"pretrained_lm"}  # skipped, as the SmolLM2 tests are, only when the model is absent
 EXPERIMENTS = ("answer_tokens", "query_reading_probe")  # research probes: no target, kept runnable
@@ -70,6 +76,23 @@ def test_profiler_phases_come_from_the_last_report():
     )
     phases = phase_seconds(log)
     assert phases["train_steps_s"] == 2.0 and phases["val_s"] == 0.75 and phases["test_s"] == 0.3
+
+
+def test_arm_differences():
+    arms = {
+        "pretrained": {"test_mIoU": 40.0, "prior_mIoU": 30.0, "wall_s": 60.0},
+        "scratch": {"test_mIoU": 32.5, "prior_mIoU": 30.0, "wall_s": 50.0},
+        "tiny": {"test_mIoU": 45.0, "prior_mIoU": 30.0, "wall_s": 10.0},
+    }
+    assert differences(arms) == {
+        "pretrained_minus_prior_mIoU": 10.0,
+        "pretrained_minus_scratch_mIoU": 7.5,
+        "wall_ratio_pretrained_vs_scratch": 1.2,
+        "pretrained_minus_tiny_mIoU": -5.0,
+        "wall_ratio_pretrained_vs_tiny": 6.0,
+        "scratch_minus_prior_mIoU": 2.5,
+    }
+    assert differences({"tiny": arms["tiny"]}) == {}
 
 
 def quick_figures(script: str, *extra: str) -> dict[str, float]:
