@@ -7,14 +7,14 @@ sequences are right-padded; the prompts for generation are left-padded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from grounding.answer_format.chat import prompt_bos
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompt_ids import encode_prompt, video_placeholder_id
+from grounding.answer_format.prompt_ids import encode_prompt, video_placeholder_id, video_span
 from grounding.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import IGNORE_INDEX
@@ -31,6 +31,7 @@ class GroundingCollator:
     ``coarse_lookup`` maps a qid to the model's own coarse guess, used as the first coarse segment
     with probability ``on_policy_fraction`` (on-policy refinement), drawn per (seed, epoch, sample).
     ``timeline`` (``data.timeline``) maps the ground truth in seconds to the answer's indices.
+    ``video_stamps``: the ids written before each video token (its timestamp), if any.
     """
 
     def __init__(
@@ -42,11 +43,13 @@ class GroundingCollator:
         coarse_lookup: CoarseLookup | None = None,
         timeline: Timeline = DEFAULT_TIMELINE,
         on_policy_fraction: float = 1.0,
+        video_stamps: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.codec, self.tokenizer, self.prompt = codec, codec.tokenizer, prompt
         self.video_tokens, self.seed, self.coarse_lookup = video_tokens, seed, coarse_lookup
         self.timeline, self.on_policy_fraction = timeline, on_policy_fraction
         self.video_id = video_placeholder_id(self.tokenizer)
+        self.video = video_span(self.video_id, video_tokens, video_stamps)
         self.encoded: dict[str, list[int]] = {}  # query -> prompt ids, read-only
 
     def prompt_ids(self, query: str) -> list[int]:
@@ -57,7 +60,7 @@ class GroundingCollator:
         if bos is not None and ids[:1] != [bos]:  # once, also when a chat template writes it
             ids = [bos, *ids]
         at = ids.index(self.video_id)
-        ids = [*ids[:at], *[self.video_id] * self.video_tokens, *ids[at + 1 :]]
+        ids = [*ids[:at], *self.video, *ids[at + 1 :]]
         if len(self.encoded) < MAX_ENCODED:
             self.encoded[query] = ids
         return ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -39,7 +40,8 @@ class DataSource(Protocol):
 
 class GroundingDataModule(L.LightningDataModule):
     """``codec`` (shared with the module) holds the tokenizer and the refinement schedule of the
-    targets; a prompt holds ``video_tokens`` video tokens. ``prompt_template``: a template;
+    targets; a prompt holds ``video_tokens`` video tokens, each after its ``video_stamps`` ids if
+    given (its timestamp). ``prompt_template``: a template;
     ``chat_template``: how the prompt becomes the model's chat turn (grounding/answer_format/chat.py).
     ``coarse_guesses`` holds the model's own coarse segments by qid (callbacks/on_policy.py); the
     collator starts a target from one with probability ``on_policy_fraction``. Every query read must
@@ -53,6 +55,7 @@ class GroundingDataModule(L.LightningDataModule):
         codec: AnswerCodec,
         *,
         video_tokens: int,
+        video_stamps: Sequence[Sequence[int]] | None = None,
         batch_size: int,
         eval_batch_size: int,
         num_workers: int,
@@ -81,6 +84,7 @@ class GroundingDataModule(L.LightningDataModule):
             self.coarse_guesses.get if on_policy_fraction > 0 else None,
             timeline,
             on_policy_fraction,
+            video_stamps,
         )
         self.max_positions, self.answer_tokens, self.query_too_long = (
             max_positions,

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompt_ids import video_placeholder_id
+from grounding.answer_format.prompt_ids import timestamp_length, video_placeholder_id
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import IGNORE_INDEX
 from lightning_modules.aux_head import AuxHead, AuxSpec
@@ -31,6 +31,15 @@ def frame_index_ids(
     return torch.tensor([tokenizer.convert_tokens_to_ids(list(f"{i:02d}")) for i in indices])
 
 
+def stamp_positions(placeholders: torch.Tensor, stamp_length: int) -> torch.Tensor:
+    """(B, T) bool: the ``stamp_length`` positions before each placeholder, where a prompt with text
+    timestamps writes the video token's index."""
+    stamps = torch.zeros_like(placeholders)
+    for back in range(1, stamp_length + 1):
+        stamps[:, :-back] |= placeholders[:, back:]
+    return stamps
+
+
 class VideoLLM(nn.Module):
     """LM + projector (+ optional aux head). Each sample's prompt holds one placeholder per video
     token the projector makes.
@@ -38,6 +47,8 @@ class VideoLLM(nn.Module):
     ``frame_index_ids`` ((video tokens, 2): the tens and ones digit token of each one's 00-99 index)
     adds to every video token the LM's own embeddings of its index digits, gated per digit
     position, so the frame a timestamp should name looks like that timestamp to the LM.
+    ``stamp_length``: the tokens of the text timestamp before each video token (0: none), which the
+    query-conditioned projector leaves out of the query's mean.
     """
 
     def __init__(
@@ -48,8 +59,10 @@ class VideoLLM(nn.Module):
         aux_head: nn.Module | None = None,
         frame_index_ids: torch.Tensor | None = None,
         saliency_head: nn.Module | None = None,
+        stamp_length: int = 0,
     ) -> None:
         super().__init__()
+        self.stamp_length = stamp_length
         self.lm, self.projector, self.aux_head = lm, projector, aux_head
         self.saliency_head = saliency_head
         self.video_token_id = video_token_id
@@ -95,6 +108,7 @@ class VideoLLM(nn.Module):
                 else None
             ),
             saliency_head=nn.Linear(hidden, 1) if saliency_weight > 0 else None,
+            stamp_length=timestamp_length(codec) if projector.temporal_embedding == "text" else 0,
         )
 
     def frame_embeddings(
@@ -136,7 +150,8 @@ class VideoLLM(nn.Module):
         if getattr(self.projector, "film", None) is not None:
             if prompt_mask is None:
                 raise ValueError("a query-conditioned projector needs the prompt mask")
-            text = (prompt_mask.bool() & ~placeholders).unsqueeze(-1).to(embeds.dtype)
+            text = prompt_mask.bool() & ~placeholders & ~stamp_positions(placeholders, self.stamp_length)
+            text = text.unsqueeze(-1).to(embeds.dtype)
             query = (embeds * text).sum(1) / text.sum(1).clamp(min=1)
         frames = self.frame_embeddings(features, query, tokens_fixed)
         per_sample = placeholders.sum(dim=1)

@@ -185,8 +185,9 @@ def test_a_global_batch_that_the_processes_cannot_split_is_refused_before_traini
         build_trainer(cfg, tmp_path, build_module(cfg, build_datamodule(cfg)))
 
 
-@pytest.mark.parametrize("temporal_embedding", ["learned", "digits"])
+@pytest.mark.parametrize("temporal_embedding", ["learned", "digits", "text"])
 def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedding):
+    """25 video tokens; with ``text`` each follows its index, which the projector's query skips."""
     cfg = load_config(
         [
             *tiny_build_overrides(tmp_path),
@@ -200,6 +201,10 @@ def test_frames_per_token_sets_the_prompt_placeholders(tmp_path, temporal_embedd
     batch = datamodule.collator([datamodule.datasets["train"][(0, i)] for i in range(2)])
     video = module.tokenizer.convert_tokens_to_ids(VIDEO)
     assert (batch["input_ids"] == video).sum(1).tolist() == [25, 25]  # 100 frames / 4
+    assert module.model.stamp_length == (2 if temporal_embedding == "text" else 0)
+    if temporal_embedding == "text":
+        first = batch["input_ids"][0].tolist().index(video)
+        assert module.tokenizer.decode(batch["input_ids"][0, first - 2 : first]) == "00"
     assert torch.isfinite(
         module.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"]).loss
     )

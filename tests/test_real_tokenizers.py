@@ -16,6 +16,7 @@ from datamodules.collate import GroundingCollator
 from grounding.answer_format.chat import chat_prompt, prompt_bos
 from grounding.answer_format.codec import ANSWER_TOKENS, AnswerCodec
 from grounding.answer_format.layout import format_answer, parse_answer, spaced
+from grounding.answer_format.prompt_ids import timestamp_length
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE
 from grounding.answer_format.slots import Slot
 from grounding.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
@@ -88,6 +89,20 @@ def test_canonical_answers_take_the_tokenizers_own_number_tokens(name):
     assert [len(s.choices) for s in numbers[:4]] == [100, 100, 200, 200]
     tok = real_tokenizers.shared(name)
     assert tok.decode(list(numbers[0].choices[36])) == "36"
+
+
+@pytest.mark.parametrize("answer_tokens", ANSWER_TOKENS)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_text_timestamp_is_what_an_answer_writes_for_its_number(name, answer_tokens):
+    """``temporal_embedding=text`` writes each video token's index in the ids an answer's first
+    number takes, so the LM can copy it; every real tokenizer writes 00-99 in one length."""
+    answer_codec = codec(name, 3, answer_tokens)
+    assert timestamp_length(answer_codec) in (1, 2)
+    for value in (0, 7, 36, 99):
+        stamp = answer_codec.number_ids(value)
+        answer = answer_codec.encode([RefineRound(value, 99)] * 4)
+        assert answer_codec.tokenizer.decode(stamp).strip() == f"{value:02d}"
+        assert any(answer[i : i + len(stamp)] == stamp for i in range(len(answer)))
 
 
 def tiny_video_llm(tok, seed: int = 0) -> VideoLLM:

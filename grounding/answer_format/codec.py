@@ -95,6 +95,15 @@ class AnswerCodec:
             for kind, ids in self._digit_pieces(layout)
         ]
 
+    def number_ids(self, value: int) -> list[int]:
+        """The ids of the 00-99 number ``value`` as an answer's first number is written."""
+        if not 0 <= value <= 99:
+            raise ValueError(f"a timestamp is 00-99, got {value}")
+        if self.answer_tokens == "digits":
+            return [self.char_ids[digit] for digit in f"{value:02d}"]
+        first = next(slot for slot in self.slots() if len(slot.choices) == 100)
+        return list(first.choices[value])
+
     def answer_length(self) -> int:
         """The most tokens an answer takes (all of them do with ``digits``)."""
         return sum(slot.length for slot in self.slots())

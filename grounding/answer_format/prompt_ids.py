@@ -8,8 +8,12 @@ tokenizer then starts the text after the video afresh (``▁`` before its leadin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
 
+from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.timeline import Timeline
 from grounding.answer_format.tokens import VIDEO, VIDEO_INDEX
 
 
@@ -28,3 +32,33 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, placeholder: in
         return tokenizer.encode(text, add_special_tokens=False)
     before, after = (tokenizer.encode(part, add_special_tokens=False) for part in text.split(VIDEO))
     return [*before, VIDEO_INDEX, *after]
+
+
+def video_span(
+    placeholder: int, video_tokens: int, stamps: Sequence[Sequence[int]] | None = None
+) -> list[int]:
+    """What a prompt's ``<video>`` becomes: one ``placeholder`` per video token, each after its
+    timestamp's ids where ``stamps`` (one per video token) are given."""
+    if stamps is None:
+        return [placeholder] * video_tokens
+    if len(stamps) != video_tokens:
+        raise ValueError(f"{len(stamps)} timestamps for {video_tokens} video tokens")
+    return [token for stamp in stamps for token in (*stamp, placeholder)]
+
+
+def timestamp_length(codec: AnswerCodec) -> int:
+    """How many tokens a text timestamp takes; ValueError unless every 00-99 takes as many."""
+    lengths = {len(codec.number_ids(value)) for value in range(100)}
+    if len(lengths) > 1:
+        raise ValueError(
+            f"text timestamps (projector.temporal_embedding=text) need numbers of one length, but answer_tokens={codec.answer_tokens} writes "
+            f"00-99 in {sorted(lengths)} tokens: use answer_tokens=digits"
+        )
+    return lengths.pop()
+
+
+def video_timestamps(codec: AnswerCodec, video_tokens: int, timeline: Timeline) -> list[list[int]]:
+    """Each video token's index on ``timeline``, in the ids ``codec``'s answers write it with
+    (``model.projector.temporal_embedding=text``); ValueError as :func:`timestamp_length`."""
+    timestamp_length(codec)
+    return [codec.number_ids(timeline.frame_index(i, video_tokens)) for i in range(video_tokens)]

@@ -32,6 +32,7 @@ from datamodules.datamodule import DataSource, GroundingDataModule
 from grounding.answer_format.chat import answer_end_id
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.corpus import tokenizer_corpus
+from grounding.answer_format.prompt_ids import timestamp_length, video_timestamps
 from grounding.answer_format.prompts import render_prompt, resolve_template
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
@@ -110,6 +111,8 @@ def answer_codec(
     codec = AnswerCodec(tokenizer, schedule, cfg.model.answer_tokens, end_id)
     try:
         codec.slots()
+        if cfg.model.projector.temporal_embedding == "text":
+            timestamp_length(codec)
     except ValueError as error:
         raise ConfigError(f"model.answer_tokens={cfg.model.answer_tokens}: {error}") from error
     return codec
@@ -124,10 +127,13 @@ def build_datamodule(
     schedule, template = model.refine, resolve_template(data.prompt_template)  # every use of K reads schedule
     codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
     generated = model.inference.new_tokens(codec.answer_length())
+    video_tokens = video_token_count(source.num_frames, model.projector.frames_per_token)
+    stamped = model.projector.temporal_embedding == "text"  # answer_codec checked their length
     return GroundingDataModule(
         source,
         codec,
-        video_tokens=video_token_count(source.num_frames, model.projector.frames_per_token),
+        video_tokens=video_tokens,
+        video_stamps=video_timestamps(codec, video_tokens, run_timeline(cfg)) if stamped else None,
         batch_size=data.batch_size,
         eval_batch_size=data.eval_batch_size,
         num_workers=data.num_workers,
