@@ -18,9 +18,9 @@ class ProjectorSpec(Checked):
     """``kind``: linear | mlp. ``temporal_embedding``: what tells a video token its place on the 00-99
     timeline: none | learned (an embedding per token) | digits (the LM's own embeddings of the index
     digits, gated) | text (the index written before the token in the prompt, in the tokens an answer
-    writes it with, for the LM to copy). ``frames_per_token`` consecutive frames are concatenated into one video token (the
-    last token's missing frames are zeros); ``query_conditioned`` FiLMs the frames with the prompt's mean
-    text embedding before projecting them."""
+    writes it with, for the LM to copy). ``frames_per_token`` consecutive frames are concatenated into
+    one video token (the last token's missing frames are zeros); ``query_conditioned`` FiLMs the frames
+    with the prompt's mean text embedding before projecting them."""
 
     kind: str = checked("mlp", one_of("linear", "mlp"))
     temporal_embedding: str = checked("learned", one_of(*TEMPORAL_EMBEDDINGS))

@@ -51,8 +51,9 @@ def timestamp_length(codec: AnswerCodec) -> int:
     lengths = {len(codec.number_ids(value)) for value in range(100)}
     if len(lengths) > 1:
         raise ValueError(
-            f"text timestamps (projector.temporal_embedding=text) need numbers of one length, but answer_tokens={codec.answer_tokens} writes "
-            f"00-99 in {sorted(lengths)} tokens: use answer_tokens=digits"
+            "text timestamps (projector.temporal_embedding=text) need numbers of one length, but "
+            f"answer_tokens={codec.answer_tokens} writes 00-99 in {sorted(lengths)} tokens: "
+            "use answer_tokens=digits"
         )
     return lengths.pop()
 
