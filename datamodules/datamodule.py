@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -15,10 +16,11 @@ from datamodules.consistency import consistency_warnings
 from datamodules.dataset import GroundingDataset
 from datamodules.quirks import QuirkError
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
-from grounding.answer_format.chat import chat_prompt
+from grounding.answer_format.chat import CHAT_TEMPLATES, chat_prompt
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompts import query_length_error
-from grounding.answer_format.timeline import Timeline
+from grounding.answer_format.prompts import query_length_error, resolve_template, template_error
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, TIMELINES, timeline_named
+from grounding.checks import Checked, checked, integer, one_of, optional
 from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
@@ -38,59 +40,71 @@ class DataSource(Protocol):
     def store(self, split: str) -> FeatureStore: ...
 
 
+@dataclass
+class DataSpec(Checked):
+    """The ``data`` node: the keys every dataset shares. ``name`` picks the loader
+    (datamodules/annotation_source.py LOADERS; ``builtin``: generated), ``source`` is the dataset's own
+    spec. With ``global_batch_size`` set, gradient accumulation = global_batch_size / (batch_size x
+    devices x nodes). ``timeline``: what the answers' frame indices mean
+    (grounding/answer_format/timeline.py). ``prompt_template``: a name from ``PROMPTS`` or a template
+    (grounding/answer_format/prompts.py); ``chat_template``: how the prompt becomes the model's chat
+    turn, none, tokenizer or a named one (grounding/answer_format/chat.py). ``query_too_long``: a query
+    whose prompt, video tokens and answer exceed the LM's positions stops the run naming its
+    ``file:line`` (``error``) or is skipped, counted in the coverage and logged (``drop``)."""
+
+    name: str
+    source: Any
+    batch_size: int = checked(32, integer(1))
+    eval_batch_size: int = checked(100, integer(1))
+    global_batch_size: int | None = checked(None, optional(integer(1)))
+    num_workers: int = checked(0, integer(0))
+    prompt_template: str = checked("default", template_error)
+    chat_template: str = checked("none", one_of(*CHAT_TEMPLATES))
+    timeline: str = checked(DEFAULT_TIMELINE.name, one_of(*TIMELINES))
+    query_too_long: str = checked("error", one_of(*TOO_LONG))
+
+
 class GroundingDataModule(L.LightningDataModule):
-    """``codec`` (shared with the module) holds the tokenizer and the refinement schedule of the
-    targets; a prompt holds ``video_tokens`` video tokens, each after its ``video_stamps`` ids if
-    given (its timestamp). ``prompt_template``: a template;
-    ``chat_template``: how the prompt becomes the model's chat turn (grounding/answer_format/chat.py).
+    """The batches of ``data`` (a :class:`DataSpec`) read from ``source``. ``codec`` (shared with the
+    module) holds the tokenizer and the refinement schedule of the targets; a prompt holds
+    ``video_tokens`` video tokens, each after its ``video_stamps`` ids if given (its timestamp).
     ``coarse_guesses`` holds the model's own coarse segments by qid (callbacks/on_policy.py); the
     collator starts a target from one with probability ``on_policy_fraction``. Every query read must
     fit the LM's ``max_positions`` (None: no limit) with its prompt and the ``answer_tokens`` an answer
-    may take; ``query_too_long``: one that does not is an ``error`` naming its ``file:line``, or
-    (``drop``) a skip counted in the split's coverage and logged."""
+    may take, or is handled as ``data.query_too_long`` says."""
 
     def __init__(
         self,
         source: DataSource,
         codec: AnswerCodec,
+        data: DataSpec,
         *,
         video_tokens: int,
-        video_stamps: Sequence[Sequence[int]] | None = None,
-        batch_size: int,
-        eval_batch_size: int,
-        num_workers: int,
         seed: int,
-        prompt_template: str,
-        timeline: Timeline,
-        chat_template: str,
+        video_stamps: Sequence[Sequence[int]] | None = None,
         on_policy_fraction: float = 0.0,
         max_positions: int | None = None,
         answer_tokens: int = 0,
-        query_too_long: str = "error",
     ) -> None:
-        """The batch sizes, workers and prompt come from the ``data`` config (``DataConfig``)."""
         super().__init__()
-        self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
-        self.num_workers, self.seed, self.timeline = num_workers, seed, timeline
-        self.prompt_template, self.chat_template = prompt_template, chat_template
+        self.source, self.codec, self.data, self.seed = source, codec, data, seed
+        self.prompt_template, self.timeline = (
+            resolve_template(data.prompt_template),
+            timeline_named(data.timeline),
+        )
         self.datasets: dict[str, GroundingDataset] = {}
-        self.codec = codec
         self.coarse_guesses: dict[str, tuple[int, int]] = {}
         self.collator = GroundingCollator(
             codec,
-            partial(chat_prompt, prompt_template, chat_template, codec.tokenizer),
+            partial(chat_prompt, self.prompt_template, data.chat_template, codec.tokenizer),
             video_tokens,
             seed,
             self.coarse_guesses.get if on_policy_fraction > 0 else None,
-            timeline,
+            self.timeline,
             on_policy_fraction,
             video_stamps,
         )
-        self.max_positions, self.answer_tokens, self.query_too_long = (
-            max_positions,
-            answer_tokens,
-            query_too_long,
-        )
+        self.max_positions, self.answer_tokens = max_positions, answer_tokens
         self.too_long: dict[str, int] = {}  # queries skipped per split by data.query_too_long=drop
 
     def records(self, split: str) -> list[GroundingRecord]:
@@ -119,7 +133,7 @@ class GroundingDataModule(L.LightningDataModule):
         record, problem = skipped[0]
         where = record.where or f"{self.source.name} {split} query {record.qid}"
         example = f"{where}: query too long: {problem}"
-        if self.query_too_long == "error":
+        if self.data.query_too_long == "error":
             raise QuirkError(f"{example}; data.query_too_long=drop skips such queries")
         kept = [r for r, p in zip(dataset.records, problems, strict=True) if not p]
         log.warning(
@@ -159,7 +173,7 @@ class GroundingDataModule(L.LightningDataModule):
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _loader_options(self) -> dict[str, Any]:
-        return {"collate_fn": self.collator, "num_workers": self.num_workers}
+        return {"collate_fn": self.collator, "num_workers": self.data.num_workers}
 
     def train_dataloader(self) -> ResumableLoader:
         """Resumes mid-epoch through its ``state_dict``, which Lightning checkpoints."""
@@ -167,13 +181,13 @@ class GroundingDataModule(L.LightningDataModule):
         if self.trainer is not None:
             sampler.epoch = self.trainer.current_epoch
         return ResumableLoader(
-            self.datasets["train"], sampler, batch_size=self.batch_size, **self._loader_options()
+            self.datasets["train"], sampler, batch_size=self.data.batch_size, **self._loader_options()
         )
 
     def _evaluation_loader(self, split: str) -> DataLoader:
         sampler = EvaluationSampler(len(self.records(split)), *self._rank_and_world())
         return DataLoader(
-            self.datasets[split], self.eval_batch_size, sampler=sampler, **self._loader_options()
+            self.datasets[split], self.data.eval_batch_size, sampler=sampler, **self._loader_options()
         )
 
     def val_dataloader(self) -> DataLoader:

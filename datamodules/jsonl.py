@@ -18,6 +18,13 @@ from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import GroundingRecord
 
 FIELDS = ("qid", "query", "video_id", "duration", "windows")
+# Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP
+# (512) clip features concatenated; Lighthouse's 2818 adds 2 temporal-endpoint dimensions it computes
+# at load time, which files here do not hold (the projector places tokens on the timeline itself).
+LIGHTHOUSE_KEYS = dict(
+    qid="qid", query="query", video_id="vid", duration="duration", windows="relevant_windows"
+)
+LIGHTHOUSE_DIM = 2304 + 512
 
 
 def field_keys(keys: Mapping[str, str] | None = None) -> dict[str, str]:

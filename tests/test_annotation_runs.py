@@ -11,8 +11,7 @@ import pytest
 
 import train
 from datamodules.annotation_source import AnnotationSource, AnnotationSpec
-from datamodules.datamodule import GroundingDataModule
-from grounding.answer_format.prompts import DEFAULT_TEMPLATE
+from datamodules.datamodule import DataSpec, GroundingDataModule
 from grounding.answer_format.timeline import UNIFORM99
 from grounding.records import EmptySplitError
 from tests import helpers
@@ -149,18 +148,10 @@ def test_queries_dropped_by_the_quirk_policy_count_in_the_coverage(tmp_path):
     report = source.coverage["test"]
     assert (report.total, report.usable, report.skipped_by_reason) == (7, 6, {"empty_query": 1})
     assert "charades_sta_test.txt:7" in report.examples["empty_query"]
-    coverage = GroundingDataModule(
-        source,
-        helpers.codec(),
-        video_tokens=FRAMES,
-        batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-        seed=0,
-        prompt_template=DEFAULT_TEMPLATE,
-        timeline=UNIFORM99,
-        chat_template="none",
-    ).coverage({"test/queries": 6.0})["test/coverage"]
+    data = DataSpec("charades_sta", spec, batch_size=4, eval_batch_size=4, timeline=UNIFORM99.name)
+    coverage = GroundingDataModule(source, helpers.codec(), data, video_tokens=FRAMES, seed=0).coverage(
+        {"test/queries": 6.0}
+    )["test/coverage"]
     assert coverage == pytest.approx(100 * 6 / 7)
 
 

@@ -14,9 +14,9 @@ from datamodules.datamodule import GroundingDataModule
 def empty_loops(trainer: L.Trainer, datamodule: GroundingDataModule) -> Iterator[str]:
     """A line per ``limit_<loop>_batches`` fraction under one batch of its split on each process."""
     for loop, batch_size in (
-        ("train", datamodule.batch_size),
-        ("val", datamodule.eval_batch_size),
-        ("test", datamodule.eval_batch_size),
+        ("train", datamodule.data.batch_size),
+        ("val", datamodule.data.eval_batch_size),
+        ("test", datamodule.data.eval_batch_size),
     ):
         limit = getattr(trainer, f"limit_{loop}_batches")
         if not isinstance(limit, float) or limit <= 0:

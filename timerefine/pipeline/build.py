@@ -73,7 +73,7 @@ def build_source(data: DictConfig) -> DataSource:
 
 
 def build_tokenizer_for(
-    cfg: DictConfig, source: DataSource, template: str, schedule: RefineSchedule, tokenizer_dir: Path | None
+    cfg: DictConfig, source: DataSource, schedule: RefineSchedule, tokenizer_dir: Path | None
 ) -> PreTrainedTokenizerBase:
     """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the
     pretrained one, else a local BPE trained on the training prompts and sample answers."""
@@ -85,7 +85,7 @@ def build_tokenizer_for(
         except (ValueError, OSError) as error:  # a truncated or edited tokenizer.json (JSONDecodeError)
             reason = " ".join(str(error).split())
             raise TokenizerError(f"{tokenizer_dir}: the run's tokenizer cannot be read ({reason})") from error
-    train = source.records("train")
+    train, template = source.records("train"), resolve_template(cfg.data.prompt_template)
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
     )
@@ -123,35 +123,29 @@ def build_datamodule(
 ) -> GroundingDataModule:
     """The datamodule of ``source`` (default: ``data``'s) with its collator and the answer codec (the
     tokenizer and the refinement schedule) that the module shares; see :func:`build_tokenizer_for`."""
-    data, source, model = cfg.data, source or build_source(cfg.data), OmegaConf.to_object(cfg.model)
-    schedule, template = model.refine, resolve_template(data.prompt_template)  # every use of K reads schedule
-    codec = answer_codec(cfg, build_tokenizer_for(cfg, source, template, schedule, tokenizer_dir), schedule)
+    source, model = source or build_source(cfg.data), OmegaConf.to_object(cfg.model)
+    schedule = model.refine  # every use of K reads it
+    codec = answer_codec(cfg, build_tokenizer_for(cfg, source, schedule, tokenizer_dir), schedule)
     generated = model.inference.new_tokens(codec.answer_length())
     video_tokens = video_token_count(source.num_frames, model.projector.frames_per_token)
     stamped = model.projector.temporal_embedding == "text"  # answer_codec checked their length
     return GroundingDataModule(
         source,
         codec,
+        OmegaConf.to_object(cfg.data),
         video_tokens=video_tokens,
         video_stamps=video_timestamps(codec, video_tokens, run_timeline(cfg)) if stamped else None,
-        batch_size=data.batch_size,
-        eval_batch_size=data.eval_batch_size,
-        num_workers=data.num_workers,
         seed=cfg.seed,
-        prompt_template=template,
-        timeline=run_timeline(cfg),
-        chat_template=data.chat_template,
         on_policy_fraction=schedule.on_policy.fraction if schedule.with_offsets else 0.0,
         max_positions=max_positions(model.lm),
         answer_tokens=max(generated, codec.answer_length() + 1),  # generated, or trained on
-        query_too_long=data.query_too_long,
     )
 
 
 def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
     """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it."""
     model: ModelConfig = OmegaConf.to_object(cfg.model)
-    codec, source, timeline = datamodule.codec, datamodule.source, run_timeline(cfg)
+    codec, source, timeline = datamodule.codec, datamodule.source, datamodule.timeline
     lm, lora = model.lm, model.lora if model.lora.enabled else None
     language_model = build_language_model(
         codec.tokenizer, lm, lora, model.init_from, model.trainable.token_rows

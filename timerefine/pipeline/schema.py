@@ -16,12 +16,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from callbacks.on_policy import OnPolicySpec
 from datamodules.annotation_source import AnnotationSpec, CharadesSpec, JsonlSpec
 from datamodules.builtin import BuiltinSpec
-from datamodules.datamodule import TOO_LONG
-from grounding.answer_format.chat import CHAT_TEMPLATES
+from datamodules.datamodule import DataSpec
+from datamodules.jsonl import LIGHTHOUSE_DIM, LIGHTHOUSE_KEYS
 from grounding.answer_format.codec import ANSWER_TOKENS
-from grounding.answer_format.prompts import template_error
 from grounding.answer_format.targets import RefineSchedule
-from grounding.answer_format.timeline import DEFAULT_TIMELINE, TIMELINES
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, optional
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
@@ -106,44 +104,16 @@ class ModelConfig(Checked):
             yield "lm.weights=random needs lora.enabled=false: adapters on a frozen random LM learn nothing useful"
 
 
-@dataclass
-class DataConfig(Checked):
-    """The keys every dataset shares; ``name`` picks the loader (datamodules/annotation_source.py
-    LOADERS; ``builtin``: generated), ``source`` is the dataset's own spec. With ``global_batch_size``
-    set, gradient accumulation = global_batch_size / (batch_size x devices x nodes). ``timeline``:
-    what the answers' frame indices mean (grounding/answer_format/timeline.py). ``prompt_template``:
-    a name from ``PROMPTS`` or a template (grounding/answer_format/prompts.py); ``chat_template``:
-    none, tokenizer or a named one (grounding/answer_format/chat.py). ``query_too_long``: a query
-    whose prompt, video tokens and answer exceed the LM's positions stops the run naming its
-    ``file:line`` (``error``) or is skipped, counted in the coverage and logged (``drop``)."""
-
-    name: str
-    source: Any
-    batch_size: int = checked(32, integer(1))
-    eval_batch_size: int = checked(100, integer(1))
-    global_batch_size: int | None = checked(None, optional(integer(1)))
-    num_workers: int = checked(0, integer(0))
-    prompt_template: str = checked("default", template_error)
-    chat_template: str = checked("none", one_of(*CHAT_TEMPLATES))
-    timeline: str = checked(DEFAULT_TIMELINE.name, one_of(*TIMELINES))
-    query_too_long: str = checked("error", one_of(*TOO_LONG))
-
-
-# Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP
-# (512) clip features concatenated; Lighthouse's 2818 adds 2 temporal-endpoint dimensions it computes
-# at load time, which files here do not hold (the projector places tokens on the timeline itself).
-LIGHTHOUSE_KEYS = dict(
-    qid="qid", query="query", video_id="vid", duration="duration", windows="relevant_windows"
-)
-LIGHTHOUSE = JsonlSpec(MISSING, MISSING, keys=LIGHTHOUSE_KEYS, feature_dim=2304 + 512)
 # The schemas a conf/data YAML starts from (``/schema/data/<name>@_here_``): the generated data, and
 # annotation files read by ``LOADERS[data.name]``.
 DATA_SCHEMAS = {
-    "builtin": DataConfig("builtin", BuiltinSpec()),
-    "annotated": DataConfig(MISSING, AnnotationSpec(MISSING, MISSING)),
-    "charades": DataConfig("charades_sta", CharadesSpec(MISSING, MISSING)),
-    "jsonl": DataConfig("jsonl", JsonlSpec(MISSING, MISSING)),
-    "lighthouse": DataConfig("jsonl", LIGHTHOUSE),
+    "builtin": DataSpec("builtin", BuiltinSpec()),
+    "annotated": DataSpec(MISSING, AnnotationSpec(MISSING, MISSING)),
+    "charades": DataSpec("charades_sta", CharadesSpec(MISSING, MISSING)),
+    "jsonl": DataSpec("jsonl", JsonlSpec(MISSING, MISSING)),
+    "lighthouse": DataSpec(
+        "jsonl", JsonlSpec(MISSING, MISSING, keys=LIGHTHOUSE_KEYS, feature_dim=LIGHTHOUSE_DIM)
+    ),
 }
 
 
@@ -208,7 +178,7 @@ class RunConfig(Checked):
     resume: str | None = "auto"
     test: bool = True
     init_from_run: str | None = checked(None, optional(a_run_folder))
-    data: DataConfig = MISSING
+    data: DataSpec = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
