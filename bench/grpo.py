@@ -6,10 +6,13 @@
 
 Trains (or takes, ``--base``) a supervised run, then per seed: ``--steps`` GRPO steps per reward
 (``experiment=grpo init_from_run=<base>``) and continued supervised training (``init_from_run=<base>``)
-for as many steps as take the wall time of the GRPO run (its steps x the GRPO/SFT cost ratio, measured
-first with ``--steps`` of each at seed 0). Each run is a child ``python train.py``; wall times include
-its start-up and test (contended on a shared machine). Figures: ``step_cost_ratio`` (GRPO wall /
-SFT wall over the same steps), ``sft_steps``, then per reward and for ``sft`` the mean test mIoU and
+for as many steps as take the training time of the GRPO run (its steps x the GRPO/SFT cost ratio,
+measured first with ``--steps`` of each at seed 0). Each run is a child ``python train.py`` profiled by
+Lightning's SimpleProfiler: the ratio divides training seconds (steps and batch loading, as
+``bench.default_run`` sums them), not wall times, which also hold start-up, validation and the test
+and so understate a GRPO step's cost. Figures: ``step_cost_ratio`` (that
+ratio), ``wall_cost_ratio`` (the same runs' wall times, for comparison; contended on a shared machine),
+``sft_steps``, then per reward and for ``sft`` the mean test mIoU and
 R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` /
 ``gain_R1@0.7_<reward>`` over continued SFT.
 """
@@ -25,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.default_run import phase_seconds
 from bench.figures_out import machine, print_figures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +50,24 @@ COMMON = ["logger.tensorboard=false", "callbacks.progress_bar=none"]
 
 
 def train(overrides: list[str], output_dir: Path) -> tuple[float, dict[str, float]]:
-    """Wall seconds of ``python train.py`` and its metrics.json."""
+    """Training seconds of a profiled ``python train.py`` (steps and batch loading) and its
+    metrics.json with its wall seconds (``wall_s``)."""
     start = time.perf_counter()
-    command = [sys.executable, "train.py", *COMMON, *overrides, f"output_dir={output_dir}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    command = [
+        sys.executable,
+        "train.py",
+        *COMMON,
+        *overrides,
+        f"output_dir={output_dir}",
+        "+trainer.profiler=simple",
+    ]
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start, json.loads((output_dir / "metrics.json").read_text())
+        sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}")
+    wall = time.perf_counter() - start
+    phases = phase_seconds(result.stdout)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    return phases["train_steps_s"] + phases["data_s"], metrics | {"wall_s": wall}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         def sft(steps: int, seed: int, name: str) -> tuple[float, dict[str, float]]:
             return train([*start, f"seed={seed}", f"trainer.max_steps={steps}"], tmp / name)
 
-        grpo_wall, _ = grpo(args.rewards[0], args.seeds[0])
-        sft_wall, _ = sft(args.steps, args.seeds[0], "sft_cost")
-        ratio = grpo_wall / sft_wall
+        grpo_seconds, grpo_cost = grpo(args.rewards[0], args.seeds[0])
+        sft_seconds, sft_cost = sft(args.steps, args.seeds[0], "sft_cost")
+        if not grpo_seconds or not sft_seconds:  # finished before, in --keep: nothing trained this time
+            sys.exit(f"error: the cost runs in {tmp} trained no step now; give --keep a new folder")
+        ratio = grpo_seconds / sft_seconds
+        wall_ratio = grpo_cost["wall_s"] / sft_cost["wall_s"]
         sft_steps = max(1, round(args.steps * ratio))
         scores: dict[str, list[dict[str, float]]] = {name: [] for name in [*args.rewards, "sft"]}
         for seed in args.seeds:
@@ -106,7 +124,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"seed {seed} {name}: test mIoU {test['test/mIoU']:.2f}, R1@0.7 {test['test/R1@0.7']:.2f}",
                     flush=True,
                 )
-    figures: dict[str, float | int] = {"step_cost_ratio": ratio, "sft_steps": sft_steps}
+    figures: dict[str, float | int] = {
+        "step_cost_ratio": ratio,
+        "wall_cost_ratio": wall_ratio,
+        "sft_steps": sft_steps,
+    }
     mean = {
         name: {m: statistics.mean(s[f"test/{m}"] for s in runs) for m in ("mIoU", "R1@0.7")}
         for name, runs in scores.items()
