@@ -1,8 +1,10 @@
 """``last.ckpt``: the resume point, written every n steps, at the final step, and on a crash (not on a
-NaN loss, whose weights are no resume point)."""
+NaN loss, whose weights are no resume point); resumed in a run folder that was copied or moved, it
+moves the checkpoint callbacks' saved paths into that folder."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +18,28 @@ from callbacks.lightning_compat import (
     should_skip_saving,
     validation_follows_this_batch,
 )
+
+
+def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
+    """A ModelCheckpoint's saved ``state`` with the paths inside its saved ``dirpath`` moved to
+    ``dirpath`` (paths elsewhere kept), when its best checkpoint is there: the folder was copied or
+    moved. Else (another run's checkpoint, resumed in a new folder) ``state`` as it was."""
+    saved = state.get("dirpath")
+    if not saved or saved == dirpath:
+        return state
+
+    def moved(path: str | None) -> str | None:
+        if not path or not Path(path).is_relative_to(saved):
+            return path
+        return str(Path(dirpath) / Path(path).relative_to(saved))
+
+    paths = {
+        key: moved(state.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
+    }
+    if paths["best_model_path"] and not Path(paths["best_model_path"]).is_file():
+        return state
+    best_k = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
+    return state | paths | {"dirpath": dirpath, "best_k_models": best_k}
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -42,6 +66,17 @@ class LastCheckpoint(ModelCheckpoint):
         weights are no resume point, and the last ``last.ckpt`` stays."""
         if not isinstance(exception, ArithmeticError) and should_save_on_exception(self, trainer):
             save_last(self, trainer)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Before the callbacks load their state: in a run folder copied or moved since the checkpoint
+        was written, their paths point into this folder. Lightning would otherwise drop the best
+        score (the next validation becomes "best", however it scores) and keep the old best path."""
+        states = checkpoint.get("callbacks", {})
+        for key, state in states.items():
+            if isinstance(state, dict) and "dirpath" in state:
+                states[key] = relocated(state, self.dirpath)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

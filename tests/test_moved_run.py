@@ -1,0 +1,91 @@
+"""A run folder copied or moved, then continued, keeps its best checkpoint and that checkpoint's score."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from callbacks.last_checkpoint import LastCheckpoint, relocated
+
+SCORE_AFTER_STEP = {2: 1.0, 4: 3.0, 6: 2.0, 8: 0.0}  # validated every 2 steps; the best is step 4's
+
+
+class Scored(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch).sum()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/score", SCORE_AFTER_STEP[self.global_step])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.ones(16, 1), batch_size=1)
+
+    val_dataloader = train_dataloader
+
+
+def fit(folder: Path, max_steps: int) -> ModelCheckpoint:
+    """Fit with the run's two checkpoint callbacks (as timerefine/pipeline/build.py makes them),
+    resuming from ``folder``'s last.ckpt when there is one; the best-checkpoint callback."""
+    checkpoints = folder / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoints,
+        filename="best-step{step}",
+        auto_insert_metric_name=False,
+        monitor="val/score",
+        mode="max",
+        enable_version_counter=False,
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[best, LastCheckpoint(checkpoints, 1)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=folder,
+    )
+    last = checkpoints / "last.ckpt"
+    trainer.fit(Scored(), ckpt_path=last if last.is_file() else None)
+    return best
+
+
+@pytest.mark.parametrize("keep_original", [True, False], ids=["copied", "moved"])
+def test_a_copied_or_moved_run_continues_with_its_best_checkpoint(tmp_path, keep_original):
+    fit(tmp_path / "a", 6)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    if not keep_original:
+        shutil.rmtree(tmp_path / "a")
+    best = fit(tmp_path / "b", 8)  # step 8 validates worst of all
+    checkpoints = (tmp_path / "b" / "checkpoints").resolve()
+    assert best.best_model_path == str(checkpoints / "best-step4.ckpt")
+    assert best.best_model_score == 3.0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step4.ckpt", "last.ckpt"]
+
+
+def test_another_runs_checkpoint_keeps_its_paths(tmp_path):
+    """Resumed in a new folder that lacks the run's best checkpoint: not a copy, nothing to move."""
+    state = {
+        "dirpath": "/a/checkpoints",
+        "best_model_path": "/a/checkpoints/best.ckpt",
+        "best_model_score": 1,
+    }
+    assert relocated(state, str(tmp_path)) == state
+    (tmp_path / "best.ckpt").touch()
+    moved = relocated(state | {"best_k_models": {"/a/checkpoints/best.ckpt": 1}}, str(tmp_path))
+    assert moved["best_model_path"] == str(tmp_path / "best.ckpt") and moved["dirpath"] == str(tmp_path)
+    assert moved["best_k_models"] == {str(tmp_path / "best.ckpt"): 1}
