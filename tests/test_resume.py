@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from callbacks.lightning_compat import sharded_checkpoint_metadata
 from datamodules.sampling import ResumableLoader, ShardedEpochSampler
-from timerefine.pipeline.resume import CheckpointError, resume_checkpoint
+from timerefine.pipeline.resume import RESUME_KEYS, CheckpointError, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -206,7 +207,9 @@ def test_next_save_removes_what_a_killed_save_left(tmp_path):
 
 
 def corrupt_variants(path: Path) -> dict[str, bytes]:
-    torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, path)
+    torch.save(
+        {key: {} for key in RESUME_KEYS} | {"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, path
+    )
     good = path.read_bytes()
     return {"truncated": good[: len(good) // 2], "empty": b"", "garbage": b"not a checkpoint\n" * 10}
 
@@ -230,6 +233,33 @@ def test_readable_resume_checkpoint_is_used(tmp_path):
     last.parent.mkdir()
     corrupt_variants(last)  # writes a good checkpoint there
     assert resume_checkpoint("auto", tmp_path) == str(last)
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [{"w": torch.ones(3)}, {"a": 1}, [1, 2]],
+    ids=["weights-alone", "another-dict", "not-a-dict"],
+)
+def test_a_file_that_loads_but_is_no_training_checkpoint_is_a_one_line_error(tmp_path, saved):
+    """Before: Lightning's KeyError traceback ('pytorch-lightning_version'), after the run had
+    written its config, tokenizer and logs."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    torch.save(saved, last)
+    for resume in ("auto", str(last)):
+        with pytest.raises(CheckpointError, match=f"^checkpoint {last} cannot be read \\(not a Lightning"):
+            resume_checkpoint(resume, tmp_path)
+
+
+def test_a_sharded_last_checkpoint_is_resumed(tmp_path):
+    """FSDP saves ``last.ckpt`` as a folder; ``resume=auto`` once took no file there as no checkpoint."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.mkdir(parents=True)
+    sharded_checkpoint_metadata(last).touch()
+    assert resume_checkpoint("auto", tmp_path) == str(last)
+    sharded_checkpoint_metadata(last).unlink()
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
+        resume_checkpoint("auto", tmp_path)
 
 
 def test_train_with_a_truncated_last_checkpoint_exits_with_one_line(tmp_path):

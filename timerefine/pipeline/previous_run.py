@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.config import saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import checkpoint_file
@@ -50,8 +50,7 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
         found.append((str(saved), saved_config(saved)))
     if checkpoint is not None:
         file = checkpoint_file(checkpoint, output_dir)
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        config = state.get("hyper_parameters", {}).get("config")
+        config = trainer_state(file).get("hyper_parameters", {}).get("config")
         if config is not None:
             found.append((str(file), OmegaConf.create(config)))
     return [(where, OmegaConf.to_container(with_schema_defaults(cfg), resolve=True)) for where, cfg in found]

@@ -1,13 +1,20 @@
-"""Which checkpoint a run continues from, checked to be readable before the run writes anything."""
+"""Which checkpoint a run continues from, checked to be a Lightning training checkpoint before the run
+writes anything."""
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
 
+import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from callbacks.lightning_compat import sharded_checkpoint_metadata
 from callbacks.slurm_requeue import hpc_checkpoints
+
+# What Lightning reads to continue a fit; weights saved alone (``torch.save(model.state_dict())``,
+# ``save_weights_only``) lack them.
+RESUME_KEYS = ("pytorch-lightning_version", "state_dict", "optimizer_states", "loops")
 
 
 class CheckpointError(Exception):
@@ -25,10 +32,30 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
+def not_resumable(path: Path) -> str | None:
+    """Why the whole ``torch.save`` file ``path`` is no state to continue a fit from; None if it is.
+    Its tensors are mapped, not read."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # a pickle that does not load
+        return f"it does not load: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    if not isinstance(state, dict):
+        return f"not a Lightning checkpoint but a {type(state).__name__}"
+    if missing := [key for key in RESUME_KEYS if key not in state]:
+        return f"not a Lightning training checkpoint: no {missing[0]} (weights saved alone?)"
+    return None
+
+
 def checked(path: Path, own: bool = True) -> str:
-    """``path`` when it reads as a checkpoint; else CheckpointError, advising to delete it only when
-    it is the run's ``own`` resume point (not a file the user named)."""
-    problem = unreadable(path)
+    """``path`` when it is a Lightning training checkpoint (a file, or a sharded folder); else
+    CheckpointError, advising to delete it only when it is the run's ``own`` resume point (not a file
+    the user named)."""
+    if path.is_dir():
+        problem = (
+            None if sharded_checkpoint_metadata(path).is_file() else "a folder, but not a sharded checkpoint"
+        )
+    else:
+        problem = unreadable(path) or not_resumable(path)
     if problem is not None:
         advice = "delete it to start the run over, or pass" if own else "pass"
         raise CheckpointError(
@@ -44,15 +71,15 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     if resume is None:
         return None
     if resume != "auto":
-        if not Path(resume).is_file():
+        if not Path(resume).exists():
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
         return checked(Path(resume), own=False)
     hpc = hpc_checkpoints(output_dir)
     if hpc and SLURMEnvironment.detect():  # detect() warns wherever srun is installed: only when needed
         checked(hpc[max(hpc)])
         return "hpc"
-    last = output_dir / "checkpoints" / "last.ckpt"
-    return checked(last) if last.is_file() else None
+    last = output_dir / "checkpoints" / "last.ckpt"  # a folder when FSDP saved it sharded
+    return checked(last) if last.exists() else None
 
 
 def checkpoint_file(checkpoint: str, output_dir: Path) -> Path:
