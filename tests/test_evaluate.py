@@ -209,3 +209,21 @@ def test_the_output_name_stays_inside_the_runs_eval_folder(config_only, capsys, 
         evaluate.main([str(config_only), "--name", name])
     assert exit_.value.code == 2 and "must be one folder's name inside <run>/eval" in capsys.readouterr().err
     assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", [("data", "timeline", "vtimellm100"), ("model.refine", "steps", 1)])
+def test_a_config_edited_against_its_checkpoint_is_refused(run, tmp_path, capsys, edit):
+    """Before: a config.yaml edited by hand decoded the checkpoint as another model (another timeline,
+    another K), exit 0 with other scores."""
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited, ignore=shutil.ignore_patterns("eval"))
+    saved = OmegaConf.load(edited / "config.yaml")
+    node, key, value = edit
+    OmegaConf.select(saved, node)[key] = value
+    OmegaConf.save(saved, edited / "config.yaml")
+    capsys.readouterr()
+    assert evaluate.main([str(edited), "--ckpt", "last"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "trained otherwise than the run's config.yaml says" in error
+    assert f"{node}.{key}" in error and not (edited / "eval").exists()

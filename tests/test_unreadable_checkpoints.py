@@ -97,3 +97,16 @@ def test_an_unreadable_best_checkpoint_is_named(run, tmp_path, capsys):
     (run / "checkpoints" / "last.ckpt").unlink()
     assert evaluate.main([str(run)]) == 2
     assert one_error_line(capsys).endswith("checkpoints (1 cannot be read)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
+def test_a_config_edited_against_its_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool):
+    """Before: evaluate and predict decoded the answers on the edited timeline, exit 0."""
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("timeline: uniform99", "timeline: vtimellm100"))
+    assert tools(run, tmp_path, "best")[tool]() == 2
+    line = one_error_line(capsys)
+    assert (
+        str(best(run)) in line and "data.timeline" in line and "trained with data.timeline=uniform99" in line
+    )

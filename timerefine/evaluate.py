@@ -30,7 +30,8 @@ from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
-from timerefine.pipeline.run_identity import identity_error
+from timerefine.pipeline.resume import CheckpointError
+from timerefine.pipeline.run_identity import checkpoint_identity_error, identity_error
 from timerefine.pipeline.schema import not_a_file
 
 
@@ -39,7 +40,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
     module = build_module(cfg, datamodule)
-    fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused before writing
+    checkpoint = fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused
+    if reason := checkpoint_identity_error(checkpoint, module.hparams["config"]):
+        raise CheckpointError(f"{ckpt} was trained otherwise than the run's config.yaml says: {reason}")
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)

@@ -29,6 +29,7 @@ from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import tiny_lm_width
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
 from timerefine.pipeline.resume import CheckpointError
+from timerefine.pipeline.run_identity import checkpoint_identity_error
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ def load_checkpoint(module: GroundingModule, path: Path) -> None:
         raise InputError(str(error)) from error
     except BaseWeightsError as error:
         raise InputError(f"{path}: {error}") from error
+    if reason := checkpoint_identity_error(checkpoint, module.hparams["config"]):
+        raise InputError(f"{path} was trained otherwise than the run's config.yaml says: {reason}")
     module.load_state_dict(checkpoint["state_dict"])
 
 

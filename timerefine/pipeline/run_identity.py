@@ -8,8 +8,12 @@ the final answer is chosen, how many tokens are generated) is an evaluation choi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from omegaconf import DictConfig, OmegaConf
 
+from timerefine.pipeline.config import with_schema_defaults
 from timerefine.pipeline.config_diff import changes
 
 IDENTITY = (
@@ -42,3 +46,13 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
         return None
     was = ", ".join(f"{key}={differing[key][0]}" for key in changed)
     return f"{', '.join(changed)}: what the run was trained as cannot change (trained with {was})"
+
+
+def checkpoint_identity_error(checkpoint: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
+    """:func:`identity_error` between the config ``checkpoint`` was trained with and ``config``, the
+    one it is about to be used as (a run's config.yaml edited by hand, or another run's checkpoint
+    passed by path, would decode it as another model); None when the checkpoint records no config."""
+    recorded = checkpoint.get("hyper_parameters", {}).get("config")
+    if recorded is None:
+        return None
+    return identity_error(with_schema_defaults(OmegaConf.create(recorded)), OmegaConf.create(config))
