@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,20 @@ def test_unknown_group_option_raises(override):
     with pytest.raises(ConfigError) as error:
         load_config([override])
     assert option in str(error.value)
+
+
+@pytest.mark.parametrize("data", ["charades_sta", "jsonl"])
+def test_the_documented_annotation_file_overrides_compose(data):
+    """docs/datasets.md gave ``data.source.annotation_files={train: ...}``, which Hydra refuses (a key
+    added to a mapping in struct mode needs ``+``)."""
+    documented = re.findall(
+        r"`([^`\s]*data\.source\.annotation_files[^`\s]*=[^`\s]+)`",
+        (ROOT / "docs" / "datasets.md").read_text(),
+    )
+    assert documented
+    for override in documented:
+        file = OmegaConf.select(load_config([f"data={data}", override]), "data.source.annotation_files.train")
+        assert file == override.split("=", 1)[1]
 
 
 def test_train_py_reports_config_errors_in_one_line():
