@@ -38,13 +38,25 @@ def truncated(path: Path) -> Path:
     return path
 
 
-def foreign(run: Path, tmp_path: Path) -> Path:
-    """The run's checkpoint with the projector of another width: a model of other settings."""
+def with_projector_weight(run: Path, tmp_path: Path, name: str, change) -> Path:
+    """A copy of the run's checkpoint, ``name``, whose projector weight is ``change(weight)``."""
     checkpoint = torch.load(best(run), weights_only=False)
     key = next(k for k in checkpoint["state_dict"] if "projector" in k and k.endswith("weight"))
-    checkpoint["state_dict"][key] = torch.zeros(3, 3)
-    torch.save(checkpoint, tmp_path / "foreign.ckpt")
-    return tmp_path / "foreign.ckpt"
+    checkpoint["state_dict"][key] = change(checkpoint["state_dict"][key])
+    torch.save(checkpoint, tmp_path / name)
+    return tmp_path / name
+
+
+def foreign(run: Path, tmp_path: Path) -> Path:
+    """The run's checkpoint with the projector of another width: a model of other settings."""
+    return with_projector_weight(run, tmp_path, "foreign.ckpt", lambda weight: torch.zeros(3, 3))
+
+
+def diverged(run: Path, tmp_path: Path) -> Path:
+    """The run's checkpoint with a NaN in one weight."""
+    return with_projector_weight(
+        run, tmp_path, "diverged.ckpt", lambda weight: weight.index_fill(0, torch.tensor([0]), float("nan"))
+    )
 
 
 def tools(run: Path, tmp_path: Path, ckpt: str) -> dict:
@@ -61,14 +73,16 @@ def tools(run: Path, tmp_path: Path, ckpt: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
-@pytest.mark.parametrize("kind", ["truncated", "foreign", "folder", "not_a_checkpoint"])
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "folder", "not_a_checkpoint", "diverged"])
 def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool, kind):
-    """Before: an mmap/unpickling/IsADirectory/size-mismatch traceback, exit 1."""
+    """Before: an mmap/unpickling/IsADirectory/size-mismatch traceback, exit 1; a NaN weight: every
+    answer [0, 0] and NaN in the JSON, exit 0."""
     path = {
         "truncated": lambda: truncated(best(run)),
         "foreign": lambda: foreign(run, tmp_path),
         "folder": lambda: run / "checkpoints",
         "not_a_checkpoint": lambda: run / "config.yaml",
+        "diverged": lambda: diverged(run, tmp_path),
     }[kind]()
     assert tools(run, tmp_path, str(path))[tool]() == 2
     assert str(path) in one_error_line(capsys)

@@ -1,6 +1,6 @@
 """A run's checkpoints read for use: the best one as its ModelCheckpoint recorded it (never guessed from
 file names), each read whole or refused in one line (:class:`CheckpointError`), and its weights
-checked to fit the model they are loaded into."""
+checked to fit the model they are loaded into and to be finite."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -
     return None
 
 
+def nonfinite(state: Mapping[str, torch.Tensor], parameters: set[str]) -> str | None:
+    """The first of ``parameters`` whose tensor in ``state`` holds NaN or infinity; None if none does
+    (buffers such as attention masks may hold -inf by design)."""
+    for key in sorted(parameters & state.keys()):
+        tensor = state[key]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return key
+    return None
+
+
 def fitting_checkpoint(module: GroundingModule, path: Path, weights: bool = True) -> dict[str, Any]:
     """The checkpoint at ``path`` (``weights=False``: its tensors mapped, not read), completed by
     ``module.on_load_checkpoint`` with the frozen base weights it left out. CheckpointError when it
@@ -68,6 +78,10 @@ def fitting_checkpoint(module: GroundingModule, path: Path, weights: bool = True
     module.on_load_checkpoint(checkpoint)
     if reason := misfit(checkpoint["state_dict"], module.state_dict()):
         raise CheckpointError(f"{path}: {reason}")
+    if key := nonfinite(checkpoint["state_dict"], {name for name, _ in module.named_parameters()}):
+        raise CheckpointError(
+            f"{path}: {key} holds NaN or infinite values (a diverged or damaged checkpoint)"
+        )
     return checkpoint
 
 
