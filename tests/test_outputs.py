@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from timerefine.pipeline.outputs import write_metrics
+from timerefine.pipeline.outputs import print_summary, write_metrics
 
 
 def test_metrics_json_holds_clean_numbers(tmp_path):
@@ -31,3 +31,15 @@ def test_metrics_json_holds_clean_numbers(tmp_path):
         "test/queries": 8.0,
         "val/mIoU": None,
     }
+
+
+def test_the_summary_shows_and_warns_of_unparsed_answers(tmp_path, capsys):
+    """Before: a run whose every answer failed to parse showed only mIoU 0.00; parse_fail was in
+    metrics.json alone."""
+    print_summary(
+        {"test/mIoU": 0.0, "test/parse_fail": 100.0, "val/mIoU": 5.0, "val/parse_fail": 0.0}, tmp_path
+    )
+    out = capsys.readouterr().out
+    assert "parse_fail" in out and "100.00" in out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 100.0 % of the test answers could not be parsed; each counts as IoU 0"]

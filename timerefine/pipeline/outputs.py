@@ -16,6 +16,7 @@ from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS
 
 HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
+SPLITS = ("prior", "best_action", "val", "test")  # the summary's rows
 
 
 def save_config(cfg: DictConfig, output_dir: Path) -> None:
@@ -52,17 +53,20 @@ def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
 def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     table = Table(title="Temporal grounding results (%)")
     table.add_column("split")
-    for name in (*HEADLINE, "coverage"):
+    columns = (*HEADLINE, "parse_fail", "coverage")
+    for name in columns:
         table.add_column(name, justify="right")
-    for split in ("prior", "best_action", "val", "test"):
+    for split in SPLITS:
         if f"{split}/mIoU" in metrics:
-            cells = [
-                f"{metrics[f'{split}/{n}']:.2f}" if f"{split}/{n}" in metrics else "-"
-                for n in (*HEADLINE, "coverage")
-            ]
+            cells = [f"{metrics[f'{split}/{n}']:.2f}" if f"{split}/{n}" in metrics else "-" for n in columns]
             table.add_row(split, *cells)
     console = Console()
     console.print(table)
+    for split in SPLITS:
+        if failed := metrics.get(f"{split}/parse_fail"):
+            console.print(
+                f"warning: {failed:.1f} % of the {split} answers could not be parsed; each counts as IoU 0"
+            )
     if "test/mIoU" in metrics and "prior/mIoU" in metrics:
         gain = metrics["test/mIoU"] - metrics["prior/mIoU"]
         console.print(
