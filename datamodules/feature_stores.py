@@ -96,15 +96,25 @@ class FolderFeatureStore:
         """Sorted ids of the videos that have a feature file."""
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in SUFFIXES and p.is_file()})
 
+    def files(self, video_id: str) -> list[Path]:
+        """The feature files of ``video_id`` (more than one cannot be loaded: which is meant?)."""
+        return [path for suffix in SUFFIXES if (path := self.root / f"{video_id}{suffix}").is_file()]
+
     def path(self, video_id: str) -> Path:
         """The file holding ``video_id`` (the ``.npy`` name when there is none)."""
-        candidates = [self.root / f"{video_id}{suffix}" for suffix in SUFFIXES]
-        return next((p for p in candidates if p.is_file()), candidates[0])
+        return next(iter(self.files(video_id)), self.root / f"{video_id}{SUFFIXES[0]}")
 
     def load(self, video_id: str) -> np.ndarray:
-        path = self.path(video_id)
-        if not path.is_file():
-            raise FeatureError(video_id, str(path), f"missing: no {'/'.join(SUFFIXES)} file in {self.root}")
+        found = self.files(video_id)
+        if not found:
+            raise FeatureError(
+                video_id, str(self.path(video_id)), f"missing: no {'/'.join(SUFFIXES)} file in {self.root}"
+            )
+        if len(found) > 1:
+            raise FeatureError(
+                video_id, str(found[0]), f"ambiguous: {', '.join(p.name for p in found)}; keep one"
+            )
+        (path,) = found
         try:
             array = read_feature_file(path)
         except Exception as err:

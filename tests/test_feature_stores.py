@@ -98,6 +98,14 @@ def test_folder_store_bad_files_raise_feature_error(tmp_path, case):
     assert str(tmp_path / (name if case != "missing" else f"{video_id}.npy")) in str(info.value)
 
 
+def test_folder_store_refuses_two_files_of_one_video(tmp_path):
+    """Before: the .npy was read and the .pt beside it (newer features, perhaps) silently ignored."""
+    np.save(tmp_path / "v.npy", np.zeros((4, D), dtype=np.float32))
+    torch.save(torch.ones(4, D), tmp_path / "v.pt")
+    with pytest.raises(FeatureError, match=r"ambiguous: v\.npy, v\.pt; keep one"):
+        FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D).load("v")
+
+
 def test_pack_round_trip_equals_folder_store(folder, tmp_path):
     write_bad(folder, "broken.npy", np.full((3, D), np.nan, np.float16))
     start_method = multiprocessing.get_start_method()
