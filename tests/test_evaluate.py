@@ -227,3 +227,12 @@ def test_a_config_edited_against_its_checkpoint_is_refused(run, tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "trained otherwise than the run's config.yaml says" in error
     assert f"{node}.{key}" in error and not (edited / "eval").exists()
+
+
+def test_a_corrupt_saved_config_is_named_once(tmp_path, capsys):
+    """Before: 'config error: <run>/config.yaml: <run>/config.yaml: not a run's config ...'."""
+    config = tmp_path / "config.yaml"
+    config.write_text("{{{ x\n")
+    assert evaluate.main([str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"config error: {config}: not a run's config") and error.count(f"{config}:") == 1

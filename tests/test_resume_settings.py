@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import train
+from timerefine.pipeline.config import load_config
 from timerefine.pipeline.config_diff import changes
 from timerefine.pipeline.previous_run import MAY_CHANGE
 
@@ -218,3 +220,14 @@ def test_a_half_written_config_in_the_output_dir_is_one_line(tmp_path, capsys, t
     line = refused(overrides(run), capsys)
     assert line.startswith(f"error: {run / 'config.yaml'}: not a run's config") and why in line, line
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_a_saved_config_of_the_wrong_type_names_its_file(tmp_path, capsys):
+    """Before: 'data.batch_size: Value 'four' ...' without saying which file holds it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(load_config(overrides(run)), run / "config.yaml")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("  batch_size: ", "  batch_size: four #", 1))
+    line = refused(overrides(run), capsys)
+    assert line.startswith(f"error: {config}: ") and "batch_size" in line, line

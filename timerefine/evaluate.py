@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trained = load_run_config(args.run_dir, [])
     except ConfigError as error:
-        print(f"config error: {config}: {error}", file=sys.stderr)
+        print(f"config error: {error.of_file(config)}", file=sys.stderr)
         return 2
     try:
         cfg = load_run_config(args.run_dir, args.overrides)

@@ -93,7 +93,7 @@ def run_config(folder: Path) -> DictConfig:
     try:
         return load_run_config(folder, [])
     except ConfigError as err:
-        raise InputError(f"{folder / 'config.yaml'}: {err}") from err
+        raise InputError(str(err.of_file(folder / "config.yaml"))) from err
 
 
 def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModule, GroundingCollator]:

@@ -34,6 +34,10 @@ _ABSENT = object()
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type, bad value. The message says which."""
 
+    def of_file(self, path: Path | str) -> ConfigError:
+        """This error naming ``path``, the file that holds the config (once)."""
+        return self if str(path) in str(self) else ConfigError(f"{path}: {self}")
+
 
 if not OmegaConf.has_resolver("now"):
     OmegaConf.register_new_resolver("now", lambda fmt: datetime.now().strftime(fmt), use_cache=True)

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.best_checkpoint import trainer_state
-from timerefine.pipeline.config import saved_config, with_schema_defaults
+from timerefine.pipeline.config import ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import checkpoint_file
 
@@ -53,7 +53,13 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
         config = trainer_state(file).get("hyper_parameters", {}).get("config")
         if config is not None:
             found.append((str(file), OmegaConf.create(config)))
-    return [(where, OmegaConf.to_container(with_schema_defaults(cfg), resolve=True)) for where, cfg in found]
+    completed = []
+    for where, cfg in found:
+        try:
+            completed.append((where, OmegaConf.to_container(with_schema_defaults(cfg), resolve=True)))
+        except ConfigError as error:  # a saved key nothing reads, a value of the wrong type
+            raise error.of_file(where) from error
+    return completed
 
 
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
