@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         grpo_seconds, grpo_cost = grpo(args.rewards[0], args.seeds[0])
         sft_seconds, sft_cost = sft(args.steps, args.seeds[0], "sft_cost")
         if not grpo_seconds or not sft_seconds:  # finished before, in --keep: nothing trained this time
-            sys.exit(f"error: the cost runs in {tmp} trained no step now; give --keep a new folder")
+            sys.exit(
+                f"error: no training time in the cost runs' profiler tables ({tmp}): finished already "
+                "(give --keep a new folder), or the table's layout changed (bench.default_run.PHASES)"
+            )
         ratio = grpo_seconds / sft_seconds
         wall_ratio = grpo_cost["wall_s"] / sft_cost["wall_s"]
         sft_steps = max(1, round(args.steps * ratio))

@@ -36,7 +36,7 @@ def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
     paths = {
         key: moved(state.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
     }
-    if paths["best_model_path"] and not Path(paths["best_model_path"]).is_file():
+    if paths["best_model_path"] and not Path(paths["best_model_path"]).exists():  # FSDP's: a folder
         return state
     best_k = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
     return state | paths | {"dirpath": dirpath, "best_k_models": best_k}
@@ -75,8 +75,8 @@ class LastCheckpoint(ModelCheckpoint):
         score (the next validation becomes "best", however it scores) and keep the old best path."""
         states = checkpoint.get("callbacks", {})
         for key, state in states.items():
-            if isinstance(state, dict) and "dirpath" in state:
-                states[key] = relocated(state, self.dirpath)
+            if isinstance(state, dict) and "dirpath" in state:  # rank 0 decides: ranks must agree
+                states[key] = trainer.strategy.broadcast(relocated(state, self.dirpath), src=0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

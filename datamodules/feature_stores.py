@@ -91,30 +91,29 @@ class FolderFeatureStore:
 
     def __init__(self, root: str | Path, num_frames: int = 100, feature_dim: int = 768) -> None:
         self.root, self.num_frames, self.feature_dim = Path(root), num_frames, feature_dim
+        self._paths: dict[str, Path] = {}  # video id -> its file, once found
 
     def video_ids(self) -> list[str]:
         """Sorted ids of the videos that have a feature file."""
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in SUFFIXES and p.is_file()})
 
-    def files(self, video_id: str) -> list[Path]:
-        """The feature files of ``video_id`` (more than one cannot be loaded: which is meant?)."""
-        return [path for suffix in SUFFIXES if (path := self.root / f"{video_id}{suffix}").is_file()]
-
     def path(self, video_id: str) -> Path:
-        """The file holding ``video_id`` (the ``.npy`` name when there is none)."""
-        return next(iter(self.files(video_id)), self.root / f"{video_id}{SUFFIXES[0]}")
+        """The one file holding ``video_id``, looked up once (the ``.npy`` name when there is none);
+        two files of one video are a FeatureError, as which one is meant cannot be told."""
+        if video_id not in self._paths:
+            found = [p for suffix in SUFFIXES if (p := self.root / f"{video_id}{suffix}").is_file()]
+            if len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                raise FeatureError(video_id, str(found[0]), f"ambiguous: {names}; keep one")
+            if not found:
+                return self.root / f"{video_id}{SUFFIXES[0]}"
+            self._paths[video_id] = found[0]
+        return self._paths[video_id]
 
     def load(self, video_id: str) -> np.ndarray:
-        found = self.files(video_id)
-        if not found:
-            raise FeatureError(
-                video_id, str(self.path(video_id)), f"missing: no {'/'.join(SUFFIXES)} file in {self.root}"
-            )
-        if len(found) > 1:
-            raise FeatureError(
-                video_id, str(found[0]), f"ambiguous: {', '.join(p.name for p in found)}; keep one"
-            )
-        (path,) = found
+        path = self.path(video_id)
+        if not path.is_file():
+            raise FeatureError(video_id, str(path), f"missing: no {'/'.join(SUFFIXES)} file in {self.root}")
         try:
             array = read_feature_file(path)
         except Exception as err:

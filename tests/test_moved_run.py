@@ -89,3 +89,6 @@ def test_another_runs_checkpoint_keeps_its_paths(tmp_path):
     moved = relocated(state | {"best_k_models": {"/a/checkpoints/best.ckpt": 1}}, str(tmp_path))
     assert moved["best_model_path"] == str(tmp_path / "best.ckpt") and moved["dirpath"] == str(tmp_path)
     assert moved["best_k_models"] == {str(tmp_path / "best.ckpt"): 1}
+    (tmp_path / "best.ckpt").unlink()
+    (tmp_path / "best.ckpt").mkdir()  # FSDP saves a sharded folder
+    assert relocated(state, str(tmp_path))["best_model_path"] == str(tmp_path / "best.ckpt")

@@ -42,4 +42,4 @@ def test_the_summary_shows_and_warns_of_unparsed_answers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parse_fail" in out and "100.00" in out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: 100.0 % of the test answers could not be parsed; each counts as IoU 0"]
+    assert warnings == ["warning: 100 % of the test answers could not be parsed; each counts as IoU 0"]

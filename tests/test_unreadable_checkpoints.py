@@ -59,6 +59,14 @@ def diverged(run: Path, tmp_path: Path) -> Path:
     )
 
 
+def recorded_unknown_key(run: Path, tmp_path: Path) -> Path:
+    """The run's checkpoint recording a config key today's schema lacks (another version's run)."""
+    checkpoint = torch.load(best(run), weights_only=False)
+    checkpoint["hyper_parameters"]["config"]["data"]["old_key"] = 1
+    torch.save(checkpoint, tmp_path / "old_schema.ckpt")
+    return tmp_path / "old_schema.ckpt"
+
+
 def tools(run: Path, tmp_path: Path, ckpt: str) -> dict:
     features = tmp_path / "video.npy"
     np.save(features, np.zeros((8, 4), dtype=np.float32))
@@ -73,7 +81,9 @@ def tools(run: Path, tmp_path: Path, ckpt: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
-@pytest.mark.parametrize("kind", ["truncated", "foreign", "folder", "not_a_checkpoint", "diverged"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "foreign", "folder", "not_a_checkpoint", "diverged", "recorded_unknown_key"]
+)
 def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool, kind):
     """Before: an mmap/unpickling/IsADirectory/size-mismatch traceback, exit 1; a NaN weight: every
     answer [0, 0] and NaN in the JSON, exit 0."""
@@ -83,6 +93,7 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool,
         "folder": lambda: run / "checkpoints",
         "not_a_checkpoint": lambda: run / "config.yaml",
         "diverged": lambda: diverged(run, tmp_path),
+        "recorded_unknown_key": lambda: recorded_unknown_key(run, tmp_path),
     }[kind]()
     assert tools(run, tmp_path, str(path))[tool]() == 2
     assert str(path) in one_error_line(capsys)

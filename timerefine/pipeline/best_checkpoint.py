@@ -75,10 +75,11 @@ def fitting_checkpoint(module: GroundingModule, path: Path, weights: bool = True
         return checkpoint
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    held = set(checkpoint["state_dict"])  # before the frozen base weights join them
     module.on_load_checkpoint(checkpoint)
     if reason := misfit(checkpoint["state_dict"], module.state_dict()):
         raise CheckpointError(f"{path}: {reason}")
-    if key := nonfinite(checkpoint["state_dict"], {name for name, _ in module.named_parameters()}):
+    if key := nonfinite(checkpoint["state_dict"], held & {name for name, _ in module.named_parameters()}):
         raise CheckpointError(
             f"{path}: {key} holds NaN or infinite values (a diverged or damaged checkpoint)"
         )

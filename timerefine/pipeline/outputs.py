@@ -65,7 +65,7 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     for split in SPLITS:
         if failed := metrics.get(f"{split}/parse_fail"):
             console.print(
-                f"warning: {failed:.1f} % of the {split} answers could not be parsed; each counts as IoU 0"
+                f"warning: {round(failed, 2):g} % of the {split} answers could not be parsed; each counts as IoU 0"
             )
     if "test/mIoU" in metrics and "prior/mIoU" in metrics:
         gain = metrics["test/mIoU"] - metrics["prior/mIoU"]

@@ -14,7 +14,7 @@ from callbacks.slurm_requeue import hpc_checkpoints
 
 # What Lightning reads to continue a fit; weights saved alone (``torch.save(model.state_dict())``,
 # ``save_weights_only``) lack them.
-RESUME_KEYS = ("pytorch-lightning_version", "state_dict", "optimizer_states", "loops")
+RESUME_KEYS = ("pytorch-lightning_version", "state_dict", "optimizer_states")
 
 
 class CheckpointError(Exception):

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from timerefine.pipeline.config import with_schema_defaults
+from timerefine.pipeline.config import ConfigError, with_schema_defaults
 from timerefine.pipeline.config_diff import changes
 
 IDENTITY = (
@@ -55,4 +55,8 @@ def checkpoint_identity_error(checkpoint: Mapping[str, Any], config: Mapping[str
     recorded = checkpoint.get("hyper_parameters", {}).get("config")
     if recorded is None:
         return None
-    return identity_error(with_schema_defaults(OmegaConf.create(recorded)), OmegaConf.create(config))
+    try:
+        trained = with_schema_defaults(OmegaConf.create(recorded))
+    except ConfigError as error:  # keys today's schema lacks, a value of the wrong type
+        return f"its recorded config cannot be read ({error})"
+    return identity_error(trained, OmegaConf.create(config))
