@@ -9,6 +9,7 @@ window (datamodules/quirks.py).
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,10 +65,10 @@ def _problem(entry: object, keys: dict[str, str]) -> str | None:
     if missing:
         return f"missing key(s) {missing}"
     checks = {
-        "qid": (_is_id, "a string or an integer"),
-        "video_id": (_is_id, "a string or an integer"),
+        "qid": (_is_id, "a non-empty string or an integer"),
+        "video_id": (_is_id, "a non-empty string or an integer"),
         "query": (lambda v: isinstance(v, str), "a string"),
-        "duration": (_is_number, "a number"),
+        "duration": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a positive number of seconds"),
         "windows": (lambda v: parse_windows(v) is not None, "[start, end] or a non-empty list of them"),
     }
     for name, (ok, expected) in checks.items():

@@ -99,7 +99,11 @@ def test_quirk_policy_applies_to_every_window(tmp_path):
         ("[1, 2]", "expected a JSON object, got list"),
         (line("x", [[1]]), "'windows' must be [start, end] or a non-empty list of them, got [[1]]"),
         (line("x", []), "'windows' must be"),
-        (line("x", [[1, 2]], duration="30"), "'duration' must be a number"),
+        (line("x", [[1, 2]], duration="30"), "'duration' must be a positive number of seconds"),
+        # before: 'unknown video: ... has no usable duration', counted under the unknown-video policy
+        (line("x", [[1, 2]], duration=0), "'duration' must be a positive number of seconds, got 0"),
+        (line("x", [[1, 2]], duration=-5.0), "'duration' must be a positive number of seconds, got -5.0"),
+        (line("x", [[1, 2]], video=""), "'video_id' must be a non-empty string or an integer, got ''"),
         (line("a", [[1, 2]]), "qid a repeats line 1"),
         (line("x", [[-1, 2]]), "bad times -1.0, 2.0"),
     ],
