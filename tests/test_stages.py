@@ -4,6 +4,7 @@ stage A's adapters with the head frozen)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -79,6 +80,18 @@ def test_stage_b_continues_stage_a_and_keeps_its_frozen_parts(stage_a, tmp_path,
     for frozen in ("projector", "aux head", "base"):
         assert before[frozen] and same(before[frozen], after[frozen]), frozen
     assert evaluate.main([str(tmp_path / "b")]) == 0  # rebuilt from stage A, then its own checkpoint
+
+
+def test_zero_steps_from_a_run_test_its_best_checkpoint(stage_a, tmp_path):
+    """docs/protocols.md's zero-shot stage (``init_from_run=<run> trainer.max_steps=0``): no step, and
+    the validation and test scores of the run's best checkpoint."""
+    assert (
+        train.main([*TINY, f"init_from_run={stage_a}", "trainer.max_steps=0", f"output_dir={tmp_path}"]) == 0
+    )
+    source, zero = (json.loads((run / "metrics.json").read_text()) for run in (stage_a, tmp_path))
+    assert zero["global_step"] == 0
+    for key in ("val/mIoU", "test/mIoU", "test/R1@0.5", "test/parse_fail"):
+        assert zero[key] == source[key], key
 
 
 def test_merge_puts_new_adapters_on_the_merged_model(stage_a):
