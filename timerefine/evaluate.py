@@ -41,8 +41,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
     module = build_module(cfg, datamodule)
     checkpoint = fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused
-    if reason := checkpoint_identity_error(checkpoint, module.hparams["config"]):
-        raise CheckpointError(f"{ckpt} was trained otherwise than the run's config.yaml says: {reason}")
+    if reason := checkpoint_identity_error(ckpt, checkpoint, module.hparams["config"]):
+        raise CheckpointError(reason)
     trainer = build_trainer(cfg, output_dir, module)
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)

@@ -126,8 +126,8 @@ def load_checkpoint(module: GroundingModule, path: Path) -> None:
         raise InputError(str(error)) from error
     except BaseWeightsError as error:
         raise InputError(f"{path}: {error}") from error
-    if reason := checkpoint_identity_error(checkpoint, module.hparams["config"]):
-        raise InputError(f"{path} was trained otherwise than the run's config.yaml says: {reason}")
+    if reason := checkpoint_identity_error(path, checkpoint, module.hparams["config"]):
+        raise InputError(reason)
     module.load_state_dict(checkpoint["state_dict"])
 
 

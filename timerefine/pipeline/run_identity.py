@@ -9,6 +9,7 @@ the final answer is chosen, how many tokens are generated) is an evaluation choi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -48,15 +49,20 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     return f"{', '.join(changed)}: what the run was trained as cannot change (trained with {was})"
 
 
-def checkpoint_identity_error(checkpoint: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
-    """:func:`identity_error` between the config ``checkpoint`` was trained with and ``config``, the
-    one it is about to be used as (a run's config.yaml edited by hand, or another run's checkpoint
-    passed by path, would decode it as another model); None when the checkpoint records no config."""
+def checkpoint_identity_error(
+    path: Path, checkpoint: Mapping[str, Any], config: Mapping[str, Any]
+) -> str | None:
+    """One line naming ``path`` when the config its ``checkpoint`` was trained with and ``config``, the
+    one it is about to be used as, differ in :func:`identity_error`'s keys (a run's config.yaml edited
+    by hand, or another run's checkpoint passed by path, would decode it as another model); None when
+    they agree or the checkpoint records no config."""
     recorded = checkpoint.get("hyper_parameters", {}).get("config")
     if recorded is None:
         return None
     try:
         trained = with_schema_defaults(OmegaConf.create(recorded))
     except ConfigError as error:  # keys today's schema lacks, a value of the wrong type
-        return f"its recorded config cannot be read ({error})"
-    return identity_error(trained, OmegaConf.create(config))
+        reason: str | None = f"its recorded config cannot be read ({error})"
+    else:
+        reason = identity_error(trained, OmegaConf.create(config))
+    return reason and f"{path} was trained otherwise than the run's config.yaml says: {reason}"
