@@ -255,11 +255,42 @@ def test_a_sharded_last_checkpoint_is_resumed(tmp_path):
     """FSDP saves ``last.ckpt`` as a folder; ``resume=auto`` once took no file there as no checkpoint."""
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.mkdir(parents=True)
-    sharded_checkpoint_metadata(last).touch()
+    metadata = sharded_checkpoint_metadata(last)
+    torch.save({"pytorch-lightning_version": "2.6.0", "global_step": 3}, metadata)  # as FSDP writes it
     assert resume_checkpoint("auto", tmp_path) == str(last)
-    sharded_checkpoint_metadata(last).unlink()
+    metadata.unlink()
     with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
         resume_checkpoint("auto", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("empty", "truncated or corrupt"),
+        ("truncated", "truncated or corrupt"),
+        ("foreign", "not a Lightning training checkpoint: no pytorch-lightning_version\\)"),
+    ],
+)
+def test_a_sharded_checkpoint_with_damaged_metadata_is_refused_with_advice(tmp_path, damage, reason):
+    """A folder whose metadata file is damaged was taken as whole; the run then failed later, without
+    the advice to delete the run's own resume point."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.mkdir(parents=True)
+    metadata = sharded_checkpoint_metadata(last)
+    torch.save({"pytorch-lightning_version": "2.6.0", "loops": {"x": torch.zeros(1000)}}, metadata)
+    whole = metadata.read_bytes()
+    damaged = {"empty": b"", "truncated": whole[: len(whole) // 2], "foreign": None}[damage]
+    if damaged is None:
+        torch.save({"step": 3}, metadata)
+    else:
+        metadata.write_bytes(damaged)
+    expected = (
+        f"^checkpoint {last} cannot be read \\({metadata.name}: {reason}.*delete it to start the run over"
+    )
+    with pytest.raises(CheckpointError, match=expected):
+        resume_checkpoint("auto", tmp_path)
+    with pytest.raises(CheckpointError, match=f"{metadata.name}: {reason}.*; pass resume="):
+        resume_checkpoint(str(last), tmp_path)
 
 
 def test_train_with_a_truncated_last_checkpoint_exits_with_one_line(tmp_path):

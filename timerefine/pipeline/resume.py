@@ -32,30 +32,37 @@ def unreadable(path: Path) -> str | None:
     return None
 
 
-def not_resumable(path: Path) -> str | None:
-    """Why the whole ``torch.save`` file ``path`` is no state to continue a fit from; None if it is.
-    Its tensors are mapped, not read."""
+def not_resumable(path: Path, keys: tuple[str, ...] = RESUME_KEYS) -> str | None:
+    """Why the whole ``torch.save`` file ``path`` is no state to continue a fit from (it lacks one of
+    ``keys``); None if it is. Its tensors are mapped, not read."""
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # a pickle that does not load
         return f"it does not load: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     if not isinstance(state, dict):
         return f"not a Lightning checkpoint but a {type(state).__name__}"
-    if missing := [key for key in RESUME_KEYS if key not in state]:
-        return f"not a Lightning training checkpoint: no {missing[0]} (weights saved alone?)"
+    if missing := [key for key in keys if key not in state]:
+        hint = " (weights saved alone?)" if "state_dict" in keys else ""
+        return f"not a Lightning training checkpoint: no {missing[0]}{hint}"
     return None
+
+
+def sharded_problem(folder: Path) -> str | None:
+    """Why FSDP's checkpoint folder ``folder`` is no state to continue a fit from: its metadata file
+    (all but the weights and optimizer states, which are shards beside it) is missing, damaged or not
+    Lightning's; None if it is whole."""
+    metadata = sharded_checkpoint_metadata(folder)
+    if not metadata.is_file():
+        return "a folder, but not a sharded checkpoint"
+    problem = unreadable(metadata) or not_resumable(metadata, RESUME_KEYS[:1])
+    return problem and f"{metadata.name}: {problem}"
 
 
 def checked(path: Path, own: bool = True) -> str:
     """``path`` when it is a Lightning training checkpoint (a file, or a sharded folder); else
     CheckpointError, advising to delete it only when it is the run's ``own`` resume point (not a file
     the user named)."""
-    if path.is_dir():
-        problem = (
-            None if sharded_checkpoint_metadata(path).is_file() else "a folder, but not a sharded checkpoint"
-        )
-    else:
-        problem = unreadable(path) or not_resumable(path)
+    problem = sharded_problem(path) if path.is_dir() else unreadable(path) or not_resumable(path)
     if problem is not None:
         advice = "delete it to start the run over, or pass" if own else "pass"
         raise CheckpointError(
