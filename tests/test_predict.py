@@ -333,3 +333,26 @@ def test_a_query_longer_than_the_language_model_is_refused(video_run, grounder):
         match=rf"^query 2: the query is [\d,]+ tokens long; this model takes at most \d+ \(its language model has {limit} positions",
     ):
         grounder.ground(video, ["a red square", LONG_QUERY])
+
+
+def test_the_api_answers_in_seconds_as_the_run_scored_them(tmp_path):
+    """A run on VTimeLLM's timeline (index / 100, not / 99) and unclipped segments: the API turned
+    its indices into seconds on the default timeline, so every answer was off by up to 1 %."""
+    from timerefine import train
+    from timerefine.inference.run_loading import dataset_examples
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=tiny",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "data.timeline=vtimellm100",
+    ]
+    assert train.main([*overrides, "model.inference.order_and_clip=false", f"output_dir={run_dir}"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    grounder = Grounder.from_run(run_dir)
+    for row, (record, store) in zip(rows, dataset_examples(grounder.run.cfg), strict=True):
+        answer = grounder.ground(store.load(record.video_id), record.query, duration=record.duration)[0]
+        assert row["qid"] == record.qid and answer.text == row["text"]
+        assert [answer.start, answer.end] == pytest.approx(row["pred"], abs=1e-9)
+        assert [x for step in answer.steps for x in step] == pytest.approx(sum(row["steps"], []), abs=1e-9)

@@ -20,6 +20,7 @@ import torch
 
 from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.prompts import normalize_query
+from grounding.answer_format.timeline import Timeline
 from timerefine.inference.export_folder import is_export, load_export
 from timerefine.inference.frame_encoder import ClipFrameEncoder
 from timerefine.inference.run_loading import LoadedRun, load_run, predict, query_error
@@ -69,15 +70,22 @@ class Grounding:
         }
 
 
-def to_grounding(query: str, prediction: Prediction, duration: float) -> Grounding:
-    """A prediction in frame indices as seconds of a ``duration``-second video."""
-    final = None if prediction.final is None else seconds(prediction.final, duration)
+def to_grounding(
+    query: str, prediction: Prediction, duration: float, timeline: Timeline, clip: bool = True
+) -> Grounding:
+    """A prediction in ``timeline``'s frame indices as seconds of a ``duration``-second video, its ends
+    clipped to the video unless ``clip`` is off (as the run scores it: ``model.inference.order_and_clip``)."""
+
+    def in_seconds(segment: Segment) -> Segment:
+        return seconds(segment, duration, timeline, clip)
+
+    final = None if prediction.final is None else in_seconds(prediction.final)
     return Grounding(
         query,
         None if final is None else final[0],
         None if final is None else final[1],
-        [seconds(segment, duration) for segment in prediction.segments],
-        None if prediction.aux is None else seconds(prediction.aux, duration),
+        [in_seconds(segment) for segment in prediction.segments],
+        None if prediction.aux is None else in_seconds(prediction.aux),
         prediction.text,
         duration,
     )
@@ -216,11 +224,12 @@ class Grounder:
                 raise InputError(f"query {number}: {reason}")
         features = video if isinstance(video, Features) else self.features(video, duration)
         array = torch.from_numpy(features.array)
-        answers = []
+        module, answers = self.run.module, []
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
             predictions = predict(self.run, array.expand(len(chunk), -1, -1), chunk)
             answers += [
-                to_grounding(q, p, features.duration) for q, p in zip(chunk, predictions, strict=True)
+                to_grounding(q, p, features.duration, module.timeline, module.inference.order_and_clip)
+                for q, p in zip(chunk, predictions, strict=True)
             ]
         return answers
