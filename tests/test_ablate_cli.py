@@ -4,9 +4,11 @@ and a failed run that the exit code reports."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from timerefine.pipeline.config import load_config
 from timerefine.tools import ablate
 from timerefine.tools.ablate import variants
 
@@ -24,6 +26,15 @@ def test_a_comma_list_expands_into_named_variants():
         "k[model.refine.steps=0]": ["model.refine.steps=0", "seed=2"],
         "k[model.refine.steps=1]": ["model.refine.steps=1", "seed=2"],
     }
+
+
+def test_a_comma_list_variant_gets_its_own_folder():
+    """docs/ablations.md's ``K="model.refine.steps=1,2,3"``: the folder ``K[model.refine.steps=1]``
+    reached Hydra unquoted, and every run of it was a config error."""
+    for label, overrides in variants(["K=model.refine.steps=1,2", "it's=model=direct"]).items():
+        run_dir = Path("abl") / label / "seed3"
+        cfg = load_config(ablate.run_overrides(TINY, overrides, 3, run_dir))
+        assert cfg.output_dir == str(run_dir) and cfg.seed == 3
 
 
 @pytest.mark.parametrize(

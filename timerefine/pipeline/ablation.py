@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 import statistics
 from pathlib import Path
 
 from grounding.metrics.iou import THRESHOLDS
+
+log = logging.getLogger(__name__)
 
 HEADLINE = (*(f"test/R1@{t}" for t in THRESHOLDS), "test/mIoU")
 # Query-free references that runs report beside their test scores (metrics.json prefix -> table name).
@@ -15,12 +19,21 @@ BASELINES = {"prior": "prior (best constant segment)", "best_action": "best acti
 
 
 def load_runs(root: Path) -> list[dict]:
-    """One row per ``<root>/<variant>/seed<k>/metrics.json``; ``run_dir`` is its folder as a string."""
+    """One row per ``<root>/<variant>/seed<k>/metrics.json``; ``run_dir`` is its folder as a string.
+    Other folders are left out with a warning naming them; a metrics file that is not JSON is a
+    ValueError naming it."""
     rows = []
-    for path in sorted(root.glob("*/seed*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        variant, seed = path.parent.parent.name, int(path.parent.name[4:])
-        rows.append({"variant": variant, "seed": seed, "run_dir": str(path.parent), **metrics})
+    for path in sorted(root.glob("*/*/metrics.json")):
+        seed = re.fullmatch(r"seed(\d+)", path.parent.name)
+        if seed is None:
+            log.warning("left out %s: not a seed<k> folder of the ablation", path.parent)
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{path}: not a run's metrics ({error})") from error
+        run = {"variant": path.parent.parent.name, "seed": int(seed[1]), "run_dir": str(path.parent)}
+        rows.append(run | metrics)
     return rows
 
 

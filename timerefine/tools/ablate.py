@@ -54,6 +54,13 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
     return result
 
 
+def run_overrides(shared: list[str], overrides: list[str], seed: int, run_dir: Path) -> list[str]:
+    """One run's overrides; its folder quoted for Hydra, since a comma-list label holds ``[``, ``=``
+    and ``]``."""
+    folder = str(run_dir).replace("'", "\\'")
+    return [*shared, *overrides, f"seed={seed}", f"output_dir='{folder}'"]
+
+
 def done(overrides: list[str], run_dir: Path) -> bool:
     """Whether ``run_dir`` holds the run of ``overrides`` finished with the same settings (train.py's
     own test); a config that does not load is train.py's to report."""
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in chosen.items():
             for seed in args.seeds:
                 run_dir = args.out / name / f"seed{seed}"
-                run = [*args.shared, *overrides, f"seed={seed}", f"output_dir={run_dir}"]
+                run = run_overrides(args.shared, overrides, seed, run_dir)
                 if done(run, run_dir):
                     print(f"[skip] {run_dir} is finished with these settings")
                     continue
@@ -100,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-    rows = [row for row in load_runs(args.out) if row["run_dir"] not in failed]
+    try:
+        rows = [row for row in load_runs(args.out) if row["run_dir"] not in failed]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not rows:
         print(f"no finished runs under {args.out}", file=sys.stderr)
         return 1
