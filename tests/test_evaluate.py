@@ -73,6 +73,26 @@ def test_partial_evaluation_reports_its_coverage(run):
 
 
 @pytest.mark.slow
+def test_a_test_fraction_under_one_batch_is_one_line(run, capsys):
+    """Before: Lightning's MisconfigurationException as a traceback once the test loop started."""
+    assert evaluate.main([str(run), "--name", "fraction", "trainer.limit_test_batches=0.5"]) == 2
+    line = one_error_line(capsys, "error: trainer.limit_test_batches=0.5: 0.5 of the 1 test batches")
+    assert line.endswith("use at least 1, or a whole number of batches")
+    assert not (run / "eval" / "fraction").exists()
+
+
+@pytest.mark.slow
+def test_an_eval_folder_that_is_a_file_is_one_line(tmp_path, run, capsys):
+    """Before: NotADirectoryError as a traceback when the metrics were written, after the test."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "eval").write_text("notes")
+    assert evaluate.main([str(copy)]) == 2
+    reason = f"{copy / 'eval'} is a file, so no directory can be made below it"
+    assert one_error_line(capsys, "error: --name test:") == f"error: --name test: {reason}"
+
+
+@pytest.mark.slow
 def test_a_run_saved_before_newer_keys_still_evaluates(run, tmp_path):
     older = tmp_path / "older"
     shutil.copytree(run, older, ignore=shutil.ignore_patterns("eval"))

@@ -77,6 +77,16 @@ def test_a_batch_fraction_under_one_batch_is_refused_before_anything_is_written(
     assert not output_dir.exists()
 
 
+def test_an_output_dir_below_a_file_is_a_config_error(train_main, tmp_path, capsys):
+    """Before: NotADirectoryError as a traceback after the model was built."""
+    (tmp_path / "notes.txt").write_text("x")
+    output_dir = tmp_path / "notes.txt" / "run"
+    assert train_main(["experiment=tiny", f"output_dir={output_dir}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    reason = f"{tmp_path / 'notes.txt'} is a file, so no directory can be made below it"
+    assert lines == [f"config error: output_dir={output_dir}: {reason}"], lines
+
+
 def test_no_test_batches_is_asked_for_with_test_false(train_main, tmp_path):
     output_dir = tmp_path / "run"
     assert (

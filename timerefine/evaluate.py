@@ -24,6 +24,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_run_config
@@ -44,6 +45,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     if reason := checkpoint_identity_error(ckpt, checkpoint, module.hparams["config"]):
         raise CheckpointError(reason)
     trainer = build_trainer(cfg, output_dir, module)
+    if errors := list(empty_loops(trainer, datamodule, ("test",))):
+        raise ConfigError("; ".join(errors))
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:

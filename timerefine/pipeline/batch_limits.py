@@ -11,13 +11,13 @@ import lightning as L
 from datamodules.datamodule import GroundingDataModule
 
 
-def empty_loops(trainer: L.Trainer, datamodule: GroundingDataModule) -> Iterator[str]:
+def empty_loops(
+    trainer: L.Trainer, datamodule: GroundingDataModule, loops: tuple[str, ...] = ("train", "val", "test")
+) -> Iterator[str]:
     """A line per ``limit_<loop>_batches`` fraction under one batch of its split on each process."""
-    for loop, batch_size in (
-        ("train", datamodule.data.batch_size),
-        ("val", datamodule.data.eval_batch_size),
-        ("test", datamodule.data.eval_batch_size),
-    ):
+    data = datamodule.data
+    sizes = {"train": data.batch_size, "val": data.eval_batch_size, "test": data.eval_batch_size}
+    for loop, batch_size in ((loop, sizes[loop]) for loop in loops):
         limit = getattr(trainer, f"limit_{loop}_batches")
         if not isinstance(limit, float) or limit <= 0:
             continue

@@ -35,11 +35,16 @@ from timerefine.pipeline.precision import AUTO, PRECISIONS
 
 
 def not_a_file(value: str) -> str | None:
-    """A directory that may not exist yet (not empty: that would be the working directory)."""
+    """A directory that may not exist yet, below no file (not empty: that would be the working directory)."""
     if not value:
         return "must name a directory (empty would write the run into the working directory)"
     path = Path(value)
-    return f"{value} exists and is not a directory" if path.exists() and not path.is_dir() else None
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), path)
+    if not existing.exists() or existing.is_dir():
+        return None
+    if existing == path:
+        return f"{value} exists and is not a directory"
+    return f"{existing} is a file, so no directory can be made below it"
 
 
 def a_run_folder(value: str) -> str | None:
