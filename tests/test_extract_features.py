@@ -21,6 +21,7 @@ from timerefine.inference.frame_encoder import (
     decode_uniform_frames,
     preprocess,
 )
+from timerefine.inference.video_features import InputError
 from timerefine.tools.extract_features import extract, main
 
 FRAMES = 20  # 2 s at 10 fps
@@ -168,3 +169,71 @@ def test_cli(tiny_clip, videos, tmp_path, capsys):
     assert "encoded 2, skipped 0 done, 0 failed" in capsys.readouterr().out
     assert main([*args, "--workers", "0", "--device", "cpu"]) == 0
     assert "encoded 0, skipped 2 done" in capsys.readouterr().out
+
+
+def test_two_videos_of_one_name_are_refused(tiny_clip, videos, tmp_path):
+    """Before: ``x.mp4`` and ``x.mkv`` were both "encoded", the second over the first's file."""
+    twin = videos / "vid_a.mkv"
+    twin.write_bytes((videos / "vid_a.mp4").read_bytes())
+    encoder = ClipFrameEncoder(str(tiny_clip / "proj"))
+    with pytest.raises(
+        InputError, match=re.escape(f"{videos / 'vid_a.mkv'} and {videos / 'vid_a.mp4'}: both")
+    ):
+        extract(sorted(videos.iterdir()), encoder, tmp_path / "out", num_frames=4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_features_of_another_encoder_are_not_mixed_in(tiny_clip, videos, tmp_path):
+    """Before: a re-run with another encoder skipped the old files and recorded the new encoder."""
+    out, paths = tmp_path / "out", sorted(videos.iterdir())
+    extract(paths, ClipFrameEncoder(str(tiny_clip / "proj")), out, num_frames=4)
+    recorded = (out / "encoder.json").read_text()
+    other = ClipFrameEncoder(str(tiny_clip / "pooled"), projection=False)
+    with pytest.raises(
+        InputError, match=f"^{re.escape(str(out / 'encoder.json'))}: .* made otherwise \\(model "
+    ):
+        extract(paths, other, out, num_frames=4)
+    with pytest.raises(InputError, match="num_frames 4 -> 5"):
+        extract(paths, ClipFrameEncoder(str(tiny_clip / "proj")), out, num_frames=5)
+    assert (out / "encoder.json").read_text() == recorded
+    again = extract(paths, ClipFrameEncoder(str(tiny_clip / "proj")), out, num_frames=4)
+    assert again.skipped == ["vid_a", "vid_b"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a, t: [str(t / "absent"), *a[1:]], "absent: no such folder"),
+        (lambda a, t: [str(t), *a[1:]], "holds no video"),
+        (lambda a, t: [*a, "--device", "nowhere"], "--device nowhere: not a device"),
+        (lambda a, t: [*a[:3], str(t / "no_model"), *a[4:]], "--model"),
+        (lambda a, t: [*a, "--strict"], "cannot decode video"),
+    ],
+)
+def test_cli_mistakes_are_one_line(tiny_clip, videos, tmp_path, capsys, change, message):
+    """Before: tracebacks (FileNotFoundError, OSError, RuntimeError, VideoDecodeError), exit 1."""
+    (videos / "vid_c.mp4").write_bytes(b"not a video")
+    args = [
+        str(videos),
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_clip / "proj"),
+        "--num-frames",
+        "4",
+        "--workers",
+        "0",
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(change(args, empty)) == 2
+    err = capsys.readouterr().err  # the encoder's loading bar may come first
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag", [["--num-frames", "0"], ["--batch-size", "0"], ["--workers", "-1"]])
+def test_impossible_counts_are_refused_by_the_parser(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), str(tmp_path / "out"), *flag])
+    assert exit_.value.code == 2 and "must be a whole number >=" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from timerefine.inference.frame_encoder import (
     preprocess,
     sample_frames,
 )
+from timerefine.inference.grounder import device_error
 from timerefine.inference.video_features import InputError, probe_video, shortfall
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,28 @@ def save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def check_outputs(videos: list[Path], out_dir: Path, record: dict[str, object]) -> None:
+    """InputError when two videos would write one feature file, or ``out_dir`` holds features that
+    another encoder (or frame count) made: mixed, they would pass for one encoder's."""
+    stems: dict[str, Path] = {}
+    for path in videos:
+        if (first := stems.setdefault(path.stem, path)) != path:
+            raise InputError(
+                f"{first} and {path}: both would be written to {out_dir / path.stem}.npy; rename one"
+            )
+    recorded = out_dir / ENCODER_RECORD
+    if not recorded.is_file():
+        return
+    try:
+        before = json.loads(recorded.read_text())
+    except ValueError as error:
+        raise InputError(f"{recorded}: not an encoder record ({error}); give another OUT_DIR") from error
+    if changed := [f"{k} {before.get(k)} -> {v}" for k, v in record.items() if before.get(k) != v]:
+        raise InputError(
+            f"{recorded}: {out_dir} holds features made otherwise ({', '.join(changed)}); give another OUT_DIR"
+        )
+
+
 def extract(
     videos: Sequence[str | Path],
     encoder: ClipFrameEncoder,
@@ -101,6 +124,7 @@ def extract(
 ) -> ExtractReport:
     """Encode each video's frames to ``out_dir/{video_id}.npy`` (float16), skipping finished ones."""
     out_dir, report = Path(out_dir), ExtractReport()
+    check_outputs(list(map(Path, videos)), out_dir, encoder_record(encoder, num_frames))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ENCODER_RECORD).write_text(json.dumps(encoder_record(encoder, num_frames), indent=2) + "\n")
     todo = []
@@ -125,6 +149,30 @@ def extract(
     return report
 
 
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text) if text.lstrip("-").isdigit() else None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def videos_in(video_dir: Path, out_dir: Path) -> list[Path]:
+    """The videos of ``video_dir``; InputError when it is no folder of videos or ``out_dir`` is a file."""
+    if not video_dir.is_dir():
+        raise InputError(f"{video_dir}: no such folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    videos = sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise InputError(f"{video_dir}: holds no video ({', '.join(VIDEO_SUFFIXES)})")
+    return videos
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir", type=Path)
@@ -133,19 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-projection", action="store_true", help="keep the pooled output, not the projection"
     )
-    parser.add_argument("--num-frames", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=100, help="frames per encoder forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="decoding processes")
+    parser.add_argument("--num-frames", type=count(1), default=100)
+    parser.add_argument("--batch-size", type=count(1), default=100, help="frames per encoder forward pass")
+    parser.add_argument("--workers", type=count(0), default=2, help="decoding processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--strict", action="store_true", help="stop at the first undecodable video")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    videos = sorted(p for p in args.video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    encoder = ClipFrameEncoder(args.model, not args.no_projection, args.device, args.fp16)
-    report = extract(
-        videos, encoder, args.out_dir, args.num_frames, args.batch_size, args.workers, args.strict
-    )
+    try:
+        videos = videos_in(args.video_dir, args.out_dir)
+        if reason := device_error(args.device):
+            raise InputError(f"--device {args.device}: {reason}")
+        try:
+            encoder = ClipFrameEncoder(args.model, not args.no_projection, args.device, args.fp16)
+        except OSError as error:
+            raise InputError(
+                f"--model {args.model}: cannot load it ({' '.join(str(error).split())})"
+            ) from error
+        report = extract(
+            videos, encoder, args.out_dir, args.num_frames, args.batch_size, args.workers, args.strict
+        )
+    except (InputError, VideoDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"encoded {len(report.done)}, skipped {len(report.skipped)} done, {len(report.failed)} failed")
     return 1 if report.failed else 0
 
