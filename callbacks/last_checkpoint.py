@@ -1,9 +1,10 @@
-"""``last.ckpt``: the resume point, written every n steps, at the final step, and on a crash (not on a
-NaN loss, whose weights are no resume point); resumed in a run folder that was copied or moved, it
+"""``last.ckpt``: the resume point, written every n steps, at the final step, and on a crash between
+steps (not on a NaN loss, whose weights are no resume point); resumed in a run folder that was copied or moved, it
 moves the checkpoint callbacks' saved paths into that folder."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.lightning_compat import (
+    batch_in_flight,
     every_n_train_steps,
     mark_saved_at,
     save_last,
@@ -18,6 +20,8 @@ from callbacks.lightning_compat import (
     should_skip_saving,
     validation_follows_this_batch,
 )
+
+log = logging.getLogger(__name__)
 
 
 def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
@@ -57,15 +61,26 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_exception=True,
         )
         self._after_validation = False
+        self._validating = False  # a fit's validation has started and not ended (Lightning would resume
+        # it part-way, or take it as done)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         """``last.ckpt`` (only: ModelCheckpoint's own would add an ``epoch=..-step=..`` copy at every
-        interruption) on a crash, a SIGTERM or Ctrl-C, except an arithmetic crash (a NaN loss): its
-        weights are no resume point, and the last ``last.ckpt`` stays."""
-        if not isinstance(exception, ArithmeticError) and should_save_on_exception(self, trainer):
+        interruption) on a crash, a SIGTERM or Ctrl-C between two steps. Mid-step or mid-validation, and
+        on an arithmetic crash (a NaN loss), the last ``last.ckpt`` stays the resume point: the state
+        then is none to continue from exactly (the steps since are trained again)."""
+        if isinstance(exception, ArithmeticError) or not should_save_on_exception(self, trainer):
+            return
+        if not (batch_in_flight(trainer) or self._validating):
             save_last(self, trainer)
+        else:
+            log.warning(
+                "stopped inside a step or its validation at step %d: %s stays the resume point",
+                trainer.global_step,
+                self.last_model_path or "no checkpoint (none written yet)",
+            )
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -92,7 +107,11 @@ class LastCheckpoint(ModelCheckpoint):
         else:
             save_last(self, trainer)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = not trainer.sanity_checking
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = False
         if self._after_validation and not trainer.sanity_checking:
             self._after_validation = False
             save_last(self, trainer)

@@ -92,6 +92,13 @@ def should_save_on_exception(callback: ModelCheckpoint, trainer: L.Trainer) -> b
     return callback._should_save_on_exception(trainer)
 
 
+def batch_in_flight(trainer: L.Trainer) -> bool:
+    """Whether a training batch has been fetched but not finished (its loader counted it, its dropout
+    drew, its optimizer may have stepped some tensors)."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress.total
+    return batches.ready != batches.completed
+
+
 def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:
     """Tell ``callback`` that the checkpoint of ``step`` exists (a resumed run starts at it)."""
     callback._last_global_step_saved = step

@@ -30,6 +30,7 @@ RUN = [
     f"trainer.max_steps={MAX_STEPS}",
     "model.saliency.projector_steps=0",
     "trainer.val_check_interval=10",  # batches: step 5 ends on batch 10, right before a validation
+    "data.eval_batch_size=4",  # two validation batches: a validation can be stopped half-way
     "trainer.log_every_n_steps=1",
     "callbacks.checkpoint.last_every_n_steps=5",
     "model.lora.enabled=true",  # dropout: the random state must continue as well
@@ -77,9 +78,26 @@ def final_state(output_dir: Path) -> tuple[dict, dict, list[dict]]:
     return weights["state_dict"], metrics, rows
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    finish(output_dir)
+    return output_dir
+
+
+def assert_ends_alike(output_dir: Path, uninterrupted: Path) -> list[dict]:
+    """The weights and metrics of ``output_dir``'s run are the uninterrupted run's; its CSV rows."""
+    weights, metrics, rows = final_state(output_dir)
+    expected_weights, expected_metrics, _ = final_state(uninterrupted)
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert metrics == expected_metrics
+    return rows
+
+
 @pytest.mark.slow
-def test_run_killed_twice_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
-    finish(tmp_path / "uninterrupted")
+def test_run_killed_twice_mid_epoch_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
     steps = [kill_after_next_checkpoint(killed), kill_after_next_checkpoint(killed)]
     # Both kills come right after a mid-epoch last.ckpt; the first one's step ends on the batch that
@@ -87,16 +105,67 @@ def test_run_killed_twice_mid_epoch_ends_like_an_uninterrupted_run(tmp_path):
     assert steps == [5, 10] and all(step % STEPS_PER_EPOCH for step in steps)
     assert "resuming from" in finish(killed).stderr
 
-    weights, metrics, rows = final_state(killed)
-    expected_weights, expected_metrics, expected_rows = final_state(tmp_path / "uninterrupted")
-    assert weights.keys() == expected_weights.keys()
-    for name, tensor in expected_weights.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert metrics == expected_metrics
+    rows, expected_rows = assert_ends_alike(killed, uninterrupted), final_state(uninterrupted)[2]
     # The CSV log holds no repeated rows. Lightning logs a batch's training row after the batch-end
     # hooks, so the row of the batch last.ckpt was written at is missing when the kill fell in between.
     after_checkpoint = next(r for r in expected_rows if r["train/loss"] and int(r["step"]) == steps[-1] - 1)
     assert rows in (expected_rows, [r for r in expected_rows if r is not after_checkpoint])
+
+
+# Sends ``signal`` to the run itself inside ``GroundingModule.<hook>`` at ``global_step``, batch ``batch_idx``.
+SIGNALLED_RUN = """
+import os, signal, sys
+from lightning_modules.grounding_module import GroundingModule
+from timerefine import train
+hook_name, step, index, number = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+hook = getattr(GroundingModule, hook_name)
+def signalled(self, batch, batch_idx):
+    if self.trainer.global_step == step and batch_idx == index and not self.trainer.sanity_checking:
+        os.kill(os.getpid(), number)
+    return hook(self, batch, batch_idx)
+setattr(GroundingModule, hook_name, signalled)
+sys.exit(train.main(sys.argv[5:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("hook", "step", "batch_idx", "sent", "resume_step"),
+    [
+        ("validation_step", 5, 0, signal.SIGTERM, None),  # Lightning stops after the first of two batches
+        ("training_step", 7, 1, signal.SIGINT, 5),  # Ctrl-C inside the batch that ends step 8
+    ],
+)
+def test_stopped_inside_a_step_or_its_validation_the_run_resumes_exactly(
+    tmp_path, uninterrupted, hook, step, batch_idx, sent, resume_step
+):
+    """Before: ``last.ckpt`` was written where the signal came. Half-way through a validation,
+    Lightning took that validation as done on resume (SIGTERM) or ran its rest only (Ctrl-C), so another
+    checkpoint became the best; inside a step, the loader had counted the batch, so one was skipped.
+    Now the last checkpoint written between steps stays the resume point (step 5's is written after
+    its validation, so there is none yet)."""
+    output_dir = tmp_path / "run"
+    args = [hook, str(step), str(batch_idx), str(int(sent)), *RUN, f"output_dir={output_dir}"]
+    stopped = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_RUN, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stopped.returncode != 0, stopped.stderr[-4000:]
+    assert f"stopped inside a step or its validation at step {step}" in stopped.stderr
+    last = output_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
+    assert saved == resume_step
+    assert ("resuming from" in finish(output_dir).stderr) == (resume_step is not None)
+    rows = assert_ends_alike(output_dir, uninterrupted)
+
+    def validations(rows: list[dict]) -> list[tuple[str, str, str]]:
+        return [(r["step"], r["val/mIoU"], r["val/queries"]) for r in rows if r.get("val/mIoU")]
+
+    assert validations(rows) == validations(final_state(uninterrupted)[2])  # each one whole, none skipped
 
 
 class Keys(Dataset):
