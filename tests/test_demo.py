@@ -67,6 +67,35 @@ def test_demo_shows_features_and_truth_for_the_runs_own_test_queries(video_demo)
 
 
 @pytest.mark.slow
+def test_another_query_about_a_test_video_shows_no_truth(video_demo, video_run):
+    """Before: the truth and IoU of the video's own query, whatever was asked."""
+    label = sorted(video_run.videos.glob("*.mp4"))[0].name  # its query: "a blue square appears"
+    status, timeline, *_ = video_demo.answer(label, None, "a red square appears")
+    assert (
+        status.startswith("**Answer:") and "ground truth" not in status and 'data-row="truth"' not in timeline
+    )
+    status, timeline, *_ = video_demo.answer(label, None, "  A blue square appears ")  # the same query
+    assert "ground truth" in status and 'data-row="truth"' in timeline
+
+
+@pytest.mark.slow
+def test_two_videos_of_one_name_stay_two_choices(video_run, tmp_path):
+    """Before: examples were keyed by file name, so the second ``clip.mp4`` replaced the first."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    first, second = tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4"
+    for copy in (first, second):
+        copy.parent.mkdir()
+        shutil.copy(sorted(video_run.videos.glob("*.mp4"))[0], copy)
+    examples = demo_examples(grounder, [first, second, video_run.videos / "vid_red_a.mp4"])
+    demo = Demo(grounder, examples, tmp_path)
+    assert [label for label in demo.examples if ":" not in label] == [
+        str(first),
+        str(second),
+        "vid_red_a.mp4",
+    ]
+
+
+@pytest.mark.slow
 def test_demo_works_on_a_builtin_run_out_of_the_box(builtin_run):
     grounder = Grounder.from_run(builtin_run)
     demo = Demo(grounder, demo_examples(grounder, []), Path(tempfile.mkdtemp()))

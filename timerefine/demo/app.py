@@ -71,11 +71,13 @@ def demo_examples(grounder: Grounder, videos: list[Path], count: int = 20) -> li
     except DATA_ERRORS as err:
         log.warning("no test queries of the run's data to offer (%s)", err)
         by_video, from_data = {}, []
+    names = [video.name for video in videos]
     files = []
     for video in videos:
         record = by_video.get(video.stem)
         truth = None if record is None else (record.start, record.end)
-        files.append(Example(video.name, record.query if record else "", video=video, truth=truth))
+        label = video.name if names.count(video.name) == 1 else str(video)  # each its own choice
+        files.append(Example(label, record.query if record else "", video=video, truth=truth))
     return files + from_data
 
 
@@ -112,9 +114,12 @@ class Demo:
             (answer,) = self.grounder.ground(video, [query])
         except InputError as err:
             return f"**error:** {err}", "", *self.media(None, None, None)
-        timeline = timeline_svg(rows_of(answer, example.truth), answer.duration)
+        # The truth belongs to the example's query: another one typed about the video has none known.
+        asked = normalize_query(query) == normalize_query(example.query)
+        truth = example.truth if asked else None
+        timeline = timeline_svg(rows_of(answer, truth), answer.duration)
         segment = None if answer.start is None or answer.end is None else (answer.start, answer.end)
-        return summary(answer, example.truth), timeline, *self.media(example, answer, segment)
+        return summary(answer, truth), timeline, *self.media(example, answer, segment)
 
     def media(self, example: Example | None, answer: Grounding | None, segment: tuple[float, float] | None):
         """Updates of the boundary frames, the clip and the feature picture (only the relevant ones show)."""
