@@ -65,9 +65,10 @@ def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int
 
 def read_feature_file(path: Path) -> np.ndarray:
     """Read one ``.npy`` / ``.npz`` (key ``features`` or the first array) / ``.pt`` (tensor) file."""
-    if path.suffix == ".npy":
+    suffix = path.suffix.lower()  # FEATURES.NPY too
+    if suffix == ".npy":
         return np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
+    if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             if not archive.files:
                 raise ValueError("the .npz archive holds no array")

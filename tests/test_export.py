@@ -172,16 +172,32 @@ def damage(kind: str, export: Path) -> Path:
         "manifest not JSON": "export.json",
         "tokenizer not JSON": "tokenizer/tokenizer.json",
     }
-    path = export / files[kind]
+    edits = {  # a manifest edited by hand, or of another version
+        "manifest a list": lambda manifest: [],
+        "manifest lacks encoder": lambda manifest: {k: v for k, v in manifest.items() if k != "encoder"},
+        "manifest encoder edited": lambda manifest: manifest | {"encoder": {"model": "clip"}},
+    }
+    path = export / files.get(kind, "export.json")
     if kind == "weights missing":
         path.unlink()
+    elif kind in edits:
+        path.write_text(json.dumps(edits[kind](json.loads(path.read_text()))))
     else:
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     return path
 
 
 @pytest.mark.parametrize(
-    "kind", ["weights missing", "weights truncated", "manifest not JSON", "tokenizer not JSON"]
+    "kind",
+    [
+        "weights missing",
+        "weights truncated",
+        "manifest not JSON",
+        "tokenizer not JSON",
+        "manifest a list",  # these three were tracebacks (AttributeError, KeyError, TypeError)
+        "manifest lacks encoder",
+        "manifest encoder edited",
+    ],
 )
 def test_a_damaged_export_is_one_line_naming_the_file(video_run, tmp_path, capsys, kind):
     """Before: FileNotFoundError, SafetensorError or JSONDecodeError tracebacks, exit 1."""
@@ -193,3 +209,14 @@ def test_a_damaged_export_is_one_line_naming_the_file(video_run, tmp_path, capsy
     assert predict_main([str(video), "--run", str(export), "--query", QUERIES[0]]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {broken if kind != 'tokenizer not JSON' else broken.parent}: "), line
+
+
+def test_a_checkpoint_choice_for_an_export_is_refused(video_run, tmp_path, capsys):
+    """Before: ``--ckpt last`` (or a path that does not exist) was ignored, exit 0."""
+    export = tmp_path / "export"
+    assert export_main([str(video_run.run_dir), str(export)]) == 0
+    capsys.readouterr()
+    video = video_run.videos / "vid_blue_a.mp4"
+    assert predict_main([str(video), "--run", str(export), "--query", QUERIES[0], "--ckpt", "last"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"error: --ckpt last: {export} is an exported model, which holds one set of weights"

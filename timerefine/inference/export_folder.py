@@ -33,6 +33,7 @@ from timerefine.inference.run_loading import LoadedRun, build_untrained, run_con
 from timerefine.inference.video_features import EncoderSpec, InputError
 
 MANIFEST, WEIGHTS, LM_DIR, FORMAT = "export.json", "weights.safetensors", "lm", "timerefine-export/1"
+MANIFEST_KEYS = ("language_model", "base_vocab_size", "encoder")  # what loading an export reads
 NEW_ROWS = ".new_rows"
 
 
@@ -160,7 +161,10 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     except ValueError as err:
         raise InputError(f"{folder / MANIFEST}: not JSON ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise InputError(f"{folder / MANIFEST}: format {found!r}, expected {FORMAT!r}")
+    if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
+        raise InputError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export the run again")
     cfg = run_config(folder)
     if manifest["language_model"]:
         cfg.model.lm.name_or_path = str(folder / manifest["language_model"])
@@ -186,6 +190,6 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     with torch.no_grad():
         for name, values in rows.items():
             module.get_parameter(name)[manifest["base_vocab_size"] :] = values
-    encoder = EncoderSpec(**manifest["encoder"]) if manifest["encoder"] else None
+    encoder = EncoderSpec.of(manifest["encoder"], folder / MANIFEST) if manifest["encoder"] else None
     run.module.to(device)
     return run, encoder

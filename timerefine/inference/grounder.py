@@ -96,6 +96,8 @@ def check_queries(queries: Sequence[str]) -> None:
     if not queries:
         raise InputError("--query: give at least one query")
     for number, query in enumerate(queries, start=1):
+        if not isinstance(query, str):
+            raise InputError(f"--query {number}: must be text, got {query!r}")
         if not normalize_query(query):
             raise InputError(f"--query {number}: the query is empty")
 
@@ -121,6 +123,12 @@ def device_error(device: str) -> str | None:
     return None
 
 
+def check_device(device: str) -> None:
+    """InputError when ``device`` is not one this machine has."""
+    if reason := device_error(device):
+        raise InputError(f"--device {device}: {reason}")
+
+
 class Grounder:
     """A trained model that answers grounding queries about any video."""
 
@@ -134,6 +142,7 @@ class Grounder:
     ) -> Grounder:
         """A run's ``best`` / ``last`` / given checkpoint; videos are encoded with ``encoder``, else
         with the one recorded next to the run's features (``encoder.json`` of the extraction)."""
+        check_device(device)
         run = load_run(Path(run_dir), ckpt, device)
         return cls(run, encoder or recorded_encoder(run.cfg.data.source.get("feature_path")))
 
@@ -142,6 +151,7 @@ class Grounder:
         cls, folder: str | Path, device: str = "cpu", encoder: EncoderSpec | None = None
     ) -> Grounder:
         """An exported model (``timerefine-export``): no Lightning checkpoint needed."""
+        check_device(device)
         run, recorded = load_export(Path(folder), device)
         return cls(run, encoder or recorded)
 
@@ -149,11 +159,13 @@ class Grounder:
     def load(
         cls, path: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
     ) -> Grounder:
-        """``from_export`` for an exported folder, ``from_run`` for a run directory; InputError when
-        ``device`` is not one this machine has."""
-        if reason := device_error(device):
-            raise InputError(f"--device {device}: {reason}")
+        """``from_export`` for an exported folder (which holds one set of weights: no ``ckpt``),
+        ``from_run`` for a run directory."""
         if is_export(Path(path)):
+            if ckpt != "best":
+                raise InputError(
+                    f"--ckpt {ckpt}: {path} is an exported model, which holds one set of weights"
+                )
             return cls.from_export(path, device, encoder)
         return cls.from_run(path, ckpt, device, encoder)
 

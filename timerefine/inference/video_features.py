@@ -52,9 +52,21 @@ class EncoderSpec:
     num_frames: int = 100
 
     @classmethod
+    def of(cls, record: object, where: Path) -> EncoderSpec:
+        """The spec a record holds (``encoder.json``, an export's manifest); InputError naming ``where``
+        when it is none."""
+        types = {"model": str, "projection": bool, "fp16": bool, "num_frames": int}
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in types.items()):
+            raise InputError(f"{where}: not an encoder record ({', '.join(types)}), got {record!r}")
+        return cls(**{key: record[key] for key in types})
+
+    @classmethod
     def read(cls, path: Path) -> EncoderSpec:
-        record = json.loads(path.read_text())
-        return cls(record["model"], record["projection"], record["fp16"], record["num_frames"])
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as error:
+            raise InputError(f"{path}: not JSON ({error})") from error
+        return cls.of(record, path)
 
     def as_dict(self) -> dict[str, object]:
         return {

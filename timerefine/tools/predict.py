@@ -79,7 +79,7 @@ def read_pairs(path: Path) -> list[Request]:
 
 
 def requests_of(args: argparse.Namespace) -> list[Request]:
-    if args.input.suffix == ".jsonl":
+    if args.input.suffix.lower() == ".jsonl":
         if args.query or args.duration is not None:
             given = "--query" if args.query else "--duration"
             raise InputError(f"{given}: a .jsonl input holds each line's query and duration itself")

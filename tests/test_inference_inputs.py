@@ -1,0 +1,55 @@
+"""Inputs of the inference API and the predict CLI that once gave tracebacks or were misread."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from timerefine.inference.grounder import Grounder
+from timerefine.inference.video_features import EncoderSpec, InputError
+from timerefine.tools.predict import main as predict_main
+
+pytestmark = pytest.mark.slow  # the session's tiny video run (trained once, ~15 s)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("{bad", "not JSON"), (json.dumps({"model": "clip", "fp16": False}), "not an encoder record")],
+)
+def test_a_damaged_encoder_record_is_one_line_naming_it(tmp_path, text, reason):
+    """Before: JSONDecodeError or KeyError tracebacks from predict on a video."""
+    record = tmp_path / "encoder.json"
+    record.write_text(text)
+    with pytest.raises(InputError, match=f"^{re.escape(str(record))}: {reason}"):
+        EncoderSpec.read(record)
+
+
+def test_the_api_refuses_a_query_that_is_not_text(video_run):
+    """Before: AttributeError from the query normaliser."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    features = np.zeros((16, 16), dtype=np.float32)
+    with pytest.raises(InputError, match=r"^--query 2: must be text, got None$"):
+        grounder.ground(features, ["a red square appears", None], duration=20.0)
+
+
+def test_the_api_checks_the_device_whichever_way_it_loads(video_run):
+    """Before: only ``Grounder.load`` checked it; ``from_run`` failed inside torch."""
+    with pytest.raises(InputError, match=r"^--device cuda:7: no such CUDA device"):
+        Grounder.from_run(video_run.run_dir, device="cuda:7")
+
+
+def test_upper_case_suffixes_are_read_as_their_kind(video_run, tmp_path, capsys):
+    """Before: ``A.NPY`` was unpickled as a ``.pt`` file, and ``PAIRS.JSONL`` taken for a video."""
+    features = tmp_path / "A.NPY"
+    shutil.copy(video_run.features / "vid_red_a.npy", features)
+    run = ["--run", str(video_run.run_dir), "--json"]
+    assert predict_main([str(features), *run, "--query", "a red square appears", "--duration", "4"]) == 0
+    (single,) = json.loads(capsys.readouterr().out)
+    pairs = tmp_path / "PAIRS.JSONL"
+    pairs.write_text(json.dumps({"video": "A.NPY", "query": "a red square appears", "duration": 4}) + "\n")
+    assert predict_main([str(pairs), *run]) == 0
+    assert json.loads(capsys.readouterr().out) == [single]
