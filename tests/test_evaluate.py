@@ -93,6 +93,15 @@ def test_an_eval_folder_that_is_a_file_is_one_line(tmp_path, run, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_without_its_tokenizer_is_refused(tmp_path, run, capsys):
+    """Before: a tokenizer was trained anew from the data, and the checkpoint was refused for a shape."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "tokenizer"))
+    assert evaluate.main([str(copy)]) == 2
+    assert one_error_line(capsys, "error:") == f"error: {copy / 'tokenizer'}: missing (the run's tokenizer)"
+
+
+@pytest.mark.slow
 def test_a_run_saved_before_newer_keys_still_evaluates(run, tmp_path):
     older = tmp_path / "older"
     shutil.copytree(run, older, ignore=shutil.ignore_patterns("eval"))

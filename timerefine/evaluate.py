@@ -38,8 +38,11 @@ from timerefine.pipeline.schema import not_a_file
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
     """Test ``ckpt`` and write the flat metrics, with the test split's coverage."""
+    tokenizer = run_dir / "tokenizer"
+    if not tokenizer.is_dir():  # a new one would give the checkpoint's token rows other meanings
+        raise FileNotFoundError(f"{tokenizer}: missing (the run's tokenizer)")
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg, tokenizer_dir=run_dir / "tokenizer")
+    datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer)
     module = build_module(cfg, datamodule)
     checkpoint = fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused
     if reason := checkpoint_identity_error(ckpt, checkpoint, module.hparams["config"]):
