@@ -26,6 +26,8 @@ CLI_ERRORS = [
     ("data.batch_size=0", "data.batch_size"),
     ("+trainer.foo=1", "trainer.foo"),
     ("+model.refine.stepz=3", "model.refine.stepz"),
+    ("callbacks.early_stopping=5", "callbacks.early_stopping=5: must be null or a mapping"),  # AttributeError
+    ("+callbacks.early_stopping.patience=1", "callbacks.early_stopping="),  # TypeError: no monitor
 ]
 
 

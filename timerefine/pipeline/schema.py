@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from callbacks.on_policy import OnPolicySpec
@@ -52,6 +54,23 @@ def a_run_folder(value: str) -> str | None:
     folder = Path(value)
     if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
         return f"{value} is not a run directory (config.yaml and checkpoints/)"
+    return None
+
+
+EARLY_STOPPING_FORM = (
+    "must be null or a mapping of EarlyStopping's arguments with a monitor, "
+    "e.g. {monitor: val/mIoU, mode: max, patience: 5}"
+)
+
+
+def early_stopping_args(value: Any) -> str | None:
+    """EarlyStopping's keyword arguments, ``monitor`` among them, as EarlyStopping takes them."""
+    if not isinstance(value, dict) or not value.get("monitor") or not isinstance(value["monitor"], str):
+        return EARLY_STOPPING_FORM
+    try:
+        EarlyStopping(**value)
+    except (TypeError, ValueError, MisconfigurationException) as error:
+        return f"EarlyStopping refuses it: {' '.join(str(error).split())}"
     return None
 
 
@@ -170,7 +189,7 @@ class CallbacksConfig(Checked):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     progress_bar: str = checked("rich", one_of("rich", "tqdm", "none"))
     lr_monitor: bool = True
-    early_stopping: Any = None
+    early_stopping: Any = checked(None, optional(early_stopping_args))
     refinement_trace: int = checked(6, integer(0))
 
 
