@@ -28,6 +28,7 @@ CLI_ERRORS = [
     ("+model.refine.stepz=3", "model.refine.stepz"),
     ("callbacks.early_stopping=5", "callbacks.early_stopping=5: must be null or a mapping"),  # AttributeError
     ("+callbacks.early_stopping.patience=1", "callbacks.early_stopping="),  # TypeError: no monitor
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be"),  # ZeroDivisionError in fit
 ]
 
 

@@ -74,6 +74,20 @@ def early_stopping_args(value: Any) -> str | None:
     return None
 
 
+def a_val_interval(value: Any) -> str | None:
+    """``trainer.val_check_interval``: steps, a fraction of an epoch, or a time (Lightning parses it)."""
+    if isinstance(value, (str, dict)):
+        return None
+    a_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    steps = a_number and value >= 1 and float(value).is_integer()
+    if steps or (isinstance(value, float) and 0 < value <= 1):
+        return None
+    return (
+        "must be a number of steps >= 1, a fraction of an epoch in (0, 1] (with "
+        "check_val_every_n_epoch) or a time 'DD:HH:MM:SS'"
+    )
+
+
 INHERITED = ("continue", "merge")  # model.lora.inherited: what becomes of init_from_run's adapters
 
 
@@ -150,7 +164,8 @@ class EvalConfig(Checked):
 
 @dataclass
 class TrainerConfig(Checked):
-    """Arguments of ``lightning.Trainer``; Lightning checks the union-typed ones (``Any``) itself."""
+    """Arguments of ``lightning.Trainer``; Lightning checks the union-typed ones (``Any``) itself, but
+    for a ``val_check_interval`` it would divide by once training runs."""
 
     accelerator: str = "auto"
     devices: Any = 1
@@ -159,7 +174,7 @@ class TrainerConfig(Checked):
     precision: str = checked(AUTO, one_of(*PRECISIONS))
     max_steps: int = checked(1000, integer(-1))
     max_epochs: int | None = checked(-1, optional(integer(-1)))
-    val_check_interval: Any = 500
+    val_check_interval: Any = checked(500, optional(a_val_interval))
     check_val_every_n_epoch: int | None = checked(None, optional(integer(1)))
     limit_val_batches: Any = None
     limit_test_batches: Any = None
