@@ -186,12 +186,12 @@ def test_bad_values_name_the_key(override, key):
         "model.refine.on_policy.fraction=1",
         "data.global_batch_size=null",
         "model.inference.max_new_tokens=null",
-        "trainer.max_steps=-1",
+        "trainer.max_steps=-1 trainer.max_epochs=8",  # experiment=paper_charades: epochs, not steps
         "callbacks.checkpoint.save_top_k=-1",
     ],
 )
 def test_boundary_values_are_accepted(override):
-    load_config([override])
+    load_config(override.split())
 
 
 @pytest.mark.parametrize(

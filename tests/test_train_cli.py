@@ -29,6 +29,7 @@ CLI_ERRORS = [
     ("callbacks.early_stopping=5", "callbacks.early_stopping=5: must be null or a mapping"),  # AttributeError
     ("+callbacks.early_stopping.patience=1", "callbacks.early_stopping="),  # TypeError: no monitor
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be"),  # ZeroDivisionError in fit
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 (no step limit) needs max_epochs"),  # OverflowError
 ]
 
 

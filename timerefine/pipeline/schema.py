@@ -184,6 +184,13 @@ class TrainerConfig(Checked):
     deterministic: bool = False
     enable_progress_bar: bool = True
 
+    def relations(self) -> Iterator[str]:
+        if self.max_steps == -1 and self.max_epochs == -1:
+            yield (
+                "max_steps=-1 (no step limit) needs max_epochs >= 0 (null: 1000): the learning-rate "
+                "schedule needs the run's step count, and max_epochs=-1 leaves it endless"
+            )
+
 
 @dataclass
 class LoggerConfig:
