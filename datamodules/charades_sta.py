@@ -3,39 +3,50 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_segment, text_lines
+from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport, resolve_segment, text_lines
 from grounding.records import GroundingRecord
 
 SPLITS = ("train", "test")
 CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")
 
 
-def read_durations(csv_paths: Iterable[str | Path]) -> dict[str, float | None]:
-    """Map video id to the CSV ``length`` in seconds (None when the cell is not a number)."""
-    durations: dict[str, float | None] = {}
+def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict[str, float]:
+    """Map video id to the CSV ``length`` in seconds. A row whose length is not a number of seconds
+    > 0 is a QuirkError naming ``file:line`` (``strict``), else left out: its video has no duration."""
+    durations: dict[str, float] = {}
     for path in csv_paths:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not {"id", "length"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{path}: expected 'id' and 'length' columns, got {reader.fieldnames}")
+                raise QuirkError(f"{path}: expected 'id' and 'length' columns, got {reader.fieldnames}")
             for row in reader:
                 try:
-                    durations[row["id"]] = float(row["length"])
+                    length = float(row["length"])
                 except (TypeError, ValueError):
-                    durations[row["id"]] = None
+                    length = math.nan
+                if math.isfinite(length) and length > 0:
+                    durations[row["id"]] = length
+                elif strict:
+                    raise QuirkError(
+                        f"{path}:{reader.line_num}: video {row['id']}: length {row['length']!r} is not "
+                        "a duration in seconds > 0"
+                    )
     return durations
 
 
 def parse_charades_sta(
     path: str | Path,
-    durations: Mapping[str, float | None],
+    durations: Mapping[str, float],
     split: str,
     policy: QuirkPolicy | None = None,
+    absent_csvs: Sequence[Path] = (),
 ) -> tuple[list[GroundingRecord], QuirkReport]:
-    """Parse one annotation file; qids are ``charades:{split}:{line:06d}`` (1-based line numbers)."""
+    """Parse one annotation file; qids are ``charades:{split}:{line:06d}`` (1-based line numbers). The
+    error for a video without a duration names the duration CSVs that are ``absent_csvs``."""
     policy = policy or QuirkPolicy()
     path = Path(path)
     report = QuirkReport(source=str(path))
@@ -55,6 +66,9 @@ def parse_charades_sta(
             continue
         qid = f"charades:{split}:{lineno:06d}"
         duration = durations.get(video_id)
+        if duration is None and absent_csvs and policy.unknown_video == "error":
+            missing = " and ".join(map(str, absent_csvs))
+            raise QuirkError(f"{where}: unknown video: {video_id} has no duration (no such file {missing})")
         record = resolve_segment(qid, video_id, sentence.strip(), duration, start, end, where, policy, report)
         if record is not None:
             records.append(record)
@@ -74,8 +88,14 @@ def load_charades_sta(
     csv_paths = [root / name for name in CSV_NAMES if (root / name).is_file()]
     if not csv_paths:
         raise FileNotFoundError(f"no Charades duration CSV ({' or '.join(CSV_NAMES)}) in {root}")
+    policy = policy or QuirkPolicy()
+    absent = [root / name for name in CSV_NAMES if root / name not in csv_paths]
     records, report = parse_charades_sta(
-        root / (annotation_file or f"charades_sta_{split}.txt"), read_durations(csv_paths), split, policy
+        root / (annotation_file or f"charades_sta_{split}.txt"),
+        read_durations(csv_paths, policy.strict),
+        split,
+        policy,
+        absent,
     )
     report.log()
     return records, report

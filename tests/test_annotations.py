@@ -36,12 +36,33 @@ def write(path: Path, text: str) -> Path:
 def sta(tmp_path: Path) -> tuple[Path, dict]:
     write(tmp_path / "Charades_v1_train.csv", CSV)
     path = write(tmp_path / "charades_sta_train.txt", "\n".join(STA_LINES) + "\n")
-    return path, read_durations([tmp_path / "Charades_v1_train.csv"])
+    return path, read_durations([tmp_path / "Charades_v1_train.csv"], strict=False)
 
 
 def test_read_durations_parses_crlf_csv(sta):
     _, durations = sta
-    assert durations == {"AAAAA": 10.0, "BBBBB": 20.5, "CCCCC": None}
+    assert durations == {"AAAAA": 10.0, "BBBBB": 20.5}  # CCCCC's length n/a: no duration (strict=False)
+
+
+def test_a_csv_length_that_is_no_duration_names_the_csv_row(sta):
+    """Before: the length became None silently; the error named the first query of the video."""
+    path, _ = sta
+    csv_path = path.parent / "Charades_v1_train.csv"
+    with pytest.raises(QuirkError, match=f"^{csv_path}:4: video CCCCC: length 'n/a' is not a duration"):
+        load_charades_sta(path.parent, "train")
+
+
+def test_a_missing_csv_is_named_when_a_video_has_no_duration(tmp_path):
+    """Before: ``unknown video: video BBBBB has no usable duration``, not naming the missing CSV."""
+    write(tmp_path / "Charades_v1_test.csv", "id,length\nAAAAA,10.0\n")
+    write(tmp_path / "charades_sta_train.txt", "AAAAA 1.0 2.0##x\nBBBBB 1.0 2.0##y\n")
+    missing = tmp_path / "Charades_v1_train.csv"
+    with pytest.raises(
+        QuirkError, match=f":2: unknown video: BBBBB has no duration \\(no such file {missing}\\)$"
+    ):
+        load_charades_sta(tmp_path, "train")
+    records, report = load_charades_sta(tmp_path, "train", QuirkPolicy(unknown_video="drop"))
+    assert len(records) == 1 and report.counts == {"unknown_video": 1}
 
 
 def test_charades_default_policy_counts_every_quirk(sta):
