@@ -6,7 +6,7 @@ import json
 import numbers
 from pathlib import Path
 
-from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport, resolve_segment
+from datamodules.quirks import MissingAnnotationFile, QuirkError, QuirkPolicy, QuirkReport, resolve_segment
 from grounding.records import GroundingRecord
 
 SPLITS = ("train", "val_1", "val_2")
@@ -72,11 +72,15 @@ def parse_activitynet(
 
 
 def load_activitynet(
-    root: str | Path, split: str, policy: QuirkPolicy | None = None
+    root: str | Path, split: str, policy: QuirkPolicy | None = None, annotation_file: str | None = None
 ) -> tuple[list[GroundingRecord], QuirkReport]:
-    """Load ``{split}.json`` (train, val_1 or val_2) from ``root``; logs the quirk report."""
+    """Load ``{split}.json`` (train, val_1 or val_2; or ``annotation_file``) from ``root``; logs the
+    quirk report."""
     if split not in SPLITS:
         raise ValueError(f"ActivityNet Captions split must be one of {SPLITS}, got {split!r}")
-    records, report = parse_activitynet(Path(root) / f"{split}.json", split, policy)
+    path = Path(root) / (annotation_file or f"{split}.json")
+    if not path.is_file():
+        raise MissingAnnotationFile(path, split)
+    records, report = parse_activitynet(path, split, policy)
     report.log()
     return records, report

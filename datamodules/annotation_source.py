@@ -21,7 +21,7 @@ from datamodules.coverage import CoverageReport, check_coverage, with_annotation
 from datamodules.feature_stores import build_feature_store
 from datamodules.jsonl import FIELDS, load_jsonl
 from datamodules.query_control import QUERY_CONTROLS, apply_query_control
-from datamodules.quirks import QuirkPolicy, QuirkReport
+from datamodules.quirks import MissingAnnotationFile, QuirkPolicy, QuirkReport
 from grounding.action_timelines import Timeline, read_timelines
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of
 from grounding.metrics.windows import MULTI_WINDOW_MODES
@@ -115,7 +115,11 @@ class AnnotationSource:
         own, files = self.spec.splits[split], self.spec.annotation_files
         if own not in self._parsed:
             kwargs = {"annotation_file": files[own]} if own in files else {}
-            self._parsed[own] = self.load(self.spec.root, own, self.spec.quirks, **kwargs, **self.options)
+            try:
+                self._parsed[own] = self.load(self.spec.root, own, self.spec.quirks, **kwargs, **self.options)
+            except MissingAnnotationFile as error:
+                key = f"annotation_files.{own}={files[own]}" if own in files else f"splits.{split}={own}"
+                raise MissingAnnotationFile(error.path, split, f"data.source.{key}") from None
         return self._parsed[own]
 
     def store(self, split: str) -> FeatureStore:

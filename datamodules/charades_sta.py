@@ -7,7 +7,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport, resolve_segment, text_lines
+from datamodules.quirks import (
+    MissingAnnotationFile,
+    QuirkError,
+    QuirkPolicy,
+    QuirkReport,
+    resolve_segment,
+    text_lines,
+)
 from grounding.records import GroundingRecord
 
 SPLITS = ("train", "test")
@@ -88,10 +95,13 @@ def load_charades_sta(
     csv_paths = [root / name for name in CSV_NAMES if (root / name).is_file()]
     if not csv_paths:
         raise FileNotFoundError(f"no Charades duration CSV ({' or '.join(CSV_NAMES)}) in {root}")
+    path = root / (annotation_file or f"charades_sta_{split}.txt")
+    if not path.is_file():
+        raise MissingAnnotationFile(path, split)
     policy = policy or QuirkPolicy()
     absent = [root / name for name in CSV_NAMES if root / name not in csv_paths]
     records, report = parse_charades_sta(
-        root / (annotation_file or f"charades_sta_{split}.txt"),
+        path,
         read_durations(csv_paths, policy.strict),
         split,
         policy,

@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
-from datamodules.quirks import QuirkPolicy, QuirkReport, resolve_windows, text_lines
+from datamodules.quirks import MissingAnnotationFile, QuirkPolicy, QuirkReport, resolve_windows, text_lines
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import GroundingRecord
 
@@ -134,7 +134,7 @@ def load_jsonl(
     """Load ``{split}.jsonl`` (or ``annotation_file``) from ``root``; logs the quirk report."""
     path = Path(root) / (annotation_file or f"{split}.jsonl")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such annotation file (the {split} split)")
+        raise MissingAnnotationFile(path, split)
     records, report = parse_jsonl(path, policy, keys, multi_window)
     report.log()
     return records, report

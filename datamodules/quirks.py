@@ -39,6 +39,15 @@ class QuirkError(ValueError):
     """An annotation problem that the policy says must stop parsing; the message names file and line."""
 
 
+class MissingAnnotationFile(FileNotFoundError):
+    """A split's annotation file that is not there; the message names it, the split and, when a
+    source read it for a run, the config key that chose it."""
+
+    def __init__(self, path: Path, split: str, key: str = "") -> None:
+        super().__init__(f"{path}: no such annotation file (the {split} split{f': {key}' if key else ''})")
+        self.path = path
+
+
 @dataclass(frozen=True)
 class QuirkPolicy(Checked):
     """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.activitynet import load_activitynet, parse_activitynet
+from datamodules.annotation_source import AnnotationSpec, annotation_source
 from datamodules.charades_sta import load_charades_sta, parse_charades_sta, read_durations
 from datamodules.quirks import QuirkError, QuirkPolicy
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE, normalize_query, render_prompt
@@ -207,6 +208,32 @@ def test_activitynet_invalid_json_names_file(tmp_path):
     path = write(tmp_path / "train.json", '{"v_a": {"duration": 3.0,\n oops}')
     with pytest.raises(QuirkError, match=f"{path}:2: not valid JSON"):
         parse_activitynet(path, "train")
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({}, "(the test split: data.source.splits.test=val_2)"),
+        ({"val_2": "fixed.json"}, "(the test split: data.source.annotation_files.val_2=fixed.json)"),
+    ],
+)
+def test_a_missing_activitynet_file_names_its_split_and_key(tmp_path, files, message):
+    """Before: ``[Errno 2] No such file or directory: '.../val_2.json'``, naming no split or key."""
+    for split in ("train", "val_1"):
+        write(
+            tmp_path / f"{split}.json",
+            json.dumps({"v_a": {"duration": 9.0, "timestamps": [[1, 2]], "sentences": ["x"]}}),
+        )
+    missing = tmp_path / files.get("val_2", "val_2.json")
+    with pytest.raises(
+        FileNotFoundError, match=f"^{missing}: no such annotation file \\(the val_2 split\\)$"
+    ):
+        load_activitynet(tmp_path, "val_2", annotation_file=files.get("val_2"))
+    splits = {"train": "train", "val": "val_1", "test": "val_2"}
+    source = annotation_source("activitynet", AnnotationSpec(str(tmp_path), splits, annotation_files=files))
+    with pytest.raises(FileNotFoundError) as error:
+        source.records("test")
+    assert str(error.value) == f"{missing}: no such annotation file {message}"
 
 
 def test_policy_rejects_unknown_options():
