@@ -384,6 +384,30 @@ def test_train_with_a_truncated_last_checkpoint_exits_with_one_line(tmp_path):
     ]  # nothing written before the check
 
 
+@pytest.mark.parametrize("left", ["checkpoints/last.ckpt", "checkpoints/best-step20.ckpt", "hpc_ckpt_1.ckpt"])
+def test_resume_null_beside_an_earlier_runs_checkpoints_is_refused_before_writing(tmp_path, capsys, left):
+    """Before: the new run wrote last-v1.ckpt beside the earlier run's last.ckpt, and a later
+    resume=auto continued the earlier run."""
+    import train
+
+    (tmp_path / left).parent.mkdir(exist_ok=True)
+    (tmp_path / left).write_bytes(b"an earlier run's checkpoint")
+    assert train.main(["experiment=tiny", f"output_dir={tmp_path}", "resume=null"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"error: resume=null: {tmp_path} holds an earlier run's checkpoints ({left}), which a later "
+        "resume=auto would continue instead of this run; give a new output_dir, or delete them to "
+        "start the run over"
+    ]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [left]
+
+
+def test_resume_null_starts_over_where_no_checkpoint_was_saved(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".partial-123").write_bytes(b"a killed save")  # no checkpoint
+    assert resume_checkpoint(None, tmp_path) is None
+
+
 def test_trainer_writes_checkpoints_atomically(tmp_path):
     from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
     from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO

@@ -11,6 +11,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.lightning_compat import sharded_checkpoint_metadata
 from callbacks.slurm_requeue import hpc_checkpoints
+from timerefine.pipeline.config import ConfigError
 
 # What Lightning reads to continue a fit; weights saved alone (``torch.save(model.state_dict())``,
 # ``save_weights_only``) lack them.
@@ -71,11 +72,25 @@ def checked(path: Path, own: bool = True) -> str:
     return str(path)
 
 
+def earlier_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoints a run left in ``output_dir``: ``checkpoints/*.ckpt`` and SLURM HPC ones."""
+    return sorted((output_dir / "checkpoints").glob("*.ckpt")) + sorted(hpc_checkpoints(output_dir).values())
+
+
 def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     """``auto``: a SLURM HPC checkpoint (Lightning finds it: "hpc"), else ``checkpoints/last.ckpt``
-    when present, else nothing. Any other value is a checkpoint path that must exist. The checkpoint
-    must be readable: a truncated or corrupt one is a :class:`CheckpointError` naming it."""
+    when present, else nothing. ``None``: nothing, refused (ConfigError) while ``output_dir`` holds an
+    earlier run's checkpoints, which the new run's would mix with. Any other value is a checkpoint
+    path that must exist. The checkpoint must be readable: a truncated or corrupt one is a
+    :class:`CheckpointError` naming it."""
     if resume is None:
+        if earlier := earlier_checkpoints(output_dir):
+            names = ", ".join(str(path.relative_to(output_dir)) for path in earlier)
+            raise ConfigError(
+                f"resume=null: {output_dir} holds an earlier run's checkpoints ({names}), which a later "
+                "resume=auto would continue instead of this run; give a new output_dir, or delete "
+                "them to start the run over"
+            )
         return None
     if resume != "auto":
         if not Path(resume).exists():
