@@ -80,8 +80,8 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
 def finished(cfg: DictConfig, output_dir: Path) -> bool:
     """Whether ``output_dir`` holds this run finished: ``metrics.json`` (which a run removes when it
     starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones, or ``test``
-    turned off (its test is done and stays). Only with ``resume=auto``: ``resume=null`` starts the
-    run over."""
+    turned off (its test is done and stays). Only with ``resume=auto``: ``resume=null`` would start the
+    run over, which resume.py refuses beside its checkpoints."""
     saved = output_dir / "config.yaml"
     if cfg.resume != "auto" or not (output_dir / "metrics.json").is_file() or not saved.is_file():
         return False
