@@ -53,3 +53,21 @@ def test_upper_case_suffixes_are_read_as_their_kind(video_run, tmp_path, capsys)
     pairs.write_text(json.dumps({"video": "A.NPY", "query": "a red square appears", "duration": 4}) + "\n")
     assert predict_main([str(pairs), *run]) == 0
     assert json.loads(capsys.readouterr().out) == [single]
+
+
+def test_a_recorded_encoder_that_cannot_load_is_named_by_its_record(video_run, tmp_path):
+    """Before: ``--encoder <model>: cannot load it``, naming a flag the user never gave."""
+    from omegaconf import OmegaConf
+
+    features, run_dir = tmp_path / "features", tmp_path / "run"
+    shutil.copytree(video_run.features, features)
+    shutil.copytree(video_run.run_dir, run_dir)
+    record = json.loads((features / "encoder.json").read_text()) | {"model": str(tmp_path / "moved_clip")}
+    (features / "encoder.json").write_text(json.dumps(record))
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.data.source.feature_path = str(features)
+    OmegaConf.save(config, run_dir / "config.yaml")
+    grounder = Grounder.from_run(run_dir)
+    expected = f"{features / 'encoder.json'}: model {tmp_path / 'moved_clip'}: cannot load it"
+    with pytest.raises(InputError, match=f"^{re.escape(expected)}"):
+        grounder.ground(video_run.videos / "vid_red_a.mp4", "a red square appears")

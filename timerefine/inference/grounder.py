@@ -21,10 +21,11 @@ import torch
 from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.prompts import normalize_query
 from grounding.answer_format.timeline import Timeline
-from timerefine.inference.export_folder import is_export, load_export
+from timerefine.inference.export_folder import MANIFEST, is_export, load_export
 from timerefine.inference.frame_encoder import ClipFrameEncoder
 from timerefine.inference.run_loading import LoadedRun, load_run, predict, query_error
 from timerefine.inference.video_features import (
+    ENCODER_RECORD,
     FEATURE_SUFFIXES,
     EncoderSpec,
     InputError,
@@ -132,8 +133,9 @@ def check_device(device: str) -> None:
 class Grounder:
     """A trained model that answers grounding queries about any video."""
 
-    def __init__(self, run: LoadedRun, encoder: EncoderSpec | None = None) -> None:
-        self.run, self.encoder_spec = run, encoder
+    def __init__(self, run: LoadedRun, encoder: EncoderSpec | None = None, origin: str = "--encoder") -> None:
+        """``origin`` names where ``encoder`` came from in messages (a flag, or the record it was read from)."""
+        self.run, self.encoder_spec, self.encoder_origin = run, encoder, origin
         self._encoder: ClipFrameEncoder | None = None
 
     @classmethod
@@ -144,7 +146,11 @@ class Grounder:
         with the one recorded next to the run's features (``encoder.json`` of the extraction)."""
         check_device(device)
         run = load_run(Path(run_dir), ckpt, device)
-        return cls(run, encoder or recorded_encoder(run.cfg.data.source.get("feature_path")))
+        if encoder is not None:
+            return cls(run, encoder)
+        features = run.cfg.data.source.get("feature_path")
+        record = f"{Path(features or '.') / ENCODER_RECORD}: model"
+        return cls(run, recorded_encoder(features), record)
 
     @classmethod
     def from_export(
@@ -153,7 +159,7 @@ class Grounder:
         """An exported model (``timerefine-export``): no Lightning checkpoint needed."""
         check_device(device)
         run, recorded = load_export(Path(folder), device)
-        return cls(run, encoder or recorded)
+        return cls(run, encoder) if encoder else cls(run, recorded, f"{Path(folder) / MANIFEST}: encoder")
 
     @classmethod
     def load(
@@ -184,10 +190,11 @@ class Grounder:
                     spec.model, spec.projection, str(self.run.module.device), spec.fp16
                 )
             except OSError as err:
-                raise InputError(f"--encoder {spec.model}: cannot load it ({err})") from err
+                raise InputError(f"{self.encoder_origin} {spec.model}: cannot load it ({err})") from err
             if encoder.dim != self.run.feature_dim:
                 raise InputError(
-                    f"--encoder {spec.model}: makes {encoder.dim}-d features, the run reads {self.run.feature_dim}-d"
+                    f"{self.encoder_origin} {spec.model}: makes {encoder.dim}-d features, the run reads "
+                    f"{self.run.feature_dim}-d"
                 )
             self._encoder = encoder
         return self._encoder
