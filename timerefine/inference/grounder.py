@@ -138,6 +138,10 @@ class Grounder:
         self.run, self.encoder_spec, self.encoder_origin = run, encoder, origin
         self._encoder: ClipFrameEncoder | None = None
 
+    def use_encoder(self, encoder: EncoderSpec, origin: str = "--encoder") -> None:
+        """Encode videos with ``encoder`` from now on."""
+        self.encoder_spec, self.encoder_origin, self._encoder = encoder, origin, None
+
     @classmethod
     def from_run(
         cls, run_dir: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None

@@ -133,9 +133,8 @@ def print_table(results: list[tuple[Path, Grounding]]) -> None:
     Console().print(table)
 
 
-def encoder_override(args: argparse.Namespace, grounder: Grounder) -> EncoderSpec | None:
-    if args.encoder is None:
-        return grounder.encoder_spec
+def encoder_of_flags(args: argparse.Namespace, grounder: Grounder) -> EncoderSpec:
+    """``--encoder`` and its options, sampling the frames the run's own encoder sampled."""
     frames = grounder.encoder_spec.num_frames if grounder.encoder_spec else grounder.run.num_frames
     return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
 
@@ -177,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         requests = requests_of(args)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
-        grounder.encoder_spec = encoder_override(args, grounder)
+        if args.encoder is not None:
+            grounder.use_encoder(encoder_of_flags(args, grounder))
         check_lengths(grounder, requests)
         results = ground_all(grounder, requests, args.batch_size)
     except InputError as err:
