@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.lightning_compat import (
+    accumulating,
     batch_in_flight,
     every_n_train_steps,
     mark_saved_at,
@@ -61,8 +62,6 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_exception=True,
         )
         self._after_validation = False
-        self._validating = False  # a fit's validation has started and not ended (Lightning would resume
-        # it part-way, or take it as done)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -73,13 +72,13 @@ class LastCheckpoint(ModelCheckpoint):
         then is none to continue from exactly (the steps since are trained again)."""
         if isinstance(exception, ArithmeticError) or not should_save_on_exception(self, trainer):
             return
-        if not (batch_in_flight(trainer) or self._validating):
+        if not (batch_in_flight(trainer) or accumulating(trainer) or trainer.validating):
             save_last(self, trainer)
         else:
             log.warning(
-                "stopped inside a step or its validation at step %d: %s stays the resume point",
+                "stopped inside a step or its validation at step %d: the resume point stays %s",
                 trainer.global_step,
-                self.last_model_path or "no checkpoint (none written yet)",
+                self.last_model_path or "none (no checkpoint yet: the run starts over)",
             )
 
     def on_load_checkpoint(
@@ -107,11 +106,7 @@ class LastCheckpoint(ModelCheckpoint):
         else:
             save_last(self, trainer)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._validating = not trainer.sanity_checking
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._validating = False
         if self._after_validation and not trainer.sanity_checking:
             self._after_validation = False
             save_last(self, trainer)

@@ -30,6 +30,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (ModelCheckpoint, "_last_global_step_saved", None),
     (ModelCheckpoint, "_every_n_train_steps", None),
     (_TrainingEpochLoop, "_should_check_val_fx", ("self", "data_fetcher")),
+    (_TrainingEpochLoop, "_should_accumulate", ("self",)),
     (ExperimentWriter, "_check_log_dir_exists", ("self",)),
     (CSVLogger, "_experiment", None),
 ]
@@ -97,6 +98,12 @@ def batch_in_flight(trainer: L.Trainer) -> bool:
     drew, its optimizer may have stepped some tensors)."""
     batches = trainer.fit_loop.epoch_loop.batch_progress.total
     return batches.ready != batches.completed
+
+
+def accumulating(trainer: L.Trainer) -> bool:
+    """Whether the last batch ended half-way through a gradient accumulation window: its gradients live
+    only in memory until the window's optimizer step."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:

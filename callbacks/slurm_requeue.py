@@ -19,6 +19,8 @@ from typing import Any
 
 import lightning as L
 
+from callbacks.lightning_compat import accumulating
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,8 @@ class SlurmRequeue(L.Callback):
         self.signalled = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        """At the end of a step: half-way through an accumulation window, gradients live only in memory."""
+        if accumulating(trainer) or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         path = next_hpc_checkpoint(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)

@@ -1,15 +1,12 @@
-"""Runs survive a kill: a resumed run ends exactly like an uninterrupted one, checkpoints are written
-atomically, and an unreadable resume checkpoint is one clear error line."""
+"""Resume points: the training loader's place in an epoch, atomic checkpoint files, and one clear
+error line for a resume checkpoint that cannot be used (runs killed and resumed: test_resume_runs.py)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,150 +19,6 @@ from timerefine.pipeline.resume import RESUME_KEYS, CheckpointError, resume_chec
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-MAX_STEPS, STEPS_PER_EPOCH = 24, 7
-RUN = [
-    "experiment=tiny",
-    "data.source.num_train=50",  # 13 batches an epoch, the last one short
-    "data.global_batch_size=8",  # two batches a step: 7 steps an epoch, the last of one batch
-    f"trainer.max_steps={MAX_STEPS}",
-    "model.saliency.projector_steps=0",
-    "trainer.val_check_interval=10",  # batches: step 5 ends on batch 10, right before a validation
-    "data.eval_batch_size=4",  # two validation batches: a validation can be stopped half-way
-    "trainer.log_every_n_steps=1",
-    "callbacks.checkpoint.last_every_n_steps=5",
-    "model.lora.enabled=true",  # dropout: the random state must continue as well
-    "model.refine.on_policy.fraction=0.5",  # callback state that changes the targets
-    "model.refine.on_policy.every_n_steps=4",
-    "model.refine.on_policy.num_samples=8",
-]
-
-
-def command(output_dir: Path) -> list[str]:
-    return [sys.executable, "train.py", *RUN, f"output_dir={output_dir}"]
-
-
-def identity(path: Path) -> tuple[int, int] | None:
-    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
-
-
-def kill_after_next_checkpoint(output_dir: Path) -> int:
-    """Start the run and ``kill -9`` it as soon as it has written a new ``last.ckpt``; its step."""
-    last = output_dir / "checkpoints" / "last.ckpt"
-    before = identity(last)
-    with open(output_dir.parent / "killed.log", "a") as log:
-        process = subprocess.Popen(command(output_dir), cwd=ROOT, env=ENV, stdout=log, stderr=log)
-        while identity(last) == before:
-            assert process.poll() is None, "the run ended before writing last.ckpt"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-
-
-def finish(output_dir: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command(output_dir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def final_state(output_dir: Path) -> tuple[dict, dict, list[dict]]:
-    weights = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    metrics = json.loads((output_dir / "metrics.json").read_text())
-    with open(output_dir / "logs" / "csv" / "metrics.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
-    return weights["state_dict"], metrics, rows
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    output_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    finish(output_dir)
-    return output_dir
-
-
-def assert_ends_alike(output_dir: Path, uninterrupted: Path) -> list[dict]:
-    """The weights and metrics of ``output_dir``'s run are the uninterrupted run's; its CSV rows."""
-    weights, metrics, rows = final_state(output_dir)
-    expected_weights, expected_metrics, _ = final_state(uninterrupted)
-    assert weights.keys() == expected_weights.keys()
-    for name, tensor in expected_weights.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert metrics == expected_metrics
-    return rows
-
-
-@pytest.mark.slow
-def test_run_killed_twice_mid_epoch_ends_like_an_uninterrupted_run(tmp_path, uninterrupted):
-    killed = tmp_path / "killed"
-    steps = [kill_after_next_checkpoint(killed), kill_after_next_checkpoint(killed)]
-    # Both kills come right after a mid-epoch last.ckpt; the first one's step ends on the batch that
-    # validation follows.
-    assert steps == [5, 10] and all(step % STEPS_PER_EPOCH for step in steps)
-    assert "resuming from" in finish(killed).stderr
-
-    rows, expected_rows = assert_ends_alike(killed, uninterrupted), final_state(uninterrupted)[2]
-    # The CSV log holds no repeated rows. Lightning logs a batch's training row after the batch-end
-    # hooks, so the row of the batch last.ckpt was written at is missing when the kill fell in between.
-    after_checkpoint = next(r for r in expected_rows if r["train/loss"] and int(r["step"]) == steps[-1] - 1)
-    assert rows in (expected_rows, [r for r in expected_rows if r is not after_checkpoint])
-
-
-# Sends ``signal`` to the run itself inside ``GroundingModule.<hook>`` at ``global_step``, batch ``batch_idx``.
-SIGNALLED_RUN = """
-import os, signal, sys
-from lightning_modules.grounding_module import GroundingModule
-from timerefine import train
-hook_name, step, index, number = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-hook = getattr(GroundingModule, hook_name)
-def signalled(self, batch, batch_idx):
-    if self.trainer.global_step == step and batch_idx == index and not self.trainer.sanity_checking:
-        os.kill(os.getpid(), number)
-    return hook(self, batch, batch_idx)
-setattr(GroundingModule, hook_name, signalled)
-sys.exit(train.main(sys.argv[5:]))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("hook", "step", "batch_idx", "sent", "resume_step"),
-    [
-        ("validation_step", 5, 0, signal.SIGTERM, None),  # Lightning stops after the first of two batches
-        ("training_step", 7, 1, signal.SIGINT, 5),  # Ctrl-C inside the batch that ends step 8
-    ],
-)
-def test_stopped_inside_a_step_or_its_validation_the_run_resumes_exactly(
-    tmp_path, uninterrupted, hook, step, batch_idx, sent, resume_step
-):
-    """Before: ``last.ckpt`` was written where the signal came. Half-way through a validation,
-    Lightning took that validation as done on resume (SIGTERM) or ran its rest only (Ctrl-C), so another
-    checkpoint became the best; inside a step, the loader had counted the batch, so one was skipped.
-    Now the last checkpoint written between steps stays the resume point (step 5's is written after
-    its validation, so there is none yet)."""
-    output_dir = tmp_path / "run"
-    args = [hook, str(step), str(batch_idx), str(int(sent)), *RUN, f"output_dir={output_dir}"]
-    stopped = subprocess.run(
-        [sys.executable, "-c", SIGNALLED_RUN, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert stopped.returncode != 0, stopped.stderr[-4000:]
-    assert f"stopped inside a step or its validation at step {step}" in stopped.stderr
-    last = output_dir / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
-    assert saved == resume_step
-    assert ("resuming from" in finish(output_dir).stderr) == (resume_step is not None)
-    rows = assert_ends_alike(output_dir, uninterrupted)
-
-    def validations(rows: list[dict]) -> list[tuple[str, str, str]]:
-        return [(r["step"], r["val/mIoU"], r["val/queries"]) for r in rows if r.get("val/mIoU")]
-
-    assert validations(rows) == validations(final_state(uninterrupted)[2])  # each one whole, none skipped
 
 
 class Keys(Dataset):
@@ -416,34 +269,3 @@ def test_trainer_writes_checkpoints_atomically(tmp_path):
     cfg = load_config(["experiment=tiny", f"output_dir={tmp_path}"])
     module = build_module(cfg, build_datamodule(cfg))
     assert isinstance(build_trainer(cfg, tmp_path, module).strategy.checkpoint_io, AtomicCheckpointIO)
-
-
-@pytest.mark.slow
-def test_sigterm_keeps_the_progress_in_last_ckpt_alone_and_says_the_run_did_not_finish(tmp_path):
-    """Before: exit 0 (Lightning's SIGTERMException is a SystemExit without a code), and besides
-    last.ckpt an ``epoch=..-step=...ckpt`` copy at every interruption."""
-    output_dir = tmp_path / "run"
-    last = output_dir / "checkpoints" / "last.ckpt"
-    run = [
-        sys.executable,
-        "train.py",
-        "experiment=tiny",
-        "trainer.max_steps=100000",
-        "callbacks.checkpoint.last_every_n_steps=5",
-        f"output_dir={output_dir}",
-    ]
-    process = subprocess.Popen(
-        run, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    while not last.exists():
-        assert process.poll() is None, "the run ended before writing last.ckpt"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + 15
-    assert err.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM: {last} holds its progress; the same command resumes it"
-    )
-    assert sorted(p.name for p in last.parent.iterdir() if not p.name.startswith("best")) == ["last.ckpt"]
-    assert not (output_dir / "metrics.json").exists()
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 5

@@ -107,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except SIGTERMException:  # Lightning's: a SystemExit whose code would say the run succeeded
-        print(
-            f"stopped by SIGTERM: {cfg.output_dir}/checkpoints/last.ckpt holds its progress; the same command resumes it",
-            file=sys.stderr,
-        )
+        last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+        where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
+        print(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
         return STOPPED_BY_SIGTERM
     return 0
 
