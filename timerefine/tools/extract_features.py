@@ -34,7 +34,7 @@ from timerefine.inference.frame_encoder import (
     preprocess,
     sample_frames,
 )
-from timerefine.inference.grounder import device_error
+from timerefine.inference.grounder import check_device
 from timerefine.inference.video_features import InputError, probe_video, shortfall
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         videos = videos_in(args.video_dir, args.out_dir)
-        if reason := device_error(args.device):
-            raise InputError(f"--device {args.device}: {reason}")
+        check_device(args.device)
         try:
             encoder = ClipFrameEncoder(args.model, not args.no_projection, args.device, args.fp16)
         except OSError as error:
