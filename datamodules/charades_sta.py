@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -17,13 +18,16 @@ from datamodules.quirks import (
 )
 from grounding.records import GroundingRecord
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "test")
 CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")
 
 
 def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict[str, float]:
     """Map video id to the CSV ``length`` in seconds. A row whose length is not a number of seconds
-    > 0 is a QuirkError naming ``file:line`` (``strict``), else left out: its video has no duration."""
+    > 0 is a QuirkError naming ``file:line`` (``strict``), else left out with a warning naming it: its
+    video has no duration."""
     durations: dict[str, float] = {}
     for path in csv_paths:
         with open(path, newline="", encoding="utf-8") as f:
@@ -37,11 +41,11 @@ def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict
                     length = math.nan
                 if math.isfinite(length) and length > 0:
                     durations[row["id"]] = length
-                elif strict:
-                    raise QuirkError(
-                        f"{path}:{reader.line_num}: video {row['id']}: length {row['length']!r} is not "
-                        "a duration in seconds > 0"
-                    )
+                    continue
+                problem = f"{path}:{reader.line_num}: video {row['id']}: length {row['length']!r} is not a duration in seconds > 0"
+                if strict:
+                    raise QuirkError(problem)
+                log.warning("%s; its queries have no duration (counted as unknown_video)", problem)
     return durations
 
 

@@ -45,6 +45,15 @@ def test_read_durations_parses_crlf_csv(sta):
     assert durations == {"AAAAA": 10.0, "BBBBB": 20.5}  # CCCCC's length n/a: no duration (strict=False)
 
 
+def test_a_csv_length_left_out_is_logged_with_its_row(sta, caplog):
+    """Before: with strict=false the row was left out without a word."""
+    path, _ = sta
+    csv_path = path.parent / "Charades_v1_train.csv"
+    with caplog.at_level(logging.WARNING):
+        read_durations([csv_path], strict=False)
+    assert f"{csv_path}:4: video CCCCC: length 'n/a' is not a duration in seconds > 0" in caplog.text
+
+
 def test_a_csv_length_that_is_no_duration_names_the_csv_row(sta):
     """Before: the length became None silently; the error named the first query of the video."""
     path, _ = sta
