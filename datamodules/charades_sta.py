@@ -42,7 +42,10 @@ def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict
                 if math.isfinite(length) and length > 0:
                     durations[row["id"]] = length
                     continue
-                problem = f"{path}:{reader.line_num}: video {row['id']}: length {row['length']!r} is not a duration in seconds > 0"
+                problem = (
+                    f"{path}:{reader.line_num}: video {row['id']}: length {row['length']!r} is not a "
+                    "duration in seconds > 0"
+                )
                 if strict:
                     raise QuirkError(problem)
                 log.warning("%s; its queries have no duration (counted as unknown_video)", problem)

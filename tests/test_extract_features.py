@@ -235,5 +235,5 @@ def test_cli_mistakes_are_one_line(tiny_clip, videos, tmp_path, capsys, change, 
 def test_impossible_counts_are_refused_by_the_parser(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), str(tmp_path / "out"), *flag])
-    assert exit_.value.code == 2 and "must be a whole number >=" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "must be an integer >=" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

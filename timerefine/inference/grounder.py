@@ -153,8 +153,9 @@ class Grounder:
         if encoder is not None:
             return cls(run, encoder)
         features = run.cfg.data.source.get("feature_path")
-        record = f"{Path(features or '.') / ENCODER_RECORD}: model"
-        return cls(run, recorded_encoder(features), record)
+        if recorded := recorded_encoder(features):
+            return cls(run, recorded, f"{Path(features) / ENCODER_RECORD}: model")
+        return cls(run)
 
     @classmethod
     def from_export(

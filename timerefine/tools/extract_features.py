@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from timerefine.inference.frame_encoder import (
 )
 from timerefine.inference.grounder import check_device
 from timerefine.inference.video_features import InputError, probe_video, shortfall
+from timerefine.tools.arguments import at_least, at_least_one
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +150,6 @@ def extract(
     return report
 
 
-def count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        value = int(text) if text.lstrip("-").isdigit() else None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
 def videos_in(video_dir: Path, out_dir: Path) -> list[Path]:
     """The videos of ``video_dir``; InputError when it is no folder of videos or ``out_dir`` is a file."""
     if not video_dir.is_dir():
@@ -181,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-projection", action="store_true", help="keep the pooled output, not the projection"
     )
-    parser.add_argument("--num-frames", type=count(1), default=100)
-    parser.add_argument("--batch-size", type=count(1), default=100, help="frames per encoder forward pass")
-    parser.add_argument("--workers", type=count(0), default=2, help="decoding processes")
+    parser.add_argument("--num-frames", type=at_least_one, default=100)
+    parser.add_argument(
+        "--batch-size", type=at_least_one, default=100, help="frames per encoder forward pass"
+    )
+    parser.add_argument("--workers", type=at_least(0), default=2, help="decoding processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--strict", action="store_true", help="stop at the first undecodable video")
