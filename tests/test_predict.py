@@ -150,6 +150,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     nameless = pairs_file(tmp_path / "nameless.jsonl", {"video": red, "query": " . "})
     long_pairs = pairs_file(tmp_path / "long.jsonl", {"video": red, "query": LONG_QUERY})
     timeless = pairs_file(tmp_path / "timeless.jsonl", {"video": str(wide), "query": "a red square"})
+    misspelt = pairs_file(tmp_path / "misspelt.jsonl", {"video": red, "query": "a red square", "durattion": 6})
     query = ["--query", "a red square appears"]
     return {
         # before: a RuntimeError traceback, exit 1
@@ -220,6 +221,11 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
             "--query 2: the query is ",
         ),
         "query too long in a pairs file": ([str(long_pairs), "--run", run], f"{long_pairs}:1: the query is "),
+        # before: answered on the video's own length, the misspelt key unread
+        "unknown key in a pairs file": (
+            [str(misspelt), "--run", run],
+            f'{misspelt}:1: "durattion" is not a key of a pair (video, query, duration)',
+        ),
     }
 
 
@@ -250,6 +256,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "no CUDA here",
         "features without duration in a pairs file",
         "--duration with a pairs file",
+        "unknown key in a pairs file",
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(bad_inputs, case, capsys):

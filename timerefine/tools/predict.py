@@ -48,6 +48,9 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
             ) from err
 
 
+PAIR_KEYS = ("video", "query", "duration")
+
+
 def read_pairs(path: Path) -> list[Request]:
     """The (video, query[, duration]) lines of a JSONL file; relative videos are next to the file."""
     requests = []
@@ -62,6 +65,8 @@ def read_pairs(path: Path) -> list[Request]:
             raise InputError(
                 f'{where}: expected {{"video": ..., "query": ...}}, got {line.strip()!r}'
             ) from err
+        if unknown := sorted(set(row) - set(PAIR_KEYS)):  # a misspelt "duration" would go unread
+            raise InputError(f'{where}: "{unknown[0]}" is not a key of a pair ({", ".join(PAIR_KEYS)})')
         if not isinstance(query, str):
             raise InputError(f'{where}: "query" must be a string, got {query!r}')
         if not normalize_query(query):
