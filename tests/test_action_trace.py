@@ -360,3 +360,15 @@ def test_diagnose_and_the_tool(charades, tmp_path, capsys):
     )
     assert main([str(run)]) == 2
     assert "Charades_v1_train.csv" in capsys.readouterr().err
+
+
+def test_a_prediction_of_a_video_in_no_csv_is_refused(charades, tmp_path, capsys):
+    """Before: counted as "no action", as if the model had answered off every action."""
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    row = {"video_id": "ELSEWHERE", "gt": [0.0, 8.0], "pred": [0.0, 8.0], "iou": 1.0, "duration": 19.0}
+    (run / "predictions" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    OmegaConf.save({"data": {"name": "charades_sta", "source": {"root": str(charades)}}}, run / "config.yaml")
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "video ELSEWHERE" in err and "Charades_v1_test.csv" in err, err

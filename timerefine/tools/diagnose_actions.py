@@ -61,9 +61,11 @@ def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, t
 
 
 def _outcome(row: dict, timelines: Mapping[str, Timeline]) -> str:
-    timeline = timelines.get(row["video_id"])
+    """ValueError for a video the CSVs lack: every Charades-STA video is in them, so they are another set's."""
+    if (timeline := timelines.get(row["video_id"])) is None:
+        raise ValueError(f"video {row['video_id']} of a prediction is in none of the CSVs")
     pred = None if row["pred"] is None else (row["pred"][0], row["pred"][1])
-    return landing(pred, (row["gt"][0], row["gt"][1]), timeline.actions if timeline else ())
+    return landing(pred, (row["gt"][0], row["gt"][1]), timeline.actions)
 
 
 @dataclass(frozen=True)
