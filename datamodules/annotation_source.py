@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,12 +66,28 @@ class AnnotationSpec(Checked):
     annotation_files: dict[str, str] = field(default_factory=dict)
     queries: str = checked("annotated", one_of(*QUERY_CONTROLS))
     has_action_timelines: ClassVar[bool] = False
+    # The fields only some features read: set under other features, they would change nothing.
+    FEATURE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "feature_path": STORED_FEATURES,
+        "synthetic_noise": ("synthetic",),
+    }
 
     def relations(self) -> Iterator[str]:
         if self.features == "action_trace" and not self.has_action_timelines:
             yield "features=action_trace needs data=charades_sta (the Charades action timelines)"
         if self.features in STORED_FEATURES and not self.feature_path:
             yield f"features={self.features} needs feature_path (the folder or packed store)"
+        defaults = {
+            f.name: f.default_factory() if f.default is MISSING else f.default
+            for f in fields(self)
+            if f.name in self.FEATURE_OPTIONS
+        }
+        for key, readers in self.FEATURE_OPTIONS.items():
+            if self.features not in readers and getattr(self, key) != defaults[key]:
+                yield (
+                    f"{key} is read only with features={' or '.join(readers)}; with "
+                    f"features={self.features} it would change nothing"
+                )
 
 
 def key_names(value: Any) -> str | None:
@@ -165,6 +181,7 @@ class CharadesSpec(AnnotationSpec):
     ``action_trace`` says (datamodules/action_trace.py); the query never enters them."""
 
     has_action_timelines: ClassVar[bool] = True
+    FEATURE_OPTIONS = {**AnnotationSpec.FEATURE_OPTIONS, "action_trace": ("action_trace",)}
     action_trace: ActionTraceSpec = field(default_factory=ActionTraceSpec)
 
 

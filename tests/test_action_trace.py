@@ -233,6 +233,19 @@ def test_action_trace_knobs_reach_the_store(charades):
         (["data=charades_sta", "data.source.action_trace.noise=-1"], "data.source.action_trace.noise"),
         (["data=charades_sta", "data.source.queries=none"], "data.source.queries=none: must be one of"),
         (["data=charades_sta", "+data.source.action_trace.nois=1"], "data.source.action_trace.nois"),
+        # before: accepted, and read by nothing
+        (
+            ["data=charades_sta", "data.source.action_trace.blur=2"],
+            "data.source.action_trace is read only with features=action_trace; with features=synthetic",
+        ),
+        (
+            ["data=charades_sta", "data.source.features=action_trace", "data.source.synthetic_noise=0.2"],
+            "data.source.synthetic_noise is read only with features=synthetic",
+        ),
+        (
+            ["data=activitynet", "data.source.feature_path=/features"],
+            "data.source.feature_path is read only with features=folder or packed",
+        ),
     ],
 )
 def test_bad_action_trace_settings_are_config_errors(overrides, message):
