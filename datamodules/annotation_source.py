@@ -181,7 +181,10 @@ class CharadesSpec(AnnotationSpec):
     ``action_trace`` says (datamodules/action_trace.py); the query never enters them."""
 
     has_action_timelines: ClassVar[bool] = True
-    FEATURE_OPTIONS = {**AnnotationSpec.FEATURE_OPTIONS, "action_trace": ("action_trace",)}
+    FEATURE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        **AnnotationSpec.FEATURE_OPTIONS,
+        "action_trace": ("action_trace",),
+    }
     action_trace: ActionTraceSpec = field(default_factory=ActionTraceSpec)
 
 

@@ -150,7 +150,9 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     nameless = pairs_file(tmp_path / "nameless.jsonl", {"video": red, "query": " . "})
     long_pairs = pairs_file(tmp_path / "long.jsonl", {"video": red, "query": LONG_QUERY})
     timeless = pairs_file(tmp_path / "timeless.jsonl", {"video": str(wide), "query": "a red square"})
-    misspelt = pairs_file(tmp_path / "misspelt.jsonl", {"video": red, "query": "a red square", "durattion": 6})
+    misspelt = pairs_file(
+        tmp_path / "misspelt.jsonl", {"video": red, "query": "a red square", "durattion": 6}
+    )
     query = ["--query", "a red square appears"]
     return {
         # before: a RuntimeError traceback, exit 1
