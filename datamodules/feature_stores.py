@@ -95,14 +95,17 @@ class FolderFeatureStore:
         self._paths: dict[str, Path] = {}  # video id -> its file, once found
 
     def video_ids(self) -> list[str]:
-        """Sorted ids of the videos that have a feature file."""
-        return sorted({p.stem for p in self.root.iterdir() if p.suffix in SUFFIXES and p.is_file()})
+        """Sorted ids of the videos that have a feature file (a link to nowhere too: loading it says so)."""
+        return sorted(
+            {p.stem for p in self.root.iterdir() if p.suffix.lower() in SUFFIXES and not p.is_dir()}
+        )
 
     def path(self, video_id: str) -> Path:
-        """The one file holding ``video_id``, looked up once (the ``.npy`` name when there is none);
-        two files of one video are a FeatureError, as which one is meant cannot be told."""
+        """The one file holding ``video_id`` (``.npy``, else ``.NPY``, ...), looked up once (the ``.npy``
+        name when there is none); two files of one video are a FeatureError, as which one is meant
+        cannot be told."""
         if video_id not in self._paths:
-            found = [p for suffix in SUFFIXES if (p := self.root / f"{video_id}{suffix}").is_file()]
+            found = [p for suffix in SUFFIXES if (p := self._named(f"{video_id}{suffix}"))]
             if len(found) > 1:
                 names = ", ".join(p.name for p in found)
                 raise FeatureError(video_id, str(found[0]), f"ambiguous: {names}; keep one")
@@ -111,9 +114,15 @@ class FolderFeatureStore:
             self._paths[video_id] = found[0]
         return self._paths[video_id]
 
+    def _named(self, name: str) -> Path | None:
+        """The entry ``name`` of the folder, else its upper-case suffix's (a link to nowhere counts)."""
+        stem, suffix = name.rsplit(".", 1)
+        entries = (self.root / name, self.root / f"{stem}.{suffix.upper()}")
+        return next((p for p in entries if p.is_file() or p.is_symlink()), None)
+
     def load(self, video_id: str) -> np.ndarray:
         path = self.path(video_id)
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             raise FeatureError(video_id, str(path), f"missing: no {'/'.join(SUFFIXES)} file in {self.root}")
         try:
             array = read_feature_file(path)

@@ -106,6 +106,30 @@ def test_folder_store_refuses_two_files_of_one_video(tmp_path):
         FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D).load("v")
 
 
+def test_upper_case_suffixes_and_broken_links_are_listed(folder, tmp_path):
+    """Before: vid_e.NPY and a link to nowhere were never listed, so packing left them out uncounted."""
+    np.save(folder / "vid_e.npy", features(4, 6))
+    (folder / "vid_e.npy").rename(folder / "vid_e.NPY")
+    (folder / "vid_f.npz").symlink_to(tmp_path / "nowhere.npz")
+    store = FolderFeatureStore(folder, num_frames=4, feature_dim=D)
+    assert store.video_ids() == ["vid_a", "vid_b", "vid_c", "vid_d", "vid_e", "vid_f"]
+    np.testing.assert_array_equal(store.load("vid_e"), features(4, 6).astype(np.float32))
+    with pytest.raises(FeatureError, match=rf"{folder / 'vid_f.npz'}.*unreadable"):
+        store.load("vid_f")
+    report = pack_folder(folder, tmp_path / "packed", num_frames=4, feature_dim=D)
+    assert "vid_e" in report.packed and list(report.bad) == ["vid_f"]
+
+
+def test_features_beyond_the_packed_dtype_are_left_out(folder, tmp_path):
+    """Before: 1e5 became inf in float16; the store packed it, reported no bad file, and failed to load."""
+    np.save(folder / "vid_big.npy", np.full((4, D), 1e5, np.float32))
+    report = pack_folder(folder, tmp_path / "packed", num_frames=4, feature_dim=D)
+    assert list(report.bad) == ["vid_big"] and "vid_big" not in report.packed
+    assert report.bad["vid_big"].endswith("beyond float16's range (largest |value| 1e+05 > 65504)")
+    wide = pack_folder(folder, tmp_path / "packed32", num_frames=4, feature_dim=D, dtype="float32")
+    assert "vid_big" in wide.packed and not wide.bad
+
+
 def test_pack_round_trip_equals_folder_store(folder, tmp_path):
     write_bad(folder, "broken.npy", np.full((3, D), np.nan, np.float16))
     start_method = multiprocessing.get_start_method()

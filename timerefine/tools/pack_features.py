@@ -2,7 +2,7 @@
 
     timerefine-pack-features SRC_DIR DST_DIR --num-frames 100 --feature-dim 768 --workers 4
 
-Every file is validated first; bad ones are reported (video, file, reason) and left out, and the
+Every file is validated first (readable, of the right size, finite once stored as ``--dtype``); bad ones are reported (video, file, reason) and left out, and the
 command then exits with status 1.
 """
 
@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
 from grounding.records import FeatureError
 from timerefine.tools.arguments import at_least_one
@@ -31,6 +33,14 @@ class PackReport:
 
     packed: list[str] = field(default_factory=list)
     bad: dict[str, str] = field(default_factory=dict)
+
+
+def out_of_range(features: np.ndarray, dtype: str) -> str | None:
+    """Why ``features`` cannot be stored as ``dtype`` (a value would become inf); None when they can."""
+    if np.isfinite(features.astype(dtype)).all():
+        return None
+    largest, limit = float(np.abs(features).max()), float(np.finfo(dtype).max)
+    return f"beyond {dtype}'s range (largest |value| {largest:.0e} > {limit:g})"
 
 
 def pack_item(video_id: str, src: str, num_frames: int, feature_dim: int, dtype: str) -> dict:
@@ -60,7 +70,8 @@ def pack_folder(
     store, report = FolderFeatureStore(src, num_frames, feature_dim), PackReport()
     for video_id in store.video_ids():
         try:
-            store.load(video_id)
+            if reason := out_of_range(store.load(video_id), dtype):
+                raise FeatureError(video_id, str(store.path(video_id)), reason)
             report.packed.append(video_id)
         except FeatureError as err:
             report.bad[video_id] = str(err)
