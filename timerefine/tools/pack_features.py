@@ -2,8 +2,8 @@
 
     timerefine-pack-features SRC_DIR DST_DIR --num-frames 100 --feature-dim 768 --workers 4
 
-Every file is validated first (readable, of the right size, finite once stored as ``--dtype``); bad ones are reported (video, file, reason) and left out, and the
-command then exits with status 1.
+Every file is validated first (readable, of the right size, finite once stored as ``--dtype``); bad
+ones are reported (video, file, reason) and left out, and the command then exits with status 1.
 """
 
 from __future__ import annotations
