@@ -6,7 +6,15 @@ import json
 import numbers
 from pathlib import Path
 
-from datamodules.quirks import MissingAnnotationFile, QuirkError, QuirkPolicy, QuirkReport, resolve_segment
+from datamodules.quirks import (
+    DuplicateKey,
+    MissingAnnotationFile,
+    QuirkError,
+    QuirkPolicy,
+    QuirkReport,
+    resolve_segment,
+    unique_keys,
+)
 from grounding.records import GroundingRecord
 
 SPLITS = ("train", "val_1", "val_2")
@@ -30,12 +38,14 @@ def parse_activitynet(
     path = Path(path)
     raw = path.read_bytes()
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise QuirkError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
     except json.JSONDecodeError as err:
         raise QuirkError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    except DuplicateKey as err:
+        raise QuirkError(f"{path}: {err}") from err
     if not isinstance(data, dict):
         raise QuirkError(f"{path}: expected a JSON object of videos, got {type(data).__name__}")
     report = QuirkReport(source=str(path))

@@ -14,7 +14,15 @@ import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
-from datamodules.quirks import MissingAnnotationFile, QuirkPolicy, QuirkReport, resolve_windows, text_lines
+from datamodules.quirks import (
+    DuplicateKey,
+    MissingAnnotationFile,
+    QuirkPolicy,
+    QuirkReport,
+    resolve_windows,
+    text_lines,
+    unique_keys,
+)
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import GroundingRecord
 
@@ -95,9 +103,12 @@ def parse_jsonl(
     for lineno, line in text_lines(path, report, policy):
         where = f"{path}:{lineno}"
         try:
-            entry = json.loads(line)
+            entry = json.loads(line, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as err:
             report.malformed(where, f"not valid JSON: {err.msg} (column {err.colno})", policy)
+            continue
+        except DuplicateKey as err:
+            report.malformed(where, str(err), policy)
             continue
         problem = _problem(entry, keys)
         qid = None if problem else str(entry[keys["qid"]])

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from grounding.answer_format.prompts import normalize_query
 from grounding.checks import Checked, checked, one_of
@@ -37,6 +38,20 @@ TIME_TOLERANCE = 1e-6
 
 class QuirkError(ValueError):
     """An annotation problem that the policy says must stop parsing; the message names file and line."""
+
+
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice: ``json`` would keep the last value, the first unread."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`DuplicateKey` naming a repeated key."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DuplicateKey(f"key {key!r} appears twice in one object (JSON would keep only the last)")
+        seen.add(key)
+    return dict(pairs)
 
 
 class MissingAnnotationFile(FileNotFoundError):

@@ -213,6 +213,14 @@ def test_activitynet_mismatched_lists_count_every_query_skipped(tmp_path):
     assert report.counts == {"malformed": 3} and (report.read, report.kept, report.dropped) == (4, 1, 3)
 
 
+def test_activitynet_video_named_twice_names_it(tmp_path):
+    """Before: JSON kept the second entry; the first one's queries vanished uncounted."""
+    entry = '{"duration": 9.0, "timestamps": [[1, 2]], "sentences": ["a."]}'
+    path = write(tmp_path / "train.json", f'{{"v_a": {entry},\n"v_a": {entry}}}')
+    with pytest.raises(QuirkError, match=f"{path}: key 'v_a' appears twice in one object"):
+        parse_activitynet(path, "train", QuirkPolicy(strict=False))
+
+
 def test_activitynet_invalid_json_names_file(tmp_path):
     path = write(tmp_path / "train.json", '{"v_a": {"duration": 3.0,\n oops}')
     with pytest.raises(QuirkError, match=f"{path}:2: not valid JSON"):

@@ -105,6 +105,8 @@ def test_quirk_policy_applies_to_every_window(tmp_path):
         (line("x", [[1, 2]], duration=-5.0), "'duration' must be a positive number of seconds, got -5.0"),
         (line("x", [[1, 2]], video=""), "'video_id' must be a non-empty string or an integer, got ''"),
         (line("a", [[1, 2]]), "qid a repeats line 1"),
+        # before: JSON kept the last window, the first unread
+        (line("x", [[1, 2]])[:-1] + ', "windows": [[5, 6]]}', "key 'windows' appears twice"),
         (line("x", [[-1, 2]]), "bad times -1.0, 2.0"),
     ],
 )
