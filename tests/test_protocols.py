@@ -292,6 +292,11 @@ def test_rescore_orders_and_clips_predictions_as_the_run_does(tmp_path, capsys):
             "[-1.0, 3.0]",
         ),
         ({"pred": [1.0, 2.0], "gt": [1.0, 2.0], "windows": [[1, 2], [3]], "duration": 10.0}, "[start, end]"),
+        # before: scored against gt, its one window unread
+        (
+            {"pred": [0, 1], "gt": [0, 1], "windows": [[5, 6]], "duration": 10.0},
+            "gt [0.0, 1.0] is not the query's one window [5.0, 6.0]",
+        ),
         (
             {"pred": [1, 2], "gt": [1, 2], "windows": TWO_WINDOWS, "multi_window": "any", "duration": 20},
             "'any'",

@@ -72,6 +72,10 @@ def row_record(row: dict, where: str, multi_window: str | None) -> GroundingReco
             raise PredictionsError(
                 f"{where}: ground truth [{start}, {end}] is not a segment inside [0, {duration}]"
             )
+    if len(windows) == 1 and windows[0] != gt:  # the IoU would be the prediction's with gt
+        raise PredictionsError(
+            f"{where}: gt {list(gt)} is not the query's one window {list(windows[0])}, which scores it"
+        )
     mode = multi_window or row.get("multi_window")
     if (mode is None and len(windows) > 1) or (mode is not None and mode not in MULTI_WINDOW_MODES):
         raise PredictionsError(
