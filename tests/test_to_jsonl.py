@@ -10,6 +10,7 @@ import pytest
 from datamodules.activitynet import load_activitynet
 from datamodules.charades_sta import load_charades_sta
 from datamodules.jsonl import load_jsonl
+from datamodules.quirks import QuirkPolicy
 from tests.test_jsonl import write
 from timerefine.tools import to_jsonl
 
@@ -130,3 +131,30 @@ def test_real_annotations_convert_with_every_query(tmp_path, dataset, root, kept
         records, report = load_jsonl(tmp_path, split)
         assert len(records) == report.read == kept[split] and report.counts == {}
         assert len({r.qid for r in records}) == kept[split]
+
+
+def test_a_split_file_already_there_is_refused(tmp_path, capsys):
+    """Before: a second conversion (another quirk policy) silently replaced train.jsonl in the folder."""
+    root, out = charades_root(tmp_path / "charades"), tmp_path / "out"
+    assert to_jsonl.main(["charades_sta", str(root), str(out), "--splits", "train"]) == 0
+    first = (out / "train.jsonl").read_bytes()
+    capsys.readouterr()
+    argv = ["charades_sta", str(root), str(out), "--start-after-end", "drop"]
+    assert to_jsonl.main(argv) == 2
+    message = f"error: {out / 'train.jsonl'}: already written; convert into a new folder"
+    assert capsys.readouterr().err.strip() == message
+    assert (out / "train.jsonl").read_bytes() == first and not (out / "test.jsonl").exists()
+
+
+def test_a_split_file_is_whole_or_absent(tmp_path, monkeypatch):
+    """Before: the file was written in place, so a crash mid-write left half a split under its name."""
+
+    def crash(path: Path, text: str, encoding: str) -> None:
+        path.write_bytes(text[: len(text) // 2].encode(encoding))
+        raise OSError("No space left on device")
+
+    root, out = charades_root(tmp_path / "charades"), tmp_path / "out"
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(OSError, match="No space left"):
+        to_jsonl.convert("charades_sta", root, out, ["train"], QuirkPolicy())
+    assert list(out.iterdir()) == []
