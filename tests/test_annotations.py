@@ -62,6 +62,18 @@ def test_a_csv_length_that_is_no_duration_names_the_csv_row(sta):
         load_charades_sta(path.parent, "train")
 
 
+def test_a_csv_line_that_is_not_utf8_names_the_csv_row(tmp_path, caplog):
+    """Before: a UnicodeDecodeError traceback (docs/datasets.md promises file:line)."""
+    csv_path = tmp_path / "Charades_v1_train.csv"
+    csv_path.write_bytes(CSV.replace("BBBBB,y", "BBBBB,\xff").encode("latin-1"))
+    with pytest.raises(QuirkError, match=f"^{csv_path}:3: malformed annotation: not UTF-8 \\(byte 0xff"):
+        read_durations([csv_path])
+    with caplog.at_level(logging.WARNING):
+        assert read_durations([csv_path], strict=False) == {"AAAAA": 10.0}
+    assert f"{csv_path}: malformed: 1 skipped, e.g. {csv_path}:3 (not UTF-8" in caplog.text
+    assert f"{csv_path}:4: video CCCCC" in caplog.text  # the lines after it keep their numbers
+
+
 def test_a_missing_csv_is_named_when_a_video_has_no_duration(tmp_path):
     """Before: ``unknown video: video BBBBB has no usable duration``, not naming the missing CSV."""
     write(tmp_path / "Charades_v1_test.csv", "id,length\nAAAAA,10.0\n")

@@ -158,3 +158,16 @@ def test_a_split_file_is_whole_or_absent(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         to_jsonl.convert("charades_sta", root, out, ["train"], QuirkPolicy())
     assert list(out.iterdir()) == []
+
+
+def test_a_duration_csv_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """Before: a UnicodeDecodeError traceback."""
+    root = charades_root(tmp_path / "charades")
+    with open(root / "Charades_v1_train.csv", "ab") as csv_file:
+        csv_file.write(b"\xff\xfe\n")
+    assert to_jsonl.main(["charades_sta", str(root), str(tmp_path / "out")]) == 2
+    where = f"{root / 'Charades_v1_train.csv'}:4"
+    assert (
+        capsys.readouterr().err
+        == f"error: {where}: malformed annotation: not UTF-8 (byte 0xff at column 1)\n"
+    )
