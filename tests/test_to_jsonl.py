@@ -96,12 +96,20 @@ def test_converter_mistakes_are_one_line_errors(tmp_path, capsys, argv, message)
     assert not (tmp_path / "out").exists()
 
 
-def test_converter_into_a_file_is_one_line(tmp_path, capsys):
-    """Before: a FileExistsError traceback, exit 1."""
+@pytest.mark.parametrize(
+    ("below", "message"),
+    [
+        ("", "{taken} exists and is not a directory"),
+        ("sub", "{taken} is a file, so no directory can be made below it"),
+    ],
+)
+def test_converter_into_a_file_is_one_line(tmp_path, capsys, below, message):
+    """Before: a FileExistsError traceback, exit 1; below the file, a NotADirectoryError traceback."""
     taken = tmp_path / "taken"
     taken.write_text("keep me\n")
-    assert to_jsonl.main(["charades_sta", str(charades_root(tmp_path / "charades")), str(taken)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {taken} exists and is not a folder"
+    out = str(taken / below) if below else str(taken)
+    assert to_jsonl.main(["charades_sta", str(charades_root(tmp_path / "charades")), out]) == 2
+    assert capsys.readouterr().err.strip() == "error: " + message.format(taken=taken)
     assert taken.read_text() == "keep me\n"
 
 

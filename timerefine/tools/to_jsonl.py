@@ -19,6 +19,7 @@ from pathlib import Path
 
 from datamodules import activitynet, charades_sta
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport
+from grounding.checks import not_a_file
 from grounding.records import GroundingRecord
 
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
@@ -62,8 +63,8 @@ def convert(
     """Parse every split first, then write ``out/{split}.jsonl``; returns each split's file and report.
     A file there already is refused (it may hold queries converted under another quirk policy)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+    if reason := not_a_file(str(out)):
+        raise FileExistsError(reason)
     paths = {split: out / f"{split}.jsonl" for split in splits}
     if taken := [str(path) for path in paths.values() if path.exists()]:
         raise FileExistsError(f"{', '.join(taken)}: already written; convert into a new folder")
