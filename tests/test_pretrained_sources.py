@@ -97,6 +97,57 @@ def test_convert_tool_errors_are_one_line(tmp_path, capsys):
     assert "not a .gguf file" in capsys.readouterr().err
 
 
+CUT = b"GGUF\x03\x00\x00\x00"  # a GGUF header cut short
+
+
+@pytest.mark.parametrize(
+    ("content", "cache", "message"),
+    [  # before: each a traceback, exit 1
+        (b"\x89PNG\r\n", "cache", "{model}: not a GGUF file (it does not start with the bytes GGUF)"),
+        (CUT, "cache", "{model}: not a whole GGUF model transformers can read (unpack_from requires"),
+        (CUT, "taken", "GGUF cache: {taken} is a file, so no directory can be made below it; choose another"),
+        (CUT, "taken/sub", "GGUF cache: {taken} is a file, so no directory can be made below it; choose"),
+    ],
+)
+def test_convert_tool_mistakes_are_one_line(tmp_path, capsys, content, cache, message):
+    model, taken = tmp_path / "m.gguf", tmp_path / "taken"
+    model.write_bytes(content)
+    taken.write_text("keep me\n")
+    assert convert_main([str(model), "--cache-dir", str(tmp_path / cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + message.format(model=model, taken=taken)), err
+    assert not list(tmp_path.glob("cache/gguf/*")) and taken.read_text() == "keep me\n"
+
+
+def test_convert_tool_takes_the_dtypes_a_run_takes(tmp_path, capsys):
+    """Before: any floating torch dtype passed (float8_e4m3fn: a traceback at the conversion)."""
+    with pytest.raises(SystemExit) as exit_:
+        convert_main([str(tmp_path / "m.gguf"), "--dtype", "float8_e4m3fn"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "(choose from 'float32', 'bfloat16', 'float16')" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "override", "message"),
+    [
+        (b"\x89PNG", "", "config error: model.lm.name_or_path={model}: not a GGUF file"),
+        (CUT, "", "error: {model}: not a whole GGUF model transformers can read"),
+        (CUT, "model.lm.dtype=float8_e4m3fn", "config error: model.lm.dtype=float8_e4m3fn: must be one of"),
+    ],
+)
+def test_a_run_on_a_bad_gguf_file_stops_in_one_line(
+    tmp_path, monkeypatch, capsys, content, override, message
+):
+    """Before: a traceback (a dtype that is no torch dtype: at the LM's build)."""
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(content)
+    argv = [f"model.lm.name_or_path={model}", f"output_dir={tmp_path / 'run'}", *filter(None, [override])]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message.format(model=model)), err
+
+
 def test_a_run_without_the_model_installed_stops_in_one_line(tmp_path, monkeypatch, capsys):
     module = SMOLLM2.removeprefix("package:").split("/")[0]
     real_find_spec = pretrained.importlib.util.find_spec
