@@ -127,6 +127,15 @@ def staging_folder(folder: Path) -> Path:
         raise GgufError(f"GGUF cache: {reason}; choose another with --cache-dir or ${CACHE_ENV}") from error
 
 
+def open_as_umask(folder: Path) -> None:
+    """Give ``folder`` and what it holds the modes a plain mkdir or open gives under the umask: mkdtemp
+    and safetensors' writer make them private, and a cache entry may be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def converted_gguf(path: Path, dtype: str, cache: Path | None = None) -> Path:
     """The Hugging Face folder of the GGUF file ``path`` in ``dtype``, converted on first use. The
     conversion is written beside the cache entry and renamed into place, so a crash leaves none."""
@@ -134,9 +143,9 @@ def converted_gguf(path: Path, dtype: str, cache: Path | None = None) -> Path:
     if (folder / SOURCE_FILE).is_file():
         return folder
     staging = staging_folder(folder)
-    staging.chmod(0o755)  # mkdtemp makes it private; a cache entry reads like any folder
     try:
         convert_gguf(path, staging, dtype)
+        open_as_umask(staging)
         os.replace(staging, folder)
     except OSError:
         if not (folder / SOURCE_FILE).is_file():  # not another process's conversion that won the race

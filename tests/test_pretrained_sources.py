@@ -4,9 +4,13 @@ files, GGUF conversion into the cache (once, atomically), and the one-line error
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import train
 from lightning_modules import pretrained
@@ -67,6 +71,31 @@ def test_a_gguf_file_is_converted_once_per_content_and_dtype(tmp_path, monkeypat
     assert (
         sorted(p.name.startswith(".") for p in (cache / "gguf").iterdir()) == [False] * 3
     )  # no staging left
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)]
+)
+def test_a_cache_entry_is_as_readable_as_the_umask_allows(
+    tmp_path, monkeypatch, umask, file_mode, folder_mode
+):
+    """Before: model.safetensors was 0600 (safetensors writes it so) in an entry other users can open."""
+
+    def convert(path: Path, out: Path, dtype: str) -> None:
+        save_file({"weight": torch.zeros(2)}, out / "model.safetensors")
+        fake_conversion([])(path, out, dtype)
+
+    monkeypatch.setattr(pretrained, "convert_gguf", convert)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    previous = os.umask(umask)
+    try:
+        entry = converted_gguf(tmp_path / "m.gguf", "float32", tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (entry, *entry.iterdir())}
+    assert modes == {entry.name: folder_mode} | dict.fromkeys(
+        ["model.safetensors", "config.json", SOURCE_FILE], file_mode
+    )
 
 
 def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
