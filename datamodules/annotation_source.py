@@ -21,7 +21,7 @@ from datamodules.coverage import CoverageReport, check_coverage, with_annotation
 from datamodules.feature_stores import build_feature_store
 from datamodules.jsonl import FIELDS, load_jsonl
 from datamodules.query_control import QUERY_CONTROLS, apply_query_control
-from datamodules.quirks import MissingAnnotationFile, QuirkPolicy, QuirkReport
+from datamodules.quirks import MissingAnnotationFile, QuirkError, QuirkPolicy, QuirkReport
 from grounding.action_timelines import Timeline, read_timelines
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of
 from grounding.metrics.windows import MULTI_WINDOW_MODES
@@ -198,7 +198,10 @@ class CharadesSource(AnnotationSource):
     def timelines(self) -> dict[str, Timeline]:
         """Video id -> its annotated actions, from the Charades CSVs in ``root``."""
         root = Path(self.spec.root)
-        return read_timelines(root / name for name in CSV_NAMES if (root / name).is_file())
+        try:
+            return read_timelines(root / name for name in CSV_NAMES if (root / name).is_file())
+        except ValueError as error:  # a line that is not UTF-8 or a malformed actions cell, named file:line
+            raise QuirkError(str(error)) from error
 
     @property
     def baseline_timelines(self) -> dict[str, Timeline] | None:

@@ -25,30 +25,33 @@ CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")
 
 
 def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict[str, float]:
-    """Map video id to the CSV ``length`` in seconds. A row whose length is not a number of seconds
-    > 0 is a QuirkError naming ``file:line`` (``strict``), else left out with a warning naming it: its
-    video has no duration."""
+    """Map video id to the CSV ``length`` in seconds. A line that is not UTF-8, or a row whose length is
+    not a number of seconds > 0, is a QuirkError naming ``file:line`` (``strict``), else left out with
+    a warning naming it: its video has no duration."""
     durations: dict[str, float] = {}
-    for path in csv_paths:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not {"id", "length"} <= set(reader.fieldnames or ()):
-                raise QuirkError(f"{path}: expected 'id' and 'length' columns, got {reader.fieldnames}")
-            for row in reader:
-                try:
-                    length = float(row["length"])
-                except (TypeError, ValueError):
-                    length = math.nan
-                if math.isfinite(length) and length > 0:
-                    durations[row["id"]] = length
-                    continue
-                problem = (
-                    f"{path}:{reader.line_num}: video {row['id']}: length {row['length']!r} is not a "
-                    "duration in seconds > 0"
-                )
-                if strict:
-                    raise QuirkError(problem)
-                log.warning("%s; its queries have no duration (counted as unknown_video)", problem)
+    for path in map(Path, csv_paths):
+        report = QuirkReport(source=str(path))
+        lines = list(text_lines(path, report, QuirkPolicy(strict=strict)))
+        reader = csv.DictReader(line for _, line in lines)
+        if not {"id", "length"} <= set(reader.fieldnames or ()):
+            raise QuirkError(f"{path}: expected 'id' and 'length' columns, got {reader.fieldnames}")
+        for row in reader:
+            try:
+                length = float(row["length"])
+            except (TypeError, ValueError):
+                length = math.nan
+            if math.isfinite(length) and length > 0:
+                durations[row["id"]] = length
+                continue
+            problem = (
+                f"{path}:{lines[reader.line_num - 1][0]}: video {row['id']}: length {row['length']!r} is "
+                "not a duration in seconds > 0"
+            )
+            if strict:
+                raise QuirkError(problem)
+            log.warning("%s; its queries have no duration (counted as unknown_video)", problem)
+        for skipped in report.summary_lines()[1:]:
+            log.warning("%s; their videos' queries have no duration (counted as unknown_video)", skipped)
     return durations
 
 

@@ -9,6 +9,7 @@ lists the events a query can name. Reversed intervals are swapped and ends past 
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,23 +52,33 @@ def parse_actions(cell: str, duration: float, where: str) -> tuple[Action, ...]:
     return tuple(actions)
 
 
+def utf8_text(path: Path) -> str:
+    """The text of a UTF-8 file; ValueError naming the line of a byte that is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
+
+
 def read_timelines(csv_paths: Iterable[str | Path]) -> dict[str, Timeline]:
     """Video id -> Timeline from Charades CSVs named ``Charades_v1_<split>.csv``; rows whose
-    ``length`` is not a positive number are left out (their videos then have no timeline)."""
+    ``length`` is not a positive number are left out (their videos then have no timeline). A line
+    that is not UTF-8 or an ``actions`` cell that is no list of actions is a ValueError naming it."""
     timelines: dict[str, Timeline] = {}
     for path in map(Path, csv_paths):
         split = path.stem.rpartition("_")[2]
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not {"id", "actions", "length"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{path}: expected 'id', 'actions' and 'length' columns")
-            for row in reader:
-                try:
-                    duration = float(row["length"])
-                except (TypeError, ValueError):
-                    continue
-                if duration > 0:
-                    where = f"{path}:{reader.line_num}"
-                    actions = parse_actions(row["actions"] or "", duration, where)
-                    timelines[row["id"]] = Timeline(row["id"], split, duration, actions)
+        reader = csv.DictReader(io.StringIO(utf8_text(path), newline=""))
+        if not {"id", "actions", "length"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: expected 'id', 'actions' and 'length' columns")
+        for row in reader:
+            try:
+                duration = float(row["length"])
+            except (TypeError, ValueError):
+                continue
+            if duration > 0:
+                where = f"{path}:{reader.line_num}"
+                actions = parse_actions(row["actions"] or "", duration, where)
+                timelines[row["id"]] = Timeline(row["id"], split, duration, actions)
     return timelines

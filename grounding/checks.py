@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import field, fields
+from pathlib import Path
 from typing import Any
 
 Rule = Callable[[Any], "str | None"]
@@ -80,6 +81,19 @@ def one_of(*choices: str) -> Rule:
 def a_name(value: Any) -> str | None:
     """A non-empty string: a name or a path."""
     return None if isinstance(value, str) and value else "must be a non-empty name or path"
+
+
+def not_a_file(value: str) -> str | None:
+    """A directory that may not exist yet, below no file (not empty: that would be the working directory)."""
+    if not value:
+        return "must name a directory (empty would write the run into the working directory)"
+    path = Path(value)
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), path)
+    if not existing.exists() or existing.is_dir():
+        return None
+    if existing == path:
+        return f"{value} exists and is not a directory"
+    return f"{existing} is a file, so no directory can be made below it"
 
 
 def show(value: Any) -> str:

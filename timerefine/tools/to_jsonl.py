@@ -12,12 +12,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from datamodules import activitynet, charades_sta
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport
+from grounding.checks import not_a_file
 from grounding.records import GroundingRecord
 
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
@@ -45,22 +47,33 @@ def present_splits(dataset: str, root: Path) -> list[str]:
     return [split for split in splits if (root / pattern.format(split)).is_file()]
 
 
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all: written beside it, then renamed into place."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def convert(
     dataset: str, root: str | Path, out: str | Path, splits: list[str], policy: QuirkPolicy
 ) -> dict[str, tuple[Path, QuirkReport]]:
-    """Parse every split first, then write ``out/{split}.jsonl``; returns each split's file and report."""
+    """Parse every split first, then write ``out/{split}.jsonl``; returns each split's file and report.
+    A file there already is refused (it may hold queries converted under another quirk policy)."""
+    out = Path(out)
+    if reason := not_a_file(str(out)):
+        raise FileExistsError(reason)
+    paths = {split: out / f"{split}.jsonl" for split in splits}
+    if taken := [str(path) for path in paths.values() if path.exists()]:
+        raise FileExistsError(f"{', '.join(taken)}: already written; convert into a new folder")
     load = DATASETS[dataset][0]
     parsed = {split: load(root, split, policy) for split in splits}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for split, (records, report) in parsed.items():
-        path = out / f"{split}.jsonl"
-        path.write_text("".join(jsonl_line(record) + "\n" for record in records), encoding="utf-8")
-        written[split] = (path, report)
-    return written
+    for split, (records, _) in parsed.items():
+        write_whole(paths[split], "".join(jsonl_line(record) + "\n" for record in records))
+    return {split: (paths[split], report) for split, (_, report) in parsed.items()}
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
