@@ -129,7 +129,7 @@ def staging_folder(folder: Path) -> Path:
 
 def open_as_umask(folder: Path) -> None:
     """Give ``folder`` and what it holds the modes a plain mkdir or open gives under the umask: mkdtemp
-    and safetensors' writer make them private, and a cache entry may be shared."""
+    and safetensors' writer make them private, and a cache entry or an export may be shared."""
     umask = os.umask(0)
     os.umask(umask)
     for path in (folder, *folder.rglob("*")):

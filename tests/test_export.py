@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,16 @@ def test_lora_export_holds_only_the_trained_parts(lora_run, tmp_path):
 
 
 def test_merged_lora_export(lora_run, tmp_path):
-    assert export_main([str(lora_run), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert export_main([str(lora_run), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    finally:
+        os.umask(umask)
+    # before: weights.safetensors and lm/model.safetensors were 0600 (safetensors' writer), unshareable
+    modes = {
+        p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "merged").rglob("*")
+    }
+    assert {name: mode for name, mode in modes.items() if mode not in (0o644, 0o755)} == {}
     assert (tmp_path / "merged" / LM_DIR / "config.json").is_file()
     manifest = json.loads((tmp_path / "merged" / "export.json").read_text())
     assert manifest["merged_lora"] and manifest["language_model"] == LM_DIR

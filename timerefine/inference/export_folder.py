@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from lightning_modules.pretrained import resolve_pretrained
+from lightning_modules.pretrained import open_as_umask, resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
 
@@ -146,6 +146,7 @@ def export_run(
         raise InputError(f"{out}: cannot create it ({error.strerror})") from error
     try:
         write_export(run, staging, merge_lora, encoder)
+        open_as_umask(staging)  # an export is for others to read too
         install(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
