@@ -43,3 +43,16 @@ def test_the_summary_shows_and_warns_of_unparsed_answers(tmp_path, capsys):
     assert "parse_fail" in out and "100.00" in out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: 100 % of the test answers could not be parsed; each counts as IoU 0"]
+
+
+def test_the_run_directory_is_printed_verbatim(tmp_path, capsys):
+    """Before: Rich read ``[model.refine.steps=2]`` (an ablation variant's folder) as markup and
+    printed a folder that does not exist."""
+    output_dir = (
+        tmp_path
+        / "K[model.refine.steps=2]"
+        / "a_very_long_folder_name_that_a_narrow_terminal_would_wrap"
+        / "seed0"
+    )
+    print_summary({"test/mIoU": 50.0}, output_dir)
+    assert f"run directory: {output_dir.resolve()}" in capsys.readouterr().out.splitlines()

@@ -60,7 +60,7 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
         if f"{split}/mIoU" in metrics:
             cells = [f"{metrics[f'{split}/{n}']:.2f}" if f"{split}/{n}" in metrics else "-" for n in columns]
             table.add_row(split, *cells)
-    console = Console()
+    console = Console(markup=False)  # a path or a message may hold brackets: [model.refine.steps=2]
     console.print(table)
     for split in SPLITS:
         if failed := metrics.get(f"{split}/parse_fail"):
@@ -75,4 +75,4 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     protocol = PROTOCOLS.get(str(metrics.get("eval/protocol")))
     if protocol is not None and protocol.warning:
         console.print(f"warning: {protocol.warning}")
-    console.print(f"run directory: {output_dir.resolve()}")
+    console.print(f"run directory: {output_dir.resolve()}", soft_wrap=True)  # whole, to copy
