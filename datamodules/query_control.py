@@ -21,6 +21,10 @@ from grounding.records import GroundingRecord
 QUERY_CONTROLS = ("annotated", "empty", "shuffled")
 
 
+class QueryControlError(ValueError):
+    """A split that ``data.source.queries`` cannot be applied to; the message names the key and split."""
+
+
 def shuffled_queries(records: list[GroundingRecord], seed: int) -> list[GroundingRecord]:
     """``records`` with every query taken from a record of another video (a seeded permutation of the
     split's queries); raises ValueError when one video holds more than half of them."""
@@ -32,7 +36,7 @@ def shuffled_queries(records: list[GroundingRecord], seed: int) -> list[Groundin
     # group, as long as no group is longer than the others together.
     most = max(per_video.values())
     if 2 * most > len(records):
-        raise ValueError(f"cannot shuffle queries among videos: one video holds {most} of {len(records)}")
+        raise ValueError(f"cannot be shuffled among videos: one video holds {most} of {len(records)} queries")
     shuffled = list(records)
     for position, index in enumerate(order):
         donor = records[order[(position + most) % len(order)]]
@@ -49,5 +53,8 @@ def apply_query_control(
     if control == "empty":
         return [dataclasses.replace(r, query="") for r in records]
     if control == "shuffled" and split != "train":
-        return shuffled_queries(records, seed)
+        try:
+            return shuffled_queries(records, seed)
+        except ValueError as error:
+            raise QueryControlError(f"data.source.queries=shuffled: the {split} split {error}") from error
     return records

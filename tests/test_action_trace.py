@@ -21,12 +21,13 @@ from datamodules.action_trace import (
     evidence,
     trace,
 )
-from datamodules.query_control import apply_query_control, shuffled_queries
+from datamodules.query_control import QueryControlError, apply_query_control, shuffled_queries
 from grounding.action_timelines import NUM_CLASSES, Action, Timeline, parse_actions, read_timelines
 from grounding.metrics.action_prior import best_action_scores, pick_action, queried_class_rates
 from grounding.records import FeatureError, GroundingRecord
 from timerefine.pipeline.build import build_source
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.tools.diagnose_actions import (
     NOTHING,
     RIGHT_BAD,
@@ -290,6 +291,13 @@ def test_query_controls_per_split():
     assert [r.query for r in apply_query_control(records, "empty", "train", 0)] == ["", ""]
     assert apply_query_control(records, "shuffled", "train", 0) is records  # training is untouched
     assert [r.query for r in apply_query_control(records, "shuffled", "val", 0)] == ["y", "x"]
+    # before: a ValueError traceback from train.py and evaluate.py
+    message = (
+        "data.source.queries=shuffled: the test split cannot be shuffled among videos: one video holds 2 of 2"
+    )
+    with pytest.raises(QueryControlError, match=message.replace(".", r"\.")):
+        apply_query_control([record("a", "v", "x"), record("b", "v", "y")], "shuffled", "test", 0)
+    assert QueryControlError in INPUT_ERRORS
 
 
 def test_the_source_applies_the_query_control(charades):

@@ -4,6 +4,7 @@ one-line message and exit 2, without a traceback."""
 from __future__ import annotations
 
 from datamodules.feature_stores import StoreMismatchError
+from datamodules.query_control import QueryControlError
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
@@ -34,4 +35,5 @@ INPUT_ERRORS = (
     NonFiniteLossError,
     TokenizerError,
     ReferenceChangedError,
+    QueryControlError,
 )
