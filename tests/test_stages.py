@@ -108,10 +108,32 @@ def test_merge_puts_new_adapters_on_the_merged_model(stage_a):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_a_checkpoint_that_does_not_fit_is_one_line(stage_a, tmp_path, capsys):
-    assert train.main([*TINY, f"init_from_run={stage_a}", "model.lora.r=8", f"output_dir={tmp_path}"]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "lora_A" in last and "has shape" in last
+def test_merge_takes_new_adapter_settings_and_merges_at_the_runs_own(stage_a):
+    """Before: the model was built with the new alpha, so stage A's adapters merged at 64/16, not
+    their 32/16 (a silently other starting model), and a new rank was refused as a misfit."""
+    continued = built([*TINY, f"init_from_run={stage_a}"]).eval()
+    given = ["model.lora.inherited=merge", "model.lora.alpha=64", "model.lora.r=4"]
+    merged = built([*TINY, f"init_from_run={stage_a}", *given]).eval()
+    fresh = parts(merged.state_dict())["lora"]
+    assert {tuple(v.shape) for k, v in fresh.items() if "lora_A" in k} <= {(4, 32), (4, 64)}
+    ids = helpers.batch(n=2)["input_ids"].clamp(max=len(continued.tokenizer) - 1)
+    with torch.no_grad():
+        a, b = (
+            m.model.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits for m in (continued, merged)
+        )
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "given", ["model.lora.alpha=64", "model.lora.r=8", "model.lora.target_modules=[q_proj]"]
+)
+def test_continued_adapters_keep_their_settings(stage_a, tmp_path, capsys, given):
+    """Before: another alpha scaled stage A's adapters silently; another rank failed as a misfit."""
+    assert train.main([*TINY, f"init_from_run={stage_a}", given, f"output_dir={tmp_path}"]) == 2
+    name = given.split("=")[0].split(".")[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: model.lora.{name}="), lines
+    assert f"adapters were trained with {name}=" in lines[0] and "set model.lora.inherited=merge" in lines[0]
     assert not (tmp_path / "config.yaml").exists()
 
 

@@ -47,7 +47,7 @@ from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_precision, run_protocol, run_timeline
-from timerefine.pipeline.init_from_run import start_from_run
+from timerefine.pipeline.init_from_run import start_from_run, starting_lora
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
@@ -148,7 +148,7 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     codec, source, timeline = datamodule.codec, datamodule.source, datamodule.timeline
     lm, lora = model.lm, model.lora if model.lora.enabled else None
     language_model = build_language_model(
-        codec.tokenizer, lm, lora, model.init_from, model.trainable.token_rows
+        codec.tokenizer, lm, starting_lora(cfg, lora), model.init_from, model.trainable.token_rows
     )
     video_llm = VideoLLM.from_config(
         language_model,

@@ -5,8 +5,9 @@ It takes the other run's settings of what its weights are (``model.*`` and the d
 command line still apply on top) but no projector steps (its projector has trained; 0 unless
 ``model.saliency.projector_steps`` is given), its tokenizer, and the weights of its best checkpoint: LoRA
 adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
-``continue`` trains the same ones on (the official TimeRefine recipe's second stage), ``merge`` merges
-them into the LM and trains new ones. Every build of the run (training, resuming, evaluation) starts
+``continue`` trains the same ones on (the official TimeRefine recipe's second stage; their rank, scale
+and place cannot change), ``merge`` merges them into the LM at their own settings and trains new ones
+with ``model.lora``'s. Every build of the run (training, resuming, evaluation) starts
 from the other run again, so its folder must stay where it is.
 """
 
@@ -16,16 +17,19 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
 
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
+from timerefine.pipeline.config_diff import show
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import IDENTITY
 from timerefine.pipeline.schema import INHERITED
 
 PROJECTOR_STEPS = "model.saliency.projector_steps"
+ADAPTER_SHAPE = ("r", "alpha", "target_modules")  # model.lora keys that say what trained adapters compute
 
 
 class RunStartError(ValueError):
@@ -66,9 +70,33 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} leaves no step for the LM after {PROJECTOR_STEPS}={steps}"
         )
+    check_continued_adapters(run.model.lora, cfg.model.lora)
     if errors := spec_errors(cfg):
         raise ConfigError("; ".join(errors))
     return cfg
+
+
+def check_continued_adapters(trained: DictConfig, given: DictConfig) -> None:
+    """ConfigError when adapters trained on (``inherited=continue``) would get another rank, scale or
+    place than they were trained with: their weights would compute something else."""
+    if given.inherited != "continue" or not (trained.enabled and given.enabled):
+        return
+    for key in ADAPTER_SHAPE:
+        if given[key] != trained[key]:
+            raise ConfigError(
+                f"model.lora.{key}={show(given[key])}: init_from_run's adapters were trained with "
+                f"{key}={show(trained[key])} and model.lora.inherited=continue trains them on; set "
+                "model.lora.inherited=merge for new adapters"
+            )
+
+
+def starting_lora(cfg: DictConfig, lora: LoraSpec | None) -> LoraSpec | None:
+    """The adapters the model is built with: ``init_from_run``'s own when they merge (new ``lora`` go on
+    after, :func:`start_from_run`), else ``lora``."""
+    if not cfg.init_from_run or cfg.model.lora.inherited != "merge":
+        return lora
+    trained = OmegaConf.to_object(load_run_config(Path(cfg.init_from_run), []).model.lora)
+    return trained if trained.enabled else None
 
 
 def start_from_run(
@@ -89,5 +117,8 @@ def start_from_run(
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     module.load_state_dict(checkpoint["state_dict"])
     if inherited == "merge" and lora is not None:
-        module.model.lm = apply_lora(module.model.lm.merge_and_unload(), lora, token_ids)
+        lm = module.model.lm
+        module.model.lm = apply_lora(
+            lm.merge_and_unload() if isinstance(lm, PeftModel) else lm, lora, token_ids
+        )
         module.base_changed()
