@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,29 @@ def test_token_rows_train_only_when_asked(tmp_path, train_rows):
     lm = build_language_model(tokenizer, spec, LoraSpec(r=2), train_token_rows=train_rows)
     rows = [n for n, p in lm.named_parameters() if p.requires_grad and "trainable_tokens" in n]
     assert bool(rows) == train_rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm", ["tiny", "pretrained"])
+def test_an_export_of_a_later_stage_needs_not_the_run_it_started_from(stage_a, tmp_path, lm):
+    """Before: the export's config named init_from_run, so it did not load once that run was gone (and
+    of a pretrained LM it held the trained parts alone: not the frozen ones, not the merged LM)."""
+    from timerefine.inference.grounder import Grounder
+    from timerefine.tools.export import main as export_main
+
+    source = tmp_path / "a"
+    if lm == "tiny":
+        shutil.copytree(stage_a, source)
+    else:
+        pretrained(tmp_path / "llama")
+        given = ["model.lora.enabled=true", f"model.lm.name_or_path={tmp_path / 'llama'}"]
+        assert train.main([*TINY, *given, f"output_dir={source}"]) == 0
+    stage_b = tmp_path / "b"
+    merge = ["model.lora.inherited=merge", "model.lora.r=4"]  # the LM's own weights change: merged
+    assert train.main([*TINY, f"init_from_run={source}", *merge, *FROZEN_IN_B, f"output_dir={stage_b}"]) == 0
+    assert export_main([str(stage_b), str(tmp_path / "export")]) == 0
+    expected = Grounder.from_run(stage_b).run.module.state_dict()
+    shutil.rmtree(source)
+    found = Grounder.from_export(tmp_path / "export").run.module.state_dict()
+    assert sorted(found) == sorted(expected)
+    assert [name for name in found if not torch.equal(found[name], expected[name])] == []

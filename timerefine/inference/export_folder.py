@@ -52,11 +52,13 @@ def base_vocab_size(run: LoadedRun) -> int | None:
 
 
 def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> dict[str, torch.Tensor]:
-    """The tensors a rebuilt module needs on top of what its config and base LM give it."""
+    """The tensors a rebuilt module needs on top of what its config and base LM give it: all of them
+    for a run that started from another (``init_from_run``: its frozen parts and merged adapters came
+    from that run, which the export does without)."""
     state = run.module.state_dict()
     if merged:  # the whole LM goes to lm/
         return {n: t for n, t in state.items() if not n.startswith(run.language_model_prefix)}
-    if base_vocab is None:
+    if base_vocab is None or run.cfg.init_from_run:
         return state
     trainable = {n for n, p in run.module.named_parameters(remove_duplicate=False) if p.requires_grad}
     tensors = {n: t for n, t in state.items() if n in trainable}
@@ -86,6 +88,7 @@ def check_target(out: Path) -> None:
 def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec | None) -> None:
     """Write the export files of ``run`` into the empty folder ``out``."""
     cfg = run.cfg.copy()
+    cfg.init_from_run = None  # what the export needs of that run is in its weights and tokenizer
     base_vocab = None if merged else base_vocab_size(run)
     if merged:
         run.language_model = run.language_model.merge_and_unload()
