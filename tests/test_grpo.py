@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,6 +196,17 @@ def test_per_token_advantages_enter_the_loss_token_by_token():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     loss, _ = grpo_loss(logp, logp, None, advantages, mask, 0.2, 0.0)
     assert float(loss) == pytest.approx(-((1.0 - 2.0 + 0.5) / 3 + (0.0 + 3.0) / 2) / 2)
+
+
+@pytest.mark.parametrize(("max_steps", "stepping_batches", "steps"), [(-1, 8, 16), (6, 6, 6), (16, 4, 8)])
+def test_the_lr_schedule_spans_the_optimizer_steps(max_steps, stepping_batches, steps):
+    """Lightning estimates the batches that step, min(batches x epochs, max_steps); a rollout steps
+    num_iterations times and max_steps counts those steps. Before, 8 rollouts of 2 steps (one epoch)
+    reached the lr floor at step 8 of 16."""
+    module = grpo_module(num_iterations=2)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=stepping_batches, max_steps=max_steps)
+    curve = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert curve(steps - 1) > curve(steps) == module.optim.min_lr_ratio
 
 
 # ---- the stage --------------------------------------------------------------------------------------
