@@ -230,11 +230,15 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
         f"init_from_run={supervised}",
         "grpo.num_iterations=2",
         "grpo.reward=[refine_gain]",
+        "callbacks.checkpoint.save_top_k=-1",
         f"output_dir={run}",
     ]
     assert train.main(overrides) == 0
     rows = logged(run)
     assert len(rows) == 2  # a rollout every 2 steps, logged each time
+    # val_check_interval=2 counts optimizer steps, as max_steps does (before: rollouts, so step 4 only)
+    best = sorted(p.name for p in (run / "checkpoints").glob("best-*"))
+    assert best == ["best-step2.ckpt", "best-step4.ckpt"]
     assert all(row[f"train/{name}"] for row in rows for name in LOGGED)
     saved = torch.load(checkpoint_path(run, "last"), map_location="cpu", weights_only=False)
     assert saved["global_step"] == 4
@@ -250,6 +254,10 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
         (
             ["grpo.num_iterations=3", "init_from_run=RUN"],
             "trainer.max_steps=4 must be a multiple of grpo.num_iterations=3",
+        ),
+        (
+            ["grpo.num_iterations=2", "trainer.val_check_interval=3", "init_from_run=RUN"],
+            "trainer.val_check_interval=3 must be a multiple of grpo.num_iterations=2",
         ),
         (["grpo.reward=[bleu]", "init_from_run=RUN"], "grpo.reward=['bleu']: every value"),
         (

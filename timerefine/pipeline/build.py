@@ -250,6 +250,15 @@ def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
             raise ConfigError(f"{key}={monitor}: not a metric this run logs; it logs {', '.join(logged)}")
 
 
+def grpo_trainer_args(trainer_args: dict, num_iterations: int) -> None:
+    """Lightning's arguments for a GRPO run, optimised by hand (GRPOModule): it clips with
+    ``gradient_clip_val`` itself, and an int ``val_check_interval`` counts optimizer steps, as
+    ``max_steps`` does, so Lightning, which counts batches, gets it in rollouts."""
+    trainer_args["gradient_clip_val"] = None
+    if isinstance(interval := trainer_args["val_check_interval"], int):  # a multiple (schema.py)
+        trainer_args["val_check_interval"] = interval // num_iterations
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
     check_lightning_internals()
     check_monitors(cfg.callbacks, module)
@@ -264,8 +273,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     precision = run_precision(cfg)
     rank_zero_only(log.info)("precision: %s (%s)", precision.precision, precision.reason)
     trainer_args["precision"] = precision.precision
-    if cfg.grpo.enabled:  # optimised by hand, which clips with this value itself (GRPOModule)
-        trainer_args["gradient_clip_val"] = None
+    if cfg.grpo.enabled:
+        grpo_trainer_args(trainer_args, cfg.grpo.num_iterations)
     try:
         trainer = L.Trainer(
             **trainer_args,
