@@ -272,6 +272,18 @@ def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
         load_config(given)
 
 
+def test_gradient_accumulation_is_refused_before_anything_is_written(supervised, tmp_path, capsys):
+    """Before: Lightning's MisconfigurationException traceback at fit, after config.yaml and the
+    tokenizer were written (so the same command without the key was refused as another run's)."""
+    run = tmp_path / "grpo"
+    given = [*GRPO, f"init_from_run={supervised}", "+trainer.accumulate_grad_batches=2", f"output_dir={run}"]
+    capsys.readouterr()
+    assert train.main(given) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: trainer.accumulate_grad_batches=2: GRPO steps on each rollout")
+    assert not (run / "config.yaml").exists() and not (run / "tokenizer").exists()
+
+
 def test_the_stage_takes_its_runs_optimiser_unless_the_command_line_gives_one(supervised):
     """As conf/experiment/grpo.yaml says: model.optim is the run's; model.optim.* given apply on top."""
     given = [*GRPO, f"init_from_run={supervised}"]
