@@ -328,6 +328,9 @@ class GroundingModule(L.LightningModule):
         self._log_metrics("test")
 
     # ---- optimisation ---------------------------------------------------------------------------
+    def optimizer_steps(self) -> int:
+        """The optimizer steps the run will take, which the learning-rate schedule spans."""
+        return int(self.trainer.estimated_stepping_batches)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        steps = int(self.trainer.estimated_stepping_batches)
-        return adamw_with_curve(self, self.optim, self.projector_steps, steps)
+        return adamw_with_curve(self, self.optim, self.projector_steps, self.optimizer_steps())

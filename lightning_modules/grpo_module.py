@@ -177,6 +177,13 @@ class GRPOModule(GroundingModule):
                 "best checkpoint changed; start a new output_dir from it"
             )
 
+    def optimizer_steps(self) -> int:
+        """``num_iterations`` per rollout (Lightning counts the batches that step), up to
+        ``trainer.max_steps``, which counts optimizer steps as ``global_step`` does."""
+        steps = self.trainer.estimated_stepping_batches * self.grpo.num_iterations
+        max_steps = self.trainer.max_steps
+        return int(steps if max_steps == -1 else min(steps, max_steps))
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         for reference in self._reference:

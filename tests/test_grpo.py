@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,6 +198,17 @@ def test_per_token_advantages_enter_the_loss_token_by_token():
     assert float(loss) == pytest.approx(-((1.0 - 2.0 + 0.5) / 3 + (0.0 + 3.0) / 2) / 2)
 
 
+@pytest.mark.parametrize(("max_steps", "stepping_batches", "steps"), [(-1, 8, 16), (6, 6, 6), (16, 4, 8)])
+def test_the_lr_schedule_spans_the_optimizer_steps(max_steps, stepping_batches, steps):
+    """Lightning estimates the batches that step, min(batches x epochs, max_steps); a rollout steps
+    num_iterations times and max_steps counts those steps. Before, 8 rollouts of 2 steps (one epoch)
+    reached the lr floor at step 8 of 16."""
+    module = grpo_module(num_iterations=2)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=stepping_batches, max_steps=max_steps)
+    curve = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert curve(steps - 1) > curve(steps) == module.optim.min_lr_ratio
+
+
 # ---- the stage --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory) -> Path:
@@ -218,11 +230,15 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
         f"init_from_run={supervised}",
         "grpo.num_iterations=2",
         "grpo.reward=[refine_gain]",
+        "callbacks.checkpoint.save_top_k=-1",
         f"output_dir={run}",
     ]
     assert train.main(overrides) == 0
     rows = logged(run)
     assert len(rows) == 2  # a rollout every 2 steps, logged each time
+    # val_check_interval=2 counts optimizer steps, as max_steps does (before: rollouts, so step 4 only)
+    best = sorted(p.name for p in (run / "checkpoints").glob("best-*"))
+    assert best == ["best-step2.ckpt", "best-step4.ckpt"]
     assert all(row[f"train/{name}"] for row in rows for name in LOGGED)
     saved = torch.load(checkpoint_path(run, "last"), map_location="cpu", weights_only=False)
     assert saved["global_step"] == 4
@@ -239,6 +255,10 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
             ["grpo.num_iterations=3", "init_from_run=RUN"],
             "trainer.max_steps=4 must be a multiple of grpo.num_iterations=3",
         ),
+        (
+            ["grpo.num_iterations=2", "trainer.val_check_interval=3", "init_from_run=RUN"],
+            "trainer.val_check_interval=3 must be a multiple of grpo.num_iterations=2",
+        ),
         (["grpo.reward=[bleu]", "init_from_run=RUN"], "grpo.reward=['bleu']: every value"),
         (
             ["grpo.credit=step", "grpo.constrained=false", "init_from_run=RUN"],
@@ -250,6 +270,18 @@ def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
     given = [*GRPO, *(o.replace("RUN", str(supervised)) for o in overrides)]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_config(given)
+
+
+def test_gradient_accumulation_is_refused_before_anything_is_written(supervised, tmp_path, capsys):
+    """Before: Lightning's MisconfigurationException traceback at fit, after config.yaml and the
+    tokenizer were written (so the same command without the key was refused as another run's)."""
+    run = tmp_path / "grpo"
+    given = [*GRPO, f"init_from_run={supervised}", "+trainer.accumulate_grad_batches=2", f"output_dir={run}"]
+    capsys.readouterr()
+    assert train.main(given) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: trainer.accumulate_grad_batches=2: GRPO steps on each rollout")
+    assert not (run / "config.yaml").exists() and not (run / "tokenizer").exists()
 
 
 def test_the_stage_takes_its_runs_optimiser_unless_the_command_line_gives_one(supervised):

@@ -250,6 +250,23 @@ def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
             raise ConfigError(f"{key}={monitor}: not a metric this run logs; it logs {', '.join(logged)}")
 
 
+NO_ACCUMULATION = "GRPO steps on each rollout as it comes, without gradient accumulation"
+
+
+def grpo_trainer_args(trainer_args: dict, num_iterations: int) -> None:
+    """Lightning's arguments for a GRPO run, optimised by hand (GRPOModule): it clips with
+    ``gradient_clip_val`` itself, and an int ``val_check_interval`` counts optimizer steps, as
+    ``max_steps`` does, so Lightning, which counts batches, gets it in rollouts."""
+    if (accumulate := trainer_args.get("accumulate_grad_batches", 1)) != 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate}: {NO_ACCUMULATION}; remove it and choose "
+            "data.batch_size and grpo.G"
+        )
+    trainer_args["gradient_clip_val"] = None
+    if isinstance(interval := trainer_args["val_check_interval"], int):  # a multiple (schema.py)
+        trainer_args["val_check_interval"] = interval // num_iterations
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
     check_lightning_internals()
     check_monitors(cfg.callbacks, module)
@@ -264,8 +281,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     precision = run_precision(cfg)
     rank_zero_only(log.info)("precision: %s (%s)", precision.precision, precision.reason)
     trainer_args["precision"] = precision.precision
-    if cfg.grpo.enabled:  # optimised by hand, which clips with this value itself (GRPOModule)
-        trainer_args["gradient_clip_val"] = None
+    if cfg.grpo.enabled:
+        grpo_trainer_args(trainer_args, cfg.grpo.num_iterations)
     try:
         trainer = L.Trainer(
             **trainer_args,
@@ -295,7 +312,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
             raise ConfigError(str(error)) from error
         if cfg.grpo.enabled and batches_per_step > 1:
             raise ConfigError(
-                f"data.global_batch_size={data.global_batch_size}: GRPO steps once per rollout, without "
-                "gradient accumulation; set it to null and choose data.batch_size and grpo.G"
+                f"data.global_batch_size={data.global_batch_size}: {NO_ACCUMULATION}; set it to null and "
+                "choose data.batch_size and grpo.G"
             )
     return trainer

@@ -234,8 +234,10 @@ class RunConfig(Checked):
             yield "model.saliency.projector_steps must be 0 with grpo.enabled=true (a GRPO step reads the LM)"
         if self.init_from_run is None:
             yield "grpo.enabled=true needs init_from_run=<a supervised run's folder> to start from"
+        interval = self.trainer.val_check_interval  # an int counts steps (a float: epochs)
         steps = {
             "trainer.max_steps": max(self.trainer.max_steps, 0),
+            "trainer.val_check_interval": interval if type(interval) is int else 0,
             "callbacks.checkpoint.last_every_n_steps": self.callbacks.checkpoint.last_every_n_steps,
         }
         for key, value in steps.items():
