@@ -37,7 +37,23 @@ def test_the_table_ends_with_the_baselines_every_run_reports():
     ]
     assert summary[0]["test/mIoU"] == 52.0 and summary[0]["test/mIoU std"] == pytest.approx(2 * 2**0.5)
     assert summary[3]["test/mIoU"] == 48.0 and summary[3]["test/mIoU std"] == 0.0
-    assert "| best action without the query | 3 | 48.00 ± 0.00 |" in markdown_table(summary)
+    # before: "3" seeds, the one seed-0 value counted once per variant
+    assert "| best action without the query | 2 | 48.00 ± 0.00 |" in markdown_table(summary)
+
+
+def test_variants_on_other_data_get_their_own_baseline():
+    """Before: one prior row averaged the priors of variants trained and tested on other data."""
+    rows = [
+        metrics("short", 0, 50.0, **baselines(30.0, 48.0)),
+        metrics("short", 1, 54.0, **baselines(32.0, 48.0)),
+        metrics("long", 0, 60.0, **baselines(40.0, 48.0)),
+    ]
+    summary = summarize(rows)
+    assert [(e["variant"], e["seeds"], e["test/mIoU"]) for e in summary[2:]] == [
+        ("prior (best constant segment), short", 2, 31.0),
+        ("prior (best constant segment), long", 1, 40.0),
+        ("best action without the query", 2, 48.0),
+    ]
 
 
 def test_a_variant_run_once_states_no_spread():

@@ -56,9 +56,11 @@ def _cell(entry: dict, key: str) -> str:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and std (over seeds) of the headline metrics and of each step's mIoU, per variant; then
-    one entry per query-free baseline that every run reports (:data:`BASELINES`)."""
+    the query-free baselines that every run reports (:data:`BASELINES`): one row over the seeds when
+    every variant has the same baseline at a seed (the same data), else one row per variant."""
     summary = []
-    for variant in dict.fromkeys(row["variant"] for row in rows):
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    for variant in variants:
         runs = [row for row in rows if row["variant"] == variant]
         entry: dict = {"variant": variant, "seeds": len(runs)}
         for key in (*HEADLINE, *step_keys(runs[0])):
@@ -66,11 +68,32 @@ def summarize(rows: list[dict]) -> list[dict]:
         summary.append(entry)
     for prefix, name in BASELINES.items():
         if rows and all(f"{prefix}/mIoU" in row for row in rows):
-            entry = {"variant": name, "seeds": len(rows)}
-            for key in HEADLINE:
-                _mean_and_std(entry, key, [row[key.replace("test/", f"{prefix}/")] for row in rows])
-            summary.append(entry)
+            summary.extend(_baseline_rows(rows, prefix, name, variants))
     return summary
+
+
+def _baseline_rows(rows: list[dict], prefix: str, name: str, variants: list[str]) -> list[dict]:
+    """The baseline ``prefix`` over seeds (each seed once), for all variants or, where they differ at
+    a seed, for each variant."""
+
+    def scores(row: dict) -> tuple[float, ...]:
+        return tuple(row[key.replace("test/", f"{prefix}/")] for key in HEADLINE)
+
+    at_seed: dict[int, set[tuple[float, ...]]] = {}
+    for row in rows:
+        at_seed.setdefault(row["seed"], set()).add(scores(row))
+    shared = all(len(found) == 1 for found in at_seed.values())
+    groups = (
+        {name: rows} if shared else {f"{name}, {v}": [r for r in rows if r["variant"] == v] for v in variants}
+    )
+    entries = []
+    for label, group in groups.items():
+        per_seed = {row["seed"]: scores(row) for row in group}
+        entry = {"variant": label, "seeds": len(per_seed)}
+        for i, key in enumerate(HEADLINE):
+            _mean_and_std(entry, key, [values[i] for values in per_seed.values()])
+        entries.append(entry)
+    return entries
 
 
 def markdown_table(summary: list[dict]) -> str:
