@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="reference and run take turns this often")
     parser.add_argument("--profile", action="store_true", help="phase seconds (SimpleProfiler)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny: a smoke test")
-    parser.add_argument("--keep", type=Path, help="write the (last) run here and keep it")
+    parser.add_argument("--keep", type=Path, help="write the last round's run here and keep it")
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the run only"
     )
@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"reference: python train.py {shlex.join(base + shlex.split(args.reference))}", flush=True)
     runs: list[dict[str, float]] = []
     references: list[dict[str, float]] = []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         if args.reference is not None:
             overrides = base + shlex.split(args.reference)
             references.append(run_once(overrides, args.profile, None, args.reference_threads))
-        runs.append(run_once(base + args.overrides, args.profile, args.keep, args.threads, extra_env))
+        keep = args.keep if round_ == args.rounds - 1 else None  # a fresh folder every round
+        runs.append(run_once(base + args.overrides, args.profile, keep, args.threads, extra_env))
         print(
             f"round: {runs[-1]['wall_s']:.1f} s"
             + (f" (reference {references[-1]['wall_s']:.1f} s)" if references else "")

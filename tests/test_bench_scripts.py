@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import default_run
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -145,3 +146,22 @@ def test_decoding_without_single_queries():
     """``--singles 0`` leaves batch 1 out (it divided by zero before)."""
     figures = quick_figures("decoding", "--singles", "0", "--refine-steps", "0")
     assert "speedup_vs_hf_generate" in figures and not [name for name in figures if "_b1_" in name]
+
+
+def recorded_keeps(monkeypatch) -> list[Path | None]:
+    """The ``keep`` folders bench.default_run's runs get (none is run)."""
+    keeps: list[Path | None] = []
+
+    def fake_run(overrides, profile, keep, threads=None, extra_env=None) -> dict[str, float]:
+        keeps.append(keep)
+        return {"wall_s": 1.0}
+
+    monkeypatch.setattr(default_run, "run_once", fake_run)
+    return keeps
+
+
+def test_default_run_keeps_only_its_last_round(monkeypatch, tmp_path):
+    """Every round is a run of its own; --keep gets the last (round 2 reused round 1's finished run)."""
+    keeps = recorded_keeps(monkeypatch)
+    default_run.main(["--quick", "--rounds", "2", "--keep", str(tmp_path / "kept")])
+    assert keeps == [None, tmp_path / "kept"]
