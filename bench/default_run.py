@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.arguments import new_folder
 from bench.figures_out import machine, median_ratio, print_figures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="reference and run take turns this often")
     parser.add_argument("--profile", action="store_true", help="phase seconds (SimpleProfiler)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny: a smoke test")
-    parser.add_argument("--keep", type=Path, help="write the last round's run here and keep it")
+    parser.add_argument("--keep", type=new_folder, help="write the last round's run here and keep it")
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the run only"
     )

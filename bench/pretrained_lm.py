@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.arguments import new_folder
 from bench.default_run import run_once
 from bench.figures_out import machine, print_figures
 from lightning_modules.pretrained import SMOLLM2, missing_model
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="ARM=OVERRIDES", help="more overrides of one arm"
     )
-    parser.add_argument("--keep", type=Path, help="write the runs to <keep>/<arm> and keep them")
+    parser.add_argument("--keep", type=new_folder, help="write the runs to <keep>/<arm> and keep them")
     args = parser.parse_args(argv)
     chosen = [arm for arm in args.arms.split(",") if arm]
     if unknown := [arm for arm in chosen if arm not in ARMS]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import default_run
+from bench import default_run, grpo, pretrained_lm
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -148,20 +148,65 @@ def test_decoding_without_single_queries():
     assert "speedup_vs_hf_generate" in figures and not [name for name in figures if "_b1_" in name]
 
 
-def recorded_keeps(monkeypatch) -> list[Path | None]:
-    """The ``keep`` folders bench.default_run's runs get (none is run)."""
-    keeps: list[Path | None] = []
+@pytest.fixture
+def run_folders(monkeypatch) -> list[Path | None]:
+    """The output folders the runs of bench.default_run, bench.grpo and bench.pretrained_lm get (none
+    is run)."""
+    folders: list[Path | None] = []
 
     def fake_run(overrides, profile, keep, threads=None, extra_env=None) -> dict[str, float]:
-        keeps.append(keep)
+        folders.append(keep)
         return {"wall_s": 1.0}
 
+    def fake_train(overrides: list[str], output_dir: Path) -> tuple[float, dict[str, float]]:
+        folders.append(output_dir)
+        return 1.0, {"wall_s": 1.0, "test/mIoU": 0.0, "test/R1@0.7": 0.0}
+
     monkeypatch.setattr(default_run, "run_once", fake_run)
-    return keeps
+
+    def fake_arm(overrides: list[str], out: Path) -> dict[str, float]:
+        folders.append(out)
+        return dict.fromkeys(("test_mIoU", "test_R1@0.7", "test_parse_fail", "wall_s", "prior_mIoU"), 1.0)
+
+    monkeypatch.setattr(grpo, "train", fake_train)
+    monkeypatch.setattr(pretrained_lm, "arm_figures", fake_arm)
+    return folders
 
 
-def test_default_run_keeps_only_its_last_round(monkeypatch, tmp_path):
+def test_default_run_keeps_only_its_last_round(run_folders, tmp_path):
     """Every round is a run of its own; --keep gets the last (round 2 reused round 1's finished run)."""
-    keeps = recorded_keeps(monkeypatch)
     default_run.main(["--quick", "--rounds", "2", "--keep", str(tmp_path / "kept")])
-    assert keeps == [None, tmp_path / "kept"]
+    assert run_folders == [None, tmp_path / "kept"]
+
+
+def test_default_run_keep_is_the_callers_path(run_folders, monkeypatch, tmp_path):
+    """A relative --keep is the caller's (train.py runs in the repository: the run went there)."""
+    monkeypatch.chdir(tmp_path)
+    default_run.main(["--quick", "--keep", "kept"])
+    assert run_folders == [tmp_path / "kept"]
+
+
+def test_grpo_paths_are_the_callers(run_folders, monkeypatch, tmp_path):
+    """A relative --keep is the caller's: the runs went into the repository, then metrics.json was
+    looked for in the caller's folder (FileNotFoundError)."""
+    monkeypatch.chdir(tmp_path)
+    grpo.main(["--quick", "--keep", "kept"])
+    assert run_folders[0] == tmp_path / "kept" / "base"
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        (default_run, ["--keep", "full"]),  # a finished run there: train.py would not run again
+        (grpo, ["--keep", "full"]),
+        (grpo, ["--base", "missing"]),
+        (pretrained_lm, ["--keep", "full"]),
+    ],
+)
+def test_path_mistakes_are_one_line(script, argv, run_folders, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--quick", *argv])
+    assert exit_.value.code == 2 and argv[0] in capsys.readouterr().err
