@@ -126,7 +126,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -134,7 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="training steps per configuration a round")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, f = 1/2, K = 0/3, one round")
     parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     extra = ["experiment=tiny"] if args.quick else []
     frames, ks = ((1, 2), (0, 3)) if args.quick else ((1, 2, 4), (0, 1, 2, 3))
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
