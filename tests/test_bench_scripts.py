@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import default_run, grpo, pretrained_lm
+from bench import default_run, grpo, pretrained_lm, scaling
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -23,7 +23,7 @@ SCRIPTS = {
     "default_run": (["--profile"], {"wall_s", "test_mIoU", "prior_mIoU", "peak_rss_mb", "train_steps_s"}),
     "overhead": ([], {"overhead_ratio", "raw_samples_per_s", "project_samples_per_s"}),
     "decoding": ([], {"speedup_vs_hf_generate", "passes_K3_b4_constrained", "match_free_hf_greedy_K3_b4"}),
-    "scaling": (["--no-plot"], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
+    "scaling": ([], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
     "gpu_step": ([], {"plain_tokens_per_s", "plain_peak_mem_gb", "fsdp_samples_per_s", "largest_batch"}),
     "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
     "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
@@ -210,3 +210,9 @@ def test_path_mistakes_are_one_line(script, argv, run_folders, monkeypatch, tmp_
     with pytest.raises(SystemExit) as exit_:
         script.main(["--quick", *argv])
     assert exit_.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_quick_scaling_leaves_the_published_figure():
+    """--quick implies --no-plot, as bench.data_loading's --quick implies --no-write (it replaced
+    bench/figures/scaling.png with a smoke test's figure)."""
+    assert scaling.parse_args(["--quick"]).no_plot and not scaling.parse_args([]).no_plot
