@@ -7,6 +7,7 @@ processes run in the repository root.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from timerefine.pipeline.schema import a_run_folder
@@ -30,3 +31,16 @@ def run_folder(text: str) -> Path:
     if (problem := a_run_folder(text)) is not None:
         raise argparse.ArgumentTypeError(problem)
     return caller_path(text)
+
+
+def names_of(known: Iterable[str]) -> Callable[[str], list[str]]:
+    """Comma-separated names, each one of ``known``."""
+    choices = list(known)
+
+    def parse(text: str) -> list[str]:
+        names = [name for name in text.split(",") if name]
+        if unknown := [name for name in names if name not in choices]:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; known: {', '.join(choices)}")
+        return names
+
+    return parse

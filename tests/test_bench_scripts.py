@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import default_run, grpo, pretrained_lm, scaling
+from bench import default_run, grpo, pretrained_lm, scaling, step_levers
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -194,6 +194,15 @@ def test_grpo_paths_are_the_callers(run_folders, monkeypatch, tmp_path):
     assert run_folders[0] == tmp_path / "kept" / "base"
 
 
+def refused(script, argv: list[str], capsys) -> str:
+    """The one error line ``script.main(argv)`` exits 2 with."""
+    with pytest.raises(SystemExit) as exit_:
+        script.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2, error
+    return error
+
+
 @pytest.mark.parametrize(
     ("script", "argv"),
     [
@@ -207,12 +216,23 @@ def test_path_mistakes_are_one_line(script, argv, run_folders, monkeypatch, tmp_
     monkeypatch.chdir(tmp_path)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "metrics.json").write_text("{}")
-    with pytest.raises(SystemExit) as exit_:
-        script.main(["--quick", *argv])
-    assert exit_.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert argv[0] in refused(script, ["--quick", *argv], capsys)
 
 
 def test_quick_scaling_leaves_the_published_figure():
     """--quick implies --no-plot, as bench.data_loading's --quick implies --no-write (it replaced
     bench/figures/scaling.png with a smoke test's figure)."""
     assert scaling.parse_args(["--quick"]).no_plot and not scaling.parse_args([]).no_plot
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--only", "foo"], "threads1"),  # the unknown name was dropped: only base ran
+        (["--experiment", "smollm2", "--only", "frames_per_token2"], "frames_per_token2"),
+    ],
+)
+def test_step_levers_refuses_variants_it_does_not_run(argv, named, monkeypatch, capsys):
+    monkeypatch.setattr(step_levers, "setup", lambda *args: pytest.fail("the benchmark ran"))
+    error = refused(step_levers, ["--quick", *argv], capsys)
+    assert "--only" in error and named in error
