@@ -33,6 +33,14 @@ def run_folder(text: str) -> Path:
     return caller_path(text)
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """A ``KEY=VALUE`` pair."""
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def names_of(known: Iterable[str]) -> Callable[[str], list[str]]:
     """Comma-separated names, each one of ``known``."""
     choices = list(known)

@@ -236,3 +236,10 @@ def test_step_levers_refuses_variants_it_does_not_run(argv, named, monkeypatch, 
     monkeypatch.setattr(step_levers, "setup", lambda *args: pytest.fail("the benchmark ran"))
     error = refused(step_levers, ["--quick", *argv], capsys)
     assert "--only" in error and named in error
+
+
+@pytest.mark.parametrize("argv", [["--env", "FOO"], ["--env", "=1"], ["--rounds", "0"], ["--threads", "0"]])
+def test_default_run_refuses_argument_mistakes(argv, run_folders, capsys):
+    """--env without KEY=VALUE was a ValueError traceback, --rounds 0 an IndexError, --threads 0 the
+    inherited thread count."""
+    assert argv[0] in refused(default_run, ["--quick", *argv], capsys)
