@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import default_run, grpo, pretrained_lm, scaling, step_levers
+from bench import action_trace_calibration, default_run, grpo, pretrained_lm, scaling, step_levers
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -243,3 +243,12 @@ def test_default_run_refuses_argument_mistakes(argv, run_folders, capsys):
     """--env without KEY=VALUE was a ValueError traceback, --rounds 0 an IndexError, --threads 0 the
     inherited thread count."""
     assert argv[0] in refused(default_run, ["--quick", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--root", "/nonexistent"], ["--num-frames", "0"], ["--feature-dim", "768", "0"]]
+)
+def test_action_trace_calibration_refuses_argument_mistakes(argv, capsys):
+    """A --root without the data was a FileNotFoundError traceback, --num-frames 0 a traceback and
+    --feature-dim 0 oracle scores of 0."""
+    assert argv[0] in refused(action_trace_calibration, ["--quick", "--root", "/nonexistent", *argv], capsys)
