@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import action_trace_calibration, default_run, grpo, pretrained_lm, scaling, step_levers
+from bench import action_trace_calibration, decoding, default_run, grpo, pretrained_lm, scaling, step_levers
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -252,3 +252,13 @@ def test_action_trace_calibration_refuses_argument_mistakes(argv, capsys):
     """A --root without the data was a FileNotFoundError traceback, --num-frames 0 a traceback and
     --feature-dim 0 oracle scores of 0."""
     assert argv[0] in refused(action_trace_calibration, ["--quick", "--root", "/nonexistent", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--run", "/nonexistent"], ["--refine-steps", "0", "-1"], ["--rounds", "0"], ["--singles", "-1"]]
+)
+def test_decoding_refuses_argument_mistakes_before_it_runs(argv, monkeypatch, capsys):
+    """A --run that is no run was found after the whole benchmark ran, --refine-steps -1 was a
+    ConfigError traceback."""
+    monkeypatch.setattr(decoding, "random_model", lambda *args: pytest.fail("the benchmark ran"))
+    assert argv[0] in refused(decoding, ["--quick", *argv], capsys)
