@@ -32,6 +32,7 @@ from bench.default_run import run_once
 from bench.figures_out import machine, print_figures
 from lightning_modules.pretrained import SMOLLM2, missing_model
 from timerefine.pipeline.config import load_config
+from timerefine.tools.arguments import at_least_one
 
 ARMS = {
     "pretrained": ["experiment=smollm2"],
@@ -111,10 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 steps on a small data set: a smoke test")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=at_least_one,
         help="training steps of every arm, projector steps included (default: experiment=smollm2's)",
     )
-    parser.add_argument("--batch", type=int, help="batch size of every arm (default: experiment=smollm2's)")
+    parser.add_argument(
+        "--batch", type=at_least_one, help="batch size of every arm (default: experiment=smollm2's)"
+    )
     parser.add_argument(
         "--arms", default=",".join(ARMS), help=f"which arms to run (default: {','.join(ARMS)})"
     )

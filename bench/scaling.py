@@ -30,6 +30,7 @@ from bench.figures_out import machine, print_figures
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
+from timerefine.tools.arguments import at_least_one
 
 FIGURE = Path(__file__).with_name("figures") / "scaling.png"
 DEFAULT = (2, 3)
@@ -131,8 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="training steps per configuration a round")
+    parser.add_argument("--rounds", type=at_least_one, default=3)
+    parser.add_argument(
+        "--steps", type=at_least_one, default=2, help="training steps per configuration a round"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="experiment=tiny, f = 1/2, K = 0/3, one round, --no-plot"
     )

@@ -36,6 +36,7 @@ from grounding.answer_format.tokens import IGNORE_INDEX
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
+from timerefine.tools.arguments import at_least_one
 
 # name: (overrides, autocast dtype, intra-op threads, attention implementation)
 VARIANTS = {
@@ -98,12 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=at_least_one, default=3)
+    parser.add_argument("--steps", type=at_least_one, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile(model.lm, dynamic=True)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round of one step")
     parser.add_argument("--experiment", help="start every variant from this experiment (e.g. smollm2)")
-    parser.add_argument("--batch", type=int, help="data.batch_size (default: the experiment's)")
+    parser.add_argument("--batch", type=at_least_one, help="data.batch_size (default: the experiment's)")
     parser.add_argument(
         "--only", type=names_of(VARIANTS), help="comma-separated variants to run besides base (default: all)"
     )

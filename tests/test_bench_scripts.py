@@ -262,3 +262,20 @@ def test_decoding_refuses_argument_mistakes_before_it_runs(argv, monkeypatch, ca
     ConfigError traceback."""
     monkeypatch.setattr(decoding, "random_model", lambda *args: pytest.fail("the benchmark ran"))
     assert argv[0] in refused(decoding, ["--quick", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        (scaling, ["--steps", "0"]),  # ZeroDivisionError
+        (scaling, ["--rounds", "0"]),
+        (step_levers, ["--batch", "0"]),  # the experiment's batch size, silently
+        (grpo, ["--steps", "0"]),
+        (pretrained_lm, ["--steps", "0"]),  # experiment=smollm2's steps, silently
+        (pretrained_lm, ["--batch", "0"]),
+    ],
+)
+def test_counts_below_one_are_refused(script, argv, run_folders, monkeypatch, capsys):
+    if hasattr(script, "setup"):  # bench.scaling, bench.step_levers: their benchmark starts there
+        monkeypatch.setattr(script, "setup", lambda *args: pytest.fail("the benchmark ran"))
+    assert argv[0] in refused(script, argv, capsys)
