@@ -35,8 +35,10 @@ from grounding.metrics.action_prior import best_action_scores, queried_action
 from grounding.metrics.prior import prior_scores
 from grounding.metrics.windows import record_iou
 from grounding.records import GroundingRecord
+from timerefine.tools.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
+FILES = (*CSV_NAMES, "charades_sta_train.txt", "charades_sta_test.txt")  # what main() reads
 DEGRADATIONS = ("jitter", "miss_rate", "confusion", "false_per_minute", "noise")
 
 
@@ -105,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, default=ROOT.parent / "shared" / "data" / "charades_sta")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
-    parser.add_argument("--feature-dim", type=int, nargs="+", default=[768, 256])
-    parser.add_argument("--num-frames", type=int, default=100)
+    parser.add_argument("--feature-dim", type=at_least_one, nargs="+", default=[768, 256])
+    parser.add_argument("--num-frames", type=at_least_one, default=100)
     parser.add_argument("--quick", action="store_true", help="300 test queries, scales 0 and 1")
     args = parser.parse_args(argv)
+    if missing := [name for name in FILES if not (args.root / name).is_file()]:
+        parser.error(f"--root {args.root}: no {', '.join(missing)}")
 
     timelines = read_timelines(args.root / name for name in CSV_NAMES)
     train, _ = load_charades_sta(args.root, "train")

@@ -51,6 +51,7 @@ import torch
 from transformers import CompileConfig
 from transformers.utils import logging as hf_logging
 
+from bench.arguments import run_folder
 from bench.decoding_levers import (
     DecoderRun,
     EagerDecoder,
@@ -68,6 +69,7 @@ from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.hf_generation import hf_generate
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config, load_run_config
+from timerefine.tools.arguments import at_least, at_least_one
 
 
 def hf_run(module: GroundingModule, batch: dict, *, constrained: bool, budget: int, eos_id: int, **options) -> Generation:  # fmt: skip
@@ -235,10 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, help="a trained run: decode its test split with each lever")
-    parser.add_argument("--refine-steps", type=int, nargs="+", default=[0, 1, 3])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--singles", type=int, default=8, help="queries decoded one at a time (0: none)")
+    parser.add_argument("--run", type=run_folder, help="a trained run: decode its test split with each lever")
+    parser.add_argument("--refine-steps", type=at_least(0), nargs="+", default=[0, 1, 3])
+    parser.add_argument("--rounds", type=at_least_one, default=3)
+    parser.add_argument(
+        "--singles", type=at_least(0), default=8, help="queries decoded one at a time (0: none)"
+    )
     parser.add_argument("--compile", action="store_true", help="also HF generate, static cache, compiled")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round")
     parser.add_argument(

@@ -35,7 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.arguments import key_value, new_folder
 from bench.figures_out import machine, median_ratio, print_figures
+from timerefine.tools.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["experiment=tiny", "logger.tensorboard=false"]
@@ -117,17 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="overrides of the run (default: none)")
     parser.add_argument("--reference", help="overrides of a reference run, one quoted string")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the run (default: inherited)")
-    parser.add_argument("--reference-threads", type=int, help="OMP_NUM_THREADS of the reference run")
-    parser.add_argument("--rounds", type=int, default=1, help="reference and run take turns this often")
+    parser.add_argument(
+        "--threads", type=at_least_one, help="OMP_NUM_THREADS of the run (default: inherited)"
+    )
+    parser.add_argument("--reference-threads", type=at_least_one, help="OMP_NUM_THREADS of the reference run")
+    parser.add_argument(
+        "--rounds", type=at_least_one, default=1, help="reference and run take turns this often"
+    )
     parser.add_argument("--profile", action="store_true", help="phase seconds (SimpleProfiler)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny: a smoke test")
-    parser.add_argument("--keep", type=Path, help="write the (last) run here and keep it")
+    parser.add_argument("--keep", type=new_folder, help="write the last round's run here and keep it")
     parser.add_argument(
-        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the run only"
+        "--env",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the run only",
     )
     args = parser.parse_args(argv)
-    extra_env = dict(item.split("=", 1) for item in args.env)
+    extra_env = dict(args.env)
     base = QUICK if args.quick else []
     print(f"machine: {machine()}")
     environment = " ".join(f"{k}={v}" for k, v in extra_env.items())
@@ -138,11 +149,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"reference: python train.py {shlex.join(base + shlex.split(args.reference))}", flush=True)
     runs: list[dict[str, float]] = []
     references: list[dict[str, float]] = []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         if args.reference is not None:
             overrides = base + shlex.split(args.reference)
             references.append(run_once(overrides, args.profile, None, args.reference_threads))
-        runs.append(run_once(base + args.overrides, args.profile, args.keep, args.threads, extra_env))
+        keep = args.keep if round_ == args.rounds - 1 else None  # a fresh folder every round
+        runs.append(run_once(base + args.overrides, args.profile, keep, args.threads, extra_env))
         print(
             f"round: {runs[-1]['wall_s']:.1f} s"
             + (f" (reference {references[-1]['wall_s']:.1f} s)" if references else "")

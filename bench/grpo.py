@@ -28,8 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.arguments import new_folder, run_folder
 from bench.default_run import phase_seconds
 from bench.figures_out import machine, print_figures
+from timerefine.tools.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_BASE = [
@@ -75,15 +77,15 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--base", type=Path, help="a finished supervised run (default: train the default run)"
+        "--base", type=run_folder, help="a finished supervised run (default: train the default run)"
     )
-    parser.add_argument("--steps", type=int, default=200, help="GRPO steps per run")
+    parser.add_argument("--steps", type=at_least_one, default=200, help="GRPO steps per run")
     parser.add_argument("--rewards", nargs="+", default=["iou", "time_r1", "refine_gain"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--grpo", nargs="*", default=[], help="more overrides of the GRPO runs")
     parser.add_argument("--stage", nargs="*", default=[], help="overrides of every run after the base")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one seed, iou, 4 steps")
-    parser.add_argument("--keep", type=Path, help="write the runs to <keep>/<run> and keep them")
+    parser.add_argument("--keep", type=new_folder, help="write the runs to <keep>/<run> and keep them")
     args = parser.parse_args(argv)
     stage = [*args.stage]
     if args.quick:
@@ -108,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
 
         grpo_seconds, grpo_cost = grpo(args.rewards[0], args.seeds[0])
         sft_seconds, sft_cost = sft(args.steps, args.seeds[0], "sft_cost")
-        if not grpo_seconds or not sft_seconds:  # finished before, in --keep: nothing trained this time
+        if not grpo_seconds or not sft_seconds:
             sys.exit(
-                f"error: no training time in the cost runs' profiler tables ({tmp}): finished already "
-                "(give --keep a new folder), or the table's layout changed (bench.default_run.PHASES)"
+                f"error: no training time in the cost runs' profiler tables ({tmp}): "
+                "the table's layout changed (bench.default_run.PHASES)"
             )
         ratio = grpo_seconds / sft_seconds
         wall_ratio = grpo_cost["wall_s"] / sft_cost["wall_s"]

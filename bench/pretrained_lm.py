@@ -27,10 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.arguments import new_folder
 from bench.default_run import run_once
 from bench.figures_out import machine, print_figures
 from lightning_modules.pretrained import SMOLLM2, missing_model
 from timerefine.pipeline.config import load_config
+from timerefine.tools.arguments import at_least_one
 
 ARMS = {
     "pretrained": ["experiment=smollm2"],
@@ -110,17 +112,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 steps on a small data set: a smoke test")
     parser.add_argument(
         "--steps",
-        type=int,
+        type=at_least_one,
         help="training steps of every arm, projector steps included (default: experiment=smollm2's)",
     )
-    parser.add_argument("--batch", type=int, help="batch size of every arm (default: experiment=smollm2's)")
+    parser.add_argument(
+        "--batch", type=at_least_one, help="batch size of every arm (default: experiment=smollm2's)"
+    )
     parser.add_argument(
         "--arms", default=",".join(ARMS), help=f"which arms to run (default: {','.join(ARMS)})"
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="ARM=OVERRIDES", help="more overrides of one arm"
     )
-    parser.add_argument("--keep", type=Path, help="write the runs to <keep>/<arm> and keep them")
+    parser.add_argument("--keep", type=new_folder, help="write the runs to <keep>/<arm> and keep them")
     args = parser.parse_args(argv)
     chosen = [arm for arm in args.arms.split(",") if arm]
     if unknown := [arm for arm in chosen if arm not in ARMS]:

@@ -1,7 +1,7 @@
 """How cost grows: training-step time and activation memory vs sequence length, decoding time vs K.
 
     python -m bench.scaling                 # frames per token 1/2/4 x K = 0..3, default model
-    python -m bench.scaling --quick         # experiment=tiny, fewer configurations
+    python -m bench.scaling --quick         # experiment=tiny, fewer configurations, no plot
 
 Each configuration (``projector.frames_per_token`` f, ``model.refine.steps`` K; aux head on when
 K > 0) gets its own default-sized model and the same training batches (batch 32); the
@@ -30,6 +30,7 @@ from bench.figures_out import machine, print_figures
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
+from timerefine.tools.arguments import at_least_one
 
 FIGURE = Path(__file__).with_name("figures") / "scaling.png"
 DEFAULT = (2, 3)
@@ -126,15 +127,26 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="training steps per configuration a round")
-    parser.add_argument("--quick", action="store_true", help="experiment=tiny, f = 1/2, K = 0/3, one round")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--rounds", type=at_least_one, default=3)
+    parser.add_argument(
+        "--steps", type=at_least_one, default=2, help="training steps per configuration a round"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="experiment=tiny, f = 1/2, K = 0/3, one round, --no-plot"
+    )
+    parser.add_argument("--no-plot", action="store_true", help=f"do not replace {FIGURE}")
     args = parser.parse_args(argv)
+    args.no_plot |= args.quick  # a smoke test's figure is not the published one
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     extra = ["experiment=tiny"] if args.quick else []
     frames, ks = ((1, 2), (0, 3)) if args.quick else ((1, 2, 4), (0, 1, 2, 3))
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)

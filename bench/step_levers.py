@@ -30,11 +30,13 @@ from types import MethodType
 
 import torch
 
+from bench.arguments import names_of
 from bench.figures_out import machine, median_ratio, print_figures
 from grounding.answer_format.tokens import IGNORE_INDEX
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
+from timerefine.tools.arguments import at_least_one
 
 # name: (overrides, autocast dtype, intra-op threads, attention implementation)
 VARIANTS = {
@@ -97,15 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=at_least_one, default=3)
+    parser.add_argument("--steps", type=at_least_one, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile(model.lm, dynamic=True)")
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, one round of one step")
     parser.add_argument("--experiment", help="start every variant from this experiment (e.g. smollm2)")
-    parser.add_argument("--batch", type=int, help="data.batch_size (default: the experiment's)")
-    parser.add_argument("--only", help="comma-separated variants to run besides base (default: all)")
+    parser.add_argument("--batch", type=at_least_one, help="data.batch_size (default: the experiment's)")
+    parser.add_argument(
+        "--only", type=names_of(VARIANTS), help="comma-separated variants to run besides base (default: all)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides of every variant")
     args = parser.parse_args(argv)
+    if args.experiment and "frames_per_token2" in (args.only or []):
+        parser.error("--only: frames_per_token2 is left out with --experiment (it sets frames per token)")
     extra = (
         ["experiment=tiny"] if args.quick else [f"experiment={args.experiment}"] if args.experiment else []
     )
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.experiment:
         del variants["frames_per_token2"]
     if args.only:
-        variants = {n: v for n, v in variants.items() if n == "base" or n in args.only.split(",")}
+        variants = {n: v for n, v in variants.items() if n == "base" or n in args.only}
     if args.compile:
         variants["compiled"] = ([], None, None, None)
     runs = {name: setup(name, [*extra, *v[0]], count, v[3]) for name, v in variants.items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import action_trace_calibration, decoding, default_run, grpo, pretrained_lm, scaling, step_levers
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -22,7 +23,7 @@ SCRIPTS = {
     "default_run": (["--profile"], {"wall_s", "test_mIoU", "prior_mIoU", "peak_rss_mb", "train_steps_s"}),
     "overhead": ([], {"overhead_ratio", "raw_samples_per_s", "project_samples_per_s"}),
     "decoding": ([], {"speedup_vs_hf_generate", "passes_K3_b4_constrained", "match_free_hf_greedy_K3_b4"}),
-    "scaling": (["--no-plot"], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
+    "scaling": ([], {"step_time_exponent", "activation_memory_exponent", "decode_ratio_K3"}),
     "gpu_step": ([], {"plain_tokens_per_s", "plain_peak_mem_gb", "fsdp_samples_per_s", "largest_batch"}),
     "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
     "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
@@ -145,3 +146,136 @@ def test_decoding_without_single_queries():
     """``--singles 0`` leaves batch 1 out (it divided by zero before)."""
     figures = quick_figures("decoding", "--singles", "0", "--refine-steps", "0")
     assert "speedup_vs_hf_generate" in figures and not [name for name in figures if "_b1_" in name]
+
+
+@pytest.fixture
+def run_folders(monkeypatch) -> list[Path | None]:
+    """The output folders the runs of bench.default_run, bench.grpo and bench.pretrained_lm get (none
+    is run)."""
+    folders: list[Path | None] = []
+
+    def fake_run(overrides, profile, keep, threads=None, extra_env=None) -> dict[str, float]:
+        folders.append(keep)
+        return {"wall_s": 1.0}
+
+    def fake_train(overrides: list[str], output_dir: Path) -> tuple[float, dict[str, float]]:
+        folders.append(output_dir)
+        return 1.0, {"wall_s": 1.0, "test/mIoU": 0.0, "test/R1@0.7": 0.0}
+
+    monkeypatch.setattr(default_run, "run_once", fake_run)
+
+    def fake_arm(overrides: list[str], out: Path) -> dict[str, float]:
+        folders.append(out)
+        return dict.fromkeys(("test_mIoU", "test_R1@0.7", "test_parse_fail", "wall_s", "prior_mIoU"), 1.0)
+
+    monkeypatch.setattr(grpo, "train", fake_train)
+    monkeypatch.setattr(pretrained_lm, "arm_figures", fake_arm)
+    return folders
+
+
+def test_default_run_keeps_only_its_last_round(run_folders, tmp_path):
+    """Every round is a run of its own; --keep gets the last (round 2 reused round 1's finished run)."""
+    default_run.main(["--quick", "--rounds", "2", "--keep", str(tmp_path / "kept")])
+    assert run_folders == [None, tmp_path / "kept"]
+
+
+def test_default_run_keep_is_the_callers_path(run_folders, monkeypatch, tmp_path):
+    """A relative --keep is the caller's (train.py runs in the repository: the run went there)."""
+    monkeypatch.chdir(tmp_path)
+    default_run.main(["--quick", "--keep", "kept"])
+    assert run_folders == [tmp_path / "kept"]
+
+
+def test_grpo_paths_are_the_callers(run_folders, monkeypatch, tmp_path):
+    """A relative --keep is the caller's: the runs went into the repository, then metrics.json was
+    looked for in the caller's folder (FileNotFoundError)."""
+    monkeypatch.chdir(tmp_path)
+    grpo.main(["--quick", "--keep", "kept"])
+    assert run_folders[0] == tmp_path / "kept" / "base"
+
+
+def refused(script, argv: list[str], capsys) -> str:
+    """The one error line ``script.main(argv)`` exits 2 with."""
+    with pytest.raises(SystemExit) as exit_:
+        script.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2, error
+    return error
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        (default_run, ["--keep", "full"]),  # a finished run there: train.py would not run again
+        (grpo, ["--keep", "full"]),
+        (grpo, ["--base", "missing"]),
+        (pretrained_lm, ["--keep", "full"]),
+    ],
+)
+def test_path_mistakes_are_one_line(script, argv, run_folders, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "metrics.json").write_text("{}")
+    assert argv[0] in refused(script, ["--quick", *argv], capsys)
+
+
+def test_quick_scaling_leaves_the_published_figure():
+    """--quick implies --no-plot, as bench.data_loading's --quick implies --no-write (it replaced
+    bench/figures/scaling.png with a smoke test's figure)."""
+    assert scaling.parse_args(["--quick"]).no_plot and not scaling.parse_args([]).no_plot
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--only", "foo"], "threads1"),  # the unknown name was dropped: only base ran
+        (["--experiment", "smollm2", "--only", "frames_per_token2"], "frames_per_token2"),
+    ],
+)
+def test_step_levers_refuses_variants_it_does_not_run(argv, named, monkeypatch, capsys):
+    monkeypatch.setattr(step_levers, "setup", lambda *args: pytest.fail("the benchmark ran"))
+    error = refused(step_levers, ["--quick", *argv], capsys)
+    assert "--only" in error and named in error
+
+
+@pytest.mark.parametrize("argv", [["--env", "FOO"], ["--env", "=1"], ["--rounds", "0"], ["--threads", "0"]])
+def test_default_run_refuses_argument_mistakes(argv, run_folders, capsys):
+    """--env without KEY=VALUE was a ValueError traceback, --rounds 0 an IndexError, --threads 0 the
+    inherited thread count."""
+    assert argv[0] in refused(default_run, ["--quick", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--root", "/nonexistent"], ["--num-frames", "0"], ["--feature-dim", "768", "0"]]
+)
+def test_action_trace_calibration_refuses_argument_mistakes(argv, capsys):
+    """A --root without the data was a FileNotFoundError traceback, --num-frames 0 a traceback and
+    --feature-dim 0 oracle scores of 0."""
+    assert argv[0] in refused(action_trace_calibration, ["--quick", "--root", "/nonexistent", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--run", "/nonexistent"], ["--refine-steps", "0", "-1"], ["--rounds", "0"], ["--singles", "-1"]]
+)
+def test_decoding_refuses_argument_mistakes_before_it_runs(argv, monkeypatch, capsys):
+    """A --run that is no run was found after the whole benchmark ran, --refine-steps -1 was a
+    ConfigError traceback."""
+    monkeypatch.setattr(decoding, "random_model", lambda *args: pytest.fail("the benchmark ran"))
+    assert argv[0] in refused(decoding, ["--quick", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        (scaling, ["--steps", "0"]),  # ZeroDivisionError
+        (scaling, ["--rounds", "0"]),
+        (step_levers, ["--batch", "0"]),  # the experiment's batch size, silently
+        (grpo, ["--steps", "0"]),
+        (pretrained_lm, ["--steps", "0"]),  # experiment=smollm2's steps, silently
+        (pretrained_lm, ["--batch", "0"]),
+    ],
+)
+def test_counts_below_one_are_refused(script, argv, run_folders, monkeypatch, capsys):
+    if hasattr(script, "setup"):  # bench.scaling, bench.step_levers: their benchmark starts there
+        monkeypatch.setattr(script, "setup", lambda *args: pytest.fail("the benchmark ran"))
+    assert argv[0] in refused(script, argv, capsys)
