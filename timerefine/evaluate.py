@@ -10,7 +10,8 @@ but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.c
 ``data.source.num_frames`` and ``data.source.feature_dim``. Evaluation settings can: ``eval.protocol``,
 ``model.inference.*``, batch sizes, ``trainer.*`` (devices, precision, ``limit_test_batches``) and
 where the data is (``data.source.root``, ``annotation_files``, ``splits``, features, quirks,
-``multi_window``), e.g. another test split.
+``multi_window``), e.g. another test split. Training settings (``run_identity.TRAINING_ONLY``: the
+fit's length, validation, checkpointing, ``grpo.*``, ``init_from_run``) are refused: nothing reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, scores, write_metrics
 from timerefine.pipeline.resume import CheckpointError
-from timerefine.pipeline.run_identity import checkpoint_identity_error, identity_error
+from timerefine.pipeline.run_identity import checkpoint_identity_error, identity_error, training_only_error
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_run_config(args.run_dir, args.overrides)
-        if reason := identity_error(trained, cfg):
+        if reason := identity_error(trained, cfg) or training_only_error(trained, cfg):
             raise ConfigError(reason)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

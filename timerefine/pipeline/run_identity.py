@@ -26,6 +26,24 @@ IDENTITY = (
     "data.source.feature_dim",
 )
 EVALUATION = ("model.inference",)
+# What an evaluation reads nothing of: the fit's length, validation, checkpointing, GRPO, the run's
+# own place and start (``init_from_run`` is the run's: rebuilt from another, it would be another model).
+TRAINING_ONLY = (
+    "output_dir",
+    "resume",
+    "test",
+    "init_from_run",
+    "grpo",
+    "callbacks.checkpoint",
+    "callbacks.early_stopping",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches",
+    "trainer.num_sanity_val_steps",
+    "trainer.gradient_clip_val",
+)
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -47,6 +65,17 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
         return None
     was = ", ".join(f"{key}={differing[key][0]}" for key in changed)
     return f"{', '.join(changed)}: what the run was trained as cannot change (trained with {was})"
+
+
+def training_only_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
+    """One line naming the :data:`TRAINING_ONLY` keys whose value differs between the run's config and
+    the one to evaluate it with (they would change nothing); None when there are none."""
+    differing = changes(
+        OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
+    )
+    if changed := [key for key in differing if _under(key, TRAINING_ONLY)]:
+        return f"{', '.join(changed)}: training settings, which evaluation does not read"
+    return None
 
 
 def checkpoint_identity_error(
