@@ -211,3 +211,15 @@ def test_an_export_of_a_later_stage_needs_not_the_run_it_started_from(stage_a, t
     found = Grounder.from_export(tmp_path / "export").run.module.state_dict()
     assert sorted(found) == sorted(expected)
     assert [name for name in found if not torch.equal(found[name], expected[name])] == []
+
+
+def test_a_start_on_other_data_says_so(stage_a, caplog):
+    """Before: a GRPO stage or second stage without its data= trained on the built-in data in silence."""
+    given = ["data=charades_sta", f"init_from_run={stage_a}"]
+    with caplog.at_level(logging.WARNING):
+        inherit_settings(load_config(given), given)
+    assert f"init_from_run={stage_a} trained on data.name=builtin; this run reads charades_sta" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        inherit_settings(load_config([*TINY, f"init_from_run={stage_a}"]), [f"init_from_run={stage_a}"])
+    assert "trained on data.name" not in caplog.text

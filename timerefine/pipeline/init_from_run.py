@@ -13,6 +13,7 @@ from the other run again, so its folder must stay where it is.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -28,6 +29,7 @@ from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import IDENTITY
 from timerefine.pipeline.schema import INHERITED
 
+log = logging.getLogger(__name__)
 PROJECTOR_STEPS = "model.saliency.projector_steps"
 ADAPTER_SHAPE = ("r", "alpha", "target_modules")  # model.lora keys that say what trained adapters compute
 
@@ -71,6 +73,13 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             f"trainer.max_steps={cfg.trainer.max_steps} leaves no step for the LM after {PROJECTOR_STEPS}={steps}"
         )
     check_continued_adapters(run.model.lora, cfg.model.lora)
+    if run.data.name != cfg.data.name:  # a later stage on other data is a recipe; a forgotten data= is not
+        log.warning(
+            "init_from_run=%s trained on data.name=%s; this run reads %s",
+            cfg.init_from_run,
+            run.data.name,
+            cfg.data.name,
+        )
     if errors := spec_errors(cfg):
         raise ConfigError("; ".join(errors))
     return cfg
