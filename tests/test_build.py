@@ -46,8 +46,11 @@ def tiny_build_overrides(tmp_path) -> list[str]:
 
 def test_accumulation_follows_the_trainer_world_size(tmp_path):
     """The trainer resolves devices (-1, "auto", lists); accumulation uses its real process count: one
-    optimizer step of a global batch of 32 reads 4 batches of 8, and no global batch size means 1."""
+    optimizer step of a global batch of 32 reads 4 batches of 8, and no global batch size means 1. An
+    int val_check_interval counts optimizer steps, as max_steps does (before: batches, so validation
+    came 4 times as often on one device as on 4 with the same global batch)."""
     overrides = [*tiny_build_overrides(tmp_path), "trainer.devices=1", "data.batch_size=8"]
+    overrides += ["trainer.val_check_interval=7"]
     overrides += ["data.source.num_train=32", "trainer.max_steps=1", "trainer.limit_val_batches=0"]
     overrides += ["model.saliency.projector_steps=0"]
     for global_batch, batches in (("32", 4), ("null", 1)):
@@ -55,6 +58,7 @@ def test_accumulation_follows_the_trainer_world_size(tmp_path):
         datamodule = build_datamodule(cfg)
         module = build_module(cfg, datamodule)
         trainer = build_trainer(cfg, tmp_path / global_batch, module)
+        assert trainer.val_check_interval == 7 * batches
         trainer.fit(module, datamodule=datamodule)
         assert trainer.world_size == 1 and trainer.accumulate_grad_batches == batches
         assert (

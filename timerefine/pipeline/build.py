@@ -315,4 +315,6 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
                 f"data.global_batch_size={data.global_batch_size}: {NO_ACCUMULATION}; set it to null and "
                 "choose data.batch_size and grpo.G"
             )
+        if isinstance(trainer.val_check_interval, int):  # optimizer steps, as max_steps; Lightning: batches
+            trainer.val_check_interval *= batches_per_step
     return trainer
