@@ -8,6 +8,7 @@ Skipped only when the model is absent. Sized for CI on 2 cores: batch 2, 16 fram
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,27 @@ def test_a_truncated_gguf_file_is_one_line(tmp_path, capsys):
         and err.count("\n") == 1
     )
     assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_a_run_whose_gguf_file_was_cut_is_one_line(builtin_run, tmp_path, capsys, monkeypatch):
+    """Before: predict (and the API, export, the demo) stopped with a GgufError traceback."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    from timerefine.tools.predict import main as predict_main
+
+    cut, run = tmp_path / "cut.gguf", tmp_path / "run"
+    with open(package_file(SMOLLM2), "rb") as whole:
+        cut.write_bytes(whole.read(3_000_000))
+    shutil.copytree(builtin_run, run)
+    config = OmegaConf.load(run / "config.yaml")
+    config.model.lm.name_or_path = str(cut)  # the run's model file, replaced by a damaged copy
+    OmegaConf.save(config, run / "config.yaml")
+    np.save(tmp_path / "features.npy", np.zeros((16, 64), np.float32))
+    argv = [str(tmp_path / "features.npy"), "--run", str(run), "--duration", "9", "--query", "a door"]
+    assert predict_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cut}: not a whole GGUF model") and err.count("\n") == 1, err
 
 
 @pytest.fixture(scope="module")

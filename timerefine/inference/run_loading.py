@@ -24,9 +24,10 @@ from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.video_features import InputError
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
-from timerefine.pipeline.build import TokenizerError, build_datamodule, build_module
+from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import tiny_lm_width
+from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import checkpoint_identity_error
@@ -103,9 +104,9 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
     source = ShapeOnlySource(cfg.data.name, cfg.data.source.num_frames, cfg.data.source.feature_dim)
     try:
         datamodule = build_datamodule(cfg, tokenizer_dir, source)
-    except TokenizerError as err:
+        return build_module(cfg, datamodule).eval(), datamodule.collator
+    except INPUT_ERRORS as err:  # the tokenizer, the LM's file (moved, damaged), released weights
         raise InputError(str(err)) from err
-    return build_module(cfg, datamodule).eval(), datamodule.collator
 
 
 def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
