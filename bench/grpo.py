@@ -31,6 +31,7 @@ from pathlib import Path
 from bench.arguments import new_folder, run_folder
 from bench.default_run import phase_seconds
 from bench.figures_out import machine, print_figures
+from grounding.metrics.rewards import REWARDS
 from timerefine.tools.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         "--base", type=run_folder, help="a finished supervised run (default: train the default run)"
     )
     parser.add_argument("--steps", type=at_least_one, default=200, help="GRPO steps per run")
-    parser.add_argument("--rewards", nargs="+", default=["iou", "time_r1", "refine_gain"])
+    parser.add_argument("--rewards", nargs="+", choices=REWARDS, default=["iou", "time_r1", "refine_gain"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--grpo", nargs="*", default=[], help="more overrides of the GRPO runs")
     parser.add_argument("--stage", nargs="*", default=[], help="overrides of every run after the base")
