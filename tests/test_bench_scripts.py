@@ -276,7 +276,9 @@ def test_decoding_refuses_argument_mistakes_before_it_runs(argv, monkeypatch, ca
         (grpo, ["--rewards", "iou", "tiou"]),  # found by train.py, after the base run had trained
     ],
 )
-def test_bad_counts_and_names_are_refused_before_anything_runs(script, argv, run_folders, monkeypatch, capsys):
+def test_bad_counts_and_names_are_refused_before_anything_runs(
+    script, argv, run_folders, monkeypatch, capsys
+):
     if hasattr(script, "setup"):  # bench.scaling, bench.step_levers: their benchmark starts there
         monkeypatch.setattr(script, "setup", lambda *args: pytest.fail("the benchmark ran"))
     assert argv[0] in refused(script, argv, capsys)

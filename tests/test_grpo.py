@@ -29,9 +29,11 @@ from lightning_modules.optimization import OptimSpec
 from lightning_modules.slot_logits_processor import layout_automaton
 from tests import helpers
 from timerefine import evaluate
+from timerefine.inference.grounder import Grounder
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.tools.export import main as export_main
 
 SMALL = [
     "data.source.num_train=16",
@@ -245,6 +247,14 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
     start = torch.load(checkpoint_path(supervised, "best"), map_location="cpu", weights_only=False)
     assert saved["state_dict"].keys() == start["state_dict"].keys()  # the reference is not saved
     assert evaluate.main([str(run)]) == 0
+    # its export loads alone (before: its config said grpo.enabled=true without init_from_run: refused)
+    assert export_main([str(run), str(tmp_path / "export")]) == 0
+    exported = Grounder.from_export(tmp_path / "export").run.module.state_dict()
+    assert [
+        n
+        for n, t in Grounder.from_run(run).run.module.state_dict().items()
+        if not torch.equal(t, exported[n])
+    ] == []
 
 
 @pytest.mark.parametrize(

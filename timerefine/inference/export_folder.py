@@ -89,6 +89,7 @@ def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec |
     """Write the export files of ``run`` into the empty folder ``out``."""
     cfg = run.cfg.copy()
     cfg.init_from_run = None  # what the export needs of that run is in its weights and tokenizer
+    cfg.grpo.enabled = False  # GRPO is how it trained; it answers as any grounding module
     base_vocab = None if merged else base_vocab_size(run)
     if merged:
         run.language_model = run.language_model.merge_and_unload()
