@@ -125,6 +125,22 @@ def test_merge_takes_new_adapter_settings_and_merges_at_the_runs_own(stage_a):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_merge_without_new_adapters_trains_the_merged_lm(stage_a):
+    """Before (with the merge settings above): stage A's adapters stayed on, unmerged, and trained on."""
+    continued = built([*TINY, f"init_from_run={stage_a}"]).eval()
+    merged = built(
+        [*TINY, f"init_from_run={stage_a}", "model.lora.inherited=merge", "model.lora.enabled=false"]
+    )
+    assert not parts(merged.state_dict())["lora"]
+    ids = helpers.batch(n=2)["input_ids"].clamp(max=len(continued.tokenizer) - 1)
+    with torch.no_grad():
+        a, b = (
+            m.model.lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            for m in (continued, merged.eval())
+        )
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "given", ["model.lora.alpha=64", "model.lora.r=8", "model.lora.target_modules=[q_proj]"]
 )

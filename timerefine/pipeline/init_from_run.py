@@ -112,8 +112,8 @@ def start_from_run(
     module: GroundingModule, run_dir: Path, inherited: str, lora: LoraSpec | None, token_ids: list[int]
 ) -> None:
     """Load the best checkpoint of ``run_dir`` into ``module`` (built with the run's settings); with
-    ``merge`` (and LoRA), merge the adapters into the LM and put new ``lora`` adapters (with
-    ``token_ids``' rows training) on it."""
+    ``merge``, merge its adapters into the LM and put new ``lora`` adapters (with ``token_ids``' rows
+    training) on it, or none when ``lora`` is None (the merged LM trains whole)."""
     if inherited not in INHERITED:
         raise ValueError(f"inherited={inherited!r}: choose from {', '.join(INHERITED)}")
     try:
@@ -125,9 +125,8 @@ def start_from_run(
     except CheckpointError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     module.load_state_dict(checkpoint["state_dict"])
-    if inherited == "merge" and lora is not None:
-        lm = module.model.lm
-        module.model.lm = apply_lora(
-            lm.merge_and_unload() if isinstance(lm, PeftModel) else lm, lora, token_ids
-        )
-        module.base_changed()
+    if inherited != "merge" or (not isinstance(module.model.lm, PeftModel) and lora is None):
+        return
+    lm = module.model.lm.merge_and_unload() if isinstance(module.model.lm, PeftModel) else module.model.lm
+    module.model.lm = lm if lora is None else apply_lora(lm, lora, token_ids)
+    module.base_changed()
