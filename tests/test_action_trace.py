@@ -243,10 +243,6 @@ def test_action_trace_knobs_reach_the_store(charades):
             ["data=charades_sta", "data.source.features=action_trace", "data.source.synthetic_noise=0.2"],
             "data.source.synthetic_noise is read only with features=synthetic",
         ),
-        (
-            ["data=activitynet", "data.source.feature_path=/features"],
-            "data.source.feature_path is read only with features=folder or packed",
-        ),
     ],
 )
 def test_bad_action_trace_settings_are_config_errors(overrides, message):
