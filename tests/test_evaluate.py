@@ -206,11 +206,13 @@ def test_overriding_what_the_run_was_trained_as_is_refused(config_only, capsys, 
     ],
 )
 def test_training_settings_are_refused_as_changing_nothing(config_only, capsys, overrides):
-    """Before: accepted, and read by nothing (init_from_run: by the rebuild, merging other adapters)."""
+    """Before: accepted, changing nothing (init_from_run: rebuilt from another run, another model)."""
     assert evaluate.main([str(config_only), *overrides]) == 2
     line = one_error_line(capsys, "config error:")
     changed = [o.split("=")[0] for o in overrides if o != "init_from_run=null"]  # the run's own value
-    assert line.startswith(f"config error: {', '.join(sorted(changed))}: training settings")
+    assert line.startswith(
+        f"config error: {', '.join(sorted(changed))}: training settings, which an evaluation"
+    )
 
 
 @pytest.mark.parametrize(

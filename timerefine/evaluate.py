@@ -11,7 +11,8 @@ but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.c
 ``model.inference.*``, batch sizes, ``trainer.*`` (devices, precision, ``limit_test_batches``) and
 where the data is (``data.source.root``, ``annotation_files``, ``splits``, features, quirks,
 ``multi_window``), e.g. another test split. Training settings (``run_identity.TRAINING_ONLY``: the
-fit's length, validation, checkpointing, ``grpo.*``, ``init_from_run``) are refused: nothing reads them.
+fit's length, validation, checkpointing, ``grpo.*``, ``init_from_run``) are refused: an evaluation
+cannot change them.
 """
 
 from __future__ import annotations

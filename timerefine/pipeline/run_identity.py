@@ -69,12 +69,12 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
 
 def training_only_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming the :data:`TRAINING_ONLY` keys whose value differs between the run's config and
-    the one to evaluate it with (they would change nothing); None when there are none."""
+    the one to evaluate it with; None when there are none."""
     differing = changes(
         OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
     )
     if changed := [key for key in differing if _under(key, TRAINING_ONLY)]:
-        return f"{', '.join(changed)}: training settings, which evaluation does not read"
+        return f"{', '.join(changed)}: training settings, which an evaluation cannot change"
     return None
 
 
