@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ from datamodules.synthetic_features import SyntheticFeatureStore
 from grounding.records import FeatureError, FeatureStore, resample_frames
 
 SUFFIXES = (".npy", ".npz", ".pt")
+SPELLINGS = (*SUFFIXES, *(suffix.upper() for suffix in SUFFIXES))  # as a folder's names may write them
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two names are one file (``x.npy`` and ``x.NPY`` on a case-insensitive file system)."""
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 PACKED_META = "timerefine_features.json"
 # What a store that generates its features (built-in videos, action traces) keeps, so later epochs do
 # not generate them again: the default's 4,000 videos take 100 MB, Charades-STA's 6,672 action traces
@@ -95,17 +104,18 @@ class FolderFeatureStore:
         self._paths: dict[str, Path] = {}  # video id -> its file, once found
 
     def video_ids(self) -> list[str]:
-        """Sorted ids of the videos that have a feature file (a link to nowhere too: loading it says so)."""
-        return sorted(
-            {p.stem for p in self.root.iterdir() if p.suffix.lower() in SUFFIXES and not p.is_dir()}
-        )
+        """Sorted ids of the videos that have a feature file, its suffix in lower or upper case (a link
+        to nowhere too: loading it says so)."""
+        return sorted({p.stem for p in self.root.iterdir() if p.suffix in SPELLINGS and not p.is_dir()})
 
     def path(self, video_id: str) -> Path:
-        """The one file holding ``video_id`` (``.npy``, else ``.NPY``, ...), looked up once (the ``.npy``
+        """The one file holding ``video_id`` (``.npy`` or ``.NPY``, ...), looked up once (the ``.npy``
         name when there is none); two files of one video are a FeatureError, as which one is meant
         cannot be told."""
         if video_id not in self._paths:
-            found = [p for suffix in SUFFIXES if (p := self._named(f"{video_id}{suffix}"))]
+            named = [self.root / f"{video_id}{suffix}" for suffix in SPELLINGS]
+            found = [p for p in named if p.is_file() or p.is_symlink()]
+            found = [p for i, p in enumerate(found) if not any(_same(p, q) for q in found[:i])]
             if len(found) > 1:
                 names = ", ".join(p.name for p in found)
                 raise FeatureError(video_id, str(found[0]), f"ambiguous: {names}; keep one")
@@ -113,12 +123,6 @@ class FolderFeatureStore:
                 return self.root / f"{video_id}{SUFFIXES[0]}"
             self._paths[video_id] = found[0]
         return self._paths[video_id]
-
-    def _named(self, name: str) -> Path | None:
-        """The entry ``name`` of the folder, else its upper-case suffix's (a link to nowhere counts)."""
-        stem, suffix = name.rsplit(".", 1)
-        entries = (self.root / name, self.root / f"{stem}.{suffix.upper()}")
-        return next((p for p in entries if p.is_file() or p.is_symlink()), None)
 
     def load(self, video_id: str) -> np.ndarray:
         path = self.path(video_id)

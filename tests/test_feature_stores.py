@@ -104,6 +104,10 @@ def test_folder_store_refuses_two_files_of_one_video(tmp_path):
     torch.save(torch.ones(4, D), tmp_path / "v.pt")
     with pytest.raises(FeatureError, match=r"ambiguous: v\.npy, v\.pt; keep one"):
         FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D).load("v")
+    np.save(tmp_path / "w.npy", np.zeros((4, D), dtype=np.float32))
+    (tmp_path / "w.NPY").write_bytes((tmp_path / "w.npy").read_bytes())  # case-sensitive file systems
+    with pytest.raises(FeatureError, match=r"ambiguous: w\.npy, w\.NPY; keep one"):
+        FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D).load("w")
 
 
 def test_upper_case_suffixes_and_broken_links_are_listed(folder, tmp_path):
