@@ -29,6 +29,8 @@ CLI_ERRORS = [
     ("callbacks.early_stopping=5", "callbacks.early_stopping=5: must be null or a mapping"),  # AttributeError
     ("+callbacks.early_stopping.patience=1", "callbacks.early_stopping="),  # TypeError: no monitor
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be"),  # ZeroDivisionError in fit
+    # counted batches where an int counts optimizer steps (data.global_batch_size, GRPO)
+    ("trainer.val_check_interval=4.0", "trainer.val_check_interval=4.0: must be"),
     ("trainer.max_steps=-1", "trainer.max_steps=-1 (no step limit) needs max_epochs"),  # OverflowError
 ]
 

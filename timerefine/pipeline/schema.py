@@ -65,12 +65,11 @@ def a_val_interval(value: Any) -> str | None:
     """``trainer.val_check_interval``: steps, a fraction of an epoch, or a time (Lightning parses it)."""
     if isinstance(value, (str, dict)):
         return None
-    a_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    steps = a_number and value >= 1 and float(value).is_integer()
+    steps = isinstance(value, int) and not isinstance(value, bool) and value >= 1
     if steps or (isinstance(value, float) and 0 < value <= 1):
         return None
     return (
-        "must be a number of steps >= 1, a fraction of an epoch in (0, 1] (with "
+        "must be an integer number of steps >= 1, a fraction of an epoch in (0, 1] (with "
         "check_val_every_n_epoch) or a time 'DD:HH:MM:SS'"
     )
 
