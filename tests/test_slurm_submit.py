@@ -256,3 +256,14 @@ def test_docs_show_the_current_dry_run(example: str, capsys: pytest.CaptureFixtu
     """docs/cluster.md pastes the dry-run of these commands; each must stay the real output."""
     slurm_submit.main(DOCUMENTED_DRY_RUNS[example])
     assert capsys.readouterr().out in (REPO / "docs" / "cluster.md").read_text()
+
+
+def test_a_global_batch_the_jobs_processes_cannot_split_is_refused(capsys: pytest.CaptureFixture) -> None:
+    """Before: checked only when the queued job started (2 nodes x 3 GPUs = 6 processes of 8 each)."""
+    argv = ["--nodes", "2", "--gpus-per-node", "3", "--dry-run", "--", "data.global_batch_size=64"]
+    assert slurm_submit.main([*argv, "data.batch_size=8"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("config error: data.global_batch_size=64 is not a")
+    assert "8 x 6 = 48" in captured.err and captured.err.count("\n") == 1
+    assert slurm_submit.main([*argv, "data.batch_size=4"]) == 2  # 4 x 6 = 24 does not divide 64 either
+    assert slurm_submit.main(["--nodes", "2", "--gpus-per-node", "4", *argv[4:], "data.batch_size=8"]) == 0

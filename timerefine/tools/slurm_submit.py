@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from callbacks.global_batch import accumulation
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch
 
@@ -108,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         script = render_sbatch(spec)
     except ValueError as err:
         parser.error(str(err))
-    for overrides in expand_sweep(spec.overrides):  # a typo found now, not after the job has queued
+    for overrides in expand_sweep(spec.overrides):  # a mistake found now, not after the job has queued
         try:
-            load_config(overrides)
-        except ConfigError as err:
+            data = load_config(overrides).data
+            if data.global_batch_size:  # the job's processes must split it, as train.py checks at start
+                accumulation(data.global_batch_size, data.batch_size, spec.nodes * spec.devices)
+        except (ConfigError, ValueError) as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
     if args.dry_run:
