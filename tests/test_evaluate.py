@@ -215,6 +215,13 @@ def test_training_settings_are_refused_as_changing_nothing(config_only, capsys, 
     )
 
 
+def test_an_evaluation_of_no_batch_is_refused_without_advice_it_refuses(config_only, capsys):
+    """Before: "set test=false to skip the test", which evaluate.py refuses as a training setting."""
+    assert evaluate.main([str(config_only), "trainer.limit_test_batches=0"]) == 2
+    line = one_error_line(capsys, "config error: trainer.limit_test_batches=0 tests nothing")
+    assert "set test=false" not in line
+
+
 @pytest.mark.parametrize(
     "override",
     [

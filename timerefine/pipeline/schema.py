@@ -220,7 +220,7 @@ class RunConfig(Checked):
 
     def relations(self) -> Iterator[str]:
         if self.test and self.trainer.limit_test_batches == 0:
-            yield "trainer.limit_test_batches=0 tests nothing; set test=false to skip the test"
+            yield "trainer.limit_test_batches=0 tests nothing (train.py skips the test with test=false)"
         if self.init_from_run is None and 0 < self.trainer.max_steps <= self.model.saliency.projector_steps:
             yield (
                 f"trainer.max_steps={self.trainer.max_steps} leaves no step for the LM after "
