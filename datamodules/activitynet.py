@@ -15,6 +15,7 @@ from datamodules.quirks import (
     resolve_segment,
     unique_keys,
 )
+from grounding.action_timelines import utf8_text
 from grounding.records import GroundingRecord
 
 SPLITS = ("train", "val_1", "val_2")
@@ -36,16 +37,14 @@ def parse_activitynet(
     """Parse one captions file into one record per sentence; qids are ``anet:{split}:{vid}:{i}``."""
     policy = policy or QuirkPolicy()
     path = Path(path)
-    raw = path.read_bytes()
     try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise QuirkError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
+        data = json.loads(utf8_text(path), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         raise QuirkError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     except DuplicateKey as err:
         raise QuirkError(f"{path}: {err}") from err
+    except ValueError as err:  # not UTF-8, named file:line
+        raise QuirkError(str(err)) from err
     if not isinstance(data, dict):
         raise QuirkError(f"{path}: expected a JSON object of videos, got {type(data).__name__}")
     report = QuirkReport(source=str(path))

@@ -23,11 +23,6 @@ SUFFIXES = (".npy", ".npz", ".pt")
 SPELLINGS = (*SUFFIXES, *(suffix.upper() for suffix in SUFFIXES))  # as a folder's names may write them
 
 
-def _same(a: Path, b: Path) -> bool:
-    """Whether two names are one file (``x.npy`` and ``x.NPY`` on a case-insensitive file system)."""
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
 PACKED_META = "timerefine_features.json"
 # What a store that generates its features (built-in videos, action traces) keeps, so later epochs do
 # not generate them again: the default's 4,000 videos take 100 MB, Charades-STA's 6,672 action traces
@@ -94,6 +89,11 @@ def read_error(error: Exception) -> str:
     """Why a feature file could not be read, in one line (torch's unpickling errors run to ten)."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether two names are one file (``x.npy`` and ``x.NPY`` on a case-insensitive file system)."""
+    return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
 class FolderFeatureStore:

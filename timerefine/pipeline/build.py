@@ -253,18 +253,15 @@ def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
 NO_ACCUMULATION = "GRPO steps on each rollout as it comes, without gradient accumulation"
 
 
-def grpo_trainer_args(trainer_args: dict, num_iterations: int) -> None:
-    """Lightning's arguments for a GRPO run, optimised by hand (GRPOModule): it clips with
-    ``gradient_clip_val`` itself, and an int ``val_check_interval`` counts optimizer steps, as
-    ``max_steps`` does, so Lightning, which counts batches, gets it in rollouts."""
+def grpo_trainer_args(trainer_args: dict) -> None:
+    """Lightning's arguments for a GRPO run, optimised by hand (GRPOModule), which clips with
+    ``gradient_clip_val`` itself and steps without gradient accumulation."""
     if (accumulate := trainer_args.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError(
             f"trainer.accumulate_grad_batches={accumulate}: {NO_ACCUMULATION}; remove it and choose "
             "data.batch_size and grpo.G"
         )
     trainer_args["gradient_clip_val"] = None
-    if isinstance(interval := trainer_args["val_check_interval"], int):  # a multiple (schema.py)
-        trainer_args["val_check_interval"] = interval // num_iterations
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) -> L.Trainer:
@@ -282,7 +279,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     rank_zero_only(log.info)("precision: %s (%s)", precision.precision, precision.reason)
     trainer_args["precision"] = precision.precision
     if cfg.grpo.enabled:
-        grpo_trainer_args(trainer_args, cfg.grpo.num_iterations)
+        grpo_trainer_args(trainer_args)
     try:
         trainer = L.Trainer(
             **trainer_args,
@@ -304,7 +301,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
             "needs trainer.strategy=ddp (run as DDP that allows unused parameters): the LM takes no "
             "part in those steps"
         )
-    data = cfg.data
+    data, batches_per_step = cfg.data, 1
     if data.global_batch_size:  # checked now, before anything is written; GlobalBatch sets it at setup
         try:
             batches_per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)
@@ -315,6 +312,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
                 f"data.global_batch_size={data.global_batch_size}: {NO_ACCUMULATION}; set it to null and "
                 "choose data.batch_size and grpo.G"
             )
-        if isinstance(trainer.val_check_interval, int):  # optimizer steps, as max_steps; Lightning: batches
-            trainer.val_check_interval *= batches_per_step
+    if isinstance(trainer.val_check_interval, int):  # optimizer steps, as max_steps; Lightning counts
+        steps_per_batch = cfg.grpo.num_iterations if cfg.grpo.enabled else 1  # batches (a multiple: schema)
+        trainer.val_check_interval = trainer.val_check_interval * batches_per_step // steps_per_batch
     return trainer

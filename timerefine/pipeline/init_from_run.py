@@ -125,8 +125,12 @@ def start_from_run(
     except CheckpointError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     module.load_state_dict(checkpoint["state_dict"])
-    if inherited != "merge" or (not isinstance(module.model.lm, PeftModel) and lora is None):
+    if inherited != "merge":
         return
-    lm = module.model.lm.merge_and_unload() if isinstance(module.model.lm, PeftModel) else module.model.lm
+    lm = module.model.lm
+    if isinstance(lm, PeftModel):
+        lm = lm.merge_and_unload()
+    elif lora is None:  # no adapters to merge, none to put on
+        return
     module.model.lm = lm if lora is None else apply_lora(lm, lora, token_ids)
     module.base_changed()

@@ -54,12 +54,17 @@ def is_identity(key: str) -> bool:
     return _under(key, IDENTITY) and not _under(key, EVALUATION)
 
 
+def _changes(trained: DictConfig, evaluated: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (trained, evaluated) of every resolved value that differs."""
+    return changes(
+        OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
+    )
+
+
 def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming the identity keys whose value differs between the run's config and the one to
     evaluate it with, and the run's values; None when there are none."""
-    differing = changes(
-        OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
-    )
+    differing = _changes(trained, evaluated)
     changed = [key for key in differing if is_identity(key)]
     if not changed:
         return None
@@ -70,10 +75,7 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
 def training_only_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming the :data:`TRAINING_ONLY` keys whose value differs between the run's config and
     the one to evaluate it with; None when there are none."""
-    differing = changes(
-        OmegaConf.to_container(trained, resolve=True), OmegaConf.to_container(evaluated, resolve=True)
-    )
-    if changed := [key for key in differing if _under(key, TRAINING_ONLY)]:
+    if changed := [key for key in _changes(trained, evaluated) if _under(key, TRAINING_ONLY)]:
         return f"{', '.join(changed)}: training settings, which an evaluation cannot change"
     return None
 
