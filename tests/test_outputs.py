@@ -1,13 +1,15 @@
-"""metrics.json: the numbers a run writes."""
+"""metrics.json: the numbers a run writes; files written whole or not at all."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from timerefine.pipeline.outputs import print_summary, write_metrics
+from timerefine.pipeline.whole_files import write_whole
 
 
 def test_metrics_json_holds_clean_numbers(tmp_path):
@@ -56,3 +58,18 @@ def test_the_run_directory_is_printed_verbatim(tmp_path, capsys):
     )
     print_summary({"test/mIoU": 50.0}, output_dir)
     assert f"run directory: {output_dir.resolve()}" in capsys.readouterr().out.splitlines()
+
+
+def test_a_failed_whole_write_leaves_the_old_file_and_no_partial(tmp_path):
+    target = tmp_path / "meta.json"
+    write_whole(target, "old")
+    write_whole(target, b"new")
+    assert target.read_text() == "new"
+    folder = tmp_path / "a folder"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_whole(folder, "text")  # a rename cannot replace a folder that holds files
+    assert (folder / "inside").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a folder",
+        "meta.json",
+    ]

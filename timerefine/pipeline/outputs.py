@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS
+from timerefine.pipeline.whole_files import write_whole
 
 HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
 SPLITS = ("prior", "best_action", "val", "test")  # the summary's rows
@@ -23,9 +23,7 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     """``config.yaml``, whole or not at all: the run's other processes may be reading it
     (:func:`~timerefine.pipeline.previous_run.check_same_settings`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    partial = output_dir / f".config.yaml.partial-{os.getpid()}"
-    OmegaConf.save(cfg, partial)
-    os.replace(partial, output_dir / "config.yaml")
+    write_whole(output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def scores(results: list[dict[str, float]]) -> dict[str, float]:

@@ -13,9 +13,9 @@ the same way (``timerefine-predict``).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from timerefine.inference.frame_encoder import (
 )
 from timerefine.inference.grounder import check_device
 from timerefine.inference.video_features import InputError, probe_video, shortfall
+from timerefine.pipeline.whole_files import write_whole
 from timerefine.tools.arguments import at_least, at_least_one
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,11 @@ def is_complete(path: Path, num_frames: int, dim: int) -> bool:
         return False
 
 
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to a temporary file next to ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def check_outputs(videos: list[Path], out_dir: Path, record: dict[str, object]) -> None:
@@ -142,7 +142,7 @@ def extract(
             log.warning("skipped: %s", pixels)
             report.failed[video_id] = str(pixels)
             continue
-        save_atomic(out_dir / f"{video_id}.npy", encode_pixels(encoder, pixels, batch_size))
+        write_whole(out_dir / f"{video_id}.npy", npy_bytes(encode_pixels(encoder, pixels, batch_size)))
         report.done.append(video_id)
     log.info(
         "encoded %d, skipped %d done, %d failed", len(report.done), len(report.skipped), len(report.failed)

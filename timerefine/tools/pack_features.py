@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import multiprocessing
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
 from grounding.checks import not_a_file
 from grounding.records import FeatureError
+from timerefine.pipeline.whole_files import write_whole
 from timerefine.tools.arguments import at_least_one
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,7 @@ def pack_folder(
     if sorted(index) != report.packed:
         raise RuntimeError(f"{dst}: packed {len(index)} videos, expected {len(report.packed)}")
     meta = {"num_frames": num_frames, "feature_dim": feature_dim, "dtype": dtype, "index": index}
-    tmp = dst / f"{PACKED_META}.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, dst / PACKED_META)
+    write_whole(dst / PACKED_META, json.dumps(meta))
     log.info("packed %d videos into %s (%d bad files left out)", len(index), dst, len(report.bad))
     return report
 

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from datamodules import activitynet, charades_sta
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport
 from grounding.checks import not_a_file
 from grounding.records import GroundingRecord
+from timerefine.pipeline.whole_files import write_whole
 
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
 DATASETS: dict[str, tuple[Loader, tuple[str, ...], str]] = {
@@ -45,16 +45,6 @@ def present_splits(dataset: str, root: Path) -> list[str]:
     """The dataset's splits whose annotation file is in ``root``."""
     _, splits, pattern = DATASETS[dataset]
     return [split for split in splits if (root / pattern.format(split)).is_file()]
-
-
-def write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all: written beside it, then renamed into place."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def convert(
