@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.arguments import non_negative
 from bench.figures_out import machine, print_figures
 from datamodules.action_trace import ActionTraceSpec, class_embeddings, trace
 from datamodules.charades_sta import CSV_NAMES, load_charades_sta
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--root", type=Path, default=ROOT.parent / "shared" / "data" / "charades_sta")
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--scales", type=non_negative, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--feature-dim", type=at_least_one, nargs="+", default=[768, 256])
     parser.add_argument("--num-frames", type=at_least_one, default=100)
     parser.add_argument("--quick", action="store_true", help="300 test queries, scales 0 and 1")

@@ -7,6 +7,7 @@ processes run in the repository root.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def run_folder(text: str) -> Path:
     if (problem := a_run_folder(text)) is not None:
         raise argparse.ArgumentTypeError(problem)
     return caller_path(text)
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def key_value(text: str) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from bench.figures_out import cpu_name, print_figures
 from datamodules.feature_stores import FolderFeatureStore, PackedFeatureStore
 from grounding.records import FeatureStore
+from timerefine.tools.arguments import at_least, at_least_one
 from timerefine.tools.pack_features import pack_folder
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -148,12 +149,12 @@ def write_folder(folder: Path, video_ids: list[str], num_frames: int, feature_di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=2000)
-    parser.add_argument("--num-frames", type=int, default=100)
-    parser.add_argument("--feature-dim", type=int, default=768)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--threads", type=int, help="torch intra-op threads in the main process")
+    parser.add_argument("--videos", type=at_least_one, default=2000)
+    parser.add_argument("--num-frames", type=at_least_one, default=100)
+    parser.add_argument("--feature-dim", type=at_least_one, default=768)
+    parser.add_argument("--batch-size", type=at_least_one, default=32)
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 2])
+    parser.add_argument("--threads", type=at_least_one, help="torch intra-op threads in the main process")
     parser.add_argument("--no-write", action="store_true", help=f"print only, do not update {RESULTS}")
     parser.add_argument("--quick", action="store_true", help="200 videos, 0 workers, --no-write")
     args = parser.parse_args(argv)

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from bench import action_trace_calibration, decoding, default_run, grpo, pretrained_lm, scaling, step_levers
+from bench import (
+    action_trace_calibration,
+    data_loading,
+    decoding,
+    default_run,
+    grpo,
+    pretrained_lm,
+    scaling,
+    step_levers,
+)
 from bench.default_run import phase_seconds
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
@@ -246,12 +255,35 @@ def test_default_run_refuses_argument_mistakes(argv, run_folders, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--root", "/nonexistent"], ["--num-frames", "0"], ["--feature-dim", "768", "0"]]
+    "argv",
+    [
+        ["--root", "/nonexistent"],
+        ["--num-frames", "0"],
+        ["--feature-dim", "768", "0"],
+        ["--scales", "1", "-1"],
+    ],
 )
 def test_action_trace_calibration_refuses_argument_mistakes(argv, capsys):
     """A --root without the data was a FileNotFoundError traceback, --num-frames 0 a traceback and
-    --feature-dim 0 oracle scores of 0."""
+    --feature-dim 0 oracle scores of 0, --scales -1 a SpecError traceback."""
     assert argv[0] in refused(action_trace_calibration, ["--quick", "--root", "/nonexistent", *argv], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--videos", "0"],
+        ["--num-frames", "0"],
+        ["--feature-dim", "0"],
+        ["--batch-size", "0"],
+        ["--workers", "0", "-1"],
+        ["--threads", "0"],
+    ],
+)
+def test_data_loading_refuses_argument_mistakes_before_it_runs(argv, monkeypatch, capsys):
+    """Counts below their least were taken (--threads 0 silently kept the inherited thread count)."""
+    monkeypatch.setattr(data_loading, "write_folder", lambda *args: pytest.fail("the benchmark ran"))
+    assert argv[0] in refused(data_loading, argv, capsys)
 
 
 @pytest.mark.parametrize(
