@@ -179,3 +179,11 @@ def test_a_duration_csv_that_is_not_utf8_is_one_line(tmp_path, capsys):
         capsys.readouterr().err
         == f"error: {where}: malformed annotation: not UTF-8 (byte 0xff at column 1)\n"
     )
+
+
+def test_converter_into_a_folder_one_may_not_write_in_is_one_line(tmp_path, unwritable_folder, capsys):
+    """Before: a PermissionError traceback."""
+    out = unwritable_folder / "out"
+    assert to_jsonl.main(["charades_sta", str(charades_root(tmp_path / "charades")), str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and str(unwritable_folder) in error and "\n" not in error

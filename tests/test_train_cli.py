@@ -159,3 +159,10 @@ def test_every_monitorable_metric_is_logged(train_main, tmp_path):
     datamodule.setup()
     keys = build_module(cfg, datamodule).evaluation_keys("val")
     assert sorted(k for k in header if k.startswith("val/")) == sorted(keys)
+
+
+def test_an_output_dir_one_may_not_write_in_is_one_line(train_main, unwritable_folder, capsys):
+    """Before: a PermissionError traceback."""
+    assert train_main(["experiment=tiny", f"output_dir={unwritable_folder / 'run'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(unwritable_folder) in lines[0], lines

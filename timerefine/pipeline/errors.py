@@ -24,6 +24,7 @@ INPUT_ERRORS = (
     QuirkError,
     EmptySplitError,
     FileNotFoundError,
+    PermissionError,  # an output folder the user may not write in; the message names it
     CheckpointError,
     ChangedSettingsError,
     ReleasedWeightsError,

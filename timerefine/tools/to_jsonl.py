@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         written = convert(args.dataset, args.root, args.out, splits, policy)
-    except (QuirkError, FileNotFoundError, FileExistsError) as error:
+    except (QuirkError, FileNotFoundError, FileExistsError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path, report in written.values():
