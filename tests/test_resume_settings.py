@@ -151,6 +151,24 @@ def test_resume_from_another_runs_checkpoint_with_other_settings_stops(
     assert not new.exists()
 
 
+@pytest.mark.parametrize("resume", ["auto", "another run's"])
+def test_resume_with_fewer_steps_than_the_checkpoint_reached_stops(
+    killed_after_checkpoint, tmp_path, capsys, resume
+):
+    """Before: Lightning stopped at once ("max_steps=1 reached"), tested the step-2 model and
+    config.yaml said max_steps: 1 beside metrics.json's global_step 2."""
+    run, last = copy(killed_after_checkpoint, tmp_path), killed_after_checkpoint / "checkpoints" / "last.ckpt"
+    before = snapshot(run)
+    output_dir, extra = (run, []) if resume == "auto" else (tmp_path / "new", [f"resume={last}"])
+    line = refused(overrides(output_dir, EVERY_2, "trainer.max_steps=1", *extra), capsys)
+    at = run / "checkpoints" / "last.ckpt" if resume == "auto" else last
+    assert line == (
+        f"error: trainer.max_steps=1: {at} is at step 2 already, and a run continues to at least that "
+        "step; give trainer.max_steps >= 2, or another output_dir for a shorter run"
+    )
+    assert snapshot(run) == before and not (tmp_path / "new").exists()
+
+
 def test_run_killed_before_a_checkpoint_with_other_settings_stops(killed_before_checkpoint, tmp_path):
     run = copy(killed_before_checkpoint, tmp_path)
     before = snapshot(run)

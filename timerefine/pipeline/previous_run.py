@@ -64,7 +64,8 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
 
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
     """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
-    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change."""
+    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, or
+    when its ``trainer.max_steps`` stops short of the step ``checkpoint`` reached."""
     new = OmegaConf.to_container(cfg, resolve=True)
     for where, old in recorded_configs(output_dir, checkpoint):
         refused = {k: pair for k, pair in changes(old, new).items() if k not in MAY_CHANGE}
@@ -75,6 +76,20 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
                 f"the settings it started with, only {', '.join(MAY_CHANGE)} may change: "
                 "use another output_dir for the new settings"
             )
+    if checkpoint is not None:
+        check_reaches(cfg.trainer.max_steps, checkpoint_file(checkpoint, output_dir))
+
+
+def check_reaches(max_steps: int, checkpoint: Path) -> None:
+    """A continued run trains to at least the step its checkpoint reached: with fewer ``max_steps``
+    Lightning would stop at once and test the checkpoint's model under a config.yaml saying fewer."""
+    reached = trainer_state(checkpoint).get("global_step", 0)
+    if 0 <= max_steps < reached:
+        raise ChangedSettingsError(
+            f"trainer.max_steps={max_steps}: {checkpoint} is at step {reached} already, and a run "
+            f"continues to at least that step; give trainer.max_steps >= {reached}, or another "
+            "output_dir for a shorter run"
+        )
 
 
 def finished(cfg: DictConfig, output_dir: Path) -> bool:
