@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import evaluate
-from timerefine.pipeline.config import load_config, load_run_config
+from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Validation at steps 5 and 10, both kept (save_top_k=2); monitoring the step itself makes step 10
@@ -180,6 +180,18 @@ def test_a_saved_config_keeps_keys_their_readers_take(config_only, capsys):
     assert str(config_only / "checkpoints") in one_error_line(capsys, "error:")
 
 
+def test_a_run_saved_with_early_stopping_without_mode_reads_as_it_ran(tmp_path):
+    """train.py now requires callbacks.early_stopping.mode (EarlyStopping's default, min, is the wrong
+    way for val/mIoU); a run saved without it ran with min and still loads, so."""
+    saved = load_config(["data=builtin", f"output_dir={tmp_path}"])
+    saved.callbacks.early_stopping = {"monitor": "val/mIoU", "patience": 3}
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    loaded = load_run_config(tmp_path, [])
+    assert loaded.callbacks.early_stopping == {"monitor": "val/mIoU", "patience": 3, "mode": "min"}
+    with pytest.raises(ConfigError, match="EarlyStopping's default, min, stops a run whose score rises"):
+        load_config(["callbacks.early_stopping={monitor: val/mIoU, patience: 3}"])
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -245,7 +257,11 @@ def test_evaluation_settings_stay_overridable(config_only, capsys, override):
         ["data=builtin", "trainer=fsdp"],  # trainer.strategy: a mapping where the default holds "auto"
         ["data=charades_sta", "trainer=ddp"],
         ["data=activitynet", "trainer=gpu"],
-        ["data=jsonl", "callbacks.early_stopping={monitor: val/mIoU}", "+trainer.accumulate_grad_batches=2"],
+        [
+            "data=jsonl",
+            "callbacks.early_stopping={monitor: val/mIoU, mode: max}",
+            "+trainer.accumulate_grad_batches=2",
+        ],
         ["data=qvhighlights", "experiment=timerefine_onpolicy"],  # Lighthouse keys, annotation_files
     ],
 )

@@ -28,6 +28,8 @@ CLI_ERRORS = [
     ("+model.refine.stepz=3", "model.refine.stepz"),
     ("callbacks.early_stopping=5", "callbacks.early_stopping=5: must be null or a mapping"),  # AttributeError
     ("+callbacks.early_stopping.patience=1", "callbacks.early_stopping="),  # TypeError: no monitor
+    # Lightning's default mode=min stopped a run whose val/mIoU rose
+    ("callbacks.early_stopping={monitor:val/mIoU,patience:2}", "callbacks.early_stopping="),
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be"),  # ZeroDivisionError in fit
     # counted batches where an int counts optimizer steps (data.global_batch_size, GRPO)
     ("trainer.val_check_interval=4.0", "trainer.val_check_interval=4.0: must be"),

@@ -176,8 +176,9 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
     return cfg
 
 
-# Keys added with a default that changes what a run does, and the value a run saved before them ran with.
-UNTIL_ADDED = {"model.saliency.projector_steps": 0}
+# Keys added (or required) with a default that changes what a run does, and the value a run saved
+# before them ran with, where the run saved their mapping.
+UNTIL_ADDED = {"model.saliency.projector_steps": 0, "callbacks.early_stopping.mode": "min"}
 
 
 def with_schema_defaults(saved: DictConfig) -> DictConfig:
@@ -195,8 +196,9 @@ def with_schema_defaults(saved: DictConfig) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error, [])) from error
     for key, value in UNTIL_ADDED.items():
-        if OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
-            OmegaConf.update(run, key, value)
+        mapping = isinstance(OmegaConf.select(saved, key.rpartition(".")[0]), DictConfig)
+        if mapping and OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
+            OmegaConf.update(run, key, value, force_add=True)
     return run
 
 

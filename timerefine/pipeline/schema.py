@@ -45,15 +45,18 @@ def a_run_folder(value: str) -> str | None:
 
 
 EARLY_STOPPING_FORM = (
-    "must be null or a mapping of EarlyStopping's arguments with a monitor, "
+    "must be null or a mapping of EarlyStopping's arguments with a monitor and a mode, "
     "e.g. {monitor: val/mIoU, mode: max, patience: 5}"
 )
 
 
 def early_stopping_args(value: Any) -> str | None:
-    """EarlyStopping's keyword arguments, ``monitor`` among them, as EarlyStopping takes them."""
+    """EarlyStopping's keyword arguments, ``monitor`` and ``mode`` among them (its default mode, min,
+    would stop a run whose val/mIoU rises), as EarlyStopping takes them."""
     if not isinstance(value, dict) or not value.get("monitor") or not isinstance(value["monitor"], str):
         return EARLY_STOPPING_FORM
+    if "mode" not in value:
+        return "needs a mode (max for val/mIoU): EarlyStopping's default, min, stops a run whose score rises"
     try:
         EarlyStopping(**value)
     except (TypeError, ValueError, MisconfigurationException) as error:
