@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grounding.answer_format.prompts import normalize_query
+from grounding.answer_format.prompts import normalize_query, query_error
 from grounding.checks import Checked, checked, one_of
 from grounding.metrics.windows import target_window
 from grounding.records import GroundingRecord
@@ -188,6 +188,8 @@ def resolve_windows(
 
     if not normalize_query(query):
         return reject(EMPTY_QUERY, policy.empty_query, f"video {video_id}: empty sentence {query!r}")
+    if error := query_error(query):
+        return report.malformed(where, f"video {video_id}: {error}", policy)
     if duration is None or not (math.isfinite(duration) and duration > 0):
         return reject(UNKNOWN_VIDEO, policy.unknown_video, f"video {video_id} has no usable duration")
     resolved = []

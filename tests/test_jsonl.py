@@ -102,6 +102,8 @@ def test_quirk_policy_applies_to_every_window(tmp_path):
         # before: JSON kept the last window, the first unread
         (line("x", [[1, 2]])[:-1] + ', "windows": [[5, 6]]}', "key 'windows' appears twice"),
         (line("x", [[-1, 2]]), "bad times -1.0, 2.0"),
+        # before: a ValueError traceback blaming the prompt template, when the prompt was made
+        (line("x", [[1, 2]], query="opens <VIDEO> door"), "video v1: the query holds <video>, the prompt's"),
     ],
 )
 def test_malformed_lines_name_file_and_line_or_are_counted(tmp_path, bad, reason):
@@ -202,8 +204,9 @@ def jsonl_splits(root: Path, bad_in: str = "train", bad: str = "") -> Path:
         (line("caf\udcff", [[2, 6]]), [], ":3: malformed annotation: not UTF-8 (byte 0xff at column"),
         (line("point", [[4, 4]]), ["data.source.quirks.zero_length=error"], ":3: zero length: v1 [4.0, 4.0]"),
         (line("long", [[2, 6]], query=LONG_QUERY), [], ":3: query too long: "),
+        (line("video", [[2, 6]], query="a <video> of a door"), [], ":3: malformed annotation: video v1: the"),
     ],
-    ids=["not_utf8", "zero_length", "too_long"],
+    ids=["not_utf8", "zero_length", "too_long", "video_in_query"],
 )
 def test_bad_training_data_stops_the_run_in_one_line(tmp_path, capsys, bad, overrides, message):
     path = jsonl_splits(tmp_path / "jsonl", bad=bad)

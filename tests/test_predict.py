@@ -223,6 +223,11 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
             "--query 2: the query is ",
         ),
         "query too long in a pairs file": ([str(long_pairs), "--run", run], f"{long_pairs}:1: the query is "),
+        # before: a ValueError traceback blaming the prompt template
+        "<video> in a query": (
+            [red, "--run", run, "--query", "a <Video> of it"],
+            "--query 1: the query holds <video>",
+        ),
         # before: answered on the video's own length, the misspelt key unread
         "unknown key in a pairs file": (
             [str(misspelt), "--run", run],
@@ -254,6 +259,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "duration of another video",
         "query too long",
         "query too long in a pairs file",
+        "<video> in a query",
         "not a device",
         "no CUDA here",
         "features without duration in a pairs file",

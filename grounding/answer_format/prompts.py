@@ -32,11 +32,21 @@ def normalize_query(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".").rstrip()
 
 
+def query_error(query: str) -> str | None:
+    """Why ``query`` cannot fill a prompt: normalised, it holds ``<video>``, the place of the video
+    tokens (other grounding tokens are upper case, which normalising takes from them); None if none."""
+    if VIDEO in normalize_query(query):
+        return f"the query holds {VIDEO}, the prompt's place for the video"
+    return None
+
+
 def render_prompt(template: str, query: str) -> str:
     """Fill ``{query}`` in ``template`` (which must also hold ``<video>``) with the normalised query."""
     for placeholder in ("{query}", VIDEO):
         if placeholder not in template:
             raise ValueError(f"prompt template lacks the {placeholder} placeholder: {template!r}")
+    if error := query_error(query):
+        raise ValueError(f"{error}: {query!r}")
     return template.replace("{query}", normalize_query(query))
 
 

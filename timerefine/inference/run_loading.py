@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
+from grounding.answer_format.prompts import query_error as prompt_query_error
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
 from lightning_modules.base_weights import BaseWeightsError
@@ -151,8 +152,10 @@ def precision_autocast(precision: str, device_type: str) -> contextlib.AbstractC
 
 
 def query_error(run: LoadedRun, query: str) -> str | None:
-    """Why ``query``, with the prompt, the video and the longest answer, does not fit the run's
-    language model; None when it fits (or the model states no limit)."""
+    """Why ``query`` cannot fill the prompt, or with it, the video and the longest answer does not
+    fit the run's language model; None when it fits (or the model states no limit)."""
+    if error := prompt_query_error(query):
+        return error
     limit = getattr(run.language_model.config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None
