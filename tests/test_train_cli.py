@@ -34,6 +34,9 @@ CLI_ERRORS = [
     # counted batches where an int counts optimizer steps (data.global_batch_size, GRPO)
     ("trainer.val_check_interval=4.0", "trainer.val_check_interval=4.0: must be"),
     ("trainer.max_steps=-1", "trainer.max_steps=-1 (no step limit) needs max_epochs"),  # OverflowError
+    # Hydra advised --multirun, which train.py refused as a parse error
+    ("seed=1,2", "seed=1,2: a sweep, and a run takes one config; sweep with timerefine-ablate"),
+    ("--multirun", "--multirun: train.py runs one config; sweep with timerefine-ablate"),
 ]
 
 

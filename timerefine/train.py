@@ -20,7 +20,7 @@ from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
 from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, group_options, load_config
+from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.init_from_run import inherit_settings
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
+    if multirun := {"--multirun", "-m"} & set(argv):
+        print(f"config error: {multirun.pop()}: train.py runs one config; {SWEEPS}", file=sys.stderr)
+        return 2
     try:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = inherit_settings(load_config(overrides), overrides)

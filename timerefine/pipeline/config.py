@@ -98,10 +98,16 @@ def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[s
     return keys
 
 
+SWEEPS = "sweep with timerefine-ablate (--variant, --seeds) or timerefine-slurm-submit (a job array)"
+
+
 def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str:
     """``line`` as Hydra takes it, or a ConfigError for what Hydra would take wrongly: ``~key`` (code
     reads every key, so none can be removed), a group set to null (only ``experiment=null``, no
-    experiment, which Hydra spells ``~experiment``)."""
+    experiment, which Hydra spells ``~experiment``), a sweep (Hydra's advice, ``--multirun``, is no
+    option here)."""
+    if override.is_sweep_override():
+        raise ConfigError(f"{line}: a sweep, and a run takes one config; {SWEEPS}")
     group = override.key_or_group.split("@")[0]
     if group not in groups and override.is_delete():
         raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
@@ -118,7 +124,7 @@ def check_overrides(base: DictConfig, overrides: list[Override], groups: dict[st
     true or false for a boolean key (OmegaConf reads 1 as true)."""
     for override in overrides:
         key = override.key_or_group
-        if key.split("@")[0] in groups or override.is_sweep_override():
+        if key.split("@")[0] in groups:
             continue
         if (override.is_add() or override.is_force_add()) and (reason := unread(base, key)):
             raise ConfigError(f"{key}: added with + but {reason}")
