@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from timerefine.inference.grounder import Grounder
+from timerefine.inference.grounder import Features, Grounder
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.tools.predict import main as predict_main
 
@@ -71,3 +71,28 @@ def test_a_recorded_encoder_that_cannot_load_is_named_by_its_record(video_run, t
     expected = f"{features / 'encoder.json'}: model {tmp_path / 'moved_clip'}: cannot load it"
     with pytest.raises(InputError, match=f"^{re.escape(expected)}"):
         grounder.ground(video_run.videos / "vid_red_a.mp4", "a red square appears")
+
+
+def test_features_hold_their_duration_and_the_runs_shape(video_run):
+    """Before: a duration given besides them was ignored, a negative one gave negative seconds, and a
+    transposed array a RuntimeError deep in the model."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    features = grounder.features(video_run.features / "vid_red_a.npy", duration=4.0)
+    query = "a red square appears"
+    with pytest.raises(InputError, match=r"^duration=30: a Features object holds its duration \(4 s\)"):
+        grounder.ground(features, query, duration=30)
+    for duration in (-4.0, 0, float("nan"), float("inf"), "4"):
+        with pytest.raises(InputError, match=r"^Features duration=.*: must be a positive number of seconds$"):
+            Features(features.array, duration)
+    for shape in [(16, 32), (8, 16), (16,)]:
+        with pytest.raises(
+            InputError,
+            match=rf"^the Features array has shape {re.escape(str(shape))}, the run reads \(16, 16\)",
+        ):
+            grounder.ground(Features(np.zeros(shape, np.float32), 4.0), query)
+    nan = Features(np.full((16, 16), np.nan, np.float32), 4.0)
+    with pytest.raises(InputError, match=r"^the Features array: non-finite: 256 NaN/inf values"):
+        grounder.ground(nan, query)
+    assert grounder.ground(Features(features.array.astype(np.float64), 4.0), query) == grounder.ground(
+        features, query
+    )
