@@ -96,3 +96,16 @@ def test_features_hold_their_duration_and_the_runs_shape(video_run):
     assert grounder.ground(Features(features.array.astype(np.float64), 4.0), query) == grounder.ground(
         features, query
     )
+
+
+def test_complex_features_are_refused_as_a_file_and_as_a_tensor(video_run, tmp_path):
+    """Before: their imaginary part was dropped with a warning (cast to float), and they got an answer."""
+    import torch
+
+    grounder = Grounder.from_run(video_run.run_dir)
+    imaginary = tmp_path / "imaginary.npy"
+    np.save(imaginary, np.full((16, 16), 1j, np.complex64))
+    tensor = torch.full((16, 16), 1j)
+    for video, name in [(imaginary, str(imaginary)), (tensor, "the feature array")]:
+        with pytest.raises(InputError, match=f"^{re.escape(name)}: bad shape: dtype complex64 is not real"):
+            grounder.ground(video, "a red square appears", duration=4.0)
