@@ -109,3 +109,28 @@ def test_complex_features_are_refused_as_a_file_and_as_a_tensor(video_run, tmp_p
     for video, name in [(imaginary, str(imaginary)), (tensor, "the feature array")]:
         with pytest.raises(InputError, match=f"^{re.escape(name)}: bad shape: dtype complex64 is not real"):
             grounder.ground(video, "a red square appears", duration=4.0)
+
+
+def test_encoder_options_apply_to_the_recorded_encoder_or_are_refused(video_run, capsys, monkeypatch):
+    """Before: without --encoder, --fp16 and --no-projection were silently ignored (the recorded encoder
+    was used as recorded), and with feature files every encoder flag was."""
+    from timerefine.inference import grounder as grounder_module
+
+    made = []
+    real = grounder_module.ClipFrameEncoder
+    monkeypatch.setattr(grounder_module, "ClipFrameEncoder", lambda *args: made.append(args) or real(*args))
+    run, video = ["--run", str(video_run.run_dir), "--query", "a red square appears"], video_run.videos
+    assert predict_main([str(video / "vid_red_a.mp4"), *run, "--fp16", "--json"]) == 0
+    assert [(model, fp16) for model, _, _, fp16 in made] == [(str(video_run.encoder), True)]
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    record = video_run.features / "encoder.json"
+    refused = {
+        "--no-projection": f"--no-projection: {record}: model {video_run.encoder} keeps its projection",
+        "--fp16": "--fp16: the input is features, no video is encoded",
+    }
+    inputs = {"--no-projection": video / "vid_red_a.mp4", "--fp16": video_run.features / "vid_red_a.npy"}
+    for flag, message in refused.items():
+        assert predict_main([str(inputs[flag]), *run, "--duration", "4", flag]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert captured.out == "" and line.startswith(f"error: {message}"), line
