@@ -53,12 +53,13 @@ def reason_kind(error: FeatureError) -> str:
 
 
 def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int) -> np.ndarray:
-    """Validate a ``(T, feature_dim)`` numeric array with T > 0 and finite values; return it as ndarray."""
+    """Validate a ``(T, feature_dim)`` array of real numbers (integers or floats: not complex, bool, ...)
+    with T > 0 and finite values; return it as ndarray."""
     array = np.asarray(array)
     if array.ndim != 2 or array.shape[1] != feature_dim:
         raise FeatureError(video_id, str(path), f"bad shape: expected (T, {feature_dim}), got {array.shape}")
-    if not np.issubdtype(array.dtype, np.number):
-        raise FeatureError(video_id, str(path), f"bad shape: dtype {array.dtype} is not numeric")
+    if array.dtype.kind not in "iuf":
+        raise FeatureError(video_id, str(path), f"bad shape: dtype {array.dtype} is not real numbers")
     if array.shape[0] == 0:
         raise FeatureError(video_id, str(path), "empty: zero frames")
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
@@ -82,7 +83,15 @@ def read_feature_file(path: Path) -> np.ndarray:
     tensor = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"expected a tensor, got {type(tensor).__name__}")
-    return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+    return tensor_array(tensor)
+
+
+def tensor_array(tensor: Any) -> np.ndarray:
+    """A torch tensor as a numpy array of its own dtype (bfloat16, which numpy lacks, as float32)."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def read_error(error: Exception) -> str:

@@ -109,7 +109,13 @@ def test_demo_works_on_a_builtin_run_out_of_the_box(builtin_run):
 def test_demo_messages_for_bad_input(video_demo, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
+    features = tmp_path / "features.npy"  # before: "--duration: needed with features", not a demo flag
     cases = {
+        (
+            None,
+            str(features),
+            "a red square",
+        ): f"**error:** {features}: a feature file, which holds no frames",
         (None, None, "a red square"): "**error:** choose a video or upload one",
         (next(iter(video_demo.examples)), None, "  "): "**error:** type a query",
         (None, str(broken), "a red square"): f"**error:** {broken}: not a readable video",
@@ -138,6 +144,22 @@ def test_a_busy_port_is_one_error_line_before_serving(video_run, taken, capsys, 
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.strip().splitlines() == [
         f"error: --port {port}: 127.0.0.1:{port} is in use; choose another port"
+    ]
+
+
+@pytest.mark.slow
+def test_a_feature_file_offered_as_a_video_is_one_error_line(video_run, capsys):
+    """Before: it was offered, and every answer about it named predict's --duration."""
+    features = video_run.features / "vid_red_a.npy"
+    with socket.socket() as busy:  # before the fix the demo got as far as the port, and stopped there
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert main([str(video_run.run_dir), "--video", str(features), "--port", port]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [
+        f"error: --video {features}: a feature file, which holds no frames to show and no length: "
+        "the demo takes video files"
     ]
 
 

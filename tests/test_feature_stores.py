@@ -70,6 +70,10 @@ BAD_FILES = {
     "corrupt": ("corrupt.npy", b"\x93NUMPY garbage", "unreadable"),
     "empty_npz": ("empty_npz.npz", "empty archive", "unreadable"),
     "not_tensor": ("not_tensor.pt", {"x": 1}, "unreadable"),
+    # before: complex features were read with a ComplexWarning, their imaginary part dropped
+    "complex": ("complex.npy", np.full((3, D), 1j, np.complex64), "bad shape: dtype complex64 is not real"),
+    "complex_pt": ("complex_pt.pt", torch.full((3, D), 1j), "bad shape: dtype complex64 is not real"),
+    "bool": ("bool.npz", np.ones((3, D), bool), "bad shape: dtype bool is not real"),
 }
 
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from timerefine.inference.grounder import Grounder
+from timerefine.inference.grounder import Features, Grounder
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.tools.predict import main as predict_main
 
@@ -71,3 +71,66 @@ def test_a_recorded_encoder_that_cannot_load_is_named_by_its_record(video_run, t
     expected = f"{features / 'encoder.json'}: model {tmp_path / 'moved_clip'}: cannot load it"
     with pytest.raises(InputError, match=f"^{re.escape(expected)}"):
         grounder.ground(video_run.videos / "vid_red_a.mp4", "a red square appears")
+
+
+def test_features_hold_their_duration_and_the_runs_shape(video_run):
+    """Before: a duration given besides them was ignored, a negative one gave negative seconds, and a
+    transposed array a RuntimeError deep in the model."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    features = grounder.features(video_run.features / "vid_red_a.npy", duration=4.0)
+    query = "a red square appears"
+    with pytest.raises(InputError, match=r"^duration=30: a Features object holds its duration \(4 s\)"):
+        grounder.ground(features, query, duration=30)
+    for duration in (-4.0, 0, float("nan"), float("inf"), "4"):
+        with pytest.raises(InputError, match=r"^Features duration=.*: must be a positive number of seconds$"):
+            Features(features.array, duration)
+    for shape in [(16, 32), (8, 16), (16,)]:
+        with pytest.raises(
+            InputError,
+            match=rf"^the Features array has shape {re.escape(str(shape))}, the run reads \(16, 16\)",
+        ):
+            grounder.ground(Features(np.zeros(shape, np.float32), 4.0), query)
+    nan = Features(np.full((16, 16), np.nan, np.float32), 4.0)
+    with pytest.raises(InputError, match=r"^the Features array: non-finite: 256 NaN/inf values"):
+        grounder.ground(nan, query)
+    assert grounder.ground(Features(features.array.astype(np.float64), 4.0), query) == grounder.ground(
+        features, query
+    )
+
+
+def test_complex_features_are_refused_as_a_file_and_as_a_tensor(video_run, tmp_path):
+    """Before: their imaginary part was dropped with a warning (cast to float), and they got an answer."""
+    import torch
+
+    grounder = Grounder.from_run(video_run.run_dir)
+    imaginary = tmp_path / "imaginary.npy"
+    np.save(imaginary, np.full((16, 16), 1j, np.complex64))
+    tensor = torch.full((16, 16), 1j)
+    for video, name in [(imaginary, str(imaginary)), (tensor, "the feature array")]:
+        with pytest.raises(InputError, match=f"^{re.escape(name)}: bad shape: dtype complex64 is not real"):
+            grounder.ground(video, "a red square appears", duration=4.0)
+
+
+def test_encoder_options_apply_to_the_recorded_encoder_or_are_refused(video_run, capsys, monkeypatch):
+    """Before: without --encoder, --fp16 and --no-projection were silently ignored (the recorded encoder
+    was used as recorded), and with feature files every encoder flag was."""
+    from timerefine.inference import grounder as grounder_module
+
+    made = []
+    real = grounder_module.ClipFrameEncoder
+    monkeypatch.setattr(grounder_module, "ClipFrameEncoder", lambda *args: made.append(args) or real(*args))
+    run, video = ["--run", str(video_run.run_dir), "--query", "a red square appears"], video_run.videos
+    assert predict_main([str(video / "vid_red_a.mp4"), *run, "--fp16", "--json"]) == 0
+    assert [(model, fp16) for model, _, _, fp16 in made] == [(str(video_run.encoder), True)]
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    record = video_run.features / "encoder.json"
+    refused = {
+        "--no-projection": f"--no-projection: {record}: model {video_run.encoder} keeps its projection",
+        "--fp16": "--fp16: the input is features, no video is encoded",
+    }
+    inputs = {"--no-projection": video / "vid_red_a.mp4", "--fp16": video_run.features / "vid_red_a.npy"}
+    for flag, message in refused.items():
+        assert predict_main([str(inputs[flag]), *run, "--duration", "4", flag]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert captured.out == "" and line.startswith(f"error: {message}"), line

@@ -32,7 +32,7 @@ from timerefine.demo.media import cut_clip, feature_timeline, frames_at
 from timerefine.demo.timeline_plot import rows_of, timeline_svg
 from timerefine.inference.grounder import Features, Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
-from timerefine.inference.video_features import InputError
+from timerefine.inference.video_features import FEATURE_SUFFIXES, InputError
 from timerefine.pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,13 @@ def demo_examples(grounder: Grounder, videos: list[Path], count: int = 20) -> li
     return files + from_data
 
 
+def not_a_video(path: Path) -> str | None:
+    """Why the demo cannot show ``path``: a feature file (no pixels, no length); None for a video."""
+    if path.suffix.lower() in FEATURE_SUFFIXES:
+        return "a feature file, which holds no frames to show and no length: the demo takes video files"
+    return None
+
+
 def summary(answer: Grounding, truth: tuple[float, float] | None) -> str:
     if answer.start is None or answer.end is None:
         return f"**The answer did not parse.** Generated text: `{answer.text}`"
@@ -108,6 +115,8 @@ class Demo:
         try:
             if example is None:
                 raise InputError("choose a video or upload one")
+            if example.video is not None and (reason := not_a_video(example.video)):
+                raise InputError(f"{example.video}: {reason}")
             if not normalize_query(query or ""):
                 raise InputError("type a query")
             video = example.video if example.video is not None else example.features
@@ -235,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     transformers_logging.disable_progress_bar()
     try:
-        missing = [video for video in args.video if not video.is_file()]
-        if missing:
-            raise InputError(f"--video {missing[0]}: no such file")
+        for video in args.video:
+            if reason := "no such file" if not video.is_file() else not_a_video(video):
+                raise InputError(f"--video {video}: {reason}")
         check_port(args.port)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
         app = build_app(grounder, demo_examples(grounder, args.video), args.run.name)

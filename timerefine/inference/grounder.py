@@ -105,10 +105,15 @@ def check_queries(queries: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class Features:
-    """A video's features as the run reads them, ``(num_frames, feature_dim)``, and its duration."""
+    """A video's features as the run reads them, ``(num_frames, feature_dim)``, and its duration in
+    seconds (InputError unless a positive number); ``Grounder.features`` makes them."""
 
     array: np.ndarray
     duration: float
+
+    def __post_init__(self) -> None:
+        if positive_seconds(self.duration) is None:
+            raise InputError(f"Features duration={self.duration!r}: must be a positive number of seconds")
 
 
 def device_error(device: str) -> str | None:
@@ -227,6 +232,23 @@ class Grounder:
             return Features(read_features(Path(video), dim, frames), float(duration))
         return Features(checked_features(video, "the feature array", dim, frames), float(duration))
 
+    def checked(self, features: Features, duration: float | None = None) -> Features:
+        """``features`` if the run can read them: shape ``(num_frames, feature_dim)`` and values checked
+        like a feature file's; InputError otherwise, or when a ``duration`` is given (they hold their own)."""
+        if duration is not None:
+            raise InputError(
+                f"duration={duration!r}: a Features object holds its duration ({features.duration:g} s); "
+                "leave duration out"
+            )
+        frames, dim = self.run.num_frames, self.run.feature_dim
+        if (shape := tuple(np.shape(features.array))) != (frames, dim):
+            raise InputError(
+                f"the Features array has shape {shape}, the run reads ({frames}, {dim}) "
+                "(Grounder.features makes them from a video, a feature file or a (T, D) array)"
+            )
+        array = checked_features(features.array, "the Features array", dim, frames)
+        return Features(array, features.duration)
+
     def query_error(self, query: str) -> str | None:
         """Why the model cannot take ``query`` (longer than its language model's positions), or None."""
         return query_error(self.run, query)
@@ -238,7 +260,8 @@ class Grounder:
         duration: float | None = None,
         batch_size: int = 32,
     ) -> list[Grounding]:
-        """One answer per query, decoded in batches of ``batch_size`` queries."""
+        """One answer per query, decoded in batches of ``batch_size`` queries. ``duration`` is for a
+        feature file or array (see :meth:`features`); a :class:`Features` holds its own, so none is taken."""
         queries = [queries] if isinstance(queries, str) else list(queries)
         check_queries(queries)
         if batch_size < 1:
@@ -246,7 +269,10 @@ class Grounder:
         for number, query in enumerate(queries, start=1):
             if reason := self.query_error(query):
                 raise InputError(f"query {number}: {reason}")
-        features = video if isinstance(video, Features) else self.features(video, duration)
+        if isinstance(video, Features):
+            features = self.checked(video, duration)
+        else:
+            features = self.features(video, duration)
         array = torch.from_numpy(features.array)
         module, answers = self.run.module, []
         for start in range(0, len(queries), batch_size):

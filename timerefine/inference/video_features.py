@@ -17,7 +17,7 @@ import av
 import numpy as np
 import torch
 
-from datamodules.feature_stores import SUFFIXES, check_features, read_error, read_feature_file
+from datamodules.feature_stores import SUFFIXES, check_features, read_error, read_feature_file, tensor_array
 from grounding.records import FeatureError, resample_frames
 from timerefine.inference.frame_encoder import (
     ENCODER_RECORD,
@@ -169,7 +169,7 @@ def checked_features(
 ) -> np.ndarray:
     """A ``(T, feature_dim)`` array checked like a feature store does and resampled to ``num_frames``."""
     if isinstance(array, torch.Tensor):
-        array = array.detach().float().cpu().numpy()
+        array = tensor_array(array)
     try:
         array = check_features(array, name, name, feature_dim)
     except FeatureError as err:

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -138,10 +138,29 @@ def print_table(results: list[tuple[Path, Grounding]]) -> None:
     Console().print(table)
 
 
-def encoder_of_flags(args: argparse.Namespace, grounder: Grounder) -> EncoderSpec:
-    """``--encoder`` and its options, sampling the frames the run's own encoder sampled."""
-    frames = grounder.encoder_spec.num_frames if grounder.encoder_spec else grounder.run.num_frames
-    return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
+def check_encoder_flags(args: argparse.Namespace, requests: list[Request]) -> None:
+    """InputError for an encoder flag when every input is a feature file, which no encoder reads."""
+    given = [flag for flag in ("encoder", "no_projection", "fp16") if getattr(args, flag)]
+    if given and all(request.video.suffix.lower() in FEATURE_SUFFIXES for request in requests):
+        raise InputError(f"--{given[0].replace('_', '-')}: the input is features, no video is encoded")
+
+
+def encoder_of_flags(args: argparse.Namespace, grounder: Grounder) -> EncoderSpec | None:
+    """``--encoder`` and its options, sampling the frames the run's own encoder sampled; else the run's
+    recorded encoder in float16 with ``--fp16``; None to keep the run's. ``--no-projection`` without
+    ``--encoder`` would change the recorded encoder's feature size: InputError unless it is its own."""
+    recorded = grounder.encoder_spec
+    if args.encoder is not None:
+        frames = recorded.num_frames if recorded else grounder.run.num_frames
+        return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
+    if recorded is None:
+        return None  # encoding a video then says the run records no encoder
+    if args.no_projection and recorded.projection:
+        raise InputError(
+            f"--no-projection: {grounder.encoder_origin} {recorded.model} keeps its projection, as the "
+            "run's features were made (its pooled output is another size); use it with --encoder"
+        )
+    return replace(recorded, fp16=True) if args.fp16 else None
 
 
 def positive_duration(text: str) -> float:
@@ -173,16 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--encoder", help="CLIP vision model (hub name or path) instead of the recorded one")
     parser.add_argument("--no-projection", action="store_true", help="with --encoder: pooled output")
-    parser.add_argument("--fp16", action="store_true", help="with --encoder: encode in float16")
+    parser.add_argument(
+        "--fp16", action="store_true", help="encode in float16 (--encoder or the recorded one)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=at_least_one, default=32, help="queries per generation batch")
     args = parser.parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
         requests = requests_of(args)
+        check_encoder_flags(args, requests)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
-        if args.encoder is not None:
-            grounder.use_encoder(encoder_of_flags(args, grounder))
+        if encoder := encoder_of_flags(args, grounder):
+            grounder.use_encoder(encoder, "--encoder" if args.encoder else grounder.encoder_origin)
         check_lengths(grounder, requests)
         results = ground_all(grounder, requests, args.batch_size)
     except InputError as err:
