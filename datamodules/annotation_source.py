@@ -67,7 +67,8 @@ class AnnotationSpec(Checked):
     queries: str = checked("annotated", one_of(*QUERY_CONTROLS))
     has_action_timelines: ClassVar[bool] = False
     # The knobs only some features read: set under other features, they would change nothing. (Not
-    # feature_path: a paper experiment's, kept while smoke-testing it on features=synthetic.)
+    # feature_path: a paper experiment's, kept while smoke-testing it on features=synthetic; the
+    # store warns that it is not read.)
     FEATURE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"synthetic_noise": ("synthetic",)}
 
     def relations(self) -> Iterator[str]:
@@ -139,6 +140,14 @@ class AnnotationSource:
     def store(self, split: str) -> FeatureStore:
         if self._store is None:
             spec = self.spec
+            if spec.feature_path and spec.features not in STORED_FEATURES:
+                log.warning(
+                    "data.source.feature_path=%s is not read: features=%s are made here (set "
+                    "data.source.features=%s to read it)",
+                    spec.feature_path,
+                    spec.features,
+                    " or ".join(STORED_FEATURES),
+                )
             if spec.features == "synthetic":
                 every = [r for s in spec.splits for r in self._parse(s)[0]]
                 self._store = build_feature_store(

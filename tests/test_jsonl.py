@@ -163,6 +163,18 @@ def test_source_from_the_config_reads_splits_and_counts_coverage(tmp_path):
     assert (report.total, report.usable, report.skipped_by_reason) == (3, 2, {"empty_query": 1})
 
 
+def test_a_feature_path_the_features_do_not_read_is_warned_of(tmp_path, caplog):
+    """Before: a user who gave their folder but not features=folder trained on synthetic features
+    without a word (the path need not even exist)."""
+    for split in ("train", "val", "test"):
+        write(tmp_path / f"{split}.jsonl", [line(f"{split}1", [[1, 4]])])
+    cfg = source_config(f"data.source.root={tmp_path}", "data.source.feature_path=/my/features")
+    build_source(cfg.data).records("train")
+    assert (
+        "data.source.feature_path=/my/features is not read: features=synthetic are made here" in caplog.text
+    )
+
+
 # A tiny run on JSONL files in ``root`` whose LM takes 192 positions: a short query's prompt (about 60
 # tokens with its 8 video tokens) and its answer (up to 77 generated tokens) fit, a query of 60 words
 # (about 270 tokens) does not.
