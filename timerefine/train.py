@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.predictions_writer import PredictionsWriter
 from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
 from timerefine.pipeline.batch_limits import empty_loops
@@ -68,7 +69,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= scores(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
     if cfg.test:
         metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
-        train, test = datamodule.records("train"), datamodule.records("test")
+        tested = next(c for c in trainer.callbacks if isinstance(c, PredictionsWriter)).qids
+        train = datamodule.records("train")
+        test = [r for r in datamodule.records("test") if r.qid in tested]  # as limit_test_batches left them
         metrics |= {f"prior/{k}": v for k, v in prior_scores(train, test).items()}
         if timelines := getattr(datamodule.source, "baseline_timelines", None):  # Charades action traces
             metrics |= {f"best_action/{k}": v for k, v in best_action_scores(train, test, timelines).items()}
