@@ -270,10 +270,36 @@ DOCUMENTED_DRY_RUNS = {
 
 
 @pytest.mark.parametrize("example", sorted(DOCUMENTED_DRY_RUNS))
-def test_docs_show_the_current_dry_run(example: str, capsys: pytest.CaptureFixture) -> None:
-    """docs/cluster.md pastes the dry-run of these commands; each must stay the real output."""
-    slurm_submit.main(DOCUMENTED_DRY_RUNS[example])
-    assert capsys.readouterr().out in (REPO / "docs" / "cluster.md").read_text()
+def test_docs_show_the_current_dry_run(example: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """docs/cluster.md pastes the dry-run of these commands (run where /home/me/timerefine is); each
+    must stay the real output."""
+    workdir = "/home/me/timerefine"
+    assert (
+        slurm_submit.main([str(tmp_path) if a == workdir else a for a in DOCUMENTED_DRY_RUNS[example]]) == 0
+    )
+    assert (
+        capsys.readouterr().out.replace(str(tmp_path), workdir) in (REPO / "docs" / "cluster.md").read_text()
+    )
+
+
+def test_relative_paths_are_checked_where_the_job_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: checked from the caller's folder, though the job runs in --workdir (sbatch --chdir), so
+    a run there passed only where it was missing and was refused where it was."""
+    (tmp_path / "repo" / "t1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "repo" / "t1" / "config.yaml").touch()
+    (tmp_path / "elsewhere").mkdir()
+    argv = ["--dry-run", "--", "experiment=grpo", "init_from_run=t1"]
+    monkeypatch.chdir(tmp_path / "repo")
+    assert slurm_submit.main(["--workdir", str(tmp_path / "elsewhere"), *argv]) == 2
+    refused = "config error: init_from_run=t1: t1 is not a run directory (config.yaml and checkpoints/)"
+    assert capsys.readouterr().err == refused + "\n"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert slurm_submit.main(["--workdir", str(tmp_path / "repo"), *argv]) == 0
+    assert Path.cwd() == tmp_path / "elsewhere"  # the caller's folder again
+    assert slurm_submit.main(["--workdir", "missing", *argv]) == 2
+    assert capsys.readouterr().err == "error: --workdir missing: no such folder here (the job runs in it)\n"
 
 
 def test_a_global_batch_the_jobs_processes_cannot_split_is_refused(capsys: pytest.CaptureFixture) -> None:

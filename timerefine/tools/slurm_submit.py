@@ -11,6 +11,7 @@ See docs/cluster.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import subprocess
 import sys
@@ -110,14 +111,16 @@ def submit(script: str, spec: JobSpec) -> str:
 
 
 def composed_strategies(spec: JobSpec) -> list[object]:
-    """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it, and
+    """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it from
+    ``spec.workdir`` (where the job runs, so relative paths are the job's), and
     ``data.global_batch_size`` split by the job's processes; ConfigError or ValueError if not."""
     strategies = []
-    for overrides in expand_sweep(spec.overrides):
-        cfg = load_config(overrides)
-        if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
-            accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
-        strategies.append(cfg.trainer.strategy)
+    with contextlib.chdir(spec.workdir or "."):
+        for overrides in expand_sweep(spec.overrides):
+            cfg = load_config(overrides)
+            if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
+                accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
+            strategies.append(cfg.trainer.strategy)
     return strategies
 
 
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(spec)
     except ValueError as err:
         parser.error(str(err))
+    if not Path(args.workdir).is_dir():
+        print(f"error: --workdir {args.workdir}: no such folder here (the job runs in it)", file=sys.stderr)
+        return 2
     try:  # a mistake found now, not after the job has queued
         script = render_sbatch(spec, composed_strategies(spec))
     except (ConfigError, ValueError) as err:
