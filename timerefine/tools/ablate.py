@@ -6,7 +6,7 @@
         -- trainer.max_steps=1500
 
 A comma list (``model.refine.steps=0,1,2,3``) inside a variant expands to one variant per value.
-A run finished with the same settings is skipped, so an interrupted ablation continues where it
+``seed`` and ``output_dir`` are the tool's (``--seeds``, ``--out``). A run finished with the same settings is skipped, so an interrupted ablation continues where it
 stopped; any other run is train.py's to continue (``trainer.max_steps`` raised) or to refuse (a
 variant redefined under its old name), and a refused run's old scores are left out of the report.
 """
@@ -25,6 +25,17 @@ from timerefine.pipeline.previous_run import finished
 from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
+# Keys the tool sets for each run, after the user's overrides, and where the user gives them.
+OWNED = {"seed": "--seeds", "output_dir": "--out"}
+
+
+def check_not_owned(overrides: list[str], where: str) -> None:
+    """ValueError naming ``where`` for an override of an :data:`OWNED` key, which the tool's own value
+    would silently replace."""
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key in OWNED:
+            raise ValueError(f"{where}: {item} is set by the tool for each run; use {OWNED[key]}")
 
 
 def variants(specs: list[str]) -> dict[str, list[str]]:
@@ -41,6 +52,7 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
                 f"--variant {name}: a variant's name is its folder's, so no '/' and no leading '.'"
             )
         overrides = shlex.split(text)
+        check_not_owned(overrides, f"--variant {name}")
         expansions = expand_sweep(overrides)
         for combo in expansions:
             label = (
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         chosen = variants(args.variant)
+        check_not_owned(args.shared, "after --")
         if twice := sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1}):
             raise ValueError(f"--seeds: {', '.join(map(str, twice))} given twice")
     except ValueError as error:
