@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from timerefine.pipeline.ablation import HEADLINE
 from timerefine.pipeline.config import load_config
 from timerefine.tools import ablate
 from timerefine.tools.ablate import variants
@@ -118,3 +120,39 @@ def test_a_seed_or_folder_the_tool_would_replace_is_refused(monkeypatch, capsys,
     assert ablate.main(["--out", "abl", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: float) -> None:
+    """A run folder as train.py leaves a finished run: its config and its metrics."""
+    run_dir = out / name / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    cfg = load_config(ablate.run_overrides(TINY, overrides, seed, run_dir))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (run_dir / "metrics.json").write_text(json.dumps(dict.fromkeys(HEADLINE, miou)))
+
+
+def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, capsys):
+    """Before: every */seed*/metrics.json under --out was reported, so ``A`` redefined from K=3 to
+    direct for seed 1 was the mean of a K=3 and a direct run, and ``--seeds 1`` reported seed 0 too."""
+    monkeypatch.setattr(ablate.subprocess, "call", no_run)  # every run given is finished
+    finished_run(tmp_path, "A", ["model.refine.steps=3"], 0, 10.0)
+    finished_run(tmp_path, "A", ["model=direct"], 1, 2.0)
+    finished_run(tmp_path, "B", ["model=direct"], 0, 5.0)
+    given = ["--out", str(tmp_path), "--variant", "A=model=direct"]
+    assert ablate.main([*given, "--seeds", "1", "--", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "| A | 1 | 2.00 | 2.00 | 2.00 | 2.00 |" in captured.out and "| B |" not in captured.out
+    assert captured.err == ""
+    assert ablate.main([*given, "--seeds", "0", "1", "--report-only", "--", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "| A | 1 | 2.00 |" in captured.out
+    assert captured.err == f"[left out] {tmp_path / 'A' / 'seed0'}: no run finished with these settings\n"
+
+
+def test_a_report_without_variants_is_refused(capsys):
+    """The report holds the variants given: without any it would say no run had finished."""
+    assert ablate.main(["--out", "abl", "--report-only"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: --variant: none given; the report holds the variants x seeds given\n"
+    )
