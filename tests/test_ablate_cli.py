@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from timerefine.pipeline.ablation import HEADLINE
 from timerefine.pipeline.config import load_config
 from timerefine.tools import ablate
 from timerefine.tools.ablate import variants
@@ -15,16 +17,20 @@ from timerefine.tools.ablate import variants
 TINY = ["experiment=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger.tensorboard=false"]
 
 
+def no_run(command: list[str]) -> int:
+    pytest.fail(f"ran {command}")
+
+
 def test_a_quoted_value_with_spaces_stays_one_override():
     """Before: split on whitespace, so the template reached Hydra in pieces."""
-    found = variants(['p=data.prompt_template="<video> When does {query} happen?" seed=1'])
-    assert found == {"p": ["data.prompt_template=<video> When does {query} happen?", "seed=1"]}
+    found = variants(['p=data.prompt_template="<video> When does {query} happen?" model=direct'])
+    assert found == {"p": ["data.prompt_template=<video> When does {query} happen?", "model=direct"]}
 
 
 def test_a_comma_list_expands_into_named_variants():
-    assert variants(["k=model.refine.steps=0,1 seed=2"]) == {
-        "k[model.refine.steps=0]": ["model.refine.steps=0", "seed=2"],
-        "k[model.refine.steps=1]": ["model.refine.steps=1", "seed=2"],
+    assert variants(["k=model.refine.steps=0,1 model.aux.weight=2"]) == {
+        "k[model.refine.steps=0]": ["model.refine.steps=0", "model.aux.weight=2"],
+        "k[model.refine.steps=1]": ["model.refine.steps=1", "model.aux.weight=2"],
     }
 
 
@@ -90,5 +96,63 @@ def test_a_redefined_variant_is_not_reported_with_its_old_scores(tmp_path, monke
 
 
 def test_a_seed_given_twice_is_refused(capsys):
-    assert ablate.main(["--out", "abl", "--seeds", "0", "0", "--variant", "a=seed=1"]) == 2
+    assert ablate.main(["--out", "abl", "--seeds", "0", "0", "--variant", "a=model=direct"]) == 2
     assert "--seeds: 0 given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--variant", "s5=seed=5"], "--variant s5: seed=5 is set by the tool for each run; use --seeds"),
+        (["--variant", "a=seed=1,2"], "--variant a: seed=1,2 is set by the tool for each run; use --seeds"),
+        (
+            ["--variant", "o=+output_dir=x"],
+            "--variant o: +output_dir=x is set by the tool for each run; use --out",
+        ),
+        (["--variant", "a=model=direct", "--", "seed=3"], "after --: seed=3 is set by the tool for each run"),
+        (["--variant", "a=model=direct", "--", "output_dir=x"], "after --: output_dir=x is set by the tool"),
+    ],
+)
+def test_a_seed_or_folder_the_tool_would_replace_is_refused(monkeypatch, capsys, argv, message):
+    """Before: ``seed=`` and ``output_dir=`` were appended after them, so ``s5="seed=5"`` ran seed 0
+    into s5/seed0 and ``a="seed=1,2"`` ran twice the same."""
+    monkeypatch.setattr(ablate.subprocess, "call", no_run)
+    assert ablate.main(["--out", "abl", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: float) -> None:
+    """A run folder as train.py leaves a finished run: its config and its metrics."""
+    run_dir = out / name / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    cfg = load_config(ablate.run_overrides(TINY, overrides, seed, run_dir))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (run_dir / "metrics.json").write_text(json.dumps(dict.fromkeys(HEADLINE, miou)))
+
+
+def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, capsys):
+    """Before: every */seed*/metrics.json under --out was reported, so ``A`` redefined from K=3 to
+    direct for seed 1 was the mean of a K=3 and a direct run, and ``--seeds 1`` reported seed 0 too."""
+    monkeypatch.setattr(ablate.subprocess, "call", no_run)  # every run given is finished
+    finished_run(tmp_path, "A", ["model.refine.steps=3"], 0, 10.0)
+    finished_run(tmp_path, "A", ["model=direct"], 1, 2.0)
+    finished_run(tmp_path, "B", ["model=direct"], 0, 5.0)
+    given = ["--out", str(tmp_path), "--variant", "A=model=direct"]
+    assert ablate.main([*given, "--seeds", "1", "--", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "| A | 1 | 2.00 | 2.00 | 2.00 | 2.00 |" in captured.out and "| B |" not in captured.out
+    assert captured.err == ""
+    assert ablate.main([*given, "--seeds", "0", "1", "--report-only", "--", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "| A | 1 | 2.00 |" in captured.out
+    assert captured.err == f"[left out] {tmp_path / 'A' / 'seed0'}: no run finished with these settings\n"
+
+
+def test_a_report_without_variants_is_refused(capsys):
+    """The report holds the variants given: without any it would say no run had finished."""
+    assert ablate.main(["--out", "abl", "--report-only"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: --variant: none given; the report holds the variants x seeds given\n"
+    )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import logging
-
 import pytest
 
-from timerefine.pipeline.ablation import load_runs, markdown_table, plot, summarize
+from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize
 
 
 def metrics(variant: str, seed: int, miou: float, **extra: float) -> dict:
@@ -92,17 +89,14 @@ def test_the_step_axis_spans_the_longest_chain(tmp_path, monkeypatch):
     assert list(closed[0].axes[1].get_xticks()) == [0, 1, 2, 3, 4]
 
 
-def test_folders_beside_the_seeds_are_left_out_by_name(tmp_path, caplog):
-    """``seed0_old`` (a kept copy) once stopped the report with ``int('0_old')``."""
-    for folder in ("direct/seed0", "direct/seed0_old", "K3/seed12"):
-        (tmp_path / folder).mkdir(parents=True)
-        (tmp_path / folder / "metrics.json").write_text(json.dumps({"test/mIoU": 50.0}))
-    with caplog.at_level(logging.WARNING):
-        rows = load_runs(tmp_path)
-    assert [(r["variant"], r["seed"]) for r in rows] == [("K3", 12), ("direct", 0)]
-    assert f"left out {tmp_path / 'direct' / 'seed0_old'}" in caplog.text
-    (tmp_path / "K3" / "seed12" / "metrics.json").write_text("{trunc")
-    with pytest.raises(
-        ValueError, match=f"^{tmp_path / 'K3' / 'seed12' / 'metrics.json'}: not a run's metrics"
-    ):
-        load_runs(tmp_path)
+def test_a_metrics_file_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"test/mIoU": 50.0}')
+    assert run_row("K3", 12, tmp_path) == {
+        "variant": "K3",
+        "seed": 12,
+        "run_dir": str(tmp_path),
+        "test/mIoU": 50.0,
+    }
+    (tmp_path / "metrics.json").write_text("{trunc")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'metrics.json'}: not a run's metrics"):
+        run_row("K3", 12, tmp_path)

@@ -16,6 +16,11 @@ from timerefine.tools.slurm_submit import JobSpec, expand_sweep, render_sbatch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def render(spec: JobSpec) -> str:
+    """The script of ``spec``, every run's composed strategy the default ``auto``."""
+    return render_sbatch(spec, ["auto"] * len(expand_sweep(spec.overrides)))
+
+
 def sbatch_lines(script: str) -> list[str]:
     return [line for line in script.splitlines() if line.startswith("#SBATCH")]
 
@@ -46,7 +51,7 @@ def run_script(script: str, tmp_path: Path, task_id: int | None = None) -> list[
 
 def test_one_node_cpu_job(tmp_path: Path) -> None:
     spec = JobSpec(overrides=["experiment=tiny", "trainer.max_steps=20"], tasks_per_node=2, time="10")
-    script = render_sbatch(spec)
+    script = render(spec)
     lines = sbatch_lines(script)
     assert "#SBATCH --nodes=1" in lines
     assert "#SBATCH --ntasks-per-node=2" in lines
@@ -66,7 +71,7 @@ def test_one_node_cpu_job(tmp_path: Path) -> None:
 
 
 def test_single_cpu_task_has_no_ddp(tmp_path: Path) -> None:
-    argv = run_script(render_sbatch(JobSpec(time="5")), tmp_path)
+    argv = run_script(render(JobSpec(time="5")), tmp_path)
     assert "trainer.devices=1" in argv
     assert not any(a.startswith("trainer.strategy") for a in argv)
 
@@ -84,7 +89,7 @@ def test_two_nodes_eight_gpus(tmp_path: Path) -> None:
         setup=["export FOO=bar"],
         extra_sbatch=["#SBATCH --exclusive", "--constraint=h100"],
     )
-    script = render_sbatch(spec)
+    script = render(spec)
     lines = sbatch_lines(script)
     for expected in (
         "--nodes=2",
@@ -106,8 +111,21 @@ def test_two_nodes_eight_gpus(tmp_path: Path) -> None:
 
 
 def test_user_strategy_is_kept(tmp_path: Path) -> None:
-    argv = run_script(render_sbatch(JobSpec(overrides=["trainer.strategy=fsdp"], gpus_per_node=4)), tmp_path)
+    script = render_sbatch(JobSpec(overrides=["trainer.strategy=fsdp"], gpus_per_node=4), ["fsdp"])
+    argv = run_script(script, tmp_path)
     assert [a for a in argv if a.startswith("trainer.strategy")] == ["trainer.strategy=fsdp"]
+
+
+def test_the_composed_strategy_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: only a literal ``trainer.strategy=`` was seen, so ``trainer=fsdp`` ran as DDP."""
+    argv = ["--gpus-per-node", "2", "--dry-run", "--"]
+    assert slurm_submit.main([*argv, "trainer=fsdp"]) == 0
+    assert not any(a.startswith("trainer.strategy") for a in run_script(capsys.readouterr().out, tmp_path))
+    assert slurm_submit.main([*argv, "trainer=fsdp,gpu"]) == 0  # gpu leaves it auto: that run gets ddp
+    script = capsys.readouterr().out
+    assert run_script(script, tmp_path, task_id=0)[0] == "trainer=fsdp"
+    assert "trainer.strategy" not in " ".join(run_script(script, tmp_path, task_id=0))
+    assert run_script(script, tmp_path, task_id=1)[:2] == ["trainer=gpu", "trainer.strategy=ddp"]
 
 
 def test_expand_sweep_cartesian_product() -> None:
@@ -129,7 +147,7 @@ def test_expand_sweep_keeps_lists_and_quotes() -> None:
 
 def test_sweep_becomes_one_array(tmp_path: Path) -> None:
     spec = JobSpec(overrides=["model.refine.steps=0,1,2,3", "seed=1,2"], job_name="sweep", max_parallel=3)
-    script = render_sbatch(spec)
+    script = render(spec)
     lines = sbatch_lines(script)
     assert "#SBATCH --array=0-7%3" in lines
     assert "#SBATCH --output=runs/slurm_logs/%x-%A_%a.out" in lines
@@ -141,7 +159,7 @@ def test_sweep_becomes_one_array(tmp_path: Path) -> None:
 
 def test_unknown_array_index_fails(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError):
-        run_script(render_sbatch(JobSpec(overrides=["seed=1,2"])), tmp_path, task_id=5)
+        run_script(render(JobSpec(overrides=["seed=1,2"])), tmp_path, task_id=5)
 
 
 @pytest.mark.parametrize(
@@ -166,12 +184,12 @@ def test_unknown_array_index_fails(tmp_path: Path) -> None:
 )
 def test_validation_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        render_sbatch(JobSpec(**kwargs))
+        render(JobSpec(**kwargs))
 
 
 @pytest.mark.parametrize("time", ["30", "30:00", "12:00:00", "2-00", "1-12:30", "1-12:30:00", "INFINITE"])
 def test_valid_times(time: str) -> None:
-    assert f"#SBATCH --time={time}" in render_sbatch(JobSpec(time=time))
+    assert f"#SBATCH --time={time}" in render(JobSpec(time=time))
 
 
 def test_dry_run_prints_and_does_not_submit(
@@ -252,10 +270,36 @@ DOCUMENTED_DRY_RUNS = {
 
 
 @pytest.mark.parametrize("example", sorted(DOCUMENTED_DRY_RUNS))
-def test_docs_show_the_current_dry_run(example: str, capsys: pytest.CaptureFixture) -> None:
-    """docs/cluster.md pastes the dry-run of these commands; each must stay the real output."""
-    slurm_submit.main(DOCUMENTED_DRY_RUNS[example])
-    assert capsys.readouterr().out in (REPO / "docs" / "cluster.md").read_text()
+def test_docs_show_the_current_dry_run(example: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """docs/cluster.md pastes the dry-run of these commands (run where /home/me/timerefine is); each
+    must stay the real output."""
+    workdir = "/home/me/timerefine"
+    assert (
+        slurm_submit.main([str(tmp_path) if a == workdir else a for a in DOCUMENTED_DRY_RUNS[example]]) == 0
+    )
+    assert (
+        capsys.readouterr().out.replace(str(tmp_path), workdir) in (REPO / "docs" / "cluster.md").read_text()
+    )
+
+
+def test_relative_paths_are_checked_where_the_job_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: checked from the caller's folder, though the job runs in --workdir (sbatch --chdir), so
+    a run there passed only where it was missing and was refused where it was."""
+    (tmp_path / "repo" / "t1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "repo" / "t1" / "config.yaml").touch()
+    (tmp_path / "elsewhere").mkdir()
+    argv = ["--dry-run", "--", "experiment=grpo", "init_from_run=t1"]
+    monkeypatch.chdir(tmp_path / "repo")
+    assert slurm_submit.main(["--workdir", str(tmp_path / "elsewhere"), *argv]) == 2
+    refused = "config error: init_from_run=t1: t1 is not a run directory (config.yaml and checkpoints/)"
+    assert capsys.readouterr().err == refused + "\n"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert slurm_submit.main(["--workdir", str(tmp_path / "repo"), *argv]) == 0
+    assert Path.cwd() == tmp_path / "elsewhere"  # the caller's folder again
+    assert slurm_submit.main(["--workdir", "missing", *argv]) == 2
+    assert capsys.readouterr().err == "error: --workdir missing: no such folder here (the job runs in it)\n"
 
 
 def test_a_global_batch_the_jobs_processes_cannot_split_is_refused(capsys: pytest.CaptureFixture) -> None:

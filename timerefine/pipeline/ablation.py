@@ -4,37 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
-import re
 import statistics
 from pathlib import Path
 
 from grounding.metrics.iou import THRESHOLDS
-
-log = logging.getLogger(__name__)
 
 HEADLINE = (*(f"test/R1@{t}" for t in THRESHOLDS), "test/mIoU")
 # Query-free references that runs report beside their test scores (metrics.json prefix -> table name).
 BASELINES = {"prior": "prior (best constant segment)", "best_action": "best action without the query"}
 
 
-def load_runs(root: Path) -> list[dict]:
-    """One row per ``<root>/<variant>/seed<k>/metrics.json``; ``run_dir`` is its folder as a string.
-    Other folders are left out with a warning naming them; a metrics file that is not JSON is a
-    ValueError naming it."""
-    rows = []
-    for path in sorted(root.glob("*/*/metrics.json")):
-        seed = re.fullmatch(r"seed(\d+)", path.parent.name)
-        if seed is None:
-            log.warning("left out %s: not a seed<k> folder of the ablation", path.parent)
-            continue
-        try:
-            metrics = json.loads(path.read_text())
-        except ValueError as error:
-            raise ValueError(f"{path}: not a run's metrics ({error})") from error
-        run = {"variant": path.parent.parent.name, "seed": int(seed[1]), "run_dir": str(path.parent)}
-        rows.append(run | metrics)
-    return rows
+def run_row(variant: str, seed: int, run_dir: Path) -> dict:
+    """The table row of one run: its ``metrics.json`` with ``variant``, ``seed`` and ``run_dir`` (a
+    string); a metrics file that is not JSON is a ValueError naming it."""
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not a run's metrics ({error})") from error
+    return {"variant": variant, "seed": seed, "run_dir": str(run_dir)} | metrics
 
 
 def step_keys(row: dict) -> list[str]:

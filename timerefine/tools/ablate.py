@@ -6,9 +6,11 @@
         -- trainer.max_steps=1500
 
 A comma list (``model.refine.steps=0,1,2,3``) inside a variant expands to one variant per value.
-A run finished with the same settings is skipped, so an interrupted ablation continues where it
-stopped; any other run is train.py's to continue (``trainer.max_steps`` raised) or to refuse (a
-variant redefined under its old name), and a refused run's old scores are left out of the report.
+``seed`` and ``output_dir`` are the tool's (``--seeds``, ``--out``). A run finished with the same
+settings is skipped, so an interrupted ablation continues where it stopped; any other run is
+train.py's to continue (``trainer.max_steps`` raised) or to refuse (a variant redefined under its old
+name). The report holds exactly the variants x seeds given, each run finished with its settings;
+other folders under ``--out`` (other seeds, other variants, a refused run's old scores) are left out.
 """
 
 from __future__ import annotations
@@ -19,12 +21,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from timerefine.pipeline.ablation import load_runs, markdown_table, plot, summarize, write_csv
+from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize, write_csv
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.previous_run import finished
 from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
+# Keys the tool sets for each run, after the user's overrides, and where the user gives them.
+OWNED = {"seed": "--seeds", "output_dir": "--out"}
+
+
+def check_not_owned(overrides: list[str], where: str) -> None:
+    """ValueError naming ``where`` for an override of an :data:`OWNED` key, which the tool's own value
+    would silently replace."""
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key in OWNED:
+            raise ValueError(f"{where}: {item} is set by the tool for each run; use {OWNED[key]}")
 
 
 def variants(specs: list[str]) -> dict[str, list[str]]:
@@ -41,6 +54,7 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
                 f"--variant {name}: a variant's name is its folder's, so no '/' and no leading '.'"
             )
         overrides = shlex.split(text)
+        check_not_owned(overrides, f"--variant {name}")
         expansions = expand_sweep(overrides)
         for combo in expansions:
             label = (
@@ -72,6 +86,40 @@ def done(overrides: list[str], run_dir: Path) -> bool:
         return False
 
 
+def run_all(chosen: dict[str, list[str]], seeds: list[int], shared: list[str], out: Path) -> list[str]:
+    """Run each variant x seed not finished with its settings; the folders of the runs that failed."""
+    failed = []
+    for name, overrides in chosen.items():
+        for seed in seeds:
+            run_dir = out / name / f"seed{seed}"
+            run = run_overrides(shared, overrides, seed, run_dir)
+            if done(run, run_dir):
+                print(f"[skip] {run_dir} is finished with these settings")
+                continue
+            command = [sys.executable, str(ROOT / "train.py"), *run]
+            print("[run]", shlex.join(command[1:]), flush=True)
+            if subprocess.call(command) != 0:  # in the caller's folder: relative paths are the caller's
+                print(f"[fail] {run_dir}: see its output above", file=sys.stderr)
+                failed.append(str(run_dir))
+    return failed
+
+
+def finished_rows(
+    chosen: dict[str, list[str]], seeds: list[int], shared: list[str], out: Path, failed: list[str]
+) -> list[dict]:
+    """The table rows of the variants x seeds finished with their settings; each other one is named
+    on stderr (a failed one was already). ValueError for a metrics file that is not JSON."""
+    rows = []
+    for name, overrides in chosen.items():
+        for seed in seeds:
+            run_dir = out / name / f"seed{seed}"
+            if done(run_overrides(shared, overrides, seed, run_dir), run_dir):
+                rows.append(run_row(name, seed, run_dir))
+            elif str(run_dir) not in failed:
+                print(f"[left out] {run_dir}: no run finished with these settings", file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,31 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         chosen = variants(args.variant)
+        if not chosen:
+            raise ValueError("--variant: none given; the report holds the variants x seeds given")
+        check_not_owned(args.shared, "after --")
         if twice := sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1}):
             raise ValueError(f"--seeds: {', '.join(map(str, twice))} given twice")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    failed = []
-    if not args.report_only:
-        for name, overrides in chosen.items():
-            for seed in args.seeds:
-                run_dir = args.out / name / f"seed{seed}"
-                run = run_overrides(args.shared, overrides, seed, run_dir)
-                if done(run, run_dir):
-                    print(f"[skip] {run_dir} is finished with these settings")
-                    continue
-                command = [sys.executable, str(ROOT / "train.py"), *run]
-                print("[run]", shlex.join(command[1:]), flush=True)
-                if subprocess.call(command) != 0:  # in the caller's folder: relative paths are the caller's
-                    print(f"[fail] {run_dir}: see its output above", file=sys.stderr)
-                    failed.append(str(run_dir))
-
+    failed = [] if args.report_only else run_all(chosen, args.seeds, args.shared, args.out)
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     try:
-        rows = [row for row in load_runs(args.out) if row["run_dir"] not in failed]
+        rows = finished_rows(chosen, args.seeds, args.shared, args.out, failed)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(INFINITE|UNLIMITED)$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _SIGNAL_RE = re.compile(r"^(R:)?(SIG)?USR1@(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+DDP = "trainer.strategy=ddp"  # for a job of more than one process whose config leaves the strategy auto
 
 
 @dataclass
@@ -142,27 +143,36 @@ def validate(spec: JobSpec) -> None:
     expand_sweep(spec.overrides)
 
 
-def _trainer_overrides(spec: JobSpec) -> list[str]:
-    """Trainer overrides that mirror the rendered resources."""
-    out = [
+def _trainer_overrides(spec: JobSpec, ddp: bool) -> list[str]:
+    """Trainer overrides that mirror the rendered resources, and :data:`DDP` where ``ddp``."""
+    return [
         f"trainer.num_nodes={spec.nodes}",
         f"trainer.devices={spec.devices}",
         f"trainer.accelerator={'gpu' if spec.gpus_per_node else 'cpu'}",
+        *([DDP] if ddp else []),
     ]
-    user_strategy = any(o.lstrip("+").startswith("trainer.strategy=") for o in spec.overrides)
-    if spec.nodes * spec.devices > 1 and not user_strategy:
-        out.append("trainer.strategy=ddp")
-    return out
+
+
+def _needs_ddp(spec: JobSpec, strategies: list[object]) -> list[bool]:
+    """Per run: whether it gets ``trainer.strategy=ddp``, which a job of more than one process does
+    where its composed strategy is the default ``auto``; a chosen one (``trainer=fsdp``, an
+    experiment's, ``trainer.strategy=...``) is kept."""
+    return [spec.nodes * spec.devices > 1 and strategy == "auto" for strategy in strategies]
 
 
 def _bash_array(name: str, items: list[str]) -> str:
     return f"{name}=({' '.join(shlex.quote(i) for i in items)})"
 
 
-def render_sbatch(spec: JobSpec) -> str:
-    """Render the sbatch script for ``spec``; a sweep becomes one job array indexed by SLURM_ARRAY_TASK_ID."""
+def render_sbatch(spec: JobSpec, strategies: list[object]) -> str:
+    """Render the sbatch script for ``spec``, whose runs (``expand_sweep``) compose to ``strategies``
+    (each one's ``trainer.strategy``); a sweep becomes one job array indexed by SLURM_ARRAY_TASK_ID."""
     validate(spec)
-    runs = expand_sweep(spec.overrides)
+    ddp = _needs_ddp(spec, strategies)
+    runs = [
+        [*run, DDP] if needs and not all(ddp) else run  # on the srun line when every run needs it
+        for run, needs in zip(expand_sweep(spec.overrides), ddp, strict=True)
+    ]
     is_array = len(runs) > 1
     log = f"{spec.log_dir}/%x-%A_%a" if is_array else f"{spec.log_dir}/%x-%j"
     lines = [
@@ -209,6 +219,6 @@ def render_sbatch(spec: JobSpec) -> str:
         f'RUN_DIR="{run_dir}"',
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $RUN_DIR ${OVERRIDES[*]}"',
         f'srun --kill-on-bad-exit=1 {shlex.quote(spec.python)} train.py "${{OVERRIDES[@]}}" \\',
-        f'  output_dir="$RUN_DIR" {" ".join(_trainer_overrides(spec))}',
+        f'  output_dir="$RUN_DIR" {" ".join(_trainer_overrides(spec, all(ddp)))}',
     ]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ See docs/cluster.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import subprocess
 import sys
@@ -18,11 +19,20 @@ from pathlib import Path
 
 from callbacks.global_batch import accumulation
 from timerefine.pipeline.config import ConfigError, load_config
-from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch
+from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["JobSpec", "build_parser", "expand_sweep", "main", "render_sbatch", "spec_from_args", "submit"]
+__all__ = [
+    "JobSpec",
+    "build_parser",
+    "composed_strategies",
+    "expand_sweep",
+    "main",
+    "render_sbatch",
+    "spec_from_args",
+    "submit",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,23 +110,37 @@ def submit(script: str, spec: JobSpec) -> str:
     return match.group(1)
 
 
+def composed_strategies(spec: JobSpec) -> list[object]:
+    """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it from
+    ``spec.workdir`` (where the job runs, so relative paths are the job's), and
+    ``data.global_batch_size`` split by the job's processes; ConfigError or ValueError if not."""
+    strategies = []
+    with contextlib.chdir(spec.workdir or "."):
+        for overrides in expand_sweep(spec.overrides):
+            cfg = load_config(overrides)
+            if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
+                accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
+            strategies.append(cfg.trainer.strategy)
+    return strategies
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: render, then print (``--dry-run``) or submit."""
+    """CLI entry point: check, render, then print (``--dry-run``) or submit."""
     parser = build_parser()
     args = parser.parse_args(argv)
     spec = spec_from_args(args)
     try:
-        script = render_sbatch(spec)
+        validate(spec)
     except ValueError as err:
         parser.error(str(err))
-    for overrides in expand_sweep(spec.overrides):  # a mistake found now, not after the job has queued
-        try:
-            data = load_config(overrides).data
-            if data.global_batch_size:  # the job's processes must split it, as train.py checks at start
-                accumulation(data.global_batch_size, data.batch_size, spec.nodes * spec.devices)
-        except (ConfigError, ValueError) as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
+    if not Path(args.workdir).is_dir():
+        print(f"error: --workdir {args.workdir}: no such folder here (the job runs in it)", file=sys.stderr)
+        return 2
+    try:  # a mistake found now, not after the job has queued
+        script = render_sbatch(spec, composed_strategies(spec))
+    except (ConfigError, ValueError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(script, end="")
         return 0
