@@ -20,6 +20,7 @@ from datamodules.synthetic_features import SyntheticFeatureStore
 from grounding.records import FeatureError, FeatureStore, resample_frames
 
 SUFFIXES = (".npy", ".npz", ".pt")
+NPY_MAGIC = b"\x93NUMPY"
 SPELLINGS = (*SUFFIXES, *(suffix.upper() for suffix in SUFFIXES))  # as a folder's names may write them
 
 
@@ -72,6 +73,9 @@ def read_feature_file(path: Path) -> np.ndarray:
     """Read one ``.npy`` / ``.npz`` (key ``features`` or the first array) / ``.pt`` (tensor) file."""
     suffix = path.suffix.lower()  # FEATURES.NPY too
     if suffix == ".npy":
+        with open(path, "rb") as file:
+            if file.read(len(NPY_MAGIC)) != NPY_MAGIC:  # NumPy reads anything else as pickled data
+                raise ValueError("not a .npy file (it does not start with the NumPy header)")
         return np.load(path, allow_pickle=False)
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:

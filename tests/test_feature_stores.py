@@ -74,6 +74,8 @@ BAD_FILES = {
     "complex": ("complex.npy", np.full((3, D), 1j, np.complex64), "bad shape: dtype complex64 is not real"),
     "complex_pt": ("complex_pt.pt", torch.full((3, D), 1j), "bad shape: dtype complex64 is not real"),
     "bool": ("bool.npz", np.ones((3, D), bool), "bad shape: dtype bool is not real"),
+    # before: "This file contains pickled (object) data"
+    "text": ("text.npy", b"video features\n", "unreadable: ValueError: not a .npy file"),
 }
 
 
