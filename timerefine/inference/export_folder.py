@@ -26,11 +26,13 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn import Module
 from transformers import AutoConfig
 
 from lightning_modules.pretrained import open_as_umask, resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
+from timerefine.pipeline.best_checkpoint import nonfinite, shape_misfit
 
 MANIFEST, WEIGHTS, LM_DIR, FORMAT = "export.json", "weights.safetensors", "lm", "timerefine-export/1"
 MANIFEST_KEYS = ("language_model", "base_vocab_size", "encoder")  # what loading an export reads
@@ -157,6 +159,24 @@ def export_run(
     return out
 
 
+def check_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], module: Module, base_vocab: int | None
+) -> None:
+    """InputError naming ``path`` when one of its ``tensors`` has another shape than ``module`` needs,
+    or is a parameter holding NaN or infinity."""
+    own = module.state_dict()
+    rows = {  # a vocabulary's rows past the base's
+        n: own[n.removesuffix(NEW_ROWS)][base_vocab:]
+        for n in tensors
+        if n.endswith(NEW_ROWS) and n.removesuffix(NEW_ROWS) in own
+    }
+    if reason := shape_misfit(tensors, own | rows):
+        raise InputError(f"{path}: {reason}")
+    parameters = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    if key := nonfinite(tensors, {n for n in tensors if n.removesuffix(NEW_ROWS) in parameters}):
+        raise InputError(f"{path}: {key} holds NaN or infinite values (a diverged or damaged export)")
+
+
 def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSpec | None]:
     """The exported model in eval mode and the video encoder it records."""
     if not is_export(folder):
@@ -179,6 +199,7 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
         tensors = load_file(folder / WEIGHTS)
     except (OSError, SafetensorError) as err:  # missing, truncated, not safetensors
         raise InputError(f"{folder / WEIGHTS}: cannot be read ({' '.join(str(err).split())})") from err
+    check_tensors(folder / WEIGHTS, tensors, module, manifest["base_vocab_size"])
     rows = {n.removesuffix(NEW_ROWS): t for n, t in tensors.items() if n.endswith(NEW_ROWS)}
     missing, unexpected = module.load_state_dict(
         {n: t for n, t in tensors.items() if not n.endswith(NEW_ROWS)}, strict=False

@@ -49,8 +49,14 @@ def misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -
         return f"it lacks {missing[0]}: not a model of this run's settings"
     if unexpected := sorted(state.keys() - own.keys()):
         return f"it holds {unexpected[0]}, which this run's model has no place for"
+    return shape_misfit(state, own)
+
+
+def shape_misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor of ``state`` whose shape differs from its namesake's in ``own``, with both
+    shapes; None when all that ``own`` has agree."""
     for key, tensor in state.items():
-        if tensor.shape != own[key].shape:
+        if key in own and tensor.shape != own[key].shape:
             return f"{key} has shape {tuple(tensor.shape)}, this run's model needs {tuple(own[key].shape)}"
     return None
 

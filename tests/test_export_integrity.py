@@ -1,0 +1,79 @@
+"""An export that is not what was exported (weights damaged, config.yaml edited) is refused in one line,
+as a run's checkpoint is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from timerefine.inference.export_folder import WEIGHTS
+from timerefine.inference.grounder import Grounder
+from timerefine.inference.video_features import InputError
+from timerefine.tools.export import main as export_main
+from timerefine.tools.predict import main as predict_main
+
+pytestmark = pytest.mark.slow
+QUERY = "a red square appears"
+
+
+@pytest.fixture
+def export(video_run, tmp_path, capsys) -> Path:
+    assert export_main([str(video_run.run_dir), str(tmp_path / "export")]) == 0
+    capsys.readouterr()
+    return tmp_path / "export"
+
+
+def rewrite_weights(
+    export: Path, edit: Callable[[dict[str, torch.Tensor]], None], recorded: bool = True
+) -> None:
+    """Apply ``edit`` to the export's tensors; ``recorded=False`` drops the recorded config, as an export
+    written before exports recorded it."""
+    with safe_open(export / WEIGHTS, "pt") as weights:
+        tensors = {name: weights.get_tensor(name) for name in weights.offset_keys()}
+        metadata = weights.metadata()
+    edit(tensors)
+    save_file(tensors, export / WEIGHTS, metadata if recorded else None)
+
+
+def edit_config(export: Path, key: str, value: object) -> None:
+    cfg = OmegaConf.load(export / "config.yaml")
+    OmegaConf.update(cfg, key, value)
+    OmegaConf.save(cfg, export / "config.yaml")
+
+
+def predict_error(video_run, export: Path, capsys) -> str:
+    """predict.py --run ``export``'s one error line (exit 2)."""
+    video = video_run.videos / "vid_red_a.mp4"
+    assert predict_main([str(video), "--run", str(export), "--query", QUERY]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+def test_nonfinite_export_weights_are_refused(video_run, export, capsys):
+    """Before: loaded and answered ``"start": 0.0, "end": 0.0, "aux": [NaN, NaN]``, exit 0."""
+    name = next(n for n in safe_open(export / WEIGHTS, "pt").offset_keys() if n.startswith("model.aux_head."))
+    rewrite_weights(export, lambda tensors: tensors[name].fill_(float("nan")))
+    expected = f"{export / WEIGHTS}: {name} holds NaN or infinite values (a diverged or damaged export)"
+    assert predict_error(video_run, export, capsys) == f"error: {expected}"
+    with pytest.raises(InputError, match="NaN or infinite"):
+        Grounder.from_export(export)
+
+
+@pytest.mark.parametrize(("key", "value"), [("model.lm.tiny.hidden_size", 64), ("data.source.num_frames", 8)])
+def test_an_older_export_with_a_reshaped_config_is_one_line(video_run, export, capsys, key, value):
+    """An export that records no config still loads; one whose config.yaml changes a tensor's shape
+    names it. Before: ``RuntimeError: Error(s) in loading state_dict ... size mismatch`` traceback."""
+    rewrite_weights(export, lambda tensors: None, recorded=False)
+    video = video_run.videos / "vid_red_a.mp4"
+    assert predict_main([str(video), "--run", str(export), "--query", QUERY]) == 0
+    capsys.readouterr()
+    edit_config(export, key, value)
+    line = predict_error(video_run, export, capsys)
+    assert line.startswith(f"error: {export / WEIGHTS}: ") and " has shape (" in line, line
+    assert ", this run's model needs (" in line
