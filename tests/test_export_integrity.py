@@ -3,6 +3,7 @@ as a run's checkpoint is."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +64,27 @@ def test_nonfinite_export_weights_are_refused(video_run, export, capsys):
     assert predict_error(video_run, export, capsys) == f"error: {expected}"
     with pytest.raises(InputError, match="NaN or infinite"):
         Grounder.from_export(export)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("model.refine.steps", 1), ("data.timeline", "vtimellm100"), ("data.source.num_frames", 8)],
+)
+def test_an_edited_export_config_is_refused(video_run, export, capsys, key, value):
+    """Before: the edited config silently decoded another model (or, for a shape, a traceback)."""
+    trained = OmegaConf.select(OmegaConf.load(export / "config.yaml"), key)
+    edit_config(export, key, value)
+    line = predict_error(video_run, export, capsys)
+    assert line.startswith(f"error: {export / 'config.yaml'}: not the config {WEIGHTS} was exported with: ")
+    assert line.endswith(f"{key}: what the run was trained as cannot change (trained with {key}={trained})")
+
+
+def test_an_export_config_may_change_how_answers_are_chosen(video_run, export, capsys):
+    edit_config(export, "model.inference.final", "aux")
+    video = video_run.videos / "vid_red_a.mp4"
+    assert predict_main([str(video), "--run", str(export), "--query", QUERY, "--json"]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert [answer["start"], answer["end"]] == answer["aux"]
 
 
 @pytest.mark.parametrize(("key", "value"), [("model.lm.tiny.hidden_size", 64), ("data.source.num_frames", 8)])

@@ -6,7 +6,8 @@ saliency head, time gates), plus the rows that resizing added to a pretrained LM
 matrices (``<name>.new_rows``). A base that cannot be reloaded (the randomly initialised tiny LM) is
 stored whole. ``--merge-lora`` folds the adapters into the base weights and saves that LM with
 ``save_pretrained`` under ``lm/``. ``Grounder.from_export`` loads it and predicts exactly as the
-checkpoint does.
+checkpoint does. The weights' metadata records the config they were exported as: loading refuses a
+``config.yaml`` edited since in what the model was trained as, as a checkpoint's recorded config does.
 
 ``export.json`` lists every file the export wrote. Exporting into an earlier export replaces those
 files and leaves anything else in the folder alone; any other non-empty folder, or a file, is refused.
@@ -20,12 +21,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.nn import Module
 from transformers import AutoConfig
 
@@ -33,10 +35,12 @@ from lightning_modules.pretrained import open_as_umask, resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.pipeline.best_checkpoint import nonfinite, shape_misfit
+from timerefine.pipeline.run_identity import recorded_identity_error
 
 MANIFEST, WEIGHTS, LM_DIR, FORMAT = "export.json", "weights.safetensors", "lm", "timerefine-export/1"
 MANIFEST_KEYS = ("language_model", "base_vocab_size", "encoder")  # what loading an export reads
 NEW_ROWS = ".new_rows"
+CONFIG_METADATA = "config"  # weights.safetensors' metadata: the resolved config the export was written as
 
 
 def is_export(folder: Path) -> bool:
@@ -99,7 +103,10 @@ def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec |
         run.module.tokenizer.save_pretrained(out / LM_DIR)  # its rows of the grounding tokens are trained
         cfg.model.lora.enabled = False
     tensors = exported_tensors(run, merged, base_vocab)
-    save_file({n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}, out / WEIGHTS)
+    trained_as = {CONFIG_METADATA: json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+    save_file(
+        {n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}, out / WEIGHTS, trained_as
+    )
     OmegaConf.save(cfg, out / "config.yaml")
     run.module.tokenizer.save_pretrained(out / "tokenizer")
     files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
@@ -159,6 +166,17 @@ def export_run(
     return out
 
 
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """An export's tensors and the config recorded with them (None in an export written before)."""
+    try:
+        with safe_open(path, "pt") as weights:
+            tensors = {name: weights.get_tensor(name) for name in weights.offset_keys()}
+            recorded = (weights.metadata() or {}).get(CONFIG_METADATA)
+        return tensors, None if recorded is None else json.loads(recorded)
+    except (OSError, SafetensorError, ValueError) as err:  # missing, truncated, not safetensors
+        raise InputError(f"{path}: cannot be read ({' '.join(str(err).split())})") from err
+
+
 def check_tensors(
     path: Path, tensors: dict[str, torch.Tensor], module: Module, base_vocab: int | None
 ) -> None:
@@ -191,14 +209,13 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
         raise InputError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export the run again")
     cfg = run_config(folder)
+    tensors, recorded = read_weights(folder / WEIGHTS)
+    if recorded is not None and (reason := recorded_identity_error(recorded, cfg)):
+        raise InputError(f"{folder / 'config.yaml'}: not the config {WEIGHTS} was exported with: {reason}")
     if manifest["language_model"]:
         cfg.model.lm.name_or_path = str(folder / manifest["language_model"])
     module, collator = build_untrained(cfg, folder / "tokenizer")
     run = LoadedRun(cfg, module, collator, folder)
-    try:
-        tensors = load_file(folder / WEIGHTS)
-    except (OSError, SafetensorError) as err:  # missing, truncated, not safetensors
-        raise InputError(f"{folder / WEIGHTS}: cannot be read ({' '.join(str(err).split())})") from err
     check_tensors(folder / WEIGHTS, tensors, module, manifest["base_vocab_size"])
     rows = {n.removesuffix(NEW_ROWS): t for n, t in tensors.items() if n.endswith(NEW_ROWS)}
     missing, unexpected = module.load_state_dict(
