@@ -1,5 +1,5 @@
 """An export that is not what was exported (weights damaged, config.yaml edited) is refused in one line,
-as a run's checkpoint is."""
+as a run's checkpoint is; a folder's kind is named when the other is expected."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from timerefine.evaluate import main as evaluate_main
 from timerefine.inference.export_folder import WEIGHTS
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
@@ -99,3 +100,17 @@ def test_an_older_export_with_a_reshaped_config_is_one_line(video_run, export, c
     line = predict_error(video_run, export, capsys)
     assert line.startswith(f"error: {export / WEIGHTS}: ") and " has shape (" in line, line
     assert ", this run's model needs (" in line
+
+
+def test_an_export_given_where_a_run_is_expected_says_so(export, tmp_path, capsys):
+    """Before: ``no checkpoint in <export>/checkpoints``."""
+    expected = (
+        f"error: {export}: an exported model (export.json), not a run, so it has no checkpoints; "
+        f"use it with predict.py --run {export} or Grounder.from_export"
+    )
+    assert evaluate_main([str(export)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+    assert export_main([str(export), str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err.strip() == expected
+    with pytest.raises(InputError, match="an exported model"):
+        Grounder.from_run(export)

@@ -34,10 +34,11 @@ from transformers import AutoConfig
 from lightning_modules.pretrained import open_as_umask, resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
+from timerefine.pipeline.best_checkpoint import EXPORT_MANIFEST as MANIFEST
 from timerefine.pipeline.best_checkpoint import nonfinite, shape_misfit
 from timerefine.pipeline.run_identity import recorded_identity_error
 
-MANIFEST, WEIGHTS, LM_DIR, FORMAT = "export.json", "weights.safetensors", "lm", "timerefine-export/1"
+WEIGHTS, LM_DIR, FORMAT = "weights.safetensors", "lm", "timerefine-export/1"
 MANIFEST_KEYS = ("language_model", "base_vocab_size", "encoder")  # what loading an export reads
 NEW_ROWS = ".new_rows"
 CONFIG_METADATA = "config"  # weights.safetensors' metadata: the resolved config the export was written as
