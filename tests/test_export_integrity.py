@@ -114,3 +114,11 @@ def test_an_export_given_where_a_run_is_expected_says_so(export, tmp_path, capsy
     assert capsys.readouterr().err.strip() == expected
     with pytest.raises(InputError, match="an exported model"):
         Grounder.from_run(export)
+
+
+def test_the_export_records_its_checkpoint_wherever_it_was_run_from(video_run, tmp_path, monkeypatch, capsys):
+    """Before: ``run/checkpoints/best-step3.ckpt``, relative to the caller's working directory."""
+    monkeypatch.chdir(video_run.run_dir.parent)
+    assert export_main([video_run.run_dir.name, str(tmp_path / "export")]) == 0
+    checkpoint = Path(json.loads((tmp_path / "export" / "export.json").read_text())["checkpoint"])
+    assert checkpoint.is_absolute() and checkpoint.parent == video_run.run_dir.resolve() / "checkpoints"

@@ -113,7 +113,7 @@ def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec |
     files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
     manifest = {
         "format": FORMAT,
-        "checkpoint": str(run.weights),
+        "checkpoint": str(run.weights.resolve()),
         "merged_lora": merged,
         "language_model": LM_DIR if merged else None,
         "base_vocab_size": base_vocab,
