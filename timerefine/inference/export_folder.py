@@ -6,7 +6,8 @@ saliency head, time gates), plus the rows that resizing added to a pretrained LM
 matrices (``<name>.new_rows``). A base that cannot be reloaded (the randomly initialised tiny LM) is
 stored whole. ``--merge-lora`` folds the adapters into the base weights and saves that LM with
 ``save_pretrained`` under ``lm/``. ``Grounder.from_export`` loads it and predicts exactly as the
-checkpoint does.
+checkpoint does. The weights' metadata records the config they were exported as: loading refuses a
+``config.yaml`` edited since in what the model was trained as, as a checkpoint's recorded config does.
 
 ``export.json`` lists every file the export wrote. Exporting into an earlier export replaces those
 files and leaves anything else in the folder alone; any other non-empty folder, or a file, is refused.
@@ -20,21 +21,27 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.nn import Module
 from transformers import AutoConfig
 
 from lightning_modules.pretrained import open_as_umask, resolve_pretrained
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
+from timerefine.pipeline.best_checkpoint import EXPORT_MANIFEST as MANIFEST
+from timerefine.pipeline.best_checkpoint import nonfinite, shape_misfit
+from timerefine.pipeline.run_identity import recorded_identity_error
 
-MANIFEST, WEIGHTS, LM_DIR, FORMAT = "export.json", "weights.safetensors", "lm", "timerefine-export/1"
+WEIGHTS, LM_DIR, FORMAT = "weights.safetensors", "lm", "timerefine-export/1"
 MANIFEST_KEYS = ("language_model", "base_vocab_size", "encoder")  # what loading an export reads
 NEW_ROWS = ".new_rows"
+CONFIG_METADATA = "config"  # weights.safetensors' metadata: the resolved config the export was written as
 
 
 def is_export(folder: Path) -> bool:
@@ -97,13 +104,16 @@ def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec |
         run.module.tokenizer.save_pretrained(out / LM_DIR)  # its rows of the grounding tokens are trained
         cfg.model.lora.enabled = False
     tensors = exported_tensors(run, merged, base_vocab)
-    save_file({n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}, out / WEIGHTS)
+    trained_as = {CONFIG_METADATA: json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+    save_file(
+        {n: t.detach().cpu().contiguous().clone() for n, t in tensors.items()}, out / WEIGHTS, trained_as
+    )
     OmegaConf.save(cfg, out / "config.yaml")
     run.module.tokenizer.save_pretrained(out / "tokenizer")
     files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
     manifest = {
         "format": FORMAT,
-        "checkpoint": str(run.weights),
+        "checkpoint": str(run.weights.resolve()),
         "merged_lora": merged,
         "language_model": LM_DIR if merged else None,
         "base_vocab_size": base_vocab,
@@ -157,6 +167,35 @@ def export_run(
     return out
 
 
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """An export's tensors and the config recorded with them (None in an export written before)."""
+    try:
+        with safe_open(path, "pt") as weights:
+            tensors = {name: weights.get_tensor(name) for name in weights.offset_keys()}
+            recorded = (weights.metadata() or {}).get(CONFIG_METADATA)
+        return tensors, None if recorded is None else json.loads(recorded)
+    except (OSError, SafetensorError, ValueError) as err:  # missing, truncated, not safetensors
+        raise InputError(f"{path}: cannot be read ({' '.join(str(err).split())})") from err
+
+
+def check_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], module: Module, base_vocab: int | None
+) -> None:
+    """InputError naming ``path`` when one of its ``tensors`` has another shape than ``module`` needs,
+    or is a parameter holding NaN or infinity."""
+    own = module.state_dict()
+    rows = {  # a vocabulary's rows past the base's
+        n: own[n.removesuffix(NEW_ROWS)][base_vocab:]
+        for n in tensors
+        if n.endswith(NEW_ROWS) and n.removesuffix(NEW_ROWS) in own
+    }
+    if reason := shape_misfit(tensors, own | rows):
+        raise InputError(f"{path}: {reason}")
+    parameters = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    if key := nonfinite(tensors, {n for n in tensors if n.removesuffix(NEW_ROWS) in parameters}):
+        raise InputError(f"{path}: {key} holds NaN or infinite values (a diverged or damaged export)")
+
+
 def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSpec | None]:
     """The exported model in eval mode and the video encoder it records."""
     if not is_export(folder):
@@ -171,14 +210,14 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
     if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
         raise InputError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export the run again")
     cfg = run_config(folder)
+    tensors, recorded = read_weights(folder / WEIGHTS)
+    if recorded is not None and (reason := recorded_identity_error(recorded, cfg)):
+        raise InputError(f"{folder / 'config.yaml'}: not the config {WEIGHTS} was exported with: {reason}")
     if manifest["language_model"]:
         cfg.model.lm.name_or_path = str(folder / manifest["language_model"])
     module, collator = build_untrained(cfg, folder / "tokenizer")
     run = LoadedRun(cfg, module, collator, folder)
-    try:
-        tensors = load_file(folder / WEIGHTS)
-    except (OSError, SafetensorError) as err:  # missing, truncated, not safetensors
-        raise InputError(f"{folder / WEIGHTS}: cannot be read ({' '.join(str(err).split())})") from err
+    check_tensors(folder / WEIGHTS, tensors, module, manifest["base_vocab_size"])
     rows = {n.removesuffix(NEW_ROWS): t for n, t in tensors.items() if n.endswith(NEW_ROWS)}
     missing, unexpected = module.load_state_dict(
         {n: t for n, t in tensors.items() if not n.endswith(NEW_ROWS)}, strict=False

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from lightning_modules.grounding_module import GroundingModule
 
 log = logging.getLogger(__name__)
+EXPORT_MANIFEST = "export.json"  # what timerefine-export writes in the folders it makes
 
 
 def read_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
@@ -49,8 +50,14 @@ def misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -
         return f"it lacks {missing[0]}: not a model of this run's settings"
     if unexpected := sorted(state.keys() - own.keys()):
         return f"it holds {unexpected[0]}, which this run's model has no place for"
+    return shape_misfit(state, own)
+
+
+def shape_misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor of ``state`` whose shape differs from its namesake's in ``own``, with both
+    shapes; None when all that ``own`` has agree."""
     for key, tensor in state.items():
-        if tensor.shape != own[key].shape:
+        if key in own and tensor.shape != own[key].shape:
             return f"{key} has shape {tuple(tensor.shape)}, this run's model needs {tuple(own[key].shape)}"
     return None
 
@@ -112,7 +119,13 @@ def recorded_best(checkpoint_dir: Path) -> Path:
 
 
 def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
-    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none."""
+    """``best`` (as the run's ModelCheckpoint recorded it), ``last`` or a path; FileNotFoundError if none
+    (an exported model's folder says what it is)."""
+    if ckpt in ("best", "last") and (run_dir / EXPORT_MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: an exported model ({EXPORT_MANIFEST}), not a run, so it has no checkpoints; "
+            f"use it with predict.py --run {run_dir} or Grounder.from_export"
+        )
     if ckpt == "best":
         return recorded_best(run_dir / "checkpoints")
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)

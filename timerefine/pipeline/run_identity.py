@@ -80,6 +80,18 @@ def training_only_error(trained: DictConfig, evaluated: DictConfig) -> str | Non
     return None
 
 
+def recorded_identity_error(
+    recorded: Mapping[str, Any], config: Mapping[str, Any] | DictConfig
+) -> str | None:
+    """:func:`identity_error` between the config that weights were recorded with and ``config``, or why
+    the recorded one cannot be read; None when they agree."""
+    try:
+        trained = with_schema_defaults(OmegaConf.create(recorded))
+    except ConfigError as error:  # keys today's schema lacks, a value of the wrong type
+        return f"its recorded config cannot be read ({error})"
+    return identity_error(trained, OmegaConf.create(config))
+
+
 def checkpoint_identity_error(
     path: Path, checkpoint: Mapping[str, Any], config: Mapping[str, Any]
 ) -> str | None:
@@ -88,12 +100,5 @@ def checkpoint_identity_error(
     by hand, or another run's checkpoint passed by path, would decode it as another model); None when
     they agree or the checkpoint records no config."""
     recorded = checkpoint.get("hyper_parameters", {}).get("config")
-    if recorded is None:
-        return None
-    try:
-        trained = with_schema_defaults(OmegaConf.create(recorded))
-    except ConfigError as error:  # keys today's schema lacks, a value of the wrong type
-        reason: str | None = f"its recorded config cannot be read ({error})"
-    else:
-        reason = identity_error(trained, OmegaConf.create(config))
+    reason = None if recorded is None else recorded_identity_error(recorded, config)
     return reason and f"{path} was trained otherwise than the run's config.yaml says: {reason}"
