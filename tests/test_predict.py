@@ -339,6 +339,16 @@ def test_a_truncated_video_is_refused(video_run, grounder, tmp_path, suffix, cap
     assert line.endswith("the file is truncated or damaged")
 
 
+def test_without_its_encoder_record_a_run_names_the_record(grounder, video_run):
+    """Before: "its features were not made by timerefine-extract-features", also when their folder
+    (and encoder.json in it) had moved."""
+    record = Path(grounder.run.cfg.data.source.feature_path) / "encoder.json"
+    with pytest.raises(
+        InputError, match=f"the run records no video encoder .no {re.escape(str(record))}: moved"
+    ):
+        Grounder(grounder.run).features(video_run.videos / "vid_red_a.mp4")
+
+
 def test_a_query_longer_than_the_language_model_is_refused(video_run, grounder):
     """Past its positions the LM reads nonsense (RoPE extrapolates without an error): say so instead."""
     video = grounder.features(video_run.videos / "vid_red_a.mp4")

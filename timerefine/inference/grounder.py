@@ -191,8 +191,10 @@ class Grounder:
         if self._encoder is None:
             spec = self.encoder_spec
             if spec is None:
+                features = self.run.cfg.data.source.get("feature_path")
+                why = f"no {Path(features) / ENCODER_RECORD}: moved, or" if features else "its"
                 raise InputError(
-                    "the run records no video encoder (its features were not made by "
+                    f"the run records no video encoder ({why} features were not made by "
                     "timerefine-extract-features): pass --encoder, or give a feature file"
                 )
             try:
