@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from timerefine.pipeline.ablation import HEADLINE
 from timerefine.pipeline.config import load_config
+from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.tools import ablate
 from timerefine.tools.ablate import variants
 
@@ -122,11 +123,12 @@ def test_a_seed_or_folder_the_tool_would_replace_is_refused(monkeypatch, capsys,
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
 
 
-def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: float) -> None:
+def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: float, shared=TINY) -> None:
     """A run folder as train.py leaves a finished run: its config and its metrics."""
     run_dir = out / name / f"seed{seed}"
     run_dir.mkdir(parents=True)
-    cfg = load_config(ablate.run_overrides(TINY, overrides, seed, run_dir))
+    given = ablate.run_overrides(shared, overrides, seed, run_dir)
+    cfg = inherit_settings(load_config(given), given)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / "metrics.json").write_text(json.dumps(dict.fromkeys(HEADLINE, miou)))
 
@@ -147,6 +149,30 @@ def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, ca
     captured = capsys.readouterr()
     assert "| A | 1 | 2.00 |" in captured.out
     assert captured.err == f"[left out] {tmp_path / 'A' / 'seed0'}: no run finished with these settings\n"
+
+
+def test_runs_started_from_another_run_are_reported(tmp_path, monkeypatch, capsys):
+    """Before: their config (the source run's model settings inherited, as train.py saves it) never
+    matched the command's, so a GRPO or stage ablation was all '[left out]'."""
+    monkeypatch.setattr(ablate.subprocess, "call", no_run)
+    source = tmp_path / "source"
+    (source / "checkpoints").mkdir(parents=True)
+    wider = load_config([*TINY, "model.lm.tiny.hidden_size=48", f"output_dir={source}"])
+    (source / "config.yaml").write_text(OmegaConf.to_yaml(wider))
+    shared = [*TINY, f"init_from_run={source}"]
+    finished_run(tmp_path / "abl", "A", ["model.optim.lr=1e-4"], 0, 7.0, shared)
+    argv = ["--out", str(tmp_path / "abl"), "--variant", "A=model.optim.lr=1e-4", "--report-only"]
+    assert ablate.main([*argv, "--", *shared]) == 0
+    captured = capsys.readouterr()
+    assert "| A | 1 | 7.00 |" in captured.out and captured.err == ""
+
+
+def test_a_config_that_does_not_load_is_named_in_the_report(tmp_path, capsys):
+    """Before: each run was '[left out] ...: no run finished with these settings'."""
+    finished_run(tmp_path, "A", ["model=direct"], 0, 2.0)
+    argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--report-only", "--", *TINY]
+    assert ablate.main([*argv, "data.batch_size=0"]) == 1
+    assert f"[left out] {tmp_path / 'A' / 'seed0'}: config error: data.batch_size" in capsys.readouterr().err
 
 
 def test_a_report_without_variants_is_refused(capsys):

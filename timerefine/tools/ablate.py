@@ -16,6 +16,7 @@ other folders under ``--out`` (other seeds, other variants, a refused run's old 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize, write_csv
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.previous_run import finished
 from timerefine.tools.sbatch_template import expand_sweep
 
@@ -76,14 +78,12 @@ def run_overrides(shared: list[str], overrides: list[str], seed: int, run_dir: P
 
 
 def done(overrides: list[str], run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the run of ``overrides`` finished with the same settings (train.py's
-    own test); a config that does not load is train.py's to report."""
+    """Whether ``run_dir`` holds the run of ``overrides`` finished with the same settings, as train.py
+    composes them (``init_from_run``'s model settings inherited) and tests them; ConfigError for a
+    config that does not load."""
     if not (run_dir / "metrics.json").is_file():
         return False
-    try:
-        return finished(load_config(overrides), run_dir)
-    except ConfigError:
-        return False
+    return finished(inherit_settings(load_config(overrides), overrides), run_dir)
 
 
 def run_all(chosen: dict[str, list[str]], seeds: list[int], shared: list[str], out: Path) -> list[str]:
@@ -93,9 +93,10 @@ def run_all(chosen: dict[str, list[str]], seeds: list[int], shared: list[str], o
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
             run = run_overrides(shared, overrides, seed, run_dir)
-            if done(run, run_dir):
-                print(f"[skip] {run_dir} is finished with these settings")
-                continue
+            with contextlib.suppress(ConfigError):  # train.py reports it
+                if done(run, run_dir):
+                    print(f"[skip] {run_dir} is finished with these settings")
+                    continue
             command = [sys.executable, str(ROOT / "train.py"), *run]
             print("[run]", shlex.join(command[1:]), flush=True)
             if subprocess.call(command) != 0:  # in the caller's folder: relative paths are the caller's
@@ -113,10 +114,15 @@ def finished_rows(
     for name, overrides in chosen.items():
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
-            if done(run_overrides(shared, overrides, seed, run_dir), run_dir):
-                rows.append(run_row(name, seed, run_dir))
-            elif str(run_dir) not in failed:
-                print(f"[left out] {run_dir}: no run finished with these settings", file=sys.stderr)
+            try:
+                if done(run_overrides(shared, overrides, seed, run_dir), run_dir):
+                    rows.append(run_row(name, seed, run_dir))
+                    continue
+                why = "no run finished with these settings"
+            except ConfigError as error:
+                why = f"config error: {error}"
+            if str(run_dir) not in failed:
+                print(f"[left out] {run_dir}: {why}", file=sys.stderr)
     return rows
 
 
