@@ -68,7 +68,7 @@ class AnnotationSpec(Checked):
     has_action_timelines: ClassVar[bool] = False
     # The knobs only some features read: set under other features, they would change nothing. (Not
     # feature_path: a paper experiment's, kept while smoke-testing it on features=synthetic; the
-    # store warns that it is not read.)
+    # source warns that it is not read.)
     FEATURE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"synthetic_noise": ("synthetic",)}
 
     def relations(self) -> Iterator[str]:
@@ -125,6 +125,14 @@ class AnnotationSource:
         self._usable: dict[str, list[GroundingRecord]] = {}
         self.coverage: dict[str, CoverageReport] = {}
         self._store: FeatureStore | None = None
+        if spec.feature_path and spec.features not in STORED_FEATURES:
+            log.warning(
+                "data.source.feature_path=%s is not read: features=%s are made here (set "
+                "data.source.features=%s to read it)",
+                spec.feature_path,
+                spec.features,
+                " or ".join(STORED_FEATURES),
+            )
 
     def _parse(self, split: str) -> tuple[list[GroundingRecord], QuirkReport]:
         own, files = self.spec.splits[split], self.spec.annotation_files
@@ -140,14 +148,6 @@ class AnnotationSource:
     def store(self, split: str) -> FeatureStore:
         if self._store is None:
             spec = self.spec
-            if spec.feature_path and spec.features not in STORED_FEATURES:
-                log.warning(
-                    "data.source.feature_path=%s is not read: features=%s are made here (set "
-                    "data.source.features=%s to read it)",
-                    spec.feature_path,
-                    spec.features,
-                    " or ".join(STORED_FEATURES),
-                )
             if spec.features == "synthetic":
                 every = [r for s in spec.splits for r in self._parse(s)[0]]
                 self._store = build_feature_store(

@@ -173,6 +173,9 @@ def test_a_feature_path_the_features_do_not_read_is_warned_of(tmp_path, caplog):
     assert (
         "data.source.feature_path=/my/features is not read: features=synthetic are made here" in caplog.text
     )
+    charades = ["data=charades_sta", f"data.source.root={tmp_path}", "data.source.features=action_trace"]
+    build_source(load_config([*charades, "data.source.feature_path=/my/features"]).data)
+    assert "feature_path=/my/features is not read: features=action_trace are made here" in caplog.text
 
 
 # A tiny run on JSONL files in ``root`` whose LM takes 192 positions: a short query's prompt (about 60
