@@ -37,8 +37,8 @@ CLI_ERRORS = [
     ("trainer.val_check_interval=4.0", "trainer.val_check_interval=4.0: must be"),
     ("trainer.max_steps=-1", "trainer.max_steps=-1 (no step limit) needs max_epochs"),  # OverflowError
     # Hydra advised --multirun, which train.py refused as a parse error
-    ("seed=1,2", "seed=1,2: a sweep, and a run takes one config; sweep with timerefine-ablate"),
-    ("--multirun", "--multirun: train.py runs one config; sweep with timerefine-ablate"),
+    ("seed=1,2", "seed=1,2: a sweep, and a run takes one value (a list is key=[a,b]; text with a comma"),
+    ("--multirun", "--multirun: train.py runs one config; sweeps run through timerefine-ablate"),
 ]
 
 

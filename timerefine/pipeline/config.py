@@ -98,7 +98,7 @@ def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[s
     return keys
 
 
-SWEEPS = "sweep with timerefine-ablate (--variant, --seeds) or timerefine-slurm-submit (a job array)"
+SWEEPS = "sweeps run through timerefine-ablate (--variant, --seeds) or timerefine-slurm-submit (a job array)"
 
 
 def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str:
@@ -107,7 +107,10 @@ def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str
     experiment, which Hydra spells ``~experiment``), a sweep (Hydra's advice, ``--multirun``, is no
     option here)."""
     if override.is_sweep_override():
-        raise ConfigError(f"{line}: a sweep, and a run takes one config; {SWEEPS}")
+        raise ConfigError(
+            f"{line}: a sweep, and a run takes one value (a list is key=[a,b]; text with a comma is "
+            f"quoted); {SWEEPS}"
+        )
     group = override.key_or_group.split("@")[0]
     if group not in groups and override.is_delete():
         raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
