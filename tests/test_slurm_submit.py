@@ -298,8 +298,14 @@ def test_relative_paths_are_checked_where_the_job_runs(
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert slurm_submit.main(["--workdir", str(tmp_path / "repo"), *argv]) == 0
     assert Path.cwd() == tmp_path / "elsewhere"  # the caller's folder again
-    assert slurm_submit.main(["--workdir", "missing", *argv]) == 2
+    assert slurm_submit.main(["--workdir", "missing", *argv[1:]]) == 2  # a job that would not start
     assert capsys.readouterr().err == "error: --workdir missing: no such folder here (the job runs in it)\n"
+    monkeypatch.chdir(tmp_path / "repo")  # a script written here for another machine
+    assert slurm_submit.main(["--workdir", "/home/me/timerefine", *argv]) == 0
+    note = (
+        f"note: --workdir /home/me/timerefine is no folder here: paths were checked from {tmp_path / 'repo'}"
+    )
+    assert capsys.readouterr().err == note + "\n"
 
 
 def test_a_global_batch_the_jobs_processes_cannot_split_is_refused(capsys: pytest.CaptureFixture) -> None:

@@ -110,12 +110,12 @@ def submit(script: str, spec: JobSpec) -> str:
     return match.group(1)
 
 
-def composed_strategies(spec: JobSpec) -> list[object]:
-    """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it from
-    ``spec.workdir`` (where the job runs, so relative paths are the job's), and
+def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
+    """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it from ``folder``
+    (``--workdir``, where the job runs, so relative paths are the job's), and
     ``data.global_batch_size`` split by the job's processes; ConfigError or ValueError if not."""
     strategies = []
-    with contextlib.chdir(spec.workdir or "."):
+    with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
             cfg = load_config(overrides)
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
@@ -133,11 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         validate(spec)
     except ValueError as err:
         parser.error(str(err))
-    if not Path(args.workdir).is_dir():
-        print(f"error: --workdir {args.workdir}: no such folder here (the job runs in it)", file=sys.stderr)
-        return 2
+    folder = args.workdir
+    if not Path(folder).is_dir():
+        if not args.dry_run:
+            print(f"error: --workdir {folder}: no such folder here (the job runs in it)", file=sys.stderr)
+            return 2
+        folder = "."  # a script written here for another machine
+        print(
+            f"note: --workdir {args.workdir} is no folder here: paths were checked from {Path.cwd()}",
+            file=sys.stderr,
+        )
     try:  # a mistake found now, not after the job has queued
-        script = render_sbatch(spec, composed_strategies(spec))
+        script = render_sbatch(spec, composed_strategies(spec, folder))
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
