@@ -190,6 +190,10 @@ def test_a_run_saved_with_early_stopping_without_mode_reads_as_it_ran(tmp_path):
     assert loaded.callbacks.early_stopping == {"monitor": "val/mIoU", "patience": 3, "mode": "min"}
     with pytest.raises(ConfigError, match="EarlyStopping's default, min, stops a run whose score rises"):
         load_config(["callbacks.early_stopping={monitor: val/mIoU, patience: 3}"])
+    older = OmegaConf.to_container(saved)
+    del older["model"]["saliency"]  # a run saved before model.saliency was: no projector steps
+    OmegaConf.save(OmegaConf.create(older), tmp_path / "config.yaml")
+    assert load_run_config(tmp_path, []).model.saliency.projector_steps == 0
 
 
 @pytest.mark.parametrize(

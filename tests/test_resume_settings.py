@@ -162,9 +162,12 @@ def test_resume_with_fewer_steps_than_the_checkpoint_reached_stops(
     output_dir, extra = (run, []) if resume == "auto" else (tmp_path / "new", [f"resume={last}"])
     line = refused(overrides(output_dir, EVERY_2, "trainer.max_steps=1", *extra), capsys)
     at = run / "checkpoints" / "last.ckpt" if resume == "auto" else last
+    shorter = (
+        "another output_dir" if resume == "auto" else "init_from_run=<its run> to start from its weights"
+    )
     assert line == (
         f"error: trainer.max_steps=1: {at} is at step 2 already, and a run continues to at least that "
-        "step; give trainer.max_steps >= 2, or another output_dir for a shorter run"
+        f"step; give trainer.max_steps >= 2, or {shorter} for a shorter run"
     )
     assert snapshot(run) == before and not (tmp_path / "new").exists()
 

@@ -186,7 +186,7 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
 
 
 # Keys added (or required) with a default that changes what a run does, and the value a run saved
-# before them ran with, where the run saved their mapping.
+# before them ran with, where their mapping is one (callbacks.early_stopping may be null).
 UNTIL_ADDED = {"model.saliency.projector_steps": 0, "callbacks.early_stopping.mode": "min"}
 
 
@@ -205,7 +205,7 @@ def with_schema_defaults(saved: DictConfig) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error, [])) from error
     for key, value in UNTIL_ADDED.items():
-        mapping = isinstance(OmegaConf.select(saved, key.rpartition(".")[0]), DictConfig)
+        mapping = isinstance(OmegaConf.select(run, key.rpartition(".")[0]), DictConfig)
         if mapping and OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
             OmegaConf.update(run, key, value, force_add=True)
     return run

@@ -77,18 +77,20 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
                 "use another output_dir for the new settings"
             )
     if checkpoint is not None:
-        check_reaches(cfg.trainer.max_steps, checkpoint_file(checkpoint, output_dir))
+        check_reaches(cfg.trainer.max_steps, checkpoint_file(checkpoint, output_dir), cfg.resume != "auto")
 
 
-def check_reaches(max_steps: int, checkpoint: Path) -> None:
-    """A continued run trains to at least the step its checkpoint reached: with fewer ``max_steps``
-    Lightning would stop at once and test the checkpoint's model under a config.yaml saying fewer."""
+def check_reaches(max_steps: int, checkpoint: Path, given: bool) -> None:
+    """A continued run trains to at least the step its checkpoint (``given`` as ``resume=``, or
+    found in ``output_dir``) reached: with fewer ``max_steps`` Lightning would stop at once and test
+    the checkpoint's model under a config.yaml saying fewer."""
     reached = trainer_state(checkpoint).get("global_step", 0)
     if 0 <= max_steps < reached:
+        shorter = "init_from_run=<its run> to start from its weights" if given else "another output_dir"
         raise ChangedSettingsError(
             f"trainer.max_steps={max_steps}: {checkpoint} is at step {reached} already, and a run "
-            f"continues to at least that step; give trainer.max_steps >= {reached}, or another "
-            "output_dir for a shorter run"
+            f"continues to at least that step; give trainer.max_steps >= {reached}, or {shorter} for "
+            "a shorter run"
         )
 
 

@@ -56,7 +56,10 @@ def early_stopping_args(value: Any) -> str | None:
     if not isinstance(value, dict) or not value.get("monitor") or not isinstance(value["monitor"], str):
         return EARLY_STOPPING_FORM
     if "mode" not in value:
-        return "needs a mode (max for val/mIoU): EarlyStopping's default, min, stops a run whose score rises"
+        return (
+            "needs a mode (max for val/mIoU): EarlyStopping's default, min, stops a run whose score rises "
+            "(a run saved without one ran with min: continue it with mode: min)"
+        )
     try:
         EarlyStopping(**value)
     except (TypeError, ValueError, MisconfigurationException) as error:
