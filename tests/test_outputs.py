@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from timerefine.pipeline.outputs import print_summary, write_metrics
+from timerefine.pipeline.outputs import print_summary, save_config, write_metrics
 from timerefine.pipeline.whole_files import write_whole
 
 
@@ -60,16 +62,19 @@ def test_the_run_directory_is_printed_verbatim(tmp_path, capsys):
     assert f"run directory: {output_dir.resolve()}" in capsys.readouterr().out.splitlines()
 
 
-def test_a_failed_whole_write_leaves_the_old_file_and_no_partial(tmp_path):
+def test_a_failed_whole_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch):
+    """Before: save_config left its partial file when stopped between writing and renaming."""
     target = tmp_path / "meta.json"
     write_whole(target, "old")
     write_whole(target, b"new")
     assert target.read_text() == "new"
-    folder = tmp_path / "a folder"
-    (folder / "inside").mkdir(parents=True)
-    with pytest.raises(OSError):
-        write_whole(folder, "text")  # a rename cannot replace a folder that holds files
-    assert (folder / "inside").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "a folder",
-        "meta.json",
-    ]
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(target, "newer")
+    with pytest.raises(KeyboardInterrupt):
+        save_config(OmegaConf.create({"seed": 1}), tmp_path)
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]

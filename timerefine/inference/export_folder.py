@@ -171,7 +171,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | 
     """An export's tensors and the config recorded with them (None in an export written before)."""
     try:
         with safe_open(path, "pt") as weights:
-            tensors = {name: weights.get_tensor(name) for name in weights.offset_keys()}
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (not iterable)
             recorded = (weights.metadata() or {}).get(CONFIG_METADATA)
         return tensors, None if recorded is None else json.loads(recorded)
     except (OSError, SafetensorError, ValueError) as err:  # missing, truncated, not safetensors
