@@ -17,8 +17,8 @@ def _place(record: GroundingRecord, split: str) -> str:
 
 
 def duration_conflicts(splits: Mapping[str, Sequence[GroundingRecord]]) -> list[str]:
-    """A line per video whose queries state different durations: each query is timed by its own,
-    so its features and its answer disagree with another's."""
+    """A line per query that states another duration of its video than the video's first query does:
+    each query is timed by its own, so its features and its answer disagree with another's."""
     first: dict[str, tuple[float, str]] = {}
     lines = []
     for split, records in splits.items():
@@ -29,7 +29,6 @@ def duration_conflicts(splits: Mapping[str, Sequence[GroundingRecord]]) -> list[
                 lines.append(
                     f"video {record.video_id}: duration {record.duration:g} at {here[1]} but {duration:g} at {where}"
                 )
-                first[record.video_id] = here
     return lines
 
 
@@ -54,7 +53,7 @@ def consistency_warnings(name: str, splits: Mapping[str, Sequence[GroundingRecor
     warnings = []
     if conflicts := duration_conflicts(splits):
         warnings.append(
-            f"{name}: {len(conflicts)} queries give their video another duration than an earlier one, "
+            f"{name}: {len(conflicts)} queries give their video another duration than its first query, "
             f"e.g. {'; '.join(conflicts[:EXAMPLES])}"
         )
     for split, lines in seen_in_training(splits).items():

@@ -28,6 +28,9 @@ def test_a_video_with_two_durations_is_named_with_both_places():
     }
     assert duration_conflicts(splits) == ["video v1: duration 24 at test.jsonl:3 but 20 at train.jsonl:1"]
     assert duration_conflicts({"train": splits["train"]}) == []
+    # before: one odd line counted twice, itself and the next query agreeing with the first
+    splits["test"].append(record("e", "v1", "t", 20.0, "test.jsonl:5"))
+    assert len(duration_conflicts(splits)) == 1
 
 
 def test_a_test_query_seen_in_training_is_found_whatever_its_case_and_period():
