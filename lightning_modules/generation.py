@@ -164,6 +164,13 @@ class Decoder:
         )
 
 
+def choosable_placeholder(model: VideoLLM) -> int | None:
+    """The ``<video>`` placeholder's id where free decoding could choose it (a token of the LM's
+    vocabulary; the reference layout's index is none), else None: no answer may hold it."""
+    vocabulary = model.lm.get_output_embeddings().weight.shape[0]
+    return model.video_token_id if 0 <= model.video_token_id < vocabulary else None
+
+
 @torch.no_grad()
 def generate(
     model: VideoLLM,
@@ -186,8 +193,12 @@ def generate(
     else:
         columns: list[torch.Tensor] = []
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        placeholder = choosable_placeholder(model)
         for _ in range(max_new_tokens):
-            step = choose(decoder.last_logits)
+            logits = decoder.last_logits
+            if placeholder is not None:  # an answer holding it could not be embedded again (GRPO)
+                logits = logits.index_fill(-1, torch.tensor([placeholder], device=device), float("-inf"))
+            step = choose(logits)
             step = torch.where(finished, torch.full_like(step, eos_id), step)
             columns.append(step)
             finished |= step == eos_id

@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from grounding.answer_format.slots import Slot
-from lightning_modules.generation import Generation, is_sharded
+from lightning_modules.generation import Generation, choosable_placeholder, is_sharded
 from lightning_modules.slot_logits_processor import SlotLogitsProcessor
 from lightning_modules.video_llm import VideoLLM
 
@@ -47,6 +47,7 @@ def hf_generate(
         pad_token_id=eos_id,  # written after the end token, cut off with it
         return_dict_in_generate=True,
         output_hidden_states=offset_id is not None,
+        suppress_tokens=None if (placeholder := choosable_placeholder(model)) is None else [placeholder],
     )
     out = model.lm.generate(
         inputs_embeds=model.embed(prompt_ids, features, prompt_mask),

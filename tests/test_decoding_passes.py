@@ -7,6 +7,7 @@ import torch
 
 from grounding.answer_format.tokens import OFFSET
 from lightning_modules.generation import generate
+from lightning_modules.hf_generation import hf_generate
 from tests import helpers
 
 
@@ -29,6 +30,24 @@ def uncached_constrained(model, prompt: list[int], features: torch.Tensor, slots
         )
     offsets = [i for i, t in enumerate(ids) if t == offset_id]
     return ids[len(prompt) :], out.hidden_states[-1][0, offsets[-1]] if offsets else None
+
+
+def test_free_decoding_never_chooses_the_video_placeholder():
+    """Before: a model that preferred <video> answered with it, and GRPO's free rollouts
+    (grpo.constrained=false) failed when their answers were embedded again ("each sample needs 4
+    <video> placeholders")."""
+    tok = helpers.tokenizer()
+    model = helpers.video_llm(refine_steps=1, aux_loss=None).eval()
+    video = model.video_token_id
+
+    def prefer_video(module, inputs, logits):
+        return logits.index_add(-1, torch.tensor([video]), torch.full((*logits.shape[:-1], 1), 1e4))
+
+    model.lm.get_output_embeddings().register_forward_hook(prefer_video)
+    batch = helpers.batch(refine_steps=1, n=2)
+    args = (model, batch["prompt_ids"], batch["prompt_mask"], batch["features"], tok.eos_token_id, 6)
+    ours, theirs = generate(*args), hf_generate(*args)
+    assert ours.tokens == theirs.tokens and all(len(row) == 6 and video not in row for row in ours.tokens)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
