@@ -178,6 +178,14 @@ def test_bad_values_name_the_key(override, key):
     assert str(error.value).startswith(key) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("overrides", [["model.aux.weight=0"], ["model=direct"]])
+@pytest.mark.parametrize("final", ["aux", "mean_all"])
+def test_a_final_answer_from_an_aux_head_the_model_lacks_is_refused(overrides, final):
+    """Before: the last text segment was scored, and the run recorded final=aux."""
+    with pytest.raises(ConfigError, match=f"^model.inference.final={final} reads the aux head, which"):
+        load_config([*overrides, f"model.inference.final={final}"])
+
+
 @pytest.mark.parametrize(
     "override",
     [

@@ -130,6 +130,11 @@ class ModelConfig(Checked):
             )
         if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
             yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
+        if self.inference.final != "last" and not (self.aux.weight > 0 and self.refine.with_offsets):
+            yield (
+                f"inference.final={self.inference.final} reads the aux head, which a model without offsets "
+                "(refine.steps=0) or with aux.weight=0 has not: set inference.final=last"
+            )
         if self.lm.weights == "random" and self.lora.enabled:
             yield "lm.weights=random needs lora.enabled=false: adapters on a frozen random LM learn nothing useful"
 
