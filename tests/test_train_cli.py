@@ -190,3 +190,20 @@ def test_the_prior_is_scored_on_the_queries_a_limited_test_scored(train_main, tm
     assert len(tested) == metrics["test/queries"] == 2 < len(test)
     assert metrics["prior/mIoU"] == pytest.approx(prior_scores(train, tested)["mIoU"], rel=1e-6)
     assert metrics["prior/mIoU"] != pytest.approx(prior_scores(train, test)["mIoU"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("global_batch", "warned"), [(12, True), (8, False)])
+def test_an_epoch_ending_on_a_partial_accumulation_is_warned_of(
+    train_main, tmp_path, caplog, global_batch, warned
+):
+    """Before: 8 batches an epoch at 3 a step stepped on 2 at each epoch's end, and the validation of
+    step 4 (val_check_interval=2) never came, without a word."""
+    overrides = ["experiment=tiny", f"output_dir={tmp_path / 'run'}", "trainer.max_steps=2"]
+    overrides += [
+        "data.source.num_train=32",
+        f"data.global_batch_size={global_batch}",
+        "logger.tensorboard=false",
+    ]
+    assert train_main(overrides) == 0
+    warning = "an epoch is 8 batches per process, 2 past a multiple of the 3 a step accumulates"
+    assert (warning in caplog.text) is warned

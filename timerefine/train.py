@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.predictions_writer import PredictionsWriter
 from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
-from timerefine.pipeline.batch_limits import empty_loops
+from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
@@ -53,6 +53,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, output_dir, module)
     if errors := list(empty_loops(trainer, datamodule)):
         raise ConfigError("; ".join(errors))
+    if partial := partial_accumulation(trainer, datamodule):
+        log.warning(partial)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
         save_config(cfg, output_dir)

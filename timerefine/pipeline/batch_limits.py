@@ -1,5 +1,6 @@
 """``trainer.limit_*_batches`` fractions that leave a loop no batch: Lightning finds them only when
-that loop starts, after the run's config is written; here they are found before anything is."""
+that loop starts, after the run's config is written; here they are found before anything is. And an
+epoch that ends on a partial gradient accumulation."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 
 import lightning as L
 
+from callbacks.global_batch import accumulation
 from datamodules.datamodule import GroundingDataModule
 
 
@@ -28,3 +30,23 @@ def empty_loops(
                 f"trainer.limit_{loop}_batches={limit}: {limit} of the {batches} {loop} batches per "
                 f"process is none; use at least {1 / batches:.3g}, or a whole number of batches"
             )
+
+
+def partial_accumulation(trainer: L.Trainer, datamodule: GroundingDataModule) -> str | None:
+    """Why each epoch of ``data.global_batch_size`` ends on fewer batches than a step accumulates,
+    which Lightning steps on with a smaller batch, so that validations fall off the optimizer-step
+    grid; None when the epoch divides (or without a global batch size)."""
+    data = datamodule.data
+    if not data.global_batch_size:
+        return None
+    per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)
+    batches = math.ceil(math.ceil(len(datamodule.records("train")) / trainer.world_size) / data.batch_size)
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if batches % per_step == 0:
+        return None
+    return (
+        f"data.global_batch_size={data.global_batch_size}: an epoch is {batches} batches per process, "
+        f"{batches % per_step} past a multiple of the {per_step} a step accumulates; Lightning steps on "
+        "those with a smaller batch, and validations then fall off the optimizer-step grid"
+    )
