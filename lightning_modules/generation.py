@@ -165,10 +165,10 @@ class Decoder:
 
 
 def choosable_placeholder(model: VideoLLM) -> int | None:
-    """The ``<video>`` placeholder's id where free decoding could choose it (a token of the LM's
-    vocabulary; the reference layout's index is none), else None: no answer may hold it."""
-    vocabulary = model.lm.get_output_embeddings().weight.shape[0]
-    return model.video_token_id if 0 <= model.video_token_id < vocabulary else None
+    """The ``<video>`` placeholder's id where free decoding could choose it (a token; the reference
+    layout's negative index is none), else None: no answer may hold it. (Read from the id, not from
+    the output layer, whose weight FSDP may hold as an empty shard.)"""
+    return model.video_token_id if model.video_token_id >= 0 else None
 
 
 @torch.no_grad()
