@@ -13,18 +13,22 @@ from callbacks.global_batch import accumulation
 from datamodules.datamodule import GroundingDataModule
 
 
+def batches_per_process(trainer: L.Trainer, datamodule: GroundingDataModule, loop: str) -> int:
+    """How many batches of ``loop``'s split each process takes in an epoch, before any limit."""
+    data = datamodule.data
+    batch_size = data.batch_size if loop == "train" else data.eval_batch_size
+    return math.ceil(math.ceil(len(datamodule.records(loop)) / trainer.world_size) / batch_size)
+
+
 def empty_loops(
     trainer: L.Trainer, datamodule: GroundingDataModule, loops: tuple[str, ...] = ("train", "val", "test")
 ) -> Iterator[str]:
     """A line per ``limit_<loop>_batches`` fraction under one batch of its split on each process."""
-    data = datamodule.data
-    sizes = {"train": data.batch_size, "val": data.eval_batch_size, "test": data.eval_batch_size}
-    for loop, batch_size in ((loop, sizes[loop]) for loop in loops):
+    for loop in loops:
         limit = getattr(trainer, f"limit_{loop}_batches")
         if not isinstance(limit, float) or limit <= 0:
             continue
-        per_process = math.ceil(len(datamodule.records(loop)) / trainer.world_size)
-        batches = math.ceil(per_process / batch_size)
+        batches = batches_per_process(trainer, datamodule, loop)
         if int(batches * limit) == 0:
             yield (
                 f"trainer.limit_{loop}_batches={limit}: {limit} of the {batches} {loop} batches per "
@@ -40,7 +44,7 @@ def partial_accumulation(trainer: L.Trainer, datamodule: GroundingDataModule) ->
     if not data.global_batch_size:
         return None
     per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)
-    batches = math.ceil(math.ceil(len(datamodule.records("train")) / trainer.world_size) / data.batch_size)
+    batches = batches_per_process(trainer, datamodule, "train")
     limit = trainer.limit_train_batches
     batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
     if batches % per_step == 0:
