@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
@@ -110,6 +111,8 @@ class GroundingModule(L.LightningModule):
             return GroundingMetric(protocol=protocol)
 
         self.metrics = torch.nn.ModuleDict({split: metric() for split in ("val", "test")})
+        # Weighted by queries and summed over the ranks: their shares of a split may differ by one.
+        self.losses = torch.nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         self.segment_metrics = torch.nn.ModuleDict(
             {
                 split: torch.nn.ModuleList(metric() for _ in range(codec.schedule.num_segments))
@@ -181,7 +184,7 @@ class GroundingModule(L.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:
         records = batch["records"]
-        self.log(f"{split}/loss", self._losses(batch)["loss"], batch_size=len(records), sync_dist=True)
+        self.losses[split].update(self._losses(batch)["loss"].detach(), weight=len(records))
         predictions = self.predict_batch(batch)
         finals, per_segment = [], [[] for _ in self.segment_metrics[split]]
         clip = self.inference.order_and_clip
@@ -270,6 +273,8 @@ class GroundingModule(L.LightningModule):
 
     def _log_metrics(self, split: str) -> None:
         scores = self.metrics[split].compute()
+        self.log(f"{split}/loss", self.losses[split].compute())
+        self.losses[split].reset()
         for name in (*(f"R1@{t}" for t in THRESHOLDS), "mIoU", "parse_fail"):
             self.log(f"{split}/{name}", scores[name], prog_bar=name == "mIoU")
         self.log(f"{split}/queries", scores["count"], reduce_fx="max")

@@ -82,6 +82,8 @@ def test_ddp_evaluation_matches_single_process(tmp_path: Path) -> None:
         "test/step2/mIoU",
     ):
         assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
+    # Lightning's sync_dist mean divided by the ranks' mean batch count as an integer, (7 + 6) // 2
+    assert ddp["test/loss"] == pytest.approx(single["test/loss"], rel=1e-5)
 
     rows_single = _predictions(run / "eval/single/predictions/test.jsonl")
     rows_ddp = _predictions(run / "eval/ddp/predictions/test.jsonl")
