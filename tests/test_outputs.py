@@ -49,6 +49,15 @@ def test_the_summary_shows_and_warns_of_unparsed_answers(tmp_path, capsys):
     assert warnings == ["warning: 100 % of the test answers could not be parsed; each counts as IoU 0"]
 
 
+def test_the_parse_warning_says_what_parsed_only_does(tmp_path, capsys):
+    """Before: under parsed_only it said each unparsed answer counts as IoU 0, which that protocol
+    does not do (it leaves them out of the denominator)."""
+    print_summary({"test/mIoU": 2.8, "test/parse_fail": 75.0, "eval/protocol": "parsed_only"}, tmp_path)
+    out = " ".join(capsys.readouterr().out.split())  # Rich wraps lines at the terminal's width
+    assert "75 % of the test answers could not be parsed; each is left out of the scores" in out
+    assert "IoU 0" not in out
+
+
 def test_the_run_directory_is_printed_verbatim(tmp_path, capsys):
     """Before: Rich read ``[model.refine.steps=2]`` (an ablation variant's folder) as markup and
     printed a folder that does not exist."""

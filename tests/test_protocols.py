@@ -325,3 +325,24 @@ def test_parsed_only_runs_warn_in_the_log_and_the_summary(tmp_path, caplog, caps
     assert "warning: protocol parsed_only" in capsys.readouterr().out
     print_summary({"test/mIoU": 50.0, "eval/protocol": "exact"}, tmp_path)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_baselines_are_scored_under_the_run_protocol():
+    """The prior and the best action are compared with the run's scores, so they are scored as the run
+    is: an IoU of 0.695 counts at 0.7 under vtimellm (hunter: prior/mIoU stayed exact under vtimellm)."""
+    from grounding.action_timelines import Action, Timeline
+    from grounding.metrics.action_prior import best_action_scores
+    from grounding.metrics.prior import prior_scores
+    from grounding.records import GroundingRecord
+
+    train = [GroundingRecord(f"t{i}", f"v{i}", "a query", 100.0, 0.0, 50.0) for i in range(4)]
+    test = [GroundingRecord("q", "w", "a query", 100.0, 0.0, 34.75)]  # IoU 0.695 with [0, 50]
+    exact, vtimellm = (prior_scores(train, test, protocol_named(p)) for p in ("exact", "vtimellm"))
+    assert exact["R1@0.7"] == 0.0 and exact["mIoU"] == pytest.approx(69.5)
+    assert vtimellm["R1@0.7"] == 100.0 and vtimellm["mIoU"] == pytest.approx(70.0)
+    timelines = {v: Timeline(v, "train", 100.0, (Action(0, 0.0, 50.0),)) for v in ("v0", "w")}
+    timelines["nowhere"] = Timeline("nowhere", "test", 100.0, ())
+    test.append(GroundingRecord("n", "nowhere", "a query", 100.0, 0.0, 34.75))  # no action: IoU 0
+    rounded = best_action_scores(train, test, timelines, protocol_named("vtimellm"))
+    assert rounded == {"R1@0.3": 50.0, "R1@0.5": 50.0, "R1@0.7": 50.0, "mIoU": pytest.approx(35.0)}
+    assert best_action_scores(train, test, timelines)["R1@0.7"] == 0.0

@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-import torch
-
 from grounding.action_timelines import Action, Timeline
-from grounding.metrics.iou import grounding_scores, grounding_sums
-from grounding.metrics.windows import record_iou, segment_iou
+from grounding.metrics.grounding import segment_scores
+from grounding.metrics.protocols import EXACT, Protocol
+from grounding.metrics.windows import segment_iou
 from grounding.records import GroundingRecord
 
 
@@ -46,14 +45,17 @@ def pick_action(timeline: Timeline, rates: Mapping[int, float]) -> Action | None
 
 
 def best_action_scores(
-    train: list[GroundingRecord], test: list[GroundingRecord], timelines: Mapping[str, Timeline]
+    train: list[GroundingRecord],
+    test: list[GroundingRecord],
+    timelines: Mapping[str, Timeline],
+    protocol: Protocol = EXACT,
 ) -> dict[str, float]:
-    """R1@m and mIoU of :func:`pick_action` (rates from ``train``) on ``test``; a video without a
-    timeline or actions scores 0."""
+    """R1@m and mIoU of :func:`pick_action` (rates from ``train``) on ``test`` under ``protocol``; a
+    video without a timeline or actions answers the empty segment at 0, which scores 0."""
     rates = queried_class_rates(train, timelines)
-    ious = []
+    segments = []
     for record in test:
         timeline = timelines.get(record.video_id)
         action = pick_action(timeline, rates) if timeline is not None else None
-        ious.append(0.0 if action is None else record_iou((action.start, action.end), record))
-    return grounding_scores(grounding_sums(torch.tensor(ious, dtype=torch.float64)))
+        segments.append((0.0, 0.0) if action is None else (action.start, action.end))
+    return segment_scores(segments, test, protocol)

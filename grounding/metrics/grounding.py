@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torchmetrics import Metric
 
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import EXACT, Protocol, protocol_scores, protocol_sums
+from grounding.metrics.windows import Segment, metric_inputs
+from grounding.records import GroundingRecord
 
 
 class GroundingMetric(Metric):
@@ -48,3 +52,14 @@ class GroundingMetric(Metric):
 
     def compute(self) -> dict[str, float]:
         return protocol_scores({name: getattr(self, name) for name in self._sum_names()}, self.protocol)
+
+
+def segment_scores(
+    segments: Sequence[Segment], records: Sequence[GroundingRecord], protocol: Protocol = EXACT
+) -> dict[str, float]:
+    """R1@m and mIoU of ``segments`` (seconds, one per record) as a run's answers are scored under
+    ``protocol``: what a baseline is compared with a run by."""
+    metric = GroundingMetric(protocol=protocol)
+    if records:
+        metric.update(*metric_inputs(segments, records))
+    return {key: value for key, value in metric.compute().items() if key.startswith("R1@") or key == "mIoU"}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from grounding.metrics.grounding import segment_scores
 from grounding.metrics.iou import grounding_scores, grounding_sums, temporal_iou
-from grounding.metrics.windows import record_iou
+from grounding.metrics.protocols import EXACT, Protocol
 from grounding.records import GroundingRecord
 
 
@@ -33,9 +34,10 @@ def normalized_segments(records: list[GroundingRecord]) -> torch.Tensor:
     return torch.tensor([[r.start / r.duration, r.end / r.duration] for r in records], dtype=torch.float64)
 
 
-def prior_scores(train: list[GroundingRecord], test: list[GroundingRecord]) -> dict[str, float]:
+def prior_scores(
+    train: list[GroundingRecord], test: list[GroundingRecord], protocol: Protocol = EXACT
+) -> dict[str, float]:
     """Scores of the best constant segment fitted on ``train`` (target windows), evaluated on ``test``
-    as the model is (each query's windows by its ``multi_window`` rule)."""
+    as the model is (each query's windows by its ``multi_window`` rule, under ``protocol``)."""
     start, end = best_constant_segment(normalized_segments(train))
-    iou = [record_iou((start * r.duration, end * r.duration), r) for r in test]
-    return grounding_scores(grounding_sums(torch.tensor(iou, dtype=torch.float64)))
+    return segment_scores([(start * r.duration, end * r.duration) for r in test], test, protocol)

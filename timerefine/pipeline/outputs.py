@@ -60,17 +60,18 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
             table.add_row(split, *cells)
     console = Console(markup=False)  # a path or a message may hold brackets: [model.refine.steps=2]
     console.print(table)
+    protocol = PROTOCOLS.get(str(metrics.get("eval/protocol")))
+    scored = "each is left out of the scores" if protocol and protocol.parsed_only else "each counts as IoU 0"
     for split in SPLITS:
         if failed := metrics.get(f"{split}/parse_fail"):
             console.print(
-                f"warning: {round(failed, 2):g} % of the {split} answers could not be parsed; each counts as IoU 0"
+                f"warning: {round(failed, 2):g} % of the {split} answers could not be parsed; {scored}"
             )
     if "test/mIoU" in metrics and "prior/mIoU" in metrics:
         gain = metrics["test/mIoU"] - metrics["prior/mIoU"]
         console.print(
             f"test mIoU {metrics['test/mIoU']:.2f} vs best constant segment {metrics['prior/mIoU']:.2f} ({gain:+.2f})"
         )
-    protocol = PROTOCOLS.get(str(metrics.get("eval/protocol")))
     if protocol is not None and protocol.warning:
         console.print(f"warning: {protocol.warning}")
     console.print(f"run directory: {output_dir.resolve()}", soft_wrap=True)  # whole, to copy
