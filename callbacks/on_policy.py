@@ -4,7 +4,9 @@ The reference recipe draws every coarse segment around the ground truth, so the 
 learn to correct the model's real errors. Every ``every_n_steps`` this callback re-predicts a
 random subset of training queries and keeps each one's first coarse segment in the datamodule's
 ``coarse_guesses``, which its collator was built to read: with probability ``fraction`` a guess is
-the first coarse segment of that query's target.
+the first coarse segment of that query's target. The collator runs in the main process right before
+each step (``GroundingDataModule.on_before_batch_transfer``), so a refresh reaches the next batch
+whatever ``data.num_workers`` (workers would keep the guesses of their epoch's start).
 """
 
 from __future__ import annotations

@@ -64,12 +64,20 @@ class DataSpec(Checked):
     query_too_long: str = checked("error", one_of(*TOO_LONG))
 
 
+def uncollated(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training loader's ``collate_fn`` under on-policy refinement: the items, as a list."""
+    return items
+
+
 class GroundingDataModule(L.LightningDataModule):
     """The batches of ``data`` (a :class:`DataSpec`) read from ``source``. ``codec`` (shared with the
     module) holds the tokenizer and the refinement schedule of the targets; a prompt holds
     ``video_tokens`` video tokens, each after its ``video_stamps`` ids if given (its timestamp).
     ``coarse_guesses`` holds the model's own coarse segments by qid (callbacks/on_policy.py); the
-    collator starts a target from one with probability ``on_policy_fraction``. Every query read must
+    collator starts a target from one with probability ``on_policy_fraction``. The guesses change
+    between steps in the main process, out of the loader workers' sight, so with them the training
+    loader hands out the items uncollated and ``on_before_batch_transfer`` collates them in the main
+    process right before each step, whatever ``data.num_workers``. Every query read must
     fit the LM's ``max_positions`` (None: no limit) with its prompt and the ``answer_tokens`` an answer
     may take, or is handled as ``data.query_too_long`` says."""
 
@@ -94,12 +102,13 @@ class GroundingDataModule(L.LightningDataModule):
         )
         self.datasets: dict[str, GroundingDataset] = {}
         self.coarse_guesses: dict[str, tuple[int, int]] = {}
+        self.on_policy = on_policy_fraction > 0
         self.collator = GroundingCollator(
             codec,
             partial(chat_prompt, self.prompt_template, data.chat_template, codec.tokenizer),
             video_tokens,
             seed,
-            self.coarse_guesses.get if on_policy_fraction > 0 else None,
+            self.coarse_guesses.get if self.on_policy else None,
             self.timeline,
             on_policy_fraction,
             video_stamps,
@@ -180,9 +189,17 @@ class GroundingDataModule(L.LightningDataModule):
         sampler = ShardedEpochSampler(len(self.records("train")), True, self.seed, *self._rank_and_world())
         if self.trainer is not None:
             sampler.epoch = self.trainer.current_epoch
-        return ResumableLoader(
-            self.datasets["train"], sampler, batch_size=self.data.batch_size, **self._loader_options()
-        )
+        options = self._loader_options() | ({"collate_fn": uncollated} if self.on_policy else {})
+        return ResumableLoader(self.datasets["train"], sampler, batch_size=self.data.batch_size, **options)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Collates the training items of on-policy refinement with the guesses as they are now (Lightning
+        calls this in the main process after the previous step's ``on_train_batch_end``, the refresh);
+        collated batches pass as they are."""
+        if not isinstance(batch, list):
+            return batch
+        collated = self.collator(batch)
+        return self.trainer.precision_plugin.convert_input(collated) if self.trainer else collated
 
     def _evaluation_loader(self, split: str) -> DataLoader:
         sampler = EvaluationSampler(len(self.records(split)), *self._rank_and_world())
