@@ -26,9 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
-    """A ModelCheckpoint's saved ``state`` with the paths inside its saved ``dirpath`` moved to
-    ``dirpath`` (paths elsewhere kept), when its best checkpoint is there: the folder was copied or
-    moved. Else (another run's checkpoint, resumed in a new folder) ``state`` as it was."""
+    """A ModelCheckpoint's saved ``state`` made this run's: its ``dirpath`` set to ``dirpath`` (Lightning
+    keeps the best score and the top-k only when the saved one is its own), and the paths inside the
+    saved ``dirpath`` moved to ``dirpath`` (paths elsewhere kept) when its best checkpoint is there: the
+    folder was copied or moved. Else (another run's checkpoint, resumed in a new folder) the paths keep
+    pointing at that run's files: its best checkpoint and score stay the best until a validation beats
+    them, and Lightning never deletes them (outside its ``dirpath``)."""
     saved = state.get("dirpath")
     if not saved or saved == dirpath:
         return state
@@ -42,7 +45,7 @@ def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
         key: moved(state.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
     }
     if paths["best_model_path"] and not Path(paths["best_model_path"]).exists():  # FSDP's: a folder
-        return state
+        return state | {"dirpath": dirpath}
     best_k = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
     return state | paths | {"dirpath": dirpath, "best_k_models": best_k}
 
@@ -85,8 +88,10 @@ class LastCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Before the callbacks load their state: in a run folder copied or moved since the checkpoint
-        was written, their paths point into this folder. Lightning would otherwise drop the best
-        score (the next validation becomes "best", however it scores) and keep the old best path."""
+        was written, their paths point into this folder; from another run's checkpoint in a new folder,
+        they keep pointing at that run's best checkpoint. Either way their ``dirpath`` is this folder's:
+        Lightning would otherwise drop the best score (the next validation becomes "best", however it
+        scores, and the run is tested on it)."""
         states = checkpoint.get("callbacks", {})
         for key, state in states.items():
             if isinstance(state, dict) and "dirpath" in state:  # rank 0 decides: ranks must agree

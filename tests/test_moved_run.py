@@ -1,4 +1,5 @@
-"""A run folder copied or moved, then continued, keeps its best checkpoint and that checkpoint's score."""
+"""A run folder copied or moved, then continued, keeps its best checkpoint and that checkpoint's score;
+so does a run continued from another run's checkpoint in a new folder."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from callbacks.last_checkpoint import LastCheckpoint, relocated
+from timerefine.pipeline.best_checkpoint import recorded_best
 
-SCORE_AFTER_STEP = {2: 1.0, 4: 3.0, 6: 2.0, 8: 0.0}  # validated every 2 steps; the best is step 4's
+SCORE_AFTER_STEP = {2: 1.0, 4: 3.0, 6: 2.0, 8: 0.0, 10: 4.0}  # validated every 2 steps; step 4's best to 8
 
 
 class Scored(L.LightningModule):
@@ -36,9 +38,10 @@ class Scored(L.LightningModule):
     val_dataloader = train_dataloader
 
 
-def fit(folder: Path, max_steps: int) -> ModelCheckpoint:
+def fit(folder: Path, max_steps: int, resume: Path | None = None) -> ModelCheckpoint:
     """Fit with the run's two checkpoint callbacks (as timerefine/pipeline/build.py makes them),
-    resuming from ``folder``'s last.ckpt when there is one; the best-checkpoint callback."""
+    resuming from ``resume``, else from ``folder``'s last.ckpt when there is one; the best-checkpoint
+    callback."""
     checkpoints = folder / "checkpoints"
     best = ModelCheckpoint(
         dirpath=checkpoints,
@@ -60,7 +63,7 @@ def fit(folder: Path, max_steps: int) -> ModelCheckpoint:
         default_root_dir=folder,
     )
     last = checkpoints / "last.ckpt"
-    trainer.fit(Scored(), ckpt_path=last if last.is_file() else None)
+    trainer.fit(Scored(), ckpt_path=resume or (last if last.is_file() else None))
     return best
 
 
@@ -78,13 +81,14 @@ def test_a_copied_or_moved_run_continues_with_its_best_checkpoint(tmp_path, keep
 
 
 def test_another_runs_checkpoint_keeps_its_paths(tmp_path):
-    """Resumed in a new folder that lacks the run's best checkpoint: not a copy, nothing to move."""
+    """Resumed in a new folder that lacks the run's best checkpoint: not a copy, nothing to move; the
+    folder becomes the new one's, so that Lightning keeps the best score (it drops it for another)."""
     state = {
         "dirpath": "/a/checkpoints",
         "best_model_path": "/a/checkpoints/best.ckpt",
         "best_model_score": 1,
     }
-    assert relocated(state, str(tmp_path)) == state
+    assert relocated(state, str(tmp_path)) == state | {"dirpath": str(tmp_path)}  # was: state unchanged
     (tmp_path / "best.ckpt").touch()
     moved = relocated(state | {"best_k_models": {"/a/checkpoints/best.ckpt": 1}}, str(tmp_path))
     assert moved["best_model_path"] == str(tmp_path / "best.ckpt") and moved["dirpath"] == str(tmp_path)
@@ -92,3 +96,32 @@ def test_another_runs_checkpoint_keeps_its_paths(tmp_path):
     (tmp_path / "best.ckpt").unlink()
     (tmp_path / "best.ckpt").mkdir()  # FSDP saves a sharded folder
     assert relocated(state, str(tmp_path))["best_model_path"] == str(tmp_path / "best.ckpt")
+
+
+def test_another_runs_best_score_loads_in_a_new_folder(tmp_path):
+    saved = ModelCheckpoint(dirpath=tmp_path / "a", monitor="val/score", mode="max")
+    best = str(tmp_path / "a" / "best-step4.ckpt")
+    saved.best_model_path, saved.best_model_score, saved.best_k_models = best, 3.0, {best: 3.0}
+    saved.kth_best_model_path, saved.kth_value = best, 3.0
+    new = ModelCheckpoint(dirpath=tmp_path / "b", monitor="val/score", mode="max")
+    new.load_state_dict(relocated(saved.state_dict(), new.dirpath))
+    assert new.best_model_score == 3.0 and new.best_model_path == best  # was: score None
+    assert new.best_k_models == {best: 3.0} and new.kth_best_model_path == best
+
+
+def test_continued_from_another_runs_checkpoint_keeps_its_best(tmp_path):
+    """Before: the first validation in the new folder (step 8, the worst score) became "best", and the
+    run was tested on it."""
+    fit(tmp_path / "a", 6)
+    a = (tmp_path / "a" / "checkpoints").resolve()
+    before = sorted(p.name for p in a.iterdir())
+    best = fit(tmp_path / "b", 8, resume=a / "last.ckpt")
+    b = (tmp_path / "b" / "checkpoints").resolve()
+    assert best.best_model_path == str(a / "best-step4.ckpt") and best.best_model_score == 3.0
+    assert sorted(p.name for p in b.iterdir()) == ["last.ckpt"]
+    assert recorded_best(b) == a / "best-step4.ckpt"  # evaluate.py --ckpt best (was: b/best-step4.ckpt)
+
+    best = fit(tmp_path / "b", 10)  # step 10 validates best of all: saved in the new folder
+    assert best.best_model_path == str(b / "best-step10.ckpt") and best.best_model_score == 4.0
+    assert recorded_best(b) == b / "best-step10.ckpt"
+    assert sorted(p.name for p in a.iterdir()) == before  # the other run's files stay

@@ -94,10 +94,12 @@ def fitting_checkpoint(module: GroundingModule, path: Path, weights: bool = True
 
 
 def recorded_best(checkpoint_dir: Path) -> Path:
-    """The ``best_model_path`` in the newest checkpoint of ``checkpoint_dir``, taken from that folder (a
-    moved run still finds it). At equal steps a ``best-*`` checkpoint, written after validation, is newer
-    than ``last.ckpt``, written at the batch's end before it; one that cannot be read is skipped with a
-    warning. Raises FileNotFoundError."""
+    """The ``best_model_path`` in the newest checkpoint of ``checkpoint_dir``: one inside the folder the
+    callback saved to is taken from ``checkpoint_dir`` (a moved run still finds it), one outside it as
+    recorded (another run's best, kept by a run resumed from that run's checkpoint in a new folder). At
+    equal steps a ``best-*`` checkpoint, written after validation, is newer than ``last.ckpt``, written
+    at the batch's end before it; one that cannot be read is skipped with a warning. Raises
+    FileNotFoundError."""
     states, files = {}, sorted(checkpoint_dir.glob("*.ckpt"))
     for path in files:
         try:
@@ -109,10 +111,12 @@ def recorded_best(checkpoint_dir: Path) -> Path:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}{unreadable}")
     newest = max(states, key=lambda path: (states[path]["global_step"], not path.name.startswith("last")))
     callbacks = states[newest].get("callbacks", {})
-    best = next((s["best_model_path"] for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), "")
+    state = next((s for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), {})
+    best = state.get("best_model_path", "")
     if not best:
         raise FileNotFoundError(f"{newest} records no best checkpoint (no validation yet?); try --ckpt last")
-    path = checkpoint_dir / Path(best).name
+    best, saved_in = Path(best), Path(state.get("dirpath") or Path(best).parent)
+    path = checkpoint_dir / best.relative_to(saved_in) if best.is_relative_to(saved_in) else best
     if not path.exists():
         raise FileNotFoundError(f"{newest} records {path} as the best checkpoint, but it is gone")
     return path
