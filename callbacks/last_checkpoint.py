@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.lightning_compat import (
     accumulating,
     batch_in_flight,
@@ -76,7 +77,7 @@ class LastCheckpoint(ModelCheckpoint):
         if isinstance(exception, ArithmeticError) or not should_save_on_exception(self, trainer):
             return
         if not (batch_in_flight(trainer) or accumulating(trainer) or trainer.validating):
-            save_last(self, trainer)
+            self._save(trainer)
         else:
             log.warning(
                 "stopped inside a step or its validation at step %d: the resume point stays %s",
@@ -109,9 +110,16 @@ class LastCheckpoint(ModelCheckpoint):
         if validation_follows_this_batch(trainer):
             self._after_validation = True
         else:
-            save_last(self, trainer)
+            self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._after_validation and not trainer.sanity_checking:
             self._after_validation = False
-            save_last(self, trainer)
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt``; then the best checkpoints it no longer records as best can go."""
+        save_last(self, trainer)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, BestCheckpoint):
+                callback.remove_replaced(trainer)

@@ -27,6 +27,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (ModelCheckpoint, "_monitor_candidates", ("self", "trainer")),
     (ModelCheckpoint, "_should_skip_saving_checkpoint", ("self", "trainer")),
     (ModelCheckpoint, "_should_save_on_exception", ("self", "trainer")),
+    (ModelCheckpoint, "_remove_checkpoint", ("self", "trainer", "filepath")),
     (ModelCheckpoint, "_last_global_step_saved", None),
     (ModelCheckpoint, "_every_n_train_steps", None),
     (_TrainingEpochLoop, "_should_check_val_fx", ("self", "data_fetcher")),
@@ -109,6 +110,25 @@ def accumulating(trainer: L.Trainer) -> bool:
 def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:
     """Tell ``callback`` that the checkpoint of ``step`` exists (a resumed run starts at it)."""
     callback._last_global_step_saved = step
+
+
+class DeferredRemovalCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that removes the checkpoints it drops (those Lightning decided to remove: inside
+    its folder, not the one resumed from) only when :meth:`remove_deferred` is called."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred_removals: list[str] = []
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self.deferred_removals.append(filepath)  # on every rank, as Lightning decides it on all
+
+    def remove_deferred(self, trainer: L.Trainer, keep: set[str]) -> None:
+        """Remove the checkpoints dropped since the last call, but those in ``keep`` (rank 0 removes)."""
+        dropped, self.deferred_removals = self.deferred_removals, []
+        for filepath in dict.fromkeys(dropped):
+            if filepath not in keep:
+                trainer.strategy.remove_checkpoint(filepath)
 
 
 def save_last(callback: ModelCheckpoint, trainer: L.Trainer) -> None:

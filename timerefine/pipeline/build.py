@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.global_batch import GlobalBatch, accumulation
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.lightning_compat import check_lightning_internals
@@ -196,14 +197,11 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     has coarse segments to start from), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
-        ModelCheckpoint(
-            dirpath=output_dir / "checkpoints",
-            filename="best-step{step}",
-            auto_insert_metric_name=False,
-            monitor=spec.checkpoint.monitor,
-            mode=spec.checkpoint.mode,
-            save_top_k=spec.checkpoint.save_top_k,
-            enable_version_counter=False,  # a resumed run that validates a step again overwrites its file
+        BestCheckpoint(
+            output_dir / "checkpoints",
+            spec.checkpoint.monitor,
+            spec.checkpoint.mode,
+            spec.checkpoint.save_top_k,
         ),
         LastCheckpoint(output_dir / "checkpoints", spec.checkpoint.last_every_n_steps),
         RandomState(),

@@ -1,0 +1,103 @@
+"""The best checkpoint that a resume point records exists: a run killed after a later validation replaced
+it, continued to fewer steps, is tested on it; and the killed attempt's later best checkpoints, which the
+continued run never records, are removed when it starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from callbacks.best_checkpoint import BestCheckpoint
+from timerefine.pipeline.best_checkpoint import recorded_best
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# val/mIoU validated every 4 steps: step 8 is the best until step 16 beats it; last.ckpt at 12, 24, 36
+RUN = [
+    "experiment=tiny",
+    "trainer.val_check_interval=4",
+    "callbacks.checkpoint.last_every_n_steps=12",
+    "trainer.log_every_n_steps=1",
+    "model.optim.lr=1e-2",
+    "model.optim.warmup_steps=4",
+    "logger.tensorboard=false",
+    "callbacks.refinement_trace=0",
+]
+
+
+def command(output_dir: Path, max_steps: int) -> list[str]:
+    return [sys.executable, "train.py", *RUN, f"trainer.max_steps={max_steps}", f"output_dir={output_dir}"]
+
+
+def csv_rows(output_dir: Path) -> list[dict[str, str]]:
+    path = output_dir / "logs" / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_a_run_continued_to_fewer_steps_is_tested_on_its_recorded_best(tmp_path):
+    """Before: best-step16 replaced best-step8 (deleted at once) while last.ckpt@12 recorded best-step8;
+    continued to 14 steps, the run failed at its end, "error: Checkpoint file not found: ...
+    best-step8.ckpt", rc 2, at every rerun; and evaluate.py --ckpt best took the killed attempt's
+    best-step16, past the run's end."""
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    with open(tmp_path / "killed.log", "w") as log:  # killed at step 18, after the validation of step 16
+        process = subprocess.Popen(command(run, 40), cwd=ROOT, env=ENV, stdout=log, stderr=log)
+        while not any(r.get("train/loss") and int(r["step"]) >= 17 for r in csv_rows(run)):
+            assert process.poll() is None, "the run ended before it was killed"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 12
+    assert (checkpoints / "best-step16.ckpt").exists()
+
+    result = subprocess.run(command(run, 14), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"removed {checkpoints / 'best-step16.ckpt'}: an earlier attempt's" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step8.ckpt", "last.ckpt"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    [step_8] = [float(r["val/mIoU"]) for r in csv_rows(run) if r["step"] == "7" and r.get("val/mIoU")]
+    assert metrics["global_step"] == 14 and metrics["val/mIoU"] == pytest.approx(step_8, abs=1e-4)
+    assert recorded_best(checkpoints) == checkpoints / "best-step8.ckpt"  # evaluate.py --ckpt best
+
+
+class Strategy:
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    def remove_checkpoint(self, filepath: str) -> None:
+        self.removed.append(str(filepath))
+        Path(filepath).unlink()
+
+
+def test_replaced_best_waits_for_last_and_a_killed_attempts_future_goes(tmp_path):
+    best = BestCheckpoint(tmp_path, "val/mIoU", "max", 1)
+    trainer = SimpleNamespace(global_step=12, is_global_zero=True, strategy=Strategy())
+    for name in ("best-step8.ckpt", "best-step16.ckpt", "best-step4.ckpt", "last.ckpt"):
+        (tmp_path / name).touch()
+    best.best_model_path = str(tmp_path / "best-step8.ckpt")  # as resumed from last.ckpt@12
+    best.best_k_models = {best.best_model_path: torch.tensor(5.0)}
+    best.on_train_start(trainer, None)  # best-step16: the killed attempt's, which this run trains again
+    assert trainer.strategy.removed == [str(tmp_path / "best-step16.ckpt")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step4.ckpt", "best-step8.ckpt", "last.ckpt"]
+
+    best._remove_checkpoint(trainer, str(tmp_path / "best-step8.ckpt"))  # replaced by a later best
+    assert (tmp_path / "best-step8.ckpt").exists()  # until a last.ckpt records its replacement
+    best.best_model_path = str(tmp_path / "best-step20.ckpt")
+    best.best_k_models = {best.best_model_path: torch.tensor(6.0)}
+    best.remove_replaced(trainer)
+    assert not (tmp_path / "best-step8.ckpt").exists()
+    assert best.state_key.startswith("ModelCheckpoint{")  # where earlier checkpoints saved its state
