@@ -23,6 +23,7 @@ from datamodules.action_trace import (
 )
 from datamodules.query_control import QueryControlError, apply_query_control, shuffled_queries
 from grounding.action_timelines import NUM_CLASSES, Action, Timeline, parse_actions, read_timelines
+from grounding.answer_format.timeline import UNIFORM99
 from grounding.metrics.action_prior import best_action_scores, pick_action, queried_class_rates
 from grounding.records import FeatureError, GroundingRecord
 from timerefine.pipeline.build import build_source
@@ -32,12 +33,14 @@ from timerefine.tools.diagnose_actions import (
     NOTHING,
     RIGHT_BAD,
     RIGHT_GOOD,
+    UNPARSED,
     WRONG,
     by_moment_length,
     diagnose,
     landing,
     main,
 )
+from timerefine.tools.run_diagnosis import AnswerLayout
 
 HEADER = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\r\n"
 TRAIN_ROWS = {
@@ -327,7 +330,7 @@ ACTIONS = (Action(1, 0.0, 10.0), Action(2, 12.0, 20.0), Action(3, 0.0, 10.0), Ac
         ((2.5, 6.0), WRONG),
         ((11.0, 21.0), WRONG),
         ((10.5, 11.5), NOTHING),
-        (None, NOTHING),
+        (None, UNPARSED),
     ],
 )
 def test_landing(pred, outcome):
@@ -347,11 +350,14 @@ def test_diagnose_and_the_tool(charades, tmp_path, capsys):
         RIGHT_GOOD: (1, 100.0),
         RIGHT_BAD: (1, 25.0),
         WRONG: (1, 0.0),
-        NOTHING: (1, 0.0),
+        NOTHING: (0, 0.0),
+        UNPARSED: (1, 0.0),
     }
     rows = [row | {"duration": TEST_ROWS[row["video_id"]][1]} for row in rows]
     rows[0]["steps"], rows[2]["steps"] = [[1.0, 11.0], [3.0, 11.0]], [[0.0, 6.0], [0.0, 2.0]]
-    middle, long = by_moment_length(rows, timelines)  # 8 / 29 of VIDB1; 14 / 29, 8 / 19, 8 / 19
+    middle, long = by_moment_length(
+        rows, timelines, AnswerLayout(None, UNIFORM99)
+    )  # 8 / 29 of VIDB1; 14 / 29, 8 / 19, 8 / 19
     assert (middle.low, middle.high, middle.queries, middle.miou, middle.right_action) == (
         0.2,
         0.4,

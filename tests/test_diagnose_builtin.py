@@ -9,7 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, builtin_records
+from grounding.answer_format.timeline import UNIFORM99, VTIMELLM100
+from timerefine.tools.diagnose_actions import boundary_errors
 from timerefine.tools.diagnose_builtin import diagnose, landing, main, refinement_trace
+from timerefine.tools.run_diagnosis import AnswerLayout, answer_layout
 
 EVENTS = (BuiltinEvent(0, 0, 10.0, 20.0), BuiltinEvent(0, 5, 30.0, 40.0), BuiltinEvent(3, 0, 50.0, 55.0))
 SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_dim=8, queries_per_video=2)
@@ -23,7 +26,7 @@ SPEC = BuiltinSpec(num_train=4, num_val=2, num_test=6, num_frames=20, feature_di
         ([31.0, 39.0], "distractor: same verb"),
         ([50.0, 56.0], "distractor: same object"),
         ([21.0, 29.0], "nothing"),
-        (None, "nothing"),
+        (None, "unparsed"),
     ],
 )
 def test_landing(pred, outcome):
@@ -87,9 +90,30 @@ def test_refinement_trace_measures_each_step_in_frame_indices():
         {"duration": 99.0, "gt": [50.0, 60.0], "steps": [[40.0, 60.0], [50.0, 62.0], [50.0, 62.5]]},
         {"duration": 99.0, "gt": [50.0, 60.0], "steps": [[40.0, 60.0]]},  # truncated: not traced
     ]
-    errors, moved = refinement_trace(rows)
+    errors, moved = refinement_trace(rows, AnswerLayout(None, UNIFORM99))
     assert errors == pytest.approx([(10 + 10 + 10 + 0) / 4, (2 + 0 + 0 + 2) / 4, (0 + 0 + 0 + 2.5) / 4])
     assert moved == 50.0  # the first row's final answer moved 2 frames; the second's only half a frame
+
+
+def test_the_trace_reads_the_run_timeline_and_depth():
+    """Before: frame indices were seconds x 99 / duration on a vtimellm100 run too (1 % low), and with
+    answers parsed only part-way the deepest answer seen set the steps, so a K=3 run's first refined
+    step was labelled final."""
+    config = OmegaConf.create({"model": {"refine": {"steps": 3}}, "data": {"timeline": "vtimellm100"}})
+    layout = answer_layout(config)
+    assert layout == AnswerLayout(5, VTIMELLM100)
+    full = {
+        "duration": 100.0,
+        "gt": [10.0, 20.0],
+        "pred": [10.0, 20.0],
+        "steps": [[0.0, 30.0]] + [[10.0, 20.0]] * 4,
+    }
+    partial = full | {"steps": [[40.0, 60.0], [40.0, 60.0]]}  # parsing stopped after round 1
+    errors, _ = refinement_trace([full, partial], layout)
+    assert errors == pytest.approx([10.0, 0.0, 0.0, 0.0, 0.0])  # 10 s of 100 is 10 indices of 100
+    assert refinement_trace([partial], layout) is None
+    assert boundary_errors([full, partial], layout) == pytest.approx((10.0, 0.0, 0.0, 0.0, 0.0))
+    assert answer_layout(OmegaConf.create({"data": {}})) == AnswerLayout(None, UNIFORM99)
 
 
 def test_main_traces_the_steps_of_a_refinement_run(tmp_path, capsys):

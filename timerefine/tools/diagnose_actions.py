@@ -23,21 +23,22 @@ from pathlib import Path
 
 from datamodules.charades_sta import CSV_NAMES
 from grounding.action_timelines import Action, Timeline, read_timelines
-from grounding.answer_format.timeline import MAX_INDEX
 from grounding.metrics.windows import segment_iou
 from timerefine.tools.diagnose_builtin import refinement_trace
-from timerefine.tools.run_diagnosis import RunError, fail, print_report, read_run
+from timerefine.tools.run_diagnosis import AnswerLayout, RunError, answer_layout, fail, print_report, read_run
 
 GOOD_BOUNDARIES = 0.5  # IoU with the truth from which a prediction on the right action counts as good
 RIGHT_GOOD, RIGHT_BAD = "right action, IoU >= 0.5", "right action, IoU < 0.5"
-WRONG, NOTHING = "another action", "no action"
-OUTCOMES = (RIGHT_GOOD, RIGHT_BAD, WRONG, NOTHING)
+WRONG, NOTHING, UNPARSED = "another action", "no action", "unparsed"
+OUTCOMES = (RIGHT_GOOD, RIGHT_BAD, WRONG, NOTHING, UNPARSED)
 LENGTH_BINS = ((0.0, 0.2), (0.2, 0.4), (0.4, 1.0))  # the moment's length / its video's duration
 
 
 def landing(pred: tuple[float, float] | None, truth: tuple[float, float], actions: tuple[Action, ...]) -> str:
     """The outcome of one prediction (seconds; None: unparsed) against the truth and the video's actions."""
-    if pred is None or not actions:
+    if pred is None:
+        return UNPARSED
+    if not actions:
         return NOTHING
     intervals = [(a.start, a.end) for a in actions]
     queried = max(intervals, key=lambda interval: segment_iou(interval, truth))
@@ -81,22 +82,26 @@ class LengthBin:
     boundary_error: tuple[float, ...]
 
 
-def boundary_errors(rows: list[dict]) -> tuple[float, ...]:
-    """Mean |boundary - truth| (frame indices) of each step of ``rows`` (``steps``: coarse, then
-    each refined answer; else the answer alone); empty when no row parsed."""
-    chains = [row.get("steps") or [row["pred"]] for row in rows if row["pred"] is not None]
-    depth = min((len(chain) for chain in chains), default=0)
+def boundary_errors(rows: list[dict], layout: AnswerLayout) -> tuple[float, ...]:
+    """Mean |boundary - truth| (frame indices of ``layout``'s timeline) of each step of the ``rows``
+    that parsed into all of ``layout``'s (``steps``: coarse, then each refined answer; else the answer
+    alone; when not recorded, as many as the shortest answer has); empty when none did."""
+    chained = [(row.get("steps") or [row["pred"]], row) for row in rows if row["pred"] is not None]
+    depth = layout.depth or min((len(chain) for chain, _ in chained), default=0)
+    chained = [(chain, row) for chain, row in chained if len(chain) == depth]
     return tuple(
         sum(
-            (abs(chain[i][0] - row["gt"][0]) + abs(chain[i][1] - row["gt"][1])) * MAX_INDEX / row["duration"]
-            for chain, row in zip(chains, (r for r in rows if r["pred"] is not None), strict=True)
+            layout.frames(abs(chain[i][0] - row["gt"][0]) + abs(chain[i][1] - row["gt"][1]), row["duration"])
+            for chain, row in chained
         )
-        / (2 * len(chains))
-        for i in range(depth)
+        / (2 * len(chained))
+        for i in range(depth if chained else 0)
     )
 
 
-def by_moment_length(rows: list[dict], timelines: Mapping[str, Timeline]) -> list[LengthBin]:
+def by_moment_length(
+    rows: list[dict], timelines: Mapping[str, Timeline], layout: AnswerLayout
+) -> list[LengthBin]:
     """:class:`LengthBin` of each of ``LENGTH_BINS`` that holds a query."""
     bins = []
     for low, high in LENGTH_BINS:
@@ -105,7 +110,7 @@ def by_moment_length(rows: list[dict], timelines: Mapping[str, Timeline]) -> lis
             continue
         right = [r for r in held if _outcome(r, timelines) in (RIGHT_GOOD, RIGHT_BAD)]
         miou, share = (100 * sum(r["iou"] for r in held) / len(held), 100 * len(right) / len(held))
-        bins.append(LengthBin(low, high, len(held), miou, share, boundary_errors(right)))
+        bins.append(LengthBin(low, high, len(held), miou, share, boundary_errors(right, layout)))
     return bins
 
 
@@ -129,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(RunError(f"{', '.join(missing)} not found (data.source.root of the run)"))
     try:
         timelines = read_timelines(csv_paths)
-        table, bins = diagnose(rows, timelines), by_moment_length(rows, timelines)
+        layout = answer_layout(cfg)
+        table, bins = diagnose(rows, timelines), by_moment_length(rows, timelines, layout)
     except (ValueError, KeyError) as error:  # a CSV without the actions column, rows of another run
         return fail(RunError(f"{path} with {', '.join(map(str, csv_paths))}: {error}"))
-    print_report(path, rows, table, refinement_trace(rows))
+    print_report(path, rows, table, refinement_trace(rows, layout))
     print_by_length(bins)
     return 0
 

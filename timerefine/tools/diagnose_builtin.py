@@ -16,20 +16,26 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from datamodules.builtin import BuiltinEvent, BuiltinSpec, make_sample
-from grounding.answer_format.timeline import MAX_INDEX
 from grounding.metrics.windows import segment_iou
-from timerefine.tools.run_diagnosis import RunError, fail, print_report, read_run
+from timerefine.tools.run_diagnosis import AnswerLayout, RunError, answer_layout, fail, print_report, read_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
-OUTCOMES = ("queried", "distractor: same verb", "distractor: same object", "distractor: other", "nothing")
+OUTCOMES = (
+    "queried",
+    "distractor: same verb",
+    "distractor: same object",
+    "distractor: other",
+    "nothing",
+    "unparsed",
+)
 
 
 def landing(pred: list[float] | None, events: tuple[BuiltinEvent, ...], queried: int = 0) -> str:
     """The outcome of one prediction: the event it overlaps most; ``events[queried]`` is the queried one."""
     events = (events[queried], *events[:queried], *events[queried + 1 :])
     if pred is None:
-        return "nothing"
+        return "unparsed"
     ious = [segment_iou((pred[0], pred[1]), (e.start, e.end)) for e in events]
     best = max(range(len(events)), key=ious.__getitem__)
     if ious[best] == 0:
@@ -60,16 +66,17 @@ def diagnose(rows: list[dict], spec: BuiltinSpec) -> dict[str, tuple[int, float]
     return {o: (counts[o], 100 * iou_sums[o] / counts[o] if counts[o] else 0.0) for o in OUTCOMES}
 
 
-def refinement_trace(rows: list[dict]) -> tuple[list[float], float] | None:
-    """Over the rows that parsed into every step (coarse, then each refined answer): the mean
-    |boundary - truth| in frame indices per step, and the % of final answers a frame or more away
-    from the first refined one. None without refinement steps (direct answers)."""
-    depth = max((len(row.get("steps") or []) for row in rows), default=0)
-    if depth < 2:
-        return None
+def refinement_trace(rows: list[dict], layout: AnswerLayout) -> tuple[list[float], float] | None:
+    """Over the rows that parsed into every step of ``layout`` (coarse, then each refined answer; when
+    not recorded, the most any row has): the mean |boundary - truth| in frame indices per step, and the
+    % of final answers a frame or more away from the first refined one. None without refinement steps
+    (direct answers) or without a row that parsed into all."""
+    depth = layout.depth or max((len(row.get("steps") or []) for row in rows), default=0)
     traced = [row for row in rows if len(row.get("steps") or []) == depth]
+    if depth < 2 or not traced:
+        return None
     frames = [
-        [[t * MAX_INDEX / row["duration"] for t in segment] for segment in (*row["steps"], row["gt"])]
+        [[layout.frames(t, row["duration"]) for t in segment] for segment in (*row["steps"], row["gt"])]
         for row in traced
     ]
     errors = [
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         table = diagnose(rows, BuiltinSpec(**OmegaConf.to_container(cfg.data.source)))
     except (ValueError, KeyError) as error:  # rows of another run's predictions
         return fail(RunError(f"{path}: not the test predictions of this built-in run ({error})"))
-    print_report(path, rows, table, refinement_trace(rows))
+    print_report(path, rows, table, refinement_trace(rows, answer_layout(cfg)))
     return 0
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline, timeline_named
 from timerefine.pipeline.config import ConfigError, saved_config
 
 
@@ -41,6 +43,28 @@ def read_run(argv: list[str] | None, description: str, dataset: str) -> tuple[Pa
     if not rows:
         raise RunError(f"{path}: no prediction rows")
     return path, cfg, rows
+
+
+@dataclass(frozen=True)
+class AnswerLayout:
+    """How a run's answers read: ``depth`` segments each (coarse, then each refined one; None: not
+    recorded), their frame indices on ``timeline``."""
+
+    depth: int | None
+    timeline: Timeline
+
+    def frames(self, seconds: float, duration: float) -> float:
+        """A time (or length) in frame indices of this timeline."""
+        return seconds * self.timeline.span / duration
+
+
+def answer_layout(cfg: DictConfig) -> AnswerLayout:
+    """The layout of a run's saved config (``model.refine.steps``, ``data.timeline``)."""
+    steps = OmegaConf.select(cfg, "model.refine.steps", default=None)
+    depth = None if steps is None else steps + 2 if steps > 0 else 1
+    return AnswerLayout(
+        depth, timeline_named(OmegaConf.select(cfg, "data.timeline", default=DEFAULT_TIMELINE.name))
+    )
 
 
 def print_report(
