@@ -207,6 +207,10 @@ def test_finished_run_run_again_is_done_and_may_train_longer(killed_after_checkp
     assert train.main(overrides(run, EVERY_2, "test=false")) == 0
     assert [f"INFO {r.name}: {r.getMessage()}" for r in caplog.records] == [done]
     assert snapshot(run) == finished
+    caplog.clear()  # was: validated and tested again, its final rows logged one step lower
+    assert train.main(overrides(run, EVERY_2, f"resume={run / 'checkpoints' / 'last.ckpt'}")) == 0
+    assert [f"INFO {r.name}: {r.getMessage()}" for r in caplog.records] == [done]
+    assert snapshot(run) == finished
 
     # trainer.max_steps may change: the run continues from its last.ckpt
     assert train.main(overrides(run, EVERY_2, "trainer.max_steps=8")) == 0

@@ -97,10 +97,14 @@ def check_reaches(max_steps: int, checkpoint: Path, given: bool) -> None:
 def finished(cfg: DictConfig, output_dir: Path) -> bool:
     """Whether ``output_dir`` holds this run finished: ``metrics.json`` (which a run removes when it
     starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones, or ``test``
-    turned off (its test is done and stays). Only with ``resume=auto``: ``resume=null`` would start the
-    run over, which resume.py refuses beside its checkpoints."""
-    saved = output_dir / "config.yaml"
-    if cfg.resume != "auto" or not (output_dir / "metrics.json").is_file() or not saved.is_file():
+    turned off (its test is done and stays). Only when it would continue from its own ``last.ckpt``
+    (``resume=auto`` or that file): ``resume=null`` would start the run over, which resume.py refuses
+    beside its checkpoints, and another checkpoint trains from there."""
+    saved, last = output_dir / "config.yaml", output_dir / "checkpoints" / "last.ckpt"
+    own_last = cfg.resume == "auto" or (
+        cfg.resume is not None and Path(cfg.resume).resolve() == last.resolve()
+    )
+    if not own_last or not (output_dir / "metrics.json").is_file() or not saved.is_file():
         return False
     old = OmegaConf.to_container(with_schema_defaults(saved_config(saved)), resolve=True)
     changed = changes(old, OmegaConf.to_container(cfg, resolve=True))
