@@ -61,9 +61,9 @@ from bench.decoding_levers import (
     static_cache_decoder,
 )
 from bench.figures_out import interleaved, machine, print_figures
-from grounding.answer_format.layout import spaced
-from grounding.answer_format.predictions import Prediction, predict, seconds
-from grounding.metrics.windows import record_iou
+from grounding.answer_format.predictions import seconds
+from grounding.metrics.grounding import GroundingMetric
+from grounding.metrics.windows import metric_inputs
 from lightning_modules.generation import Generation
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.hf_generation import hf_generate
@@ -134,16 +134,6 @@ class PassCounter:
         self.count += 1
 
 
-def predictions(module: GroundingModule, generation: Generation) -> list[Prediction]:
-    """Parsed predictions, as ``GroundingModule.predict_batch`` makes them."""
-    aux = module._aux_segments(generation)
-    texts = [spaced(t) for t in module.tokenizer.batch_decode(generation.tokens, skip_special_tokens=False)]
-    num_segments, final = module.codec.schedule.num_segments, module.inference.final
-    return [
-        predict(text, num_segments, final, a, module.timeline) for text, a in zip(texts, aux, strict=True)
-    ]
-
-
 def speed(module: GroundingModule, batches: list[dict], runs: dict[str, DecoderRun], rounds: int) -> dict:
     """Queries/s and forward passes per query of each decoder, and which answers agree."""
     counter, answers, passes = PassCounter(module), {}, {}
@@ -169,9 +159,11 @@ TOLERANCES = {"adaptive": 0, "adaptive_tol1": 1}
 
 
 def quality(module: GroundingModule, loader, runs: dict[str, DecoderRun]) -> dict[str, float]:
-    """Per decoder on the trained model's test split: mIoU, queries/s (decoders take turns on each
-    batch) and, for adaptive decoding, the share of queries that stopped early and the rounds skipped."""
-    ious: dict[str, list[float]] = {name: [] for name in runs}
+    """Per decoder on the trained model's test split: mIoU (scored as the run's test is: its final
+    answer choice and ``eval.protocol``), queries/s (decoders take turns on each batch) and, for
+    adaptive decoding, the share of queries that stopped early and the rounds skipped."""
+    protocol = module.metrics["test"].protocol
+    metrics = {name: GroundingMetric(protocol=protocol) for name in runs}
     seconds_taken = dict.fromkeys(runs, 0.0)
     skipped: dict[str, list[int]] = {name: [] for name in runs if name in TOLERANCES}
     for batch in loader:
@@ -184,17 +176,20 @@ def quality(module: GroundingModule, loader, runs: dict[str, DecoderRun]) -> dic
             else:
                 generation = run(module, batch)
             seconds_taken[name] += time.perf_counter() - start
-            for record, prediction in zip(batch["records"], predictions(module, generation), strict=True):
-                final = seconds(prediction.final, record.duration, module.timeline)
-                ious[name].append(record_iou(final, record))
+            finals = [
+                seconds(prediction.final, record.duration, module.timeline, module.inference.order_and_clip)
+                for record, prediction in zip(batch["records"], module.parse(generation), strict=True)
+            ]
+            metrics[name].update(*metric_inputs(finals, batch["records"]))
     out: dict[str, float] = {}
     print(
         "| decoder (trained model, test split) | test mIoU | queries/s | queries stopped early | rounds skipped per query |"
     )
     print("|---|---:|---:|---:|---:|")
-    for name, values in ious.items():
-        out[f"test_mIoU_{name}"] = 100 * statistics.mean(values)
-        out[f"test_qps_{name}"] = len(values) / seconds_taken[name]
+    for name, metric in metrics.items():
+        scores = metric.compute()
+        out[f"test_mIoU_{name}"] = scores["mIoU"]
+        out[f"test_qps_{name}"] = scores["count"] / seconds_taken[name]
         stopped = rounds = math.nan
         if name in skipped:
             stopped = sum(s > 0 for s in skipped[name]) / len(skipped[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -314,3 +315,13 @@ def test_bad_counts_and_names_are_refused_before_anything_runs(
     if hasattr(script, "setup"):  # bench.scaling, bench.step_levers: their benchmark starts there
         monkeypatch.setattr(script, "setup", lambda *args: pytest.fail("the benchmark ran"))
     assert argv[0] in refused(script, argv, capsys)
+
+
+@pytest.mark.slow
+def test_decoding_scores_a_trained_run_as_its_test_did(builtin_run):
+    """Before: ``--run`` failed on every run with an aux head (it unpacked the aux segments of an older
+    API), and scored the last segment by exact IoU whatever the run's final choice and protocol."""
+    figures = quick_figures("decoding", "--singles", "0", "--refine-steps", "0", "--run", str(builtin_run))
+    tested = json.loads((builtin_run / "metrics.json").read_text())
+    assert figures["test_mIoU_constrained"] == pytest.approx(tested["test/mIoU"], abs=0.01)
+    assert figures["test_mIoU_hf_constrained"] == figures["test_mIoU_constrained"]
