@@ -10,8 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from grounding.metrics.prior import prior_scores
+from grounding.records import GroundingRecord
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
+from timerefine.pipeline.selection import chosen_on_test
 
 
 @pytest.fixture
@@ -207,3 +209,30 @@ def test_an_epoch_ending_on_a_partial_accumulation_is_warned_of(
     assert train_main(overrides) == 0
     warning = "an epoch is 8 batches per process, 2 past a multiple of the 3 a step accumulates"
     assert (warning in caplog.text) is warned
+
+
+class SplitRecords:
+    """A datamodule's ``records`` by split."""
+
+    def __init__(self, **splits: list[GroundingRecord]) -> None:
+        self.splits = splits
+
+    def records(self, split: str) -> list[GroundingRecord]:
+        return self.splits[split]
+
+
+def test_a_checkpoint_chosen_on_test_queries_is_warned_of():
+    """Before: data=charades_sta (val: test) chose the best checkpoint by val/mIoU on test queries and
+    tested it on them, without a word (found by a hunt)."""
+    query = GroundingRecord("charades:test:000001", "V1", "a person opens a door", 30.0, 2.0, 8.0)
+    other = GroundingRecord("charades:test:000002", "V2", "a person sits down", 30.0, 1.0, 5.0)
+    same, apart = SplitRecords(val=[query, other], test=[query]), SplitRecords(val=[other], test=[query])
+    cfg = load_config(["data=charades_sta"])
+    warning = chosen_on_test(cfg, same)
+    assert warning.startswith("1 validation queries are test queries (data.source.splits.val: test)"), warning
+    assert "callbacks.checkpoint.monitor=val/mIoU chooses the tested checkpoint" in warning
+    assert chosen_on_test(cfg, apart) is None
+    assert (
+        chosen_on_test(load_config(["data=charades_sta", "callbacks.checkpoint.monitor=null"]), same) is None
+    )
+    assert chosen_on_test(load_config(["data=charades_sta", "test=false"]), same) is None

@@ -29,6 +29,7 @@ from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.previous_run import check_same_settings, finished
 from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
+from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")
 STOPPED_BY_SIGTERM = 128 + 15  # as a shell reports a process ended by SIGTERM
@@ -56,6 +57,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("; ".join(errors))
     if partial := partial_accumulation(trainer, datamodule):
         log.warning(partial)
+    if on_test := chosen_on_test(cfg, datamodule):
+        log.warning(on_test)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
         save_config(cfg, output_dir)
@@ -84,6 +87,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)
+        if on_test:
+            log.warning(on_test)  # again, beside the scores it concerns
     return metrics
 
 
