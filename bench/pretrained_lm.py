@@ -7,7 +7,7 @@
 Arms: ``pretrained`` (experiment=smollm2: SmolLM2-135M-Instruct with LoRA), ``scratch`` (the same
 architecture randomly initialised, ``model.lm.weights=random``, every weight trains, at the tiny
 default's lr 3e-3) and ``tiny`` (the default run's 1.2 M-parameter LM, its own settings). Every arm
-runs ``--steps`` steps (default: experiment=smollm2's, its projector steps first) at batch
+runs ``--steps`` steps (default: experiment=smollm2's, ``--projector-steps`` of them first) at batch
 ``--batch`` and validates once, at the end, on the same data; ``--set ARM="overrides"`` adds overrides
 to one arm (e.g. another lr).
 
@@ -32,7 +32,7 @@ from bench.default_run import run_once
 from bench.figures_out import machine, print_figures
 from lightning_modules.pretrained import SMOLLM2, missing_model
 from timerefine.pipeline.config import load_config
-from timerefine.tools.arguments import at_least_one
+from timerefine.tools.arguments import at_least, at_least_one
 
 ARMS = {
     "pretrained": ["experiment=smollm2"],
@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         help="training steps of every arm, projector steps included (default: experiment=smollm2's)",
     )
     parser.add_argument(
+        "--projector-steps",
+        type=at_least(0),
+        help="of --steps, how many train the projector alone first (default: experiment=smollm2's)",
+    )
+    parser.add_argument(
         "--batch", type=at_least_one, help="batch size of every arm (default: experiment=smollm2's)"
     )
     parser.add_argument(
@@ -129,13 +134,20 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [arm for arm in args.arms.split(",") if arm]
     if unknown := [arm for arm in chosen if arm not in ARMS]:
         sys.exit(f"error: --arms: no arm {unknown[0]!r}; arms: {', '.join(ARMS)}")
-    if (reason := missing_model(SMOLLM2)) is not None:  # experiment=smollm2 gives the default budget too
-        sys.exit(f"error: {SMOLLM2}: {reason}")
-    extra = parse_sets(args.set)
-    smollm2 = load_config(["experiment=smollm2"])
+    smollm2 = load_config(["experiment=smollm2"])  # the default budget
     steps = args.steps or (2 if args.quick else smollm2.trainer.max_steps)
     batch = args.batch or (2 if args.quick else smollm2.data.batch_size)
-    projector_steps = 0 if args.quick else smollm2.model.saliency.projector_steps
+    projector_steps = args.projector_steps
+    if projector_steps is None:
+        projector_steps = 0 if args.quick else smollm2.model.saliency.projector_steps
+    if projector_steps >= steps:
+        parser.error(
+            f"--steps {steps} leaves no step for the LM after {projector_steps} projector steps "
+            "(--projector-steps, default experiment=smollm2's): give fewer projector steps or more steps"
+        )
+    if (reason := missing_model(SMOLLM2)) is not None:
+        sys.exit(f"error: {SMOLLM2}: {reason}")
+    extra = parse_sets(args.set)
     validation = (smollm2.trainer.limit_val_batches, smollm2.data.eval_batch_size)
     shared = equal_budget(steps, projector_steps, batch, *validation)
     shared += QUICK if args.quick else []

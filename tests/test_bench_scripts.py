@@ -306,6 +306,8 @@ def test_decoding_refuses_argument_mistakes_before_it_runs(argv, monkeypatch, ca
         (grpo, ["--steps", "0"]),
         (pretrained_lm, ["--steps", "0"]),  # experiment=smollm2's steps, silently
         (pretrained_lm, ["--batch", "0"]),
+        (pretrained_lm, ["--steps", "10"]),  # train.py refused it: 1,600 projector steps leave none
+        (pretrained_lm, ["--projector-steps", "-1"]),
         (grpo, ["--rewards", "iou", "tiou"]),  # found by train.py, after the base run had trained
     ],
 )
