@@ -24,9 +24,11 @@ class BestCheckpoint(DeferredRemovalCheckpoint):
       is written (:meth:`remove_replaced`, called by ``LastCheckpoint``): until then the last
       ``last.ckpt`` records it as best, and a run resumed there (to fewer steps, or killed before it
       validated again) is tested on it.
-    - At the start of a fit, the ``best-*`` checkpoints in its folder that the resumed state does not
-      record and whose step lies beyond it are removed: a killed attempt's, which this run trains
-      again (else ``evaluate.py --ckpt best`` took the newest of them, one this run never recorded)."""
+    - At the start of a fit that starts over in its folder or continues from the folder's own resume
+      point, the ``best-*`` checkpoints there that the resumed state does not record are removed: an
+      interrupted attempt's, which this run trains again (else ``evaluate.py --ckpt best`` took the
+      newest of them, one this run never recorded), or ones replaced whose removal the interruption
+      (a kill, a SLURM requeue) cut short. Resumed from any other checkpoint, nothing is removed."""
 
     def __init__(self, dirpath: str | Path, monitor: str | None, mode: str, save_top_k: int) -> None:
         super().__init__(
@@ -52,20 +54,32 @@ class BestCheckpoint(DeferredRemovalCheckpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self.deferred_removals = []  # a fit before this one's, in the same process
-        recorded = {Path(path).name for path in (self.best_model_path, *self.best_k_models) if path}
-        beyond = [
+        if not continues_its_folder(trainer.ckpt_path, Path(self.dirpath)):
+            return  # another checkpoint (an earlier one of this run, another run's): its files stay
+        recorded = {Path(path).resolve() for path in (self.best_model_path, *self.best_k_models) if path}
+        stale = [
             path
             for path in sorted(Path(self.dirpath).glob("best-*"))
-            if (step := STEP.fullmatch(path.name))
-            and int(step.group(1)) > trainer.global_step
-            and path.name not in recorded
+            if STEP.fullmatch(path.name) and path.resolve() not in recorded
         ]
-        if beyond and trainer.is_global_zero:
+        if stale and trainer.is_global_zero:
             log.info(
-                "removed %s: an earlier attempt's, beyond step %d where this run starts (it trains "
-                "those steps again)",
-                ", ".join(str(path) for path in beyond),
+                "removed %s: not recorded by the checkpoint this run continues from at step %d (an "
+                "interrupted attempt's, which it trains again, or one replaced before the interruption)",
+                ", ".join(str(path) for path in stale),
                 trainer.global_step,
             )
-        for path in beyond:
+        for path in stale:
             trainer.strategy.remove_checkpoint(path)  # rank 0
+
+
+def continues_its_folder(ckpt_path: str | Path | None, dirpath: Path) -> bool:
+    """Whether a fit starts over in its folder (no checkpoint) or continues from the folder's own resume
+    point (its ``last.ckpt``, or a SLURM ``hpc_ckpt_<n>.ckpt`` in the run folder), whose recorded best
+    checkpoints are then all that the folder's ``best-*`` should hold."""
+    if ckpt_path is None:
+        return True
+    path, folder = Path(ckpt_path).resolve(), dirpath.resolve()
+    return (path.name == "last.ckpt" and path.parent == folder) or (
+        path.name.startswith("hpc_ckpt_") and path.parent == folder.parent
+    )

@@ -112,7 +112,9 @@ class GroundingModule(L.LightningModule):
 
         self.metrics = torch.nn.ModuleDict({split: metric() for split in ("val", "test")})
         # Weighted by queries and summed over the ranks: their shares of a split may differ by one.
-        self.losses = torch.nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        self.losses = torch.nn.ModuleDict(
+            {split: MeanMetric(nan_strategy="disable") for split in ("val", "test")}
+        )
         self.segment_metrics = torch.nn.ModuleDict(
             {
                 split: torch.nn.ModuleList(metric() for _ in range(codec.schedule.num_segments))

@@ -66,7 +66,7 @@ def test_a_run_continued_to_fewer_steps_is_tested_on_its_recorded_best(tmp_path)
 
     result = subprocess.run(command(run, 14), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"removed {checkpoints / 'best-step16.ckpt'}: an earlier attempt's" in result.stderr
+    assert f"removed {checkpoints / 'best-step16.ckpt'}: not recorded by the checkpoint" in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step8.ckpt", "last.ckpt"]
     metrics = json.loads((run / "metrics.json").read_text())
     [step_8] = [float(r["val/mIoU"]) for r in csv_rows(run) if r["step"] == "7" and r.get("val/mIoU")]
@@ -83,17 +83,61 @@ class Strategy:
         Path(filepath).unlink()
 
 
-def test_replaced_best_waits_for_last_and_a_killed_attempts_future_goes(tmp_path):
+def started(
+    tmp_path: Path, files: tuple[str, ...], recorded: tuple[str, ...], resumed: str | None
+) -> list[str]:
+    """The names left in a run's ``checkpoints/`` holding ``files`` after a fit starts from ``resumed``
+    (a path under the run folder, or None) whose state records ``recorded`` as its best."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).touch()
+    best = BestCheckpoint(folder, "val/mIoU", "max", -1)
+    best.best_k_models = {str(folder / name): torch.tensor(float(i)) for i, name in enumerate(recorded)}
+    best.best_model_path = str(folder / recorded[-1]) if recorded else ""
+    ckpt_path = None if resumed is None else tmp_path / "run" / resumed
+    trainer = SimpleNamespace(global_step=12, is_global_zero=True, strategy=Strategy(), ckpt_path=ckpt_path)
+    best.on_train_start(trainer, None)
+    return sorted(p.name for p in folder.iterdir())
+
+
+FILES = ("best-step4.ckpt", "best-step8.ckpt", "best-step16.ckpt", "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("resumed", "recorded", "left"),
+    [
+        # the folder's resume point: an interrupted attempt's later best and an orphan replaced one go
+        ("checkpoints/last.ckpt", ("best-step8.ckpt",), ["best-step8.ckpt", "last.ckpt"]),
+        ("hpc_ckpt_2.ckpt", ("best-step8.ckpt",), ["best-step8.ckpt", "last.ckpt"]),  # a SLURM requeue's
+        (None, (), ["last.ckpt"]),  # started over (killed before its first last.ckpt)
+        # another checkpoint (an earlier one of this run, save_top_k=-1): the files that last.ckpt records stay
+        ("checkpoints/best-step8.ckpt", ("best-step4.ckpt", "best-step8.ckpt"), list(sorted(FILES))),
+    ],
+)
+def test_a_fit_start_keeps_only_what_its_resume_point_records(tmp_path, resumed, recorded, left):
+    """Before: resumed from an earlier checkpoint of its own, a run removed the later best checkpoints
+    that its newer last.ckpt still recorded; and a best replaced just before a SLURM requeue (or a kill
+    between writing last.ckpt and removing it) stayed forever (found by review)."""
+    assert started(tmp_path, FILES, recorded, resumed) == left
+
+
+def test_a_best_of_another_folder_protects_no_file_here(tmp_path):
+    """A run continued from another run's checkpoint records that run's best-step8: this folder's own
+    best-step8, which nothing records, goes (before: file names were compared, so it stayed)."""
+    folder = tmp_path / "run" / "checkpoints"
+    other = tmp_path / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "best-step8.ckpt").touch()
+    left = started(tmp_path, ("best-step8.ckpt", "last.ckpt"), (), "checkpoints/last.ckpt")
+    assert left == ["last.ckpt"] and (other / "best-step8.ckpt").exists()
+    assert folder.is_dir()
+
+
+def test_a_replaced_best_waits_for_the_last_checkpoint_that_records_its_replacement(tmp_path):
     best = BestCheckpoint(tmp_path, "val/mIoU", "max", 1)
     trainer = SimpleNamespace(global_step=12, is_global_zero=True, strategy=Strategy())
-    for name in ("best-step8.ckpt", "best-step16.ckpt", "best-step4.ckpt", "last.ckpt"):
-        (tmp_path / name).touch()
-    best.best_model_path = str(tmp_path / "best-step8.ckpt")  # as resumed from last.ckpt@12
-    best.best_k_models = {best.best_model_path: torch.tensor(5.0)}
-    best.on_train_start(trainer, None)  # best-step16: the killed attempt's, which this run trains again
-    assert trainer.strategy.removed == [str(tmp_path / "best-step16.ckpt")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step4.ckpt", "best-step8.ckpt", "last.ckpt"]
-
+    (tmp_path / "best-step8.ckpt").touch()
     best._remove_checkpoint(trainer, str(tmp_path / "best-step8.ckpt"))  # replaced by a later best
     assert (tmp_path / "best-step8.ckpt").exists()  # until a last.ckpt records its replacement
     best.best_model_path = str(tmp_path / "best-step20.ckpt")

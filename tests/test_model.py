@@ -366,3 +366,13 @@ def test_module_predicts_parsed_segments():
         assert SEG_START in prediction.text and SEG_END in prediction.text
         assert len(prediction.segments) == 4 and prediction.final is not None
         assert all(0 <= x <= MAX_INDEX for x in prediction.final)
+
+
+def test_an_evaluation_loss_that_is_nan_shows_as_nan():
+    """val/loss and test/loss are weighted means over batches (right under DDP with uneven shares); a
+    NaN batch must not be dropped with a warning, which would make a diverging evaluation look fine
+    (found by review)."""
+    losses = helpers.module(refine_steps=1).losses["val"]
+    losses.update(torch.tensor(float("nan")), weight=3)
+    losses.update(torch.tensor(2.0), weight=1)
+    assert torch.isnan(losses.compute())

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.last_checkpoint import LastCheckpoint, relocated
 from timerefine.pipeline.best_checkpoint import recorded_best
 
@@ -43,14 +44,7 @@ def fit(folder: Path, max_steps: int, resume: Path | None = None) -> ModelCheckp
     resuming from ``resume``, else from ``folder``'s last.ckpt when there is one; the best-checkpoint
     callback."""
     checkpoints = folder / "checkpoints"
-    best = ModelCheckpoint(
-        dirpath=checkpoints,
-        filename="best-step{step}",
-        auto_insert_metric_name=False,
-        monitor="val/score",
-        mode="max",
-        enable_version_counter=False,
-    )
+    best = BestCheckpoint(checkpoints, "val/score", "max", 1)
     trainer = L.Trainer(
         max_steps=max_steps,
         val_check_interval=2,

@@ -346,3 +346,17 @@ def test_the_baselines_are_scored_under_the_run_protocol():
     rounded = best_action_scores(train, test, timelines, protocol_named("vtimellm"))
     assert rounded == {"R1@0.3": 50.0, "R1@0.5": 50.0, "R1@0.7": 50.0, "mIoU": pytest.approx(35.0)}
     assert best_action_scores(train, test, timelines)["R1@0.7"] == 0.0
+
+
+def test_the_baselines_are_scored_on_each_process_alone(monkeypatch):
+    """Before: scored by a GroundingMetric, which syncs on compute: after a DDP test every rank
+    all-gathered CPU tensors, which NCCL refuses (found by review)."""
+    from grounding.metrics.grounding import segment_scores
+    from grounding.records import GroundingRecord
+
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather", lambda *args, **kwargs: pytest.fail("synced"))
+    record = GroundingRecord("q", "v", "a query", 100.0, 0.0, 50.0)
+    assert segment_scores([(0.0, 25.0)], [record])["mIoU"] == pytest.approx(50.0)

@@ -58,8 +58,10 @@ def segment_scores(
     segments: Sequence[Segment], records: Sequence[GroundingRecord], protocol: Protocol = EXACT
 ) -> dict[str, float]:
     """R1@m and mIoU of ``segments`` (seconds, one per record) as a run's answers are scored under
-    ``protocol``: what a baseline is compared with a run by."""
-    metric = GroundingMetric(protocol=protocol)
-    if records:
-        metric.update(*metric_inputs(segments, records))
-    return {key: value for key, value in metric.compute().items() if key.startswith("R1@") or key == "mIoU"}
+    ``protocol``: what a baseline is compared with a run by. Computed where it is called, never synced
+    across processes (each has the same records)."""
+    if not records:
+        return {**{f"R1@{t}": 0.0 for t in THRESHOLDS}, "mIoU": 0.0}
+    pred, target, duration, iou = metric_inputs(segments, records)
+    scores = protocol_scores(protocol_sums(pred, target, duration, protocol, iou=iou), protocol)
+    return {key: value for key, value in scores.items() if key.startswith("R1@") or key == "mIoU"}
