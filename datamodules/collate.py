@@ -7,8 +7,8 @@ sequences are right-padded; the prompts for generation are left-padded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -19,6 +19,34 @@ from grounding.answer_format.targets import RefineRound, draw_target_rounds, on_
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import IGNORE_INDEX
 from grounding.records import GroundingRecord
+
+T = TypeVar("T")
+
+
+class Opaque(Generic[T]):
+    """Items that Lightning's input conversion passes as they are: a precision plugin (``bf16-true``,
+    ``16-true``, ``64-true``) rebuilds every sequence of a batch and refuses the frozen dataclasses in
+    it (``GroundingRecord``). Iterated, indexed and counted as the tuple it holds."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Iterable[T]) -> None:
+        self.items = tuple(items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> T:
+        return self.items[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque) and self.items == other.items
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 CoarseLookup = Callable[[str], tuple[int, int] | None]
 MAX_ENCODED = 100_000  # prompts a collator keeps encoded, so later epochs do not tokenize them again
@@ -106,5 +134,5 @@ class GroundingCollator:
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "gt_norm": torch.tensor([[r.start / r.duration, r.end / r.duration] for r in records]),
-            "records": records,
+            "records": Opaque(records),
         }

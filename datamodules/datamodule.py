@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.collate import GroundingCollator
+from datamodules.collate import GroundingCollator, Opaque
 from datamodules.consistency import consistency_warnings
 from datamodules.dataset import GroundingDataset
 from datamodules.quirks import QuirkError
@@ -64,9 +64,9 @@ class DataSpec(Checked):
     query_too_long: str = checked("error", one_of(*TOO_LONG))
 
 
-def uncollated(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The training loader's ``collate_fn`` under on-policy refinement: the items, as a list."""
-    return items
+def uncollated(items: list[dict[str, Any]]) -> Opaque[dict[str, Any]]:
+    """The training loader's ``collate_fn`` under on-policy refinement: the items, held as they are."""
+    return Opaque(items)
 
 
 class GroundingDataModule(L.LightningDataModule):
@@ -196,9 +196,9 @@ class GroundingDataModule(L.LightningDataModule):
         """Collates the training items of on-policy refinement with the guesses as they are now (Lightning
         calls this in the main process after the previous step's ``on_train_batch_end``, the refresh);
         collated batches pass as they are."""
-        if not isinstance(batch, list):
+        if not isinstance(batch, Opaque):
             return batch
-        collated = self.collator(batch)
+        collated = self.collator(list(batch))
         return self.trainer.precision_plugin.convert_input(collated) if self.trainer else collated
 
     def _evaluation_loader(self, split: str) -> DataLoader:

@@ -70,7 +70,7 @@ class AuxHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(segment (N, 2) in [0, 1], bin logits (N, 2, 100) or None)``."""
-        out = self.net(hidden.float())
+        out = self.net(hidden.to(next(self.net.parameters()).dtype))  # fp32 beside a bf16 LM
         if self.loss_name != "distance":
             return torch.sigmoid(out), None
         logits = out.view(-1, 2, NUM_BINS)

@@ -175,7 +175,12 @@ class VideoLLM(nn.Module):
         LM's output layer."""
         prompt = attention_mask.bool() & (labels == IGNORE_INDEX)
         frames = self._embed_with_frames(input_ids, features, prompt, self.trains_tied_embeddings())[1]
-        return self.saliency_head(frames.float()).squeeze(-1)
+        return self.saliency(frames)
+
+    def saliency(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, video tokens) saliency logits of the video tokens' embeddings, read in the head's own
+        dtype (fp32 beside a bf16 LM; bf16 under ``trainer.precision=bf16-true``)."""
+        return self.saliency_head(frames.to(self.saliency_head.weight.dtype)).squeeze(-1)
 
     def trains_tied_embeddings(self) -> bool:
         """Whether the LM's input embeddings train and are its output layer too."""
@@ -208,5 +213,5 @@ class VideoLLM(nn.Module):
         if targets is not None:
             out["loss"] = F.cross_entropy(out.logits.float(), targets)
         if self.saliency_head is not None and frames is not None:
-            out["saliency_logits"] = self.saliency_head(frames.float()).squeeze(-1)
+            out["saliency_logits"] = self.saliency(frames)
         return out

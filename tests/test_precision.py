@@ -173,13 +173,14 @@ EMULATED_AVX2 = {
 }
 
 
-def train(output_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def train(output_dir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     overrides = [
         "experiment=tiny",
         "trainer.max_steps=2",
         "model.saliency.projector_steps=0",
         "trainer.val_check_interval=2",
         "logger.tensorboard=false",
+        *extra,
     ]
     result = subprocess.run(
         [sys.executable, "train.py", *overrides, f"output_dir={output_dir}"],
@@ -220,3 +221,19 @@ def test_without_bf16_instructions_the_run_is_fp32(tmp_path):
     result = train(tmp_path / "run", EMULATED_AVX2)
     chosen, reason = said_and_recorded(result, tmp_path / "run" / "metrics.json")
     assert chosen == "32-true" and reason.startswith("auto: ")
+
+
+@pytest.mark.slow
+def test_a_true_half_precision_run_trains(tmp_path):
+    """Before: trainer.precision=bf16-true (or 16-true, 64-true) was a traceback on every run: Lightning's
+    input conversion refused the batch's frozen records (the on-policy items too), then the saliency and
+    aux heads got fp32 inputs beside their bf16 weights (found by review)."""
+    on_policy = ["fraction=1.0", "every_n_steps=1", "num_samples=4"]
+    result = train(
+        tmp_path / "run",
+        {},
+        "trainer.precision=bf16-true",
+        *(f"model.refine.on_policy.{setting}" for setting in on_policy),
+    )
+    chosen, _ = said_and_recorded(result, tmp_path / "run" / "metrics.json")
+    assert chosen == "bf16-true"

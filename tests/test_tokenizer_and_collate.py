@@ -147,7 +147,7 @@ def test_batch_shapes(collated):
     assert torch.equal(batch["features"][2], items[2]["features"])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["prompt_ids"].shape == batch["prompt_mask"].shape
-    assert batch["records"] == [item["record"] for item in items]
+    assert list(batch["records"]) == [item["record"] for item in items]
     # Queries differ in length, so there is padding to check.
     assert len(set(batch["prompt_mask"].sum(1).tolist())) > 1
 
