@@ -125,13 +125,21 @@ def test_merge_takes_new_adapter_settings_and_merges_at_the_runs_own(stage_a):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def trainable(module: GroundingModule) -> list[str]:
+    return [name for name, param in module.named_parameters() if param.requires_grad]
+
+
 def test_merge_without_new_adapters_trains_the_merged_lm(stage_a):
-    """Before (with the merge settings above): stage A's adapters stayed on, unmerged, and trained on."""
+    """Before (with the merge settings above): stage A's adapters stayed on, unmerged, and trained on;
+    then the merged LM stayed frozen as peft had left it (only the projector and heads trained)."""
     continued = built([*TINY, f"init_from_run={stage_a}"]).eval()
     merged = built(
         [*TINY, f"init_from_run={stage_a}", "model.lora.inherited=merge", "model.lora.enabled=false"]
     )
     assert not parts(merged.state_dict())["lora"]
+    fresh = built(TINY)  # no LoRA: the whole LM trains
+    assert trainable(merged) == trainable(fresh)
+    assert any(name.startswith("model.lm.") for name in trainable(merged))
     ids = helpers.batch(n=2)["input_ids"].clamp(max=len(continued.tokenizer) - 1)
     with torch.no_grad():
         a, b = (

@@ -7,7 +7,7 @@ command line still apply on top) but no projector steps (its projector has train
 adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
 ``continue`` trains the same ones on (the official TimeRefine recipe's second stage; their rank, scale
 and place cannot change), ``merge`` merges them into the LM at their own settings and trains new ones
-with ``model.lora``'s. Every build of the run (training, resuming, evaluation) starts
+with ``model.lora``'s (with ``model.lora.enabled=false`` none: the merged LM trains whole). Every build of the run (training, resuming, evaluation) starts
 from the other run again, so its folder must stay where it is.
 """
 
@@ -132,5 +132,7 @@ def start_from_run(
         lm = lm.merge_and_unload()
     elif lora is None:  # no adapters to merge, none to put on
         return
+    if lora is None:  # peft froze the base weights; without adapters the LM trains whole, as built fresh
+        lm.requires_grad_(True)
     module.model.lm = lm if lora is None else apply_lora(lm, lora, token_ids)
     module.base_changed()
