@@ -162,6 +162,18 @@ def test_continued_adapters_keep_their_settings(stage_a, tmp_path, capsys, given
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_continued_adapters_need_lora(stage_a, tmp_path, capsys):
+    """Before: the LM was built without LoRA and stage A's checkpoint refused as another model's
+    (``error: ... it lacks model.lm.lm_head.weight: not a model of this run's settings``)."""
+    given = [*TINY, f"init_from_run={stage_a}", "model.lora.enabled=false", f"output_dir={tmp_path}"]
+    assert train.main(given) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model.lora.enabled=false: "), lines
+    assert "model.lora.inherited=continue" in lines[0] and "needs model.lora.enabled=true" in lines[0]
+    assert "model.lora.inherited=merge" in lines[0]
+    assert not (tmp_path / "config.yaml").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -87,9 +87,16 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def check_continued_adapters(trained: DictConfig, given: DictConfig) -> None:
     """ConfigError when adapters trained on (``inherited=continue``) would get another rank, scale or
-    place than they were trained with: their weights would compute something else."""
-    if given.inherited != "continue" or not (trained.enabled and given.enabled):
+    place than they were trained with: their weights would compute something else; or would be trained
+    on without LoRA (``model.lora.enabled=false``), which has no place for them."""
+    if given.inherited != "continue" or not trained.enabled:
         return
+    if not given.enabled:
+        raise ConfigError(
+            "model.lora.enabled=false: init_from_run's adapters were trained with LoRA and "
+            "model.lora.inherited=continue trains them on, which needs model.lora.enabled=true; set "
+            "model.lora.inherited=merge to merge them into the LM and train it without LoRA"
+        )
     for key in ADAPTER_SHAPE:
         if given[key] != trained[key]:
             raise ConfigError(
