@@ -15,7 +15,8 @@ step with 1 / 2 intra-op threads (``torch.set_num_threads``). ``logits_everywher
 cross-entropy on every position, as Hugging Face's own loss does, instead of only on the positions
 that predict an answer token (the module's). ``gradient_checkpointing``: activations recomputed in
 the backward pass. ``bf16_weights``: the LM's weights stored in bf16 (``model.lm.dtype=bfloat16``)
-under bf16 autocast; the projector, heads and LoRA adapters stay fp32. With ``--experiment`` every
+under bf16 autocast; the projector, heads and LoRA adapters stay fp32 (left out without LoRA, where the
+whole LM trains and the config refuses bf16 weights). With ``--experiment`` every
 variant starts from that experiment (its LM, its frames per token; ``frames_per_token2`` is then
 left out). Prints ``ratio_<variant>=`` (< 1 is faster) and ``base_s_per_step``.
 """
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     variants = dict(VARIANTS)
     if args.experiment:
         del variants["frames_per_token2"]
+    if not load_config(extra).model.lora.enabled:  # the LM trains whole: bf16 weights are refused
+        if "bf16_weights" in (args.only or []):
+            parser.error("--only: bf16_weights needs model.lora.enabled=true (e.g. --experiment smollm2)")
+        del variants["bf16_weights"]
     if args.only:
         variants = {n: v for n, v in variants.items() if n == "base" or n in args.only}
     if args.compile:

@@ -186,6 +186,19 @@ def test_a_final_answer_from_an_aux_head_the_model_lacks_is_refused(overrides, f
         load_config([*overrides, f"model.inference.final={final}"])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_lm_that_trains_whole_in_half_precision_is_refused(dtype):
+    """Before: without LoRA the whole LM trained with its weights stored in bf16/fp16 (AdamW's master
+    weights too), its small updates lost to rounding, in silence."""
+    given = f"model.lm.dtype={dtype}"
+    with pytest.raises(ConfigError, match=f"^{given} with model.lora.enabled=false: ") as error:
+        load_config([given])
+    assert "model.lora.enabled=true" in str(error.value)
+    assert "trainer.precision=bf16-mixed" in str(error.value)
+    assert load_config([given, "model.lora.enabled=true"]).model.lm.dtype == dtype
+    assert load_config([given, "trainer.max_steps=0"]).model.lm.dtype == dtype  # evaluated as it is
+
+
 @pytest.mark.parametrize(
     "override",
     [

@@ -191,6 +191,21 @@ def test_config_mistakes_name_the_key(stage_a, overrides, message):
         inherit_settings(load_config(given), given)
 
 
+def test_a_merged_lm_in_bfloat16_does_not_train_whole(stage_a, tmp_path):
+    """Before: a LoRA run's bf16 LM, merged with no new adapters, trained whole in bf16 (its weights
+    and AdamW's master weights in bf16). The dtype comes from the run, not from the command line."""
+    run = tmp_path / "bf16_run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = (stage_a / "config.yaml").read_text()
+    assert "dtype: float32" in config
+    (run / "config.yaml").write_text(config.replace("dtype: float32", "dtype: bfloat16"))
+    given = [*TINY, f"init_from_run={run}", "model.lora.inherited=merge"]
+    assert inherit_settings(load_config(given), given).model.lm.dtype == "bfloat16"  # new adapters: fine
+    given.append("model.lora.enabled=false")
+    with pytest.raises(ConfigError, match=r"^model\.lm\.dtype=bfloat16 with model\.lora\.enabled=false: "):
+        inherit_settings(load_config(given), given)
+
+
 def pretrained(tmp_path: Path):
     """A saved tiny Llama whose tokenizer lacks the grounding tokens, and that tokenizer with them."""
     base = train_local_tokenizer(helpers.corpus(), 300)

@@ -230,6 +230,15 @@ class RunConfig(Checked):
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
 
     def relations(self) -> Iterator[str]:
+        lm, lora = self.model.lm, self.model.lora
+        if lm.dtype != "float32" and not lora.enabled and self.trainer.max_steps != 0:
+            # max_steps=0 trains nothing: a model evaluated as it is (docs/real_lms.md, released weights)
+            yield (
+                f"model.lm.dtype={lm.dtype} with model.lora.enabled=false: without LoRA the whole LM trains, "
+                f"and its weights in {lm.dtype} lose AdamW's small updates to rounding; set "
+                f"model.lora.enabled=true (frozen weights in {lm.dtype}, adapters in float32) or "
+                "model.lm.dtype=float32 with trainer.precision=bf16-mixed"
+            )
         if self.test and self.trainer.limit_test_batches == 0:
             yield "trainer.limit_test_batches=0 tests nothing (train.py skips the test with test=false)"
         if self.init_from_run is None and 0 < self.trainer.max_steps <= self.model.saliency.projector_steps:
