@@ -29,6 +29,7 @@ from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
 from timerefine.pipeline.previous_run import check_same_settings, finished
 from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
+from timerefine.pipeline.schema import half_weights_trained
 from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = inherit_settings(load_config(overrides), overrides)
+        if half := half_weights_trained(cfg):
+            raise ConfigError(half)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

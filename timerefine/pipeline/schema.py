@@ -230,15 +230,6 @@ class RunConfig(Checked):
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
 
     def relations(self) -> Iterator[str]:
-        lm, lora = self.model.lm, self.model.lora
-        if lm.dtype != "float32" and not lora.enabled and self.trainer.max_steps != 0:
-            # max_steps=0 trains nothing: a model evaluated as it is (docs/real_lms.md, released weights)
-            yield (
-                f"model.lm.dtype={lm.dtype} with model.lora.enabled=false: without LoRA the whole LM trains, "
-                f"and its weights in {lm.dtype} lose AdamW's small updates to rounding; set "
-                f"model.lora.enabled=true (frozen weights in {lm.dtype}, adapters in float32) or "
-                "model.lm.dtype=float32 with trainer.precision=bf16-mixed"
-            )
         if self.test and self.trainer.limit_test_batches == 0:
             yield "trainer.limit_test_batches=0 tests nothing (train.py skips the test with test=false)"
         if self.init_from_run is None and 0 < self.trainer.max_steps <= self.model.saliency.projector_steps:
@@ -262,6 +253,21 @@ class RunConfig(Checked):
         for key, value in steps.items():
             if value % self.grpo.num_iterations:
                 yield f"{key}={value} must be a multiple of grpo.num_iterations={self.grpo.num_iterations} (steps per rollout)"
+
+
+def half_weights_trained(cfg: DictConfig) -> str | None:
+    """Why a run would train its LM's weights in half precision (``model.lm.dtype`` without LoRA, with
+    steps to train: ``max_steps=0`` evaluates a model as it is); None when it would not. Checked where
+    a run trains, not where a saved run loads: one trained so before this rule still evaluates."""
+    lm, lora = cfg.model.lm, cfg.model.lora
+    if lm.dtype == "float32" or lora.enabled or cfg.trainer.max_steps == 0:
+        return None
+    return (
+        f"model.lm.dtype={lm.dtype} with model.lora.enabled=false: without LoRA the whole LM trains, "
+        f"and its weights in {lm.dtype} lose AdamW's small updates to rounding; set "
+        f"model.lora.enabled=true (frozen weights in {lm.dtype}, adapters in float32) or "
+        "model.lm.dtype=float32 with trainer.precision=bf16-mixed"
+    )
 
 
 def _writable(node: DictConfig) -> DictConfig:
