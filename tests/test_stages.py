@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import train
@@ -275,3 +276,49 @@ def test_a_start_on_other_data_says_so(stage_a, caplog):
     with caplog.at_level(logging.WARNING):
         inherit_settings(load_config([*TINY, f"init_from_run={stage_a}"]), [f"init_from_run={stage_a}"])
     assert "trained on data.name" not in caplog.text
+
+
+def config_only_run(folder: Path, overrides: list[str]) -> Path:
+    """A run folder holding its config.yaml (all inherit_settings reads) and no checkpoint."""
+    (folder / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(load_config([*overrides, f"output_dir={folder}"]), folder / "config.yaml")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("trained", "stage", "inherited"),
+    [  # before: each stage took its own config's features and seed, features that mean something else
+        (
+            ["experiment=charades_actions", "data.source.seed=3"],
+            ["data=charades_sta", "data.source.root=../shared/data/charades_sta"],
+            {"data.source.features": "action_trace", "data.source.seed": 3},
+        ),
+        ([*TINY, "data.source.seed=5"], TINY, {"data.source.seed": 5}),
+        (
+            ["data=charades_sta", "data.source.features=synthetic", "data.source.seed=2"],
+            ["data=activitynet"],  # the same word vectors on other data
+            {"data.source.features": "synthetic", "data.source.seed": 2},
+        ),
+        (
+            ["data=charades_sta", "data.source.features=folder", "data.source.feature_path=a"],
+            ["data=charades_sta", "data.source.features=packed", "data.source.feature_path=b"],
+            {"data.source.features": "packed", "data.source.seed": 0},  # the same vectors, packed
+        ),
+    ],
+)
+def test_a_stage_reads_features_that_mean_what_they_meant(tmp_path, trained, stage, inherited):
+    run = config_only_run(tmp_path / "run", trained)
+    given = [*stage, f"init_from_run={run}"]
+    cfg = inherit_settings(load_config(given), given)
+    assert {key: OmegaConf.select(cfg, key) for key in inherited} == inherited
+    given = [*given, "data.source.seed=7"]  # given on the command line: still applies
+    assert inherit_settings(load_config(given), given).data.source.seed == 7
+
+
+def test_a_stage_after_stored_features_does_not_fall_back_to_synthetic(tmp_path):
+    run = config_only_run(
+        tmp_path / "run", ["data=charades_sta", "data.source.features=folder", "data.source.feature_path=a"]
+    )
+    given = ["data=charades_sta", f"init_from_run={run}"]  # no features given: synthetic by default
+    with pytest.raises(ConfigError, match="features=folder needs feature_path"):
+        inherit_settings(load_config(given), given)

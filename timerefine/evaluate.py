@@ -7,12 +7,14 @@ Writes ``<run>/eval/<name>/metrics.json`` and ``predictions/test.jsonl``; overri
 of the run's saved config.yaml (same checks as train.py; a saved key nothing reads is an error too).
 What the run was trained as cannot be overridden (timerefine/pipeline/run_identity.py): ``model.*``
 but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.chat_template``,
-``data.source.num_frames`` and ``data.source.feature_dim``. Evaluation settings can: ``eval.protocol``,
-``model.inference.*``, batch sizes, ``trainer.*`` (devices, precision, ``limit_test_batches``) and
-where the data is (``data.source.root``, ``annotation_files``, ``splits``, features, quirks,
-``multi_window``), e.g. another test split. Training settings (``run_identity.TRAINING_ONLY``: the
-fit's length, validation, checkpointing, ``grpo.*``, ``init_from_run``) are refused: an evaluation
-cannot change them.
+``data.source.num_frames``, ``data.source.feature_dim`` and what the features mean
+(``run_identity.feature_keys``: ``data.source.features`` but between folder and packed, and
+``data.source.seed`` where the features are generated from it: built-in, synthetic, action traces).
+Evaluation settings can: ``eval.protocol``, ``model.inference.*``, batch sizes, ``trainer.*`` (devices,
+precision, ``limit_test_batches``) and where the data is (``data.source.root``, ``annotation_files``,
+``splits``, ``feature_path``, quirks, ``multi_window``), e.g. another test split. Training settings
+(``run_identity.TRAINING_ONLY``: the fit's length, validation, checkpointing, ``grpo.*``,
+``init_from_run``) are refused: an evaluation cannot change them.
 """
 
 from __future__ import annotations

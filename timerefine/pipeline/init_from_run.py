@@ -1,8 +1,10 @@
 """``init_from_run=<run dir>``: a run that starts where another one ended.
 
 It takes the other run's settings of what its weights are (``model.*`` and the data keys of
-``run_identity.IDENTITY``: timeline, prompt, chat format, frames, feature size; those given on the
-command line still apply on top) but no projector steps (its projector has trained; 0 unless
+``run_identity.IDENTITY``: timeline, prompt, chat format, frames, feature size; and what its features
+mean, ``run_identity.feature_keys``: ``data.source.features`` and the seed generated ones are drawn
+from; ``run_identity.inherited_identity`` says which; those given on the command line still apply on
+top) but no projector steps (its projector has trained; 0 unless
 ``model.saliency.projector_steps`` is given), its tokenizer, and the weights of its best checkpoint: LoRA
 adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
 ``continue`` trains the same ones on (the official TimeRefine recipe's second stage; their rank, scale
@@ -26,7 +28,7 @@ from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpo
 from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
 from timerefine.pipeline.config_diff import show
 from timerefine.pipeline.resume import CheckpointError
-from timerefine.pipeline.run_identity import IDENTITY
+from timerefine.pipeline.run_identity import IDENTITY, feature_keys, inherited_identity
 from timerefine.pipeline.schema import INHERITED
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,9 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         run = load_run_config(Path(cfg.init_from_run), [])
     except ConfigError as error:
         raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
-    for key in IDENTITY:
-        if (value := OmegaConf.select(run, key, default=None)) is not None:
-            OmegaConf.update(cfg, key, value, merge=False)
+    for key, value in inherited_identity(run, cfg).items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    for key in (*IDENTITY, *feature_keys(run)):
         for given, value in _given(key, overrides):
             OmegaConf.update(cfg, given, value, merge=False)
     if not _given(PROJECTOR_STEPS, overrides):

@@ -1,9 +1,10 @@
 """What a trained run is: the config keys its weights and the meaning of its answers depend on.
 
 Evaluating a run with another value of one of them would score another model than the one trained
-(another K, answer spelling, LM shape, prompt, frame count), or read its answers' frame indices on
-another timeline: evaluate.py refuses such overrides. Under ``model`` only ``model.inference.*`` (how
-the final answer is chosen, how many tokens are generated) is an evaluation choice.
+(another K, answer spelling, LM shape, prompt, frame count), read its answers' frame indices on
+another timeline, or feed it feature vectors that mean something else (:func:`feature_keys`):
+evaluate.py refuses such overrides. Under ``model`` only ``model.inference.*`` (how the final answer is
+chosen, how many tokens are generated) is an evaluation choice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.annotation_source import STORED_FEATURES
 from timerefine.pipeline.config import ConfigError, with_schema_defaults
 from timerefine.pipeline.config_diff import changes
 
@@ -26,6 +28,9 @@ IDENTITY = (
     "data.source.feature_dim",
 )
 EVALUATION = ("model.inference",)
+FEATURES, SEED = "data.source.features", "data.source.seed"
+# Features made here from data.source.seed (the built-in data's, with no data.source.features key, too).
+GENERATED_FEATURES = ("synthetic", "action_trace")
 # What an evaluation reads nothing of: the fit's length, validation, checkpointing, GRPO, the run's
 # own place and start (``init_from_run`` is the run's: rebuilt from another, it would be another model).
 TRAINING_ONLY = (
@@ -50,8 +55,41 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
 
 
-def is_identity(key: str) -> bool:
-    return _under(key, IDENTITY) and not _under(key, EVALUATION)
+def feature_keys(run: DictConfig) -> tuple[str, ...]:
+    """The data keys that say what a feature vector of ``run`` means, besides its size: which store or
+    generator made them (``data.source.features``; ``folder`` and ``packed`` hold the same files'
+    vectors and count as one), and ``data.source.seed`` where the vectors are drawn from it: the
+    built-in data's verb and object vectors (which, with that seed, also draw its videos and queries:
+    another test set is ``data.source.num_test``), the synthetic word vectors, the action traces'
+    class embeddings. The generators' other knobs (noise, signal, the detector's degradations
+    ``action_trace.*``) degrade or scale the same vectors, so an evaluation may change them."""
+    features = OmegaConf.select(run, FEATURES, default=None)
+    if features is None:  # the built-in data: generated from the seed
+        return (SEED,)
+    return (FEATURES, SEED) if features in GENERATED_FEATURES else (FEATURES,)
+
+
+def is_identity(key: str, run: DictConfig) -> bool:
+    """Whether ``key`` says what ``run`` was trained as: :data:`IDENTITY` or :func:`feature_keys`."""
+    return _under(key, (*IDENTITY, *feature_keys(run))) and not _under(key, EVALUATION)
+
+
+def _one_store(key: str, values: tuple[Any, Any]) -> bool:
+    """Features read from one store of another kind (a folder of files and their packed store)."""
+    return key == FEATURES and all(value in STORED_FEATURES for value in values)
+
+
+def inherited_identity(run: DictConfig, cfg: DictConfig) -> dict[str, Any]:
+    """Dotted key -> ``run``'s value of each identity key (:data:`IDENTITY`, :func:`feature_keys`) a
+    run started from it (``init_from_run``) takes: those ``run`` sets and ``cfg``'s data has (the
+    built-in data has no ``data.source.features``), but not a stored-features kind over ``cfg``'s own
+    (a folder and its packed store hold the same vectors)."""
+    absent, taken = object(), {}
+    for key in (*IDENTITY, *feature_keys(run)):
+        value, own = OmegaConf.select(run, key, default=None), OmegaConf.select(cfg, key, default=absent)
+        if value is not None and own is not absent and not _one_store(key, (value, own)):
+            taken[key] = value
+    return taken
 
 
 def _changes(trained: DictConfig, evaluated: DictConfig) -> dict[str, tuple[Any, Any]]:
@@ -65,7 +103,7 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming the identity keys whose value differs between the run's config and the one to
     evaluate it with, and the run's values; None when there are none."""
     differing = _changes(trained, evaluated)
-    changed = [key for key in differing if is_identity(key)]
+    changed = [key for key in differing if is_identity(key, trained) and not _one_store(key, differing[key])]
     if not changed:
         return None
     was = ", ".join(f"{key}={differing[key][0]}" for key in changed)
