@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from callbacks.predictions_writer import PredictionsWriter
 from datamodules import action_trace, feature_stores
 from datamodules.action_trace import (
     ActionTraceFeatureStore,
@@ -25,7 +27,9 @@ from datamodules.query_control import QueryControlError, apply_query_control, sh
 from grounding.action_timelines import NUM_CLASSES, Action, Timeline, parse_actions, read_timelines
 from grounding.answer_format.timeline import UNIFORM99
 from grounding.metrics.action_prior import best_action_scores, pick_action, queried_class_rates
+from grounding.metrics.prior import prior_scores
 from grounding.records import FeatureError, GroundingRecord
+from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.build import build_source
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.errors import INPUT_ERRORS
@@ -317,6 +321,24 @@ def test_the_best_action_is_the_most_often_named_class_fitted_on_train(charades)
     scores = best_action_scores(train, test, timelines)
     assert scores["mIoU"] == pytest.approx(50.0) and scores["R1@0.5"] == pytest.approx(50.0)
     assert best_action_scores(train, [record("x", "nowhere", "q")], timelines)["mIoU"] == 0.0
+
+
+def test_the_baselines_are_scored_on_the_tested_queries_only(charades):
+    """train.py and evaluate.py report them through one function: the queries a (limited) test scored,
+    under the run's eval.protocol."""
+    loaded = source(charades)
+    train, test = loaded.records("train"), loaded.records("test")
+    tested = PredictionsWriter(charades / "predictions")
+    tested.qids = {test[0].qid, test[3].qid}
+    trainer = SimpleNamespace(callbacks=[tested])
+    datamodule = SimpleNamespace(source=loaded, records=loaded.records)
+    cfg = OmegaConf.create({"eval": {"protocol": "exact"}})
+    metrics = baseline_scores(cfg, trainer, datamodule)
+    part = [test[0], test[3]]
+    assert {k: metrics[f"best_action/{k}"] for k in ("mIoU", "R1@0.5")} == pytest.approx(
+        {k: best_action_scores(train, part, loaded.timelines)[k] for k in ("mIoU", "R1@0.5")}
+    )
+    assert metrics["prior/mIoU"] == pytest.approx(prior_scores(train, part)["mIoU"])
 
 
 ACTIONS = (Action(1, 0.0, 10.0), Action(2, 12.0, 20.0), Action(3, 0.0, 10.0), Action(4, 2.0, 6.0))

@@ -13,6 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import evaluate
+from grounding.metrics.prior import prior_scores
+from grounding.metrics.protocols import protocol_named
+from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 from timerefine.pipeline.run_identity import recorded_identity_error
 
@@ -61,8 +64,9 @@ def test_best_is_the_recorded_best_checkpoint(run, capsys):
     # train.py tested the best checkpoint its ModelCheckpoint knew: the same numbers.
     trained = json.loads((run / "metrics.json").read_text())
     assert metrics["test/mIoU"] == trained["test/mIoU"] and metrics["test/coverage"] == 100.0
-    for value in metrics.values():  # float32 values are written as their shortest decimal
-        assert not isinstance(value, float) or repr(value) == str(np.float32(value))
+    for key, value in metrics.items():  # float32 values are written as their shortest decimal
+        baseline = key.startswith(("prior/", "best_action/"))  # float64 arithmetic, kept whole
+        assert baseline or not isinstance(value, float) or repr(value) == str(np.float32(value))
 
 
 @pytest.mark.slow
@@ -71,6 +75,30 @@ def test_partial_evaluation_reports_its_coverage(run):
     assert evaluate.main([str(run), "--ckpt", "last", "--name", "partial", *overrides]) == 0
     metrics = eval_metrics(run, "partial")
     assert metrics["test/queries"] == 4 and metrics["test/coverage"] == 50.0
+
+
+@pytest.mark.slow
+def test_an_evaluation_reports_the_baselines_of_the_queries_it_tested(run, capsys):
+    """Before: evaluate.py's metrics.json held no prior/* (README: every run reports the prior), so
+    an evaluation (a leak check's, data.source.queries=empty) had nothing to be compared with."""
+    assert evaluate.main([str(run), "--name", "baselines"]) == 0
+    assert "vs best constant segment" in capsys.readouterr().out
+    metrics, trained = eval_metrics(run, "baselines"), json.loads((run / "metrics.json").read_text())
+    prior = {key: value for key, value in trained.items() if key.startswith("prior/")}
+    assert prior and {key: metrics.get(key) for key in prior} == prior
+    # one batch of 4 of the 8 queries, under another protocol: the prior of those 4, scored so
+    overrides = ["trainer.limit_test_batches=1", "data.eval_batch_size=4", "eval.protocol=vtimellm"]
+    assert evaluate.main([str(run), "--name", "baselines_part", *overrides]) == 0
+    part = eval_metrics(run, "baselines_part")
+    cfg = load_run_config(run, [])
+    datamodule = build_datamodule(cfg, tokenizer_dir=run / "tokenizer")
+    tested = {
+        json.loads(line)["qid"]
+        for line in (run / "eval" / "baselines_part" / "predictions" / "test.jsonl").open()
+    }
+    test = [r for r in datamodule.records("test") if r.qid in tested]
+    expected = prior_scores(datamodule.records("train"), test, protocol_named("vtimellm"))
+    assert len(test) == 4 and {k: part[f"prior/{k}"] for k in expected} == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow

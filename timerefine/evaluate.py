@@ -3,8 +3,9 @@
     python evaluate.py runs/x                       # best checkpoint, test split
     python evaluate.py runs/x --ckpt last trainer.devices=2 trainer.strategy=ddp model.inference.final=aux
 
-Writes ``<run>/eval/<name>/metrics.json`` and ``predictions/test.jsonl``; overrides apply on top
-of the run's saved config.yaml (same checks as train.py; a saved key nothing reads is an error too).
+Writes ``<run>/eval/<name>/metrics.json`` (with the baselines ``prior/*`` and ``best_action/*`` on the
+queries tested) and ``predictions/test.jsonl``; overrides apply on top of the run's saved config.yaml
+(same checks as train.py; a saved key nothing reads is an error too).
 What the run was trained as cannot be overridden (timerefine/pipeline/run_identity.py): ``model.*``
 but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.chat_template``,
 ``data.source.num_frames``, ``data.source.feature_dim`` and what the features mean
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from grounding.checks import not_a_file
+from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
@@ -41,7 +43,8 @@ from timerefine.pipeline.run_identity import checkpoint_identity_error, identity
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
-    """Test ``ckpt`` and write the flat metrics, with the test split's coverage."""
+    """Test ``ckpt`` and write the flat metrics, with the test split's coverage and the query-free
+    baselines on the queries it scored (``prior/*``, ``best_action/*``), as train.py does."""
     tokenizer = run_dir / "tokenizer"
     if not tokenizer.is_dir():  # a new one would give the checkpoint's token rows other meanings
         raise FileNotFoundError(f"{tokenizer}: missing (the run's tokenizer)")
@@ -55,6 +58,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     if errors := list(empty_loops(trainer, datamodule, ("test",))):
         raise ConfigError("; ".join(errors))
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
+    metrics |= baseline_scores(cfg, trainer, datamodule)
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)

@@ -16,10 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.predictions_writer import PredictionsWriter
-from grounding.metrics.action_prior import best_action_scores
-from grounding.metrics.prior import prior_scores
-from grounding.metrics.protocols import protocol_named
+from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
@@ -76,14 +73,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= scores(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
     if cfg.test:
         metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
-        tested = next(c for c in trainer.callbacks if isinstance(c, PredictionsWriter)).qids
-        train = datamodule.records("train")
-        test = [r for r in datamodule.records("test") if r.qid in tested]  # as limit_test_batches left them
-        protocol = protocol_named(cfg.eval.protocol)  # the baselines are scored as the model is
-        metrics |= {f"prior/{k}": v for k, v in prior_scores(train, test, protocol).items()}
-        if timelines := getattr(datamodule.source, "baseline_timelines", None):  # Charades action traces
-            best_action = best_action_scores(train, test, timelines, protocol)
-            metrics |= {f"best_action/{k}": v for k, v in best_action.items()}
+        metrics |= baseline_scores(cfg, trainer, datamodule)
     metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
