@@ -25,7 +25,13 @@ from transformers import (
 
 from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES
 from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
-from lightning_modules.pretrained import LM_DTYPES, PACKAGE, missing_model, resolve_pretrained
+from lightning_modules.pretrained import (
+    LM_DTYPES,
+    PACKAGE,
+    UnusableModelError,
+    missing_model,
+    resolve_pretrained,
+)
 from lightning_modules.released_weights import InitFromSpec, merge_released
 
 TOKEN_ROWS_INITS = ("mean", "resize")
@@ -107,8 +113,22 @@ def max_positions(spec: LMSpec) -> int | None:
     """The positions the LM of ``spec`` holds (its config's ``max_position_embeddings``), None if unstated."""
     if not spec.name_or_path:
         return spec.tiny.max_positions
-    config = AutoConfig.from_pretrained(resolve_pretrained(spec.name_or_path, spec.dtype))
+    with loaded_from(resolve_pretrained(spec.name_or_path, spec.dtype)) as source:
+        config = AutoConfig.from_pretrained(source)
     return getattr(config, "max_position_embeddings", None)
+
+
+@contextmanager
+def loaded_from(source: str) -> Iterator[str]:
+    """``source`` to load a model or its config from; what cannot load from it (a folder of something
+    else, a name not reachable offline) is an :class:`UnusableModelError` naming it."""
+    try:
+        yield source
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise UnusableModelError(
+            f"model.lm.name_or_path={source}: no usable language model loads from it ({reason})"
+        ) from error
 
 
 def build_tiny_lm(spec: TinyLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -204,12 +224,13 @@ def named_lm(source: str, dtype: str, weights: str) -> PreTrainedModel:
     architecture initialised from the current random state."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose from {', '.join(WEIGHTS)}")
-    if weights == "random":
-        return AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(source), dtype=getattr(torch, dtype)
-        )
-    # from_pretrained returns the model in eval mode: trained so, its dropout would stay off
-    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).train()
+    with loaded_from(source):
+        if weights == "random":
+            return AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(source), dtype=getattr(torch, dtype)
+            )
+        # from_pretrained returns the model in eval mode: trained so, its dropout would stay off
+        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).train()
 
 
 def build_language_model(

@@ -36,6 +36,10 @@ class MissingModelError(FileNotFoundError):
     """The pretrained LM a config names is not on this machine."""
 
 
+class UnusableModelError(ValueError):
+    """A Hugging Face name or folder from which no language model loads; the message names it."""
+
+
 class GgufError(ValueError):
     """A ``.gguf`` file that is not a whole GGUF model, or a cache folder that cannot hold its
     conversion; the message names the file or folder."""

@@ -188,3 +188,22 @@ def test_a_run_without_the_model_installed_stops_in_one_line(tmp_path, monkeypat
     assert len(err) == 1 and err[0].startswith("config error: model.lm.name_or_path")
     assert SETUP_MODELS in err[0] and err[0].count(SMOLLM2) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_no_model_stops_in_one_line(tmp_path, capsys):
+    """Before: an empty folder as model.lm.name_or_path was a tokenizer traceback advising sentencepiece;
+    a folder holding only a tokenizer, a model traceback (found by a hunt)."""
+    from lightning_modules.tokenizer import build_tokenizer
+
+    empty, tokenizer_only = tmp_path / "empty", tmp_path / "tokenizer_only"
+    empty.mkdir()
+    texts = ["at which time does a person open the door", "From 12 to 34 +01 and -02"] * 20
+    build_tokenizer(None, texts, 300).save_pretrained(tokenizer_only)
+    for folder, what in ((empty, "tokenizer"), (tokenizer_only, "language model")):
+        argv = ["experiment=tiny", f"model.lm.name_or_path={folder}", f"output_dir={tmp_path / 'run'}"]
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith(
+            f"error: model.lm.name_or_path={folder}: no usable {what} loads from it ("
+        ), err

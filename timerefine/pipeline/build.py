@@ -92,12 +92,15 @@ def build_tokenizer_for(
     )
     lm = cfg.model.lm
     pretrained = lm.tokenizer or lm.name_or_path
-    return build_tokenizer(
-        pretrained and resolve_pretrained(pretrained, lm.dtype),
-        corpus,
-        lm.tokenizer_vocab_size,
-        lm.grounding_tokens,
-    )
+    if not pretrained:
+        return build_tokenizer(None, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens)
+    key = "model.lm.tokenizer" if lm.tokenizer else "model.lm.name_or_path"
+    source = resolve_pretrained(pretrained, lm.dtype)
+    try:  # a folder of something else, a name not reachable offline, one that cannot spell timestamps
+        return build_tokenizer(source, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"{key}={pretrained}: no usable tokenizer loads from it ({reason})") from error
 
 
 def answer_codec(

@@ -10,7 +10,7 @@ from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grpo_module import ReferenceChangedError
 from lightning_modules.optimization import NonFiniteLossError
-from lightning_modules.pretrained import GgufError, MissingModelError
+from lightning_modules.pretrained import GgufError, MissingModelError, UnusableModelError
 from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.build import TokenizerError
 from timerefine.pipeline.config import ConfigError
@@ -30,6 +30,7 @@ INPUT_ERRORS = (
     ReleasedWeightsError,
     BaseWeightsError,
     MissingModelError,
+    UnusableModelError,
     GgufError,
     RunStartError,
     StoreMismatchError,
