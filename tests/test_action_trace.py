@@ -4,7 +4,6 @@ query-free best action, the query leak controls, and the wrong-event / bad-bound
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,63 +24,21 @@ from datamodules.action_trace import (
 )
 from datamodules.query_control import QueryControlError, apply_query_control, shuffled_queries
 from grounding.action_timelines import NUM_CLASSES, Action, Timeline, parse_actions, read_timelines
-from grounding.answer_format.timeline import UNIFORM99
 from grounding.metrics.action_prior import best_action_scores, pick_action, queried_class_rates
 from grounding.metrics.prior import prior_scores
 from grounding.records import FeatureError, GroundingRecord
+from tests.charades_folder import TEST_QUERIES, TEST_ROWS, TRAIN_QUERIES, csv_text, write_charades
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.build import build_source
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.errors import INPUT_ERRORS
-from timerefine.tools.diagnose_actions import (
-    NOTHING,
-    RIGHT_BAD,
-    RIGHT_GOOD,
-    UNPARSED,
-    WRONG,
-    by_moment_length,
-    diagnose,
-    landing,
-    main,
-)
-from timerefine.tools.run_diagnosis import AnswerLayout
 
-HEADER = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\r\n"
-TRAIN_ROWS = {
-    "VIDA1": ("c001 0.00 10.00;c002 12.00 20.00;c003 2.00 6.00", 30.0),
-    "VIDA2": ("c001 5.00 9.00;c004 10.00 25.00", 28.0),
-    "VIDA3": ("c002 1.00 9.00;c004 12.00 14.00", 20.0),
-}
-TEST_ROWS = {"VIDB1": ("c002 3.00 11.00;c001 15.00 29.50", 29.0), "VIDB2": ("c004 0.0 8.0;c001 9 19", 19.0)}
-TRAIN_QUERIES = [
-    "VIDA1 12.0 20.0##person opens a door.",
-    "VIDA1 0.0 10.0##a person holds a cup.",
-    "VIDA2 10.0 25.0##person is sitting.",
-    "VIDA3 1.0 9.0##person opens the door.",
-]
-TEST_QUERIES = [
-    "VIDB1 3.0 11.0##person opens a door.",
-    "VIDB1 15.0 29.0##person holds a cup.",
-    "VIDB2 0.0 8.0##sits.",
-    "VIDB2 9.0 19.0##a person holds a cup.",
-]
 CLEAN = ActionTraceSpec(jitter=0, miss_rate=0, confusion=0, false_per_minute=0, min_confidence=1, noise=0)
-
-
-def csv_text(rows: dict[str, tuple[str, float]]) -> str:
-    return HEADER + "".join(
-        f'{v},S,Kitchen,6,7,Yes,"a, script",x,y,{a},{n}\r\n' for v, (a, n) in rows.items()
-    )
 
 
 @pytest.fixture
 def charades(tmp_path: Path) -> Path:
-    """A two-split Charades-STA folder: 3 train videos, 2 test videos, with action timelines."""
-    (tmp_path / "Charades_v1_train.csv").write_bytes(csv_text(TRAIN_ROWS).encode())
-    (tmp_path / "Charades_v1_test.csv").write_bytes(csv_text(TEST_ROWS).encode())
-    (tmp_path / "charades_sta_train.txt").write_text("\n".join(TRAIN_QUERIES) + "\n")
-    (tmp_path / "charades_sta_test.txt").write_text("\n".join(TEST_QUERIES) + "\n")
-    return tmp_path
+    return write_charades(tmp_path)
 
 
 def source(root: Path, *overrides: str):
@@ -339,81 +296,3 @@ def test_the_baselines_are_scored_on_the_tested_queries_only(charades):
         {k: best_action_scores(train, part, loaded.timelines)[k] for k in ("mIoU", "R1@0.5")}
     )
     assert metrics["prior/mIoU"] == pytest.approx(prior_scores(train, part)["mIoU"])
-
-
-ACTIONS = (Action(1, 0.0, 10.0), Action(2, 12.0, 20.0), Action(3, 0.0, 10.0), Action(4, 2.0, 6.0))
-
-
-@pytest.mark.parametrize(
-    ("pred", "outcome"),
-    [
-        ((1.0, 9.0), RIGHT_GOOD),
-        ((0.0, 4.0), RIGHT_BAD),  # IoU 0.4 with [0, 10] (the truth, and c003's interval), 0.33 with [2, 6]
-        ((2.5, 6.0), WRONG),
-        ((11.0, 21.0), WRONG),
-        ((10.5, 11.5), NOTHING),
-        (None, UNPARSED),
-    ],
-)
-def test_landing(pred, outcome):
-    assert landing(pred, (0.0, 10.0), ACTIONS) == outcome
-    assert landing((1.0, 9.0), (0.0, 10.0), ()) == NOTHING
-
-
-def test_diagnose_and_the_tool(charades, tmp_path, capsys):
-    timelines = read_timelines([charades / "Charades_v1_test.csv"])
-    rows = [
-        {"video_id": "VIDB1", "gt": [3.0, 11.0], "pred": [3.0, 11.0], "iou": 1.0},
-        {"video_id": "VIDB1", "gt": [15.0, 29.0], "pred": [3.5, 10.0], "iou": 0.0},
-        {"video_id": "VIDB2", "gt": [0.0, 8.0], "pred": [0.0, 2.0], "iou": 0.25},
-        {"video_id": "VIDB2", "gt": [0.0, 8.0], "pred": None, "iou": 0.0},
-    ]
-    assert diagnose(rows, timelines) == {
-        RIGHT_GOOD: (1, 100.0),
-        RIGHT_BAD: (1, 25.0),
-        WRONG: (1, 0.0),
-        NOTHING: (0, 0.0),
-        UNPARSED: (1, 0.0),
-    }
-    rows = [row | {"duration": TEST_ROWS[row["video_id"]][1]} for row in rows]
-    rows[0]["steps"], rows[2]["steps"] = [[1.0, 11.0], [3.0, 11.0]], [[0.0, 6.0], [0.0, 2.0]]
-    middle, long = by_moment_length(
-        rows, timelines, AnswerLayout(None, UNIFORM99)
-    )  # 8 / 29 of VIDB1; 14 / 29, 8 / 19, 8 / 19
-    assert (middle.low, middle.high, middle.queries, middle.miou, middle.right_action) == (
-        0.2,
-        0.4,
-        1,
-        100,
-        100,
-    )
-    assert middle.boundary_error == pytest.approx((99 / 29, 0.0))  # coarse: the start 2 s off
-    assert (long.queries, long.miou, long.right_action) == pytest.approx((3, 25 / 3, 100 / 3))
-    assert long.boundary_error == pytest.approx((99 / 19, 3 * 99 / 19))  # refined further off: 6 s
-    run = tmp_path / "run"
-    (run / "predictions").mkdir(parents=True)
-    (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    OmegaConf.save({"data": {"name": "charades_sta", "source": {"root": str(charades)}}}, run / "config.yaml")
-    assert main([str(run)]) == 0
-    out = capsys.readouterr().out
-    assert "another action" in out and "25.0" in out
-    assert "by the moment's length" in out and "40%-100%" in out
-    OmegaConf.save({"data": {"name": "builtin", "source": {}}}, run / "config.yaml")
-    assert main([str(run)]) == 2
-    OmegaConf.save(
-        {"data": {"name": "charades_sta", "source": {"root": str(tmp_path / "no")}}}, run / "config.yaml"
-    )
-    assert main([str(run)]) == 2
-    assert "Charades_v1_train.csv" in capsys.readouterr().err
-
-
-def test_a_prediction_of_a_video_in_no_csv_is_refused(charades, tmp_path, capsys):
-    """Before: counted as "no action", as if the model had answered off every action."""
-    run = tmp_path / "run"
-    (run / "predictions").mkdir(parents=True)
-    row = {"video_id": "ELSEWHERE", "gt": [0.0, 8.0], "pred": [0.0, 8.0], "iou": 1.0, "duration": 19.0}
-    (run / "predictions" / "test.jsonl").write_text(json.dumps(row) + "\n")
-    OmegaConf.save({"data": {"name": "charades_sta", "source": {"root": str(charades)}}}, run / "config.yaml")
-    assert main([str(run)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "video ELSEWHERE" in err and "Charades_v1_test.csv" in err, err
