@@ -52,8 +52,8 @@ def package_file(reference: str) -> Path:
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / relative).is_file():
             return Path(location) / relative
-    missing = f"no package {module!r}" if spec is None else f"{relative!r} is not in package {module!r}"
-    raise MissingModelError(f"{reference}: {missing} installed; run `{SETUP_MODELS}`")
+    missing = f"no package {module!r} installed" if spec is None else f"no {relative!r} in package {module!r}"
+    raise MissingModelError(f"{reference}: {missing}; run `{SETUP_MODELS}`")
 
 
 def local_file(name_or_path: str) -> Path | None:
