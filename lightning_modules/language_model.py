@@ -256,6 +256,8 @@ def build_language_model(
         model = build_tiny_lm(spec.tiny, tokenizer).to(getattr(torch, spec.dtype))
     if init_from is not None:
         model = merge_released(model, tokenizer, init_from)
+        if lora is None:  # peft froze the base weights to merge; without adapters the LM trains whole
+            model.requires_grad_(True)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

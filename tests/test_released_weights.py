@@ -223,6 +223,19 @@ def test_train_py_fine_tunes_from_released_weights(release, tmp_path):
     assert (tmp_path / "metrics.json").is_file()
 
 
+def test_released_adapters_merged_without_lora_leave_the_lm_training(release):
+    """Before: merging the released adapters (peft) froze the LM, so with model.lora.enabled=false it did
+    not train at all, silently (found by review)."""
+    trains = [
+        n
+        for n, p in build(release.overrides("model.lora.enabled=false")).named_parameters()
+        if p.requires_grad
+    ]
+    fresh = [o for o in release.overrides("model.lora.enabled=false") if not o.startswith("model.init_from")]
+    assert trains == [n for n, p in build(fresh).named_parameters() if p.requires_grad]
+    assert any(name.startswith("model.lm.") for name in trains)
+
+
 def test_without_init_from_the_logits_differ(release):
     overrides = [o for o in release.overrides() if not o.startswith("model.init_from")]
     logits, _, by_text = ours_versus_released(build(overrides), release)

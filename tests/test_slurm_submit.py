@@ -224,6 +224,10 @@ def test_overrides_are_checked_before_anything_is_submitted(
     assert slurm_submit.main([*dry_run, "--", "experiment=tiny", "seed=1,2", "trainer.max_steps=abc"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("config error: trainer.max_steps")
+    # what train.py refuses as it starts (was: submitted, and each job failed once it ran; found by review)
+    assert slurm_submit.main([*dry_run, "--", "experiment=tiny", "model.lm.dtype=bfloat16"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("config error: model.lm.dtype=bfloat16 with")
 
 
 def test_submit_parses_job_id(tmp_path: Path) -> None:

@@ -236,3 +236,4 @@ def test_a_checkpoint_chosen_on_test_queries_is_warned_of():
         chosen_on_test(load_config(["data=charades_sta", "callbacks.checkpoint.monitor=null"]), same) is None
     )
     assert chosen_on_test(load_config(["data=charades_sta", "test=false"]), same) is None
+    assert chosen_on_test(load_config(["data=charades_sta", "trainer.max_steps=0"]), same) is None  # no fit

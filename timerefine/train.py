@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = inherit_settings(load_config(overrides), overrides)
-        if half := half_weights_trained(cfg):
+        if not shown and (half := half_weights_trained(cfg)):  # --cfg job shows the config as composed
             raise ConfigError(half)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

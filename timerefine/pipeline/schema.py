@@ -262,11 +262,15 @@ def half_weights_trained(cfg: DictConfig) -> str | None:
     lm, lora = cfg.model.lm, cfg.model.lora
     if lm.dtype == "float32" or lora.enabled or cfg.trainer.max_steps == 0:
         return None
+    lora_instead = (
+        ""
+        if lm.weights == "random"
+        else f"model.lora.enabled=true (frozen weights in {lm.dtype}, adapters in float32) or "
+    )
     return (
         f"model.lm.dtype={lm.dtype} with model.lora.enabled=false: without LoRA the whole LM trains, "
         f"and its weights in {lm.dtype} lose AdamW's small updates to rounding; set "
-        f"model.lora.enabled=true (frozen weights in {lm.dtype}, adapters in float32) or "
-        "model.lm.dtype=float32 with trainer.precision=bf16-mixed"
+        f"{lora_instead}model.lm.dtype=float32 with trainer.precision=bf16-mixed"
     )
 
 

@@ -17,7 +17,7 @@ def chosen_on_test(cfg: DictConfig, datamodule: GroundingDataModule) -> str | No
         "callbacks.early_stopping.monitor": (callbacks.early_stopping or {}).get("monitor"),
     }
     chosen = [f"{key}={value}" for key, value in monitors.items() if value and value.startswith("val/")]
-    if not cfg.test or not chosen:
+    if not cfg.test or not chosen or cfg.trainer.max_steps == 0:  # max_steps=0: no fit, nothing chosen
         return None
     test = {(r.video_id, r.query, r.start, r.end) for r in datamodule.records("test")}
     shared = sum((r.video_id, r.query, r.start, r.end) in test for r in datamodule.records("val"))

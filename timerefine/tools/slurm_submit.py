@@ -19,6 +19,7 @@ from pathlib import Path
 
 from callbacks.global_batch import accumulation
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.schema import half_weights_trained
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +119,8 @@ def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
     with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
             cfg = load_config(overrides)
+            if half := half_weights_trained(cfg):  # train.py refuses it as the job starts
+                raise ConfigError(half)
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
                 accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
             strategies.append(cfg.trainer.strategy)
