@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
@@ -46,6 +45,7 @@ from lightning_modules.optimization import OptimSpec, adamw_with_curve, diverged
 from lightning_modules.tokenizer import tokenizer_files
 from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
+from lightning_modules.weighted_mean import WeightedMean
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,7 @@ class GroundingModule(L.LightningModule):
 
         self.metrics = torch.nn.ModuleDict({split: metric() for split in ("val", "test")})
         # Weighted by queries and summed over the ranks: their shares of a split may differ by one.
-        self.losses = torch.nn.ModuleDict(
-            {split: MeanMetric(nan_strategy="disable") for split in ("val", "test")}
-        )
+        self.losses = torch.nn.ModuleDict({split: WeightedMean() for split in ("val", "test")})
         self.segment_metrics = torch.nn.ModuleDict(
             {
                 split: torch.nn.ModuleList(metric() for _ in range(codec.schedule.num_segments))
