@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.lightning_compat import (
@@ -26,17 +27,32 @@ from callbacks.lightning_compat import (
 log = logging.getLogger(__name__)
 
 
+# A ModelCheckpoint state that records no best checkpoint: what one whose best file is gone becomes.
+FORGOTTEN_BEST = {
+    "best_model_path": "",
+    "best_model_score": None,
+    "best_k_models": {},
+    "kth_best_model_path": "",
+}
+
+
 def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
     """A ModelCheckpoint's saved ``state`` made this run's: its ``dirpath`` set to ``dirpath`` (Lightning
     keeps the best score and the top-k only when the saved one is its own), and the paths inside the
     saved ``dirpath`` moved to ``dirpath`` (paths elsewhere kept) when its best checkpoint is there: the
     folder was copied or moved. Else (another run's checkpoint, resumed in a new folder) the paths keep
     pointing at that run's files: its best checkpoint and score stay the best until a validation beats
-    them, and Lightning never deletes them (outside its ``dirpath``)."""
+    them, and Lightning never deletes them (outside its ``dirpath``). A best checkpoint that is gone
+    (another run's folder deleted, a checkpoint file copied alone) is forgotten with its score: tested
+    at the end, it would stop the run at every attempt; the run's own validations choose anew."""
     saved = state.get("dirpath")
-    if not saved or saved == dirpath:
-        return state
+    if saved and saved != dirpath:
+        state = _moved(state, saved, dirpath)
+    best = state.get("best_model_path")
+    return state | FORGOTTEN_BEST if best and not Path(best).exists() else state  # FSDP's: a folder
 
+
+def _moved(state: dict[str, Any], saved: str, dirpath: str) -> dict[str, Any]:
     def moved(path: str | None) -> str | None:
         if not path or not Path(path).is_relative_to(saved):
             return path
@@ -45,7 +61,7 @@ def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
     paths = {
         key: moved(state.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
     }
-    if paths["best_model_path"] and not Path(paths["best_model_path"]).exists():  # FSDP's: a folder
+    if paths["best_model_path"] and not Path(paths["best_model_path"]).exists():  # not a moved folder
         return state | {"dirpath": dirpath}
     best_k = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
     return state | paths | {"dirpath": dirpath, "best_k_models": best_k}
@@ -97,6 +113,11 @@ class LastCheckpoint(ModelCheckpoint):
         for key, state in states.items():
             if isinstance(state, dict) and "dirpath" in state:  # rank 0 decides: ranks must agree
                 states[key] = trainer.strategy.broadcast(relocated(state, self.dirpath), src=0)
+                if state.get("best_model_path") and not states[key]["best_model_path"]:
+                    rank_zero_warn(
+                        f"the best checkpoint {state['best_model_path']} that the resumed checkpoint "
+                        "records is gone: this run's own validations choose its best anew"
+                    )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

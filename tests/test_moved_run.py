@@ -77,24 +77,42 @@ def test_a_copied_or_moved_run_continues_with_its_best_checkpoint(tmp_path, keep
 def test_another_runs_checkpoint_keeps_its_paths(tmp_path):
     """Resumed in a new folder that lacks the run's best checkpoint: not a copy, nothing to move; the
     folder becomes the new one's, so that Lightning keeps the best score (it drops it for another)."""
-    state = {
-        "dirpath": "/a/checkpoints",
-        "best_model_path": "/a/checkpoints/best.ckpt",
-        "best_model_score": 1,
-    }
-    assert relocated(state, str(tmp_path)) == state | {"dirpath": str(tmp_path)}  # was: state unchanged
-    (tmp_path / "best.ckpt").touch()
-    moved = relocated(state | {"best_k_models": {"/a/checkpoints/best.ckpt": 1}}, str(tmp_path))
-    assert moved["best_model_path"] == str(tmp_path / "best.ckpt") and moved["dirpath"] == str(tmp_path)
-    assert moved["best_k_models"] == {str(tmp_path / "best.ckpt"): 1}
-    (tmp_path / "best.ckpt").unlink()
-    (tmp_path / "best.ckpt").mkdir()  # FSDP saves a sharded folder
-    assert relocated(state, str(tmp_path))["best_model_path"] == str(tmp_path / "best.ckpt")
+    other, new = tmp_path / "a" / "checkpoints", tmp_path / "new"
+    other.mkdir(parents=True)
+    new.mkdir()
+    (other / "best.ckpt").touch()
+    state = {"dirpath": str(other), "best_model_path": str(other / "best.ckpt"), "best_model_score": 1}
+    assert relocated(state, str(new)) == state | {"dirpath": str(new)}  # was: state unchanged
+    (new / "best.ckpt").touch()
+    moved = relocated(state | {"best_k_models": {str(other / "best.ckpt"): 1}}, str(new))
+    assert moved["best_model_path"] == str(new / "best.ckpt") and moved["dirpath"] == str(new)
+    assert moved["best_k_models"] == {str(new / "best.ckpt"): 1}
+    (new / "best.ckpt").unlink()
+    (new / "best.ckpt").mkdir()  # FSDP saves a sharded folder
+    assert relocated(state, str(new))["best_model_path"] == str(new / "best.ckpt")
+
+
+def test_a_best_checkpoint_that_is_gone_is_forgotten(tmp_path):
+    """Before: resumed from a checkpoint whose best file is gone (another run's folder deleted, a
+    last.ckpt copied alone), a run trained to its end, then stopped at its test ("Checkpoint file not
+    found") at every attempt; now its own validations choose its best (found by review)."""
+    fit(tmp_path / "a", 6)
+    a = (tmp_path / "a" / "checkpoints").resolve()
+    shutil.copy(a / "last.ckpt", tmp_path / "copied.ckpt")
+    shutil.rmtree(tmp_path / "a")
+    with pytest.warns(UserWarning, match="that the resumed checkpoint records is gone"):
+        best = fit(tmp_path / "b", 8, resume=tmp_path / "copied.ckpt")
+    b = (tmp_path / "b" / "checkpoints").resolve()
+    assert best.best_model_path == str(b / "best-step8.ckpt") and recorded_best(b) == b / "best-step8.ckpt"
+    saved = {"dirpath": str(b), "best_model_path": str(b / "gone.ckpt"), "best_model_score": 2.0}
+    assert relocated(saved, str(b))["best_model_score"] is None  # in its own folder too
 
 
 def test_another_runs_best_score_loads_in_a_new_folder(tmp_path):
     saved = ModelCheckpoint(dirpath=tmp_path / "a", monitor="val/score", mode="max")
     best = str(tmp_path / "a" / "best-step4.ckpt")
+    (tmp_path / "a").mkdir()
+    Path(best).touch()
     saved.best_model_path, saved.best_model_score, saved.best_k_models = best, 3.0, {best: 3.0}
     saved.kth_best_model_path, saved.kth_value = best, 3.0
     new = ModelCheckpoint(dirpath=tmp_path / "b", monitor="val/score", mode="max")
