@@ -95,6 +95,7 @@ def test_diagnose_and_the_tool(charades, tmp_path, capsys):
     )
     assert main([str(run)]) == 2
     assert "Charades_v1_train.csv" in capsys.readouterr().err
+    assert main([str(run), "--root", str(charades)]) == 0  # a root moved, or relative to another folder
 
 
 def test_a_prediction_of_a_video_in_no_csv_is_refused(charades, tmp_path, capsys):

@@ -11,6 +11,7 @@ from the truth at each step (frame indices, coarse -> final), which shows where 
 
     timerefine-diagnose-actions runs/x                      # runs/x/predictions/test.jsonl
     timerefine-diagnose-actions runs/x --predictions runs/x/eval/test/predictions/test.jsonl
+    timerefine-diagnose-actions runs/x --root ../data/charades_sta   # the run's root moved, or relative
 """
 
 from __future__ import annotations
@@ -126,12 +127,12 @@ def print_by_length(bins: list[LengthBin]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        path, cfg, rows = read_run(argv, __doc__, "charades_sta")
+        path, cfg, rows = read_run(argv, __doc__, "charades_sta", data_root=True)
     except RunError as error:
         return fail(error)
     csv_paths = [Path(cfg.data.source.root) / name for name in CSV_NAMES]
     if missing := [str(p) for p in csv_paths if not p.is_file()]:
-        return fail(RunError(f"{', '.join(missing)} not found (data.source.root of the run)"))
+        return fail(RunError(f"{', '.join(missing)} not found (the run's data.source.root; or give --root)"))
     try:
         timelines = read_timelines(csv_paths)
         layout = answer_layout(cfg)

@@ -18,14 +18,21 @@ class RunError(Exception):
     """A run folder a diagnosis cannot read; the message names the file."""
 
 
-def read_run(argv: list[str] | None, description: str, dataset: str) -> tuple[Path, DictConfig, list[dict]]:
-    """Parse ``run_dir [--predictions FILE]``; the predictions file, the run's config and its rows.
+def read_run(
+    argv: list[str] | None, description: str, dataset: str, data_root: bool = False
+) -> tuple[Path, DictConfig, list[dict]]:
+    """Parse ``run_dir [--predictions FILE]`` (and ``--root FOLDER`` with ``data_root``, in place of
+    the run's ``data.source.root``); the predictions file, the run's config and its rows.
     Raises :class:`RunError` for a missing file or a run of another dataset."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
+    if data_root:
+        parser.add_argument(
+            "--root", type=Path, help="the dataset's folder (default: the run's data.source.root)"
+        )
     args = parser.parse_args(argv)
     path = args.predictions or args.run_dir / "predictions" / "test.jsonl"
     for needed in (args.run_dir / "config.yaml", path):
@@ -42,6 +49,8 @@ def read_run(argv: list[str] | None, description: str, dataset: str) -> tuple[Pa
         raise RunError(f"{args.run_dir} was trained on data={cfg.data.name}; this tool reads {dataset} runs")
     if not rows:
         raise RunError(f"{path}: no prediction rows")
+    if data_root and args.root is not None:
+        cfg.data.source.root = str(args.root)
     return path, cfg, rows
 
 
