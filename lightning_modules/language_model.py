@@ -56,6 +56,14 @@ class TinyLMSpec(Checked):
     max_positions: int = checked(512, integer(1))
     tie_word_embeddings: bool = False
 
+    def relations(self) -> Iterator[str]:
+        head_size, remainder = divmod(self.hidden_size, self.num_heads)
+        if remainder or head_size % 2:  # rotary position embeddings turn pairs of a head's dimensions
+            yield (
+                f"hidden_size={self.hidden_size} must split into num_heads={self.num_heads} heads of an even "
+                "size (rotary position embeddings turn pairs of dimensions), e.g. hidden_size=128 num_heads=4"
+            )
+
 
 @dataclass
 class LoraSpec(Checked):

@@ -172,6 +172,9 @@ def test_device_list_and_float_intervals_are_accepted():
         ("output_dir=", "output_dir"),  # empty: wrote the run into the working directory
         ("trainer.limit_test_batches=0", "trainer.limit_test_batches"),  # printed a table without test
         ("model.inference.max_new_tokens=3", "model.inference.max_new_tokens"),  # ignored when constrained
+        # tracebacks in transformers' config, or in the first step (an odd head size)
+        ("model.lm.tiny.num_heads=3", "model.lm.tiny.hidden_size"),
+        ("model.lm.tiny.num_heads=128", "model.lm.tiny.hidden_size"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
