@@ -59,7 +59,11 @@ def parse_activitynet(
             detail = f"needs 'timestamps' and 'sentences' lists of equal length, got lengths {lists}"
             report.malformed(where, detail, policy, queries)
             continue
-        duration = float(entry["duration"]) if _is_number(entry.get("duration")) else None
+        if (given := entry.get("duration")) is not None and not _is_number(given):  # "30.0", true
+            detail = f"'duration' must be a number of seconds, got {given!r}"
+            report.malformed(where, detail, policy, len(timestamps))
+            continue
+        duration = None if given is None else float(given)
         for i, (stamp, sentence) in enumerate(zip(timestamps, sentences, strict=True)):
             segment = _segment(stamp)
             if segment is None or not isinstance(sentence, str):

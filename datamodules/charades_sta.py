@@ -24,11 +24,20 @@ SPLITS = ("train", "test")
 CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")
 
 
+def seconds(text: str | None) -> float:
+    """A number of seconds as the files write it; ValueError for anything else (``float`` would also
+    read ``6_9`` as 69)."""
+    if text is None or "_" in text:
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)
+
+
 def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict[str, float]:
-    """Map video id to the CSV ``length`` in seconds. A line that is not UTF-8, or a row whose length is
-    not a number of seconds > 0, is a QuirkError naming ``file:line`` (``strict``), else left out with
-    a warning naming it: its video has no duration."""
+    """Map video id to the CSV ``length`` in seconds. A line that is not UTF-8, a row whose length is
+    not a number of seconds > 0, or a video given another length on an earlier row, is a QuirkError
+    naming ``file:line`` (``strict``), else left out with a warning naming it: its video has no duration."""
     durations: dict[str, float] = {}
+    rows_of: dict[str, str] = {}  # video id -> the file:line that gave its length
     for path in map(Path, csv_paths):
         report = QuirkReport(source=str(path))
         lines = list(text_lines(path, report, QuirkPolicy(strict=strict)))
@@ -36,17 +45,21 @@ def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict
         if not {"id", "length"} <= set(reader.fieldnames or ()):
             raise QuirkError(f"{path}: expected 'id' and 'length' columns, got {reader.fieldnames}")
         for row in reader:
+            where, video_id = f"{path}:{lines[reader.line_num - 1][0]}", row["id"]
             try:
-                length = float(row["length"])
-            except (TypeError, ValueError):
+                length = seconds(row["length"])
+            except ValueError:
                 length = math.nan
-            if math.isfinite(length) and length > 0:
-                durations[row["id"]] = length
+            if video_id in rows_of and durations.get(video_id) != length:
+                problem = f"{where}: video {video_id}: length {row['length']!r}, another than on {rows_of[video_id]}"
+                durations.pop(video_id, None)
+            elif math.isfinite(length) and length > 0:
+                durations[video_id], rows_of[video_id] = length, where
                 continue
-            problem = (
-                f"{path}:{lines[reader.line_num - 1][0]}: video {row['id']}: length {row['length']!r} is "
-                "not a duration in seconds > 0"
-            )
+            else:
+                problem = (
+                    f"{where}: video {video_id}: length {row['length']!r} is not a duration in seconds > 0"
+                )
             if strict:
                 raise QuirkError(problem)
             log.warning("%s; its queries have no duration (counted as unknown_video)", problem)
@@ -77,7 +90,7 @@ def parse_charades_sta(
             continue
         video_id, start_text, end_text = fields
         try:
-            start, end = float(start_text), float(end_text)
+            start, end = seconds(start_text), seconds(end_text)
         except ValueError:
             report.malformed(where, f"times are not numbers: {start_text!r} {end_text!r}", policy)
             continue

@@ -133,12 +133,13 @@ class QuirkReport:
 
 
 def text_lines(path: Path, report: QuirkReport, policy: QuirkPolicy) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` for each non-blank line of a UTF-8 file; a line that is not UTF-8 is
-    malformed (an error naming ``file:line`` and the byte, or a counted skip)."""
+    """``(line number, text)`` for each non-blank line of a UTF-8 file (a byte order mark before the first
+    left out); a line that is not UTF-8 is malformed (an error naming ``file:line`` and the byte, or a
+    counted skip)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 detail = f"not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
                 report.malformed(f"{path}:{lineno}", detail, policy)

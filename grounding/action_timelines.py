@@ -53,10 +53,11 @@ def parse_actions(cell: str, duration: float, where: str) -> tuple[Action, ...]:
 
 
 def utf8_text(path: Path) -> str:
-    """The text of a UTF-8 file; ValueError naming the line of a byte that is not."""
+    """The text of a UTF-8 file without a byte order mark; ValueError naming the line of a byte that is
+    not UTF-8."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
