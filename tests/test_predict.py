@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from tests.inference_runs import ROOT, VIDEOS, truncated_copy, write_moment_video
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
-from timerefine.tools.predict import main
+from timerefine.tools.predict import main, read_pairs
 
 pytestmark = pytest.mark.slow  # each test needs the session's tiny video run (trained once, ~15 s)
 QUERIES = ["a red square appears", "a blue square appears"]
@@ -383,3 +383,11 @@ def test_the_api_answers_in_seconds_as_the_run_scored_them(tmp_path):
         assert [x for step in answer.steps for x in step] == pytest.approx(
             [x for step in row["steps"] for x in step], abs=1e-9
         )
+
+
+def test_a_pair_naming_a_key_twice_is_refused(tmp_path):
+    """Before: the last "query" was grounded, the first unread."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"video": "a.mp4", "query": "x"}\n{"video": "a.mp4", "query": "x", "query": "y"}\n')
+    with pytest.raises(InputError, match=f"^{pairs}:2: key 'query' appears twice"):
+        read_pairs(pairs)

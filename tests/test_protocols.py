@@ -215,12 +215,18 @@ def test_rescore_console_script_runs(tmp_path):
             '{"qid": "a", "pred": [1, 4], "gt": [2, 5], "duration": 10}\n' * 2,
             "test.jsonl:2: qid a is scored on line 1",
         ),
+        # before: the last of a repeated key scored (a parse failure here), and a decode error without a line
+        (
+            '{"pred": [0, 5], "gt": [2, 5], "duration": 10, "pred": null}\n',
+            "test.jsonl:1: key 'pred' appears twice",
+        ),
+        (b'{"pred": [1, 2], "gt": [1, 2], "duration": 3}\n{"pred": "caf\xe9"}\n', "test.jsonl:2: not UTF-8"),
     ],
 )
 def test_rescore_bad_file_is_one_error_line(tmp_path, capsys, content, message):
     path = tmp_path / "test.jsonl"
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert rescore_main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
+from datamodules.quirks import DuplicateKey, unique_keys
 from grounding.answer_format.prompts import normalize_query
 from timerefine.inference.grounder import Grounder, Grounding, check_queries
 from timerefine.inference.video_features import FEATURE_SUFFIXES, EncoderSpec, InputError, positive_seconds
@@ -59,8 +60,10 @@ def read_pairs(path: Path) -> list[Request]:
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=unique_keys)
             video, query, duration = Path(row["video"]), row["query"], row.get("duration")
+        except DuplicateKey as err:
+            raise InputError(f"{where}: {err}") from err
         except (ValueError, KeyError, TypeError) as err:
             raise InputError(
                 f'{where}: expected {{"video": ..., "query": ...}}, got {line.strip()!r}'

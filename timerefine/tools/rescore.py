@@ -22,6 +22,8 @@ import math
 import sys
 from pathlib import Path
 
+from datamodules.quirks import DuplicateKey, unique_keys
+from grounding.action_timelines import utf8_text
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS, Protocol
@@ -94,17 +96,21 @@ def read_predictions(
     segments, records, reordered, clipped = [], [], 0, 0
     lines_of: dict[str, int] = {}  # qid -> the line that scored it
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PredictionsError(f"{path}: {getattr(error, 'strerror', None) or error}") from error
+        lines = utf8_text(path).splitlines()
+    except OSError as error:
+        raise PredictionsError(f"{path}: {error.strerror}") from error
+    except ValueError as error:  # names the line of a byte that is not UTF-8
+        raise PredictionsError(str(error)) from error
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise PredictionsError(f"{where}: not JSON ({error.msg})") from error
+        except DuplicateKey as error:
+            raise PredictionsError(f"{where}: {error}") from error
         if not isinstance(row, dict) or "pred" not in row:
             raise PredictionsError(f"{where}: needs pred, gt and duration")
         records.append(row_record(row, where, multi_window))
