@@ -74,6 +74,8 @@ def test_a_tie_counts_under_ge_but_not_under_gt(protocol, hit):
     at_half = scores(protocol, [[0.0, 10.0]], [[0.0, 5.0]], [20.0])
     assert at_half["R1@0.5"] == hit and at_half["R1@0.3"] == 100.0 and at_half["R1@0.7"] == 0.0
     assert scores(protocol, [[0.0, 10.0]], [[0.0, 3.0]], [20.0])["R1@0.3"] == hit
+    # a tie in exact arithmetic that floats put below: 7.7 / 15.4 computes as 0.49999999999999994
+    assert scores(protocol, [[0.0, 12.6]], [[4.9, 15.4]], [56.7])["R1@0.5"] == hit
 
 
 # Four queries: IoU 1, 0.5 (a tie at 0.5), 0.695 (0.7 after rounding), and an unparseable answer.
@@ -116,27 +118,35 @@ def test_only_parsed_only_warns():
 
 
 def independent_scores(rows: list[dict], protocol: str) -> dict[str, float]:
-    """Plain-Python scoring written from the protocol definitions, with Decimal rounding."""
+    """Plain-Python scoring written from the protocol definitions, in decimal arithmetic on the numbers
+    as the file writes them (so a tie is a tie), with Decimal rounding of IoUs snapped to 1e-9 (an IoU
+    of 0.695 * 30 s over 30 s, 20.849999999999998 / 30, rounds as 0.695)."""
     ious, parsed = [], 0
     for row in rows:
         if row["pred"] is None:
-            ious.append(0.0)
+            ious.append(Decimal(0))
             continue
         parsed += 1
-        (ps, pe), (gs, ge), d = row["pred"], row["gt"], row["duration"]
+        (ps, pe), (gs, ge), d = (
+            [Decimal(repr(v)) for v in row["pred"]],
+            [Decimal(repr(v)) for v in row["gt"]],
+            Decimal(repr(row["duration"])),
+        )
         if protocol == "vtimellm":
             ps, pe, gs, ge = ps / d, pe / d, gs / d, ge / d
-        inter, union = max(0.0, min(pe, ge) - max(ps, gs)), max(pe, ge) - min(ps, gs)
-        iou = inter / union if union > 0 else float(ps == gs and pe == ge)
+        inter, union = max(Decimal(0), min(pe, ge) - max(ps, gs)), max(pe, ge) - min(ps, gs)
+        iou = inter / union if union > 0 else Decimal(ps == gs and pe == ge)
         if protocol == "vtimellm":
-            iou = float(Decimal(f"{iou:.9f}").quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+            iou = Decimal(f"{iou:.9f}").quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)  # 0.6949999999..
         ious.append(iou)
     denominator = parsed if protocol == "parsed_only" else len(rows)
     counts = (lambda i, t: i > t) if protocol == "strict" else (lambda i, t: i >= t)
-    result = {f"R1@{t}": 100 * sum(counts(i, t) for i in ious) / denominator for t in (0.3, 0.5, 0.7)}
+    result = {
+        f"R1@{t}": 100 * sum(counts(i, Decimal(t)) for i in ious) / denominator for t in ("0.3", "0.5", "0.7")
+    }
     return {
         **result,
-        "mIoU": 100 * sum(ious) / denominator,
+        "mIoU": 100 * float(sum(ious)) / denominator,
         "parse_fail": 100 * (len(rows) - parsed) / len(rows),
     }
 

@@ -18,7 +18,9 @@ def timeline_ceiling(
     def written(t: float, duration: float) -> float:
         return timeline.to_seconds(timeline.to_index(t, duration), duration)
 
-    pred = torch.tensor([[written(r.start, r.duration), written(r.end, r.duration)] for r in records])
+    pred = torch.tensor(
+        [[written(r.start, r.duration), written(r.end, r.duration)] for r in records], dtype=torch.float64
+    )
     gt = torch.tensor([[r.start, r.end] for r in records], dtype=torch.float64)
     duration = torch.tensor([r.duration for r in records], dtype=torch.float64)
-    return protocol_scores(protocol_sums(pred.double(), gt, duration, protocol), protocol)
+    return protocol_scores(protocol_sums(pred, gt, duration, protocol), protocol)

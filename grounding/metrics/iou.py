@@ -18,20 +18,3 @@ def temporal_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     identical_points = (pred == target).all(dim=1) & (union == 0)
     iou = torch.where(identical_points, torch.ones_like(iou), iou)
     return torch.nan_to_num(iou, nan=0.0)
-
-
-def grounding_sums(iou: torch.Tensor, thresholds: tuple[float, ...] = THRESHOLDS) -> dict[str, torch.Tensor]:
-    """Per-batch sums that add up exactly across batches and processes."""
-    return {
-        "iou": iou.sum(),
-        "count": torch.tensor(float(iou.numel()), dtype=torch.float64),
-        **{f"R1@{t}": (iou >= t).sum().double() for t in thresholds},
-    }
-
-
-def grounding_scores(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Percent R1@m and mIoU from accumulated sums (0 when nothing was seen)."""
-    count = float(sums["count"])
-    scale = 100.0 / count if count else 0.0
-    scores = {key: float(value) * scale for key, value in sums.items() if key.startswith("R1@")}
-    return {**scores, "mIoU": float(sums["iou"]) * scale}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from grounding.metrics.grounding import segment_scores
-from grounding.metrics.iou import grounding_scores, grounding_sums, temporal_iou
+from grounding.metrics.iou import temporal_iou
 from grounding.metrics.protocols import EXACT, Protocol
 from grounding.records import GroundingRecord
 
@@ -22,12 +22,6 @@ def best_constant_segment(train: torch.Tensor, grid: int = 50) -> tuple[float, f
         if score > best_score:
             best, best_score = (float(candidate[0]), float(candidate[1])), score
     return best
-
-
-def constant_segment_scores(segment: tuple[float, float], target: torch.Tensor) -> dict[str, float]:
-    """R1@m and mIoU of always predicting ``segment`` against normalized targets (N, 2)."""
-    pred = torch.tensor(segment, dtype=torch.float64).expand(len(target), 2)
-    return grounding_scores(grounding_sums(temporal_iou(pred, target)))
 
 
 def normalized_segments(records: list[GroundingRecord]) -> torch.Tensor:

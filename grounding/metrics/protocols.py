@@ -1,7 +1,8 @@
 """Scoring protocols (``eval.protocol``): the conventions by which grounding papers turn IoUs into R1@m
 and mIoU. They move results by points, so each is a named switch, recorded in ``metrics.json``.
 
-- ``exact`` (default): IoU on seconds, unrounded; R1@m counts IoU >= m; an unparseable answer is
+- ``exact`` (default): IoU on seconds, unrounded; R1@m counts IoU >= m (a tie within float noise
+  too); an unparseable answer is
   IoU 0 and stays in the denominator (``parse_fail`` and ``coverage`` say how many).
 - ``vtimellm`` (VTimeLLM, TimeRefine): IoU on fractions of the duration, rounded half-up to 2
   decimals before thresholds and mean (0.695 counts at 0.7); >=.
@@ -82,9 +83,15 @@ def protocol_iou(
     return iou if protocol.decimals is None else round_half_up(iou, protocol.decimals)
 
 
+# An IoU this close to a threshold is on it: a tie in exact arithmetic can land either side in floats
+# (IoU 7.7 / 15.4 s computes as 0.49999999999999994, which ``>=`` 0.5 would miss).
+TIE = 1e-9
+
+
 def hits(iou: torch.Tensor, threshold: float, protocol: Protocol) -> torch.Tensor:
-    """Whether each IoU counts for R1@``threshold``."""
-    return iou > threshold if protocol.strict else iou >= threshold
+    """Whether each IoU counts for R1@``threshold`` (a tie within :data:`TIE` counts under ``>=``, not
+    under ``>``)."""
+    return iou > threshold + TIE if protocol.strict else iou >= threshold - TIE
 
 
 def protocol_sums(
