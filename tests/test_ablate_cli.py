@@ -35,6 +35,13 @@ def test_a_comma_list_expands_into_named_variants():
     }
 
 
+def test_a_comma_list_of_paths_gives_one_folder_per_variant():
+    """Before: ``P[data.source.root=../../x]`` was a folder nested in others, or outside ``--out``."""
+    found = variants(["P=data.source.root=../../x,a/b"])
+    assert list(found) == ["P[data.source.root=..%2F..%2Fx]", "P[data.source.root=a%2Fb]"]
+    assert found["P[data.source.root=a%2Fb]"] == ["data.source.root=a/b"]
+
+
 def test_a_comma_list_variant_gets_its_own_folder():
     """docs/ablations.md's ``K="model.refine.steps=1,2,3"``: the folder ``K[model.refine.steps=1]``
     reached Hydra unquoted, and every run of it was a config error."""

@@ -44,7 +44,7 @@ def check_not_owned(overrides: list[str], where: str) -> None:
 
 def variants(specs: list[str]) -> dict[str, list[str]]:
     """``name=overrides`` specs (overrides split as a shell splits them), comma lists expanded
-    (``name[key=value]`` per expansion). ValueError for a spec without a name, a name that is no
+    (``name[key=value]`` per expansion, a ``/`` in a value written ``%2F``: one folder). ValueError for a spec without a name, a name that is no
     folder name, or a name given twice."""
     result: dict[str, list[str]] = {}
     for spec in specs:
@@ -62,7 +62,7 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
             label = (
                 name
                 if len(expansions) == 1
-                else f"{name}[{','.join(o for o in combo if o not in overrides)}]"
+                else f"{name}[{','.join(o for o in combo if o not in overrides)}]".replace("/", "%2F")
             )
             if label in result:
                 raise ValueError(f"--variant {label}: given twice; each variant needs its own name")
