@@ -55,7 +55,7 @@ def reason_kind(error: FeatureError) -> str:
 
 def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int) -> np.ndarray:
     """Validate a ``(T, feature_dim)`` array of real numbers (integers or floats: not complex, bool, ...)
-    with T > 0 and finite values; return it as ndarray."""
+    with T > 0 and values finite as float32 (a float64 1e39 is not); return it as a float32 copy."""
     array = np.asarray(array)
     if array.ndim != 2 or array.shape[1] != feature_dim:
         raise FeatureError(video_id, str(path), f"bad shape: expected (T, {feature_dim}), got {array.shape}")
@@ -63,10 +63,13 @@ def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int
         raise FeatureError(video_id, str(path), f"bad shape: dtype {array.dtype} is not real numbers")
     if array.shape[0] == 0:
         raise FeatureError(video_id, str(path), "empty: zero frames")
-    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise FeatureError(video_id, str(path), f"non-finite: {bad} NaN/inf values")
-    return array
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf: counted below
+        values = array.astype(np.float32)
+    if bad := int(np.size(values) - np.count_nonzero(np.isfinite(values))):
+        beyond = bad - int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        why = f", {beyond} of them beyond float32's range" if beyond else ""
+        raise FeatureError(video_id, str(path), f"non-finite: {bad} NaN/inf values{why}")
+    return values
 
 
 def read_feature_file(path: Path) -> np.ndarray:
@@ -146,7 +149,7 @@ class FolderFeatureStore:
         except Exception as err:
             raise FeatureError(video_id, str(path), f"unreadable: {read_error(err)}") from err
         array = check_features(array, video_id, path, self.feature_dim)
-        return resample_frames(array, self.num_frames).astype(np.float32)
+        return resample_frames(array, self.num_frames)
 
 
 class StoreMismatchError(ValueError):
@@ -192,7 +195,7 @@ class PackedFeatureStore:
         if item["video_id"] != video_id:
             raise FeatureError(video_id, str(self.path), f"unreadable: index points at {item['video_id']!r}")
         array = check_features(item["features"], video_id, self.path, self.feature_dim)
-        return resample_frames(array, self.num_frames).astype(np.float32)
+        return resample_frames(array, self.num_frames)
 
 
 def _open_streaming_dataset(path: Path) -> Any:

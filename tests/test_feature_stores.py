@@ -67,6 +67,8 @@ BAD_FILES = {
     "zero_frames": ("zero_frames.npy", np.zeros((0, D), np.float16), "empty"),
     "nan": ("nan.npy", np.full((3, D), np.nan, np.float16), "non-finite"),
     "inf": ("inf.npz", np.full((3, D), np.inf, np.float32), "non-finite"),
+    # before: finite as float64, so loaded; inf once cast to float32
+    "beyond_float32": ("huge.npy", np.full((3, D), 1e39), "non-finite: 24 NaN/inf values, 24 of them beyond"),
     "corrupt": ("corrupt.npy", b"\x93NUMPY garbage", "unreadable"),
     "empty_npz": ("empty_npz.npz", "empty archive", "unreadable"),
     "not_tensor": ("not_tensor.pt", {"x": 1}, "unreadable"),
@@ -288,6 +290,17 @@ def test_coverage_strict_and_lenient(folder):
     with pytest.raises(FeatureError, match=r"vid_nan.*vid_nan\.npy.*non-finite"):
         check_coverage(records, store, strict=True)
     assert check_coverage(records[:2], store, strict=True)[1].fraction == 1.0
+
+
+def test_values_beyond_float32_are_skipped_or_named_at_setup(folder):
+    """Before: they passed setup (100% coverage) and stopped the run at its test, strict=false or not."""
+    np.save(folder / "vid_huge.npy", np.concatenate([features(3), np.full((1, D), -1e39)]))
+    records = [record("a0", "vid_a", "x", 0, 1), record("h0", "vid_huge", "x", 0, 1)]
+    store = FolderFeatureStore(folder, num_frames=4, feature_dim=D)
+    usable, report = check_coverage(records, store)
+    assert [r.qid for r in usable] == ["a0"] and report.skipped_by_reason == {"non-finite": 1}
+    with pytest.raises(FeatureError, match=rf"{folder / 'vid_huge.npy'}\): non-finite: 8 NaN/inf values"):
+        check_coverage(records, store, strict=True)
 
 
 CHARADES = Path(__file__).resolve().parents[2] / "shared" / "data" / "charades_sta"

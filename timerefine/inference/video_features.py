@@ -174,7 +174,7 @@ def checked_features(
         array = check_features(array, name, name, feature_dim)
     except FeatureError as err:
         raise InputError(f"{name}: {err.reason} (the run reads {feature_dim}-d features)") from err
-    return resample_frames(array, num_frames).astype(np.float32)
+    return resample_frames(array, num_frames)
 
 
 def read_features(path: Path, feature_dim: int, num_frames: int) -> np.ndarray:
