@@ -140,6 +140,9 @@ class FolderFeatureStore:
             self._paths[video_id] = found[0]
         return self._paths[video_id]
 
+    def source(self, video_id: str) -> str:
+        return str(self.path(video_id))
+
     def load(self, video_id: str) -> np.ndarray:
         path = self.path(video_id)
         if not path.is_file() and not path.is_symlink():
@@ -179,6 +182,9 @@ class PackedFeatureStore:
         self.num_frames = num_frames or meta["num_frames"]
         self.index: dict[str, int] = meta["index"]
         self._dataset: Any = None
+
+    def source(self, video_id: str) -> str:
+        return str(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_dataset": None}  # each DataLoader worker opens its own reader

@@ -361,6 +361,16 @@ def test_every_store_serves_the_dataset_through_a_dataloader(folder, tmp_path, k
         unknown[0]
 
 
+def test_features_a_store_should_have_refused_are_named_by_their_file(folder, monkeypatch):
+    """Before: the error named the store class (FolderFeatureStore), and a float64 1e39 passed its
+    finite check to become inf at the cast to float32."""
+    store = FolderFeatureStore(folder, num_frames=10, feature_dim=D)
+    monkeypatch.setattr(store, "load", lambda video_id: np.full((10, D), 1e39))
+    dataset = GroundingDataset([record("q", "vid_b", "x", 0, 1)], store)
+    with pytest.raises(FeatureError, match=rf"\({folder / 'vid_b.npz'}\): features contain NaN or inf"):
+        dataset[0]
+
+
 def test_builtin_features_are_generated_once_up_to_the_cache_budget(monkeypatch):
     spec = BuiltinSpec(num_train=6, num_frames=10, feature_dim=D)
     monkeypatch.setattr(feature_stores, "GENERATED_CACHE_BYTES", 4 * 10 * D * 4)  # four videos' features
