@@ -159,6 +159,32 @@ class StoreMismatchError(ValueError):
     """A feature store that holds other features than the config asks for; the message names the key."""
 
 
+class StoreIndexError(ValueError):
+    """A packed store whose record (``timerefine_features.json``) is damaged; the message names it."""
+
+
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def read_packed_meta(path: Path) -> dict[str, Any]:
+    """A packed store's record: ``num_frames`` and ``feature_dim`` (>= 1) and ``index`` (video id to
+    item number); StoreIndexError naming the file when it is not JSON or lacks one of them."""
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:  # not JSON (a truncated file), not UTF-8
+        raise StoreIndexError(f"{path}: not JSON ({err}); pack the features again") from err
+    if not isinstance(meta, dict):
+        raise StoreIndexError(f"{path}: not a packed store record (a JSON object); pack the features again")
+    wrong = [key for key in ("num_frames", "feature_dim") if not _count(meta.get(key), 1)]
+    index = meta.get("index")
+    if not isinstance(index, dict) or not all(_count(item, 0) for item in index.values()):
+        wrong.append("index")
+    if wrong:
+        raise StoreIndexError(f"{path}: {', '.join(wrong)} missing or malformed; pack the features again")
+    return meta
+
+
 class PackedFeatureStore:
     """A litdata-optimized folder (see ``timerefine/tools/pack_features.py``), read by video id.
 
@@ -173,7 +199,7 @@ class PackedFeatureStore:
         meta_path = self.path / PACKED_META
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a packed feature store")
-        meta = json.loads(meta_path.read_text())
+        meta = read_packed_meta(meta_path)
         if feature_dim is not None and feature_dim != meta["feature_dim"]:
             raise StoreMismatchError(
                 f"data.source.feature_dim={feature_dim}: {self.path} holds {meta['feature_dim']}-d features"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_record
 from datamodules.coverage import check_coverage
 from datamodules.dataset import GroundingDataset
 from datamodules.feature_stores import (
+    PACKED_META,
     FolderFeatureStore,
     PackedFeatureStore,
+    StoreIndexError,
     StoreMismatchError,
     SyntheticFeatureStore,
     build_feature_store,
@@ -222,6 +225,23 @@ def test_pack_cli_counts_are_at_least_one(folder, tmp_path, capsys, option):
 def test_packed_store_rejects_plain_folder(folder):
     with pytest.raises(FileNotFoundError, match="not a packed feature store"):
         PackedFeatureStore(folder)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"num_frames": 10, "feature_dim": 8, "ind', "not JSON"),
+        ('{"num_frames": 10, "feature_dim": 8}', "index missing or malformed"),
+        ('{"num_frames": "10", "index": {"v": 0}}', "num_frames, feature_dim missing or malformed"),
+        ("[]", "not a packed store record"),
+    ],
+)
+def test_a_damaged_packed_store_record_is_one_error_naming_it(tmp_path, text, message):
+    """Before: a JSONDecodeError, KeyError or TypeError traceback."""
+    (tmp_path / PACKED_META).write_text(text)
+    with pytest.raises(StoreIndexError, match=f"^{re.escape(str(tmp_path / PACKED_META))}: {message}"):
+        PackedFeatureStore(tmp_path)
+    assert StoreIndexError in INPUT_ERRORS
 
 
 def record(qid: str, video_id: str, query: str, start: float, end: float, duration: float = 10.0):
