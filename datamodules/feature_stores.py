@@ -73,7 +73,7 @@ def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int
 
 
 def read_feature_file(path: Path) -> np.ndarray:
-    """Read one ``.npy`` / ``.npz`` (key ``features`` or the first array) / ``.pt`` (tensor) file."""
+    """Read one ``.npy`` / ``.npz`` (key ``features``, or its only array) / ``.pt`` (tensor) file."""
     suffix = path.suffix.lower()  # FEATURES.NPY too
     if suffix == ".npy":
         with open(path, "rb") as file:
@@ -84,7 +84,11 @@ def read_feature_file(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
             if not archive.files:
                 raise ValueError("the .npz archive holds no array")
-            return archive["features" if "features" in archive.files else archive.files[0]]
+            if "features" in archive.files:
+                return archive["features"]
+            if len(archive.files) > 1:  # which one is meant cannot be told
+                raise ValueError(f"several arrays ({', '.join(archive.files)}) and none named features")
+            return archive[archive.files[0]]
     import torch
 
     tensor = torch.load(path, map_location="cpu", weights_only=True)
