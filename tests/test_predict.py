@@ -133,11 +133,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     frameless = write_frameless(tmp_path / "frameless.mkv")
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((8, 32), np.float32))
-    huge = tmp_path / "huge.npy"  # finite as float64, inf as the float32 the model reads
-    np.save(huge, np.full((8, 16), 1e39))
     still = write_still(tmp_path / "still.png")
-    several = tmp_path / "several.npz"
-    np.savez(several, clip=np.zeros((8, 16)), slowfast=np.ones((8, 16)))
     pickled = tmp_path / "pickled.pt"  # a pickle that torch.load(weights_only=True) refuses, in ten lines
     pickled.write_bytes(pickle.dumps(print))
     no_ckpt = tmp_path / "no_ckpt"
@@ -195,16 +191,6 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "wrong feature size": (
             [str(wide), "--run", run, "--duration", "3", *query],
             f"{wide}: bad shape: expected (T, 16), got (8, 32)",
-        ),
-        # before: answered start=end=0 with "aux": [NaN, NaN], exit 0
-        "features beyond float32": (
-            [str(huge), "--run", run, "--duration", "3", *query],
-            f"{huge}: non-finite: 128 NaN/inf values, 128 of them beyond float32's range",
-        ),
-        # before: answered on the first array (clip)
-        "several arrays in a .npz": (
-            [str(several), "--run", run, "--duration", "3", *query],
-            f"{several}: unreadable feature file (ValueError: several arrays (clip, slowfast) and none named",
         ),
         "unreadable .pt features": (
             [str(pickled), "--run", run, "--duration", "3", *query],
@@ -267,8 +253,6 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "empty query",
         "no query",
         "wrong feature size",
-        "features beyond float32",
-        "several arrays in a .npz",
         "unreadable .pt features",
         "features without duration",
         "no checkpoint",
