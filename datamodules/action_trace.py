@@ -165,13 +165,14 @@ class ActionTraceFeatureStore:
     def load(self, video_id: str) -> np.ndarray:
         return self.generated.load(video_id)
 
+    def source(self, video_id: str) -> str:
+        return f"action_trace:seed={self.seed}"
+
     def _make(self, video_id: str) -> np.ndarray:
         timeline = self.timelines.get(video_id)
         if timeline is None:
             raise FeatureError(
-                video_id,
-                f"action_trace:seed={self.seed}",
-                "missing: no row with a length in Charades_v1_*.csv",
+                video_id, self.source(video_id), "missing: no row with a length in Charades_v1_*.csv"
             )
         scores = trace(timeline, self.spec, self.seed, self.num_frames)
         return (scores @ class_embeddings(self.seed, self.feature_dim)).astype(np.float32)

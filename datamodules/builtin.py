@@ -168,10 +168,13 @@ class BuiltinFeatureStore:
     def load(self, video_id: str) -> np.ndarray:
         return self.generated.load(video_id)
 
+    def source(self, video_id: str) -> str:
+        return f"builtin:{self.split}"
+
     def _make(self, video_id: str) -> np.ndarray:
         index = video_id.removeprefix(f"builtin_{self.split}_")
         if not (index.isdigit() and video_id != index and int(index) < split_videos(self.spec, self.split)):
-            raise FeatureError(video_id, f"builtin:{self.split}", "missing: not a video of this split")
+            raise FeatureError(video_id, self.source(video_id), "missing: not a video of this split")
         return make_sample(self.spec, self.split, int(index)).features
 
 

@@ -23,7 +23,8 @@ class GroundingDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index]
-        features = self.store.load(record.video_id)
+        with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf: refused below
+            features = np.asarray(self.store.load(record.video_id), dtype=np.float32)
         expected = (self.store.num_frames, self.store.feature_dim)
         if features.shape != expected:
             self._broken_contract(record.video_id, f"expected shape {expected}, got {features.shape}")
@@ -31,11 +32,11 @@ class GroundingDataset(Dataset):
             self._broken_contract(record.video_id, "features contain NaN or inf")
         return {
             "record": record,
-            "features": torch.from_numpy(np.asarray(features, dtype=np.float32)),
+            "features": torch.from_numpy(features),
             "epoch": epoch,
             "index": index,
         }
 
     def _broken_contract(self, video_id: str, reason: str) -> None:
-        """A store returned what it must not (stores check their own files): name the store."""
-        raise FeatureError(video_id, type(self.store).__name__, reason)
+        """A store returned what it must not (stores check their own files): name the file."""
+        raise FeatureError(video_id, self.store.source(video_id), reason)

@@ -55,7 +55,7 @@ def reason_kind(error: FeatureError) -> str:
 
 def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int) -> np.ndarray:
     """Validate a ``(T, feature_dim)`` array of real numbers (integers or floats: not complex, bool, ...)
-    with T > 0 and finite values; return it as ndarray."""
+    with T > 0 and values finite as float32 (a float64 1e39 is not); return it as a float32 copy."""
     array = np.asarray(array)
     if array.ndim != 2 or array.shape[1] != feature_dim:
         raise FeatureError(video_id, str(path), f"bad shape: expected (T, {feature_dim}), got {array.shape}")
@@ -63,14 +63,17 @@ def check_features(array: Any, video_id: str, path: str | Path, feature_dim: int
         raise FeatureError(video_id, str(path), f"bad shape: dtype {array.dtype} is not real numbers")
     if array.shape[0] == 0:
         raise FeatureError(video_id, str(path), "empty: zero frames")
-    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise FeatureError(video_id, str(path), f"non-finite: {bad} NaN/inf values")
-    return array
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf: counted below
+        values = array.astype(np.float32)
+    if bad := int(np.size(values) - np.count_nonzero(np.isfinite(values))):
+        beyond = bad - int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        why = f", {beyond} of them beyond float32's range" if beyond else ""
+        raise FeatureError(video_id, str(path), f"non-finite: {bad} NaN/inf values{why}")
+    return values
 
 
 def read_feature_file(path: Path) -> np.ndarray:
-    """Read one ``.npy`` / ``.npz`` (key ``features`` or the first array) / ``.pt`` (tensor) file."""
+    """Read one ``.npy`` / ``.npz`` (key ``features``, or its only array) / ``.pt`` (tensor) file."""
     suffix = path.suffix.lower()  # FEATURES.NPY too
     if suffix == ".npy":
         with open(path, "rb") as file:
@@ -81,7 +84,11 @@ def read_feature_file(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
             if not archive.files:
                 raise ValueError("the .npz archive holds no array")
-            return archive["features" if "features" in archive.files else archive.files[0]]
+            if "features" in archive.files:
+                return archive["features"]
+            if len(archive.files) > 1:  # which one is meant cannot be told
+                raise ValueError(f"several arrays ({', '.join(archive.files)}) and none named features")
+            return archive[archive.files[0]]
     import torch
 
     tensor = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,6 +144,9 @@ class FolderFeatureStore:
             self._paths[video_id] = found[0]
         return self._paths[video_id]
 
+    def source(self, video_id: str) -> str:
+        return str(self.path(video_id))
+
     def load(self, video_id: str) -> np.ndarray:
         path = self.path(video_id)
         if not path.is_file() and not path.is_symlink():
@@ -146,11 +156,37 @@ class FolderFeatureStore:
         except Exception as err:
             raise FeatureError(video_id, str(path), f"unreadable: {read_error(err)}") from err
         array = check_features(array, video_id, path, self.feature_dim)
-        return resample_frames(array, self.num_frames).astype(np.float32)
+        return resample_frames(array, self.num_frames)
 
 
 class StoreMismatchError(ValueError):
     """A feature store that holds other features than the config asks for; the message names the key."""
+
+
+class StoreIndexError(ValueError):
+    """A packed store whose record (``timerefine_features.json``) is damaged; the message names it."""
+
+
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def read_packed_meta(path: Path) -> dict[str, Any]:
+    """A packed store's record: ``num_frames`` and ``feature_dim`` (>= 1) and ``index`` (video id to
+    item number); StoreIndexError naming the file when it is not JSON or lacks one of them."""
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:  # not JSON (a truncated file), not UTF-8
+        raise StoreIndexError(f"{path}: not JSON ({err}); pack the features again") from err
+    if not isinstance(meta, dict):
+        raise StoreIndexError(f"{path}: not a packed store record (a JSON object); pack the features again")
+    wrong = [key for key in ("num_frames", "feature_dim") if not _count(meta.get(key), 1)]
+    index = meta.get("index")
+    if not isinstance(index, dict) or not all(_count(item, 0) for item in index.values()):
+        wrong.append("index")
+    if wrong:
+        raise StoreIndexError(f"{path}: {', '.join(wrong)} missing or malformed; pack the features again")
+    return meta
 
 
 class PackedFeatureStore:
@@ -167,7 +203,7 @@ class PackedFeatureStore:
         meta_path = self.path / PACKED_META
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a packed feature store")
-        meta = json.loads(meta_path.read_text())
+        meta = read_packed_meta(meta_path)
         if feature_dim is not None and feature_dim != meta["feature_dim"]:
             raise StoreMismatchError(
                 f"data.source.feature_dim={feature_dim}: {self.path} holds {meta['feature_dim']}-d features"
@@ -176,6 +212,9 @@ class PackedFeatureStore:
         self.num_frames = num_frames or meta["num_frames"]
         self.index: dict[str, int] = meta["index"]
         self._dataset: Any = None
+
+    def source(self, video_id: str) -> str:
+        return str(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_dataset": None}  # each DataLoader worker opens its own reader
@@ -192,7 +231,7 @@ class PackedFeatureStore:
         if item["video_id"] != video_id:
             raise FeatureError(video_id, str(self.path), f"unreadable: index points at {item['video_id']!r}")
         array = check_features(item["features"], video_id, self.path, self.feature_dim)
-        return resample_frames(array, self.num_frames).astype(np.float32)
+        return resample_frames(array, self.num_frames)
 
 
 def _open_streaming_dataset(path: Path) -> Any:

@@ -87,12 +87,13 @@ class SyntheticFeatureStore:
             self._cache.popitem(last=False)
         return features.copy()
 
+    def source(self, video_id: str) -> str:
+        return f"synthetic:seed={self.seed}"
+
     def _synthesize(self, video_id: str) -> np.ndarray:
         records = self.by_video.get(video_id)
         if not records:
-            raise FeatureError(
-                video_id, f"synthetic:seed={self.seed}", "missing: no annotation for this video"
-            )
+            raise FeatureError(video_id, self.source(video_id), "missing: no annotation for this video")
         rng = np.random.default_rng(stable_seed("video", self.seed, video_id))
         shape = (self.num_frames, self.feature_dim)
         features = rng.standard_normal(shape) * (self.noise / np.sqrt(self.feature_dim))

@@ -61,6 +61,10 @@ class FeatureStore(Protocol):
 
     def load(self, video_id: str) -> np.ndarray: ...
 
+    def source(self, video_id: str) -> str:
+        """Where ``video_id``'s features come from (its file, or what makes them), as errors name it."""
+        ...
+
 
 def resample_frames(features: np.ndarray, num_frames: int) -> np.ndarray:
     """Pick ``num_frames`` uniformly spaced rows (nearest) from a ``(T, D)`` array of any length T."""

@@ -94,6 +94,18 @@ def truncated_copy(video: Path, out: Path, keep: float) -> Path:
     return out
 
 
+def write_still(path: Path) -> Path:
+    """A 64 x 48 PNG image at ``path``, whatever its suffix (PyAV reads it as a one-frame video)."""
+    png = path.with_name(f"{path.name}.png")
+    with av.open(str(png), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return png.rename(path)
+
+
 def write_tiny_clip(folder: Path) -> Path:
     """A randomly initialised CLIP vision model with a 16-d projection, saved like a hub model."""
     config = CLIPVisionConfig(

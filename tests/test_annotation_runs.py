@@ -12,6 +12,7 @@ import pytest
 import train
 from datamodules.annotation_source import AnnotationSource, AnnotationSpec
 from datamodules.datamodule import DataSpec, GroundingDataModule
+from datamodules.feature_stores import PACKED_META
 from grounding.answer_format.timeline import UNIFORM99
 from grounding.records import EmptySplitError
 from tests import helpers
@@ -110,6 +111,20 @@ def test_no_usable_training_query_is_a_one_line_error(tmp_path, capsys):
     assert error.startswith(f"error: charades_sta train ({root / 'charades_sta_train.txt'}): ")
     assert "0 of 12 queries usable: 12 skipped (missing: 12)" in error and "TRA01" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_packed_store_is_a_one_line_error(tmp_path, capsys):
+    """Before: a JSONDecodeError traceback."""
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / PACKED_META).write_text('{"num_frames": 8, "feature_dim": 16, "ind')
+    overrides = tiny_run(
+        charades_root(tmp_path / "charades"),
+        tmp_path / "run",
+        "data.source.features=packed",
+        f"data.source.feature_path={tmp_path / 'packed'}",
+    )
+    assert train.main(overrides) == 2
+    assert one_line_error(capsys).startswith(f"error: {tmp_path / 'packed' / PACKED_META}: not JSON")
 
 
 def test_eval_split_without_usable_query_is_named_before_anything_is_written(tmp_path, capsys):

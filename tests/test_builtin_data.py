@@ -163,6 +163,9 @@ def test_dataset_items_and_feature_checks():
         def load(self, video_id):
             return self.array
 
+        def source(self, video_id):
+            return "broken"
+
     from datamodules.dataset import GroundingDataset
 
     bad_shape = GroundingDataset(data.records, Broken(np.zeros((3, 3), dtype=np.float32)))

@@ -14,7 +14,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithP
 
 from datamodules.feature_stores import FolderFeatureStore
 from grounding.answer_format.timeline import sample_frame_indices
-from tests.inference_runs import truncated_copy, write_moment_video
+from tests.inference_runs import truncated_copy, write_moment_video, write_still
 from timerefine.inference.frame_encoder import (
     ClipFrameEncoder,
     VideoDecodeError,
@@ -145,6 +145,20 @@ def test_extract_counts_or_raises_on_corrupt_video(tiny_clip, videos, tmp_path):
     report = extract(paths, encoder, tmp_path / "lenient", num_frames=4, workers=1)
     assert report.done == ["vid_a", "vid_b"] and list(report.failed) == ["vid_c"]
     assert "vid_c.mp4" in report.failed["vid_c"]
+
+
+def test_a_still_image_is_not_extracted_as_a_video(tiny_clip, videos, tmp_path):
+    """Before: a PNG named .mp4 and a one-frame video were encoded as videos of 0.04 s."""
+    write_still(videos / "still.mp4")
+    write_video(videos / "one_frame.mp4", frames=1)
+    encoder = ClipFrameEncoder(str(tiny_clip / "proj"))
+    report = extract(sorted(videos.iterdir()), encoder, tmp_path / "out", num_frames=4)
+    assert report.done == ["vid_a", "vid_b"] and sorted(report.failed) == ["one_frame", "still"]
+    for name in ("still", "one_frame"):
+        assert report.failed[name].endswith(
+            f"{videos / name}.mp4: a single frame (a still image?), not a video"
+        )
+        assert not (tmp_path / "out" / f"{name}.npy").exists()
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])

@@ -67,8 +67,16 @@ BAD_FILES = {
     "zero_frames": ("zero_frames.npy", np.zeros((0, D), np.float16), "empty"),
     "nan": ("nan.npy", np.full((3, D), np.nan, np.float16), "non-finite"),
     "inf": ("inf.npz", np.full((3, D), np.inf, np.float32), "non-finite"),
+    # before: finite as float64, so loaded; inf once cast to float32
+    "beyond_float32": ("huge.npy", np.full((3, D), 1e39), "non-finite: 24 NaN/inf values, 24 of them beyond"),
     "corrupt": ("corrupt.npy", b"\x93NUMPY garbage", "unreadable"),
     "empty_npz": ("empty_npz.npz", "empty archive", "unreadable"),
+    # before: the first array (clip) was read
+    "several_arrays": (
+        "several.npz",
+        {"clip": np.zeros((3, D)), "slowfast": np.zeros((3, D))},
+        r"unreadable: ValueError: several arrays \(clip, slowfast\) and none named features",
+    ),
     "not_tensor": ("not_tensor.pt", {"x": 1}, "unreadable"),
     # before: complex features were read with a ComplexWarning, their imaginary part dropped
     "complex": ("complex.npy", np.full((3, D), 1j, np.complex64), "bad shape: dtype complex64 is not real"),
@@ -87,6 +95,8 @@ def write_bad(root: Path, name: str, content: object) -> None:
         np.savez(path)  # an archive with no array
     elif path.suffix == ".pt":
         torch.save(content, path)
+    elif isinstance(content, dict):
+        np.savez(path, **content)
     elif path.suffix == ".npz":
         np.savez(path, features=content)
     elif content is not None:

@@ -111,6 +111,30 @@ def test_complex_features_are_refused_as_a_file_and_as_a_tensor(video_run, tmp_p
             grounder.ground(video, "a red square appears", duration=4.0)
 
 
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [  # before: answered start=end=0 with "aux": [NaN, NaN], exit 0
+        (
+            {"features": np.full((8, 16), 1e39)},
+            "non-finite: 128 NaN/inf values, 128 of them beyond float32's",
+        ),
+        # before: answered on the first array (clip)
+        (
+            {"clip": np.zeros((8, 16)), "slowfast": np.ones((8, 16))},
+            "unreadable feature file (ValueError: several arrays (clip, slowfast) and none named features)",
+        ),
+    ],
+)
+def test_features_are_read_as_the_model_reads_them(video_run, tmp_path, capsys, arrays, reason):
+    features = tmp_path / "features.npz"
+    np.savez(features, **arrays)
+    argv = [str(features), "--run", str(video_run.run_dir), "--duration", "3", "--query", "a red square"]
+    assert predict_main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {features}: {reason}"), captured.err
+    assert len(captured.err.splitlines()) == 1
+
+
 def test_encoder_options_apply_to_the_recorded_encoder_or_are_refused(video_run, capsys, monkeypatch):
     """Before: without --encoder, --fp16 and --no-projection were silently ignored (the recorded encoder
     was used as recorded), and with feature files every encoder flag was."""

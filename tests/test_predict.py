@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from tests.inference_runs import ROOT, VIDEOS, truncated_copy, write_moment_video
+from tests.inference_runs import ROOT, VIDEOS, truncated_copy, write_moment_video, write_still
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
 from timerefine.tools.predict import main, read_pairs
@@ -133,6 +133,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     frameless = write_frameless(tmp_path / "frameless.mkv")
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((8, 32), np.float32))
+    still = write_still(tmp_path / "still.png")
     pickled = tmp_path / "pickled.pt"  # a pickle that torch.load(weights_only=True) refuses, in ten lines
     pickled.write_bytes(pickle.dumps(print))
     no_ckpt = tmp_path / "no_ckpt"
@@ -177,6 +178,11 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "unreadable video": ([str(garbage), "--run", run, *query], f"{garbage}: not a readable video"),
         "no video stream": ([str(audio), "--run", run, *query], f"{audio}: has no video stream"),
         "no frame": ([str(frameless), "--run", run, *query], f"{frameless}: the video stream holds no frame"),
+        # before: answered over a video of 0.04 s, exit 0
+        "still image": (
+            [str(still), "--run", run, *query],
+            f"{still}: a single frame (a still image?), not a",
+        ),
         "empty query": (
             [red, "--run", run, "--query", "a", "--query", "  "],
             "--query 2: the query is empty",
@@ -243,6 +249,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "unreadable video",
         "no video stream",
         "no frame",
+        "still image",
         "empty query",
         "no query",
         "wrong feature size",

@@ -92,7 +92,8 @@ class VideoInfo:
 
 
 def probe_video(path: Path) -> VideoInfo:
-    """Duration, frame count and size of a video file; InputError for anything unusable."""
+    """Duration, frame count and size of a video file; InputError for anything unusable, a still image
+    (one frame, whose duration PyAV makes up) too."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
@@ -112,6 +113,8 @@ def probe_video(path: Path) -> VideoInfo:
         raise InputError(f"{path}: not a readable video ({type(err).__name__}: {err})") from err
     if frames == 0:
         raise InputError(f"{path}: the video stream holds no frame (shorter than one frame)")
+    if frames == 1:
+        raise InputError(f"{path}: a single frame (a still image?), not a video")
     return VideoInfo(duration, frames, width, height)
 
 
@@ -174,7 +177,7 @@ def checked_features(
         array = check_features(array, name, name, feature_dim)
     except FeatureError as err:
         raise InputError(f"{name}: {err.reason} (the run reads {feature_dim}-d features)") from err
-    return resample_frames(array, num_frames).astype(np.float32)
+    return resample_frames(array, num_frames)
 
 
 def read_features(path: Path, feature_dim: int, num_frames: int) -> np.ndarray:

@@ -3,7 +3,7 @@ one-line message and exit 2, without a traceback."""
 
 from __future__ import annotations
 
-from datamodules.feature_stores import StoreMismatchError
+from datamodules.feature_stores import StoreIndexError, StoreMismatchError
 from datamodules.query_control import QueryControlError
 from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
@@ -34,6 +34,7 @@ INPUT_ERRORS = (
     GgufError,
     RunStartError,
     StoreMismatchError,
+    StoreIndexError,
     NonFiniteLossError,
     TokenizerError,
     ReferenceChangedError,
