@@ -392,9 +392,13 @@ def test_the_api_answers_in_seconds_as_the_run_scored_them(tmp_path):
         )
 
 
-def test_a_pair_naming_a_key_twice_is_refused(tmp_path):
-    """Before: the last "query" was grounded, the first unread."""
+def test_a_bad_pair_is_named_by_its_line(tmp_path):
+    """Before: the last of a repeated "query" was grounded, the first unread."""
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"video": "a.mp4", "query": "x"}\n{"video": "a.mp4", "query": "x", "query": "y"}\n')
+    (tmp_path / "b.mp4").touch()
+    pairs.write_text('{"video": "b.mp4", "query": "x"}\n{"video": "b.mp4", "query": "x", "query": "y"}\n')
     with pytest.raises(InputError, match=f"^{pairs}:2: key 'query' appears twice"):
         read_pairs(pairs)
+    pairs.write_text('{"video": "a.mp4", "query": "x"}\n')
+    with pytest.raises(InputError, match=f"^{pairs}:1: {tmp_path / 'a.mp4'}: no such file"):
+        read_pairs(pairs)  # before: named the file, not the line naming it

@@ -80,6 +80,8 @@ def read_pairs(path: Path) -> list[Request]:
         if seconds is None and video.suffix.lower() in FEATURE_SUFFIXES:
             raise InputError(f'{where}: "duration" is needed with a feature file, which holds no time')
         video = video if video.is_absolute() else path.parent / video
+        if not video.exists():  # named by its line here: an unreadable one is named by its file later
+            raise InputError(f"{where}: {video}: no such file")
         requests.append(Request(video, query, seconds, where))
     if not requests:
         raise InputError(f"{path}: holds no (video, query) line")
