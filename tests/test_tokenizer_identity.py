@@ -1,5 +1,6 @@
 """A checkpoint's token ids mean the tokens of the tokenizer it carries: a resumed run continues with
-it, and refuses a run folder's tokenizer of other tokens (a local BPE trained on other annotations)."""
+it, and evaluation, inference and a run started from another refuse a checkpoint of another tokenizer
+(a local BPE trained on other annotations) in one line."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 import train
 from lightning_modules.tokenizer import folder_files, same_tokenizer, tokenizer_files
 from tests.helpers import tokenizer
+from timerefine.inference.run_loading import load_run
+from timerefine.inference.video_features import InputError
 
 SENTENCES = ("a person opens a door.", "someone sits on a chair.", "person holds a cup.")
 EDITED = "a woman juggles seven bright oranges quickly."  # the tester's one edited sentence
@@ -134,3 +138,39 @@ def test_a_resume_beside_another_tokenizer_is_refused_before_writing(runs, tmp_p
     assert f"{folder / 'checkpoints' / 'last.ckpt'} was trained with another tokenizer than" in line
     assert str(folder / "tokenizer") in line
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == written
+
+
+@pytest.mark.slow
+def test_another_runs_checkpoint_of_another_tokenizer_is_refused_where_it_loads(runs, tmp_path, capsys):
+    """Before: evaluate.py scored run b's checkpoint with run a's tokenizer, exit 0."""
+    run, other = runs
+    ckpt = other / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert evaluate.main([str(run), "--ckpt", str(ckpt), "--name", "other"]) == 2
+    reason = f"{ckpt} was trained with another tokenizer than {run / 'tokenizer'}"
+    assert one_error_line(capsys).startswith(f"error: {reason}")
+    assert not (run / "eval" / "other").exists()
+    with pytest.raises(InputError, match="was trained with another tokenizer than"):
+        load_run(run, str(ckpt))  # predict, export, the Python API
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer_dir", ["missing", "another run's"])
+def test_a_run_started_from_another_takes_the_tokenizer_of_its_checkpoint(
+    runs, tmp_path, capsys, tokenizer_dir
+):
+    """Before: with the started-from run's tokenizer folder missing, a tokenizer was trained anew on
+    this run's data, and that run's token rows were loaded under it."""
+    run, other = runs
+    start = tmp_path / "start"
+    shutil.copytree(run, start, ignore=shutil.ignore_patterns("tokenizer"))
+    if tokenizer_dir == "another run's":
+        shutil.copytree(other / "tokenizer", start / "tokenizer")
+    capsys.readouterr()
+    assert train.main(overrides(root_of(run), tmp_path / "next", f"init_from_run={start}")) == 2
+    line = one_error_line(capsys)
+    if tokenizer_dir == "missing":
+        assert line == f"error: init_from_run={start}: {start / 'tokenizer'}: missing (the run's tokenizer)"
+    else:
+        assert line.startswith(f"error: init_from_run={start}: ") and "with another tokenizer than" in line
+    assert not (tmp_path / "next").exists()

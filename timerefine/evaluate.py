@@ -15,7 +15,8 @@ Evaluation settings can: ``eval.protocol``, ``model.inference.*``, batch sizes, 
 precision, ``limit_test_batches``) and where the data is (``data.source.root``, ``annotation_files``,
 ``splits``, ``feature_path``, quirks, ``multi_window``), e.g. another test split. Training settings
 (``run_identity.TRAINING_ONLY``: the fit's length, validation, checkpointing, ``grpo.*``,
-``init_from_run``) are refused: an evaluation cannot change them.
+``init_from_run``) are refused: an evaluation cannot change them. A checkpoint trained with another
+tokenizer than the run's ``tokenizer/`` is refused too.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer)
     module = build_module(cfg, datamodule)
-    checkpoint = fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused
+    # unreadable, another tokenizer, unfit, other base: refused
+    checkpoint = fitting_checkpoint(module, ckpt, tokenizer, weights=False)
     if reason := checkpoint_identity_error(ckpt, checkpoint, module.hparams["config"]):
         raise CheckpointError(reason)
     trainer = build_trainer(cfg, output_dir, module)

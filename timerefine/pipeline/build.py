@@ -90,14 +90,20 @@ def build_tokenizer_for(
     carried: dict[str, bytes] | None = None,
 ) -> PreTrainedTokenizerBase:
     """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the one its
-    resume checkpoint ``carried``, else the one of the run it starts from (``init_from_run``), else
-    the pretrained one, else a local BPE trained on the training prompts and sample answers."""
+    resume checkpoint ``carried``, else the one of the run it starts from (``init_from_run``, whose
+    folder must hold it), else the pretrained one, else a local BPE trained on the training prompts
+    and sample answers."""
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         return saved_tokenizer(tokenizer_dir)
     if carried is not None:
         return tokenizer_from_files(carried)
-    if cfg.init_from_run and (started := Path(cfg.init_from_run) / "tokenizer").is_dir():
-        return saved_tokenizer(started)  # the run it starts from
+    if cfg.init_from_run:  # its checkpoint's token rows mean its tokenizer's tokens
+        started = Path(cfg.init_from_run) / "tokenizer"
+        if not started.is_dir():
+            raise FileNotFoundError(
+                f"init_from_run={cfg.init_from_run}: {started}: missing (the run's tokenizer)"
+            )
+        return saved_tokenizer(started)
     train, template = source.records("train"), resolve_template(cfg.data.prompt_template)
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
