@@ -8,6 +8,7 @@ are spelled digit by digit.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from grounding.answer_format.tokens import DIGITS, MARKERS, SIGNS, TOKEN_STYLES, VIDEO
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+FAST, CONFIG = "tokenizer.json", "tokenizer_config.json"  # files save_pretrained writes
 
 
 def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
@@ -74,11 +76,32 @@ def build_tokenizer(
     return add_grounding_tokens(tokenizer, style)
 
 
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """The files of a saved tokenizer's ``folder``, by name."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     """The files ``save_pretrained`` writes, by name (what a checkpoint keeps of its tokenizer)."""
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
-        return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+        return folder_files(Path(folder))
+
+
+def tokenizer_identity(files: dict[str, bytes]) -> dict[str, object]:
+    """What a saved tokenizer's token ids mean: its files but ``tokenizer_config.json`` (loading
+    metadata, such as where it was read from), with ``tokenizer.json`` parsed (vocabulary, merges,
+    added tokens, normalisation) and its padding and truncation settings left out."""
+    identity: dict[str, object] = {name: content for name, content in files.items() if name != CONFIG}
+    if FAST in files:
+        saved = json.loads(files[FAST])
+        identity[FAST] = {key: value for key, value in saved.items() if key not in ("padding", "truncation")}
+    return identity
+
+
+def same_tokenizer(files: dict[str, bytes], other: dict[str, bytes]) -> bool:
+    """Whether two saved tokenizers (:func:`tokenizer_files`) give every token id the same meaning."""
+    return tokenizer_identity(files) == tokenizer_identity(other)
 
 
 def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:

@@ -10,8 +10,10 @@ import av
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+import evaluate
 from datamodules.feature_stores import FolderFeatureStore
 from grounding.answer_format.timeline import sample_frame_indices
 from tests.inference_runs import truncated_copy, write_moment_video, write_still
@@ -22,6 +24,7 @@ from timerefine.inference.frame_encoder import (
     preprocess,
 )
 from timerefine.inference.video_features import InputError
+from timerefine.pipeline.config import load_config
 from timerefine.tools.extract_features import extract, main
 
 FRAMES = 20  # 2 s at 10 fps
@@ -212,6 +215,41 @@ def test_features_of_another_encoder_are_not_mixed_in(tiny_clip, videos, tmp_pat
     assert (out / "encoder.json").read_text() == recorded
     again = extract(paths, ClipFrameEncoder(str(tiny_clip / "proj")), out, num_frames=4)
     assert again.skipped == ["vid_a", "vid_b"]
+
+
+@pytest.mark.parametrize(
+    ("model", "frames", "refused"),
+    [("pooled", 4, "model "), ("proj", 5, "num_frames 4 -> 5"), ("proj", 4, None), (None, 4, None)],
+)
+def test_an_evaluation_on_features_of_another_encoder_is_refused(
+    tiny_clip, videos, tmp_path, capsys, model, frames, refused
+):
+    """Before: evaluate.py <run> data.source.feature_path=<features another encoder made> scored the
+    run on them, exit 0. A folder without encoder.json stays unchecked."""
+    paths = sorted(videos.iterdir())
+    extract(paths, ClipFrameEncoder(str(tiny_clip / "proj")), tmp_path / "trained", num_frames=4)
+    other = tmp_path / "other"
+    if model is None:
+        other.mkdir()
+    else:
+        extract(paths, ClipFrameEncoder(str(tiny_clip / model), model == "proj"), other, num_frames=frames)
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = [
+        "data=charades_sta",
+        "data.source.features=folder",
+        f"data.source.feature_path={tmp_path / 'trained'}",
+    ]
+    OmegaConf.save(load_config([*trained, f"output_dir={run}"]), run / "config.yaml")
+    capsys.readouterr()  # the encoders' loading bars
+    assert evaluate.main([str(run), f"data.source.feature_path={other}"]) == 2
+    error = capsys.readouterr().err.strip()
+    if refused is None:  # past the config checks: the run has no checkpoint
+        assert error.startswith("error: ") and str(run / "checkpoints") in error
+        return
+    records = f"{other / 'encoder.json'} records other features than the run's {tmp_path / 'trained' / 'encoder.json'}"
+    assert error.startswith(f"config error: data.source.feature_path={other}: {records} (")
+    assert len(error.splitlines()) == 1 and refused in error
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,11 @@ but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.c
 ``data.source.seed`` where the features are generated from it: built-in, synthetic, action traces).
 Evaluation settings can: ``eval.protocol``, ``model.inference.*``, batch sizes, ``trainer.*`` (devices,
 precision, ``limit_test_batches``) and where the data is (``data.source.root``, ``annotation_files``,
-``splits``, ``feature_path``, quirks, ``multi_window``), e.g. another test split. Training settings
+``splits``, ``feature_path``, quirks, ``multi_window``), e.g. another test split; but a ``feature_path``
+whose ``encoder.json`` records another encoder than the run's folder's is refused. Training settings
 (``run_identity.TRAINING_ONLY``: the fit's length, validation, checkpointing, ``grpo.*``,
-``init_from_run``) are refused: an evaluation cannot change them.
+``init_from_run``) are refused: an evaluation cannot change them. A checkpoint trained with another
+tokenizer than the run's ``tokenizer/`` is refused too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from grounding.checks import not_a_file
+from timerefine.inference.video_features import InputError, encoder_change_error
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
@@ -51,7 +54,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer)
     module = build_module(cfg, datamodule)
-    checkpoint = fitting_checkpoint(module, ckpt, weights=False)  # unreadable, unfit, other base: refused
+    # unreadable, another tokenizer, unfit, other base: refused
+    checkpoint = fitting_checkpoint(module, ckpt, tokenizer, weights=False)
     if reason := checkpoint_identity_error(ckpt, checkpoint, module.hparams["config"]):
         raise CheckpointError(reason)
     trainer = build_trainer(cfg, output_dir, module)
@@ -98,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_run_config(args.run_dir, args.overrides)
-        if reason := identity_error(trained, cfg) or training_only_error(trained, cfg):
+        if reason := (
+            identity_error(trained, cfg)
+            or training_only_error(trained, cfg)
+            or encoder_change_error(trained, cfg)
+        ):
             raise ConfigError(reason)
-    except ConfigError as error:
+    except (ConfigError, InputError) as error:  # InputError: an encoder record that cannot be read
         print(f"config error: {error}", file=sys.stderr)
         return 2
     try:

@@ -18,14 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
+from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.outputs import print_summary, save_config, scores, write_metrics
-from timerefine.pipeline.previous_run import check_same_settings, finished
-from timerefine.pipeline.resume import checkpoint_file, resume_checkpoint
+from timerefine.pipeline.previous_run import carried_tokenizer, check_same_settings, finished
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
+from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
 from timerefine.pipeline.schema import half_weights_trained
 from timerefine.pipeline.selection import chosen_on_test
 
@@ -42,14 +44,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if finished(cfg, output_dir):
         log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
         return json.loads((output_dir / "metrics.json").read_text())
+    tokenizer_dir, carried, resumed = output_dir / "tokenizer", None, None
     if checkpoint is not None:
-        log.info("resuming from %s", checkpoint_file(checkpoint, output_dir))
+        resumed = checkpoint_file(checkpoint, output_dir)
+        log.info("resuming from %s", resumed)
+        carried = carried_tokenizer(resumed, tokenizer_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg, tokenizer_dir=output_dir / "tokenizer")
+    datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer_dir, carried=carried)
     datamodule.setup()  # read and check every split before anything is written
     module = build_module(cfg, datamodule)
-    if checkpoint not in (None, "hpc"):
-        module.check_base(Path(checkpoint))  # other base weights: refused before anything is written
+    if resumed is not None:  # refused before anything is written: other base weights, another tokenizer
+        module.check_base(resumed)
+        if reason := checkpoint_tokenizer_error(
+            resumed, trainer_state(resumed), module.tokenizer, tokenizer_dir
+        ):
+            raise CheckpointError(reason)
     trainer = build_trainer(cfg, output_dir, module)
     if errors := list(empty_loops(trainer, datamodule)):
         raise ConfigError("; ".join(errors))
@@ -60,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # an earlier end's; written when this run ends
         save_config(cfg, output_dir)
-        module.tokenizer.save_pretrained(output_dir / "tokenizer")
+        module.tokenizer.save_pretrained(tokenizer_dir)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     if any(getattr(callback, "requeued", False) for callback in trainer.callbacks):

@@ -118,12 +118,13 @@ def run_checkpoint(run_dir: Path, ckpt: str) -> Path:
         raise InputError(str(err)) from err
 
 
-def load_checkpoint(module: GroundingModule, path: Path) -> None:
-    """Give ``module`` the weights of a Lightning checkpoint (a file, or a sharded folder); the frozen
-    base weights a checkpoint leaves out come from the rebuilt module. InputError when the file cannot
-    be read, holds no weights that fit the run's model, or was trained on other base weights."""
+def load_checkpoint(module: GroundingModule, path: Path, tokenizer_dir: Path) -> None:
+    """Give ``module`` (its tokenizer read from ``tokenizer_dir``) the weights of a Lightning checkpoint
+    (a file, or a sharded folder); the frozen base weights a checkpoint leaves out come from the
+    rebuilt module. InputError when the file cannot be read, holds no weights that fit the run's
+    model, was trained on other base weights, with another config or another tokenizer."""
     try:
-        checkpoint = fitting_checkpoint(module, path)
+        checkpoint = fitting_checkpoint(module, path, tokenizer_dir)
     except CheckpointError as error:
         raise InputError(str(error)) from error
     except BaseWeightsError as error:
@@ -138,7 +139,7 @@ def load_run(run_dir: Path, ckpt: str = "best", device: str = "cpu") -> LoadedRu
     cfg = run_config(run_dir)
     path = run_checkpoint(run_dir, ckpt)
     module, collator = build_untrained(cfg, run_dir / "tokenizer")
-    load_checkpoint(module, path)
+    load_checkpoint(module, path, run_dir / "tokenizer")
     return LoadedRun(cfg, module.to(device), collator, path)
 
 

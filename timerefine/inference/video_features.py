@@ -16,7 +16,9 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from datamodules.annotation_source import STORED_FEATURES
 from datamodules.feature_stores import SUFFIXES, check_features, read_error, read_feature_file, tensor_array
 from grounding.records import FeatureError, resample_frames
 from timerefine.inference.frame_encoder import (
@@ -81,6 +83,28 @@ def recorded_encoder(feature_dir: str | Path | None) -> EncoderSpec | None:
     """The encoder recorded next to a feature folder, or None when there is no record."""
     record = Path(feature_dir) / ENCODER_RECORD if feature_dir else None
     return EncoderSpec.read(record) if record is not None and record.is_file() else None
+
+
+def encoder_change_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
+    """One line naming both records when the run's feature folder and the one ``evaluated`` reads
+    (``data.source.feature_path``) both record their encoder (``encoder.json``) and the two differ in
+    the model, its output or precision, or the frames per video: the run would read features that mean
+    something else. None otherwise: a folder without a record is not checked. InputError when a record
+    cannot be read."""
+    key = "data.source.feature_path"
+    old, new = (OmegaConf.select(cfg, key, default=None) for cfg in (trained, evaluated))
+    if old is None or new is None or old == new or evaluated.data.source.features not in STORED_FEATURES:
+        return None
+    was, now = recorded_encoder(old), recorded_encoder(new)
+    if was is None or now is None or was == now:
+        return None
+    changed = ", ".join(
+        f"{k} {v} -> {now.as_dict()[k]}" for k, v in was.as_dict().items() if now.as_dict()[k] != v
+    )
+    return (
+        f"{key}={new}: {Path(new) / ENCODER_RECORD} records other features than the run's "
+        f"{Path(old) / ENCODER_RECORD} ({changed}); the run reads features of the encoder it was trained on"
+    )
 
 
 @dataclass(frozen=True)

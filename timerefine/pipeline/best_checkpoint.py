@@ -13,6 +13,7 @@ import torch
 
 from callbacks.lightning_compat import load_sharded_checkpoint, sharded_checkpoint_metadata
 from timerefine.pipeline.resume import CheckpointError
+from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
 
 if TYPE_CHECKING:
     from lightning_modules.grounding_module import GroundingModule
@@ -72,12 +73,19 @@ def nonfinite(state: Mapping[str, torch.Tensor], parameters: set[str]) -> str | 
     return None
 
 
-def fitting_checkpoint(module: GroundingModule, path: Path, weights: bool = True) -> dict[str, Any]:
+def fitting_checkpoint(
+    module: GroundingModule, path: Path, tokenizer_from: Path | str, weights: bool = True
+) -> dict[str, Any]:
     """The checkpoint at ``path`` (``weights=False``: its tensors mapped, not read), completed by
     ``module.on_load_checkpoint`` with the frozen base weights it left out. CheckpointError when it
-    cannot be read or its weights do not fit ``module``; BaseWeightsError when it was trained on other
-    base weights. A sharded folder read without weights is its metadata, checked when loaded."""
+    cannot be read, carries another tokenizer than the module's (read from ``tokenizer_from``) or its
+    weights do not fit ``module``; BaseWeightsError when it was trained on other base weights. A
+    sharded folder read without weights is its metadata, its weights checked when loaded."""
     checkpoint = read_checkpoint(path, weights)
+    if isinstance(checkpoint, dict) and (
+        reason := checkpoint_tokenizer_error(path, checkpoint, module.tokenizer, tokenizer_from)
+    ):
+        raise CheckpointError(reason)
     if path.is_dir() and not weights:
         return checkpoint
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

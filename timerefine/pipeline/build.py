@@ -42,7 +42,7 @@ from lightning_modules.language_model import build_language_model, grounding_tok
 from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.projector import video_token_count
 from lightning_modules.released_weights import load_released_heads
-from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer
+from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer, tokenizer_from_files
 from lightning_modules.trainable import apply_trainable
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
@@ -73,19 +73,37 @@ def build_source(data: DictConfig) -> DataSource:
     return annotation_source(data.name, spec)
 
 
+def saved_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """A run's tokenizer saved in ``folder``; TokenizerError naming it when it cannot be read."""
+    try:
+        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder))
+    except (ValueError, OSError) as error:  # a truncated or edited tokenizer.json (JSONDecodeError)
+        reason = " ".join(str(error).split())
+        raise TokenizerError(f"{folder}: the run's tokenizer cannot be read ({reason})") from error
+
+
 def build_tokenizer_for(
-    cfg: DictConfig, source: DataSource, schedule: RefineSchedule, tokenizer_dir: Path | None
+    cfg: DictConfig,
+    source: DataSource,
+    schedule: RefineSchedule,
+    tokenizer_dir: Path | None,
+    carried: dict[str, bytes] | None = None,
 ) -> PreTrainedTokenizerBase:
-    """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the
-    pretrained one, else a local BPE trained on the training prompts and sample answers."""
-    if (tokenizer_dir is None or not tokenizer_dir.is_dir()) and cfg.init_from_run:
-        tokenizer_dir = Path(cfg.init_from_run) / "tokenizer"  # the run it starts from
+    """The run's saved tokenizer when ``tokenizer_dir`` exists (resume, evaluation), else the one its
+    resume checkpoint ``carried``, else the one of the run it starts from (``init_from_run``, whose
+    folder must hold it), else the pretrained one, else a local BPE trained on the training prompts
+    and sample answers."""
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        try:
-            return add_grounding_tokens(AutoTokenizer.from_pretrained(tokenizer_dir))
-        except (ValueError, OSError) as error:  # a truncated or edited tokenizer.json (JSONDecodeError)
-            reason = " ".join(str(error).split())
-            raise TokenizerError(f"{tokenizer_dir}: the run's tokenizer cannot be read ({reason})") from error
+        return saved_tokenizer(tokenizer_dir)
+    if carried is not None:
+        return tokenizer_from_files(carried)
+    if cfg.init_from_run:  # its checkpoint's token rows mean its tokenizer's tokens
+        started = Path(cfg.init_from_run) / "tokenizer"
+        if not started.is_dir():
+            raise FileNotFoundError(
+                f"init_from_run={cfg.init_from_run}: {started}: missing (the run's tokenizer)"
+            )
+        return saved_tokenizer(started)
     train, template = source.records("train"), resolve_template(cfg.data.prompt_template)
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
@@ -123,13 +141,17 @@ def answer_codec(
 
 
 def build_datamodule(
-    cfg: DictConfig, tokenizer_dir: Path | None = None, source: DataSource | None = None
+    cfg: DictConfig,
+    tokenizer_dir: Path | None = None,
+    source: DataSource | None = None,
+    carried: dict[str, bytes] | None = None,
 ) -> GroundingDataModule:
     """The datamodule of ``source`` (default: ``data``'s) with its collator and the answer codec (the
     tokenizer and the refinement schedule) that the module shares; see :func:`build_tokenizer_for`."""
     source, model = source or build_source(cfg.data), OmegaConf.to_object(cfg.model)
     schedule = model.refine  # every use of K reads it
-    codec = answer_codec(cfg, build_tokenizer_for(cfg, source, schedule, tokenizer_dir), schedule)
+    tokenizer = build_tokenizer_for(cfg, source, schedule, tokenizer_dir, carried)
+    codec = answer_codec(cfg, tokenizer, schedule)
     generated = model.inference.new_tokens(codec.answer_length())
     video_tokens = video_token_count(source.num_frames, model.projector.frames_per_token)
     stamped = model.projector.temporal_embedding == "text"  # answer_codec checked their length

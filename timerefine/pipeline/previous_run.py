@@ -4,6 +4,7 @@ with, and a finished run is not run again."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.config import ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
-from timerefine.pipeline.resume import checkpoint_file
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file
+
+log = logging.getLogger(__name__)
 
 # How a run is carried out, not what it computes: a finished run re-run with only these changed is done.
 INCIDENTAL = (
@@ -109,3 +112,20 @@ def finished(cfg: DictConfig, output_dir: Path) -> bool:
     old = OmegaConf.to_container(with_schema_defaults(saved_config(saved)), resolve=True)
     changed = changes(old, OmegaConf.to_container(cfg, resolve=True))
     return all(key in INCIDENTAL or (key == "test" and now is False) for key, (_, now) in changed.items())
+
+
+def carried_tokenizer(checkpoint: Path, tokenizer_dir: Path) -> dict[str, bytes] | None:
+    """The tokenizer files the resume ``checkpoint`` carries when the run's ``tokenizer_dir`` is missing
+    (deleted, a run copied without it, another run's checkpoint resumed in a new folder): the run
+    continues with the tokenizer its weights were trained with, never one trained anew from today's
+    annotations; None when the folder is there. CheckpointError when the checkpoint carries none."""
+    if tokenizer_dir.is_dir():
+        return None
+    files = trainer_state(checkpoint).get("tokenizer_files")
+    if files is None:
+        raise CheckpointError(
+            f"{tokenizer_dir}: missing, and {checkpoint} carries no tokenizer: its token ids mean nothing "
+            "known; put the run's tokenizer back"
+        )
+    log.info("%s: missing; restored from the tokenizer %s carries", tokenizer_dir, checkpoint)
+    return files

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from datamodules.annotation_source import STORED_FEATURES
+from lightning_modules.tokenizer import same_tokenizer, tokenizer_files
 from timerefine.pipeline.config import ConfigError, with_schema_defaults
 from timerefine.pipeline.config_diff import changes
 
@@ -140,3 +142,16 @@ def checkpoint_identity_error(
     recorded = checkpoint.get("hyper_parameters", {}).get("config")
     reason = None if recorded is None else recorded_identity_error(recorded, config)
     return reason and f"{path} was trained otherwise than the run's config.yaml says: {reason}"
+
+
+def checkpoint_tokenizer_error(
+    path: Path, checkpoint: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, own: Path | str
+) -> str | None:
+    """One line naming ``path`` when the tokenizer its ``checkpoint`` carries is not ``tokenizer`` (named
+    ``own``), which it is about to be used with (another run's checkpoint; a run whose tokenizer was
+    trained on other annotations): its token ids, the embedding rows, would mean other tokens; None
+    when they agree or the checkpoint carries no tokenizer."""
+    carried = checkpoint.get("tokenizer_files")
+    if carried is None or same_tokenizer(carried, tokenizer_files(tokenizer)):
+        return None
+    return f"{path} was trained with another tokenizer than {own}: its token ids would mean other tokens"
