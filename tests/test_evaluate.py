@@ -64,6 +64,9 @@ def test_best_is_the_recorded_best_checkpoint(run, capsys):
     # train.py tested the best checkpoint its ModelCheckpoint knew: the same numbers.
     trained = json.loads((run / "metrics.json").read_text())
     assert metrics["test/mIoU"] == trained["test/mIoU"] and metrics["test/coverage"] == 100.0
+    # which weights each scored (before: neither said; the run's global_step, 10, is not always the best's)
+    best = str(checkpoints / "best-step10.ckpt")
+    assert (metrics["checkpoint"], metrics["checkpoint/step"]) == (trained["checkpoint"], 10) == (best, 10)
     for key, value in metrics.items():  # float32 values are written as their shortest decimal
         baseline = key.startswith(("prior/", "best_action/"))  # float64 arithmetic, kept whole
         assert baseline or not isinstance(value, float) or repr(value) == str(np.float32(value))
@@ -75,6 +78,10 @@ def test_partial_evaluation_reports_its_coverage(run):
     assert evaluate.main([str(run), "--ckpt", "last", "--name", "partial", *overrides]) == 0
     metrics = eval_metrics(run, "partial")
     assert metrics["test/queries"] == 4 and metrics["test/coverage"] == 50.0
+    evaluated = OmegaConf.load(
+        run / "eval" / "partial" / "config.yaml"
+    )  # before: the overrides left no trace
+    assert evaluated.trainer.limit_test_batches == 1 and evaluated.data.eval_batch_size == 4
 
 
 @pytest.mark.slow

@@ -95,6 +95,9 @@ def test_metrics_json(first):
     assert {key: metrics.pop(key) for key in scored_by} == scored_by
     assert metrics.pop("trainer/precision") in ("bf16-mixed", "32-true")  # auto, chosen for this machine
     assert metrics.pop("trainer/precision_reason").startswith("auto: ")
+    # the weights scored: the best checkpoint (val/parse_fail never improves after step 15)
+    best = first.output_dir / "checkpoints" / "best-step15.ckpt"
+    assert (metrics.pop("checkpoint"), metrics["checkpoint/step"]) == (str(best), 15)
     for key, value in metrics.items():
         assert isinstance(key, str)
         assert value is None or (isinstance(value, int | float) and math.isfinite(value)), (key, value)
@@ -140,7 +143,9 @@ def test_checkpoints_and_logs(first):
     assert "train/loss" in first.csv_rows[0] and "val/mIoU" in first.csv_rows[0]
     trained = [r for r in first.csv_rows if r.get("train/loss")]
     assert len(trained) == 30 and all(math.isfinite(float(r["train/loss"])) for r in trained)
-    assert sum(1 for r in first.csv_rows if r.get("val/mIoU")) >= 2
+    # the fit's validations, after steps 15 and 30 (Lightning's step column: the last batch's index);
+    # before, the best checkpoint's (step 15's) scores were also logged at step 30 as if the model of step 30's
+    assert [int(r["step"]) for r in first.csv_rows if r.get("val/mIoU")] == [14, 29]
     events = list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(e.stat().st_size > 0 for e in events)
     assert (out / "tokenizer" / "tokenizer.json").is_file()

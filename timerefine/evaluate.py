@@ -4,7 +4,8 @@
     python evaluate.py runs/x --ckpt last trainer.devices=2 trainer.strategy=ddp model.inference.final=aux
 
 Writes ``<run>/eval/<name>/metrics.json`` (with the baselines ``prior/*`` and ``best_action/*`` on the
-queries tested) and ``predictions/test.jsonl``; overrides apply on top of the run's saved config.yaml
+queries tested, and the ``checkpoint`` scored with its ``checkpoint/step``), ``config.yaml`` (the config
+evaluated) and ``predictions/test.jsonl``, replacing an earlier evaluation of that name; overrides apply on top of the run's saved config.yaml
 (same checks as train.py; a saved key nothing reads is an error too).
 What the run was trained as cannot be overridden (timerefine/pipeline/run_identity.py): ``model.*``
 but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.chat_template``,
@@ -40,9 +41,11 @@ from timerefine.pipeline.build import build_datamodule, build_module, build_trai
 from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
-from timerefine.pipeline.outputs import print_summary, scores, write_metrics
+from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import checkpoint_identity_error, identity_error, training_only_error
+
+log = logging.getLogger("evaluate")
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
@@ -63,8 +66,11 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
         raise ConfigError("; ".join(errors))
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= baseline_scores(cfg, trainer, datamodule)
-    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg)
+    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg) | scored_weights(ckpt)
     if trainer.is_global_zero:
+        if (output_dir / "metrics.json").is_file():
+            log.info("%s: replacing the evaluation there", output_dir)
+        save_config(cfg, output_dir)  # what was evaluated: the run's config with the overrides given
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)
     return metrics

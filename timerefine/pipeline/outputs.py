@@ -13,6 +13,7 @@ from rich.table import Table
 
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS
+from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.whole_files import write_whole
 
 HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")
@@ -24,6 +25,19 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
     (:func:`~timerefine.pipeline.previous_run.check_same_settings`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_whole(output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def scored_weights(
+    checkpoint: str | Path | None, final_step: int | None = None
+) -> dict[str, str | int | None]:
+    """The ``metrics.json`` entries naming the weights scored: a checkpoint file and the step it holds,
+    or (None) the fit's final weights at ``final_step``."""
+    if not checkpoint:
+        return {"checkpoint": "final weights", "checkpoint/step": final_step}
+    return {
+        "checkpoint": str(checkpoint),
+        "checkpoint/step": int(trainer_state(Path(checkpoint))["global_step"]),
+    }
 
 
 def scores(results: list[dict[str, float]]) -> dict[str, float]:
