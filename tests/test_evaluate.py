@@ -65,8 +65,8 @@ def test_best_is_the_recorded_best_checkpoint(run, capsys):
     trained = json.loads((run / "metrics.json").read_text())
     assert metrics["test/mIoU"] == trained["test/mIoU"] and metrics["test/coverage"] == 100.0
     # which weights each scored (before: neither said; the run's global_step, 10, is not always the best's)
-    best = str(checkpoints / "best-step10.ckpt")
-    assert (metrics["checkpoint"], metrics["checkpoint/step"]) == (trained["checkpoint"], 10) == (best, 10)
+    scored = (metrics["checkpoint"], metrics["checkpoint/step"])
+    assert scored == (trained["checkpoint"], 10) == ("checkpoints/best-step10.ckpt", 10)
     for key, value in metrics.items():  # float32 values are written as their shortest decimal
         baseline = key.startswith(("prior/", "best_action/"))  # float64 arithmetic, kept whole
         assert baseline or not isinstance(value, float) or repr(value) == str(np.float32(value))

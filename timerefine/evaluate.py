@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
         raise ConfigError("; ".join(errors))
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
     metrics |= baseline_scores(cfg, trainer, datamodule)
-    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg) | scored_weights(ckpt)
+    metrics |= datamodule.coverage(metrics) | recorded_conventions(cfg) | scored_weights(ckpt, run_dir)
     if trainer.is_global_zero:
         if (output_dir / "metrics.json").is_file():
             log.info("%s: replacing the evaluation there", output_dir)

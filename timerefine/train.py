@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics |= (
         datamodule.coverage(metrics)
         | recorded_conventions(cfg)
-        | scored_weights(evaluated, trainer.global_step)
+        | scored_weights(evaluated, output_dir, trainer.global_step)
     )
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)

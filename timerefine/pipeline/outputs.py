@@ -28,15 +28,17 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 
 
 def scored_weights(
-    checkpoint: str | Path | None, final_step: int | None = None
+    checkpoint: str | Path | None, run_dir: Path, final_step: int | None = None
 ) -> dict[str, str | int | None]:
-    """The ``metrics.json`` entries naming the weights scored: a checkpoint file and the step it holds,
-    or (None) the fit's final weights at ``final_step``."""
+    """The ``metrics.json`` entries naming the weights scored: a checkpoint file (relative to ``run_dir``
+    when in it, so a moved or copied run still names it) and the step it holds, or (None) the fit's
+    final weights at ``final_step``."""
     if not checkpoint:
         return {"checkpoint": "final weights", "checkpoint/step": final_step}
+    path, folder = Path(checkpoint).resolve(), run_dir.resolve()
     return {
-        "checkpoint": str(checkpoint),
-        "checkpoint/step": int(trainer_state(Path(checkpoint))["global_step"]),
+        "checkpoint": str(path.relative_to(folder) if path.is_relative_to(folder) else path),
+        "checkpoint/step": int(trainer_state(path)["global_step"]),
     }
 
 
