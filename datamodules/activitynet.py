@@ -7,16 +7,14 @@ import numbers
 from pathlib import Path
 
 from datamodules.quirks import (
-    DuplicateKey,
     MissingAnnotationFile,
     QuirkError,
     QuirkPolicy,
     QuirkReport,
     resolve_segment,
-    unique_keys,
 )
-from grounding.action_timelines import utf8_text
 from grounding.records import GroundingRecord
+from grounding.text_files import DuplicateKey, unique_keys, utf8_text
 
 SPLITS = ("train", "val_1", "val_2")
 
@@ -61,7 +59,7 @@ def parse_activitynet(
             continue
         if (given := entry.get("duration")) is not None and not _is_number(given):  # "30.0", true
             detail = f"'duration' must be a number of seconds, got {given!r}"
-            report.malformed(where, detail, policy, len(timestamps))
+            report.malformed(where, detail, policy, len(timestamps) or 1)
             continue
         duration = None if given is None else float(given)
         for i, (stamp, sentence) in enumerate(zip(timestamps, sentences, strict=True)):

@@ -17,19 +17,12 @@ from datamodules.quirks import (
     text_lines,
 )
 from grounding.records import GroundingRecord
+from grounding.text_files import seconds
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 CSV_NAMES = ("Charades_v1_train.csv", "Charades_v1_test.csv")
-
-
-def seconds(text: str | None) -> float:
-    """A number of seconds as the files write it; ValueError for anything else (``float`` would also
-    read ``6_9`` as 69)."""
-    if text is None or "_" in text:
-        raise ValueError(f"not a number: {text!r}")
-    return float(text)
 
 
 def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict[str, float]:
@@ -50,16 +43,16 @@ def read_durations(csv_paths: Iterable[str | Path], strict: bool = True) -> dict
                 length = seconds(row["length"])
             except ValueError:
                 length = math.nan
-            if video_id in rows_of and durations.get(video_id) != length:
-                problem = f"{where}: video {video_id}: length {row['length']!r}, another than on {rows_of[video_id]}"
+            given = f"{where}: video {video_id}: length {row['length']!r}"
+            if not (math.isfinite(length) and length > 0):
+                problem = f"{given} is not a duration in seconds > 0"
+            elif video_id in rows_of and durations.get(video_id) != length:
+                problem = f"{given}, another than on {rows_of[video_id]}"
                 durations.pop(video_id, None)
-            elif math.isfinite(length) and length > 0:
-                durations[video_id], rows_of[video_id] = length, where
+            else:  # its first row, or another that agrees
+                durations[video_id] = length
+                rows_of.setdefault(video_id, where)
                 continue
-            else:
-                problem = (
-                    f"{where}: video {video_id}: length {row['length']!r} is not a duration in seconds > 0"
-                )
             if strict:
                 raise QuirkError(problem)
             log.warning("%s; its queries have no duration (counted as unknown_video)", problem)

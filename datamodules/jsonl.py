@@ -15,16 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from datamodules.quirks import (
-    DuplicateKey,
     MissingAnnotationFile,
     QuirkPolicy,
     QuirkReport,
     resolve_windows,
     text_lines,
-    unique_keys,
 )
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import GroundingRecord
+from grounding.text_files import DuplicateKey, unique_keys
 
 FIELDS = ("qid", "query", "video_id", "duration", "windows")
 # Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP

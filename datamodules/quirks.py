@@ -11,12 +11,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from grounding.answer_format.prompts import normalize_query, query_error
 from grounding.checks import Checked, checked, one_of
 from grounding.metrics.windows import target_window
 from grounding.records import GroundingRecord
+from grounding.text_files import decoded_line
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,6 @@ TIME_TOLERANCE = 1e-6
 
 class QuirkError(ValueError):
     """An annotation problem that the policy says must stop parsing; the message names file and line."""
-
-
-class DuplicateKey(ValueError):
-    """A JSON object that names one key twice: ``json`` would keep the last value, the first unread."""
-
-
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`DuplicateKey` naming a repeated key."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise DuplicateKey(f"key {key!r} appears twice in one object (JSON would keep only the last)")
-        seen.add(key)
-    return dict(pairs)
 
 
 class MissingAnnotationFile(FileNotFoundError):
@@ -139,10 +125,9 @@ def text_lines(path: Path, report: QuirkReport, policy: QuirkPolicy) -> Iterator
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                detail = f"not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
-                report.malformed(f"{path}:{lineno}", detail, policy)
+                line = decoded_line(raw, lineno)
+            except ValueError as err:
+                report.malformed(f"{path}:{lineno}", str(err), policy)
                 continue
             if line.strip():
                 yield lineno, line

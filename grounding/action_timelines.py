@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from grounding.text_files import seconds, utf8_text
 
 NUM_CLASSES = 157
 _ACTION = re.compile(r"c(\d{3}) (\d+(?:\.\d*)?) (\d+(?:\.\d*)?)")
@@ -52,22 +55,13 @@ def parse_actions(cell: str, duration: float, where: str) -> tuple[Action, ...]:
     return tuple(actions)
 
 
-def utf8_text(path: Path) -> str:
-    """The text of a UTF-8 file without a byte order mark; ValueError naming the line of a byte that is
-    not UTF-8."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
-
-
 def read_timelines(csv_paths: Iterable[str | Path]) -> dict[str, Timeline]:
     """Video id -> Timeline from Charades CSVs named ``Charades_v1_<split>.csv``; rows whose
-    ``length`` is not a positive number are left out (their videos then have no timeline). A line
+    ``length`` is not a positive number are left out (their videos then have no timeline), and so are
+    videos given two lengths (the annotation reader refuses them, or leaves their queries out). A line
     that is not UTF-8 or an ``actions`` cell that is no list of actions is a ValueError naming it."""
     timelines: dict[str, Timeline] = {}
+    twice: set[str] = set()
     for path in map(Path, csv_paths):
         split = path.stem.rpartition("_")[2]
         reader = csv.DictReader(io.StringIO(utf8_text(path), newline=""))
@@ -75,11 +69,14 @@ def read_timelines(csv_paths: Iterable[str | Path]) -> dict[str, Timeline]:
             raise ValueError(f"{path}: expected 'id', 'actions' and 'length' columns")
         for row in reader:
             try:
-                duration = float(row["length"])
-            except (TypeError, ValueError):
+                duration = seconds(row["length"])
+            except ValueError:
                 continue
-            if duration > 0:
-                where = f"{path}:{reader.line_num}"
-                actions = parse_actions(row["actions"] or "", duration, where)
-                timelines[row["id"]] = Timeline(row["id"], split, duration, actions)
-    return timelines
+            if not (math.isfinite(duration) and duration > 0):
+                continue
+            if row["id"] in timelines and timelines[row["id"]].duration != duration:
+                twice.add(row["id"])
+                continue
+            actions = parse_actions(row["actions"] or "", duration, f"{path}:{reader.line_num}")
+            timelines[row["id"]] = Timeline(row["id"], split, duration, actions)
+    return {video: timeline for video, timeline in timelines.items() if video not in twice}

@@ -238,34 +238,6 @@ def test_an_activitynet_duration_that_is_no_number_is_malformed(tmp_path, durati
     assert records == [] and report.counts == {"malformed": 2}
 
 
-def test_a_byte_order_mark_starts_no_video_id_or_column(tmp_path):
-    """Before: the first video was unknown (id '\\ufeffAAAAA'), and a CSV's first column '\\ufeffid'."""
-    write(tmp_path / "Charades_v1_train.csv", "\ufeff" + CSV)
-    write(tmp_path / "charades_sta_train.txt", "\ufeffAAAAA 1.0 4.5##a person opens a door.\n")
-    records, report = load_charades_sta(tmp_path, "train", QuirkPolicy(strict=False))
-    assert [r.video_id for r in records] == ["AAAAA"] and report.counts == {}
-
-
-def test_a_time_with_an_underscore_is_malformed(tmp_path):
-    """Before: python's float read "6_9" as 69 s."""
-    path = write(tmp_path / "sta.txt", "AAAAA 1.0 6_9##a person opens a door.\n")
-    with pytest.raises(QuirkError, match=f"{path}:1: malformed annotation: times are not numbers"):
-        parse_charades_sta(path, {"AAAAA": 100.0}, "test")
-
-
-def test_a_video_given_two_lengths_names_both_rows(tmp_path, caplog):
-    """Before: the last row's length won without a word, dropping and clipping that video's queries."""
-    first = write(tmp_path / "Charades_v1_train.csv", "id,length\nAAAAA,10.0\n")
-    second = write(tmp_path / "Charades_v1_test.csv", "id,length\nBBBBB,20.5\nAAAAA,12.0\n")
-    with pytest.raises(
-        QuirkError, match=f"^{second}:3: video AAAAA: length '12.0', another than on {first}:2"
-    ):
-        read_durations([first, second])
-    with caplog.at_level(logging.WARNING):
-        assert read_durations([first, second], strict=False) == {"BBBBB": 20.5}  # the same twice: kept
-    assert f"{second}:3: video AAAAA" in caplog.text
-
-
 def test_activitynet_mismatched_lists_count_every_query_skipped(tmp_path):
     path = anet_file(
         tmp_path,

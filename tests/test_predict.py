@@ -18,7 +18,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from tests.inference_runs import ROOT, VIDEOS, truncated_copy, write_moment_video, write_still
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
-from timerefine.tools.predict import main, read_pairs
+from timerefine.tools.predict import main
 
 pytestmark = pytest.mark.slow  # each test needs the session's tiny video run (trained once, ~15 s)
 QUERIES = ["a red square appears", "a blue square appears"]
@@ -214,7 +214,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
             [red, "--run", run, "--encoder", str(pooled), "--no-projection", *query],
             f"--encoder {pooled}: makes 32-d features, the run reads 16-d",
         ),
-        "non-UTF-8 pairs file": ([str(latin1), "--run", run], f"{latin1}:2: not UTF-8 text (byte 0xe9"),
+        "non-UTF-8 pairs file": ([str(latin1), "--run", run], f"{latin1}:2: not UTF-8 (byte 0xe9"),
         "duration not a number": (
             [str(ten), "--run", run],
             f"{ten}:1: \"duration\" must be a positive number of seconds, got 'ten'",
@@ -390,15 +390,3 @@ def test_the_api_answers_in_seconds_as_the_run_scored_them(tmp_path):
         assert [x for step in answer.steps for x in step] == pytest.approx(
             [x for step in row["steps"] for x in step], abs=1e-9
         )
-
-
-def test_a_bad_pair_is_named_by_its_line(tmp_path):
-    """Before: the last of a repeated "query" was grounded, the first unread."""
-    pairs = tmp_path / "pairs.jsonl"
-    (tmp_path / "b.mp4").touch()
-    pairs.write_text('{"video": "b.mp4", "query": "x"}\n{"video": "b.mp4", "query": "x", "query": "y"}\n')
-    with pytest.raises(InputError, match=f"^{pairs}:2: key 'query' appears twice"):
-        read_pairs(pairs)
-    pairs.write_text('{"video": "a.mp4", "query": "x"}\n')
-    with pytest.raises(InputError, match=f"^{pairs}:1: {tmp_path / 'a.mp4'}: no such file"):
-        read_pairs(pairs)  # before: named the file, not the line naming it

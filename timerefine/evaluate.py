@@ -5,8 +5,9 @@
 
 Writes ``<run>/eval/<name>/metrics.json`` (with the baselines ``prior/*`` and ``best_action/*`` on the
 queries tested, and the ``checkpoint`` scored with its ``checkpoint/step``), ``config.yaml`` (the config
-evaluated) and ``predictions/test.jsonl``, replacing an earlier evaluation of that name; overrides apply on top of the run's saved config.yaml
-(same checks as train.py; a saved key nothing reads is an error too).
+evaluated) and ``predictions/test.jsonl``, replacing an earlier evaluation of that name; overrides
+apply on top of the run's saved config.yaml (same checks as train.py; a saved key nothing reads is an
+error too).
 What the run was trained as cannot be overridden (timerefine/pipeline/run_identity.py): ``model.*``
 but ``model.inference.*``, ``data.timeline``, ``data.prompt_template``, ``data.chat_template``,
 ``data.source.num_frames``, ``data.source.feature_dim`` and what the features mean

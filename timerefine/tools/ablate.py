@@ -44,8 +44,8 @@ def check_not_owned(overrides: list[str], where: str) -> None:
 
 def variants(specs: list[str]) -> dict[str, list[str]]:
     """``name=overrides`` specs (overrides split as a shell splits them), comma lists expanded
-    (``name[key=value]`` per expansion, a ``/`` in a value written ``%2F``: one folder). ValueError for a spec without a name, a name that is no
-    folder name, or a name given twice."""
+    (``name[key=value]`` per expansion, a ``/`` in a value written ``%2F``: one folder). ValueError
+    for a spec without a name, a name that is no folder name, or a name given twice."""
     result: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, text = spec.partition("=")

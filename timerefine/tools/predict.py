@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
-from datamodules.quirks import DuplicateKey, unique_keys
 from grounding.answer_format.prompts import normalize_query
+from grounding.text_files import DuplicateKey, decoded_line, unique_keys
 from timerefine.inference.grounder import Grounder, Grounding, check_queries
 from timerefine.inference.video_features import FEATURE_SUFFIXES, EncoderSpec, InputError, positive_seconds
 from timerefine.tools.arguments import at_least_one
@@ -42,11 +42,9 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """The numbered lines of a UTF-8 text file; InputError naming the line of a byte that is not."""
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
-            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"{path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-            ) from err
+            yield number, decoded_line(raw, number)
+        except ValueError as err:
+            raise InputError(f"{path}:{number}: {err}") from err
 
 
 PAIR_KEYS = ("video", "query", "duration")
@@ -80,7 +78,11 @@ def read_pairs(path: Path) -> list[Request]:
         if seconds is None and video.suffix.lower() in FEATURE_SUFFIXES:
             raise InputError(f'{where}: "duration" is needed with a feature file, which holds no time')
         video = video if video.is_absolute() else path.parent / video
-        if not video.exists():  # named by its line here: an unreadable one is named by its file later
+        try:  # named by its line here: an unreadable one is named by its file later
+            found = video.exists()
+        except (OSError, ValueError) as err:  # a name too long, a NUL byte
+            raise InputError(f"{where}: {video}: not a file name here ({err})") from err
+        if not found:
             raise InputError(f"{where}: {video}: no such file")
         requests.append(Request(video, query, seconds, where))
     if not requests:

@@ -22,13 +22,12 @@ import math
 import sys
 from pathlib import Path
 
-from datamodules.quirks import DuplicateKey, unique_keys
-from grounding.action_timelines import utf8_text
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS, Protocol
 from grounding.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
 from grounding.records import GroundingRecord
+from grounding.text_files import DuplicateKey, unique_keys, utf8_text
 
 
 class PredictionsError(ValueError):
@@ -98,7 +97,7 @@ def read_predictions(
     try:
         lines = utf8_text(path).splitlines()
     except OSError as error:
-        raise PredictionsError(f"{path}: {error.strerror}") from error
+        raise PredictionsError(f"{path}: {error.strerror or error}") from error
     except ValueError as error:  # names the line of a byte that is not UTF-8
         raise PredictionsError(str(error)) from error
     for number, line in enumerate(lines, start=1):
