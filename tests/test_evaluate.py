@@ -78,9 +78,7 @@ def test_partial_evaluation_reports_its_coverage(run):
     assert evaluate.main([str(run), "--ckpt", "last", "--name", "partial", *overrides]) == 0
     metrics = eval_metrics(run, "partial")
     assert metrics["test/queries"] == 4 and metrics["test/coverage"] == 50.0
-    evaluated = OmegaConf.load(
-        run / "eval" / "partial" / "config.yaml"
-    )  # before: the overrides left no trace
+    evaluated = OmegaConf.load(run / "eval" / "partial" / "config.yaml")  # before: no trace of overrides
     assert evaluated.trainer.limit_test_batches == 1 and evaluated.data.eval_batch_size == 4
 
 
