@@ -8,7 +8,6 @@ are spelled digit by digit.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +18,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from grounding.answer_format.tokens import DIGITS, MARKERS, SIGNS, TOKEN_STYLES, VIDEO
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-FAST, CONFIG = "tokenizer.json", "tokenizer_config.json"  # files save_pretrained writes
 
 
 def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
@@ -88,20 +86,16 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
         return folder_files(Path(folder))
 
 
-def tokenizer_identity(files: dict[str, bytes]) -> dict[str, object]:
-    """What a saved tokenizer's token ids mean: its files but ``tokenizer_config.json`` (loading
-    metadata, such as where it was read from), with ``tokenizer.json`` parsed (vocabulary, merges,
-    added tokens, normalisation) and its padding and truncation settings left out."""
-    identity: dict[str, object] = {name: content for name, content in files.items() if name != CONFIG}
-    if FAST in files:
-        saved = json.loads(files[FAST])
-        identity[FAST] = {key: value for key, value in saved.items() if key not in ("padding", "truncation")}
-    return identity
+def token_meanings(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, int], list[str]]:
+    """What a tokenizer's ids mean, whatever version of the library wrote it: each token's id (added
+    tokens too) and which tokens are special."""
+    return tokenizer.get_vocab(), sorted(tokenizer.all_special_tokens)
 
 
-def same_tokenizer(files: dict[str, bytes], other: dict[str, bytes]) -> bool:
-    """Whether two saved tokenizers (:func:`tokenizer_files`) give every token id the same meaning."""
-    return tokenizer_identity(files) == tokenizer_identity(other)
+def same_tokenizer(files: dict[str, bytes], tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer saved as ``files`` (:func:`tokenizer_files`) gives every token id the
+    meaning ``tokenizer`` gives it."""
+    return token_meanings(tokenizer_from_files(files)) == token_meanings(tokenizer)
 
 
 def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:

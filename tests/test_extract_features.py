@@ -23,7 +23,7 @@ from timerefine.inference.frame_encoder import (
     decode_uniform_frames,
     preprocess,
 )
-from timerefine.inference.video_features import InputError
+from timerefine.inference.video_features import InputError, encoder_change_error
 from timerefine.pipeline.config import load_config
 from timerefine.tools.extract_features import extract, main
 
@@ -219,7 +219,7 @@ def test_features_of_another_encoder_are_not_mixed_in(tiny_clip, videos, tmp_pat
 
 @pytest.mark.parametrize(
     ("model", "frames", "refused"),
-    [("pooled", 4, "model "), ("proj", 5, "num_frames 4 -> 5"), ("proj", 4, None), (None, 4, None)],
+    [("pooled", 4, "model "), ("proj", 5, None), ("proj", 4, None), (None, 4, None)],  # frames resample
 )
 def test_an_evaluation_on_features_of_another_encoder_is_refused(
     tiny_clip, videos, tmp_path, capsys, model, frames, refused
@@ -250,6 +250,38 @@ def test_an_evaluation_on_features_of_another_encoder_is_refused(
     records = f"{other / 'encoder.json'} records other features than the run's {tmp_path / 'trained' / 'encoder.json'}"
     assert error.startswith(f"config error: data.source.feature_path={other}: {records} (")
     assert len(error.splitlines()) == 1 and refused in error
+
+
+@pytest.mark.parametrize(
+    ("record", "refused"),
+    [
+        ({"model": "openai/clip-vit-large-patch14"}, None),  # the hub name of the local copy
+        ({"model": "/hf/models--openai--clip-vit-large-patch14/snapshots/0a1b"}, None),  # its cache
+        ({"fp16": True, "num_frames": 32}, None),  # the same features, another precision and sampling
+        ({"projection": False}, "projection True -> False"),
+        ({"model": "/models/clip-vit-base-patch32"}, "model /models/clip-vit-large-patch14 -> "),
+    ],
+)
+def test_an_encoder_is_compared_by_the_features_it_makes(tmp_path, record, refused):
+    """Before (this session's first version of the check): a local copy of the same model, or features
+    sampled at other frame counts, were refused with no way round it."""
+    trained = {
+        "model": "/models/clip-vit-large-patch14",
+        "projection": True,
+        "fp16": False,
+        "num_frames": 100,
+    }
+    configs = []
+    for name, spec in (("trained", trained), ("other", trained | record)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "encoder.json").write_text(json.dumps(spec))
+        configs.append(
+            OmegaConf.create(
+                {"data": {"source": {"features": "folder", "feature_path": str(tmp_path / name)}}}
+            )
+        )
+    reason = encoder_change_error(*configs)
+    assert reason is None if refused is None else refused in reason
 
 
 @pytest.mark.parametrize(

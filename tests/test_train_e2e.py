@@ -145,6 +145,7 @@ def test_checkpoints_and_logs(first):
     # the fit's validations, after steps 15 and 30 (Lightning's step column: the last batch's index);
     # before, the best checkpoint's (step 15's) scores were also logged at step 30 as if the model of step 30's
     assert [int(r["step"]) for r in first.csv_rows if r.get("val/mIoU")] == [14, 29]
+    assert not any(r.get("test/mIoU") for r in first.csv_rows)  # step 15's test scores, at step 30
     events = list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and any(e.stat().st_size > 0 for e in events)
     assert (out / "tokenizer" / "tokenizer.json").is_file()

@@ -24,6 +24,7 @@ from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.previous_run import carried_tokenizer, check_same_settings, finished
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
@@ -78,16 +79,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = best or None
-    if trainer.limit_val_batches:  # in metrics.json, not in the curve: at the last step it would read as its
-        loggers, trainer.loggers = (
-            trainer.loggers,
-            [],
-        )  # score, where the best checkpoint may be an earlier one
-        metrics |= scores(trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
-        trainer.loggers = loggers
-    if cfg.test:
-        metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
-        metrics |= baseline_scores(cfg, trainer, datamodule)
+    with unlogged(trainer):
+        if trainer.limit_val_batches:
+            metrics |= scores(
+                trainer.validate(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False)
+            )
+        if cfg.test:
+            metrics |= scores(trainer.test(module, datamodule=datamodule, ckpt_path=evaluated, verbose=False))
+            metrics |= baseline_scores(cfg, trainer, datamodule)
     metrics |= (
         datamodule.coverage(metrics)
         | recorded_conventions(cfg)

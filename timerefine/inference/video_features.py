@@ -85,25 +85,38 @@ def recorded_encoder(feature_dir: str | Path | None) -> EncoderSpec | None:
     return EncoderSpec.read(record) if record is not None and record.is_file() else None
 
 
+def model_name(model: str) -> str:
+    """The model an encoder record names, however spelt: a hub name's or a local copy's last part (a
+    Hugging Face cache snapshot's by its repository's)."""
+    parts = Path(model).parts
+    if "snapshots" in parts and (at := parts.index("snapshots")) and parts[at - 1].startswith("models--"):
+        return parts[at - 1].rpartition("--")[2]
+    return Path(model).name
+
+
 def encoder_change_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming both records when the run's feature folder and the one ``evaluated`` reads
     (``data.source.feature_path``) both record their encoder (``encoder.json``) and the two differ in
-    the model, its output or precision, or the frames per video: the run would read features that mean
-    something else. None otherwise: a folder without a record is not checked. InputError when a record
-    cannot be read."""
+    the model (:func:`model_name`: a local copy of a hub model is that model) or its output (the
+    projection): the run would read features that mean something else. Precision and frames per
+    video may differ (the store resamples frames). None otherwise: a folder without a record is not
+    checked. InputError when a record cannot be read."""
     key = "data.source.feature_path"
     old, new = (OmegaConf.select(cfg, key, default=None) for cfg in (trained, evaluated))
     if old is None or new is None or old == new or evaluated.data.source.features not in STORED_FEATURES:
         return None
     was, now = recorded_encoder(old), recorded_encoder(new)
-    if was is None or now is None or was == now:
+    if was is None or now is None:
         return None
-    changed = ", ".join(
-        f"{k} {v} -> {now.as_dict()[k]}" for k, v in was.as_dict().items() if now.as_dict()[k] != v
-    )
+    changed = [f"model {was.model} -> {now.model}"] if model_name(was.model) != model_name(now.model) else []
+    if was.projection != now.projection:
+        changed.append(f"projection {was.projection} -> {now.projection}")
+    if not changed:
+        return None
     return (
         f"{key}={new}: {Path(new) / ENCODER_RECORD} records other features than the run's "
-        f"{Path(old) / ENCODER_RECORD} ({changed}); the run reads features of the encoder it was trained on"
+        f"{Path(old) / ENCODER_RECORD} ({', '.join(changed)}); the run reads features of the encoder it was "
+        "trained on"
     )
 
 

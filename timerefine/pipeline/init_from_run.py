@@ -130,7 +130,7 @@ def start_from_run(
     except FileNotFoundError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     try:
-        checkpoint = fitting_checkpoint(module, path, "this run's tokenizer")
+        checkpoint = fitting_checkpoint(module, path, run_dir / "tokenizer")
     except CheckpointError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     module.load_state_dict(checkpoint["state_dict"])

@@ -1,7 +1,9 @@
-"""Loggers that continue the same run after a resume."""
+"""Loggers that continue the same run after a resume, and the scores after a fit kept out of them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -9,6 +11,17 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.lightning_compat import ContinuingCSVLogger
+
+
+@contextmanager
+def unlogged(trainer: L.Trainer) -> Iterator[None]:
+    """``trainer`` without its loggers: the best checkpoint's scores after a fit go to metrics.json, not
+    into the curves at the last step, where they would read as the last step's model's."""
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
 
 
 class ResumableCSVLogger(ContinuingCSVLogger):
