@@ -185,6 +185,8 @@ def test_continued_adapters_need_lora(stage_a, tmp_path, capsys):
             ["model.trainable.token_rows=false", "model.lora.enabled=false"],
             "model.trainable.token_rows=false needs lora.enabled=true",
         ),
+        # before: accepted and recorded in config.yaml, while the run's own tokenizer was used
+        (["model.lm.tokenizer_vocab_size=500"], "model.lm.tokenizer_vocab_size=500: a run started from"),
     ],
 )
 def test_config_mistakes_name_the_key(stage_a, overrides, message):
@@ -306,13 +308,30 @@ def config_only_run(folder: Path, overrides: list[str]) -> Path:
         ),
     ],
 )
-def test_a_stage_reads_features_that_mean_what_they_meant(tmp_path, trained, stage, inherited):
+def test_a_stage_reads_features_that_mean_what_they_meant(tmp_path, caplog, trained, stage, inherited):
     run = config_only_run(tmp_path / "run", trained)
     given = [*stage, f"init_from_run={run}"]
     cfg = inherit_settings(load_config(given), given)
     assert {key: OmegaConf.select(cfg, key) for key in inherited} == inherited
-    given = [*given, "data.source.seed=7"]  # given on the command line: still applies
-    assert inherit_settings(load_config(given), given).data.source.seed == 7
+    given = [*given, "data.source.seed=7"]  # given on the command line: still applies, and says so
+    with caplog.at_level(logging.WARNING):
+        assert inherit_settings(load_config(given), given).data.source.seed == 7
+    generated = "data.source.features=folder" not in trained  # stored features: the seed means nothing
+    warned = (
+        f"init_from_run={run} trained with data.source.seed={inherited['data.source.seed']}; this run sets 7"
+    )
+    assert (warned in caplog.text) == generated
+
+
+@pytest.mark.slow
+def test_a_run_that_never_validated_starts_a_stage_from_its_last_checkpoint(tmp_path, caplog):
+    """Before: 'records no best checkpoint (no validation yet?); try --ckpt last', an option train.py
+    has not (a shortened experiment=smollm2 run validates first at step 1750)."""
+    first = tmp_path / "first"
+    assert train.main([*TINY, "trainer.limit_val_batches=0", f"output_dir={first}"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert train.main([*TINY, f"init_from_run={first}", f"output_dir={tmp_path / 'next'}"]) == 0
+    assert f"starting from {first / 'checkpoints' / 'last.ckpt'}" in caplog.text
 
 
 def test_a_stage_after_stored_features_does_not_fall_back_to_synthetic(tmp_path):

@@ -101,13 +101,17 @@ def fitting_checkpoint(
     return checkpoint
 
 
+class NoBestCheckpoint(FileNotFoundError):
+    """A run whose checkpoints record no best one: it has not validated (or monitors nothing)."""
+
+
 def recorded_best(checkpoint_dir: Path) -> Path:
     """The ``best_model_path`` in the newest checkpoint of ``checkpoint_dir``: one inside the folder the
     callback saved to is taken from ``checkpoint_dir`` (a moved run still finds it), one outside it as
     recorded (another run's best, kept by a run resumed from that run's checkpoint in a new folder). At
     equal steps a ``best-*`` checkpoint, written after validation, is newer than ``last.ckpt``, written
     at the batch's end before it; one that cannot be read is skipped with a warning. Raises
-    FileNotFoundError."""
+    FileNotFoundError (:class:`NoBestCheckpoint` when the checkpoints record none)."""
     states, files = {}, sorted(checkpoint_dir.glob("*.ckpt"))
     for path in files:
         try:
@@ -122,7 +126,7 @@ def recorded_best(checkpoint_dir: Path) -> Path:
     state = next((s for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), {})
     best = state.get("best_model_path", "")
     if not best:
-        raise FileNotFoundError(f"{newest} records no best checkpoint (no validation yet?); try --ckpt last")
+        raise NoBestCheckpoint(f"{newest} records no best checkpoint (no validation yet?); try --ckpt last")
     best, saved_in = Path(best), Path(state.get("dirpath") or Path(best).parent)
     path = checkpoint_dir / best.relative_to(saved_in) if best.is_relative_to(saved_in) else best
     if not path.exists():

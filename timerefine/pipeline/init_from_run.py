@@ -4,8 +4,9 @@ It takes the other run's settings of what its weights are (``model.*`` and the d
 ``run_identity.IDENTITY``: timeline, prompt, chat format, frames, feature size; and what its features
 mean, ``run_identity.feature_keys``: ``data.source.features`` and the seed generated ones are drawn
 from; ``run_identity.inherited_identity`` says which; those given on the command line still apply on
-top) but no projector steps (its projector has trained; 0 unless
-``model.saliency.projector_steps`` is given), its tokenizer, and the weights of its best checkpoint: LoRA
+top, each change logged) but no projector steps (its projector has trained; 0 unless
+``model.saliency.projector_steps`` is given), its tokenizer (``model.lm.tokenizer*`` cannot change), and
+the weights of its best checkpoint (its last without one: a run that never validated): LoRA
 adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
 ``continue`` trains the same ones on (the official TimeRefine recipe's second stage; their rank, scale
 and place cannot change), ``merge`` merges them into the LM at their own settings and trains new ones
@@ -24,7 +25,7 @@ from peft import PeftModel
 
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
-from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
+from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
 from timerefine.pipeline.config_diff import show
 from timerefine.pipeline.resume import CheckpointError
@@ -34,6 +35,7 @@ from timerefine.pipeline.schema import INHERITED
 log = logging.getLogger(__name__)
 PROJECTOR_STEPS = "model.saliency.projector_steps"
 ADAPTER_SHAPE = ("r", "alpha", "target_modules")  # model.lora keys that say what trained adapters compute
+TOKENIZER_KEYS = ("model.lm.tokenizer", "model.lm.tokenizer_vocab_size", "model.lm.grounding_tokens")
 
 
 class RunStartError(ValueError):
@@ -59,8 +61,9 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             "model=...: init_from_run takes its run's model settings; change single model.* keys"
         )
+    run_dir = Path(cfg.init_from_run)
     try:
-        run = load_run_config(Path(cfg.init_from_run), [])
+        run = load_run_config(run_dir, [])
     except ConfigError as error:
         raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
     for key, value in inherited_identity(run, cfg).items():
@@ -68,6 +71,20 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for key in (*IDENTITY, *feature_keys(run)):
         for given, value in _given(key, overrides):
             OmegaConf.update(cfg, given, value, merge=False)
+            if (trained := OmegaConf.select(run, given, default=None)) != OmegaConf.select(cfg, given):
+                log.warning(
+                    "init_from_run=%s trained with %s=%s; this run sets %s",
+                    run_dir,
+                    given,
+                    show(trained),
+                    show(value),
+                )
+    for key in TOKENIZER_KEYS:  # the run's tokenizer/ is this run's: its token rows mean its tokens
+        if (given := OmegaConf.select(cfg, key)) != (trained := OmegaConf.select(run, key)):
+            raise ConfigError(
+                f"{key}={show(given)}: a run started from init_from_run={run_dir} uses its tokenizer "
+                f"({run_dir / 'tokenizer'}, {key}={show(trained)})"
+            )
     if not _given(PROJECTOR_STEPS, overrides):
         OmegaConf.update(cfg, PROJECTOR_STEPS, 0)
     elif 0 < cfg.trainer.max_steps <= (steps := OmegaConf.select(cfg, PROJECTOR_STEPS)):
@@ -127,6 +144,11 @@ def start_from_run(
         raise ValueError(f"inherited={inherited!r}: choose from {', '.join(INHERITED)}")
     try:
         path = checkpoint_path(run_dir, "best")
+    except NoBestCheckpoint:  # it never validated: its last weights are all it has
+        path = checkpoint_path(run_dir, "last")
+        log.info(
+            "init_from_run=%s records no best checkpoint (no validation): starting from %s", run_dir, path
+        )
     except FileNotFoundError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     try:
