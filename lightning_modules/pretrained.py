@@ -48,12 +48,18 @@ class GgufError(ValueError):
 def package_file(reference: str) -> Path:
     """The file ``package:<module>/<path>`` names, found without importing the package."""
     module, _, relative = reference.removeprefix(PACKAGE).partition("/")
-    spec = importlib.util.find_spec(module) if module and relative else None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / relative).is_file():
-            return Path(location) / relative
-    missing = f"no package {module!r} installed" if spec is None else f"no {relative!r} in package {module!r}"
-    raise MissingModelError(f"{reference}: {missing}; run `{SETUP_MODELS}`")
+    spec = importlib.util.find_spec(module) if module else None
+    locations = [Path(location) for location in (spec.submodule_search_locations or [])] if spec else []
+    for location in locations if relative else []:
+        if (location / relative).is_file():
+            return location / relative
+    if spec is None:
+        raise MissingModelError(f"{reference}: no package {module!r} installed; run `{SETUP_MODELS}`")
+    held = sorted(str(p.relative_to(at)) for at in locations for p in at.rglob("*.gguf"))
+    raise MissingModelError(
+        f"{reference}: no {relative!r} in package {module!r}; it holds {', '.join(held) or 'no .gguf file'} "
+        f"({PACKAGE}{module}/<file>)"
+    )
 
 
 def local_file(name_or_path: str) -> Path | None:

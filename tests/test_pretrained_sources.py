@@ -33,14 +33,24 @@ def test_a_package_file_is_found_without_importing_the_package():
 
 
 @pytest.mark.parametrize(
-    "reference", ["package:no_such_package_x/model.gguf", "package:json/no_such_file.gguf", "package:json"]
+    ("reference", "message"),
+    [
+        (
+            "package:no_such_package_x/model.gguf",
+            f"no package 'no_such_package_x' installed; run `{SETUP_MODELS}`",
+        ),
+        # before: "no package 'json' installed" and the setup command, for an installed package
+        (
+            "package:json/no_such_file.gguf",
+            "no 'no_such_file.gguf' in package 'json'; it holds no .gguf file",
+        ),
+        ("package:json", "no '' in package 'json'; it holds no .gguf file (package:json/<file>)"),
+    ],
 )
-def test_a_missing_package_file_names_the_setup_command(reference):
+def test_a_missing_package_file_says_what_is_missing(reference, message):
     with pytest.raises(MissingModelError) as error:
         package_file(reference)
-    assert SETUP_MODELS in str(error.value) and reference in str(error.value)
-    assert " installed; " not in str(error.value) or "no package" in str(error.value)  # was: "is not in
-    # package 'json' installed", as if the package were not
+    assert str(error.value) == f"{reference}: {message}"
 
 
 def test_names_and_folders_pass_through(tmp_path):
