@@ -42,7 +42,7 @@ def test_a_package_file_is_found_without_importing_the_package():
         # before: "no package 'json' installed" and the setup command, for an installed package
         (
             "package:json/no_such_file.gguf",
-            "no 'no_such_file.gguf' in package 'json'; it holds no .gguf file",
+            "no 'no_such_file.gguf' in package 'json'; it holds no .gguf file (package:json/<file>)",
         ),
         ("package:json", "no '' in package 'json'; it holds no .gguf file (package:json/<file>)"),
     ],
