@@ -49,16 +49,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is not None:
         resumed = checkpoint_file(checkpoint, output_dir)
         log.info("resuming from %s", resumed)
-        carried = carried_tokenizer(resumed, tokenizer_dir)
+        state = trainer_state(resumed)  # mapped once, not read: the tokenizer it carries
+        carried = carried_tokenizer(resumed, state, tokenizer_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer_dir, carried=carried)
     datamodule.setup()  # read and check every split before anything is written
     module = build_module(cfg, datamodule)
     if resumed is not None:  # refused before anything is written: other base weights, another tokenizer
         module.check_base(resumed)
-        if reason := checkpoint_tokenizer_error(
-            resumed, trainer_state(resumed), module.tokenizer, tokenizer_dir
-        ):
+        if carried is None and (
+            reason := checkpoint_tokenizer_error(resumed, state, module.tokenizer, tokenizer_dir)
+        ):  # restored from the checkpoint, it is the checkpoint's
             raise CheckpointError(reason)
     trainer = build_trainer(cfg, output_dir, module)
     if errors := list(empty_loops(trainer, datamodule)):

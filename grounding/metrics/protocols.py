@@ -2,8 +2,8 @@
 and mIoU. They move results by points, so each is a named switch, recorded in ``metrics.json``.
 
 - ``exact`` (default): IoU on seconds, unrounded; R1@m counts IoU >= m (a tie within float noise
-  too); an unparseable answer is
-  IoU 0 and stays in the denominator (``parse_fail`` and ``coverage`` say how many).
+  too); an unparseable answer is IoU 0 and stays in the denominator (``parse_fail`` and ``coverage``
+  say how many).
 - ``vtimellm`` (VTimeLLM, TimeRefine): IoU on fractions of the duration, rounded half-up to 2
   decimals before thresholds and mean (0.695 counts at 0.7); >=.
 - ``strict`` (Time-R1, UniTime): R1@m counts IoU > m.
@@ -88,9 +88,9 @@ def protocol_iou(
 TIE = 1e-9
 
 
-def hits(iou: torch.Tensor, threshold: float, protocol: Protocol) -> torch.Tensor:
-    """Whether each IoU counts for R1@``threshold`` (a tie within :data:`TIE` counts under ``>=``, not
-    under ``>``)."""
+def hits(iou: torch.Tensor | float, threshold: float, protocol: Protocol) -> torch.Tensor | bool:
+    """Whether each IoU (or one) counts for R1@``threshold`` (a tie within :data:`TIE` counts under
+    ``>=``, not under ``>``)."""
     return iou > threshold + TIE if protocol.strict else iou >= threshold - TIE
 
 

@@ -5,6 +5,7 @@ with, and a finished run is not run again."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,16 @@ def finished(cfg: DictConfig, output_dir: Path) -> bool:
     return all(key in INCIDENTAL or (key == "test" and now is False) for key, (_, now) in changed.items())
 
 
-def carried_tokenizer(checkpoint: Path, tokenizer_dir: Path) -> dict[str, bytes] | None:
-    """The tokenizer files the resume ``checkpoint`` carries when the run's ``tokenizer_dir`` is missing
-    (deleted, a run copied without it, another run's checkpoint resumed in a new folder): the run
-    continues with the tokenizer its weights were trained with, never one trained anew from today's
-    annotations; None when the folder is there. CheckpointError when the checkpoint carries none."""
+def carried_tokenizer(
+    checkpoint: Path, state: Mapping[str, Any], tokenizer_dir: Path
+) -> dict[str, bytes] | None:
+    """The tokenizer files the resume ``checkpoint`` (its ``state``) carries when the run's
+    ``tokenizer_dir`` is missing (deleted, a run copied without it, another run's checkpoint resumed in
+    a new folder): the run continues with the tokenizer its weights were trained with, never one
+    trained anew from today's annotations; None when the folder is there. CheckpointError when the checkpoint carries none."""
     if tokenizer_dir.is_dir():
         return None
-    files = trainer_state(checkpoint).get("tokenizer_files")
+    files = state.get("tokenizer_files")
     if files is None:
         raise CheckpointError(
             f"{tokenizer_dir}: missing, and {checkpoint} carries no tokenizer: its token ids mean nothing "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from datamodules.charades_sta import CSV_NAMES
 from grounding.action_timelines import Action, Timeline, read_timelines
-from grounding.metrics.protocols import TIE
+from grounding.metrics.protocols import EXACT, hits
 from grounding.metrics.windows import segment_iou
 from timerefine.tools.diagnose_builtin import refinement_trace
 from timerefine.tools.run_diagnosis import AnswerLayout, RunError, answer_layout, fail, print_report, read_run
@@ -49,7 +49,7 @@ def landing(pred: tuple[float, float] | None, truth: tuple[float, float], action
         return NOTHING
     if landed != queried:
         return WRONG
-    return RIGHT_GOOD if segment_iou(pred, truth) >= GOOD_BOUNDARIES - TIE else RIGHT_BAD  # as R1@0.5 counts
+    return RIGHT_GOOD if hits(segment_iou(pred, truth), GOOD_BOUNDARIES, EXACT) else RIGHT_BAD  # as R1@0.5
 
 
 def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, tuple[int, float]]:
