@@ -86,13 +86,16 @@ def test_jsonl_pairs_and_table(video_run, tmp_path, capsys):
     ]
     pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert main([str(pairs), "--run", str(video_run.run_dir), "--json"]) == 0
-    answers = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    answers = json.loads(captured.out)
     assert [(a["video"], a["query"]) for a in answers] == [(r["video"], r["query"]) for r in rows]
     assert [a["duration"] for a in answers] == [5.0, 5.0, 5.0]
+    assert "grounding videos" in captured.err and "2/2" in captured.err  # before: no progress shown
     video = video_run.videos / "vid_red_b.mp4"
     assert main([str(video), "--run", str(video_run.run_dir), "--query", QUERIES[0]]) == 0
-    table = capsys.readouterr().out
-    assert "vid_red_b.mp4" in table and "a red square" in table and "->" in table
+    captured = capsys.readouterr()
+    assert "vid_red_b.mp4" in captured.out and "a red square" in captured.out and "->" in captured.out
+    assert "grounding videos" not in captured.err  # one video: no bar
 
 
 def pairs_file(path: Path, *rows: dict) -> Path:

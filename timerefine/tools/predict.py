@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
@@ -113,14 +114,18 @@ def check_lengths(grounder: Grounder, requests: list[Request]) -> None:
 
 
 def ground_all(grounder: Grounder, requests: list[Request], batch_size: int) -> list[tuple[Path, Grounding]]:
-    """Answers in input order; each video is encoded once for all its queries."""
+    """Answers in input order; each video is encoded once for all its queries. Over several videos a
+    progress bar on stderr counts them (stdout holds only the answers)."""
     by_video: dict[tuple[Path, float | None], list[int]] = {}
     for index, request in enumerate(requests):
         by_video.setdefault((request.video, request.duration), []).append(index)
     answers: dict[int, Grounding] = {}
-    for (video, duration), indices in by_video.items():
-        found = grounder.ground(video, [requests[i].query for i in indices], duration, batch_size)
-        answers |= dict(zip(indices, found, strict=True))
+    columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*columns, console=Console(stderr=True), disable=len(by_video) < 2)
+    with bar:
+        for (video, duration), indices in bar.track(by_video.items(), description="grounding videos"):
+            found = grounder.ground(video, [requests[i].query for i in indices], duration, batch_size)
+            answers |= dict(zip(indices, found, strict=True))
     return [(requests[i].video, answers[i]) for i in range(len(requests))]
 
 
