@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +197,11 @@ def check_tensors(
         raise InputError(f"{path}: {key} holds NaN or infinite values (a diverged or damaged export)")
 
 
-def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSpec | None]:
-    """The exported model in eval mode and the video encoder it records."""
+def load_export(
+    folder: Path, device: str = "cpu", overrides: Sequence[str] = ()
+) -> tuple[LoadedRun, EncoderSpec | None]:
+    """The exported model in eval mode (``model.inference.*`` ``overrides`` applied) and the video
+    encoder it records."""
     if not is_export(folder):
         raise InputError(f"{folder}: no {MANIFEST}, so not an exported model")
     try:
@@ -209,7 +213,7 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[LoadedRun, EncoderSp
         raise InputError(f"{folder / MANIFEST}: format {found!r}, expected {FORMAT!r}")
     if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
         raise InputError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export the run again")
-    cfg = run_config(folder)
+    cfg = run_config(folder, overrides)
     tensors, recorded = read_weights(folder / WEIGHTS)
     if recorded is not None and (reason := recorded_identity_error(recorded, cfg)):
         raise InputError(f"{folder / 'config.yaml'}: not the config {WEIGHTS} was exported with: {reason}")

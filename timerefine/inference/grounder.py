@@ -149,12 +149,18 @@ class Grounder:
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
+        cls,
+        run_dir: str | Path,
+        ckpt: str = "best",
+        device: str = "cpu",
+        encoder: EncoderSpec | None = None,
+        overrides: Sequence[str] = (),
     ) -> Grounder:
         """A run's ``best`` / ``last`` / given checkpoint; videos are encoded with ``encoder``, else
-        with the one recorded next to the run's features (``encoder.json`` of the extraction)."""
+        with the one recorded next to the run's features (``encoder.json`` of the extraction).
+        ``overrides`` change how it answers: ``model.inference.*`` keys, e.g. ``model.inference.final=aux``."""
         check_device(device)
-        run = load_run(Path(run_dir), ckpt, device)
+        run = load_run(Path(run_dir), ckpt, device, overrides)
         if encoder is not None:
             return cls(run, encoder)
         features = run.cfg.data.source.get("feature_path")
@@ -164,16 +170,25 @@ class Grounder:
 
     @classmethod
     def from_export(
-        cls, folder: str | Path, device: str = "cpu", encoder: EncoderSpec | None = None
+        cls,
+        folder: str | Path,
+        device: str = "cpu",
+        encoder: EncoderSpec | None = None,
+        overrides: Sequence[str] = (),
     ) -> Grounder:
         """An exported model (``timerefine-export``): no Lightning checkpoint needed."""
         check_device(device)
-        run, recorded = load_export(Path(folder), device)
+        run, recorded = load_export(Path(folder), device, overrides)
         return cls(run, encoder) if encoder else cls(run, recorded, f"{Path(folder) / MANIFEST}: encoder")
 
     @classmethod
     def load(
-        cls, path: str | Path, ckpt: str = "best", device: str = "cpu", encoder: EncoderSpec | None = None
+        cls,
+        path: str | Path,
+        ckpt: str = "best",
+        device: str = "cpu",
+        encoder: EncoderSpec | None = None,
+        overrides: Sequence[str] = (),
     ) -> Grounder:
         """``from_export`` for an exported folder (which holds one set of weights: no ``ckpt``),
         ``from_run`` for a run directory."""
@@ -182,8 +197,8 @@ class Grounder:
                 raise InputError(
                     f"--ckpt {ckpt}: {path} is an exported model, which holds one set of weights"
                 )
-            return cls.from_export(path, device, encoder)
-        return cls.from_run(path, ckpt, device, encoder)
+            return cls.from_export(path, device, encoder, overrides)
+        return cls.from_run(path, ckpt, device, encoder, overrides)
 
     @property
     def encoder(self) -> ClipFrameEncoder:

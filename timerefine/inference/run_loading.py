@@ -8,7 +8,7 @@ export.py). No dataset is read: inference needs only the data's frame count and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,14 +88,28 @@ class LoadedRun:
         return "model.lm."
 
 
-def run_config(folder: Path) -> DictConfig:
-    """The saved config of a run (or an export), with the checks of train.py."""
+INFERENCE_KEYS = "model.inference."  # what answering may change: how answers are decoded and chosen
+
+
+def run_config(folder: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The saved config of a run (or an export), with the checks of train.py, and ``overrides`` of
+    ``model.inference.*`` keys (e.g. ``model.inference.final=aux``); InputError for any other key."""
     if not (folder / "config.yaml").is_file():
         raise InputError(f"{folder}: no config.yaml, so not a run directory or an exported model")
+    for override in overrides:
+        if not override.lstrip("+~").startswith(INFERENCE_KEYS):
+            raise InputError(
+                f"{override}: answering can set only {INFERENCE_KEYS}* keys (evaluate.py sets the others "
+                "an evaluation may change)"
+            )
     try:
-        return load_run_config(folder, [])
+        cfg = load_run_config(folder, [])
     except ConfigError as err:
         raise InputError(str(err.of_file(folder / "config.yaml"))) from err
+    try:  # an override's error is the override's, not the file's
+        return load_run_config(folder, list(overrides)) if overrides else cfg
+    except ConfigError as err:
+        raise InputError(str(err)) from err
 
 
 def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModule, GroundingCollator]:
@@ -134,9 +148,12 @@ def load_checkpoint(module: GroundingModule, path: Path, tokenizer_dir: Path) ->
     module.load_state_dict(checkpoint["state_dict"])
 
 
-def load_run(run_dir: Path, ckpt: str = "best", device: str = "cpu") -> LoadedRun:
-    """A trained run with the weights of its ``ckpt`` checkpoint (best, last or a path)."""
-    cfg = run_config(run_dir)
+def load_run(
+    run_dir: Path, ckpt: str = "best", device: str = "cpu", overrides: Sequence[str] = ()
+) -> LoadedRun:
+    """A trained run with the weights of its ``ckpt`` checkpoint (best, last or a path), answering
+    with its ``model.inference`` settings changed by ``overrides`` (see :func:`run_config`)."""
+    cfg = run_config(run_dir, overrides)
     path = run_checkpoint(run_dir, ckpt)
     module, collator = build_untrained(cfg, run_dir / "tokenizer")
     load_checkpoint(module, path, run_dir / "tokenizer")

@@ -3,11 +3,14 @@
     timerefine-predict kitchen.mp4 --run runs/x --query "person opens the door" [--query ...] [--json]
     timerefine-predict features.npy --duration 31.5 --run runs/x --query "..."
     timerefine-predict pairs.jsonl --run runs/x --json        # lines {"video": ..., "query": ...[, "duration": s]}
+    timerefine-predict kitchen.mp4 --run runs/x --query "..." model.inference.final=aux
 
 A video file is encoded with the encoder the run's features were extracted with (recorded by
 timerefine-extract-features; ``--encoder`` to choose another). Prints a table, or with ``--json`` a list
 with one object per query: ``query``, ``start``, ``end`` (seconds), ``steps`` ([start, end] per
 refinement step, first coarse segment first), ``aux`` (the aux head's segment or null), ``text``.
+Overrides of ``model.inference.*`` change how the run answers (which segment is final, constrained
+decoding, ordering and clipping), as they do for evaluate.py.
 """
 
 from __future__ import annotations
@@ -209,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=at_least_one, default=32, help="queries per generation batch")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="model.inference.* keys, e.g. model.inference.final=aux")
+    args = parser.parse_intermixed_args(argv)
     transformers_logging.disable_progress_bar()
     try:
         requests = requests_of(args)
         check_encoder_flags(args, requests)
-        grounder = Grounder.load(args.run, args.ckpt, args.device)
+        grounder = Grounder.load(args.run, args.ckpt, args.device, overrides=args.overrides)
         if encoder := encoder_of_flags(args, grounder):
             grounder.use_encoder(encoder, "--encoder" if args.encoder else grounder.encoder_origin)
         check_lengths(grounder, requests)
