@@ -62,12 +62,27 @@ def add_grounding_tokens(
     return tokenizer
 
 
+# The files a saved tokenizer keeps its vocabulary in, one of them at least (fast; slow BPE,
+# WordPiece, SentencePiece), or the config that names them.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
+def tokenizer_folder_error(path: Path) -> str | None:
+    """Why the local folder ``path`` holds no tokenizer (transformers would advise installing a
+    converter); None when it may, or when ``path`` is no folder (a hub name)."""
+    if not path.is_dir() or any((path / name).is_file() for name in VOCABULARY_FILES):
+        return None
+    return f"the folder holds no tokenizer: none of {', '.join(VOCABULARY_FILES)}"
+
+
 def build_tokenizer(
     name_or_path: str | None, texts: Iterable[str], vocab_size: int, style: str = "project"
 ) -> PreTrainedTokenizerBase:
     """The pretrained tokenizer of ``name_or_path``, or a local BPE trained on ``texts`` when it is
     None, with the grounding tokens of ``style`` (``model.lm.grounding_tokens``)."""
     if name_or_path:
+        if reason := tokenizer_folder_error(Path(name_or_path)):
+            raise ValueError(reason)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
         tokenizer = train_local_tokenizer(texts, vocab_size)

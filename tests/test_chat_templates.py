@@ -122,3 +122,11 @@ def test_prompt_templates_are_named_choices():
 def test_bad_values_of_the_new_keys_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("?", r"\?")):
         load_config([override])
+
+
+def test_a_folder_without_a_tokenizer_is_named(tmp_path):
+    """Before: transformers' advice to install sentencepiece or tiktoken, for an empty folder."""
+    (tmp_path / "config.json").write_text("{}")
+    cfg = load_config([f"model.lm.tokenizer={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"^model.lm.tokenizer={tmp_path}: .*the folder holds no tokenizer"):
+        build_datamodule(cfg)
