@@ -124,7 +124,7 @@ def test_a_seed_given_twice_is_refused(capsys):
 def test_a_seed_or_folder_the_tool_would_replace_is_refused(monkeypatch, capsys, argv, message):
     """Before: ``seed=`` and ``output_dir=`` were appended after them, so ``s5="seed=5"`` ran seed 0
     into s5/seed0 and ``a="seed=1,2"`` ran twice the same."""
-    monkeypatch.setattr(ablate.subprocess, "call", no_run)
+    monkeypatch.setattr(ablate, "run_train", no_run)
     assert ablate.main(["--out", "abl", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
@@ -143,7 +143,7 @@ def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: fl
 def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, capsys):
     """Before: every */seed*/metrics.json under --out was reported, so ``A`` redefined from K=3 to
     direct for seed 1 was the mean of a K=3 and a direct run, and ``--seeds 1`` reported seed 0 too."""
-    monkeypatch.setattr(ablate.subprocess, "call", no_run)  # every run given is finished
+    monkeypatch.setattr(ablate, "run_train", no_run)  # every run given is finished
     finished_run(tmp_path, "A", ["model.refine.steps=3"], 0, 10.0)
     finished_run(tmp_path, "A", ["model=direct"], 1, 2.0)
     finished_run(tmp_path, "B", ["model=direct"], 0, 5.0)
@@ -161,7 +161,7 @@ def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, ca
 def test_runs_started_from_another_run_are_reported(tmp_path, monkeypatch, capsys):
     """Before: their config (the source run's model settings inherited, as train.py saves it) never
     matched the command's, so a GRPO or stage ablation was all '[left out]'."""
-    monkeypatch.setattr(ablate.subprocess, "call", no_run)
+    monkeypatch.setattr(ablate, "run_train", no_run)
     source = tmp_path / "source"
     (source / "checkpoints").mkdir(parents=True)
     wider = load_config([*TINY, "model.lm.tiny.hidden_size=48", f"output_dir={source}"])

@@ -10,7 +10,10 @@ A comma list (``model.refine.steps=0,1,2,3``) inside a variant expands to one va
 settings is skipped, so an interrupted ablation continues where it stopped; any other run is
 train.py's to continue (``trainer.max_steps`` raised) or to refuse (a variant redefined under its old
 name). The report holds exactly the variants x seeds given, each run finished with its settings;
-other folders under ``--out`` (other seeds, other variants, a refused run's old scores) are left out.
+other folders under ``--out`` (other seeds, other variants, a refused run's old scores) are left out,
+and a report that holds no run removes the results of an earlier one. A SIGTERM to the tool reaches the
+running train.py, which saves its resume point; the tool then stops (exit 143), and the same command
+continues the ablation.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +33,8 @@ from timerefine.pipeline.previous_run import finished
 from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ("results.csv", "results.md", "results.png")
+STOPPED_BY_SIGTERM = 128 + 15
 # Keys the tool sets for each run, after the user's overrides, and where the user gives them.
 OWNED = {"seed": "--seeds", "output_dir": "--out"}
 
@@ -86,6 +92,30 @@ def done(overrides: list[str], run_dir: Path) -> bool:
     return finished(inherit_settings(load_config(overrides), overrides), run_dir)
 
 
+class Stopped(Exception):
+    """A SIGTERM stopped the ablation; the run it reached saved its resume point."""
+
+
+def run_train(command: list[str]) -> int:
+    """Run ``command`` (a train.py run) to its end and return its exit code; a SIGTERM meanwhile is
+    passed on to it (which saves its resume point), then raises :class:`Stopped`."""
+    child = subprocess.Popen(command)  # in the caller's folder: relative paths are the caller's
+    signalled = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        signalled.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if signalled:
+        raise Stopped
+    return code
+
+
 def run_all(chosen: dict[str, list[str]], seeds: list[int], shared: list[str], out: Path) -> list[str]:
     """Run each variant x seed not finished with its settings; the folders of the runs that failed."""
     failed = []
@@ -99,7 +129,7 @@ def run_all(chosen: dict[str, list[str]], seeds: list[int], shared: list[str], o
                     continue
             command = [sys.executable, str(ROOT / "train.py"), *run]
             print("[run]", shlex.join(command[1:]), flush=True)
-            if subprocess.call(command) != 0:  # in the caller's folder: relative paths are the caller's
+            if run_train(command) != 0:
                 print(f"[fail] {run_dir}: see its output above", file=sys.stderr)
                 failed.append(str(run_dir))
     return failed
@@ -147,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    failed = [] if args.report_only else run_all(chosen, args.seeds, args.shared, args.out)
+    try:
+        failed = [] if args.report_only else run_all(chosen, args.seeds, args.shared, args.out)
+    except Stopped:
+        print("stopped by SIGTERM: the same command continues the ablation", file=sys.stderr)
+        return STOPPED_BY_SIGTERM
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     try:
@@ -157,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not rows:
         print(f"no finished runs under {args.out}", file=sys.stderr)
+        if earlier := [name for name in RESULTS if (args.out / name).is_file()]:
+            for name in earlier:
+                (args.out / name).unlink()
+            print(f"removed {', '.join(earlier)}: an earlier report's, of other runs", file=sys.stderr)
         return 1
     summary = summarize(rows)
     write_csv(rows, args.out / "results.csv")

@@ -1,0 +1,74 @@
+"""timerefine-ablate stopped by SIGTERM (a cluster's job limit, ``kill``): the run it reached is stopped
+with it, and a report that holds no run leaves no earlier report's results behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_ablate_cli import TINY, finished_run
+from timerefine.tools import ablate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes_naming(text: str) -> list[int]:
+    """The pids of the processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_the_run_it_reached(tmp_path):
+    """Before: the tool died at once and its train.py ran on alone (a rerun then trained a second
+    process into the same folder)."""
+    out = tmp_path / "abl"
+    longer = ["experiment=tiny", "trainer.max_steps=5000", "trainer.val_check_interval=5000"]
+    command = [
+        sys.executable,
+        "-m",
+        "timerefine.tools.ablate",
+        "--out",
+        str(out),
+        "--variant",
+        "A=model=direct",
+    ]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    tool = subprocess.Popen(
+        [*command, "--", *longer], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    config = out / "A" / "seed0" / "config.yaml"
+    deadline = time.monotonic() + 120
+    while not config.is_file() and time.monotonic() < deadline and tool.poll() is None:
+        time.sleep(0.2)
+    assert config.is_file(), "the run never started"
+    time.sleep(2)  # training
+    tool.send_signal(signal.SIGTERM)
+    _, err = tool.communicate(timeout=120)
+    assert tool.returncode == ablate.STOPPED_BY_SIGTERM
+    assert "stopped by SIGTERM: the same command continues the ablation" in err
+    assert processes_naming(str(out)) == []  # no train.py left running
+    assert (out / "A" / "seed0" / "checkpoints" / "last.ckpt").is_file()  # its resume point
+
+
+def test_a_report_of_no_run_removes_an_earlier_reports_results(tmp_path, capsys):
+    """Before: results.md and .csv of the earlier command stayed, beside 'no finished runs'."""
+    finished_run(tmp_path, "A", ["model=direct"], 0, 2.0)
+    argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--report-only", "--", *TINY]
+    assert ablate.main(argv) == 0
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.csv").is_file()
+    assert ablate.main([*argv, "model.optim.lr=1e-4"]) == 1  # other settings: A is not finished
+    assert not any((tmp_path / name).exists() for name in ablate.RESULTS)
+    assert "removed results.csv, results.md, results.png" in capsys.readouterr().err
