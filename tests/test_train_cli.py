@@ -142,6 +142,8 @@ def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, cap
             "callbacks.early_stopping={monitor: val/mIoUx, mode: max, patience: 1}",
             "callbacks.early_stopping.monitor",
         ),
+        ("callbacks.checkpoint.monitor=mIoU", "callbacks.checkpoint.monitor"),  # before: a traceback too
+        ("callbacks.early_stopping={monitor: mIoU, mode: max}", "callbacks.early_stopping.monitor"),
     ],
 )
 def test_a_monitored_metric_nothing_logs_is_refused_before_training(
@@ -151,7 +153,7 @@ def test_a_monitored_metric_nothing_logs_is_refused_before_training(
     output_dir = tmp_path / "run"
     assert train_main(["experiment=tiny", f"output_dir={output_dir}", override]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {key}=val/"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}="), lines
     assert "val/mIoU" in lines[0] and "val/step4/mIoU" in lines[0]
     assert not output_dir.exists()
 

@@ -110,8 +110,10 @@ def recorded_best(checkpoint_dir: Path) -> Path:
     callback saved to is taken from ``checkpoint_dir`` (a moved run still finds it), one outside it as
     recorded (another run's best, kept by a run resumed from that run's checkpoint in a new folder). At
     equal steps a ``best-*`` checkpoint, written after validation, is newer than ``last.ckpt``, written
-    at the batch's end before it; one that cannot be read is skipped with a warning. Raises
-    FileNotFoundError (:class:`NoBestCheckpoint` when the checkpoints record none)."""
+    at the batch's end before it; one that cannot be read is skipped with a warning. A run without a
+    monitor (``callbacks.checkpoint.monitor: null``) is tested on its final weights: its newest
+    checkpoint is its best. Raises FileNotFoundError (:class:`NoBestCheckpoint` when the checkpoints
+    record none)."""
     states, files = {}, sorted(checkpoint_dir.glob("*.ckpt"))
     for path in files:
         try:
@@ -123,7 +125,9 @@ def recorded_best(checkpoint_dir: Path) -> Path:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}{unreadable}")
     newest = max(states, key=lambda path: (states[path]["global_step"], not path.name.startswith("last")))
     callbacks = states[newest].get("callbacks", {})
-    state = next((s for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), {})
+    state = next((s for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), None)
+    if state is None:  # a run without a monitor keeps no best: it is tested on its final weights
+        return newest
     best = state.get("best_model_path", "")
     if not best:
         raise NoBestCheckpoint(f"{newest} records no best checkpoint (no validation yet?); try --ckpt last")

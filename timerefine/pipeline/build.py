@@ -216,19 +216,17 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
-    """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
+    """The best checkpoint by the monitor (first, so ``trainer.checkpoint_callback`` is it; without a
+    monitor none: the final weights are tested), ``last.ckpt`` every
     ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
     the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
     has coarse segments to start from), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
+    folder, checkpoint = output_dir / "checkpoints", spec.checkpoint
+    best = BestCheckpoint(folder, checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k)
     callbacks: list[Callback] = [
-        BestCheckpoint(
-            output_dir / "checkpoints",
-            spec.checkpoint.monitor,
-            spec.checkpoint.mode,
-            spec.checkpoint.save_top_k,
-        ),
-        LastCheckpoint(output_dir / "checkpoints", spec.checkpoint.last_every_n_steps),
+        *([best] if checkpoint.monitor else []),
+        LastCheckpoint(folder, checkpoint.last_every_n_steps),
         RandomState(),
         PredictionsWriter(output_dir / "predictions"),
     ]
@@ -263,7 +261,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
 
 def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
     """A monitored ``val/`` metric must be one the module logs (Lightning finds out only at the
-    first validation, after training has started); other keys (``step``, ``train/loss``) are Lightning's."""
+    first validation, after training has started); ``train/`` ones, ``step`` and ``epoch`` are
+    Lightning's to check; any other key is none."""
     logged = module.evaluation_keys("val")
     for key, monitor in (
         ("callbacks.checkpoint.monitor", callbacks.checkpoint.monitor),
@@ -271,6 +270,10 @@ def check_monitors(callbacks: DictConfig, module: GroundingModule) -> None:
     ):
         if monitor and monitor.startswith("val/") and monitor not in logged:
             raise ConfigError(f"{key}={monitor}: not a metric this run logs; it logs {', '.join(logged)}")
+        if monitor and not monitor.startswith(("val/", "train/")) and monitor not in ("step", "epoch"):
+            raise ConfigError(
+                f"{key}={monitor}: not a metric this run logs; monitor one of {', '.join(logged)}"
+            )
 
 
 NO_ACCUMULATION = "GRPO steps on each rollout as it comes, without gradient accumulation"
