@@ -53,17 +53,29 @@ def test_accumulation_follows_the_trainer_world_size(tmp_path):
     overrides += ["trainer.val_check_interval=7"]
     overrides += ["data.source.num_train=32", "trainer.max_steps=1", "trainer.limit_val_batches=0"]
     overrides += ["model.saliency.projector_steps=0"]
-    for global_batch, batches in (("32", 4), ("null", 1)):
-        cfg = load_config([*overrides, f"data.global_batch_size={global_batch}"])
+    # +trainer.accumulate_grad_batches: before, its interval counted batches (validations twice as often)
+    cases = (("data.global_batch_size=32", 4), ("data.global_batch_size=null", 1))
+    for given, batches in (*cases, ("+trainer.accumulate_grad_batches=2", 2)):
+        cfg = load_config([*overrides, given])
         datamodule = build_datamodule(cfg)
         module = build_module(cfg, datamodule)
-        trainer = build_trainer(cfg, tmp_path / global_batch, module)
+        trainer = build_trainer(cfg, tmp_path / given, module)
         assert trainer.val_check_interval == 7 * batches
         trainer.fit(module, datamodule=datamodule)
         assert trainer.world_size == 1 and trainer.accumulate_grad_batches == batches
         assert (
             trainer.global_step == 1 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == batches
         )
+
+
+def test_accumulation_is_set_once(tmp_path):
+    """Before: GlobalBatch silently replaced the accumulation given, which config.yaml kept."""
+    both = ["data.batch_size=8", "data.global_batch_size=32", "+trainer.accumulate_grad_batches=4"]
+    cfg = load_config([*tiny_build_overrides(tmp_path), *both])
+    with pytest.raises(
+        ConfigError, match=r"^trainer\.accumulate_grad_batches=4 with data\.global_batch_size=32"
+    ):
+        build_trainer(cfg, tmp_path, build_module(cfg, build_datamodule(cfg)))
 
 
 def test_a_global_batch_that_the_processes_cannot_split_is_refused_before_training(tmp_path):

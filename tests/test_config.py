@@ -243,6 +243,22 @@ def test_added_keys_nothing_reads_are_refused(override, key):
     assert key in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "source"),
+    [
+        ("+trainer.logger=false", "logger.*"),
+        ("+trainer.default_root_dir=x", "output_dir"),
+        ("trainer=fsdp +trainer.strategy.auto_wrap_policy=x", "auto_wrap"),
+    ],
+)
+def test_arguments_the_builder_sets_name_their_keys(override, source):
+    """Before: 'Trainer takes no argument 'logger'', which it does."""
+    with pytest.raises(
+        ConfigError, match=f"'s \\w+ is set from {re.escape(source)}, so this would not be read"
+    ):
+        load_config(override.split())
+
+
 def test_added_keys_that_are_read_are_accepted():
     assert load_config(["+trainer.detect_anomaly=true"]).trainer.detect_anomaly is True  # a Trainer argument
     files = load_config(["data=charades_sta", "+data.source.annotation_files.test=fixed.txt"])

@@ -37,20 +37,25 @@ def empty_loops(
 
 
 def partial_accumulation(trainer: L.Trainer, datamodule: GroundingDataModule) -> str | None:
-    """Why each epoch of ``data.global_batch_size`` ends on fewer batches than a step accumulates,
-    which Lightning steps on with a smaller batch, so that validations fall off the optimizer-step
-    grid; None when the epoch divides (or without a global batch size)."""
+    """Why each epoch ends on fewer batches than a step accumulates (``data.global_batch_size``, or
+    ``trainer.accumulate_grad_batches``), which Lightning steps on with a smaller batch, so that
+    validations fall off the optimizer-step grid; None when the epoch divides (or nothing accumulates)."""
     data = datamodule.data
-    if not data.global_batch_size:
+    if data.global_batch_size:
+        per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)
+        key = f"data.global_batch_size={data.global_batch_size}"
+    else:
+        per_step = trainer.accumulate_grad_batches
+        key = f"trainer.accumulate_grad_batches={per_step}"
+    if per_step == 1:
         return None
-    per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)
     batches = batches_per_process(trainer, datamodule, "train")
     limit = trainer.limit_train_batches
     batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
     if batches % per_step == 0:
         return None
     return (
-        f"data.global_batch_size={data.global_batch_size}: an epoch is {batches} batches per process, "
+        f"{key}: an epoch is {batches} batches per process, "
         f"{batches % per_step} past a multiple of the {per_step} a step accumulates; Lightning steps on "
         "those with a smaller batch, and validations then fall off the optimizer-step grid"
     )

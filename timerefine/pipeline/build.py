@@ -327,7 +327,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
             "needs trainer.strategy=ddp (run as DDP that allows unused parameters): the LM takes no "
             "part in those steps"
         )
-    data, batches_per_step = cfg.data, 1
+    data, batches_per_step = cfg.data, trainer.accumulate_grad_batches  # +trainer.accumulate_grad_batches
+    if data.global_batch_size and batches_per_step != 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={batches_per_step} with data.global_batch_size="
+            f"{data.global_batch_size}: the global batch size sets the accumulation; give one of them"
+        )
     if data.global_batch_size:  # checked now, before anything is written; GlobalBatch sets it at setup
         try:
             batches_per_step = accumulation(data.global_batch_size, data.batch_size, trainer.world_size)

@@ -57,16 +57,29 @@ def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     }
 
 
-# Mappings handed on as keyword arguments, less those the builder sets itself: a key added there with
-# `+` is read when the callee takes it.
-PASSED_ON: dict[str, tuple[Callable, set[str]]] = {
-    "trainer": (L.Trainer, {"default_root_dir", "use_distributed_sampler", "callbacks", "logger", "plugins"}),
+# Mappings handed on as keyword arguments, less the arguments the builder sets itself (from what): a
+# key added there with `+` is read when the callee takes it.
+PASSED_ON: dict[str, tuple[Callable, dict[str, str]]] = {
+    "trainer": (
+        L.Trainer,
+        {
+            "default_root_dir": "output_dir",
+            "use_distributed_sampler": "the datamodule (it shards by rank)",
+            "callbacks": "callbacks.*",
+            "logger": "logger.*",
+            "plugins": "the cluster it finds",
+        },
+    ),
     "trainer.strategy": (
         FSDPStrategy,
-        {"auto_wrap_policy", "activation_checkpointing_policy", "use_orig_params"},
+        {
+            "auto_wrap_policy": "auto_wrap",
+            "activation_checkpointing_policy": "activation_checkpointing",
+            "use_orig_params": "the project (always true: frozen and trained parameters mix)",
+        },
     ),
-    "callbacks.early_stopping": (EarlyStopping, set()),
-    "data.source.annotation_files": (lambda **splits: None, set()),  # any split name
+    "callbacks.early_stopping": (EarlyStopping, {}),
+    "data.source.annotation_files": (lambda **splits: None, {}),  # any split name
 }
 
 
@@ -79,8 +92,10 @@ def unread(base: DictConfig, key: str) -> str | None:
     if parent not in PASSED_ON:
         return "not a config key, so nothing would read it"
     target, set_by_build = PASSED_ON[parent]
+    if name in set_by_build:
+        return f"{target.__name__}'s {name} is set from {set_by_build[name]}, so this would not be read"
     arguments = inspect.signature(target).parameters.values()
-    if name not in set_by_build and any(p.name == name or p.kind is p.VAR_KEYWORD for p in arguments):
+    if any(p.name == name or p.kind is p.VAR_KEYWORD for p in arguments):
         return None
     return f"not a config key and {target.__name__} takes no argument {name!r}, so nothing would read it"
 
