@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +30,7 @@ from timerefine.pipeline.outputs import print_summary, save_config, scored_weigh
 from timerefine.pipeline.previous_run import carried_tokenizer, check_same_settings, finished
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
-from timerefine.pipeline.schema import half_weights_trained
+from timerefine.pipeline.schema import half_weights_trained, idle_settings
 from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         helping = {"--help", "-h"} & set(shown)
         print(f"{usage()}\n" if helping else "", OmegaConf.to_yaml(cfg), sep="", end="")
         return 0
+    for idle in idle_settings(cfg):
+        rank_zero_only(log.warning)(idle)
     try:
         run(cfg)
     except INPUT_ERRORS as error:  # bad data or settings: the message names the file/key, no traceback

@@ -278,6 +278,32 @@ def half_weights_trained(cfg: DictConfig) -> str | None:
     )
 
 
+def changed(node: DictConfig, defaults: object, at: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """``key=value`` for each key of ``node`` (at ``at``) whose value is not that of ``defaults``."""
+    base = OmegaConf.structured(defaults)
+    return [f"{at}.{key}={node[key]}" for key in node if key not in skip and node[key] != base[key]]
+
+
+def idle_settings(cfg: DictConfig) -> Iterator[str]:
+    """The settings given that nothing reads, the others being as they are: warned of, not refused (a
+    sweep over K = 0, 1, 2 gives every K the aux weight)."""
+    model = cfg.model
+    if not model.lora.enabled:
+        for key in changed(model.lora, LoraOption(), "model.lora", skip=("enabled", "inherited")):
+            yield f"{key} is not read: LoRA is off (model.lora.enabled=false)"
+    if not cfg.init_from_run and model.lora.inherited != LoraOption.inherited:
+        yield f"model.lora.inherited={model.lora.inherited} is not read: no init_from_run"
+    if not model.refine.steps:
+        direct = "a direct answer (model.refine.steps=0) has no <OFFSET>"
+        if model.aux.weight:
+            yield f"model.aux.weight={model.aux.weight} is not read: {direct} for the aux head"
+        if model.refine.on_policy.fraction:
+            yield f"model.refine.on_policy.fraction={model.refine.on_policy.fraction} is not read: {direct}"
+    if not cfg.grpo.enabled:
+        for key in changed(cfg.grpo, GRPOSpec(), "grpo", skip=("enabled",)):
+            yield f"{key} is not read: GRPO is off (grpo.enabled=false)"
+
+
 def _writable(node: DictConfig) -> DictConfig:
     """``node`` with the read-only flag of frozen spec dataclasses lifted: YAML files merge into it."""
     OmegaConf.set_readonly(node, None)

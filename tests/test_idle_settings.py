@@ -1,0 +1,50 @@
+"""Settings that nothing reads, the others being as they are (LoRA keys with LoRA off, the aux weight
+of a direct answer, GRPO keys with GRPO off): warned of when a run starts, not refused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from timerefine import train
+from timerefine.pipeline.config import load_config
+from timerefine.pipeline.schema import idle_settings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warnings"),
+    [
+        (["model.lora.r=8"], ["model.lora.r=8 is not read: LoRA is off (model.lora.enabled=false)"]),
+        (["model.lora.enabled=true", "model.lora.r=8"], []),
+        (["model.lora.inherited=merge"], ["model.lora.inherited=merge is not read: no init_from_run"]),
+        (
+            ["model.refine.steps=0"],
+            [
+                "model.aux.weight=1.0 is not read: a direct answer (model.refine.steps=0) has no <OFFSET> for the aux head"
+            ],
+        ),
+        (["model=direct"], []),
+        (
+            ["experiment=timerefine_onpolicy", "model=direct"],
+            [
+                "model.refine.on_policy.fraction=0.5 is not read: a direct answer (model.refine.steps=0) has no <OFFSET>"
+            ],
+        ),
+        (
+            ["grpo.G=4", "grpo.beta=0.1"],
+            [f"grpo.{k} is not read: GRPO is off (grpo.enabled=false)" for k in ("G=4", "beta=0.1")],
+        ),
+        ([], []),
+    ],
+)
+def test_settings_nothing_reads_are_named(overrides, warnings):
+    assert list(idle_settings(load_config(overrides))) == warnings
+
+
+def test_a_run_warns_of_them(tmp_path, caplog):
+    """Before: model.lora.r=8 (README's own example) trained with LoRA off, and said nothing."""
+    run = ["experiment=tiny", "trainer.max_steps=1", "test=false", f"output_dir={tmp_path / 'run'}"]
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert train.main([*run, "model.lora.r=8"]) == 0
+    assert "model.lora.r=8 is not read: LoRA is off (model.lora.enabled=false)" in caplog.messages
