@@ -38,6 +38,7 @@ SCRIPTS = {
     "step_levers": ([], {"ratio_threads1", "ratio_bf16_autocast", "base_s_per_step"}),
     "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
     "grpo": ([], {"step_cost_ratio", "wall_cost_ratio", "sft_steps", "gain_mIoU_iou"}),
+    "action_trace_calibration": ([], {"best_action_mIoU", "oracle_x0_768d_mIoU", "oracle_x1_768d_mIoU"}),
     # the scratch arm (model.lm.weights=random, 50 s here) is left out: test_checkpoint_contents runs that
     # path, and test_arm_differences the figures it feeds
     "pretrained_lm": (
@@ -50,7 +51,9 @@ SCRIPTS = {
 # validation and the test (the ratio was over wall times before, and gave continued SFT too few steps).
 RELATIONS = {"grpo": lambda figures: figures["step_cost_ratio"] > max(1.0, figures["wall_cost_ratio"])}
 NEEDS_SMOLLM2 = {"pretrained_lm"}  # skipped, as the SmolLM2 tests are, only when the model is absent
-EXPERIMENTS = ("answer_tokens", "query_reading_probe")  # research probes: no target, kept runnable
+CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"  # the real annotations, when beside the project
+NEEDS_CHARADES = {"action_trace_calibration"}
+EXPERIMENTS = ("answer_tokens", "batch_size_answers", "query_reading_probe")  # research probes, kept runnable
 
 
 def final_figures(stdout: str) -> dict[str, float]:
@@ -132,6 +135,8 @@ def quick_figures(script: str, *extra: str) -> dict[str, float]:
 def test_bench_script_quick_mode(script):
     if script in NEEDS_SMOLLM2 and (missing := missing_model(SMOLLM2)) is not None:
         pytest.skip(missing)
+    if script in NEEDS_CHARADES and not (CHARADES / "charades_sta_test.txt").is_file():
+        pytest.skip(f"no Charades-STA annotations in {CHARADES}")
     extra, expected = SCRIPTS[script]
     figures = quick_figures(script, *extra)
     assert expected <= set(figures), f"missing {expected - set(figures)} in {sorted(figures)}"
