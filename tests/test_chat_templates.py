@@ -98,6 +98,13 @@ def test_the_tokenizer_chat_template_needs_the_tokenizer_to_have_one(tmp_path, c
     assert not output.exists()
 
 
+def test_the_project_tokenizer_is_named_when_it_has_no_chat_template(tmp_path, capsys):
+    """Before: 'the tokenizer () has no chat template'."""
+    argv = ["experiment=tiny", "data.chat_template=tokenizer", f"output_dir={tmp_path / 'run'}"]
+    assert train.main(argv) == 2
+    assert "the tokenizer (a BPE trained on the data's text) has no chat template" in capsys.readouterr().err
+
+
 def test_prompt_templates_are_named_choices():
     cfg = load_config(["data.prompt_template=reference"])
     assert build_datamodule(cfg).prompt_template == REFERENCE_TEMPLATE

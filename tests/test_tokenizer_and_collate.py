@@ -259,4 +259,7 @@ def test_a_query_fits_the_positions_the_prompt_video_and_answer_leave():
         "the query is 413 tokens long; this model takes at most 412 (its language model has 512 "
         "positions, 100 of them for the prompt, the video and the answer)"
     )
-    assert "at most 0 " in query_length_error(1, 600, 512)  # the rest alone is too long
+    assert query_length_error(1, 600, 512) == (  # the rest alone is too long; before: "at most 0 (...)"
+        "its language model has 512 positions, and the prompt, the video and the answer take 600 "
+        "without a query: no query fits"
+    )

@@ -38,7 +38,8 @@ def _check(chat_template: str, tokenizer: PreTrainedTokenizerBase) -> None:
     if chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {chat_template!r}; choose from {', '.join(CHAT_TEMPLATES)}")
     if chat_template == "tokenizer" and tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer ({tokenizer.name_or_path}) has no chat template")
+        name = tokenizer.name_or_path or "a BPE trained on the data's text"
+        raise ValueError(f"the tokenizer ({name}) has no chat template")
 
 
 def render_chat(chat_template: str, prompt: str, tokenizer: PreTrainedTokenizerBase) -> str:

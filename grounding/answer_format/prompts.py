@@ -57,6 +57,11 @@ def query_length_error(query_tokens: int, other_tokens: int, max_positions: int)
     room = max_positions - other_tokens
     if query_tokens <= room:
         return None
+    if room <= 0:
+        return (
+            f"its language model has {max_positions:,} positions, and the prompt, the video and the "
+            f"answer take {other_tokens:,} without a query: no query fits"
+        )
     return (
         f"the query is {query_tokens:,} tokens long; this model takes at most {max(room, 0):,} (its "
         f"language model has {max_positions:,} positions, {other_tokens:,} of them for the prompt, "
