@@ -129,7 +129,8 @@ def test_train_py_reports_config_errors_in_one_line():
 
 
 def test_device_list_and_float_intervals_are_accepted():
-    cfg = load_config(["trainer.devices=[0,1]", "trainer.val_check_interval=0.5", "trainer.devices=auto"])
+    given = ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"]
+    cfg = load_config(["trainer.devices=[0,1]", *given, "trainer.devices=auto"])
     assert cfg.trainer.devices == "auto" and cfg.trainer.val_check_interval == 0.5
     assert list(load_config(["trainer.devices=[0,1]"]).trainer.devices) == [0, 1]
 

@@ -41,6 +41,12 @@ CLI_ERRORS = [
     # Hydra advised --multirun, which train.py refused as a parse error
     ("seed=1,2", "seed=1,2: a sweep, and a run takes one value (a list is key=[a,b]; text with a comma"),
     ("--multirun", "--multirun: train.py runs one config; sweeps run through timerefine-ablate"),
+    # before: Hydra's "missing EQUAL" for "all", and Lightning's refusal only when the run started
+    ("--cfg all", "--cfg: train.py prints the job's config only: --cfg job"),
+    (
+        "trainer.val_check_interval=0.5",
+        "trainer.val_check_interval=0.5 is a fraction of an epoch, which needs",
+    ),
 ]
 
 
@@ -48,7 +54,10 @@ CLI_ERRORS = [
 def test_train_py_refuses_bad_settings_before_writing(train_main, tmp_path, capsys, override, key):
     output_dir = tmp_path / "run"
     assert (
-        train_main(["experiment=tiny", "trainer.accelerator=cpu", f"output_dir={output_dir}", override]) == 2
+        train_main(
+            ["experiment=tiny", "trainer.accelerator=cpu", f"output_dir={output_dir}", *override.split()]
+        )
+        == 2
     )
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"config error: {key}"), lines

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
+    if "--cfg" in argv and argv[argv.index("--cfg") + 1 :][:1] != ["job"]:
+        print("config error: --cfg: train.py prints the job's config only: --cfg job", file=sys.stderr)
+        return 2
     if multirun := {"--multirun", "-m"} & set(argv):
         print(f"config error: {multirun.pop()}: train.py runs one config; {SWEEPS}", file=sys.stderr)
         return 2

@@ -182,6 +182,11 @@ class TrainerConfig(Checked):
     enable_progress_bar: bool = True
 
     def relations(self) -> Iterator[str]:
+        if isinstance(self.val_check_interval, float) and self.check_val_every_n_epoch is None:
+            yield (
+                f"val_check_interval={self.val_check_interval} is a fraction of an epoch, which needs "
+                "check_val_every_n_epoch (e.g. 1); an int counts steps"
+            )
         if self.max_steps == -1 and self.max_epochs == -1:
             yield (
                 "max_steps=-1 (no step limit) needs max_epochs >= 0 (null: 1000): the learning-rate "
