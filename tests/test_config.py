@@ -260,6 +260,16 @@ def test_arguments_the_builder_sets_name_their_keys(override, source):
         load_config(override.split())
 
 
+def test_an_experiment_for_another_dataset_is_named():
+    """Before: Hydra's 'In 'experiment/tiny': ConfigKeyError raised while composing config: ...'."""
+    with pytest.raises(ConfigError) as error:
+        load_config(["experiment=tiny", "data=charades_sta"])
+    assert str(error.value) == (
+        "experiment=tiny sets data.source.num_train, which the other choices lack "
+        "(Key 'num_train' not in 'CharadesSpec')"
+    )
+
+
 def test_added_keys_that_are_read_are_accepted():
     assert load_config(["+trainer.detect_anomaly=true"]).trainer.detect_anomaly is True  # a Trainer argument
     files = load_config(["data=charades_sta", "+data.source.annotation_files.test=fixed.txt"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -170,10 +171,17 @@ def spec_errors(node: DictConfig, at: str = "") -> list[str]:
     return []
 
 
+COMPOSED_KEY_ERROR = re.compile(
+    r"In '(\w+)/([^']+)': ConfigKeyError raised while composing config: (.+?) full_key: (\S+)"
+)
+
+
 def _one_line(error: Exception, overrides: list[Override]) -> str:
     """Hydra's message names the override; OmegaConf's, its cause, says what is wrong with it."""
     text, cause = " ".join(str(error).split()), error.__cause__
     keys = [o.key_or_group for o in overrides if o.key_or_group in text]
+    if chosen := COMPOSED_KEY_ERROR.match(text):  # an experiment made for another data choice
+        return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which the other choices lack ({chosen[3]})"
     if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
         return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
     return text or repr(error)
