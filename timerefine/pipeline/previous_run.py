@@ -69,7 +69,7 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
     """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
     not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, or
-    when its ``trainer.max_steps`` stops short of the step ``checkpoint`` reached."""
+    when its ``trainer.max_steps`` or ``trainer.max_epochs`` stops short of where ``checkpoint`` is."""
     new = OmegaConf.to_container(cfg, resolve=True)
     for where, old in recorded_configs(output_dir, checkpoint):
         refused = {k: pair for k, pair in changes(old, new).items() if k not in MAY_CHANGE}
@@ -81,20 +81,52 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
                 "use another output_dir for the new settings"
             )
     if checkpoint is not None:
-        check_reaches(cfg.trainer.max_steps, checkpoint_file(checkpoint, output_dir), cfg.resume != "auto")
+        file, given = checkpoint_file(checkpoint, output_dir), cfg.resume != "auto"
+        state = trainer_state(file)
+        check_reaches(cfg.trainer.max_steps, file, state, given)
+        if cfg.trainer.max_epochs is not None:
+            check_reaches_epochs(cfg.trainer.max_epochs, file, state, given)
 
 
-def check_reaches(max_steps: int, checkpoint: Path, given: bool) -> None:
-    """A continued run trains to at least the step its checkpoint (``given`` as ``resume=``, or
-    found in ``output_dir``) reached: with fewer ``max_steps`` Lightning would stop at once and test
+def shorter_run(given: bool) -> str:
+    """How to train fewer steps than a checkpoint (``given`` as ``resume=``, or the folder's own) holds."""
+    return "init_from_run=<its run> to start from its weights" if given else "another output_dir"
+
+
+def check_reaches(max_steps: int, checkpoint: Path, state: Mapping[str, Any], given: bool) -> None:
+    """A continued run trains to at least the step its checkpoint (``state``; ``given`` as ``resume=``,
+    or found in ``output_dir``) reached: with fewer ``max_steps`` Lightning would stop at once and test
     the checkpoint's model under a config.yaml saying fewer."""
-    reached = trainer_state(checkpoint).get("global_step", 0)
+    reached = state.get("global_step", 0)
     if 0 <= max_steps < reached:
-        shorter = "init_from_run=<its run> to start from its weights" if given else "another output_dir"
         raise ChangedSettingsError(
             f"trainer.max_steps={max_steps}: {checkpoint} is at step {reached} already, and a run "
-            f"continues to at least that step; give trainer.max_steps >= {reached}, or {shorter} for "
-            "a shorter run"
+            f"continues to at least that step; give trainer.max_steps >= {reached}, or "
+            f"{shorter_run(given)} for a shorter run"
+        )
+
+
+def epochs_reached(state: Mapping[str, Any]) -> tuple[int, bool]:
+    """(epochs a checkpoint's ``state`` finished, whether it is part-way through the next one), from
+    the fit loop's progress as Lightning restores it (an epoch whose last batch is trained counts)."""
+    loop = state["loops"]["fit_loop"]
+    epochs, batches = loop["epoch_progress"]["current"], loop["epoch_loop.batch_progress"]
+    in_next = epochs["started"] > epochs["processed"] and batches["current"]["completed"] > 0
+    if in_next and batches["is_last_batch"]:
+        return epochs["processed"] + 1, False
+    return epochs["processed"], in_next
+
+
+def check_reaches_epochs(max_epochs: int, checkpoint: Path, state: Mapping[str, Any], given: bool) -> None:
+    """As :func:`check_reaches` for ``trainer.max_epochs`` (-1: no limit): Lightning stops a continued
+    run at once when the checkpoint has trained that many epochs, or part of one more."""
+    epochs, part_way = epochs_reached(state)
+    if 0 <= max_epochs < epochs + part_way:
+        where = f"in epoch {epochs + 1}" if part_way else f"at the end of epoch {epochs}"
+        raise ChangedSettingsError(
+            f"trainer.max_epochs={max_epochs}: {checkpoint} is at step {state.get('global_step', 0)} "
+            f"already ({where}), and a run continues to at least that step; give trainer.max_epochs >= "
+            f"{epochs + part_way}, or {shorter_run(given)} for a shorter run"
         )
 
 
