@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 import train
@@ -49,6 +50,38 @@ def test_max_epochs_below_the_checkpoint_is_refused(run, capsys):
         "shorter run"
     )
     assert snapshot(run) == before
+
+
+def truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:1000])
+    return path
+
+
+@pytest.mark.slow
+def test_a_corrupt_best_checkpoint_stops_a_rerun_before_writing(run, capsys):
+    """Before: a full fit attempt, then a PytorchStreamReader traceback from trainer.validate, exit 1,
+    and metrics.json deleted."""
+    best = truncated(run / "checkpoints" / "best-step20.ckpt")
+    before = snapshot(run)
+    line = refused([*RUN, f"output_dir={run}", "trainer.limit_test_batches=1"], capsys)
+    assert line.startswith(f"error: checkpoint {best} cannot be read (")
+    assert f"the best checkpoint {run / 'checkpoints' / 'last.ckpt'} records, which the run tests" in line
+    assert snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_a_best_checkpoint_unreadable_by_the_test_is_one_line(run, capsys, monkeypatch):
+    """Before: a PytorchStreamReader traceback from trainer.validate, exit 1."""
+    best, fit = run / "checkpoints" / "best-step20.ckpt", L.Trainer.fit
+
+    def fit_then_damage(trainer: L.Trainer, *args, **kwargs) -> None:
+        fit(trainer, *args, **kwargs)
+        truncated(best)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_then_damage)
+    line = refused([*RUN, f"output_dir={run}", "trainer.limit_test_batches=1"], capsys)
+    assert line.startswith(f"error: checkpoint {best} cannot be read (")
+    assert "the best checkpoint this run records, which the run tests" in line
 
 
 def progress(processed: int, started: int, batches: int, last_batch: bool) -> dict:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
-from timerefine.pipeline.best_checkpoint import trainer_state
+from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best, trainer_state
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", resumed)
         state = trainer_state(resumed)  # mapped once, not read: the tokenizer it carries
         carried = carried_tokenizer(resumed, state, tokenizer_dir)
+        check_resumed_best(resumed, state, output_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer_dir, carried=carried)
     datamodule.setup()  # read and check every split before anything is written
@@ -80,6 +81,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = best or None
+    if evaluated:  # read at the end: gone unreadable since it was written
+        check_readable_best(Path(evaluated), "this run")
     with unlogged(trainer):
         if trainer.limit_val_batches:
             metrics |= scores(
