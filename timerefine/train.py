@@ -26,8 +26,13 @@ from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
-from timerefine.pipeline.previous_run import carried_tokenizer, check_same_settings, finished
-from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
+from timerefine.pipeline.previous_run import (
+    carried_tokenizer,
+    check_same_settings,
+    continued_checkpoint,
+    finished,
+)
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
 from timerefine.pipeline.schema import half_weights_trained
 from timerefine.pipeline.selection import chosen_on_test
@@ -40,9 +45,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, and return the flat metrics written to metrics.json (those
     already there when ``output_dir`` holds this run finished)."""
     output_dir = Path(cfg.output_dir)
-    checkpoint = resume_checkpoint(cfg.resume, output_dir)  # checked before anything is written
+    checkpoint = continued_checkpoint(cfg.resume, output_dir)  # checked before anything is written
     check_same_settings(cfg, output_dir, checkpoint)
-    if finished(cfg, output_dir):
+    if finished(cfg, output_dir, checkpoint):
         log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
         return json.loads((output_dir / "metrics.json").read_text())
     tokenizer_dir, carried, resumed = output_dir / "tokenizer", None, None

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.config import ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
-from timerefine.pipeline.resume import CheckpointError, checkpoint_file
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
                 "use another output_dir for the new settings"
             )
     if checkpoint is not None:
-        file, given = checkpoint_file(checkpoint, output_dir), cfg.resume != "auto"
+        file, given = checkpoint_file(checkpoint, output_dir), not own_resume_point(checkpoint, output_dir)
         state = trainer_state(file)
         check_reaches(cfg.trainer.max_steps, file, state, given)
         if cfg.trainer.max_epochs is not None:
@@ -130,17 +130,50 @@ def check_reaches_epochs(max_epochs: int, checkpoint: Path, state: Mapping[str, 
         )
 
 
-def finished(cfg: DictConfig, output_dir: Path) -> bool:
+def own_resume_point(checkpoint: str, output_dir: Path) -> bool:
+    """Whether ``checkpoint`` (a :func:`resume_checkpoint` result) is ``output_dir``'s own resume point:
+    its ``last.ckpt`` or a SLURM HPC checkpoint."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    return checkpoint == "hpc" or Path(checkpoint).resolve() == last.resolve()
+
+
+def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
+    """The checkpoint a run continues from: :func:`resume_checkpoint`'s, but ``output_dir``'s own resume
+    point (``resume=auto``'s) where ``resume`` names another checkpoint and that point is at a later
+    step: a run started there from ``resume`` and was stopped since, and the same command continues it
+    instead of training the steps since again; another ``output_dir`` starts from ``resume`` anew."""
+    checkpoint = resume_checkpoint(resume, output_dir)
+    if checkpoint is None or resume == "auto" or own_resume_point(checkpoint, output_dir):
+        return checkpoint
+    own = resume_checkpoint("auto", output_dir)
+    if own is None or reached(own, output_dir) <= reached(checkpoint, output_dir):
+        return checkpoint
+    log.info(
+        "resume=%s: this run's own resume point %s is further along (step %d): continuing from it "
+        "(another output_dir starts from %s anew)",
+        resume,
+        checkpoint_file(own, output_dir),
+        reached(own, output_dir),
+        resume,
+    )
+    return own
+
+
+def reached(checkpoint: str, output_dir: Path) -> int:
+    """The step a :func:`resume_checkpoint` result is at."""
+    return trainer_state(checkpoint_file(checkpoint, output_dir)).get("global_step", 0)
+
+
+def finished(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> bool:
     """Whether ``output_dir`` holds this run finished: ``metrics.json`` (which a run removes when it
     starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones, or ``test``
-    turned off (its test is done and stays). Only when it would continue from its own ``last.ckpt``
-    (``resume=auto`` or that file): ``resume=null`` would start the run over, which resume.py refuses
-    beside its checkpoints, and another checkpoint trains from there."""
-    saved, last = output_dir / "config.yaml", output_dir / "checkpoints" / "last.ckpt"
-    own_last = cfg.resume == "auto" or (
-        cfg.resume is not None and Path(cfg.resume).resolve() == last.resolve()
-    )
-    if not own_last or not (output_dir / "metrics.json").is_file() or not saved.is_file():
+    turned off (its test is done and stays). Only when it would continue from its own resume point
+    (``checkpoint``, :func:`continued_checkpoint`'s; none with ``resume=auto``): ``resume=null`` would
+    start the run over, which resume.py refuses beside its checkpoints, and another checkpoint trains
+    from there."""
+    saved = output_dir / "config.yaml"
+    own = own_resume_point(checkpoint, output_dir) if checkpoint else cfg.resume == "auto"
+    if not own or not (output_dir / "metrics.json").is_file() or not saved.is_file():
         return False
     old = OmegaConf.to_container(with_schema_defaults(saved_config(saved)), resolve=True)
     changed = changes(old, OmegaConf.to_container(cfg, resolve=True))
