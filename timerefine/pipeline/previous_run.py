@@ -146,20 +146,20 @@ def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     if checkpoint is None or resume == "auto" or own_resume_point(checkpoint, output_dir):
         return checkpoint
     own = resume_checkpoint("auto", output_dir)
-    if own is None or reached(own, output_dir) <= reached(checkpoint, output_dir):
+    if own is None or (step := step_of(own, output_dir)) <= step_of(checkpoint, output_dir):
         return checkpoint
     log.info(
         "resume=%s: this run's own resume point %s is further along (step %d): continuing from it "
         "(another output_dir starts from %s anew)",
         resume,
         checkpoint_file(own, output_dir),
-        reached(own, output_dir),
+        step,
         resume,
     )
     return own
 
 
-def reached(checkpoint: str, output_dir: Path) -> int:
+def step_of(checkpoint: str, output_dir: Path) -> int:
     """The step a :func:`resume_checkpoint` result is at."""
     return trainer_state(checkpoint_file(checkpoint, output_dir)).get("global_step", 0)
 
