@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
-from timerefine.pipeline.best_checkpoint import trainer_state
+from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best, trainer_state
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
@@ -27,8 +27,13 @@ from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
-from timerefine.pipeline.previous_run import carried_tokenizer, check_same_settings, finished
-from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
+from timerefine.pipeline.previous_run import (
+    carried_tokenizer,
+    check_same_settings,
+    continued_checkpoint,
+    finished,
+)
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
 from timerefine.pipeline.schema import half_weights_trained, idle_settings
 from timerefine.pipeline.selection import chosen_on_test
@@ -41,9 +46,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, and return the flat metrics written to metrics.json (those
     already there when ``output_dir`` holds this run finished)."""
     output_dir = Path(cfg.output_dir)
-    checkpoint = resume_checkpoint(cfg.resume, output_dir)  # checked before anything is written
+    checkpoint = continued_checkpoint(cfg.resume, output_dir)  # checked before anything is written
     check_same_settings(cfg, output_dir, checkpoint)
-    if finished(cfg, output_dir):
+    if finished(cfg, output_dir, checkpoint):
         log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
         return json.loads((output_dir / "metrics.json").read_text())
     tokenizer_dir, carried, resumed = output_dir / "tokenizer", None, None
@@ -52,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", resumed)
         state = trainer_state(resumed)  # mapped once, not read: the tokenizer it carries
         carried = carried_tokenizer(resumed, state, tokenizer_dir)
+        check_resumed_best(resumed, state, output_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer_dir, carried=carried)
     datamodule.setup()  # read and check every split before anything is written
@@ -81,6 +87,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = best or None
+    if evaluated:  # read at the end: gone unreadable since it was written
+        check_readable_best(Path(evaluated), "this run")
     with unlogged(trainer):
         if trainer.limit_val_batches:
             metrics |= scores(

@@ -5,12 +5,14 @@ checked to fit the model they are loaded into and to be finite."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from callbacks.last_checkpoint import relocated
 from callbacks.lightning_compat import load_sharded_checkpoint, sharded_checkpoint_metadata
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
@@ -42,6 +44,28 @@ def read_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
 def trainer_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's dict without reading its weights (mapped lazily)."""
     return read_checkpoint(checkpoint, weights=False)
+
+
+def check_readable_best(best: Path, recorded_by: str) -> None:
+    """CheckpointError naming ``best``, the best checkpoint that ``recorded_by`` records and a run
+    tests, when it cannot be read (its tensors are mapped, not read)."""
+    try:
+        trainer_state(best)
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"{error}: the best checkpoint {recorded_by} records, which the run tests; put it back "
+            "whole, or delete it to have the run choose its best anew (its final weights if it "
+            "validates no more)"
+        ) from error
+
+
+def check_resumed_best(resumed: Path, state: Mapping[str, Any], checkpoint_dir: Path) -> None:
+    """:func:`check_readable_best` for the best checkpoint the resume checkpoint ``resumed`` (its
+    ``state``) records, found where the run's ``checkpoint_dir`` relocates it; one that is gone is
+    forgotten when the run resumes (``LastCheckpoint.on_load_checkpoint``)."""
+    saved = next((s for k, s in state.get("callbacks", {}).items() if k.startswith("ModelCheckpoint{")), {})
+    if best := relocated(saved, os.path.realpath(checkpoint_dir)).get("best_model_path"):
+        check_readable_best(Path(best), str(resumed))
 
 
 def misfit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from callbacks.best_checkpoint import BestCheckpoint
+from callbacks.early_stopping import KeptEarlyStopping
 from callbacks.global_batch import GlobalBatch, accumulation
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.lightning_compat import check_lightning_internals
@@ -242,7 +243,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.early_stopping:
-        callbacks.append(EarlyStopping(**spec.early_stopping))
+        callbacks.append(KeptEarlyStopping(**spec.early_stopping))
     if cfg.data.global_batch_size:
         callbacks.append(GlobalBatch(cfg.data.global_batch_size, cfg.data.batch_size))
     if spec.refinement_trace > 0:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.config import ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
-from timerefine.pipeline.resume import CheckpointError, checkpoint_file
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
     """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
     not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, or
-    when its ``trainer.max_steps`` stops short of the step ``checkpoint`` reached."""
+    when its ``trainer.max_steps`` or ``trainer.max_epochs`` stops short of where ``checkpoint`` is."""
     new = OmegaConf.to_container(cfg, resolve=True)
     for where, old in recorded_configs(output_dir, checkpoint):
         refused = {k: pair for k, pair in changes(old, new).items() if k not in MAY_CHANGE}
@@ -81,34 +81,99 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
                 "use another output_dir for the new settings"
             )
     if checkpoint is not None:
-        check_reaches(cfg.trainer.max_steps, checkpoint_file(checkpoint, output_dir), cfg.resume != "auto")
+        file, given = checkpoint_file(checkpoint, output_dir), not own_resume_point(checkpoint, output_dir)
+        state = trainer_state(file)
+        check_reaches(cfg.trainer.max_steps, file, state, given)
+        if cfg.trainer.max_epochs is not None:
+            check_reaches_epochs(cfg.trainer.max_epochs, file, state, given)
 
 
-def check_reaches(max_steps: int, checkpoint: Path, given: bool) -> None:
-    """A continued run trains to at least the step its checkpoint (``given`` as ``resume=``, or
-    found in ``output_dir``) reached: with fewer ``max_steps`` Lightning would stop at once and test
+def shorter_run(given: bool) -> str:
+    """How to train fewer steps than a checkpoint (``given`` as ``resume=``, or the folder's own) holds."""
+    return "init_from_run=<its run> to start from its weights" if given else "another output_dir"
+
+
+def check_reaches(max_steps: int, checkpoint: Path, state: Mapping[str, Any], given: bool) -> None:
+    """A continued run trains to at least the step its checkpoint (``state``; ``given`` as ``resume=``,
+    or found in ``output_dir``) reached: with fewer ``max_steps`` Lightning would stop at once and test
     the checkpoint's model under a config.yaml saying fewer."""
-    reached = trainer_state(checkpoint).get("global_step", 0)
+    reached = state.get("global_step", 0)
     if 0 <= max_steps < reached:
-        shorter = "init_from_run=<its run> to start from its weights" if given else "another output_dir"
         raise ChangedSettingsError(
             f"trainer.max_steps={max_steps}: {checkpoint} is at step {reached} already, and a run "
-            f"continues to at least that step; give trainer.max_steps >= {reached}, or {shorter} for "
-            "a shorter run"
+            f"continues to at least that step; give trainer.max_steps >= {reached}, or "
+            f"{shorter_run(given)} for a shorter run"
         )
 
 
-def finished(cfg: DictConfig, output_dir: Path) -> bool:
+def epochs_reached(state: Mapping[str, Any]) -> tuple[int, bool]:
+    """(epochs a checkpoint's ``state`` finished, whether it is part-way through the next one), from
+    the fit loop's progress as Lightning restores it (an epoch whose last batch is trained counts)."""
+    loop = state["loops"]["fit_loop"]
+    epochs, batches = loop["epoch_progress"]["current"], loop["epoch_loop.batch_progress"]
+    in_next = epochs["started"] > epochs["processed"] and batches["current"]["completed"] > 0
+    if in_next and batches["is_last_batch"]:
+        return epochs["processed"] + 1, False
+    return epochs["processed"], in_next
+
+
+def check_reaches_epochs(max_epochs: int, checkpoint: Path, state: Mapping[str, Any], given: bool) -> None:
+    """As :func:`check_reaches` for ``trainer.max_epochs`` (-1: no limit): Lightning stops a continued
+    run at once when the checkpoint has trained that many epochs, or part of one more."""
+    epochs, part_way = epochs_reached(state)
+    if 0 <= max_epochs < epochs + part_way:
+        where = f"in epoch {epochs + 1}" if part_way else f"at the end of epoch {epochs}"
+        raise ChangedSettingsError(
+            f"trainer.max_epochs={max_epochs}: {checkpoint} is at step {state.get('global_step', 0)} "
+            f"already ({where}), and a run continues to at least that step; give trainer.max_epochs >= "
+            f"{epochs + part_way}, or {shorter_run(given)} for a shorter run"
+        )
+
+
+def own_resume_point(checkpoint: str, output_dir: Path) -> bool:
+    """Whether ``checkpoint`` (a :func:`resume_checkpoint` result) is ``output_dir``'s own resume point:
+    its ``last.ckpt`` or a SLURM HPC checkpoint."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    return checkpoint == "hpc" or Path(checkpoint).resolve() == last.resolve()
+
+
+def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
+    """The checkpoint a run continues from: :func:`resume_checkpoint`'s, but ``output_dir``'s own resume
+    point (``resume=auto``'s) where ``resume`` names another checkpoint and that point is at a later
+    step: a run started there from ``resume`` and was stopped since, and the same command continues it
+    instead of training the steps since again; another ``output_dir`` starts from ``resume`` anew."""
+    checkpoint = resume_checkpoint(resume, output_dir)
+    if checkpoint is None or resume == "auto" or own_resume_point(checkpoint, output_dir):
+        return checkpoint
+    own = resume_checkpoint("auto", output_dir)
+    if own is None or (step := step_of(own, output_dir)) <= step_of(checkpoint, output_dir):
+        return checkpoint
+    log.info(
+        "resume=%s: this run's own resume point %s is further along (step %d): continuing from it "
+        "(another output_dir starts from %s anew)",
+        resume,
+        checkpoint_file(own, output_dir),
+        step,
+        resume,
+    )
+    return own
+
+
+def step_of(checkpoint: str, output_dir: Path) -> int:
+    """The step a :func:`resume_checkpoint` result is at."""
+    return trainer_state(checkpoint_file(checkpoint, output_dir)).get("global_step", 0)
+
+
+def finished(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> bool:
     """Whether ``output_dir`` holds this run finished: ``metrics.json`` (which a run removes when it
     starts and writes when it ends) and the same settings but :data:`INCIDENTAL` ones, or ``test``
-    turned off (its test is done and stays). Only when it would continue from its own ``last.ckpt``
-    (``resume=auto`` or that file): ``resume=null`` would start the run over, which resume.py refuses
-    beside its checkpoints, and another checkpoint trains from there."""
-    saved, last = output_dir / "config.yaml", output_dir / "checkpoints" / "last.ckpt"
-    own_last = cfg.resume == "auto" or (
-        cfg.resume is not None and Path(cfg.resume).resolve() == last.resolve()
-    )
-    if not own_last or not (output_dir / "metrics.json").is_file() or not saved.is_file():
+    turned off (its test is done and stays). Only when it would continue from its own resume point
+    (``checkpoint``, :func:`continued_checkpoint`'s; none with ``resume=auto``): ``resume=null`` would
+    start the run over, which resume.py refuses beside its checkpoints, and another checkpoint trains
+    from there."""
+    saved = output_dir / "config.yaml"
+    own = own_resume_point(checkpoint, output_dir) if checkpoint else cfg.resume == "auto"
+    if not own or not (output_dir / "metrics.json").is_file() or not saved.is_file():
         return False
     old = OmegaConf.to_container(with_schema_defaults(saved_config(saved)), resolve=True)
     changed = changes(old, OmegaConf.to_container(cfg, resolve=True))

@@ -29,7 +29,7 @@ from pathlib import Path
 from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize, write_csv
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.init_from_run import inherit_settings
-from timerefine.pipeline.previous_run import finished
+from timerefine.pipeline.previous_run import continued_checkpoint, finished
 from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +89,8 @@ def done(overrides: list[str], run_dir: Path) -> bool:
     config that does not load."""
     if not (run_dir / "metrics.json").is_file():
         return False
-    return finished(inherit_settings(load_config(overrides), overrides), run_dir)
+    cfg = inherit_settings(load_config(overrides), overrides)
+    return finished(cfg, run_dir, continued_checkpoint(cfg.resume, run_dir))
 
 
 class Stopped(Exception):

@@ -1,0 +1,83 @@
+"""A run that early stopping ended is done training: run again (to test otherwise) or resumed after a
+kill in its final test, it trains no further and ends as the run that stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_resume_runs import SIGNALLED_RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+STOPPED_AT = 30  # val/mIoU is best at step 20 and no better at 30: patience 1 stops the run there
+RUN = [
+    "experiment=tiny",
+    "trainer.max_steps=80",
+    "callbacks.early_stopping={monitor: val/mIoU, mode: max, patience: 1}",
+    "data.eval_batch_size=4",  # two test batches: a test can be stopped half-way
+    "logger.tensorboard=false",
+    "callbacks.refinement_trace=0",
+]
+
+
+def train(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "train.py", *RUN, f"output_dir={output_dir}", *extra]
+    return subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def outputs(output_dir: Path) -> tuple[dict, list[dict[str, str]]]:
+    """``metrics.json`` and the rows of ``metrics.csv``."""
+    with open(output_dir / "logs" / "csv" / "metrics.csv", newline="") as file:
+        return json.loads((output_dir / "metrics.json").read_text()), list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("early_stopped") / "run"
+    result = train(output_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert outputs(output_dir)[0]["global_step"] == STOPPED_AT
+    return output_dir
+
+
+@pytest.mark.slow
+def test_an_early_stopped_run_tested_again_trains_no_further(stopped, tmp_path):
+    """Before: it resumed from last.ckpt, trained steps 30-40 and validated again; metrics.json said 40."""
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    result = train(run, "trainer.limit_test_batches=1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics, rows = outputs(run)
+    assert metrics["global_step"] == STOPPED_AT and metrics["test/coverage"] < 100
+    assert f"stopped early at step {STOPPED_AT}" in result.stderr
+    assert rows == outputs(stopped)[1]  # no training or validation row added
+
+
+@pytest.mark.slow
+def test_an_early_stopped_run_killed_in_its_test_ends_as_the_uninterrupted_one(stopped, tmp_path):
+    """Before: resumed, it trained steps 30-40, so metrics.json said 40 and metrics.csv had more rows.
+    (Lightning finishes a test that a SIGTERM interrupts: the kill here is ``kill -9``.)"""
+    run = tmp_path / "run"
+    args = ["test_step", str(STOPPED_AT), "1", str(int(signal.SIGKILL)), *RUN, f"output_dir={run}"]
+    killed = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_RUN, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert not (run / "metrics.json").exists()
+    result = train(run)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert outputs(run) == outputs(stopped)
