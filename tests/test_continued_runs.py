@@ -3,6 +3,7 @@ anything is written when its limits stop short of its checkpoint or its best che
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,15 @@ def test_max_epochs_may_end_where_the_checkpoint_is():
         ChangedSettingsError, match=r"max_epochs=0: .* \(at the end of epoch 1\), .* give trainer"
     ):
         check_reaches_epochs(0, Path("last.ckpt"), progress(0, 1, 16, True), given=False)
+
+
+def test_a_longer_continued_run_warns_that_its_schedule_changed(run, caplog):
+    """Before: trained on with the learning rate of a 40-step curve from step 20 (back up from the
+    20-step curve's floor) and said nothing, while its config.yaml reads as a 40-step run's."""
+    with caplog.at_level(logging.WARNING, logger="timerefine.pipeline.previous_run"):
+        assert train.main([*RUN, "trainer.max_steps=24", f"output_dir={run}"]) == 0
+    assert caplog.messages == [
+        "trainer.max_steps 20 -> 24: from step 20 on, the learning rate follows the new length's curve "
+        "(warmup and cosine decay span the whole run), so this run differs from one trained that long "
+        "from the start"
+    ]

@@ -86,6 +86,26 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
         check_reaches(cfg.trainer.max_steps, file, state, given)
         if cfg.trainer.max_epochs is not None:
             check_reaches_epochs(cfg.trainer.max_epochs, file, state, given)
+        if change := length_change(state, cfg):
+            log.warning(change)
+
+
+def length_change(state: Mapping[str, Any], cfg: DictConfig) -> str | None:
+    """What a continued run's learning rate does when its length (``trainer.max_steps``, or
+    ``max_epochs``) is not the one the checkpoint ``state`` was trained for; None when it is."""
+    trained = state.get("hyper_parameters", {}).get("config", {}).get("trainer", {})
+    length = ("max_steps", "max_epochs")
+    before, now = [trained.get(key) for key in length], [cfg.trainer[key] for key in length]
+    if before == now or None in before[:1]:
+        return None
+    changed = ", ".join(
+        f"trainer.{k} {a} -> {b}" for k, a, b in zip(length, before, now, strict=True) if a != b
+    )
+    return (
+        f"{changed}: from step {state.get('global_step', 0)} on, the learning rate follows the new "
+        "length's curve (warmup and cosine decay span the whole run), so this run differs from one "
+        "trained that long from the start"
+    )
 
 
 def shorter_run(given: bool) -> str:
