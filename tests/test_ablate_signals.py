@@ -72,3 +72,14 @@ def test_a_report_of_no_run_removes_an_earlier_reports_results(tmp_path, capsys)
     assert ablate.main([*argv, "model.optim.lr=1e-4"]) == 1  # other settings: A is not finished
     assert not any((tmp_path / name).exists() for name in ablate.RESULTS)
     assert "removed results.csv, results.md, results.png" in capsys.readouterr().err
+
+
+def test_a_report_reads_no_checkpoint(tmp_path, capsys):
+    """A finished run whose last.ckpt is damaged is still reported (before, in this change's first
+    version: a CheckpointError traceback, since finding a finished run read its resume point)."""
+    finished_run(tmp_path, "A", ["model=direct"], 0, 2.0)
+    (tmp_path / "A" / "seed0" / "checkpoints").mkdir()
+    (tmp_path / "A" / "seed0" / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--report-only", "--", *TINY]
+    assert ablate.main(argv) == 0
+    assert "| A | 1 | 2.00 |" in capsys.readouterr().out

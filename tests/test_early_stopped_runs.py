@@ -81,3 +81,22 @@ def test_an_early_stopped_run_killed_in_its_test_ends_as_the_uninterrupted_one(s
     result = train(run)
     assert result.returncode == 0, result.stderr[-4000:]
     assert outputs(run) == outputs(stopped)
+
+
+@pytest.mark.slow
+def test_an_early_stopped_run_is_not_given_another_length(stopped, tmp_path):
+    """Before: it warned of a learning-rate curve it never trained on and rewrote config.yaml to the
+    new length, while it stopped where it had."""
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    before = (run / "config.yaml").read_text()
+    result = train(run, "trainer.max_steps=120")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith(
+        f"error: trainer.max_steps=120: {run / 'checkpoints' / 'last.ckpt'} stopped early at step 30"
+    )
+    assert line.endswith(
+        "trains no further; init_from_run=<its run> in another output_dir trains on from its weights"
+    )
+    assert (run / "config.yaml").read_text() == before

@@ -57,3 +57,17 @@ def test_the_same_command_continues_a_run_resumed_from_another_runs_checkpoint(t
     caplog.clear()
     assert train.main(command) == 0
     assert f"{run} holds this run finished (metrics.json): nothing to do" in caplog.messages
+
+
+def test_an_unreadable_own_resume_point_gives_way_to_resume(tmp_path, caplog):
+    """Before (this change's first version): the folder's own damaged last.ckpt stopped the run, whose
+    message advised resume=<another checkpoint>, the very thing given."""
+    run = tmp_path / "run"
+    assert train.main([*RUN, "trainer.max_steps=10", f"output_dir={run}"]) == 0
+    earlier = run / "checkpoints" / "earlier.ckpt"
+    (run / "checkpoints" / "last.ckpt").rename(earlier)
+    (run / "checkpoints" / "last.ckpt").write_bytes(earlier.read_bytes()[:1000])
+    caplog.set_level(logging.INFO)
+    assert train.main([*RUN, "trainer.max_steps=12", f"resume={earlier}", f"output_dir={run}"]) == 0
+    assert f"resuming from {earlier}" in caplog.messages
+    assert any("passing over this run's own resume point" in message for message in caplog.messages)

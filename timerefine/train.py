@@ -57,7 +57,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s", resumed)
         state = trainer_state(resumed)  # mapped once, not read: the tokenizer it carries
         carried = carried_tokenizer(resumed, state, tokenizer_dir)
-        check_resumed_best(resumed, state, output_dir / "checkpoints")
+        if cfg.callbacks.checkpoint.monitor:  # without one the final weights are tested
+            check_resumed_best(resumed, state, output_dir / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer_dir, carried=carried)
     datamodule.setup()  # read and check every split before anything is written
@@ -86,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return {}
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    evaluated = best or None
+    evaluated = (best or None) if cfg.callbacks.checkpoint.monitor else None  # else the final weights
     if evaluated:  # read at the end: gone unreadable since it was written
         check_readable_best(Path(evaluated), "this run")
     with unlogged(trainer):

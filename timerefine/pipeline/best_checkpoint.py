@@ -150,7 +150,7 @@ def recorded_best(checkpoint_dir: Path) -> Path:
     newest = max(states, key=lambda path: (states[path]["global_step"], not path.name.startswith("last")))
     callbacks = states[newest].get("callbacks", {})
     state = next((s for k, s in callbacks.items() if k.startswith("ModelCheckpoint{")), None)
-    if state is None:  # a run without a monitor keeps no best: it is tested on its final weights
+    if state is None or state.get("monitor", "") is None:  # no monitor: tested on its final weights
         return newest
     best = state.get("best_model_path", "")
     if not best:

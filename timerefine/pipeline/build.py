@@ -218,7 +218,8 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint by the monitor (first, so ``trainer.checkpoint_callback`` is it; without a
-    monitor none: the final weights are tested), ``last.ckpt`` every
+    monitor the final weights are tested, and none is kept unless ``save_top_k`` asks for the latest
+    validated ones), ``last.ckpt`` every
     ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
     the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
     has coarse segments to start from), gradient accumulation, the refinement trace figure."""
@@ -226,7 +227,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     folder, checkpoint = output_dir / "checkpoints", spec.checkpoint
     best = BestCheckpoint(folder, checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k)
     callbacks: list[Callback] = [
-        *([best] if checkpoint.monitor else []),
+        *([best] if checkpoint.monitor or checkpoint.save_top_k != 1 else []),
         LastCheckpoint(folder, checkpoint.last_every_n_steps),
         RandomState(),
         PredictionsWriter(output_dir / "predictions"),

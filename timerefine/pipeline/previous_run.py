@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
 from timerefine.pipeline.best_checkpoint import trainer_state
@@ -17,6 +18,7 @@ from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
 
 log = logging.getLogger(__name__)
+NOT_STOPPED = EarlyStoppingReason.NOT_STOPPED.value  # as EarlyStopping's state records it
 
 # How a run is carried out, not what it computes: a finished run re-run with only these changed is done.
 INCIDENTAL = (
@@ -86,8 +88,31 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
         check_reaches(cfg.trainer.max_steps, file, state, given)
         if cfg.trainer.max_epochs is not None:
             check_reaches_epochs(cfg.trainer.max_epochs, file, state, given)
-        if change := length_change(state, cfg):
+        if stop := early_stop(state):
+            check_stopped_length(cfg, file, state, stop)
+        elif change := length_change(state, cfg):
             log.warning(change)
+
+
+def early_stop(state: Mapping[str, Any]) -> str | None:
+    """Why the run of a checkpoint's ``state`` stopped early (its EarlyStopping's record); None if it
+    did not."""
+    saved = next((s for k, s in state.get("callbacks", {}).items() if k.startswith("EarlyStopping{")), {})
+    if saved.get("stopping_reason", NOT_STOPPED) == NOT_STOPPED:
+        return None
+    return saved.get("stopping_reason_message") or "its early stopping stopped it"
+
+
+def check_stopped_length(cfg: DictConfig, checkpoint: Path, state: Mapping[str, Any], stop: str) -> None:
+    """A run whose checkpoint records an early stop trains no further: another length would only be
+    written into its config.yaml."""
+    trained = state.get("hyper_parameters", {}).get("config", {}).get("trainer", {})
+    if trained.get("max_steps", cfg.trainer.max_steps) != cfg.trainer.max_steps:
+        raise ChangedSettingsError(
+            f"trainer.max_steps={cfg.trainer.max_steps}: {checkpoint} stopped early at step "
+            f"{state.get('global_step', 0)} ({stop}) and trains no further; init_from_run=<its run> "
+            "in another output_dir trains on from its weights"
+        )
 
 
 def length_change(state: Mapping[str, Any], cfg: DictConfig) -> str | None:
@@ -161,12 +186,18 @@ def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     """The checkpoint a run continues from: :func:`resume_checkpoint`'s, but ``output_dir``'s own resume
     point (``resume=auto``'s) where ``resume`` names another checkpoint and that point is at a later
     step: a run started there from ``resume`` and was stopped since, and the same command continues it
-    instead of training the steps since again; another ``output_dir`` starts from ``resume`` anew."""
+    instead of training the steps since again; another ``output_dir`` starts from ``resume`` anew. An
+    own resume point that cannot be read is passed over with a warning: ``resume`` is the way past it."""
     checkpoint = resume_checkpoint(resume, output_dir)
     if checkpoint is None or resume == "auto" or own_resume_point(checkpoint, output_dir):
         return checkpoint
-    own = resume_checkpoint("auto", output_dir)
-    if own is None or (step := step_of(own, output_dir)) <= step_of(checkpoint, output_dir):
+    try:
+        own = resume_checkpoint("auto", output_dir)
+        step = -1 if own is None else step_of(own, output_dir)
+    except CheckpointError as error:
+        log.warning("resume=%s: passing over this run's own resume point: %s", resume, error)
+        return checkpoint
+    if own is None or step <= step_of(checkpoint, output_dir):
         return checkpoint
     log.info(
         "resume=%s: this run's own resume point %s is further along (step %d): continuing from it "

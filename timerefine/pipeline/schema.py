@@ -207,10 +207,6 @@ class CheckpointConfig(Checked):
     save_top_k: int = checked(1, integer(-1))
     last_every_n_steps: int = checked(100, integer(1))
 
-    def relations(self) -> Iterator[str]:
-        if self.monitor is None and self.save_top_k != 1:
-            yield f"save_top_k={self.save_top_k} needs a monitor: without one the final weights are tested"
-
 
 @dataclass
 class CallbacksConfig(Checked):

@@ -30,6 +30,7 @@ from timerefine.pipeline.ablation import markdown_table, plot, run_row, summariz
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.previous_run import continued_checkpoint, finished
+from timerefine.pipeline.resume import CheckpointError
 from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,11 @@ def done(overrides: list[str], run_dir: Path) -> bool:
     if not (run_dir / "metrics.json").is_file():
         return False
     cfg = inherit_settings(load_config(overrides), overrides)
-    return finished(cfg, run_dir, continued_checkpoint(cfg.resume, run_dir))
+    try:  # resume=auto, the tool's: the folder's own (no checkpoint read)
+        checkpoint = None if cfg.resume == "auto" else continued_checkpoint(cfg.resume, run_dir)
+    except CheckpointError:  # train.py names it
+        return False
+    return finished(cfg, run_dir, checkpoint)
 
 
 class Stopped(Exception):
