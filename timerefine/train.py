@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         helping = {"--help", "-h"} & set(shown)
         print(f"{usage()}\n" if helping else "", OmegaConf.to_yaml(cfg), sep="", end="")
         return 0
-    for idle in idle_settings(cfg):
+    for idle in idle_settings(cfg, overrides):
         rank_zero_only(log.warning)(idle)
     try:
         run(cfg)

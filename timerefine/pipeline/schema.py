@@ -279,30 +279,30 @@ def half_weights_trained(cfg: DictConfig) -> str | None:
     )
 
 
-def changed(node: DictConfig, defaults: object, at: str, skip: tuple[str, ...] = ()) -> list[str]:
-    """``key=value`` for each key of ``node`` (at ``at``) whose value is not that of ``defaults``."""
-    base = OmegaConf.structured(defaults)
-    return [f"{at}.{key}={node[key]}" for key in node if key not in skip and node[key] != base[key]]
-
-
-def idle_settings(cfg: DictConfig) -> Iterator[str]:
-    """The settings given that nothing reads, the others being as they are: warned of, not refused (a
-    sweep over K = 0, 1, 2 gives every K the aux weight)."""
-    model = cfg.model
+def unread_settings(cfg: DictConfig) -> dict[str, str]:
+    """Each key that nothing reads, the other settings being as they are, and why."""
+    model, unread = cfg.model, {}
     if not model.lora.enabled:
-        for key in changed(model.lora, LoraOption(), "model.lora", skip=("enabled", "inherited")):
-            yield f"{key} is not read: LoRA is off (model.lora.enabled=false)"
-    if not cfg.init_from_run and model.lora.inherited != LoraOption.inherited:
-        yield f"model.lora.inherited={model.lora.inherited} is not read: no init_from_run"
+        off = "LoRA is off (model.lora.enabled=false)"
+        unread |= {f"model.lora.{key}": off for key in model.lora if key not in ("enabled", "inherited")}
+    if not cfg.init_from_run:
+        unread["model.lora.inherited"] = "no init_from_run"
     if not model.refine.steps:
         direct = "a direct answer (model.refine.steps=0) has no <OFFSET>"
-        if model.aux.weight:
-            yield f"model.aux.weight={model.aux.weight} is not read: {direct} for the aux head"
-        if model.refine.on_policy.fraction:
-            yield f"model.refine.on_policy.fraction={model.refine.on_policy.fraction} is not read: {direct}"
+        unread |= {f"model.aux.{key}": direct for key in model.aux}
+        unread |= {f"model.refine.on_policy.{key}": direct for key in model.refine.on_policy}
     if not cfg.grpo.enabled:
-        for key in changed(cfg.grpo, GRPOSpec(), "grpo", skip=("enabled",)):
-            yield f"{key} is not read: GRPO is off (grpo.enabled=false)"
+        unread |= {f"grpo.{key}": "GRPO is off (grpo.enabled=false)" for key in cfg.grpo if key != "enabled"}
+    return unread
+
+
+def idle_settings(cfg: DictConfig, overrides: list[str]) -> Iterator[str]:
+    """The keys set by ``overrides`` that nothing reads, the other settings being as they are: warned
+    of, not refused (a sweep over K = 0, 1, 2 may give every K the aux weight)."""
+    given = {override.partition("=")[0].lstrip("+~") for override in overrides}
+    for key, why in unread_settings(cfg).items():
+        if key in given:
+            yield f"{key}={OmegaConf.select(cfg, key)} is not read: {why}"
 
 
 def _writable(node: DictConfig) -> DictConfig:
