@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import train
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import CONF_DIR, ConfigError, load_config
 from timerefine.pipeline.schema import half_weights_trained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,9 +266,18 @@ def test_an_experiment_for_another_dataset_is_named():
     with pytest.raises(ConfigError) as error:
         load_config(["experiment=tiny", "data=charades_sta"])
     assert str(error.value) == (
-        "experiment=tiny sets data.source.num_train, which the other choices lack "
+        "experiment=tiny sets data.source.num_train, which data=charades_sta lacks "
         "(Key 'num_train' not in 'CharadesSpec')"
     )
+
+
+def test_a_typo_in_an_experiment_is_not_blamed_on_the_data(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\nmodel:\n  refine:\n    stepz: 2\n")
+    with pytest.raises(ConfigError, match="stepz") as error:
+        load_config(["experiment=typo", "data=builtin"], config_dir=conf)
+    assert " lack" not in str(error.value)  # before: "... which the other choices lack ..."
 
 
 def test_added_keys_that_are_read_are_accepted():

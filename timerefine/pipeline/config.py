@@ -180,8 +180,10 @@ def _one_line(error: Exception, overrides: list[Override]) -> str:
     """Hydra's message names the override; OmegaConf's, its cause, says what is wrong with it."""
     text, cause = " ".join(str(error).split()), error.__cause__
     keys = [o.key_or_group for o in overrides if o.key_or_group in text]
-    if chosen := COMPOSED_KEY_ERROR.match(text):  # an experiment made for another data choice
-        return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which the other choices lack ({chosen[3]})"
+    data = next((str(o.value()) for o in overrides if o.key_or_group == "data"), None)
+    chosen = COMPOSED_KEY_ERROR.match(text)
+    if chosen and data and chosen[4].startswith("data."):  # an experiment made for other data
+        return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which data={data} lacks ({chosen[3]})"
     if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
         return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
     return text or repr(error)
