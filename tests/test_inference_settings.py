@@ -74,3 +74,14 @@ def test_predict_answers_with_the_aux_head(run_dir, tmp_path, capsys):
     assert predict_main([*argv, AUX]) == 0
     [answer] = json.loads(capsys.readouterr().out)
     assert [answer["start"], answer["end"]] == answer["aux"]
+
+
+def test_an_override_before_the_input_is_named(run_dir, tmp_path, capsys):
+    """Before: the video was named as the override ('f.npy: answering can set only ...')."""
+    features = tmp_path / "features.npy"
+    np.save(features, np.zeros((20, 64), np.float32))
+    argv = [AUX, str(features), "--run", str(run_dir), "--duration", "8", "--query", "a red square"]
+    assert predict_main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: {AUX}: an override before the input; give the input first, overrides last\n"
+    )

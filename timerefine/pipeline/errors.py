@@ -18,6 +18,8 @@ from timerefine.pipeline.init_from_run import RunStartError
 from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
+STOPPED_BY_SIGTERM = 128 + 15  # the exit code, as a shell reports a process ended by SIGTERM
+
 INPUT_ERRORS = (
     ConfigError,
     FeatureError,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize, write_csv
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.previous_run import continued_checkpoint, finished
 from timerefine.pipeline.resume import CheckpointError
@@ -35,7 +36,6 @@ from timerefine.tools.sbatch_template import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ("results.csv", "results.md", "results.png")
-STOPPED_BY_SIGTERM = 128 + 15
 # Keys the tool sets for each run, after the user's overrides, and where the user gives them.
 OWNED = {"seed": "--seeds", "output_dir": "--out"}
 
@@ -105,16 +105,20 @@ class Stopped(Exception):
 def run_train(command: list[str]) -> int:
     """Run ``command`` (a train.py run) to its end and return its exit code; a SIGTERM meanwhile is
     passed on to it (which saves its resume point), then raises :class:`Stopped`."""
-    child = subprocess.Popen(command)  # in the caller's folder: relative paths are the caller's
-    signalled = []
+    signalled: list[int] = []
+    children: list[subprocess.Popen] = []
 
     def pass_on(signum: int, frame: object) -> None:
         signalled.append(signum)
-        child.send_signal(signum)
+        for child in children:
+            child.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, pass_on)
+    previous = signal.signal(signal.SIGTERM, pass_on)  # before the child starts: none runs on alone
     try:
-        code = child.wait()
+        children.append(subprocess.Popen(command))  # in the caller's folder: relative paths are its
+        if signalled:  # while it started
+            children[0].send_signal(signal.SIGTERM)
+        code = children[0].wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
     if signalled:
