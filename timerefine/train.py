@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.slurm_requeue import StoppedForRequeue, requeue_stop
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import trainer_state
@@ -73,10 +74,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         save_config(cfg, output_dir)
         module.tokenizer.save_pretrained(tokenizer_dir)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    if any(getattr(callback, "requeued", False) for callback in trainer.callbacks):
-        log.info("stopped for a SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
-        return {}
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except SIGTERMException:
+        if (requeue := requeue_stop(trainer.callbacks)) is None:
+            raise
+        raise requeue from None
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = best or None
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
         print(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
         return STOPPED_BY_SIGTERM
+    except StoppedForRequeue as requeue:  # logged by SlurmRequeue
+        return requeue.code
     return 0
 
 

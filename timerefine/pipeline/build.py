@@ -303,13 +303,15 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     trainer_args["precision"] = precision.precision
     if cfg.grpo.enabled:
         grpo_trainer_args(trainer_args)
+    callbacks = build_callbacks(cfg, output_dir, module.codec.schedule)
+    if on_slurm:  # after the best checkpoint, before last.ckpt (SlurmRequeue's docstring)
+        callbacks.insert(1, SlurmRequeue())
     try:
         trainer = L.Trainer(
             **trainer_args,
             default_root_dir=output_dir,
             use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
-            callbacks=build_callbacks(cfg, output_dir, module.codec.schedule)
-            + ([SlurmRequeue()] if on_slurm else []),
+            callbacks=callbacks,
             logger=build_loggers(cfg, output_dir) or False,
             plugins=plugins,
         )
