@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (_TrainingEpochLoop, "_should_accumulate", ("self",)),
     (ExperimentWriter, "_check_log_dir_exists", ("self",)),
     (CSVLogger, "_experiment", None),
+    (_SignalConnector, "_sigterm_notifier_fn", ("self", "signum", "_")),
     (_SignalConnector, "received_sigterm", None),
 ]
 # (module, private name): module-level internals (a sharded checkpoint's layout)
@@ -146,6 +148,12 @@ def validation_follows_this_batch(trainer: L.Trainer) -> bool:
 
 
 # ---- SIGTERM -----------------------------------------------------------------------------------
+def notify_sigterm_with(trainer: L.Trainer, notifier: Callable[[int, Any], None]) -> None:
+    """Make ``notifier`` what Lightning's SIGTERM handler calls (registered when a fit starts, restored
+    when it ends) in place of its own notifier, which broadcasts inside the handler."""
+    trainer._signal_connector._sigterm_notifier_fn = notifier
+
+
 def stop_after_this_step(trainer: L.Trainer) -> None:
     """Have Lightning stop the fit at the end of this training step, after its validation and hooks:
     its SIGTERM stop (a SIGTERMException), raised there on every rank that calls this."""

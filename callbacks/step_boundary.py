@@ -12,12 +12,14 @@ the exception): the state an uninterrupted run has there.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning as L
 
 from callbacks.lightning_compat import (
     accumulating,
+    notify_sigterm_with,
     stop_after_this_step,
     validation_follows_this_batch,
 )
@@ -52,3 +54,18 @@ class StepBoundaryStop(L.Callback):
     def stop(self, trainer: L.Trainer) -> None:
         """Stop at the end of this step, on every rank."""
         stop_after_this_step(trainer)
+
+
+class DistributedSigterm(StepBoundaryStop):
+    """SIGTERM under DDP (one process keeps Lightning's own stop): the handler Lightning registers for
+    the fit forwards the signal to the ranks its launcher started, as Lightning's does, and sets the
+    flag, without Lightning's broadcast."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            notify_sigterm_with(trainer, partial(self._notify, trainer))
+
+    def _notify(self, trainer: L.Trainer, signum: int, frame: Any) -> None:
+        if not self.signalled and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # the ranks started as subprocesses (none elsewhere)
+        self._on_signal(signum, frame)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException:  # Lightning's: a SystemExit whose code would say the run succeeded
         last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
         where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
-        print(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
+        rank_zero_only(print)(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
         return STOPPED_BY_SIGTERM
     except StoppedForRequeue as requeue:  # logged by SlurmRequeue
         return requeue.code

@@ -26,6 +26,7 @@ from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
+from callbacks.step_boundary import DistributedSigterm
 from datamodules.annotation_source import LOADERS, annotation_source
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
@@ -217,9 +218,10 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint (first, so ``trainer.checkpoint_callback`` is it), ``last.ckpt`` every
-    ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
-    the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
-    has coarse segments to start from), gradient accumulation, the refinement trace figure."""
+    ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions, a
+    SIGTERM acted on at a step boundary under DDP, the CSV log's resume point, progress, lr, on-policy
+    refinement (when ``schedule``, the module's, has coarse segments to start from), gradient
+    accumulation, the refinement trace figure."""
     spec = cfg.callbacks
     callbacks: list[Callback] = [
         BestCheckpoint(
@@ -231,6 +233,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         LastCheckpoint(output_dir / "checkpoints", spec.checkpoint.last_every_n_steps),
         RandomState(),
         PredictionsWriter(output_dir / "predictions"),
+        DistributedSigterm(),
     ]
     if cfg.model.refine.on_policy.fraction > 0 and schedule.with_offsets:
         callbacks.append(
