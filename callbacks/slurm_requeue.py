@@ -37,15 +37,15 @@ def next_hpc_checkpoint(directory: Path) -> Path:
 
 
 def requeue_failure(job: str) -> str | None:
-    """Run ``scontrol requeue job``; why it failed (its exit status and message), None once requeued."""
+    """Run ``scontrol requeue job``; why it failed (its exit status and last line), None once requeued."""
     try:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
     except OSError as error:
         return str(error)
     if done.returncode == 0:
         return None
-    message = " ".join((done.stderr or done.stdout).split())
-    return f"exit status {done.returncode}" + (f": {message}" if message else "")
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return f"exit status {done.returncode}" + (f": {lines[-1].strip()}" if lines else "")
 
 
 class StoppedForRequeue(Exception):
