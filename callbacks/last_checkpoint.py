@@ -125,9 +125,6 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         mark_saved_at(self, trainer.global_step)  # a resumed run starts at its checkpoint
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Nothing: ModelCheckpoint's would save after the loop, a state no resume continues exactly."""
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         every = every_n_train_steps(self)
         due = (every > 0 and trainer.global_step % every == 0) or trainer.global_step == trainer.max_steps
