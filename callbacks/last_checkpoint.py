@@ -21,6 +21,7 @@ from callbacks.lightning_compat import (
     save_last,
     should_save_on_exception,
     should_skip_saving,
+    stops_after_this_step,
     validation_follows_this_batch,
 )
 
@@ -80,6 +81,7 @@ class LastCheckpoint(ModelCheckpoint):
             save_last=True,
             every_n_train_steps=every_n_train_steps,
             save_on_exception=True,
+            enable_version_counter=False,  # last.ckpt is overwritten, never set beside as last-v1.ckpt
         )
         self._after_validation = False
 
@@ -134,7 +136,9 @@ class LastCheckpoint(ModelCheckpoint):
             self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._after_validation and not trainer.sanity_checking:
+        """Also when Lightning stops at the end of this step (a SIGTERM): saved at the exception, after
+        the step's end, the resumed run would log its steps one too far."""
+        if (self._after_validation or stops_after_this_step(trainer)) and not trainer.sanity_checking:
             self._after_validation = False
             self._save(trainer)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 # (owner, private member, the parameters it must take; None for a plain attribute)
 INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
@@ -34,6 +36,8 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (_TrainingEpochLoop, "_should_accumulate", ("self",)),
     (ExperimentWriter, "_check_log_dir_exists", ("self",)),
     (CSVLogger, "_experiment", None),
+    (_SignalConnector, "_sigterm_notifier_fn", ("self", "signum", "_")),
+    (_SignalConnector, "received_sigterm", None),
 ]
 # (module, private name): module-level internals (a sharded checkpoint's layout)
 MODULE_INTERNALS: list[tuple[object, str]] = [
@@ -51,6 +55,8 @@ def _instance_attributes(owner: type) -> set[str]:
         return set(vars(ModelCheckpoint()))
     if owner is CSVLogger:
         return set(vars(CSVLogger(save_dir=".")))
+    if owner is _SignalConnector:
+        return set(vars(_SignalConnector(trainer=None)))
     return set()
 
 
@@ -139,6 +145,24 @@ def save_last(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
 def validation_follows_this_batch(trainer: L.Trainer) -> bool:
     """Whether the fit loop validates right after the batch that just ended."""
     return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+# ---- SIGTERM -----------------------------------------------------------------------------------
+def notify_sigterm_with(trainer: L.Trainer, notifier: Callable[[int, Any], None]) -> None:
+    """Make ``notifier`` what Lightning's SIGTERM handler calls (registered when a fit starts, restored
+    when it ends) in place of its own notifier, which broadcasts inside the handler."""
+    trainer._signal_connector._sigterm_notifier_fn = notifier
+
+
+def stop_after_this_step(trainer: L.Trainer) -> None:
+    """Have Lightning stop the fit at the end of this training step, after its validation and hooks:
+    its SIGTERM stop (a SIGTERMException), raised there on every rank that calls this."""
+    trainer._signal_connector.received_sigterm = True
+
+
+def stops_after_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning stops the fit at the end of this step (a SIGTERM, :func:`stop_after_this_step`)."""
+    return trainer.received_sigterm
 
 
 # ---- CSVLogger that continues its file ----------------------------------------------------------

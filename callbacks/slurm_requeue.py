@@ -1,11 +1,8 @@
-"""SLURM preemption that is safe under DDP: act on the requeue signal at a step boundary all ranks agree on.
-
-Lightning's own handler saves the HPC checkpoint inside the signal handler; the save ends in a
-barrier, so under DDP a rank that handles the signal while another sits in a gradient all-reduce
-deadlocks both (Lightning-AI/pytorch-lightning#21406). Here the handler only sets a flag. After each
-training batch the ranks agree (one all-reduce) whether any of them got the signal; then every rank
-saves ``hpc_ckpt_<n>.ckpt`` in the run directory, rank 0 runs ``scontrol requeue``, and training stops.
-The requeued job resumes from that checkpoint (``resume=auto``).
+"""SLURM preemption that is safe under DDP: the requeue signal stops training at a step boundary all
+ranks agree on (:class:`StepBoundaryStop`), where every rank saves ``hpc_ckpt_<n>.ckpt`` in the run
+directory (``last.ckpt`` is saved at that step too) and rank 0 runs ``scontrol requeue``. The requeued job
+resumes from that checkpoint (``resume=auto``) exactly: training stops without the validation that
+Lightning runs when ``should_stop`` is set.
 """
 
 from __future__ import annotations
@@ -15,11 +12,11 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
-from callbacks.lightning_compat import accumulating
+from callbacks.step_boundary import StepBoundaryStop
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +36,66 @@ def next_hpc_checkpoint(directory: Path) -> Path:
     return directory / f"hpc_ckpt_{max(hpc_checkpoints(directory), default=0) + 1}.ckpt"
 
 
-class SlurmRequeue(L.Callback):
+def requeue_failure(job: str) -> str | None:
+    """Run ``scontrol requeue job``; why it failed (its exit status and last line), None once requeued."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    except OSError as error:
+        return str(error)
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return f"exit status {done.returncode}" + (f": {lines[-1].strip()}" if lines else "")
+
+
+class StoppedForRequeue(Exception):
+    """Training stopped at the requeue signal; ``code``: the exit status, 0 once the job is requeued."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class SlurmRequeue(StepBoundaryStop, Checkpoint):
+    """A checkpoint callback: placed between the best checkpoint and ``last.ckpt``, it saves after a
+    validation has updated the best one, before ``last.ckpt`` is saved."""
+
     def __init__(self, signum: signal.Signals = signal.SIGUSR1) -> None:
-        self.signum, self.signalled, self.requeued = signum, False, False
+        super().__init__()
+        self.signum, self.stopped = signum, None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             signal.signal(self.signum, self._on_signal)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.signalled = True
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        """At the end of a step: half-way through an accumulation window, gradients live only in memory."""
-        if accumulating(trainer) or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
-            return
+    def stop(self, trainer: L.Trainer) -> None:
+        """Every rank saves the HPC checkpoint; rank 0 requeues the job."""
         path = next_hpc_checkpoint(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)
-        self.requeued, trainer.should_stop = True, True
-        if trainer.is_global_zero:
-            job = slurm_job_id()
-            log.info("requeue signal: saved %s at step %d, requeueing job %s", path, trainer.global_step, job)
-            subprocess.run(["scontrol", "requeue", job], check=False)
+        failure = requeue_failure(slurm_job_id()) if trainer.is_global_zero else None
+        failure = trainer.strategy.broadcast(failure, src=0)  # every rank exits alike
+        self.stopped = StoppedForRequeue(0 if failure is None else 1)
+        super().stop(trainer)
+        if not trainer.is_global_zero:
+            return
+        if failure is None:
+            log.info(
+                "stopped for a SLURM requeue at step %d: saved %s; the requeued job %s resumes from it",
+                trainer.global_step,
+                path,
+                slurm_job_id(),
+            )
+        else:
+            log.error(
+                "scontrol requeue %s failed (%s): the job is not requeued; %s (step %d) is the resume "
+                "point, the same command continues it",
+                slurm_job_id(),
+                failure,
+                path,
+                trainer.global_step,
+            )
+
+
+def requeue_stop(callbacks: list[L.Callback]) -> StoppedForRequeue | None:
+    """How a fit that :class:`SlurmRequeue` stopped ends; None when none did."""
+    return next((c.stopped for c in callbacks if isinstance(c, SlurmRequeue) and c.stopped), None)

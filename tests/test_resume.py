@@ -269,3 +269,22 @@ def test_trainer_writes_checkpoints_atomically(tmp_path):
     cfg = load_config(["experiment=tiny", f"output_dir={tmp_path}"])
     module = build_module(cfg, build_datamodule(cfg))
     assert isinstance(build_trainer(cfg, tmp_path, module).strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def saved_at(path: Path, step: int) -> Path:
+    """A training checkpoint file at ``path`` that holds ``step`` and no weights."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: {} for key in RESUME_KEYS} | {"global_step": step}, path)
+    return path
+
+
+@pytest.mark.parametrize(("hpc_step", "last_step", "chosen"), [(5, 9, "last"), (9, 9, "hpc"), (9, 5, "hpc")])
+def test_auto_resumes_from_the_newest_resume_point(tmp_path, monkeypatch, hpc_step, last_step, chosen):
+    """Before: any HPC checkpoint, however old (a job that went on after its requeue, stopped by a
+    SIGTERM, saves its progress in last.ckpt). Now the newest by step; HPC at a tie (Lightning's hpc)."""
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "tr")
+    saved_at(tmp_path / "hpc_ckpt_1.ckpt", 2)
+    saved_at(tmp_path / "hpc_ckpt_2.ckpt", hpc_step)
+    last = saved_at(tmp_path / "checkpoints" / "last.ckpt", last_step)
+    assert resume_checkpoint("auto", tmp_path) == {"last": str(last), "hpc": "hpc"}[chosen]

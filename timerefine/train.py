@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.slurm_requeue import StoppedForRequeue, requeue_stop
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best, trainer_state
@@ -81,10 +82,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         save_config(cfg, output_dir)
         module.tokenizer.save_pretrained(tokenizer_dir)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    if any(getattr(callback, "requeued", False) for callback in trainer.callbacks):
-        log.info("stopped for a SLURM requeue at step %d; the requeued job resumes", trainer.global_step)
-        return {}
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    except SIGTERMException:
+        if (requeue := requeue_stop(trainer.callbacks)) is None:
+            raise
+        raise requeue from None
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     evaluated = (best or None) if cfg.callbacks.checkpoint.monitor else None  # else the final weights
@@ -151,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException:  # Lightning's: a SystemExit whose code would say the run succeeded
         last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
         where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
-        print(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
+        rank_zero_only(print)(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
         return STOPPED_BY_SIGTERM
+    except StoppedForRequeue as requeue:  # logged by SlurmRequeue
+        return requeue.code
     return 0
 
 

@@ -27,6 +27,7 @@ from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
 from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
+from callbacks.step_boundary import DistributedSigterm
 from datamodules.annotation_source import LOADERS, annotation_source
 from datamodules.builtin import BuiltinSpec
 from datamodules.builtin_source import BuiltinSource
@@ -219,10 +220,10 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint by the monitor (first, so ``trainer.checkpoint_callback`` is it; without a
     monitor the final weights are tested, and none is kept unless ``save_top_k`` asks for the latest
-    validated ones), ``last.ckpt`` every
-    ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, predictions,
-    the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the module's,
-    has coarse segments to start from), gradient accumulation, the refinement trace figure."""
+    validated ones), ``last.ckpt`` every ``last_every_n_steps`` steps and on a crash, the random
+    state in checkpoints, predictions, a SIGTERM acted on at a step boundary under DDP, the CSV log's
+    resume point, progress, lr, on-policy refinement (when ``schedule``, the module's, has coarse
+    segments to start from), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
     folder, checkpoint = output_dir / "checkpoints", spec.checkpoint
     best = BestCheckpoint(folder, checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k)
@@ -231,6 +232,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         LastCheckpoint(folder, checkpoint.last_every_n_steps),
         RandomState(),
         PredictionsWriter(output_dir / "predictions"),
+        DistributedSigterm(),
     ]
     if cfg.model.refine.on_policy.fraction > 0 and schedule.with_offsets:
         callbacks.append(
@@ -308,13 +310,16 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
     trainer_args["precision"] = precision.precision
     if cfg.grpo.enabled:
         grpo_trainer_args(trainer_args)
+    callbacks = build_callbacks(cfg, output_dir, module.codec.schedule)
+    if on_slurm:  # after the best checkpoint (if any), before last.ckpt (SlurmRequeue's docstring)
+        last = next(i for i, callback in enumerate(callbacks) if isinstance(callback, LastCheckpoint))
+        callbacks.insert(last, SlurmRequeue())
     try:
         trainer = L.Trainer(
             **trainer_args,
             default_root_dir=output_dir,
             use_distributed_sampler=False,  # the datamodule shards by rank itself, without padding
-            callbacks=build_callbacks(cfg, output_dir, module.codec.schedule)
-            + ([SlurmRequeue()] if on_slurm else []),
+            callbacks=callbacks,
             logger=build_loggers(cfg, output_dir) or False,
             plugins=plugins,
         )

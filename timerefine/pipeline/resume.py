@@ -77,9 +77,17 @@ def earlier_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "checkpoints").glob("*.ckpt")) + sorted(hpc_checkpoints(output_dir).values())
 
 
+def saved_step(checkpoint: Path) -> int:
+    """The global step a readable checkpoint (a file, or a sharded folder) holds; its tensors are mapped,
+    not read."""
+    path = sharded_checkpoint_metadata(checkpoint) if checkpoint.is_dir() else checkpoint
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+
+
 def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
-    """``auto``: a SLURM HPC checkpoint (Lightning finds it: "hpc"), else ``checkpoints/last.ckpt``
-    when present, else nothing. ``None``: nothing, refused (ConfigError) while ``output_dir`` holds an
+    """``auto``: the resume point of the latest step: on SLURM the newest HPC checkpoint (Lightning
+    finds it: "hpc") unless ``checkpoints/last.ckpt`` holds a later step (the job went on after its
+    requeue), else ``last.ckpt`` when present, else nothing. ``None``: nothing, refused (ConfigError) while ``output_dir`` holds an
     earlier run's checkpoints, which the new run's would mix with. Any other value is a checkpoint
     path that must exist. The checkpoint must be readable: a truncated or corrupt one is a
     :class:`CheckpointError` naming it."""
@@ -97,10 +105,11 @@ def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
         return checked(Path(resume), own=False)
     hpc = hpc_checkpoints(output_dir)
-    if hpc and SLURMEnvironment.detect():  # detect() warns wherever srun is installed: only when needed
-        checked(hpc[max(hpc)])
-        return "hpc"
     last = output_dir / "checkpoints" / "last.ckpt"  # a folder when FSDP saved it sharded
+    if hpc and SLURMEnvironment.detect():  # detect() warns wherever srun is installed: only when needed
+        newest = Path(checked(hpc[max(hpc)]))
+        if not last.exists() or saved_step(newest) >= saved_step(Path(checked(last))):
+            return "hpc"
     return checked(last) if last.exists() else None
 
 

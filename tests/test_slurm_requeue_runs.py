@@ -1,0 +1,114 @@
+"""SLURM's requeue signal without a SLURM controller: the job's environment faked, ``scontrol`` a stub
+that succeeds or fails (as for a job submitted with --no-requeue). A requeued run resumes to the end
+of an uninterrupted one, ``last.ckpt`` staying the one resume point (never set beside as
+``last-v1.ckpt``). Real SLURM jobs: test_slurm_jobs.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = {
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "tr",
+    "SLURM_JOB_ID": "77",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
+RUN = [
+    "experiment=tiny",
+    "trainer.max_steps=14",
+    "trainer.val_check_interval=5",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.last_every_n_steps=100",  # last.ckpt only at the end and where a run stops
+    "test=false",
+]
+# Sends ``signal`` to the run itself inside the training step that ends at ``step``.
+SIGNALLED_RUN = """
+import os, sys
+from lightning_modules.grounding_module import GroundingModule
+from timerefine import train
+step, number = int(sys.argv[1]), int(sys.argv[2])
+hook = GroundingModule.training_step
+def signalled(self, batch, batch_idx):
+    if self.trainer.global_step == step - 1:
+        os.kill(os.getpid(), number)
+    return hook(self, batch, batch_idx)
+GroundingModule.training_step = signalled
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def slurm_env(tmp_path: Path, scontrol_status: int) -> dict[str, str]:
+    """The faked job's environment, with a ``scontrol`` that exits ``scontrol_status``."""
+    stub = tmp_path / "bin" / "scontrol"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text(
+        f"#!/bin/sh\necho 'scontrol: error: Requeue of job not allowed' >&2\nexit {scontrol_status}\n"
+    )
+    stub.chmod(0o755)
+    return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{stub.parent}:{os.environ['PATH']}", **SLURM)
+
+
+def train(output_dir: Path, env: dict[str, str], *prefix: str) -> subprocess.CompletedProcess:
+    args = [*prefix, *RUN, f"output_dir={output_dir}"]
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def outcome(output_dir: Path) -> tuple[dict, list[dict], list[str]]:
+    """The run's metrics.json, metrics.csv rows and checkpoint file names."""
+    with open(output_dir / "logs" / "csv" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    names = sorted(path.name for path in (output_dir / "checkpoints").iterdir())
+    return json.loads((output_dir / "metrics.json").read_text()), rows, names
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("requeue") / "uninterrupted"
+    done = train(output_dir, slurm_env(output_dir.parent, 0), "train.py")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return output_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "scontrol_status"), [(7, 1), (10, 0)])
+def test_requeued_run_resumes_to_the_uninterrupted_runs_end(tmp_path, uninterrupted, step, scontrol_status):
+    """Before: training stopped by ``should_stop``, so Lightning validated at the signal's step (a row
+    and maybe a best checkpoint an uninterrupted run never has); a failed ``scontrol requeue`` exited 0
+    saying the requeued job resumes; the resumed run wrote ``last-v1.ckpt`` beside a stale ``last.ckpt``.
+    Now at step 7 the run stops without validating, at step 10 after the validation every run has
+    there; a failed requeue is an error, exit status 1; the resumed run ends as the uninterrupted one."""
+    output_dir, env = tmp_path / "run", slurm_env(tmp_path, scontrol_status)
+    stopped = train(output_dir, env, "-c", SIGNALLED_RUN, str(step), str(int(signal.SIGUSR1)))
+    assert stopped.returncode == scontrol_status, stopped.stderr[-4000:]
+    if scontrol_status:
+        assert "scontrol requeue 77 failed (exit status 1: scontrol: error: Requeue of job not allowed)" in (
+            stopped.stderr
+        )
+        assert "the same command continues it" in stopped.stderr
+    else:
+        assert "the requeued job 77 resumes from it" in stopped.stderr
+    hpc = torch.load(output_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert hpc["global_step"] == step
+
+    resumed = train(output_dir, env, "train.py")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "hpc_ckpt_1.ckpt" in resumed.stderr
+    metrics, rows, names = outcome(output_dir)
+    expected_metrics, expected_rows, expected_names = outcome(uninterrupted)
+    assert (metrics, names) == (expected_metrics, expected_names)
+    assert rows == expected_rows
