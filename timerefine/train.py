@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.slurm_requeue import StoppedForRequeue, requeue_stop
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
@@ -24,7 +25,7 @@ from timerefine.pipeline.best_checkpoint import check_readable_best, check_resum
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
-from timerefine.pipeline.errors import INPUT_ERRORS
+from timerefine.pipeline.errors import INPUT_ERRORS, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
@@ -40,7 +41,6 @@ from timerefine.pipeline.schema import half_weights_trained, idle_settings
 from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")
-STOPPED_BY_SIGTERM = 128 + 15  # as a shell reports a process ended by SIGTERM
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -89,8 +89,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise
         raise requeue from None
     metrics: dict[str, float] = {"global_step": trainer.global_step}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    evaluated = (best or None) if cfg.callbacks.checkpoint.monitor else None  # else the final weights
+    kept = [c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)]
+    evaluated = (kept[0] or None) if kept and cfg.callbacks.checkpoint.monitor else None  # or final weights
     if evaluated:  # read at the end: gone unreadable since it was written
         check_readable_best(Path(evaluated), "this run")
     with unlogged(trainer):

@@ -218,9 +218,8 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
-    """The best checkpoint by the monitor (first, so ``trainer.checkpoint_callback`` is it; without a
-    monitor the final weights are tested, and none is kept unless ``save_top_k`` asks for the latest
-    validated ones), ``last.ckpt`` every ``last_every_n_steps`` steps and on a crash, the random
+    """The best checkpoint by the monitor (without a monitor the final weights are tested, and none
+    is kept unless ``save_top_k`` asks for the latest validated ones), ``last.ckpt`` every ``last_every_n_steps`` steps and on a crash, the random
     state in checkpoints, predictions, a SIGTERM acted on at a step boundary under DDP, the CSV log's
     resume point, progress, lr, on-policy refinement (when ``schedule``, the module's, has coarse
     segments to start from), gradient accumulation, the refinement trace figure."""
