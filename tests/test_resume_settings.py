@@ -175,11 +175,11 @@ def test_resume_with_fewer_steps_than_the_checkpoint_reached_stops(
 def test_run_killed_before_a_checkpoint_with_other_settings_stops(killed_before_checkpoint, tmp_path):
     run = copy(killed_before_checkpoint, tmp_path)
     before = snapshot(run)
-    result = cli(overrides(run, "model.lora.r=8"))  # was accepted: metrics.csv mixed both runs
+    result = cli(overrides(run, "model.refine.steps=2"))  # was accepted: metrics.csv mixed both runs
     assert result.returncode == 2
     [line] = (result.stdout + result.stderr).strip().splitlines()  # nothing else
     assert line.startswith(f"error: {run / 'config.yaml'} was written by a run with other settings ")
-    assert "(model.lora.r: 16 -> 8)" in line
+    assert "(model.refine.steps: 3 -> 2)" in line
     assert snapshot(run) == before
 
 
