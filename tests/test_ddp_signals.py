@@ -66,7 +66,7 @@ def terminated(output_dir: Path, delay: float) -> tuple[int, str]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.0, 0.4, 1.1, 2.3])
+@pytest.mark.parametrize("delay", [0.0, 1.1])  # right after a checkpoint, and mid-training (~30 s each)
 def test_sigterm_stops_ddp_ranks_together_and_the_run_resumes_exactly(tmp_path, uninterrupted, delay):
     """Before: Lightning's handler broadcast inside the signal handler, and each rank raised its own
     SIGTERMException: the ranks met in mismatched collectives and hung (4 times in 7), else each printed
