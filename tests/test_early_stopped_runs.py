@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_resume_runs import SIGNALLED_RUN
+from tests.test_resume_runs import signalled_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -67,15 +67,7 @@ def test_an_early_stopped_run_killed_in_its_test_ends_as_the_uninterrupted_one(s
     """Before: resumed, it trained steps 30-40, so metrics.json said 40 and metrics.csv had more rows.
     (Lightning finishes a test that a SIGTERM interrupts: the kill here is ``kill -9``.)"""
     run = tmp_path / "run"
-    args = ["test_step", str(STOPPED_AT), "1", str(int(signal.SIGKILL)), *RUN, f"output_dir={run}"]
-    killed = subprocess.run(
-        [sys.executable, "-c", SIGNALLED_RUN, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    killed = signalled_run("test_step", STOPPED_AT, 1, signal.SIGKILL, [*RUN, f"output_dir={run}"])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     assert not (run / "metrics.json").exists()
     result = train(run)

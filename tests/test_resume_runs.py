@@ -123,6 +123,21 @@ sys.exit(train.main(sys.argv[5:]))
 """
 
 
+def signalled_run(
+    hook: str, step: int, batch_idx: int, sent: int, overrides: list[str]
+) -> subprocess.CompletedProcess:
+    """``train.py overrides`` sent signal ``sent`` in ``GroundingModule.<hook>`` at ``step``, ``batch_idx``."""
+    args = [hook, str(step), str(batch_idx), str(int(sent)), *overrides]
+    return subprocess.run(
+        [sys.executable, "-c", SIGNALLED_RUN, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("hook", "step", "batch_idx", "sent", "resume_step"),
@@ -142,15 +157,7 @@ def test_stopped_inside_a_step_or_its_validation_the_run_resumes_exactly(
     Now the last checkpoint written between steps stays the resume point (step 5's is written after
     its validation, so there is none yet)."""
     output_dir = tmp_path / "run"
-    args = [hook, str(step), str(batch_idx), str(int(sent)), *RUN, f"output_dir={output_dir}"]
-    stopped = subprocess.run(
-        [sys.executable, "-c", SIGNALLED_RUN, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    stopped = signalled_run(hook, step, batch_idx, sent, [*RUN, f"output_dir={output_dir}"])
     assert stopped.returncode != 0, stopped.stderr[-4000:]
     assert f"stopped inside a step or its validation at step {step}" in stopped.stderr
     last = output_dir / "checkpoints" / "last.ckpt"

@@ -21,7 +21,7 @@ from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.slurm_requeue import StoppedForRequeue, requeue_stop
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
-from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best, trainer_state
+from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
@@ -35,7 +35,7 @@ from timerefine.pipeline.previous_run import (
     continued_checkpoint,
     finished,
 )
-from timerefine.pipeline.resume import CheckpointError, checkpoint_file
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file, trainer_state
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
 from timerefine.pipeline.schema import half_weights_trained, idle_settings
 from timerefine.pipeline.selection import chosen_on_test

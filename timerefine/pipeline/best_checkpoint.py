@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from callbacks.last_checkpoint import relocated
-from callbacks.lightning_compat import load_sharded_checkpoint, sharded_checkpoint_metadata
-from timerefine.pipeline.resume import CheckpointError
+from timerefine.pipeline.resume import CheckpointError, read_checkpoint, trainer_state
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
 
 if TYPE_CHECKING:
@@ -22,28 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EXPORT_MANIFEST = "export.json"  # what timerefine-export writes in the folders it makes
-
-
-def read_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
-    """A checkpoint's dict (a file, or a sharded folder); ``weights=False`` maps the tensors lazily (a
-    sharded folder: its metadata file only). A file that is not a whole checkpoint is a
-    :class:`CheckpointError` naming it."""
-    if path.is_dir() and not sharded_checkpoint_metadata(path).is_file():
-        raise CheckpointError(f"checkpoint {path} cannot be read (a folder, but not a sharded checkpoint)")
-    try:
-        if path.is_dir():
-            if weights:
-                return load_sharded_checkpoint(path)
-            path = sharded_checkpoint_metadata(path)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=not weights)
-    except Exception as error:  # truncated, empty, another format, a folder that is no checkpoint
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason})") from error
-
-
-def trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's dict without reading its weights (mapped lazily)."""
-    return read_checkpoint(checkpoint, weights=False)
 
 
 def check_readable_best(best: Path, recorded_by: str) -> None:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS
-from timerefine.pipeline.best_checkpoint import trainer_state
+from timerefine.pipeline.resume import trainer_state
 from timerefine.pipeline.whole_files import write_whole
 
 HEADLINE = (*(f"R1@{t}" for t in THRESHOLDS), "mIoU")

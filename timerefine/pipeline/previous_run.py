@@ -12,10 +12,9 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
-from timerefine.pipeline.best_checkpoint import trainer_state
 from timerefine.pipeline.config import ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
-from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint
+from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint, trainer_state
 
 log = logging.getLogger(__name__)
 NOT_STOPPED = EarlyStoppingReason.NOT_STOPPED.value  # as EarlyStopping's state records it

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from callbacks.lightning_compat import sharded_checkpoint_metadata
+from callbacks.lightning_compat import load_sharded_checkpoint, sharded_checkpoint_metadata
 from callbacks.slurm_requeue import hpc_checkpoints
 from timerefine.pipeline.config import ConfigError
 
@@ -77,11 +78,31 @@ def earlier_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "checkpoints").glob("*.ckpt")) + sorted(hpc_checkpoints(output_dir).values())
 
 
+def read_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
+    """A checkpoint's dict (a file, or a sharded folder); ``weights=False`` maps the tensors lazily (a
+    sharded folder: its metadata file only). A file that is not a whole checkpoint is a
+    :class:`CheckpointError` naming it."""
+    if path.is_dir() and not sharded_checkpoint_metadata(path).is_file():
+        raise CheckpointError(f"checkpoint {path} cannot be read (a folder, but not a sharded checkpoint)")
+    try:
+        if path.is_dir():
+            if weights:
+                return load_sharded_checkpoint(path)
+            path = sharded_checkpoint_metadata(path)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=not weights)
+    except Exception as error:  # truncated, empty, another format, a folder that is no checkpoint
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason})") from error
+
+
+def trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's dict without reading its weights (mapped lazily)."""
+    return read_checkpoint(checkpoint, weights=False)
+
+
 def saved_step(checkpoint: Path) -> int:
-    """The global step a readable checkpoint (a file, or a sharded folder) holds; its tensors are mapped,
-    not read."""
-    path = sharded_checkpoint_metadata(checkpoint) if checkpoint.is_dir() else checkpoint
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    """The global step a readable checkpoint (a file, or a sharded folder) holds."""
+    return trainer_state(checkpoint)["global_step"]
 
 
 def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
