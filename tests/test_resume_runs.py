@@ -153,14 +153,18 @@ def test_stopped_inside_a_step_or_its_validation_the_run_resumes_exactly(
     """Before: ``last.ckpt`` was written where the signal came. Half-way through a validation,
     Lightning took that validation as done on resume (SIGTERM) or ran its rest only (Ctrl-C), so another
     checkpoint became the best; inside a batch, the loader had counted it, so one was skipped; between
-    the two batches of a step, the first one's gradients were lost.
+    the two batches of a step, the first one's gradients were lost; Ctrl-C ended with Lightning's
+    exit code 1 and no word of the resume point.
     Now the last checkpoint written between steps stays the resume point (step 5's is written after
     its validation, so there is none yet)."""
     output_dir = tmp_path / "run"
     stopped = signalled_run(hook, step, batch_idx, sent, [*RUN, f"output_dir={output_dir}"])
-    assert stopped.returncode != 0, stopped.stderr[-4000:]
+    assert stopped.returncode == 128 + sent, stopped.stderr[-4000:]  # as a shell reports the signal
     assert f"stopped inside a step or its validation at step {step}" in stopped.stderr
     last = output_dir / "checkpoints" / "last.ckpt"
+    how = "interrupted (Ctrl-C)" if sent == signal.SIGINT else "stopped by SIGTERM"
+    where = f"{last} is the resume point" if resume_step else "no checkpoint yet; the run starts over"
+    assert stopped.stderr.strip().splitlines()[-1] == f"{how}: {where}; the same command continues it"
     saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
     assert saved == resume_step
     assert ("resuming from" in finish(output_dir).stderr) == (resume_step is not None)

@@ -25,7 +25,7 @@ from timerefine.pipeline.best_checkpoint import check_readable_best, check_resum
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
 from timerefine.pipeline.conventions import recorded_conventions
-from timerefine.pipeline.errors import INPUT_ERRORS, STOPPED_BY_SIGTERM
+from timerefine.pipeline.errors import INPUT_ERRORS, INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import inherit_settings
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
@@ -122,6 +122,14 @@ def usage() -> str:
     )
 
 
+def stopped(cfg: DictConfig, how: str, code: int) -> int:
+    """``code``, once rank zero has said how the run stopped and where it continues from."""
+    last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
+    rank_zero_only(print)(f"{how}: {where}; the same command continues it", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -152,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except SIGTERMException:  # Lightning's: a SystemExit whose code would say the run succeeded
-        last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-        where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
-        rank_zero_only(print)(f"stopped by SIGTERM: {where}; the same command continues it", file=sys.stderr)
-        return STOPPED_BY_SIGTERM
+        return stopped(cfg, "stopped by SIGTERM", STOPPED_BY_SIGTERM)
+    except SystemExit as stop:  # Lightning's exit(1) after Ctrl-C, its shutdown done
+        if not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
+        return stopped(cfg, "interrupted (Ctrl-C)", INTERRUPTED)
     except StoppedForRequeue as requeue:  # logged by SlurmRequeue
         return requeue.code
     return 0

@@ -19,6 +19,7 @@ from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
 STOPPED_BY_SIGTERM = 128 + 15  # the exit code, as a shell reports a process ended by SIGTERM
+INTERRUPTED = 128 + 2  # ... and by Ctrl-C (SIGINT)
 
 INPUT_ERRORS = (
     ConfigError,
