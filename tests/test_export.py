@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
 from lightning_modules.tokenizer import train_local_tokenizer
@@ -20,6 +21,7 @@ from tests.helpers import corpus
 from tests.inference_runs import ROOT
 from timerefine.inference.export_folder import LM_DIR, WEIGHTS
 from timerefine.inference.grounder import Grounder
+from timerefine.inference.video_features import InputError
 from timerefine.tools.export import main as export_main
 from timerefine.tools.predict import main as predict_main
 
@@ -125,6 +127,20 @@ def test_merged_lora_export(lora_run, tmp_path):
         found = merged.run.module.model.lm(input_ids=ids).logits
     assert torch.allclose(found, expected, atol=1e-4)
     assert [n for n, _ in merged.run.module.model.lm.named_modules() if "lora" in n.lower()] == []
+
+
+def test_merged_lora_export_with_nonfinite_lm_weights_is_refused(lora_run, tmp_path):
+    """Before: the LM under lm/ was loaded unchecked, so a damaged one answered garbage silently."""
+    assert export_main([str(lora_run), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    (lm_file,) = (tmp_path / "merged" / LM_DIR).glob("*.safetensors")
+    with safe_open(lm_file, "pt") as weights:
+        tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (not iterable)
+        metadata = weights.metadata()
+    name = next(n for n in sorted(tensors) if "mlp" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, lm_file, metadata)
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'merged' / LM_DIR}: .*mlp.* holds NaN or infinite"):
+        Grounder.from_export(tmp_path / "merged")
 
 
 def test_export_errors(video_run, tmp_path, capsys):

@@ -235,6 +235,13 @@ def load_export(
         raise InputError(
             f"{folder / WEIGHTS}: does not fit the config (missing {lacking[:3]}, unexpected {unexpected[:3]})"
         )
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    if from_base and (
+        key := nonfinite(parameters, {n for n in parameters if n.startswith(run.language_model_prefix)})
+    ):
+        raise InputError(
+            f"{folder / manifest['language_model']}: {key} holds NaN or infinite values (a damaged export)"
+        )
     with torch.no_grad():
         for name, values in rows.items():
             module.get_parameter(name)[manifest["base_vocab_size"] :] = values
