@@ -14,7 +14,7 @@ from datamodules.quirks import (
     resolve_segment,
 )
 from grounding.records import GroundingRecord
-from grounding.text_files import DuplicateKey, unique_keys, utf8_text
+from grounding.text_files import UnreadJSON, json_value, utf8_text
 
 SPLITS = ("train", "val_1", "val_2")
 
@@ -36,10 +36,10 @@ def parse_activitynet(
     policy = policy or QuirkPolicy()
     path = Path(path)
     try:
-        data = json.loads(utf8_text(path), object_pairs_hook=unique_keys)
+        data = json_value(utf8_text(path))
     except json.JSONDecodeError as err:
         raise QuirkError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
-    except DuplicateKey as err:
+    except UnreadJSON as err:
         raise QuirkError(f"{path}: {err}") from err
     except ValueError as err:  # not UTF-8, named file:line
         raise QuirkError(str(err)) from err

@@ -23,7 +23,7 @@ from datamodules.quirks import (
 )
 from grounding.metrics.windows import MULTI_WINDOW_MODES
 from grounding.records import GroundingRecord
-from grounding.text_files import DuplicateKey, unique_keys
+from grounding.text_files import UnreadJSON, json_value
 
 FIELDS = ("qid", "query", "video_id", "duration", "windows")
 # Lighthouse's JSONL layout (QVHighlights and the datasets it converts), and its SlowFast (2304) + CLIP
@@ -102,11 +102,11 @@ def parse_jsonl(
     for lineno, line in text_lines(path, report, policy):
         where = f"{path}:{lineno}"
         try:
-            entry = json.loads(line, object_pairs_hook=unique_keys)
+            entry = json_value(line)
         except json.JSONDecodeError as err:
             report.malformed(where, f"not valid JSON: {err.msg} (column {err.colno})", policy)
             continue
-        except DuplicateKey as err:
+        except UnreadJSON as err:
             report.malformed(where, str(err), policy)
             continue
         problem = _problem(entry, keys)

@@ -4,6 +4,7 @@ the first line left out), JSON objects that name each key once, numbers of secon
 from __future__ import annotations
 
 import codecs
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,28 @@ def utf8_text(path: Path) -> str:
         raise ValueError(f"{path}:{line}: not UTF-8 (byte {raw[err.start]:#04x})") from err
 
 
-class DuplicateKey(ValueError):
-    """A JSON object that names one key twice: ``json`` would keep the last value, the first unread."""
+class UnreadJSON(ValueError):
+    """JSON that parses but cannot be read as written: an object naming one key twice (``json`` would
+    keep the last value, the first unread), or nesting deeper than Python's parser goes."""
 
 
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`DuplicateKey` naming a repeated key."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`UnreadJSON` naming a repeated key."""
     seen: set[str] = set()
     for key, _ in pairs:
         if key in seen:
-            raise DuplicateKey(f"key {key!r} appears twice in one object (JSON would keep only the last)")
+            raise UnreadJSON(f"key {key!r} appears twice in one object (JSON would keep only the last)")
         seen.add(key)
     return dict(pairs)
+
+
+def json_value(text: str) -> Any:
+    """The JSON value of ``text``; json.JSONDecodeError when it is not JSON, :class:`UnreadJSON` when
+    it cannot be read as written."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError as err:
+        raise UnreadJSON("nested too deeply to read (JSON of lists or objects within each other)") from err
 
 
 def seconds(text: str | None) -> float:

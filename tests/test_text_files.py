@@ -12,6 +12,7 @@ import pytest
 
 from datamodules.activitynet import parse_activitynet
 from datamodules.charades_sta import load_charades_sta, parse_charades_sta, read_durations
+from datamodules.jsonl import parse_jsonl
 from datamodules.quirks import QuirkError, QuirkPolicy
 from grounding.action_timelines import read_timelines
 from grounding.metrics.protocols import EXACT
@@ -120,3 +121,24 @@ def test_a_prediction_naming_a_key_twice_is_refused(tmp_path):
     path = write(tmp_path / "test.jsonl", '{"pred": [0, 5], "gt": [2, 5], "duration": 10, "pred": null}\n')
     with pytest.raises(PredictionsError, match=f"^{path}:1: key 'pred' appears twice"):
         rescore(path, EXACT)
+
+
+DEEP = '{"qid": "x", "windows": ' + "[" * 100_000 + "]" * 100_000 + "}"  # past Python's recursion limit
+
+
+def test_json_nested_too_deeply_is_named_by_its_file_and_line(tmp_path):
+    """Before: a RecursionError traceback (exit 1) from each reader; ``strict=false`` could not skip it."""
+    good = {"qid": "a", "video_id": "v", "query": "x", "duration": 9, "windows": [[1, 2]]}
+    lines = write(tmp_path / "train.jsonl", json.dumps(good) + "\n" + DEEP + "\n")
+    with pytest.raises(QuirkError, match=f"^{lines}:2: malformed annotation: nested too deeply"):
+        parse_jsonl(lines)
+    records, report = parse_jsonl(lines, policy=QuirkPolicy(strict=False))
+    assert [r.qid for r in records] == ["a"] and report.dropped == 1
+    captions = write(tmp_path / "val_1.json", '{"v_a": ' + DEEP + "}")
+    with pytest.raises(QuirkError, match=f"^{captions}: nested too deeply"):
+        parse_activitynet(captions, "val_1")
+    deep_first = write(tmp_path / "deep.jsonl", DEEP + "\n")
+    with pytest.raises(InputError, match=f"^{deep_first}:1: nested too deeply"):
+        read_pairs(deep_first)
+    with pytest.raises(PredictionsError, match=f"^{deep_first}:1: nested too deeply"):
+        rescore(deep_first, EXACT)

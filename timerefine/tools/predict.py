@@ -28,7 +28,7 @@ from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
 from grounding.answer_format.prompts import normalize_query
-from grounding.text_files import DuplicateKey, decoded_line, unique_keys
+from grounding.text_files import UnreadJSON, decoded_line, json_value
 from timerefine.inference.grounder import Grounder, Grounding, check_queries
 from timerefine.inference.video_features import FEATURE_SUFFIXES, EncoderSpec, InputError, positive_seconds
 from timerefine.tools.arguments import at_least_one
@@ -62,9 +62,9 @@ def read_pairs(path: Path) -> list[Request]:
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line, object_pairs_hook=unique_keys)
+            row = json_value(line)
             video, query, duration = Path(row["video"]), row["query"], row.get("duration")
-        except DuplicateKey as err:
+        except UnreadJSON as err:
             raise InputError(f"{where}: {err}") from err
         except (ValueError, KeyError, TypeError) as err:
             raise InputError(

@@ -27,7 +27,7 @@ from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS, Protocol
 from grounding.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
 from grounding.records import GroundingRecord
-from grounding.text_files import DuplicateKey, unique_keys, utf8_text
+from grounding.text_files import UnreadJSON, json_value, utf8_text
 
 
 class PredictionsError(ValueError):
@@ -105,10 +105,10 @@ def read_predictions(
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line, object_pairs_hook=unique_keys)
+            row = json_value(line)
         except json.JSONDecodeError as error:
             raise PredictionsError(f"{where}: not JSON ({error.msg})") from error
-        except DuplicateKey as error:
+        except UnreadJSON as error:
             raise PredictionsError(f"{where}: {error}") from error
         if not isinstance(row, dict) or "pred" not in row:
             raise PredictionsError(f"{where}: needs pred, gt and duration")
