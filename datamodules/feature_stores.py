@@ -134,7 +134,10 @@ class FolderFeatureStore:
         cannot be told."""
         if video_id not in self._paths:
             named = [self.root / f"{video_id}{suffix}" for suffix in SPELLINGS]
-            found = [p for p in named if p.is_file() or p.is_symlink()]
+            try:
+                found = [p for p in named if p.is_file() or p.is_symlink()]
+            except OSError as err:  # a name too long for the file system
+                raise FeatureError(video_id, str(named[0]), f"not a file name here: {err.strerror}") from err
             found = [p for i, p in enumerate(found) if not any(_same(p, q) for q in found[:i])]
             if len(found) > 1:
                 names = ", ".join(p.name for p in found)

@@ -126,6 +126,19 @@ def test_folder_store_refuses_two_files_of_one_video(tmp_path):
         FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D).load("w")
 
 
+def test_a_video_id_too_long_for_a_file_name_is_a_feature_error(tmp_path):
+    """Before: an OSError traceback (exit 1) from the coverage check, which strict=false could not skip."""
+    np.save(tmp_path / "v.npy", np.zeros((4, D), dtype=np.float32))
+    store, long_id = FolderFeatureStore(tmp_path, num_frames=4, feature_dim=D), "x" * 300
+    with pytest.raises(FeatureError, match=f"^features of video '{long_id}' .*: not a file name here"):
+        store.load(long_id)
+    records = [
+        GroundingRecord(f"q{i}", video, "a query", 9.0, 1.0, 2.0) for i, video in enumerate(["v", long_id])
+    ]
+    usable, report = check_coverage(records, store)
+    assert [r.video_id for r in usable] == ["v"] and report.skipped_by_reason == {"not a file name here": 1}
+
+
 def test_upper_case_suffixes_and_broken_links_are_listed(folder, tmp_path):
     """Before: vid_e.NPY and a link to nowhere were never listed, so packing left them out uncounted."""
     np.save(folder / "vid_e.npy", features(4, 6))
