@@ -152,6 +152,9 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     )
     ten = pairs_file(tmp_path / "ten.jsonl", {"video": red, "query": "a red square", "duration": "ten"})
     nameless = pairs_file(tmp_path / "nameless.jsonl", {"video": red, "query": " . "})
+    longer = pairs_file(
+        tmp_path / "longer.jsonl", {"video": str(six), "query": "a red square", "duration": 100}
+    )
     long_pairs = pairs_file(tmp_path / "long.jsonl", {"video": red, "query": LONG_QUERY})
     timeless = pairs_file(tmp_path / "timeless.jsonl", {"video": str(wide), "query": "a red square"})
     misspelt = pairs_file(
@@ -227,6 +230,11 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
             [str(six), "--run", run, "--duration", "100", *query],
             f"--duration=100: {six} lasts 6.00 s",
         ),
+        # before: named --duration, which was not given, and not the line
+        "duration of another video in a pairs file": (
+            [str(longer), "--run", run],
+            f'{longer}:1: "duration" 100: {six} lasts 6.00 s (leave "duration" out to use the video\'s own)',
+        ),
         "query too long": (
             [red, "--run", run, *query, "--query", LONG_QUERY],
             "--query 2: the query is ",
@@ -267,6 +275,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "duration not a number",
         "empty query in a pairs file",
         "duration of another video",
+        "duration of another video in a pairs file",
         "query too long",
         "query too long in a pairs file",
         "<video> in a query",

@@ -30,7 +30,14 @@ from transformers.utils import logging as transformers_logging
 from grounding.answer_format.prompts import normalize_query
 from grounding.text_files import UnreadJSON, decoded_line, json_value
 from timerefine.inference.grounder import Grounder, Grounding, check_queries
-from timerefine.inference.video_features import FEATURE_SUFFIXES, EncoderSpec, InputError, positive_seconds
+from timerefine.inference.video_features import (
+    FEATURE_SUFFIXES,
+    EncoderSpec,
+    InputError,
+    durations_agree,
+    positive_seconds,
+    probe_video,
+)
 from timerefine.tools.arguments import at_least_one
 
 
@@ -88,6 +95,16 @@ def read_pairs(path: Path) -> list[Request]:
             raise InputError(f"{where}: {video}: not a file name here ({err})") from err
         if not found:
             raise InputError(f"{where}: {video}: no such file")
+        is_video = video.suffix.lower() not in FEATURE_SUFFIXES
+        if (
+            seconds is not None
+            and is_video
+            and not durations_agree(seconds, own := probe_video(video).duration)
+        ):
+            raise InputError(
+                f'{where}: "duration" {seconds:g}: {video} lasts {own:.2f} s (leave "duration" out to use '
+                "the video's own)"
+            )
         requests.append(Request(video, query, seconds, where))
     if not requests:
         raise InputError(f"{path}: holds no (video, query) line")
