@@ -196,7 +196,8 @@ class GroundingModule(L.LightningModule):
             if split == "test":
                 iou = record_iou(finals[-1], record)
                 self.predictions.append(prediction_row(record, prediction, iou, self.timeline, clip))
-        self.metrics[split].update(*metric_inputs(finals, records))
+        unparsed = torch.tensor([not p.segments for p in predictions])  # the aux head may answer them
+        self.metrics[split].update(*metric_inputs(finals, records), unparsed=unparsed)
         for choice, metric in self.choice_metrics[split].items():
             chosen = [
                 seconds(p.choose(choice), r.duration, self.timeline, clip)

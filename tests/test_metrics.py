@@ -71,6 +71,18 @@ def test_grounding_metric_hand_computed():
     assert result["count"] == 5
 
 
+def test_parse_fail_counts_texts_that_did_not_parse_whatever_answers_them():
+    """Before: with the aux head answering (``inference.final=aux``), only answers without any
+    <OFFSET> counted, so a run whose every text was garbage showed parse_fail 14."""
+    metric = GroundingMetric()
+    pred = torch.tensor([[0.0, 10.0], [0.0, 5.0], [NAN, NAN]], dtype=torch.float64)
+    target = torch.tensor([[0.0, 10.0]] * 3, dtype=torch.float64)
+    metric.update(pred, target, unparsed=torch.tensor([False, True, True]))  # row 2: the aux head's
+    result = metric.compute()
+    assert result["parse_fail"] == pytest.approx(200 / 3)
+    assert result["mIoU"] == pytest.approx(100 * (1.0 + 0.5) / 3)
+
+
 def test_thresholds_are_inclusive():
     result = scores([[0, 5], [0, 3], [0, 7]], [[0, 10]] * 3)
     assert (result["R1@0.3"], result["R1@0.5"], result["R1@0.7"]) == pytest.approx((100.0, 200 / 3, 100 / 3))

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from grounding.answer_format.layout import parse_answer
+from grounding.answer_format.predictions import Prediction
 from grounding.answer_format.slots import Slot
 from grounding.answer_format.timeline import MAX_INDEX, NUM_BINS
 from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, SEG_END, SEG_START
@@ -366,6 +367,17 @@ def test_module_predicts_parsed_segments():
         assert SEG_START in prediction.text and SEG_END in prediction.text
         assert len(prediction.segments) == 4 and prediction.final is not None
         assert all(0 <= x <= MAX_INDEX for x in prediction.final)
+
+
+def test_an_aux_answer_to_a_text_that_did_not_parse_counts_in_parse_fail(monkeypatch):
+    """Before: with ``inference.final=aux`` the head's answer hid the text's failure: parse_fail 0."""
+    module = helpers.module(refine_steps=1, aux_loss="l1", final="aux")
+    batch = helpers.batch(refine_steps=1, n=2, split="val")
+    garbage = Prediction("From <SEG_START> 2 <SEG_END>", [], (10.0, 50.0), "aux")
+    monkeypatch.setattr(module, "predict_batch", lambda batch: [garbage] * 2)
+    module._evaluate(batch, "val")
+    scores = module.metrics["val"].compute()
+    assert scores["parse_fail"] == 100.0 and scores["mIoU"] > 0
 
 
 def test_an_evaluation_loss_that_is_nan_shows_as_nan():

@@ -277,6 +277,17 @@ def test_rescore_needs_the_rule_of_a_query_with_windows(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["multi_window"] == "union"
 
 
+def test_rescore_counts_an_aux_answer_to_a_text_that_did_not_parse(tmp_path):
+    """A run answering with the aux head (``inference.final=aux``) writes ``steps: []`` for a text that
+    did not parse and the head's segment as ``pred``: scored, and counted in parse_fail as the run does."""
+    rows = [
+        {"pred": [2.0, 6.0], "gt": [2.0, 6.0], "duration": 10.0, "steps": []},
+        {"pred": [2.0, 6.0], "gt": [2.0, 6.0], "duration": 10.0, "steps": [[2.0, 6.0]]},
+    ]
+    result = rescore(write_rows(tmp_path / "test.jsonl", rows), PROTOCOLS["exact"])
+    assert result["mIoU"] == 100.0 and result["parse_fail"] == 50.0
+
+
 def test_rescore_orders_and_clips_predictions_as_the_run_does(tmp_path, capsys):
     """The run's answers are ordered and inside the video (grounding/answer_format/layout.py): a row
     that is not is scored as the run would score it, and counted."""

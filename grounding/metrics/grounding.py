@@ -17,8 +17,8 @@ class GroundingMetric(Metric):
     """R1@{0.3,0.5,0.7}, mIoU and the parse-failure rate over every query seen, under ``protocol``
     (``eval.protocol``, see grounding/metrics/protocols.py).
 
-    ``update`` takes predictions with ``NaN`` rows for answers that did not parse; they count
-    as IoU 0 and as parse failures.
+    ``update`` takes predictions with ``NaN`` rows for missing answers, which count as IoU 0, and
+    which texts did not parse (``parse_fail``): the same rows unless the aux head answers.
     """
 
     full_state_update = False
@@ -30,7 +30,7 @@ class GroundingMetric(Metric):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def _sum_names(self) -> tuple[str, ...]:
-        return ("iou", "count", "failed", *(f"R1@{t}" for t in self.thresholds))
+        return ("iou", "count", "failed", "unparsed", *(f"R1@{t}" for t in self.thresholds))
 
     def update(
         self,
@@ -38,15 +38,17 @@ class GroundingMetric(Metric):
         target: torch.Tensor,
         duration: torch.Tensor | None = None,
         iou: torch.Tensor | None = None,
+        unparsed: torch.Tensor | None = None,
     ) -> None:
         """``pred``/``target`` ``(N, 2)`` in seconds; ``duration`` ``(N,)`` (needed by protocols on
         fractions of the duration); ``iou``: each row's IoU when it is not the one with ``target``
-        (queries with several windows), rounded as the protocol says."""
+        (queries with several windows), rounded as the protocol says; ``unparsed`` ``(N,)``: the rows
+        whose text did not parse (default: the NaN ones; the aux head may answer such a text)."""
         if duration is None:
             if self.protocol.on_fractions and iou is None:
                 raise ValueError(f"protocol {self.protocol.name} scores fractions: pass the durations")
             duration = torch.ones(len(pred), dtype=torch.float64)
-        sums = protocol_sums(pred, target, duration, self.protocol, self.thresholds, iou)
+        sums = protocol_sums(pred, target, duration, self.protocol, self.thresholds, iou, unparsed)
         for name, value in sums.items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
 

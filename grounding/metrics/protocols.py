@@ -101,21 +101,24 @@ def protocol_sums(
     protocol: Protocol,
     thresholds: tuple[float, ...] = THRESHOLDS,
     iou: torch.Tensor | None = None,
+    unparsed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-batch float64 sums (IoU, queries, unparseable answers, hits per threshold) that add up
-    exactly across batches and processes."""
-    iou = protocol_iou(pred, target, duration, protocol, iou)
+    """Per-batch float64 sums (IoU, queries, answers missing, texts that did not parse, hits per
+    threshold) that add up exactly across batches and processes. ``unparsed``: each row's text did not
+    parse (default: its answer is missing; the aux head may answer a text that did not parse)."""
+    iou, failed = protocol_iou(pred, target, duration, protocol, iou), torch.isnan(pred).any(dim=1)
     return {
         "iou": iou.sum(),
         "count": torch.tensor(float(iou.numel()), dtype=torch.float64),
-        "failed": torch.isnan(pred).any(dim=1).sum().double(),
+        "failed": failed.sum().double(),
+        "unparsed": (failed if unparsed is None else unparsed.bool()).sum().double(),
         **{f"R1@{t}": hits(iou, t, protocol).sum().double() for t in thresholds},
     }
 
 
 def protocol_scores(sums: dict[str, torch.Tensor], protocol: Protocol) -> dict[str, float]:
-    """Percent R1@m, mIoU and parse failures from accumulated sums, plus ``count`` (queries seen).
-    The denominator is every query, or only the parsed ones under ``parsed_only``; 0 when empty."""
+    """Percent R1@m, mIoU and texts that did not parse from accumulated sums, plus ``count`` (queries
+    seen). The denominator is every query, or only those answered under ``parsed_only``; 0 when empty."""
     count, failed = float(sums["count"]), float(sums["failed"])
     denominator = count - failed if protocol.parsed_only else count
     scale = 100.0 / denominator if denominator else 0.0
@@ -123,6 +126,6 @@ def protocol_scores(sums: dict[str, torch.Tensor], protocol: Protocol) -> dict[s
     return {
         **scores,
         "mIoU": float(sums["iou"]) * scale,
-        "parse_fail": 100.0 * failed / count if count else 0.0,
+        "parse_fail": 100.0 * float(sums["unparsed"]) / count if count else 0.0,
         "count": count,
     }

@@ -4,7 +4,8 @@
 
 Prints one JSON object: ``R1@0.3``, ``R1@0.5``, ``R1@0.7``, ``mIoU`` (percent), ``queries``,
 ``parse_fail`` (percent), ``pred_reordered``, ``pred_clipped``, ``multi_window`` and ``protocol``.
-Each row needs ``pred`` ([start, end] seconds, or null when the answer did not parse), ``gt``
+Each row needs ``pred`` ([start, end] seconds, or null when the answer did not parse; an aux-head
+answer to a text that did not parse has ``steps: []`` and counts in ``parse_fail`` too), ``gt``
 ([start, end] seconds) and ``duration``; a query with several ground-truth windows has ``windows`` and
 the rule that scores them, ``multi_window`` (``best`` or ``union``; ``--multi-window`` overrides it).
 
@@ -21,6 +22,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+import torch
 
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.iou import THRESHOLDS
@@ -89,10 +92,11 @@ def row_record(row: dict, where: str, multi_window: str | None) -> GroundingReco
 
 def read_predictions(
     path: Path, multi_window: str | None = None
-) -> tuple[list[Segment], list[GroundingRecord], int, int]:
-    """Each row's prediction (ordered and clipped; NaN when unparsed) and record, and how many
-    predictions were reordered and clipped."""
-    segments, records, reordered, clipped = [], [], 0, 0
+) -> tuple[list[Segment], list[GroundingRecord], list[bool], int, int]:
+    """Each row's prediction (ordered and clipped; NaN when none), record and whether its text did not
+    parse (no prediction, or ``steps: []`` beside the aux head's), and how many predictions were
+    reordered and clipped."""
+    segments, records, unparsed, reordered, clipped = [], [], [], 0, 0
     lines_of: dict[str, int] = {}  # qid -> the line that scored it
     try:
         lines = utf8_text(path).splitlines()
@@ -118,18 +122,19 @@ def read_predictions(
         pred = (math.nan, math.nan) if row["pred"] is None else segment(row["pred"], "pred", where)
         pred, was_reordered, was_clipped = ordered_clipped(pred, records[-1].duration)
         segments.append(pred)
+        unparsed.append(row["pred"] is None or row.get("steps") == [])
         reordered, clipped = reordered + was_reordered, clipped + was_clipped
     if not records:
         raise PredictionsError(f"{path}: no prediction rows")
-    return segments, records, reordered, clipped
+    return segments, records, unparsed, reordered, clipped
 
 
 def rescore(path: Path, protocol: Protocol, multi_window: str | None = None) -> dict[str, float | str | None]:
     """The headline scores of the predictions in ``path`` under ``protocol``, by the run's metric;
     ``multi_window`` overrides the rule each row records for its windows."""
-    segments, records, reordered, clipped = read_predictions(path, multi_window)
+    segments, records, unparsed, reordered, clipped = read_predictions(path, multi_window)
     metric = GroundingMetric(protocol=protocol)
-    metric.update(*metric_inputs(segments, records))
+    metric.update(*metric_inputs(segments, records), unparsed=torch.tensor(unparsed))
     scores = metric.compute()
     modes = sorted({r.multi_window for r in records if len(r.windows) > 1})
     return {
