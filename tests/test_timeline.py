@@ -48,10 +48,20 @@ def test_to_index(timeline, seconds_, duration, index):
         (VTIMELLM100, 99, 30.0, 29.7),  # the last index is 0.99 of the video
         (VTIMELLM100, 50, 7.0, 3.5),
         (VTIMELLM100, -3, 7.0, 0.0),  # clipped
+        (VTIMELLM100, 100.0, 30.0, 30.0),  # the aux head's end of the video (before: clipped to 29.7)
+        (VTIMELLM100, 104.0, 30.0, 30.0),
     ],
 )
 def test_to_seconds(timeline, index, duration, expected):
     assert timeline.to_seconds(index, duration) == pytest.approx(expected)
+
+
+def test_the_aux_head_can_answer_up_to_the_end_of_the_video_on_either_timeline():
+    """The aux head regresses fractions of the duration; the text's last index is 0.99 of it under
+    vtimellm100, but the head's answer was clipped there too, capping every query that ends the video."""
+    for timeline in (UNIFORM99, VTIMELLM100):
+        prediction = predict("no answer", 2, "aux", (0.5, 1.0), timeline)
+        assert seconds(prediction.final, 30.0, timeline) == pytest.approx((15.0, 30.0))
 
 
 def test_offset_steps_round_each_length_on_its_own():

@@ -36,8 +36,9 @@ class Timeline:
         return min(max(round(seconds / duration * self.span), 0), MAX_INDEX)
 
     def to_seconds(self, index: float, duration: float) -> float:
-        """Time of a (possibly fractional) frame index, clipped to ``[0, 99]``."""
-        return min(max(index, 0), MAX_INDEX) / self.span * duration
+        """Time of a (possibly fractional) index, clipped to the video, ``[0, span]``: a text's
+        indices stop at 99, but the aux head's fractions reach the end (index 100 of vtimellm100)."""
+        return min(max(index, 0), self.span) / self.span * duration
 
     def to_steps(self, seconds: float, duration: float) -> int:
         """Index steps of a (non-negative) length of time, at most 99: how an offset in seconds is written."""
