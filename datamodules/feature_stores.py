@@ -192,6 +192,22 @@ def read_packed_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_chunks(store: Path) -> None:
+    """StoreIndexError naming the first chunk file that litdata's ``index.json`` lists but ``store``
+    lacks (litdata would wait for it as for a download, then time out), or the index itself."""
+    index = store / "index.json"
+    try:
+        chunks = [chunk["filename"] for chunk in json.loads(index.read_text())["chunks"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StoreIndexError(
+            f"{index}: not litdata's index of chunks ({err}); pack the features again"
+        ) from err
+    if missing := [name for name in chunks if not (store / name).is_file()]:
+        raise StoreIndexError(
+            f"{store / missing[0]}: missing, though {index} lists it; pack the features again"
+        )
+
+
 class PackedFeatureStore:
     """A litdata-optimized folder (see ``timerefine/tools/pack_features.py``), read by video id.
 
@@ -207,6 +223,7 @@ class PackedFeatureStore:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a packed feature store")
         meta = read_packed_meta(meta_path)
+        check_chunks(self.path)
         if feature_dim is not None and feature_dim != meta["feature_dim"]:
             raise StoreMismatchError(
                 f"data.source.feature_dim={feature_dim}: {self.path} holds {meta['feature_dim']}-d features"

@@ -20,6 +20,7 @@ from datamodules.dataset import GroundingDataset
 from datamodules.feature_stores import (
     FolderFeatureStore,
     PackedFeatureStore,
+    StoreIndexError,
     StoreMismatchError,
     SyntheticFeatureStore,
     build_feature_store,
@@ -191,6 +192,10 @@ def test_pack_round_trip_equals_folder_store(folder, tmp_path):
         chunk.write_bytes(chunk.read_bytes()[:100])
     with pytest.raises(FeatureError, match=r"'vid_d'.*unreadable"):
         PackedFeatureStore(tmp_path / "packed").load("vid_d")
+    (chunk,) = (tmp_path / "packed").glob("chunk-*.bin")
+    chunk.unlink()  # before: each video waited 2 s for a "download" and failed as a timeout
+    with pytest.raises(StoreIndexError, match=rf"^{chunk}: missing, though .*index.json lists it"):
+        PackedFeatureStore(tmp_path / "packed")
 
 
 def test_pack_cli_float16(folder, tmp_path, capsys):
