@@ -330,10 +330,14 @@ def test_the_output_name_stays_inside_the_runs_eval_folder(config_only, capsys, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("edit", [("data", "timeline", "vtimellm100"), ("model.refine", "steps", 1)])
+@pytest.mark.parametrize(
+    "edit",
+    [("data", "timeline", "vtimellm100"), ("model.refine", "steps", 1), ("model.lm.tiny", "num_layers", 2)],
+)
 def test_a_config_edited_against_its_checkpoint_is_refused(run, tmp_path, capsys, edit):
     """Before: a config.yaml edited by hand decoded the checkpoint as another model (another timeline,
-    another K), exit 0 with other scores."""
+    another K), exit 0 with other scores; one whose model has other shapes (a truncated config.yaml
+    too) was blamed on the checkpoint ("it lacks model.lm.model.layers.1...")."""
     edited = tmp_path / "edited"
     shutil.copytree(run, edited, ignore=shutil.ignore_patterns("eval"))
     saved = OmegaConf.load(edited / "config.yaml")
