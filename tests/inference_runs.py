@@ -14,6 +14,7 @@ import argparse
 import subprocess
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -27,6 +28,7 @@ from timerefine.tools.extract_features import extract
 
 ROOT = Path(__file__).resolve().parents[1]
 FPS, SIZE, FRAMES, DIM = 10, (64, 48), 16, 16
+MILLISECOND = Fraction(1, 1000)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 # video id, duration (s), colour, the square's appearance and disappearance (s)
 VIDEOS = [
@@ -92,6 +94,45 @@ def truncated_copy(video: Path, out: Path, keep: float) -> Path:
     data = video.read_bytes()
     out.write_bytes(data[: int(len(data) * keep)])
     return out
+
+
+def damaged_copy(video: Path, out: Path) -> Path:
+    """A copy whose bytes from a third of the file on, a quarter of it, are zeros (a damaged disk or
+    transfer): frames in the middle are lost, those before and after decode."""
+    data = bytearray(video.read_bytes())
+    start, length = len(data) // 3, len(data) // 4
+    data[start : start + length] = bytes(length)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def write_timed_video(path: Path, times: list[float], fps: float = FPS) -> Path:
+    """A grey mpeg4 video whose frames are shown at ``times`` (seconds; millisecond timestamps), its
+    header saying ``fps``: a variable frame rate, or frames missing, where the times say so."""
+    width, height = SIZE
+    image = av.VideoFrame.from_ndarray(np.full((height, width, 3), 120, np.uint8), format="rgb24")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = MILLISECOND
+        for t in times:
+            image.pts, image.time_base = round(t * 1000), MILLISECOND
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    """A file with a sound track and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return path
 
 
 def write_still(path: Path) -> Path:

@@ -16,14 +16,21 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithP
 import evaluate
 from datamodules.feature_stores import FolderFeatureStore
 from grounding.answer_format.timeline import sample_frame_indices
-from tests.inference_runs import truncated_copy, write_moment_video, write_still
+from tests.inference_runs import (
+    damaged_copy,
+    truncated_copy,
+    write_audio_only,
+    write_moment_video,
+    write_still,
+    write_timed_video,
+)
 from timerefine.inference.frame_encoder import (
     ClipFrameEncoder,
     VideoDecodeError,
     decode_uniform_frames,
     preprocess,
 )
-from timerefine.inference.video_features import InputError, encoder_change_error
+from timerefine.inference.video_features import InputError, encoder_change_error, frame_coverage
 from timerefine.pipeline.config import load_config
 from timerefine.tools.extract_features import extract, main
 
@@ -178,6 +185,56 @@ def test_a_truncated_video_is_not_extracted_as_if_whole(tiny_clip, tmp_path, suf
     assert not (tmp_path / "out" / "cut.npy").exists()
     with pytest.raises(VideoDecodeError, match="truncated or damaged"):
         extract([cut], encoder, tmp_path / "strict", num_frames=8, strict=True)
+
+
+VARIABLE_RATE = [i / 40 for i in range(80)] + [2 + i * 0.38 for i in range(20)]  # 80 in 2 s, 20 after
+NTSC = [i * 1.001 / 30 for i in range(60)]  # 29.97 fps: intervals of 33 and 34 ms
+DROPPED = [i / 10 for i in range(100) if i not in (20, 50, 51, 80)]  # a few dropped frames
+
+
+def test_frames_cover_their_intervals_up_to_two_and_the_rest_is_a_gap():
+    """A dropped frame (two intervals) is no gap, two are; so is time before the first frame."""
+    dropped = frame_coverage(np.array(DROPPED))
+    assert dropped.seconds == pytest.approx(9.9) and dropped.gaps == [
+        (pytest.approx(5.0), pytest.approx(5.2))
+    ]
+    assert frame_coverage(np.array(NTSC)).seconds == pytest.approx(60 * 1.001 / 30)
+    late = frame_coverage(np.arange(10, 20) / 10)
+    assert late.seconds == pytest.approx(1.1) and late.gaps == [(0.0, 1.0)]
+    assert frame_coverage(np.array([2.0])) is None
+
+
+def test_a_video_with_frames_missing_mid_stream_is_not_extracted(tiny_clip, tmp_path):
+    """Before: a file damaged in the middle (its frames and their packets lost, the last frame at
+    its end) and one with a variable frame rate were encoded as if their frames were evenly spread.
+    A constant frame rate with timestamp jitter or a few dropped frames is still encoded."""
+    damaged = damaged_copy(
+        write_moment_video(tmp_path / "whole.mkv", 10.0, "red", 2.0, 4.0), tmp_path / "damaged.mkv"
+    )
+    videos = [
+        damaged,
+        write_timed_video(tmp_path / "variable.mkv", VARIABLE_RATE),
+        write_timed_video(tmp_path / "ntsc.mkv", NTSC, fps=30000 / 1001),
+        write_timed_video(tmp_path / "dropped.mkv", DROPPED),
+    ]
+    report = extract(videos, ClipFrameEncoder(str(tiny_clip / "proj")), tmp_path / "out", num_frames=16)
+    assert report.done == ["ntsc", "dropped"] and list(report.failed) == ["damaged", "variable"]
+    assert re.fullmatch(
+        rf"cannot decode video {re.escape(str(damaged))}: frames missing between 2\.\d0 s and 5\.\d0 s "
+        r"\(they cover \d+% of its 10\.00 s: damaged, or a variable frame rate\): the answer's times would be wrong",
+        report.failed["damaged"],
+    ), report.failed["damaged"]
+    assert re.search(
+        r": frames missing in 19 gaps between 2\.0\d s and 9\.22 s \(they cover 3\d% of its 9\.32 s",
+        report.failed["variable"],
+    ), report.failed["variable"]
+
+
+def test_an_audio_file_is_skipped_as_having_no_video_stream(tiny_clip, tmp_path):
+    """Before: skipped as "cannot decode video ...: IndexError: tuple index out of range"."""
+    audio = write_audio_only(tmp_path / "audio.mp4")
+    report = extract([audio], ClipFrameEncoder(str(tiny_clip / "proj")), tmp_path / "out", num_frames=4)
+    assert report.failed == {"audio": f"cannot decode video {audio}: {audio}: has no video stream"}
 
 
 def test_cli(tiny_clip, videos, tmp_path, capsys):

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from tests.inference_runs import damaged_copy, write_moment_video, write_timed_video
 from timerefine.inference.grounder import Features, Grounder
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.tools.predict import main as predict_main
@@ -158,3 +159,21 @@ def test_encoder_options_apply_to_the_recorded_encoder_or_are_refused(video_run,
         captured = capsys.readouterr()
         (line,) = captured.err.strip().splitlines()
         assert captured.out == "" and line.startswith(f"error: {message}"), line
+
+
+@pytest.mark.parametrize("kind", ["damaged", "variable"])
+def test_a_video_with_frames_missing_mid_stream_is_refused(video_run, tmp_path, capsys, kind):
+    """Before: exit 0, answered on frames sampled by index as if evenly spread over the length: 2.3 s
+    then 5.7 s for a file damaged in the middle, 13 of 16 frames in the first 2 s of 9.3 s for one of
+    a variable frame rate."""
+    if kind == "damaged":
+        whole = write_moment_video(tmp_path / "whole.mkv", 10.0, "red", 2.0, 4.0)
+        video = damaged_copy(whole, tmp_path / "damaged.mkv")
+    else:
+        times = [i / 40 for i in range(80)] + [2 + i * 0.38 for i in range(20)]
+        video = write_timed_video(tmp_path / "variable.mkv", times)
+    assert predict_main([str(video), "--run", str(video_run.run_dir), "--query", "a red square"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert captured.out == "" and line.startswith(f"error: {video}: frames missing "), line
+    assert line.endswith(": damaged, or a variable frame rate): the answer's times would be wrong"), line

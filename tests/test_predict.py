@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from tests.inference_runs import ROOT, VIDEOS, truncated_copy, write_moment_video, write_still
+from tests.inference_runs import (
+    ROOT,
+    VIDEOS,
+    truncated_copy,
+    write_audio_only,
+    write_moment_video,
+    write_still,
+)
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
 from timerefine.tools.predict import main
@@ -100,16 +107,6 @@ def test_jsonl_pairs_and_table(video_run, tmp_path, capsys):
 
 def pairs_file(path: Path, *rows: dict) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def write_audio_only(path: Path) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("aac", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 8000
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            container.mux(packet)
     return path
 
 

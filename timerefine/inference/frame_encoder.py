@@ -45,12 +45,13 @@ def _frame_count(path: str | Path) -> int:
 class SampledFrames:
     """``n`` uniformly spaced RGB frames, uint8 ``(n, H, W, 3)``, and how much of the video decoded:
     ``decoded`` of the ``promised`` frames, the last one ending ``end`` seconds into the stream (None
-    when the frames carry no time)."""
+    when the frames carry no time), and the decoded frames' ``times`` (seconds into the stream)."""
 
     frames: np.ndarray
     decoded: int
     promised: int
     end: float | None
+    times: np.ndarray
 
 
 def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledFrames:
@@ -61,7 +62,7 @@ def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledF
         wanted = sample_frame_indices(promised, n)
         wanted_set, last_wanted = set(wanted.tolist()), int(wanted[-1])
         picked: dict[int, np.ndarray] = {}
-        decoded, end = 0, None
+        decoded, end, times = 0, None, []
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             scale = (
@@ -72,7 +73,8 @@ def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledF
             for i, frame in enumerate(container.decode(stream)):
                 decoded = i + 1
                 if frame.time is not None:
-                    end = max(end or 0.0, frame.time - start + step)
+                    times.append(frame.time - start)
+                    end = max(end or 0.0, times[-1] + step)
                 if i in wanted_set:
                     picked[i] = frame.to_ndarray(format="rgb24", **scale)
                 if i >= last_wanted:
@@ -82,7 +84,8 @@ def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledF
     if not picked:
         raise VideoDecodeError(path, "no frame could be decoded")
     last = picked[max(picked)]
-    return SampledFrames(np.stack([picked.get(int(i), last) for i in wanted]), decoded, promised, end)
+    frames = np.stack([picked.get(int(i), last) for i in wanted])
+    return SampledFrames(frames, decoded, promised, end, np.array(times))
 
 
 def decode_uniform_frames(path: str | Path, n: int, size: int | None = None) -> np.ndarray:

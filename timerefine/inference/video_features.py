@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import av
@@ -36,6 +37,9 @@ FEATURE_SUFFIXES = SUFFIXES
 # a given duration differ from the video's own, in seconds or as a share, whichever is more lenient:
 # headers miscount a frame or two, annotations round lengths.
 SHORTFALL_FRAMES, SHORTFALL_SHARE = 2, 0.02
+# Up to this many of the usual frame intervals between two frames is a dropped frame or timestamp
+# jitter; the time beyond is missing, as the end of a truncated file is.
+GAP_INTERVALS = 2
 DURATION_SECONDS, DURATION_SHARE = 0.5, 0.05
 
 
@@ -173,17 +177,47 @@ def decoded_share(sampled: SampledFrames, duration: float) -> float:
     return share if sampled.end is None else min(share, sampled.end / duration)
 
 
+def allowed_shortfall(sampled: SampledFrames) -> float:
+    """The share of a video that may not decode: :data:`SHORTFALL_SHARE` or :data:`SHORTFALL_FRAMES`."""
+    return max(SHORTFALL_SHARE, SHORTFALL_FRAMES / sampled.promised)
+
+
 def decodes_whole(sampled: SampledFrames, duration: float) -> bool:
     """Whether all of the video decoded, but for what :data:`SHORTFALL_FRAMES` allows."""
-    allowed = max(SHORTFALL_SHARE, SHORTFALL_FRAMES / sampled.promised)
-    return decoded_share(sampled, duration) >= 1 - allowed
+    return decoded_share(sampled, duration) >= 1 - allowed_shortfall(sampled)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The seconds of a video that its frames cover, and the spans (from, to) without frames."""
+
+    seconds: float
+    gaps: list[tuple[float, float]]
+
+
+def frame_coverage(times: np.ndarray) -> Coverage | None:
+    """What frames shown at ``times`` (seconds) cover: each the time to the next frame, up to
+    :data:`GAP_INTERVALS` median intervals ``d``, the first also up to ``d`` before it and the last
+    ``d`` after it; the gaps are where half an interval or more is left out (not rounding). None when
+    ``d`` is not positive (fewer than two frames, or repeated times)."""
+    times = np.sort(times)
+    steps = np.diff(times)
+    step = float(np.median(steps)) if len(steps) else 0.0
+    if step <= 0:
+        return None
+    first = float(times[0])
+    seconds = min(first, step) + float(np.minimum(steps, GAP_INTERVALS * step).sum()) + step
+    gaps = [(0.0, first)] if first >= 1.5 * step else []
+    gaps += [(float(a) + step, float(b)) for a, b in pairwise(times) if b - a >= (GAP_INTERVALS + 0.5) * step]
+    return Coverage(seconds, gaps)
 
 
 def encode_video(
     path: Path, encoder: ClipFrameEncoder, num_frames: int, duration: float, batch_size: int = 100
 ) -> np.ndarray:
     """``(num_frames, encoder.dim)`` float16 features of a ``duration``-second video, as the extraction
-    tool stores them; InputError when less of it decodes than its header promises (a truncated file)."""
+    tool stores them; InputError when less of it decodes than its header promises (a truncated file)
+    or its frames leave time out (:func:`shortfall`)."""
     try:
         sampled = sample_frames(path, num_frames, encoder.image_size)
     except VideoDecodeError as err:
@@ -194,13 +228,24 @@ def encode_video(
 
 
 def shortfall(sampled: SampledFrames, duration: float) -> str | None:
-    """Why ``sampled`` does not stand for the whole ``duration``-second video, or None."""
-    if decodes_whole(sampled, duration):
+    """Why ``sampled`` does not stand for the whole ``duration``-second video, or None: less of it
+    decodes than its header promises, or its frames' times leave more of it uncovered (a gap in the
+    middle, or a variable frame rate: frames sampled by index would not be evenly spread in time)."""
+    if not decodes_whole(sampled, duration):
+        end = duration if sampled.end is None else sampled.end
+        return (
+            f"only {decoded_share(sampled, duration):.0%} of the video decodes ({sampled.decoded} of "
+            f"{sampled.promised} frames, up to {end:.2f} s of {duration:.2f} s): the file is truncated or damaged"
+        )
+    coverage = frame_coverage(sampled.times)
+    if coverage is None or coverage.seconds / duration >= 1 - allowed_shortfall(sampled):
         return None
-    end = duration if sampled.end is None else sampled.end
+    gaps = coverage.gaps
+    count = f" in {len(gaps)} gaps" if len(gaps) > 1 else ""
+    where = f" between {gaps[0][0]:.2f} s and {gaps[-1][1]:.2f} s" if gaps else ""
     return (
-        f"only {decoded_share(sampled, duration):.0%} of the video decodes ({sampled.decoded} of "
-        f"{sampled.promised} frames, up to {end:.2f} s of {duration:.2f} s): the file is truncated or damaged"
+        f"frames missing{count}{where} (they cover {coverage.seconds / duration:.0%} of its {duration:.2f} s: "
+        "damaged, or a variable frame rate): the answer's times would be wrong"
     )
 
 

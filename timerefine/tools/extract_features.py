@@ -54,11 +54,13 @@ class _VideoFrames(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor | VideoDecodeError]:
-        """A truncated or damaged file, of which less decodes than its header promises, fails too."""
+        """A file that is no video (checked first, as predict does), or a truncated or damaged one
+        (:func:`shortfall`), fails too."""
         path = self.paths[i]
         try:
+            duration = probe_video(path).duration
             sampled = sample_frames(path, self.num_frames, self.image_size)
-            if reason := shortfall(sampled, probe_video(path).duration):
+            if reason := shortfall(sampled, duration):
                 raise VideoDecodeError(path, reason)
             return path.stem, preprocess(sampled.frames, self.image_size)
         except VideoDecodeError as err:
