@@ -149,9 +149,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
     )
     ten = pairs_file(tmp_path / "ten.jsonl", {"video": red, "query": "a red square", "duration": "ten"})
     nameless = pairs_file(tmp_path / "nameless.jsonl", {"video": red, "query": " . "})
-    longer = pairs_file(
-        tmp_path / "longer.jsonl", {"video": str(six), "query": "a red square", "duration": 100}
-    )
+    longer = pairs_file(tmp_path / "longer.jsonl", {"video": str(six), "query": "red", "duration": 100})
     long_pairs = pairs_file(tmp_path / "long.jsonl", {"video": red, "query": LONG_QUERY})
     timeless = pairs_file(tmp_path / "timeless.jsonl", {"video": str(wide), "query": "a red square"})
     misspelt = pairs_file(
