@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
+from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
 from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, fitting_checkpoint
@@ -155,6 +156,13 @@ def start_from_run(
         checkpoint = fitting_checkpoint(module, path, run_dir / "tokenizer")
     except CheckpointError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
+    except BaseWeightsError as error:  # rebuilt from model.lm alone, without the merge of its own start
+        if load_run_config(run_dir, []).model.lora.inherited != "merge":
+            raise
+        raise RunStartError(
+            f"init_from_run={run_dir}: its base LM holds the adapters it merged (model.lora.inherited=merge), "
+            "which its checkpoint leaves out: a run cannot start from it (only evaluate, predict and export it)"
+        ) from error
     module.load_state_dict(checkpoint["state_dict"])
     if inherited != "merge":
         return
