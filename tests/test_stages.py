@@ -176,6 +176,32 @@ def test_continued_adapters_need_lora(stage_a, tmp_path, capsys):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_new_adapters_on_a_run_without_lora_are_not_continued(tmp_path, capsys):
+    """Before: ``error: ... it lacks model.lm.base_model...base_layer.weight: not a model of this run's
+    settings``, naming the start's checkpoint."""
+    start = config_only_run(tmp_path / "a", TINY)
+    given = [*TINY, f"init_from_run={start}", "model.lora.enabled=true", f"output_dir={tmp_path / 'b'}"]
+    assert train.main(given) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "config error: model.lora.enabled=true: init_from_run's LM was trained without LoRA, so "
+        "model.lora.inherited=continue has no adapters to train on; set model.lora.inherited=merge for new ones"
+    ]
+
+
+def test_a_start_says_which_checkpoint_and_whether_its_run_finished(stage_a, tmp_path, caplog):
+    """Before: a run stopped half-way (no metrics.json) was started from without a word, and a merge
+    stage was warned that init_from_run "trained with model.lora.inherited=continue"."""
+    unfinished = tmp_path / "a"
+    shutil.copytree(stage_a, unfinished)
+    (unfinished / "metrics.json").unlink()
+    with caplog.at_level(logging.INFO):
+        built([*TINY, f"init_from_run={unfinished}", "model.lora.inherited=merge"])
+    best = checkpoint_path(unfinished, "best")
+    assert f"init_from_run={unfinished}: starting from {best}" in caplog.text
+    assert f"init_from_run={unfinished} has not finished (no metrics.json)" in caplog.text
+    assert "trained with model.lora.inherited" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -72,7 +72,8 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for key in (*IDENTITY, *feature_keys(run)):
         for given, value in _given(key, overrides):
             OmegaConf.update(cfg, given, value, merge=False)
-            if (trained := OmegaConf.select(run, given, default=None)) != OmegaConf.select(cfg, given):
+            trained = OmegaConf.select(run, given, default=None)
+            if given != "model.lora.inherited" and trained != OmegaConf.select(cfg, given):  # its own start
                 log.warning(
                     "init_from_run=%s trained with %s=%s; this run sets %s",
                     run_dir,
@@ -109,7 +110,14 @@ def check_continued_adapters(trained: DictConfig, given: DictConfig) -> None:
     """ConfigError when adapters trained on (``inherited=continue``) would get another rank, scale or
     place than they were trained with: their weights would compute something else; or would be trained
     on without LoRA (``model.lora.enabled=false``), which has no place for them."""
-    if given.inherited != "continue" or not trained.enabled:
+    if given.inherited != "continue":
+        return
+    if not trained.enabled:
+        if given.enabled:
+            raise ConfigError(
+                "model.lora.enabled=true: init_from_run's LM was trained without LoRA, so model.lora.inherited="
+                "continue has no adapters to train on; set model.lora.inherited=merge for new ones"
+            )
         return
     if not given.enabled:
         raise ConfigError(
@@ -147,11 +155,12 @@ def start_from_run(
         path = checkpoint_path(run_dir, "best")
     except NoBestCheckpoint:  # it never validated: its last weights are all it has
         path = checkpoint_path(run_dir, "last")
-        log.info(
-            "init_from_run=%s records no best checkpoint (no validation): starting from %s", run_dir, path
-        )
+        log.info("init_from_run=%s records no best checkpoint (no validation): its last one, then", run_dir)
     except FileNotFoundError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
+    log.info("init_from_run=%s: starting from %s", run_dir, path)
+    if not (run_dir / "metrics.json").is_file():
+        log.warning("init_from_run=%s has not finished (no metrics.json): it may have been stopped", run_dir)
     try:
         checkpoint = fitting_checkpoint(module, path, run_dir / "tokenizer")
     except CheckpointError as error:
