@@ -16,6 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from grounding.answer_format.tokens import DIGITS, MARKERS, SIGNS, TOKEN_STYLES, VIDEO
+from lightning_modules.pretrained import resolve_pretrained
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -87,6 +88,26 @@ def build_tokenizer(
     else:
         tokenizer = train_local_tokenizer(texts, vocab_size)
     return add_grounding_tokens(tokenizer, style)
+
+
+def other_vocabulary(tokenizer: PreTrainedTokenizerBase, own: PreTrainedTokenizerBase) -> str | None:
+    """How ``tokenizer`` spells one of the ids of ``own`` (a model's own tokenizer) otherwise; None when
+    it spells them all alike (its added tokens may follow)."""
+    spelled = {index: token for token, index in tokenizer.get_vocab().items()}
+    for token, index in sorted(own.get_vocab().items(), key=lambda item: item[1]):
+        if spelled.get(index) != token:
+            return f"token id {index} is {token!r} in the model's own tokenizer, {spelled.get(index)!r} in this one"
+    return None
+
+
+def model_vocabulary_error(tokenizer: PreTrainedTokenizerBase, name_or_path: str, dtype: str) -> str | None:
+    """How ``tokenizer`` spells the LM's ids otherwise than the tokenizer beside the LM's weights; None
+    when alike, or when the LM holds none to compare with (then ``model.lm.tokenizer`` is its only one)."""
+    try:
+        own = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path, dtype))
+    except (OSError, ValueError):
+        return None
+    return other_vocabulary(tokenizer, own)
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:

@@ -247,6 +247,16 @@ def pretrained(tmp_path: Path):
     return helpers.tokenizer()
 
 
+def test_a_tokenizer_of_another_model_is_refused(tmp_path):
+    """Before: accepted in silence, and every token id read another token's embedding row."""
+    pretrained(tmp_path / "llama")
+    train_local_tokenizer(["other words entirely", "grounding text"], 280).save_pretrained(tmp_path / "other")
+    lm = [*TINY, f"model.lm.name_or_path={tmp_path / 'llama'}", "model.lora.enabled=true"]
+    assert build_datamodule(load_config([*lm, f"model.lm.tokenizer={tmp_path / 'llama'}"])).codec
+    with pytest.raises(ConfigError, match=rf"^model.lm.tokenizer={tmp_path / 'other'}: not the tokenizer of"):
+        build_datamodule(load_config([*lm, f"model.lm.tokenizer={tmp_path / 'other'}"]))
+
+
 @pytest.mark.parametrize("init", ["mean", "resize"])
 def test_new_token_rows_start_at_the_mean_or_as_resized(tmp_path, init):
     tokenizer = pretrained(tmp_path)

@@ -44,7 +44,12 @@ from lightning_modules.language_model import build_language_model, grounding_tok
 from lightning_modules.pretrained import resolve_pretrained
 from lightning_modules.projector import video_token_count
 from lightning_modules.released_weights import load_released_heads
-from lightning_modules.tokenizer import add_grounding_tokens, build_tokenizer, tokenizer_from_files
+from lightning_modules.tokenizer import (
+    add_grounding_tokens,
+    build_tokenizer,
+    model_vocabulary_error,
+    tokenizer_from_files,
+)
 from lightning_modules.trainable import apply_trainable
 from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
@@ -117,10 +122,19 @@ def build_tokenizer_for(
     key = "model.lm.tokenizer" if lm.tokenizer else "model.lm.name_or_path"
     source = resolve_pretrained(pretrained, lm.dtype)
     try:  # a folder of something else, a name not reachable offline, one that cannot spell timestamps
-        return build_tokenizer(source, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens)
+        tokenizer = build_tokenizer(source, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())
         raise ConfigError(f"{key}={pretrained}: no usable tokenizer loads from it ({reason})") from error
+    if (
+        lm.tokenizer
+        and lm.name_or_path
+        and (mismatch := model_vocabulary_error(tokenizer, lm.name_or_path, lm.dtype))
+    ):
+        raise ConfigError(
+            f"model.lm.tokenizer={lm.tokenizer}: not the tokenizer of model.lm.name_or_path={lm.name_or_path} ({mismatch})"
+        )
+    return tokenizer
 
 
 def answer_codec(
