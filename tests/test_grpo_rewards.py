@@ -24,6 +24,9 @@ def test_time_r1_scales_the_iou_by_both_boundary_errors():
     assert reward("time_r1", (25.0, 45.0)) == pytest.approx(0.6 * 0.95 * 0.95)
     assert reward("time_r1", (20.0, 40.0)) == pytest.approx(1.0)
     assert reward("time_r1", (60.0, 80.0)) == 0.0  # no overlap
+    # Unclipped answers (inference.order_and_clip=false) may leave the video; an error past its length
+    # takes the factor to 0. Before: (20, 150) scored -0.015 (worse than a miss), (-90, 150) +0.0008.
+    assert reward("time_r1", (20.0, 150.0)) == 0.0 and reward("time_r1", (-90.0, 150.0)) == 0.0
 
 
 def test_refine_gain_adds_the_bonus_per_step_that_raised_the_iou():

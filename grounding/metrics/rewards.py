@@ -45,8 +45,8 @@ def time_r1_reward(answer: Answer, record: GroundingRecord, bonus: float = 0.0) 
     start, end = answer.final
     if math.isnan(start) or math.isnan(end):
         return 0.0
-    near_start = 1 - abs(start - record.start) / record.duration
-    near_end = 1 - abs(end - record.end) / record.duration
+    near_start = max(0.0, 1 - abs(start - record.start) / record.duration)  # 0 past the video's length:
+    near_end = max(0.0, 1 - abs(end - record.end) / record.duration)  # an unclipped answer may leave it
     return record_iou(answer.final, record) * near_start * near_end
 
 
