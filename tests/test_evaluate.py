@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 import evaluate
 from grounding.metrics.prior import prior_scores
 from grounding.metrics.protocols import protocol_named
+from timerefine.inference.run_loading import load_run
+from timerefine.inference.video_features import InputError
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 
@@ -349,6 +351,8 @@ def test_a_config_edited_against_its_checkpoint_is_refused(run, tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "trained otherwise than the run's config.yaml says" in error
     assert f"{node}.{key}" in error and not (edited / "eval").exists()
+    with pytest.raises(InputError, match=rf"trained otherwise than the run's config.yaml says.*{node}.{key}"):
+        load_run(edited, "last")  # predict and the Grounder API, the same check
 
 
 def test_a_corrupt_saved_config_is_named_once(tmp_path, capsys):

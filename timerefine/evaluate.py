@@ -43,8 +43,7 @@ from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
-from timerefine.pipeline.resume import CheckpointError, trainer_state
-from timerefine.pipeline.run_identity import checkpoint_identity_error, identity_error, training_only_error
+from timerefine.pipeline.run_identity import identity_error, training_only_error
 
 log = logging.getLogger("evaluate")
 
@@ -58,10 +57,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer)
     module = build_module(cfg, datamodule)
-    # trained otherwise than config.yaml says (named before the shapes that follow), unreadable,
-    # another tokenizer, unfit, other base: refused
-    if reason := checkpoint_identity_error(ckpt, trainer_state(ckpt), module.hparams["config"]):
-        raise CheckpointError(reason)
+    # trained otherwise than config.yaml says, unreadable, another tokenizer, unfit, other base: refused
     fitting_checkpoint(module, ckpt, tokenizer, weights=False)
     trainer = build_trainer(cfg, output_dir, module)
     if errors := list(empty_loops(trainer, datamodule, ("test",))):

@@ -30,8 +30,7 @@ from timerefine.pipeline.config import ConfigError, load_run_config
 from timerefine.pipeline.conventions import tiny_lm_width
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.precision import choose_precision, machine_capabilities
-from timerefine.pipeline.resume import CheckpointError, trainer_state
-from timerefine.pipeline.run_identity import checkpoint_identity_error
+from timerefine.pipeline.resume import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,6 @@ def load_checkpoint(module: GroundingModule, path: Path, tokenizer_dir: Path) ->
     rebuilt module. InputError when the file cannot be read, holds no weights that fit the run's
     model, was trained on other base weights, with another config or another tokenizer."""
     try:
-        if reason := checkpoint_identity_error(path, trainer_state(path), module.hparams["config"]):
-            raise InputError(reason)  # named before the shapes that follow from it
         checkpoint = fitting_checkpoint(module, path, tokenizer_dir)
     except CheckpointError as error:
         raise InputError(str(error)) from error

@@ -14,7 +14,7 @@ import torch
 
 from callbacks.last_checkpoint import relocated
 from timerefine.pipeline.resume import CheckpointError, read_checkpoint, trainer_state
-from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
+from timerefine.pipeline.run_identity import checkpoint_identity_error, checkpoint_tokenizer_error
 
 if TYPE_CHECKING:
     from lightning_modules.grounding_module import GroundingModule
@@ -75,16 +75,23 @@ def nonfinite(state: Mapping[str, torch.Tensor], parameters: set[str]) -> str | 
 
 
 def fitting_checkpoint(
-    module: GroundingModule, path: Path, tokenizer_from: Path | str, weights: bool = True
+    module: GroundingModule,
+    path: Path,
+    tokenizer_from: Path | str,
+    weights: bool = True,
+    same_config: bool = True,
 ) -> dict[str, Any]:
     """The checkpoint at ``path`` (``weights=False``: its tensors mapped, not read), completed by
     ``module.on_load_checkpoint`` with the frozen base weights it left out. CheckpointError when it
-    cannot be read, carries another tokenizer than the module's (read from ``tokenizer_from``) or its
-    weights do not fit ``module``; BaseWeightsError when it was trained on other base weights. A
-    sharded folder read without weights is its metadata, its weights checked when loaded."""
+    cannot be read, was trained with another config than the module's (``same_config``: named before
+    the shapes that follow from it; a later stage starts from another run's config), carries another
+    tokenizer than the module's (read from ``tokenizer_from``) or its weights do not fit ``module``;
+    BaseWeightsError when it was trained on other base weights. A sharded folder read without weights
+    is its metadata, its weights checked when loaded."""
     checkpoint = read_checkpoint(path, weights)
     if isinstance(checkpoint, dict) and (
-        reason := checkpoint_tokenizer_error(path, checkpoint, module.tokenizer, tokenizer_from)
+        reason := (same_config and checkpoint_identity_error(path, checkpoint, module.hparams["config"]))
+        or checkpoint_tokenizer_error(path, checkpoint, module.tokenizer, tokenizer_from)
     ):
         raise CheckpointError(reason)
     if path.is_dir() and not weights:

@@ -162,7 +162,7 @@ def start_from_run(
     if not (run_dir / "metrics.json").is_file():
         log.warning("init_from_run=%s has not finished (no metrics.json): it may have been stopped", run_dir)
     try:
-        checkpoint = fitting_checkpoint(module, path, run_dir / "tokenizer")
+        checkpoint = fitting_checkpoint(module, path, run_dir / "tokenizer", same_config=False)
     except CheckpointError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
     except BaseWeightsError as error:  # rebuilt from model.lm alone, without the merge of its own start
