@@ -37,6 +37,14 @@ def test_the_api_refuses_a_query_that_is_not_text(video_run):
         grounder.ground(features, ["a red square appears", None], duration=20.0)
 
 
+def test_the_api_refuses_a_query_spelling_a_special_token(video_run):
+    """Before: ``</s>`` in a query was encoded as the tokenizer's end-of-text token, not as text."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    features = np.zeros((16, 16), dtype=np.float32)
+    with pytest.raises(InputError, match=r"^query 1: the query holds '</s>', which the tokenizer reads"):
+        grounder.ground(features, "a red </S> square", duration=20.0)
+
+
 def test_the_api_checks_the_device_whichever_way_it_loads(video_run):
     """Before: only ``Grounder.load`` checked it; ``from_run`` failed inside torch."""
     with pytest.raises(InputError, match=r"^--device cuda:7: no such CUDA device"):

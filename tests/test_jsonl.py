@@ -220,8 +220,10 @@ def jsonl_splits(root: Path, bad_in: str = "train", bad: str = "") -> Path:
         (line("point", [[4, 4]]), ["data.source.quirks.zero_length=error"], ":3: zero length: v1 [4.0, 4.0]"),
         (line("long", [[2, 6]], query=LONG_QUERY), [], ":3: query too long: "),
         (line("video", [[2, 6]], query="a <video> of a door"), [], ":3: malformed annotation: video v1: the"),
+        # before: trained on the end-of-text token where the query wrote </s>
+        (line("eos", [[2, 6]], query="a door </s> opens"), [], ":3: the query holds '</s>', which the"),
     ],
-    ids=["not_utf8", "zero_length", "too_long", "video_in_query"],
+    ids=["not_utf8", "zero_length", "too_long", "video_in_query", "special_token_in_query"],
 )
 def test_bad_training_data_stops_the_run_in_one_line(tmp_path, capsys, bad, overrides, message):
     path = jsonl_splits(tmp_path / "jsonl", bad=bad)

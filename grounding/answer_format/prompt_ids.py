@@ -8,11 +8,13 @@ tokenizer then starts the text after the video afresh (``▁`` before its leadin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from grounding.answer_format.codec import AnswerCodec
+from grounding.answer_format.prompts import normalize_query
 from grounding.answer_format.timeline import Timeline
 from grounding.answer_format.tokens import VIDEO, VIDEO_INDEX
 
@@ -20,6 +22,20 @@ from grounding.answer_format.tokens import VIDEO, VIDEO_INDEX
 def video_placeholder_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that stands for the video in a prompt: the ``<video>`` token's, else ``VIDEO_INDEX``."""
     return tokenizer.get_added_vocab().get(VIDEO, VIDEO_INDEX)
+
+
+def special_texts(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
+    """A pattern that finds the text of any of ``tokenizer``'s special tokens (``</s>``, ``<|im_end|>``)."""
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return re.compile("|".join(re.escape(text) for text in sorted(specials, key=len, reverse=True)) or "(?!)")
+
+
+def control_text(specials: re.Pattern[str], query: str) -> str | None:
+    """The first special token's text (found by :func:`special_texts`) that ``query``, normalised as a
+    prompt holds it, spells: encoded with its prompt it would be that token (an end of text, of the
+    user's turn), not the text; None when it spells none."""
+    found = specials.search(normalize_query(query))
+    return found and found.group()
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, placeholder: int | None = None) -> list[int]:

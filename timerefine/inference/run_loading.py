@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
+from grounding.answer_format.prompt_ids import control_text, special_texts
 from grounding.answer_format.prompts import query_error as prompt_query_error
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
@@ -167,10 +168,13 @@ def precision_autocast(precision: str, device_type: str) -> contextlib.AbstractC
 
 
 def query_error(run: LoadedRun, query: str) -> str | None:
-    """Why ``query`` cannot fill the prompt, or with it, the video and the longest answer does not
-    fit the run's language model; None when it fits (or the model states no limit)."""
+    """Why ``query`` cannot fill the prompt (it holds ``<video>`` or a special token's text), or with
+    it, the video and the longest answer do not fit the run's language model; None when it fits (or
+    the model states no limit)."""
     if error := prompt_query_error(query):
         return error
+    if special := control_text(special_texts(run.collator.tokenizer), query):
+        return f"the query holds {special!r}, which the tokenizer reads as its special token, not as text"
     limit = getattr(run.language_model.config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None
