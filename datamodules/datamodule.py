@@ -18,7 +18,7 @@ from datamodules.quirks import QuirkError
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from grounding.answer_format.chat import CHAT_TEMPLATES, chat_prompt
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompt_ids import control_text, special_texts
+from grounding.answer_format.prompt_ids import special_texts, special_token_error
 from grounding.answer_format.prompts import query_length_error, resolve_template, template_error
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, TIMELINES, timeline_named
 from grounding.checks import Checked, checked, integer, one_of, optional
@@ -120,21 +120,18 @@ class GroundingDataModule(L.LightningDataModule):
     def records(self, split: str) -> list[GroundingRecord]:
         if split not in self.datasets:
             self.datasets[split] = GroundingDataset(self.source.records(split), self.source.store(split))
-            self._refuse_control_text(split)
+            self._refuse_special_token_text(split)
             self._keep_fitting(split)
         return self.datasets[split].records
 
-    def _refuse_control_text(self, split: str) -> None:
+    def _refuse_special_token_text(self, split: str) -> None:
         """A QuirkError naming the first query of ``split`` that spells one of the tokenizer's special
-        tokens, which its prompt would hold as that token (see :func:`control_text`)."""
+        tokens, which its prompt would hold as that token (see :func:`special_token_error`)."""
         specials = special_texts(self.codec.tokenizer)
         for record in self.datasets[split].records:
-            if special := control_text(specials, record.query):
+            if reason := special_token_error(specials, record.query):
                 where = record.where or f"{self.source.name} {split} query {record.qid}"
-                raise QuirkError(
-                    f"{where}: the query holds {special!r}, which the tokenizer reads as its special "
-                    "token, not as text: edit the query"
-                )
+                raise QuirkError(f"{where}: {reason}")
 
     def _keep_fitting(self, split: str) -> None:
         """Keep the split's queries that fit the LM with their prompt and answer, as ``query_too_long``

@@ -16,7 +16,7 @@ from datamodules.collate import GroundingCollator
 from grounding.answer_format.chat import chat_prompt, prompt_bos
 from grounding.answer_format.codec import ANSWER_TOKENS, AnswerCodec
 from grounding.answer_format.layout import format_answer, parse_answer, spaced
-from grounding.answer_format.prompt_ids import control_text, special_texts, timestamp_length
+from grounding.answer_format.prompt_ids import special_texts, special_token_error, timestamp_length
 from grounding.answer_format.prompts import DEFAULT_TEMPLATE
 from grounding.answer_format.slots import Slot
 from grounding.answer_format.targets import RefineRound, RefineSchedule, make_target_rounds, sample_rng
@@ -249,11 +249,11 @@ def test_special_tokens_survive_save_and_reload(name, tmp_path):
 )
 def test_a_query_spelling_a_special_token_is_found(name, special):
     """Encoded with its prompt, a query's ``<|im_end|>`` is the token that ends the user's turn, not
-    text; :func:`control_text` finds it (and nothing in an ordinary query) so that it can be refused."""
+    text; :func:`special_token_error` finds it (and nothing in an ordinary query) so that it can be refused."""
     tok = real_tokenizers.shared(name)
     query = f"a person says {special} twice"
     ids = collator(AnswerCodec(tok, RefineSchedule(steps=1))).prompt_ids(query)
     assert tok.convert_tokens_to_ids(special) in ids
     specials = special_texts(tok)
-    assert control_text(specials, query) == special
-    assert control_text(specials, "a person says <eos> or </end> twice") is None
+    assert f"the query holds {special!r}" in special_token_error(specials, query)
+    assert special_token_error(specials, "a person says <eos> or </end> twice") is None

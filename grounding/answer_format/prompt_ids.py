@@ -30,12 +30,15 @@ def special_texts(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(text) for text in sorted(specials, key=len, reverse=True)) or "(?!)")
 
 
-def control_text(specials: re.Pattern[str], query: str) -> str | None:
-    """The first special token's text (found by :func:`special_texts`) that ``query``, normalised as a
-    prompt holds it, spells: encoded with its prompt it would be that token (an end of text, of the
-    user's turn), not the text; None when it spells none."""
+def special_token_error(specials: re.Pattern[str], query: str) -> str | None:
+    """Why ``query`` cannot fill a prompt when, normalised, it spells a special token's text (found by
+    :func:`special_texts`): encoded with its prompt, it would be that token (an end of text, of the
+    user's turn), not words; None when it spells none."""
     found = specials.search(normalize_query(query))
-    return found and found.group()
+    return (
+        found
+        and f"the query holds {found.group()!r}, which the tokenizer reads as its special token, not as text"
+    )
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, placeholder: int | None = None) -> list[int]:

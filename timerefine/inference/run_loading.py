@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
-from grounding.answer_format.prompt_ids import control_text, special_texts
+from grounding.answer_format.prompt_ids import special_texts, special_token_error
 from grounding.answer_format.prompts import query_error as prompt_query_error
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
@@ -173,8 +173,8 @@ def query_error(run: LoadedRun, query: str) -> str | None:
     the model states no limit)."""
     if error := prompt_query_error(query):
         return error
-    if special := control_text(special_texts(run.collator.tokenizer), query):
-        return f"the query holds {special!r}, which the tokenizer reads as its special token, not as text"
+    if error := special_token_error(special_texts(run.collator.tokenizer), query):
+        return error
     limit = getattr(run.language_model.config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None
