@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the order pytest-xdist hands out the test files in."""
 
 import os
 from pathlib import Path
@@ -7,6 +7,30 @@ import pytest
 
 from tests.inference_runs import builtin_run, video_run  # noqa: F401  (session fixtures: tiny trained runs)
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: local SLURM cluster)
+
+# The files that take longest, longest first (seconds beside another worker on 2 cores of an AMD EPYC,
+# session 32): pytest-xdist hands whole files to its workers in this order, the rest after them, so
+# that no long file is left running alone at the end.
+COSTLIEST_FIRST = (
+    "test_action_trace_leaks.py",  # 420
+    "test_pretrained_lm.py",  # 377
+    "test_bench_scripts.py",  # 233
+    "test_real_tokenizer_runs.py",  # 200
+    "test_resume_runs.py",  # 138
+    "test_slurm_jobs.py",  # 129
+    "test_distributed.py",  # 102
+    "test_stages.py",  # 89
+    "test_ddp_signals.py",  # 87
+    "test_slurm_requeue_runs.py",  # 63
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return COSTLIEST_FIRST.index(name) if name in COSTLIEST_FIRST else len(COSTLIEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 @pytest.fixture
