@@ -72,3 +72,15 @@ def test_every_imported_package_is_declared():
         if not any(_normalized(dist) in declared for dist in owners.get(module, []))
     )
     assert not undeclared, f"imported but not declared in pyproject.toml or requirements*.txt: {undeclared}"
+
+
+def test_the_readme_one_process_option_runs_the_suite_without_workers():
+    """Before: README's ``-p no:xdist`` ended pytest with a usage error, the ``-n`` of addopts unknown."""
+    option = re.search(r"`([^`]+)` runs it in one process", (ROOT / "README.md").read_text())
+    assert option, "README.md says how to run the suite in one process"
+    command = [sys.executable, "-m", "pytest", *option[1].split(), "--collect-only", "-q"]
+    listed = subprocess.run(
+        [*command, "tests/test_windows.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "test_windows.py::" in listed.stdout and "workers" not in listed.stdout
