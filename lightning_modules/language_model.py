@@ -23,7 +23,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES
+from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES, VIDEO_WHITESPACE
 from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
 from lightning_modules.pretrained import (
     LM_DTYPES,
@@ -95,7 +95,9 @@ class LMSpec(Checked):
     its vocabulary size); None: ``name_or_path``'s, or (tiny LM) a BPE trained on the data's text,
     sized by ``tokenizer_vocab_size``. ``weights``: ``pretrained`` loads ``name_or_path``'s weights;
     ``random`` builds its architecture with fresh weights from the run's seed (a from-scratch baseline
-    of the same size, with the same tokenizer); no one can rebuild them, so checkpoints hold them whole."""
+    of the same size, with the same tokenizer); no one can rebuild them, so checkpoints hold them whole.
+    ``video_whitespace``: the whitespace around a prompt's ``<video>``, ``kept`` as text or ``folded``
+    into the token (runs saved before the key; grounding/answer_format/tokens.py)."""
 
     name_or_path: str | None = checked(None, optional(pretrained_source))
     weights: str = checked("pretrained", one_of(*WEIGHTS))
@@ -103,6 +105,7 @@ class LMSpec(Checked):
     tiny: TinyLMSpec = field(default_factory=TinyLMSpec)
     tokenizer_vocab_size: int = checked(1000, integer(1))
     grounding_tokens: str = checked("project", one_of(*TOKEN_STYLES))
+    video_whitespace: str = checked("kept", one_of(*VIDEO_WHITESPACE))
     token_rows_init: str = checked("mean", one_of(*TOKEN_ROWS_INITS))
     dtype: str = checked("float32", one_of(*LM_DTYPES))
     gradient_checkpointing: bool = False

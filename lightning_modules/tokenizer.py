@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from grounding.answer_format.tokens import DIGITS, MARKERS, SIGNS, TOKEN_STYLES, VIDEO
+from grounding.answer_format.tokens import DIGITS, MARKERS, SIGNS, TOKEN_STYLES, VIDEO, VIDEO_WHITESPACE
 from lightning_modules.pretrained import resolve_pretrained
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -39,21 +39,25 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTr
 
 
 def add_grounding_tokens(
-    tokenizer: PreTrainedTokenizerBase, style: str | None = None
+    tokenizer: PreTrainedTokenizerBase, style: str | None = None, video_whitespace: str = "kept"
 ) -> PreTrainedTokenizerBase:
     """Add the grounding tokens of ``style``; give the tokenizer a pad token if it has none. ``None``:
     the style of the markers the tokenizer holds (a run's saved one: ``reference`` when it has no
-    ``<video>``), else ``project``. Adding them again restores their spelling, which a saved
-    tokenizer may forget (Qwen2's does)."""
+    ``<video>``), else ``project``. ``video_whitespace``: ``model.lm.video_whitespace``. Adding them
+    again restores their spelling, which a saved tokenizer may forget (Qwen2's does)."""
     if style is None:
         added = tokenizer.get_added_vocab()
         style = "reference" if set(MARKERS) <= set(added) and VIDEO not in added else "project"
     if style not in TOKEN_STYLES:
         raise ValueError(f"grounding tokens {style!r}: choose from {', '.join(TOKEN_STYLES)}")
-    # project: spaces around a token fold into it (shorter answers, the same text once parsed);
-    # reference: they stay, as the official add_tokens(..., special_tokens=True) keeps them.
-    strip = style == "project"
-    tokens = [AddedToken(t, lstrip=strip, rstrip=strip, special=True) for t in TOKEN_STYLES[style]]
+    if video_whitespace not in VIDEO_WHITESPACE:
+        raise ValueError(f"video whitespace {video_whitespace!r}: choose from {', '.join(VIDEO_WHITESPACE)}")
+    # project: spaces around a marker fold into it (shorter answers, the same text once parsed), and
+    # around <video> as video_whitespace says; reference: they stay, as the official
+    # add_tokens(..., special_tokens=True) keeps them.
+    markers_fold = style == "project"
+    folds = {t: video_whitespace == "folded" if t == VIDEO else markers_fold for t in TOKEN_STYLES[style]}
+    tokens = [AddedToken(t, lstrip=fold, rstrip=fold, special=True) for t, fold in folds.items()]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -77,17 +81,22 @@ def tokenizer_folder_error(path: Path) -> str | None:
 
 
 def build_tokenizer(
-    name_or_path: str | None, texts: Iterable[str], vocab_size: int, style: str = "project"
+    name_or_path: str | None,
+    texts: Iterable[str],
+    vocab_size: int,
+    style: str = "project",
+    video_whitespace: str = "kept",
 ) -> PreTrainedTokenizerBase:
     """The pretrained tokenizer of ``name_or_path``, or a local BPE trained on ``texts`` when it is
-    None, with the grounding tokens of ``style`` (``model.lm.grounding_tokens``)."""
+    None, with the grounding tokens of ``style`` (``model.lm.grounding_tokens``) and
+    ``video_whitespace`` (:func:`add_grounding_tokens`)."""
     if name_or_path:
         if reason := tokenizer_folder_error(Path(name_or_path)):
             raise ValueError(reason)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
         tokenizer = train_local_tokenizer(texts, vocab_size)
-    return add_grounding_tokens(tokenizer, style)
+    return add_grounding_tokens(tokenizer, style, video_whitespace)
 
 
 def other_vocabulary(tokenizer: PreTrainedTokenizerBase, own: PreTrainedTokenizerBase) -> str | None:
@@ -134,9 +143,9 @@ def same_tokenizer(files: dict[str, bytes], tokenizer: PreTrainedTokenizerBase) 
     return token_meanings(tokenizer_from_files(files)) == token_meanings(tokenizer)
 
 
-def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
-    """The tokenizer :func:`tokenizer_files` kept."""
+def tokenizer_from_files(files: dict[str, bytes], video_whitespace: str = "kept") -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`tokenizer_files` kept, ``<video>`` spelled as ``video_whitespace`` says."""
     with tempfile.TemporaryDirectory() as folder:
         for name, content in files.items():
             (Path(folder) / name).write_bytes(content)
-        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder))
+        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder), video_whitespace=video_whitespace)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
+from omegaconf import OmegaConf
 
 import train
 from datamodules.collate import GroundingCollator
@@ -17,7 +18,7 @@ from grounding.answer_format.targets import RefineSchedule
 from grounding.answer_format.tokens import IGNORE_INDEX, VIDEO
 from tests import helpers, real_tokenizers
 from timerefine.pipeline.build import build_datamodule
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 
 needs_tokenizers = real_tokenizers.needs_tokenizers
 
@@ -137,3 +138,31 @@ def test_a_folder_without_a_tokenizer_is_named(tmp_path):
     cfg = load_config([f"model.lm.tokenizer={tmp_path}"])
     with pytest.raises(ConfigError, match=f"^model.lm.tokenizer={tmp_path}: .*the folder holds no tokenizer"):
         build_datamodule(cfg)
+
+
+def around_the_video(cfg, tokenizer_dir=None, query: str = "a person sits down.") -> tuple[str, str]:
+    """The text of the token before and of the one after the video tokens of a run's prompt."""
+    collator = build_datamodule(cfg, tokenizer_dir).collator
+    ids, video = collator.prompt_ids(query), collator.codec.tokenizer.convert_tokens_to_ids(VIDEO)
+    first, last = ids.index(video), len(ids) - 1 - ids[::-1].index(video)
+    return tuple(collator.codec.tokenizer.decode(ids[i]) for i in (first - 1, last + 1))
+
+
+@needs_tokenizers
+def test_the_chat_template_newlines_around_the_video_are_kept(tmp_path):
+    """Qwen2's template writes ``user\\n<video>\\nAt which``; before, the ``<video>`` token folded both
+    newlines into itself and the LM read ``user<video>At which``. A run saved before
+    ``model.lm.video_whitespace`` keeps the prompts it trained on, also from its saved tokenizer
+    (Qwen2's forgets how its added tokens treat whitespace)."""
+    tokenizer = [f"model.lm.tokenizer={real_tokenizers.path('qwen2')}", "data.chat_template=tokenizer"]
+    cfg, saved_tokenizer = load_config(tokenizer), tmp_path / "tokenizer"
+    assert around_the_video(cfg) == ("\n", "\n")
+    assert around_the_video(load_config([*tokenizer, "model.lm.video_whitespace=folded"])) == ("user", "At")
+    build_datamodule(cfg).codec.tokenizer.save_pretrained(saved_tokenizer)
+    saved = OmegaConf.to_container(cfg)
+    del saved["model"]["lm"]["video_whitespace"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    before_the_key = load_run_config(tmp_path, [])
+    assert before_the_key.model.lm.video_whitespace == "folded"
+    assert around_the_video(before_the_key, saved_tokenizer) == ("user", "At")
+    assert around_the_video(cfg, saved_tokenizer) == ("\n", "\n")

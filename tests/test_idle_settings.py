@@ -30,6 +30,14 @@ DIRECT = "a direct answer (model.refine.steps=0) has no <OFFSET>"
             ["grpo.G=4", "grpo.beta=0.1"],
             [f"grpo.{k} is not read: GRPO is off (grpo.enabled=false)" for k in ("G=4", "beta=0.1")],
         ),
+        (
+            ["experiment=reference_recipe", "model.lm.video_whitespace=folded"],
+            [
+                "model.lm.video_whitespace=folded is not read: model.lm.grounding_tokens=reference has "
+                "no <video> token"
+            ],
+        ),
+        (["model.lm.video_whitespace=folded"], []),
         # what the user did not set is not theirs to fix (review: the schema's aux weight at K=0, an
         # experiment's LoRA keys with the LoRA that model.lm.weights=random must turn off)
         (["model.refine.steps=0"], []),

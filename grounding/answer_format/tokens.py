@@ -11,6 +11,10 @@ GROUNDING_TOKENS = (*MARKERS, VIDEO)  # added to every tokenizer as special toke
 # kept, and ``<video>`` is no token: a prompt holds VIDEO_INDEX (LLaVA's image index) in its place.
 REFERENCE_MARKERS = (SEG_START, SEG_END, RETHINK, OFFSET)
 TOKEN_STYLES = {"project": GROUNDING_TOKENS, "reference": REFERENCE_MARKERS}
+# ``model.lm.video_whitespace`` (``project``): the whitespace a prompt writes around ``<video>`` (a chat
+# template's newlines) ``kept`` as text, or ``folded`` into the token as a marker folds its spaces
+# (every run saved before the key: its LM read ``user<video>At which`` for ``user\n<video>\nAt which``).
+VIDEO_WHITESPACE = ("kept", "folded")
 VIDEO_INDEX = -200
 DIGITS, SIGNS = "0123456789", "+-"  # each a single token: timestamps are spelled character by character
 IGNORE_INDEX = -100  # the label of tokens without LM loss (the default ``ignore_index`` of torch and HF)

@@ -80,10 +80,11 @@ def build_source(data: DictConfig) -> DataSource:
     return annotation_source(data.name, spec)
 
 
-def saved_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    """A run's tokenizer saved in ``folder``; TokenizerError naming it when it cannot be read."""
+def saved_tokenizer(folder: Path, video_whitespace: str) -> PreTrainedTokenizerBase:
+    """A run's tokenizer saved in ``folder``, ``<video>`` spelled as ``model.lm.video_whitespace``
+    says (a saved tokenizer may forget it); TokenizerError naming it when it cannot be read."""
     try:
-        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder))
+        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder), video_whitespace=video_whitespace)
     except (ValueError, OSError) as error:  # a truncated or edited tokenizer.json (JSONDecodeError)
         reason = " ".join(str(error).split())
         raise TokenizerError(f"{folder}: the run's tokenizer cannot be read ({reason})") from error
@@ -100,29 +101,29 @@ def build_tokenizer_for(
     resume checkpoint ``carried``, else the one of the run it starts from (``init_from_run``, whose
     folder must hold it), else the pretrained one, else a local BPE trained on the training prompts
     and sample answers."""
+    lm = cfg.model.lm
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        return saved_tokenizer(tokenizer_dir)
+        return saved_tokenizer(tokenizer_dir, lm.video_whitespace)
     if carried is not None:
-        return tokenizer_from_files(carried)
+        return tokenizer_from_files(carried, lm.video_whitespace)
     if cfg.init_from_run:  # its checkpoint's token rows mean its tokenizer's tokens
         started = Path(cfg.init_from_run) / "tokenizer"
         if not started.is_dir():
             raise FileNotFoundError(
                 f"init_from_run={cfg.init_from_run}: {started}: missing (the run's tokenizer)"
             )
-        return saved_tokenizer(started)
+        return saved_tokenizer(started, lm.video_whitespace)
     train, template = source.records("train"), resolve_template(cfg.data.prompt_template)
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
     )
-    lm = cfg.model.lm
-    pretrained = lm.tokenizer or lm.name_or_path
+    pretrained, spelling = lm.tokenizer or lm.name_or_path, (lm.grounding_tokens, lm.video_whitespace)
     if not pretrained:
-        return build_tokenizer(None, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens)
+        return build_tokenizer(None, corpus, lm.tokenizer_vocab_size, *spelling)
     key = "model.lm.tokenizer" if lm.tokenizer else "model.lm.name_or_path"
     source = resolve_pretrained(pretrained, lm.dtype)
     try:  # a folder of something else, a name not reachable offline, one that cannot spell timestamps
-        tokenizer = build_tokenizer(source, corpus, lm.tokenizer_vocab_size, lm.grounding_tokens)
+        tokenizer = build_tokenizer(source, corpus, lm.tokenizer_vocab_size, *spelling)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())
         raise ConfigError(f"{key}={pretrained}: no usable tokenizer loads from it ({reason})") from error

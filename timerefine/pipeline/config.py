@@ -212,7 +212,11 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
 
 # Keys added (or required) with a default that changes what a run does, and the value a run saved
 # before them ran with, where their mapping is one (callbacks.early_stopping may be null).
-UNTIL_ADDED = {"model.saliency.projector_steps": 0, "callbacks.early_stopping.mode": "min"}
+UNTIL_ADDED = {
+    "model.saliency.projector_steps": 0,
+    "callbacks.early_stopping.mode": "min",
+    "model.lm.video_whitespace": "folded",
+}
 
 
 def with_schema_defaults(saved: DictConfig) -> DictConfig:

@@ -287,6 +287,8 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
         unread |= {f"model.lora.{key}": off for key in model.lora if key not in ("enabled", "inherited")}
     if not cfg.init_from_run:
         unread["model.lora.inherited"] = "no init_from_run"
+    if model.lm.grounding_tokens == "reference":
+        unread["model.lm.video_whitespace"] = "model.lm.grounding_tokens=reference has no <video> token"
     if not model.refine.steps:
         direct = "a direct answer (model.refine.steps=0) has no <OFFSET>"
         unread |= {f"model.aux.{key}": direct for key in model.aux}
