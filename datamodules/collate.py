@@ -14,7 +14,13 @@ import torch
 
 from grounding.answer_format.chat import prompt_bos
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompt_ids import encode_prompt, video_placeholder_id, video_span
+from grounding.answer_format.prompt_ids import (
+    encode_prompt,
+    special_texts,
+    special_token_error,
+    video_placeholder_id,
+    video_span,
+)
 from grounding.answer_format.targets import RefineRound, draw_target_rounds, on_policy_draw, target_rng
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline
 from grounding.answer_format.tokens import IGNORE_INDEX
@@ -79,6 +85,12 @@ class GroundingCollator:
         self.video_id = video_placeholder_id(self.tokenizer)
         self.video = video_span(self.video_id, video_tokens, video_stamps)
         self.encoded: dict[str, list[int]] = {}  # query -> prompt ids, read-only
+        self.specials = special_texts(self.tokenizer)
+
+    def special_token_error(self, query: str) -> str | None:
+        """Why ``query`` cannot fill a prompt: it spells a special token of the tokenizer, which the
+        prompt would hold as that token (:func:`special_token_error`); None when it spells none."""
+        return special_token_error(self.specials, query)
 
     def prompt_ids(self, query: str) -> list[int]:
         if (known := self.encoded.get(query)) is not None:

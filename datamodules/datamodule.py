@@ -18,7 +18,6 @@ from datamodules.quirks import QuirkError
 from datamodules.sampling import EvaluationSampler, ResumableLoader, ShardedEpochSampler
 from grounding.answer_format.chat import CHAT_TEMPLATES, chat_prompt
 from grounding.answer_format.codec import AnswerCodec
-from grounding.answer_format.prompt_ids import special_texts, special_token_error
 from grounding.answer_format.prompts import query_length_error, resolve_template, template_error
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, TIMELINES, timeline_named
 from grounding.checks import Checked, checked, integer, one_of, optional
@@ -126,10 +125,9 @@ class GroundingDataModule(L.LightningDataModule):
 
     def _refuse_special_token_text(self, split: str) -> None:
         """A QuirkError naming the first query of ``split`` that spells one of the tokenizer's special
-        tokens, which its prompt would hold as that token (see :func:`special_token_error`)."""
-        specials = special_texts(self.codec.tokenizer)
+        tokens, which its prompt would hold as that token."""
         for record in self.datasets[split].records:
-            if reason := special_token_error(specials, record.query):
+            if reason := self.collator.special_token_error(record.query):
                 where = record.where or f"{self.source.name} {split} query {record.qid}"
                 raise QuirkError(f"{where}: {reason}")
 

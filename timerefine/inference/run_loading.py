@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 
 from datamodules.collate import GroundingCollator
 from grounding.answer_format.predictions import Prediction
-from grounding.answer_format.prompt_ids import special_texts, special_token_error
 from grounding.answer_format.prompts import query_error as prompt_query_error
 from grounding.answer_format.prompts import query_length_error
 from grounding.records import FeatureStore, GroundingRecord
@@ -173,7 +172,7 @@ def query_error(run: LoadedRun, query: str) -> str | None:
     the model states no limit)."""
     if error := prompt_query_error(query):
         return error
-    if error := special_token_error(special_texts(run.collator.tokenizer), query):
+    if error := run.collator.special_token_error(query):
         return error
     limit = getattr(run.language_model.config, "max_position_embeddings", None)
     if not isinstance(limit, int):
