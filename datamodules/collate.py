@@ -85,12 +85,12 @@ class GroundingCollator:
         self.video_id = video_placeholder_id(self.tokenizer)
         self.video = video_span(self.video_id, video_tokens, video_stamps)
         self.encoded: dict[str, list[int]] = {}  # query -> prompt ids, read-only
-        self.specials = special_texts(self.tokenizer)
+        self.special_texts = special_texts(self.tokenizer)  # a pattern that finds any of them
 
     def special_token_error(self, query: str) -> str | None:
         """Why ``query`` cannot fill a prompt: it spells a special token of the tokenizer, which the
-        prompt would hold as that token (:func:`special_token_error`); None when it spells none."""
-        return special_token_error(self.specials, query)
+        prompt would hold as that token; None when it spells none."""
+        return special_token_error(self.special_texts, query)
 
     def prompt_ids(self, query: str) -> list[int]:
         if (known := self.encoded.get(query)) is not None:

@@ -43,7 +43,7 @@ def add_grounding_tokens(
 ) -> PreTrainedTokenizerBase:
     """Add the grounding tokens of ``style``; give the tokenizer a pad token if it has none. ``None``:
     the style of the markers the tokenizer holds (a run's saved one: ``reference`` when it has no
-    ``<video>``), else ``project``. ``video_whitespace``: ``model.lm.video_whitespace``. Adding them
+    ``<video>``), else ``project``. ``video_whitespace``: ``model.lm.video_whitespace`` (``reference`` has no ``<video>``). Adding them
     again restores their spelling, which a saved tokenizer may forget (Qwen2's does)."""
     if style is None:
         added = tokenizer.get_added_vocab()
@@ -55,8 +55,8 @@ def add_grounding_tokens(
     # project: spaces around a marker fold into it (shorter answers, the same text once parsed), and
     # around <video> as video_whitespace says; reference: they stay, as the official
     # add_tokens(..., special_tokens=True) keeps them.
-    markers_fold = style == "project"
-    folds = {t: video_whitespace == "folded" if t == VIDEO else markers_fold for t in TOKEN_STYLES[style]}
+    video_folds, markers_fold = video_whitespace == "folded", style == "project"
+    folds = {t: (video_folds if t == VIDEO else markers_fold) for t in TOKEN_STYLES[style]}
     tokens = [AddedToken(t, lstrip=fold, rstrip=fold, special=True) for t, fold in folds.items()]
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
     if tokenizer.pad_token is None:
@@ -140,10 +140,11 @@ def token_meanings(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, int], 
 def same_tokenizer(files: dict[str, bytes], tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer saved as ``files`` (:func:`tokenizer_files`) gives every token id the
     meaning ``tokenizer`` gives it."""
-    return token_meanings(tokenizer_from_files(files)) == token_meanings(tokenizer)
+    saved = tokenizer_from_files(files, "kept")  # what ids mean does not depend on whitespace
+    return token_meanings(saved) == token_meanings(tokenizer)
 
 
-def tokenizer_from_files(files: dict[str, bytes], video_whitespace: str = "kept") -> PreTrainedTokenizerBase:
+def tokenizer_from_files(files: dict[str, bytes], video_whitespace: str) -> PreTrainedTokenizerBase:
     """The tokenizer :func:`tokenizer_files` kept, ``<video>`` spelled as ``video_whitespace`` says."""
     with tempfile.TemporaryDirectory() as folder:
         for name, content in files.items():

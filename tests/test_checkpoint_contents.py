@@ -38,7 +38,7 @@ def test_a_checkpoint_holds_its_config_and_tokenizer_and_a_random_lm_whole(tmp_p
     assert checkpoint["hyper_parameters"]["config"] == OmegaConf.to_container(
         OmegaConf.load(run / "config.yaml")
     )
-    kept = tokenizer_from_files(checkpoint["tokenizer_files"])
+    kept = tokenizer_from_files(checkpoint["tokenizer_files"], "kept")
     saved = AutoTokenizer.from_pretrained(run / "tokenizer")
     text = "From <SEG_START> 12 to 34 <OFFSET> +01 and -02 <SEG_END>. a person opens the door"
     assert kept.encode(text) == saved.encode(text)

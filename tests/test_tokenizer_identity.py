@@ -83,7 +83,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def saved_tokenizer(run: Path):
-    return tokenizer_from_files(folder_files(run / "tokenizer"))
+    return tokenizer_from_files(folder_files(run / "tokenizer"), "kept")
 
 
 def root_of(run: Path) -> Path:

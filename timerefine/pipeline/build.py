@@ -117,13 +117,20 @@ def build_tokenizer_for(
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule
     )
-    pretrained, spelling = lm.tokenizer or lm.name_or_path, (lm.grounding_tokens, lm.video_whitespace)
+    pretrained = lm.tokenizer or lm.name_or_path
+    with_tokens = partial(
+        build_tokenizer,
+        texts=corpus,
+        vocab_size=lm.tokenizer_vocab_size,
+        style=lm.grounding_tokens,
+        video_whitespace=lm.video_whitespace,
+    )
     if not pretrained:
-        return build_tokenizer(None, corpus, lm.tokenizer_vocab_size, *spelling)
+        return with_tokens(None)
     key = "model.lm.tokenizer" if lm.tokenizer else "model.lm.name_or_path"
     source = resolve_pretrained(pretrained, lm.dtype)
     try:  # a folder of something else, a name not reachable offline, one that cannot spell timestamps
-        tokenizer = build_tokenizer(source, corpus, lm.tokenizer_vocab_size, *spelling)
+        tokenizer = with_tokens(source)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())
         raise ConfigError(f"{key}={pretrained}: no usable tokenizer loads from it ({reason})") from error

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from grounding.checks import SpecError
-from timerefine.pipeline.schema import register_schemas
+from timerefine.pipeline.schema import register_schemas, unread_settings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -211,7 +211,8 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
 
 
 # Keys added (or required) with a default that changes what a run does, and the value a run saved
-# before them ran with, where their mapping is one (callbacks.early_stopping may be null).
+# before them ran with, where their mapping is one (callbacks.early_stopping may be null) and the
+# run's other settings read them (a reference-style run has no <video> token to fold whitespace into).
 UNTIL_ADDED = {
     "model.saliency.projector_steps": 0,
     "callbacks.early_stopping.mode": "min",
@@ -221,7 +222,7 @@ UNTIL_ADDED = {
 
 def with_schema_defaults(saved: DictConfig) -> DictConfig:
     """A run's saved config on today's schema, the keys added since it was saved taking today's
-    defaults for its dataset (those of ``UNTIL_ADDED`` the value it ran with). A saved key that
+    defaults for its dataset (those of ``UNTIL_ADDED`` that it reads the value it ran with). A saved key that
     nothing reads, or a value of the wrong type, is a ConfigError naming it."""
     dataset = OmegaConf.select(saved, "data.name", default=None)
     known = dataset is not None and (CONF_DIR / "data" / f"{dataset}.yaml").is_file()
@@ -233,9 +234,10 @@ def with_schema_defaults(saved: DictConfig) -> DictConfig:
             run.merge_with(saved)
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error, [])) from error
+    idle = unread_settings(run)
     for key, value in UNTIL_ADDED.items():
         mapping = isinstance(OmegaConf.select(run, key.rpartition(".")[0]), DictConfig)
-        if mapping and OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
+        if mapping and key not in idle and OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT:
             OmegaConf.update(run, key, value, force_add=True)
     return run
 

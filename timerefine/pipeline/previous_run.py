@@ -12,7 +12,7 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
-from timerefine.pipeline.config import ConfigError, saved_config, with_schema_defaults
+from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint, trainer_state
 
@@ -67,6 +67,16 @@ def recorded_configs(output_dir: Path, checkpoint: str | None) -> list[tuple[str
     return completed
 
 
+def continue_advice(refused: Mapping[str, tuple[Any, Any]]) -> str:
+    """What to do about the ``refused`` changes (key -> (old, new)): give the old values where each is
+    what a run saved before its key ran with (``UNTIL_ADDED``: the command did not change it, today's
+    default did), else take another folder."""
+    if not all(key in UNTIL_ADDED and UNTIL_ADDED[key] == old for key, (old, _) in refused.items()):
+        return "use another output_dir for the new settings"
+    given = " ".join(f"{key}={show(old)}" for key, (old, _) in refused.items())
+    return f"give {given} to continue it (what a run saved before the key ran with; today's default differs)"
+
+
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
     """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
     not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, or
@@ -79,7 +89,7 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             raise ChangedSettingsError(
                 f"{where} was written by a run with other settings ({listed}); a run continues with "
                 f"the settings it started with, only {', '.join(MAY_CHANGE)} may change: "
-                "use another output_dir for the new settings"
+                f"{continue_advice(refused)}"
             )
     if checkpoint is not None:
         file, given = checkpoint_file(checkpoint, output_dir), not own_resume_point(checkpoint, output_dir)
