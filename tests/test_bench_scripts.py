@@ -39,6 +39,7 @@ SCRIPTS = {
     "data_loading": ([], {"slowest_loader_samples_per_s", "headroom_over_need"}),
     "grpo": ([], {"step_cost_ratio", "wall_cost_ratio", "sft_steps", "gain_mIoU_iou"}),
     "action_trace_calibration": ([], {"best_action_mIoU", "oracle_x0_768d_mIoU", "oracle_x1_768d_mIoU"}),
+    "predict_pairs": ([], {"speedup_pairs_batched", "match_answers", "one_video_at_a_time_queries_per_s"}),
     # the scratch arm (model.lm.weights=random, 50 s here) is left out: test_checkpoint_contents runs that
     # path, and test_arm_differences the figures it feeds
     "pretrained_lm": (
@@ -49,7 +50,11 @@ SCRIPTS = {
 # What a script's figures must say of each other. bench.grpo: a GRPO step costs more than a supervised
 # one, so its ratio over training time alone is above the ratio of wall times, which share start-up,
 # validation and the test (the ratio was over wall times before, and gave continued SFT too few steps).
-RELATIONS = {"grpo": lambda figures: figures["step_cost_ratio"] > max(1.0, figures["wall_cost_ratio"])}
+# bench.predict_pairs: batching the queries of several videos changes no answer (fp32).
+RELATIONS = {
+    "grpo": lambda figures: figures["step_cost_ratio"] > max(1.0, figures["wall_cost_ratio"]),
+    "predict_pairs": lambda figures: figures["match_answers"] == 1,
+}
 NEEDS_SMOLLM2 = {"pretrained_lm"}  # skipped, as the SmolLM2 tests are, only when the model is absent
 CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"  # the real annotations, when beside the project
 NEEDS_CHARADES = {"action_trace_calibration"}

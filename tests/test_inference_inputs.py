@@ -9,8 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.inference_runs import damaged_copy, write_moment_video, write_timed_video
+from tests.inference_runs import VIDEOS, damaged_copy, write_moment_video, write_timed_video
+from timerefine.inference import grounder as grounder_module
 from timerefine.inference.grounder import Features, Grounder
+from timerefine.inference.run_loading import predict
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.tools.predict import main as predict_main
 
@@ -185,3 +187,31 @@ def test_a_video_with_frames_missing_mid_stream_is_refused(video_run, tmp_path, 
     (line,) = captured.err.strip().splitlines()
     assert captured.out == "" and line.startswith(f"error: {video}: frames missing "), line
     assert line.endswith(": damaged, or a variable frame rate): the answer's times would be wrong"), line
+
+
+def test_a_pairs_file_batches_queries_across_videos(video_run, tmp_path, capsys, monkeypatch):
+    """Before: predict decoded each video's queries on their own, so a pairs file of one query per video
+    ran batches of 1, whatever --batch-size said. The answers are those of one query at a time."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    rows = [
+        {
+            "video": str(video_run.features / f"{name}.npy"),
+            "query": f"a {colour} square appears",
+            "duration": seconds,
+        }
+        for name, seconds, colour, *_ in VIDEOS
+    ]
+    alone = [grounder.ground(row["video"], [row["query"]], row["duration"])[0].text for row in rows]
+    pairs = [(grounder.features(row["video"], row["duration"]), row["query"]) for row in rows]
+    assert [answer.text for answer in grounder.ground_pairs(pairs, batch_size=4)] == alone
+    decoded = []
+    monkeypatch.setattr(
+        grounder_module, "predict", lambda run, f, q: decoded.append(len(q)) or predict(run, f, q)
+    )
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert (
+        predict_main([str(pairs_file), "--run", str(video_run.run_dir), "--json", "--batch-size", "4"]) == 0
+    )
+    assert decoded == [4, 2]
+    assert [answer["text"] for answer in json.loads(capsys.readouterr().out)] == alone

@@ -280,23 +280,44 @@ class Grounder:
         """One answer per query, decoded in batches of ``batch_size`` queries. ``duration`` is for a
         feature file or array (see :meth:`features`); a :class:`Features` holds its own, so none is taken."""
         queries = [queries] if isinstance(queries, str) else list(queries)
+        self._check_queries(queries, batch_size)
+        if isinstance(video, Features):
+            features = self.checked(video, duration)
+        else:
+            features = self.features(video, duration)
+        return self._answers([features] * len(queries), queries, batch_size)
+
+    def ground_pairs(self, pairs: Sequence[tuple[Features, str]], batch_size: int = 32) -> list[Grounding]:
+        """One answer per (features, query) pair, in order, decoded in batches of ``batch_size`` pairs
+        that mix videos (many videos of a query or two each batch as well as one video's many queries);
+        :meth:`features` makes each video's :class:`Features` once."""
+        queries = [query for _, query in pairs]
+        self._check_queries(queries, batch_size)
+        return self._answers([self.checked(features) for features, _ in pairs], queries, batch_size)
+
+    def _check_queries(self, queries: list[str], batch_size: int) -> None:
         check_queries(queries)
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size}: must be >= 1")
         for number, query in enumerate(queries, start=1):
             if reason := self.query_error(query):
                 raise InputError(f"query {number}: {reason}")
-        if isinstance(video, Features):
-            features = self.checked(video, duration)
-        else:
-            features = self.features(video, duration)
-        array = torch.from_numpy(features.array)
+
+    def _answers(self, features: list[Features], queries: list[str], batch_size: int) -> list[Grounding]:
+        """The answer to each query about the video of its ``features``, ``batch_size`` rows at a time."""
         module, answers = self.run.module, []
         for start in range(0, len(queries), batch_size):
-            chunk = queries[start : start + batch_size]
-            predictions = predict(self.run, array.expand(len(chunk), -1, -1), chunk)
+            rows = range(start, min(start + batch_size, len(queries)))
+            arrays = torch.stack([torch.from_numpy(features[row].array) for row in rows])
+            predictions = predict(self.run, arrays, [queries[row] for row in rows])
             answers += [
-                to_grounding(q, p, features.duration, module.timeline, module.inference.order_and_clip)
-                for q, p in zip(chunk, predictions, strict=True)
+                to_grounding(
+                    queries[row],
+                    prediction,
+                    features[row].duration,
+                    module.timeline,
+                    module.inference.order_and_clip,
+                )
+                for row, prediction in zip(rows, predictions, strict=True)
             ]
         return answers

@@ -29,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 from grounding.answer_format.prompts import normalize_query
 from grounding.text_files import UnreadJSON, decoded_line, json_value
-from timerefine.inference.grounder import Grounder, Grounding, check_queries
+from timerefine.inference.grounder import Features, Grounder, Grounding, check_queries
 from timerefine.inference.video_features import (
     FEATURE_SUFFIXES,
     EncoderSpec,
@@ -136,18 +136,31 @@ def check_lengths(grounder: Grounder, requests: list[Request]) -> None:
 
 
 def ground_all(grounder: Grounder, requests: list[Request], batch_size: int) -> list[tuple[Path, Grounding]]:
-    """Answers in input order; each video is encoded once for all its queries. Over several videos a
-    progress bar on stderr counts them (stdout holds only the answers)."""
+    """Answers in input order; each video is encoded once for all its queries, and the queries of
+    consecutive videos are decoded together, ``batch_size`` at a time (a pairs file of one query per
+    video batches as its videos come). Over several videos a progress bar on stderr counts them
+    (stdout holds only the answers)."""
     by_video: dict[tuple[Path, float | None], list[int]] = {}
     for index, request in enumerate(requests):
         by_video.setdefault((request.video, request.duration), []).append(index)
     answers: dict[int, Grounding] = {}
+    pending: list[tuple[int, Features]] = []  # (request, its video's features) not yet answered
+
+    def answer(count: int) -> None:
+        done, pending[:] = pending[:count], pending[count:]
+        found = grounder.ground_pairs([(features, requests[i].query) for i, features in done], batch_size)
+        answers.update(zip((i for i, _ in done), found, strict=True))
+
     columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn())
     bar = Progress(*columns, console=Console(stderr=True), disable=len(by_video) < 2)
     with bar:
         for (video, duration), indices in bar.track(by_video.items(), description="grounding videos"):
-            found = grounder.ground(video, [requests[i].query for i in indices], duration, batch_size)
-            answers |= dict(zip(indices, found, strict=True))
+            features = grounder.features(video, duration)
+            pending += [(i, features) for i in indices]
+            while len(pending) >= batch_size:
+                answer(batch_size)
+        if pending:
+            answer(len(pending))
     return [(requests[i].video, answers[i]) for i in range(len(requests))]
 
 

@@ -1,0 +1,96 @@
+"""``timerefine-predict`` on a pairs file of one query per video: the queries of consecutive videos
+decoded together (``--batch-size``), against one video at a time, as predict decoded them before.
+
+    python -m bench.predict_pairs --run runs/default      # the run's test queries, one per video
+    python -m bench.predict_pairs --run runs/smollm2 --pairs 200
+    python -m bench.predict_pairs --quick                 # experiment=tiny trained for 4 steps, seconds
+
+The first ``--pairs`` test queries of the run's data are written as feature files (``.npy``, each
+query its own video) and a ``pairs.jsonl``; :func:`timerefine.tools.predict.ground_all` answers them
+with ``--batch-size 1`` (the reference: one batch of one per video) and with ``--batch-size``, the two
+taking turns for ``--rounds`` rounds (median round). Prints ``speedup_pairs_batched`` (queries/s
+batched over one at a time; no target), both rates, and ``match_answers``, the share of queries whose
+answer text is the same both ways (fp32: 1; a padded batch moves floats by rounding only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.arguments import run_folder
+from bench.figures_out import cpu_name, print_figures
+from timerefine import train
+from timerefine.inference.grounder import Grounder
+from timerefine.inference.run_loading import dataset_examples
+from timerefine.tools.arguments import at_least_one
+from timerefine.tools.predict import Request, ground_all
+
+QUICK = ["experiment=tiny", "trainer.max_steps=4", "trainer.val_check_interval=4", "test=false"]
+
+
+def pair_requests(grounder: Grounder, count: int, folder: Path) -> list[Request]:
+    """The run's first ``count`` test queries, each with its features written to its own file."""
+    requests = []
+    for number, (record, store) in enumerate(dataset_examples(grounder.run.cfg)):
+        if number == count:
+            break
+        video = folder / f"{number:05d}.npy"
+        np.save(video, np.asarray(store.load(record.video_id), dtype=np.float32))
+        requests.append(Request(video, record.query, record.duration, f"pair {number + 1}"))
+    return requests
+
+
+def timed(grounder: Grounder, requests: list[Request], batch_size: int) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    answers = ground_all(grounder, requests, batch_size)
+    return time.perf_counter() - start, [answer.text for _, answer in answers]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=run_folder, help="a trained run (default with --quick: a new tiny one)")
+    parser.add_argument("--pairs", type=at_least_one, default=100, help="test queries, one per video")
+    parser.add_argument("--batch-size", type=at_least_one, default=32)
+    parser.add_argument("--rounds", type=at_least_one, default=3)
+    parser.add_argument("--quick", action="store_true", help="a tiny run, 16 pairs, 1 round")
+    args = parser.parse_args(argv)
+    if args.run is None and not args.quick:
+        parser.error("give --run (a trained run) or --quick")
+    with tempfile.TemporaryDirectory() as scratch:
+        run = args.run
+        if run is None:
+            run = Path(scratch) / "run"
+            if train.main([*QUICK, f"output_dir={run}"]) != 0:
+                raise SystemExit("the quick run did not train")
+        pairs, rounds = (16, 1) if args.quick else (args.pairs, args.rounds)
+        grounder = Grounder.from_run(run)
+        requests = pair_requests(grounder, pairs, Path(scratch))
+        seconds: dict[int, list[float]] = {1: [], args.batch_size: []}
+        texts: dict[int, list[str]] = {}
+        for _ in range(rounds):
+            for batch_size in seconds:
+                elapsed, texts[batch_size] = timed(grounder, requests, batch_size)
+                seconds[batch_size].append(elapsed)
+    rates = {size: len(requests) / statistics.median(times) for size, times in seconds.items()}
+    same = sum(a == b for a, b in zip(texts[1], texts[args.batch_size], strict=True))
+    print(f"{len(requests)} pairs of one query per video, {rounds} round(s), CPU: {cpu_name()}")
+    print_figures(
+        {
+            "one_video_at_a_time_queries_per_s": rates[1],
+            f"batched_{args.batch_size}_queries_per_s": rates[args.batch_size],
+            "match_answers": same / len(requests),
+            "speedup_pairs_batched": rates[args.batch_size] / rates[1],
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
