@@ -43,8 +43,9 @@ def add_grounding_tokens(
 ) -> PreTrainedTokenizerBase:
     """Add the grounding tokens of ``style``; give the tokenizer a pad token if it has none. ``None``:
     the style of the markers the tokenizer holds (a run's saved one: ``reference`` when it has no
-    ``<video>``), else ``project``. ``video_whitespace``: ``model.lm.video_whitespace`` (``reference`` has no ``<video>``). Adding them
-    again restores their spelling, which a saved tokenizer may forget (Qwen2's does)."""
+    ``<video>``), else ``project``. ``video_whitespace``: ``model.lm.video_whitespace`` (read by
+    ``project`` alone: ``reference`` has no ``<video>``). Adding them again restores their spelling,
+    which a saved tokenizer may forget (Qwen2's does)."""
     if style is None:
         added = tokenizer.get_added_vocab()
         style = "reference" if set(MARKERS) <= set(added) and VIDEO not in added else "project"
