@@ -9,8 +9,9 @@ The first ``--pairs`` test queries of the run's data are written as feature file
 query its own video) and a ``pairs.jsonl``; :func:`timerefine.tools.predict.ground_all` answers them
 with ``--batch-size 1`` (the reference: one batch of one per video) and with ``--batch-size``, the two
 taking turns for ``--rounds`` rounds (median round). Prints ``speedup_pairs_batched`` (queries/s
-batched over one at a time; no target), both rates, and ``match_answers``, the share of queries whose
-answer text is the same both ways (fp32: 1; a padded batch moves floats by rounding only).
+batched over one at a time; no target), both rates and test mIoUs, and ``match_answers``, the share of
+queries whose answer text is the same both ways (fp32: 1, a padded batch moving floats by rounding
+only; under bf16 autocast a batch rounds otherwise, and near ties of the greedy answer flip).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import numpy as np
 
 from bench.arguments import run_folder
 from bench.figures_out import cpu_name, print_figures
+from grounding.metrics.windows import record_iou
+from grounding.records import GroundingRecord
 from timerefine import train
-from timerefine.inference.grounder import Grounder
+from timerefine.inference.grounder import Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
 from timerefine.tools.arguments import at_least_one
 from timerefine.tools.predict import Request, ground_all
@@ -34,22 +37,31 @@ from timerefine.tools.predict import Request, ground_all
 QUICK = ["experiment=tiny", "trainer.max_steps=4", "trainer.val_check_interval=4", "test=false"]
 
 
-def pair_requests(grounder: Grounder, count: int, folder: Path) -> list[Request]:
+def pair_requests(grounder: Grounder, count: int, folder: Path) -> list[tuple[Request, GroundingRecord]]:
     """The run's first ``count`` test queries, each with its features written to its own file."""
-    requests = []
+    pairs = []
     for number, (record, store) in enumerate(dataset_examples(grounder.run.cfg)):
         if number == count:
             break
         video = folder / f"{number:05d}.npy"
         np.save(video, np.asarray(store.load(record.video_id), dtype=np.float32))
-        requests.append(Request(video, record.query, record.duration, f"pair {number + 1}"))
-    return requests
+        pairs.append((Request(video, record.query, record.duration, f"pair {number + 1}"), record))
+    return pairs
 
 
-def timed(grounder: Grounder, requests: list[Request], batch_size: int) -> tuple[float, list[str]]:
+def timed(grounder: Grounder, requests: list[Request], batch_size: int) -> tuple[float, list[Grounding]]:
     start = time.perf_counter()
     answers = ground_all(grounder, requests, batch_size)
-    return time.perf_counter() - start, [answer.text for _, answer in answers]
+    return time.perf_counter() - start, [answer for _, answer in answers]
+
+
+def mean_iou(answers: list[Grounding], records: list[GroundingRecord]) -> float:
+    """Test mIoU (%) of the answers, an unparsed one scoring 0."""
+    ious = [
+        0.0 if a.start is None else record_iou((a.start, a.end), r)
+        for a, r in zip(answers, records, strict=True)
+    ]
+    return 100 * sum(ious) / len(ious)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,20 +84,23 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit("the quick run did not train")
         pairs, rounds = (16, 1) if args.quick else (args.pairs, args.rounds)
         grounder = Grounder.from_run(run)
-        requests = pair_requests(grounder, pairs, Path(scratch))
+        requests, records = zip(*pair_requests(grounder, pairs, Path(scratch)), strict=True)
         seconds: dict[int, list[float]] = {1: [], args.batch_size: []}
-        texts: dict[int, list[str]] = {}
+        answers: dict[int, list[Grounding]] = {}
         for _ in range(rounds):
             for batch_size in seconds:
-                elapsed, texts[batch_size] = timed(grounder, requests, batch_size)
+                elapsed, answers[batch_size] = timed(grounder, list(requests), batch_size)
                 seconds[batch_size].append(elapsed)
+    one, batched = answers[1], answers[args.batch_size]
     rates = {size: len(requests) / statistics.median(times) for size, times in seconds.items()}
-    same = sum(a == b for a, b in zip(texts[1], texts[args.batch_size], strict=True))
+    same = sum(a.text == b.text for a, b in zip(one, batched, strict=True))
     print(f"{len(requests)} pairs of one query per video, {rounds} round(s), CPU: {cpu_name()}")
     print_figures(
         {
             "one_video_at_a_time_queries_per_s": rates[1],
             f"batched_{args.batch_size}_queries_per_s": rates[args.batch_size],
+            "one_video_at_a_time_mIoU": mean_iou(one, list(records)),
+            f"batched_{args.batch_size}_mIoU": mean_iou(batched, list(records)),
             "match_answers": same / len(requests),
             "speedup_pairs_batched": rates[args.batch_size] / rates[1],
         }
