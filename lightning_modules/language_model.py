@@ -250,12 +250,16 @@ def build_language_model(
     lora: LoraSpec | None,
     init_from: InitFromSpec | None = None,
     train_token_rows: bool = True,
+    base: PreTrainedModel | None = None,
 ) -> PreTrainedModel:
     """The LM of ``spec`` (``name_or_path``'s ``weights``, or the tiny one) with its embeddings resized
     to the tokenizer, a pretrained one's grounding-token rows set as ``token_rows_init`` says,
     released adapters merged (``init_from``), optionally LoRA (training the grounding tokens' rows
-    unless ``train_token_rows`` is off)."""
-    if spec.name_or_path:
+    unless ``train_token_rows`` is off). ``base``: that LM already made (by an earlier stage that
+    merged adapters into it), which gets the gradient checkpointing and LoRA alone."""
+    if base is not None:
+        model = base
+    elif spec.name_or_path:
         source = resolve_pretrained(spec.name_or_path, spec.dtype)
         model = named_lm(source, spec.dtype, spec.weights)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -265,7 +269,7 @@ def build_language_model(
             init_rows_from_mean(model, untrained, len(tokenizer))
     else:
         model = build_tiny_lm(spec.tiny, tokenizer).to(getattr(torch, spec.dtype))
-    if init_from is not None:
+    if init_from is not None and base is None:
         model = merge_released(model, tokenizer, init_from)
         if lora is None:  # peft froze the base weights to merge; without adapters the LM trains whole
             model.requires_grad_(True)

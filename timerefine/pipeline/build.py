@@ -55,7 +55,7 @@ from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_precision, run_protocol, run_timeline
-from timerefine.pipeline.init_from_run import start_from_run, starting_lora
+from timerefine.pipeline.init_from_run import merged_base, start_from_run, starting_lora
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
@@ -194,11 +194,25 @@ def build_datamodule(
 
 def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
     """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it."""
+    module = started_module(cfg, datamodule)
+    apply_trainable(module.model, OmegaConf.to_object(cfg.model.trainable))
+    if isinstance(module, GRPOModule):
+        module.keep_reference()  # the starting policy, also when resuming
+    return module
+
+
+def started_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
+    """The run's module as its training starts: built from ``model``, then ``init_from_run``'s weights."""
     model: ModelConfig = OmegaConf.to_object(cfg.model)
     codec, source, timeline = datamodule.codec, datamodule.source, datamodule.timeline
     lm, lora = model.lm, model.lora if model.lora.enabled else None
     language_model = build_language_model(
-        codec.tokenizer, lm, starting_lora(cfg, lora), model.init_from, model.trainable.token_rows
+        codec.tokenizer,
+        lm,
+        starting_lora(cfg, lora),
+        model.init_from,
+        model.trainable.token_rows,
+        base=merged_base(cfg, partial(started_module, datamodule=datamodule)),
     )
     video_llm = VideoLLM.from_config(
         language_model,
@@ -233,9 +247,6 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
     if cfg.init_from_run:
         rows = grounding_token_ids(codec.tokenizer) if model.trainable.token_rows else []
         start_from_run(module, Path(cfg.init_from_run), model.lora.inherited, lora, rows)
-    apply_trainable(video_llm, model.trainable)
-    if isinstance(module, GRPOModule):
-        module.keep_reference()  # the starting policy, also when resuming
     return module
 
 

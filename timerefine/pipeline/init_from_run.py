@@ -11,19 +11,21 @@ adapters, token rows, projector, heads. ``model.lora.inherited`` says what becom
 ``continue`` trains the same ones on (the official TimeRefine recipe's second stage; their rank, scale
 and place cannot change), ``merge`` merges them into the LM at their own settings and trains new ones
 with ``model.lora``'s (with ``model.lora.enabled=false`` none: the merged LM trains whole). Every build of the run (training, resuming, evaluation) starts
-from the other run again, so its folder must stay where it is.
+from the other run again, and from the runs of its chain whose merged adapters its base holds, so their
+folders must stay where they are.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
+from transformers import PreTrainedModel
 
-from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
 from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, fitting_checkpoint
@@ -143,6 +145,29 @@ def starting_lora(cfg: DictConfig, lora: LoraSpec | None) -> LoraSpec | None:
     return trained if trained.enabled else None
 
 
+def merged_base(cfg: DictConfig, started: Callable[[DictConfig], GroundingModule]) -> PreTrainedModel | None:
+    """The base LM of ``init_from_run`` when it holds adapters merged in its chain of starts (a LoRA
+    run on a pretrained LM leaves its base out of its checkpoints): rebuilt as that run built it
+    (``started``: a run's module as its training starts), merging what it merged
+    (``model.lora.inherited=merge``) or taking the base of the run it continued; None when that base
+    is the pretrained LM, or when its checkpoints hold the whole LM."""
+    if not cfg.init_from_run:
+        return None
+    run_dir = Path(cfg.init_from_run)
+    run = load_run_config(run_dir, [])
+    lora, lm = run.model.lora, OmegaConf.to_object(run.model.lm)
+    if not (run.init_from_run and lora.enabled and lm.base):
+        return None
+    if lora.inherited == "continue":
+        return merged_base(run, started)
+    log.info("init_from_run=%s merged the adapters of %s: rebuilding its base LM", run_dir, run.init_from_run)
+    try:
+        language_model = started(run).model.lm
+    except (RunStartError, ConfigError, FileNotFoundError) as error:
+        raise RunStartError(f"init_from_run={run_dir}: its base LM cannot be rebuilt: {error}") from error
+    return language_model.unload()  # its own adapters come from its checkpoint, onto this run's
+
+
 def start_from_run(
     module: GroundingModule, run_dir: Path, inherited: str, lora: LoraSpec | None, token_ids: list[int]
 ) -> None:
@@ -165,13 +190,6 @@ def start_from_run(
         checkpoint = fitting_checkpoint(module, path, run_dir / "tokenizer", same_config=False)
     except CheckpointError as error:
         raise RunStartError(f"init_from_run={run_dir}: {error}") from error
-    except BaseWeightsError as error:  # rebuilt from model.lm alone, without the merge of its own start
-        if load_run_config(run_dir, []).model.lora.inherited != "merge":
-            raise
-        raise RunStartError(
-            f"init_from_run={run_dir}: its base LM holds the adapters it merged (model.lora.inherited=merge), "
-            "which its checkpoint leaves out: a run cannot start from it (only evaluate, predict and export it)"
-        ) from error
     module.load_state_dict(checkpoint["state_dict"])
     if inherited != "merge":
         return
