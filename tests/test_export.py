@@ -245,4 +245,4 @@ def test_a_checkpoint_choice_for_an_export_is_refused(video_run, tmp_path, capsy
     video = video_run.videos / "vid_blue_a.mp4"
     assert predict_main([str(video), "--run", str(export), "--query", QUERIES[0], "--ckpt", "last"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == f"error: --ckpt last: {export} is an exported model, which holds one set of weights"
+    assert line == f"error: ckpt last: {export} is an exported model, which holds one set of weights"

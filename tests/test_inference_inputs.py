@@ -35,7 +35,7 @@ def test_the_api_refuses_a_query_that_is_not_text(video_run):
     """Before: AttributeError from the query normaliser."""
     grounder = Grounder.from_run(video_run.run_dir)
     features = np.zeros((16, 16), dtype=np.float32)
-    with pytest.raises(InputError, match=r"^--query 2: must be text, got None$"):
+    with pytest.raises(InputError, match=r"^query 2: must be text, got None$"):
         grounder.ground(features, ["a red square appears", None], duration=20.0)
 
 
@@ -48,8 +48,9 @@ def test_the_api_refuses_a_query_spelling_a_special_token(video_run):
 
 
 def test_the_api_checks_the_device_whichever_way_it_loads(video_run):
-    """Before: only ``Grounder.load`` checked it; ``from_run`` failed inside torch."""
-    with pytest.raises(InputError, match=r"^--device cuda:7: no such CUDA device"):
+    """Before: only ``Grounder.load`` checked it; ``from_run`` failed inside torch. Its message named
+    the command line's flag, ``--device``, which a Python caller has not."""
+    with pytest.raises(InputError, match=r"^device cuda:7: no such CUDA device"):
         Grounder.from_run(video_run.run_dir, device="cuda:7")
 
 

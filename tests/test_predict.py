@@ -199,7 +199,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         ),
         "features without duration": (
             [str(wide), "--run", run, *query],
-            "--duration: needed with features, which hold no time",
+            "duration: needed with features, which hold no time",
         ),
         "no checkpoint": (
             [red, "--run", str(no_ckpt), *query],
@@ -223,7 +223,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "empty query in a pairs file": ([str(nameless), "--run", run], f"{nameless}:1: the query is empty"),
         "duration of another video": (
             [str(six), "--run", run, "--duration", "100", *query],
-            f"--duration=100: {six} lasts 6.00 s",
+            f"duration 100: {six} lasts 6.00 s",
         ),
         # before: named --duration, which was not given, and not the line
         "duration of another video in a pairs file": (
@@ -329,7 +329,7 @@ def test_a_given_duration_must_be_the_videos_own(video_run, grounder, tmp_path, 
     )
     assert json.loads(capsys.readouterr().out)[0]["duration"] == 6.2
     for duration in (3.0, 100.0, -5.0, float("nan")):
-        with pytest.raises(InputError, match=r"^--duration="):
+        with pytest.raises(InputError, match=r"^duration "):
             grounder.features(six, duration)
 
 

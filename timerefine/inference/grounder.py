@@ -92,15 +92,16 @@ def to_grounding(
     )
 
 
-def check_queries(queries: Sequence[str]) -> None:
-    """InputError unless there is at least one query and none is empty."""
+def check_queries(queries: Sequence[str], name: str = "query") -> None:
+    """InputError unless there is at least one query and none is empty; ``name``: what the message
+    calls them (a command line's flag)."""
     if not queries:
-        raise InputError("--query: give at least one query")
+        raise InputError(f"{name}: give at least one query")
     for number, query in enumerate(queries, start=1):
         if not isinstance(query, str):
-            raise InputError(f"--query {number}: must be text, got {query!r}")
+            raise InputError(f"{name} {number}: must be text, got {query!r}")
         if not normalize_query(query):
-            raise InputError(f"--query {number}: the query is empty")
+            raise InputError(f"{name} {number}: the query is empty")
 
 
 @dataclass(frozen=True)
@@ -129,21 +130,21 @@ def device_error(device: str) -> str | None:
     return None
 
 
-def check_device(device: str) -> None:
-    """InputError when ``device`` is not one this machine has."""
+def check_device(device: str, name: str = "device") -> None:
+    """InputError when ``device`` is not one this machine has; ``name``: what the message calls it."""
     if reason := device_error(device):
-        raise InputError(f"--device {device}: {reason}")
+        raise InputError(f"{name} {device}: {reason}")
 
 
 class Grounder:
     """A trained model that answers grounding queries about any video."""
 
-    def __init__(self, run: LoadedRun, encoder: EncoderSpec | None = None, origin: str = "--encoder") -> None:
+    def __init__(self, run: LoadedRun, encoder: EncoderSpec | None = None, origin: str = "encoder") -> None:
         """``origin`` names where ``encoder`` came from in messages (a flag, or the record it was read from)."""
         self.run, self.encoder_spec, self.encoder_origin = run, encoder, origin
         self._encoder: ClipFrameEncoder | None = None
 
-    def use_encoder(self, encoder: EncoderSpec, origin: str = "--encoder") -> None:
+    def use_encoder(self, encoder: EncoderSpec, origin: str = "encoder") -> None:
         """Encode videos with ``encoder`` from now on."""
         self.encoder_spec, self.encoder_origin, self._encoder = encoder, origin, None
 
@@ -194,9 +195,7 @@ class Grounder:
         ``from_run`` for a run directory."""
         if is_export(Path(path)):
             if ckpt != "best":
-                raise InputError(
-                    f"--ckpt {ckpt}: {path} is an exported model, which holds one set of weights"
-                )
+                raise InputError(f"ckpt {ckpt}: {path} is an exported model, which holds one set of weights")
             return cls.from_export(path, device, encoder, overrides)
         return cls.from_run(path, ckpt, device, encoder, overrides)
 
@@ -210,7 +209,8 @@ class Grounder:
                 why = f"no {Path(features) / ENCODER_RECORD}: moved, or" if features else "its"
                 raise InputError(
                     f"the run records no video encoder ({why} features were not made by "
-                    "timerefine-extract-features): pass --encoder, or give a feature file"
+                    "timerefine-extract-features): give an encoder (Grounder's encoder argument, "
+                    "timerefine-predict --encoder) or a feature file"
                 )
             try:
                 encoder = ClipFrameEncoder(
@@ -231,19 +231,19 @@ class Grounder:
         (a video file's own, or ``duration`` when it agrees with it up to rounding)."""
         frames, dim = self.run.num_frames, self.run.feature_dim
         if duration is not None and positive_seconds(duration) is None:
-            raise InputError(f"--duration={duration}: must be a positive number of seconds")
+            raise InputError(f"duration {duration}: must be a positive number of seconds")
         if isinstance(video, (str, Path)) and Path(video).suffix.lower() not in FEATURE_SUFFIXES:
             info = probe_video(Path(video))
             if duration is not None and not durations_agree(duration, info.duration):
                 raise InputError(
-                    f"--duration={duration:g}: {video} lasts {info.duration:.2f} s (leave the duration "
+                    f"duration {duration:g}: {video} lasts {info.duration:.2f} s (leave the duration "
                     "out to use the video's own)"
                 )
             sampled = encode_video(Path(video), self.encoder, self.encoder_spec.num_frames, info.duration)
             return Features(checked_features(sampled, str(video), dim, frames), duration or info.duration)
         if duration is None:
             raise InputError(
-                "--duration: needed with features, which hold no time (the video's length in seconds)"
+                "duration: needed with features, which hold no time (the video's length in seconds)"
             )
         if isinstance(video, (str, Path)):
             return Features(read_features(Path(video), dim, frames), float(duration))

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         videos = videos_in(args.video_dir, args.out_dir)
-        check_device(args.device)
+        check_device(args.device, "--device")
         try:
             encoder = ClipFrameEncoder(args.model, not args.no_projection, args.device, args.fp16)
         except OSError as error:

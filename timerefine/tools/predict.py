@@ -29,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 from grounding.answer_format.prompts import normalize_query
 from grounding.text_files import UnreadJSON, decoded_line, json_value
-from timerefine.inference.grounder import Features, Grounder, Grounding, check_queries
+from timerefine.inference.grounder import Features, Grounder, Grounding, check_device, check_queries
 from timerefine.inference.video_features import (
     FEATURE_SUFFIXES,
     EncoderSpec,
@@ -121,7 +121,7 @@ def requests_of(args: argparse.Namespace) -> list[Request]:
         if not args.input.is_file():
             raise InputError(f"{args.input}: no such file")
         return read_pairs(args.input)
-    check_queries(args.query)
+    check_queries(args.query, "--query")
     return [
         Request(args.input, query, args.duration, f"--query {number}")
         for number, query in enumerate(args.query, start=1)
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         requests = requests_of(args)
         check_encoder_flags(args, requests)
+        check_device(args.device, "--device")
         grounder = Grounder.load(args.run, args.ckpt, args.device, overrides=args.overrides)
         if encoder := encoder_of_flags(args, grounder):
             grounder.use_encoder(encoder, "--encoder" if args.encoder else grounder.encoder_origin)
