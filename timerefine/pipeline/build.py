@@ -202,7 +202,8 @@ def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingM
 
 
 def started_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
-    """The run's module as its training starts: built from ``model``, then ``init_from_run``'s weights."""
+    """The run's module built from ``model``, then ``init_from_run``'s weights (before ``model.trainable``
+    freezes parts, and a GRPO run keeps its reference: :func:`build_module`)."""
     model: ModelConfig = OmegaConf.to_object(cfg.model)
     codec, source, timeline = datamodule.codec, datamodule.source, datamodule.timeline
     lm, lora = model.lm, model.lora if model.lora.enabled else None

@@ -7,7 +7,8 @@ from; ``run_identity.inherited_identity`` says which; those given on the command
 top, each change logged) but no projector steps (its projector has trained; 0 unless
 ``model.saliency.projector_steps`` is given), its tokenizer (``model.lm.tokenizer*`` cannot change), and
 the weights of its best checkpoint (its last without one: a run that never validated): LoRA
-adapters, token rows, projector, heads. ``model.lora.inherited`` says what becomes of the adapters:
+adapters, token rows, projector, heads. ``model.lora.inherited`` (this run's own, not taken from the
+other's) says what becomes of the adapters:
 ``continue`` trains the same ones on (the official TimeRefine recipe's second stage; their rank, scale
 and place cannot change), ``merge`` merges them into the LM at their own settings and trains new ones
 with ``model.lora``'s (with ``model.lora.enabled=false`` none: the merged LM trains whole). Every build of the run (training, resuming, evaluation) starts
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 PROJECTOR_STEPS = "model.saliency.projector_steps"
 ADAPTER_SHAPE = ("r", "alpha", "target_modules")  # model.lora keys that say what trained adapters compute
 TOKENIZER_KEYS = ("model.lm.tokenizer", "model.lm.tokenizer_vocab_size", "model.lm.grounding_tokens")
+INHERITED_KEY = "model.lora.inherited"  # the run's own start, not taken from init_from_run's
+BASE_KEYS = ("name_or_path", "weights", "tiny", "dtype")  # model.lm keys a rebuilt base LM is made of
 
 
 class RunStartError(ValueError):
@@ -55,6 +58,14 @@ def _given(key: str, overrides: list[str]) -> list[tuple[str, object]]:
     ]
 
 
+def start_config(cfg: DictConfig) -> DictConfig:
+    """The config of ``cfg``'s ``init_from_run``; ConfigError naming it when it cannot be read."""
+    try:
+        return load_run_config(Path(cfg.init_from_run), [])
+    except ConfigError as error:
+        raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
+
+
 def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """``cfg`` with ``init_from_run``'s identity settings, then the ones ``overrides`` give; the
     result checked as load_config checks a config. Raises ConfigError."""
@@ -64,18 +75,16 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             "model=...: init_from_run takes its run's model settings; change single model.* keys"
         )
-    run_dir = Path(cfg.init_from_run)
-    try:
-        run = load_run_config(run_dir, [])
-    except ConfigError as error:
-        raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
+    run_dir, run = Path(cfg.init_from_run), start_config(cfg)
+    own_start = cfg.model.lora.inherited  # what becomes of its adapters is this run's, not the run's
     for key, value in inherited_identity(run, cfg).items():
         OmegaConf.update(cfg, key, value, merge=False)
+    OmegaConf.update(cfg, INHERITED_KEY, own_start)
     for key in (*IDENTITY, *feature_keys(run)):
         for given, value in _given(key, overrides):
             OmegaConf.update(cfg, given, value, merge=False)
             trained = OmegaConf.select(run, given, default=None)
-            if given != "model.lora.inherited" and trained != OmegaConf.select(cfg, given):  # its own start
+            if given != INHERITED_KEY and trained != OmegaConf.select(cfg, given):  # its own start
                 log.warning(
                     "init_from_run=%s trained with %s=%s; this run sets %s",
                     run_dir,
@@ -141,30 +150,39 @@ def starting_lora(cfg: DictConfig, lora: LoraSpec | None) -> LoraSpec | None:
     after, :func:`start_from_run`), else ``lora``."""
     if not cfg.init_from_run or cfg.model.lora.inherited != "merge":
         return lora
-    trained = OmegaConf.to_object(load_run_config(Path(cfg.init_from_run), []).model.lora)
+    trained = OmegaConf.to_object(start_config(cfg).model.lora)
     return trained if trained.enabled else None
 
 
 def merged_base(cfg: DictConfig, started: Callable[[DictConfig], GroundingModule]) -> PreTrainedModel | None:
     """The base LM of ``init_from_run`` when it holds adapters merged in its chain of starts (a LoRA
     run on a pretrained LM leaves its base out of its checkpoints): rebuilt as that run built it
-    (``started``: a run's module as its training starts), merging what it merged
-    (``model.lora.inherited=merge``) or taking the base of the run it continued; None when that base
-    is the pretrained LM, or when its checkpoints hold the whole LM."""
+    (``started``: a run's module built and started from its own ``init_from_run``), merging what it
+    merged (``model.lora.inherited=merge``) or taking the base of the run it continued; None when that
+    base is the pretrained LM, or when its checkpoints hold the whole LM. The base keeps the run's
+    ``BASE_KEYS`` (ConfigError for another value) and takes ``cfg``'s gradient checkpointing."""
     if not cfg.init_from_run:
         return None
-    run_dir = Path(cfg.init_from_run)
-    run = load_run_config(run_dir, [])
+    run_dir, run = Path(cfg.init_from_run), start_config(cfg)
     lora, lm = run.model.lora, OmegaConf.to_object(run.model.lm)
     if not (run.init_from_run and lora.enabled and lm.base):
         return None
-    if lora.inherited == "continue":
-        return merged_base(run, started)
-    log.info("init_from_run=%s merged the adapters of %s: rebuilding its base LM", run_dir, run.init_from_run)
+    for key in BASE_KEYS:
+        if (given := cfg.model.lm[key]) != (trained := run.model.lm[key]):
+            raise ConfigError(
+                f"model.lm.{key}={show(given)}: the base LM of init_from_run={run_dir} holds merged "
+                f"adapters and is rebuilt as it was built, with model.lm.{key}={show(trained)}"
+            )
     try:
+        if lora.inherited == "continue":
+            return merged_base(run, started)
+        log.info(
+            "init_from_run=%s merged the adapters of %s: rebuilding its base LM", run_dir, run.init_from_run
+        )
+        OmegaConf.update(run, "model.lm.gradient_checkpointing", False)  # this run's own setting applies
         language_model = started(run).model.lm
     except (RunStartError, ConfigError, FileNotFoundError) as error:
-        raise RunStartError(f"init_from_run={run_dir}: its base LM cannot be rebuilt: {error}") from error
+        raise type(error)(f"init_from_run={run_dir}: {error}") from error
     return language_model.unload()  # its own adapters come from its checkpoint, onto this run's
 
 
