@@ -103,7 +103,7 @@ def killed_after_checkpoint(tmp_path_factory) -> Path:
 def killed_before_checkpoint(tmp_path_factory) -> Path:
     """A run killed after logging its step 2, before any ``last.ckpt`` (its first is at step 6)."""
     run = tmp_path_factory.mktemp("killed_before_checkpoint") / "run"
-    kill_when(run, lambda: any(r["step"] == "2" for r in csv_rows(run)))
+    kill_when(run, lambda: any(r.get("step") == "2" for r in csv_rows(run)))  # polled mid-write
     assert not (run / "checkpoints" / "last.ckpt").exists()
     return run
 
