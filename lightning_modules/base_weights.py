@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_modules.trainable import LORA, TOKEN_ROWS
+
 IDENTITY = "base_weights"  # the checkpoint key of the base's identity
 BASE = "model.lm."  # where the LM sits in a GroundingModule's state dict
 
@@ -25,11 +27,12 @@ class BaseWeightsError(ValueError):
 
 def frozen_names(module: nn.Module) -> list[str]:
     """State-dict names of the LM's frozen parameters (tied ones under each of their names), sorted;
-    a frozen projector or head is not the base's and stays in checkpoints."""
+    a frozen projector, head or adapter part (token rows that a later stage freezes) is not the base's
+    and stays in checkpoints."""
     return sorted(
         n
         for n, p in module.named_parameters(remove_duplicate=False)
-        if n.startswith(BASE) and not p.requires_grad
+        if n.startswith(BASE) and not p.requires_grad and LORA not in n and TOKEN_ROWS not in n
     )
 
 

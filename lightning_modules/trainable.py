@@ -24,10 +24,14 @@ class TrainableSpec:
 
 
 def apply_trainable(model: VideoLLM, spec: TrainableSpec) -> None:
-    """Freeze the projector and the aux head unless ``spec`` trains them (token rows: ``apply_lora``)."""
+    """Freeze the projector and the aux head unless ``spec`` trains them, and token rows that the LM
+    was built with (``apply_lora``; a later stage's adapters have the rows of its start) unless it does."""
     for part, trains in ((model.projector, spec.projector), (model.aux_head, spec.aux_head)):
         for param in part.parameters() if part is not None else ():
             param.requires_grad_(trains)
+    for name, param in model.lm.named_parameters():
+        if TOKEN_ROWS in name and not spec.token_rows:
+            param.requires_grad_(False)
     if model.digit_gate is not None:
         model.digit_gate.requires_grad_(spec.projector)
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from timerefine.pipeline.ablation import HEADLINE
 from timerefine.pipeline.config import load_config
-from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.tools import ablate
 from timerefine.tools.ablate import variants
 
@@ -135,7 +135,7 @@ def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: fl
     run_dir = out / name / f"seed{seed}"
     run_dir.mkdir(parents=True)
     given = ablate.run_overrides(shared, overrides, seed, run_dir)
-    cfg = inherit_settings(load_config(given), given)
+    cfg = train_config(given)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / "metrics.json").write_text(json.dumps(dict.fromkeys(HEADLINE, miou)))
 

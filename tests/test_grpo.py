@@ -32,7 +32,7 @@ from timerefine import evaluate
 from timerefine.inference.grounder import Grounder
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.config import ConfigError, load_config
-from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.tools.export import main as export_main
 
 SMALL = [
@@ -298,9 +298,9 @@ def test_the_stage_takes_its_runs_optimiser_unless_the_command_line_gives_one(su
     """As conf/experiment/grpo.yaml says: model.optim is the run's; model.optim.* given apply on top."""
     given = [*GRPO, f"init_from_run={supervised}"]
     run = OmegaConf.load(supervised / "config.yaml").model.optim
-    assert inherit_settings(load_config(given), given).model.optim == run
+    assert train_config(given).model.optim == run
     given += ["model.optim.lr=1e-4", "model.optim.warmup_steps=0"]
-    optim = inherit_settings(load_config(given), given).model.optim
+    optim = train_config(given).model.optim
     assert (optim.lr, optim.warmup_steps, optim.weight_decay) == (1e-4, 0, run.weight_decay)
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config, load_run_config
-from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.init_from_run import train_config
 
 TINY = ["experiment=tiny", "data.source.num_train=16", "model.optim.warmup_steps=2"]
 FIRST_STEPS = 2
@@ -123,7 +123,7 @@ def test_a_run_that_starts_from_another_takes_no_projector_steps_unless_given(tm
     (start / "checkpoints").mkdir(parents=True)
     OmegaConf.save(load_config([*TINY, "model.saliency.projector_steps=5"]), start / "config.yaml")
     overrides = [*TINY, f"init_from_run={start}", *given]
-    assert inherit_settings(load_config(overrides), overrides).model.saliency.projector_steps == steps
+    assert train_config(overrides).model.saliency.projector_steps == steps
 
 
 def test_projector_steps_given_to_a_stage_must_leave_steps_for_the_lm(tmp_path):
@@ -132,4 +132,4 @@ def test_projector_steps_given_to_a_stage_must_leave_steps_for_the_lm(tmp_path):
     OmegaConf.save(load_config(TINY), start / "config.yaml")
     overrides = [*TINY, f"init_from_run={start}", "model.saliency.projector_steps=20"]
     with pytest.raises(ConfigError, match=r"^trainer.max_steps=20 leaves no step for the LM"):
-        inherit_settings(load_config(overrides), overrides)
+        train_config(overrides)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import train
 from timerefine.tools import slurm_submit
 from timerefine.tools.slurm_submit import JobSpec, expand_sweep, render_sbatch
 
@@ -291,8 +292,13 @@ def test_relative_paths_are_checked_where_the_job_runs(
 ) -> None:
     """Before: checked from the caller's folder, though the job runs in --workdir (sbatch --chdir), so
     a run there passed only where it was missing and was refused where it was."""
-    (tmp_path / "repo" / "t1" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "repo" / "t1" / "config.yaml").touch()
+    tiny = [
+        "experiment=tiny",
+        "data.source.num_train=8",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    ]
+    assert train.main([*tiny, f"output_dir={tmp_path / 'repo' / 't1'}"]) == 0  # read as train.py reads it
     (tmp_path / "elsewhere").mkdir()
     argv = ["--dry-run", "--", "experiment=grpo", "init_from_run=t1"]
     monkeypatch.chdir(tmp_path / "repo")
@@ -302,6 +308,14 @@ def test_relative_paths_are_checked_where_the_job_runs(
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert slurm_submit.main(["--workdir", str(tmp_path / "repo"), *argv]) == 0
     assert Path.cwd() == tmp_path / "elsewhere"  # the caller's folder again
+    capsys.readouterr()  # a stage is judged with its run's settings (before: submitted, refused as it ran)
+    assert (
+        slurm_submit.main(["--workdir", str(tmp_path / "repo"), *argv, "model.lm.tokenizer_vocab_size=500"])
+        == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        "config error: model.lm.tokenizer_vocab_size=500: a run started"
+    )
     assert slurm_submit.main(["--workdir", "missing", *argv[1:]]) == 2  # a job that would not start
     assert capsys.readouterr().err == "error: --workdir missing: no such folder here (the job runs in it)\n"
     monkeypatch.chdir(tmp_path / "repo")  # a script written here for another machine

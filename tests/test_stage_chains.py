@@ -92,6 +92,6 @@ def test_a_chain_without_its_first_run_says_which(chain, tmp_path, capsys):
         shutil.move(moved, chain["a"])
     assert (from_b, from_c) == (2, 2)
     assert b_line == f"config error: init_from_run={chain['b']}: init_from_run={chain['a']}: {gone}"
-    assert (
-        c_line == f"error: init_from_run={c}: init_from_run={chain['b']}: init_from_run={chain['a']}: {gone}"
+    assert c_line == (
+        f"config error: init_from_run={c}: init_from_run={chain['b']}: init_from_run={chain['a']}: {gone}"
     )

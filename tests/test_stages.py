@@ -23,7 +23,7 @@ from timerefine import evaluate
 from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_config
-from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.schema import half_weights_trained
 
 TINY = [
@@ -55,7 +55,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def built(overrides: list[str]) -> GroundingModule:
-    cfg = inherit_settings(load_config(overrides), overrides)
+    cfg = train_config(overrides)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
     return build_module(cfg, datamodule)
@@ -208,7 +208,7 @@ def test_a_start_says_which_checkpoint_and_whether_its_run_finished(stage_a, tmp
         (["init_from_run=/nonexistent"], "init_from_run=/nonexistent: /nonexistent is not a run directory"),
         (["model=direct"], "model=...: init_from_run takes its run's model settings"),
         (
-            ["model.trainable.token_rows=false", "model.lora.enabled=false"],
+            ["model.trainable.token_rows=false", "model.lora.enabled=false", "model.lora.inherited=merge"],
             "model.trainable.token_rows=false needs lora.enabled=true",
         ),
         # before: accepted and recorded in config.yaml, while the run's own tokenizer was used
@@ -218,7 +218,7 @@ def test_a_start_says_which_checkpoint_and_whether_its_run_finished(stage_a, tmp
 def test_config_mistakes_name_the_key(stage_a, overrides, message):
     given = [*TINY, f"init_from_run={stage_a}", *overrides]
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        inherit_settings(load_config(given), given)
+        train_config(given)
 
 
 def test_a_merged_lm_in_bfloat16_does_not_train_whole(stage_a, tmp_path):
@@ -230,9 +230,9 @@ def test_a_merged_lm_in_bfloat16_does_not_train_whole(stage_a, tmp_path):
     assert "dtype: float32" in config
     (run / "config.yaml").write_text(config.replace("dtype: float32", "dtype: bfloat16"))
     given = [*TINY, f"init_from_run={run}", "model.lora.inherited=merge"]
-    assert inherit_settings(load_config(given), given).model.lm.dtype == "bfloat16"  # new adapters: fine
+    assert train_config(given).model.lm.dtype == "bfloat16"  # new adapters: fine
     given.append("model.lora.enabled=false")
-    half = half_weights_trained(inherit_settings(load_config(given), given))
+    half = half_weights_trained(train_config(given))
     assert half.startswith("model.lm.dtype=bfloat16 with model.lora.enabled=false: ")
 
 
@@ -308,11 +308,11 @@ def test_a_start_on_other_data_says_so(stage_a, caplog):
     """Before: a GRPO stage or second stage without its data= trained on the built-in data in silence."""
     given = ["data=charades_sta", f"init_from_run={stage_a}"]
     with caplog.at_level(logging.WARNING):
-        inherit_settings(load_config(given), given)
+        train_config(given)
     assert f"init_from_run={stage_a} trained on data.name=builtin; this run reads charades_sta" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        inherit_settings(load_config([*TINY, f"init_from_run={stage_a}"]), [f"init_from_run={stage_a}"])
+        train_config([*TINY, f"init_from_run={stage_a}"])
     assert "trained on data.name" not in caplog.text
 
 
@@ -347,11 +347,11 @@ def config_only_run(folder: Path, overrides: list[str]) -> Path:
 def test_a_stage_reads_features_that_mean_what_they_meant(tmp_path, caplog, trained, stage, inherited):
     run = config_only_run(tmp_path / "run", trained)
     given = [*stage, f"init_from_run={run}"]
-    cfg = inherit_settings(load_config(given), given)
+    cfg = train_config(given)
     assert {key: OmegaConf.select(cfg, key) for key in inherited} == inherited
     given = [*given, "data.source.seed=7"]  # given on the command line: still applies, and says so
     with caplog.at_level(logging.WARNING):
-        assert inherit_settings(load_config(given), given).data.source.seed == 7
+        assert train_config(given).data.source.seed == 7
     generated = "data.source.features=folder" not in trained  # stored features: the seed means nothing
     warned = (
         f"init_from_run={run} trained with data.source.seed={inherited['data.source.seed']}; this run sets 7"
@@ -376,4 +376,4 @@ def test_a_stage_after_stored_features_does_not_fall_back_to_synthetic(tmp_path)
     )
     given = ["data=charades_sta", f"init_from_run={run}"]  # no features given: synthetic by default
     with pytest.raises(ConfigError, match="features=folder needs feature_path"):
-        inherit_settings(load_config(given), given)
+        train_config(given)

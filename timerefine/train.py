@@ -23,10 +23,10 @@ from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, load_config
+from timerefine.pipeline.config import SWEEPS, ConfigError, group_options
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS, INTERRUPTED, STOPPED_BY_SIGTERM
-from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.previous_run import (
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         overrides = [arg for arg in argv if arg not in shown]
-        cfg = inherit_settings(load_config(overrides), overrides)
+        cfg = train_config(overrides)
         if not shown and (half := half_weights_trained(cfg)):  # --cfg job shows the config as composed
             raise ConfigError(half)
     except ConfigError as error:

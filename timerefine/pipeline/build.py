@@ -55,7 +55,7 @@ from lightning_modules.video_llm import VideoLLM
 from timerefine.pipeline.checkpoint_io import AtomicCheckpointIO
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.conventions import run_precision, run_protocol, run_timeline
-from timerefine.pipeline.init_from_run import merged_base, start_from_run, starting_lora
+from timerefine.pipeline.init_from_run import merged_base, start_from_run, starting_lora, starting_token_rows
 from timerefine.pipeline.loggers import CSVResume, ResumableCSVLogger
 from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
@@ -212,7 +212,7 @@ def started_module(cfg: DictConfig, datamodule: GroundingDataModule) -> Groundin
         lm,
         starting_lora(cfg, lora),
         model.init_from,
-        model.trainable.token_rows,
+        starting_token_rows(cfg),
         base=merged_base(cfg, partial(started_module, datamodule=datamodule)),
     )
     video_llm = VideoLLM.from_config(

@@ -189,8 +189,9 @@ def _one_line(error: Exception, overrides: list[Override]) -> str:
     return text or repr(error)
 
 
-def load_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
-    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason."""
+def composed_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
+    """The composed config, its overrides and types checked, not yet its values' rules
+    (:func:`checked_values`); raises ConfigError with a one-line reason."""
     parsed: list[Override] = []
     groups = group_options(config_dir)
     try:
@@ -202,12 +203,25 @@ def load_config(overrides: list[str], name: str = "train", config_dir: Path = CO
         check_overrides(_compose(config_dir, choices, name), parsed, groups)
         cfg = _compose(config_dir, lines, name)
         OmegaConf.resolve(cfg)
-        errors = spec_errors(cfg)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_one_line(error, parsed)) from error
+    return cfg
+
+
+def checked_values(cfg: DictConfig) -> DictConfig:
+    """``cfg``, whose values the spec dataclasses accept; ConfigError naming each key they refuse."""
+    try:
+        errors = spec_errors(cfg)
+    except OmegaConfBaseException as error:  # a value left missing (???)
+        raise ConfigError(_one_line(error, [])) from error
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
+
+
+def load_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
+    """The composed config, its overrides and values checked; raises ConfigError with a one-line reason."""
+    return checked_values(composed_config(overrides, name, config_dir))
 
 
 # Keys added (or required) with a default that changes what a run does, and the value a run saved

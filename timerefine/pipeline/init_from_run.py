@@ -30,11 +30,11 @@ from transformers import PreTrainedModel
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
 from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, fitting_checkpoint
-from timerefine.pipeline.config import ConfigError, load_run_config, spec_errors
+from timerefine.pipeline.config import ConfigError, checked_values, composed_config, load_run_config
 from timerefine.pipeline.config_diff import show
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import IDENTITY, feature_keys, inherited_identity
-from timerefine.pipeline.schema import INHERITED
+from timerefine.pipeline.schema import INHERITED, a_run_folder
 
 log = logging.getLogger(__name__)
 PROJECTOR_STEPS = "model.saliency.projector_steps"
@@ -66,11 +66,19 @@ def start_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
 
 
+def train_config(overrides: list[str]) -> DictConfig:
+    """The config that train.py runs: composed, with ``init_from_run``'s settings, then checked; a
+    stage's ``model.*`` keys are judged with its run's settings, not with the defaults they replace."""
+    return inherit_settings(composed_config(overrides), overrides)
+
+
 def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """``cfg`` with ``init_from_run``'s identity settings, then the ones ``overrides`` give; the
     result checked as load_config checks a config. Raises ConfigError."""
     if cfg.init_from_run is None:
-        return cfg
+        return checked_values(cfg)
+    if reason := a_run_folder(cfg.init_from_run):
+        raise ConfigError(f"init_from_run={cfg.init_from_run}: {reason}")
     if any(key == "model" for key, _ in _given("model", overrides)):
         raise ConfigError(
             "model=...: init_from_run takes its run's model settings; change single model.* keys"
@@ -104,7 +112,7 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} leaves no step for the LM after {PROJECTOR_STEPS}={steps}"
         )
-    check_continued_adapters(run.model.lora, cfg.model.lora)
+    check_continued_adapters(run.model.lora, cfg)
     if run.data.name != cfg.data.name:  # a later stage on other data is a recipe; a forgotten data= is not
         log.warning(
             "init_from_run=%s trained on data.name=%s; this run reads %s",
@@ -112,17 +120,23 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             run.data.name,
             cfg.data.name,
         )
-    if errors := spec_errors(cfg):
-        raise ConfigError("; ".join(errors))
-    return cfg
+    return checked_values(cfg)
 
 
-def check_continued_adapters(trained: DictConfig, given: DictConfig) -> None:
-    """ConfigError when adapters trained on (``inherited=continue``) would get another rank, scale or
-    place than they were trained with: their weights would compute something else; or would be trained
-    on without LoRA (``model.lora.enabled=false``), which has no place for them."""
+def check_continued_adapters(trained: DictConfig, cfg: DictConfig) -> None:
+    """ConfigError when the adapters of ``init_from_run`` (``trained``: its ``model.lora``), trained on
+    (``inherited=continue``), would get another rank, scale or place than they were trained with: their
+    weights would compute something else; would be trained on without LoRA (``model.lora.enabled=false``),
+    which has no place for them; or would train token rows they were made without (held ones may freeze)."""
+    given = cfg.model.lora
     if given.inherited != "continue":
         return
+    if trained.enabled and cfg.model.trainable.token_rows and not adapter_token_rows(cfg):
+        raise ConfigError(
+            "model.trainable.token_rows=true: init_from_run's adapters were trained without their token "
+            "rows (model.trainable.token_rows=false) and model.lora.inherited=continue trains them on; set "
+            "model.lora.inherited=merge for new adapters that train them"
+        )
     if not trained.enabled:
         if given.enabled:
             raise ConfigError(
@@ -152,6 +166,25 @@ def starting_lora(cfg: DictConfig, lora: LoraSpec | None) -> LoraSpec | None:
         return lora
     trained = OmegaConf.to_object(start_config(cfg).model.lora)
     return trained if trained.enabled else None
+
+
+def adapter_token_rows(cfg: DictConfig) -> bool:
+    """Whether the adapters of ``init_from_run`` hold token rows, trained or frozen: those of the
+    adapters it continued, else as its ``model.trainable.token_rows`` says."""
+    run = start_config(cfg)
+    if not (run.init_from_run and run.model.lora.inherited == "continue"):
+        return run.model.trainable.token_rows
+    try:
+        return adapter_token_rows(run)
+    except ConfigError as error:
+        raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
+
+
+def starting_token_rows(cfg: DictConfig) -> bool:
+    """Whether the adapters the model is built with hold token rows: as those of ``init_from_run``,
+    whose checkpoint holds the rows or not (this run's ``token_rows=false`` then freezes them,
+    ``apply_trainable``; new adapters after a merge take its own setting), else as ``cfg`` says."""
+    return adapter_token_rows(cfg) if cfg.init_from_run else cfg.model.trainable.token_rows
 
 
 def merged_base(cfg: DictConfig, started: Callable[[DictConfig], GroundingModule]) -> PreTrainedModel | None:

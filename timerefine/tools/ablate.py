@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize, write_csv
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
-from timerefine.pipeline.init_from_run import inherit_settings
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.previous_run import continued_checkpoint, finished
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.tools.sbatch_template import expand_sweep
@@ -90,7 +90,7 @@ def done(overrides: list[str], run_dir: Path) -> bool:
     config that does not load."""
     if not (run_dir / "metrics.json").is_file():
         return False
-    cfg = inherit_settings(load_config(overrides), overrides)
+    cfg = train_config(overrides)
     try:  # resume=auto, the tool's: the folder's own (no checkpoint read)
         checkpoint = None if cfg.resume == "auto" else continued_checkpoint(cfg.resume, run_dir)
     except CheckpointError:  # train.py names it

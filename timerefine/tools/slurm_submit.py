@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from callbacks.global_batch import accumulation
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.schema import half_weights_trained
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
@@ -118,7 +119,7 @@ def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
     strategies = []
     with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
-            cfg = load_config(overrides)
+            cfg = train_config(overrides)
             if half := half_weights_trained(cfg):  # train.py refuses it as the job starts
                 raise ConfigError(half)
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start

@@ -1,0 +1,76 @@
+"""A later stage and the grounding tokens' rows (``model.trainable.token_rows``): a stage builds the
+adapters of its start as they trained, rows included, and ``token_rows=false`` freezes those rows
+(``continue``) or keeps them out of its new adapters (``merge``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from lightning_modules.trainable import TOKEN_ROWS
+from tests.test_stage_chains import lm_logits
+from tests.test_stages import TINY, built, pretrained
+from timerefine.inference.grounder import Grounder
+
+NO_ROWS = "model.trainable.token_rows=false"
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
+    """A LoRA run on a pretrained LM that trained its token rows (the default)."""
+    root = tmp_path_factory.mktemp("rows")
+    pretrained(root / "llama")
+    lora = ["model.lora.enabled=true", f"model.lm.name_or_path={root / 'llama'}"]
+    assert train.main([*TINY, *lora, f"output_dir={root / 'a'}"]) == 0
+    return root / "a"
+
+
+def token_rows(module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.model.lm.named_parameters() if TOKEN_ROWS in n}
+
+
+def test_a_stage_judges_model_rules_on_the_settings_it_inherits(start, tmp_path, capsys):
+    """Before: refused before inheriting, "model.trainable.token_rows=false needs lora.enabled=true",
+    although the run it starts from has LoRA on."""
+    assert train.main([*TINY, f"init_from_run={start}", NO_ROWS, f"output_dir={tmp_path / 'b'}"]) == 0
+    assert "needs lora.enabled" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_continued_stage_freezes_the_rows_its_start_trained(start, tmp_path):
+    """Before: exit 2, "the checkpoint was trained on the base LM ... but the model was rebuilt from"
+    it with another hash (the model was built without the rows that its start's checkpoint holds)."""
+    given = ["model.lora.enabled=true", f"init_from_run={start}", NO_ROWS]
+    assert train.main([*TINY, *given, f"output_dir={tmp_path / 'b'}"]) == 0
+    b = Grounder.from_run(tmp_path / "b").run.module
+    rows, trained = token_rows(b), token_rows(Grounder.from_run(start).run.module)
+    assert rows and not any(p.requires_grad for p in rows.values())
+    assert all(torch.equal(rows[n], trained[n]) for n in trained)
+    assert any(p.requires_grad for n, p in b.model.lm.named_parameters() if "lora_" in n)
+    # C continues B's adapters, which hold A's rows: its model is built with them too
+    assert train.main([*TINY, f"init_from_run={tmp_path / 'b'}", f"output_dir={tmp_path / 'c'}"]) == 0
+
+
+@pytest.mark.slow
+def test_a_merge_stage_without_rows_merges_those_its_start_trained(start):
+    """Before: the same base-hash error."""
+    stage = built([*TINY, f"init_from_run={start}", "model.lora.inherited=merge", NO_ROWS])
+    assert not token_rows(stage)
+    assert torch.allclose(lm_logits(stage), lm_logits(Grounder.from_run(start).run.module), atol=1e-6)
+
+
+def test_continued_adapters_train_no_rows_they_were_made_without(start, tmp_path, capsys):
+    """Rows a run's adapters were made without cannot train when they are continued."""
+    without = tmp_path / "a"
+    lm = [f"model.lm.name_or_path={start.parent / 'llama'}", "model.lora.enabled=true", NO_ROWS]
+    assert train.main([*TINY, *lm, f"output_dir={without}"]) == 0
+    given = [f"init_from_run={without}", "model.trainable.token_rows=true", f"output_dir={tmp_path / 'b'}"]
+    assert train.main([*TINY, *given]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "config error: model.trainable.token_rows=true: init_from_run's adapters were trained without "
+        "their token rows (model.trainable.token_rows=false) and model.lora.inherited=continue trains "
+        "them on; set model.lora.inherited=merge for new adapters that train them"
+    )
