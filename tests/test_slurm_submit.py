@@ -303,7 +303,10 @@ def test_relative_paths_are_checked_where_the_job_runs(
     argv = ["--dry-run", "--", "experiment=grpo", "init_from_run=t1"]
     monkeypatch.chdir(tmp_path / "repo")
     assert slurm_submit.main(["--workdir", str(tmp_path / "elsewhere"), *argv]) == 2
-    refused = "config error: init_from_run=t1: t1 is not a run directory (config.yaml and checkpoints/)"
+    refused = (  # where the job would look for it
+        "config error: init_from_run=t1: t1 is not a run directory (config.yaml and checkpoints/), "
+        f"relative to {tmp_path / 'elsewhere'}"
+    )
     assert capsys.readouterr().err == refused + "\n"
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert slurm_submit.main(["--workdir", str(tmp_path / "repo"), *argv]) == 0

@@ -221,6 +221,16 @@ def test_config_mistakes_name_the_key(stage_a, overrides, message):
         train_config(given)
 
 
+def test_a_missing_relative_start_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """Before: "runs/a is not a run directory", though it may be one, relative to another folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        train_config([*TINY, "init_from_run=runs/a"])
+    assert str(error.value) == (
+        f"init_from_run=runs/a: runs/a is not a run directory (config.yaml and checkpoints/), relative to {tmp_path}"
+    )
+
+
 def test_a_merged_lm_in_bfloat16_does_not_train_whole(stage_a, tmp_path):
     """Before: a LoRA run's bf16 LM, merged with no new adapters, trained whole in bf16 (its weights
     and AdamW's master weights in bf16). The dtype comes from the run, not from the command line."""

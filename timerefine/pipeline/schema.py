@@ -37,10 +37,11 @@ from timerefine.pipeline.precision import AUTO, PRECISIONS
 
 
 def a_run_folder(value: str) -> str | None:
-    """A run's folder: its config.yaml and checkpoints/."""
+    """A run's folder: its config.yaml and checkpoints/ (a relative path: in the current folder)."""
     folder = Path(value)
     if not (folder / "config.yaml").is_file() or not (folder / "checkpoints").is_dir():
-        return f"{value} is not a run directory (config.yaml and checkpoints/)"
+        relative = "" if folder.is_absolute() else f", relative to {Path.cwd()}"
+        return f"{value} is not a run directory (config.yaml and checkpoints/){relative}"
     return None
 
 
