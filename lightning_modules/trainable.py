@@ -36,6 +36,11 @@ def apply_trainable(model: VideoLLM, spec: TrainableSpec) -> None:
         model.digit_gate.requires_grad_(spec.projector)
 
 
+def holds_token_rows(lm: nn.Module) -> bool:
+    """Whether ``lm`` has peft's layers of trainable token rows (``apply_lora`` with token ids)."""
+    return any(TOKEN_ROWS in name for name, _ in lm.named_parameters())
+
+
 def part_of(name: str) -> str:
     """The part of the Video LLM a parameter name belongs to."""
     if name.startswith("lm."):

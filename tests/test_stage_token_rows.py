@@ -14,6 +14,7 @@ from lightning_modules.trainable import TOKEN_ROWS
 from tests.test_stage_chains import lm_logits
 from tests.test_stages import TINY, built, pretrained
 from timerefine.inference.grounder import Grounder
+from timerefine.tools.export import main as export_main
 
 NO_ROWS = "model.trainable.token_rows=false"
 
@@ -28,6 +29,14 @@ def start(tmp_path_factory) -> Path:
     return root / "a"
 
 
+@pytest.fixture(scope="module")
+def frozen_rows(start) -> Path:
+    """B: continues the start's adapters with their token rows frozen."""
+    given = ["model.lora.enabled=true", f"init_from_run={start}", NO_ROWS]
+    assert train.main([*TINY, *given, f"output_dir={start.parent / 'b'}"]) == 0
+    return start.parent / "b"
+
+
 def token_rows(module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.model.lm.named_parameters() if TOKEN_ROWS in n}
 
@@ -40,18 +49,30 @@ def test_a_stage_judges_model_rules_on_the_settings_it_inherits(start, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_continued_stage_freezes_the_rows_its_start_trained(start, tmp_path):
+def test_a_continued_stage_freezes_the_rows_its_start_trained(start, frozen_rows, tmp_path):
     """Before: exit 2, "the checkpoint was trained on the base LM ... but the model was rebuilt from"
     it with another hash (the model was built without the rows that its start's checkpoint holds)."""
-    given = ["model.lora.enabled=true", f"init_from_run={start}", NO_ROWS]
-    assert train.main([*TINY, *given, f"output_dir={tmp_path / 'b'}"]) == 0
-    b = Grounder.from_run(tmp_path / "b").run.module
+    b = Grounder.from_run(frozen_rows).run.module
     rows, trained = token_rows(b), token_rows(Grounder.from_run(start).run.module)
     assert rows and not any(p.requires_grad for p in rows.values())
     assert all(torch.equal(rows[n], trained[n]) for n in trained)
     assert any(p.requires_grad for n, p in b.model.lm.named_parameters() if "lora_" in n)
     # C continues B's adapters, which hold A's rows: its model is built with them too
-    assert train.main([*TINY, f"init_from_run={tmp_path / 'b'}", f"output_dir={tmp_path / 'c'}"]) == 0
+    assert train.main([*TINY, f"init_from_run={frozen_rows}", f"output_dir={tmp_path / 'c'}"]) == 0
+
+
+@pytest.mark.slow
+def test_a_stage_that_froze_its_starts_rows_exports(frozen_rows, tmp_path):
+    """Before: the export's config said token_rows=false, so it was rebuilt without the rows its
+    weights hold (did not load); merged, "token_rows=false needs lora.enabled=true" (did not load)."""
+    assert export_main([str(frozen_rows), str(tmp_path / "plain")]) == 0
+    assert export_main([str(frozen_rows), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    run = Grounder.from_run(frozen_rows).run.module
+    expected, plain = run.state_dict(), Grounder.from_export(tmp_path / "plain").run.module.state_dict()
+    assert sorted(plain) == sorted(expected)
+    assert [name for name in expected if not torch.equal(plain[name], expected[name])] == []
+    merged = Grounder.from_export(tmp_path / "merged").run.module
+    assert torch.allclose(lm_logits(merged), lm_logits(run), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -211,6 +211,7 @@ def test_a_start_says_which_checkpoint_and_whether_its_run_finished(stage_a, tmp
             ["model.trainable.token_rows=false", "model.lora.enabled=false", "model.lora.inherited=merge"],
             "model.trainable.token_rows=false needs lora.enabled=true",
         ),
+        (["model.lora.inherited=???"], "model.lora.inherited: no value given"),  # before: a traceback
         # before: accepted and recorded in config.yaml, while the run's own tokenizer was used
         (["model.lm.tokenizer_vocab_size=500"], "model.lm.tokenizer_vocab_size=500: a run started from"),
     ],

@@ -33,6 +33,7 @@ from torch.nn import Module
 from transformers import AutoConfig
 
 from lightning_modules.pretrained import open_as_umask, resolve_pretrained
+from lightning_modules.trainable import holds_token_rows
 from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.pipeline.best_checkpoint import EXPORT_MANIFEST as MANIFEST
@@ -104,6 +105,8 @@ def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec |
         run.language_model.save_pretrained(out / LM_DIR)
         run.module.tokenizer.save_pretrained(out / LM_DIR)  # its rows of the grounding tokens are trained
         cfg.model.lora.enabled = False
+    # rebuilt with the row layers its adapters hold (a stage that froze its start's rows holds them)
+    cfg.model.trainable.token_rows = not cfg.model.lora.enabled or holds_token_rows(run.language_model)
     tensors = exported_tensors(run, merged, base_vocab)
     trained_as = {CONFIG_METADATA: json.dumps(OmegaConf.to_container(cfg, resolve=True))}
     save_file(

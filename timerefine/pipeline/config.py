@@ -205,16 +205,14 @@ def composed_config(overrides: list[str], name: str = "train", config_dir: Path 
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_one_line(error, parsed)) from error
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(f"{', '.join(missing)}: no value given (???); set one")
     return cfg
 
 
 def checked_values(cfg: DictConfig) -> DictConfig:
     """``cfg``, whose values the spec dataclasses accept; ConfigError naming each key they refuse."""
-    try:
-        errors = spec_errors(cfg)
-    except OmegaConfBaseException as error:  # a value left missing (???)
-        raise ConfigError(_one_line(error, [])) from error
-    if errors:
+    if errors := spec_errors(cfg):
         raise ConfigError("; ".join(errors))
     return cfg
 

@@ -131,7 +131,7 @@ def check_continued_adapters(trained: DictConfig, cfg: DictConfig) -> None:
     given = cfg.model.lora
     if given.inherited != "continue":
         return
-    if trained.enabled and cfg.model.trainable.token_rows and not adapter_token_rows(cfg):
+    if trained.enabled and cfg.model.trainable.token_rows and not start_token_rows(cfg):
         raise ConfigError(
             "model.trainable.token_rows=true: init_from_run's adapters were trained without their token "
             "rows (model.trainable.token_rows=false) and model.lora.inherited=continue trains them on; set "
@@ -168,14 +168,19 @@ def starting_lora(cfg: DictConfig, lora: LoraSpec | None) -> LoraSpec | None:
     return trained if trained.enabled else None
 
 
-def adapter_token_rows(cfg: DictConfig) -> bool:
-    """Whether the adapters of ``init_from_run`` hold token rows, trained or frozen: those of the
-    adapters it continued, else as its ``model.trainable.token_rows`` says."""
-    run = start_config(cfg)
-    if not (run.init_from_run and run.model.lora.inherited == "continue"):
-        return run.model.trainable.token_rows
+def held_token_rows(run: DictConfig) -> bool:
+    """Whether the adapters of the run configured by ``run`` hold token rows, trained or frozen: those
+    of the adapters it continued, else as its ``model.trainable.token_rows`` says."""
+    if run.init_from_run and run.model.lora.inherited == "continue":
+        return start_token_rows(run)
+    return run.model.trainable.token_rows
+
+
+def start_token_rows(cfg: DictConfig) -> bool:
+    """Whether the adapters of ``init_from_run`` hold token rows (:func:`held_token_rows`)."""
+    start = start_config(cfg)
     try:
-        return adapter_token_rows(run)
+        return held_token_rows(start)
     except ConfigError as error:
         raise ConfigError(f"init_from_run={cfg.init_from_run}: {error}") from error
 
@@ -184,7 +189,7 @@ def starting_token_rows(cfg: DictConfig) -> bool:
     """Whether the adapters the model is built with hold token rows: as those of ``init_from_run``,
     whose checkpoint holds the rows or not (this run's ``token_rows=false`` then freezes them,
     ``apply_trainable``; new adapters after a merge take its own setting), else as ``cfg`` says."""
-    return adapter_token_rows(cfg) if cfg.init_from_run else cfg.model.trainable.token_rows
+    return start_token_rows(cfg) if cfg.init_from_run else cfg.model.trainable.token_rows
 
 
 def merged_base(cfg: DictConfig, started: Callable[[DictConfig], GroundingModule]) -> PreTrainedModel | None:
