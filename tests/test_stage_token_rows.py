@@ -91,7 +91,7 @@ def test_continued_adapters_train_no_rows_they_were_made_without(start, tmp_path
     given = [f"init_from_run={without}", "model.trainable.token_rows=true", f"output_dir={tmp_path / 'b'}"]
     assert train.main([*TINY, *given]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "config error: model.trainable.token_rows=true: init_from_run's adapters were trained without "
+        f"config error: model.trainable.token_rows=true: the adapters of init_from_run={without} were trained without "
         "their token rows (model.trainable.token_rows=false) and model.lora.inherited=continue trains "
         "them on; set model.lora.inherited=merge for new adapters that train them"
     )

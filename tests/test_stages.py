@@ -160,7 +160,8 @@ def test_continued_adapters_keep_their_settings(stage_a, tmp_path, capsys, given
     name = given.split("=")[0].split(".")[-1]
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"config error: model.lora.{name}="), lines
-    assert f"adapters were trained with {name}=" in lines[0] and "set model.lora.inherited=merge" in lines[0]
+    assert f"the adapters of init_from_run={stage_a} were trained with {name}=" in lines[0]
+    assert "set model.lora.inherited=merge" in lines[0]
     assert not (tmp_path / "config.yaml").exists()
 
 
@@ -183,7 +184,7 @@ def test_new_adapters_on_a_run_without_lora_are_not_continued(tmp_path, capsys):
     given = [*TINY, f"init_from_run={start}", "model.lora.enabled=true", f"output_dir={tmp_path / 'b'}"]
     assert train.main(given) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "config error: model.lora.enabled=true: init_from_run's LM was trained without LoRA, so "
+        f"config error: model.lora.enabled=true: the LM of init_from_run={start} was trained without LoRA, so "
         "model.lora.inherited=continue has no adapters to train on; set model.lora.inherited=merge for new ones"
     ]
 

@@ -128,32 +128,32 @@ def check_continued_adapters(trained: DictConfig, cfg: DictConfig) -> None:
     (``inherited=continue``), would get another rank, scale or place than they were trained with: their
     weights would compute something else; would be trained on without LoRA (``model.lora.enabled=false``),
     which has no place for them; or would train token rows they were made without (held ones may freeze)."""
-    given = cfg.model.lora
+    given, start = cfg.model.lora, f"init_from_run={cfg.init_from_run}"
     if given.inherited != "continue":
         return
     if trained.enabled and cfg.model.trainable.token_rows and not start_token_rows(cfg):
         raise ConfigError(
-            "model.trainable.token_rows=true: init_from_run's adapters were trained without their token "
+            f"model.trainable.token_rows=true: the adapters of {start} were trained without their token "
             "rows (model.trainable.token_rows=false) and model.lora.inherited=continue trains them on; set "
             "model.lora.inherited=merge for new adapters that train them"
         )
     if not trained.enabled:
         if given.enabled:
             raise ConfigError(
-                "model.lora.enabled=true: init_from_run's LM was trained without LoRA, so model.lora.inherited="
+                f"model.lora.enabled=true: the LM of {start} was trained without LoRA, so model.lora.inherited="
                 "continue has no adapters to train on; set model.lora.inherited=merge for new ones"
             )
         return
     if not given.enabled:
         raise ConfigError(
-            "model.lora.enabled=false: init_from_run's adapters were trained with LoRA and "
+            f"model.lora.enabled=false: the adapters of {start} were trained with LoRA and "
             "model.lora.inherited=continue trains them on, which needs model.lora.enabled=true; set "
             "model.lora.inherited=merge to merge them into the LM and train it without LoRA"
         )
     for key in ADAPTER_SHAPE:
         if given[key] != trained[key]:
             raise ConfigError(
-                f"model.lora.{key}={show(given[key])}: init_from_run's adapters were trained with "
+                f"model.lora.{key}={show(given[key])}: the adapters of {start} were trained with "
                 f"{key}={show(trained[key])} and model.lora.inherited=continue trains them on; set "
                 "model.lora.inherited=merge for new adapters"
             )
