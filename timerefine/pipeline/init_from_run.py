@@ -112,7 +112,7 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} leaves no step for the LM after {PROJECTOR_STEPS}={steps}"
         )
-    check_continued_adapters(run.model.lora, cfg)
+    check_continued_adapters(run, cfg)
     if run.data.name != cfg.data.name:  # a later stage on other data is a recipe; a forgotten data= is not
         log.warning(
             "init_from_run=%s trained on data.name=%s; this run reads %s",
@@ -123,15 +123,15 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return checked_values(cfg)
 
 
-def check_continued_adapters(trained: DictConfig, cfg: DictConfig) -> None:
-    """ConfigError when the adapters of ``init_from_run`` (``trained``: its ``model.lora``), trained on
+def check_continued_adapters(run: DictConfig, cfg: DictConfig) -> None:
+    """ConfigError when the adapters of ``init_from_run`` (``run``: its config), trained on
     (``inherited=continue``), would get another rank, scale or place than they were trained with: their
     weights would compute something else; would be trained on without LoRA (``model.lora.enabled=false``),
     which has no place for them; or would train token rows they were made without (held ones may freeze)."""
-    given, start = cfg.model.lora, f"init_from_run={cfg.init_from_run}"
+    trained, given, start = run.model.lora, cfg.model.lora, f"init_from_run={cfg.init_from_run}"
     if given.inherited != "continue":
         return
-    if trained.enabled and cfg.model.trainable.token_rows and not start_token_rows(cfg):
+    if trained.enabled and cfg.model.trainable.token_rows and not start_token_rows(cfg, run):
         raise ConfigError(
             f"model.trainable.token_rows=true: the adapters of {start} were trained without their token "
             "rows (model.trainable.token_rows=false) and model.lora.inherited=continue trains them on; set "
@@ -172,13 +172,13 @@ def held_token_rows(run: DictConfig) -> bool:
     """Whether the adapters of the run configured by ``run`` hold token rows, trained or frozen: those
     of the adapters it continued, else as its ``model.trainable.token_rows`` says."""
     if run.init_from_run and run.model.lora.inherited == "continue":
-        return start_token_rows(run)
+        return start_token_rows(run, start_config(run))
     return run.model.trainable.token_rows
 
 
-def start_token_rows(cfg: DictConfig) -> bool:
-    """Whether the adapters of ``init_from_run`` hold token rows (:func:`held_token_rows`)."""
-    start = start_config(cfg)
+def start_token_rows(cfg: DictConfig, start: DictConfig) -> bool:
+    """Whether the adapters of ``init_from_run`` (``start``: its config) hold token rows
+    (:func:`held_token_rows`)."""
     try:
         return held_token_rows(start)
     except ConfigError as error:
@@ -189,7 +189,9 @@ def starting_token_rows(cfg: DictConfig) -> bool:
     """Whether the adapters the model is built with hold token rows: as those of ``init_from_run``,
     whose checkpoint holds the rows or not (this run's ``token_rows=false`` then freezes them,
     ``apply_trainable``; new adapters after a merge take its own setting), else as ``cfg`` says."""
-    return start_token_rows(cfg) if cfg.init_from_run else cfg.model.trainable.token_rows
+    if not cfg.init_from_run:
+        return cfg.model.trainable.token_rows
+    return start_token_rows(cfg, start_config(cfg))
 
 
 def merged_base(cfg: DictConfig, started: Callable[[DictConfig], GroundingModule]) -> PreTrainedModel | None:
