@@ -30,7 +30,13 @@ from transformers import PreTrainedModel
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec, apply_lora
 from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, fitting_checkpoint
-from timerefine.pipeline.config import ConfigError, checked_values, composed_config, load_run_config
+from timerefine.pipeline.config import (
+    ConfigError,
+    checked_values,
+    composed_config,
+    load_run_config,
+    spec_errors,
+)
 from timerefine.pipeline.config_diff import show
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.pipeline.run_identity import IDENTITY, feature_keys, inherited_identity
@@ -77,8 +83,9 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     result checked as load_config checks a config. Raises ConfigError."""
     if cfg.init_from_run is None:
         return checked_values(cfg)
-    if reason := a_run_folder(cfg.init_from_run):
-        raise ConfigError(f"init_from_run={cfg.init_from_run}: {reason}")
+    if reason := a_run_folder(cfg.init_from_run):  # with the other values refused, as without a start
+        others = [line for line in spec_errors(cfg) if not line.startswith("init_from_run=")]
+        raise ConfigError("; ".join([f"init_from_run={cfg.init_from_run}: {reason}", *others]))
     if any(key == "model" for key, _ in _given("model", overrides)):
         raise ConfigError(
             "model=...: init_from_run takes its run's model settings; change single model.* keys"
