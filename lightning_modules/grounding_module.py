@@ -204,8 +204,9 @@ class GroundingModule(L.LightningModule):
                 for r, p in zip(records, predictions, strict=True)
             ]
             metric.update(*metric_inputs(chosen, records))
+        answered = torch.tensor([p.final is not None for p in predictions])  # steps not reached: IoU 0
         for metric, column in zip(self.segment_metrics[split], per_segment, strict=True):
-            metric.update(*metric_inputs(column, records))
+            metric.update(*metric_inputs(column, records), answered=answered)
 
     @property
     def max_new_tokens(self) -> int:

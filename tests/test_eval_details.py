@@ -1,18 +1,23 @@
 """Evaluation details of the official code, as switches: the aux head read at every <OFFSET> and
 averaged (``model.inference.final=aux_all`` / ``mean_all``), and segments scored as written
-(``model.inference.order_and_clip=false``); and answers that do not depend on the batch size."""
+(``model.inference.order_and_clip=false``); answers that do not depend on the batch size; and the
+steps an answer did not reach, scored 0 under every protocol."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from grounding.answer_format.predictions import predict, seconds
+from grounding.answer_format.predictions import Prediction, predict, seconds
 from grounding.answer_format.timeline import VTIMELLM100
 from grounding.answer_format.tokens import OFFSET
 from grounding.metrics.iou import temporal_iou
+from grounding.metrics.protocols import PROTOCOLS
+from lightning_modules.decoding import InferenceSpec
 from lightning_modules.generation import generate
+from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.hf_generation import hf_generate
+from lightning_modules.optimization import OptimSpec
 from tests import helpers
 
 
@@ -71,3 +76,29 @@ def test_segments_scored_as_written_without_order_and_clip():
     assert iou(raw[leaves], False) == pytest.approx((0.99 - 0) / (1.05 + 0.03))
     assert iou(clipped[leaves], True) == pytest.approx(1.0)
     assert iou(raw[crosses], False) == 0.0 and iou(clipped[crosses], True) == pytest.approx(0.2 / 0.99)
+
+
+@pytest.mark.parametrize("protocol", ["exact", "parsed_only"])
+def test_a_step_an_answer_did_not_reach_scores_0(monkeypatch, protocol):
+    """Row 1 stops after its first refined segment, row 2 does not parse. Before: under parsed_only
+    the steps row 1 did not reach left its step<k>/mIoU's denominator (README: they count as IoU 0),
+    so each step was averaged over other answers than the final score."""
+    tiny = helpers.module(refine_steps=3)
+    module = GroundingModule(
+        tiny.model, tiny.codec, 1.0, OptimSpec(), InferenceSpec(), protocol=PROTOCOLS[protocol]
+    )
+    batch = helpers.batch(refine_steps=3, n=4, split="test")
+    written = [[(10.0, 60.0)] * 5, [(20.0, 50.0)] * 2, [], [(0.0, 90.0)] * 5]
+    monkeypatch.setattr(module, "predict_batch", lambda _: [Prediction("", s, None) for s in written])
+    module._evaluate(batch, "test")
+    iou = [
+        float(temporal_iou(torch.tensor([seconds(s[-1], r.duration)]), torch.tensor([[r.start, r.end]])))
+        if s
+        else 0.0
+        for s, r in zip(written, batch["records"], strict=True)
+    ]
+    queries = 3 if protocol == "parsed_only" else 4
+    steps = [metric.compute()["mIoU"] for metric in module.segment_metrics["test"]]
+    assert module.metrics["test"].compute()["mIoU"] == pytest.approx(100 * sum(iou) / queries)
+    assert steps[0] == steps[1] == pytest.approx(100 * sum(iou) / queries)
+    assert steps[2] == steps[4] == pytest.approx(100 * (iou[0] + iou[3]) / queries)

@@ -39,16 +39,19 @@ class GroundingMetric(Metric):
         duration: torch.Tensor | None = None,
         iou: torch.Tensor | None = None,
         unparsed: torch.Tensor | None = None,
+        answered: torch.Tensor | None = None,
     ) -> None:
         """``pred``/``target`` ``(N, 2)`` in seconds; ``duration`` ``(N,)`` (needed by protocols on
         fractions of the duration); ``iou``: each row's IoU when it is not the one with ``target``
         (queries with several windows), rounded as the protocol says; ``unparsed`` ``(N,)``: the rows
-        whose text did not parse (default: the NaN ones; the aux head may answer such a text)."""
+        whose text did not parse (default: the NaN ones; the aux head may answer such a text);
+        ``answered`` ``(N,)``: the rows whose query has an answer (default: the non-NaN ones), the
+        denominator of ``parsed_only``."""
         if duration is None:
             if self.protocol.on_fractions and iou is None:
                 raise ValueError(f"protocol {self.protocol.name} scores fractions: pass the durations")
             duration = torch.ones(len(pred), dtype=torch.float64)
-        sums = protocol_sums(pred, target, duration, self.protocol, self.thresholds, iou, unparsed)
+        sums = protocol_sums(pred, target, duration, self.protocol, self.thresholds, iou, unparsed, answered)
         for name, value in sums.items():
             setattr(self, name, getattr(self, name) + value.to(self.device))
 

@@ -102,11 +102,15 @@ def protocol_sums(
     thresholds: tuple[float, ...] = THRESHOLDS,
     iou: torch.Tensor | None = None,
     unparsed: torch.Tensor | None = None,
+    answered: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-batch float64 sums (IoU, queries, answers missing, texts that did not parse, hits per
     threshold) that add up exactly across batches and processes. ``unparsed``: each row's text did not
-    parse (default: its answer is missing; the aux head may answer a text that did not parse)."""
-    iou, failed = protocol_iou(pred, target, duration, protocol, iou), torch.isnan(pred).any(dim=1)
+    parse (default: its answer is missing; the aux head may answer a text that did not parse).
+    ``answered``: each row's query has an answer (default: its segment is not NaN); a NaN segment of
+    an answered query (a step the answer did not reach) scores 0 and stays in the denominator."""
+    iou = protocol_iou(pred, target, duration, protocol, iou)
+    failed = torch.isnan(pred).any(dim=1) if answered is None else ~answered.bool()
     return {
         "iou": iou.sum(),
         "count": torch.tensor(float(iou.numel()), dtype=torch.float64),
