@@ -116,12 +116,24 @@ def _same(a: Path, b: Path) -> bool:
     return a.exists() and b.exists() and os.path.samefile(a, b)
 
 
+class StoreMismatchError(ValueError):
+    """A feature store that holds other features than the config asks for; the message names the key."""
+
+
 class FolderFeatureStore:
     """``root/{video_id}.npy`` (or ``.npz`` / ``.pt``) with any ``(T, D)``, resampled to ``num_frames``."""
 
     def __init__(self, root: str | Path, num_frames: int = 100, feature_dim: int = 768) -> None:
+        """StoreMismatchError naming ``data.source.feature_path`` when ``root`` is no folder or a
+        packed store (each video's file would be reported missing)."""
         self.root, self.num_frames, self.feature_dim = Path(root), num_frames, feature_dim
         self._paths: dict[str, Path] = {}  # video id -> its file, once found
+        key = f"data.source.feature_path={root}"
+        if not self.root.is_dir():
+            here = "" if self.root.is_absolute() else f", relative to {Path.cwd()}"
+            raise StoreMismatchError(f"{key}: no such folder of feature files{here}")
+        if (self.root / PACKED_META).is_file():
+            raise StoreMismatchError(f"{key}: a packed feature store; set data.source.features=packed")
 
     def video_ids(self) -> list[str]:
         """Sorted ids of the videos that have a feature file, its suffix in lower or upper case (a link
@@ -160,10 +172,6 @@ class FolderFeatureStore:
             raise FeatureError(video_id, str(path), f"unreadable: {read_error(err)}") from err
         array = check_features(array, video_id, path, self.feature_dim)
         return resample_frames(array, self.num_frames)
-
-
-class StoreMismatchError(ValueError):
-    """A feature store that holds other features than the config asks for; the message names the key."""
 
 
 class StoreIndexError(ValueError):

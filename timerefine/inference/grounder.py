@@ -36,6 +36,7 @@ from timerefine.inference.video_features import (
     probe_video,
     read_features,
     recorded_encoder,
+    unrecorded_encoder,
 )
 
 Segment = tuple[float, float]
@@ -206,7 +207,7 @@ class Grounder:
             spec = self.encoder_spec
             if spec is None:
                 features = self.run.cfg.data.source.get("feature_path")
-                why = f"no {Path(features) / ENCODER_RECORD}: moved, or" if features else "its"
+                why = f"{unrecorded_encoder(features)}: moved, or" if features else "its"
                 raise InputError(
                     f"the run records no video encoder ({why} features were not made by "
                     "timerefine-extract-features): give an encoder (Grounder's encoder argument, "
@@ -279,6 +280,8 @@ class Grounder:
     ) -> list[Grounding]:
         """One answer per query, decoded in batches of ``batch_size`` queries. ``duration`` is for a
         feature file or array (see :meth:`features`); a :class:`Features` holds its own, so none is taken."""
+        if not isinstance(queries, (str, Sequence)):
+            raise InputError(f"queries: give a text or a list of texts, got {queries!r}")
         queries = [queries] if isinstance(queries, str) else list(queries)
         self._check_queries(queries, batch_size)
         if isinstance(video, Features):
@@ -291,6 +294,13 @@ class Grounder:
         """One answer per (features, query) pair, in order, decoded in batches of ``batch_size`` pairs
         that mix videos (many videos of a query or two each batch as well as one video's many queries);
         :meth:`features` makes each video's :class:`Features` once."""
+        for number, pair in enumerate(pairs, start=1):
+            items = pair if isinstance(pair, (tuple, list)) else [pair]
+            if len(items) != 2 or not isinstance(items[0], Features):
+                raise InputError(
+                    f"pair {number}: must be (Features, query), got ({', '.join(type(x).__name__ for x in items)}); "
+                    "Grounder.features(video, duration) makes the Features"
+                )
         queries = [query for _, query in pairs]
         self._check_queries(queries, batch_size)
         return self._answers([self.checked(features) for features, _ in pairs], queries, batch_size)

@@ -89,6 +89,13 @@ def recorded_encoder(feature_dir: str | Path | None) -> EncoderSpec | None:
     return EncoderSpec.read(record) if record is not None and record.is_file() else None
 
 
+def unrecorded_encoder(feature_dir: str | Path) -> str:
+    """Where ``feature_dir``'s encoder record was looked for (a relative folder: from here), to say
+    why a run cannot encode videos."""
+    relative = "" if Path(feature_dir).is_absolute() else f", relative to {Path.cwd()}"
+    return f"no {Path(feature_dir) / ENCODER_RECORD}{relative}"
+
+
 def model_name(model: str) -> str:
     """The model an encoder record names, however spelt: a hub name's or a local copy's last part (a
     Hugging Face cache snapshot's by its repository's)."""
@@ -132,11 +139,16 @@ class VideoInfo:
     height: int
 
 
+def missing_file(path: Path) -> str:
+    """Why ``path``, which is no file, cannot be read: a folder, or nothing."""
+    return f"{path}: a folder, not a file" if path.is_dir() else f"{path}: no such file"
+
+
 def probe_video(path: Path) -> VideoInfo:
     """Duration, frame count and size of a video file; InputError for anything unusable, a still image
     (one frame, whose duration PyAV makes up) too."""
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(missing_file(path))
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -265,7 +277,7 @@ def checked_features(
 def read_features(path: Path, feature_dim: int, num_frames: int) -> np.ndarray:
     """A ``.npy`` / ``.npz`` / ``.pt`` feature file, checked and resampled."""
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(missing_file(path))
     try:
         array = read_feature_file(path)
     except Exception as err:

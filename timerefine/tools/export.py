@@ -14,7 +14,7 @@ from pathlib import Path
 
 from timerefine.inference.export_folder import export_files, export_run
 from timerefine.inference.run_loading import load_run
-from timerefine.inference.video_features import InputError, recorded_encoder
+from timerefine.inference.video_features import InputError, recorded_encoder, unrecorded_encoder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run = load_run(args.run_dir, args.ckpt)
-        encoder = recorded_encoder(run.cfg.data.source.get("feature_path"))
+        features = run.cfg.data.source.get("feature_path")
+        encoder = recorded_encoder(features)
         out = export_run(run, args.out_dir, args.merge_lora, encoder)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if features and encoder is None:
+        print(
+            f"note: {unrecorded_encoder(features)}: the export grounds feature files; for videos, give an "
+            "encoder (timerefine-predict --encoder, Grounder's encoder argument)",
+            file=sys.stderr,
+        )
     size = sum((out / name).stat().st_size for name in export_files(out))
     print(f"exported {run.weights} -> {out} ({size / 2**20:.1f} MiB)")
     return 0

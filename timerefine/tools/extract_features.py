@@ -41,7 +41,20 @@ from timerefine.tools.arguments import at_least, at_least_one
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+VIDEO_SUFFIXES = (
+    ".mp4",
+    ".m4v",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mov",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".flv",
+    ".wmv",
+    ".3gp",
+)
 
 
 class _VideoFrames(Dataset):
@@ -153,14 +166,21 @@ def extract(
 
 
 def videos_in(video_dir: Path, out_dir: Path) -> list[Path]:
-    """The videos of ``video_dir``; InputError when it is no folder of videos or ``out_dir`` is a file."""
+    """The videos of ``video_dir`` (by their suffix; other files are left out with a warning naming
+    them); InputError when it is no folder of videos or ``out_dir`` is a file."""
     if not video_dir.is_dir():
         raise InputError(f"{video_dir}: no such folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
-    videos = sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    files = sorted(p for p in video_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
     if not videos:
         raise InputError(f"{video_dir}: holds no video ({', '.join(VIDEO_SUFFIXES)})")
+    if others := [p.name for p in files if p not in videos]:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        log.warning(
+            "left out %d files not named as videos (%s): %s", len(others), " ".join(VIDEO_SUFFIXES), shown
+        )
     return videos
 
 

@@ -4,6 +4,8 @@
 
 Every file is validated first (readable, of the right size, finite once stored as ``--dtype``); bad
 ones are reported (video, file, reason) and left out, and the command then exits with status 1.
+The extraction's ``encoder.json`` (timerefine-extract-features) is copied beside the packed features,
+so a run trained on them encodes a new video as they were encoded (timerefine-predict).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
 from grounding.checks import not_a_file
 from grounding.records import FeatureError
+from timerefine.inference.frame_encoder import ENCODER_RECORD
+from timerefine.inference.video_features import EncoderSpec
 from timerefine.pipeline.whole_files import write_whole
 from timerefine.tools.arguments import at_least_one
 
@@ -63,7 +67,11 @@ def pack_folder(
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such folder of feature files")
+        what = "a file, not a folder" if src.exists() else "no such folder"
+        raise FileNotFoundError(f"{src}: {what} of feature files")
+    encoder = src / ENCODER_RECORD  # copied: a run trained on the packed features encodes videos alike
+    if encoder.is_file():
+        EncoderSpec.read(encoder)  # an InputError (a ValueError) names it
     if reason := not_a_file(str(dst)):
         raise FileExistsError(f"{reason}; pack into a new folder")
     if dst.exists() and any(dst.iterdir()):
@@ -100,6 +108,8 @@ def pack_folder(
         raise RuntimeError(f"{dst}: packed {len(index)} videos, expected {len(report.packed)}")
     meta = {"num_frames": num_frames, "feature_dim": feature_dim, "dtype": dtype, "index": index}
     write_whole(dst / PACKED_META, json.dumps(meta))
+    if encoder.is_file():
+        write_whole(dst / ENCODER_RECORD, encoder.read_bytes())
     log.info("packed %d videos into %s (%d bad files left out)", len(index), dst, len(report.bad))
     return report
 
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         report = pack_folder(args.src, args.dst, args.num_frames, args.feature_dim, args.workers, args.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:  # ValueError: no usable file
+    except (FileNotFoundError, FileExistsError, ValueError) as error:  # no usable file, a bad encoder.json
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"packed {len(report.packed)} videos, {len(report.bad)} bad files left out")

@@ -35,6 +35,7 @@ from timerefine.inference.video_features import (
     EncoderSpec,
     InputError,
     durations_agree,
+    missing_file,
     positive_seconds,
     probe_video,
 )
@@ -119,7 +120,7 @@ def requests_of(args: argparse.Namespace) -> list[Request]:
             given = "--query" if args.query else "--duration"
             raise InputError(f"{given}: a .jsonl input holds each line's query and duration itself")
         if not args.input.is_file():
-            raise InputError(f"{args.input}: no such file")
+            raise InputError(missing_file(args.input))
         return read_pairs(args.input)
     check_queries(args.query, "--query")
     return [
