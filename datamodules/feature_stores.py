@@ -131,7 +131,8 @@ class FolderFeatureStore:
         key = f"data.source.feature_path={root}"
         if not self.root.is_dir():
             here = "" if self.root.is_absolute() else f", relative to {Path.cwd()}"
-            raise StoreMismatchError(f"{key}: no such folder of feature files{here}")
+            what = "a file, not a folder" if self.root.exists() else "no such folder"
+            raise StoreMismatchError(f"{key}: {what} of feature files{here}")
         if (self.root / PACKED_META).is_file():
             raise StoreMismatchError(f"{key}: a packed feature store; set data.source.features=packed")
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import train
 from datamodules.feature_stores import FolderFeatureStore, StoreMismatchError
+from tests.inference_runs import TRAIN_OVERRIDES, write_annotations
 from timerefine.inference.frame_encoder import ENCODER_RECORD
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError, recorded_encoder
@@ -55,13 +57,21 @@ def test_packing_a_file_says_it_is_one(features, tmp_path, capsys):
 
 
 def test_files_not_named_as_videos_are_named(tmp_path, caplog):
-    """Before: b.m4v and c.mpg were left out in silence ("encoded 1, skipped 0 done, 0 failed")."""
-    for name in ("a.mp4", "b.m4v", "c.MPG", "notes.txt", ".DS_Store"):
+    """Before: b.m4v and c.mpg were left out in silence ("encoded 1, skipped 0 done, 0 failed"). A
+    hidden video and a link to nowhere stay videos (the link fails, counted); the features written
+    beside the videos are not warned of."""
+    for name in ("a.mp4", "b.m4v", "c.MPG", ".d.mp4", "notes.txt", ".DS_Store", "a.npy", ENCODER_RECORD):
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / "e.mp4").symlink_to(tmp_path / "gone.mp4")
     with caplog.at_level(logging.WARNING):
         videos = videos_in(tmp_path, tmp_path / "out")
-    assert [video.name for video in videos] == ["a.mp4", "b.m4v", "c.MPG"]
-    assert "left out 1 files not named as videos (.mp4 .m4v" in caplog.text and "notes.txt" in caplog.text
+    assert [video.name for video in videos] == [".d.mp4", "a.mp4", "b.m4v", "c.MPG", "e.mp4"]
+    assert "left out 3 files not named as videos (.mp4 .m4v" in caplog.text
+    assert f"a.npy, {ENCODER_RECORD}, notes.txt\n" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        videos_in(tmp_path, tmp_path)  # features beside their videos
+    assert "left out 1 files not named as videos" in caplog.text and "notes.txt\n" in caplog.text
 
 
 def test_a_feature_folder_that_is_missing_or_packed_is_named(features, tmp_path, monkeypatch):
@@ -77,6 +87,16 @@ def test_a_feature_folder_that_is_missing_or_packed_is_named(features, tmp_path,
         StoreMismatchError, match=r"a packed feature store; set data\.source\.features=packed"
     ):
         FolderFeatureStore(tmp_path / "packed")
+    with pytest.raises(StoreMismatchError, match=r"vid_0\.npy: a file, not a folder of feature files$"):
+        FolderFeatureStore(features / "vid_0.npy")
+
+
+def test_packing_a_packed_store_says_it_is_one(features, tmp_path, capsys):
+    """Before: data.source.feature_path=...: a packed feature store; set data.source.features=packed."""
+    pack_folder(features, tmp_path / "packed", num_frames=16, feature_dim=D)
+    assert pack_main([str(tmp_path / "packed"), str(tmp_path / "again"), "--feature-dim", str(D)]) == 2
+    message = f"error: {tmp_path / 'packed'}: a packed feature store already; pack a folder of feature files"
+    assert capsys.readouterr().err.strip() == message
 
 
 def test_the_api_names_a_wrong_argument(builtin_run):
@@ -86,8 +106,9 @@ def test_the_api_names_a_wrong_argument(builtin_run):
     array = np.zeros((grounder.run.num_frames, grounder.run.feature_dim), dtype=np.float32)
     with pytest.raises(InputError, match=r"^pair 1: must be \(Features, query\), got \(ndarray, str\)"):
         grounder.ground_pairs([(array, "a person opens a door")])
-    with pytest.raises(InputError, match=r"^queries: give a text or a list of texts, got None"):
+    with pytest.raises(InputError, match=r"^queries: give a text or texts, got NoneType"):
         grounder.ground(array, None, duration=6.0)
+    assert len(grounder.ground(array, np.array(["a door opens", "a person sits"]), duration=6.0)) == 2
     with pytest.raises(InputError, match=rf"^{builtin_run}: a folder, not a file$"):  # was: no such file
         grounder.features(builtin_run)
 
@@ -106,3 +127,20 @@ def test_an_export_says_when_it_cannot_ground_videos(video_run, tmp_path, capsys
         f"note: no {features / ENCODER_RECORD}: the export grounds feature files; for videos, give an "
         "encoder (timerefine-predict --encoder, Grounder's encoder argument)\n"
     )
+
+
+def test_an_export_of_made_features_has_no_encoder_to_miss(tmp_path, capsys):
+    """Features made by a generator (``synthetic``) leave ``feature_path`` unread: no CLIP encoder
+    could make them, so the export's note would mislead."""
+    run = tmp_path / "run"
+    overrides = [
+        *TRAIN_OVERRIDES,
+        f"data.source.root={write_annotations(tmp_path / 'annotations')}",
+        "data.source.features=synthetic",
+        f"data.source.feature_path={tmp_path}",
+        f"output_dir={run}",
+    ]
+    assert train.main(overrides) == 0
+    capsys.readouterr()
+    assert export_main([str(run), str(tmp_path / "export")]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -14,6 +14,8 @@ from lightning_modules.trainable import TOKEN_ROWS
 from tests.test_stage_chains import lm_logits
 from tests.test_stages import TINY, built, pretrained
 from timerefine.inference.grounder import Grounder
+from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.init_from_run import train_config
 from timerefine.tools.export import main as export_main
 
 NO_ROWS = "model.trainable.token_rows=false"
@@ -46,6 +48,17 @@ def test_a_stage_judges_model_rules_on_the_settings_it_inherits(start, tmp_path,
     although the run it starts from has LoRA on."""
     assert train.main([*TINY, f"init_from_run={start}", NO_ROWS, f"output_dir={tmp_path / 'b'}"]) == 0
     assert "needs lora.enabled" not in capsys.readouterr().err
+
+
+def test_a_missing_start_comes_with_the_refusals_no_start_changes():
+    """Before: named alone. A model.* refusal waits for the start's settings (after a LoRA run,
+    token_rows=false is fine), a data.batch_size one does not."""
+    with pytest.raises(ConfigError) as error:
+        train_config([*TINY, "init_from_run=/no", "data.batch_size=0", NO_ROWS])
+    assert str(error.value) == (
+        "init_from_run=/no: /no is not a run directory (config.yaml and checkpoints/); "
+        "data.batch_size=0: must be an integer >= 1"
+    )
 
 
 @pytest.mark.slow

@@ -208,10 +208,6 @@ def test_a_start_says_which_checkpoint_and_whether_its_run_finished(stage_a, tmp
     ("overrides", "message"),
     [
         (["init_from_run=/nonexistent"], "init_from_run=/nonexistent: /nonexistent is not a run directory"),
-        (  # before: the missing run alone
-            ["init_from_run=/nonexistent", "data.batch_size=0"],
-            "/nonexistent is not a run directory (config.yaml and checkpoints/); data.batch_size=0: must be",
-        ),
         (["model=direct"], "model=...: init_from_run takes its run's model settings"),
         (
             ["model.trainable.token_rows=false", "model.lora.enabled=false", "model.lora.inherited=merge"],

@@ -280,9 +280,10 @@ class Grounder:
     ) -> list[Grounding]:
         """One answer per query, decoded in batches of ``batch_size`` queries. ``duration`` is for a
         feature file or array (see :meth:`features`); a :class:`Features` holds its own, so none is taken."""
-        if not isinstance(queries, (str, Sequence)):
-            raise InputError(f"queries: give a text or a list of texts, got {queries!r}")
-        queries = [queries] if isinstance(queries, str) else list(queries)
+        try:  # a text, or any iterable of them (a list, an array, a pandas column)
+            queries = [queries] if isinstance(queries, str) else list(queries)
+        except TypeError as error:
+            raise InputError(f"queries: give a text or texts, got {type(queries).__name__}") from error
         self._check_queries(queries, batch_size)
         if isinstance(video, Features):
             features = self.checked(video, duration)

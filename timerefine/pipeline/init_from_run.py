@@ -19,6 +19,7 @@ folders must stay where they are.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from timerefine.pipeline.config import (
 )
 from timerefine.pipeline.config_diff import show
 from timerefine.pipeline.resume import CheckpointError
-from timerefine.pipeline.run_identity import IDENTITY, feature_keys, inherited_identity
+from timerefine.pipeline.run_identity import FEATURES, IDENTITY, SEED, feature_keys, inherited_identity, under
 from timerefine.pipeline.schema import INHERITED, a_run_folder
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ def _given(key: str, overrides: list[str]) -> list[tuple[str, object]]:
     ]
 
 
+# The keys a start may set (IDENTITY and the feature keys), whose refusals wait until it is read.
+START_MAY_SET = (*IDENTITY, FEATURES, SEED)
+
+
 def start_config(cfg: DictConfig) -> DictConfig:
     """The config of ``cfg``'s ``init_from_run``; ConfigError naming it when it cannot be read."""
     try:
@@ -83,8 +88,9 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     result checked as load_config checks a config. Raises ConfigError."""
     if cfg.init_from_run is None:
         return checked_values(cfg)
-    if reason := a_run_folder(cfg.init_from_run):  # with the other values refused, as without a start
-        others = [line for line in spec_errors(cfg) if not line.startswith("init_from_run=")]
+    if reason := a_run_folder(cfg.init_from_run):  # with the refusals that no start would change
+        keys = {line: re.split(r"[=: ]", line, maxsplit=1)[0] for line in spec_errors(cfg)}
+        others = [line for line, key in keys.items() if not under(key, ("init_from_run", *START_MAY_SET))]
         raise ConfigError("; ".join([f"init_from_run={cfg.init_from_run}: {reason}", *others]))
     if any(key == "model" for key, _ in _given("model", overrides)):
         raise ConfigError(

@@ -53,7 +53,8 @@ TRAINING_ONLY = (
 )
 
 
-def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or a key below one."""
     return any(key == prefix or key.startswith(f"{prefix}.") for prefix in prefixes)
 
 
@@ -73,7 +74,7 @@ def feature_keys(run: DictConfig) -> tuple[str, ...]:
 
 def is_identity(key: str, run: DictConfig) -> bool:
     """Whether ``key`` says what ``run`` was trained as: :data:`IDENTITY` or :func:`feature_keys`."""
-    return _under(key, (*IDENTITY, *feature_keys(run))) and not _under(key, EVALUATION)
+    return under(key, (*IDENTITY, *feature_keys(run))) and not under(key, EVALUATION)
 
 
 def _one_store(key: str, values: tuple[Any, Any]) -> bool:
@@ -115,7 +116,7 @@ def identity_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
 def training_only_error(trained: DictConfig, evaluated: DictConfig) -> str | None:
     """One line naming the :data:`TRAINING_ONLY` keys whose value differs between the run's config and
     the one to evaluate it with; None when there are none."""
-    if changed := [key for key in _changes(trained, evaluated) if _under(key, TRAINING_ONLY)]:
+    if changed := [key for key in _changes(trained, evaluated) if under(key, TRAINING_ONLY)]:
         return f"{', '.join(changed)}: training settings, which an evaluation cannot change"
     return None
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from datamodules.annotation_source import STORED_FEATURES
 from timerefine.inference.export_folder import export_files, export_run
 from timerefine.inference.run_loading import load_run
 from timerefine.inference.video_features import InputError, recorded_encoder, unrecorded_encoder
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if features and encoder is None:
+    if features and encoder is None and run.cfg.data.source.get("features") in STORED_FEATURES:
         print(
             f"note: {unrecorded_encoder(features)}: the export grounds feature files; for videos, give an "
             "encoder (timerefine-predict --encoder, Grounder's encoder argument)",

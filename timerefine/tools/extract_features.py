@@ -166,17 +166,20 @@ def extract(
 
 
 def videos_in(video_dir: Path, out_dir: Path) -> list[Path]:
-    """The videos of ``video_dir`` (by their suffix; other files are left out with a warning naming
-    them); InputError when it is no folder of videos or ``out_dir`` is a file."""
+    """The videos of ``video_dir`` (by their suffix; other files but hidden ones and the features
+    written beside them are left out with a warning naming them); InputError when it is no folder of
+    videos or ``out_dir`` is a file."""
     if not video_dir.is_dir():
         raise InputError(f"{video_dir}: no such folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
-    files = sorted(p for p in video_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in video_dir.iterdir() if not p.is_dir())  # a link to nowhere fails, counted
     videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
     if not videos:
         raise InputError(f"{video_dir}: holds no video ({', '.join(VIDEO_SUFFIXES)})")
-    if others := [p.name for p in files if p not in videos]:
+    ours = (ENCODER_RECORD, ".npy") if out_dir.resolve() == video_dir.resolve() else ()  # features beside
+    quiet = [p for p in files if p.name.startswith(".") or p.name.endswith(ours)]  # hidden, or our outputs
+    if others := [p.name for p in files if p not in videos and p not in quiet]:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         log.warning(
             "left out %d files not named as videos (%s): %s", len(others), " ".join(VIDEO_SUFFIXES), shown

@@ -69,6 +69,8 @@ def pack_folder(
     if not src.is_dir():
         what = "a file, not a folder" if src.exists() else "no such folder"
         raise FileNotFoundError(f"{src}: {what} of feature files")
+    if (src / PACKED_META).is_file():
+        raise FileExistsError(f"{src}: a packed feature store already; pack a folder of feature files")
     encoder = src / ENCODER_RECORD  # copied: a run trained on the packed features encodes videos alike
     if encoder.is_file():
         EncoderSpec.read(encoder)  # an InputError (a ValueError) names it
