@@ -15,7 +15,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.lightning_compat import (
     accumulating,
+    as_saved_at_last_batch_end,
     batch_in_flight,
+    between_epochs,
+    check_loop_state,
     every_n_train_steps,
     mark_saved_at,
     save_last,
@@ -103,6 +106,15 @@ class LastCheckpoint(ModelCheckpoint):
                 self.last_model_path or "none (no checkpoint yet: the run starts over)",
             )
 
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A SIGTERM after an epoch's last step stops Lightning after the epoch's end, whose loop state
+        it would resume into an empty epoch (the next one's data order lost): saved there, the state is
+        the one written at the end of that last step, which resumes into the next epoch."""
+        if between_epochs(trainer):
+            as_saved_at_last_batch_end(checkpoint)
+
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -123,6 +135,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        check_loop_state(trainer)  # what on_save_checkpoint rewrites
         mark_saved_at(self, trainer.global_step)  # a resumed run starts at its checkpoint
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

@@ -107,6 +107,51 @@ def batch_in_flight(trainer: L.Trainer) -> bool:
     return batches.ready != batches.completed
 
 
+def between_epochs(trainer: L.Trainer) -> bool:
+    """Whether the fit loop has ended an epoch (its hooks ran, its counters say so) and not begun the
+    next: a checkpoint of this state resumes into an empty epoch, the next one's data order lost."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    return trainer.global_step > 0 and epochs.completed == epochs.ready
+
+
+# The fit loop's saved counters that :func:`as_saved_at_last_batch_end` rewrites.
+LOOP_COUNTERS = [
+    (progress, part, count)
+    for progress in ("epoch_progress", "epoch_loop.batch_progress")
+    for part in ("total", "current")
+    for count in ("processed", "completed")
+] + [("epoch_loop.state_dict", "_batches_that_stepped")]
+
+
+def check_loop_state(trainer: L.Trainer) -> None:
+    """Raise :class:`LightningInternalsChanged` naming the first of :data:`LOOP_COUNTERS` that the fit
+    loop's saved state lacks (checked when training starts, not at a SIGTERM)."""
+    loop = trainer.fit_loop.state_dict()
+    for path in LOOP_COUNTERS:
+        node = loop
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                raise LightningInternalsChanged(
+                    f"the fit loop's state (lightning {L.__version__}) has no {'/'.join(path)}; "
+                    "callbacks/lightning_compat.py rewrites it"
+                )
+            node = node[key]
+
+
+def as_saved_at_last_batch_end(checkpoint: dict[str, Any]) -> None:
+    """Rewrite the loop state of a checkpoint saved after an epoch ended (:func:`between_epochs`) as
+    saved at the end of its last batch (in ``on_train_batch_end``): the epoch not yet processed, the
+    batch not yet completed nor counted for loggers."""
+    loop = checkpoint["loops"]["fit_loop"]
+    for progress in loop["epoch_progress"].values():
+        progress["processed"] -= 1
+        progress["completed"] -= 1
+    for progress in ("total", "current"):
+        loop["epoch_loop.batch_progress"][progress]["completed"] -= 1
+    loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    checkpoint["epoch"] -= 1
+
+
 def accumulating(trainer: L.Trainer) -> bool:
     """Whether the last batch ended half-way through a gradient accumulation window: its gradients live
     only in memory until the window's optimizer step."""

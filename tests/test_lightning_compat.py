@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -13,6 +14,7 @@ from callbacks.lightning_compat import (
     MODULE_INTERNALS,
     LightningInternalsChanged,
     check_lightning_internals,
+    check_loop_state,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +63,15 @@ def test_a_removed_module_internal_fails_loudly(monkeypatch):
     monkeypatch.delattr(load, "_load_distributed_checkpoint")
     with pytest.raises(LightningInternalsChanged, match="_load_distributed_checkpoint"):
         check_lightning_internals()
+
+
+def test_the_fit_loop_counters_rewritten_at_an_epochs_end_are_checked():
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    check_loop_state(trainer)  # the installed Lightning's
+    state = trainer.fit_loop.state_dict()
+    del state["epoch_loop.state_dict"]["_batches_that_stepped"]
+    trainer.fit_loop.state_dict = lambda: state
+    with pytest.raises(
+        LightningInternalsChanged, match=r"has no epoch_loop\.state_dict/_batches_that_stepped"
+    ):
+        check_loop_state(trainer)

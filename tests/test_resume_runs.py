@@ -205,3 +205,36 @@ def test_sigterm_keeps_the_progress_in_last_ckpt_alone_and_says_the_run_did_not_
     assert sorted(p.name for p in last.parent.iterdir() if not p.name.startswith("best")) == ["last.ckpt"]
     assert not (output_dir / "metrics.json").exists()
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 5
+
+
+# Sends SIGTERM to the run itself at the end of epoch ``argv[1]``, after its last step's checks.
+EPOCH_END_SIGTERM = """
+import os, signal, sys
+from lightning_modules.grounding_module import GroundingModule
+from timerefine import train
+def signalled(self):
+    if self.current_epoch == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGTERM)
+GroundingModule.on_train_epoch_end = signalled
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_at_an_epochs_end_resumes_into_the_next_epoch(tmp_path, uninterrupted):
+    """Before: Lightning stopped after the epoch ended, and last.ckpt saved there resumed into an
+    empty epoch: the next one took the data order of the one after (found by a docs audit)."""
+    output_dir = tmp_path / "run"
+    stopped = subprocess.run(
+        [sys.executable, "-c", EPOCH_END_SIGTERM, "0", *RUN, f"output_dir={output_dir}"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
+    last = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == STEPS_PER_EPOCH
+    assert "resuming epoch 0 after its first 13 batches" in finish(output_dir).stderr
+    assert assert_ends_alike(output_dir, uninterrupted) == final_state(uninterrupted)[2]
