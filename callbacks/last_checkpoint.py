@@ -22,6 +22,7 @@ from callbacks.lightning_compat import (
     every_n_train_steps,
     mark_saved_at,
     save_last,
+    saved_last_in_this_fit,
     should_save_on_exception,
     should_skip_saving,
     stops_after_this_step,
@@ -153,6 +154,12 @@ class LastCheckpoint(ModelCheckpoint):
         the step's end, the resumed run would log its steps one too far."""
         if (self._after_validation or stops_after_this_step(trainer)) and not trainer.sanity_checking:
             self._after_validation = False
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Where Lightning writes ``last.ckpt`` when the fit wrote none (an early stop before the first):
+        written by :meth:`_save`, the best checkpoints it no longer records go as well."""
+        if not saved_last_in_this_fit(self):
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:

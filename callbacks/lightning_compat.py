@@ -31,6 +31,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (ModelCheckpoint, "_should_save_on_exception", ("self", "trainer")),
     (ModelCheckpoint, "_remove_checkpoint", ("self", "trainer", "filepath")),
     (ModelCheckpoint, "_last_global_step_saved", None),
+    (ModelCheckpoint, "_last_checkpoint_saved", None),
     (ModelCheckpoint, "_every_n_train_steps", None),
     (_TrainingEpochLoop, "_should_check_val_fx", ("self", "data_fetcher")),
     (_TrainingEpochLoop, "_should_accumulate", ("self",)),
@@ -156,6 +157,12 @@ def accumulating(trainer: L.Trainer) -> bool:
     """Whether the last batch ended half-way through a gradient accumulation window: its gradients live
     only in memory until the window's optimizer step."""
     return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def saved_last_in_this_fit(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` wrote its ``last.ckpt`` in this fit (Lightning writes it when the fit ends
+    otherwise)."""
+    return bool(callback._last_checkpoint_saved)
 
 
 def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:

@@ -49,6 +49,15 @@ def stopped(tmp_path_factory) -> Path:
     return output_dir
 
 
+def test_an_early_stopped_run_keeps_only_its_best_and_last_checkpoints(stopped):
+    """Before: best-step10.ckpt stayed beside best-step20.ckpt (found by a docs audit): the last.ckpt
+    Lightning writes when a fit ends without one did not remove the best checkpoints it replaced."""
+    assert sorted(path.name for path in (stopped / "checkpoints").iterdir()) == [
+        "best-step20.ckpt",
+        "last.ckpt",
+    ]
+
+
 @pytest.mark.slow
 def test_an_early_stopped_run_tested_again_trains_no_further(stopped, tmp_path):
     """Before: it resumed from last.ckpt, trained steps 30-40 and validated again; metrics.json said 40."""
