@@ -265,6 +265,7 @@ def test_overriding_what_the_run_was_trained_as_is_refused(config_only, capsys, 
         ["trainer.max_steps=5"],
         ["grpo.num_iterations=2", "callbacks.checkpoint.save_top_k=3"],
         ["init_from_run=null", "test=false"],
+        ["grpo.enabled=true"],  # before: "grpo.enabled=true needs init_from_run=...", then refused
     ],
 )
 def test_training_settings_are_refused_as_changing_nothing(config_only, capsys, overrides):

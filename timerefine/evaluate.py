@@ -39,7 +39,7 @@ from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import ConfigError, load_run_config
+from timerefine.pipeline.config import ConfigError, checked_values, composed_run_config, load_run_config
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
@@ -105,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error.of_file(config)}", file=sys.stderr)
         return 2
     try:
-        cfg = load_run_config(args.run_dir, args.overrides)
+        cfg = composed_run_config(args.run_dir, args.overrides)  # what cannot change, then values
         if reason := (
             identity_error(trained, cfg)
             or training_only_error(trained, cfg)
             or encoder_change_error(trained, cfg)
         ):
             raise ConfigError(reason)
+        checked_values(cfg)
     except (ConfigError, InputError) as error:  # InputError: an encoder record that cannot be read
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -266,10 +266,16 @@ def saved_config(path: Path) -> DictConfig:
     return saved
 
 
-def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """A run's saved ``config.yaml`` (evaluation, prediction, export), completed by
-    :func:`with_schema_defaults`, then ``overrides`` checked as by :func:`load_config`."""
+def composed_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """A run's saved ``config.yaml`` completed by :func:`with_schema_defaults`, with ``overrides``
+    composed as by :func:`composed_config` (their values' rules not yet checked)."""
     ConfigStore.instance().store(
         name="saved_run", node=with_schema_defaults(saved_config(run_dir / "config.yaml"))
     )
-    return load_config(overrides, name="saved_run")
+    return composed_config(overrides, name="saved_run")
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """A run's saved ``config.yaml`` (evaluation, prediction, export), completed by
+    :func:`with_schema_defaults`, then ``overrides`` checked as by :func:`load_config`."""
+    return checked_values(composed_run_config(run_dir, overrides))
