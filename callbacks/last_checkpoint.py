@@ -87,7 +87,7 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_exception=True,
             enable_version_counter=False,  # last.ckpt is overwritten, never set beside as last-v1.ckpt
         )
-        self._after_validation = False
+        self._after_validation, self._stopped_between_epochs = False, False
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -99,7 +99,11 @@ class LastCheckpoint(ModelCheckpoint):
         if isinstance(exception, ArithmeticError) or not should_save_on_exception(self, trainer):
             return
         if not (batch_in_flight(trainer) or accumulating(trainer) or trainer.validating):
-            self._save(trainer)
+            self._stopped_between_epochs = between_epochs(trainer)  # see on_save_checkpoint
+            try:
+                self._save(trainer)
+            finally:
+                self._stopped_between_epochs = False
         else:
             log.warning(
                 "stopped inside a step or its validation at step %d: the resume point stays %s",
@@ -111,9 +115,10 @@ class LastCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """A SIGTERM after an epoch's last step stops Lightning after the epoch's end, whose loop state
-        it would resume into an empty epoch (the next one's data order lost): saved there, the state is
-        the one written at the end of that last step, which resumes into the next epoch."""
-        if between_epochs(trainer):
+        it would resume into an empty epoch (the next one's data order lost): saved there (only: at the
+        fit's end Lightning resumes its own state), the state is the one written at the end of that
+        last step, which resumes into the next epoch."""
+        if self._stopped_between_epochs:
             as_saved_at_last_batch_end(checkpoint)
 
     def on_load_checkpoint(

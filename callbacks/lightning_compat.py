@@ -110,9 +110,15 @@ def batch_in_flight(trainer: L.Trainer) -> bool:
 
 def between_epochs(trainer: L.Trainer) -> bool:
     """Whether the fit loop has ended an epoch (its hooks ran, its counters say so) and not begun the
-    next: a checkpoint of this state resumes into an empty epoch, the next one's data order lost."""
+    next one it would train: a checkpoint of this state resumes into an empty epoch, the next one's
+    data order lost (one that ends the fit, by its steps, epochs or a stop, resumes as finished)."""
     epochs = trainer.fit_loop.epoch_progress.current
-    return trainer.global_step > 0 and epochs.completed == epochs.ready
+    ended = (
+        trainer.should_stop
+        or 0 <= trainer.max_steps <= trainer.global_step
+        or 0 <= (trainer.max_epochs if trainer.max_epochs is not None else -1) <= epochs.completed
+    )
+    return trainer.global_step > 0 and epochs.completed == epochs.ready and not ended
 
 
 # The fit loop's saved counters that :func:`as_saved_at_last_batch_end` rewrites.

@@ -238,3 +238,27 @@ def test_a_sigterm_at_an_epochs_end_resumes_into_the_next_epoch(tmp_path, uninte
     assert last["global_step"] == STEPS_PER_EPOCH
     assert "resuming epoch 0 after its first 13 batches" in finish(output_dir).stderr
     assert assert_ends_alike(output_dir, uninterrupted) == final_state(uninterrupted)[2]
+
+
+@pytest.mark.slow
+def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
+    """The stop after the last epoch of a ``max_epochs`` run keeps the state Lightning ends a fit
+    with (review: rewritten as a step's end, the rerun saved its steps one short, and a run continued
+    with more epochs logged each step one too early)."""
+    tiny = [
+        "experiment=tiny",
+        "trainer.max_steps=-1",
+        "logger.tensorboard=false",
+        "callbacks.refinement_trace=0",
+    ]
+    epochs, more = [*tiny, "trainer.max_epochs=2"], [*tiny, "trainer.max_epochs=3"]
+
+    def run(*argv: str) -> int:
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True).returncode
+
+    stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
+    assert run("-c", EPOCH_END_SIGTERM, "1", *epochs, f"output_dir={stopped}") == 128 + signal.SIGTERM
+    for output_dir in (stopped, uninterrupted):
+        assert run("train.py", *epochs, f"output_dir={output_dir}") == 0
+        assert run("train.py", *more, f"output_dir={output_dir}") == 0
+    assert assert_ends_alike(stopped, uninterrupted) == final_state(uninterrupted)[2]
