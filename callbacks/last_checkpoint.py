@@ -22,7 +22,7 @@ from callbacks.lightning_compat import (
     every_n_train_steps,
     mark_saved_at,
     save_last,
-    saved_last_in_this_fit,
+    saved_last_at,
     should_save_on_exception,
     should_skip_saving,
     stops_after_this_step,
@@ -162,9 +162,11 @@ class LastCheckpoint(ModelCheckpoint):
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Where Lightning writes ``last.ckpt`` when the fit wrote none (an early stop before the first):
-        written by :meth:`_save`, the best checkpoints it no longer records go as well."""
-        if not saved_last_in_this_fit(self):
+        """When the fit ended after its last ``last.ckpt`` (its last epoch, an early stop between two
+        of them): the run's end is the resume point (Lightning writes it only when the fit wrote none;
+        continued, the run trained its last steps again). Written by :meth:`_save`, the best checkpoints
+        it no longer records go as well."""
+        if not saved_last_at(self, trainer.global_step):
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:

@@ -165,10 +165,10 @@ def accumulating(trainer: L.Trainer) -> bool:
     return trainer.fit_loop.epoch_loop._should_accumulate()
 
 
-def saved_last_in_this_fit(callback: ModelCheckpoint) -> bool:
-    """Whether ``callback`` wrote its ``last.ckpt`` in this fit (Lightning writes it when the fit ends
-    otherwise)."""
-    return bool(callback._last_checkpoint_saved)
+def saved_last_at(callback: ModelCheckpoint, step: int) -> bool:
+    """Whether ``callback`` wrote its ``last.ckpt`` in this fit, at ``step`` (Lightning writes it when
+    the fit ends only if the fit wrote none)."""
+    return bool(callback._last_checkpoint_saved) and callback._last_global_step_saved == step
 
 
 def mark_saved_at(callback: ModelCheckpoint, step: int) -> None:

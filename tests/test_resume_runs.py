@@ -244,10 +244,13 @@ def test_a_sigterm_at_an_epochs_end_resumes_into_the_next_epoch(tmp_path, uninte
 def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
     """The stop after the last epoch of a ``max_epochs`` run keeps the state Lightning ends a fit
     with (review: rewritten as a step's end, the rerun saved its steps one short, and a run continued
-    with more epochs logged each step one too early)."""
+    with more epochs logged each step one too early). So does the uninterrupted run: before, its
+    last.ckpt stayed at its last multiple of ``last_every_n_steps`` (30 of 32), and continued, it
+    trained steps 30-32 again."""
     tiny = [
-        "experiment=tiny",
+        "experiment=tiny",  # 16 steps an epoch
         "trainer.max_steps=-1",
+        "callbacks.checkpoint.last_every_n_steps=10",
         "logger.tensorboard=false",
         "callbacks.refinement_trace=0",
     ]
@@ -256,9 +259,15 @@ def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
     def run(*argv: str) -> int:
         return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True).returncode
 
+    def saved_step(output_dir: Path) -> int:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+
     stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
     assert run("-c", EPOCH_END_SIGTERM, "1", *epochs, f"output_dir={stopped}") == 128 + signal.SIGTERM
     for output_dir in (stopped, uninterrupted):
         assert run("train.py", *epochs, f"output_dir={output_dir}") == 0
+        assert saved_step(output_dir) == 32
         assert run("train.py", *more, f"output_dir={output_dir}") == 0
+        assert saved_step(output_dir) == 48
     assert assert_ends_alike(stopped, uninterrupted) == final_state(uninterrupted)[2]
