@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.tokens import IGNORE_INDEX, OFFSET, RETHINK
@@ -49,7 +50,9 @@ class GRPOSpec(Checked):
     head. ``credit``: which advantage a chosen token gets, ``answer``'s (every token the same, as
     published) or its ``step``'s: the first coarse segment's tokens are rewarded as if that segment
     were the answer, each refinement round's tokens as if the segment it refines to were (needs
-    ``constrained``). ``enabled`` turns the stage on."""
+    ``constrained``). ``disable_dropout``: dropout off in the policy (TRL's key; its default is
+    False), so the sampled answers, their scores and the KL reference see one model and the first
+    step's ratio is 1. ``enabled`` turns the stage on."""
 
     enabled: bool = False
     G: int = checked(8, integer(2))
@@ -63,6 +66,7 @@ class GRPOSpec(Checked):
     constrained: bool = True
     aux: str = checked("train", one_of(*AUX_MODES))
     credit: str = checked("answer", one_of(*CREDITS))
+    disable_dropout: bool = True
 
     def relations(self) -> Iterator[str]:
         if self.credit == "step" and not self.constrained:
@@ -90,6 +94,16 @@ class Rollout:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+
+
+def without_dropout(model: nn.Module) -> None:
+    """Every dropout of ``model`` set to 0: its ``nn.Dropout`` layers (LoRA's, GPT-2's) and the
+    attention dropout that Hugging Face attention layers apply by a rate they keep (Llama, Qwen2)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def choices_made(automaton: list[dict[int, int]], answer: list[int]) -> list[tuple[int, list[int]]]:
@@ -137,6 +151,8 @@ class GRPOModule(GroundingModule):
             layout_automaton(self.codec.slots(), self.codec.end_id) if grpo.constrained else None
         )
         self._markers = set(self.tokenizer.convert_tokens_to_ids([OFFSET, RETHINK]))
+        if grpo.disable_dropout:
+            without_dropout(self.model)
 
     def keep_reference(self) -> None:
         """Freeze a copy of the model as it is now as the KL's reference (none when beta is 0), the

@@ -25,6 +25,7 @@ from lightning_modules.decoding import InferenceSpec
 from lightning_modules.generation import Sampling
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
 from lightning_modules.grpo_module import GRPOModule, GRPOSpec, choices_made, segment_steps
+from lightning_modules.language_model import LoraSpec
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.slot_logits_processor import layout_automaton
 from tests import helpers
@@ -49,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LOGGED = ("reward_mean", "reward_std", "no_signal", "kl", "clip_fraction", "sampled_iou", "answer_length")
 
 
-def grpo_module(**spec) -> GRPOModule:
-    base = helpers.module()
+def grpo_module(lora: LoraSpec | None = None, **spec) -> GRPOModule:
+    base = helpers.module(lora=lora)
     module = GRPOModule(
         base.model, base.codec, 1.0, OptimSpec(warmup_steps=1), InferenceSpec(), grpo=GRPOSpec(**spec)
     )
@@ -84,6 +85,19 @@ def test_a_tiny_top_p_keeps_only_the_most_likely_token():
     scores = torch.tensor([[0.0, 2.0, 1.0, -torch.inf]] * 50)
     assert Sampling(1.0, top_p=1e-6)(scores).eq(1).all()
     assert set(Sampling(1.0, top_p=1.0)(scores).tolist()) == {0, 1, 2}  # never the disallowed one
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_without_dropout_the_first_ratio_is_1_and_the_kl_starts_at_0(disable_dropout):
+    """Before (review): LoRA's dropout stayed on while sampling and scoring, off in the reference."""
+    module = grpo_module(LoraSpec(dropout=0.5), G=2, num_iterations=2, disable_dropout=disable_dropout)
+    for name, weight in module.model.named_parameters():
+        if "lora_B" in name:  # a trained LoRA (initialised, its B is 0: its dropout changes nothing)
+            weight.data.normal_()
+    module.keep_reference()
+    rollout = module.train().rollout(helpers.batch(n=2))
+    logp = module.token_logps(module.model, rollout)[0]
+    assert torch.equal(logp, rollout.old_logp) == torch.equal(logp, rollout.ref_logp) == disable_dropout
 
 
 # ---- the loss ---------------------------------------------------------------------------------------

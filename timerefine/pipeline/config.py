@@ -229,6 +229,7 @@ UNTIL_ADDED = {
     "model.saliency.projector_steps": 0,
     "callbacks.early_stopping.mode": "min",
     "model.lm.video_whitespace": "folded",
+    "grpo.disable_dropout": False,
 }
 
 
