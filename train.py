@@ -5,7 +5,10 @@ The command-line entry point; the code is in timerefine/train.py (also installed
 
 import sys
 
-from timerefine.train import main
+from callbacks.slurm_signal import requeue_outside_training
+
+requeue_outside_training()  # before the heavy imports: SLURM's signal may come while they load
+from timerefine.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,29 +2,23 @@
 ranks agree on (:class:`StepBoundaryStop`), where every rank saves ``hpc_ckpt_<n>.ckpt`` in the run
 directory (``last.ckpt`` is saved at that step too) and rank 0 runs ``scontrol requeue``. The requeued job
 resumes from that checkpoint (``resume=auto``) exactly: training stops without the validation that
-Lightning runs when ``should_stop`` is set.
+Lightning runs when ``should_stop`` is set. Before and after training the signal requeues the job at
+once (callbacks/slurm_signal.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
+from callbacks.slurm_signal import REQUEUE_SIGNAL, requeue_failure, slurm_job_id
 from callbacks.step_boundary import StepBoundaryStop
 
 log = logging.getLogger(__name__)
-
-
-def slurm_job_id() -> str:
-    """The id ``scontrol requeue`` needs: ``<array job>_<task>`` for array tasks."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
 
 
 def hpc_checkpoints(directory: Path) -> dict[int, Path]:
@@ -34,18 +28,6 @@ def hpc_checkpoints(directory: Path) -> dict[int, Path]:
 
 def next_hpc_checkpoint(directory: Path) -> Path:
     return directory / f"hpc_ckpt_{max(hpc_checkpoints(directory), default=0) + 1}.ckpt"
-
-
-def requeue_failure(job: str) -> str | None:
-    """Run ``scontrol requeue job``; why it failed (its exit status and last line), None once requeued."""
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-    except OSError as error:
-        return str(error)
-    if done.returncode == 0:
-        return None
-    lines = (done.stderr or done.stdout).strip().splitlines()
-    return f"exit status {done.returncode}" + (f": {lines[-1].strip()}" if lines else "")
 
 
 class StoppedForRequeue(Exception):
@@ -60,13 +42,18 @@ class SlurmRequeue(StepBoundaryStop, Checkpoint):
     """A checkpoint callback: placed between the best checkpoint and ``last.ckpt``, it saves after a
     validation has updated the best one, before ``last.ckpt`` is saved."""
 
-    def __init__(self, signum: signal.Signals = signal.SIGUSR1) -> None:
+    def __init__(self, signum: signal.Signals = REQUEUE_SIGNAL) -> None:
         super().__init__()
-        self.signum, self.stopped = signum, None
+        self.signum, self.stopped, self._outside = signum, None, signal.SIG_DFL
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            signal.signal(self.signum, self._on_signal)
+            self._outside = signal.signal(self.signum, self._on_signal) or signal.SIG_DFL
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The handler before the fit again: after training, the signal requeues the job at once."""
+        if stage == "fit":
+            signal.signal(self.signum, self._outside)
 
     def stop(self, trainer: L.Trainer) -> None:
         """Every rank saves the HPC checkpoint; rank 0 requeues the job."""
@@ -88,11 +75,13 @@ class SlurmRequeue(StepBoundaryStop, Checkpoint):
         else:
             log.error(
                 "scontrol requeue %s failed (%s): the job is not requeued; %s (step %d) is the resume "
-                "point, the same command continues it",
+                "point: the same train.py command continues it (a job submitted anew, whose run directory "
+                "is another: give it resume=%s)",
                 slurm_job_id(),
                 failure,
                 path,
                 trainer.global_step,
+                path,
             )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import field, fields
 from pathlib import Path
@@ -83,17 +84,22 @@ def a_name(value: Any) -> str | None:
     return None if isinstance(value, str) and value else "must be a non-empty name or path"
 
 
-def not_a_file(value: str) -> str | None:
-    """A directory that may not exist yet, below no file (not empty: that would be the working directory)."""
+def a_writable_folder(value: str) -> str | None:
+    """A directory to write in, which may not exist yet: below no file, in a folder this process may
+    write (not empty: that would be the working directory)."""
     if not value:
         return "must name a directory (empty would write the run into the working directory)"
     path = Path(value)
     existing = next((folder for folder in (path, *path.parents) if folder.exists()), path)
-    if not existing.exists() or existing.is_dir():
+    if not existing.exists():
         return None
-    if existing == path:
+    if existing == path and not existing.is_dir():
         return f"{value} exists and is not a directory"
-    return f"{existing} is a file, so no directory can be made below it"
+    if not existing.is_dir():
+        return f"{existing} is a file, so no directory can be made below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable here (no write access, or a read-only file system)"
+    return None
 
 
 def show(value: Any) -> str:

@@ -1,7 +1,9 @@
 """Shared pytest fixtures, and the order pytest-xdist hands out the test files in."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import run  # bound here: a test may replace subprocess.run while the fixture ends
 
 import pytest
 import torch
@@ -61,3 +63,21 @@ def unwritable_folder(tmp_path) -> Path:
     except OSError:
         pass
     pytest.skip(f"{folder}: writable here, so nothing can show a refused write")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Iterator[Path]:
+    """A folder that refuses writes before any is tried: a read-only mount for root (whom modes do not
+    stop), else one without write permission; skipped where root may not mount."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid():
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]
+    if run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("root may not mount a read-only folder here")
+    yield folder
+    run(["umount", str(folder)], check=True)

@@ -99,7 +99,10 @@ def test_requeued_run_resumes_to_the_uninterrupted_runs_end(tmp_path, uninterrup
         assert "scontrol requeue 77 failed (exit status 1: scontrol: error: Requeue of job not allowed)" in (
             stopped.stderr
         )
-        assert "the same command continues it" in stopped.stderr
+        assert (
+            f"the same train.py command continues it (a job submitted anew, whose run directory is another: give it resume={output_dir / 'hpc_ckpt_1.ckpt'})"
+            in stopped.stderr
+        )
     else:
         assert "the requeued job 77 resumes from it" in stopped.stderr
     hpc = torch.load(output_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
@@ -112,3 +115,49 @@ def test_requeued_run_resumes_to_the_uninterrupted_runs_end(tmp_path, uninterrup
     expected_metrics, expected_rows, expected_names = outcome(uninterrupted)
     assert (metrics, names) == (expected_metrics, expected_names)
     assert rows == expected_rows
+
+
+# Sends SIGUSR1 to the run itself before its fit (as its data is read) or after it (in its final validation).
+OUTSIDE_TRAINING = """
+import os, signal, sys
+from datamodules.datamodule import GroundingDataModule
+from lightning_modules.grounding_module import GroundingModule
+from timerefine import train
+if sys.argv[1] == "before":
+    setup = GroundingDataModule.setup
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return setup(self, *args, **kwargs)
+    GroundingDataModule.setup = signalled
+else:
+    step = GroundingModule.validation_step
+    def signalled(self, batch, batch_idx):
+        if self.trainer.state.fn == "validate" and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(self, batch, batch_idx)
+    GroundingModule.validation_step = signalled
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("when", "scontrol_status"), [("before", 0), ("after", 0), ("after", 1)])
+def test_the_signal_outside_training_requeues_the_job_at_once(tmp_path, uninterrupted, when, scontrol_status):
+    """Before (review): the signal before the fit ended the process (the job failed, not requeued), and
+    after it was only noted, so the job ran into its time limit. Now the job is requeued at once; where
+    the requeue fails, it runs on."""
+    output_dir, env = tmp_path / "run", slurm_env(tmp_path, scontrol_status)
+    signalled = train(output_dir, env, "-c", OUTSIDE_TRAINING, when)
+    assert signalled.returncode == 0, signalled.stderr[-4000:]
+    if scontrol_status:
+        assert "scontrol requeue 77 failed (exit status 1" in signalled.stderr
+        assert outcome(output_dir) == outcome(uninterrupted)  # it ran on to its end
+        return
+    assert "requeued job 77 at once" in signalled.stderr
+    assert not (output_dir / "metrics.json").exists()
+    trained = (output_dir / "checkpoints").exists()
+    assert trained == (when == "after")
+    requeued = train(output_dir, env, "train.py")
+    assert requeued.returncode == 0, requeued.stderr[-4000:]
+    assert ("resuming from" in requeued.stderr) == trained
+    assert outcome(output_dir) == outcome(uninterrupted)

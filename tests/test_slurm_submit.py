@@ -172,7 +172,8 @@ def test_unknown_array_index_fails(tmp_path: Path) -> None:
         ({"gpus_per_node": 8, "tasks_per_node": 2}, "one task per GPU"),
         ({"time": "1:2:3:4"}, "bad time"),
         ({"time": "1h"}, "bad time"),
-        ({"time": "1"}, "fires before"),
+        ({"time": "1"}, "may come 150 s before the time limit"),
+        ({"time": "2:30"}, "which --time 2:30 does not exceed"),  # was accepted (review)
         ({"mem": "lots"}, "bad mem"),
         ({"signal": "B:USR1@90"}, "bad signal"),
         ({"signal": "USR2@90"}, "bad signal"),
@@ -229,6 +230,23 @@ def test_overrides_are_checked_before_anything_is_submitted(
     assert slurm_submit.main([*dry_run, "--", "experiment=tiny", "model.lm.dtype=bfloat16"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("config error: model.lm.dtype=bfloat16 with")
+
+
+@pytest.mark.parametrize("flag", ["--log-dir", "--runs-dir"])
+def test_folders_the_job_cannot_write_are_refused_before_it_queues(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, read_only_folder: Path, flag: str
+) -> None:
+    """Before (review): the log folder's OSError exited 1; a read-only runs folder queued the job, which
+    failed with a traceback once it ran."""
+
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the job must not reach sbatch")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    folder = read_only_folder / "sub"
+    assert slurm_submit.main([flag, str(folder), "--", "experiment=tiny"]) == 2
+    reason = f"{read_only_folder} is not writable here (no write access, or a read-only file system)"
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {flag} {folder}: {reason}"]
 
 
 def test_submit_parses_job_id(tmp_path: Path) -> None:

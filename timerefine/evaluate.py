@@ -33,7 +33,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from grounding.checks import not_a_file
+from grounding.checks import a_writable_folder
 from timerefine.inference.video_features import InputError, encoder_change_error
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         ckpt = checkpoint_path(args.run_dir, args.ckpt)
-        if reason := not_a_file(output_dir):
+        if reason := a_writable_folder(output_dir):
             raise FileExistsError(f"--name {args.name}: {reason}")
         rank_zero_only(print)(f"checkpoint: {ckpt}")
         evaluate(cfg, args.run_dir, ckpt, output_dir)

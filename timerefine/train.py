@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.slurm_requeue import StoppedForRequeue, requeue_stop
+from callbacks.slurm_signal import requeue_outside_training
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best
@@ -132,6 +133,7 @@ def stopped(cfg: DictConfig, how: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    requeue_outside_training()  # also as timerefine-train (train.py has set it before its imports)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
     if "--cfg" in argv and argv[argv.index("--cfg") + 1 :][:1] != ["job"]:

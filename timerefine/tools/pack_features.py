@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.feature_stores import PACKED_META, FolderFeatureStore
-from grounding.checks import not_a_file
+from grounding.checks import a_writable_folder
 from grounding.records import FeatureError
 from timerefine.inference.frame_encoder import ENCODER_RECORD
 from timerefine.inference.video_features import EncoderSpec
@@ -74,7 +74,7 @@ def pack_folder(
     encoder = src / ENCODER_RECORD  # copied: a run trained on the packed features encodes videos alike
     if encoder.is_file():
         EncoderSpec.read(encoder)  # an InputError (a ValueError) names it
-    if reason := not_a_file(str(dst)):
+    if reason := a_writable_folder(str(dst)):
         raise FileExistsError(f"{reason}; pack into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; pack into a new folder")

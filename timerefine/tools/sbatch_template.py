@@ -52,6 +52,9 @@ class JobSpec:
         return self.gpus_per_node if self.gpus_per_node > 0 else self.tasks_per_node
 
 
+SIGNAL_RESOLUTION = 60  # seconds: SLURM may send --signal this much earlier than asked (man sbatch)
+
+
 def _split_top_level(value: str) -> list[str]:
     """Split ``value`` on commas that are not inside brackets, braces, parentheses or quotes."""
     parts, depth, quote, start = [], 0, "", 0
@@ -132,8 +135,12 @@ def validate(spec: JobSpec) -> None:
                 f"bad signal {spec.signal!r}; use USR1@<seconds>: train.py requeues on SIGUSR1, which must "
                 "reach the srun tasks (B: would only reach the batch shell)"
             )
-        if int(match.group(3)) >= _seconds(spec.time):
-            raise ValueError(f"signal {spec.signal} fires before the job starts: time limit is {spec.time}")
+        if (early := int(match.group(3)) + SIGNAL_RESOLUTION) >= _seconds(spec.time):
+            raise ValueError(
+                f"signal {spec.signal} may come {early} s before the time limit (SLURM sends it up to "
+                f"{SIGNAL_RESOLUTION} s early), which --time {spec.time} does not exceed: the job would "
+                "be requeued before it trains"
+            )
     for item in spec.overrides:
         if item.partition("=")[0].lstrip("+~") in RESERVED_KEYS:
             raise ValueError(

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from callbacks.global_batch import accumulation
+from grounding.checks import a_writable_folder
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.schema import half_weights_trained
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
+    for flag, folder in (("--log-dir", spec.log_dir), ("--runs-dir", spec.runs_dir)):
+        if reason := a_writable_folder(str(Path(spec.workdir or ".") / folder)):  # else the job fails
+            print(f"error: {flag} {folder}: {reason}", file=sys.stderr)
+            return 2
     try:
         job_id = submit(script, spec)
     except (OSError, RuntimeError) as err:

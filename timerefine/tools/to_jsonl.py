@@ -18,7 +18,7 @@ from pathlib import Path
 
 from datamodules import activitynet, charades_sta
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport
-from grounding.checks import not_a_file
+from grounding.checks import a_writable_folder
 from grounding.records import GroundingRecord
 from timerefine.pipeline.whole_files import write_whole
 
@@ -53,7 +53,7 @@ def convert(
     """Parse every split first, then write ``out/{split}.jsonl``; returns each split's file and report.
     A file there already is refused (it may hold queries converted under another quirk policy)."""
     out = Path(out)
-    if reason := not_a_file(str(out)):
+    if reason := a_writable_folder(str(out)):
         raise FileExistsError(reason)
     paths = {split: out / f"{split}.jsonl" for split in splits}
     if taken := [str(path) for path in paths.values() if path.exists()]:
