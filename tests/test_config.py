@@ -278,6 +278,11 @@ def test_a_typo_in_an_experiment_is_not_blamed_on_the_data(tmp_path):
     with pytest.raises(ConfigError, match="stepz") as error:
         load_config(["experiment=typo", "data=builtin"], config_dir=conf)
     assert " lack" not in str(error.value)  # before: "... which the other choices lack ..."
+    with pytest.raises(ConfigError) as error:
+        load_config(["experiment=typo"], config_dir=conf)
+    assert str(error.value) == (  # before: Hydra's 'In 'experiment/typo': ConfigKeyError raised ...' (review)
+        "experiment=typo sets model.refine.stepz, which is not a config key (Key 'stepz' not in 'RefineConfig')"
+    )
 
 
 def test_added_keys_that_are_read_are_accepted():

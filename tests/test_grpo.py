@@ -32,7 +32,7 @@ from tests import helpers
 from timerefine import evaluate
 from timerefine.inference.grounder import Grounder
 from timerefine.pipeline.best_checkpoint import checkpoint_path
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.tools.export import main as export_main
 
@@ -288,12 +288,16 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
             ["grpo.credit=step", "grpo.constrained=false", "init_from_run=RUN"],
             "credit=step needs constrained=true",
         ),
+        (  # was: 'trainer.max_steps=4 leaves no step for the LM after ...' (review)
+            ["model.saliency.projector_steps=5", "init_from_run=RUN"],
+            "model.saliency.projector_steps must be 0 with grpo.enabled=true",
+        ),
     ],
 )
 def test_grpo_config_mistakes_name_the_key(supervised, overrides, message):
     given = [*GRPO, *(o.replace("RUN", str(supervised)) for o in overrides)]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
-        load_config(given)
+        train_config(given)
 
 
 def test_gradient_accumulation_is_refused_before_anything_is_written(supervised, tmp_path, capsys):

@@ -184,6 +184,8 @@ def _one_line(error: Exception, overrides: list[Override]) -> str:
     chosen = COMPOSED_KEY_ERROR.match(text)
     if chosen and data and chosen[4].startswith("data."):  # an experiment made for other data
         return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which data={data} lacks ({chosen[3]})"
+    if chosen:  # a typo in a config file
+        return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which is not a config key ({chosen[3]})"
     if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
         return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
     return text or repr(error)

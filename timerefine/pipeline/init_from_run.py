@@ -119,9 +119,10 @@ def inherit_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                 f"{key}={show(given)}: a run started from init_from_run={run_dir} uses its tokenizer "
                 f"({run_dir / 'tokenizer'}, {key}={show(trained)})"
             )
+    steps = OmegaConf.select(cfg, PROJECTOR_STEPS)
     if not _given(PROJECTOR_STEPS, overrides):
         OmegaConf.update(cfg, PROJECTOR_STEPS, 0)
-    elif 0 < cfg.trainer.max_steps <= (steps := OmegaConf.select(cfg, PROJECTOR_STEPS)):
+    elif 0 < cfg.trainer.max_steps <= steps and not cfg.grpo.enabled:  # GRPO: checked_values refuses any
         raise ConfigError(
             f"trainer.max_steps={cfg.trainer.max_steps} leaves no step for the LM after {PROJECTOR_STEPS}={steps}"
         )
