@@ -268,11 +268,18 @@ def test_submit_parses_job_id(tmp_path: Path) -> None:
     assert (tmp_path / "logs").is_dir()
 
 
-def test_submit_reports_sbatch_failure(tmp_path: Path) -> None:
-    env = fake_bin(tmp_path, "sbatch", 'echo "sbatch: error: invalid partition" >&2; exit 1')
+def test_a_job_sbatch_refuses_is_one_line(tmp_path: Path) -> None:
+    """Before (review): exit 1 and sbatch's lines as they came, after 'slurm_submit: sbatch failed (1): '."""
+    refusal = 'echo "sbatch: error: invalid partition specified: nope" >&2'
+    failed = 'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2'
+    env = fake_bin(tmp_path, "sbatch", f"{refusal}; {failed}; exit 1")
     cmd = [sys.executable, "-m", "timerefine.tools.slurm_submit", "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert proc.returncode != 0 and "invalid partition" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: sbatch refused the job (exit status 1): sbatch: error: invalid partition specified: nope; "
+        "sbatch: error: Batch job submission failed: Invalid partition name specified"
+    ]
 
 
 DOCUMENTED_DRY_RUNS = {

@@ -109,7 +109,8 @@ def submit(script: str, spec: JobSpec) -> str:
     proc = subprocess.run(["sbatch"], input=script, capture_output=True, text=True, check=False)
     match = re.search(r"Submitted batch job (\d+)", proc.stdout)
     if proc.returncode != 0 or not match:
-        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        said = "; ".join((proc.stderr.strip() or proc.stdout.strip()).splitlines())
+        raise RuntimeError(f"sbatch refused the job (exit status {proc.returncode}): {said}")
     return match.group(1)
 
 
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         job_id = submit(script, spec)
-    except (OSError, RuntimeError) as err:
-        print(f"slurm_submit: {err}", file=sys.stderr)
+    except RuntimeError as err:  # the partition, account or resources asked for: the user's to fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # no sbatch here
+        print(f"error: {err}", file=sys.stderr)
         return 1
     runs = len(expand_sweep(spec.overrides))
     print(f"Submitted batch job {job_id}" + (f" (array of {runs})" if runs > 1 else ""), file=sys.stderr)
