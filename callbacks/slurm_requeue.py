@@ -85,6 +85,12 @@ class SlurmRequeue(StepBoundaryStop, Checkpoint):
             )
 
 
+def requeue_pending(callbacks: list[L.Callback]) -> bool:
+    """Whether the signal came after the fit's last step boundary (in its last validation or at its
+    end), so that no step acted on it."""
+    return any(isinstance(c, SlurmRequeue) and c.signalled and not c.stopping for c in callbacks)
+
+
 def requeue_stop(callbacks: list[L.Callback]) -> StoppedForRequeue | None:
     """How a fit that :class:`SlurmRequeue` stopped ends; None when none did."""
     return next((c.stopped for c in callbacks if isinstance(c, SlurmRequeue) and c.stopped), None)

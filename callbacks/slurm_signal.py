@@ -14,6 +14,14 @@ import sys
 from types import FrameType
 
 REQUEUE_SIGNAL = signal.SIGUSR1  # what sbatch_template's --signal sends
+_installed_in: list[int] = []  # the process that set the handler (its DataLoader workers inherit it)
+
+
+def in_slurm_job() -> bool:
+    """Whether Lightning runs this process as a SLURM job (``SLURMEnvironment.detect()``, whose test
+    this repeats without importing Lightning; tests/test_slurm_requeue_runs.py compares the two): only
+    then does :class:`~callbacks.slurm_requeue.SlurmRequeue` take the signal over during training."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def slurm_job_id() -> str:
@@ -37,7 +45,7 @@ def requeue_failure(job: str) -> str | None:
 def requeue_at_once(signum: int, frame: FrameType | None) -> None:
     """Rank 0 requeues the job and exits 0 (SLURM stops the other tasks); if the requeue fails, the job
     runs on, and says so."""
-    if os.environ.get("SLURM_PROCID", "0") != "0":
+    if os.environ.get("SLURM_PROCID", "0") != "0" or os.getpid() not in _installed_in:
         return
     job = slurm_job_id()
     if (failure := requeue_failure(job)) is None:
@@ -56,5 +64,6 @@ def requeue_at_once(signum: int, frame: FrameType | None) -> None:
 
 def requeue_outside_training() -> None:
     """In a SLURM job, have the requeue signal requeue it at once until training takes the signal over."""
-    if "SLURM_JOB_ID" in os.environ:
+    if in_slurm_job():
+        _installed_in[:] = [os.getpid()]
         signal.signal(REQUEUE_SIGNAL, requeue_at_once)

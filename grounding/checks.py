@@ -84,20 +84,26 @@ def a_name(value: Any) -> str | None:
     return None if isinstance(value, str) and value else "must be a non-empty name or path"
 
 
-def a_writable_folder(value: str) -> str | None:
-    """A directory to write in, which may not exist yet: below no file, in a folder this process may
-    write (not empty: that would be the working directory)."""
+def not_a_file(value: str) -> str | None:
+    """A directory that may not exist yet, below no file (not empty: that would be the working directory)."""
     if not value:
         return "must name a directory (empty would write the run into the working directory)"
     path = Path(value)
     existing = next((folder for folder in (path, *path.parents) if folder.exists()), path)
-    if not existing.exists():
+    if not existing.exists() or existing.is_dir():
         return None
-    if existing == path and not existing.is_dir():
+    if existing == path:
         return f"{value} exists and is not a directory"
-    if not existing.is_dir():
-        return f"{existing} is a file, so no directory can be made below it"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    return f"{existing} is a file, so no directory can be made below it"
+
+
+def a_writable_folder(value: str) -> str | None:
+    """:func:`not_a_file`, in a folder this process may write: checked where something is about to be
+    written (a config names folders that other machines or a finished run's reader never write)."""
+    if reason := not_a_file(value):
+        return reason
+    existing = next((folder for folder in (Path(value), *Path(value).parents) if folder.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable here (no write access, or a read-only file system)"
     return None
 

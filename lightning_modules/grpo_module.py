@@ -97,13 +97,15 @@ class Rollout:
 
 
 def without_dropout(model: nn.Module) -> None:
-    """Every dropout of ``model`` set to 0: its ``nn.Dropout`` layers (LoRA's, GPT-2's) and the
-    attention dropout that Hugging Face attention layers apply by a rate they keep (Llama, Qwen2)."""
+    """Every dropout of ``model`` set to 0: its ``nn.Dropout`` layers (LoRA's, GPT-2's) and the rates
+    Hugging Face layers keep to call dropout with (``attention_dropout``: Llama, Qwen2; ``dropout``,
+    ``activation_dropout``: OPT)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def choices_made(automaton: list[dict[int, int]], answer: list[int]) -> list[tuple[int, list[int]]]:

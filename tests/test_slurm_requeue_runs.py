@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from callbacks.slurm_signal import in_slurm_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = {
@@ -117,7 +120,8 @@ def test_requeued_run_resumes_to_the_uninterrupted_runs_end(tmp_path, uninterrup
     assert rows == expected_rows
 
 
-# Sends SIGUSR1 to the run itself before its fit (as its data is read) or after it (in its final validation).
+# Sends SIGUSR1 to the run itself before its fit (as its data is read), at its end (after the last step
+# boundary) or after it (in its final validation).
 OUTSIDE_TRAINING = """
 import os, signal, sys
 from datamodules.datamodule import GroundingDataModule
@@ -129,6 +133,8 @@ if sys.argv[1] == "before":
         os.kill(os.getpid(), signal.SIGUSR1)
         return setup(self, *args, **kwargs)
     GroundingDataModule.setup = signalled
+elif sys.argv[1] == "end":
+    GroundingModule.on_train_end = lambda self: os.kill(os.getpid(), signal.SIGUSR1)
 else:
     step = GroundingModule.validation_step
     def signalled(self, batch, batch_idx):
@@ -141,11 +147,11 @@ sys.exit(train.main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("when", "scontrol_status"), [("before", 0), ("after", 0), ("after", 1)])
+@pytest.mark.parametrize(("when", "scontrol_status"), [("before", 0), ("end", 0), ("after", 0), ("after", 1)])
 def test_the_signal_outside_training_requeues_the_job_at_once(tmp_path, uninterrupted, when, scontrol_status):
     """Before (review): the signal before the fit ended the process (the job failed, not requeued), and
-    after it was only noted, so the job ran into its time limit. Now the job is requeued at once; where
-    the requeue fails, it runs on."""
+    at its end or after it was only noted, so the job ran into its time limit. Now the job is requeued
+    at once; where the requeue fails, it runs on."""
     output_dir, env = tmp_path / "run", slurm_env(tmp_path, scontrol_status)
     signalled = train(output_dir, env, "-c", OUTSIDE_TRAINING, when)
     assert signalled.returncode == 0, signalled.stderr[-4000:]
@@ -156,8 +162,21 @@ def test_the_signal_outside_training_requeues_the_job_at_once(tmp_path, uninterr
     assert "requeued job 77 at once" in signalled.stderr
     assert not (output_dir / "metrics.json").exists()
     trained = (output_dir / "checkpoints").exists()
-    assert trained == (when == "after")
+    assert trained == (when != "before")
     requeued = train(output_dir, env, "train.py")
     assert requeued.returncode == 0, requeued.stderr[-4000:]
     assert ("resuming from" in requeued.stderr) == trained
     assert outcome(output_dir) == outcome(uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "job", [{}, {"SLURM_NTASKS": "1"}, {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "interactive"}, SLURM]
+)
+def test_the_handler_outside_training_is_set_where_lightning_runs_a_slurm_job(monkeypatch, job):
+    """Review: set wherever SLURM_JOB_ID was, it also requeued a job Lightning does not run as one (named
+    bash or interactive) in the middle of training, where no SlurmRequeue takes the signal over."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in job.items():
+        monkeypatch.setenv(name, value)
+    assert in_slurm_job() == SLURMEnvironment.detect()

@@ -111,14 +111,24 @@ def test_an_output_dir_below_a_file_is_a_config_error(train_main, tmp_path, caps
     assert lines == [f"config error: output_dir={output_dir}: {reason}"], lines
 
 
-def test_an_output_dir_on_a_read_only_file_system_is_a_config_error(train_main, read_only_folder, capsys):
+def test_an_output_dir_on_a_read_only_file_system_is_one_line(train_main, read_only_folder, capsys):
     """Before: OSError (read-only file system) as a traceback after the model was built (found by a
     SLURM review: a job's run folder on a read-only mount)."""
     output_dir = read_only_folder / "run"
     assert train_main(["experiment=tiny", f"output_dir={output_dir}"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     reason = f"{read_only_folder} is not writable here (no write access, or a read-only file system)"
-    assert lines == [f"config error: output_dir={output_dir}: {reason}"], lines
+    assert lines == [f"error: output_dir={output_dir}: {reason}"], lines
+
+
+def test_a_read_only_output_dir_is_refused_only_where_a_run_would_write_in_it(
+    train_main, read_only_folder, capsys
+):
+    """Review: as a config rule, the check refused --cfg job, a finished run re-run (nothing to do) and
+    the saved config of a run copied from a machine whose folders are not writable here."""
+    output_dir = read_only_folder / "run"
+    assert train_main(["--cfg", "job", "experiment=tiny", f"output_dir={output_dir}"]) == 0
+    assert f"output_dir: {output_dir}" in capsys.readouterr().out
 
 
 def test_no_test_batches_is_asked_for_with_test_false(train_main, tmp_path):

@@ -18,8 +18,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.best_checkpoint import BestCheckpoint
-from callbacks.slurm_requeue import StoppedForRequeue, requeue_stop
-from callbacks.slurm_signal import requeue_outside_training
+from callbacks.slurm_requeue import StoppedForRequeue, requeue_pending, requeue_stop
+from callbacks.slurm_signal import REQUEUE_SIGNAL, requeue_at_once, requeue_outside_training
+from grounding.checks import a_writable_folder
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best
@@ -53,6 +54,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if finished(cfg, output_dir, checkpoint):
         log.info("%s holds this run finished (metrics.json): nothing to do", output_dir)
         return json.loads((output_dir / "metrics.json").read_text())
+    if reason := a_writable_folder(str(output_dir)):  # found now, not once the data and model are loaded
+        raise ConfigError(f"output_dir={output_dir}: {reason}")
     tokenizer_dir, carried, resumed = output_dir / "tokenizer", None, None
     if checkpoint is not None:
         resumed = checkpoint_file(checkpoint, output_dir)
@@ -89,6 +92,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if (requeue := requeue_stop(trainer.callbacks)) is None:
             raise
         raise requeue from None
+    if requeue_pending(trainer.callbacks):  # no step boundary was left to act on it
+        requeue_at_once(REQUEUE_SIGNAL, None)
     metrics: dict[str, float] = {"global_step": trainer.global_step}
     kept = [c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)]
     evaluated = (kept[0] or None) if kept and cfg.callbacks.checkpoint.monitor else None  # or final weights

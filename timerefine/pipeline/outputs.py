@@ -57,10 +57,11 @@ def clean_number(value: float) -> float | None:
 
 
 def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
-    """Flat ``metrics.json`` (percent values), keys sorted, floats without float32 noise."""
+    """Flat ``metrics.json`` (percent values), keys sorted, floats without float32 noise; whole or not
+    at all (a run that has one is finished: a part left by a kill would end it)."""
     path = output_dir / "metrics.json"
     clean = {k: (clean_number(v) if isinstance(v, float) else v) for k, v in sorted(metrics.items())}
-    path.write_text(json.dumps(clean, indent=2) + "\n")
+    write_whole(path, json.dumps(clean, indent=2) + "\n")
     return path
 
 
