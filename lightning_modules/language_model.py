@@ -75,6 +75,10 @@ class LoraSpec(Checked):
     dropout: float = checked(0.05, PROBABILITY)
     target_modules: list[str] = checked([ALL_LINEAR], items(a_name, 1))
 
+    def relations(self) -> Iterator[str]:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            yield f"target_modules: {ALL_LINEAR} stands alone (it takes every linear layer); give it or names"
+
 
 def pretrained_source(value: str) -> str | None:
     """A Hugging Face name, a local folder that exists, or a GGUF or package file that exists (a path
@@ -196,10 +200,42 @@ def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary
             weight[token_ids] = weight[:vocabulary_size][others].float().mean(0).to(weight.dtype)
 
 
+class LoraTargetError(ValueError):
+    """``model.lora.target_modules`` names a layer the LM lacks, or one LoRA cannot adapt here."""
+
+
+def check_lora_targets(model: PreTrainedModel, targets: list[str], token_ids: list[int]) -> None:
+    """Each of ``targets`` (peft's names: a module's name or its last parts) names a layer of ``model``
+    (peft drops the names that match none when another matches), and none the embedding or output layer
+    whose ``token_ids`` rows train already."""
+    names = [name for name, _ in model.named_modules()]
+    found = {t: [n for n in names if n == t or n.endswith(f".{t}")] for t in targets if t != ALL_LINEAR}
+    if missing := [t for t, matched in found.items() if not matched]:
+        raise LoraTargetError(
+            f"model.lora.target_modules: no layer of {type(model).__name__} is named {', '.join(missing)} "
+            f"(its linear layers end in: {', '.join(sorted(linear_layer_names(model)))})"
+        )
+    embedded = set(embedding_layers(model)) if token_ids else set()
+    if taken := [t for t, matched in found.items() if embedded & set(matched)]:
+        raise LoraTargetError(
+            f"model.lora.target_modules: {', '.join(taken)} is an embedding or output layer, whose "
+            "grounding-token rows train already; LoRA adapts the layers inside the LM"
+        )
+
+
+def linear_layer_names(model: PreTrainedModel) -> set[str]:
+    """The last parts of the names of ``model``'s linear layers but its output layer (what
+    ``target_modules`` may name)."""
+    output = set(embedding_layers(model))
+    linear = (name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+    return {name.rsplit(".", 1)[-1] for name in linear if name not in output}
+
+
 def apply_lora(model: PreTrainedModel, spec: LoraSpec, token_ids: list[int]) -> PreTrainedModel:
     """Wrap ``model`` with LoRA; base weights freeze, the input and output rows of ``token_ids`` (the
     new tokens', or none) stay trainable (with tied embeddings peft trains the one matrix's rows for both)."""
     modules = list(spec.target_modules)
+    check_lora_targets(model, modules, token_ids)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

@@ -38,6 +38,16 @@ DIRECT = "a direct answer (model.refine.steps=0) has no <OFFSET>"
             ],
         ),
         (["model.lm.video_whitespace=folded"], []),
+        (  # before (review): ignored without a word
+            ["experiment=smollm2", "model.lm.tiny.hidden_size=256", "model.lm.tokenizer_vocab_size=500"],
+            [
+                "model.lm.tiny.hidden_size=256 is not read: a pretrained LM (model.lm.name_or_path) has "
+                "its own size",
+                "model.lm.tokenizer_vocab_size=500 is not read: it sizes the BPE trained on the data, made "
+                "only without model.lm.name_or_path and model.lm.tokenizer",
+            ],
+        ),
+        (["model.lm.tiny.hidden_size=64", "model.lm.tokenizer_vocab_size=500"], []),
         # what the user did not set is not theirs to fix (review: the schema's aux weight at K=0, an
         # experiment's LoRA keys with the LoRA that model.lm.weights=random must turn off)
         (["model.refine.steps=0"], []),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from grounding.answer_format.tokens import MARKERS
-from lightning_modules.language_model import LoraSpec, grounding_token_ids
+from grounding.checks import SpecError
+from lightning_modules.language_model import LoraSpec, LoraTargetError, grounding_token_ids
 from tests import helpers
 
 
@@ -46,3 +50,25 @@ def test_lora_freezes_the_base_and_trains_adapters_and_grounding_rows():
     for name, p in lm.named_parameters():
         if name in frozen_before:
             assert torch.equal(p, frozen_before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (["q_proj", "nonexistent"], "no layer of LlamaForCausalLM is named nonexistent (its linear layers"),
+        (["dense"], "no layer of LlamaForCausalLM is named dense"),
+        (["lm_head"], "lm_head is an embedding or output layer, whose grounding-token rows train already"),
+        (["embed_tokens"], "embed_tokens is an embedding or output layer"),
+    ],
+)
+def test_lora_targets_the_lm_lacks_or_cannot_adapt_are_named(targets, message):
+    """Before (review): a name that matched nothing was dropped when another matched (q_proj alone
+    trained); with none matching, or the output layer named, peft raised a traceback."""
+    with pytest.raises(LoraTargetError, match=re.escape(message)):
+        helpers.module(refine_steps=1, lora=LoraSpec(target_modules=targets))
+
+
+def test_all_linear_stands_alone():
+    """Before (review): [all-linear, q_proj] trained q_proj only."""
+    with pytest.raises(SpecError, match="all-linear stands alone"):
+        LoraSpec(target_modules=["all-linear", "q_proj"])

@@ -60,6 +60,16 @@ def test_auto_takes_bf16_only_where_it_is_native(device, capabilities, expected)
     assert choice.reason.startswith("auto: ")
 
 
+def test_fp16_autocast_on_a_cpu_is_recorded_as_the_bf16_lightning_runs():
+    """Before (review): recorded as 16-mixed, while Lightning warned and ran bf16-mixed."""
+    choice = choose_precision("16-mixed", "cpu", probe_of(CPU_WITH_BF16))
+    assert (choice.precision, choice.reason) == (
+        "bf16-mixed",
+        "trainer.precision=16-mixed: a CPU has no fp16 autocast",
+    )
+    assert choose_precision("16-mixed", "cuda", probe_of(AMPERE)).precision == "16-mixed"
+
+
 @pytest.mark.parametrize(
     ("device", "capabilities", "width", "expected"),
     [
@@ -88,7 +98,10 @@ def test_an_explicit_precision_is_used_as_set(requested, device):
     def no_probe() -> Capabilities:
         raise AssertionError("an explicit precision needs no probe")
 
-    assert choose_precision(requested, device, no_probe).precision == requested
+    expected = (
+        "bf16-mixed" if (requested, device) == ("16-mixed", "cpu") else requested
+    )  # as Lightning runs it
+    assert choose_precision(requested, device, no_probe).precision == expected
 
 
 def test_cpu_flags():

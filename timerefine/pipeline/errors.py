@@ -9,6 +9,7 @@ from datamodules.quirks import QuirkError
 from grounding.records import EmptySplitError, FeatureError
 from lightning_modules.base_weights import BaseWeightsError
 from lightning_modules.grpo_module import ReferenceChangedError
+from lightning_modules.language_model import LoraTargetError
 from lightning_modules.optimization import NonFiniteLossError
 from lightning_modules.pretrained import GgufError, MissingModelError, UnusableModelError
 from lightning_modules.released_weights import ReleasedWeightsError
@@ -34,6 +35,7 @@ INPUT_ERRORS = (
     BaseWeightsError,
     MissingModelError,
     UnusableModelError,
+    LoraTargetError,
     GgufError,
     RunStartError,
     StoreMismatchError,

@@ -98,6 +98,8 @@ def choose_precision(
     """``requested`` unless it is ``auto``; for ``auto``, bf16 autocast only where bf16 is native on
     ``device`` (cpu, cuda, ...) by what ``probe`` finds and, on a CPU, the LM is wide enough
     (``tiny_lm_width``: the built-in tiny LM's hidden size; None: a pretrained LM)."""
+    if requested == "16-mixed" and device == "cpu":  # what Lightning runs, so what the run records
+        return PrecisionChoice("bf16-mixed", "trainer.precision=16-mixed: a CPU has no fp16 autocast")
     if requested != AUTO:
         return PrecisionChoice(str(requested), "set by trainer.precision")
     if device not in ("cpu", "cuda"):

@@ -288,6 +288,13 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
         unread |= {f"model.lora.{key}": off for key in model.lora if key not in ("enabled", "inherited")}
     if not cfg.init_from_run:
         unread["model.lora.inherited"] = "no init_from_run"
+    if model.lm.name_or_path:
+        sized = "a pretrained LM (model.lm.name_or_path) has its own size"
+        unread |= {f"model.lm.tiny.{key}": sized for key in model.lm.tiny}
+    if model.lm.name_or_path or model.lm.tokenizer:
+        unread["model.lm.tokenizer_vocab_size"] = (
+            "it sizes the BPE trained on the data, made only without model.lm.name_or_path and model.lm.tokenizer"
+        )
     if model.lm.grounding_tokens == "reference":
         unread["model.lm.video_whitespace"] = "model.lm.grounding_tokens=reference has no <video> token"
     if not model.refine.steps:
