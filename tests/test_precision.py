@@ -60,6 +60,18 @@ def test_auto_takes_bf16_only_where_it_is_native(device, capabilities, expected)
     assert choice.reason.startswith("auto: ")
 
 
+def test_auto_keeps_float16_weights_out_of_a_cpus_bf16_autocast():
+    """Before (review): model.lm.dtype=float16 under auto took bf16-mixed on a CPU with bf16, and the
+    first optimizer step failed (RuntimeError: Unexpected floating ScalarType in at::autocast::prioritize)."""
+    choice = choose_precision("auto", "cpu", probe_of(CPU_WITH_BF16), lm_dtype="float16")
+    assert choice.precision == "32-true" and "float16" in choice.reason
+    assert (
+        choose_precision("auto", "cpu", probe_of(CPU_WITH_BF16), lm_dtype="bfloat16").precision
+        == "bf16-mixed"
+    )
+    assert choose_precision("auto", "cuda", probe_of(AMPERE), lm_dtype="float16").precision == "bf16-mixed"
+
+
 def test_fp16_autocast_on_a_cpu_is_recorded_as_the_bf16_lightning_runs():
     """Before (review): recorded as 16-mixed, while Lightning warned and ran bf16-mixed."""
     choice = choose_precision("16-mixed", "cpu", probe_of(CPU_WITH_BF16))

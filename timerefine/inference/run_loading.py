@@ -79,7 +79,9 @@ class LoadedRun:
         machine as train.py and evaluate.py choose it, any other value is used as trained."""
         requested = str(self.cfg.trainer.precision)
         device, width = self.module.device.type, tiny_lm_width(self.cfg)
-        return choose_precision(requested, device, machine_capabilities, width).precision
+        return choose_precision(
+            requested, device, machine_capabilities, width, self.cfg.model.lm.dtype
+        ).precision
 
     @property
     def language_model_prefix(self) -> str:

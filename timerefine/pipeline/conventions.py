@@ -34,7 +34,8 @@ def tiny_lm_width(cfg: DictConfig) -> int | None:
 
 def run_precision(cfg: DictConfig) -> PrecisionChoice:
     """What ``trainer.precision`` (``auto`` or a Lightning value) gives on this machine, and why."""
-    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, tiny_lm_width(cfg))
+    trainer = cfg.trainer
+    return resolve_precision(trainer.precision, trainer.accelerator, tiny_lm_width(cfg), cfg.model.lm.dtype)
 
 
 def recorded_conventions(cfg: DictConfig) -> dict[str, str]:

@@ -93,11 +93,16 @@ def device_type(accelerator: str) -> str:
 
 
 def choose_precision(
-    requested: str, device: str, probe: Callable[[], Capabilities], tiny_lm_width: int | None = None
+    requested: str,
+    device: str,
+    probe: Callable[[], Capabilities],
+    tiny_lm_width: int | None = None,
+    lm_dtype: str = "float32",
 ) -> PrecisionChoice:
     """``requested`` unless it is ``auto``; for ``auto``, bf16 autocast only where bf16 is native on
     ``device`` (cpu, cuda, ...) by what ``probe`` finds and, on a CPU, the LM is wide enough
-    (``tiny_lm_width``: the built-in tiny LM's hidden size; None: a pretrained LM)."""
+    (``tiny_lm_width``: the built-in tiny LM's hidden size; None: a pretrained LM) and its weights
+    (``lm_dtype``, ``model.lm.dtype``) are not float16, which a CPU's bf16 autocast cannot mix."""
     if requested == "16-mixed" and device == "cpu":  # what Lightning runs, so what the run records
         return PrecisionChoice("bf16-mixed", "trainer.precision=16-mixed: a CPU has no fp16 autocast")
     if requested != AUTO:
@@ -109,6 +114,10 @@ def choose_precision(
         if capabilities.cuda_bf16:
             return PrecisionChoice("bf16-mixed", "auto: the CUDA device computes bf16 natively")
         return PrecisionChoice("32-true", "auto: the CUDA device has no native bf16 (before Ampere)")
+    if lm_dtype == "float16":
+        return PrecisionChoice(
+            "32-true", "auto: the LM's weights are float16, which a CPU's bf16 autocast cannot mix"
+        )
     if not capabilities.cpu_bf16:
         return PrecisionChoice(
             "32-true", "auto: this CPU has no AVX-512 BF16 or AMX-BF16, so bf16 would be emulated (slower)"
@@ -127,7 +136,10 @@ def choose_precision(
     return PrecisionChoice("bf16-mixed", f"auto: this CPU computes bf16 natively ({found})")
 
 
-def resolve_precision(requested: str, accelerator: str, tiny_lm_width: int | None = None) -> PrecisionChoice:
+def resolve_precision(
+    requested: str, accelerator: str, tiny_lm_width: int | None = None, lm_dtype: str = "float32"
+) -> PrecisionChoice:
     """The precision that ``trainer.precision`` and ``trainer.accelerator`` give on this machine for
     an LM as in :func:`choose_precision`."""
-    return choose_precision(requested, device_type(str(accelerator)), machine_capabilities, tiny_lm_width)
+    device = device_type(str(accelerator))
+    return choose_precision(requested, device, machine_capabilities, tiny_lm_width, lm_dtype)
