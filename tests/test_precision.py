@@ -21,6 +21,7 @@ from timerefine.pipeline.build import build_datamodule, build_module, build_trai
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.precision import (
     Capabilities,
+    PrecisionError,
     choose_precision,
     cpu_bf16_instructions,
     cpu_kernel_limit,
@@ -60,16 +61,30 @@ def test_auto_takes_bf16_only_where_it_is_native(device, capabilities, expected)
     assert choice.reason.startswith("auto: ")
 
 
-def test_auto_keeps_float16_weights_out_of_a_cpus_bf16_autocast():
+@pytest.mark.parametrize(("device", "capabilities"), [("cpu", CPU_WITH_BF16), ("cuda", AMPERE)])
+def test_auto_keeps_float16_weights_out_of_bf16_autocast(device, capabilities):
     """Before (review): model.lm.dtype=float16 under auto took bf16-mixed on a CPU with bf16, and the
-    first optimizer step failed (RuntimeError: Unexpected floating ScalarType in at::autocast::prioritize)."""
-    choice = choose_precision("auto", "cpu", probe_of(CPU_WITH_BF16), lm_dtype="float16")
+    first optimizer step failed (RuntimeError: Unexpected floating ScalarType in at::autocast::prioritize,
+    which torch raises on any device)."""
+    choice = choose_precision("auto", device, probe_of(capabilities), lm_dtype="float16")
     assert choice.precision == "32-true" and "float16" in choice.reason
     assert (
-        choose_precision("auto", "cpu", probe_of(CPU_WITH_BF16), lm_dtype="bfloat16").precision
+        choose_precision("auto", device, probe_of(capabilities), lm_dtype="bfloat16").precision
         == "bf16-mixed"
     )
-    assert choose_precision("auto", "cuda", probe_of(AMPERE), lm_dtype="float16").precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("requested", "device"), [("bf16-mixed", "cpu"), ("bf16-mixed", "cuda"), ("16-mixed", "cpu")]
+)
+def test_a_requested_bf16_autocast_over_float16_weights_is_refused(requested, device):
+    """Before: trainer.precision=bf16-mixed (or 16-mixed on a CPU) with model.lm.dtype=float16 was the
+    same RuntimeError traceback at the first step. A trained run answers in fp32 instead."""
+    with pytest.raises(PrecisionError, match=f"trainer.precision={requested} with model.lm.dtype=float16"):
+        choose_precision(requested, device, probe_of(AMPERE), lm_dtype="float16")
+    answering = choose_precision(requested, device, probe_of(AMPERE), lm_dtype="float16", answering=True)
+    assert answering.precision == "32-true"
+    assert choose_precision("16-mixed", "cuda", probe_of(AMPERE), lm_dtype="float16").precision == "16-mixed"
 
 
 def test_fp16_autocast_on_a_cpu_is_recorded_as_the_bf16_lightning_runs():
@@ -191,6 +206,16 @@ def test_the_grounder_runs_as_evaluate_does(monkeypatch, tmp_path, capabilities,
     assert dtype == expected
 
 
+def test_a_run_trained_with_bf16_autocast_answers_float16_weights_in_fp32(monkeypatch, tmp_path):
+    """A run trained with trainer.precision=16-mixed on a GPU, answering on a CPU (16 -> bf16 there)."""
+    monkeypatch.setattr(run_loading, "machine_capabilities", probe_of(CPU_WITH_BF16))
+    cfg = tiny_config(
+        tmp_path, "trainer.precision=16-mixed", "model.lm.dtype=float16", "model.lora.enabled=true"
+    )
+    run = LoadedRun(cfg, SimpleNamespace(device=torch.device("cpu")), None, tmp_path)
+    assert run.precision == "32-true"
+
+
 EMULATED_AVX2 = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
@@ -262,3 +287,17 @@ def test_a_true_half_precision_run_trains(tmp_path):
     )
     chosen, _ = said_and_recorded(result, tmp_path / "run" / "metrics.json")
     assert chosen == "bf16-true"
+
+
+def test_train_py_refuses_bf16_autocast_over_float16_weights_in_one_line(tmp_path, capsys):
+    """Before: a RuntimeError traceback at the first step, exit 1, after config.yaml was written."""
+    import train
+
+    output_dir = tmp_path / "run"
+    float16 = ["model.lm.dtype=float16", "model.lora.enabled=true", "trainer.precision=bf16-mixed"]
+    assert (
+        train.main(["experiment=tiny", "trainer.accelerator=cpu", *float16, f"output_dir={output_dir}"]) == 2
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: trainer.precision=bf16-mixed with model.lm.dtype=float16"), lines
+    assert not output_dir.exists()

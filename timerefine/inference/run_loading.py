@@ -76,11 +76,12 @@ class LoadedRun:
     @property
     def precision(self) -> str:
         """The run's ``trainer.precision`` on the module's device here: ``auto`` is chosen for this
-        machine as train.py and evaluate.py choose it, any other value is used as trained."""
+        machine as train.py and evaluate.py choose it, any other value is used as trained (but bf16
+        autocast over float16 weights, which answers in fp32)."""
         requested = str(self.cfg.trainer.precision)
         device, width = self.module.device.type, tiny_lm_width(self.cfg)
         return choose_precision(
-            requested, device, machine_capabilities, width, self.cfg.model.lm.dtype
+            requested, device, machine_capabilities, width, self.cfg.model.lm.dtype, answering=True
         ).precision
 
     @property

@@ -16,6 +16,7 @@ from lightning_modules.released_weights import ReleasedWeightsError
 from timerefine.pipeline.build import TokenizerError
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import RunStartError
+from timerefine.pipeline.precision import PrecisionError
 from timerefine.pipeline.previous_run import ChangedSettingsError
 from timerefine.pipeline.resume import CheckpointError
 
@@ -44,4 +45,5 @@ INPUT_ERRORS = (
     TokenizerError,
     ReferenceChangedError,
     QueryControlError,
+    PrecisionError,
 )

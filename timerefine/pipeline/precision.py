@@ -31,6 +31,7 @@ CPU_BF16_FLAGS = {"avx512_bf16": "AVX-512 BF16", "amx_bf16": "AMX-BF16"}
 # LM on an Intel Xeon with AMX: 1.04-1.09 at 128 wide (the default), 0.74 at 256, 0.58 at 512
 # (bench/step_levers.py); SmolLM2 (576) 0.51. Every pretrained LM the project names is wider.
 CPU_BF16_MIN_WIDTH = 256
+FLOAT16_WEIGHTS = "the LM's weights are float16, which bf16 autocast cannot mix"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class Capabilities:
 class PrecisionChoice:
     precision: str
     reason: str
+
+
+class PrecisionError(ValueError):
+    """``trainer.precision`` asks for bf16 autocast over an LM whose weights are float16."""
 
 
 def cpu_bf16_instructions(cpuinfo: str) -> tuple[str, ...]:
@@ -98,13 +103,25 @@ def choose_precision(
     probe: Callable[[], Capabilities],
     tiny_lm_width: int | None = None,
     lm_dtype: str = "float32",
+    answering: bool = False,
 ) -> PrecisionChoice:
     """``requested`` unless it is ``auto``; for ``auto``, bf16 autocast only where bf16 is native on
     ``device`` (cpu, cuda, ...) by what ``probe`` finds and, on a CPU, the LM is wide enough
-    (``tiny_lm_width``: the built-in tiny LM's hidden size; None: a pretrained LM) and its weights
-    (``lm_dtype``, ``model.lm.dtype``) are not float16, which a CPU's bf16 autocast cannot mix."""
-    if requested == "16-mixed" and device == "cpu":  # what Lightning runs, so what the run records
-        return PrecisionChoice("bf16-mixed", "trainer.precision=16-mixed: a CPU has no fp16 autocast")
+    (``tiny_lm_width``: the built-in tiny LM's hidden size; None: a pretrained LM).
+    bf16 autocast cannot mix LM weights in float16 (``lm_dtype``, ``model.lm.dtype``) on any device
+    (torch: "Unexpected floating ScalarType"): ``auto`` takes fp32 then, and a requested bf16 autocast
+    is a PrecisionError, or fp32 when ``answering`` with a trained run."""
+    runs_as = "bf16-mixed" if (requested, device) == ("16-mixed", "cpu") else requested
+    if lm_dtype == "float16" and runs_as in (AUTO, "bf16-mixed"):
+        if runs_as == AUTO or answering:
+            return PrecisionChoice("32-true", f"{requested}: {FLOAT16_WEIGHTS}, so fp32")
+        on_cpu = " (a CPU runs 16-mixed as bf16-mixed)" if runs_as != requested else ""
+        raise PrecisionError(
+            f"trainer.precision={requested} with model.lm.dtype=float16{on_cpu}: {FLOAT16_WEIGHTS}; "
+            "set trainer.precision=32-true (or auto) or model.lm.dtype=bfloat16"
+        )
+    if runs_as != requested:  # what Lightning runs, so what the run records
+        return PrecisionChoice(runs_as, "trainer.precision=16-mixed: a CPU has no fp16 autocast")
     if requested != AUTO:
         return PrecisionChoice(str(requested), "set by trainer.precision")
     if device not in ("cpu", "cuda"):
@@ -114,10 +131,6 @@ def choose_precision(
         if capabilities.cuda_bf16:
             return PrecisionChoice("bf16-mixed", "auto: the CUDA device computes bf16 natively")
         return PrecisionChoice("32-true", "auto: the CUDA device has no native bf16 (before Ampere)")
-    if lm_dtype == "float16":
-        return PrecisionChoice(
-            "32-true", "auto: the LM's weights are float16, which a CPU's bf16 autocast cannot mix"
-        )
     if not capabilities.cpu_bf16:
         return PrecisionChoice(
             "32-true", "auto: this CPU has no AVX-512 BF16 or AMX-BF16, so bf16 would be emulated (slower)"
