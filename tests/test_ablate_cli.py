@@ -76,7 +76,7 @@ def test_runs_go_where_the_caller_points_and_a_failure_is_the_exit_code(tmp_path
         "--variant",
         "good=model.refine.steps=1",
         "--variant",
-        "bad=model.refine.steps=-1",
+        "bad=trainer.devices=0",  # Lightning's refusal, when the run starts
     ]
     assert ablate.main([*argv, "--", *TINY]) == 1
     assert (tmp_path / "abl" / "good" / "seed0" / "metrics.json").is_file()
@@ -98,7 +98,12 @@ def test_a_redefined_variant_is_not_reported_with_its_old_scores(tmp_path, monke
     err = capfd.readouterr().err
     assert "model.refine.steps: 1 -> 2" in err and "error: 1 run(s) failed: abl/K/seed0" in err
     assert "no finished runs under abl" in err  # the K=1 scores are not reported as K=2's
-    longer = [*TINY, "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    longer = [
+        "experiment=tiny",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "logger.tensorboard=false",
+    ]
     assert ablate.main([*run, "K=model.refine.steps=1", "--", *longer]) == 0  # continued, as train.py does
     assert json.loads((tmp_path / "abl" / "K" / "seed0" / "metrics.json").read_text())["global_step"] == 4
 
@@ -137,7 +142,7 @@ def finished_run(out: Path, name: str, overrides: list[str], seed: int, miou: fl
     given = ablate.run_overrides(shared, overrides, seed, run_dir)
     cfg = train_config(given)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (run_dir / "metrics.json").write_text(json.dumps(dict.fromkeys(HEADLINE, miou)))
+    (run_dir / "metrics.json").write_text(json.dumps(dict.fromkeys(HEADLINE, miou) | {"test/queries": 8}))
 
 
 def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, capsys):
@@ -150,11 +155,11 @@ def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, ca
     given = ["--out", str(tmp_path), "--variant", "A=model=direct"]
     assert ablate.main([*given, "--seeds", "1", "--", *TINY]) == 0
     captured = capsys.readouterr()
-    assert "| A | 1 | 2.00 | 2.00 | 2.00 | 2.00 |" in captured.out and "| B |" not in captured.out
+    assert "| A | 1 | 8 | 2.00 | 2.00 | 2.00 | 2.00 |" in captured.out and "| B |" not in captured.out
     assert captured.err == ""
     assert ablate.main([*given, "--seeds", "0", "1", "--report-only", "--", *TINY]) == 0
     captured = capsys.readouterr()
-    assert "| A | 1 | 2.00 |" in captured.out
+    assert "| A | 1 | 8 | 2.00 |" in captured.out
     assert captured.err == f"[left out] {tmp_path / 'A' / 'seed0'}: no run finished with these settings\n"
 
 
@@ -171,15 +176,67 @@ def test_runs_started_from_another_run_are_reported(tmp_path, monkeypatch, capsy
     argv = ["--out", str(tmp_path / "abl"), "--variant", "A=model.optim.lr=1e-4", "--report-only"]
     assert ablate.main([*argv, "--", *shared]) == 0
     captured = capsys.readouterr()
-    assert "| A | 1 | 7.00 |" in captured.out and captured.err == ""
+    assert "| A | 1 | 8 | 7.00 |" in captured.out and captured.err == ""
 
 
-def test_a_config_that_does_not_load_is_named_in_the_report(tmp_path, capsys):
-    """Before: each run was '[left out] ...: no run finished with these settings'."""
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("A=model.refine.stepz=1", "--variant A: model.refine.stepz: Key 'stepz' not in"),
+        ("A=model.refine.steps=abc", "--variant A: model.refine.steps: Value 'abc'"),
+        ("A=model.refine.steps=-1", "--variant A: model.refine.steps=-1: must be"),
+        ("A=model=direct data.batch_size=0", "--variant A: data.batch_size=0: must be"),
+        # before (review): the last value silently won, and K[model.refine.steps=1] ran steps=0
+        ("K=model.refine.steps=1,2 model.refine.steps=0", "--variant K: model.refine.steps given twice"),
+        ("A=model.refine.steps=1 +model.refine.steps=2", "--variant A: model.refine.steps given twice"),
+        ("A=model.refine.steps='1", "--variant A: No closing quotation in"),
+    ],
+)
+@pytest.mark.parametrize("report_only", [[], ["--report-only"]])
+def test_a_grid_point_that_does_not_load_is_refused_before_any_run(
+    monkeypatch, capsys, variant, message, report_only
+):
+    """Before (review): train.py refused each of its runs in turn, exit 1; --report-only said
+    '[left out] ...: no run finished with these settings', naming no key."""
+    monkeypatch.setattr(ablate, "run_train", no_run)
+    argv = ["--out", "abl", "--seeds", "0", "1", "--variant", variant, "--variant", "ok=model=direct"]
+    assert ablate.main([*argv, *report_only, "--", *TINY]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_a_key_given_twice_after_the_separator_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(ablate, "run_train", no_run)
+    assert (
+        ablate.main(["--out", "abl", "--variant", "a=model=direct", "--", *TINY, "trainer.max_steps=3"]) == 2
+    )
+    assert capsys.readouterr().err == "error: after --: trainer.max_steps given twice; give each key once\n"
+
+
+def test_variants_with_the_same_settings_are_noted(tmp_path, capsys):
     finished_run(tmp_path, "A", ["model=direct"], 0, 2.0)
-    argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--report-only", "--", *TINY]
-    assert ablate.main([*argv, "data.batch_size=0"]) == 1
-    assert f"[left out] {tmp_path / 'A' / 'seed0'}: config error: data.batch_size" in capsys.readouterr().err
+    finished_run(tmp_path, "B", ["model=direct"], 0, 2.0)
+    argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--variant", "B=model=direct"]
+    assert ablate.main([*argv, "--report-only", "--", *TINY]) == 0
+    assert capsys.readouterr().err == "note: --variant B runs the same settings as A\n"
+
+
+def test_a_run_without_test_scores_is_left_out_and_not_counted(tmp_path, capsys):
+    """Before (review): a seed finished with test=false counted in 'seeds' (3) while the mean was over
+    the 2 tested ones, and its missing baseline dropped the prior row; all untested: a row of nan, exit 0."""
+    for seed in (0, 1):
+        finished_run(tmp_path, "A", ["model=direct"], seed, 2.0)
+    finished_run(tmp_path, "A", ["model=direct"], 2, 2.0)
+    (tmp_path / "A" / "seed2" / "metrics.json").write_text(json.dumps({"global_step": 2}))
+    argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--report-only"]
+    assert ablate.main([*argv, "--seeds", "0", "1", "2", "--", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "| A | 2 | 8 | 2.00 ± 0.00 |" in captured.out
+    assert (
+        captured.err == f"[left out] {tmp_path / 'A' / 'seed2'}: finished without test scores (test=false)\n"
+    )
+    assert ablate.main([*argv, "--seeds", "2", "--", *TINY]) == 1
+    assert "no finished runs under" in capsys.readouterr().err
 
 
 def test_a_report_without_variants_is_refused(capsys):

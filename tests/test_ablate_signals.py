@@ -30,10 +30,8 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_a_sigterm_stops_the_run_it_reached(tmp_path):
-    """Before: the tool died at once and its train.py ran on alone (a rerun then trained a second
-    process into the same folder)."""
+def started_ablation(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """The tool in a process group of its own, once its run has started training."""
     out = tmp_path / "abl"
     longer = ["experiment=tiny", "trainer.max_steps=5000", "trainer.val_check_interval=5000"]
     command = [
@@ -47,7 +45,12 @@ def test_a_sigterm_stops_the_run_it_reached(tmp_path):
     ]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     tool = subprocess.Popen(
-        [*command, "--", *longer], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        [*command, "--", *longer],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     config = out / "A" / "seed0" / "config.yaml"
     deadline = time.monotonic() + 120
@@ -55,12 +58,33 @@ def test_a_sigterm_stops_the_run_it_reached(tmp_path):
         time.sleep(0.2)
     assert config.is_file(), "the run never started"
     time.sleep(2)  # training
+    return tool, out
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_the_run_it_reached(tmp_path):
+    """Before: the tool died at once and its train.py ran on alone (a rerun then trained a second
+    process into the same folder)."""
+    tool, out = started_ablation(tmp_path)
     tool.send_signal(signal.SIGTERM)
     _, err = tool.communicate(timeout=120)
     assert tool.returncode == ablate.STOPPED_BY_SIGTERM
     assert "stopped by SIGTERM: the same command continues the ablation" in err
     assert processes_naming(str(out)) == []  # no train.py left running
     assert (out / "A" / "seed0" / "checkpoints" / "last.ckpt").is_file()  # its resume point
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_tool_in_one_line_after_its_run(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the tool and its train.py. Before (review):
+    the tool died of it with a KeyboardInterrupt traceback while train.py was saving."""
+    tool, out = started_ablation(tmp_path)
+    os.killpg(tool.pid, signal.SIGINT)
+    _, err = tool.communicate(timeout=120)
+    assert tool.returncode == ablate.INTERRUPTED, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C): the same command continues the ablation"
+    assert processes_naming(str(out)) == []
 
 
 def test_a_report_of_no_run_removes_an_earlier_reports_results(tmp_path, capsys):
@@ -82,4 +106,4 @@ def test_a_report_reads_no_checkpoint(tmp_path, capsys):
     (tmp_path / "A" / "seed0" / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
     argv = ["--out", str(tmp_path), "--variant", "A=model=direct", "--report-only", "--", *TINY]
     assert ablate.main(argv) == 0
-    assert "| A | 1 | 2.00 |" in capsys.readouterr().out
+    assert "| A | 1 | 8 | 2.00 |" in capsys.readouterr().out

@@ -35,7 +35,7 @@ def test_the_table_ends_with_the_baselines_every_run_reports():
     assert summary[0]["test/mIoU"] == 52.0 and summary[0]["test/mIoU std"] == pytest.approx(2 * 2**0.5)
     assert summary[3]["test/mIoU"] == 48.0 and summary[3]["test/mIoU std"] == 0.0
     # before: "3" seeds, the one seed-0 value counted once per variant
-    assert "| best action without the query | 2 | 48.00 ± 0.00 |" in markdown_table(summary)
+    assert "| best action without the query | 2 | ? | 48.00 ± 0.00 |" in markdown_table(summary)
 
 
 def test_variants_on_other_data_get_their_own_baseline():
@@ -58,8 +58,24 @@ def test_a_variant_run_once_states_no_spread():
     summary = summarize([metrics("K2", 0, 50.76), metrics("K3", 0, 50.0), metrics("K3", 1, 52.0)])
     assert summary[0]["test/mIoU std"] is None
     table = markdown_table(summary)
-    assert "| K2 | 1 | 50.76 | 50.76 | 50.76 | 50.76 |" in table
-    assert "| K3 | 2 | 51.00 ± 1.41 |" in table
+    assert "| K2 | 1 | ? | 50.76 | 50.76 | 50.76 | 50.76 |" in table
+    assert "| K3 | 2 | ? | 51.00 ± 1.41 |" in table
+
+
+def test_the_table_says_what_its_spread_is_and_how_many_queries_were_scored():
+    """Before (review): no word that ± is the sample std (n-1), and a run that scored 2 of its 8 test
+    queries (trainer.limit_test_batches) stood in the table as a full evaluation."""
+    full, part = {"test/queries": 8.0, "test/coverage": 100.0}, {"test/queries": 2.0, "test/coverage": 25.0}
+    summary = summarize(
+        [metrics("A", 0, 37.5, **full), metrics("A", 1, 25.0, **full), metrics("B", 0, 9.0, **part)]
+    )
+    table = markdown_table(summary)
+    assert "| A | 2 | 8 | 31.25 ± 8.84 |" in table  # statistics.stdev: n-1
+    assert "Scores: mean ± sample std (n-1) over seeds" in table
+    assert "Partial: B scored 25.0% of its test split's queries (test/coverage)." in table
+    assert "Partial: A" not in table
+    mixed = summarize([metrics("C", 0, 1.0, **full), metrics("C", 1, 1.0, **part)])
+    assert "| C | 2 | 2-8 |" in markdown_table(mixed)
 
 
 def test_a_baseline_some_runs_lack_is_left_out():

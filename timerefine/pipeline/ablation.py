@@ -12,6 +12,7 @@ from grounding.metrics.iou import THRESHOLDS
 HEADLINE = (*(f"test/R1@{t}" for t in THRESHOLDS), "test/mIoU")
 # Query-free references that runs report beside their test scores (metrics.json prefix -> table name).
 BASELINES = {"prior": "prior (best constant segment)", "best_action": "best action without the query"}
+SPREAD = "mean ± sample std (n-1) over seeds; one seed: its value"
 
 
 def run_row(variant: str, seed: int, run_dir: Path) -> dict:
@@ -28,6 +29,18 @@ def run_row(variant: str, seed: int, run_dir: Path) -> dict:
 def step_keys(row: dict) -> list[str]:
     keys = [k for k in row if k.startswith("test/step") and k.endswith("/mIoU")]
     return sorted(keys, key=lambda k: int(k.split("/")[1][4:]))
+
+
+def _queries(runs: list[dict]) -> str:
+    """The test queries scored, as one count or the range the runs span ("?": not recorded)."""
+    counts = sorted({int(run["test/queries"]) for run in runs if run.get("test/queries") is not None})
+    return "?" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def _coverage(runs: list[dict]) -> float | None:
+    """The smallest share (%) of its test split a run scored, None where every run scored it all."""
+    shares = [run["test/coverage"] for run in runs if run.get("test/coverage") is not None]
+    return min(shares) if shares and min(shares) < 100.0 else None
 
 
 def _mean_and_std(entry: dict, key: str, values: list[float]) -> None:
@@ -50,7 +63,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     variants = list(dict.fromkeys(row["variant"] for row in rows))
     for variant in variants:
         runs = [row for row in rows if row["variant"] == variant]
-        entry: dict = {"variant": variant, "seeds": len(runs)}
+        entry: dict = {
+            "variant": variant,
+            "seeds": len(runs),
+            "queries": _queries(runs),
+            "coverage": _coverage(runs),
+        }
         for key in (*HEADLINE, *step_keys(runs[0])):
             _mean_and_std(entry, key, [run[key] for run in runs if run.get(key) is not None])
         summary.append(entry)
@@ -77,7 +95,7 @@ def _baseline_rows(rows: list[dict], prefix: str, name: str, variants: list[str]
     entries = []
     for label, group in groups.items():
         per_seed = {row["seed"]: scores(row) for row in group}
-        entry = {"variant": label, "seeds": len(per_seed)}
+        entry = {"variant": label, "seeds": len(per_seed), "queries": _queries(group), "coverage": None}
         for i, key in enumerate(HEADLINE):
             _mean_and_std(entry, key, [values[i] for values in per_seed.values()])
         entries.append(entry)
@@ -85,18 +103,30 @@ def _baseline_rows(rows: list[dict], prefix: str, name: str, variants: list[str]
 
 
 def markdown_table(summary: list[dict]) -> str:
+    """The table, then what its cells are and which variants scored only part of their test split."""
     lines = [
-        "| variant | seeds | "
+        "| variant | seeds | queries | "
         + " | ".join(k.removeprefix("test/") for k in HEADLINE)
         + " | mIoU per step (coarse -> final) |",
-        "|---" * (len(HEADLINE) + 3) + "|",
+        "|---" * (len(HEADLINE) + 4) + "|",
     ]
     for entry in summary:
-        cells = [_cell(entry, k) for k in HEADLINE]
+        cells = [
+            entry["variant"],
+            str(entry["seeds"]),
+            entry["queries"],
+            *(_cell(entry, k) for k in HEADLINE),
+        ]
         steps = " -> ".join(
             f"{entry[k]:.1f}" for k in entry if k.startswith("test/step") and not k.endswith("std")
         )
-        lines.append(f"| {entry['variant']} | {entry['seeds']} | " + " | ".join(cells) + f" | {steps} |")
+        lines.append("| " + " | ".join(cells) + f" | {steps} |")
+    lines.append(f"\nScores: {SPREAD}.")
+    lines += [
+        f"Partial: {e['variant']} scored {e['coverage']:.1f}% of its test split's queries (test/coverage)."
+        for e in summary
+        if e["coverage"] is not None
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +151,7 @@ def plot(summary: list[dict], path: Path) -> None:
         names, [e["test/mIoU"] for e in summary], yerr=[e["test/mIoU std"] or 0.0 for e in summary], capsize=4
     )
     left.set_ylabel("test mIoU (%)")
-    left.set_title("final mIoU per variant")
+    left.set_title("final mIoU per variant (error bars: sample std)")
     left.tick_params(axis="x", rotation=30)
     most = 0
     for entry in summary:

@@ -11,9 +11,11 @@ settings is skipped, so an interrupted ablation continues where it stopped; any 
 train.py's to continue (``trainer.max_steps`` raised) or to refuse (a variant redefined under its old
 name). The report holds exactly the variants x seeds given, each run finished with its settings;
 other folders under ``--out`` (other seeds, other variants, a refused run's old scores) are left out,
-and a report that holds no run removes the results of an earlier one. A SIGTERM to the tool reaches the
-running train.py, which saves its resume point; the tool then stops (exit 143), and the same command
-continues the ablation.
+and a report that holds no run removes the results of an earlier one. Every grid point's config is
+composed and checked before the first run: a bad key or value is one line naming the variant (exit 2).
+A SIGTERM to the tool reaches the running train.py, which saves its resume point; the tool then stops
+(exit 143), and the same command continues the ablation; so does Ctrl-C (exit 130), which the
+terminal sends to train.py too.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from timerefine.pipeline.ablation import markdown_table, plot, run_row, summarize, write_csv
-from timerefine.pipeline.config import ConfigError
-from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
+from timerefine.pipeline.ablation import HEADLINE, markdown_table, plot, run_row, summarize, write_csv
+from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.errors import INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.previous_run import continued_checkpoint, finished
 from timerefine.pipeline.resume import CheckpointError
@@ -49,10 +51,18 @@ def check_not_owned(overrides: list[str], where: str) -> None:
             raise ValueError(f"{where}: {item} is set by the tool for each run; use {OWNED[key]}")
 
 
+def check_keys_once(overrides: list[str], where: str) -> None:
+    """ValueError naming ``where`` for a key given twice, whose last value would silently win."""
+    keys = [item.partition("=")[0].lstrip("+~") for item in overrides]
+    if twice := sorted({key for key in keys if keys.count(key) > 1}):
+        raise ValueError(f"{where}: {', '.join(twice)} given twice; give each key once")
+
+
 def variants(specs: list[str]) -> dict[str, list[str]]:
     """``name=overrides`` specs (overrides split as a shell splits them), comma lists expanded
     (``name[key=value]`` per expansion, a ``/`` in a value written ``%2F``: one folder). ValueError
-    for a spec without a name, a name that is no folder name, or a name given twice."""
+    for a spec without a name, a name that is no folder name, a name or a key given twice, or
+    overrides a shell would not split."""
     result: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, text = spec.partition("=")
@@ -62,8 +72,12 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
             raise ValueError(
                 f"--variant {name}: a variant's name is its folder's, so no '/' and no leading '.'"
             )
-        overrides = shlex.split(text)
+        try:
+            overrides = shlex.split(text)
+        except ValueError as error:  # an unclosed quote
+            raise ValueError(f"--variant {name}: {error} in {text!r}") from error
         check_not_owned(overrides, f"--variant {name}")
+        check_keys_once(overrides, f"--variant {name}")
         expansions = expand_sweep(overrides)
         for combo in expansions:
             label = (
@@ -75,6 +89,30 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
                 raise ValueError(f"--variant {label}: given twice; each variant needs its own name")
             result[label] = combo
     return result
+
+
+def check_grid(chosen: dict[str, list[str]], shared: list[str], out: Path) -> None:
+    """ValueError naming the variant whose config does not compose or check (as train.py would
+    refuse each of its runs, one by one); a variant started from another run (``init_from_run``,
+    which may be an earlier variant's) is left to train.py."""
+    for name, overrides in chosen.items():
+        given = run_overrides(shared, overrides, 0, out / name / "seed0")
+        if any(item.partition("=")[0].lstrip("+") == "init_from_run" for item in given):
+            continue
+        try:
+            load_config(given)
+        except ConfigError as error:
+            raise ValueError(f"--variant {name}: {error}") from error
+
+
+def same_settings(chosen: dict[str, list[str]]) -> list[str]:
+    """``B runs the same settings as A`` for each variant whose overrides repeat an earlier one's."""
+    seen: dict[frozenset[str], str] = {}
+    notes = []
+    for name, overrides in chosen.items():
+        if (first := seen.setdefault(frozenset(overrides), name)) != name:
+            notes.append(f"--variant {name} runs the same settings as {first}")
+    return notes
 
 
 def run_overrides(shared: list[str], overrides: list[str], seed: int, run_dir: Path) -> list[str]:
@@ -99,12 +137,17 @@ def done(overrides: list[str], run_dir: Path) -> bool:
 
 
 class Stopped(Exception):
-    """A SIGTERM stopped the ablation; the run it reached saved its resume point."""
+    """A SIGTERM or Ctrl-C stopped the ablation; the run it reached saved its resume point."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def run_train(command: list[str]) -> int:
     """Run ``command`` (a train.py run) to its end and return its exit code; a SIGTERM meanwhile is
-    passed on to it (which saves its resume point), then raises :class:`Stopped`."""
+    passed on to it (which saves its resume point), and a Ctrl-C (SIGINT, which the terminal sends to
+    it too) waited for; then raises :class:`Stopped`."""
     signalled: list[int] = []
     children: list[subprocess.Popen] = []
 
@@ -113,16 +156,20 @@ def run_train(command: list[str]) -> int:
         for child in children:
             child.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, pass_on)  # before the child starts: none runs on alone
+    previous = {  # before the child starts: none runs on alone
+        signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: signalled.append(signum)),
+    }
     try:
         children.append(subprocess.Popen(command))  # in the caller's folder: relative paths are its
-        if signalled:  # while it started
+        if signal.SIGTERM in signalled:  # while it started
             children[0].send_signal(signal.SIGTERM)
         code = children[0].wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if signalled:
-        raise Stopped
+        raise Stopped(signalled[0])
     return code
 
 
@@ -155,10 +202,13 @@ def finished_rows(
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
             try:
-                if done(run_overrides(shared, overrides, seed, run_dir), run_dir):
-                    rows.append(run_row(name, seed, run_dir))
+                if not done(run_overrides(shared, overrides, seed, run_dir), run_dir):
+                    why = "no run finished with these settings"
+                elif (row := run_row(name, seed, run_dir)).get(HEADLINE[-1]) is None:
+                    why = "finished without test scores (test=false)"
+                else:
+                    rows.append(row)
                     continue
-                why = "no run finished with these settings"
             except ConfigError as error:
                 why = f"config error: {error}"
             if str(run_dir) not in failed:
@@ -181,17 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             raise ValueError("--variant: none given; the report holds the variants x seeds given")
         check_not_owned(args.shared, "after --")
+        check_keys_once(args.shared, "after --")
         if twice := sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1}):
             raise ValueError(f"--seeds: {', '.join(map(str, twice))} given twice")
+        check_grid(chosen, args.shared, args.out)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
+    for note in same_settings(chosen):
+        print(f"note: {note}", file=sys.stderr)
     try:
         failed = [] if args.report_only else run_all(chosen, args.seeds, args.shared, args.out)
-    except Stopped:
-        print("stopped by SIGTERM: the same command continues the ablation", file=sys.stderr)
-        return STOPPED_BY_SIGTERM
+    except (Stopped, KeyboardInterrupt) as stop:  # KeyboardInterrupt: a Ctrl-C between runs
+        by_sigterm = isinstance(stop, Stopped) and stop.signum == signal.SIGTERM
+        how = "stopped by SIGTERM" if by_sigterm else "interrupted (Ctrl-C)"
+        print(f"{how}: the same command continues the ablation", file=sys.stderr)
+        return STOPPED_BY_SIGTERM if by_sigterm else INTERRUPTED
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     try:
