@@ -187,6 +187,17 @@ def test_a_truncated_video_is_not_extracted_as_if_whole(tiny_clip, tmp_path, suf
         extract([cut], encoder, tmp_path / "strict", num_frames=8, strict=True)
 
 
+def test_one_frame_per_video_is_extracted_and_a_truncated_file_still_refused(tiny_clip, tmp_path):
+    """Before (review): with --num-frames 1 decoding stopped at frame 0, so every whole video was
+    'only 2% of the video decodes ... truncated or damaged'."""
+    whole = write_moment_video(tmp_path / "whole.mp4", 10.0, "red", 2.0, 4.0)
+    cut = truncated_copy(whole, tmp_path / "cut.mp4", keep=0.5)
+    encoder = ClipFrameEncoder(str(tiny_clip / "proj"))
+    report = extract([whole, cut], encoder, tmp_path / "out", num_frames=1)
+    assert report.done == ["whole"] and list(report.failed) == ["cut"]
+    assert np.load(tmp_path / "out" / "whole.npy").shape == (1, encoder.dim)
+
+
 VARIABLE_RATE = [i / 40 for i in range(80)] + [2 + i * 0.38 for i in range(20)]  # 80 in 2 s, 20 after
 NTSC = [i * 1.001 / 30 for i in range(60)]  # 29.97 fps: intervals of 33 and 34 ms
 DROPPED = [i / 10 for i in range(100) if i not in (20, 50, 51, 80)]  # a few dropped frames

@@ -314,6 +314,8 @@ def test_rescore_orders_and_clips_predictions_as_the_run_does(tmp_path, capsys):
     [
         ({"pred": [1.0, 2.0], "gt": [5.0, 2.0], "duration": 10.0}, "ground truth [5.0, 2.0]"),
         ({"pred": [1.0, 2.0], "gt": [5.0, 12.0], "duration": 10.0}, "ground truth [5.0, 12.0]"),
+        # before (review): zero length was scored IoU 0, exit 0; the datasets drop or refuse it
+        ({"pred": [1.9, 2.1], "gt": [2.0, 2.0], "duration": 10.0}, "[2.0, 2.0] is not a segment of positive"),
         (
             {"pred": [1.0, 2.0], "gt": [1.0, 2.0], "windows": [[1, 2], [-1, 3]], "duration": 10.0},
             "[-1.0, 3.0]",

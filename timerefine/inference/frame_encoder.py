@@ -60,7 +60,7 @@ def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledF
     try:
         promised = _frame_count(path)
         wanted = sample_frame_indices(promised, n)
-        wanted_set, last_wanted = set(wanted.tolist()), int(wanted[-1])
+        wanted_set = set(wanted.tolist())
         picked: dict[int, np.ndarray] = {}
         decoded, end, times = 0, None, []
         with av.open(str(path)) as container:
@@ -77,7 +77,7 @@ def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledF
                     end = max(end or 0.0, times[-1] + step)
                 if i in wanted_set:
                     picked[i] = frame.to_ndarray(format="rgb24", **scale)
-                if i >= last_wanted:
+                if i >= promised - 1:  # to the last frame, whatever is wanted: how much decodes
                     break
     except (av.FFmpegError, IndexError, ValueError) as err:
         raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err

@@ -72,9 +72,9 @@ def row_record(row: dict, where: str, multi_window: str | None) -> GroundingReco
         raise PredictionsError(f"{where}: duration must be a finite number > 0, got {json.dumps(duration)}")
     windows = [segment(w, "each of windows", where) for w in row.get("windows") or [gt]]
     for start, end in (gt, *windows):
-        if not 0 <= start <= end <= duration:
+        if not 0 <= start < end <= duration:  # zero length too: the datasets' quirk (drop or error)
             raise PredictionsError(
-                f"{where}: ground truth [{start}, {end}] is not a segment inside [0, {duration}]"
+                f"{where}: ground truth [{start}, {end}] is not a segment of positive length inside [0, {duration}]"
             )
     if len(windows) == 1 and windows[0] != gt:  # the IoU would be the prediction's with gt
         raise PredictionsError(
