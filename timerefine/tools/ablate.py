@@ -15,7 +15,8 @@ and a report that holds no run removes the results of an earlier one. Every grid
 composed and checked before the first run: a bad key or value is one line naming the variant (exit 2).
 A SIGTERM to the tool reaches the running train.py, which saves its resume point; the tool then stops
 (exit 143), and the same command continues the ablation; so does Ctrl-C (exit 130), which the
-terminal sends to train.py too.
+terminal sends to train.py too (a SIGINT to the tool alone stops it when its train.py ends; one that
+it ignores, as a background job does, is ignored).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class Stopped(Exception):
 def run_train(command: list[str]) -> int:
     """Run ``command`` (a train.py run) to its end and return its exit code; a SIGTERM meanwhile is
     passed on to it (which saves its resume point), and a Ctrl-C (SIGINT, which the terminal sends to
-    it too) waited for; then raises :class:`Stopped`."""
+    it too) waited for, unless SIGINT is ignored (a background job); then raises :class:`Stopped`
+    (SIGTERM's, if both came)."""
     signalled: list[int] = []
     children: list[subprocess.Popen] = []
 
@@ -156,10 +158,11 @@ def run_train(command: list[str]) -> int:
         for child in children:
             child.send_signal(signum)
 
-    previous = {  # before the child starts: none runs on alone
-        signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: signalled.append(signum)),
-    }
+    handlers = {signal.SIGTERM: pass_on, signal.SIGINT: lambda signum, frame: signalled.append(signum)}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # the child inherits the ignoring
+        del handlers[signal.SIGINT]
+    # before the child starts: none runs on alone
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         children.append(subprocess.Popen(command))  # in the caller's folder: relative paths are its
         if signal.SIGTERM in signalled:  # while it started
@@ -169,7 +172,7 @@ def run_train(command: list[str]) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if signalled:
-        raise Stopped(signalled[0])
+        raise Stopped(signal.SIGTERM if signal.SIGTERM in signalled else signalled[0])
     return code
 
 
