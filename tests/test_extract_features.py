@@ -241,6 +241,18 @@ def test_a_video_with_frames_missing_mid_stream_is_not_extracted(tiny_clip, tmp_
     ), report.failed["variable"]
 
 
+def test_a_frame_rate_that_changes_without_a_gap_is_not_extracted(tiny_clip, tmp_path):
+    """Before (review): 15 fps for 2 s, then 30 fps for 2 s left no gap, so it was encoded, and the
+    feature the answer puts at 1.6 s showed the frame at 2.17 s."""
+    changing = [i / 15 for i in range(30)] + [2 + i / 30 for i in range(60)]
+    video = write_timed_video(tmp_path / "changing.mp4", changing, fps=22.5)
+    report = extract([video], ClipFrameEncoder(str(tiny_clip / "proj")), tmp_path / "out", num_frames=16)
+    assert not report.done and re.search(
+        r": its frame rate varies \(frame 29 is at 1\.93 s, where an even rate puts it at 1\.29 s\)",
+        report.failed["changing"],
+    ), report.failed
+
+
 def test_an_audio_file_is_skipped_as_having_no_video_stream(tiny_clip, tmp_path):
     """Before: skipped as "cannot decode video ...: IndexError: tuple index out of range"."""
     audio = write_audio_only(tmp_path / "audio.mp4")

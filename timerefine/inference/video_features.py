@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.annotation_source import STORED_FEATURES
 from datamodules.feature_stores import SUFFIXES, check_features, read_error, read_feature_file, tensor_array
+from grounding.answer_format.timeline import sample_frame_indices
 from grounding.records import FeatureError, resample_frames
 from timerefine.inference.frame_encoder import (
     ENCODER_RECORD,
@@ -241,8 +242,9 @@ def encode_video(
 
 def shortfall(sampled: SampledFrames, duration: float) -> str | None:
     """Why ``sampled`` does not stand for the whole ``duration``-second video, or None: less of it
-    decodes than its header promises, or its frames' times leave more of it uncovered (a gap in the
-    middle, or a variable frame rate: frames sampled by index would not be evenly spread in time)."""
+    decodes than its header promises, its frames' times leave more of it uncovered (a gap in the
+    middle, or a variable frame rate: frames sampled by index would not be evenly spread in time), or
+    they are unevenly spread without a gap (:func:`uneven_timing`)."""
     if not decodes_whole(sampled, duration):
         end = duration if sampled.end is None else sampled.end
         return (
@@ -251,13 +253,32 @@ def shortfall(sampled: SampledFrames, duration: float) -> str | None:
         )
     coverage = frame_coverage(sampled.times)
     if coverage is None or coverage.seconds / duration >= 1 - allowed_shortfall(sampled):
-        return None
+        return uneven_timing(sampled, duration)
     gaps = coverage.gaps
     count = f" in {len(gaps)} gaps" if len(gaps) > 1 else ""
     where = f" between {gaps[0][0]:.2f} s and {gaps[-1][1]:.2f} s" if gaps else ""
     return (
         f"frames missing{count}{where} (they cover {coverage.seconds / duration:.0%} of its {duration:.2f} s: "
         "damaged, or a variable frame rate): the answer's times would be wrong"
+    )
+
+
+def uneven_timing(sampled: SampledFrames, duration: float) -> str | None:
+    """Why the frames sampled by index are not where an even frame rate puts them (a variable frame
+    rate without gaps: the frames at index i show another time than i / frames x duration), by more
+    than half the time between two features; None when they are, or their times are unknown."""
+    count = len(sampled.frames)
+    if count < 2 or len(sampled.times) < sampled.promised:
+        return None
+    wanted = sample_frame_indices(sampled.promised, count)
+    shown, even = sampled.times[wanted], wanted / sampled.promised * duration
+    worst = int(np.argmax(np.abs(shown - even)))
+    if abs(shown[worst] - even[worst]) <= duration / (2 * count):
+        return None
+    return (
+        f"its frame rate varies (frame {wanted[worst]} is at {shown[worst]:.2f} s, where an even rate puts it at "
+        f"{even[worst]:.2f} s): the answer's times would be wrong; re-encode it at a constant rate "
+        "(ffmpeg -fps_mode cfr)"
     )
 
 
