@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import av
 import pytest
 
 from tests.demo_browser import ask, browser_available, chromium, free_port
@@ -125,10 +126,24 @@ def test_demo_messages_for_bad_input(video_demo, tmp_path):
             "a red square",
         ): f"**error:** {tmp_path / 'gone.mp4'}: no such file",
     }
+    label = next(iter(video_demo.examples))  # before (review): the page rendered <video> as an element
+    cases[(label, None, "a <video> square")] = "**error:** the query holds &lt;video&gt;"
     for arguments, message in cases.items():
         status, timeline, frames, clip, features = video_demo.answer(*arguments)
         assert status.startswith(message) and timeline == ""
         assert not (frames["visible"] or clip["visible"] or features["visible"])
+    assert "&lt;/s&gt;" in video_demo.answer(label, None, "a </s> b")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("segment", [(3.838, 3.838), (3.82, 3.88), (1.0, 2.5), (4.0, 4.0)])
+def test_the_clip_holds_a_frame_however_short_the_answer(video_demo, segment):
+    """Before (review): an answer shorter than a frame interval, holding no frame, was a 0-byte clip."""
+    example = next(e for e in video_demo.examples.values() if e.video is not None)
+    answer = Grounding("q", *segment, [segment], None, "", 4.0)
+    clip = video_demo.media(example, answer, segment)[1]["value"]
+    with av.open(clip) as played:
+        assert sum(1 for _ in played.decode(video=0)) >= 1
 
 
 @pytest.mark.slow

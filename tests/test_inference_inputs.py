@@ -108,6 +108,11 @@ def test_features_hold_their_duration_and_the_runs_shape(video_run):
     assert grounder.ground(Features(features.array.astype(np.float64), 4.0), query) == grounder.ground(
         features, query
     )
+    # before (review): numpy's scalars (a duration read from an array or a table) were refused
+    for duration in (np.float32(4.0), np.int64(4)):
+        assert grounder.ground(features.array, query, duration=duration) == grounder.ground(features, query)
+    with pytest.raises(InputError, match=r"^duration '4': must be a positive number of seconds$"):
+        grounder.ground(features.array, query, duration="4")
 
 
 def test_complex_features_are_refused_as_a_file_and_as_a_tensor(video_run, tmp_path):
@@ -216,3 +221,15 @@ def test_a_pairs_file_batches_queries_across_videos(video_run, tmp_path, capsys,
     )
     assert decoded == [4, 2]
     assert [answer["text"] for answer in json.loads(capsys.readouterr().out)] == alone
+
+
+@pytest.mark.parametrize("video", ["", "folder"])
+def test_a_pairs_video_that_is_empty_or_a_folder_is_named_by_its_line(video_run, tmp_path, capsys, video):
+    """Before (review): "error: <the .jsonl's folder>: a folder, not a file", without the line."""
+    (tmp_path / "folder").mkdir()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"video": video, "query": "a red square", "duration": 3}) + "\n")
+    assert predict_main([str(pairs), "--run", str(video_run.run_dir)]) == 2
+    found = tmp_path / video if video else tmp_path
+    expected = f'error: {pairs}:1: "video" {video!r}: {found}: a folder, not a file'
+    assert capsys.readouterr().err.strip() == expected

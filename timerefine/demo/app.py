@@ -12,6 +12,7 @@ outside.
 from __future__ import annotations
 
 import argparse
+import html
 import logging
 import os
 import socket
@@ -121,8 +122,12 @@ class Demo:
                 raise InputError("type a query")
             video = example.video if example.video is not None else example.features
             (answer,) = self.grounder.ground(video, [query])
-        except InputError as err:
-            return f"**error:** {err}", "", *self.media(None, None, None)
+        except InputError as err:  # escaped: a message naming <video> or </s> shows them
+            return (
+                f"**error:** {html.escape(str(err).removeprefix('query 1: '))}",
+                "",
+                *self.media(None, None, None),
+            )
         # The truth belongs to the example's query: another one typed about the video has none known.
         asked = normalize_query(query) == normalize_query(example.query)
         truth = example.truth if asked else None

@@ -36,7 +36,9 @@ def frames_at(video: Path, times: list[float]) -> list[np.ndarray]:
 
 
 def cut_clip(video: Path, start: float, end: float, out: Path) -> Path:
-    """The frames of ``video`` from ``start`` to ``end`` seconds as a VP8 WebM (plays in any browser)."""
+    """The frames of ``video`` from ``start`` to ``end`` seconds as a VP8 WebM (plays in any browser);
+    a segment shorter than a frame interval, or past the last frame, gets the frame nearest after it
+    (else the last one)."""
     with av.open(str(video)) as source, av.open(str(out), "w") as target:
         stream = source.streams.video[0]
         rate = stream.average_rate or 25
@@ -44,15 +46,26 @@ def cut_clip(video: Path, start: float, end: float, out: Path) -> Path:
         encoder.width, encoder.height = _even(stream.codec_context.width), _even(stream.codec_context.height)
         encoder.pix_fmt, encoder.bit_rate = "yuv420p", 2_000_000
         source.seek(int(start / stream.time_base), stream=stream, backward=True)
-        for frame in source.decode(stream):
-            if frame.time is None or frame.time + 1e-6 < start:
-                continue
-            if frame.time > end:
-                break
+
+        def add(frame: av.VideoFrame) -> None:
             image = frame.reformat(width=encoder.width, height=encoder.height, format="yuv420p")
             image.pts = None
             for packet in encoder.encode(image):
                 target.mux(packet)
+
+        written, before = 0, None
+        for frame in source.decode(stream):
+            if frame.time is None or frame.time + 1e-6 < start:
+                before = frame
+                continue
+            if written and frame.time > end:
+                break
+            add(frame)
+            written += 1
+            if frame.time > end:  # the one frame of a segment shorter than a frame interval
+                break
+        if not written and before is not None:  # a segment past the last frame
+            add(before)
         for packet in encoder.encode():
             target.mux(packet)
     return out

@@ -232,7 +232,7 @@ class Grounder:
         (a video file's own, or ``duration`` when it agrees with it up to rounding)."""
         frames, dim = self.run.num_frames, self.run.feature_dim
         if duration is not None and positive_seconds(duration) is None:
-            raise InputError(f"duration {duration}: must be a positive number of seconds")
+            raise InputError(f"duration {duration!r}: must be a positive number of seconds")
         if isinstance(video, (str, Path)) and Path(video).suffix.lower() not in FEATURE_SUFFIXES:
             info = probe_video(Path(video))
             if duration is not None and not durations_agree(duration, info.duration):

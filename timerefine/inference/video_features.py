@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -174,7 +175,7 @@ def probe_video(path: Path) -> VideoInfo:
 
 def positive_seconds(value: object) -> float | None:
     """``value`` as a finite number of seconds > 0, or None when it is not one."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars too
         return None
     return float(value) if math.isfinite(value) and value > 0 else None
 
