@@ -94,9 +94,10 @@ def read_pairs(path: Path) -> list[Request]:
             found = video.exists()
         except (OSError, ValueError) as err:  # a name too long, a NUL byte
             raise InputError(f"{where}: {video}: not a file name here ({err})") from err
-        if not found or video.is_dir():  # "" is the .jsonl's own folder
-            what = "a folder, not a file" if found else "no such file"
-            raise InputError(f'{where}: "video" {row["video"]!r}: {video}: {what}')
+        if not found:
+            raise InputError(f"{where}: {video}: no such file")
+        if video.is_dir():  # "" is the .jsonl's own folder
+            raise InputError(f'{where}: "video" {row["video"]!r}: {video}: a folder, not a file')
         is_video = video.suffix.lower() not in FEATURE_SUFFIXES
         if (
             seconds is not None
