@@ -113,6 +113,10 @@ def test_features_hold_their_duration_and_the_runs_shape(video_run):
         assert grounder.ground(features.array, query, duration=duration) == grounder.ground(features, query)
     with pytest.raises(InputError, match=r"^duration '4': must be a positive number of seconds$"):
         grounder.ground(features.array, query, duration="4")
+    (answer,) = grounder.ground(video_run.videos / "vid_red_a.mp4", query, duration=np.float32(4.0))
+    assert type(answer.duration) is float and json.dumps(answer.as_json())  # before: np.float32 leaked in
+    with pytest.raises(InputError, match=r"^duration 1000000000.*: must be a positive number of seconds$"):
+        grounder.ground(features.array, query, duration=10**400)  # before: OverflowError
 
 
 def test_complex_features_are_refused_as_a_file_and_as_a_tensor(video_run, tmp_path):

@@ -4,7 +4,10 @@ timeline puts them: one frame per video, and a frame rate that changes without a
 from __future__ import annotations
 
 import re
+from fractions import Fraction
+from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -38,3 +41,35 @@ def test_a_frame_rate_that_changes_without_a_gap_is_not_extracted(encoder, tmp_p
         r": its frame rate varies \(frame 29 is at 1\.93 s, where an even rate puts it at 1\.29 s\)",
         report.failed["changing"],
     ), report.failed
+
+
+def constant_rate_video(path: Path, frames: int, dropped: tuple[int, ...] = (), codec_options=None) -> Path:
+    """30 fps mpeg4 (B-frames with ``codec_options={"bf": "2"}``), ``dropped`` frames left out."""
+    kept = [i for i in range(frames) if i not in dropped]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30, options=codec_options or {})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        if dropped:  # timed in ms, so that a gap is left where a frame is missing
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i in kept:
+            image = np.full((48, 64, 3), 4 * (i % 60), np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if dropped:
+                frame.pts, frame.time_base = round(i * 1000 / 30), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_constant_rate_videos_pass_the_timing_check(encoder, tmp_path):
+    """Before, in this check's first version (review): an AVI with B-frames (times in decoding order)
+    and a video with a few dropped frames were refused as 'its frame rate varies'."""
+    videos = [
+        constant_rate_video(tmp_path / "bframes.avi", 150, codec_options={"bf": "2"}),
+        constant_rate_video(tmp_path / "dropped.mp4", 300, dropped=(40, 81, 122)),
+        constant_rate_video(tmp_path / "one_dropped.mp4", 61, dropped=(30,)),
+    ]
+    report = extract(videos, encoder, tmp_path / "out", num_frames=100)
+    assert report.done == ["bframes", "dropped", "one_dropped"], report.failed

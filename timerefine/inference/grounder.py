@@ -231,8 +231,10 @@ class Grounder:
         """The run's view of ``video``: ``(num_frames, feature_dim)`` float32 features and the duration
         (a video file's own, or ``duration`` when it agrees with it up to rounding)."""
         frames, dim = self.run.num_frames, self.run.feature_dim
-        if duration is not None and positive_seconds(duration) is None:
-            raise InputError(f"duration {duration!r}: must be a positive number of seconds")
+        if duration is not None:  # as a float: numpy's and other numbers' types stay out of answers
+            if (seconds := positive_seconds(duration)) is None:
+                raise InputError(f"duration {duration!r}: must be a positive number of seconds")
+            duration = seconds
         if isinstance(video, (str, Path)) and Path(video).suffix.lower() not in FEATURE_SUFFIXES:
             info = probe_video(Path(video))
             if duration is not None and not durations_agree(duration, info.duration):

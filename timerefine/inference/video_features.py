@@ -177,7 +177,11 @@ def positive_seconds(value: object) -> float | None:
     """``value`` as a finite number of seconds > 0, or None when it is not one."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars too
         return None
-    return float(value) if math.isfinite(value) and value > 0 else None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def durations_agree(given: float, own: float) -> bool:
@@ -265,16 +269,19 @@ def shortfall(sampled: SampledFrames, duration: float) -> str | None:
 
 
 def uneven_timing(sampled: SampledFrames, duration: float) -> str | None:
-    """Why the frames sampled by index are not where an even frame rate puts them (a variable frame
-    rate without gaps: the frames at index i show another time than i / frames x duration), by more
-    than half the time between two features; None when they are, or their times are unknown."""
+    """Why the frames sampled by index are not where an even frame rate over the video's own frames
+    puts them (a rate that changes without a gap), by more than half the time between two features
+    and two frame intervals (a few dropped frames); None when they are, or their times are unknown.
+    The times are sorted: a file without presentation times (AVI) gives them in decoding order."""
     count = len(sampled.frames)
-    if count < 2 or len(sampled.times) < sampled.promised:
+    if count < 2 or len(sampled.times) != sampled.promised or sampled.promised < 2:
         return None
+    times = np.sort(sampled.times)
+    step = (times[-1] - times[0]) / (sampled.promised - 1)
     wanted = sample_frame_indices(sampled.promised, count)
-    shown, even = sampled.times[wanted], wanted / sampled.promised * duration
+    shown, even = times[wanted], times[0] + wanted * step
     worst = int(np.argmax(np.abs(shown - even)))
-    if abs(shown[worst] - even[worst]) <= duration / (2 * count):
+    if abs(shown[worst] - even[worst]) <= max(duration / (2 * count), 2 * step):
         return None
     return (
         f"its frame rate varies (frame {wanted[worst]} is at {shown[worst]:.2f} s, where an even rate puts it at "
