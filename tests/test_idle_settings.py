@@ -8,8 +8,7 @@ import logging
 import pytest
 
 from timerefine import train
-from timerefine.pipeline.config import load_config
-from timerefine.pipeline.schema import idle_settings
+from timerefine.pipeline.config import idle_settings, load_config
 
 DIRECT = "a direct answer (model.refine.steps=0) has no <OFFSET>"
 

@@ -25,7 +25,7 @@ from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import SWEEPS, ConfigError, group_options
+from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, idle_settings
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS, INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
@@ -39,7 +39,7 @@ from timerefine.pipeline.previous_run import (
 )
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, trainer_state
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
-from timerefine.pipeline.schema import half_weights_trained, idle_settings
+from timerefine.pipeline.schema import half_weights_trained
 from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")

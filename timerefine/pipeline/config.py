@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -135,6 +135,20 @@ def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str
             raise ConfigError(f"{line}: {group} needs a choice: {', '.join(groups[group])}")
         return f"~{group}"
     return line
+
+
+def override_key(override: str) -> str:
+    """The key an override sets, adds or removes: ``a.b`` of ``+a.b=1`` and ``~a.b``."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def idle_settings(cfg: DictConfig, overrides: list[str]) -> Iterator[str]:
+    """The keys set by ``overrides`` that nothing reads, the other settings being as they are: warned
+    of, not refused (a sweep over K = 0, 1, 2 may give every K the aux weight)."""
+    given = {override_key(override) for override in overrides}
+    for key, why in unread_settings(cfg).items():
+        if key in given:
+            yield f"{key}={OmegaConf.select(cfg, key)} is not read: {why}"
 
 
 def check_overrides(base: DictConfig, overrides: list[Override], groups: dict[str, list[str]]) -> None:

@@ -306,15 +306,6 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
     return unread
 
 
-def idle_settings(cfg: DictConfig, overrides: list[str]) -> Iterator[str]:
-    """The keys set by ``overrides`` that nothing reads, the other settings being as they are: warned
-    of, not refused (a sweep over K = 0, 1, 2 may give every K the aux weight)."""
-    given = {override.partition("=")[0].lstrip("+~") for override in overrides}
-    for key, why in unread_settings(cfg).items():
-        if key in given:
-            yield f"{key}={OmegaConf.select(cfg, key)} is not read: {why}"
-
-
 def _writable(node: DictConfig) -> DictConfig:
     """``node`` with the read-only flag of frozen spec dataclasses lifted: YAML files merge into it."""
     OmegaConf.set_readonly(node, None)

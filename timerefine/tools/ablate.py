@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from timerefine.pipeline.ablation import HEADLINE, markdown_table, plot, run_row, summarize, write_csv
-from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.config import ConfigError, load_config, override_key
 from timerefine.pipeline.errors import INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.previous_run import continued_checkpoint, finished
@@ -47,14 +47,13 @@ def check_not_owned(overrides: list[str], where: str) -> None:
     """ValueError naming ``where`` for an override of an :data:`OWNED` key, which the tool's own value
     would silently replace."""
     for item in overrides:
-        key = item.partition("=")[0].lstrip("+~")
-        if key in OWNED:
+        if (key := override_key(item)) in OWNED:
             raise ValueError(f"{where}: {item} is set by the tool for each run; use {OWNED[key]}")
 
 
 def check_keys_once(overrides: list[str], where: str) -> None:
     """ValueError naming ``where`` for a key given twice, whose last value would silently win."""
-    keys = [item.partition("=")[0].lstrip("+~") for item in overrides]
+    keys = [override_key(item) for item in overrides]
     if twice := sorted({key for key in keys if keys.count(key) > 1}):
         raise ValueError(f"{where}: {', '.join(twice)} given twice; give each key once")
 
@@ -98,7 +97,7 @@ def check_grid(chosen: dict[str, list[str]], shared: list[str], out: Path) -> No
     which may be an earlier variant's) is left to train.py."""
     for name, overrides in chosen.items():
         given = run_overrides(shared, overrides, 0, out / name / "seed0")
-        if any(item.partition("=")[0].lstrip("+") == "init_from_run" for item in given):
+        if any(item.lstrip("+").startswith("init_from_run=") for item in given):
             continue
         try:
             load_config(given)
