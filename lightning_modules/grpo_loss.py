@@ -23,9 +23,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def no_signal_share(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The share of groups whose rewards are all equal (advantages 0: nothing to learn from)."""
-    grouped = rewards.view(-1, group_size)
-    return (grouped == grouped[:, :1]).all(1).float().mean()
+    """The share of groups whose rewards are all equal (advantages 0: nothing to learn from); with
+    rewards per segment, (N, segments), equal in every segment's column."""
+    grouped = rewards.view(-1, group_size, *rewards.shape[1:])
+    return (grouped == grouped[:, :1]).flatten(1).all(1).float().mean()
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

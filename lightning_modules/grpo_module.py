@@ -264,7 +264,7 @@ class GRPOModule(GroundingModule):
         rollout.stats = {
             "reward_mean": rewards.mean(),
             "reward_std": rewards.view(-1, group).std(1).mean(),
-            "no_signal": no_signal_share(rewards, group),
+            "no_signal": no_signal_share(per_step if self.grpo.credit == "step" else rewards, group),
             "sampled_iou": ious.mean(),
             "answer_length": torch.tensor([len(a) for a in answers], dtype=torch.float).mean(),
         }

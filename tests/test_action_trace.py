@@ -172,6 +172,13 @@ def test_action_trace_source_never_reads_the_query(charades):
     reworded = source(charades, "data.source.feature_dim=16", "data.source.num_frames=10")
     assert reworded.records("test")[0].query == "person opens a window."
     assert all(np.array_equal(reworded.store("test").load(v), f) for v, f in features.items())
+    # nor which of a video's actions are queried, nor when (features that showed only queried actions
+    # would let a model choose among them without the query)
+    fewer = [TEST_QUERIES[1], "VIDB2 2.0 6.0##sits."]
+    (charades / "charades_sta_test.txt").write_text("\n".join(fewer) + "\n")
+    other = source(charades, "data.source.feature_dim=16", "data.source.num_frames=10")
+    assert [(r.video_id, r.start) for r in other.records("test")] == [("VIDB1", 15.0), ("VIDB2", 2.0)]
+    assert all(np.array_equal(other.store("test").load(v), f) for v, f in features.items())
 
 
 def test_action_trace_knobs_reach_the_store(charades):

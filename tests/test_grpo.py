@@ -129,6 +129,16 @@ def test_the_loss_matches_the_formula():
     assert computed_advantages[3:].eq(0).all()
 
 
+def test_no_signal_with_credit_per_step_needs_every_segment_equal():
+    """With ``credit=step`` each segment's column has its own advantages: a group whose final
+    rewards tie still learns from its earlier segments (it counted as no signal before)."""
+    final_tie = torch.tensor(
+        [[0.2, 0.5, 0.5], [0.4, 0.5, 0.5], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]
+    )  # groups of 2
+    assert float(no_signal_share(final_tie, 2)) == 0.5
+    assert float(no_signal_share(final_tie[:, -1], 2)) == 1.0
+
+
 def test_the_policy_is_the_model_renormalised_over_the_allowed_tokens():
     """The log-probability of each sampled digit or sign: the LM's logits at that place, softmax over
     the tokens the layout allows there (recomputed from a plain forward pass); fixed text does not count."""
