@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = [*args.stage]
     if args.quick:
         args.steps, args.rewards, args.seeds, stage = 4, ["iou"], [0], [*QUICK_STAGE, *stage]
-    print(machine(), flush=True)
+    print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as folder:
         tmp = args.keep or Path(folder)
         base = args.base
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     for reward in args.rewards:
         figures[f"gain_mIoU_{reward}"] = mean[reward]["mIoU"] - mean["sft"]["mIoU"]
         figures[f"gain_R1@0.7_{reward}"] = mean[reward]["R1@0.7"] - mean["sft"]["R1@0.7"]
+    print(f"machine after: {machine()}")
     print_figures(figures)
 
 

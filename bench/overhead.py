@@ -65,10 +65,8 @@ def raw_loop(
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     module.train()
     start = 0.0
-    for step, batch in enumerate(datamodule.train_dataloader()):
-        if step == steps:
-            break
-        if step == warmup:
+    for step, batch in enumerate(datamodule.train_dataloader()):  # timed as StepClock times: from the
+        if step == warmup:  # start of step ``warmup`` to the end of step ``steps - 1``, no fetch after it
             start = time.perf_counter()
         with precision_autocast(precision, "cpu"):
             loss = module._losses(batch)["loss"]
@@ -77,6 +75,8 @@ def raw_loop(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
+        if step == steps - 1:
+            break
     return time.perf_counter() - start
 
 

@@ -3,13 +3,13 @@ decoded together (``--batch-size``), against one video at a time, as predict dec
 
     python -m bench.predict_pairs --run runs/default      # the run's test queries, one per video
     python -m bench.predict_pairs --run runs/smollm2 --pairs 200
-    python -m bench.predict_pairs --quick                 # experiment=tiny trained for 4 steps, seconds
+    python -m bench.predict_pairs --quick                 # experiment=tiny trained for 4 steps, 8 pairs
 
 The first ``--pairs`` test queries of the run's data are written as feature files (``.npy``, each
 query its own video) and a ``pairs.jsonl``; :func:`timerefine.tools.predict.ground_all` answers them
 with ``--batch-size 1`` (the reference: one batch of one per video) and with ``--batch-size``, the two
-taking turns for ``--rounds`` rounds (median round). Prints ``speedup_pairs_batched`` (queries/s
-batched over one at a time; no target), both rates and test mIoUs, and ``match_answers``, the share of
+taking turns for ``--rounds`` rounds. Prints ``speedup_pairs_batched`` (the median of the rounds'
+ratios, one at a time's seconds over batched; no target), the median round's rates, both rates and test mIoUs, and ``match_answers``, the share of
 queries whose answer text is the same both ways (fp32: 1, a padded batch moving floats by rounding
 only; under bf16 autocast a batch rounds otherwise, and near ties of the greedy answer flip).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.arguments import run_folder
-from bench.figures_out import cpu_name, print_figures
+from bench.figures_out import machine, median_ratio, print_figures
 from grounding.metrics.windows import record_iou
 from grounding.records import GroundingRecord
 from timerefine import train
@@ -72,17 +72,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=at_least_one, default=100, help="test queries, one per video")
     parser.add_argument("--batch-size", type=at_least_one, default=32)
     parser.add_argument("--rounds", type=at_least_one, default=3)
-    parser.add_argument("--quick", action="store_true", help="a tiny run, 16 pairs, 1 round")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny run, its 8 test queries as pairs, 1 round"
+    )
     args = parser.parse_args(argv)
     if args.run is None and not args.quick:
         parser.error("give --run (a trained run) or --quick")
+    print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         run = args.run
         if run is None:
             run = Path(scratch) / "run"
             if train.main([*QUICK, f"output_dir={run}"]) != 0:
                 raise SystemExit("the quick run did not train")
-        pairs, rounds = (16, 1) if args.quick else (args.pairs, args.rounds)
+        pairs, rounds = (8, 1) if args.quick else (args.pairs, args.rounds)
         grounder = Grounder.from_run(run)
         requests, records = zip(*pair_requests(grounder, pairs, Path(scratch)), strict=True)
         seconds: dict[int, list[float]] = {1: [], args.batch_size: []}
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     one, batched = answers[1], answers[args.batch_size]
     rates = {size: len(requests) / statistics.median(times) for size, times in seconds.items()}
     same = sum(a.text == b.text for a, b in zip(one, batched, strict=True))
-    print(f"{len(requests)} pairs of one query per video, {rounds} round(s), CPU: {cpu_name()}")
+    print(f"{len(requests)} pairs of one query per video, {rounds} round(s)")
+    print(f"machine after: {machine()}")
     print_figures(
         {
             "one_video_at_a_time_queries_per_s": rates[1],
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             "one_video_at_a_time_mIoU": mean_iou(one, list(records)),
             f"batched_{args.batch_size}_mIoU": mean_iou(batched, list(records)),
             "match_answers": same / len(requests),
-            "speedup_pairs_batched": rates[args.batch_size] / rates[1],
+            "speedup_pairs_batched": median_ratio(seconds[1], seconds[args.batch_size]),
         }
     )
 

@@ -6,10 +6,10 @@
 Each configuration (``projector.frames_per_token`` f, ``model.refine.steps`` K; aux head on when
 K > 0) gets its own default-sized model and the same training batches (batch 32); the
 configurations take turns for ``--rounds`` rounds, and every time is a ratio to the default's
-(f = 2, K = 3) in the same round. Memory is what the step saves for backward (activations, summed
+(``DEFAULT``: f = 4, K = 3) in the same round. Memory is what the step saves for backward (activations, summed
 over distinct storages through ``torch.autograd.graph.saved_tensors_hooks``): the part of a step's
 peak that grows with the sequence; weights, gradients and AdamW's two moments are a constant
-``static_mb`` on top. Decoding: constrained, batch 32, per query, f = 2, relative to K = 0.
+``static_mb`` on top. Decoding: constrained, batch 32, per query, the default's f, relative to K = 0.
 
 Prints the growth exponents (slope of log cost vs log L, L = tokens per sequence: 1 is linear,
 2 quadratic) of step time and activation memory, ``activation_mb_per_token`` (linear fit), a
@@ -27,13 +27,15 @@ import numpy as np
 import torch
 
 from bench.figures_out import machine, print_figures
+from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.projector import ProjectorSpec
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
 from timerefine.tools.arguments import at_least_one
 
 FIGURE = Path(__file__).with_name("figures") / "scaling.png"
-DEFAULT = (2, 3)
+DEFAULT = (ProjectorSpec().frames_per_token, RefineSchedule().steps)  # the default run's (f, K)
 
 
 def saved_bytes(module: GroundingModule, batch: dict) -> tuple[int, float]:
@@ -137,7 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--steps", type=at_least_one, default=2, help="training steps per configuration a round"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="experiment=tiny, f = 1/2, K = 0/3, one round, --no-plot"
+        "--quick",
+        action="store_true",
+        help="experiment=tiny, f = 1/default, K = 0/default, one round, --no-plot",
     )
     parser.add_argument("--no-plot", action="store_true", help=f"do not replace {FIGURE}")
     args = parser.parse_args(argv)
@@ -148,7 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     extra = ["experiment=tiny"] if args.quick else []
-    frames, ks = ((1, 2), (0, 3)) if args.quick else ((1, 2, 4), (0, 1, 2, 3))
+    frames, ks = ((1, DEFAULT[0]), (0, DEFAULT[1])) if args.quick else ({1, 2, 4}, {0, 1, 2, 3})
+    frames, ks = sorted({*frames, DEFAULT[0]}), sorted({*ks, DEFAULT[1]})
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     print(f"machine: {machine()}")
     runs = {(f, k): setup(f, k, extra, steps) for f in frames for k in ks}

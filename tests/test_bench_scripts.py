@@ -23,9 +23,11 @@ from bench import (
     step_levers,
 )
 from bench.default_run import phase_seconds
+from bench.experiments import answer_tokens
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
 from lightning_modules.pretrained import SMOLLM2, missing_model
+from timerefine.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"^([A-Za-z_][\w.@]*)=(\S+)$")
@@ -58,6 +60,9 @@ RELATIONS = {
 NEEDS_SMOLLM2 = {"pretrained_lm"}  # skipped, as the SmolLM2 tests are, only when the model is absent
 CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"  # the real annotations, when beside the project
 NEEDS_CHARADES = {"action_trace_calibration"}
+# Every script names the machine before and after measuring (docs/benchmarks.md), but data_loading,
+# which writes it into its report, and action_trace_calibration, which times nothing.
+MACHINE_LINES = {"data_loading": (), "action_trace_calibration": ("machine: ",)}
 EXPERIMENTS = ("answer_tokens", "batch_size_answers", "query_reading_probe")  # research probes, kept runnable
 
 
@@ -119,7 +124,8 @@ def test_arm_differences():
 
 
 def quick_figures(script: str, *extra: str) -> dict[str, float]:
-    """The figures ``python -m bench.<script> --quick <extra>`` prints last (one intra-op thread)."""
+    """The figures ``python -m bench.<script> --quick <extra>`` prints last (one intra-op thread), after
+    the lines naming the machine."""
     result = subprocess.run(
         [sys.executable, "-m", f"bench.{script}", "--quick", *extra],
         cwd=ROOT,
@@ -129,6 +135,9 @@ def quick_figures(script: str, *extra: str) -> dict[str, float]:
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for start in MACHINE_LINES.get(script, ("machine: ", "machine after: ")):
+        assert any(line.startswith(start) for line in lines), f"no line starting {start!r}"
     return final_figures(result.stdout)
 
 
@@ -159,6 +168,26 @@ def test_experiment_runs_as_a_module(experiment):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"bench.experiments.{experiment}" in result.stdout
+
+
+@pytest.mark.slow
+def test_answer_tokens_measures_every_tokenizer():
+    """The probe decodes with each real tokenizer (it read a datamodule method that had gone, and
+    ``--help`` alone did not show it)."""
+    if not answer_tokens.TOKENIZERS.is_dir():
+        pytest.skip(f"no tokenizers in {answer_tokens.TOKENIZERS}")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.experiments.answer_tokens", "--queries", "2", "--repeats", "1"],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = final_figures(result.stdout)
+    assert {f"{name}_canonical_over_digits_decode_time" for name in answer_tokens.NAMES} <= set(figures)
+    assert result.stdout.startswith("machine: ") and "machine after: " in result.stdout
 
 
 @pytest.mark.slow
@@ -337,3 +366,10 @@ def test_decoding_scores_a_trained_run_as_its_test_did(builtin_run):
     tested = json.loads((builtin_run / "metrics.json").read_text())
     assert figures["test_mIoU_constrained"] == pytest.approx(tested["test/mIoU"], abs=0.01)
     assert figures["test_mIoU_hf_constrained"] == figures["test_mIoU_constrained"]
+
+
+def test_scaling_reference_is_the_default_run():
+    """bench.scaling's ratios are to the default run's frames per token and K (it kept f = 2, the
+    default of before, after the default became 4)."""
+    cfg = load_config([])
+    assert (cfg.model.projector.frames_per_token, cfg.model.refine.steps) == scaling.DEFAULT

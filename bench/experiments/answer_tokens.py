@@ -6,8 +6,8 @@
 
 For each tokenizer of ``../shared/data/tokenizers``: the K=3 answer length in tokens in both
 spellings, and the constrained decoding time per query of the same tiny LM (built-in data, one
-batch, best of ``--repeats`` interleaved rounds) in both, measured in this invocation; their ratio
-is what carries over to another machine. ``--train NAME`` adds one ``train.py`` run per spelling
+batch, the median of ``--repeats`` interleaved rounds) in both, measured in this invocation; their
+ratio (the median of the rounds' ratios) is what carries over to another machine. ``--train NAME`` adds one ``train.py`` run per spelling
 with that tokenizer (one at a time, ``--overrides`` added) and its test mIoU. The ``name=value``
 lines come last.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.figures_out import interleaved, machine, median_ratio, print_figures
 from grounding.answer_format.codec import ANSWER_TOKENS
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
@@ -49,26 +51,28 @@ TRAIN = [
 ]
 
 
-def decoding(name: str, queries: int, repeats: int) -> dict[str, tuple[int, float]]:
-    """Per spelling: the K=3 answer length, and the constrained decoding ms/query of the same
-    (untrained) model on the same batch."""
+def decoding(name: str, queries: int, repeats: int) -> tuple[dict[str, tuple[int, float]], float]:
+    """Per spelling: the K=3 answer length and the constrained decoding ms/query (median round) of
+    the same (untrained) model on the same batch; and canonical's time over digits' (median ratio)."""
     modules, batches = {}, {}
     for mode in ANSWER_TOKENS:
         cfg = load_config(
             [*SMALL, f"model.lm.tokenizer={TOKENIZERS / name}", f"model.answer_tokens={mode}", "seed=0"]
         )
         datamodule = build_datamodule(cfg)
+        datamodule.setup("validate")
         torch.manual_seed(0)
         modules[mode] = build_module(cfg, datamodule).eval()
-        batches[mode] = next(iter(datamodule._loader("val", False, queries)))
+        batches[mode] = datamodule.collator([datamodule.datasets["val"][(0, i)] for i in range(queries)])
         modules[mode].predict_batch(batches[mode])  # warm-up
-    best = dict.fromkeys(ANSWER_TOKENS, float("inf"))
-    for _ in range(repeats):
-        for mode in ANSWER_TOKENS:
-            start = time.perf_counter()
-            modules[mode].predict_batch(batches[mode])
-            best[mode] = min(best[mode], (time.perf_counter() - start) * 1000 / queries)
-    return {mode: (modules[mode].codec.answer_length(), best[mode]) for mode in ANSWER_TOKENS}
+    seconds = interleaved(
+        {mode: (lambda m=mode: modules[m].predict_batch(batches[m])) for mode in ANSWER_TOKENS}, repeats
+    )
+    measured = {
+        mode: (modules[mode].codec.answer_length(), statistics.median(seconds[mode]) * 1000 / queries)
+        for mode in ANSWER_TOKENS
+    }
+    return measured, median_ratio(seconds["canonical"], seconds["digits"])
 
 
 def train_run(name: str, mode: str, steps: int, out: Path, extra: list[str]) -> dict[str, float]:
@@ -112,20 +116,20 @@ def main() -> None:
     if not TOKENIZERS.is_dir():
         sys.exit(f"error: no tokenizers at {TOKENIZERS}")
     torch.set_num_threads(1)
+    print(f"machine: {machine()}", flush=True)
     results: dict[str, float] = {}
     for name in NAMES:
-        measured = decoding(name, args.queries, args.repeats)
+        measured, ratio = decoding(name, args.queries, args.repeats)
         for mode, (length, ms) in measured.items():
-            results[f"{name}/{mode}/answer_tokens"] = length
-            results[f"{name}/{mode}/decode_ms_per_query"] = round(ms, 2)
-        ratio = measured["canonical"][1] / measured["digits"][1]
-        results[f"{name}/canonical_over_digits/decode_time"] = round(ratio, 3)
+            results[f"{name}_{mode}_answer_tokens"] = length
+            results[f"{name}_{mode}_decode_ms_per_query"] = ms
+        results[f"{name}_canonical_over_digits_decode_time"] = ratio
     if args.train:
         for mode in ANSWER_TOKENS:
             for key, value in train_run(args.train, mode, args.steps, args.out, args.overrides).items():
-                results[f"{args.train}/{mode}/{key}"] = round(value, 2)
-    for key, value in results.items():
-        print(f"{key}={value}")
+                results[f"{args.train}_{mode}_{key}"] = value
+    print(f"machine after: {machine()}")
+    print_figures(results)
 
 
 if __name__ == "__main__":
