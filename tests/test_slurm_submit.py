@@ -189,7 +189,9 @@ def test_validation_errors(kwargs: dict, message: str) -> None:
         render(JobSpec(**kwargs))
 
 
-@pytest.mark.parametrize("time", ["30", "30:00", "12:00:00", "2-00", "1-12:30", "1-12:30:00", "INFINITE"])
+@pytest.mark.parametrize(
+    "time", ["30", "30:00", "12:00:00", "2-00", "1-12:30", "1-12:30:00", "INFINITE", "0", "0-0"]
+)  # 0: no limit (was refused as too short for the requeue signal)
 def test_valid_times(time: str) -> None:
     assert f"#SBATCH --time={time}" in render(JobSpec(time=time))
 
@@ -210,7 +212,8 @@ def test_cli_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
         slurm_submit.main(["--dry-run", "--time", "soon"])
     assert exc.value.code == 2
-    assert "bad time" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad time" in err and err.count("\n") == 1  # no usage block before it
 
 
 @pytest.mark.parametrize("dry_run", [["--dry-run"], []])

@@ -94,7 +94,8 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def _seconds(time_str: str) -> float:
-    """Length of a SLURM time limit in seconds (``inf`` for INFINITE/UNLIMITED)."""
+    """Length of a SLURM time limit in seconds (``inf`` for INFINITE/UNLIMITED and 0, which SLURM
+    reads as no limit)."""
     if not time_str[0].isdigit():
         return float("inf")
     days, _, rest = time_str.rpartition("-")
@@ -102,10 +103,10 @@ def _seconds(time_str: str) -> float:
     if days:  # days-hours[:minutes[:seconds]]
         fields += [0] * (3 - len(fields))
         hours, minutes, secs = fields
-        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + secs
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + secs or float("inf")
     # minutes | minutes:seconds | hours:minutes:seconds
     scale = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(fields)]
-    return sum(f * s for f, s in zip(fields, scale, strict=True))
+    return sum(f * s for f, s in zip(fields, scale, strict=True)) or float("inf")
 
 
 def validate(spec: JobSpec) -> None:

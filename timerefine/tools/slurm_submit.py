@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_from_args(args)
     try:
         validate(spec)
-    except ValueError as err:
-        parser.error(str(err))
+    except ValueError as err:  # one line, without argparse's usage block
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     folder = args.workdir
     if not Path(folder).is_dir():
         if not args.dry_run:
