@@ -22,6 +22,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.pytorch_utils import Conv1D
 
 from grounding.answer_format.tokens import GROUNDING_TOKENS, TOKEN_STYLES, VIDEO_WHITESPACE
 from grounding.checks import POSITIVE, PROBABILITY, Checked, a_name, checked, integer, items, one_of, optional
@@ -200,6 +201,10 @@ def init_rows_from_mean(model: PreTrainedModel, token_ids: list[int], vocabulary
             weight[token_ids] = weight[:vocabulary_size][others].float().mean(0).to(weight.dtype)
 
 
+# The layer types peft's LoRA adapts (transformers' Conv1D: GPT-2's projections).
+LORA_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+
+
 class LoraTargetError(ValueError):
     """``model.lora.target_modules`` names a layer the LM lacks, or one LoRA cannot adapt here."""
 
@@ -207,14 +212,23 @@ class LoraTargetError(ValueError):
 def check_lora_targets(model: PreTrainedModel, targets: list[str], token_ids: list[int]) -> None:
     """Each of ``targets`` (peft's names: a module's name or its last parts) names a layer of ``model``
     (peft drops the names that match none when another matches), and none the embedding or output layer
-    whose ``token_ids`` rows train already."""
-    names = [name for name, _ in model.named_modules()]
-    found = {t: [n for n in names if n == t or n.endswith(f".{t}")] for t in targets if t != ALL_LINEAR}
+    whose ``token_ids`` rows train already, nor a block LoRA cannot adapt (an attention module)."""
+    modules = dict(model.named_modules())
+    found = {t: [n for n in modules if n == t or n.endswith(f".{t}")] for t in targets if t != ALL_LINEAR}
+    linear = f"its linear layers end in: {', '.join(sorted(linear_layer_names(model)))}"
     if missing := [t for t, matched in found.items() if not matched]:
         raise LoraTargetError(
             f"model.lora.target_modules: no layer of {type(model).__name__} is named {', '.join(missing)} "
-            f"(its linear layers end in: {', '.join(sorted(linear_layer_names(model)))})"
+            f"({linear})"
         )
+    if blocks := {
+        t: type(modules[n]).__name__
+        for t, ns in found.items()
+        for n in ns
+        if not isinstance(modules[n], LORA_LAYERS)
+    }:
+        named = ", ".join(f"{t} ({kind})" for t, kind in blocks.items())
+        raise LoraTargetError(f"model.lora.target_modules: {named} is a block LoRA cannot adapt ({linear})")
     embedded = set(embedding_layers(model)) if token_ids else set()
     if taken := [t for t, matched in found.items() if embedded & set(matched)]:
         raise LoraTargetError(

@@ -128,7 +128,8 @@ def convert_gguf(path: Path, out: Path, dtype: str) -> None:
             dtype=getattr(torch, dtype),
         )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, struct.error) as error:  # what the GGUF readers raise for a file they cannot parse
+    except (ValueError, struct.error, OSError) as error:  # what the GGUF readers raise for a file they
+        # cannot parse (OSError: transformers' for metadata that is no text)
         raise GgufError(f"{path}: not a whole GGUF model transformers can read ({error})") from error
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

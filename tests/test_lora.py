@@ -59,6 +59,11 @@ def test_lora_freezes_the_base_and_trains_adapters_and_grounding_rows():
         (["dense"], "no layer of LlamaForCausalLM is named dense"),
         (["lm_head"], "lm_head is an embedding or output layer, whose grounding-token rows train already"),
         (["embed_tokens"], "embed_tokens is an embedding or output layer"),
+        (
+            ["q_proj", "self_attn"],
+            "self_attn (LlamaAttention) is a block LoRA cannot adapt (its linear layers",
+        ),
+        (["mlp"], "mlp (LlamaMLP) is a block LoRA cannot adapt"),
     ],
 )
 def test_lora_targets_the_lm_lacks_or_cannot_adapt_are_named(targets, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,7 @@ def test_convert_tool_errors_are_one_line(tmp_path, capsys):
 
 
 CUT = b"GGUF\x03\x00\x00\x00"  # a GGUF header cut short
+DAMAGED = b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 4) + b"\xff" * 200  # a metadata key of no text
 
 
 @pytest.mark.parametrize(
@@ -145,6 +147,7 @@ CUT = b"GGUF\x03\x00\x00\x00"  # a GGUF header cut short
     [  # before: each a traceback, exit 1
         (b"\x89PNG\r\n", "cache", "{model}: not a GGUF file (it does not start with the bytes GGUF)"),
         (CUT, "cache", "{model}: not a whole GGUF model transformers can read (unpack_from requires"),
+        (DAMAGED, "cache", "{model}: not a whole GGUF model transformers can read ("),  # an OSError before
         (CUT, "taken", "GGUF cache: {taken} is a file, so no directory can be made below it; choose another"),
         (CUT, "taken/sub", "GGUF cache: {taken} is a file, so no directory can be made below it; choose"),
     ],
