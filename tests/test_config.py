@@ -172,6 +172,9 @@ def test_device_list_and_float_intervals_are_accepted():
         ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val"),
         ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"),
         ("output_dir=", "output_dir"),  # empty: wrote the run into the working directory
+        ("resume=", "resume"),  # was "checkpoint . cannot be read"
+        ("hydra.run.dir=/tmp/x", "hydra.run.dir"),  # ignored before: the run went to output_dir
+        ("hydra.job.chdir=true", "hydra.job.chdir"),
         ("trainer.limit_test_batches=0", "trainer.limit_test_batches"),  # printed a table without test
         ("model.inference.max_new_tokens=3", "model.inference.max_new_tokens"),  # ignored when constrained
         # tracebacks in transformers' config, or in the first step (an odd head size)

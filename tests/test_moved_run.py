@@ -108,6 +108,18 @@ def test_a_best_checkpoint_that_is_gone_is_forgotten(tmp_path):
     assert relocated(saved, str(b))["best_model_score"] is None  # in its own folder too
 
 
+def test_a_copied_run_without_its_best_checkpoint_forgets_it(tmp_path):
+    """Before (review): the copy's own best checkpoint deleted, the copy was tested on the original
+    folder's, which its last.ckpt still named."""
+    fit(tmp_path / "a", 6)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = (tmp_path / "b" / "checkpoints").resolve()
+    (b / "best-step4.ckpt").unlink()
+    with pytest.warns(UserWarning, match="that the resumed checkpoint records is gone"):
+        best = fit(tmp_path / "b", 8)
+    assert best.best_model_path == str(b / "best-step8.ckpt") and recorded_best(b) == b / "best-step8.ckpt"
+
+
 def test_another_runs_best_score_loads_in_a_new_folder(tmp_path):
     saved = ModelCheckpoint(dirpath=tmp_path / "a", monitor="val/score", mode="max")
     best = str(tmp_path / "a" / "best-step4.ckpt")

@@ -101,10 +101,12 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
-def test_a_damaged_tokenizer_is_one_line_in_every_tool(run, tmp_path, capsys, tool):
-    """Before: a JSONDecodeError traceback, exit 1."""
+@pytest.mark.parametrize("content", ["{", "{}", "[]"])  # truncated; JSON but no tokenizer (review)
+def test_a_damaged_tokenizer_is_one_line_in_every_tool(run, tmp_path, capsys, tool, content):
+    """Before: a JSONDecodeError traceback, exit 1; a KeyError or TypeError one for JSON that is no
+    tokenizer."""
     saved = run / "tokenizer" / "tokenizer.json"
-    saved.write_text("{")
+    saved.write_text(content)
     assert tools(run, tmp_path, "best")[tool]() == 2
     assert one_error_line(capsys).startswith(f"error: {saved.parent}: the run's tokenizer cannot be read")
 

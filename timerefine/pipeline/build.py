@@ -85,7 +85,8 @@ def saved_tokenizer(folder: Path, video_whitespace: str) -> PreTrainedTokenizerB
     says (a saved tokenizer may forget it); TokenizerError naming it when it cannot be read."""
     try:
         return add_grounding_tokens(AutoTokenizer.from_pretrained(folder), video_whitespace=video_whitespace)
-    except (ValueError, OSError) as error:  # a truncated or edited tokenizer.json (JSONDecodeError)
+    except Exception as error:  # truncated (JSONDecodeError) or edited: a KeyError, TypeError, or the
+        # tokenizers library's plain Exception for a vocabulary that lost a token
         reason = " ".join(str(error).split())
         raise TokenizerError(f"{folder}: the run's tokenizer cannot be read ({reason})") from error
 

@@ -121,7 +121,12 @@ def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str
     """``line`` as Hydra takes it, or a ConfigError for what Hydra would take wrongly: ``~key`` (code
     reads every key, so none can be removed), a group set to null (only ``experiment=null``, no
     experiment, which Hydra spells ``~experiment``), a sweep (Hydra's advice, ``--multirun``, is no
-    option here)."""
+    option here), a key of Hydra's own (``hydra.run.dir``: nothing here reads them)."""
+    if override.key_or_group.split("/")[0].split(".")[0] == "hydra":
+        raise ConfigError(
+            f"{line}: Hydra's own settings are not read here (the config is composed without Hydra's "
+            "runner); the run's folder is output_dir"
+        )
     if override.is_sweep_override():
         raise ConfigError(
             f"{line}: a sweep, and a run takes one value (a list is key=[a,b]; text with a comma is "

@@ -22,7 +22,7 @@ from datamodules.datamodule import DataSpec
 from datamodules.jsonl import LIGHTHOUSE_DIM, LIGHTHOUSE_KEYS
 from grounding.answer_format.codec import ANSWER_TOKENS
 from grounding.answer_format.targets import RefineSchedule
-from grounding.checks import NON_NEGATIVE, Checked, checked, integer, not_a_file, one_of, optional
+from grounding.checks import NON_NEGATIVE, Checked, a_name, checked, integer, not_a_file, one_of, optional
 from grounding.metrics.protocols import EXACT, PROTOCOLS
 from lightning_modules.aux_head import AuxSpec
 from lightning_modules.decoding import InferenceSpec
@@ -224,7 +224,7 @@ class RunConfig(Checked):
 
     seed: int = checked(0, integer(0, 2**32 - 1))
     output_dir: str = checked("runs/${now:%Y-%m-%d_%H-%M-%S}", not_a_file)
-    resume: str | None = "auto"
+    resume: str | None = checked("auto", optional(a_name))
     test: bool = True
     init_from_run: str | None = checked(None, optional(a_run_folder))
     data: DataSpec = MISSING
