@@ -62,6 +62,7 @@ CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"  # the real annotati
 NEEDS_CHARADES = {"action_trace_calibration"}
 # Every script names the machine before and after measuring (docs/benchmarks.md), but data_loading,
 # which writes it into its report, and action_trace_calibration, which times nothing.
+BOTH = ("machine: ", "machine after: ")
 MACHINE_LINES = {"data_loading": (), "action_trace_calibration": ("machine: ",)}
 EXPERIMENTS = ("answer_tokens", "batch_size_answers", "query_reading_probe")  # research probes, kept runnable
 
@@ -123,11 +124,11 @@ def test_arm_differences():
     assert differences({"tiny": arms["tiny"]}) == {}
 
 
-def quick_figures(script: str, *extra: str) -> dict[str, float]:
-    """The figures ``python -m bench.<script> --quick <extra>`` prints last (one intra-op thread), after
-    the lines naming the machine."""
+def printed_figures(module: str, *args: str, machine_lines: tuple[str, ...] = BOTH) -> dict[str, float]:
+    """The figures ``python -m <module> <args>`` prints last (one intra-op thread), after lines starting
+    with each of ``machine_lines``."""
     result = subprocess.run(
-        [sys.executable, "-m", f"bench.{script}", "--quick", *extra],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
         capture_output=True,
@@ -136,9 +137,16 @@ def quick_figures(script: str, *extra: str) -> dict[str, float]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    for start in MACHINE_LINES.get(script, ("machine: ", "machine after: ")):
+    for start in machine_lines:
         assert any(line.startswith(start) for line in lines), f"no line starting {start!r}"
     return final_figures(result.stdout)
+
+
+def quick_figures(script: str, *extra: str) -> dict[str, float]:
+    """The figures of ``python -m bench.<script> --quick <extra>``, the machine named as it must be."""
+    return printed_figures(
+        f"bench.{script}", "--quick", *extra, machine_lines=MACHINE_LINES.get(script, BOTH)
+    )
 
 
 @pytest.mark.slow
@@ -176,18 +184,8 @@ def test_answer_tokens_measures_every_tokenizer():
     ``--help`` alone did not show it)."""
     if not answer_tokens.TOKENIZERS.is_dir():
         pytest.skip(f"no tokenizers in {answer_tokens.TOKENIZERS}")
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.experiments.answer_tokens", "--queries", "2", "--repeats", "1"],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = final_figures(result.stdout)
+    figures = printed_figures("bench.experiments.answer_tokens", "--queries", "2", "--repeats", "1")
     assert {f"{name}_canonical_over_digits_decode_time" for name in answer_tokens.NAMES} <= set(figures)
-    assert result.stdout.startswith("machine: ") and "machine after: " in result.stdout
 
 
 @pytest.mark.slow
