@@ -41,24 +41,23 @@ FORGOTTEN_BEST = {
 }
 
 
-def relocated(state: dict[str, Any], dirpath: str, own: bool = False) -> dict[str, Any]:
+def relocated(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
     """A ModelCheckpoint's saved ``state`` made this run's: its ``dirpath`` set to ``dirpath`` (Lightning
     keeps the best score and the top-k only when the saved one is its own), and the paths inside the
-    saved ``dirpath`` moved to ``dirpath`` (paths elsewhere kept) when the checkpoint resumed lies in
-    ``dirpath`` (``own``) or its best checkpoint is there: the folder was copied or moved. Else
-    (another run's checkpoint, resumed in a new folder) the paths keep
+    saved ``dirpath`` moved to ``dirpath`` (paths elsewhere kept) when its best checkpoint is there: the
+    folder was copied or moved. Else (another run's checkpoint, resumed in a new folder) the paths keep
     pointing at that run's files: its best checkpoint and score stay the best until a validation beats
     them, and Lightning never deletes them (outside its ``dirpath``). A best checkpoint that is gone
     (another run's folder deleted, a checkpoint file copied alone) is forgotten with its score: tested
     at the end, it would stop the run at every attempt; the run's own validations choose anew."""
     saved = state.get("dirpath")
     if saved and saved != dirpath:
-        state = _moved(state, saved, dirpath, own)
+        state = _moved(state, saved, dirpath)
     best = state.get("best_model_path")
     return state | FORGOTTEN_BEST if best and not Path(best).exists() else state  # FSDP's: a folder
 
 
-def _moved(state: dict[str, Any], saved: str, dirpath: str, own: bool) -> dict[str, Any]:
+def _moved(state: dict[str, Any], saved: str, dirpath: str) -> dict[str, Any]:
     def moved(path: str | None) -> str | None:
         if not path or not Path(path).is_relative_to(saved):
             return path
@@ -67,7 +66,7 @@ def _moved(state: dict[str, Any], saved: str, dirpath: str, own: bool) -> dict[s
     paths = {
         key: moved(state.get(key)) for key in ("best_model_path", "kth_best_model_path", "last_model_path")
     }
-    if not own and paths["best_model_path"] and not Path(paths["best_model_path"]).exists():  # not moved
+    if paths["best_model_path"] and not Path(paths["best_model_path"]).exists():  # not a moved folder
         return state | {"dirpath": dirpath}
     best_k = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
     return state | paths | {"dirpath": dirpath, "best_k_models": best_k}
@@ -130,15 +129,20 @@ class LastCheckpoint(ModelCheckpoint):
         they keep pointing at that run's best checkpoint. Either way their ``dirpath`` is this folder's:
         Lightning would otherwise drop the best score (the next validation becomes "best", however it
         scores, and the run is tested on it)."""
-        states, resumed = checkpoint.get("callbacks", {}), trainer.ckpt_path
-        own = resumed is not None and Path(resumed).resolve().parent == Path(self.dirpath).resolve()
+        states = checkpoint.get("callbacks", {})
         for key, state in states.items():
             if isinstance(state, dict) and "dirpath" in state:  # rank 0 decides: ranks must agree
-                states[key] = trainer.strategy.broadcast(relocated(state, self.dirpath, own), src=0)
-                if state.get("best_model_path") and not states[key]["best_model_path"]:
+                states[key] = trainer.strategy.broadcast(relocated(state, self.dirpath), src=0)
+                best = states[key]["best_model_path"]
+                if state.get("best_model_path") and not best:
                     rank_zero_warn(
                         f"the best checkpoint {state['best_model_path']} that the resumed checkpoint "
                         "records is gone: this run's own validations choose its best anew"
+                    )
+                elif best and not Path(best).resolve().is_relative_to(Path(self.dirpath).resolve()):
+                    rank_zero_warn(  # a folder copied without its best checkpoint, or another run's
+                        f"the best checkpoint so far is {best}, outside this run's folder: the run is "
+                        "tested on it unless one of its own validations scores better"
                     )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -238,10 +238,10 @@ def check_lora_targets(model: PreTrainedModel, targets: list[str], token_ids: li
 
 
 def linear_layer_names(model: PreTrainedModel) -> set[str]:
-    """The last parts of the names of ``model``'s linear layers but its output layer (what
-    ``target_modules`` may name)."""
+    """The last parts of the names of ``model``'s linear layers (GPT-2's Conv1D among them) but its
+    output layer (what ``target_modules`` may name)."""
     output = set(embedding_layers(model))
-    linear = (name for name, module in model.named_modules() if isinstance(module, nn.Linear))
+    linear = (name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D)))
     return {name.rsplit(".", 1)[-1] for name in linear if name not in output}
 
 

@@ -145,9 +145,25 @@ def same_tokenizer(files: dict[str, bytes], tokenizer: PreTrainedTokenizerBase) 
     return token_meanings(saved) == token_meanings(tokenizer)
 
 
+class TokenizerError(ValueError):
+    """A run's saved tokenizer that cannot be read; the message says which."""
+
+
+def saved_tokenizer(folder: Path, video_whitespace: str, what: str) -> PreTrainedTokenizerBase:
+    """The tokenizer a run saved in ``folder``, ``<video>`` spelled as ``video_whitespace`` says (a saved
+    tokenizer may forget it); TokenizerError, ``what`` it is, when its files do not read as one."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # truncated (JSONDecodeError) or edited: a KeyError, TypeError, or the
+        # tokenizers library's plain Exception for a vocabulary that lost a token
+        raise TokenizerError(f"{what} cannot be read ({' '.join(str(error).split())})") from error
+    return add_grounding_tokens(tokenizer, video_whitespace=video_whitespace)
+
+
 def tokenizer_from_files(files: dict[str, bytes], video_whitespace: str) -> PreTrainedTokenizerBase:
-    """The tokenizer :func:`tokenizer_files` kept, ``<video>`` spelled as ``video_whitespace`` says."""
+    """The tokenizer :func:`tokenizer_files` kept, ``<video>`` spelled as ``video_whitespace`` says;
+    TokenizerError when the files do not read as one (a damaged checkpoint)."""
     with tempfile.TemporaryDirectory() as folder:
         for name, content in files.items():
             (Path(folder) / name).write_bytes(content)
-        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder), video_whitespace=video_whitespace)
+        return saved_tokenizer(Path(folder), video_whitespace, "the tokenizer it carries")

@@ -6,10 +6,16 @@ import re
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from grounding.answer_format.tokens import MARKERS
 from grounding.checks import SpecError
-from lightning_modules.language_model import LoraSpec, LoraTargetError, grounding_token_ids
+from lightning_modules.language_model import (
+    LoraSpec,
+    LoraTargetError,
+    grounding_token_ids,
+    linear_layer_names,
+)
 from tests import helpers
 
 
@@ -77,3 +83,10 @@ def test_all_linear_stands_alone():
     """Before (review): [all-linear, q_proj] trained q_proj only."""
     with pytest.raises(SpecError, match="all-linear stands alone"):
         LoraSpec(target_modules=["all-linear", "q_proj"])
+
+
+def test_gpt2_projections_count_as_linear_layers():
+    """GPT-2's projections are transformers' Conv1D, which LoRA adapts: the names a refused target's
+    message lists (it listed none for GPT-2: review)."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert linear_layer_names(model) == {"c_attn", "c_proj", "c_fc"}

@@ -108,16 +108,17 @@ def test_a_best_checkpoint_that_is_gone_is_forgotten(tmp_path):
     assert relocated(saved, str(b))["best_model_score"] is None  # in its own folder too
 
 
-def test_a_copied_run_without_its_best_checkpoint_forgets_it(tmp_path):
-    """Before (review): the copy's own best checkpoint deleted, the copy was tested on the original
-    folder's, which its last.ckpt still named."""
+def test_a_copied_run_without_its_best_checkpoint_says_whose_it_keeps(tmp_path):
+    """Its best checkpoint deleted, a copied folder is not told from a new run continuing another's
+    checkpoint: the original folder's best stays the best, now with a warning naming it (review: it
+    was tested on it in silence)."""
     fit(tmp_path / "a", 6)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    b = (tmp_path / "b" / "checkpoints").resolve()
-    (b / "best-step4.ckpt").unlink()
-    with pytest.warns(UserWarning, match="that the resumed checkpoint records is gone"):
+    (tmp_path / "b" / "checkpoints" / "best-step4.ckpt").unlink()
+    original = (tmp_path / "a" / "checkpoints" / "best-step4.ckpt").resolve()
+    with pytest.warns(UserWarning, match=f"the best checkpoint so far is {original}, outside this run's"):
         best = fit(tmp_path / "b", 8)
-    assert best.best_model_path == str(b / "best-step8.ckpt") and recorded_best(b) == b / "best-step8.ckpt"
+    assert best.best_model_path == str(original) and best.best_model_score == 3.0
 
 
 def test_another_runs_best_score_loads_in_a_new_folder(tmp_path):

@@ -214,6 +214,10 @@ def test_cli_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "bad time" in err and err.count("\n") == 1  # no usage block before it
+    with pytest.raises(SystemExit) as exc:
+        slurm_submit.main(["--dry-run", "--nodes", "abc"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "invalid int value: 'abc'" in err
 
 
 @pytest.mark.parametrize("dry_run", [["--dry-run"], []])

@@ -67,6 +67,14 @@ def recorded_unknown_key(run: Path, tmp_path: Path) -> Path:
     return tmp_path / "old_schema.ckpt"
 
 
+def carrying_no_tokenizer(run: Path, tmp_path: Path) -> Path:
+    """The run's checkpoint whose carried tokenizer.json is JSON but no tokenizer."""
+    checkpoint = torch.load(best(run), weights_only=False)
+    checkpoint["tokenizer_files"]["tokenizer.json"] = b"{}"
+    torch.save(checkpoint, tmp_path / "no_tokenizer.ckpt")
+    return tmp_path / "no_tokenizer.ckpt"
+
+
 def tools(run: Path, tmp_path: Path, ckpt: str) -> dict:
     features = tmp_path / "video.npy"
     np.save(features, np.zeros((8, 4), dtype=np.float32))
@@ -82,7 +90,16 @@ def tools(run: Path, tmp_path: Path, ckpt: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["evaluate", "predict", "export"])
 @pytest.mark.parametrize(
-    "kind", ["truncated", "foreign", "folder", "not_a_checkpoint", "diverged", "recorded_unknown_key"]
+    "kind",
+    [
+        "truncated",
+        "foreign",
+        "folder",
+        "not_a_checkpoint",
+        "diverged",
+        "recorded_unknown_key",
+        "no_tokenizer",
+    ],
 )
 def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool, kind):
     """Before: an mmap/unpickling/IsADirectory/size-mismatch traceback, exit 1; a NaN weight: every
@@ -94,6 +111,7 @@ def test_a_bad_checkpoint_is_one_line_in_every_tool(run, tmp_path, capsys, tool,
         "not_a_checkpoint": lambda: run / "config.yaml",
         "diverged": lambda: diverged(run, tmp_path),
         "recorded_unknown_key": lambda: recorded_unknown_key(run, tmp_path),
+        "no_tokenizer": lambda: carrying_no_tokenizer(run, tmp_path),  # a KeyError traceback (review)
     }[kind]()
     assert tools(run, tmp_path, str(path))[tool]() == 2
     assert str(path) in one_error_line(capsys)

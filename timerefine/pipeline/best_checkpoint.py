@@ -41,8 +41,7 @@ def check_resumed_best(resumed: Path, state: Mapping[str, Any], checkpoint_dir: 
     ``state``) records, found where the run's ``checkpoint_dir`` relocates it; one that is gone is
     forgotten when the run resumes (``LastCheckpoint.on_load_checkpoint``)."""
     saved = next((s for k, s in state.get("callbacks", {}).items() if k.startswith("ModelCheckpoint{")), {})
-    own = resumed.resolve().parent == checkpoint_dir.resolve()
-    if best := relocated(saved, os.path.realpath(checkpoint_dir), own).get("best_model_path"):
+    if best := relocated(saved, os.path.realpath(checkpoint_dir)).get("best_model_path"):
         check_readable_best(Path(best), str(resumed))
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.early_stopping import KeptEarlyStopping
@@ -45,9 +45,9 @@ from lightning_modules.pretrained import MissingModelError, resolve_pretrained
 from lightning_modules.projector import video_token_count
 from lightning_modules.released_weights import load_released_heads
 from lightning_modules.tokenizer import (
-    add_grounding_tokens,
     build_tokenizer,
     model_vocabulary_error,
+    saved_tokenizer,
     tokenizer_from_files,
 )
 from lightning_modules.trainable import apply_trainable
@@ -66,10 +66,6 @@ log = logging.getLogger(__name__)
 UNUSED_PARAMETERS = "ddp_find_unused_parameters_true"
 
 
-class TokenizerError(ValueError):
-    """A run's saved tokenizer that cannot be read; the message names its folder."""
-
-
 def build_source(data: DictConfig) -> DataSource:
     """``data.source`` as its spec: generated, or read from annotation files by ``LOADERS[data.name]``."""
     spec = OmegaConf.to_object(data.source)
@@ -80,15 +76,9 @@ def build_source(data: DictConfig) -> DataSource:
     return annotation_source(data.name, spec)
 
 
-def saved_tokenizer(folder: Path, video_whitespace: str) -> PreTrainedTokenizerBase:
-    """A run's tokenizer saved in ``folder``, ``<video>`` spelled as ``model.lm.video_whitespace``
-    says (a saved tokenizer may forget it); TokenizerError naming it when it cannot be read."""
-    try:
-        return add_grounding_tokens(AutoTokenizer.from_pretrained(folder), video_whitespace=video_whitespace)
-    except Exception as error:  # truncated (JSONDecodeError) or edited: a KeyError, TypeError, or the
-        # tokenizers library's plain Exception for a vocabulary that lost a token
-        reason = " ".join(str(error).split())
-        raise TokenizerError(f"{folder}: the run's tokenizer cannot be read ({reason})") from error
+def run_tokenizer(folder: Path, video_whitespace: str) -> PreTrainedTokenizerBase:
+    """A run's tokenizer saved in ``folder``; TokenizerError naming it when it cannot be read."""
+    return saved_tokenizer(folder, video_whitespace, f"{folder}: the run's tokenizer")
 
 
 def build_tokenizer_for(
@@ -104,7 +94,7 @@ def build_tokenizer_for(
     and sample answers."""
     lm = cfg.model.lm
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        return saved_tokenizer(tokenizer_dir, lm.video_whitespace)
+        return run_tokenizer(tokenizer_dir, lm.video_whitespace)
     if carried is not None:
         return tokenizer_from_files(carried, lm.video_whitespace)
     if cfg.init_from_run:  # its checkpoint's token rows mean its tokenizer's tokens
@@ -113,7 +103,7 @@ def build_tokenizer_for(
             raise FileNotFoundError(
                 f"init_from_run={cfg.init_from_run}: {started}: missing (the run's tokenizer)"
             )
-        return saved_tokenizer(started, lm.video_whitespace)
+        return run_tokenizer(started, lm.video_whitespace)
     train, template = source.records("train"), resolve_template(cfg.data.prompt_template)
     corpus = tokenizer_corpus(
         [render_prompt(template, r.query) for r in train], [r.duration for r in train], schedule

@@ -13,7 +13,7 @@ from lightning_modules.language_model import LoraTargetError
 from lightning_modules.optimization import NonFiniteLossError
 from lightning_modules.pretrained import GgufError, MissingModelError, UnusableModelError
 from lightning_modules.released_weights import ReleasedWeightsError
-from timerefine.pipeline.build import TokenizerError
+from lightning_modules.tokenizer import TokenizerError
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import RunStartError
 from timerefine.pipeline.precision import PrecisionError

@@ -12,6 +12,7 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.tokenizer import TokenizerError, tokenizer_from_files
 from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint, trainer_state
@@ -246,7 +247,8 @@ def carried_tokenizer(
     """The tokenizer files the resume ``checkpoint`` (its ``state``) carries when the run's
     ``tokenizer_dir`` is missing (deleted, a run copied without it, another run's checkpoint resumed in
     a new folder): the run continues with the tokenizer its weights were trained with, never one
-    trained anew from today's annotations; None when the folder is there. CheckpointError when the checkpoint carries none."""
+    trained anew from today's annotations; None when the folder is there. CheckpointError when the
+    checkpoint carries none, or one that cannot be read."""
     if tokenizer_dir.is_dir():
         return None
     files = state.get("tokenizer_files")
@@ -255,5 +257,9 @@ def carried_tokenizer(
             f"{tokenizer_dir}: missing, and {checkpoint} carries no tokenizer: its token ids mean nothing "
             "known; put the run's tokenizer back"
         )
+    try:
+        tokenizer_from_files(files, "kept")
+    except TokenizerError as error:
+        raise CheckpointError(f"{checkpoint}: {error}") from error
     log.info("%s: missing; restored from the tokenizer %s carries", tokenizer_dir, checkpoint)
     return files

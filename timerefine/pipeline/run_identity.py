@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.annotation_source import STORED_FEATURES
-from lightning_modules.tokenizer import same_tokenizer
+from lightning_modules.tokenizer import TokenizerError, same_tokenizer
 from timerefine.pipeline.config import ConfigError, with_schema_defaults
 from timerefine.pipeline.config_diff import changes
 
@@ -153,6 +153,9 @@ def checkpoint_tokenizer_error(
     trained on other annotations): its token ids, the embedding rows, would mean other tokens; None
     when they agree or the checkpoint carries no tokenizer."""
     carried = checkpoint.get("tokenizer_files")
-    if carried is None or same_tokenizer(carried, tokenizer):
-        return None
+    try:
+        if carried is None or same_tokenizer(carried, tokenizer):
+            return None
+    except TokenizerError as error:
+        return f"{path}: {error}"
     return f"{path} was trained with another tokenizer than {own}: its token ids would mean other tokens"

@@ -22,6 +22,7 @@ from grounding.checks import a_writable_folder
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.schema import half_weights_trained
+from timerefine.tools.arguments import OneLineParser
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ __all__ = [
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; defaults mirror :class:`JobSpec`."""
     d = JobSpec()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=d.nodes, help="-> --nodes and trainer.num_nodes")
     p.add_argument(
         "--gpus-per-node",
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_from_args(args)
     try:
         validate(spec)
-    except ValueError as err:  # one line, without argparse's usage block
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except ValueError as err:
+        parser.error(str(err))
     folder = args.workdir
     if not Path(folder).is_dir():
         if not args.dry_run:
