@@ -36,7 +36,7 @@ from grounding.metrics.action_prior import best_action_scores, queried_action
 from grounding.metrics.prior import prior_scores
 from grounding.metrics.windows import record_iou
 from grounding.records import GroundingRecord
-from timerefine.tools.arguments import at_least_one
+from timerefine.pipeline.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = (*CSV_NAMES, "charades_sta_train.txt", "charades_sta_test.txt")  # what main() reads

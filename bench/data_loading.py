@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from bench.figures_out import cpu_name, print_figures
 from datamodules.feature_stores import FolderFeatureStore, PackedFeatureStore
 from grounding.records import FeatureStore
-from timerefine.tools.arguments import at_least, at_least_one
+from timerefine.pipeline.arguments import at_least, at_least_one
 from timerefine.tools.pack_features import pack_folder
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -67,9 +67,9 @@ from grounding.metrics.windows import metric_inputs
 from lightning_modules.generation import Generation
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.hf_generation import hf_generate
+from timerefine.pipeline.arguments import at_least, at_least_one
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config, load_run_config
-from timerefine.tools.arguments import at_least, at_least_one
 
 
 def hf_run(module: GroundingModule, batch: dict, *, constrained: bool, budget: int, eos_id: int, **options) -> Generation:  # fmt: skip

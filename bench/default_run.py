@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bench.arguments import key_value, new_folder
 from bench.figures_out import machine, median_ratio, print_figures
-from timerefine.tools.arguments import at_least_one
+from timerefine.pipeline.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["experiment=tiny", "logger.tensorboard=false"]

@@ -32,7 +32,7 @@ from bench.arguments import new_folder, run_folder
 from bench.default_run import phase_seconds
 from bench.figures_out import machine, print_figures
 from grounding.metrics.rewards import REWARDS
-from timerefine.tools.arguments import at_least_one
+from timerefine.pipeline.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_BASE = [

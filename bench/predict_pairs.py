@@ -31,7 +31,7 @@ from grounding.records import GroundingRecord
 from timerefine import train
 from timerefine.inference.grounder import Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
-from timerefine.tools.arguments import at_least_one
+from timerefine.pipeline.arguments import at_least_one
 from timerefine.tools.predict import Request, ground_all
 
 QUICK = ["experiment=tiny", "trainer.max_steps=4", "trainer.val_check_interval=4", "test=false"]

@@ -31,8 +31,8 @@ from bench.arguments import new_folder
 from bench.default_run import run_once
 from bench.figures_out import machine, print_figures
 from lightning_modules.pretrained import SMOLLM2, missing_model
+from timerefine.pipeline.arguments import at_least, at_least_one
 from timerefine.pipeline.config import load_config
-from timerefine.tools.arguments import at_least, at_least_one
 
 ARMS = {
     "pretrained": ["experiment=smollm2"],

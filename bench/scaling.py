@@ -30,9 +30,9 @@ from bench.figures_out import machine, print_figures
 from grounding.answer_format.targets import RefineSchedule
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.projector import ProjectorSpec
+from timerefine.pipeline.arguments import at_least_one
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
-from timerefine.tools.arguments import at_least_one
 
 FIGURE = Path(__file__).with_name("figures") / "scaling.png"
 DEFAULT = (ProjectorSpec().frames_per_token, RefineSchedule().steps)  # the default run's (f, K)

@@ -35,9 +35,9 @@ from bench.arguments import names_of
 from bench.figures_out import machine, median_ratio, print_figures
 from grounding.answer_format.tokens import IGNORE_INDEX
 from lightning_modules.video_llm import VideoLLM
+from timerefine.pipeline.arguments import at_least_one
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import load_config
-from timerefine.tools.arguments import at_least_one
 
 # name: (overrides, autocast dtype, intra-op threads, attention implementation)
 VARIANTS = {

@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 
 from grounding.checks import a_writable_folder
 from timerefine.inference.video_features import InputError, encoder_change_error
+from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.best_checkpoint import checkpoint_path, fitting_checkpoint
@@ -84,9 +85,7 @@ def folder_name(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path")
     parser.add_argument(

@@ -34,6 +34,7 @@ from timerefine.demo.timeline_plot import rows_of, timeline_svg
 from timerefine.inference.grounder import Features, Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
 from timerefine.inference.video_features import FEATURE_SUFFIXES, InputError
+from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -237,9 +238,7 @@ def launch(app: gr.Blocks, port: int | None, block: bool = True) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a run directory or an exported model")
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path (run directories)")
     parser.add_argument("--video", type=Path, action="append", default=[], help="a video to offer (repeat)")

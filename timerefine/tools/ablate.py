@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from timerefine.pipeline.ablation import HEADLINE, markdown_table, plot, run_row, summarize, write_csv
+from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError, load_config, override_key
 from timerefine.pipeline.errors import INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
@@ -219,9 +220,7 @@ def finished_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="ablation directory")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", default=[], help='NAME="override ..." (repeatable)')

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 from lightning_modules.pretrained import LM_DTYPES, GgufError, MissingModelError, converted_gguf, local_file
+from timerefine.pipeline.arguments import OneLineParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .gguf file or package:<module>/<file>.gguf")
     parser.add_argument(
         "--dtype",

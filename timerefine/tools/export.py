@@ -8,7 +8,6 @@ See timerefine/inference/export_folder.py for what the folder holds; ``Grounder.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from datamodules.annotation_source import STORED_FEATURES
 from timerefine.inference.export_folder import export_files, export_run
 from timerefine.inference.run_loading import load_run
 from timerefine.inference.video_features import InputError, recorded_encoder, unrecorded_encoder
+from timerefine.pipeline.arguments import OneLineParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path")

@@ -12,7 +12,6 @@ the same way (``timerefine-predict``).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -36,8 +35,8 @@ from timerefine.inference.frame_encoder import (
 )
 from timerefine.inference.grounder import check_device
 from timerefine.inference.video_features import InputError, probe_video, shortfall
+from timerefine.pipeline.arguments import OneLineParser, at_least, at_least_one
 from timerefine.pipeline.whole_files import write_whole
-from timerefine.tools.arguments import at_least, at_least_one
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ def videos_in(video_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", default="openai/clip-vit-large-patch14", help="hub name or local path")

@@ -10,7 +10,6 @@ so a run trained on them encodes a new video as they were encoded (timerefine-pr
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -26,8 +25,8 @@ from grounding.checks import a_writable_folder
 from grounding.records import FeatureError
 from timerefine.inference.frame_encoder import ENCODER_RECORD
 from timerefine.inference.video_features import EncoderSpec
+from timerefine.pipeline.arguments import OneLineParser, at_least_one
 from timerefine.pipeline.whole_files import write_whole
-from timerefine.tools.arguments import at_least_one
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def pack_folder(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="folder of {video_id}.npy/.npz/.pt feature files")
     parser.add_argument("dst", help="new, empty output folder")
     parser.add_argument("--num-frames", type=at_least_one, default=100)

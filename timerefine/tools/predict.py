@@ -39,7 +39,7 @@ from timerefine.inference.video_features import (
     positive_seconds,
     probe_video,
 )
-from timerefine.tools.arguments import at_least_one
+from timerefine.pipeline.arguments import OneLineParser, at_least_one
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,7 @@ def positive_duration(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "input", type=Path, help="a video file, a feature file (.npy/.npz/.pt) or a .jsonl of pairs"
     )

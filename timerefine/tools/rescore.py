@@ -31,6 +31,7 @@ from grounding.metrics.protocols import PROTOCOLS, Protocol
 from grounding.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
 from grounding.records import GroundingRecord
 from grounding.text_files import UnreadJSON, json_value, utf8_text
+from timerefine.pipeline.arguments import OneLineParser
 
 
 class PredictionsError(ValueError):
@@ -150,9 +151,7 @@ def rescore(path: Path, protocol: Protocol, multi_window: str | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", type=Path, help="a predictions/*.jsonl file of a run")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="exact")
     parser.add_argument(

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline, timeline_named
+from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError, saved_config
 
 
@@ -24,9 +25,7 @@ def read_run(
     """Parse ``run_dir [--predictions FILE]`` (and ``--root FOLDER`` with ``data_root``, in place of
     the run's ``data.source.root``); the predictions file, the run's config and its rows.
     Raises :class:`RunError` for a missing file or a run of another dataset."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--predictions", type=Path, help="default: <run>/predictions/test.jsonl")
     if data_root:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from callbacks.global_batch import accumulation
 from grounding.checks import a_writable_folder
+from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.schema import half_weights_trained
-from timerefine.tools.arguments import OneLineParser
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,6 +20,7 @@ from datamodules import activitynet, charades_sta
 from datamodules.quirks import QuirkError, QuirkPolicy, QuirkReport
 from grounding.checks import a_writable_folder
 from grounding.records import GroundingRecord
+from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.whole_files import write_whole
 
 Loader = Callable[..., tuple[list[GroundingRecord], QuirkReport]]
@@ -77,7 +78,7 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("root", type=Path, help="folder of the dataset's annotation files")
     parser.add_argument("out", type=Path, help="folder for {split}.jsonl")

@@ -1,4 +1,4 @@
-"""argparse types the command-line tools share: a bad value is argparse's one error line, exit 2."""
+"""The parser and argparse types the entry points share: a bad flag or value is one error line, exit 2."""
 
 from __future__ import annotations
 
