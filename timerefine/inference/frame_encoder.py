@@ -111,15 +111,39 @@ def preprocess(frames: np.ndarray, image_size: int) -> torch.Tensor:
     return transform(torch.from_numpy(frames).permute(0, 3, 1, 2))
 
 
+class EncoderLoadError(ValueError):
+    """A model that cannot be read, or is not a CLIP vision tower with the weights asked for."""
+
+
+def clip_vision_model(name_or_path: str, projection: bool) -> torch.nn.Module:
+    """The CLIP vision tower of ``name_or_path`` (with its projection, or without); EncoderLoadError
+    when it cannot be read or lacks weights: transformers would start them at random, in silence."""
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+    model_class = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+    try:
+        model, loading = model_class.from_pretrained(name_or_path, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as error:  # RuntimeError: weights of other shapes
+        raise EncoderLoadError(f"cannot load it ({' '.join(str(error).split())})") from error
+    if missing := sorted(loading["missing_keys"]):
+        if missing == ["visual_projection.weight"]:
+            raise EncoderLoadError(
+                "a vision tower without a projection (keep its pooled output: --no-projection)"
+            )
+        raise EncoderLoadError(
+            f"not a CLIP vision model (model_type {model.config.model_type}): {len(missing)} of its "
+            f"weights are missing, e.g. {missing[0]}"
+        )
+    return model
+
+
 class ClipFrameEncoder:
-    """A transformers CLIP vision tower (hub name or local path) mapping frames to embeddings."""
+    """A transformers CLIP vision tower (hub name or local path) mapping frames to embeddings;
+    EncoderLoadError when it cannot be read or is no such tower."""
 
     def __init__(self, name_or_path: str, projection: bool = True, device: str = "cpu", fp16: bool = False):
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
-
-        model_class = CLIPVisionModelWithProjection if projection else CLIPVisionModel
         self.dtype = torch.float16 if fp16 else torch.float32
-        self.model = model_class.from_pretrained(name_or_path).eval().to(device, self.dtype)
+        self.model = clip_vision_model(name_or_path, projection).eval().to(device, self.dtype)
         self.name_or_path, self.device, self.projection, self.fp16 = name_or_path, device, projection, fp16
         config = self.model.config
         self.image_size = config.image_size

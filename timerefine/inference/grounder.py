@@ -22,7 +22,7 @@ from grounding.answer_format.predictions import Prediction, seconds
 from grounding.answer_format.prompts import normalize_query
 from grounding.answer_format.timeline import Timeline
 from timerefine.inference.export_folder import MANIFEST, is_export, load_export
-from timerefine.inference.frame_encoder import ClipFrameEncoder
+from timerefine.inference.frame_encoder import ClipFrameEncoder, EncoderLoadError
 from timerefine.inference.run_loading import LoadedRun, load_run, predict, query_error
 from timerefine.inference.video_features import (
     ENCODER_RECORD,
@@ -217,8 +217,8 @@ class Grounder:
                 encoder = ClipFrameEncoder(
                     spec.model, spec.projection, str(self.run.module.device), spec.fp16
                 )
-            except OSError as err:
-                raise InputError(f"{self.encoder_origin} {spec.model}: cannot load it ({err})") from err
+            except EncoderLoadError as err:
+                raise InputError(f"{self.encoder_origin} {spec.model}: {err}") from err
             if encoder.dim != self.run.feature_dim:
                 raise InputError(
                     f"{self.encoder_origin} {spec.model}: makes {encoder.dim}-d features, the run reads "

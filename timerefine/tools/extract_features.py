@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from grounding.checks import a_writable_folder
 from timerefine.inference.frame_encoder import (
     ENCODER_RECORD,
     ClipFrameEncoder,
+    EncoderLoadError,
     VideoDecodeError,
     encode_pixels,
     encoder_record,
@@ -117,9 +119,16 @@ def check_outputs(videos: list[Path], out_dir: Path, record: dict[str, object]) 
             )
     recorded = out_dir / ENCODER_RECORD
     if not recorded.is_file():
+        if features := sorted(p.name for p in out_dir.glob("[!.]*.npy")):
+            raise InputError(
+                f"{out_dir}: holds {len(features)} feature files ({features[0]}, ...) but no {ENCODER_RECORD}, "
+                "so what made them is unknown and they would pass for this encoder's; give another OUT_DIR"
+            )
         return
     try:
         before = json.loads(recorded.read_text())
+        if not isinstance(before, dict):
+            raise ValueError(f"a JSON {type(before).__name__}, not an object")
     except ValueError as error:
         raise InputError(f"{recorded}: not an encoder record ({error}); give another OUT_DIR") from error
     if changed := [f"{k} {before.get(k)} -> {v}" for k, v in record.items() if before.get(k) != v]:
@@ -139,9 +148,14 @@ def extract(
 ) -> ExtractReport:
     """Encode each video's frames to ``out_dir/{video_id}.npy`` (float16), skipping finished ones."""
     out_dir, report = Path(out_dir), ExtractReport()
+    if reason := a_writable_folder(str(out_dir)):
+        raise InputError(f"OUT_DIR {reason}")
     check_outputs(list(map(Path, videos)), out_dir, encoder_record(encoder, num_frames))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ENCODER_RECORD).write_text(json.dumps(encoder_record(encoder, num_frames), indent=2) + "\n")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. below a folder no one may make folders in
+        raise InputError(f"OUT_DIR {out_dir}: cannot make it ({error.strerror})") from error
+    write_whole(out_dir / ENCODER_RECORD, json.dumps(encoder_record(encoder, num_frames), indent=2) + "\n")
     todo = []
     for path in map(Path, videos):
         if is_complete(out_dir / f"{path.stem}.npy", num_frames, encoder.dim):
@@ -172,18 +186,38 @@ def videos_in(video_dir: Path, out_dir: Path) -> list[Path]:
         raise InputError(f"{video_dir}: no such folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
-    files = sorted(p for p in video_dir.iterdir() if not p.is_dir())  # a link to nowhere fails, counted
+    entries = sorted(video_dir.iterdir())
+    files = [p for p in entries if not p.is_dir()]  # a link to nowhere fails, counted
     videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
     if not videos:
         raise InputError(f"{video_dir}: holds no video ({', '.join(VIDEO_SUFFIXES)})")
     ours = (ENCODER_RECORD, ".npy") if out_dir.resolve() == video_dir.resolve() else ()  # features beside
     quiet = [p for p in files if p.name.startswith(".") or p.name.endswith(ours)]  # hidden, or our outputs
     if others := [p.name for p in files if p not in videos and p not in quiet]:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         log.warning(
-            "left out %d files not named as videos (%s): %s", len(others), " ".join(VIDEO_SUFFIXES), shown
+            "left out %d files not named as videos (%s): %s",
+            len(others),
+            " ".join(VIDEO_SUFFIXES),
+            some(others),
+        )
+    folders = [
+        p.name
+        for p in entries
+        if p.is_dir() and not p.name.startswith(".") and p.resolve() != out_dir.resolve()
+    ]
+    if folders:
+        log.warning(
+            "left out %d folders (the videos directly in %s are read): %s",
+            len(folders),
+            video_dir,
+            some(folders),
         )
     return videos
+
+
+def some(names: list[str]) -> str:
+    """The first five of ``names`` and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,10 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         check_device(args.device, "--device")
         try:
             encoder = ClipFrameEncoder(args.model, not args.no_projection, args.device, args.fp16)
-        except OSError as error:
-            raise InputError(
-                f"--model {args.model}: cannot load it ({' '.join(str(error).split())})"
-            ) from error
+        except EncoderLoadError as error:
+            raise InputError(f"--model {args.model}: {error}") from error
         report = extract(
             videos, encoder, args.out_dir, args.num_frames, args.batch_size, args.workers, args.strict
         )
