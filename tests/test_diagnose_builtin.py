@@ -149,7 +149,9 @@ def test_predictions_of_other_built_in_data_are_refused(tmp_path, capsys):
     [
         ("", "no prediction rows"),  # was: a report of 0 queries, exit 0
         ('{"qid": "jsonl_q1", "pred": [1, 2], "gt": [1, 3], "duration": 9}\n', "not the test predictions"),
-        ("not json\n", "not JSON lines"),
+        ("not json\n", "test.jsonl:1: not JSON (Expecting value)"),
+        ('{"qid": "a"}\n\n{"qid": oops}\n', "test.jsonl:3: not JSON (Expecting value)"),  # was: line 1
+        ("[1, 2]\n", "test.jsonl:1: not a JSON object"),
     ],
 )
 def test_predictions_it_cannot_diagnose_are_one_line(tmp_path, capsys, predictions, message):

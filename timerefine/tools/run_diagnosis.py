@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline, timeline_named
+from grounding.text_files import json_value, utf8_text
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError, saved_config
 
@@ -39,11 +39,9 @@ def read_run(
             raise RunError(f"{needed} not found")
     try:
         cfg = saved_config(args.run_dir / "config.yaml")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (ConfigError, ValueError) as error:  # ValueError: a line that is not JSON
-        raise RunError(
-            f"{error}" if isinstance(error, ConfigError) else f"{path}: not JSON lines ({error})"
-        ) from error
+    except ConfigError as error:
+        raise RunError(str(error)) from error
+    rows = prediction_rows(path)
     if cfg.data.name != dataset:
         raise RunError(f"{args.run_dir} was trained on data={cfg.data.name}; this tool reads {dataset} runs")
     if not rows:
@@ -51,6 +49,25 @@ def read_run(
     if data_root and args.root is not None:
         cfg.data.source.root = str(args.root)
     return path, cfg, rows
+
+
+def prediction_rows(path: Path) -> list[dict]:
+    """The JSON object of each line of a predictions file; RunError naming the line that is none."""
+    try:
+        lines = utf8_text(path).splitlines()
+    except ValueError as error:  # names the line of a byte that is not UTF-8
+        raise RunError(str(error)) from error
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json_value(line))
+        except ValueError as error:  # not JSON, or a key named twice
+            raise RunError(f"{path}:{number}: not JSON ({getattr(error, 'msg', error)})") from error
+        if not isinstance(rows[-1], dict):
+            raise RunError(f"{path}:{number}: not a JSON object")
+    return rows
 
 
 @dataclass(frozen=True)
