@@ -11,6 +11,7 @@ from datamodules.quirks import (
     QuirkError,
     QuirkPolicy,
     QuirkReport,
+    UnknownSplit,
     resolve_segment,
 )
 from grounding.records import GroundingRecord
@@ -88,7 +89,7 @@ def load_activitynet(
     """Load ``{split}.json`` (train, val_1 or val_2; or ``annotation_file``) from ``root``; logs the
     quirk report."""
     if split not in SPLITS:
-        raise ValueError(f"ActivityNet Captions split must be one of {SPLITS}, got {split!r}")
+        raise UnknownSplit("ActivityNet Captions", split, SPLITS)
     path = Path(root) / (annotation_file or f"{split}.json")
     if not path.is_file():
         raise MissingAnnotationFile(path, split)

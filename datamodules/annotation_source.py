@@ -21,7 +21,7 @@ from datamodules.coverage import CoverageReport, check_coverage, with_annotation
 from datamodules.feature_stores import build_feature_store
 from datamodules.jsonl import FIELDS, load_jsonl
 from datamodules.query_control import QUERY_CONTROLS, apply_query_control
-from datamodules.quirks import MissingAnnotationFile, QuirkError, QuirkPolicy, QuirkReport
+from datamodules.quirks import MissingAnnotationFile, QuirkError, QuirkPolicy, QuirkReport, UnknownSplit
 from grounding.action_timelines import Timeline, read_timelines
 from grounding.checks import NON_NEGATIVE, Checked, checked, integer, one_of
 from grounding.metrics.windows import MULTI_WINDOW_MODES
@@ -74,6 +74,12 @@ class AnnotationSpec(Checked):
     def relations(self) -> Iterator[str]:
         if self.features == "action_trace" and not self.has_action_timelines:
             yield "features=action_trace needs data=charades_sta (the Charades action timelines)"
+        read = set(self.splits.values()) if isinstance(self.splits, dict) else set()  # not MISSING: a schema
+        for key in sorted(set(self.annotation_files) - read if read else ()):
+            yield (
+                f"annotation_files.{key} replaces the file of no split that is read (data.source.splits "
+                f"reads {', '.join(sorted(read))}): key it by one of those names"
+            )
         if self.features in STORED_FEATURES and not self.feature_path:
             yield f"features={self.features} needs feature_path (the folder or packed store)"
         defaults = {
@@ -140,6 +146,8 @@ class AnnotationSource:
             kwargs = {"annotation_file": files[own]} if own in files else {}
             try:
                 self._parsed[own] = self.load(self.spec.root, own, self.spec.quirks, **kwargs, **self.options)
+            except UnknownSplit as error:
+                raise QuirkError(f"data.source.splits.{split}={own}: {error}") from None
             except MissingAnnotationFile as error:
                 key = f"annotation_files.{own}={files[own]}" if own in files else f"splits.{split}={own}"
                 raise MissingAnnotationFile(error.path, split, f"data.source.{key}") from None

@@ -13,6 +13,7 @@ from datamodules.quirks import (
     QuirkError,
     QuirkPolicy,
     QuirkReport,
+    UnknownSplit,
     resolve_segment,
     text_lines,
 )
@@ -106,7 +107,7 @@ def load_charades_sta(
 ) -> tuple[list[GroundingRecord], QuirkReport]:
     """Load ``charades_sta_{split}.txt`` (or ``annotation_file``) from ``root``; logs the quirk report."""
     if split not in SPLITS:
-        raise ValueError(f"Charades-STA split must be one of {SPLITS}, got {split!r}")
+        raise UnknownSplit("Charades-STA", split, SPLITS)
     root = Path(root)
     csv_paths = [root / name for name in CSV_NAMES if (root / name).is_file()]
     if not csv_paths:

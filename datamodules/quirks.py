@@ -49,6 +49,13 @@ class MissingAnnotationFile(FileNotFoundError):
         self.path = path
 
 
+class UnknownSplit(QuirkError):
+    """A split name the dataset does not have."""
+
+    def __init__(self, dataset: str, split: str, names: tuple[str, ...]) -> None:
+        super().__init__(f"{dataset} has no split {split!r} (its splits: {', '.join(names)})")
+
+
 @dataclass(frozen=True)
 class QuirkPolicy(Checked):
     """What to do with each known quirk; ``strict`` makes malformed lines an error instead of a skip.

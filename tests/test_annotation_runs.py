@@ -179,3 +179,26 @@ def test_annotation_file_without_queries_names_the_file(tmp_path):
         EmptySplitError, match=r"charades_sta test \(.*charades_sta_test.txt\): the annotations"
     ):
         source.records("test")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [  # the review's two runs: a file keyed by the framework's split name, and a dataset split's typo
+        (
+            "+data.source.annotation_files.val=my_val.txt",
+            "config error: data.source.annotation_files.val replaces the file of no split that is read "
+            "(data.source.splits reads test, train): key it by one of those names",
+        ),
+        (
+            "data.source.splits.val=val",
+            "error: data.source.splits.val=val: Charades-STA has no split 'val' (its splits: train, test)",
+        ),
+    ],
+)
+def test_split_names_the_dataset_does_not_read_are_one_line(tmp_path, capsys, override, message):
+    """Before: my_val.txt was never opened and validation read charades_sta_test.txt, exit 0; a split
+    name Charades-STA lacks was a ValueError traceback, exit 1."""
+    overrides = tiny_run(charades_root(tmp_path / "charades"), tmp_path / "run", override)
+    assert train.main(overrides) == 2
+    assert one_line_error(capsys) == message
+    assert not (tmp_path / "run").exists()
