@@ -92,7 +92,9 @@ def parse_charades_sta(
         duration = durations.get(video_id)
         if duration is None and absent_csvs and policy.unknown_video == "error":
             missing = " and ".join(map(str, absent_csvs))
-            raise QuirkError(f"{where}: unknown video: {video_id} has no duration (no such file {missing})")
+            raise QuirkError(
+                f"{where}: unknown video: {video_id} has no usable duration in the CSVs read (no such file {missing})"
+            )
         record = resolve_segment(qid, video_id, sentence.strip(), duration, start, end, where, policy, report)
         if record is not None:
             records.append(record)

@@ -94,11 +94,17 @@ def test_a_missing_csv_is_named_when_a_video_has_no_duration(tmp_path):
     write(tmp_path / "charades_sta_train.txt", "AAAAA 1.0 2.0##x\nBBBBB 1.0 2.0##y\n")
     missing = tmp_path / "Charades_v1_train.csv"
     with pytest.raises(
-        QuirkError, match=f":2: unknown video: BBBBB has no duration \\(no such file {missing}\\)$"
+        QuirkError,
+        match=f":2: unknown video: BBBBB has no usable duration in the CSVs read \\(no such file {missing}\\)$",
     ):
         load_charades_sta(tmp_path, "train")
     records, report = load_charades_sta(tmp_path, "train", QuirkPolicy(unknown_video="drop"))
     assert len(records) == 1 and report.counts == {"unknown_video": 1}
+    write(tmp_path / "Charades_v1_test.csv", "id,length\nAAAAA,10.0\nBBBBB,abc\n")  # there, but unusable
+    with pytest.raises(
+        QuirkError, match="BBBBB has no usable duration in the CSVs read"
+    ):  # was: "no duration"
+        load_charades_sta(tmp_path, "train", QuirkPolicy(strict=False))
 
 
 def test_charades_default_policy_counts_every_quirk(sta):
