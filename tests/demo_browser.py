@@ -90,16 +90,17 @@ def ask(
     upload: Path | None = None,
     timeout: float = 90,
 ) -> Drawn:
-    """Open the demo, choose ``video`` (a dropdown label) or upload a file, type ``query``, press
-    Ground, and read the answer."""
+    """Open the demo, upload a file and/or then choose ``video`` (a dropdown label; the choice clears
+    the upload), type ``query``, press Ground, and read the answer."""
     driver.get(url)
     wait = WebDriverWait(driver, timeout)
     box = wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#query textarea")))
-    if video is not None:
-        choose(driver, wait, video)
     if upload is not None:
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(upload))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload video"))
+    if video is not None:
+        choose(driver, wait, video)
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#upload video"))
     box.clear()
     box.send_keys(query)
     driver.find_element(By.ID, "ground").click()

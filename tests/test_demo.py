@@ -147,6 +147,27 @@ def test_the_clip_holds_a_frame_however_short_the_answer(video_demo, segment):
 
 
 @pytest.mark.slow
+def test_the_status_names_the_video_grounded_and_a_choice_clears_the_upload(video_demo, video_run):
+    """Before (review): after an upload, a video chosen in the list changed only the query; the page
+    went on grounding the upload, and the status did not say which video it had grounded."""
+    label = "vid_blue_a.mp4"  # 4 s, offered in the list
+    uploaded = str(video_run.videos / "vid_green_b.mp4")  # 5 s
+    assert " s** of vid_green_b.mp4 (5.00 s)" in video_demo.answer(label, uploaded, "a blue square")[0]
+    query, upload = video_demo.chosen(label)
+    assert query == "a blue square appears" and upload["value"] is None
+    assert " s** of vid_blue_a.mp4 (4.00 s)" in video_demo.answer(label, upload["value"], query)[0]
+
+
+@pytest.mark.slow
+def test_only_the_newest_clips_stay_on_disk(video_demo, monkeypatch):
+    """Before (review): every answer left a clip in the demo's folder, and the folder stayed after it."""
+    monkeypatch.setattr("timerefine.demo.app.CLIPS_KEPT", 1)
+    label = next(lab for lab, e in video_demo.examples.items() if e.video is not None)
+    clips = [video_demo.answer(label, None, query)[3]["value"] for query in ("a red square", "a blue square")]
+    assert sorted(video_demo.clip_dir.iterdir()) == [Path(clips[1])]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("taken", ["before loading", "while loading"])
 def test_a_busy_port_is_one_error_line_before_serving(video_run, taken, capsys, monkeypatch):
     if taken == "while loading":  # the port is free when checked, taken by the time the demo serves
@@ -210,6 +231,7 @@ def test_demo_in_a_headless_browser(video_run, tmp_path):
             driver.save_screenshot(str(tmp_path / "demo.png"))
             upload = ask(driver, url, "a green square appears", upload=uploaded)
             truth = ask(driver, url, "a blue square appears", video="vid_blue_a: a blue square appears")
+            chosen = ask(driver, url, "a red square appears", video="vid_red_a.mp4", upload=uploaded)
             error = ask(driver, url, " ")
     finally:
         app.close()
@@ -224,11 +246,15 @@ def test_demo_in_a_headless_browser(video_run, tmp_path):
     assert upload.segments["final"][1] <= 6.0 + 1e-3 and upload.frames == 2 and upload.clip
     assert "truth" not in upload.segments  # nothing is known about an uploaded video
     assert truth.segments["truth"] == (2.0, 3.5) and truth.features and "IoU" in truth.status
+    assert (
+        chosen.segments == drawn.segments and "of vid_red_a.mp4 (4.00 s)" in chosen.status
+    )  # not the upload
+    assert "of my_clip.mp4 (6.00 s)" in upload.status
     assert error.status == "error: type a query" and not error.segments
     # Nothing but the demo itself was fetched.
     hosts = {
         urlparse(u).hostname
-        for r in (drawn, upload, truth, error)
+        for r in (drawn, upload, truth, chosen, error)
         for u in r.requested
         if u.startswith(("http", "ws"))
     }

@@ -12,12 +12,15 @@ outside.
 from __future__ import annotations
 
 import argparse
+import atexit
 import html
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 DATA_ERRORS = (ConfigError, FeatureError, QuirkError, OSError, ValueError)
 CSS = "#timeline svg { max-width: 100%; height: auto; }"
 HOST = "127.0.0.1"  # served on the loopback interface only
+CLIPS_KEPT = 16  # answer clips kept on disk while the demo runs; its folder goes when it stops
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,13 @@ def not_a_video(path: Path) -> str | None:
     return None
 
 
-def summary(answer: Grounding, truth: tuple[float, float] | None) -> str:
+def summary(answer: Grounding, truth: tuple[float, float] | None, video: str) -> str:
+    """The status line: the answer in seconds of ``video`` (named: the page grounds the upload, or else
+    the video chosen in the list), with the truth and IoU when known."""
+    name = html.escape(video)
     if answer.start is None or answer.end is None:
-        return f"**The answer did not parse.** Generated text: `{answer.text}`"
-    text = f"**Answer: {answer.start:.2f} – {answer.end:.2f} s** of {answer.duration:.2f} s"
+        return f"**The answer did not parse** ({name}). Generated text: `{answer.text}`"
+    text = f"**Answer: {answer.start:.2f} – {answer.end:.2f} s** of {name} ({answer.duration:.2f} s)"
     if truth is not None:
         iou = float(temporal_iou(torch.tensor([[answer.start, answer.end]]), torch.tensor([truth]))[0])
         text += f" · ground truth {truth[0]:.2f} – {truth[1]:.2f} s · IoU {iou:.2f}"
@@ -106,9 +113,14 @@ class Demo:
     def __init__(self, grounder: Grounder, examples: list[Example], clip_dir: Path) -> None:
         self.grounder, self.clip_dir = grounder, clip_dir
         self.examples = {example.label: example for example in examples}
+        self.clips: deque[Path] = deque()  # the newest CLIPS_KEPT clips; older ones are deleted
 
     def query_of(self, label: str | None) -> str:
         return self.examples[label].query if label in self.examples else ""
+
+    def chosen(self, label: str | None) -> tuple[str, dict]:
+        """A video chosen in the list: its query, and the upload cleared (an upload is grounded first)."""
+        return self.query_of(label), gr.update(value=None)
 
     def answer(self, label: str | None, upload: str | None, query: str) -> tuple:
         """Status, timeline, boundary frames, clip and feature picture for ``query`` about the chosen
@@ -134,7 +146,7 @@ class Demo:
         truth = example.truth if asked else None
         timeline = timeline_svg(rows_of(answer, truth), answer.duration)
         segment = None if answer.start is None or answer.end is None else (answer.start, answer.end)
-        return summary(answer, truth), timeline, *self.media(example, answer, segment)
+        return summary(answer, truth, example.label), timeline, *self.media(example, answer, segment)
 
     def media(self, example: Example | None, answer: Grounding | None, segment: tuple[float, float] | None):
         """Updates of the boundary frames, the clip and the feature picture (only the relevant ones show)."""
@@ -154,6 +166,9 @@ class Demo:
         start_frame, end_frame = frames_at(example.video, list(segment))
         pictures = [(start_frame, f"start {segment[0]:.2f} s"), (end_frame, f"end {segment[1]:.2f} s")]
         clip = cut_clip(example.video, *segment, Path(tempfile.mkstemp(".webm", dir=self.clip_dir)[1]))
+        self.clips.append(clip)
+        while len(self.clips) > CLIPS_KEPT:  # the page shows the newest (Gradio serves its own copy)
+            self.clips.popleft().unlink(missing_ok=True)
         return (
             gr.update(value=pictures, visible=True),
             gr.update(value=str(clip), visible=True),
@@ -162,7 +177,9 @@ class Demo:
 
 
 def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blocks:
-    demo = Demo(grounder, examples, Path(tempfile.mkdtemp(prefix="timerefine-demo-")))
+    clip_dir = Path(tempfile.mkdtemp(prefix="timerefine-demo-"))
+    atexit.register(shutil.rmtree, clip_dir, ignore_errors=True)
+    demo = Demo(grounder, examples, clip_dir)
     first = examples[0].label if examples else None
     with gr.Blocks(analytics_enabled=False, title="TimeRefine demo") as app:
         gr.Markdown(f"## Temporal grounding · {title}")
@@ -189,7 +206,7 @@ def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blo
                     label="Features over time", elem_id="features", interactive=False, visible=False
                 )
         outputs = [status, timeline, pictures, clip, features]
-        choice.change(demo.query_of, choice, query)
+        choice.select(demo.chosen, choice, [query, upload])  # also when the shown video is chosen again
         button.click(demo.answer, [choice, upload, query], outputs)
         query.submit(demo.answer, [choice, upload, query], outputs)
     return app
