@@ -76,6 +76,14 @@ def test_the_pooled_output_of_a_tower_without_projection_is_read(models):
         ClipFrameEncoder(str(models / "no_projection"))
 
 
+def test_a_tower_read_without_its_projection_loads_quietly(models, caplog):
+    """Before (review): transformers' multi-line load report (the projection UNEXPECTED) on stderr, before
+    any answer or error line; a whole CLIPModel checkpoint leaves its text tower unread too."""
+    with caplog.at_level(logging.WARNING):
+        assert ClipFrameEncoder(str(models / "clip"), projection=False).dim == 32
+    assert "LOAD REPORT" not in caplog.text
+
+
 def test_features_without_an_encoder_record_are_not_adopted(models, videos, tmp_path, capsys):
     """Before: the old file was kept as done ("skipped 1 done") and a new encoder.json vouched for it."""
     out = tmp_path / "out"

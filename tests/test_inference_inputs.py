@@ -80,7 +80,7 @@ def test_a_recorded_encoder_that_cannot_load_is_named_by_its_record(video_run, t
     config.data.source.feature_path = str(features)
     OmegaConf.save(config, run_dir / "config.yaml")
     grounder = Grounder.from_run(run_dir)
-    expected = f"{features / 'encoder.json'}: model {tmp_path / 'moved_clip'}: cannot load it"
+    expected = f"{features / 'encoder.json'}: model {tmp_path / 'moved_clip'}: not a local folder"
     with pytest.raises(InputError, match=f"^{re.escape(expected)}"):
         grounder.ground(video_run.videos / "vid_red_a.mp4", "a red square appears")
 

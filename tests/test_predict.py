@@ -209,7 +209,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         "no encoder recorded": ([red, "--run", str(builtin_run), *query], "the run records no video encoder"),
         "encoder not found": (
             [red, "--run", run, "--encoder", str(tmp_path / "nope"), *query],
-            f"--encoder {tmp_path / 'nope'}: cannot load it",
+            f"--encoder {tmp_path / 'nope'}: not a local folder, and not a Hugging Face name",
         ),
         "encoder of another size": (
             [red, "--run", run, "--encoder", str(pooled), "--no-projection", *query],

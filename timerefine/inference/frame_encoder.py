@@ -18,6 +18,7 @@ import torch
 from torchvision.transforms import v2
 
 from grounding.answer_format.timeline import sample_frame_indices
+from lightning_modules.pretrained import MissingModelError, check_hub_name
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,12 +120,21 @@ def clip_vision_model(name_or_path: str, projection: bool) -> torch.nn.Module:
     """The CLIP vision tower of ``name_or_path`` (with its projection, or without); EncoderLoadError
     when it cannot be read or lacks weights: transformers would start them at random, in silence."""
     from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+    from transformers.utils import logging as transformers_logging
 
+    try:
+        check_hub_name(name_or_path)  # before: transformers' retries, or "Repo id must be in the form ..."
+    except MissingModelError as error:
+        raise EncoderLoadError(str(error).removeprefix(f"{name_or_path}: ")) from error
     model_class = CLIPVisionModelWithProjection if projection else CLIPVisionModel
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report: weights left unread are expected
     try:
         model, loading = model_class.from_pretrained(name_or_path, output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as error:  # RuntimeError: weights of other shapes
         raise EncoderLoadError(f"cannot load it ({' '.join(str(error).split())})") from error
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     if missing := sorted(loading["missing_keys"]):
         if missing == ["visual_projection.weight"]:
             raise EncoderLoadError(
