@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 import train
@@ -144,3 +149,27 @@ def test_an_export_of_made_features_has_no_encoder_to_miss(tmp_path, capsys):
     capsys.readouterr()
     assert export_main([str(run), str(tmp_path / "export")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_packing_processes_too(tmp_path):
+    """Before (review): the command ended with 143 and its litdata workers packed on, orphaned."""
+    src = tmp_path / "features"
+    src.mkdir()
+    for number in range(1500):
+        np.save(src / f"v{number:05d}.npy", np.ones((16, D), dtype=np.float16))
+    command = [sys.executable, "-m", "timerefine.tools.pack_features", str(src), str(tmp_path / "packed")]
+    packing = subprocess.Popen(
+        [*command, "--num-frames", "16", "--feature-dim", str(D), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    parent, deadline = psutil.Process(packing.pid), time.monotonic() + 120
+    while len(children := parent.children(recursive=True)) < 2 and packing.poll() is None:
+        assert time.monotonic() < deadline, "the packing processes never started"
+        time.sleep(0.05)
+    packing.send_signal(signal.SIGTERM)
+    assert packing.wait(timeout=60) == 143
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    assert "stopped by SIGTERM" in packing.stderr.read()

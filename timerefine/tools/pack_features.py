@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import multiprocessing
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from grounding.records import FeatureError
 from timerefine.inference.frame_encoder import ENCODER_RECORD
 from timerefine.inference.video_features import EncoderSpec
 from timerefine.pipeline.arguments import OneLineParser, at_least_one
+from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
 from timerefine.pipeline.whole_files import write_whole
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,17 @@ def pack_folder(
     return report
 
 
+class Stopped(Exception):
+    """SIGTERM arrived while packing."""
+
+
+def stop_packing(signum: int, frame: object) -> None:
+    """SIGTERM's handler: the packing processes stop too (by default they ran on, orphaned)."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    raise Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="folder of {video_id}.npy/.npz/.pt feature files")
@@ -125,11 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    previous = signal.signal(signal.SIGTERM, stop_packing)
     try:
         report = pack_folder(args.src, args.dst, args.num_frames, args.feature_dim, args.workers, args.dtype)
     except (FileNotFoundError, FileExistsError, ValueError) as error:  # no usable file, a bad encoder.json
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Stopped:
+        print(
+            f"stopped by SIGTERM: {args.dst} is incomplete; delete it before packing again", file=sys.stderr
+        )
+        return STOPPED_BY_SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"packed {len(report.packed)} videos, {len(report.bad)} bad files left out")
     return 1 if report.bad else 0
 
