@@ -21,7 +21,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from timerefine.inference.frame_encoder import ClipFrameEncoder
 from timerefine.tools.extract_features import extract
@@ -147,8 +147,9 @@ def write_still(path: Path) -> Path:
     return png.rename(path)
 
 
-def write_tiny_clip(folder: Path) -> Path:
-    """A randomly initialised CLIP vision model with a 16-d projection, saved like a hub model."""
+def write_tiny_clip(folder: Path, projection: bool = True) -> Path:
+    """A randomly initialised CLIP vision model with a 16-d projection (or none: a 32-d pooled output),
+    saved like a hub model."""
     config = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,
@@ -159,7 +160,7 @@ def write_tiny_clip(folder: Path) -> Path:
         projection_dim=DIM,
     )
     torch.manual_seed(0)
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(config).save_pretrained(folder)
     return folder
 
 

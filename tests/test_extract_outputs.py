@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.inference_runs import write_moment_video, write_tiny_clip
 from timerefine.inference.frame_encoder import ENCODER_RECORD, ClipFrameEncoder, EncoderLoadError
@@ -20,15 +20,7 @@ from timerefine.tools.extract_features import main, videos_in
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_tiny_clip(root / "clip")
-    tower = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    CLIPVisionModel(tower).save_pretrained(root / "no_projection")
+    write_tiny_clip(root / "no_projection", projection=False)
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(root / "gpt2")
     return root
 
