@@ -74,12 +74,6 @@ class AnnotationSpec(Checked):
     def relations(self) -> Iterator[str]:
         if self.features == "action_trace" and not self.has_action_timelines:
             yield "features=action_trace needs data=charades_sta (the Charades action timelines)"
-        read = set(self.splits.values()) if isinstance(self.splits, dict) else set()  # not MISSING: a schema
-        for key in sorted(set(self.annotation_files) - read if read else ()):
-            yield (
-                f"annotation_files.{key} replaces the file of no split that is read (data.source.splits "
-                f"reads {', '.join(sorted(read))}): key it by one of those names"
-            )
         if self.features in STORED_FEATURES and not self.feature_path:
             yield f"features={self.features} needs feature_path (the folder or packed store)"
         defaults = {
@@ -131,6 +125,14 @@ class AnnotationSource:
         self._usable: dict[str, list[GroundingRecord]] = {}
         self.coverage: dict[str, CoverageReport] = {}
         self._store: FeatureStore | None = None
+        read = sorted(set(spec.splits.values()))
+        for key in sorted(set(spec.annotation_files) - set(read)):  # e.g. test=val leaves test's file unread
+            log.warning(
+                "data.source.annotation_files.%s is read by no split (data.source.splits reads %s): a file "
+                "is keyed by the split name that data.source.splits maps to",
+                key,
+                ", ".join(read),
+            )
         if spec.feature_path and spec.features not in STORED_FEATURES:
             log.warning(
                 "data.source.feature_path=%s is not read: features=%s are made here (set "

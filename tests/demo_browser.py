@@ -20,6 +20,7 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -71,6 +72,7 @@ class Drawn:
     clip: bool  # the moment as a playable video
     features: bool  # the features-over-time picture (videos without pixels)
     requested: list[str]
+    suggested: str = ""  # the query the page filled in for the video chosen
 
 
 def requested_urls(driver: webdriver.Chrome) -> list[str]:
@@ -88,10 +90,11 @@ def ask(
     query: str,
     video: str | None = None,
     upload: Path | None = None,
+    keyboard: bool = False,
     timeout: float = 90,
 ) -> Drawn:
-    """Open the demo, upload a file and/or then choose ``video`` (a dropdown label; the choice clears
-    the upload), type ``query``, press Ground, and read the answer."""
+    """Open the demo, upload a file and/or then choose ``video`` (a dropdown label, clicked or typed
+    with ``keyboard``; the choice clears the upload), type ``query``, press Ground, and read the answer."""
     driver.get(url)
     wait = WebDriverWait(driver, timeout)
     box = wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#query textarea")))
@@ -99,8 +102,9 @@ def ask(
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(upload))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#upload video"))
     if video is not None:
-        choose(driver, wait, video)
+        choose(driver, wait, video, keyboard)
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#upload video"))
+    suggested = box.get_attribute("value") or ""
     box.clear()
     box.send_keys(query)
     driver.find_element(By.ID, "ground").click()
@@ -119,6 +123,7 @@ def ask(
         bool(driver.find_elements(By.CSS_SELECTOR, "#clip video")),
         bool(driver.find_elements(By.CSS_SELECTOR, "#features img")),
         requested_urls(driver),
+        suggested,
     )
 
 
@@ -133,16 +138,20 @@ def error_shown(driver: webdriver.Chrome) -> bool:
     return "error:" in driver.find_element(By.ID, "status").text
 
 
-def choose(driver: webdriver.Chrome, wait: WebDriverWait, label: str) -> None:
-    """Pick ``label`` in the video dropdown (typed and confirmed, as a user does)."""
+def choose(driver: webdriver.Chrome, wait: WebDriverWait, label: str, keyboard: bool = False) -> None:
+    """Pick ``label`` in the video dropdown: its option clicked, or typed and confirmed with Enter."""
     field = driver.find_element(By.CSS_SELECTOR, "#video-choice input")
     field.click()
-    option = wait.until(
-        expected_conditions.element_to_be_clickable(
-            (By.XPATH, f'//*[@role="option"][contains(., "{label}")]')
+    if keyboard:
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(label, Keys.ENTER)
+    else:
+        option = wait.until(
+            expected_conditions.element_to_be_clickable(
+                (By.XPATH, f'//*[@role="option"][contains(., "{label}")]')
+            )
         )
-    )
-    option.click()
+        option.click()
     wait.until(
         lambda d: d.find_element(By.CSS_SELECTOR, "#video-choice input").get_attribute("value") == label
     )

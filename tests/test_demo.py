@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -37,10 +40,10 @@ def test_timeline_svg_places_bars_in_seconds():
 
 
 @pytest.fixture(scope="module")
-def video_demo(video_run) -> Demo:
+def video_demo(video_run, tmp_path_factory) -> Demo:
     grounder = Grounder.from_run(video_run.run_dir)
     videos = sorted(video_run.videos.glob("*.mp4"))[:2]
-    return Demo(grounder, demo_examples(grounder, videos), Path(tempfile.mkdtemp()))
+    return Demo(grounder, demo_examples(grounder, videos), tmp_path_factory.mktemp("clips"))
 
 
 @pytest.mark.slow
@@ -97,9 +100,9 @@ def test_two_videos_of_one_name_stay_two_choices(video_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_works_on_a_builtin_run_out_of_the_box(builtin_run):
+def test_demo_works_on_a_builtin_run_out_of_the_box(builtin_run, tmp_path):
     grounder = Grounder.from_run(builtin_run)
-    demo = Demo(grounder, demo_examples(grounder, []), Path(tempfile.mkdtemp()))
+    demo = Demo(grounder, demo_examples(grounder, []), tmp_path)
     assert demo.examples and all(label.startswith("builtin_test_") for label in demo.examples)
     label = next(iter(demo.examples))
     _, timeline, _, _, features = demo.answer(label, None, demo.query_of(label))
@@ -168,6 +171,21 @@ def test_only_the_newest_clips_stay_on_disk(video_demo, monkeypatch):
 
 
 @pytest.mark.slow
+def test_sigterm_removes_the_clip_folder(builtin_run, tmp_path):
+    """Before (review): the folder of answer clips was removed at a normal exit only, not at SIGTERM."""
+    command = [sys.executable, "-m", "timerefine.demo.app", str(builtin_run), "--port", str(free_port())]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parents[1]
+    ) as demo:
+        assert demo.stdout.readline().startswith("serving "), "the demo did not start"
+        assert list(tmp_path.glob("timerefine-demo-*"))
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 143
+    assert not list(tmp_path.glob("timerefine-demo-*"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("taken", ["before loading", "while loading"])
 def test_a_busy_port_is_one_error_line_before_serving(video_run, taken, capsys, monkeypatch):
     if taken == "while loading":  # the port is free when checked, taken by the time the demo serves
@@ -232,6 +250,9 @@ def test_demo_in_a_headless_browser(video_run, tmp_path):
             upload = ask(driver, url, "a green square appears", upload=uploaded)
             truth = ask(driver, url, "a blue square appears", video="vid_blue_a: a blue square appears")
             chosen = ask(driver, url, "a red square appears", video="vid_red_a.mp4", upload=uploaded)
+            typed = ask(
+                driver, url, "a blue square appears", "vid_blue_a: a blue square appears", uploaded, True
+            )
             error = ask(driver, url, " ")
     finally:
         app.close()
@@ -250,11 +271,12 @@ def test_demo_in_a_headless_browser(video_run, tmp_path):
         chosen.segments == drawn.segments and "of vid_red_a.mp4 (4.00 s)" in chosen.status
     )  # not the upload
     assert "of my_clip.mp4 (6.00 s)" in upload.status
+    assert typed.suggested == "a blue square appears" and typed.segments == truth.segments  # by keyboard
     assert error.status == "error: type a query" and not error.segments
     # Nothing but the demo itself was fetched.
     hosts = {
         urlparse(u).hostname
-        for r in (drawn, upload, truth, chosen, error)
+        for r in (drawn, upload, truth, chosen, typed, error)
         for u in r.requested
         if u.startswith(("http", "ws"))
     }

@@ -17,6 +17,7 @@ import html
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from timerefine.inference.run_loading import dataset_examples
 from timerefine.inference.video_features import FEATURE_SUFFIXES, InputError
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError
+from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
 
 log = logging.getLogger(__name__)
 DATA_ERRORS = (ConfigError, FeatureError, QuirkError, OSError, ValueError)
@@ -181,7 +183,8 @@ def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blo
     atexit.register(shutil.rmtree, clip_dir, ignore_errors=True)
     demo = Demo(grounder, examples, clip_dir)
     first = examples[0].label if examples else None
-    with gr.Blocks(analytics_enabled=False, title="TimeRefine demo") as app:
+    # Gradio serves a copy of each clip from its cache: copies an hour old go, every 10 minutes and at the end.
+    with gr.Blocks(analytics_enabled=False, title="TimeRefine demo", delete_cache=(600, 3600)) as app:
         gr.Markdown(f"## Temporal grounding · {title}")
         with gr.Row():
             with gr.Column(scale=2):
@@ -206,7 +209,8 @@ def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blo
                     label="Features over time", elem_id="features", interactive=False, visible=False
                 )
         outputs = [status, timeline, pictures, clip, features]
-        choice.select(demo.chosen, choice, [query, upload])  # also when the shown video is chosen again
+        choice.change(demo.chosen, choice, [query, upload])  # chosen by mouse or keyboard
+        choice.select(demo.chosen, choice, [query, upload])  # ... or the shown one chosen again
         button.click(demo.answer, [choice, upload, query], outputs)
         query.submit(demo.answer, [choice, upload, query], outputs)
     return app
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"serving {args.run} on http://{HOST}:{args.port}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED_BY_SIGTERM))  # exit hooks run: clips go
     app.block_thread()
     return 0
 
