@@ -152,6 +152,7 @@ def test_predictions_of_other_built_in_data_are_refused(tmp_path, capsys):
         ("not json\n", "test.jsonl:1: not JSON (Expecting value)"),
         ('{"qid": "a"}\n\n{"qid": oops}\n', "test.jsonl:3: not JSON (Expecting value)"),  # was: line 1
         ("[1, 2]\n", "test.jsonl:1: not a JSON object"),
+        ('{"qid": "a", "qid": "b"}\n', "test.jsonl:1: key 'qid' appears twice"),
     ],
 )
 def test_predictions_it_cannot_diagnose_are_one_line(tmp_path, capsys, predictions, message):

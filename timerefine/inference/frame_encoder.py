@@ -130,15 +130,26 @@ def clip_vision_model(name_or_path: str, projection: bool) -> torch.nn.Module:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its load report: weights left unread are expected
     try:
-        model, loading = model_class.from_pretrained(name_or_path, output_loading_info=True)
-    except (OSError, RuntimeError, ValueError) as error:  # RuntimeError: weights of other shapes
+        model, loading = model_class.from_pretrained(
+            name_or_path,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # named below
+        )
+    except (OSError, RuntimeError, ValueError) as error:
         raise EncoderLoadError(f"cannot load it ({' '.join(str(error).split())})") from error
     finally:
         transformers_logging.set_verbosity(verbosity)
+    if mismatched := sorted(loading["mismatched_keys"]):
+        key, stored, expected = mismatched[0]
+        raise EncoderLoadError(
+            f"{len(mismatched)} of its weights have other shapes than its config.json gives, e.g. {key} "
+            f"{list(stored)} where {list(expected)} is expected"
+        )
     if missing := sorted(loading["missing_keys"]):
         if missing == ["visual_projection.weight"]:
             raise EncoderLoadError(
-                "a vision tower without a projection (keep its pooled output: --no-projection)"
+                "a vision tower without a projection: its pooled output is what it gives "
+                "(timerefine-extract-features --no-projection)"
             )
         raise EncoderLoadError(
             f"not a CLIP vision model (model_type {model.config.model_type}): {len(missing)} of its "

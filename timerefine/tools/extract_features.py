@@ -121,7 +121,7 @@ def check_outputs(videos: list[Path], out_dir: Path, record: dict[str, object]) 
     if not recorded.is_file():
         if features := sorted(p.name for p in out_dir.glob("[!.]*.npy")):
             raise InputError(
-                f"{out_dir}: holds {len(features)} feature files ({features[0]}, ...) but no {ENCODER_RECORD}, "
+                f"{out_dir}: holds .npy feature files ({len(features)}: {features[0]}, ...) but no {ENCODER_RECORD}, "
                 "so what made them is unknown and they would pass for this encoder's; give another OUT_DIR"
             )
         return
@@ -149,7 +149,7 @@ def extract(
     """Encode each video's frames to ``out_dir/{video_id}.npy`` (float16), skipping finished ones."""
     out_dir, report = Path(out_dir), ExtractReport()
     if reason := a_writable_folder(str(out_dir)):
-        raise InputError(f"OUT_DIR {reason}")
+        raise InputError(f"OUT_DIR {out_dir}: {reason}")
     check_outputs(list(map(Path, videos)), out_dir, encoder_record(encoder, num_frames))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline, timeline_named
-from grounding.text_files import json_value, utf8_text
+from grounding.text_files import UnreadJSON, json_value, utf8_text
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError, saved_config
 
@@ -63,8 +64,10 @@ def prediction_rows(path: Path) -> list[dict]:
             continue
         try:
             rows.append(json_value(line))
-        except ValueError as error:  # not JSON, or a key named twice
-            raise RunError(f"{path}:{number}: not JSON ({getattr(error, 'msg', error)})") from error
+        except json.JSONDecodeError as error:
+            raise RunError(f"{path}:{number}: not JSON ({error.msg})") from error
+        except UnreadJSON as error:  # a key named twice
+            raise RunError(f"{path}:{number}: {error}") from error
         if not isinstance(rows[-1], dict):
             raise RunError(f"{path}:{number}: not a JSON object")
     return rows
