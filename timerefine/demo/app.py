@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"serving {args.run} on http://{HOST}:{args.port}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED_BY_SIGTERM))  # exit hooks run: clips go
+    print(f"serving {args.run} on http://{HOST}:{args.port}", flush=True)  # after: a SIGTERM it prompts
     app.block_thread()
     return 0
 
