@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,24 @@ def json_value(text: str) -> Any:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError as err:
         raise UnreadJSON("nested too deeply to read (JSON of lists or objects within each other)") from err
+
+
+def json_object_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each line of a JSON-lines file that is not blank, with its number (from 1), as the JSON object it
+    holds; ValueError naming ``path:line`` of one that is not JSON, cannot be read as written, or is no
+    object (or of a byte that is not UTF-8)."""
+    for number, line in enumerate(utf8_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json_value(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from error
+        except UnreadJSON as error:
+            raise ValueError(f"{path}:{number}: {error}") from error
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        yield number, row
 
 
 def seconds(text: str | None) -> float:

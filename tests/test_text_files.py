@@ -16,7 +16,7 @@ from datamodules.jsonl import parse_jsonl
 from datamodules.quirks import QuirkError, QuirkPolicy
 from grounding.action_timelines import read_timelines
 from grounding.metrics.protocols import EXACT
-from grounding.text_files import decoded_line, seconds, utf8_text
+from grounding.text_files import decoded_line, json_object_lines, seconds, utf8_text
 from timerefine.inference.video_features import InputError
 from timerefine.tools.predict import read_pairs
 from timerefine.tools.rescore import PredictionsError, rescore
@@ -142,3 +142,24 @@ def test_json_nested_too_deeply_is_named_by_its_file_and_line(tmp_path):
         read_pairs(deep_first)
     with pytest.raises(PredictionsError, match=f"^{deep_first}:1: nested too deeply"):
         rescore(deep_first, EXACT)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"a": 1}\n\nnot json\n', ":3: not JSON"),
+        ('{"a": 1}\n[1, 2]\n', ":2: not a JSON object"),
+        ('{"a": 1, "a": 2}\n', ":1: key 'a' appears twice"),
+        ('{"a": 1}\n\xff\n', ":2: not UTF-8"),
+    ],
+)
+def test_json_object_lines_names_the_line_that_is_no_object(tmp_path, text, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"^{path}{message}"):
+        list(json_object_lines(path))
+
+
+def test_json_object_lines_numbers_the_lines_it_reads(tmp_path):
+    path = write(tmp_path / "rows.jsonl", BOM + '{"a": 1}\n\n  \n{"b": [2]}\n')
+    assert list(json_object_lines(path)) == [(1, {"a": 1}), (4, {"b": [2]})]

@@ -30,7 +30,7 @@ from grounding.metrics.iou import THRESHOLDS
 from grounding.metrics.protocols import PROTOCOLS, Protocol
 from grounding.metrics.windows import MULTI_WINDOW_MODES, Segment, metric_inputs
 from grounding.records import GroundingRecord
-from grounding.text_files import UnreadJSON, json_value, utf8_text
+from grounding.text_files import json_object_lines
 from timerefine.pipeline.arguments import OneLineParser
 
 
@@ -100,22 +100,14 @@ def read_predictions(
     segments, records, unparsed, reordered, clipped = [], [], [], 0, 0
     lines_of: dict[str, int] = {}  # qid -> the line that scored it
     try:
-        lines = utf8_text(path).splitlines()
+        rows = list(json_object_lines(path))
     except OSError as error:
         raise PredictionsError(f"{path}: {error.strerror or error}") from error
-    except ValueError as error:  # names the line of a byte that is not UTF-8
+    except ValueError as error:  # names the line
         raise PredictionsError(str(error)) from error
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, row in rows:
         where = f"{path}:{number}"
-        try:
-            row = json_value(line)
-        except json.JSONDecodeError as error:
-            raise PredictionsError(f"{where}: not JSON ({error.msg})") from error
-        except UnreadJSON as error:
-            raise PredictionsError(f"{where}: {error}") from error
-        if not isinstance(row, dict) or "pred" not in row:
+        if "pred" not in row:
             raise PredictionsError(f"{where}: needs pred, gt and duration")
         records.append(row_record(row, where, multi_window))
         if (first := lines_of.setdefault(records[-1].qid, number)) != number:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from grounding.answer_format.timeline import DEFAULT_TIMELINE, Timeline, timeline_named
-from grounding.text_files import UnreadJSON, json_value, utf8_text
+from grounding.text_files import json_object_lines
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError, saved_config
 
@@ -55,22 +54,9 @@ def read_run(
 def prediction_rows(path: Path) -> list[dict]:
     """The JSON object of each line of a predictions file; RunError naming the line that is none."""
     try:
-        lines = utf8_text(path).splitlines()
-    except ValueError as error:  # names the line of a byte that is not UTF-8
+        return [row for _, row in json_object_lines(path)]
+    except ValueError as error:
         raise RunError(str(error)) from error
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json_value(line))
-        except json.JSONDecodeError as error:
-            raise RunError(f"{path}:{number}: not JSON ({error.msg})") from error
-        except UnreadJSON as error:  # a key named twice
-            raise RunError(f"{path}:{number}: {error}") from error
-        if not isinstance(rows[-1], dict):
-            raise RunError(f"{path}:{number}: not a JSON object")
-    return rows
 
 
 @dataclass(frozen=True)
