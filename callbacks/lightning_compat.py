@@ -16,10 +16,11 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities import load as fabric_load
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
@@ -33,6 +34,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (ModelCheckpoint, "_last_global_step_saved", None),
     (ModelCheckpoint, "_last_checkpoint_saved", None),
     (ModelCheckpoint, "_every_n_train_steps", None),
+    (_FitLoop, "_combined_loader", None),
     (_TrainingEpochLoop, "_should_check_val_fx", ("self", "data_fetcher")),
     (_TrainingEpochLoop, "_should_accumulate", ("self",)),
     (ExperimentWriter, "_check_log_dir_exists", ("self",)),
@@ -58,6 +60,8 @@ def _instance_attributes(owner: type) -> set[str]:
         return set(vars(CSVLogger(save_dir=".")))
     if owner is _SignalConnector:
         return set(vars(_SignalConnector(trainer=None)))
+    if owner is _FitLoop:
+        return set(vars(_FitLoop(trainer=None)))
     return set()
 
 
@@ -193,6 +197,17 @@ class DeferredRemovalCheckpoint(ModelCheckpoint):
         for filepath in dict.fromkeys(dropped):
             if filepath not in keep:
                 trainer.strategy.remove_checkpoint(filepath)
+
+
+class TrainLoaderAfterRestore(Callback):
+    """Has the fit build its training loader after a resumed checkpoint is restored. Asked for
+    ``estimated_stepping_batches`` in ``configure_optimizers`` (the learning-rate curve spans the run's
+    steps) by a run with ``max_epochs``, Lightning builds the loader then, before the restore, and never
+    gives it the checkpoint's position (Lightning issue #20550): a run resumed mid-epoch trained the
+    epoch's first batches again. That loader is dropped when the fit starts, between the two."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop._combined_loader = None
 
 
 def save_last(callback: ModelCheckpoint, trainer: L.Trainer) -> None:

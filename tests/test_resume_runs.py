@@ -271,3 +271,29 @@ def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
         assert run("train.py", *more, f"output_dir={output_dir}") == 0
         assert saved_step(output_dir) == 48
     assert assert_ends_alike(stopped, uninterrupted) == final_state(uninterrupted)[2]
+
+
+@pytest.mark.slow
+def test_a_run_bounded_by_epochs_resumes_its_epochs_data_order(tmp_path):
+    """Before: asked for the step count before the checkpoint was restored (the learning-rate curve),
+    Lightning built the training loader early and never gave it the saved position (its issue #20550):
+    a run of ``max_epochs`` resumed mid-epoch trained the epoch's first batches again, and ended with
+    other weights and scores (found by a review)."""
+    epochs = [*RUN, "trainer.max_steps=-1", "trainer.max_epochs=2"]  # 14 steps
+    stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
+    signalled_run("training_step", 7, 0, signal.SIGTERM, [*epochs, f"output_dir={stopped}"])
+    saved = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 5
+    finished = {}
+    for output_dir in (stopped, uninterrupted):
+        finished[output_dir] = subprocess.run(
+            [sys.executable, "train.py", *epochs, f"output_dir={output_dir}"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert finished[output_dir].returncode == 0, finished[output_dir].stderr[-4000:]
+    assert "resuming epoch 0 after its first 10 batches" in finished[stopped].stderr
+    assert assert_ends_alike(stopped, uninterrupted) == final_state(uninterrupted)[2]

@@ -20,7 +20,7 @@ from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.early_stopping import KeptEarlyStopping
 from callbacks.global_batch import GlobalBatch, accumulation
 from callbacks.last_checkpoint import LastCheckpoint
-from callbacks.lightning_compat import check_lightning_internals
+from callbacks.lightning_compat import TrainLoaderAfterRestore, check_lightning_internals
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
@@ -248,7 +248,7 @@ def started_module(cfg: DictConfig, datamodule: GroundingDataModule) -> Groundin
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint by the monitor (without a monitor the final weights are tested, and none
     is kept unless ``save_top_k`` asks for the latest validated ones), ``last.ckpt`` every ``last_every_n_steps`` steps and on a crash, the random
-    state in checkpoints, predictions, a SIGTERM acted on at a step boundary under DDP, the CSV log's
+    state in checkpoints, the training loader built after a resumed checkpoint is restored, predictions, a SIGTERM acted on at a step boundary under DDP, the CSV log's
     resume point, progress, lr, on-policy refinement (when ``schedule``, the module's, has coarse
     segments to start from), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
@@ -258,6 +258,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         *([best] if checkpoint.monitor or checkpoint.save_top_k != 1 else []),
         LastCheckpoint(folder, checkpoint.last_every_n_steps),
         RandomState(),
+        TrainLoaderAfterRestore(),
         PredictionsWriter(output_dir / "predictions"),
         DistributedSigterm(),
     ]
