@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import train
 from timerefine.pipeline.config import CONF_DIR, ConfigError, load_config
-from timerefine.pipeline.schema import half_weights_trained
+from timerefine.pipeline.schema import half_weights_trained, training_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,6 +215,27 @@ def test_an_lm_that_trains_whole_in_half_precision_is_refused(dtype, tmp_path):
     )
     assert "model.lora.enabled=true" not in random  # which lm.weights=random refuses
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (["callbacks.checkpoint.monitor=val/loss"], "callbacks.checkpoint.mode=min"),
+        (["callbacks.checkpoint.monitor=val/step0/mIoU", "callbacks.checkpoint.mode=min"], "callbacks.checkpoint.mode=max"),
+        (["callbacks.early_stopping={monitor: train/loss, mode: max}"], "callbacks.early_stopping.mode=min"),
+        (["callbacks.early_stopping={monitor: val/R1@0.5, mode: min}"], "callbacks.early_stopping.mode=max"),
+    ],
+)
+def test_a_monitor_kept_the_wrong_way_round_is_refused(given, expected, tmp_path):
+    """Before: ``monitor=val/loss`` took the default ``mode=max``: the run kept and tested its
+    highest-loss checkpoint as the best, in silence (found by a review)."""
+    error = training_refusal(load_config(given))
+    assert error.endswith(f"so the run would keep its worst; set {expected}"), error
+    assert train.main([*given, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+    assert training_refusal(load_config([])) is None  # val/mIoU, max
+    unknown = ["callbacks.early_stopping={monitor: train/reward_mean, mode: max}"]
+    assert training_refusal(load_config(unknown)) is None  # a metric whose direction is not known here
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from timerefine.pipeline.previous_run import (
 )
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, trainer_state
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
-from timerefine.pipeline.schema import half_weights_trained
+from timerefine.pipeline.schema import training_refusal
 from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = train_config(overrides)
-        if not shown and (half := half_weights_trained(cfg)):  # --cfg job shows the config as composed
-            raise ConfigError(half)
+        if not shown and (refused := training_refusal(cfg)):  # --cfg job shows the config as composed
+            raise ConfigError(refused)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -280,6 +280,34 @@ def half_weights_trained(cfg: DictConfig) -> str | None:
     )
 
 
+LOWER_IS_BETTER, HIGHER_IS_BETTER = ("loss", "parse_fail"), ("mIoU", "R1@")  # of the metrics logged
+
+
+def wrong_way_monitor(cfg: DictConfig) -> str | None:
+    """Why a run would keep (or stop at) its worst checkpoint: a monitored metric whose better values
+    are known (:data:`LOWER_IS_BETTER`, :data:`HIGHER_IS_BETTER`) with the other ``mode``; None when none is."""
+    stopping = cfg.callbacks.early_stopping or {}
+    for key, node in (
+        ("callbacks.checkpoint", cfg.callbacks.checkpoint),
+        ("callbacks.early_stopping", stopping),
+    ):
+        monitor, mode = node.get("monitor"), node.get("mode")
+        name = (monitor or "").rpartition("/")[2]
+        better = "min" if name in LOWER_IS_BETTER else "max" if name.startswith(HIGHER_IS_BETTER) else mode
+        if better != mode:
+            return (
+                f"{key}.monitor={monitor} with {key}.mode={mode}: a {'lower' if better == 'min' else 'higher'} "
+                f"{name} is better, so the run would keep its worst; set {key}.mode={better}"
+            )
+    return None
+
+
+def training_refusal(cfg: DictConfig) -> str | None:
+    """Why ``cfg`` may not train, by the rules checked where a run trains, not where a saved run loads
+    (one trained so before a rule still evaluates); None when it may."""
+    return half_weights_trained(cfg) or wrong_way_monitor(cfg)
+
+
 def unread_settings(cfg: DictConfig) -> dict[str, str]:
     """Each key that nothing reads, the other settings being as they are, and why."""
     model, unread = cfg.model, {}

@@ -22,7 +22,7 @@ from grounding.checks import a_writable_folder
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
-from timerefine.pipeline.schema import half_weights_trained
+from timerefine.pipeline.schema import training_refusal
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,8 +123,8 @@ def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
     with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
             cfg = train_config(overrides)
-            if half := half_weights_trained(cfg):  # train.py refuses it as the job starts
-                raise ConfigError(half)
+            if refused := training_refusal(cfg):  # train.py refuses it as the job starts
+                raise ConfigError(refused)
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
                 accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
             strategies.append(cfg.trainer.strategy)
