@@ -47,6 +47,8 @@ from lightning_modules.trainable import parameter_summary, summary_lines
 from lightning_modules.video_llm import VideoLLM
 from lightning_modules.weighted_mean import WeightedMean
 
+PRECISION = "trainer_precision"  # the checkpoint's entry: the precision its steps were trained in
+
 
 @dataclass(frozen=True)
 class SaliencySpec(Checked):
@@ -304,6 +306,7 @@ class GroundingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)
+        checkpoint[PRECISION] = self.trainer.precision  # what trainer.precision=auto chose, checked on resume
         sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         if self.base_name is not None and not sharded:  # FSDP's sharded checkpoints keep every tensor
             checkpoint[IDENTITY] = self.base_identity

@@ -256,3 +256,23 @@ def test_a_saved_config_of_the_wrong_type_names_its_file(tmp_path, capsys):
     config.write_text(config.read_text().replace("  batch_size: ", "  batch_size: four #", 1))
     line = refused(overrides(run), capsys)
     assert line.startswith(f"error: {config}: ") and "batch_size" in line, line
+
+
+def test_a_run_continues_in_the_precision_it_trained_in(killed_after_checkpoint, tmp_path, capsys):
+    """Before: ``trainer.precision=auto`` was compared as written, so a run trained in bf16-mixed
+    continued in 32-true where auto chose otherwise (a CPU without bf16, a requeue on another GPU),
+    in silence (found by a review). The checkpoint records the precision it was trained in."""
+    run = copy(killed_after_checkpoint, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["trainer_precision"] == "32-true"  # the tiny LM's auto choice on every CPU
+    state["trainer_precision"] = "bf16-mixed"  # as auto chose on another machine
+    torch.save(state, last)
+    before = snapshot(run)
+    line = refused(overrides(run, EVERY_2), capsys)
+    assert line.startswith(
+        f"error: {last} was trained in bf16-mixed precision, and trainer.precision=auto gives 32-true here ("
+    )
+    assert line.endswith("give trainer.precision=bf16-mixed to continue it, or use another output_dir")
+    assert snapshot(run) == before
+    assert train.main(overrides(run, EVERY_2, "trainer.precision=bf16-mixed")) == 0

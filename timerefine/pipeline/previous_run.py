@@ -12,9 +12,11 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_modules.grounding_module import PRECISION
 from lightning_modules.tokenizer import TokenizerError, tokenizer_from_files
 from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, with_schema_defaults
 from timerefine.pipeline.config_diff import changes, show
+from timerefine.pipeline.conventions import run_precision
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint, trainer_state
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,21 @@ def continue_advice(refused: Mapping[str, tuple[Any, Any]]) -> str:
 
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
     """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
-    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, or
-    when its ``trainer.max_steps`` or ``trainer.max_epochs`` stops short of where ``checkpoint`` is."""
+    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, when
+    ``trainer.precision`` gives another precision than ``checkpoint`` was trained in, or when its
+    ``trainer.max_steps`` or ``trainer.max_epochs`` stops short of where ``checkpoint`` is."""
     new = OmegaConf.to_container(cfg, resolve=True)
+    file = None if checkpoint is None else checkpoint_file(checkpoint, output_dir)
+    state = {} if file is None else trainer_state(file)
+    trained_in = state.get(PRECISION)  # None: no checkpoint, or one saved before it was recorded
+    if trained_in is not None:
+        check_same_precision(cfg, file, trained_in)
     for where, old in recorded_configs(output_dir, checkpoint):
-        refused = {k: pair for k, pair in changes(old, new).items() if k not in MAY_CHANGE}
+        refused = {
+            key: pair
+            for key, pair in changes(old, new).items()
+            if key not in MAY_CHANGE and not (key == "trainer.precision" and trained_in is not None)
+        }
         if refused:
             listed = ", ".join(f"{k}: {show(a)} -> {show(b)}" for k, (a, b) in refused.items())
             raise ChangedSettingsError(
@@ -92,9 +104,8 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
                 f"the settings it started with, only {', '.join(MAY_CHANGE)} may change: "
                 f"{continue_advice(refused)}"
             )
-    if checkpoint is not None:
-        file, given = checkpoint_file(checkpoint, output_dir), not own_resume_point(checkpoint, output_dir)
-        state = trainer_state(file)
+    if file is not None:
+        given = not own_resume_point(checkpoint, output_dir)
         check_reaches(cfg.trainer.max_steps, file, state, given)
         if cfg.trainer.max_epochs is not None:
             check_reaches_epochs(cfg.trainer.max_epochs, file, state, given)
@@ -102,6 +113,19 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             check_stopped_length(cfg, file, state, stop)
         elif change := length_change(state, cfg):
             log.warning(change)
+
+
+def check_same_precision(cfg: DictConfig, file: Path, trained_in: str) -> None:
+    """Raise :class:`ChangedSettingsError` when ``trainer.precision`` gives another precision here than
+    the one ``file``'s steps were ``trained_in`` (``auto`` chooses by machine; a value that gives the
+    same one may replace it)."""
+    here = run_precision(cfg)
+    if here.precision != trained_in:
+        raise ChangedSettingsError(
+            f"{file} was trained in {trained_in} precision, and trainer.precision={cfg.trainer.precision} "
+            f"gives {here.precision} here ({here.reason}); a run continues in the precision it trained in: "
+            f"give trainer.precision={trained_in} to continue it, or use another output_dir"
+        )
 
 
 def early_stop(state: Mapping[str, Any]) -> str | None:
