@@ -14,6 +14,7 @@ from datamodules.jsonl import load_jsonl, parse_jsonl
 from datamodules.quirks import QuirkError, QuirkPolicy
 from timerefine.pipeline.build import build_datamodule, build_module, build_source
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.conventions import recorded_conventions
 
 
 def line(qid, spans, video="v1", query="a man opens a door", duration=30.0, **keys) -> str:
@@ -294,3 +295,12 @@ def test_charades_source_refuses_jsonl_keys():
         ConfigError, match=r"data\.source\.multi_window: Key 'multi_window' not in 'CharadesSpec'"
     ):
         load_config(["data=charades_sta", "data.source.multi_window=best", "output_dir=unused"])
+
+
+def test_the_multi_window_rule_is_recorded_with_the_scores(tmp_path):
+    """Before: ``metrics.json`` of a ``best`` and a ``union`` evaluation differed in their numbers only
+    (found by a review); datasets of one window per query have no such key."""
+    cfg = source_config(f"data.source.root={tmp_path}", "data.source.multi_window=union")
+    assert recorded_conventions(cfg)["data/multi_window"] == "union"
+    charades = load_config(["data=charades_sta", "output_dir=unused"])
+    assert "data/multi_window" not in recorded_conventions(charades)

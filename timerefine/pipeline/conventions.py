@@ -1,12 +1,12 @@
 """The conventions a run follows, read from its config: the timeline (``data.timeline``), the scoring
-protocol (``eval.protocol``) and the precision ``trainer.precision`` gives on this machine; all are
-recorded in ``metrics.json``."""
+protocol (``eval.protocol``), how a query of several windows scores (``data.source.multi_window``) and
+the precision ``trainer.precision`` gives on this machine; all are recorded in ``metrics.json``."""
 
 from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from grounding.answer_format.timeline import Timeline, timeline_named
 from grounding.metrics.protocols import Protocol, protocol_named
@@ -41,9 +41,11 @@ def run_precision(cfg: DictConfig) -> PrecisionChoice:
 def recorded_conventions(cfg: DictConfig) -> dict[str, str]:
     """The ``metrics.json`` entries that say how the scores were computed."""
     precision = run_precision(cfg)
+    multi_window = OmegaConf.select(cfg, "data.source.multi_window")  # datasets of several windows a query
     return {
         "eval/protocol": cfg.eval.protocol,
         "data/timeline": cfg.data.timeline,
+        **({"data/multi_window": multi_window} if multi_window else {}),
         "trainer/precision": precision.precision,
         "trainer/precision_reason": precision.reason,
     }
