@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.best_checkpoint import BestCheckpoint
@@ -128,7 +129,9 @@ class LastCheckpoint(ModelCheckpoint):
         was written, their paths point into this folder; from another run's checkpoint in a new folder,
         they keep pointing at that run's best checkpoint. Either way their ``dirpath`` is this folder's:
         Lightning would otherwise drop the best score (the next validation becomes "best", however it
-        scores, and the run is tested on it)."""
+        scores, and the run is tested on it). A test reads none of them."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         states = checkpoint.get("callbacks", {})
         for key, state in states.items():
             if isinstance(state, dict) and "dirpath" in state:  # rank 0 decides: ranks must agree

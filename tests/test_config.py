@@ -221,7 +221,10 @@ def test_an_lm_that_trains_whole_in_half_precision_is_refused(dtype, tmp_path):
     ("given", "expected"),
     [
         (["callbacks.checkpoint.monitor=val/loss"], "callbacks.checkpoint.mode=min"),
-        (["callbacks.checkpoint.monitor=val/step0/mIoU", "callbacks.checkpoint.mode=min"], "callbacks.checkpoint.mode=max"),
+        (
+            ["callbacks.checkpoint.monitor=val/step0/mIoU", "callbacks.checkpoint.mode=min"],
+            "callbacks.checkpoint.mode=max",
+        ),
         (["callbacks.early_stopping={monitor: train/loss, mode: max}"], "callbacks.early_stopping.mode=min"),
         (["callbacks.early_stopping={monitor: val/R1@0.5, mode: min}"], "callbacks.early_stopping.mode=max"),
     ],

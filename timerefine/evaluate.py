@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from grounding.checks import a_writable_folder
 from timerefine.inference.video_features import InputError, encoder_change_error
@@ -47,6 +48,7 @@ from timerefine.pipeline.outputs import print_summary, save_config, scored_weigh
 from timerefine.pipeline.run_identity import identity_error, training_only_error
 
 log = logging.getLogger("evaluate")
+NO_LOGGERS = {"logger": {"csv": False, "tensorboard": False}}
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> dict[str, float]:
@@ -60,7 +62,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     module = build_module(cfg, datamodule)
     # trained otherwise than config.yaml says, unreadable, another tokenizer, unfit, other base: refused
     fitting_checkpoint(module, ckpt, tokenizer, weights=False)
-    trainer = build_trainer(cfg, output_dir, module)
+    # its scores are metrics.json, which it replaces; loggers would append to an earlier evaluation's
+    trainer = build_trainer(OmegaConf.merge(cfg, NO_LOGGERS), output_dir, module)
     if errors := list(empty_loops(trainer, datamodule, ("test",))):
         raise ConfigError("; ".join(errors))
     metrics = scores(trainer.test(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False))
@@ -69,6 +72,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
     if trainer.is_global_zero:
         if (output_dir / "metrics.json").is_file():
             log.info("%s: replacing the evaluation there", output_dir)
+        if (output_dir / "logs").is_dir():  # an evaluation's before 2026-12-06, of other scores
+            shutil.rmtree(output_dir / "logs")
         save_config(cfg, output_dir)  # what was evaluated: the run's config with the overrides given
         write_metrics(metrics, output_dir)
         print_summary(metrics, output_dir)
