@@ -155,6 +155,9 @@ class AnnotationSource:
                 raise MissingAnnotationFile(error.path, split, f"data.source.{key}") from None
         return self._parsed[own]
 
+    def annotations(self, split: str) -> list[GroundingRecord]:
+        return self._parse(split)[0]
+
     def store(self, split: str) -> FeatureStore:
         if self._store is None:
             spec = self.spec

@@ -21,5 +21,8 @@ class BuiltinSource:
                 raise EmptySplitError(f"builtin {split}: no query (data.source.num_{split}=0)")
         return self._records[split]
 
+    def annotations(self, split: str) -> list[GroundingRecord]:
+        return self.records(split)
+
     def store(self, split: str) -> BuiltinFeatureStore:
         return BuiltinFeatureStore(self.spec, split)

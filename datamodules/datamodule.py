@@ -25,6 +25,7 @@ from grounding.records import EmptySplitError, FeatureStore, GroundingRecord
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}  # Lightning's stages
 TOO_LONG = ("error", "drop")
 
 
@@ -36,6 +37,10 @@ class DataSource(Protocol):
     feature_dim: int
 
     def records(self, split: str) -> list[GroundingRecord]: ...
+
+    def annotations(self, split: str) -> list[GroundingRecord]:
+        """The split's annotated queries, their features not read (the query-free baselines need none)."""
+        ...
 
     def store(self, split: str) -> FeatureStore: ...
 
@@ -179,12 +184,16 @@ class GroundingDataModule(L.LightningDataModule):
         }
 
     def setup(self, stage: str | None = None) -> None:
-        """Read every split (once), then warn of what only the splits together show."""
-        if all(split in self.datasets for split in SPLITS):
+        """Read the splits ``stage`` uses (once; every split without one), then warn of what only they
+        and the training annotations together show. A test reads the test split and the training
+        annotations, not their features: new test data needs no more."""
+        splits = STAGE_SPLITS.get(stage or "", SPLITS)
+        if all(split in self.datasets for split in splits):
             return
-        for split in SPLITS:
+        for split in splits:
             log.info("%s %s: %d queries", self.source.name, split, len(self.records(split)))
-        for warning in consistency_warnings(self.source.name, {s: self.records(s) for s in SPLITS}):
+        read = {"train": self.source.annotations("train")} | {s: self.records(s) for s in splits}
+        for warning in consistency_warnings(self.source.name, read):
             log.warning(warning)
 
     def _rank_and_world(self) -> tuple[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import evaluate
@@ -83,6 +84,53 @@ def test_jsonl_trains_and_tests_with_several_windows(tmp_path, mode):
         other_rows, other_metrics, other, output_dir / "eval" / other / "predictions" / "test.jsonl"
     )
     assert [row["iou"] for row in other_rows] != [row["iou"] for row in rows]
+
+
+def write_features(folder: Path, videos: list[str]) -> Path:
+    folder.mkdir(exist_ok=True)
+    for video in videos:
+        np.save(
+            folder / f"{video}.npy", np.random.default_rng(len(video)).normal(size=(8, 16)).astype("float32")
+        )
+    return folder
+
+
+@pytest.mark.slow
+def test_an_evaluation_on_new_test_data_needs_no_validation_split_nor_training_features(tmp_path):
+    """Before: evaluate read and checked every split, so a new test set needed the validation file and
+    the features of every training video; only the training annotations are read (the prior is fitted on
+    them), not their features (found by a review)."""
+    root, new = tmp_path / "jsonl", tmp_path / "new"
+    root.mkdir(), new.mkdir()
+    for split, videos in (("train", 2), ("val", 1), ("test", 1)):
+        write_split(root, split, videos)
+    features = write_features(tmp_path / "features", ["train0", "train1", "val0", "test0"])
+    output_dir = tmp_path / "run"
+    overrides = [
+        "data=jsonl",
+        f"data.source.root={root}",
+        "data.source.features=folder",
+        f"data.source.feature_path={features}",
+        "data.source.feature_dim=16",
+        "data.source.num_frames=8",
+        "model.lm.tiny.hidden_size=32",
+        "model.lm.tiny.num_layers=1",
+        "model.lm.tiny.num_heads=2",
+        "model.lm.tokenizer_vocab_size=300",
+        "trainer.max_steps=2",
+        "model.saliency.projector_steps=0",
+        "trainer.val_check_interval=2",
+        "callbacks.progress_bar=none",
+        f"output_dir={output_dir}",
+    ]
+    assert train.main(overrides) == 0
+    (new / "train.jsonl").write_text((root / "train.jsonl").read_text())
+    write_split(new, "test", 1)  # a new video of the same id's name in another folder
+    only_test = write_features(tmp_path / "new_features", ["test0"])
+    given = [f"data.source.root={new}", f"data.source.feature_path={only_test}"]
+    assert evaluate.main([str(output_dir), "--name", "new", *given]) == 0
+    metrics = json.loads((output_dir / "eval" / "new" / "metrics.json").read_text())
+    assert metrics["test/queries"] == 3 and "prior/mIoU" in metrics
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -44,6 +44,8 @@ class ShapeOnlySource:
     def records(self, split: str) -> list[GroundingRecord]:
         raise RuntimeError("inference reads no dataset")
 
+    annotations = records
+
     def store(self, split: str) -> FeatureStore:
         raise RuntimeError("inference reads no dataset")
 

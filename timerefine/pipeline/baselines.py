@@ -15,12 +15,12 @@ from grounding.metrics.protocols import protocol_named
 
 def baseline_scores(cfg: DictConfig, trainer: L.Trainer, datamodule: GroundingDataModule) -> dict[str, float]:
     """``prior/*`` and ``best_action/*`` (where the source has the videos' action timelines), fitted on
-    the training queries and scored on the queries the last ``trainer.test`` scored (those
+    the training annotations and scored on the queries the last ``trainer.test`` scored (those
     :class:`PredictionsWriter` gathered: fewer with ``trainer.limit_test_batches``) under
     ``cfg.eval.protocol``, as the model's test was: train.py and evaluate.py report the same numbers
     for the same queries."""
     tested = next(c for c in trainer.callbacks if isinstance(c, PredictionsWriter)).qids
-    train = datamodule.records("train")
+    train = datamodule.source.annotations("train")  # not their features: a new test set needs none
     test = [r for r in datamodule.records("test") if r.qid in tested]
     protocol = protocol_named(cfg.eval.protocol)
     metrics = {f"prior/{k}": v for k, v in prior_scores(train, test, protocol).items()}
