@@ -258,21 +258,40 @@ def test_a_saved_config_of_the_wrong_type_names_its_file(tmp_path, capsys):
     assert line.startswith(f"error: {config}: ") and "batch_size" in line, line
 
 
+def as_trained_in_the_other_precision(last: Path) -> tuple[str, str]:
+    """Rewrite ``last``'s recorded precision to the other one of auto's choices; (recorded, other)."""
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    recorded = state["trainer_precision"]  # auto's choice here: 32-true for the tiny LM on a CPU
+    state["trainer_precision"] = other = "bf16-mixed" if recorded == "32-true" else "32-true"
+    torch.save(state, last)
+    return recorded, other
+
+
 def test_a_run_continues_in_the_precision_it_trained_in(killed_after_checkpoint, tmp_path, capsys):
     """Before: ``trainer.precision=auto`` was compared as written, so a run trained in bf16-mixed
     continued in 32-true where auto chose otherwise (a CPU without bf16, a requeue on another GPU),
     in silence (found by a review). The checkpoint records the precision it was trained in."""
     run = copy(killed_after_checkpoint, tmp_path)
     last = run / "checkpoints" / "last.ckpt"
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["trainer_precision"] == "32-true"  # the tiny LM's auto choice on every CPU
-    state["trainer_precision"] = "bf16-mixed"  # as auto chose on another machine
-    torch.save(state, last)
+    here, other = as_trained_in_the_other_precision(last)  # as auto chose on another machine
     before = snapshot(run)
     line = refused(overrides(run, EVERY_2), capsys)
     assert line.startswith(
-        f"error: {last} was trained in bf16-mixed precision, and trainer.precision=auto gives 32-true here ("
+        f"error: {last} was trained in {other} precision, and trainer.precision=auto gives {here} here ("
     )
-    assert line.endswith("give trainer.precision=bf16-mixed to continue it, or use another output_dir")
+    assert line.endswith(f"give trainer.precision={other} to continue it, or use another output_dir")
     assert snapshot(run) == before
-    assert train.main(overrides(run, EVERY_2, "trainer.precision=bf16-mixed")) == 0
+    assert train.main(overrides(run, EVERY_2, f"trainer.precision={other}")) == 0
+
+
+def test_a_finished_run_is_done_whatever_precision_auto_gives_here(killed_after_checkpoint, tmp_path, caplog):
+    """A finished run run again is done, not refused for the precision it would continue in (the
+    diff review: the check came before the finished run was recognised)."""
+    run = copy(killed_after_checkpoint, tmp_path)
+    assert train.main(overrides(run, EVERY_2)) == 0
+    as_trained_in_the_other_precision(run / "checkpoints" / "last.ckpt")
+    metrics = (run / "metrics.json").read_text()
+    with caplog.at_level(logging.INFO):
+        assert train.main(overrides(run, EVERY_2)) == 0
+    assert "holds this run finished (metrics.json): nothing to do" in caplog.text
+    assert (run / "metrics.json").read_text() == metrics

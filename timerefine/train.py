@@ -33,6 +33,7 @@ from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.previous_run import (
     carried_tokenizer,
+    check_same_precision,
     check_same_settings,
     continued_checkpoint,
     finished,
@@ -61,6 +62,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         resumed = checkpoint_file(checkpoint, output_dir)
         log.info("resuming from %s", resumed)
         state = trainer_state(resumed)  # mapped once, not read: the tokenizer it carries
+        check_same_precision(cfg, resumed, state)  # after finished(): a finished run is done anywhere
         carried = carried_tokenizer(resumed, state, tokenizer_dir)
         if cfg.callbacks.checkpoint.monitor:  # without one the final weights are tested
             check_resumed_best(resumed, state, output_dir / "checkpoints")

@@ -82,15 +82,14 @@ def continue_advice(refused: Mapping[str, tuple[Any, Any]]) -> str:
 
 def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
     """Raise :class:`ChangedSettingsError` when ``cfg`` differs from the earlier run's config in a key
-    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, when
-    ``trainer.precision`` gives another precision than ``checkpoint`` was trained in, or when its
-    ``trainer.max_steps`` or ``trainer.max_epochs`` stops short of where ``checkpoint`` is."""
+    not in :data:`MAY_CHANGE`, naming each such key (old -> new) and the keys that may change, or
+    when its ``trainer.max_steps`` or ``trainer.max_epochs`` stops short of where ``checkpoint`` is.
+    ``trainer.precision`` may change where ``checkpoint`` records the precision it was trained in:
+    :func:`check_same_precision` compares what it gives."""
     new = OmegaConf.to_container(cfg, resolve=True)
     file = None if checkpoint is None else checkpoint_file(checkpoint, output_dir)
     state = {} if file is None else trainer_state(file)
     trained_in = state.get(PRECISION)  # None: no checkpoint, or one saved before it was recorded
-    if trained_in is not None:
-        check_same_precision(cfg, file, trained_in)
     for where, old in recorded_configs(output_dir, checkpoint):
         refused = {
             key: pair
@@ -115,12 +114,12 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             log.warning(change)
 
 
-def check_same_precision(cfg: DictConfig, file: Path, trained_in: str) -> None:
+def check_same_precision(cfg: DictConfig, file: Path, state: Mapping[str, Any]) -> None:
     """Raise :class:`ChangedSettingsError` when ``trainer.precision`` gives another precision here than
-    the one ``file``'s steps were ``trained_in`` (``auto`` chooses by machine; a value that gives the
-    same one may replace it)."""
-    here = run_precision(cfg)
-    if here.precision != trained_in:
+    the one the steps of ``file`` (its ``state``) were trained in (``auto`` chooses by machine; a value
+    that gives the same one may replace it); a checkpoint saved before it was recorded passes."""
+    here, trained_in = run_precision(cfg), state.get(PRECISION)
+    if trained_in is not None and here.precision != trained_in:
         raise ChangedSettingsError(
             f"{file} was trained in {trained_in} precision, and trainer.precision={cfg.trainer.precision} "
             f"gives {here.precision} here ({here.reason}); a run continues in the precision it trained in: "
