@@ -129,14 +129,14 @@ class LastCheckpoint(ModelCheckpoint):
         was written, their paths point into this folder; from another run's checkpoint in a new folder,
         they keep pointing at that run's best checkpoint. Either way their ``dirpath`` is this folder's:
         Lightning would otherwise drop the best score (the next validation becomes "best", however it
-        scores, and the run is tested on it). A test reads none of them."""
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
+        scores, and the run is tested on it). A test reads none of them: it is not warned of."""
         states = checkpoint.get("callbacks", {})
         for key, state in states.items():
             if isinstance(state, dict) and "dirpath" in state:  # rank 0 decides: ranks must agree
                 states[key] = trainer.strategy.broadcast(relocated(state, self.dirpath), src=0)
                 best = states[key]["best_model_path"]
+                if trainer.state.fn != TrainerFn.FITTING:
+                    continue
                 if state.get("best_model_path") and not best:
                     rank_zero_warn(
                         f"the best checkpoint {state['best_model_path']} that the resumed checkpoint "

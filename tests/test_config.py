@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -239,6 +240,30 @@ def test_a_monitor_kept_the_wrong_way_round_is_refused(given, expected, tmp_path
     assert training_refusal(load_config([])) is None  # val/mIoU, max
     unknown = ["callbacks.early_stopping={monitor: train/reward_mean, mode: max}"]
     assert training_refusal(load_config(unknown)) is None  # a metric whose direction is not known here
+    aux = ["callbacks.early_stopping={monitor: train/aux_loss, mode: max}"]
+    assert training_refusal(load_config(aux)).endswith("set callbacks.early_stopping.mode=min")
+
+
+def test_a_run_begun_before_the_monitor_rule_continues_as_it_began(tmp_path, monkeypatch, caplog):
+    """The diff review: a run begun with ``monitor=val/loss`` under the old default ``mode=max`` could
+    not be continued: as it was, the rule refused it; with ``mode=min``, the settings check did."""
+    given = [
+        "experiment=tiny",
+        "trainer.val_check_interval=2",
+        "callbacks.checkpoint.monitor=val/loss",
+        "callbacks.refinement_trace=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    with monkeypatch.context() as before_the_rule:
+        before_the_rule.setattr("timerefine.train.training_refusal", lambda cfg: None)
+        assert train.main([*given, "trainer.max_steps=2"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert train.main([*given, "trainer.max_steps=4"]) == 0
+    assert (
+        f"so the run would keep its worst; set callbacks.checkpoint.mode=min ({tmp_path / 'run'} "
+        in caplog.text
+    )
+    assert train.main([*given[:-1], f"output_dir={tmp_path / 'new'}"]) == 2  # a new run is refused
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.previous_run import (
+    begun,
     carried_tokenizer,
     check_same_precision,
     check_same_settings,
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = train_config(overrides)
         if not shown and (refused := training_refusal(cfg)):  # --cfg job shows the config as composed
-            raise ConfigError(refused)
+            if not begun(cfg):
+                raise ConfigError(refused)
+            log.warning("%s (%s was begun so, and continues as it began)", refused, cfg.output_dir)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

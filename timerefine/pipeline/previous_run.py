@@ -114,6 +114,13 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             log.warning(change)
 
 
+def begun(cfg: DictConfig) -> bool:
+    """Whether ``output_dir`` holds a run begun already (its ``config.yaml``): it continues as it began,
+    which :func:`check_same_settings` holds it to, a rule of ``training_refusal`` added since warned
+    of, not refused."""
+    return (Path(cfg.output_dir) / "config.yaml").is_file()
+
+
 def check_same_precision(cfg: DictConfig, file: Path, state: Mapping[str, Any]) -> None:
     """Raise :class:`ChangedSettingsError` when ``trainer.precision`` gives another precision here than
     the one the steps of ``file`` (its ``state``) were trained in (``auto`` chooses by machine; a value

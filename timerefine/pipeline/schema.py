@@ -280,7 +280,7 @@ def half_weights_trained(cfg: DictConfig) -> str | None:
     )
 
 
-LOWER_IS_BETTER, HIGHER_IS_BETTER = ("loss", "parse_fail"), ("mIoU", "R1@")  # of the metrics logged
+LOWER_IS_BETTER, HIGHER_IS_BETTER = ("loss", "parse_fail"), ("mIoU", "R1@")  # in the metrics' names
 
 
 def wrong_way_monitor(cfg: DictConfig) -> str | None:
@@ -293,7 +293,8 @@ def wrong_way_monitor(cfg: DictConfig) -> str | None:
     ):
         monitor, mode = node.get("monitor"), node.get("mode")
         name = (monitor or "").rpartition("/")[2]
-        better = "min" if name in LOWER_IS_BETTER else "max" if name.startswith(HIGHER_IS_BETTER) else mode
+        lower, higher = (any(part in name for part in parts) for parts in (LOWER_IS_BETTER, HIGHER_IS_BETTER))
+        better = "min" if lower else "max" if higher else mode
         if better != mode:
             return (
                 f"{key}.monitor={monitor} with {key}.mode={mode}: a {'lower' if better == 'min' else 'higher'} "
