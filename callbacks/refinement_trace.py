@@ -86,7 +86,7 @@ class RefinementTrace(L.Callback):
         items = [dataset[(0, i)] for i in range(min(self.num_queries, len(dataset)))]
         if not items:
             return
-        batch = pl_module.transfer_batch_to_device(datamodule.collator(items), pl_module.device, 0)
+        batch = pl_module.transfer_batch_to_device(datamodule.evaluation_collator(items), pl_module.device, 0)
         training = pl_module.training
         pl_module.eval()
         predictions = pl_module.predict_batch(batch)

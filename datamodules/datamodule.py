@@ -108,16 +108,18 @@ class GroundingDataModule(L.LightningDataModule):
         self.datasets: dict[str, GroundingDataset] = {}
         self.coarse_guesses: dict[str, tuple[int, int]] = {}
         self.on_policy = on_policy_fraction > 0
-        self.collator = GroundingCollator(
+        collator = partial(
+            GroundingCollator,
             codec,
             partial(chat_prompt, self.prompt_template, data.chat_template, codec.tokenizer),
             video_tokens,
             seed,
-            self.coarse_guesses.get if self.on_policy else None,
-            self.timeline,
-            on_policy_fraction,
-            video_stamps,
+            timeline=self.timeline,
+            video_stamps=video_stamps,
         )
+        lookup = self.coarse_guesses.get if self.on_policy else None
+        self.collator = collator(coarse_lookup=lookup, on_policy_fraction=on_policy_fraction)
+        self.evaluation_collator = collator()  # guesses are training queries': another split's qid may clash
         self.max_positions, self.answer_tokens = max_positions, answer_tokens
         self.too_long: dict[str, int] = {}  # queries skipped per split by data.query_too_long=drop
 
@@ -204,7 +206,14 @@ class GroundingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         """Resumes mid-epoch through its ``state_dict``, which Lightning checkpoints."""
-        sampler = ShardedEpochSampler(len(self.records("train")), True, self.seed, *self._rank_and_world())
+        size, (rank, world) = len(self.records("train")), self._rank_and_world()
+        sampler = ShardedEpochSampler(size, True, self.seed, rank, world, even=True)
+        if size % world and rank == 0:
+            log.info(
+                "%s train: %d queries for %d processes: each epoch leaves out %d (others each epoch), so "
+                "that every process takes as many batches",
+                *(self.source.name, size, world, size % world),
+            )
         if self.trainer is not None:
             sampler.epoch = self.trainer.current_epoch
         options = self._loader_options() | ({"collate_fn": uncollated} if self.on_policy else {})
@@ -222,7 +231,10 @@ class GroundingDataModule(L.LightningDataModule):
     def _evaluation_loader(self, split: str) -> DataLoader:
         sampler = EvaluationSampler(len(self.records(split)), *self._rank_and_world())
         return DataLoader(
-            self.datasets[split], self.data.eval_batch_size, sampler=sampler, **self._loader_options()
+            self.datasets[split],
+            self.data.eval_batch_size,
+            sampler=sampler,
+            **self._loader_options() | {"collate_fn": self.evaluation_collator},
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -19,11 +19,17 @@ log = logging.getLogger(__name__)
 
 
 class ShardedEpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(epoch, index)`` for this rank's share: ``order[rank::world_size]``, never padded."""
+    """Yields ``(epoch, index)`` for this rank's share: ``order[rank::world_size]``, never padded.
+    ``even`` (training) leaves the order's last ``size % world_size`` indices out of the epoch, so that
+    every rank takes as many batches of the same sizes: DDP ranks step together, and one with an extra
+    batch waited for the others' gradients forever (a reshuffled epoch leaves out others)."""
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, even: bool = False
+    ) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.used = size - size % world_size if even else size
         self.epoch, self.skip = 0, 0
 
     def resume(self, epoch: int, skip: int) -> None:
@@ -42,7 +48,7 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        return order[self.rank :: self.world_size]
+        return order[: self.used][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         shard = self._shard()[self.skip :]
@@ -52,7 +58,7 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         # The full shard, even with a pending skip: Lightning reads the length once and keeps it as
         # every epoch's batch count, and after a resume it counts the skipped batches as done.
-        return len(range(self.rank, self.size, self.world_size))
+        return len(range(self.rank, self.used, self.world_size))
 
 
 class EvaluationSampler(ShardedEpochSampler):

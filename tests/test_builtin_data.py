@@ -196,6 +196,25 @@ def test_shards_are_disjoint_and_cover_everything(size, world, shuffle):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
+@pytest.mark.parametrize(("size", "world", "batch"), [(49, 2, 4), (10, 3, 2), (100, 6, 8), (12, 1, 5)])
+def test_even_shards_give_every_rank_as_many_batches(size, world, batch):
+    """Before: training shards of 49 queries on 2 ranks took 7 and 6 batches of 4, and DDP hung at the
+    epoch's end waiting for the gradients of rank 0's extra batch (found by a review)."""
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(world):
+            sampler = ShardedEpochSampler(size, True, seed=4, rank=rank, world_size=world, even=True)
+            sampler.set_epoch(epoch)
+            shards.append([index for _, index in sampler])
+            assert len(shards[-1]) == len(sampler) == size // world
+        used = sorted(index for shard in shards for index in shard)
+        assert len(set(used)) == len(used) == size - size % world  # each at most once, none padded
+        left_out = set(range(size)) - set(used)
+        if epoch == 0:
+            first_left_out = left_out
+    assert size % world == 0 or left_out != first_left_out  # others each epoch
+
+
 def test_unshuffled_order_is_the_identity():
     assert [i for _, i in ShardedEpochSampler(7, False, rank=1, world_size=3)] == [1, 4]
 

@@ -157,3 +157,31 @@ def test_ddp_projector_steps_run_with_the_lm_unused_and_keep_the_ranks_in_step(t
     rank0, rank1 = (torch.load(weights / f"rank{r}.pt") for r in (0, 1))
     for name, tensor in rank0.items():
         torch.testing.assert_close(rank1[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_on_a_train_split_that_the_ranks_do_not_divide_keeps_them_in_step(tmp_path: Path) -> None:
+    """49 training queries on 2 processes: before, rank 0 took 7 batches of 8 an epoch and rank 1 6,
+    and the run hung at the first epoch's end (found by a review); each now takes 3 batches of 8."""
+    weights = tmp_path / "weights"
+    _run(
+        "-m",
+        "tests.ddp_rank_weights",
+        str(weights),
+        *[arg for arg in TINY if not arg.startswith("data.source.num_train=")],
+        "data.source.num_train=49",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "trainer.val_check_interval=null",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "test=false",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2 * 3
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt") for r in (0, 1))
+    for name, tensor in rank0.items():
+        torch.testing.assert_close(rank1[name], tensor, rtol=0, atol=0, msg=name)

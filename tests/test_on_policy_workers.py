@@ -73,3 +73,16 @@ def test_workers_hand_out_items_that_are_collated_with_the_guesses_of_the_step(t
     plain.setup("fit")
     collated = next(iter(plain.train_dataloader()))
     assert isinstance(collated, dict) and plain.on_before_batch_transfer(collated, 0) is collated
+
+
+def test_evaluation_targets_take_no_training_guess(tmp_path):
+    """Before: one collator served every split and looked guesses up by qid alone, so a validation
+    query named as a training one (JSONL files may each number theirs from 0) took that query's guess,
+    and ``val/loss`` moved with training (found by a review)."""
+    overrides = [*tiny_build_overrides(tmp_path), "model.refine.on_policy.fraction=1"]
+    datamodule = build_datamodule(load_config(overrides))
+    datamodule.setup("fit")
+    before = next(iter(datamodule.val_dataloader()))
+    datamodule.coarse_guesses.update({r.qid: (10, 20) for r in datamodule.records("val")})  # a clash
+    after = next(iter(datamodule.val_dataloader()))
+    assert torch.equal(after["labels"], before["labels"])

@@ -14,17 +14,23 @@ from datamodules.datamodule import GroundingDataModule
 
 
 def batches_per_process(trainer: L.Trainer, datamodule: GroundingDataModule, loop: str) -> int:
-    """How many batches of ``loop``'s split each process takes in an epoch, before any limit."""
-    data = datamodule.data
-    batch_size = data.batch_size if loop == "train" else data.eval_batch_size
-    return math.ceil(math.ceil(len(datamodule.records(loop)) / trainer.world_size) / batch_size)
+    """How many batches of ``loop``'s split each process takes in an epoch, before any limit (the most
+    any takes: training shards are even, datamodules/sampling.py)."""
+    data, queries = datamodule.data, len(datamodule.records(loop))
+    if loop == "train":
+        return math.ceil(queries // trainer.world_size / data.batch_size)
+    return math.ceil(math.ceil(queries / trainer.world_size) / data.eval_batch_size)
 
 
 def empty_loops(
     trainer: L.Trainer, datamodule: GroundingDataModule, loops: tuple[str, ...] = ("train", "val", "test")
 ) -> Iterator[str]:
-    """A line per ``limit_<loop>_batches`` fraction under one batch of its split on each process."""
+    """A line per ``limit_<loop>_batches`` fraction under one batch of its split on each process, and for
+    a train split smaller than the process count."""
     for loop in loops:
+        if loop == "train" and (queries := len(datamodule.records(loop))) < trainer.world_size:
+            yield f"the train split's {queries} queries leave some of the {trainer.world_size} processes none"
+            continue
         limit = getattr(trainer, f"limit_{loop}_batches")
         if not isinstance(limit, float) or limit <= 0:
             continue
