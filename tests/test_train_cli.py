@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from grounding.metrics.prior import prior_scores
 from grounding.records import GroundingRecord
+from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.selection import chosen_on_test
@@ -268,3 +270,15 @@ def test_a_checkpoint_chosen_on_test_queries_is_warned_of():
     )
     assert chosen_on_test(load_config(["data=charades_sta", "test=false"]), same) is None
     assert chosen_on_test(load_config(["data=charades_sta", "trainer.max_steps=0"]), same) is None  # no fit
+
+
+def test_a_train_split_smaller_than_the_process_count_is_one_line():
+    """Even training shards (datamodules/sampling.py) leave a process of a smaller split no batch."""
+    trainer = L.Trainer(
+        accelerator="cpu", devices=3, strategy="ddp", logger=False, enable_checkpointing=False
+    )
+    records = [GroundingRecord(f"q{i}", "V", "a person opens a door", 30.0, 2.0, 8.0) for i in range(2)]
+    datamodule = SplitRecords(train=records)
+    assert list(empty_loops(trainer, datamodule, ("train",))) == [
+        "the train split's 2 queries leave some of the 3 processes none"
+    ]
