@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch.distributed as dist
 
+from callbacks.lightning_compat import accumulating
 from grounding.checks import PROBABILITY, Checked, checked, integer
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ class OnPolicyCoarse(L.Callback):
         self.coarse = trainer.datamodule.coarse_guesses  # what the collator reads
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+        """After every ``every_n_steps``-th step (its last accumulated batch), once the LM has trained:
+        a guess made during ``saliency.projector_steps`` would be an untrained LM's."""
+        step, lm_from = trainer.global_step, getattr(pl_module, "projector_steps", 0)
+        if step % self.every_n_steps == 0 and step > lm_from and not accumulating(trainer):
             self.refresh(trainer, pl_module)
 
     def refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

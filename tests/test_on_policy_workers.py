@@ -4,6 +4,7 @@ main process reach the targets of the very next batch, also when workers load th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from tests.test_build import tiny_build_overrides
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
@@ -86,3 +88,25 @@ def test_evaluation_targets_take_no_training_guess(tmp_path):
     datamodule.coarse_guesses.update({r.qid: (10, 20) for r in datamodule.records("val")})  # a clash
     after = next(iter(datamodule.val_dataloader()))
     assert torch.equal(after["labels"], before["labels"])
+
+
+def test_guesses_are_refreshed_once_a_step_and_only_once_the_lm_trains(tmp_path, caplog):
+    """Before: refreshes ran during ``saliency.projector_steps``, caching guesses of an LM not yet
+    trained as targets for later, and once per accumulated batch of a step (found by a review)."""
+    given = [
+        "experiment=tiny",
+        "model.saliency.projector_steps=6",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        "data.global_batch_size=32",  # 8 batches of 4 a step
+        "model.refine.on_policy.fraction=1.0",
+        "model.refine.on_policy.every_n_steps=2",
+        "model.refine.on_policy.num_samples=8",
+        "callbacks.refinement_trace=0",
+        "test=false",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    with caplog.at_level(logging.INFO, logger="callbacks.on_policy"):
+        assert train.main(given) == 0
+    refreshes = [r for r in caplog.records if r.getMessage().startswith("on-policy refinement:")]
+    assert len(refreshes) == 1  # after step 8, the LM's second step
