@@ -266,6 +266,14 @@ def test_a_run_begun_before_the_monitor_rule_continues_as_it_began(tmp_path, mon
     assert train.main([*given[:-1], f"output_dir={tmp_path / 'new'}"]) == 2  # a new run is refused
 
 
+def test_a_folder_begun_otherwise_is_no_way_past_the_rules(tmp_path):
+    """The second diff review: a folder whose run only evaluated (``trainer.max_steps=0``, which the
+    half-precision rule lets through) then trained its LM whole in bfloat16, warned of as "begun so"."""
+    given = ["experiment=tiny", "model.lm.dtype=bfloat16", f"output_dir={tmp_path / 'run'}"]
+    assert train.main([*given, "trainer.max_steps=0"]) == 0
+    assert train.main([*given, "trainer.max_steps=2"]) == 2
+
+
 @pytest.mark.parametrize(
     "override",
     [

@@ -32,7 +32,7 @@ from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.previous_run import (
-    begun,
+    begun_so,
     carried_tokenizer,
     check_same_precision,
     check_same_settings,
@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = train_config(overrides)
         if not shown and (refused := training_refusal(cfg)):  # --cfg job shows the config as composed
-            if not begun(cfg):
+            if not begun_so(cfg, refused):
                 raise ConfigError(refused)
-            log.warning("%s (%s was begun so, and continues as it began)", refused, cfg.output_dir)
+            rank_zero_only(log.warning)(
+                "%s (%s was begun so, and continues as it began)", refused, cfg.output_dir
+            )
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

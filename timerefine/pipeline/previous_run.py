@@ -18,6 +18,7 @@ from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, w
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.conventions import run_precision
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint, trainer_state
+from timerefine.pipeline.schema import training_refusal
 
 log = logging.getLogger(__name__)
 NOT_STOPPED = EarlyStoppingReason.NOT_STOPPED.value  # as EarlyStopping's state records it
@@ -114,11 +115,15 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             log.warning(change)
 
 
-def begun(cfg: DictConfig) -> bool:
-    """Whether ``output_dir`` holds a run begun already (its ``config.yaml``): it continues as it began,
-    which :func:`check_same_settings` holds it to, a rule of ``training_refusal`` added since warned
-    of, not refused."""
-    return (Path(cfg.output_dir) / "config.yaml").is_file()
+def begun_so(cfg: DictConfig, refused: str) -> bool:
+    """Whether ``output_dir`` holds a run begun with the settings ``training_refusal`` now ``refused``
+    (its ``config.yaml`` refused alike): begun before the rule, it continues as it began, which
+    :func:`check_same_settings` holds it to, warned of, not refused."""
+    saved = Path(cfg.output_dir) / "config.yaml"
+    try:
+        return saved.is_file() and training_refusal(with_schema_defaults(saved_config(saved))) == refused
+    except ConfigError:  # not a config this code reads: the settings check names it
+        return False
 
 
 def check_same_precision(cfg: DictConfig, file: Path, state: Mapping[str, Any]) -> None:
