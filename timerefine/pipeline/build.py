@@ -247,10 +247,11 @@ def started_module(cfg: DictConfig, datamodule: GroundingDataModule) -> Groundin
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule) -> list[Callback]:
     """The best checkpoint by the monitor (without a monitor the final weights are tested, and none
-    is kept unless ``save_top_k`` asks for the latest validated ones), ``last.ckpt`` every ``last_every_n_steps`` steps and on a crash, the random
-    state in checkpoints, the training loader built after a resumed checkpoint is restored, predictions, a SIGTERM acted on at a step boundary under DDP, the CSV log's
-    resume point, progress, lr, on-policy refinement (when ``schedule``, the module's, has coarse
-    segments to start from), gradient accumulation, the refinement trace figure."""
+    is kept unless ``save_top_k`` asks for the latest validated ones), ``last.ckpt`` every
+    ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, the training loader
+    built after a resumed checkpoint is restored, predictions, a SIGTERM acted on at a step boundary
+    under DDP, the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the
+    module's, has coarse segments to start from), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
     folder, checkpoint = output_dir / "checkpoints", spec.checkpoint
     best = BestCheckpoint(folder, checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k)

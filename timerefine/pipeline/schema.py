@@ -285,7 +285,8 @@ LOWER_IS_BETTER, HIGHER_IS_BETTER = ("loss", "parse_fail"), ("mIoU", "R1@")  # i
 
 def wrong_way_monitor(cfg: DictConfig) -> str | None:
     """Why a run would keep (or stop at) its worst checkpoint: a monitored metric whose better values
-    are known (:data:`LOWER_IS_BETTER`, :data:`HIGHER_IS_BETTER`) with the other ``mode``; None when none is."""
+    are known (:data:`LOWER_IS_BETTER`, :data:`HIGHER_IS_BETTER`) with the other ``mode``; None when
+    none is."""
     stopping = cfg.callbacks.early_stopping or {}
     for key, node in (
         ("callbacks.checkpoint", cfg.callbacks.checkpoint),
