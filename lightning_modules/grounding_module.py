@@ -306,7 +306,8 @@ class GroundingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_files"] = tokenizer_files(self.tokenizer)
-        checkpoint[PRECISION] = self.trainer.precision  # what trainer.precision=auto chose, checked on resume
+        if self._trainer is not None:  # what trainer.precision=auto chose, checked on resume
+            checkpoint[PRECISION] = self.trainer.precision
         sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         if self.base_name is not None and not sharded:  # FSDP's sharded checkpoints keep every tensor
             checkpoint[IDENTITY] = self.base_identity
