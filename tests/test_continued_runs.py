@@ -126,3 +126,17 @@ def test_a_longer_continued_run_warns_that_its_schedule_changed(run, caplog):
         "(warmup and cosine decay span the whole run), so this run differs from one trained that long "
         "from the start"
     ]
+
+
+def test_a_continued_run_on_another_validation_subset_warns_that_its_best_scores_were_taken_on_the_old(
+    run, caplog
+):
+    """Before: validated 1 batch from step 20 on and compared its scores, in silence, with the best
+    val/mIoU taken on the whole validation split (the best checkpoint kept or replaced by it)."""
+    argv = [*RUN, "trainer.max_steps=24", "trainer.limit_val_batches=1", f"output_dir={run}"]
+    with caplog.at_level(logging.WARNING, logger="timerefine.pipeline.previous_run"):
+        assert train.main(argv) == 0
+    assert caplog.messages[-1] == (
+        "trainer.limit_val_batches null -> 1: this run's validation scores are compared, by the best "
+        "checkpoint, with the best score taken by step 20 on the other validation subset"
+    )

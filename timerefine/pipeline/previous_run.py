@@ -5,6 +5,7 @@ with, and a finished run is not run again."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             check_stopped_length(cfg, file, state, stop)
         elif change := length_change(state, cfg):
             log.warning(change)
+        if change := validation_change(state, cfg):
+            log.warning(change)
 
 
 def begun_so(cfg: DictConfig, refused: str) -> bool:
@@ -176,6 +179,35 @@ def length_change(state: Mapping[str, Any], cfg: DictConfig) -> str | None:
         "length's curve (warmup and cosine decay span the whole run), so this run differs from one "
         "trained that long from the start"
     )
+
+
+def validation_change(state: Mapping[str, Any], cfg: DictConfig) -> str | None:
+    """What a continued run compares when its validation subset (``trainer.limit_val_batches``) is not
+    the one the best scores recorded in the checkpoint ``state`` were taken on; None when it is, when
+    no score is recorded, or when the run trains no further."""
+    trained = state.get("hyper_parameters", {}).get("config", {}).get("trainer", {})
+    before, now = trained.get("limit_val_batches"), cfg.trainer.limit_val_batches
+    step, saved = state.get("global_step", 0), state.get("callbacks", {})
+    keepers = {"ModelCheckpoint{": "the best checkpoint", "EarlyStopping{": "early stopping"}
+    scored = [
+        who
+        for key, record in saved.items()
+        for prefix, who in keepers.items()
+        if key.startswith(prefix) and recorded_score(record) is not None
+    ]
+    if before == now or not scored or 0 <= cfg.trainer.max_steps <= step:
+        return None
+    return (
+        f"trainer.limit_val_batches {show(before)} -> {show(now)}: this run's validation scores are "
+        f"compared, by {' and '.join(scored)}, with the best score taken by step {step} on the other "
+        "validation subset"
+    )
+
+
+def recorded_score(record: Mapping[str, Any]) -> float | None:
+    """The best score a ModelCheckpoint's or EarlyStopping's saved state records; None before any."""
+    score = record.get("best_model_score", record.get("best_score"))
+    return None if score is None or not math.isfinite(float(score)) else float(score)
 
 
 def shorter_run(given: bool) -> str:
