@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -151,8 +152,9 @@ def test_an_export_of_made_features_has_no_encoder_to_miss(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().err
 
 
-def test_sigterm_stops_the_packing_processes_too(tmp_path):
-    """Before (review): the command ended with 143 and its litdata workers packed on, orphaned."""
+def packing_started(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """``timerefine-pack-features`` on 1,500 files with 2 workers, in a process group of its own (as a
+    shell's foreground job), once its packing processes run: (the command, its processes)."""
     src = tmp_path / "features"
     src.mkdir()
     for number in range(1500):
@@ -163,13 +165,36 @@ def test_sigterm_stops_the_packing_processes_too(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parents[1],
+        start_new_session=True,
     )
     parent, deadline = psutil.Process(packing.pid), time.monotonic() + 120
-    while len(children := parent.children(recursive=True)) < 2 and packing.poll() is None:
+    while len(children := parent.children(recursive=True)) < 3 and packing.poll() is None:
         assert time.monotonic() < deadline, "the packing processes never started"
         time.sleep(0.05)
+    return packing, children
+
+
+def test_sigterm_stops_the_packing_processes_too(tmp_path):
+    """Before (review): the command ended with 143 and its litdata workers packed on, orphaned."""
+    packing, children = packing_started(tmp_path)
     packing.send_signal(signal.SIGTERM)
     assert packing.wait(timeout=60) == 143
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.cmdline() for p in alive]
     assert "stopped by SIGTERM" in packing.stderr.read()
+
+
+@pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c", "kill-int"])
+def test_ctrl_c_says_the_packing_stopped(tmp_path, whole_group):
+    """Before: litdata's SIGINT handler ended the command with os._exit(0), as if it had packed all,
+    leaving an incomplete folder without its index (``pack && train`` went on)."""
+    packing, children = packing_started(tmp_path)
+    if whole_group:  # a terminal's Ctrl-C: every process of the foreground job
+        os.killpg(packing.pid, signal.SIGINT)
+    else:
+        packing.send_signal(signal.SIGINT)
+    assert packing.wait(timeout=60) == 130
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    said = f"interrupted: {tmp_path / 'packed'} is incomplete; delete it before packing again"
+    assert said in packing.stderr.read().splitlines()  # beside the killed workers' semaphore warnings

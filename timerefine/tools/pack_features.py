@@ -18,6 +18,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from grounding.records import FeatureError
 from timerefine.inference.frame_encoder import ENCODER_RECORD
 from timerefine.inference.video_features import EncoderSpec
 from timerefine.pipeline.arguments import OneLineParser, at_least_one
-from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
+from timerefine.pipeline.errors import INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.whole_files import write_whole
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def pack_folder(
     dtype: str = "float16",
 ) -> PackReport:
     """Validate every file in ``src``, pack the good ones into ``dst`` and write the id index there."""
-    from litdata import StreamingDataset, optimize
+    from litdata import StreamingDataset
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.is_dir():
@@ -91,20 +92,16 @@ def pack_folder(
         log.warning("left out: %s", message)
     if not report.packed:
         raise ValueError(f"no usable feature file in {src} ({len(report.bad)} bad)")
-    start_method = multiprocessing.get_start_method()
-    try:
-        optimize(
-            fn=functools.partial(
-                pack_item, src=str(src), num_frames=num_frames, feature_dim=feature_dim, dtype=dtype
-            ),
-            inputs=report.packed,
-            output_dir=str(dst),
-            chunk_bytes="64MB",
-            num_workers=max(1, workers),
-            verbose=False,
-        )
-    finally:  # optimize() forces "spawn" process-wide; give the caller back its own start method
-        multiprocessing.set_start_method(start_method, force=True)
+    optimize_in_child(
+        fn=functools.partial(
+            pack_item, src=str(src), num_frames=num_frames, feature_dim=feature_dim, dtype=dtype
+        ),
+        inputs=report.packed,
+        output_dir=str(dst),
+        chunk_bytes="64MB",
+        num_workers=max(1, workers),
+        verbose=False,
+    )
     dataset = StreamingDataset(str(dst))
     index = {dataset[i]["video_id"]: i for i in range(len(dataset))}
     if sorted(index) != report.packed:
@@ -117,14 +114,43 @@ def pack_folder(
     return report
 
 
+def optimize_in_child(**arguments: Any) -> None:
+    """litdata's ``optimize(**arguments)``, run in a child process: its SIGINT handler ends the process
+    with ``os._exit(0)`` (and it forces the "spawn" start method process-wide), so Ctrl-C there leaves
+    this process to say that the packing stopped, and to stop the child, which stops its workers."""
+    packing = multiprocessing.get_context("spawn").Process(target=optimize_here, kwargs=arguments)
+    packing.start()
+    try:
+        packing.join()
+    except BaseException:  # Ctrl-C, or SIGTERM's Stopped
+        packing.terminate()
+        packing.join()
+        raise
+    if packing.exitcode != 0:
+        raise RuntimeError(f"packing into {arguments['output_dir']} failed (exit code {packing.exitcode})")
+
+
+def optimize_here(**arguments: Any) -> None:
+    """The packing child's work: its workers stop with it on SIGTERM (by default they ran on, orphaned)."""
+    from litdata import optimize
+
+    signal.signal(signal.SIGTERM, stop_workers)
+    optimize(**arguments)
+
+
+def stop_workers(signum: int, frame: object) -> None:
+    """SIGTERM's handler in the packing child: its workers stop too, and then the child."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    sys.exit(128 + signum)
+
+
 class Stopped(Exception):
     """SIGTERM arrived while packing."""
 
 
 def stop_packing(signum: int, frame: object) -> None:
-    """SIGTERM's handler: the packing processes stop too (by default they ran on, orphaned)."""
-    for child in multiprocessing.active_children():
-        child.terminate()
+    """SIGTERM's handler: the packing stops (its child process too, see :func:`optimize_in_child`)."""
     raise Stopped
 
 
@@ -149,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             f"stopped by SIGTERM: {args.dst} is incomplete; delete it before packing again", file=sys.stderr
         )
         return STOPPED_BY_SIGTERM
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.dst} is incomplete; delete it before packing again", file=sys.stderr)
+        return INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"packed {len(report.packed)} videos, {len(report.bad)} bad files left out")
