@@ -4,10 +4,12 @@ decoder (``generation.generate``); ``model.inference.decoder`` picks one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList
 
 from grounding.answer_format.slots import Slot
 from lightning_modules.generation import Generation, choosable_placeholder, is_sharded
@@ -29,7 +31,7 @@ def hf_generate(
 ) -> Generation:
     """Greedy answers; with ``slots`` only the choice slots are chosen and every answer parses.
     ``options``: more ``generate()`` arguments (e.g. ``cache_implementation``). The LM's own
-    generation defaults that would change greedy answers (repetition penalty, n-gram blocking) are off.
+    generation defaults (repetition penalty, n-gram blocking, a minimum length, ...) are set aside.
     """
     processors = LogitsProcessorList()
     if slots is not None:
@@ -41,22 +43,21 @@ def hf_generate(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
         eos_token_id=eos_id,
         pad_token_id=eos_id,  # written after the end token, cut off with it
         return_dict_in_generate=True,
         output_hidden_states=offset_id is not None,
         suppress_tokens=None if (placeholder := choosable_placeholder(model)) is None else [placeholder],
     )
-    out = model.lm.generate(
-        inputs_embeds=model.embed(prompt_ids, features, prompt_mask),
-        attention_mask=prompt_mask,
-        generation_config=config,
-        logits_processor=processors,
-        synced_gpus=is_sharded(model),
-        **options,
-    )
+    with without_generation_defaults(model.lm):
+        out = model.lm.generate(
+            inputs_embeds=model.embed(prompt_ids, features, prompt_mask),
+            attention_mask=prompt_mask,
+            generation_config=config,
+            logits_processor=processors,
+            synced_gpus=is_sharded(model),
+            **options,
+        )
     rows = out.sequences.tolist()
     limit = max_new_tokens - (offset_id is not None and slots is None)
     tokens = [row[: row.index(eos_id)] if eos_id in row[:limit] else row[:limit] for row in rows]
@@ -65,9 +66,23 @@ def hf_generate(
     return _offset_state(out, tokens, offset_id)
 
 
+@contextmanager
+def without_generation_defaults(lm: torch.nn.Module) -> Iterator[None]:
+    """``lm`` (or the Hugging Face model inside its PEFT wrapper) with a blank ``generation_config``
+    while in the block: ``generate()`` fills every option a call leaves unset from the model's own."""
+    model = next(module for module in lm.modules() if isinstance(module, GenerationMixin))
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 def _offset_state(out, tokens: list[list[int]], offset_id: int) -> Generation:
-    """The last hidden state at each answer's last <OFFSET> (generated token ``i`` is fed at step ``i + 1``)."""
-    fed = torch.stack([step[-1][:, -1] for step in out.hidden_states[1:]], dim=1)  # (B, tokens fed, H)
+    """The last hidden state at each answer's last <OFFSET> (generated token ``i`` is fed at step ``i + 1``;
+    none is fed where every answer ends at its first token)."""
+    prompt = out.hidden_states[0][-1]  # (B, prompt length, H)
+    fed = torch.cat([prompt[:, :0], *(step[-1][:, -1:] for step in out.hidden_states[1:])], dim=1)
     hidden = fed.new_zeros(fed.shape[0], fed.shape[-1])
     has_offset = torch.zeros(fed.shape[0], dtype=torch.bool, device=fed.device)
     states: list[torch.Tensor | None] = []

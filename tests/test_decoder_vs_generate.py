@@ -112,6 +112,39 @@ def test_free_greedy_decoding_matches_generate(model, k):
         assert fused.has_offset.any()
 
 
+def ending_at_once():
+    """An untrained tiny Video LLM (K = 1, with an aux head) whose every answer ends at its first token."""
+    model = helpers.video_llm(refine_steps=1, seed=0).eval()
+    head = model.lm.lm_head
+    ends_at_once = torch.nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        ends_at_once.weight.copy_(head.weight)
+        ends_at_once.bias.zero_()[helpers.tokenizer().eos_token_id] = 100.0
+    model.lm.lm_head = ends_at_once
+    return model
+
+
+def test_answers_that_all_end_at_once_match_generate():
+    """Before (review): with an aux head, ``generate()`` stopped after the prompt pass and the hidden
+    states of no answer token could not be stacked: ``decoder=generate`` aborted the evaluation of an
+    untrained or collapsed model instead of scoring its empty answers as unparsed."""
+    fused, hf = both(ending_at_once(), eval_batch(1, "digits"), 20, None, offset_id(1))
+    assert_same(fused, hf)
+    assert hf.tokens == [[]] * 8 and not hf.has_offset.any()
+
+
+def test_the_lms_own_generation_defaults_do_not_change_the_answers():
+    """Before (review): ``generate()`` fills every option left unset from the LM's own
+    ``generation_config`` (a checkpoint's generation_config.json): ``min_new_tokens=10`` there made
+    ``decoder=generate`` write 10 tokens where the project's decoder ends at once."""
+    model = ending_at_once()
+    model.lm.generation_config.min_new_tokens = 10
+    model.lm.generation_config.bad_words_ids = [[helpers.tokenizer().eos_token_id]]
+    fused, hf = both(model, eval_batch(1, "digits"), 20, None, offset_id(1))
+    assert_same(fused, hf)
+    assert model.lm.generation_config.min_new_tokens == 10  # the LM's own, as it was
+
+
 @pytest.mark.parametrize(("k", "spelling"), LAYOUTS)
 def test_constrained_decoding_matches_generate_with_the_slot_processor(model, k, spelling):
     answers = codec(k, spelling)
