@@ -35,7 +35,7 @@ import torch
 
 from bench.figures_out import machine, median_ratio, print_figures
 from lightning_modules.grounding_module import GroundingModule
-from timerefine.inference.run_loading import precision_autocast
+from timerefine.inference.run_loading import precision_plugin
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.conventions import run_precision
@@ -68,7 +68,7 @@ def raw_loop(
     for step, batch in enumerate(datamodule.train_dataloader()):  # timed as StepClock times: from the
         if step == warmup:  # start of step ``warmup`` to the end of step ``steps - 1``, no fetch after it
             start = time.perf_counter()
-        with precision_autocast(precision, "cpu"):
+        with precision_plugin(precision, "cpu").forward_context():
             loss = module._losses(batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)

@@ -357,6 +357,13 @@ class GRPOModule(GroundingModule):
         losses["loss"] = loss
         return losses
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradients where Lightning has unscaled fp16's (``16-mixed``): before, the loss
+        scale's gradients were clipped, and each step moved 1/scale as far as it should."""
+        super().on_before_optimizer_step(optimizer)
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, self.max_grad_norm, "norm")
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         rollout = self.rollout(batch)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -365,9 +372,7 @@ class GRPOModule(GroundingModule):
             finite_loss(losses["loss"], self.global_step, self.optim.lr)
             optimizer.zero_grad()
             self.manual_backward(losses["loss"])
-            if self.max_grad_norm:
-                self.clip_gradients(optimizer, self.max_grad_norm, "norm")
-            optimizer.step()
+            optimizer.step()  # clipped in on_before_optimizer_step
             scheduler.step()
         size = len(batch["records"])
         for name, value in {**rollout.stats, **losses}.items():

@@ -39,6 +39,33 @@ def test_the_api_refuses_a_query_that_is_not_text(video_run):
         grounder.ground(features, ["a red square appears", None], duration=20.0)
 
 
+@pytest.mark.parametrize(
+    ("queries", "batch_size", "message"),
+    [
+        (b"a red square", 1, "queries: give a text or texts, got bytes (decode them first)"),
+        ("a red square", 1.5, "batch_size=1.5: must be a whole number >= 1"),
+        ("a red square", True, "batch_size=True: must be a whole number >= 1"),
+    ],
+)
+def test_the_api_names_a_mistaken_argument(video_run, queries, batch_size, message):
+    """Before (review): bytes were read as queries of ints ('query 1: must be text, got 97') and a
+    float batch_size was a TypeError from range()."""
+    grounder = Grounder.from_run(video_run.run_dir)
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+        grounder.ground(np.zeros((16, 16), dtype=np.float32), queries, duration=20.0, batch_size=batch_size)
+
+
+def test_answers_hold_plain_floats_and_one_override_may_be_a_text(video_run):
+    """Before (review): a numpy duration stayed numpy in the answer (as_json() was no JSON), and an
+    override given as a text was read letter by letter ('m: answering can set only ...')."""
+    grounder = Grounder.from_run(video_run.run_dir, overrides="model.inference.final=aux")
+    features = Features(np.zeros((16, 16), dtype=np.float32), np.float32(20.0))
+    [answer] = grounder.ground(features, "a red square appears")
+    assert type(answer.duration) is float and type(answer.start) is float
+    json.dumps(answer.as_json())
+    assert grounder.run.cfg.model.inference.final == "aux"
+
+
 def test_the_api_refuses_a_query_spelling_a_special_token(video_run):
     """Before: ``</s>`` in a query was encoded as the tokenizer's end-of-text token, not as text."""
     grounder = Grounder.from_run(video_run.run_dir)

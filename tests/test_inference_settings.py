@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from timerefine import evaluate, train
-from timerefine.inference.grounder import Grounder
+from timerefine.inference.grounder import Features, Grounder
 from timerefine.inference.run_loading import dataset_examples
 from timerefine.tools.export import main as export_main
 from timerefine.tools.predict import main as predict_main
@@ -85,3 +86,26 @@ def test_an_override_before_the_input_is_named(run_dir, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {AUX}: an override before the input; give the input first, overrides last\n"
     )
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_a_run_trained_with_cast_weights_answers_as_it_was_scored(tmp_path, precision, dtype):
+    """Before (review): the API, predict and exports answered a bf16-true run with float32 weights under
+    bf16 autocast (a 64-true run in float32), where evaluate.py's Trainer casts the weights: other
+    answers than the run's own (the aux head's segment 0.07 s off in bf16)."""
+    run, export = tmp_path / "run", tmp_path / "export"
+    overrides = ["experiment=tiny", "trainer.max_steps=6", "trainer.val_check_interval=6", AUX]
+    assert train.main([*overrides, f"trainer.precision={precision}", f"output_dir={run}"]) == 0
+    rows = [json.loads(line) for line in (run / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert export_main([str(run), str(export)]) == 0
+    for grounder in (Grounder.from_run(run), Grounder.from_export(export)):
+        assert {parameter.dtype for parameter in grounder.run.module.parameters()} == {dtype}
+        examples = dataset_examples(grounder.run.cfg)
+        pairs = [
+            (Features(store.load(record.video_id), record.duration), record.query)
+            for record, store in examples
+        ]
+        answers = grounder.ground_pairs(pairs, batch_size=len(pairs))  # the batch evaluate.py scored
+        assert [answer.text for answer in answers] == [row["text"] for row in rows]
+        if dtype == torch.bfloat16:  # in float64, the run's batch held the durations in float32
+            assert [[answer.start, answer.end] for answer in answers] == [row["pred"] for row in rows]

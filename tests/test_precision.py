@@ -201,7 +201,7 @@ def test_the_grounder_runs_as_evaluate_does(monkeypatch, tmp_path, capabilities,
     monkeypatch.setattr(run_loading, "machine_capabilities", probe_of(capabilities))
     cfg = tiny_config(tmp_path, f"trainer.precision={requested}", width)
     run = LoadedRun(cfg, SimpleNamespace(device=torch.device("cpu")), None, tmp_path)
-    with run_loading.precision_autocast(run.precision, "cpu"):
+    with run_loading.precision_plugin(run.precision, "cpu").forward_context():
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     assert dtype == expected
 

@@ -34,7 +34,7 @@ from transformers import AutoConfig
 
 from lightning_modules.pretrained import open_as_umask, resolve_pretrained
 from lightning_modules.trainable import holds_token_rows
-from timerefine.inference.run_loading import LoadedRun, build_untrained, run_config
+from timerefine.inference.run_loading import LoadedRun, build_untrained, in_run_precision, run_config
 from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.pipeline.best_checkpoint import EXPORT_MANIFEST as MANIFEST
 from timerefine.pipeline.best_checkpoint import nonfinite, shape_misfit
@@ -250,4 +250,4 @@ def load_export(
             module.get_parameter(name)[manifest["base_vocab_size"] :] = values
     encoder = EncoderSpec.of(manifest["encoder"], folder / MANIFEST) if manifest["encoder"] else None
     run.module.to(device)
-    return run, encoder
+    return in_run_precision(run), encoder

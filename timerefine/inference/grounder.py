@@ -11,6 +11,7 @@ so they need ``duration``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,8 +115,9 @@ class Features:
     duration: float
 
     def __post_init__(self) -> None:
-        if positive_seconds(self.duration) is None:
+        if (seconds := positive_seconds(self.duration)) is None:
             raise InputError(f"Features duration={self.duration!r}: must be a positive number of seconds")
+        object.__setattr__(self, "duration", seconds)  # a numpy scalar's type stays out of the answers
 
 
 def device_error(device: str) -> str | None:
@@ -282,6 +284,8 @@ class Grounder:
     ) -> list[Grounding]:
         """One answer per query, decoded in batches of ``batch_size`` queries. ``duration`` is for a
         feature file or array (see :meth:`features`); a :class:`Features` holds its own, so none is taken."""
+        if isinstance(queries, (bytes, bytearray)):
+            raise InputError("queries: give a text or texts, got bytes (decode them first)")
         try:  # a text, or any iterable of them (a list, an array, a pandas column)
             queries = [queries] if isinstance(queries, str) else list(queries)
         except TypeError as error:
@@ -310,8 +314,8 @@ class Grounder:
 
     def _check_queries(self, queries: list[str], batch_size: int) -> None:
         check_queries(queries)
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size}: must be >= 1")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r}: must be a whole number >= 1")
         for number, query in enumerate(queries, start=1):
             if reason := self.query_error(query):
                 raise InputError(f"query {number}: {reason}")

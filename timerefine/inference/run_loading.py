@@ -7,12 +7,12 @@ export.py). No dataset is read: inference needs only the data's frame count and 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
@@ -100,6 +100,7 @@ def run_config(folder: Path, overrides: Sequence[str] = ()) -> DictConfig:
     ``model.inference.*`` keys (e.g. ``model.inference.final=aux``); InputError for any other key."""
     if not (folder / "config.yaml").is_file():
         raise InputError(f"{folder}: no config.yaml, so not a run directory or an exported model")
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # one given as a text
     for override in overrides:
         if not override.lstrip("+~").startswith(INFERENCE_KEYS):
             raise InputError(
@@ -111,7 +112,7 @@ def run_config(folder: Path, overrides: Sequence[str] = ()) -> DictConfig:
     except ConfigError as err:
         raise InputError(str(err.of_file(folder / "config.yaml"))) from err
     try:  # an override's error is the override's, not the file's
-        return load_run_config(folder, list(overrides)) if overrides else cfg
+        return load_run_config(folder, overrides) if overrides else cfg
     except ConfigError as err:
         raise InputError(str(err)) from err
 
@@ -159,16 +160,23 @@ def load_run(
     path = run_checkpoint(run_dir, ckpt)
     module, collator = build_untrained(cfg, run_dir / "tokenizer")
     load_checkpoint(module, path, run_dir / "tokenizer")
-    return LoadedRun(cfg, module.to(device), collator, path)
+    return in_run_precision(LoadedRun(cfg, module.to(device), collator, path))
 
 
-def precision_autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
-    """What Lightning's ``trainer.precision`` does to a forward pass: bf16/fp16 autocast, or nothing."""
-    if precision.startswith("bf16"):
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision.startswith("16"):
-        return torch.autocast(device_type, dtype=torch.float16)
-    return contextlib.nullcontext()
+def precision_plugin(precision: str, device_type: str) -> Precision:
+    """Lightning's plugin for a ``trainer.precision``, as evaluate.py's Trainer runs it: what it does
+    to the weights (``*-true`` casts them), to a batch's floats and to each forward pass (autocast)."""
+    if precision.endswith("-mixed"):
+        return MixedPrecision(precision, device_type)
+    if precision in ("bf16-true", "16-true"):
+        return HalfPrecision(precision)
+    return DoublePrecision() if precision == "64-true" else Precision()
+
+
+def in_run_precision(run: LoadedRun) -> LoadedRun:
+    """``run`` with its weights in the dtype its precision keeps them in (``*-true``: that dtype)."""
+    run.module = precision_plugin(run.precision, run.module.device.type).convert_module(run.module)
+    return run
 
 
 def query_error(run: LoadedRun, query: str) -> str | None:
@@ -198,8 +206,9 @@ def predict(run: LoadedRun, features: torch.Tensor, queries: list[str]) -> list[
         mask[row, width - len(prompt) :] = 1
     device = run.module.device
     batch = {"prompt_ids": ids.to(device), "prompt_mask": mask.to(device), "features": features.to(device)}
-    with precision_autocast(run.precision, device.type):
-        return run.module.predict_batch(batch)
+    plugin = precision_plugin(run.precision, device.type)
+    with plugin.forward_context():
+        return run.module.predict_batch(plugin.convert_input(batch))
 
 
 def dataset_examples(cfg: DictConfig, split: str = "test") -> Iterator[tuple[GroundingRecord, FeatureStore]]:
