@@ -14,6 +14,7 @@ from timerefine.inference import grounder as grounder_module
 from timerefine.inference.grounder import Features, Grounder
 from timerefine.inference.run_loading import predict
 from timerefine.inference.video_features import EncoderSpec, InputError
+from timerefine.tools.export import main as export_main
 from timerefine.tools.predict import main as predict_main
 
 pytestmark = pytest.mark.slow  # the session's tiny video run (trained once, ~15 s)
@@ -64,6 +65,20 @@ def test_answers_hold_plain_floats_and_one_override_may_be_a_text(video_run):
     assert type(answer.duration) is float and type(answer.start) is float
     json.dumps(answer.as_json())
     assert grounder.run.cfg.model.inference.final == "aux"
+
+
+def test_an_export_without_an_encoder_names_its_record(video_run, tmp_path):
+    """Before (review): it named the run's features' encoder.json as missing, which was there: an
+    export takes its encoder from export.json alone (none recorded where the features were not found)."""
+    export = tmp_path / "export"
+    assert export_main([str(video_run.run_dir), str(export)]) == 0
+    manifest = json.loads((export / "export.json").read_text())
+    (export / "export.json").write_text(json.dumps({**manifest, "encoder": None}))
+    message = (
+        f"the run records no video encoder ({export / 'export.json'} records none: not found when exported"
+    )
+    with pytest.raises(InputError, match=f"^{re.escape(message)}"):
+        Grounder.from_export(export).features(video_run.videos / "vid_red_a.mp4")
 
 
 def test_the_api_refuses_a_query_spelling_a_special_token(video_run):

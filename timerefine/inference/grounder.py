@@ -210,6 +210,8 @@ class Grounder:
             if spec is None:
                 features = self.run.cfg.data.source.get("feature_path")
                 why = f"{unrecorded_encoder(features)}: moved, or" if features else "its"
+                if is_export(self.run.weights):  # its export.json holds the record, or none
+                    why = f"{self.run.weights / MANIFEST} records none: not found when exported, or its"
                 raise InputError(
                     f"the run records no video encoder ({why} features were not made by "
                     "timerefine-extract-features): give an encoder (Grounder's encoder argument, "
