@@ -9,7 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.inference_runs import VIDEOS, damaged_copy, write_moment_video, write_timed_video
+from tests.inference_runs import (
+    VIDEOS,
+    damaged_copy,
+    truncated_copy,
+    write_moment_video,
+    write_timed_video,
+)
 from timerefine.inference import grounder as grounder_module
 from timerefine.inference.grounder import Features, Grounder
 from timerefine.inference.run_loading import predict
@@ -79,6 +85,15 @@ def test_an_export_without_an_encoder_names_its_record(video_run, tmp_path):
     )
     with pytest.raises(InputError, match=f"^{re.escape(message)}"):
         Grounder.from_export(export).features(video_run.videos / "vid_red_a.mp4")
+
+
+def test_an_mp4_cut_before_its_index_is_named_truncated(video_run, tmp_path):
+    """Before (review): 'has no video stream', where the docs promise a truncated video is named so."""
+    cut = truncated_copy(video_run.videos / "vid_red_a.mp4", tmp_path / "cut.mp4", keep=2 / 3)
+    with pytest.raises(
+        InputError, match=f"^{re.escape(str(cut))}: has no video stream .truncated or damaged"
+    ):
+        Grounder.from_run(video_run.run_dir).features(cut)
 
 
 def test_the_api_refuses_a_query_spelling_a_special_token(video_run):

@@ -153,8 +153,9 @@ def probe_video(path: Path) -> VideoInfo:
         raise InputError(missing_file(path))
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(f"{path}: has no video stream")
+            if not container.streams.video:  # sound alone; else cut off before its streams' index
+                damaged = "" if container.streams.audio else " (truncated or damaged, or not a video)"
+                raise InputError(f"{path}: has no video stream{damaged}")
             stream = container.streams.video[0]
             frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
             if stream.duration is not None and stream.time_base is not None:
