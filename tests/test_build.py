@@ -127,6 +127,15 @@ def test_on_policy_guesses_reach_the_collator_it_was_built_with(tmp_path):
     assert first.qid not in datamodule.coarse_guesses
 
 
+def test_a_grpo_stage_refreshes_no_on_policy_guesses(tmp_path):
+    """Before (review): a GRPO stage from a run trained on-policy kept the callback, which predicted
+    num_samples training queries every every_n_steps steps for targets that GRPO never reads."""
+    cfg = load_config([*tiny_build_overrides(tmp_path), "model.refine.on_policy.fraction=1"])
+    cfg.grpo.enabled = True  # as init_from_run's supervised config, which load_config would check
+    callbacks = build_callbacks(cfg, tmp_path, OmegaConf.to_object(cfg.model.refine))
+    assert not [c for c in callbacks if isinstance(c, OnPolicyCoarse)]
+
+
 def test_frames_per_token_need_not_divide_the_data_frames(tmp_path):
     """DiDeMo's 30 frames at 4 per token: 8 video tokens, the last one's two missing frames zero."""
     cfg = load_config(

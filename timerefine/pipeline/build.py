@@ -250,8 +250,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
     is kept unless ``save_top_k`` asks for the latest validated ones), ``last.ckpt`` every
     ``last_every_n_steps`` steps and on a crash, the random state in checkpoints, the training loader
     built after a resumed checkpoint is restored, predictions, a SIGTERM acted on at a step boundary
-    under DDP, the CSV log's resume point, progress, lr, on-policy refinement (when ``schedule``, the
-    module's, has coarse segments to start from), gradient accumulation, the refinement trace figure."""
+    under DDP, the CSV log's resume point, progress, lr, on-policy refinement (without GRPO, when the
+    module's ``schedule`` has coarse segments), gradient accumulation, the refinement trace figure."""
     spec = cfg.callbacks
     folder, checkpoint = output_dir / "checkpoints", spec.checkpoint
     best = BestCheckpoint(folder, checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k)
@@ -263,7 +263,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         PredictionsWriter(output_dir / "predictions"),
         DistributedSigterm(),
     ]
-    if cfg.model.refine.on_policy.fraction > 0 and schedule.with_offsets:
+    if cfg.model.refine.on_policy.fraction > 0 and schedule.with_offsets and not cfg.grpo.enabled:
         callbacks.append(
             OnPolicyCoarse(OmegaConf.to_object(cfg.model.refine.on_policy), cfg.data.eval_batch_size)
         )
