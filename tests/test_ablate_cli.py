@@ -80,7 +80,10 @@ def test_runs_go_where_the_caller_points_and_a_failure_is_the_exit_code(tmp_path
     ]
     assert ablate.main([*argv, "--", *TINY]) == 1
     assert (tmp_path / "abl" / "good" / "seed0" / "metrics.json").is_file()
-    assert "| good | 1 |" in (tmp_path / "abl" / "results.md").read_text()
+    report = (tmp_path / "abl" / "results.md").read_text()
+    assert (
+        "| good | 1 |" in report and "Left out: abl/bad/seed0: its run failed." in report
+    )  # before: no word
     assert "error: 1 run(s) failed: abl/bad/seed0" in capsys.readouterr().err
 
 
@@ -161,6 +164,8 @@ def test_the_report_holds_the_variants_and_seeds_given(tmp_path, monkeypatch, ca
     captured = capsys.readouterr()
     assert "| A | 1 | 8 | 2.00 |" in captured.out
     assert captured.err == f"[left out] {tmp_path / 'A' / 'seed0'}: no run finished with these settings\n"
+    left_out = f"Left out: {tmp_path / 'A' / 'seed0'}: no run finished with these settings."
+    assert left_out in (tmp_path / "results.md").read_text().splitlines()  # before, on stderr alone
 
 
 def test_runs_started_from_another_run_are_reported(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
 from grounding.metrics.iou import THRESHOLDS
@@ -102,8 +103,9 @@ def _baseline_rows(rows: list[dict], prefix: str, name: str, variants: list[str]
     return entries
 
 
-def markdown_table(summary: list[dict]) -> str:
-    """The table, then what its cells are and which variants scored only part of their test split."""
+def markdown_table(summary: list[dict], left_out: Mapping[str, str] | None = None) -> str:
+    """The table, then what its cells are, which variants scored only part of their test split, and
+    the runs ``left_out`` of it (run folder -> why)."""
     lines = [
         "| variant | seeds | queries | "
         + " | ".join(k.removeprefix("test/") for k in HEADLINE)
@@ -127,6 +129,7 @@ def markdown_table(summary: list[dict]) -> str:
         for e in summary
         if e["coverage"] is not None
     ]
+    lines += [f"Left out: {run_dir}: {why}." for run_dir, why in (left_out or {}).items()]
     return "\n".join(lines) + "\n"
 
 

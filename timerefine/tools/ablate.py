@@ -197,10 +197,11 @@ def run_all(chosen: dict[str, list[str]], seeds: list[int], shared: list[str], o
 
 def finished_rows(
     chosen: dict[str, list[str]], seeds: list[int], shared: list[str], out: Path, failed: list[str]
-) -> list[dict]:
-    """The table rows of the variants x seeds finished with their settings; each other one is named
-    on stderr (a failed one was already). ValueError for a metrics file that is not JSON."""
-    rows = []
+) -> tuple[list[dict], dict[str, str]]:
+    """The table rows of the variants x seeds finished with their settings, and the others' folders
+    with why each is left out, named on stderr too (a failed one was already). ValueError for a
+    metrics file that is not JSON."""
+    rows, left_out = [], {}
     for name, overrides in chosen.items():
         for seed in seeds:
             run_dir = out / name / f"seed{seed}"
@@ -214,9 +215,12 @@ def finished_rows(
                     continue
             except ConfigError as error:
                 why = f"config error: {error}"
-            if str(run_dir) not in failed:
+            if str(run_dir) in failed:
+                why = "its run failed"
+            else:
                 print(f"[left out] {run_dir}: {why}", file=sys.stderr)
-    return rows
+            left_out[str(run_dir)] = why
+    return rows, left_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     try:
-        rows = finished_rows(chosen, args.seeds, args.shared, args.out, failed)
+        rows, left_out = finished_rows(chosen, args.seeds, args.shared, args.out, failed)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -264,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = summarize(rows)
     write_csv(rows, args.out / "results.csv")
-    (args.out / "results.md").write_text(markdown_table(summary))
+    (args.out / "results.md").write_text(markdown_table(summary, left_out))
     plot(summary, args.out / "results.png")
-    print(markdown_table(summary))
+    print(markdown_table(summary, left_out))
     print(f"wrote {args.out / 'results.csv'}, results.md and results.png")
     return 1 if failed else 0
 
