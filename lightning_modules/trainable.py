@@ -16,7 +16,8 @@ class TrainableSpec:
     """``projector``: the frame projector (with its query conditioning and temporal embedding) and
     the digit gate; ``token_rows``: the grounding tokens' input and output rows (under LoRA; without
     it the whole LM trains); ``aux_head``: the aux head. Off freezes them as they start (e.g. a
-    released stage-1 projector, or the head of an earlier stage)."""
+    released stage-1 projector, or the head of an earlier stage); a frozen aux head's loss still trains
+    what feeds it (``model.aux.weight=0`` stops that)."""
 
     projector: bool = True
     token_rows: bool = True

@@ -87,6 +87,11 @@ def test_the_projector_steps_loss_is_the_saliency_loss_of_a_full_step():
     [
         (["model.saliency.projector_steps=2", "model.saliency.weight=0"], "model.saliency.projector_steps"),
         (["model.saliency.projector_steps=20", "trainer.max_steps=20"], "trainer.max_steps"),
+        # before (review): the steps trained the saliency head alone, which serves only the projector
+        (
+            ["model.saliency.projector_steps=2", "model.trainable.projector=false"],
+            "model.saliency.projector_steps",
+        ),
         (["model.saliency.projector_steps=-1"], "model.saliency.projector_steps"),
     ],
 )

@@ -124,10 +124,10 @@ class ModelConfig(Checked):
                 f"saliency.weight={self.saliency.weight} needs projector.query_conditioned=true: without "
                 "it a video token cannot know which query it is scored against"
             )
-        if self.saliency.projector_steps and not self.saliency.weight:
+        if self.saliency.projector_steps and not (self.saliency.weight and self.trainable.projector):
             yield (
-                "saliency.projector_steps train on the saliency loss: with saliency.weight=0 set "
-                "saliency.projector_steps=0"
+                "saliency.projector_steps train the projector on the saliency loss: with saliency.weight=0 "
+                "or trainable.projector=false set saliency.projector_steps=0"
             )
         if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
             yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
