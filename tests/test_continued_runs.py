@@ -9,9 +9,15 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from omegaconf import OmegaConf
 
 import train
-from timerefine.pipeline.previous_run import ChangedSettingsError, check_reaches_epochs, epochs_reached
+from timerefine.pipeline.previous_run import (
+    ChangedSettingsError,
+    check_reaches_epochs,
+    epochs_reached,
+    validation_change,
+)
 
 RUN = ["experiment=tiny", "trainer.accelerator=cpu", "logger.csv=false"]  # builtin_run's: 20 steps
 
@@ -140,3 +146,19 @@ def test_a_continued_run_on_another_validation_subset_warns_that_its_best_scores
         "trainer.limit_val_batches null -> 1: this run's validation scores are compared, by the best "
         "checkpoint, with the best score taken by step 20 on the other validation subset"
     )
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "warned"),
+    [(1, 1.0, True), (1.0, 1, True), (None, 1.0, False), (None, None, False), (0.5, 0.25, True)],
+)
+def test_validation_subsets_are_compared_as_lightning_reads_them(before, now, warned):
+    """The diff review: 1 (one batch) and 1.0 (all of them) were taken for one subset, and null and
+    1.0 (both all) for two."""
+    state = {
+        "global_step": 20,
+        "hyper_parameters": {"config": {"trainer": {"limit_val_batches": before}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val/mIoU'}": {"best_model_score": 15.0}},
+    }
+    cfg = OmegaConf.create({"trainer": {"limit_val_batches": now, "max_steps": 24}})
+    assert (validation_change(state, cfg) is not None) == warned

@@ -8,10 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import train
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 from timerefine.pipeline.init_from_run import train_config
+from timerefine.pipeline.schema import training_refusal
 
 TINY = ["experiment=tiny", "data.source.num_train=16", "model.optim.warmup_steps=2"]
 FIRST_STEPS = 2
@@ -87,11 +89,6 @@ def test_the_projector_steps_loss_is_the_saliency_loss_of_a_full_step():
     [
         (["model.saliency.projector_steps=2", "model.saliency.weight=0"], "model.saliency.projector_steps"),
         (["model.saliency.projector_steps=20", "trainer.max_steps=20"], "trainer.max_steps"),
-        # before (review): the steps trained the saliency head alone, which serves only the projector
-        (
-            ["model.saliency.projector_steps=2", "model.trainable.projector=false"],
-            "model.saliency.projector_steps",
-        ),
         (["model.saliency.projector_steps=-1"], "model.saliency.projector_steps"),
     ],
 )
@@ -99,6 +96,18 @@ def test_projector_steps_that_cannot_run_are_refused_in_one_line(overrides, key)
     with pytest.raises(ConfigError) as error:
         load_config(["experiment=tiny", *overrides])
     assert str(error.value).startswith(key) and "\n" not in str(error.value)
+
+
+def test_projector_steps_with_a_frozen_projector_are_refused_where_a_run_trains(tmp_path):
+    """Before (review): the steps trained the saliency head alone, which serves only the projector. A
+    run trained so before the rule still loads (evaluate, export, the API): the diff review."""
+    given = ["experiment=tiny", "model.saliency.projector_steps=2", "model.trainable.projector=false"]
+    assert training_refusal(load_config(given)) == (
+        "model.saliency.projector_steps=2 train the projector, which model.trainable.projector=false "
+        "freezes: set it to 0"
+    )
+    assert train.main([*given, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_more_than_one_process_needs_ddp_that_allows_the_unused_lm(tmp_path):

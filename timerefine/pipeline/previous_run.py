@@ -195,13 +195,23 @@ def validation_change(state: Mapping[str, Any], cfg: DictConfig) -> str | None:
         for prefix, who in keepers.items()
         if key.startswith(prefix) and recorded_score(record) is not None
     ]
-    if before == now or not scored or 0 <= cfg.trainer.max_steps <= step:
+    if (
+        validation_subset(before) == validation_subset(now)
+        or not scored
+        or 0 <= cfg.trainer.max_steps <= step
+    ):
         return None
     return (
         f"trainer.limit_val_batches {show(before)} -> {show(now)}: this run's validation scores are "
         f"compared, by {' and '.join(scored)}, with the best score taken by step {step} on the other "
         "validation subset"
     )
+
+
+def validation_subset(limit: int | float | None) -> tuple[bool, float]:
+    """What Lightning validates on for a ``limit_val_batches``: (counted in batches, how many or what
+    share); an int counts batches, a float is a share (1 and 1.0 differ), null is all of them."""
+    return (False, 1.0) if limit is None else (isinstance(limit, int), float(limit))
 
 
 def recorded_score(record: Mapping[str, Any]) -> float | None:

@@ -124,10 +124,10 @@ class ModelConfig(Checked):
                 f"saliency.weight={self.saliency.weight} needs projector.query_conditioned=true: without "
                 "it a video token cannot know which query it is scored against"
             )
-        if self.saliency.projector_steps and not (self.saliency.weight and self.trainable.projector):
+        if self.saliency.projector_steps and not self.saliency.weight:
             yield (
-                "saliency.projector_steps train the projector on the saliency loss: with saliency.weight=0 "
-                "or trainable.projector=false set saliency.projector_steps=0"
+                "saliency.projector_steps train on the saliency loss: with saliency.weight=0 set "
+                "saliency.projector_steps=0"
             )
         if not self.trainable.token_rows and not self.lora.enabled:  # without LoRA the whole LM trains
             yield "trainable.token_rows=false needs lora.enabled=true: without LoRA the whole LM trains"
@@ -304,10 +304,18 @@ def wrong_way_monitor(cfg: DictConfig) -> str | None:
     return None
 
 
+def idle_projector_steps(cfg: DictConfig) -> str | None:
+    """Why ``saliency.projector_steps`` would train only the saliency head, which serves the projector."""
+    if cfg.model.saliency.projector_steps and not cfg.model.trainable.projector:
+        steps = f"model.saliency.projector_steps={cfg.model.saliency.projector_steps}"
+        return f"{steps} train the projector, which model.trainable.projector=false freezes: set it to 0"
+    return None
+
+
 def training_refusal(cfg: DictConfig) -> str | None:
     """Why ``cfg`` may not train, by the rules checked where a run trains, not where a saved run loads
     (one trained so before a rule still evaluates); None when it may."""
-    return half_weights_trained(cfg) or wrong_way_monitor(cfg)
+    return half_weights_trained(cfg) or wrong_way_monitor(cfg) or idle_projector_steps(cfg)
 
 
 def unread_settings(cfg: DictConfig) -> dict[str, str]:
