@@ -154,7 +154,8 @@ def test_an_export_of_made_features_has_no_encoder_to_miss(tmp_path, capsys):
 
 def packing_started(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """``timerefine-pack-features`` on 1,500 files with 2 workers, in a process group of its own (as a
-    shell's foreground job), once its packing processes run: (the command, its processes)."""
+    shell's foreground job), once its packing processes run (a resource tracker, the packing child and
+    its 2 workers): (the command, its processes)."""
     src = tmp_path / "features"
     src.mkdir()
     for number in range(1500):
@@ -168,7 +169,7 @@ def packing_started(tmp_path: Path) -> tuple[subprocess.Popen, list[psutil.Proce
         start_new_session=True,
     )
     parent, deadline = psutil.Process(packing.pid), time.monotonic() + 120
-    while len(children := parent.children(recursive=True)) < 3 and packing.poll() is None:
+    while len(children := parent.children(recursive=True)) < 4 and packing.poll() is None:
         assert time.monotonic() < deadline, "the packing processes never started"
         time.sleep(0.05)
     return packing, children

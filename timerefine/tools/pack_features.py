@@ -124,10 +124,15 @@ def optimize_in_child(**arguments: Any) -> None:
         packing.join()
     except BaseException:  # Ctrl-C, or SIGTERM's Stopped
         packing.terminate()
-        packing.join()
+        packing.join(timeout=30)
+        if packing.is_alive():  # stuck in its exit (a full queue, say)
+            packing.kill()
+            packing.join()
         raise
     if packing.exitcode != 0:
-        raise RuntimeError(f"packing into {arguments['output_dir']} failed (exit code {packing.exitcode})")
+        raise RuntimeError(
+            f"packing into {arguments['output_dir']} failed (exit code {packing.exitcode}; its error is above)"
+        )
 
 
 def optimize_here(**arguments: Any) -> None:
