@@ -130,9 +130,8 @@ def optimize_in_child(**arguments: Any) -> None:
             packing.join()
         raise
     if packing.exitcode != 0:
-        raise RuntimeError(
-            f"packing into {arguments['output_dir']} failed (exit code {packing.exitcode}; its error is above)"
-        )
+        failed = f"failed (exit code {packing.exitcode}; its error is above)"
+        raise RuntimeError(f"packing into {arguments['output_dir']} {failed}")
 
 
 def optimize_here(**arguments: Any) -> None:
