@@ -50,6 +50,21 @@ def test_landing(pred, outcome):
     assert landing((1.0, 9.0), (0.0, 10.0), ()) == NOTHING
 
 
+NEAR_TWINS = (Action(1, 0.0, 10.0), Action(2, 0.0, 9.0), Action(3, 20.0, 30.0))
+
+
+@pytest.mark.parametrize(
+    ("pred", "outcome"),
+    [
+        ((0.0, 8.9), RIGHT_GOOD),  # closer to [0, 9] than to the truth, yet an R1@0.5 hit
+        ((0.0, 4.0), RIGHT_BAD),  # IoU 0.4 with the truth, 0.44 with [0, 9], which is the truth's place
+        ((21.0, 29.0), WRONG),
+    ],
+)
+def test_an_action_near_the_truth_is_not_another_event(pred, outcome):
+    assert landing(pred, (0.0, 10.0), NEAR_TWINS) == outcome
+
+
 def test_diagnose_and_the_tool(charades, tmp_path, capsys):
     timelines = read_timelines([charades / "Charades_v1_test.csv"])
     rows = [

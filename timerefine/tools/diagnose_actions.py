@@ -3,8 +3,9 @@
 Every Charades-STA moment is one of its video's annotated actions (``Charades_v1_*.csv``), so a
 prediction either lands on the queried action (then its IoU with the truth says whether the
 boundaries are good, >= 0.5, or bad), on another action of the same video (the wrong event), or on
-no action at all. It lands on the action it overlaps most (IoU); an action with the queried one's
-exact interval counts as the queried one. For TimeRefine runs it also prints each step's mean
+no action at all. It lands on the action it overlaps most (IoU); an action within IoU 0.5 of the
+truth (Charades videos annotate many near-identical intervals) is the queried one's place, not another
+event, and an answer within IoU 0.5 of the truth (an R1@0.5 hit) is always on the right action. For TimeRefine runs it also prints each step's mean
 boundary error (timerefine/tools/diagnose_builtin.py). Then the same by the moment's length (a
 share of its video): where the answers land, and how far the right-action answers' boundaries are
 from the truth at each step (frame indices, coarse -> final), which shows where refinement helps.
@@ -42,14 +43,13 @@ def landing(pred: tuple[float, float] | None, truth: tuple[float, float], action
         return UNPARSED
     if not actions:
         return NOTHING
+    if hits(segment_iou(pred, truth), GOOD_BOUNDARIES, EXACT):  # as R1@0.5
+        return RIGHT_GOOD
     intervals = [(a.start, a.end) for a in actions]
-    queried = max(intervals, key=lambda interval: segment_iou(interval, truth))
-    landed = max(intervals, key=lambda interval: (segment_iou(pred, interval), interval == queried))
+    landed = max(intervals, key=lambda interval: (segment_iou(pred, interval), segment_iou(interval, truth)))
     if segment_iou(pred, landed) == 0:
         return NOTHING
-    if landed != queried:
-        return WRONG
-    return RIGHT_GOOD if hits(segment_iou(pred, truth), GOOD_BOUNDARIES, EXACT) else RIGHT_BAD  # as R1@0.5
+    return RIGHT_BAD if hits(segment_iou(landed, truth), GOOD_BOUNDARIES, EXACT) else WRONG
 
 
 def diagnose(rows: list[dict], timelines: Mapping[str, Timeline]) -> dict[str, tuple[int, float]]:
