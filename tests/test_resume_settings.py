@@ -230,6 +230,18 @@ def test_changes_name_added_removed_and_changed_leaves():
     }
 
 
+def test_changes_tell_one_batch_from_all_of_them():
+    """Lightning reads limit_*_batches=1 as one batch and 1.0 as all: a run tested on one batch was
+    taken as finished with 1.0, and a resume could switch limit_train_batches between them."""
+    old = {"trainer": {"limit_test_batches": 1, "logger": True, "devices": [0, 1]}, "seed": 0}
+    new = {"trainer": {"limit_test_batches": 1.0, "logger": 1, "devices": [0, 1.0]}, "seed": 0}
+    assert changes(old, new) == {
+        "trainer.devices": ([0, 1], [0, 1.0]),
+        "trainer.limit_test_batches": (1, 1.0),
+        "trainer.logger": (True, 1),
+    }
+
+
 @pytest.mark.parametrize(
     ("text", "why"),
     [

@@ -25,7 +25,15 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[A
     no such key."""
     before, after = flat(old), flat(new)
     pairs = {key: (before.get(key, ABSENT), after.get(key, ABSENT)) for key in before.keys() | after.keys()}
-    return {key: pair for key, pair in sorted(pairs.items()) if pair[0] != pair[1]}
+    return {key: pair for key, pair in sorted(pairs.items()) if not same(*pair)}
+
+
+def same(old: Any, new: Any) -> bool:
+    """Equal and of one type, item by item in lists: Lightning reads ``1`` (one batch) and ``1.0``
+    (all of them) apart, and ``true`` and ``1``."""
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(same(a, b) for a, b in zip(old, new, strict=True))
+    return type(old) is type(new) and old == new
 
 
 def show(value: Any) -> str:
