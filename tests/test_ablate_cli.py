@@ -195,6 +195,10 @@ def test_runs_started_from_another_run_are_reported(tmp_path, monkeypatch, capsy
         ("K=model.refine.steps=1,2 model.refine.steps=0", "--variant K: model.refine.steps given twice"),
         ("A=model.refine.steps=1 +model.refine.steps=2", "--variant A: model.refine.steps given twice"),
         ("A=model.refine.steps='1", "--variant A: No closing quotation in"),
+        (  # was: accepted, and every seed's train.py refused it one by one
+            "A=callbacks.checkpoint.monitor=val/loss",
+            "--variant A: callbacks.checkpoint.monitor=val/loss with callbacks.checkpoint.mode=max",
+        ),
     ],
 )
 @pytest.mark.parametrize("report_only", [[], ["--report-only"]])

@@ -210,7 +210,7 @@ def test_an_lm_that_trains_whole_in_half_precision_is_refused(dtype, tmp_path):
     assert train.main([given, f"output_dir={tmp_path / 'run'}"]) == 2  # refused where a run trains
     # a run saved so before this rule still loads, to be evaluated or exported (a schema rule refused it)
     assert load_config([given]).model.lm.dtype == dtype
-    assert train.main([given, "--cfg", "job"]) == 0  # shows the config as composed
+    assert train.main([given, "--cfg", "job"]) == 2  # was 0: --cfg job checks values as a run does
     random = half_weights_trained(
         load_config([given, "model.lm.weights=random", "model.lm.name_or_path=a/b"])
     )

@@ -156,6 +156,13 @@ def test_train_py_prints_the_composed_config_and_runs_nothing(train_main, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_job_is_a_flag_only_after_cfg(train_main, tmp_path, capsys):
+    """Before: a bare ``job`` anywhere printed the config and trained nothing, exit 0."""
+    assert train_main(["job", "experiment=tiny", f"output_dir={tmp_path / 'run'}"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("config error: ") and "'job'" in err and len(err.splitlines()) == 1
+
+
 def test_train_py_refuses_an_output_dir_that_is_a_file(train_main, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("keep me\n")

@@ -32,16 +32,15 @@ from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.loggers import unlogged
 from timerefine.pipeline.outputs import print_summary, save_config, scored_weights, scores, write_metrics
 from timerefine.pipeline.previous_run import (
-    begun_so,
     carried_tokenizer,
     check_same_precision,
     check_same_settings,
     continued_checkpoint,
     finished,
+    may_train,
 )
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, trainer_state
 from timerefine.pipeline.run_identity import checkpoint_tokenizer_error
-from timerefine.pipeline.schema import training_refusal
 from timerefine.pipeline.selection import chosen_on_test
 
 log = logging.getLogger("train")
@@ -143,22 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     requeue_outside_training()  # also as timerefine-train (train.py has set it before its imports)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg", "job")]  # print the config, run nothing
-    if "--cfg" in argv and argv[argv.index("--cfg") + 1 :][:1] != ["job"]:
-        print("config error: --cfg: train.py prints the job's config only: --cfg job", file=sys.stderr)
-        return 2
+    shown = [arg for arg in argv if arg in ("--help", "-h", "--cfg")]  # print the config, run nothing
+    if "--cfg" in argv:
+        if argv[argv.index("--cfg") + 1 :][:1] != ["job"]:
+            print("config error: --cfg: train.py prints the job's config only: --cfg job", file=sys.stderr)
+            return 2
+        shown.append(argv[argv.index("--cfg") + 1])
     if multirun := {"--multirun", "-m"} & set(argv):
         print(f"config error: {multirun.pop()}: train.py runs one config; {SWEEPS}", file=sys.stderr)
         return 2
     try:
         overrides = [arg for arg in argv if arg not in shown]
         cfg = train_config(overrides)
-        if not shown and (refused := training_refusal(cfg)):  # --cfg job shows the config as composed
-            if not begun_so(cfg, refused):
-                raise ConfigError(refused)
-            rank_zero_only(log.warning)(
-                "%s (%s was begun so, and continues as it began)", refused, cfg.output_dir
-            )
+        if (begun := may_train(cfg)) and not shown:
+            rank_zero_only(log.warning)(begun)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -118,6 +118,16 @@ def check_same_settings(cfg: DictConfig, output_dir: Path, checkpoint: str | Non
             log.warning(change)
 
 
+def may_train(cfg: DictConfig) -> str | None:
+    """ConfigError for what :func:`training_refusal` refuses, unless ``output_dir`` holds a run begun so
+    (:func:`begun_so`): then the warning that it continues as it began; None when nothing is refused."""
+    if not (refused := training_refusal(cfg)):
+        return None
+    if not begun_so(cfg, refused):
+        raise ConfigError(refused)
+    return f"{refused} ({cfg.output_dir} was begun so, and continues as it began)"
+
+
 def begun_so(cfg: DictConfig, refused: str) -> bool:
     """Whether ``output_dir`` holds a run begun with the settings ``training_refusal`` now ``refused``
     (its ``config.yaml`` refused alike): begun before the rule, it continues as it began, which

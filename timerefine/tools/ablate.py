@@ -34,7 +34,7 @@ from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError, load_config, override_key
 from timerefine.pipeline.errors import INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
-from timerefine.pipeline.previous_run import continued_checkpoint, finished
+from timerefine.pipeline.previous_run import continued_checkpoint, finished, may_train
 from timerefine.pipeline.resume import CheckpointError
 from timerefine.tools.sbatch_template import expand_sweep
 
@@ -101,7 +101,7 @@ def check_grid(chosen: dict[str, list[str]], shared: list[str], out: Path) -> No
         if any(item.lstrip("+").startswith("init_from_run=") for item in given):
             continue
         try:
-            load_config(given)
+            may_train(load_config(given))
         except ConfigError as error:
             raise ValueError(f"--variant {name}: {error}") from error
 

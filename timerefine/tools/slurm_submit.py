@@ -22,8 +22,7 @@ from grounding.checks import a_writable_folder
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
-from timerefine.pipeline.previous_run import begun_so
-from timerefine.pipeline.schema import training_refusal
+from timerefine.pipeline.previous_run import may_train
 from timerefine.tools.sbatch_template import JobSpec, expand_sweep, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,10 +123,7 @@ def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
     with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
             cfg = train_config(overrides)
-            if (refused := training_refusal(cfg)) and not begun_so(
-                cfg, refused
-            ):  # train.py refuses it as the job starts
-                raise ConfigError(refused)
+            may_train(cfg)  # train.py refuses it as the job starts
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
                 accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
             strategies.append(cfg.trainer.strategy)
