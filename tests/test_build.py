@@ -3,6 +3,7 @@ video tokens per frame group, the on-policy guesses' collator, the saliency loss
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from callbacks.on_policy import OnPolicyCoarse
 from grounding.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import build_callbacks, build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
+from timerefine.pipeline.schema import training_refusal
 
 
 def test_accumulation():
@@ -66,6 +68,41 @@ def test_accumulation_follows_the_trainer_world_size(tmp_path):
         assert (
             trainer.global_step == 1 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == batches
         )
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [  # each was a traceback (TypeError, KeyError)
+        ("trainer.limit_val_batches=abc", "trainer (accelerator, devices, strategy, ...): Lightning refuses"),
+        ("trainer.devices=abc", "trainer (accelerator, devices, strategy, ...): Lightning refuses"),
+        (
+            "trainer=fsdp trainer.strategy.sharding_strategy=BOGUS",
+            "trainer.strategy.sharding_strategy=BOGUS: ",
+        ),
+    ],
+)
+def test_what_lightning_refuses_is_one_config_line(tmp_path, given, message):
+    cfg = load_config([*tiny_build_overrides(tmp_path), *given.split()])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_trainer(cfg, tmp_path, build_module(cfg, build_datamodule(cfg)))
+
+
+@pytest.mark.parametrize("batches", ["2.0", "0", "abc", "true"])
+def test_accumulation_is_a_whole_number_of_batches(tmp_path, batches):
+    """Before: 0 and abc were tracebacks, and 2.0 made validation's interval a share of an epoch."""
+    cfg = load_config([*tiny_build_overrides(tmp_path), f"+trainer.accumulate_grad_batches={batches}"])
+    assert training_refusal(cfg) == (
+        f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches}: a whole number of batches, "
+        "at least 1"
+    )
+    assert training_refusal(load_config(["+trainer.accumulate_grad_batches=2"])) is None
+
+
+def test_an_fsdp_option_nothing_takes_is_refused():
+    """Before: accepted (FSDPStrategy takes **kwargs), and FullyShardedDataParallel refused it in fit."""
+    with pytest.raises(ConfigError, match="neither FSDPStrategy nor FullyShardedDataParallel takes an arg"):
+        load_config(["trainer=fsdp", "+trainer.strategy.limit_all_gather=true"])
+    assert load_config(["trainer=fsdp", "+trainer.strategy.limit_all_gathers=true"])
 
 
 def test_accumulation_is_set_once(tmp_path):

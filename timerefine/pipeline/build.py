@@ -352,7 +352,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
             logger=build_loggers(cfg, output_dir) or False,
             plugins=plugins,
         )
-    except (MisconfigurationException, ValueError) as error:  # a device, strategy or value it cannot use
+    except (MisconfigurationException, ValueError, TypeError) as error:  # a device, strategy or value
         reason = " ".join(str(error).split())
         raise ConfigError(
             f"trainer (accelerator, devices, strategy, ...): Lightning refuses it: {reason}"

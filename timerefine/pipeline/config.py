@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from grounding.checks import SpecError
 from timerefine.pipeline.schema import register_schemas, unread_settings
@@ -82,6 +83,7 @@ PASSED_ON: dict[str, tuple[Callable, dict[str, str]]] = {
     "callbacks.early_stopping": (EarlyStopping, {}),
     "data.source.annotation_files": (lambda **splits: None, {}),  # any split name
 }
+KWARGS_PASSED_TO: dict[Callable, Callable] = {FSDPStrategy: FullyShardedDataParallel}
 
 
 def unread(base: DictConfig, key: str) -> str | None:
@@ -95,10 +97,18 @@ def unread(base: DictConfig, key: str) -> str | None:
     target, set_by_build = PASSED_ON[parent]
     if name in set_by_build:
         return f"{target.__name__}'s {name} is set from {set_by_build[name]}, so this would not be read"
-    arguments = inspect.signature(target).parameters.values()
-    if any(p.name == name or p.kind is p.VAR_KEYWORD for p in arguments):
-        return None
-    return f"not a config key and {target.__name__} takes no argument {name!r}, so nothing would read it"
+    readers: list[Callable] = [target]  # each passes the arguments it does not take on to the next
+    while (arguments := inspect.signature(readers[-1]).parameters.values()) and all(
+        p.name != name for p in arguments
+    ):
+        if not any(p.kind is p.VAR_KEYWORD for p in arguments):
+            names = [reader.__name__ for reader in readers]
+            takers = f"neither {' nor '.join(names)} takes an" if len(names) > 1 else f"{names[0]} takes no"
+            return f"not a config key and {takers} argument {name!r}, so nothing would read it"
+        if (passed_to := KWARGS_PASSED_TO.get(readers[-1])) is None:
+            return None
+        readers.append(passed_to)
+    return None
 
 
 def unread_keys(saved: DictConfig, base: DictConfig, prefix: str = "") -> list[str]:

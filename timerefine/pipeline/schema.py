@@ -312,10 +312,20 @@ def idle_projector_steps(cfg: DictConfig) -> str | None:
     return None
 
 
+def uncounted_accumulation(cfg: DictConfig) -> str | None:
+    """Why ``+trainer.accumulate_grad_batches`` is no count of batches (``2.0`` made validation's
+    interval a share of an epoch, so a run never validated)."""
+    batches = cfg.trainer.get("accumulate_grad_batches", 1)
+    if type(batches) is int and batches >= 1:
+        return None
+    return f"trainer.accumulate_grad_batches={batches}: a whole number of batches, at least 1"
+
+
 def training_refusal(cfg: DictConfig) -> str | None:
     """Why ``cfg`` may not train, by the rules checked where a run trains, not where a saved run loads
     (one trained so before a rule still evaluates); None when it may."""
-    return half_weights_trained(cfg) or wrong_way_monitor(cfg) or idle_projector_steps(cfg)
+    rules = (half_weights_trained, wrong_way_monitor, idle_projector_steps, uncounted_accumulation)
+    return next((refused for rule in rules if (refused := rule(cfg))), None)
 
 
 def unread_settings(cfg: DictConfig) -> dict[str, str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch import nn
+from torch.distributed.fsdp import ShardingStrategy
 
 from timerefine.pipeline.config import ConfigError
 
@@ -35,11 +36,16 @@ def build_strategy(spec: Any, model: nn.Module) -> str | Strategy:
             "trainer.strategy.auto_wrap=decoder_layers found no *DecoderLayer modules in the LM"
         )
     checkpointing = layers if options.pop("activation_checkpointing", False) else None
+    sharding = options.pop("sharding_strategy", "FULL_SHARD")
+    if isinstance(sharding, str) and sharding.upper() not in ShardingStrategy.__members__:
+        raise ConfigError(
+            f"trainer.strategy.sharding_strategy={sharding}: one of {', '.join(ShardingStrategy.__members__)}"
+        )
     return FSDPStrategy(
         auto_wrap_policy=layers,
         activation_checkpointing_policy=checkpointing,
         state_dict_type=options.pop("state_dict_type", "sharded"),
-        sharding_strategy=options.pop("sharding_strategy", "FULL_SHARD"),
+        sharding_strategy=sharding,
         cpu_offload=options.pop("cpu_offload", False),
         use_orig_params=True,  # LoRA / trainable token rows mix frozen and trainable parameters
         **options,
