@@ -6,9 +6,11 @@ Everything is CPU-sized (a 1-layer, 32-wide LM; 8 frames of 16-d features) and d
 from __future__ import annotations
 
 from functools import lru_cache, partial
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from datamodules.builtin import BuiltinFeatureStore, BuiltinSpec, builtin_records
 from datamodules.collate import GroundingCollator
@@ -24,7 +26,7 @@ from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LMSpec, LoraSpec, TinyLMSpec, build_language_model
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
-from lightning_modules.tokenizer import build_tokenizer
+from lightning_modules.tokenizer import build_tokenizer, train_local_tokenizer
 from lightning_modules.video_llm import VideoLLM
 
 SPEC = BuiltinSpec(num_train=48, num_val=8, num_test=8, num_frames=8, feature_dim=16, seed=0)
@@ -107,3 +109,15 @@ def module(
         OptimSpec(warmup_steps=1),
         InferenceSpec(**inference),
     )
+
+
+def pretrained_lm(folder: Path):
+    """A tiny Llama saved in ``folder`` as a pretrained LM whose tokenizer lacks the grounding tokens;
+    returns that tokenizer with them."""
+    base = train_local_tokenizer(corpus(), 300)
+    config = LlamaConfig(
+        vocab_size=len(base), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    base.save_pretrained(folder)
+    return tokenizer()

@@ -40,6 +40,7 @@ from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
 from tests import helpers
+from timerefine.inference.run_loading import load_run
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.tools.rescore import rescore
 
@@ -312,3 +313,17 @@ def test_rescoring_a_run_reproduces_its_metrics(tmp_path):
     rescored = rescore(tmp_path / "run/predictions/test.jsonl", PROTOCOLS["vtimellm"])
     for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "parse_fail"):
         assert rescored[key] == pytest.approx(metrics[f"test/{key}"], abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_a_pretrained_run_with_resized_rows_loads_where_it_evaluates(tmp_path):
+    """token_rows_init=resize (the reference recipe's) fills the new rows from torch's random state, and
+    they are frozen base weights. Before: train.py and evaluate.py seeded it, load_run (predict, export,
+    the API, the demo) did not, and refused the run as trained on other base weights."""
+    helpers.pretrained_lm(tmp_path / "llama")
+    pretrained = [f"model.lm.name_or_path={tmp_path / 'llama'}", "model.lora.enabled=true"]
+    train(tmp_path / "run", *pretrained, "model.lm.token_rows_init=resize")
+    torch.rand(7)  # whatever the caller's random state
+    before = torch.get_rng_state()
+    assert load_run(tmp_path / "run", "best").module.training is False
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left as it was

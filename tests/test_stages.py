@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import train
 from lightning_modules.grounding_module import GroundingModule
@@ -249,20 +248,9 @@ def test_a_merged_lm_in_bfloat16_does_not_train_whole(stage_a, tmp_path):
     assert half.startswith("model.lm.dtype=bfloat16 with model.lora.enabled=false: ")
 
 
-def pretrained(tmp_path: Path):
-    """A saved tiny Llama whose tokenizer lacks the grounding tokens, and that tokenizer with them."""
-    base = train_local_tokenizer(helpers.corpus(), 300)
-    config = LlamaConfig(
-        vocab_size=len(base), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    base.save_pretrained(tmp_path)
-    return helpers.tokenizer()
-
-
 def test_a_tokenizer_of_another_model_is_refused(tmp_path):
     """Before: accepted in silence, and every token id read another token's embedding row."""
-    pretrained(tmp_path / "llama")
+    helpers.pretrained_lm(tmp_path / "llama")
     train_local_tokenizer(["other words entirely", "grounding text"], 280).save_pretrained(tmp_path / "other")
     lm = [*TINY, f"model.lm.name_or_path={tmp_path / 'llama'}", "model.lora.enabled=true"]
     assert build_datamodule(load_config([*lm, f"model.lm.tokenizer={tmp_path / 'llama'}"])).codec
@@ -272,7 +260,7 @@ def test_a_tokenizer_of_another_model_is_refused(tmp_path):
 
 @pytest.mark.parametrize("init", ["mean", "resize"])
 def test_new_token_rows_start_at_the_mean_or_as_resized(tmp_path, init):
-    tokenizer = pretrained(tmp_path)
+    tokenizer = helpers.pretrained_lm(tmp_path)
     lm = build_language_model(tokenizer, LMSpec(str(tmp_path), token_rows_init=init), None)
     rows = lm.get_input_embeddings().weight
     ids = grounding_token_ids(tokenizer)
@@ -284,7 +272,7 @@ def test_new_token_rows_start_at_the_mean_or_as_resized(tmp_path, init):
 
 @pytest.mark.parametrize("train_rows", [True, False])
 def test_token_rows_train_only_when_asked(tmp_path, train_rows):
-    tokenizer = pretrained(tmp_path)
+    tokenizer = helpers.pretrained_lm(tmp_path)
     spec = LMSpec(str(tmp_path))
     lm = build_language_model(tokenizer, spec, LoraSpec(r=2), train_token_rows=train_rows)
     rows = [n for n, p in lm.named_parameters() if p.requires_grad and "trainable_tokens" in n]
@@ -303,7 +291,7 @@ def test_an_export_of_a_later_stage_needs_not_the_run_it_started_from(stage_a, t
     if lm == "tiny":
         shutil.copytree(stage_a, source)
     else:
-        pretrained(tmp_path / "llama")
+        helpers.pretrained_lm(tmp_path / "llama")
         given = ["model.lora.enabled=true", f"model.lm.name_or_path={tmp_path / 'llama'}"]
         assert train.main([*TINY, *given, f"output_dir={source}"]) == 0
     stage_b = tmp_path / "b"
