@@ -382,11 +382,6 @@ def test_experiment_null_means_no_experiment():
     assert load_config(["experiment=null"]).trainer.max_steps == load_config([]).trainer.max_steps
 
 
-def test_a_required_group_set_to_null_is_a_config_error():
-    with pytest.raises(ConfigError, match="model=null: model needs a choice: direct, timerefine"):
-        load_config(["model=null"])
-
-
 def test_stored_features_need_a_path():
     with pytest.raises(ConfigError, match=r"data\.source\.features=folder needs feature_path"):
         load_config(["data=charades_sta", "data.source.features=folder"])

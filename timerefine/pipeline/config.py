@@ -145,6 +145,8 @@ def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str
     group = override.key_or_group.split("@")[0]
     if group not in groups and override.is_delete():
         raise ConfigError(f"~{group}: keys cannot be removed; set a value instead (null where allowed)")
+    if group in groups and group != "experiment" and override.is_delete():
+        raise ConfigError(f"~{group}: {group} needs a choice: {', '.join(groups[group])}")
     if group in groups and override.value() is None and not override.is_delete():
         if group != "experiment":
             raise ConfigError(f"{line}: {group} needs a choice: {', '.join(groups[group])}")
@@ -172,14 +174,23 @@ def check_overrides(base: DictConfig, overrides: list[Override], groups: dict[st
     true or false for a boolean key (OmegaConf reads 1 as true)."""
     for override in overrides:
         key = override.key_or_group
-        if key.split("@")[0] in groups:
+        if key.split("@")[0] in groups and not isinstance(override.value(), dict):  # a choice, not values
             continue
         if (override.is_add() or override.is_force_add()) and (reason := unread(base, key)):
             raise ConfigError(f"{key}: added with + but {reason}")
-        if isinstance(OmegaConf.select(base, key, default=None), bool) and not isinstance(
-            override.value(), bool
-        ):
-            raise ConfigError(f"{key}={override.value()}: must be true or false")
+        if not_boolean := _not_boolean(base, key, override.value()):
+            raise ConfigError(f"{not_boolean}: must be true or false")
+
+
+def _not_boolean(base: DictConfig, key: str, value: object) -> str | None:
+    """``key=value`` of the first boolean key of ``base`` that ``value`` (a mapping: its keys, nested)
+    sets to something other than true or false; None when there is none."""
+    if isinstance(value, dict):
+        return next(
+            (bad for name, v in value.items() if (bad := _not_boolean(base, f"{key}.{name}", v))), None
+        )
+    is_boolean = isinstance(OmegaConf.select(base, key, default=None), bool)
+    return f"{key}={value}" if is_boolean and not isinstance(value, bool) else None
 
 
 def spec_errors(node: DictConfig, at: str = "") -> list[str]:
