@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import (
@@ -371,3 +372,12 @@ def test_scaling_reference_is_the_default_run():
     default of before, after the default became 4)."""
     cfg = load_config([])
     assert (cfg.model.projector.frames_per_token, cfg.model.refine.steps) == scaling.DEFAULT
+
+
+def test_the_class_reader_keeps_evidence_at_the_first_and_last_frame():
+    """The moving average repeats the end frames: zeros beyond them would halve a one-frame action there."""
+    times = np.arange(10.0)
+    for frame in (0, 9):
+        evidence = np.zeros(10)
+        evidence[frame] = 1.0
+        assert action_trace_calibration.decode(evidence, times) == (times[frame], times[frame])
