@@ -17,6 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTINUES = "the same command with output_dir={} continues it"  # the default output_dir is a new folder
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN = [
     "experiment=tiny",
@@ -75,7 +76,7 @@ def test_sigterm_stops_ddp_ranks_together_and_the_run_resumes_exactly(tmp_path, 
     returncode, err = terminated(output_dir, delay)
     last = output_dir / "checkpoints" / "last.ckpt"
     assert returncode == 128 + 15, err[-4000:]
-    line = f"stopped by SIGTERM: {last} is the resume point; the same command continues it"
+    line = f"stopped by SIGTERM: {last} is the resume point; {CONTINUES.format(output_dir)}"
     assert err.count("stopped by SIGTERM") == 1 and line in err, err[-4000:]
     assert not (output_dir / "metrics.json").exists()
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTINUES = "the same command with output_dir={} continues it"  # the default output_dir is a new folder
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 MAX_STEPS, STEPS_PER_EPOCH = 24, 7
 RUN = [
@@ -164,7 +165,7 @@ def test_stopped_inside_a_step_or_its_validation_the_run_resumes_exactly(
     last = output_dir / "checkpoints" / "last.ckpt"
     how = "interrupted (Ctrl-C)" if sent == signal.SIGINT else "stopped by SIGTERM"
     where = f"{last} is the resume point" if resume_step else "no checkpoint yet; the run starts over"
-    assert stopped.stderr.strip().splitlines()[-1] == f"{how}: {where}; the same command continues it"
+    assert stopped.stderr.strip().splitlines()[-1] == f"{how}: {where}; {CONTINUES.format(output_dir)}"
     saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"] if last.exists() else None
     assert saved == resume_step
     assert ("resuming from" in finish(output_dir).stderr) == (resume_step is not None)
@@ -200,7 +201,7 @@ def test_sigterm_keeps_the_progress_in_last_ckpt_alone_and_says_the_run_did_not_
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + 15
     assert err.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM: {last} is the resume point; the same command continues it"
+        f"stopped by SIGTERM: {last} is the resume point; {CONTINUES.format(output_dir)}"
     )
     assert sorted(p.name for p in last.parent.iterdir() if not p.name.startswith("best")) == ["last.ckpt"]
     assert not (output_dir / "metrics.json").exists()

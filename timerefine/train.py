@@ -134,7 +134,8 @@ def stopped(cfg: DictConfig, how: str, code: int) -> int:
     """``code``, once rank zero has said how the run stopped and where it continues from."""
     last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
     where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
-    rank_zero_only(print)(f"{how}: {where}; the same command continues it", file=sys.stderr)
+    again = f"the same command with output_dir={cfg.output_dir} continues it"  # the default is a new folder
+    rank_zero_only(print)(f"{how}: {where}; {again}", file=sys.stderr)
     return code
 
 
