@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from callbacks.best_checkpoint import BestCheckpoint
-from timerefine.pipeline.best_checkpoint import recorded_best
+from timerefine import train
+from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, recorded_best
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -148,3 +149,15 @@ def test_a_replaced_best_waits_for_the_last_checkpoint_that_records_its_replacem
     best.remove_replaced(trainer)
     assert not (tmp_path / "best-step8.ckpt").exists()
     assert best.state_key.startswith("ModelCheckpoint{")  # where earlier checkpoints saved its state
+
+
+def test_a_run_that_ended_before_validating_is_tested_and_answered_on_its_last_weights(tmp_path, capsys):
+    """Before: evaluate --ckpt best, predict, the demo, export and the API refused a finished run whose
+    only validation came after its last step ('records no best checkpoint (no validation yet?)')."""
+    run = tmp_path / "run"
+    assert train.main(["experiment=tiny", "trainer.max_steps=3", f"output_dir={run}"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["checkpoint"] == "final weights"
+    assert checkpoint_path(run, "best") == run / "checkpoints" / "last.ckpt"
+    (run / "metrics.json").unlink()  # not finished: no weights were tested, so none is the best
+    with pytest.raises(NoBestCheckpoint, match="it has not validated yet"):
+        checkpoint_path(run, "best")

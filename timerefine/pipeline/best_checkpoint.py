@@ -4,6 +4,7 @@ checked to fit the model they are loaded into and to be finite."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -137,13 +138,28 @@ def recorded_best(checkpoint_dir: Path) -> Path:
     if state is None or state.get("monitor", "") is None:  # no monitor: tested on its final weights
         return newest
     best = state.get("best_model_path", "")
+    if not best and tested_final_weights(checkpoint_dir.parent, states[newest]["global_step"]):
+        return newest  # it ended before a validation chose one, and was tested on these weights
     if not best:
-        raise NoBestCheckpoint(f"{newest} records no best checkpoint (no validation yet?); try --ckpt last")
+        raise NoBestCheckpoint(
+            f"{newest} records no best checkpoint (it has not validated yet); use the last one (--ckpt last)"
+        )
     best, saved_in = Path(best), Path(state.get("dirpath") or Path(best).parent)
     path = checkpoint_dir / best.relative_to(saved_in) if best.is_relative_to(saved_in) else best
     if not path.exists():
         raise FileNotFoundError(f"{newest} records {path} as the best checkpoint, but it is gone")
     return path
+
+
+def tested_final_weights(run_dir: Path, step: int) -> bool:
+    """Whether ``run_dir``'s ``metrics.json`` says it was tested on its final weights, at ``step``."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):  # unfinished, or not readable: the caller's error says what is missing
+        return False
+    if not isinstance(metrics, dict):
+        return False
+    return (metrics.get("checkpoint"), metrics.get("checkpoint/step")) == ("final weights", step)
 
 
 def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
