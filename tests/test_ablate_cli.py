@@ -214,6 +214,21 @@ def test_a_grid_point_that_does_not_load_is_refused_before_any_run(
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
 
 
+@pytest.mark.parametrize(
+    ("shared", "message"),
+    [  # before: "--variant direct: trainer.foo: ...", and Hydra's lexer message for --report-only
+        (["trainer.foo=1"], "after --: trainer.foo: Key 'foo' not in 'TrainerConfig'"),
+        (["--report-only"], "after --: --report-only: the tool's options go before --; after it, overrides"),
+    ],
+)
+def test_a_mistake_after_the_dashes_is_not_blamed_on_a_variant(monkeypatch, capsys, shared, message):
+    monkeypatch.setattr(ablate, "run_train", no_run)
+    argv = ["--out", "abl", "--variant", "direct=model=direct", "--variant", "K1=model.refine.steps=1"]
+    assert ablate.main([*argv, "--", *TINY, *shared]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
 def test_a_key_given_twice_after_the_separator_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(ablate, "run_train", no_run)
     assert (

@@ -52,6 +52,14 @@ def check_not_owned(overrides: list[str], where: str) -> None:
             raise ValueError(f"{where}: {item} is set by the tool for each run; use {OWNED[key]}")
 
 
+def check_no_options(overrides: list[str]) -> None:
+    """ValueError for an option of this tool given after ``--``, where it would be read as an override."""
+    if options := [item for item in overrides if item.startswith("-")]:
+        raise ValueError(
+            f"after --: {' '.join(options)}: the tool's options go before --; after it, overrides"
+        )
+
+
 def check_keys_once(overrides: list[str], where: str) -> None:
     """ValueError naming ``where`` for a key given twice, whose last value would silently win."""
     keys = [override_key(item) for item in overrides]
@@ -97,13 +105,21 @@ def check_grid(chosen: dict[str, list[str]], shared: list[str], out: Path) -> No
     refuse each of its runs, one by one); a variant started from another run (``init_from_run``,
     which may be an earlier variant's) is left to train.py."""
     for name, overrides in chosen.items():
-        given = run_overrides(shared, overrides, 0, out / name / "seed0")
-        if any(item.lstrip("+").startswith("init_from_run=") for item in given):
+        if any(item.lstrip("+").startswith("init_from_run=") for item in [*shared, *overrides]):
             continue
-        try:
-            may_train(load_config(given))
-        except ConfigError as error:
-            raise ValueError(f"--variant {name}: {error}") from error
+        if error := grid_error(shared, overrides, out / name):
+            where = "after --" if error == grid_error(shared, [], out) else f"--variant {name}"
+            raise ValueError(f"{where}: {error}")
+
+
+def grid_error(shared: list[str], overrides: list[str], folder: Path) -> str | None:
+    """Why the config of ``shared`` and ``overrides`` (run in ``folder``) does not load or may not
+    train, the same for the variant named and for the shared overrides alone; None when it may."""
+    try:
+        may_train(load_config(run_overrides(shared, overrides, 0, folder / "seed0")))
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def same_settings(chosen: dict[str, list[str]]) -> list[str]:
@@ -235,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = variants(args.variant)
         if not chosen:
             raise ValueError("--variant: none given; the report holds the variants x seeds given")
+        check_no_options(args.shared)
         check_not_owned(args.shared, "after --")
         check_keys_once(args.shared, "after --")
         if twice := sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1}):
