@@ -3,10 +3,11 @@
 Every Charades-STA moment is one of its video's annotated actions (``Charades_v1_*.csv``), so a
 prediction either lands on the queried action (then its IoU with the truth says whether the
 boundaries are good, >= 0.5, or bad), on another action of the same video (the wrong event), or on
-no action at all. It lands on the action it overlaps most (IoU); an action within IoU 0.5 of the
-truth (Charades videos annotate many near-identical intervals) is the queried one's place, not another
-event, and an answer within IoU 0.5 of the truth (an R1@0.5 hit) is always on the right action. For TimeRefine runs it also prints each step's mean
-boundary error (timerefine/tools/diagnose_builtin.py). Then the same by the moment's length (a
+no action at all. It lands on the action it overlaps most (IoU); an action with IoU >= 0.5 with the
+truth (Charades videos annotate many near-identical intervals) is the queried one's place, not
+another event, and an answer with IoU >= 0.5 with the truth (an R1@0.5 hit) is always on the right
+action. For TimeRefine runs it also prints each step's mean boundary error
+(timerefine/tools/diagnose_builtin.py). Then the same by the moment's length (a
 share of its video): where the answers land, and how far the right-action answers' boundaries are
 from the truth at each step (frame indices, coarse -> final), which shows where refinement helps.
 
