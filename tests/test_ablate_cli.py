@@ -195,10 +195,6 @@ def test_runs_started_from_another_run_are_reported(tmp_path, monkeypatch, capsy
         ("K=model.refine.steps=1,2 model.refine.steps=0", "--variant K: model.refine.steps given twice"),
         ("A=model.refine.steps=1 +model.refine.steps=2", "--variant A: model.refine.steps given twice"),
         ("A=model.refine.steps='1", "--variant A: No closing quotation in"),
-        (  # was: accepted, and every seed's train.py refused it one by one
-            "A=callbacks.checkpoint.monitor=val/loss",
-            "--variant A: callbacks.checkpoint.monitor=val/loss with callbacks.checkpoint.mode=max",
-        ),
     ],
 )
 @pytest.mark.parametrize("report_only", [[], ["--report-only"]])
@@ -212,6 +208,24 @@ def test_a_grid_point_that_does_not_load_is_refused_before_any_run(
     assert ablate.main([*argv, *report_only, "--", *TINY]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+def test_training_rules_judge_the_runs_the_grid_would_train(monkeypatch, capsys, tmp_path):
+    """Before: accepted, and every seed's train.py refused it one by one. Review: judged against seed0's
+    folder whatever --seeds said, and for --report-only, which trains nothing."""
+    recorded = []
+    monkeypatch.setattr(ablate, "run_train", lambda command: recorded.append(command) or 1)
+    monitor = "callbacks.checkpoint.monitor=val/loss"
+    argv = ["--out", str(tmp_path), "--seeds", "1", "--variant", f"A={monitor}"]
+    assert ablate.main([*argv, "--", *TINY]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --variant A: {monitor} with callbacks.checkpoint.mode=max"
+    )
+    assert ablate.main([*argv, "--report-only", "--", *TINY]) == 1 and not recorded  # no run finished
+    begun = tmp_path / "A" / "seed1"  # a run begun so before the rule continues as it began
+    begun.mkdir(parents=True)
+    OmegaConf.save(load_config([*TINY, monitor, "seed=1", f"output_dir={begun}"]), begun / "config.yaml")
+    assert ablate.main([*argv, "--", *TINY]) == 1 and len(recorded) == 1  # its train.py ran (and failed)
 
 
 @pytest.mark.parametrize(

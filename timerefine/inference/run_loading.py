@@ -124,8 +124,8 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
     source = ShapeOnlySource(cfg.data.name, cfg.data.source.num_frames, cfg.data.source.feature_dim)
     try:
         datamodule = build_datamodule(cfg, tokenizer_dir, source)
-        with torch.random.fork_rng(devices=[]):  # seeded as train.py and evaluate.py build it: rows that
-            torch.manual_seed(cfg.seed)  # resizing adds (token_rows_init=resize) are frozen base weights
+        with torch.random.fork_rng(devices=[]):  # seeded as train.py and evaluate.py build it (on the CPU):
+            torch.default_generator.manual_seed(cfg.seed)  # token_rows_init=resize's rows are frozen weights
             return build_module(cfg, datamodule).eval(), datamodule.collator
     except INPUT_ERRORS as err:  # the tokenizer, the LM's file (moved, damaged), released weights
         raise InputError(str(err)) from err

@@ -100,23 +100,27 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
     return result
 
 
-def check_grid(chosen: dict[str, list[str]], shared: list[str], out: Path) -> None:
-    """ValueError naming the variant whose config does not compose or check (as train.py would
-    refuse each of its runs, one by one); a variant started from another run (``init_from_run``,
-    which may be an earlier variant's) is left to train.py."""
+def check_grid(chosen: dict[str, list[str]], shared: list[str], out: Path, seeds: list[int] | None) -> None:
+    """ValueError naming the variant whose config does not compose or check, or, for the ``seeds``
+    to train (None: a report, which trains none), may not train (as train.py would refuse each of its
+    runs, one by one); a variant started from another run (``init_from_run``, which may be an earlier
+    variant's) is left to train.py."""
     for name, overrides in chosen.items():
         if any(item.lstrip("+").startswith("init_from_run=") for item in [*shared, *overrides]):
             continue
-        if error := grid_error(shared, overrides, out / name):
-            where = "after --" if error == grid_error(shared, [], out) else f"--variant {name}"
+        if error := grid_error(shared, overrides, out / name, seeds):
+            where = "after --" if error == grid_error(shared, [], out, seeds) else f"--variant {name}"
             raise ValueError(f"{where}: {error}")
 
 
-def grid_error(shared: list[str], overrides: list[str], folder: Path) -> str | None:
-    """Why the config of ``shared`` and ``overrides`` (run in ``folder``) does not load or may not
-    train, the same for the variant named and for the shared overrides alone; None when it may."""
+def grid_error(shared: list[str], overrides: list[str], folder: Path, seeds: list[int] | None) -> str | None:
+    """Why the config of ``shared`` and ``overrides`` does not load, or may not train in ``folder``'s
+    run of one of ``seeds`` (a run begun so continues); None when it may."""
     try:
-        may_train(load_config(run_overrides(shared, overrides, 0, folder / "seed0")))
+        for seed in seeds or [0]:
+            cfg = load_config(run_overrides(shared, overrides, seed, folder / f"seed{seed}"))
+            if seeds is not None:
+                may_train(cfg)
     except ConfigError as error:
         return str(error)
     return None
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         check_keys_once(args.shared, "after --")
         if twice := sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1}):
             raise ValueError(f"--seeds: {', '.join(map(str, twice))} given twice")
-        check_grid(chosen, args.shared, args.out)
+        check_grid(chosen, args.shared, args.out, None if args.report_only else args.seeds)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
