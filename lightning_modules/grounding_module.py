@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ from lightning_modules.video_llm import VideoLLM
 from lightning_modules.weighted_mean import WeightedMean
 
 PRECISION = "trainer_precision"  # the checkpoint's entry: the precision its steps were trained in
+
+
+# val/ and test/ scores are torchmetrics results, their states summed over the processes before
+# compute(): Lightning's advice to average them again across devices (sync_dist) is not for them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/")
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,11 @@ TINY = [
 ]
 
 
-def _run(*args: str) -> None:
+def _run(*args: str) -> str:
+    """The command's stderr, once it has succeeded."""
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stderr
 
 
 def _predictions(path: Path) -> list[dict]:
@@ -59,7 +61,7 @@ def test_ddp_evaluation_matches_single_process(tmp_path: Path) -> None:
         f"output_dir={run}",
     )
     _run("evaluate.py", str(run), "--ckpt", "last", "--name", "single")
-    _run(
+    said = _run(
         "evaluate.py",
         str(run),
         "--ckpt",
@@ -69,6 +71,7 @@ def test_ddp_evaluation_matches_single_process(tmp_path: Path) -> None:
         "trainer.devices=2",
         "trainer.strategy=ddp",
     )
+    assert "sync_dist=True" not in said  # before: 12 lines advising it for scores summed over processes
 
     single = json.loads((run / "eval/single/metrics.json").read_text())
     ddp = json.loads((run / "eval/ddp/metrics.json").read_text())
