@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import lightning as L
 import pytest
@@ -16,6 +17,7 @@ from timerefine.pipeline.batch_limits import empty_loops
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.selection import chosen_on_test
+from timerefine.train import folder_override
 
 
 @pytest.fixture
@@ -289,3 +291,12 @@ def test_a_train_split_smaller_than_the_process_count_is_one_line():
     assert list(empty_loops(trainer, datamodule, ("train",))) == [
         "the train split's 2 queries leave some of the 3 processes none"
     ]
+
+
+@pytest.mark.parametrize(
+    "folder", ["runs/2026-12-07_00-01-02", "abl/K[model.refine.steps=1]/seed0", "a b,c/it's"]
+)
+def test_the_folder_a_stopped_run_names_reaches_hydra_as_it_is(folder):
+    """Review: printed bare, an ablation's K[model.refine.steps=1] folder was an override Hydra refused."""
+    (given,) = shlex.split(folder_override(folder))  # as a shell passes it
+    assert load_config([given]).output_dir == folder

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -134,9 +136,18 @@ def stopped(cfg: DictConfig, how: str, code: int) -> int:
     """``code``, once rank zero has said how the run stopped and where it continues from."""
     last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
     where = f"{last} is the resume point" if last.exists() else "no checkpoint yet; the run starts over"
-    again = f"the same command with output_dir={cfg.output_dir} continues it"  # the default is a new folder
+    again = f"the same command with {folder_override(cfg.output_dir)} continues it"  # the default: a new one
     rank_zero_only(print)(f"{how}: {where}; {again}", file=sys.stderr)
     return code
+
+
+def folder_override(output_dir: str) -> str:
+    """``output_dir=<output_dir>`` as a shell passes it to Hydra: quoted for both where the folder holds
+    more than letters, digits and ``_.:/-`` (timerefine-ablate's ``K[model.refine.steps=1]``)."""
+    if re.fullmatch(r"[\w.:/-]+", output_dir):
+        return f"output_dir={output_dir}"
+    hydra_quoted = output_dir.replace("'", "\\'")  # as timerefine-ablate passes its run folders
+    return shlex.quote(f"output_dir='{hydra_quoted}'")
 
 
 def main(argv: list[str] | None = None) -> int:
