@@ -255,7 +255,7 @@ def test_a_run_begun_before_the_monitor_rule_continues_as_it_began(tmp_path, mon
         f"output_dir={tmp_path / 'run'}",
     ]
     with monkeypatch.context() as before_the_rule:
-        before_the_rule.setattr("timerefine.train.training_refusal", lambda cfg: None)
+        before_the_rule.setattr("timerefine.pipeline.previous_run.training_refusal", lambda cfg: None)
         assert train.main([*given, "trainer.max_steps=2"]) == 0
     with caplog.at_level(logging.WARNING):
         assert train.main([*given, "trainer.max_steps=4"]) == 0

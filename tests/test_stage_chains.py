@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import train
 from tests import helpers
-from tests.test_stages import TINY, built, pretrained
+from tests.test_stages import TINY, built
 from timerefine.inference.grounder import Grounder
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("chain")
-    pretrained(root / "llama")
+    helpers.pretrained_lm(root / "llama")
     runs = {name: root / name for name in "abc"}
     lora = [
         "model.lora.enabled=true",

@@ -11,8 +11,9 @@ import torch
 
 import train
 from lightning_modules.trainable import TOKEN_ROWS
+from tests import helpers
 from tests.test_stage_chains import lm_logits
-from tests.test_stages import TINY, built, pretrained
+from tests.test_stages import TINY, built
 from timerefine.inference.grounder import Grounder
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.init_from_run import train_config
@@ -25,7 +26,7 @@ NO_ROWS = "model.trainable.token_rows=false"
 def start(tmp_path_factory) -> Path:
     """A LoRA run on a pretrained LM that trained its token rows (the default)."""
     root = tmp_path_factory.mktemp("rows")
-    pretrained(root / "llama")
+    helpers.pretrained_lm(root / "llama")
     lora = ["model.lora.enabled=true", f"model.lm.name_or_path={root / 'llama'}"]
     assert train.main([*TINY, *lora, f"output_dir={root / 'a'}"]) == 0
     return root / "a"
