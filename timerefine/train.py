@@ -27,7 +27,7 @@ from timerefine.pipeline.baselines import baseline_scores
 from timerefine.pipeline.batch_limits import empty_loops, partial_accumulation
 from timerefine.pipeline.best_checkpoint import check_readable_best, check_resumed_best
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
-from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, idle_settings
+from timerefine.pipeline.config import SWEEPS, ConfigError, group_options, idle_settings, quoted
 from timerefine.pipeline.conventions import recorded_conventions
 from timerefine.pipeline.errors import INPUT_ERRORS, INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
@@ -146,8 +146,7 @@ def folder_override(output_dir: str) -> str:
     more than letters, digits and ``_.:/-`` (timerefine-ablate's ``K[model.refine.steps=1]``)."""
     if re.fullmatch(r"[\w.:/-]+", output_dir):
         return f"output_dir={output_dir}"
-    hydra_quoted = output_dir.replace("'", "\\'")  # as timerefine-ablate passes its run folders
-    return shlex.quote(f"output_dir='{hydra_quoted}'")
+    return shlex.quote(f"output_dir={quoted(output_dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from callbacks.last_checkpoint import relocated
+from timerefine.pipeline.outputs import scored_weights
 from timerefine.pipeline.resume import CheckpointError, read_checkpoint, trainer_state
 from timerefine.pipeline.run_identity import checkpoint_identity_error, checkpoint_tokenizer_error
 
@@ -157,9 +158,8 @@ def tested_final_weights(run_dir: Path, step: int) -> bool:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):  # unfinished, or not readable: the caller's error says what is missing
         return False
-    if not isinstance(metrics, dict):
-        return False
-    return (metrics.get("checkpoint"), metrics.get("checkpoint/step")) == ("final weights", step)
+    final = scored_weights(None, run_dir, step)  # what a run tested on its final weights records
+    return isinstance(metrics, dict) and all(metrics.get(key) == value for key, value in final.items())
 
 
 def checkpoint_path(run_dir: Path, ckpt: str) -> Path:

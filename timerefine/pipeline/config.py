@@ -154,6 +154,12 @@ def _checked(line: str, override: Override, groups: dict[str, list[str]]) -> str
     return line
 
 
+def quoted(value: str) -> str:
+    """``value`` as one quoted Hydra override value, whatever it holds (``[``, ``=``, ``,``, ``'``)."""
+    escaped = value.replace("'", "\\'")
+    return f"'{escaped}'"
+
+
 def override_key(override: str) -> str:
     """The key an override sets, adds or removes: ``a.b`` of ``+a.b=1`` and ``~a.b``."""
     return override.partition("=")[0].lstrip("+~")

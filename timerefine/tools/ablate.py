@@ -31,7 +31,7 @@ from pathlib import Path
 
 from timerefine.pipeline.ablation import HEADLINE, markdown_table, plot, run_row, summarize, write_csv
 from timerefine.pipeline.arguments import OneLineParser
-from timerefine.pipeline.config import ConfigError, load_config, override_key
+from timerefine.pipeline.config import ConfigError, load_config, override_key, quoted
 from timerefine.pipeline.errors import INTERRUPTED, STOPPED_BY_SIGTERM
 from timerefine.pipeline.init_from_run import train_config
 from timerefine.pipeline.previous_run import continued_checkpoint, finished, may_train
@@ -139,8 +139,7 @@ def same_settings(chosen: dict[str, list[str]]) -> list[str]:
 def run_overrides(shared: list[str], overrides: list[str], seed: int, run_dir: Path) -> list[str]:
     """One run's overrides; its folder quoted for Hydra, since a comma-list label holds ``[``, ``=``
     and ``]``."""
-    folder = str(run_dir).replace("'", "\\'")
-    return [*shared, *overrides, f"seed={seed}", f"output_dir='{folder}'"]
+    return [*shared, *overrides, f"seed={seed}", f"output_dir={quoted(str(run_dir))}"]
 
 
 def done(overrides: list[str], run_dir: Path) -> bool:
