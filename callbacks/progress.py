@@ -8,7 +8,8 @@ last 4 characters (``oard`` of ``tensorboard``), which says nothing here.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
@@ -51,3 +52,12 @@ class StepTQDMProgressBar(WithoutVersion, TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.train_progress_bar.set_description(train_description(trainer), refresh=False)
         super().on_train_batch_end(trainer, *args)
+
+
+def progress_bar(kind: str, stdout: TextIO = sys.stdout) -> ProgressBar | None:
+    """The bar ``callbacks.progress_bar`` names; ``auto`` is Rich on a terminal and tqdm otherwise, since
+    Rich draws nothing into a file (a SLURM ``.out``, ``> log``) until the run ends."""
+    if kind == "auto":
+        kind = "rich" if stdout.isatty() else "tqdm"
+    bars = {"rich": StepRichProgressBar, "tqdm": StepTQDMProgressBar}
+    return bars[kind]() if kind in bars else None

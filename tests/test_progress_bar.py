@@ -3,12 +3,15 @@ and shows the logged metrics without the loggers' version (``v_num``)."""
 
 from __future__ import annotations
 
+import io
+
 import lightning as L
 import pytest
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import OmegaConf
 
+from callbacks.progress import progress_bar
 from timerefine.pipeline.build import build_callbacks, build_loggers
 from timerefine.pipeline.config import load_config
 
@@ -81,3 +84,20 @@ def test_progress_bar_shows_the_losses_without_the_version(kind, tmp_path):
     )
     trainer.fit(LossOnBar())
     assert set(bar.get_metrics(trainer, trainer.lightning_module)) == {"train/loss"}
+
+
+class Stream(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize(("terminal", "expected"), [(True, RichProgressBar), (False, TQDMProgressBar)])
+def test_the_default_bar_is_rich_on_a_terminal_and_tqdm_in_a_log(terminal, expected):
+    # Rich writes nothing into a file or a SLURM .out until the run ends; tqdm does.
+    assert load_config([]).callbacks.progress_bar == "auto"
+    assert isinstance(progress_bar("auto", Stream(terminal)), expected)
+    assert progress_bar("none", Stream(terminal)) is None

@@ -23,7 +23,7 @@ from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.lightning_compat import TrainLoaderAfterRestore, check_lightning_internals
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
-from callbacks.progress import StepRichProgressBar, StepTQDMProgressBar
+from callbacks.progress import progress_bar
 from callbacks.refinement_trace import RefinementTrace
 from callbacks.rng_state import RandomState
 from callbacks.slurm_requeue import SlurmRequeue
@@ -267,9 +267,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, schedule: RefineSchedule)
         callbacks.append(
             OnPolicyCoarse(OmegaConf.to_object(cfg.model.refine.on_policy), cfg.data.eval_batch_size)
         )
-    bars = {"rich": StepRichProgressBar, "tqdm": StepTQDMProgressBar}
-    if cfg.trainer.enable_progress_bar and spec.progress_bar in bars:
-        callbacks.append(bars[spec.progress_bar]())
+    bar = progress_bar(spec.progress_bar) if cfg.trainer.enable_progress_bar else None
+    callbacks.extend([bar] if bar else [])
     if cfg.logger.csv:
         callbacks.append(CSVResume())
     if spec.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):

@@ -212,7 +212,7 @@ class CheckpointConfig(Checked):
 @dataclass
 class CallbacksConfig(Checked):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    progress_bar: str = checked("rich", one_of("rich", "tqdm", "none"))
+    progress_bar: str = checked("auto", one_of("auto", "rich", "tqdm", "none"))
     lr_monitor: bool = True
     early_stopping: Any = checked(None, optional(early_stopping_args))
     refinement_trace: int = checked(6, integer(0))
