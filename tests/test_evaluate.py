@@ -202,6 +202,14 @@ def test_bad_overrides_are_config_errors(config_only, capsys, override, key):
     assert sorted(p.name for p in config_only.iterdir()) == ["config.yaml"]
 
 
+@pytest.mark.parametrize("override", ["data=builtin", "+data=builtin", "experiment=tiny", "model@x=direct"])
+def test_a_config_group_is_refused_with_advice_that_works(config_only, capsys, override):
+    """Before: Hydra's 'To append to your default list use +data=builtin', which is refused in turn."""
+    assert evaluate.main([str(config_only), override]) == 2
+    line = one_error_line(capsys, f"config error: {override}: ")
+    assert "keys, not config groups" in line and "use +" not in line
+
+
 def test_a_saved_config_with_keys_nothing_reads_is_refused(config_only, capsys):
     saved = OmegaConf.load(config_only / "config.yaml")
     OmegaConf.set_struct(saved, False)

@@ -317,7 +317,14 @@ def saved_config(path: Path) -> DictConfig:
 
 def composed_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     """A run's saved ``config.yaml`` completed by :func:`with_schema_defaults`, with ``overrides``
-    composed as by :func:`composed_config` (their values' rules not yet checked)."""
+    composed as by :func:`composed_config` (their values' rules not yet checked). A config group
+    (``data=charades_sta``) is refused: the saved config has no defaults list to choose from."""
+    groups = group_options()
+    if chosen := [o for o in overrides if override_key(o).split("@")[0] in groups]:
+        raise ConfigError(
+            f"{chosen[0]}: a run's saved config takes keys, not config groups (a group would redo what "
+            "the run was made of); set the keys that differ, e.g. data.source.root=..."
+        )
     ConfigStore.instance().store(
         name="saved_run", node=with_schema_defaults(saved_config(run_dir / "config.yaml"))
     )
