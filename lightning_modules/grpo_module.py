@@ -153,13 +153,15 @@ class GRPOModule(GroundingModule):
             layout_automaton(self.codec.slots(), self.codec.end_id) if grpo.constrained else None
         )
         self._markers = set(self.tokenizer.convert_tokens_to_ids([OFFSET, RETHINK]))
-        if grpo.disable_dropout:
-            without_dropout(self.model)
 
     def keep_reference(self) -> None:
-        """Freeze a copy of the model as it is now as the KL's reference (none when beta is 0), the
-        aux head with ``aux=freeze``, and the saliency head: no GRPO loss reaches it, and DDP (without
-        the cost of ``find_unused_parameters``) needs every trainable parameter to get a gradient."""
+        """Turn the policy's dropout off with ``disable_dropout`` (here, as ``init_from_run`` may have
+        added adapters, each with its dropout), then freeze a copy of the model as it is now as the KL's
+        reference (none when beta is 0), the aux head with ``aux=freeze``, and the saliency head: no GRPO
+        loss reaches it, and DDP (without the cost of ``find_unused_parameters``) needs every trainable
+        parameter to get a gradient."""
+        if self.grpo.disable_dropout:
+            without_dropout(self.model)
         self._reference = [copy.deepcopy(self.model).eval().requires_grad_(False)] if self.grpo.beta else []
         self._reference_digest = None
         frozen = [self.model.saliency_head] + [self.model.aux_head] * (self.grpo.aux == "freeze")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 import train
 from tests import helpers
@@ -95,3 +96,12 @@ def test_a_chain_without_its_first_run_says_which(chain, tmp_path, capsys):
     assert c_line == (
         f"config error: init_from_run={c}: init_from_run={chain['b']}: init_from_run={chain['a']}: {gone}"
     )
+
+
+def test_a_grpo_stage_turns_off_the_dropout_of_the_adapters_it_adds(chain):
+    """Before (review): ``grpo.disable_dropout`` ran before ``init_from_run`` added B's new adapters
+    (``model.lora.inherited=merge``), whose dropout then differed between sampling, scoring and the KL."""
+    grpo = ["experiment=grpo", *TINY[1:], "data.batch_size=4", "grpo.G=4", "model.lora.dropout=0.5"]
+    policy = built([*grpo, f"init_from_run={chain['a']}", "model.lora.inherited=merge"]).model
+    assert any("lora_dropout" in name for name, _ in policy.named_modules())  # new adapters were added
+    assert [name for name, m in policy.named_modules() if isinstance(m, nn.Dropout) and m.p > 0] == []
