@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,15 @@ def without_dropout(model: nn.Module) -> None:
         for name, value in vars(module).items():
             if name.endswith("dropout") and isinstance(value, float):
                 setattr(module, name, 0.0)
+
+
+def cast_like(reference: nn.Module, model: nn.Module) -> None:
+    """``reference``'s weights and buffers in the dtypes of ``model``'s, name by name: a ``*-true`` precision
+    casts the policy, not its KL reference, which no module holds."""
+    dtypes = {name: t.dtype for name, t in chain(model.named_parameters(), model.named_buffers())}
+    for name, tensor in chain(reference.named_parameters(), reference.named_buffers()):
+        if name in dtypes and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtypes[name])
 
 
 def choices_made(automaton: list[dict[int, int]], answer: list[int]) -> list[tuple[int, list[int]]]:
@@ -206,8 +216,9 @@ class GRPOModule(GroundingModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        self.reference_digest()  # of the weights it started from, before the cast a resume compares with
         for reference in self._reference:
-            reference.to(self.device)
+            cast_like(reference.to(self.device), self.model)
 
     # ---- the rollout ------------------------------------------------------------------------------
     @torch.no_grad()

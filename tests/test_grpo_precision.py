@@ -1,5 +1,6 @@
 """GRPO under fp16's loss scaling (``trainer.precision=16-mixed``, the choice on GPUs without bf16):
-its manual optimisation clips the gradients Lightning has unscaled."""
+its manual optimisation clips the gradients Lightning has unscaled; under ``bf16-true`` its KL reference
+is cast as the policy is."""
 
 from __future__ import annotations
 
@@ -48,3 +49,34 @@ def test_gradients_are_clipped_once_the_loss_scale_is_undone():
     )
     trainer.fit(module, DataLoader([helpers.batch(n=4, start=s) for s in (0, 4)], batch_size=None))
     assert norms.norms == pytest.approx([limit, limit], rel=1e-3)
+
+
+class FirstKL(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.kl = float(trainer.callback_metrics["train/kl"])
+
+
+def test_under_true_precision_the_reference_is_in_the_policys_dtype():
+    """Before (review): the reference stayed float32 against a bfloat16 policy, so the first KL, between
+    two copies of one model, was 6e-8 (rounding), not 0, and the reference took twice the policy's memory."""
+    base = helpers.module()
+    module = GRPOModule(
+        base.model, base.codec, 1.0, OptimSpec(warmup_steps=1), InferenceSpec(), grpo=GRPOSpec(G=4)
+    )
+    module.keep_reference()
+    digest, first = module.reference_digest(), FirstKL()
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision="bf16-true",
+        callbacks=[first],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader([helpers.batch(n=4)], batch_size=None))
+    reference = module._reference[0]
+    assert {t.dtype for t in reference.parameters()} == {torch.bfloat16}
+    assert first.kl == 0.0
+    assert module.reference_digest() == digest  # a resume compares the weights it started from
