@@ -56,9 +56,12 @@ class SlurmRequeue(StepBoundaryStop, Checkpoint):
             signal.signal(self.signum, self._outside)
 
     def stop(self, trainer: L.Trainer) -> None:
-        """Every rank saves the HPC checkpoint; rank 0 requeues the job."""
+        """Every rank saves the HPC checkpoint; rank 0 removes the earlier ones and requeues the job."""
         path = next_hpc_checkpoint(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)
+        for earlier in hpc_checkpoints(path.parent).values():  # a whole checkpoint per requeue, else
+            if earlier != path:
+                trainer.strategy.remove_checkpoint(earlier)  # rank 0
         failure = requeue_failure(slurm_job_id()) if trainer.is_global_zero else None
         failure = trainer.strategy.broadcast(failure, src=0)  # every rank exits alike
         self.stopped = StoppedForRequeue(0 if failure is None else 1)

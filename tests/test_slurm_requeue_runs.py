@@ -120,6 +120,19 @@ def test_requeued_run_resumes_to_the_uninterrupted_runs_end(tmp_path, uninterrup
     assert rows == expected_rows
 
 
+@pytest.mark.slow
+def test_a_second_requeue_keeps_only_the_newest_hpc_checkpoint(tmp_path, uninterrupted):
+    """Before (review): every requeue left a whole hpc_ckpt_<n>.ckpt behind, model and optimizer."""
+    output_dir, env = tmp_path / "run", slurm_env(tmp_path, 0)
+    for step in (4, 8):
+        stopped = train(output_dir, env, "-c", SIGNALLED_RUN, str(step), str(int(signal.SIGUSR1)))
+        assert stopped.returncode == 0, stopped.stderr[-4000:]
+    assert [path.name for path in output_dir.glob("hpc_ckpt_*")] == ["hpc_ckpt_2.ckpt"]
+    resumed = train(output_dir, env, "train.py")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert outcome(output_dir) == outcome(uninterrupted)
+
+
 # Sends SIGUSR1 to the run itself before its fit (as its data is read), at its end (after the last step
 # boundary) or after it (in its final validation).
 OUTSIDE_TRAINING = """
