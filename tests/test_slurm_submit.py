@@ -258,6 +258,7 @@ def test_folders_the_job_cannot_write_are_refused_before_it_queues(
 
 def test_submit_parses_job_id(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, "sbatch", f'cat > {tmp_path}/stdin; echo "Submitted batch job 1234"')
+    (tmp_path / "train.py").touch()  # the job's workdir
     cmd = [
         sys.executable,
         "-m",
@@ -280,6 +281,7 @@ def test_a_job_sbatch_refuses_is_one_line(tmp_path: Path) -> None:
     refusal = 'echo "sbatch: error: invalid partition specified: nope" >&2'
     failed = 'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2'
     env = fake_bin(tmp_path, "sbatch", f"{refusal}; {failed}; exit 1")
+    (tmp_path / "train.py").touch()
     cmd = [sys.executable, "-m", "timerefine.tools.slurm_submit", "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 2

@@ -52,6 +52,19 @@ class JobSpec:
         return self.gpus_per_node if self.gpus_per_node > 0 else self.tasks_per_node
 
 
+# sbatch options the tool renders from its own flags: given through --extra-sbatch, they would leave the
+# script and the Trainer overrides at odds (or the run directory and logs elsewhere than the tool says).
+OWNED_OPTIONS = {
+    "--nodes": "--nodes", "-N": "--nodes", "--ntasks": "--nodes/--gpus-per-node/--tasks-per-node",
+    "-n": "--nodes/--gpus-per-node/--tasks-per-node", "--ntasks-per-node": "--gpus-per-node/--tasks-per-node",
+    "--gres": "--gpus-per-node", "--gpus": "--gpus-per-node", "-G": "--gpus-per-node",
+    "--gpus-per-node": "--gpus-per-node", "--gpus-per-task": "--gpus-per-node",
+    "--cpus-per-task": "--cpus-per-task", "-c": "--cpus-per-task", "--array": "a sweep (a,b in an override)",
+    "-a": "a sweep (a,b in an override)", "--chdir": "--workdir", "-D": "--workdir", "--output": "--log-dir",
+    "-o": "--log-dir", "--error": "--log-dir", "-e": "--log-dir", "--job-name": "--job-name",
+    "-J": "--job-name", "--signal": "--signal", "--requeue": "--no-requeue", "--no-requeue": "--no-requeue",
+    "--open-mode": "nothing: the tool appends, so a requeued job's log goes on",
+}  # fmt: skip
 SIGNAL_RESOLUTION = 60  # seconds: SLURM may send --signal this much earlier than asked (man sbatch)
 
 
@@ -142,13 +155,30 @@ def validate(spec: JobSpec) -> None:
                 f"{SIGNAL_RESOLUTION} s early), which --time {spec.time} does not exceed: the job would "
                 "be requeued before it trains"
             )
+    for line in spec.extra_sbatch:
+        option = re.split(r"[=\s]", line.removeprefix("#SBATCH").strip(), maxsplit=1)[0]
+        if option in OWNED_OPTIONS:
+            raise ValueError(
+                f"--extra-sbatch {line!r}: {option} is rendered by the tool, with the Trainer settings that "
+                f"go with it; use {OWNED_OPTIONS[option]}"
+            )
+    for flag, path in (("workdir", spec.workdir), ("log-dir", spec.log_dir), ("runs-dir", spec.runs_dir)):
+        if path and ('"' in path or "\n" in path):
+            raise ValueError(f"--{flag} {path!r}: a path with a double quote or a line break")
     for item in spec.overrides:
         if item.partition("=")[0].lstrip("+~") in RESERVED_KEYS:
             raise ValueError(
                 f"{item!r} is set by the tool; use --nodes/--gpus-per-node/--tasks-per-node/"
                 "--runs-dir instead"
             )
-    expand_sweep(spec.overrides)
+    if len(expand_sweep(spec.overrides)) == 1 and spec.max_parallel is not None:
+        raise ValueError("--max-parallel limits the tasks of a sweep (a job array); this job has one run")
+
+
+def _directive(option: str, value: object) -> str:
+    """``#SBATCH --option=value``, the value in double quotes where it holds a space (sbatch splits it)."""
+    text = str(value)
+    return f'#SBATCH --{option}="{text}"' if re.search(r"\s", text) else f"#SBATCH --{option}={text}"
 
 
 def _trainer_overrides(spec: JobSpec, ddp: bool) -> list[str]:
@@ -186,7 +216,7 @@ def render_sbatch(spec: JobSpec, strategies: list[object]) -> str:
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={spec.job_name}",
-        *([f"#SBATCH --chdir={spec.workdir}"] if spec.workdir else []),
+        *([_directive("chdir", spec.workdir)] if spec.workdir else []),
         f"#SBATCH --nodes={spec.nodes}",
         f"#SBATCH --ntasks-per-node={spec.devices}",
         f"#SBATCH --cpus-per-task={spec.cpus_per_task}",
@@ -204,8 +234,8 @@ def render_sbatch(spec: JobSpec, strategies: list[object]) -> str:
     lines += [
         "#SBATCH --requeue" if spec.requeue else "#SBATCH --no-requeue",
         "#SBATCH --open-mode=append",
-        f"#SBATCH --output={log}.out",
-        f"#SBATCH --error={log}.err",
+        _directive("output", f"{log}.out"),
+        _directive("error", f"{log}.err"),
     ]
     if is_array:
         limit = f"%{spec.max_parallel}" if spec.max_parallel else ""
@@ -220,11 +250,9 @@ def render_sbatch(spec: JobSpec, strategies: list[object]) -> str:
     else:
         lines.append(_bash_array("OVERRIDES", runs[0]))
     # Derived from the job id only, so a requeued job writes to (and resumes from) the same directory.
-    run_dir = (
-        f"{spec.runs_dir}/{spec.job_name}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
-    )
+    job = '"${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"'
     lines += [
-        f'RUN_DIR="{run_dir}"',
+        f"RUN_DIR={shlex.quote(f'{spec.runs_dir}/{spec.job_name}')}/{job}",  # the path as typed, unexpanded
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname): $RUN_DIR ${OVERRIDES[*]}"',
         f'srun --kill-on-bad-exit=1 {shlex.quote(spec.python)} train.py "${{OVERRIDES[@]}}" \\',
         f'  output_dir="$RUN_DIR" {" ".join(_trainer_overrides(spec, all(ddp)))}',

@@ -117,13 +117,20 @@ def submit(script: str, spec: JobSpec) -> str:
 
 def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
     """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it from ``folder``
-    (``--workdir``, where the job runs, so relative paths are the job's), and
-    ``data.global_batch_size`` split by the job's processes; ConfigError or ValueError if not."""
+    (``--workdir``, where the job runs, so relative paths are the job's), ``data.global_batch_size`` split
+    by the job's processes, and a ``resume`` a requeue can keep; ConfigError or ValueError if not."""
     strategies = []
     with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
             cfg = train_config(overrides)
             may_train(cfg)  # train.py refuses it as the job starts
+            if spec.requeue and cfg.resume is None:
+                raise ConfigError(
+                    "resume=null: a requeued job continues from the checkpoints it wrote, which "
+                    "resume=null refuses; keep resume=auto (or a checkpoint), or give --no-requeue"
+                )
+            if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+                raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
                 accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
             strategies.append(cfg.trainer.strategy)
@@ -149,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             f"note: --workdir {args.workdir} is no folder here: paths were checked from {Path.cwd()}",
             file=sys.stderr,
         )
+    elif not (Path(folder) / "train.py").is_file() and not args.dry_run:
+        print(
+            f"error: --workdir {folder}: no train.py there (the job runs python train.py in it)",
+            file=sys.stderr,
+        )
+        return 2
     try:  # a mistake found now, not after the job has queued
         script = render_sbatch(spec, composed_strategies(spec, folder))
     except (ConfigError, ValueError) as err:

@@ -1,0 +1,86 @@
+"""What timerefine-slurm-submit refuses before anything queues, found by running real jobs (review): a
+resume a requeue fails on or that does not exist, sbatch options that would contradict the Trainer's, paths sbatch or the
+shell would split, a --workdir without train.py, --max-parallel without a sweep."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.test_slurm_submit import render, sbatch_lines
+from timerefine.tools import slurm_submit
+from timerefine.tools.slurm_submit import JobSpec
+
+DRY = ["--dry-run", "--", "experiment=tiny"]
+
+
+def refused(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """The one error line ``argv`` gets (exit status 2, nothing on stdout; argparse's usage aside)."""
+    try:
+        status = slurm_submit.main(argv)
+    except SystemExit as exit:  # parser.error, for a mistake in the tool's own flags
+        status = exit.code
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if not line.startswith(("usage:", " "))]
+    assert status == 2 and captured.out == "" and len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_resume_null_is_refused_for_a_requeued_job(capsys):
+    """Before: queued, and the requeued job failed at once: its run folder held the checkpoints it wrote.
+    (A checkpoint path is kept: a restart continues from the run's own later checkpoint.)"""
+    line = refused(capsys, [*DRY, "resume=null"])
+    assert line.startswith("config error: resume=null: a requeued job continues") and "--no-requeue" in line
+
+
+def test_a_resume_path_must_exist(capsys):
+    assert slurm_submit.main(["--no-requeue", *DRY, "resume=null"]) == 0
+    capsys.readouterr()
+    line = refused(capsys, [*DRY, "resume=missing.ckpt"])
+    assert line == "config error: resume=missing.ckpt: no such checkpoint file"
+
+
+@pytest.mark.parametrize(
+    ("extra", "instead"),
+    [("--ntasks-per-node=3", "--gpus-per-node/--tasks-per-node"), ("#SBATCH -N 3", "--nodes"),
+     ("--array=0-3", "a sweep"), ("--chdir /x", "--workdir")],
+)  # fmt: skip
+def test_extra_sbatch_cannot_set_what_the_tool_renders(capsys, extra, instead):
+    """Before: --extra-sbatch=--ntasks-per-node=3 queued 3 tasks with trainer.devices=1."""
+    line = refused(capsys, [f"--extra-sbatch={extra}", *DRY])
+    assert "is rendered by the tool" in line and f"; use {instead}" in line
+
+
+def test_paths_with_spaces_are_quoted_as_sbatch_and_bash_read_them(tmp_path):
+    """Before: ``#SBATCH --chdir=/tmp/my dir``, which sbatch refuses (``Invalid directive ...: dir``), and
+    ``RUN_DIR="<runs-dir>/..."``, which broke on a double quote and expanded ``$HOME`` unchecked."""
+    spec = JobSpec(workdir="/w/my dir", log_dir="slurm logs", runs_dir="$HOME/my runs", time="5")
+    script = render(spec)
+    assert {'#SBATCH --chdir="/w/my dir"', '#SBATCH --output="slurm logs/%x-%j.out"'} <= set(
+        sbatch_lines(script)
+    )
+    run_dir = next(line for line in script.splitlines() if line.startswith("RUN_DIR="))
+    shown = subprocess.run(
+        ["bash", "-c", f'{run_dir}; echo "$RUN_DIR"'],
+        env={"SLURM_JOB_ID": "42", "HOME": "/home/me"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout == "$HOME/my runs/timerefine/42_0\n"  # as typed, as the tool checked it
+
+
+def test_a_path_with_a_double_quote_is_refused(capsys):
+    assert refused(capsys, ["--log-dir", 'a"b', *DRY]).endswith("a path with a double quote or a line break")
+
+
+def test_a_workdir_without_train_py_is_refused_before_submitting(tmp_path, capsys):
+    """Before: queued, then failed with python: can't open file '<workdir>/train.py'."""
+    line = refused(capsys, ["--workdir", str(tmp_path), "--", "experiment=tiny"])
+    assert line == f"error: --workdir {tmp_path}: no train.py there (the job runs python train.py in it)"
+
+
+def test_max_parallel_needs_a_sweep(capsys):
+    assert "limits the tasks of a sweep" in refused(capsys, ["--max-parallel", "2", *DRY])
+    assert slurm_submit.main(["--max-parallel", "2", *DRY, "seed=1,2,3"]) == 0
