@@ -6,7 +6,8 @@ path, the last one final) and the query's record (and a ``bonus`` that only ``re
 - ``iou``: the final segment's IoU (TimeZero).
 - ``time_r1``: IoU x (1 - |Δstart| / T) x (1 - |Δend| / T), T the video's duration (Time-R1).
 - ``refine_gain``: the final IoU plus ``bonus`` for each refinement step whose IoU is higher than the
-  step before (the chain is rewarded for refining, not only for its last answer).
+  step before (the chain is rewarded for refining, not only for its last answer). It pays for a poor
+  first segment that is then corrected, more than for one right from the start (docs/grpo.md).
 - ``format``: 1 when the answer parsed into every segment its layout has, else 0 (free decoding).
 """
 

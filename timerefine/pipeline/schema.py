@@ -259,6 +259,13 @@ class RunConfig(Checked):
         for key, value in steps.items():
             if value % self.grpo.num_iterations:
                 yield f"{key}={value} must be a multiple of grpo.num_iterations={self.grpo.num_iterations} (steps per rollout)"
+        no_signal = "so every answer of a group gets the same reward and no advantage is other than 0"
+        if self.grpo.temperature == 0:
+            yield f"grpo.temperature=0 samples greedily: a group's answers are one answer, {no_signal}"
+        if set(self.grpo.reward) == {"format"} and self.grpo.constrained:
+            yield (
+                f"grpo.reward=[format] with grpo.constrained=true: every constrained answer parses, {no_signal}"
+            )
 
 
 def half_weights_trained(cfg: DictConfig) -> str | None:
@@ -351,6 +358,8 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
         unread |= {f"model.refine.on_policy.{key}": direct for key in model.refine.on_policy}
     if not cfg.grpo.enabled:
         unread |= {f"grpo.{key}": "GRPO is off (grpo.enabled=false)" for key in cfg.grpo if key != "enabled"}
+    elif "gradient_clip_algorithm" in cfg.trainer:
+        unread["trainer.gradient_clip_algorithm"] = "GRPO clips the gradient norm (trainer.gradient_clip_val)"
     return unread
 
 
