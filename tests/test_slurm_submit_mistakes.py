@@ -84,3 +84,12 @@ def test_a_workdir_without_train_py_is_refused_before_submitting(tmp_path, capsy
 def test_max_parallel_needs_a_sweep(capsys):
     assert "limits the tasks of a sweep" in refused(capsys, ["--max-parallel", "2", *DRY])
     assert slurm_submit.main(["--max-parallel", "2", *DRY, "seed=1,2,3"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("sweep", "refusal"),
+    [(["seed=1,1"], "repeats a value"), (["seed=1,2", "seed=3,4"], "seed is given more than once")],
+)
+def test_a_sweep_of_runs_that_would_be_the_same_is_refused(capsys, sweep, refusal):
+    """Before: seed=1,2 seed=3,4 queued 4 tasks, two by two the same (the last seed counts)."""
+    assert refusal in refused(capsys, [*DRY, *sweep])

@@ -102,6 +102,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         values = _split_top_level(value)
         if len(values) > 1 and any(not v.strip() for v in values):
             raise ValueError(f"empty value in sweep {item!r}")
+        if len(values) > 1 and len(set(values)) < len(values):
+            raise ValueError(f"sweep {item!r} repeats a value: its runs would be the same")
+        if len(values) > 1 and sum(o.partition("=")[0] == key for o in overrides) > 1:
+            raise ValueError(f"sweep {item!r}: {key} is given more than once, and only the last one counts")
         choices.append([f"{key}={v}" for v in values])
     return [list(combo) for combo in itertools.product(*choices)]
 
