@@ -294,3 +294,24 @@ def test_a_pairs_video_that_is_empty_or_a_folder_is_named_by_its_line(video_run,
     found = tmp_path / video if video else tmp_path
     expected = f'error: {pairs}:1: "video" {video!r}: {found}: a folder, not a file'
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_a_pairs_file_refuses_an_unreadable_video_before_encoding_any(
+    video_run, tmp_path, capsys, monkeypatch
+):
+    """Before (review): the videos before it were encoded and answered, then all was lost to one error
+    naming the video, not its line."""
+    cut = truncated_copy(video_run.videos / "vid_red_a.mp4", tmp_path / "cut.mp4", keep=1 / 2)
+    lines = [
+        {"video": str(video_run.videos / "vid_blue_a.mp4"), "query": "a"},
+        {"video": str(cut), "query": "b"},
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    encoded, encode = [], grounder_module.encode_video
+    monkeypatch.setattr(
+        grounder_module, "encode_video", lambda *args: encoded.append(args[0]) or encode(*args)
+    )
+    assert predict_main([str(pairs), "--run", str(video_run.run_dir)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {pairs}:2: {cut}: ")
+    assert encoded == []

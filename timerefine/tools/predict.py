@@ -90,7 +90,7 @@ def read_pairs(path: Path) -> list[Request]:
         if seconds is None and video.suffix.lower() in FEATURE_SUFFIXES:
             raise InputError(f'{where}: "duration" is needed with a feature file, which holds no time')
         video = video if video.is_absolute() else path.parent / video
-        try:  # named by its line here: an unreadable one is named by its file later
+        try:
             found = video.exists()
         except (OSError, ValueError) as err:  # a name too long, a NUL byte
             raise InputError(f"{where}: {video}: not a file name here ({err})") from err
@@ -98,12 +98,14 @@ def read_pairs(path: Path) -> list[Request]:
             raise InputError(f"{where}: {video}: no such file")
         if video.is_dir():  # "" is the .jsonl's own folder
             raise InputError(f'{where}: "video" {row["video"]!r}: {video}: a folder, not a file')
-        is_video = video.suffix.lower() not in FEATURE_SUFFIXES
-        if (
-            seconds is not None
-            and is_video
-            and not durations_agree(seconds, own := probe_video(video).duration)
-        ):
+        if video.suffix.lower() in FEATURE_SUFFIXES:
+            requests.append(Request(video, query, seconds, where))
+            continue
+        try:  # every video's header now, so that a bad one stops the run before any is encoded
+            own = probe_video(video).duration
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from err
+        if seconds is not None and not durations_agree(seconds, own):
             raise InputError(
                 f'{where}: "duration" {seconds:g}: {video} lasts {own:.2f} s (leave "duration" out to use '
                 "the video's own)"
