@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from timerefine.inference.video_features import EncoderSpec, InputError
 from timerefine.tools.export import main as export_main
 from timerefine.tools.predict import main as predict_main
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # the session's tiny video run (trained once, ~15 s)
 
 
@@ -315,3 +319,23 @@ def test_a_pairs_file_refuses_an_unreadable_video_before_encoding_any(
     assert predict_main([str(pairs), "--run", str(video_run.run_dir)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {pairs}:2: {cut}: ")
     assert encoded == []
+
+
+@pytest.mark.parametrize("reader", ["closed pipe", "full disk"])
+def test_answers_that_cannot_be_written_end_without_a_traceback(video_run, reader):
+    """Before (review): a BrokenPipeError traceback under ``| head`` and an OSError one on a full disk."""
+    features = next(video_run.features.glob("*.npy"))
+    command = [sys.executable, "predict.py", str(features), "--run", str(video_run.run_dir), "--json"]
+    command += ["--duration", "20", "--query", "a red square"]
+    if reader == "full disk":
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+        assert (done.returncode, done.stderr.splitlines()[-1]) == (
+            1,
+            "error: writing the answers to stdout: [Errno 28] No space left on device",
+        )
+        return
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone before the answers come
+    assert process.wait(timeout=300) == 141
+    assert "Traceback" not in process.stderr.read()

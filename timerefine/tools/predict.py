@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -262,11 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json:  # one object per line
-        rows = [json.dumps({"video": str(video), **answer.as_json()}) for video, answer in results]
-        print("[\n" + ",\n".join(rows) + "\n]")
-    else:
-        print_table(results)
+    try:
+        if args.json:  # one object per line
+            rows = [json.dumps({"video": str(video), **answer.as_json()}) for video, answer in results]
+            print("[\n" + ",\n".join(rows) + "\n]", flush=True)
+        else:
+            print_table(results)
+            sys.stdout.flush()
+    except BrokenPipeError:  # a reader that stopped early (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit, too
+        return 141  # as a shell reports a process that SIGPIPE ended
+    except OSError as err:  # a full disk
+        print(f"error: writing the answers to stdout: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
