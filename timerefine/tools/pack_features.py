@@ -73,6 +73,10 @@ def pack_folder(
         raise FileExistsError(f"{reason}; pack into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; pack into a new folder")
+    try:  # here, so that a folder that cannot be made is one line, not the packing child's traceback
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FileExistsError(f"{dst}: cannot be made ({error.strerror})") from error
     store, report = FolderFeatureStore(src, num_frames, feature_dim), PackReport()
     for video_id in store.video_ids():
         try:
@@ -140,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {args.dst} is incomplete; delete it before packing again", file=sys.stderr)
         return INTERRUPTED
+    except RuntimeError as error:  # the packing child's (a full disk, say), its message above
+        print(f"error: {error}; {args.dst} is incomplete: delete it before packing again", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"packed {len(report.packed)} videos, {len(report.bad)} bad files left out")
