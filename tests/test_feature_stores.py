@@ -155,6 +155,7 @@ def test_upper_case_suffixes_and_broken_links_are_listed(folder, tmp_path):
     assert "vid_e" in report.packed and list(report.bad) == ["vid_f"]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # before (review): numpy's overflow warning came first
 def test_features_beyond_the_packed_dtype_are_left_out(folder, tmp_path):
     """Before: 1e5 became inf in float16; the store packed it, reported no bad file, and failed to load."""
     np.save(folder / "vid_big.npy", np.full((4, D), 1e5, np.float32))

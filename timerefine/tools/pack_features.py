@@ -43,8 +43,9 @@ class PackReport:
 
 def out_of_range(features: np.ndarray, dtype: str) -> str | None:
     """Why ``features`` cannot be stored as ``dtype`` (a value would become inf); None when they can."""
-    if np.isfinite(features.astype(dtype)).all():
-        return None
+    with np.errstate(over="ignore"):  # the overflow is the answer, not a warning
+        if np.isfinite(features.astype(dtype)).all():
+            return None
     largest, limit = float(np.abs(features).max()), float(np.finfo(dtype).max)
     return f"beyond {dtype}'s range (largest |value| {largest:.0e} > {limit:g})"
 
