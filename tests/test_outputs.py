@@ -58,6 +58,16 @@ def test_the_parse_warning_says_what_parsed_only_does(tmp_path, capsys):
     assert "IoU 0" not in out
 
 
+def test_the_parse_warning_says_when_the_aux_head_answers(tmp_path, capsys):
+    """Before (review): 'each counts as IoU 0' under model.inference.final=aux, which scored them."""
+    print_summary({"test/mIoU": 24.3, "test/parse_fail": 100.0}, tmp_path, final="aux")
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "100 % of the test answers could not be parsed; model.inference.final=aux answers those that "
+        "reached an <OFFSET>, the others count as IoU 0"
+    ) in out
+
+
 def test_the_run_directory_is_printed_verbatim(tmp_path, capsys):
     """Before: Rich read ``[model.refine.steps=2]`` (an ablation variant's folder) as markup and
     printed a folder that does not exist."""

@@ -76,7 +76,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
             shutil.rmtree(output_dir / "logs")
         save_config(cfg, output_dir)  # what was evaluated: the run's config with the overrides given
         write_metrics(metrics, output_dir)
-        print_summary(metrics, output_dir)
+        print_summary(metrics, output_dir, cfg.model.inference.final)
     return metrics
 
 

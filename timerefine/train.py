@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
-        print_summary(metrics, output_dir)
+        print_summary(metrics, output_dir, cfg.model.inference.final)
         if on_test:
             log.warning(on_test)  # again, beside the scores it concerns
     return metrics

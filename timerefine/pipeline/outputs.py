@@ -65,7 +65,9 @@ def write_metrics(metrics: dict[str, float], output_dir: Path) -> Path:
     return path
 
 
-def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
+def print_summary(metrics: dict[str, float], output_dir: Path, final: str = "last") -> None:
+    """The scores table, then warnings; ``final``: ``model.inference.final``, which says whether the aux
+    head answers what the text leaves unparsed."""
     table = Table(title="Temporal grounding results (%)")
     table.add_column("split")
     columns = (*HEADLINE, "parse_fail", "coverage")
@@ -78,7 +80,12 @@ def print_summary(metrics: dict[str, float], output_dir: Path) -> None:
     console = Console(markup=False)  # a path or a message may hold brackets: [model.refine.steps=2]
     console.print(table)
     protocol = PROTOCOLS.get(str(metrics.get("eval/protocol")))
-    scored = "each is left out of the scores" if protocol and protocol.parsed_only else "each counts as IoU 0"
+    scored = "each counts as IoU 0"
+    if protocol and protocol.parsed_only:
+        scored = "each is left out of the scores"
+    elif final != "last":
+        aux = f"model.inference.final={final} answers those that reached an <OFFSET>"
+        scored = f"{aux}, the others count as IoU 0"
     for split in SPLITS:
         if failed := metrics.get(f"{split}/parse_fail"):
             console.print(
