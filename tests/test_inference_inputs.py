@@ -339,3 +339,14 @@ def test_answers_that_cannot_be_written_end_without_a_traceback(video_run, reade
     process.stdout.close()  # the reader is gone before the answers come
     assert process.wait(timeout=300) == 141
     assert "Traceback" not in process.stderr.read()
+
+
+def test_a_json_input_is_told_that_pairs_are_jsonl(video_run, tmp_path, capsys):
+    """Before (review): read as a video, 'pairs.json: not a readable video (InvalidDataError ...)'."""
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"video": "a.mp4", "query": "q"}]))
+    assert predict_main([str(pairs), "--run", str(video_run.run_dir)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f'error: {pairs}: a pairs file is .jsonl, one {{"video", "query"}} object per line\n'
+    )

@@ -120,6 +120,8 @@ def read_pairs(path: Path) -> list[Request]:
 def requests_of(args: argparse.Namespace) -> list[Request]:
     if "=" in str(args.input) and not args.input.exists():
         raise InputError(f"{args.input}: an override before the input; give the input first, overrides last")
+    if args.input.suffix.lower() == ".json":
+        raise InputError(f'{args.input}: a pairs file is .jsonl, one {{"video", "query"}} object per line')
     if args.input.suffix.lower() == ".jsonl":
         if args.query or args.duration is not None:
             given = "--query" if args.query else "--duration"
