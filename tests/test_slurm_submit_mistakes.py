@@ -1,6 +1,7 @@
 """What timerefine-slurm-submit refuses before anything queues, found by running real jobs (review): a
-resume a requeue fails on or that does not exist, sbatch options that would contradict the Trainer's, paths sbatch or the
-shell would split, a --workdir without train.py, --max-parallel without a sweep."""
+resume a requeue fails on or that does not exist, sbatch options that would contradict the Trainer's,
+paths sbatch or the shell would split, a --workdir without train.py, --max-parallel without a sweep, a
+sweep of identical runs."""
 
 from __future__ import annotations
 

@@ -263,9 +263,8 @@ class RunConfig(Checked):
         if self.grpo.temperature == 0:
             yield f"grpo.temperature=0 samples greedily: a group's answers are one answer, {no_signal}"
         if set(self.grpo.reward) == {"format"} and self.grpo.constrained:
-            yield (
-                f"grpo.reward=[format] with grpo.constrained=true: every constrained answer parses, {no_signal}"
-            )
+            constrained = "grpo.reward=[format] with grpo.constrained=true: every constrained answer parses"
+            yield f"{constrained}, {no_signal}"
 
 
 def half_weights_trained(cfg: DictConfig) -> str | None:
