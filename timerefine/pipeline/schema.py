@@ -259,12 +259,6 @@ class RunConfig(Checked):
         for key, value in steps.items():
             if value % self.grpo.num_iterations:
                 yield f"{key}={value} must be a multiple of grpo.num_iterations={self.grpo.num_iterations} (steps per rollout)"
-        no_signal = "so every answer of a group gets the same reward and no advantage is other than 0"
-        if self.grpo.temperature == 0:
-            yield f"grpo.temperature=0 samples greedily: a group's answers are one answer, {no_signal}"
-        if set(self.grpo.reward) == {"format"} and self.grpo.constrained:
-            constrained = "grpo.reward=[format] with grpo.constrained=true: every constrained answer parses"
-            yield f"{constrained}, {no_signal}"
 
 
 def half_weights_trained(cfg: DictConfig) -> str | None:
@@ -327,10 +321,26 @@ def uncounted_accumulation(cfg: DictConfig) -> str | None:
     return f"trainer.accumulate_grad_batches={batches}: a whole number of batches, at least 1"
 
 
+def no_grpo_signal(cfg: DictConfig) -> str | None:
+    """Why every GRPO group of ``cfg`` would have equal rewards, so no advantage but 0; None otherwise."""
+    grpo, same = cfg.grpo, "so every answer of a group gets the same reward and no advantage is other than 0"
+    if grpo.enabled and grpo.temperature == 0:
+        return f"grpo.temperature=0 samples greedily: a group's answers are one answer, {same}"
+    if grpo.enabled and set(grpo.reward) == {"format"} and grpo.constrained:
+        return f"grpo.reward=[format] with grpo.constrained=true: every constrained answer parses, {same}"
+    return None
+
+
 def training_refusal(cfg: DictConfig) -> str | None:
     """Why ``cfg`` may not train, by the rules checked where a run trains, not where a saved run loads
     (one trained so before a rule still evaluates); None when it may."""
-    rules = (half_weights_trained, wrong_way_monitor, idle_projector_steps, uncounted_accumulation)
+    rules = (
+        half_weights_trained,
+        wrong_way_monitor,
+        idle_projector_steps,
+        uncounted_accumulation,
+        no_grpo_signal,
+    )
     return next((refused for rule in rules if (refused := rule(cfg))), None)
 
 
