@@ -13,6 +13,7 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.slurm_requeue import hpc_checkpoints
 from lightning_modules.grounding_module import PRECISION
 from lightning_modules.tokenizer import TokenizerError, tokenizer_from_files
 from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, with_schema_defaults
@@ -284,7 +285,11 @@ def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
     point (``resume=auto``'s) where ``resume`` names another checkpoint and that point is at a later
     step: a run started there from ``resume`` and was stopped since, and the same command continues it
     instead of training the steps since again; another ``output_dir`` starts from ``resume`` anew. An
-    own resume point that cannot be read is passed over with a warning: ``resume`` is the way past it."""
+    own resume point that cannot be read is passed over with a warning: ``resume`` is the way past it.
+    An HPC checkpoint of ``output_dir`` that a later requeue removed is read as ``resume=auto``."""
+    if resume not in (None, "auto") and removed_by_requeue(Path(resume), output_dir):
+        log.info("resume=%s: a later requeue of this run replaced it: continuing from the newest", resume)
+        resume = "auto"
     checkpoint = resume_checkpoint(resume, output_dir)
     if checkpoint is None or resume == "auto" or own_resume_point(checkpoint, output_dir):
         return checkpoint
@@ -305,6 +310,13 @@ def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
         resume,
     )
     return own
+
+
+def removed_by_requeue(checkpoint: Path, output_dir: Path) -> bool:
+    """Whether ``checkpoint`` is a missing HPC checkpoint of ``output_dir``, which holds a newer one: a
+    requeue removes the earlier ones once it has saved its own (callbacks/slurm_requeue.py)."""
+    own = checkpoint.parent.resolve() == output_dir.resolve() and checkpoint.name.startswith("hpc_ckpt_")
+    return own and not checkpoint.exists() and bool(hpc_checkpoints(output_dir))
 
 
 def step_of(checkpoint: str, output_dir: Path) -> int:
