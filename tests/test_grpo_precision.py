@@ -4,6 +4,8 @@ is cast as the policy is."""
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -64,7 +66,7 @@ def test_under_true_precision_the_reference_is_in_the_policys_dtype():
         base.model, base.codec, 1.0, OptimSpec(warmup_steps=1), InferenceSpec(), grpo=GRPOSpec(G=4)
     )
     module.keep_reference()
-    digest, first = module.reference_digest(), FirstKL()
+    digest, first = copy.deepcopy(module).reference_digest(), FirstKL()  # this module's is not cached yet
     trainer = L.Trainer(
         max_steps=1,
         accelerator="cpu",
