@@ -54,10 +54,11 @@ class StepTQDMProgressBar(WithoutVersion, TQDMProgressBar):
         super().on_train_batch_end(trainer, *args)
 
 
-def progress_bar(kind: str, stdout: TextIO = sys.stdout) -> ProgressBar | None:
-    """The bar ``callbacks.progress_bar`` names; ``auto`` is Rich on a terminal and tqdm otherwise, since
-    Rich draws nothing into a file (a SLURM ``.out``, ``> log``) until the run ends."""
+def progress_bar(kind: str, stdout: TextIO | None = None) -> ProgressBar | None:
+    """The bar ``callbacks.progress_bar`` names; ``auto`` is Rich on a terminal (``stdout``, by default
+    the process's now) and tqdm otherwise, since Rich draws nothing into a file (a SLURM ``.out``,
+    ``> log``) until the run ends."""
     if kind == "auto":
-        kind = "rich" if stdout.isatty() else "tqdm"
+        kind = "rich" if (stdout or sys.stdout).isatty() else "tqdm"
     bars = {"rich": StepRichProgressBar, "tqdm": StepTQDMProgressBar}
     return bars[kind]() if kind in bars else None

@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from tests.test_slurm_submit import render, sbatch_lines
+from tests.test_slurm_submit import fake_bin, render, sbatch_lines
 from timerefine.tools import slurm_submit
+from timerefine.tools.sbatch_template import extra_option_error
 from timerefine.tools.slurm_submit import JobSpec
 
 DRY = ["--dry-run", "--", "experiment=tiny"]
@@ -40,6 +41,8 @@ def test_a_resume_path_must_exist(capsys):
     capsys.readouterr()
     line = refused(capsys, [*DRY, "resume=missing.ckpt"])
     assert line == "config error: resume=missing.ckpt: no such checkpoint file"
+    elsewhere = ["--dry-run", "--workdir", "/cluster/proj", "--", "resume=/cluster/runs/a/hpc_ckpt_1.ckpt"]
+    assert slurm_submit.main(elsewhere) == 0  # a script for another machine, where the file may be
 
 
 @pytest.mark.parametrize(
@@ -51,6 +54,17 @@ def test_extra_sbatch_cannot_set_what_the_tool_renders(capsys, extra, instead):
     """Before: --extra-sbatch=--ntasks-per-node=3 queued 3 tasks with trainer.devices=1."""
     line = refused(capsys, [f"--extra-sbatch={extra}", *DRY])
     assert "is rendered by the tool" in line and f"; use {instead}" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "gpus", "allowed"),
+    [("--gres=gpu:a100:8", 8, True), ("--gres=gpu:a100:4", 8, False), ("--gres=lscratch:200", 8, False),
+     ("--gres=gpu:8,lscratch:1", 8, True), ("--gres=lscratch:200", 0, True), ("--gpus-per-task=1", 8, True),
+     ("--gpus-per-task=2", 8, False), ("-c4", 0, False), ("--exclusive", 0, True), ("-C h100", 8, True)],
+)  # fmt: skip
+def test_extra_sbatch_may_type_gpus_and_add_resources_that_agree(extra, gpus, allowed):
+    """Review: --gres=gpu:a100:8 (a GPU type) was refused, though it agrees with --gpus-per-node 8."""
+    assert (extra_option_error(extra, gpus) is None) == allowed
 
 
 def test_paths_with_spaces_are_quoted_as_sbatch_and_bash_read_them(tmp_path):
@@ -76,8 +90,9 @@ def test_a_path_with_a_double_quote_is_refused(capsys):
     assert refused(capsys, ["--log-dir", 'a"b', *DRY]).endswith("a path with a double quote or a line break")
 
 
-def test_a_workdir_without_train_py_is_refused_before_submitting(tmp_path, capsys):
+def test_a_workdir_without_train_py_is_refused_before_submitting(tmp_path, capsys, monkeypatch):
     """Before: queued, then failed with python: can't open file '<workdir>/train.py'."""
+    monkeypatch.setenv("PATH", fake_bin(tmp_path, "sbatch", 'echo "Submitted batch job 1"')["PATH"])
     line = refused(capsys, ["--workdir", str(tmp_path), "--", "experiment=tiny"])
     assert line == f"error: --workdir {tmp_path}: no train.py there (the job runs python train.py in it)"
 

@@ -18,6 +18,7 @@ _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(INFINITE|UNLIMITED)$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _SIGNAL_RE = re.compile(r"^(R:)?(SIG)?USR1@(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_OPTION_RE = re.compile(r"^(--[^=\s]*|-.?|)[=\s]*(.*)$")  # --x=y, --x y, -c4, -c 4: the option, its value
 DDP = "trainer.strategy=ddp"  # for a job of more than one process whose config leaves the strategy auto
 
 
@@ -57,12 +58,12 @@ class JobSpec:
 OWNED_OPTIONS = {
     "--nodes": "--nodes", "-N": "--nodes", "--ntasks": "--nodes/--gpus-per-node/--tasks-per-node",
     "-n": "--nodes/--gpus-per-node/--tasks-per-node", "--ntasks-per-node": "--gpus-per-node/--tasks-per-node",
-    "--gres": "--gpus-per-node", "--gpus": "--gpus-per-node", "-G": "--gpus-per-node",
-    "--gpus-per-node": "--gpus-per-node", "--gpus-per-task": "--gpus-per-node",
+    "--gpus": "--gpus-per-node", "-G": "--gpus-per-node", "--gpus-per-node": "--gpus-per-node",
     "--cpus-per-task": "--cpus-per-task", "-c": "--cpus-per-task", "--array": "a sweep (a,b in an override)",
     "-a": "a sweep (a,b in an override)", "--chdir": "--workdir", "-D": "--workdir", "--output": "--log-dir",
     "-o": "--log-dir", "--error": "--log-dir", "-e": "--log-dir", "--job-name": "--job-name",
-    "-J": "--job-name", "--signal": "--signal", "--requeue": "--no-requeue", "--no-requeue": "--no-requeue",
+    "-J": "--job-name", "--signal": "--signal", "--time": "--time", "-t": "--time",
+    "--requeue": "nothing: it is the default (--no-requeue turns it off)", "--no-requeue": "--no-requeue",
     "--open-mode": "nothing: the tool appends, so a requeued job's log goes on",
 }  # fmt: skip
 SIGNAL_RESOLUTION = 60  # seconds: SLURM may send --signal this much earlier than asked (man sbatch)
@@ -126,6 +127,28 @@ def _seconds(time_str: str) -> float:
     return sum(f * s for f, s in zip(fields, scale, strict=True)) or float("inf")
 
 
+def extra_option_error(text: str, gpus_per_node: int) -> str | None:
+    """Why the sbatch option ``text`` (``--x=y``, ``--x y``, ``-c4``) may not be added to the script: one
+    the tool renders, a ``--gres`` without ``--gpus-per-node``'s GPU count, ``--gpus-per-task`` other
+    than 1 (one task per GPU); None when it may."""
+    option, value = _OPTION_RE.match(text).groups()
+    if option in OWNED_OPTIONS:
+        return (
+            f"{option} is rendered by the tool, with the Trainer settings that go with it; "
+            f"use {OWNED_OPTIONS[option]}"
+        )
+    gpus = [item.split(":") for item in value.split(",") if item.split(":")[0] == "gpu"]
+    counts = [int(parts[-1]) if parts[-1].isdigit() else 1 for parts in gpus]
+    if option == "--gres" and counts != ([gpus_per_node] if gpus_per_node else []):
+        return (  # sbatch takes the last --gres
+            f"it replaces the script's --gres, so it must hold --gpus-per-node's {gpus_per_node} GPUs a node "
+            "(gpu[:type]:N), the Trainer's devices"
+        )
+    if option == "--gpus-per-task" and value != "1":
+        return "a task per GPU is what the tool renders: --gpus-per-task=1 only"
+    return None
+
+
 def validate(spec: JobSpec) -> None:
     """Raise ``ValueError`` with an actionable message for an inconsistent or malformed spec."""
     for name in ("nodes", "cpus_per_task", "tasks_per_node"):
@@ -160,12 +183,8 @@ def validate(spec: JobSpec) -> None:
                 "be requeued before it trains"
             )
     for line in spec.extra_sbatch:
-        option = re.split(r"[=\s]", line.removeprefix("#SBATCH").strip(), maxsplit=1)[0]
-        if option in OWNED_OPTIONS:
-            raise ValueError(
-                f"--extra-sbatch {line!r}: {option} is rendered by the tool, with the Trainer settings that "
-                f"go with it; use {OWNED_OPTIONS[option]}"
-            )
+        if reason := extra_option_error(line.removeprefix("#SBATCH").strip(), spec.gpus_per_node):
+            raise ValueError(f"--extra-sbatch {line!r}: {reason}")
     for flag, path in (("workdir", spec.workdir), ("log-dir", spec.log_dir), ("runs-dir", spec.runs_dir)):
         if path and ('"' in path or "\n" in path):
             raise ValueError(f"--{flag} {path!r}: a path with a double quote or a line break")

@@ -115,10 +115,11 @@ def submit(script: str, spec: JobSpec) -> str:
     return match.group(1)
 
 
-def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
+def composed_strategies(spec: JobSpec, folder: str, remote: bool = False) -> list[object]:
     """Each run's ``trainer.strategy``, its config checked as ``train.py`` checks it from ``folder``
     (``--workdir``, where the job runs, so relative paths are the job's), ``data.global_batch_size`` split
-    by the job's processes, and a ``resume`` a requeue can keep; ConfigError or ValueError if not."""
+    by the job's processes, and a ``resume`` a requeue can keep, that exists unless the job's folder is
+    ``remote`` (a dry run for another machine); ConfigError or ValueError if not."""
     strategies = []
     with contextlib.chdir(folder):
         for overrides in expand_sweep(spec.overrides):
@@ -129,7 +130,7 @@ def composed_strategies(spec: JobSpec, folder: str) -> list[object]:
                     "resume=null: a requeued job continues from the checkpoints it wrote, which "
                     "resume=null refuses; keep resume=auto (or a checkpoint), or give --no-requeue"
                 )
-            if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+            if cfg.resume not in (None, "auto") and not remote and not Path(cfg.resume).exists():
                 raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
             if cfg.data.global_batch_size:  # the job's processes must split it, as train.py checks at start
                 accumulation(cfg.data.global_batch_size, cfg.data.batch_size, spec.nodes * spec.devices)
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(spec)
     except ValueError as err:
         parser.error(str(err))
-    folder = args.workdir
-    if not Path(folder).is_dir():
+    folder, remote = args.workdir, not Path(args.workdir).is_dir()
+    if remote:
         if not args.dry_run:
             print(f"error: --workdir {folder}: no such folder here (the job runs in it)", file=sys.stderr)
             return 2
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:  # a mistake found now, not after the job has queued
-        script = render_sbatch(spec, composed_strategies(spec, folder))
+        script = render_sbatch(spec, composed_strategies(spec, folder, remote))
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
