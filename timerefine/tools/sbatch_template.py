@@ -140,8 +140,8 @@ def extra_option_error(text: str, gpus_per_node: int) -> str | None:
     gpus = [item.split(":") for item in value.split(",") if item.split(":")[0] == "gpu"]
     counts = [int(parts[-1]) if parts[-1].isdigit() else 1 for parts in gpus]
     if option == "--gres" and counts != ([gpus_per_node] if gpus_per_node else []):
-        return (  # sbatch takes the last --gres
-            f"it replaces the script's --gres, so it must hold --gpus-per-node's {gpus_per_node} GPUs a node "
+        return (  # beside the script's own --gres=gpu:N
+            f"the script's --gres and this one must agree, so it must hold --gpus-per-node's {gpus_per_node} GPUs a node "
             "(gpu[:type]:N), the Trainer's devices"
         )
     if option == "--gpus-per-task" and value != "1":
