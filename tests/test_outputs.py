@@ -58,13 +58,15 @@ def test_the_parse_warning_says_what_parsed_only_does(tmp_path, capsys):
     assert "IoU 0" not in out
 
 
-def test_the_parse_warning_says_when_the_aux_head_answers(tmp_path, capsys):
+@pytest.mark.parametrize(("protocol", "fate"), [("exact", "counts as IoU 0"), ("parsed_only", "is left out")])
+def test_the_parse_warning_says_when_the_aux_head_answers(tmp_path, capsys, protocol, fate):
     """Before (review): 'each counts as IoU 0' under model.inference.final=aux, which scored them."""
-    print_summary({"test/mIoU": 24.3, "test/parse_fail": 100.0}, tmp_path, final="aux")
+    metrics = {"test/mIoU": 24.3, "test/parse_fail": 100.0, "eval/protocol": protocol}
+    print_summary(metrics, tmp_path, final="aux")
     out = " ".join(capsys.readouterr().out.split())
     assert (
         "100 % of the test answers could not be parsed; model.inference.final=aux answers those that "
-        "reached an <OFFSET>, the others count as IoU 0"
+        f"reached an <OFFSET>; each other {fate}"
     ) in out
 
 

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.slurm_signal import in_slurm_job
+from timerefine.pipeline.previous_run import removed_by_requeue
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = {
@@ -196,3 +197,17 @@ def test_the_handler_outside_training_is_set_where_lightning_runs_a_slurm_job(mo
     for name, value in job.items():
         monkeypatch.setenv(name, value)
     assert in_slurm_job() == SLURMEnvironment.detect()
+
+
+def test_only_an_hpc_checkpoint_older_than_the_newest_reads_as_removed(tmp_path):
+    """Review: a mistyped name (hpc_ckpt_12 for hpc_ckpt_2) continued from another checkpoint in silence."""
+    (tmp_path / "hpc_ckpt_2.ckpt").touch()
+    assert removed_by_requeue(tmp_path / "hpc_ckpt_1.ckpt", tmp_path)
+    for name in (
+        "hpc_ckpt_12.ckpt",
+        "hpc_ckpt_1.pt",
+        "hpc_ckpt_typo",
+        "hpc_ckpt_2.ckpt",
+        "x/hpc_ckpt_1.ckpt",
+    ):
+        assert not removed_by_requeue(tmp_path / name, tmp_path)

@@ -60,7 +60,9 @@ def test_extra_sbatch_cannot_set_what_the_tool_renders(capsys, extra, instead):
     ("extra", "gpus", "allowed"),
     [("--gres=gpu:a100:8", 8, True), ("--gres=gpu:a100:4", 8, False), ("--gres=lscratch:200", 8, False),
      ("--gres=gpu:8,lscratch:1", 8, True), ("--gres=lscratch:200", 0, True), ("--gpus-per-task=1", 8, True),
-     ("--gpus-per-task=2", 8, False), ("-c4", 0, False), ("--exclusive", 0, True), ("-C h100", 8, True)],
+     ("--gpus-per-task=2", 8, False), ("-c4", 0, False), ("--exclusive", 0, True), ("-C h100", 8, True),
+     ("--gres=gpu:8(S:0-1)", 8, True), ("--gres=gpu:a:2,gpu:b:2", 4, True), ('--gres="gpu:8"', 8, True),
+     ("--gres=gpu:8", 0, False)],
 )  # fmt: skip
 def test_extra_sbatch_may_type_gpus_and_add_resources_that_agree(extra, gpus, allowed):
     """Review: --gres=gpu:a100:8 (a GPU type) was refused, though it agrees with --gpus-per-node 8."""

@@ -80,12 +80,10 @@ def print_summary(metrics: dict[str, float], output_dir: Path, final: str = "las
     console = Console(markup=False)  # a path or a message may hold brackets: [model.refine.steps=2]
     console.print(table)
     protocol = PROTOCOLS.get(str(metrics.get("eval/protocol")))
-    scored = "each counts as IoU 0"
-    if protocol and protocol.parsed_only:
-        scored = "each is left out of the scores"
-    elif final != "last":
-        aux = f"model.inference.final={final} answers those that reached an <OFFSET>"
-        scored = f"{aux}, the others count as IoU 0"
+    fate = "is left out of the scores" if protocol and protocol.parsed_only else "counts as IoU 0"
+    scored = f"each {fate}"
+    if final != "last":
+        scored = f"model.inference.final={final} answers those that reached an <OFFSET>; each other {fate}"
     for split in SPLITS:
         if failed := metrics.get(f"{split}/parse_fail"):
             console.print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -315,8 +316,10 @@ def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
 def removed_by_requeue(checkpoint: Path, output_dir: Path) -> bool:
     """Whether ``checkpoint`` is a missing HPC checkpoint of ``output_dir``, which holds a newer one: a
     requeue removes the earlier ones once it has saved its own (callbacks/slurm_requeue.py)."""
-    own = checkpoint.parent.resolve() == output_dir.resolve() and checkpoint.name.startswith("hpc_ckpt_")
-    return own and not checkpoint.exists() and bool(hpc_checkpoints(output_dir))
+    named = re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", checkpoint.name)
+    if not named or checkpoint.exists() or checkpoint.parent.resolve() != output_dir.resolve():
+        return False
+    return max(hpc_checkpoints(output_dir), default=0) > int(named[1])
 
 
 def step_of(checkpoint: str, output_dir: Path) -> int:

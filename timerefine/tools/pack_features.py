@@ -74,10 +74,6 @@ def pack_folder(
         raise FileExistsError(f"{reason}; pack into a new folder")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; pack into a new folder")
-    try:  # here, so that a folder that cannot be made is one line, not the packing child's traceback
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FileExistsError(f"{dst}: cannot be made ({error.strerror})") from error
     store, report = FolderFeatureStore(src, num_frames, feature_dim), PackReport()
     for video_id in store.video_ids():
         try:
@@ -90,6 +86,10 @@ def pack_folder(
         log.warning("left out: %s", message)
     if not report.packed:
         raise ValueError(f"no usable feature file in {src} ({len(report.bad)} bad)")
+    try:  # here, so that a folder that cannot be made is one line, not the packing child's traceback
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FileExistsError(f"{dst}: cannot be made ({error.strerror})") from error
     optimize_in_child(
         fn=functools.partial(
             pack_item, src=str(src), num_frames=num_frames, feature_dim=feature_dim, dtype=dtype

@@ -64,8 +64,10 @@ PAIR_KEYS = ("video", "query", "duration")
 
 
 def read_pairs(path: Path) -> list[Request]:
-    """The (video, query[, duration]) lines of a JSONL file; relative videos are next to the file."""
-    requests = []
+    """The (video, query[, duration]) lines of a JSONL file; relative videos are next to the file. Each
+    video is probed here, once, so that a bad one stops the run before any is encoded."""
+    requests: list[Request] = []
+    probed: dict[Path, float] = {}
     for number, line in text_lines(path):
         if not line.strip():
             continue
@@ -102,8 +104,8 @@ def read_pairs(path: Path) -> list[Request]:
         if video.suffix.lower() in FEATURE_SUFFIXES:
             requests.append(Request(video, query, seconds, where))
             continue
-        try:  # every video's header now, so that a bad one stops the run before any is encoded
-            own = probe_video(video).duration
+        try:
+            own = probed[video] = probed[video] if video in probed else probe_video(video).duration
         except InputError as err:
             raise InputError(f"{where}: {err}") from err
         if seconds is not None and not durations_agree(seconds, own):
@@ -272,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_table(results)
             sys.stdout.flush()
-    except BrokenPipeError:  # a reader that stopped early (| head): nothing more to say
+    except BrokenPipeError:  # a reader that stopped early (| head): exit 1 quietly, as Rich's table does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit, too
-        return 141  # as a shell reports a process that SIGPIPE ended
+        return 1
     except OSError as err:  # a full disk
         print(f"error: writing the answers to stdout: {err}", file=sys.stderr)
         return 1

@@ -63,7 +63,7 @@ OWNED_OPTIONS = {
     "-a": "a sweep (a,b in an override)", "--chdir": "--workdir", "-D": "--workdir", "--output": "--log-dir",
     "-o": "--log-dir", "--error": "--log-dir", "-e": "--log-dir", "--job-name": "--job-name",
     "-J": "--job-name", "--signal": "--signal", "--time": "--time", "-t": "--time",
-    "--requeue": "nothing: it is the default (--no-requeue turns it off)", "--no-requeue": "--no-requeue",
+    "--requeue": "no flag: the tool requeues by default", "--no-requeue": "--no-requeue",
     "--open-mode": "nothing: the tool appends, so a requeued job's log goes on",
 }  # fmt: skip
 SIGNAL_RESOLUTION = 60  # seconds: SLURM may send --signal this much earlier than asked (man sbatch)
@@ -127,6 +127,13 @@ def _seconds(time_str: str) -> float:
     return sum(f * s for f, s in zip(fields, scale, strict=True)) or float("inf")
 
 
+def gres_gpus(value: str) -> int:
+    """The GPUs a node that a ``--gres`` value asks for (``gpu:a100:4,gpu:v100:4(S:0-1),lscratch:1``: 8)."""
+    items = re.sub(r"\([^)]*\)", "", value.strip("'\"")).split(",")
+    fields = [item.split(":") for item in items if item.split(":")[0] == "gpu"]
+    return sum(int(parts[-1]) if parts[-1].isdigit() else 1 for parts in fields)
+
+
 def extra_option_error(text: str, gpus_per_node: int) -> str | None:
     """Why the sbatch option ``text`` (``--x=y``, ``--x y``, ``-c4``) may not be added to the script: one
     the tool renders, a ``--gres`` without ``--gpus-per-node``'s GPU count, ``--gpus-per-task`` other
@@ -137,12 +144,10 @@ def extra_option_error(text: str, gpus_per_node: int) -> str | None:
             f"{option} is rendered by the tool, with the Trainer settings that go with it; "
             f"use {OWNED_OPTIONS[option]}"
         )
-    gpus = [item.split(":") for item in value.split(",") if item.split(":")[0] == "gpu"]
-    counts = [int(parts[-1]) if parts[-1].isdigit() else 1 for parts in gpus]
-    if option == "--gres" and counts != ([gpus_per_node] if gpus_per_node else []):
-        return (  # beside the script's own --gres=gpu:N
-            f"the script's --gres and this one must agree, so it must hold --gpus-per-node's {gpus_per_node} GPUs a node "
-            "(gpu[:type]:N), the Trainer's devices"
+    if option == "--gres" and (count := gres_gpus(value)) != gpus_per_node:
+        return (
+            f"{count} GPUs a node, and --gpus-per-node (the Trainer's devices) is {gpus_per_node}: this "
+            "--gres stands beside the script's own, so give it the same count (gpu[:type]:N)"
         )
     if option == "--gpus-per-task" and value != "1":
         return "a task per GPU is what the tool renders: --gpus-per-task=1 only"
