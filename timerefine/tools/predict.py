@@ -64,10 +64,9 @@ PAIR_KEYS = ("video", "query", "duration")
 
 
 def read_pairs(path: Path) -> list[Request]:
-    """The (video, query[, duration]) lines of a JSONL file; relative videos are next to the file. Each
-    video is probed here, once, so that a bad one stops the run before any is encoded."""
+    """The (video, query[, duration]) lines of a JSONL file, each line checked, then each video
+    (:func:`check_videos`); relative videos are next to the file."""
     requests: list[Request] = []
-    probed: dict[Path, float] = {}
     for number, line in text_lines(path):
         if not line.strip():
             continue
@@ -101,11 +100,23 @@ def read_pairs(path: Path) -> list[Request]:
             raise InputError(f"{where}: {video}: no such file")
         if video.is_dir():  # "" is the .jsonl's own folder
             raise InputError(f'{where}: "video" {row["video"]!r}: {video}: a folder, not a file')
+        requests.append(Request(video, query, seconds, where))
+    if not requests:
+        raise InputError(f"{path}: holds no (video, query) line")
+    check_videos(requests)
+    return requests
+
+
+def check_videos(requests: list[Request]) -> None:
+    """InputError naming the first line whose video cannot be read or lasts other than its given
+    duration; each video is probed once, so that a bad one stops the run before any is encoded."""
+    durations: dict[Path, float] = {}
+    for request in requests:
+        video, seconds, where = request.video, request.duration, request.where
         if video.suffix.lower() in FEATURE_SUFFIXES:
-            requests.append(Request(video, query, seconds, where))
             continue
         try:
-            own = probed[video] = probed[video] if video in probed else probe_video(video).duration
+            own = durations[video] = durations[video] if video in durations else probe_video(video).duration
         except InputError as err:
             raise InputError(f"{where}: {err}") from err
         if seconds is not None and not durations_agree(seconds, own):
@@ -113,10 +124,6 @@ def read_pairs(path: Path) -> list[Request]:
                 f'{where}: "duration" {seconds:g}: {video} lasts {own:.2f} s (leave "duration" out to use '
                 "the video's own)"
             )
-        requests.append(Request(video, query, seconds, where))
-    if not requests:
-        raise InputError(f"{path}: holds no (video, query) line")
-    return requests
 
 
 def requests_of(args: argparse.Namespace) -> list[Request]:
