@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.lightning_compat import DeferredRemovalCheckpoint
+from callbacks.slurm_requeue import hpc_version
 
 log = logging.getLogger(__name__)
 FILENAME = "best-step{step}"
@@ -81,5 +82,5 @@ def continues_its_folder(ckpt_path: str | Path | None, dirpath: Path) -> bool:
         return True
     path, folder = Path(ckpt_path).resolve(), dirpath.resolve()
     return (path.name == "last.ckpt" and path.parent == folder) or (
-        path.name.startswith("hpc_ckpt_") and path.parent == folder.parent
+        hpc_version(path) is not None and path.parent == folder.parent
     )

@@ -9,6 +9,7 @@ once (callbacks/slurm_signal.py).
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from pathlib import Path
 
@@ -21,9 +22,19 @@ from callbacks.step_boundary import StepBoundaryStop
 log = logging.getLogger(__name__)
 
 
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def hpc_version(path: Path) -> int | None:
+    """``n`` of a file named ``hpc_ckpt_<n>.ckpt``; None for any other name (``hpc_ckpt_2_copy.ckpt``)."""
+    named = HPC_CHECKPOINT.fullmatch(path.name)
+    return int(named[1]) if named else None
+
+
 def hpc_checkpoints(directory: Path) -> dict[int, Path]:
     """The ``hpc_ckpt_<n>.ckpt`` files in ``directory`` by version ``n``."""
-    return {int(p.stem.rsplit("_", 1)[1]): p for p in directory.glob("hpc_ckpt_*.ckpt")}
+    versions = {path: hpc_version(path) for path in directory.glob("hpc_ckpt_*.ckpt")}
+    return {version: path for path, version in versions.items() if version is not None}
 
 
 def next_hpc_checkpoint(directory: Path) -> Path:

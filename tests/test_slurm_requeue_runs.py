@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,13 +125,18 @@ def test_requeued_run_resumes_to_the_uninterrupted_runs_end(tmp_path, uninterrup
 @pytest.mark.slow
 def test_a_second_requeue_keeps_only_the_newest_hpc_checkpoint(tmp_path, uninterrupted):
     """Before (review): every requeue left a whole hpc_ckpt_<n>.ckpt behind, model and optimizer. A
-    command that names the one removed (resume=<run>/hpc_ckpt_1.ckpt) continues from the newest."""
+    command that names the one removed (resume=<run>/hpc_ckpt_1.ckpt) continues from the newest. A
+    user's copy (hpc_ckpt_backup.ckpt) stays and is no resume point (before: int() of its name failed)."""
     output_dir, env = tmp_path / "run", slurm_env(tmp_path, 0)
     named = f"resume={output_dir / 'hpc_ckpt_1.ckpt'}"
     for step, resume in ((4, "resume=auto"), (8, named)):
         stopped = train(output_dir, env, "-c", SIGNALLED_RUN, str(step), str(int(signal.SIGUSR1)), resume)
         assert stopped.returncode == 0, stopped.stderr[-4000:]
-    assert [path.name for path in output_dir.glob("hpc_ckpt_*")] == ["hpc_ckpt_2.ckpt"]
+        shutil.copy(output_dir / f"hpc_ckpt_{step // 4}.ckpt", output_dir / "hpc_ckpt_backup.ckpt")
+    assert sorted(path.name for path in output_dir.glob("hpc_ckpt_*")) == [
+        "hpc_ckpt_2.ckpt",
+        "hpc_ckpt_backup.ckpt",
+    ]
     resumed = train(output_dir, env, "train.py", named)  # the job's command again, as SLURM restarts it
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "a later requeue of this run replaced it" in resumed.stderr

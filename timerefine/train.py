@@ -91,7 +91,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module.tokenizer.save_pretrained(tokenizer_dir)
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        # the file, not "hpc": Lightning reads a version out of any hpc_ckpt_* name (hpc_ckpt_backup.ckpt: none)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resumed)
     except SIGTERMException:
         if (requeue := requeue_stop(trainer.callbacks)) is None:
             raise

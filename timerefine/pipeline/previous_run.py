@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.slurm_requeue import hpc_checkpoints
+from callbacks.slurm_requeue import hpc_checkpoints, hpc_version
 from lightning_modules.grounding_module import PRECISION
 from lightning_modules.tokenizer import TokenizerError, tokenizer_from_files
 from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, with_schema_defaults
@@ -316,10 +315,10 @@ def continued_checkpoint(resume: str | None, output_dir: Path) -> str | None:
 def removed_by_requeue(checkpoint: Path, output_dir: Path) -> bool:
     """Whether ``checkpoint`` is a missing HPC checkpoint of ``output_dir``, which holds a newer one: a
     requeue removes the earlier ones once it has saved its own (callbacks/slurm_requeue.py)."""
-    named = re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", checkpoint.name)
-    if not named or checkpoint.exists() or checkpoint.parent.resolve() != output_dir.resolve():
+    version = hpc_version(checkpoint)
+    if version is None or checkpoint.exists() or checkpoint.parent.resolve() != output_dir.resolve():
         return False
-    return max(hpc_checkpoints(output_dir), default=0) > int(named[1])
+    return max(hpc_checkpoints(output_dir), default=0) > version
 
 
 def step_of(checkpoint: str, output_dir: Path) -> int:
