@@ -115,10 +115,12 @@ def check_videos(requests: list[Request]) -> None:
         video, seconds, where = request.video, request.duration, request.where
         if video.suffix.lower() in FEATURE_SUFFIXES:
             continue
-        try:
-            own = durations[video] = durations[video] if video in durations else probe_video(video).duration
-        except InputError as err:
-            raise InputError(f"{where}: {err}") from err
+        if video not in durations:
+            try:
+                durations[video] = probe_video(video).duration
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from err
+        own = durations[video]
         if seconds is not None and not durations_agree(seconds, own):
             raise InputError(
                 f'{where}: "duration" {seconds:g}: {video} lasts {own:.2f} s (leave "duration" out to use '
