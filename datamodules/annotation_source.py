@@ -162,7 +162,8 @@ class AnnotationSource:
         if self._store is None:
             spec = self.spec
             if spec.features == "synthetic":
-                every = [r for s in spec.splits for r in self._parse(s)[0]]
+                by_file = {spec.splits[s]: self._parse(s)[0] for s in spec.splits}  # val=test: once
+                every = [r for records in by_file.values() for r in records]
                 self._store = build_feature_store(
                     "synthetic",
                     records=every,

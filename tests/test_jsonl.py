@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import train
@@ -162,6 +163,20 @@ def test_source_from_the_config_reads_splits_and_counts_coverage(tmp_path):
     assert (first.windows, first.multi_window) == (((1.0, 4.0), (20.0, 25.0)), "union")
     report = source.coverage["test"]
     assert (report.total, report.usable, report.skipped_by_reason) == (3, 2, {"empty_query": 1})
+
+
+def test_a_videos_synthetic_features_do_not_depend_on_which_file_val_reads(tmp_path):
+    """Review: with splits.val=test (data=charades_sta's default) each test query's signature was added
+    to its video twice: test frames carried twice the signal that training taught."""
+    for split in ("train", "val", "test"):
+        write(tmp_path / f"{split}.jsonl", [line(f"{split}1", [[1, 4]], video=f"{split}v")])
+    features = []
+    for val in ("val", "test"):
+        source = build_source(
+            source_config(f"data.source.root={tmp_path}", f"data.source.splits.val={val}").data
+        )
+        features.append(source.store("test").load("testv"))
+    assert np.array_equal(*features)
 
 
 def test_a_feature_path_the_features_do_not_read_is_warned_of(tmp_path, caplog):
