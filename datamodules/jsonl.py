@@ -102,7 +102,7 @@ def parse_jsonl(
     for lineno, line in text_lines(path, report, policy):
         where = f"{path}:{lineno}"
         try:
-            entry = json_value(line)
+            entry = json_value(line.rstrip("\r\n"))  # an error's column in the line, not past its end
         except json.JSONDecodeError as err:
             report.malformed(where, f"not valid JSON: {err.msg} (column {err.colno})", policy)
             continue
