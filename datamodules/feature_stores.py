@@ -229,8 +229,13 @@ class PackedFeatureStore:
     ) -> None:
         self.path = Path(path)
         meta_path = self.path / PACKED_META
+        key = f"data.source.feature_path={path}"
+        if not meta_path.is_file() and self.path.is_dir():
+            raise StoreMismatchError(
+                f"{key}: a folder without {PACKED_META}; set data.source.features=folder"
+            )
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a packed feature store")
+            raise FileNotFoundError(f"{key}: no such packed feature store ({meta_path} not found)")
         meta = read_packed_meta(meta_path)
         check_chunks(self.path)
         if feature_dim is not None and feature_dim != meta["feature_dim"]:

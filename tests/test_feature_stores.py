@@ -250,9 +250,14 @@ def test_pack_cli_counts_are_at_least_one(folder, tmp_path, capsys, option):
     assert not (tmp_path / "packed").exists()
 
 
-def test_packed_store_rejects_plain_folder(folder):
-    with pytest.raises(FileNotFoundError, match="not a packed feature store"):
+def test_packed_store_rejects_plain_folder(folder, tmp_path):
+    """Review: a folder read as packed named neither the key nor the fix, as the reverse mistake does."""
+    with pytest.raises(
+        StoreMismatchError, match=f"feature_path={folder}: .*; set data.source.features=folder"
+    ):
         PackedFeatureStore(folder)
+    with pytest.raises(FileNotFoundError, match=r"feature_path=.*: no such packed feature store"):
+        PackedFeatureStore(tmp_path / "absent")
 
 
 def record(qid: str, video_id: str, query: str, start: float, end: float, duration: float = 10.0):

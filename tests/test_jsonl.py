@@ -92,7 +92,10 @@ def test_quirk_policy_applies_to_every_window(tmp_path):
     ("bad", "reason"),
     [
         ('{"qid": "x", "query": ', "not valid JSON"),
-        ('{"qid": "x"', "not valid JSON: Expecting ',' delimiter (column 12)"),  # before: column 1, past its end
+        (
+            '{"qid": "x"',
+            "not valid JSON: Expecting ',' delimiter (column 12)",
+        ),  # before: column 1, past its end
         ("[1, 2]", "expected a JSON object, got list"),
         (line("x", [[1]]), "'windows' must be [start, end] or a non-empty list of them, got [[1]]"),
         (line("x", []), "'windows' must be"),
