@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     seconds: dict[str, dict[str, list[float]]] = {}  # per K and batch size, each decoder's rounds
     for k in args.refine_steps:
         module, datamodule = random_model(k, extra)
+        if (held := len(datamodule.datasets["test"])) < max(singles, batch_size):  # before: an IndexError
+            parser.error(
+                f"the test split holds {held} queries; batch {batch_size} and --singles {singles} need more"
+            )
         runs = decoders(module, trained=False, compile_step=args.compile)
         for size, batches in ((1, test_batches(datamodule, 1, singles)),
                               (batch_size, test_batches(datamodule, batch_size, 1))):  # fmt: skip

@@ -65,6 +65,7 @@ from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import ProjectorSpec
 from lightning_modules.tokenizer import build_tokenizer
 from lightning_modules.video_llm import VideoLLM
+from timerefine.pipeline.arguments import at_least_one
 from timerefine.pipeline.strategy import decoder_layer_classes
 
 
@@ -157,24 +158,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS
 
 
+def train_step(loss_fn: nn.Module, batch: dict, optimizer, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = loss_fn(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def timed_steps(loss_fn: nn.Module, batch: dict, optimizer, steps: int, device: torch.device) -> float:
     """Seconds per step after 2 warm-up steps."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-
-    def step() -> None:
-        with autocast:
-            loss = loss_fn(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     for _ in range(2):
-        step()
+        train_step(loss_fn, batch, optimizer, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        train_step(loss_fn, batch, optimizer, device)
     sync()
     return (time.perf_counter() - start) / steps
 
@@ -194,7 +194,9 @@ def fits(module: GroundingModule, dataset, codec, size: int, device: torch.devic
     """Whether a training step of batch ``size`` fits the device's memory."""
     optimizer = optimizer_for(module, device)
     try:
-        timed_steps(TrainingLoss(module), batch_of(dataset, codec, size, device), optimizer, 0, device)
+        batch = batch_of(dataset, codec, size, device)
+        for _ in range(2):  # the optimizer's state is made in the first
+            train_step(TrainingLoss(module), batch, optimizer, device)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
@@ -237,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2, help="the batch timed off GPU (no search)")
-    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--steps", type=at_least_one, default=5)
+    parser.add_argument("--batch", type=at_least_one, default=2, help="the batch timed off GPU (no search)")
+    parser.add_argument("--max-batch", type=at_least_one, default=256)
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     parser.add_argument("--quick", action="store_true", help="--shape tiny --steps 1")
     args = parser.parse_args(argv)
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     # the whole unit (torch warns per layer; said once here).
     warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False.*")
     device, shape = torch.device(args.device), SHAPES[args.shape]
+    if device.type == "cuda" and device.index is None:  # a process group's device_id needs the index
+        device = torch.device("cuda", torch.cuda.current_device())
     print(f"machine: {machine()}")
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")

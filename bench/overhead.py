@@ -36,6 +36,7 @@ import torch
 from bench.figures_out import machine, median_ratio, print_figures
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.run_loading import precision_plugin
+from timerefine.pipeline.arguments import at_least, at_least_one
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.conventions import run_precision
@@ -56,7 +57,13 @@ class StepClock(L.Callback):
 
 
 def raw_loop(
-    module: GroundingModule, datamodule, steps: int, warmup: int, total_steps: int, precision: str
+    module: GroundingModule,
+    datamodule,
+    steps: int,
+    warmup: int,
+    total_steps: int,
+    precision: str,
+    clip: float | None,
 ) -> float:
     """The floor: seconds for steps ``warmup..steps-1`` of a plain loop with the module's optimizer,
     under the run's mixed precision."""
@@ -71,7 +78,8 @@ def raw_loop(
         with precision_plugin(precision, "cpu").forward_context():
             loss = module._losses(batch)["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        if clip:  # as Lightning's gradient_clip_val: 0 or null clips nothing
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -101,19 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=at_least_one, default=30)
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps at the start of a run")
+    parser.add_argument("--rounds", type=at_least_one, default=3)
     parser.add_argument("--quick", action="store_true", help="experiment=tiny, 12 steps, 2 rounds")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     overrides = [*(["experiment=tiny"] if args.quick else []), *args.overrides]
     steps, rounds = (12, 2) if args.quick else (args.steps, args.rounds)
+    if args.warmup >= steps:  # before: no step timed, and both clocks read from 0 (a ratio of 1)
+        parser.error(f"--warmup {args.warmup} leaves none of the {steps} steps to time")
     overrides += [
         f"trainer.max_steps={steps}",
         "model.saliency.projector_steps=0",  # every step a full one
         "trainer.limit_val_batches=0",
         "callbacks.progress_bar=none",
+        "trainer.accelerator=cpu",  # where the plain loop runs
     ]
     cfg = load_config(overrides)
     torch.manual_seed(cfg.seed)
@@ -122,13 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     module = build_module(cfg, datamodule)
     modules = {name: copy.deepcopy(module) for name in ("raw", "project", "bare")}
     batch_size, precision = cfg.data.batch_size, run_precision(cfg).precision
+    clip = cfg.trainer.gradient_clip_val
     print(f"machine: {machine()}")
     print(f"config: {' '.join(overrides)}; batch {batch_size}, {steps} steps a run, {rounds} rounds")
     seconds: dict[str, list[float]] = {name: [] for name in modules}
     startup: dict[str, list[float]] = {"project": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            seconds["raw"].append(raw_loop(modules["raw"], datamodule, steps, args.warmup, steps, precision))
+            raw = raw_loop(modules["raw"], datamodule, steps, args.warmup, steps, precision, clip)
+            seconds["raw"].append(raw)
             for name in ("project", "bare"):
                 clock = StepClock(args.warmup)
                 if name == "project":
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     trainer = L.Trainer(
                         max_steps=steps,
+                        accelerator="cpu",
                         precision=precision,
                         logger=False,
                         enable_checkpointing=False,
