@@ -13,8 +13,8 @@ spin and inflate it), ``peak_rss_mb`` (the child's peak resident memory),
 with ``--profile`` (Lightning's SimpleProfiler, ``+trainer.profiler=simple``) where the time went:
 ``train_steps_s`` (forward, backward, optimizer), ``data_s``, ``val_s``, ``test_s``,
 ``checkpoint_s`` and ``other_s`` (start-up: imports, data generation, tokenizer training; the prior;
-outputs). With ``--reference`` a run with those overrides goes before each run (``--rounds``
-times, taking turns, so both see the machine alike); figures are medians over the rounds and
+outputs). With ``--reference`` a run with those overrides takes turns with the run (``--rounds``
+times, the reference first in even rounds and the run in odd ones, so both see the machine alike); figures are medians over the rounds and
 ``wall_ratio`` is the median of the per-round wall_s / reference wall_s. ``--env`` sets environment
 variables of the run only (not the reference), e.g. to emulate a CPU without bf16 instructions; the
 precision each run chose (``trainer.precision: auto``) is printed from its ``metrics.json``.
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench.arguments import key_value, new_folder
-from bench.figures_out import machine, median_ratio, print_figures
+from bench.figures_out import in_turns, machine, median_ratio, print_figures
 from timerefine.pipeline.arguments import at_least_one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"reference: python train.py {shlex.join(base + shlex.split(args.reference))}", flush=True)
     runs: list[dict[str, float]] = []
     references: list[dict[str, float]] = []
+    arms = ["reference", "run"] if args.reference is not None else ["run"]
     for round_ in range(args.rounds):
-        if args.reference is not None:
-            overrides = base + shlex.split(args.reference)
-            references.append(run_once(overrides, args.profile, None, args.reference_threads))
-        keep = args.keep if round_ == args.rounds - 1 else None  # a fresh folder every round
-        runs.append(run_once(base + args.overrides, args.profile, keep, args.threads, extra_env))
+        for who in in_turns(arms, round_):
+            if who == "reference":
+                overrides = base + shlex.split(args.reference)
+                references.append(run_once(overrides, args.profile, None, args.reference_threads))
+            else:
+                keep = args.keep if round_ == args.rounds - 1 else None  # a fresh folder every round
+                runs.append(run_once(base + args.overrides, args.profile, keep, args.threads, extra_env))
         print(
             f"round: {runs[-1]['wall_s']:.1f} s"
             + (f" (reference {references[-1]['wall_s']:.1f} s)" if references else "")

@@ -11,10 +11,13 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from timerefine.pipeline.precision import cpu_bf16_instructions
+
+Arm = TypeVar("Arm")
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -55,14 +58,20 @@ def machine() -> str:
     )
 
 
-def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each run, taking turns for ``rounds`` rounds so that load from other jobs
-    hits them alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+def in_turns(arms: list[Arm], round_: int) -> list[Arm]:
+    """The order of the arms in round ``round_``: as given in even rounds, reversed in odd ones, so no arm
+    always goes first (the first to run after start-up meets cold caches)."""
+    return arms if round_ % 2 == 0 else arms[::-1]
+
+
+def interleaved(runs: dict[Arm, Callable[[], object]], rounds: int) -> dict[Arm, list[float]]:
+    """Seconds per call of each run, taking turns (:func:`in_turns`) for ``rounds`` rounds so that load
+    from other jobs hits them alike."""
+    seconds: dict[Arm, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds):
+        for name in in_turns(list(runs), round_):
             start = time.perf_counter()
-            run()
+            runs[name]()
             seconds[name].append(time.perf_counter() - start)
     return seconds
 

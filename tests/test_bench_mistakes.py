@@ -1,12 +1,14 @@
 """Benchmark paths the quick runs in test_bench_scripts.py do not take: bench.gpu_step's batch search
-(a GPU's), arguments that left nothing to time, a split too small for a decoding batch."""
+(a GPU's), arguments that left nothing to time, a split too small for a decoding batch, and the order
+in which compared arms take turns."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bench import decoding, gpu_step, overhead
+from bench import decoding, default_run, gpu_step, overhead, predict_pairs
+from bench.figures_out import in_turns, interleaved
 
 
 def test_the_batch_search_of_gpu_step_runs_a_step():
@@ -25,6 +27,7 @@ def test_the_batch_search_of_gpu_step_runs_a_step():
         (gpu_step, ["--quick", "--steps", "0"], "--steps"),  # before: ZeroDivisionError
         (gpu_step, ["--batch", "0"], "--batch"),  # before: max() of an empty sequence
         (decoding, ["--singles", "0", "experiment=tiny"], "the test split holds 8 queries"),  # an IndexError
+        (predict_pairs, ["--quick", "--batch-size", "1"], "--batch-size 1 is the reference"),  # self-timed
     ],
 )
 def test_counts_that_leave_nothing_to_measure_are_one_error_line(script, argv, named, capsys):
@@ -32,3 +35,22 @@ def test_counts_that_leave_nothing_to_measure_are_one_error_line(script, argv, n
         script.main(argv)
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and named in error, error
+
+
+def test_no_arm_always_goes_first():
+    """Review: the reference always ran first, meeting the cold caches of the invocation's start."""
+    calls: list[str] = []
+    interleaved({arm: (lambda arm=arm: calls.append(arm)) for arm in ("a", "b", "c")}, rounds=3)
+    assert calls == [*"abc", *"cba", *"abc"] and in_turns([1, 2], 1) == [2, 1]
+
+
+def test_default_run_and_its_reference_take_turns(monkeypatch):
+    order: list[str] = []
+
+    def fake_run(overrides, profile, keep, threads=None, extra_env=None) -> dict[str, float]:
+        order.append("reference" if "seed=1" in overrides else "run")
+        return {"wall_s": 1.0}
+
+    monkeypatch.setattr(default_run, "run_once", fake_run)
+    default_run.main(["--quick", "--rounds", "3", "--reference", "seed=1"])
+    assert order == ["reference", "run", "run", "reference", "reference", "run"]
