@@ -9,11 +9,12 @@ Trains (or takes, ``--base``) a supervised run, then per seed: ``--steps`` GRPO 
 for as many steps as take the training time of the GRPO run (its steps x the GRPO/SFT cost ratio,
 measured first with ``--steps`` of each at seed 0). Each run is a child ``python train.py`` profiled by
 Lightning's SimpleProfiler: the ratio divides training seconds (steps and batch loading, as
-``bench.default_run`` sums them), not wall times, which also hold start-up, validation and the test
-and so understate a GRPO step's cost. Figures: ``step_cost_ratio`` (that
-ratio), ``wall_cost_ratio`` (the same runs' wall times, for comparison; contended on a shared machine),
-``sft_steps``, then per reward and for ``sft`` the mean test mIoU and
-R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` /
+``bench.default_run`` sums them), not wall times, which also hold start-up, validation and the test and
+so understate a GRPO step's cost. Every run validates once, at its last step, so each test scores that
+run's final model (``--stage trainer.val_check_interval=<n>`` gives all of them another interval).
+Figures: ``step_cost_ratio`` (that ratio), ``wall_cost_ratio`` (the same runs' wall times, for
+comparison; contended on a shared machine), ``sft_steps``, then per reward and for ``sft`` the mean test
+mIoU and R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` /
 ``gain_R1@0.7_<reward>`` over continued SFT.
 """
 
@@ -46,7 +47,6 @@ QUICK_STAGE = [
     "data.source.num_val=8",
     "data.source.num_test=8",
     "data.batch_size=4",
-    "trainer.val_check_interval=2",
     "grpo.G=4",
 ]
 COMMON = ["logger.tensorboard=false", "callbacks.progress_bar=none"]
@@ -71,6 +71,12 @@ def train(overrides: list[str], output_dir: Path) -> tuple[float, dict[str, floa
     phases = phase_seconds(result.stdout)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     return phases["train_steps_s"] + phases["data_s"], metrics | {"wall_s": wall}
+
+
+def at_end(steps: int) -> list[str]:
+    """One validation, at the run's last step: its test then scores its final model, and no arm picks a
+    best among validations the other lacks (GRPO's own interval is 50 steps, a supervised run's 500)."""
+    return [f"trainer.val_check_interval={steps}"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,13 +107,19 @@ def main(argv: list[str] | None = None) -> None:
         start = [f"init_from_run={base}", *stage]
 
         def grpo(reward: str, seed: int) -> tuple[float, dict[str, float]]:
-            overrides = ["experiment=grpo", *start, f"grpo.reward=[{reward}]", *args.grpo]
+            overrides = [
+                "experiment=grpo",
+                *at_end(args.steps),
+                *start,
+                f"grpo.reward=[{reward}]",
+                *args.grpo,
+            ]
             return train(
                 [*overrides, f"seed={seed}", f"trainer.max_steps={args.steps}"], tmp / f"{reward}{seed}"
             )
 
         def sft(steps: int, seed: int, name: str) -> tuple[float, dict[str, float]]:
-            return train([*start, f"seed={seed}", f"trainer.max_steps={steps}"], tmp / name)
+            return train([*at_end(steps), *start, f"seed={seed}", f"trainer.max_steps={steps}"], tmp / name)
 
         grpo_seconds, grpo_cost = grpo(args.rewards[0], args.seeds[0])
         sft_seconds, sft_cost = sft(args.steps, args.seeds[0], "sft_cost")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import decoding, default_run, gpu_step, overhead, predict_pairs
+from bench import decoding, default_run, gpu_step, grpo, overhead, predict_pairs
 from bench.figures_out import in_turns, interleaved
 
 
@@ -54,3 +54,22 @@ def test_default_run_and_its_reference_take_turns(monkeypatch):
     monkeypatch.setattr(default_run, "run_once", fake_run)
     default_run.main(["--quick", "--rounds", "3", "--reference", "seed=1"])
     assert order == ["reference", "run", "run", "reference", "reference", "run"]
+
+
+def test_grpo_and_continued_sft_each_validate_once_at_their_end(monkeypatch):
+    """Review: GRPO validated every 50 steps and tested its best validation, continued SFT every 500
+    (its runs being shorter: never before its end), a selection only one arm had."""
+    runs: list[list[str]] = []
+
+    def fake_train(overrides: list[str], output_dir) -> tuple[float, dict[str, float]]:
+        runs.append(overrides)
+        return 1.0, {"wall_s": 1.0, "test/mIoU": 0.0, "test/R1@0.7": 0.0}
+
+    def last(key: str, overrides: list[str]) -> str | None:
+        return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{key}=")), None)
+
+    monkeypatch.setattr(grpo, "train", fake_train)
+    grpo.main(["--quick"])
+    stages = runs[1:]  # after the base run: GRPO and SFT cost runs, then both arms
+    assert len(stages) == 4 and "experiment=grpo" in stages[0] and "experiment=grpo" not in stages[1]
+    assert all(last("trainer.val_check_interval", r) == last("trainer.max_steps", r) for r in stages), stages
