@@ -39,12 +39,15 @@ DEFAULT = (ProjectorSpec().frames_per_token, RefineSchedule().steps)  # the defa
 
 
 def saved_bytes(module: GroundingModule, batch: dict) -> tuple[int, float]:
-    """Bytes saved for backward by one training step (distinct storages), and its loss."""
+    """Bytes of activations saved for backward by one training step (distinct storages; the weights a
+    step saves are counted in :func:`static_bytes`), and its loss."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
