@@ -22,6 +22,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 # (owner, private member, the parameters it must take; None for a plain attribute)
@@ -41,6 +42,7 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (CSVLogger, "_experiment", None),
     (_SignalConnector, "_sigterm_notifier_fn", ("self", "signum", "_")),
     (_SignalConnector, "received_sigterm", None),
+    (_CheckpointConnector, "_hpc_resume_path", None),
 ]
 # (module, private name): module-level internals (a sharded checkpoint's layout)
 MODULE_INTERNALS: list[tuple[object, str]] = [
@@ -62,6 +64,8 @@ def _instance_attributes(owner: type) -> set[str]:
         return set(vars(_SignalConnector(trainer=None)))
     if owner is _FitLoop:
         return set(vars(_FitLoop(trainer=None)))
+    if owner is _CheckpointConnector:  # its properties
+        return {name for name, member in vars(owner).items() if isinstance(member, property)}
     return set()
 
 
@@ -218,6 +222,22 @@ def save_last(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
 def validation_follows_this_batch(trainer: L.Trainer) -> bool:
     """Whether the fit loop validates right after the batch that just ended."""
     return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+# ---- SLURM resume ------------------------------------------------------------------------------
+class _NoHpcScan(_CheckpointConnector):
+    @property
+    def _hpc_resume_path(self) -> None:
+        return None
+
+
+def without_hpc_scan(trainer: L.Trainer) -> None:
+    """Stop Lightning's own SLURM resume: on SLURM it loads the newest ``hpc_ckpt_*`` of the run folder
+    whenever ``fit``, ``validate`` or ``test`` gets ``ckpt_path=None``, so a requeued run's final scores
+    were those of its stale requeue checkpoint, and another ``hpc_ckpt_*`` name (a backup copy) stopped
+    every call. The project finds its resume point itself (timerefine/pipeline/resume.py) and passes
+    the file."""
+    trainer._checkpoint_connector.__class__ = _NoHpcScan
 
 
 # ---- SIGTERM -----------------------------------------------------------------------------------

@@ -143,6 +143,24 @@ def test_a_second_requeue_keeps_only_the_newest_hpc_checkpoint(tmp_path, uninter
     assert outcome(output_dir) == outcome(uninterrupted)
 
 
+@pytest.mark.slow
+def test_a_requeued_run_without_a_best_checkpoint_scores_its_final_weights(tmp_path):
+    """Review: with ckpt_path=None, Lightning on SLURM loads the newest hpc_ckpt_* of the run folder
+    itself, so the resumed run's final validation scored the weights of the requeue (step 4, as the
+    final weights), and a user's hpc_ckpt_backup.ckpt stopped a fresh run (int() of its name)."""
+    env, unmonitored = slurm_env(tmp_path, 0), "callbacks.checkpoint.monitor=null"
+    expected = tmp_path / "uninterrupted"
+    assert train(expected, env, "train.py", unmonitored).returncode == 0
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "hpc_ckpt_backup.ckpt").write_text("a user's copy")
+    stopped = train(output_dir, env, "-c", SIGNALLED_RUN, "4", str(int(signal.SIGUSR1)), unmonitored)
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    resumed = train(output_dir, env, "train.py", unmonitored)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert outcome(output_dir)[0] == outcome(expected)[0]
+
+
 # Sends SIGUSR1 to the run itself before its fit (as its data is read), at its end (after the last step
 # boundary) or after it (in its final validation).
 OUTSIDE_TRAINING = """

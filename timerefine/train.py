@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module.tokenizer.save_pretrained(tokenizer_dir)
 
     try:
-        # the file, not "hpc": Lightning reads a version out of any hpc_ckpt_* name (hpc_ckpt_backup.ckpt: none)
+        # the file (Lightning's own SLURM scan is off: callbacks.lightning_compat.without_hpc_scan)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resumed)
     except SIGTERMException:
         if (requeue := requeue_stop(trainer.callbacks)) is None:

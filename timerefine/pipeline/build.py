@@ -20,7 +20,7 @@ from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.early_stopping import KeptEarlyStopping
 from callbacks.global_batch import GlobalBatch, accumulation
 from callbacks.last_checkpoint import LastCheckpoint
-from callbacks.lightning_compat import TrainLoaderAfterRestore, check_lightning_internals
+from callbacks.lightning_compat import TrainLoaderAfterRestore, check_lightning_internals, without_hpc_scan
 from callbacks.on_policy import OnPolicyCoarse
 from callbacks.predictions_writer import PredictionsWriter
 from callbacks.progress import progress_bar
@@ -356,6 +356,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, module: GroundingModule) ->
         raise ConfigError(
             f"trainer (accelerator, devices, strategy, ...): Lightning refuses it: {reason}"
         ) from error
+    without_hpc_scan(trainer)
     if module.projector_steps and trainer.world_size > 1 and trainer_args["strategy"] != UNUSED_PARAMETERS:
         raise ConfigError(
             f"model.saliency.projector_steps={module.projector_steps} with {trainer.world_size} processes "

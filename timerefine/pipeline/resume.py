@@ -106,12 +106,12 @@ def saved_step(checkpoint: Path) -> int:
 
 
 def resume_checkpoint(resume: str | None, output_dir: Path) -> str | None:
-    """``auto``: the resume point of the latest step: on SLURM the newest HPC checkpoint (Lightning
-    finds it: "hpc") unless ``checkpoints/last.ckpt`` holds a later step (the job went on after its
-    requeue), else ``last.ckpt`` when present, else nothing. ``None``: nothing, refused (ConfigError) while ``output_dir`` holds an
-    earlier run's checkpoints, which the new run's would mix with. Any other value is a checkpoint
-    path that must exist. The checkpoint must be readable: a truncated or corrupt one is a
-    :class:`CheckpointError` naming it."""
+    """``auto``: the resume point of the latest step: on SLURM the newest HPC checkpoint ("hpc":
+    :func:`checkpoint_file` names it) unless ``checkpoints/last.ckpt`` holds a later step (the job went
+    on after its requeue), else ``last.ckpt`` when present, else nothing. ``None``: nothing, refused
+    (ConfigError) while ``output_dir`` holds an earlier run's checkpoints, which the new run's would mix
+    with. Any other value is a checkpoint path that must exist. The checkpoint must be readable: a
+    truncated or corrupt one is a :class:`CheckpointError` naming it."""
     if resume is None:
         if earlier := earlier_checkpoints(output_dir):
             names = ", ".join(str(path.relative_to(output_dir)) for path in earlier)
