@@ -162,7 +162,8 @@ class AnnotationSource:
         if self._store is None:
             spec = self.spec
             if spec.features == "synthetic":
-                by_file = {spec.splits[s]: self._parse(s)[0] for s in spec.splits}  # val=test: once
+                # each file once, however many splits read it (val=test; annotation_files.val=<test's file>)
+                by_file = {Path(q.source).resolve(): records for records, q in map(self._parse, spec.splits)}
                 every = [r for records in by_file.values() for r in records]
                 self._store = build_feature_store(
                     "synthetic",

@@ -171,16 +171,16 @@ def test_source_from_the_config_reads_splits_and_counts_coverage(tmp_path):
 
 def test_a_videos_synthetic_features_do_not_depend_on_which_file_val_reads(tmp_path):
     """Review: with splits.val=test (data=charades_sta's default) each test query's signature was added
-    to its video twice: test frames carried twice the signal that training taught."""
+    to its video twice: test frames carried twice the signal that training taught. So did val reading
+    test's file by its own key (annotation_files.val), by another spelling of the same path too."""
     for split in ("train", "val", "test"):
         write(tmp_path / f"{split}.jsonl", [line(f"{split}1", [[1, 4]], video=f"{split}v")])
     features = []
-    for val in ("val", "test"):
-        source = build_source(
-            source_config(f"data.source.root={tmp_path}", f"data.source.splits.val={val}").data
-        )
+    splits = "data.source.splits"
+    for val in (f"{splits}.val=val", f"{splits}.val=test", "+data.source.annotation_files.val=./test.jsonl"):
+        source = build_source(source_config(f"data.source.root={tmp_path}", val).data)
         features.append(source.store("test").load("testv"))
-    assert np.array_equal(*features)
+    assert all(np.array_equal(features[0], other) for other in features[1:])
 
 
 def test_a_feature_path_the_features_do_not_read_is_warned_of(tmp_path, caplog):
