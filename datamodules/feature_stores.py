@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -217,6 +217,20 @@ def check_chunks(store: Path) -> None:
         )
 
 
+def not_packed(path: Path) -> NoReturn:
+    """The error for ``path``, which holds no packed store's metadata: what it is instead, and the fix."""
+    key = f"data.source.feature_path={path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: no such packed feature store ({path / PACKED_META} not found)")
+    if not path.is_dir():
+        raise StoreMismatchError(f"{key}: a file, not a packed feature store (a folder)")
+    if (path / "index.json").is_file():  # litdata's, written before the metadata, which comes last
+        raise StoreMismatchError(f"{key}: an unfinished pack (no {PACKED_META}); pack the features again")
+    if any(child.suffix in SPELLINGS for child in path.iterdir()):
+        raise StoreMismatchError(f"{key}: a folder of feature files; set data.source.features=folder")
+    raise StoreMismatchError(f"{key}: no {PACKED_META} (not made by timerefine-pack-features)")
+
+
 class PackedFeatureStore:
     """A litdata-optimized folder (see ``timerefine/tools/pack_features.py``), read by video id.
 
@@ -229,13 +243,8 @@ class PackedFeatureStore:
     ) -> None:
         self.path = Path(path)
         meta_path = self.path / PACKED_META
-        key = f"data.source.feature_path={path}"
-        if not meta_path.is_file() and self.path.is_dir():
-            raise StoreMismatchError(
-                f"{key}: a folder without {PACKED_META}; set data.source.features=folder"
-            )
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{key}: no such packed feature store ({meta_path} not found)")
+            not_packed(self.path)
         meta = read_packed_meta(meta_path)
         check_chunks(self.path)
         if feature_dim is not None and feature_dim != meta["feature_dim"]:
