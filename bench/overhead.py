@@ -28,6 +28,7 @@ import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -56,6 +57,12 @@ class StepClock(L.Callback):
         self.end = time.perf_counter()
 
 
+def epochs(datamodule) -> Iterator[dict]:
+    """Training batches, epoch after epoch, as a fit draws them until ``max_steps``."""
+    while True:
+        yield from datamodule.train_dataloader()
+
+
 def raw_loop(
     module: GroundingModule,
     datamodule,
@@ -72,7 +79,7 @@ def raw_loop(
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     module.train()
     start = 0.0
-    for step, batch in enumerate(datamodule.train_dataloader()):  # timed as StepClock times: from the
+    for step, batch in enumerate(epochs(datamodule)):  # timed as StepClock times: from the
         if step == warmup:  # start of step ``warmup`` to the end of step ``steps - 1``, no fetch after it
             start = time.perf_counter()
         with precision_plugin(precision, "cpu").forward_context():

@@ -1,6 +1,6 @@
 """Benchmark paths the quick runs in test_bench_scripts.py do not take: bench.gpu_step's batch search
-(a GPU's), arguments that left nothing to time, a split too small for a decoding batch, and the order
-in which compared arms take turns."""
+(a GPU's), arguments that left nothing to time, a split too small for a decoding batch, the order in
+which compared arms take turns, and what the arms count (steps, validations, bytes)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import torch
 
 from bench import decoding, default_run, gpu_step, grpo, overhead, predict_pairs, scaling
 from bench.figures_out import in_turns, interleaved
+from lightning_modules.grounding_module import GroundingModule
+from timerefine.pipeline.build import build_datamodule, build_module
+from timerefine.pipeline.config import load_config
 
 
 def test_the_batch_search_of_gpu_step_runs_a_step():
@@ -90,3 +93,17 @@ def test_activation_memory_leaves_the_weights_out():
     """Review: a weight saved for backward counted as activation memory (2-9 % of bench.scaling's)."""
     saved, _ = scaling.saved_bytes(TwoLayers(), {"x": torch.randn(1, 1000)})
     assert saved == 2 * 1000 * 4
+
+
+def test_the_plain_loop_runs_its_steps_over_epochs(monkeypatch):
+    """Review: the plain loop stopped at the end of an epoch (experiment=tiny: 16 batches) while the
+    Lightning run went on to max_steps, so the two timed different step counts."""
+    cfg = load_config(["experiment=tiny", "data.source.num_train=8", "data.batch_size=4"])  # 2 batches
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    losses = []
+    monkeypatch.setattr(
+        module, "_losses", lambda batch: losses.append(batch) or GroundingModule._losses(module, batch)
+    )
+    overhead.raw_loop(module, datamodule, 5, 0, 5, "32-true", None)
+    assert len(losses) == 5
