@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         module, datamodule = random_model(k, extra)
         if (held := len(datamodule.datasets["test"])) < max(singles, batch_size):  # before: an IndexError
             parser.error(
-                f"the test split holds {held} queries; batch {batch_size} and --singles {singles} need more"
+                f"the test split holds {held} queries; a batch of {batch_size} (fixed; 4 with --quick) and "
+                f"--singles {singles} need more"
             )
         runs = decoders(module, trained=False, compile_step=args.compile)
         for size, batches in ((1, test_batches(datamodule, 1, singles)),
