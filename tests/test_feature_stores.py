@@ -263,7 +263,11 @@ def test_packed_store_rejects_plain_folder(folder, tmp_path):
     (unfinished / "index.json").parent.mkdir()
     (unfinished / "index.json").write_text("{}")
     empty.mkdir()
-    for path, named in ((unfinished, "an unfinished pack"), (empty, "no timerefine_features.json .not made by"), (file, "a file, not")):
+    for path, named in (
+        (unfinished, "an unfinished pack"),
+        (empty, "no timerefine_features.json .not made by"),
+        (file, "a file, not"),
+    ):
         with pytest.raises(StoreMismatchError, match=f"feature_path={path}: {named}"):
             PackedFeatureStore(path)
 
