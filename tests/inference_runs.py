@@ -70,9 +70,12 @@ def write_moment_video(
     disappear: float,
     fps: int = FPS,
     faststart: bool = False,
+    first_frame_at: float = 0.0,
 ) -> Path:
     """An mpeg4 video, grey but for a ``colour`` square shown from ``appear`` to ``disappear`` seconds;
-    ``faststart``: an MP4's index before its frames (as web videos are), so a truncated copy opens."""
+    ``faststart``: an MP4's index before its frames (as web videos are), so a truncated copy opens;
+    ``first_frame_at``: the stream's first timestamp (a copy cut without re-encoding), from which the
+    times count."""
     width, height = SIZE
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
@@ -82,7 +85,9 @@ def write_moment_video(
             image = np.full((height, width, 3), 120, np.uint8)
             if appear <= i / fps < disappear:
                 image[12:36, 20:44] = COLOURS[colour]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(first_frame_at * fps) + i, Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -55,6 +55,12 @@ class SampledFrames:
     times: np.ndarray
 
 
+def stream_start(stream: av.video.stream.VideoStream) -> float:
+    """Seconds of the stream's first timestamp (0 when unset): a video's times count from it (a copy
+    cut without re-encoding can start at 2 s)."""
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
 def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledFrames:
     """Decode ``n`` uniformly spaced frames; ``size`` scales the short side. Frames the header
     promises but the stream lacks repeat the last decoded one (``decoded`` says how many there were)."""
@@ -69,7 +75,7 @@ def sample_frames(path: str | Path, n: int, size: int | None = None) -> SampledF
             scale = (
                 {} if size is None else _scaled(stream.codec_context.width, stream.codec_context.height, size)
             )
-            start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            start = stream_start(stream)
             step = 1 / float(stream.average_rate) if stream.average_rate else 0.0
             for i, frame in enumerate(container.decode(stream)):
                 decoded = i + 1

@@ -1,0 +1,25 @@
+"""The demo's pictures and clips count time as the grounding does: from the stream's first timestamp."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+
+from tests.inference_runs import write_moment_video
+from timerefine.demo.media import cut_clip, frames_at
+from timerefine.inference.frame_encoder import sample_frames
+
+
+def red(image: np.ndarray) -> bool:
+    return bool(image[..., 0].mean() > image[..., 2].mean() + 3)
+
+
+def test_a_stream_that_starts_at_2_s_shows_the_moment_the_grounding_saw(tmp_path):
+    """Review: frames_at and cut_clip sought absolute timestamps, so on a video whose stream starts at
+    2 s (a copy cut without re-encoding) the pictures and the clip of an answer were 2 s off."""
+    video = write_moment_video(tmp_path / "cut.mp4", 4.0, "red", 1.0, 2.0, fps=10, first_frame_at=2.0)
+    assert sample_frames(video, 40).times[0] == 0  # the grounding's clock starts with the stream
+    assert [red(image) for image in frames_at(video, [0.5, 1.5, 2.5])] == [False, True, False]
+    with av.open(str(cut_clip(video, 1.0, 2.0, tmp_path / "clip.webm"))) as clip:
+        shown = [red(frame.to_ndarray(format="rgb24")) for frame in clip.decode(video=0)]
+    assert len(shown) >= 9 and sum(shown) >= 9
