@@ -16,7 +16,7 @@ import pytest
 
 from tests.demo_browser import ask, browser_available, chromium, free_port
 from tests.inference_runs import VIDEOS, write_moment_video
-from timerefine.demo.app import Demo, build_app, demo_examples, launch, main
+from timerefine.demo.app import Demo, build_app, demo_examples, launch, main, unique
 from timerefine.demo.timeline_plot import Row, rows_of, timeline_svg
 from timerefine.inference.grounder import Grounder, Grounding
 
@@ -37,6 +37,14 @@ def test_timeline_svg_places_bars_in_seconds():
     assert 'data-row="final" data-start="2.500" data-end="5.000"' in svg
     assert 'x="300.0"' in svg and 'width="150.0"' in svg  # 150 px of labels, then 60 px a second
     assert "answer &lt;b&gt;" in svg and ">0 s<" in svg and ">10 s<" in svg
+
+
+def test_a_video_of_hours_gets_hour_ticks_and_repeated_labels_stay_apart():
+    """Review: past 4 h no tick step was found (StopIteration: the page showed "Error" beside the last
+    answer); a query asked twice of one video with other times (ActivityNet) was one choice."""
+    svg = timeline_svg([Row("final", "answer", 600.0, 900.0, "final")], duration=5 * 3600.0)
+    assert ">3600 s<" in svg and ">18000 s<" in svg
+    assert unique(["v: a", "v: b", "v: a", "v: a"]) == ["v: a", "v: b", "v: a (2)", "v: a (3)"]
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +174,19 @@ def test_only_the_newest_clips_stay_on_disk(video_demo, monkeypatch):
     """Before (review): every answer left a clip in the demo's folder, and the folder stayed after it."""
     monkeypatch.setattr("timerefine.demo.app.CLIPS_KEPT", 1)
     label = next(lab for lab, e in video_demo.examples.items() if e.video is not None)
+    descriptors = len(os.listdir("/proc/self/fd"))
     clips = [video_demo.answer(label, None, query)[3]["value"] for query in ("a red square", "a blue square")]
     assert sorted(video_demo.clip_dir.iterdir()) == [Path(clips[1])]
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # before (review): one left open per clip
+
+
+@pytest.mark.slow
+def test_the_button_and_enter_share_one_queue(video_demo):
+    """Review: Gradio gave each listener a queue of its own, so Enter then Ground ran two answers at
+    once, the slower one's filling the page."""
+    app = build_app(video_demo.grounder, list(video_demo.examples.values()), "run")
+    answers = [f for f in app.fns.values() if getattr(f.fn, "__name__", "") == "answer"]
+    assert len(answers) == 2 and {f.concurrency_id for f in answers} == {"ground"}
 
 
 @pytest.mark.slow
@@ -182,7 +201,8 @@ def test_sigterm_removes_the_clip_folder(builtin_run, tmp_path):
         assert list(tmp_path.glob("timerefine-demo-*"))
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=60) == 143
-    assert not list(tmp_path.glob("timerefine-demo-*"))
+        closing = demo.stdout.read()  # review: sys.exit left the server open, and Gradio's cache with it
+    assert not list(tmp_path.glob("timerefine-demo-*")) and "closing server" in closing.lower()
 
 
 @pytest.mark.slow
@@ -215,6 +235,20 @@ def test_a_feature_file_offered_as_a_video_is_one_error_line(video_run, capsys):
         f"error: --video {features}: a feature file, which holds no frames to show and no length: "
         "the demo takes video files"
     ]
+    assert main([str(video_run.run_dir), "--video", str(video_run.videos)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --video {video_run.videos}: a folder, not a file"
+
+
+@pytest.mark.slow
+def test_the_encoder_of_the_videos_is_checked_before_serving(builtin_run, video_run, capsys, tmp_path):
+    """Review: a --video of a run that records no encoder was offered, and every answer about it said
+    to give an encoder, which the demo took no flag for."""
+    video, port = str(video_run.videos / "vid_red_a.mp4"), str(free_port())
+    assert main([str(builtin_run), "--video", video, "--port", port]) == 2
+    assert "error: the run records no video encoder" in capsys.readouterr().err
+    nowhere = tmp_path / "nope"
+    assert main([str(video_run.run_dir), "--encoder", str(nowhere), "--port", port]) == 2
+    assert f"error: --encoder {nowhere}: not a local folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "-1"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import html
 import logging
 import os
@@ -35,9 +36,10 @@ from grounding.metrics.iou import temporal_iou
 from grounding.records import FeatureError
 from timerefine.demo.media import cut_clip, feature_timeline, frames_at
 from timerefine.demo.timeline_plot import rows_of, timeline_svg
+from timerefine.inference.encoder_flags import add_encoder_flags, use_encoder_of_flags
 from timerefine.inference.grounder import Features, Grounder, Grounding
 from timerefine.inference.run_loading import dataset_examples
-from timerefine.inference.video_features import FEATURE_SUFFIXES, InputError
+from timerefine.inference.video_features import FEATURE_SUFFIXES, InputError, missing_file
 from timerefine.pipeline.arguments import OneLineParser
 from timerefine.pipeline.config import ConfigError
 from timerefine.pipeline.errors import STOPPED_BY_SIGTERM
@@ -60,6 +62,17 @@ class Example:
     truth: tuple[float, float] | None = None
 
 
+def unique(labels: list[str]) -> list[str]:
+    """``labels`` with a repeat numbered (``label (2)``): a query asked twice of a video, with other
+    times (ActivityNet has such), stays two choices."""
+    seen: dict[str, int] = {}
+    numbered = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        numbered.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return numbered
+
+
 def demo_examples(grounder: Grounder, videos: list[Path], count: int = 20) -> list[Example]:
     """The ``videos`` files, then the first ``count`` test queries of the run's data as features only
     (none when the data is not on this machine). A file named after a test video comes with that
@@ -67,14 +80,15 @@ def demo_examples(grounder: Grounder, videos: list[Path], count: int = 20) -> li
     try:
         queries = list(dataset_examples(grounder.run.cfg))
         by_video = {record.video_id: record for record, _ in queries}
+        labels = unique([f"{record.video_id}: {record.query}" for record, _ in queries[:count]])
         from_data = [
             Example(
-                f"{record.video_id}: {record.query}",
+                label,
                 record.query,
                 features=Features(store.load(record.video_id), record.duration),
                 truth=(record.start, record.end),
             )
-            for record, store in queries[:count]
+            for label, (record, store) in zip(labels, queries[:count], strict=True)
         ]
     except DATA_ERRORS as err:
         log.warning("no test queries of the run's data to offer (%s)", err)
@@ -167,7 +181,9 @@ class Demo:
             )
         start_frame, end_frame = frames_at(example.video, list(segment))
         pictures = [(start_frame, f"start {segment[0]:.2f} s"), (end_frame, f"end {segment[1]:.2f} s")]
-        clip = cut_clip(example.video, *segment, Path(tempfile.mkstemp(".webm", dir=self.clip_dir)[1]))
+        handle, name = tempfile.mkstemp(".webm", dir=self.clip_dir)
+        os.close(handle)  # cut_clip writes by name (before: each answer left a descriptor open)
+        clip = cut_clip(example.video, *segment, Path(name))
         self.clips.append(clip)
         while len(self.clips) > CLIPS_KEPT:  # the page shows the newest (Gradio serves its own copy)
             self.clips.popleft().unlink(missing_ok=True)
@@ -209,10 +225,11 @@ def build_app(grounder: Grounder, examples: list[Example], title: str) -> gr.Blo
                     label="Features over time", elem_id="features", interactive=False, visible=False
                 )
         outputs = [status, timeline, pictures, clip, features]
-        choice.change(demo.chosen, choice, [query, upload])  # chosen by mouse or keyboard
-        choice.select(demo.chosen, choice, [query, upload])  # ... or the shown one chosen again
-        button.click(demo.answer, [choice, upload, query], outputs)
-        query.submit(demo.answer, [choice, upload, query], outputs)
+        # One queue for both ways to ask (Gradio gives each listener its own): one answer at a time.
+        choice.change(demo.chosen, choice, [query, upload], concurrency_id="choose")  # by mouse or keyboard
+        choice.select(demo.chosen, choice, [query, upload], concurrency_id="choose")  # the shown one again
+        button.click(demo.answer, [choice, upload, query], outputs, concurrency_id="ground")
+        query.submit(demo.answer, [choice, upload, query], outputs, concurrency_id="ground")
     return app
 
 
@@ -227,7 +244,10 @@ def port_number(text: str) -> int:
     return port
 
 
-def port_taken(port: int) -> InputError:
+def port_taken(port: int, err: OSError) -> InputError:
+    """The error of a port the demo cannot serve on: one that needs privileges, else one in use."""
+    if err.errno == errno.EACCES:
+        return InputError(f"--port {port}: serving on it needs privileges; choose a port above 1023")
     return InputError(f"--port {port}: {HOST}:{port} is in use; choose another port")
 
 
@@ -238,7 +258,7 @@ def check_port(port: int) -> None:
         try:
             probe.bind((HOST, port))
         except OSError as err:
-            raise port_taken(port) from err
+            raise port_taken(port, err) from err
 
 
 def launch(app: gr.Blocks, port: int | None, block: bool = True) -> None:
@@ -264,28 +284,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", default="best", help="best | last | a checkpoint path (run directories)")
     parser.add_argument("--video", type=Path, action="append", default=[], help="a video to offer (repeat)")
     parser.add_argument("--port", type=port_number, default=7860)
+    add_encoder_flags(parser)  # for videos: the run's recorded encoder, else --encoder
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     transformers_logging.disable_progress_bar()
     try:
         for video in args.video:
-            if reason := "no such file" if not video.is_file() else not_a_video(video):
+            if not video.is_file():
+                raise InputError(f"--video {missing_file(video)}")
+            if reason := not_a_video(video):
                 raise InputError(f"--video {video}: {reason}")
         check_port(args.port)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
+        use_encoder_of_flags(args, grounder)
+        if args.video or args.encoder:  # loaded now: an encoder it lacks or cannot load is one line
+            _ = grounder.encoder
         app = build_app(grounder, demo_examples(grounder, args.video), args.run.name)
         try:
             launch(app, args.port, block=False)
         except OSError as err:  # taken meanwhile
-            raise port_taken(args.port) from err
+            raise port_taken(args.port, err) from err
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(STOPPED_BY_SIGTERM))  # exit hooks run: clips go
+    terminated: list[int] = []
+
+    def stop(signum: int, _) -> None:  # as Ctrl-C: the server closes and Gradio empties its cache
+        terminated.append(signum)
+        app.close()  # block_thread returns (at once if not yet waiting)
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"serving {args.run} on http://{HOST}:{args.port}", flush=True)  # after: a SIGTERM it prompts
     app.block_thread()
-    return 0
+    return STOPPED_BY_SIGTERM if terminated else 0  # exit hooks run either way: clips go
 
 
 if __name__ == "__main__":

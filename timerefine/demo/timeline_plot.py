@@ -6,6 +6,7 @@ so a browser test can read what was drawn.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from html import escape
 
@@ -42,7 +43,8 @@ def rows_of(answer: Grounding, truth: tuple[float, float] | None) -> list[Row]:
 
 def _ticks(duration: float) -> list[float]:
     """About six round tick times across ``[0, duration]``."""
-    step = next(s for s in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800) if duration / s <= 8)
+    steps = (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800)
+    step = next((s for s in steps if duration / s <= 8), math.ceil(duration / 8 / 3600) * 3600)  # or hours
     return [i * step for i in range(int(duration / step) + 1)]
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -30,10 +30,10 @@ from transformers.utils import logging as transformers_logging
 
 from grounding.answer_format.prompts import normalize_query
 from grounding.text_files import UnreadJSON, decoded_line, json_value
+from timerefine.inference.encoder_flags import add_encoder_flags, use_encoder_of_flags
 from timerefine.inference.grounder import Features, Grounder, Grounding, check_device, check_queries
 from timerefine.inference.video_features import (
     FEATURE_SUFFIXES,
-    EncoderSpec,
     InputError,
     durations_agree,
     missing_file,
@@ -211,24 +211,6 @@ def check_encoder_flags(args: argparse.Namespace, requests: list[Request]) -> No
         raise InputError(f"--{given[0].replace('_', '-')}: the input is features, no video is encoded")
 
 
-def encoder_of_flags(args: argparse.Namespace, grounder: Grounder) -> EncoderSpec | None:
-    """``--encoder`` and its options, sampling the frames the run's own encoder sampled; else the run's
-    recorded encoder in float16 with ``--fp16``; None to keep the run's. ``--no-projection`` without
-    ``--encoder`` would change the recorded encoder's feature size: InputError unless it is its own."""
-    recorded = grounder.encoder_spec
-    if args.encoder is not None:
-        frames = recorded.num_frames if recorded else grounder.run.num_frames
-        return EncoderSpec(args.encoder, not args.no_projection, args.fp16, frames)
-    if recorded is None:
-        return None  # encoding a video then says the run records no encoder
-    if args.no_projection and recorded.projection:
-        raise InputError(
-            f"--no-projection: {grounder.encoder_origin} {recorded.model} keeps its projection, as the "
-            "run's features were made (its pooled output is another size); use it with --encoder"
-        )
-    return replace(recorded, fp16=True) if args.fp16 else None
-
-
 def positive_duration(text: str) -> float:
     """An argparse type: a finite number of seconds > 0."""
     try:
@@ -254,11 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         type=positive_duration,
         help="seconds; needed for a feature file (a video's own, if given)",
     )
-    parser.add_argument("--encoder", help="CLIP vision model (hub name or path) instead of the recorded one")
-    parser.add_argument("--no-projection", action="store_true", help="with --encoder: pooled output")
-    parser.add_argument(
-        "--fp16", action="store_true", help="encode in float16 (--encoder or the recorded one)"
-    )
+    add_encoder_flags(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=at_least_one, default=32, help="queries per generation batch")
     parser.add_argument("overrides", nargs="*", help="model.inference.* keys, e.g. model.inference.final=aux")
@@ -269,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         check_encoder_flags(args, requests)
         check_device(args.device, "--device")
         grounder = Grounder.load(args.run, args.ckpt, args.device, overrides=args.overrides)
-        if encoder := encoder_of_flags(args, grounder):
-            grounder.use_encoder(encoder, "--encoder" if args.encoder else grounder.encoder_origin)
+        use_encoder_of_flags(args, grounder)
         check_lengths(grounder, requests)
         results = ground_all(grounder, requests, args.batch_size)
     except InputError as err:
