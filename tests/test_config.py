@@ -95,10 +95,11 @@ def test_wrong_type_raises(override, key):
 
 @pytest.mark.parametrize("override", ["model=nope", "data=imaginary", "trainer=tpu_pod"])
 def test_unknown_group_option_raises(override):
-    option = override.split("=")[1]
+    """It names the options, without Hydra's config search path (review: a line of noise)."""
     with pytest.raises(ConfigError) as error:
         load_config([override])
-    assert option in str(error.value)
+    assert str(error.value).startswith(f"{override}: no such option; the options: ")
+    assert "search path" not in str(error.value)
 
 
 @pytest.mark.parametrize("data", ["charades_sta", "jsonl"])

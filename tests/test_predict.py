@@ -199,7 +199,7 @@ def bad_inputs(video_run, builtin_run, tmp_path) -> dict[str, tuple[list[str], s
         ),
         "features without duration": (
             [str(wide), "--run", run, *query],
-            "duration: needed with features, which hold no time",
+            "--duration: needed with a feature file, which holds no time",  # review: named "duration:"
         ),
         "no checkpoint": (
             [red, "--run", str(no_ckpt), *query],

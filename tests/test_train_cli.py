@@ -300,3 +300,17 @@ def test_the_folder_a_stopped_run_names_reaches_hydra_as_it_is(folder):
     """Review: printed bare, an ablation's K[model.refine.steps=1] folder was an override Hydra refused."""
     (given,) = shlex.split(folder_override(folder))  # as a shell passes it
     assert load_config([given]).output_dir == folder
+
+
+def test_the_examples_of_help_run(train_main, capsys):
+    """Review: `python train.py --help` showed model=direct trainer.max_steps=200, which every run refused
+    (600 projector steps come first)."""
+    import timerefine.train
+
+    examples = [
+        line.split("#")[0] for line in timerefine.train.__doc__.splitlines() if "python train.py " in line
+    ]
+    assert examples
+    for example in examples:
+        overrides = [word for word in shlex.split(example)[2:] if word not in ("--cfg", "job", "[overrides]")]
+        assert train_main(["--cfg", "job", *overrides]) == 0, capsys.readouterr().err

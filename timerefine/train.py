@@ -1,7 +1,7 @@
 """Train a Video LLM for temporal grounding, test its best checkpoint, and write the run's outputs.
 
 python train.py                                   # TimeRefine on the built-in dataset
-python train.py model=direct trainer.max_steps=200 seed=3 output_dir=runs/x
+python train.py model=direct trainer.max_steps=800 seed=3 output_dir=runs/x   # 600 projector + 200 LM steps
 python train.py --cfg job [overrides]             # print the composed config, run nothing
 """
 

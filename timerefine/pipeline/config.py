@@ -220,6 +220,9 @@ def spec_errors(node: DictConfig, at: str = "") -> list[str]:
 COMPOSED_KEY_ERROR = re.compile(
     r"In '(\w+)/([^']+)': ConfigKeyError raised while composing config: (.+?) full_key: (\S+)"
 )
+UNKNOWN_OPTION = re.compile(
+    r"Could not find '([\w/]+)/([^']+)' Available options in '[^']+': (.*?) Config search path"
+)
 
 
 def _one_line(error: Exception, overrides: list[Override]) -> str:
@@ -232,6 +235,8 @@ def _one_line(error: Exception, overrides: list[Override]) -> str:
         return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which data={data} lacks ({chosen[3]})"
     if chosen:  # a typo in a config file
         return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which is not a config key ({chosen[3]})"
+    if unknown := UNKNOWN_OPTION.search(text):  # without Hydra's search path
+        return f"{unknown[1]}={unknown[2]}: no such option; the options: {', '.join(unknown[3].split())}"
     if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
         return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
     return text or repr(error)

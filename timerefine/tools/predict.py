@@ -141,6 +141,10 @@ def requests_of(args: argparse.Namespace) -> list[Request]:
             raise InputError(missing_file(args.input))
         return read_pairs(args.input)
     check_queries(args.query, "--query")
+    if args.duration is None and args.input.suffix.lower() in FEATURE_SUFFIXES:
+        raise InputError(
+            "--duration: needed with a feature file, which holds no time (the video's length in seconds)"
+        )
     return [
         Request(args.input, query, args.duration, f"--query {number}")
         for number, query in enumerate(args.query, start=1)
