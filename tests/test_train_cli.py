@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -18,6 +21,8 @@ from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.selection import chosen_on_test
 from timerefine.train import folder_override
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -314,3 +319,14 @@ def test_the_examples_of_help_run(train_main, capsys):
     for example in examples:
         overrides = [word for word in shlex.split(example)[2:] if word not in ("--cfg", "job", "[overrides]")]
         assert train_main(["--cfg", "job", *overrides]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_prints_none_of_lightnings_notes_a_user_cannot_act_on(tmp_path):
+    """New-user review: every run printed a deprecation inside Lightning, a note on the module's batch
+    transfer and an advert for a cloud logger."""
+    run = [sys.executable, "train.py", "experiment=tiny", "trainer.max_steps=2", f"output_dir={tmp_path}"]
+    done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for note in ("LeafSpec", "transfer_batch_to_device", "litlogger"):
+        assert note not in done.stdout + done.stderr, note

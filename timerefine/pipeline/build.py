@@ -4,6 +4,7 @@ datamodule (with the answer codec it shares with the model), model, callbacks, l
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +62,16 @@ from timerefine.pipeline.schema import ModelConfig
 from timerefine.pipeline.strategy import build_strategy
 
 log = logging.getLogger(__name__)
+
+# Lightning's notes that no user of this project can act on: its own deprecated call into torch, the
+# module's batch transfer (which it means to use), and an advert for a cloud logger.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`"
+)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in str(record.msg)
+)
 
 # trainer.strategy=ddp with projector steps, in which the LM is unused (DDP refuses that by default)
 UNUSED_PARAMETERS = "ddp_find_unused_parameters_true"
