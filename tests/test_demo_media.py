@@ -23,3 +23,12 @@ def test_a_stream_that_starts_at_2_s_shows_the_moment_the_grounding_saw(tmp_path
     with av.open(str(cut_clip(video, 1.0, 2.0, tmp_path / "clip.webm"))) as clip:
         shown = [red(frame.to_ndarray(format="rgb24")) for frame in clip.decode(video=0)]
     assert len(shown) >= 9 and sum(shown) >= 9
+
+
+def test_a_seek_that_lands_past_a_keyframe_shows_pictures_not_grey(tmp_path):
+    """Review: in an MPEG-TS file the seek lands on a frame that is not a keyframe, which decodes grey."""
+    video = write_moment_video(tmp_path / "moment.ts", 4.0, "red", 1.0, 2.0, fps=10)
+    assert [red(image) for image in frames_at(video, [0.5, 1.5, 2.5])] == [False, True, False]
+    with av.open(str(cut_clip(video, 1.0, 2.0, tmp_path / "clip.webm"))) as clip:
+        shown = [red(frame.to_ndarray(format="rgb24")) for frame in clip.decode(video=0)]
+    assert len(shown) >= 9 and sum(shown) >= 9

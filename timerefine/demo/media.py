@@ -3,6 +3,7 @@ videos that have only features (the built-in data), an image of the features ove
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -19,6 +20,29 @@ def _even(value: float) -> int:
     return max(2, int(value) // 2 * 2)
 
 
+def decoded_from(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, seconds: float
+) -> Iterator[tuple[float | None, av.VideoFrame]]:
+    """``(seconds from the stream's start, frame)`` from a keyframe at or before ``seconds`` on. A seek
+    can land past a keyframe (MPEG-TS): what decodes before the next one is no picture (grey), so those
+    frames are dropped, and a first keyframe after ``seconds`` has the seek go further back."""
+    offset, back = stream_start(stream), 0.0
+    while True:
+        earliest = max(seconds - back, 0.0)
+        container.seek(int((earliest + offset) / stream.time_base), stream=stream, backward=True)
+        frames = container.decode(stream)
+        key = next((frame for frame in frames if frame.key_frame), None)  # what comes before: dropped
+        if key is None:
+            return
+        shown = None if key.time is None else key.time - offset
+        if shown is None or shown <= seconds + 1e-6 or earliest == 0.0:
+            yield shown, key
+            for frame in frames:
+                yield (None if frame.time is None else frame.time - offset), frame
+            return
+        back = max(2 * back, 1.0)
+
+
 def frames_at(video: Path, times: list[float]) -> list[np.ndarray]:
     """RGB frames ``(H, W, 3)`` shown at each of ``times`` (seconds from the stream's start, as the
     grounding counts them), scaled to the thumbnail height."""
@@ -27,12 +51,11 @@ def frames_at(video: Path, times: list[float]) -> list[np.ndarray]:
         stream = container.streams.video[0]
         scale = THUMBNAIL_HEIGHT / stream.codec_context.height
         size = {"width": _even(stream.codec_context.width * scale), "height": THUMBNAIL_HEIGHT}
-        offset = stream_start(stream)
         for time in times:
-            container.seek(int((time + offset) / stream.time_base), stream=stream, backward=True)
             frame = None
-            for frame in container.decode(stream):  # stops at the first frame shown at ``time``
-                if frame.time is not None and frame.time - offset + 1e-6 >= time:
+            for shown, decoded in decoded_from(container, stream, time):  # to the first shown at ``time``
+                frame = decoded
+                if shown is not None and shown + 1e-6 >= time:
                     break
             if frame is not None:
                 found.append(frame.to_ndarray(format="rgb24", **size))
@@ -49,8 +72,6 @@ def cut_clip(video: Path, start: float, end: float, out: Path) -> Path:
         encoder = target.add_stream("libvpx", rate=rate)
         encoder.width, encoder.height = _even(stream.codec_context.width), _even(stream.codec_context.height)
         encoder.pix_fmt, encoder.bit_rate = "yuv420p", 2_000_000
-        offset = stream_start(stream)
-        source.seek(int((start + offset) / stream.time_base), stream=stream, backward=True)
 
         def add(frame: av.VideoFrame) -> None:
             image = frame.reformat(width=encoder.width, height=encoder.height, format="yuv420p")
@@ -59,15 +80,15 @@ def cut_clip(video: Path, start: float, end: float, out: Path) -> Path:
                 target.mux(packet)
 
         written, before = 0, None
-        for frame in source.decode(stream):
-            if frame.time is None or frame.time - offset + 1e-6 < start:
+        for shown, frame in decoded_from(source, stream, start):
+            if shown is None or shown + 1e-6 < start:
                 before = frame
                 continue
-            if written and frame.time - offset > end:
+            if written and shown > end:
                 break
             add(frame)
             written += 1
-            if frame.time - offset > end:  # the one frame of a segment shorter than a frame interval
+            if shown > end:  # the one frame of a segment shorter than a frame interval
                 break
         if not written and before is not None:  # a segment past the last frame
             add(before)
