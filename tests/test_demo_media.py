@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import av
 import numpy as np
+import pytest
 
 from tests.inference_runs import write_moment_video
-from timerefine.demo.media import cut_clip, frames_at
+from timerefine.demo.media import cut_clip, decoded_from, frames_at
 from timerefine.inference.frame_encoder import sample_frames
 
 
@@ -32,3 +35,23 @@ def test_a_seek_that_lands_past_a_keyframe_shows_pictures_not_grey(tmp_path):
     with av.open(str(cut_clip(video, 1.0, 2.0, tmp_path / "clip.webm"))) as clip:
         shown = [red(frame.to_ndarray(format="rgb24")) for frame in clip.decode(video=0)]
     assert len(shown) >= 9 and sum(shown) >= 9
+
+
+class NoKeyframes:
+    """A container whose frames are none of them keyframes, as in a stream of intra refresh."""
+
+    def __init__(self, container) -> None:
+        self.container = container
+
+    def seek(self, *args, **kwargs) -> None:
+        self.container.seek(*args, **kwargs)
+
+    def decode(self, stream):
+        return (SimpleNamespace(key_frame=False, time=f.time) for f in self.container.decode(stream))
+
+
+def test_a_stream_without_keyframes_gives_every_frame_from_its_start(tmp_path):
+    video = write_moment_video(tmp_path / "moment.mp4", 2.0, "red", 1.0, 2.0, fps=10)
+    with av.open(str(video)) as container:
+        times = [t for t, _ in decoded_from(NoKeyframes(container), container.streams.video[0], 1.5)]
+    assert times == pytest.approx([i / 10 for i in range(20)])

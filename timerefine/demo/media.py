@@ -25,20 +25,25 @@ def decoded_from(
 ) -> Iterator[tuple[float | None, av.VideoFrame]]:
     """``(seconds from the stream's start, frame)`` from a keyframe at or before ``seconds`` on. A seek
     can land past a keyframe (MPEG-TS): what decodes before the next one is no picture (grey), so those
-    frames are dropped, and a first keyframe after ``seconds`` has the seek go further back."""
+    frames are dropped, and a first keyframe after ``seconds`` has the seek go further back. A stream
+    without keyframes (intra refresh) gives every frame from its start."""
     offset, back = stream_start(stream), 0.0
+
+    def shown(frame: av.VideoFrame) -> float | None:
+        return None if frame.time is None else frame.time - offset
+
     while True:
         earliest = max(seconds - back, 0.0)
         container.seek(int((earliest + offset) / stream.time_base), stream=stream, backward=True)
         frames = container.decode(stream)
         key = next((frame for frame in frames if frame.key_frame), None)  # what comes before: dropped
-        if key is None:
+        if key is None and earliest == 0.0:
+            container.seek(int(offset / stream.time_base), stream=stream, backward=True)
+            yield from ((shown(frame), frame) for frame in container.decode(stream))
             return
-        shown = None if key.time is None else key.time - offset
-        if shown is None or shown <= seconds + 1e-6 or earliest == 0.0:
-            yield shown, key
-            for frame in frames:
-                yield (None if frame.time is None else frame.time - offset), frame
+        if key is not None and (key.time is None or shown(key) <= seconds + 1e-6 or earliest == 0.0):
+            yield shown(key), key
+            yield from ((shown(frame), frame) for frame in frames)
             return
         back = max(2 * back, 1.0)
 
