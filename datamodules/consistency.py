@@ -1,5 +1,6 @@
 """What no single annotation line shows, found across a dataset's splits: a video given two
-durations, and a (video, query) pair that training has seen and evaluation scores again."""
+durations, a (video, query) pair that training has seen and evaluation scores again, and an evaluated
+video whose frames training has seen with other queries."""
 
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ def seen_in_training(splits: Mapping[str, Sequence[GroundingRecord]]) -> dict[st
     return found
 
 
+def videos_seen_in_training(
+    splits: Mapping[str, Sequence[GroundingRecord]],
+) -> dict[str, tuple[list[str], int]]:
+    """Per evaluated split, its videos that training also holds (with other queries, or the same) and
+    how many videos it has: the model has seen their frames, so their scores are not of unseen video."""
+    trained = {r.video_id for r in splits.get(TRAINED, ())}
+    found = {}
+    for split, records in splits.items():
+        videos = dict.fromkeys(r.video_id for r in records)
+        if split != TRAINED and (seen := [v for v in videos if v in trained]):
+            found[split] = (seen, len(videos))
+    return found
+
+
 def consistency_warnings(name: str, splits: Mapping[str, Sequence[GroundingRecord]]) -> list[str]:
     """The warnings to log for dataset ``name``, each with its count and first examples."""
     warnings = []
@@ -60,5 +75,10 @@ def consistency_warnings(name: str, splits: Mapping[str, Sequence[GroundingRecor
         warnings.append(
             f"{name} {split}: {len(lines)} of {len(splits[split])} queries are also training queries "
             f"(same video and query), so their scores measure memory, e.g. {'; '.join(lines[:EXAMPLES])}"
+        )
+    for split, (videos, count) in videos_seen_in_training(splits).items():
+        warnings.append(
+            f"{name} {split}: {len(videos)} of {count} videos are also training videos, so their frames "
+            f"were trained on (scores of seen video), e.g. {', '.join(videos[:EXAMPLES])}"
         )
     return warnings

@@ -1,5 +1,5 @@
 """Warnings that only the splits together can give: a video with two durations, a test query that is
-also a training query. Each is counted and logged with examples naming ``file:line``; real data
+also a training query, a test video that is also a training video. Each is counted and logged with examples naming ``file:line``; real data
 (the built-in, Charades-STA) gives neither."""
 
 from __future__ import annotations
@@ -8,7 +8,12 @@ import json
 import logging
 from pathlib import Path
 
-from datamodules.consistency import consistency_warnings, duration_conflicts, seen_in_training
+from datamodules.consistency import (
+    consistency_warnings,
+    duration_conflicts,
+    seen_in_training,
+    videos_seen_in_training,
+)
 from grounding.records import GroundingRecord
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
@@ -52,10 +57,19 @@ def test_a_test_query_seen_in_training_is_found_whatever_its_case_and_period():
 def test_the_warnings_count_and_cap_their_examples():
     train = [record(f"t{i}", f"v{i}", "q", where=f"train.jsonl:{i}") for i in range(5)]
     test = [record(f"s{i}", f"v{i}", "q", 30.0, f"test.jsonl:{i}") for i in range(5)]
-    durations, seen = consistency_warnings("jsonl", {"train": train, "test": test})
+    durations, seen, videos = consistency_warnings("jsonl", {"train": train, "test": test})
     assert durations.startswith("jsonl: 5 queries give their video another duration")
     assert seen.startswith("jsonl test: 5 of 5 queries are also training queries")
     assert seen.count("test.jsonl:") == 3
+    assert videos.startswith("jsonl test: 5 of 5 videos are also training videos") and "v2, v3" not in videos
+
+
+def test_a_test_video_trained_on_with_other_queries_is_counted_once():
+    """Review (datasets): a test video whose other queries were trained on passed without a word."""
+    train = [record("t1", "v1", "a person opens the door"), record("t2", "v9", "someone sits")]
+    test = [record("s1", "v1", "a person closes the door"), record("s2", "v1", "x"), record("s3", "v2", "y")]
+    assert videos_seen_in_training({"train": train, "test": test}) == {"test": (["v1"], 2)}
+    assert videos_seen_in_training({"train": train, "val": [record("s3", "v2", "y")]}) == {}
 
 
 def write(path: Path, entries: list[dict]) -> None:
