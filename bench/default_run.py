@@ -7,17 +7,17 @@
         --env MKL_ENABLE_INSTRUCTIONS=AVX2         # the default run as on a CPU without bf16, vs as here
 
 Prints ``wall_s`` (seconds from launch to exit), ``cpu_s`` (the child's user + system CPU seconds: with
-``--threads 1`` less inflated than wall_s on a shared machine; with more threads, waiting threads
-spin and inflate it), ``peak_rss_mb`` (the child's peak resident memory),
-``test_mIoU`` and ``prior_mIoU`` (the best constant segment, from the run's ``metrics.json``), and
-with ``--profile`` (Lightning's SimpleProfiler, ``+trainer.profiler=simple``) where the time went:
-``train_steps_s`` (forward, backward, optimizer), ``data_s``, ``val_s``, ``test_s``,
-``checkpoint_s`` and ``other_s`` (start-up: imports, data generation, tokenizer training; the prior;
-outputs). With ``--reference`` a run with those overrides takes turns with the run (``--rounds``
-times, the reference first in even rounds and the run in odd ones, so both see the machine alike); figures are medians over the rounds and
-``wall_ratio`` is the median of the per-round wall_s / reference wall_s. ``--env`` sets environment
-variables of the run only (not the reference), e.g. to emulate a CPU without bf16 instructions; the
-precision each run chose (``trainer.precision: auto``) is printed from its ``metrics.json``.
+``--threads 1`` less inflated than wall_s on a shared machine; with more threads, waiting threads spin
+and inflate it), ``peak_rss_mb`` (the child's peak resident memory), ``test_mIoU`` and ``prior_mIoU``
+(the best constant segment, from the run's ``metrics.json``), and with ``--profile`` (Lightning's
+SimpleProfiler, ``+trainer.profiler=simple``) where the time went: ``train_steps_s`` (forward, backward,
+optimizer), ``data_s``, ``val_s``, ``test_s``, ``checkpoint_s`` and ``other_s`` (start-up: imports, data
+generation, tokenizer training; the prior; outputs). With ``--reference`` a run with those overrides
+takes turns with the run (``--rounds`` times, the reference first in even rounds and the run in odd ones,
+so both see the machine alike); figures are medians over the rounds and ``wall_ratio`` is the median of
+the per-round wall_s / reference wall_s. ``--env`` sets environment variables of the run only (not the
+reference), e.g. to emulate a CPU without bf16 instructions; the precision each run chose
+(``trainer.precision: auto``) is printed from its ``metrics.json``.
 """
 
 from __future__ import annotations

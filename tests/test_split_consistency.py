@@ -1,6 +1,6 @@
-"""Warnings that only the splits together can give: a video with two durations, a test query that is
-also a training query, a test video that is also a training video. Each is counted and logged with examples naming ``file:line``; real data
-(the built-in, Charades-STA) gives neither."""
+"""Warnings that only the splits together can give: a video with two durations, a test query that is also
+a training query, a test video that is also a training video. Each is counted and logged with examples
+naming ``file:line``; real data (the built-in, Charades-STA) gives none."""
 
 from __future__ import annotations
 
