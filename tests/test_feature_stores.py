@@ -250,28 +250,6 @@ def test_pack_cli_counts_are_at_least_one(folder, tmp_path, capsys, option):
     assert not (tmp_path / "packed").exists()
 
 
-def test_packed_store_rejects_plain_folder(folder, tmp_path):
-    """Review: a folder read as packed named neither the key nor the fix, as the reverse mistake does;
-    then an unfinished pack, an empty folder and a file were all told to set features=folder."""
-    with pytest.raises(
-        StoreMismatchError, match=f"feature_path={folder}: .*; set data.source.features=folder"
-    ):
-        PackedFeatureStore(folder)
-    with pytest.raises(FileNotFoundError, match=r"feature_path=.*: no such packed feature store"):
-        PackedFeatureStore(tmp_path / "absent")
-    unfinished, empty, file = tmp_path / "unfinished", tmp_path / "empty", next(folder.iterdir())
-    (unfinished / "index.json").parent.mkdir()
-    (unfinished / "index.json").write_text("{}")
-    empty.mkdir()
-    for path, named in (
-        (unfinished, "an unfinished pack"),
-        (empty, "no timerefine_features.json .not made by"),
-        (file, "a file, not"),
-    ):
-        with pytest.raises(StoreMismatchError, match=f"feature_path={path}: {named}"):
-            PackedFeatureStore(path)
-
-
 def record(qid: str, video_id: str, query: str, start: float, end: float, duration: float = 10.0):
     return GroundingRecord(qid, video_id, query, duration, start, end)
 
