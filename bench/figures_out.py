@@ -59,9 +59,10 @@ def machine() -> str:
 
 
 def in_turns(arms: list[Arm], round_: int) -> list[Arm]:
-    """The order of the arms in round ``round_``: as given in even rounds, reversed in odd ones, so no arm
-    always goes first (the first to run after start-up meets cold caches)."""
-    return arms if round_ % 2 == 0 else arms[::-1]
+    """The order of the arms in round ``round_``: rotated by one each round, so each goes first as often
+    as the others (the first to run after start-up meets cold caches)."""
+    shift = round_ % len(arms)
+    return arms[shift:] + arms[:shift]
 
 
 def interleaved(runs: dict[Arm, Callable[[], object]], rounds: int) -> dict[Arm, list[float]]:

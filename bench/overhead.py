@@ -34,7 +34,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from bench.figures_out import machine, median_ratio, print_figures
+from bench.figures_out import in_turns, machine, median_ratio, print_figures
 from lightning_modules.grounding_module import GroundingModule
 from timerefine.inference.run_loading import precision_plugin
 from timerefine.pipeline.arguments import at_least, at_least_one
@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     startup: dict[str, list[float]] = {"project": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
-            raw = raw_loop(modules["raw"], datamodule, steps, args.warmup, steps, precision, clip)
-            seconds["raw"].append(raw)
-            for name in ("project", "bare"):
+            for name in in_turns(list(modules), round_):
+                if name == "raw":
+                    raw = raw_loop(modules["raw"], datamodule, steps, args.warmup, steps, precision, clip)
+                    seconds["raw"].append(raw)
+                    continue
                 clock = StepClock(args.warmup)
                 if name == "project":
                     trainer = build_trainer(cfg, Path(tmp) / f"{name}{round_}", modules[name])

@@ -9,7 +9,7 @@ The first ``--pairs`` test queries of the run's data are written as feature file
 its own video) and, as the requests a pairs file makes, :func:`timerefine.tools.predict.ground_all`
 answers them with ``--batch-size 1`` (the reference: one batch of one per video) and with
 ``--batch-size``, after an untimed batch of each, the two taking turns for ``--rounds`` rounds (who goes
-first alternates). Prints ``speedup_pairs_batched`` (the median of the rounds' ratios, one at a time's
+first rotates). Prints ``speedup_pairs_batched`` (the median of the rounds' ratios, one at a time's
 seconds over batched; no target), both arms' rates (queries/s in their median round) and test mIoUs, and
 ``match_answers``, the share of queries whose answer text is the same both ways (fp32: 1, a padded batch
 moving floats by rounding only; under bf16 autocast a batch rounds otherwise, and near ties of the greedy

@@ -224,7 +224,7 @@ def not_packed(path: Path) -> NoReturn:
         raise FileNotFoundError(f"{key}: no such packed feature store ({path / PACKED_META} not found)")
     if not path.is_dir():
         raise StoreMismatchError(f"{key}: a file, not a packed feature store (a folder)")
-    if (path / "index.json").is_file():  # litdata's, written before the metadata, which comes last
+    if (path / "index.json").is_file() or any(path.glob("chunk-*.bin")):  # litdata's; the metadata comes last
         raise StoreMismatchError(f"{key}: an unfinished pack (no {PACKED_META}); pack the features again")
     if any(child.suffix in SPELLINGS for child in path.iterdir()):
         raise StoreMismatchError(f"{key}: a folder of feature files; set data.source.features=folder")

@@ -93,12 +93,17 @@ def test_wrong_type_raises(override, key):
     assert key in str(error.value)
 
 
-@pytest.mark.parametrize("override", ["model=nope", "data=imaginary", "trainer=tpu_pod"])
+@pytest.mark.parametrize(
+    "override", ["model=nope", "data=imaginary", "trainer=tpu_pod", "experiment=paper/x"]
+)
 def test_unknown_group_option_raises(override):
     """It names the options, without Hydra's config search path (review: a line of noise)."""
     with pytest.raises(ConfigError) as error:
         load_config([override])
     assert str(error.value).startswith(f"{override}: no such option; the options: ")
+    assert "search path" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"model/x") as error:  # an option in a list
+        load_config(["model=[direct,x]"])
     assert "search path" not in str(error.value)
 
 

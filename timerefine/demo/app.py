@@ -65,11 +65,14 @@ class Example:
 def unique(labels: list[str]) -> list[str]:
     """``labels`` with a repeat numbered (``label (2)``): a query asked twice of a video, with other
     times (ActivityNet has such), stays two choices."""
-    seen: dict[str, int] = {}
-    numbered = []
+    originals, used, numbered = set(labels), set(), []
     for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        numbered.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+        chosen, number = label, 1
+        while chosen in used or (chosen != label and chosen in originals):  # a number no label has
+            number += 1
+            chosen = f"{label} ({number})"
+        used.add(chosen)
+        numbered.append(chosen)
     return numbered
 
 
@@ -298,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.port)
         grounder = Grounder.load(args.run, args.ckpt, args.device)
         use_encoder_of_flags(args, grounder)
+        grounder.encoder_advice = "give --encoder"  # the demo takes video files only
         if args.video or args.encoder:  # loaded now: an encoder it lacks or cannot load is one line
             _ = grounder.encoder
         app = build_app(grounder, demo_examples(grounder, args.video), args.run.name)

@@ -142,6 +142,11 @@ def check_device(device: str, name: str = "device") -> None:
 class Grounder:
     """A trained model that answers grounding queries about any video."""
 
+    # What the error of a run without an encoder advises (a command line says its own flag).
+    encoder_advice = (
+        "give an encoder (Grounder's encoder argument, timerefine-predict --encoder) or a feature file"
+    )
+
     def __init__(self, run: LoadedRun, encoder: EncoderSpec | None = None, origin: str = "encoder") -> None:
         """``origin`` names where ``encoder`` came from in messages (a flag, or the record it was read from)."""
         self.run, self.encoder_spec, self.encoder_origin = run, encoder, origin
@@ -214,8 +219,7 @@ class Grounder:
                     why = f"{self.run.weights / MANIFEST} records none: not found when exported, or its"
                 raise InputError(
                     f"the run records no video encoder ({why} features were not made by "
-                    "timerefine-extract-features): give an encoder (Grounder's encoder argument, "
-                    "timerefine-predict --encoder) or a feature file"
+                    f"timerefine-extract-features): {self.encoder_advice}"
                 )
             try:
                 encoder = ClipFrameEncoder(

@@ -221,7 +221,7 @@ COMPOSED_KEY_ERROR = re.compile(
     r"In '(\w+)/([^']+)': ConfigKeyError raised while composing config: (.+?) full_key: (\S+)"
 )
 UNKNOWN_OPTION = re.compile(
-    r"Could not find '([\w/]+)/([^']+)' Available options in '[^']+': (.*?) Config search path"
+    r"Could not find '([^']+)' Available options in '([^']+)': (.*?) Config search path"
 )
 
 
@@ -236,10 +236,11 @@ def _one_line(error: Exception, overrides: list[Override]) -> str:
     if chosen:  # a typo in a config file
         return f"{chosen[1]}={chosen[2]} sets {chosen[4]}, which is not a config key ({chosen[3]})"
     if unknown := UNKNOWN_OPTION.search(text):  # without Hydra's search path
-        return f"{unknown[1]}={unknown[2]}: no such option; the options: {', '.join(unknown[3].split())}"
+        group, options = unknown[2], ", ".join(unknown[3].split())
+        return f"{group}={unknown[1].removeprefix(group + '/')}: no such option; the options: {options}"
     if keys and isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
         return f"{max(keys, key=len)}: {cause.msg.splitlines()[0]}"
-    return text or repr(error)
+    return text.split(" Config search path:")[0] or repr(error)
 
 
 def composed_config(overrides: list[str], name: str = "train", config_dir: Path = CONF_DIR) -> DictConfig:
