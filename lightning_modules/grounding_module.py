@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from grounding.answer_format.codec import AnswerCodec
 from grounding.answer_format.layout import spaced
@@ -188,6 +189,21 @@ class GroundingModule(L.LightningModule):
             return
         if not torch.isfinite(torch.stack([grad.detach().norm() for grad in grads])).all():
             raise diverged("the gradients are not finite", self.global_step, self.optim.lr)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, except by norm under FSDP, which Lightning's FSDP precision refuses:
+        there the root unit clips by the norm of every rank's shards together."""
+        root = self.trainer.strategy.model
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and isinstance(root, FullyShardedDataParallel):
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:

@@ -1,4 +1,5 @@
-"""FSDP on 2 CPU processes (gloo): weight-decay groups of flattened shards, ranks in step while decoding.
+"""FSDP on 2 CPU processes (gloo): weight-decay groups of flattened shards, gradients clipped by the norm
+of every rank's shards, ranks in step while decoding.
 
 torch's FSDP (``use_orig_params=True``, decoder layers auto-wrapped, as ``pipeline/strategy.py`` builds
 it) runs on CPU with gloo; Lightning's ``FSDPStrategy`` refuses ``accelerator=cpu``, so the module is
@@ -20,12 +21,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from lightning_modules.decoding import InferenceSpec
 from lightning_modules.generation import Generation, generate
+from lightning_modules.grounding_module import GroundingModule
+from lightning_modules.grpo_module import GRPOModule, GRPOSpec
 from lightning_modules.language_model import LoraSpec
+from lightning_modules.optimization import OptimSpec
 from tests import helpers
 from timerefine.pipeline.strategy import decoder_layer_classes
 
@@ -130,6 +136,81 @@ def test_fsdp_weight_decay_groups_match_the_unsharded_model(
         assert set(no_decay["names"]) == set(rank["full_ndim"]) - matrices
         assert all(any(part in n for n in decay["names"]) for part in decayed)
         assert all(any(part in n for n in no_decay["names"]) for part in not_decayed)
+
+
+# ---- gradient clipping -----------------------------------------------------------------------------
+
+MAX_NORM = 1e-3
+
+
+class _Training(nn.Module):
+    """The training loss inside the root unit's forward, as Lightning's FSDP strategy runs training_step."""
+
+    def __init__(self, module: GroundingModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.module._losses(batch)["loss"]
+
+
+def _clipped_module(grpo: bool) -> GroundingModule:
+    base = helpers.module(refine_steps=1).eval()  # no dropout: the sharded and unsharded losses are one
+    if not grpo:
+        return base
+    spec = OptimSpec(warmup_steps=1)
+    return GRPOModule(
+        base.model, base.codec, 1.0, spec, InferenceSpec(), grpo=GRPOSpec(), max_grad_norm=MAX_NORM
+    )
+
+
+def _gradient_norm(module: nn.Module, across_ranks: bool) -> float:
+    square = torch.stack([p.grad.pow(2).sum() for p in module.parameters() if p.grad is not None]).sum()
+    if across_ranks:
+        dist.all_reduce(square)
+    return square.sqrt().item()
+
+
+def _clipped_norms(grpo: bool) -> dict[str, float]:
+    """The gradient's norm unsharded, and sharded before and after the module clips it."""
+    batch = helpers.batch(refine_steps=1)  # the same on both ranks: FSDP's mean gradient is this batch's
+    unsharded = _clipped_module(grpo)
+    unsharded._losses(batch)["loss"].backward()
+    module = _clipped_module(grpo)
+    wrapped = _shard(_Training(module), module.model.lm)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False)
+    module.trainer.strategy.model = wrapped  # as Lightning's FSDPStrategy holds the root unit
+    module.trainer.strategy.precision_plugin = FSDPPrecision("32-true")
+    wrapped(batch).backward()
+    before = _gradient_norm(module, across_ranks=True)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+    if grpo:
+        module.on_before_optimizer_step(optimizer)
+    else:  # Lightning's call, with trainer.gradient_clip_val
+        module.configure_gradient_clipping(optimizer, MAX_NORM, "norm")
+    after = _gradient_norm(module, across_ranks=True)
+    return {"reference": _gradient_norm(unsharded, across_ranks=False), "before": before, "after": after}
+
+
+def _clipping(rank: int, store: str, out: str) -> None:
+    _init(rank, store)
+    result = {stage: _clipped_norms(stage == "grpo") for stage in ("supervised", "grpo")}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    _shut_down()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_clips_by_the_norm_of_every_ranks_shards(tmp_path: Path) -> None:
+    """``trainer.gradient_clip_val`` (1.0 by default) under FSDP, supervised and in GRPO: Lightning's FSDP
+    precision refuses clipping by norm, so every FSDP run stopped at its first step; the norm must be
+    the whole gradient's, over both ranks' shards (each rank clipping its own shards would leave it
+    sqrt(2) x too large)."""
+    for rank in _spawn(_clipping, tmp_path):
+        for stage in rank.values():
+            assert stage["before"] == pytest.approx(stage["reference"], rel=1e-4)
+            assert stage["before"] > 10 * MAX_NORM
+            assert stage["after"] == pytest.approx(MAX_NORM, rel=1e-3)
 
 
 # ---- free decoding ---------------------------------------------------------------------------------
