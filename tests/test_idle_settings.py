@@ -59,6 +59,30 @@ def test_settings_given_that_nothing_reads_are_named(overrides, warnings):
     assert list(idle_settings(load_config(overrides), overrides)) == warnings
 
 
+@pytest.mark.parametrize(
+    ("overrides", "warnings"),
+    [
+        (  # before (review): accepted without a word
+            ["grpo.refine_bonus=0.5", "grpo.epsilon=0.3", "model.refine.on_policy.fraction=0.5"],
+            [
+                "model.refine.on_policy.fraction=0.5 is not read: GRPO trains on its own samples, not on "
+                "on-policy targets",
+                "grpo.refine_bonus=0.5 is not read: only the refine_gain reward (grpo.reward) reads it",
+                "grpo.epsilon=0.3 is not read: the ratio of a rollout's one step (grpo.num_iterations=1) is "
+                "1, never clipped",
+            ],
+        ),
+        (["grpo.reward=[refine_gain]", "grpo.refine_bonus=0.5"], []),
+        (["grpo.num_iterations=2", "grpo.epsilon=0.3"], []),
+    ],
+)
+def test_grpo_settings_that_nothing_reads_are_named(tmp_path, overrides, warnings):
+    (tmp_path / "checkpoints").mkdir()  # a run folder to start from, as the schema checks one
+    (tmp_path / "config.yaml").touch()
+    grpo = ["experiment=grpo", f"init_from_run={tmp_path}", *overrides]
+    assert list(idle_settings(load_config(grpo), grpo)) == warnings
+
+
 def test_a_run_warns_of_them(tmp_path, caplog):
     """Before: model.lora.r=8 (README's own example) trained with LoRA off, and said nothing."""
     run = ["experiment=tiny", "trainer.max_steps=1", "test=false", f"output_dir={tmp_path / 'run'}"]

@@ -367,7 +367,18 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
         unread |= {f"model.refine.on_policy.{key}": direct for key in model.refine.on_policy}
     if not cfg.grpo.enabled:
         unread |= {f"grpo.{key}": "GRPO is off (grpo.enabled=false)" for key in cfg.grpo if key != "enabled"}
-    elif "gradient_clip_algorithm" in cfg.trainer:
+        return unread
+    sampled = "GRPO trains on its own samples, not on on-policy targets"
+    unread |= {
+        f"model.refine.on_policy.{key}": sampled for key in model.refine.on_policy if model.refine.steps
+    }
+    if "refine_gain" not in cfg.grpo.reward:
+        unread["grpo.refine_bonus"] = "only the refine_gain reward (grpo.reward) reads it"
+    if cfg.grpo.num_iterations == 1:
+        unread["grpo.epsilon"] = (
+            "the ratio of a rollout's one step (grpo.num_iterations=1) is 1, never clipped"
+        )
+    if "gradient_clip_algorithm" in cfg.trainer:
         unread["trainer.gradient_clip_algorithm"] = "GRPO clips the gradient norm (trainer.gradient_clip_val)"
     return unread
 
