@@ -30,7 +30,7 @@ from grounding.checks import NON_NEGATIVE, Checked, checked, integer, items, num
 from grounding.metrics.rewards import REWARDS, Answer, total_reward
 from grounding.metrics.windows import record_iou
 from lightning_modules.base_weights import weights_digest
-from lightning_modules.generation import Generation, Sampling, generate
+from lightning_modules.generation import Generation, Sampling, choosable_placeholder, generate
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.grpo_loss import group_advantages, grpo_loss, no_signal_share
 from lightning_modules.optimization import finite_loss
@@ -335,17 +335,20 @@ class GRPOModule(GroundingModule):
 
     # ---- the loss ---------------------------------------------------------------------------------
     def token_logps(self, model: VideoLLM, rollout: Rollout) -> tuple[torch.Tensor, Any]:
-        """(N, T - 1) log-probabilities of the chosen tokens at the counted places (0 elsewhere),
-        logits divided by the sampling temperature (when > 0), and the model's output."""
+        """(N, T - 1) log-probabilities of the chosen tokens at the counted places (0 elsewhere) under
+        the policy sampled (logits divided by the temperature when > 0, over the layout's tokens or,
+        free, all but the placeholder; not top_p's cut, as TRL), and the model's output."""
         out = model(rollout.input_ids, rollout.attention_mask, rollout.features, rollout.labels)
         logits = out.logits.float()  # (labelled tokens, vocabulary), row-major
         if self.grpo.temperature > 0:
             logits = logits / self.grpo.temperature
         labelled = rollout.labels[:, 1:] != IGNORE_INDEX
         counted = rollout.mask[labelled]  # which labelled tokens count
-        if rollout.allowed is None:
-            targets = rollout.labels[:, 1:][labelled][counted]
-            chosen = F.log_softmax(logits[counted], -1).gather(1, targets[:, None]).squeeze(1)
+        if rollout.allowed is None:  # free: sampled without the placeholder
+            targets, scores = rollout.labels[:, 1:][labelled][counted], logits[counted]
+            if (placeholder := choosable_placeholder(model)) is not None:
+                scores = scores.index_fill(-1, torch.tensor([placeholder], device=scores.device), -torch.inf)
+            chosen = F.log_softmax(scores, -1).gather(1, targets[:, None]).squeeze(1)
         else:
             scores = logits[counted].gather(1, rollout.allowed.clamp(min=0))
             scores = scores.masked_fill(rollout.allowed < 0, -torch.inf)
