@@ -22,8 +22,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import strategy as lightning_strategy
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 # (owner, private member, the parameters it must take; None for a plain attribute)
 INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
@@ -43,11 +47,13 @@ INTERNALS: list[tuple[type, str, tuple[str, ...] | None]] = [
     (_SignalConnector, "_sigterm_notifier_fn", ("self", "signum", "_")),
     (_SignalConnector, "received_sigterm", None),
     (_CheckpointConnector, "_hpc_resume_path", None),
+    (FSDPStrategy, "_setup_model", ("self", "model")),
 ]
 # (module, private name): module-level internals (a sharded checkpoint's layout)
 MODULE_INTERNALS: list[tuple[object, str]] = [
     (fabric_load, "_METADATA_FILENAME"),
     (fabric_load, "_load_distributed_checkpoint"),
+    (lightning_strategy, "_ForwardRedirection"),
 ]
 
 
@@ -293,6 +299,29 @@ class ContinuingCSVLogger(CSVLogger):
         return self._experiment
 
 
+# ---- FSDP: the root unit kept, a module's method called from a callback ------------------------------
+class KeptRootFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy whose validation and test after fitting use the fit's root unit: given
+    the module again, Lightning found its decoder layers wrapped and left the root off, so every other
+    layer saw its flat shard ("'weight' must be 2-D"; Lightning issue 19015)."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        root = getattr(self, "_root", None)
+        if isinstance(root, FullyShardedDataParallel) and root.module is model:
+            return root
+        self._root = super()._setup_model(model)
+        return self._root
+
+
+def as_a_step(trainer: L.Trainer, module: L.LightningModule, method: str, *args: Any) -> Any:
+    """``module.<method>(*args)`` as Lightning calls a step: under FSDP inside the root unit's forward,
+    which gathers the sharded weights (called directly, a layer saw its flat shard); on every rank."""
+    root = trainer.strategy.model
+    if isinstance(root, FullyShardedDataParallel):
+        return lightning_strategy._ForwardRedirection()(root, module, method, *args)
+    return getattr(module, method)(*args)
+
+
 # ---- sharded (FSDP) checkpoints: folders ------------------------------------------------------
 def sharded_checkpoint_metadata(folder: Path) -> Path:
     """The file of a sharded checkpoint folder that holds everything but the weights."""
@@ -300,5 +329,9 @@ def sharded_checkpoint_metadata(folder: Path) -> Path:
 
 
 def load_sharded_checkpoint(folder: Path) -> dict[str, Any]:
-    """A sharded checkpoint folder as one full checkpoint dict (on CPU)."""
-    return fabric_load._load_distributed_checkpoint(folder)
+    """A sharded checkpoint folder as one full checkpoint dict (on CPU), its weights under
+    ``state_dict`` as a file holds them (Lightning's FSDP strategy saves them as ``model``)."""
+    checkpoint = fabric_load._load_distributed_checkpoint(folder)
+    if "model" in checkpoint:
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    return checkpoint

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch.distributed as dist
 
-from callbacks.lightning_compat import accumulating
+from callbacks.lightning_compat import accumulating, as_a_step
 from grounding.checks import PROBABILITY, Checked, checked, integer
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ class OnPolicyCoarse(L.Callback):
             batch = pl_module.transfer_batch_to_device(
                 trainer.datamodule.collator(items), pl_module.device, 0
             )
-            for record, prediction in zip(batch["records"], pl_module.predict_batch(batch), strict=True):
+            for record, prediction in zip(
+                batch["records"], as_a_step(trainer, pl_module, "predict_batch", batch), strict=True
+            ):
                 if prediction.segments:
                     found[record.qid] = tuple(round(x) for x in prediction.segments[0])
         pl_module.train()

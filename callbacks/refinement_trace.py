@@ -18,6 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from callbacks.lightning_compat import as_a_step
 from grounding.answer_format.predictions import seconds
 
 Segment = tuple[float, float]
@@ -89,7 +90,7 @@ class RefinementTrace(L.Callback):
         batch = pl_module.transfer_batch_to_device(datamodule.evaluation_collator(items), pl_module.device, 0)
         training = pl_module.training
         pl_module.eval()
-        predictions = pl_module.predict_batch(batch)
+        predictions = as_a_step(trainer, pl_module, "predict_batch", batch)  # on every rank (FSDP)
         pl_module.train(training)
         if not trainer.is_global_zero:
             return

@@ -378,7 +378,7 @@ class GRPOModule(GroundingModule):
         scale's gradients were clipped, and each step moved 1/scale as far as it should."""
         super().on_before_optimizer_step(optimizer)
         if self.max_grad_norm:
-            self.configure_gradient_clipping(optimizer, self.max_grad_norm, "norm")  # FSDP too
+            self.configure_gradient_clipping(optimizer, self.max_grad_norm, "norm")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         rollout = self.rollout(batch)

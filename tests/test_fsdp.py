@@ -26,12 +26,9 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from lightning_modules.decoding import InferenceSpec
 from lightning_modules.generation import Generation, generate
 from lightning_modules.grounding_module import GroundingModule
-from lightning_modules.grpo_module import GRPOModule, GRPOSpec
 from lightning_modules.language_model import LoraSpec
-from lightning_modules.optimization import OptimSpec
 from tests import helpers
 from timerefine.pipeline.strategy import decoder_layer_classes
 
@@ -154,16 +151,6 @@ class _Training(nn.Module):
         return self.module._losses(batch)["loss"]
 
 
-def _clipped_module(grpo: bool) -> GroundingModule:
-    base = helpers.module(refine_steps=1).eval()  # no dropout: the sharded and unsharded losses are one
-    if not grpo:
-        return base
-    spec = OptimSpec(warmup_steps=1)
-    return GRPOModule(
-        base.model, base.codec, 1.0, spec, InferenceSpec(), grpo=GRPOSpec(), max_grad_norm=MAX_NORM
-    )
-
-
 def _gradient_norm(module: nn.Module, across_ranks: bool) -> float:
     square = torch.stack([p.grad.pow(2).sum() for p in module.parameters() if p.grad is not None]).sum()
     if across_ranks:
@@ -171,12 +158,13 @@ def _gradient_norm(module: nn.Module, across_ranks: bool) -> float:
     return square.sqrt().item()
 
 
-def _clipped_norms(grpo: bool) -> dict[str, float]:
+def _clipping(rank: int, store: str, out: str) -> None:
     """The gradient's norm unsharded, and sharded before and after the module clips it."""
+    _init(rank, store)
     batch = helpers.batch(refine_steps=1)  # the same on both ranks: FSDP's mean gradient is this batch's
-    unsharded = _clipped_module(grpo)
+    unsharded = helpers.module(refine_steps=1).eval()  # no dropout: the sharded and unsharded losses are one
     unsharded._losses(batch)["loss"].backward()
-    module = _clipped_module(grpo)
+    module = helpers.module(refine_steps=1).eval()
     wrapped = _shard(_Training(module), module.model.lm)
     module.trainer = L.Trainer(accelerator="cpu", logger=False)
     module.trainer.strategy.model = wrapped  # as Lightning's FSDPStrategy holds the root unit
@@ -184,33 +172,25 @@ def _clipped_norms(grpo: bool) -> dict[str, float]:
     wrapped(batch).backward()
     before = _gradient_norm(module, across_ranks=True)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
-    if grpo:
-        module.on_before_optimizer_step(optimizer)
-    else:  # Lightning's call, with trainer.gradient_clip_val
-        module.configure_gradient_clipping(optimizer, MAX_NORM, "norm")
+    module.configure_gradient_clipping(optimizer, MAX_NORM, "norm")  # Lightning's call
     after = _gradient_norm(module, across_ranks=True)
-    return {"reference": _gradient_norm(unsharded, across_ranks=False), "before": before, "after": after}
-
-
-def _clipping(rank: int, store: str, out: str) -> None:
-    _init(rank, store)
-    result = {stage: _clipped_norms(stage == "grpo") for stage in ("supervised", "grpo")}
+    result = {"reference": _gradient_norm(unsharded, across_ranks=False), "before": before, "after": after}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    del wrapped, module, unsharded, optimizer
     _shut_down()
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp_clips_by_the_norm_of_every_ranks_shards(tmp_path: Path) -> None:
-    """``trainer.gradient_clip_val`` (1.0 by default) under FSDP, supervised and in GRPO: Lightning's FSDP
-    precision refuses clipping by norm, so every FSDP run stopped at its first step; the norm must be
-    the whole gradient's, over both ranks' shards (each rank clipping its own shards would leave it
-    sqrt(2) x too large)."""
+    """``trainer.gradient_clip_val`` (1.0 by default) under FSDP: Lightning's FSDP precision refuses
+    clipping by norm, so every FSDP run stopped at its first step; the norm must be the whole
+    gradient's, over both ranks' shards (each rank clipping its own shards would leave it sqrt(2) x
+    too large)."""
     for rank in _spawn(_clipping, tmp_path):
-        for stage in rank.values():
-            assert stage["before"] == pytest.approx(stage["reference"], rel=1e-4)
-            assert stage["before"] > 10 * MAX_NORM
-            assert stage["after"] == pytest.approx(MAX_NORM, rel=1e-3)
+        assert rank["before"] == pytest.approx(rank["reference"], rel=1e-4)
+        assert rank["before"] > 10 * MAX_NORM
+        assert rank["after"] == pytest.approx(MAX_NORM, rel=1e-3)
 
 
 # ---- free decoding ---------------------------------------------------------------------------------

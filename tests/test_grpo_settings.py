@@ -32,6 +32,14 @@ def test_no_signal_is_refused_where_a_run_trains(supervised, given, refusal, tmp
     assert load_run_config(tmp_path, []).grpo == cfg.grpo  # (review: evaluate and predict refused it)
 
 
+@pytest.mark.parametrize("strategy", ["trainer=fsdp", "trainer.strategy=fsdp"])
+def test_fsdp_is_refused_where_a_run_trains(supervised, strategy, tmp_path):  # noqa: F811
+    """Before: the first step stopped on FSDP's assertion (a backward inside its root unit's forward)."""
+    cfg = train_config([*GRPO, f"init_from_run={supervised}", f"output_dir={tmp_path / 'run'}", strategy])
+    with pytest.raises(ConfigError, match=r"^grpo.enabled=true cannot train under FSDP .*; use trainer=ddp$"):
+        may_train(cfg)
+
+
 def test_their_neighbours_are_taken(supervised, tmp_path):  # noqa: F811
     run = [*GRPO, f"init_from_run={supervised}", f"output_dir={tmp_path}"]
     may_train(

@@ -331,6 +331,19 @@ def no_grpo_signal(cfg: DictConfig) -> str | None:
     return None
 
 
+def grpo_under_fsdp(cfg: DictConfig) -> str | None:
+    """Why a GRPO run cannot train under FSDP: it samples and steps inside Lightning's training step, which
+    FSDP runs in its root unit's forward, and a backward there breaks FSDP's state (its assertion)."""
+    strategy = cfg.trainer.strategy
+    name = str(strategy.get("name") if isinstance(strategy, DictConfig) else strategy)
+    if cfg.grpo.enabled and name.startswith("fsdp"):
+        return (
+            "grpo.enabled=true cannot train under FSDP (trainer.strategy): it steps by hand inside the "
+            "training step, which FSDP runs in its root unit's forward; use trainer=ddp"
+        )
+    return None
+
+
 def training_refusal(cfg: DictConfig) -> str | None:
     """Why ``cfg`` may not train, by the rules checked where a run trains, not where a saved run loads
     (one trained so before a rule still evaluates); None when it may."""
@@ -340,6 +353,7 @@ def training_refusal(cfg: DictConfig) -> str | None:
         idle_projector_steps,
         uncounted_accumulation,
         no_grpo_signal,
+        grpo_under_fsdp,
     )
     return next((refused for rule in rules if (refused := rule(cfg))), None)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.strategies import Strategy
 from torch import nn
 from torch.distributed.fsdp import ShardingStrategy
 
+from callbacks.lightning_compat import KeptRootFSDPStrategy
 from timerefine.pipeline.config import ConfigError
 
 
@@ -41,7 +42,7 @@ def build_strategy(spec: Any, model: nn.Module) -> str | Strategy:
         raise ConfigError(
             f"trainer.strategy.sharding_strategy={sharding}: one of {', '.join(ShardingStrategy.__members__)}"
         )
-    return FSDPStrategy(
+    return KeptRootFSDPStrategy(
         auto_wrap_policy=layers,
         activation_checkpointing_policy=checkpointing,
         state_dict_type=options.pop("state_dict_type", "sharded"),
