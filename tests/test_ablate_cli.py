@@ -57,10 +57,11 @@ def test_a_comma_list_variant_gets_its_own_folder():
         (["good=model.refine.steps=1", "good=model.refine.steps=2"], "given twice"),  # the first never ran
         (["a/b=model.refine.steps=0"], "no '/'"),  # ran, but its folder was not a variant's
         (["=model.refine.steps=0"], "needs NAME="),
+        (["results.md=model=direct"], "a report's file name"),  # trained, then an IsADirectoryError
     ],
 )
-def test_names_that_would_lose_a_variant_are_refused(capsys, specs, message):
-    argv = ["--out", "unused", *[f"--variant={spec}" for spec in specs], "--", *TINY]
+def test_names_that_would_lose_a_variant_are_refused(capsys, tmp_path, specs, message):
+    argv = ["--out", str(tmp_path / "unused"), *[f"--variant={spec}" for spec in specs], "--", *TINY]
     assert ablate.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --variant") and message in lines[0], lines

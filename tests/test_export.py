@@ -156,6 +156,19 @@ def test_export_errors(video_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("manifest", "reason"), [("{", "not JSON (Expecting"), ("[]", "a JSON list, not")])
+def test_an_earlier_export_whose_manifest_is_damaged_is_one_error_line(
+    video_run, tmp_path, capsys, manifest, reason
+):
+    """Before (review): a JSONDecodeError or AttributeError traceback, once the export had been made."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "export.json").write_text(manifest)
+    assert export_main([str(video_run.run_dir), str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {out / 'export.json'}: {reason}")
+    assert [path.name for path in out.iterdir()] == ["export.json"]
+
+
 def test_reexport_replaces_only_its_own_files(video_run, tmp_path, capsys):
     out = tmp_path / "export"
     assert export_main([str(video_run.run_dir), str(out)]) == 0

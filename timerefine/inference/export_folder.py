@@ -78,10 +78,21 @@ def exported_tensors(run: LoadedRun, merged: bool, base_vocab: int | None) -> di
     return tensors
 
 
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The ``export.json`` of the export in ``folder``; InputError naming it when it is no JSON object."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except ValueError as err:
+        raise InputError(f"{folder / MANIFEST}: not JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise InputError(f"{folder / MANIFEST}: a JSON {type(manifest).__name__}, not an export's manifest")
+    return manifest
+
+
 def export_files(folder: Path) -> list[str]:
     """The files (relative paths) the export in ``folder`` wrote; none known for one written before
     ``export.json`` listed them."""
-    return json.loads((folder / MANIFEST).read_text()).get("files", []) if is_export(folder) else []
+    return read_manifest(folder).get("files", []) if is_export(folder) else []
 
 
 def check_target(out: Path) -> None:
@@ -92,6 +103,7 @@ def check_target(out: Path) -> None:
         raise InputError(f"{out}: {where}is a file, not a folder; give a folder")
     if out.is_dir() and not is_export(out) and any(out.iterdir()):
         raise InputError(f"{out}: exists and is not an export; give a new folder")
+    export_files(out)  # an earlier export's manifest, read now: its files are replaced at the end
 
 
 def write_export(run: LoadedRun, out: Path, merged: bool, encoder: EncoderSpec | None) -> None:
@@ -207,13 +219,9 @@ def load_export(
     encoder it records."""
     if not is_export(folder):
         raise InputError(f"{folder}: no {MANIFEST}, so not an exported model")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except ValueError as err:
-        raise InputError(f"{folder / MANIFEST}: not JSON ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise InputError(f"{folder / MANIFEST}: format {found!r}, expected {FORMAT!r}")
+    manifest = read_manifest(folder)
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
         raise InputError(f"{folder / MANIFEST}: lacks {', '.join(missing)}; export the run again")
     cfg = run_config(folder, overrides)

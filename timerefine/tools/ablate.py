@@ -70,7 +70,7 @@ def check_keys_once(overrides: list[str], where: str) -> None:
 def variants(specs: list[str]) -> dict[str, list[str]]:
     """``name=overrides`` specs (overrides split as a shell splits them), comma lists expanded
     (``name[key=value]`` per expansion, a ``/`` in a value written ``%2F``: one folder). ValueError
-    for a spec without a name, a name that is no folder name, a name or a key given twice, or
+    for a spec without a name, a name that is no folder name or a report's, a name or a key given twice, or
     overrides a shell would not split."""
     result: dict[str, list[str]] = {}
     for spec in specs:
@@ -81,6 +81,8 @@ def variants(specs: list[str]) -> dict[str, list[str]]:
             raise ValueError(
                 f"--variant {name}: a variant's name is its folder's, so no '/' and no leading '.'"
             )
+        if name in RESULTS:
+            raise ValueError(f"--variant {name}: a report's file name ({', '.join(RESULTS)}); give another")
         try:
             overrides = shlex.split(text)
         except ValueError as error:  # an unclosed quote
