@@ -140,10 +140,12 @@ class GroundingModule(L.LightningModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- training -------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        """Log which parts train (``model.trainable``, LoRA) and their parameter counts."""
-        lines = summary_lines(parameter_summary(self.model))
-        rank_zero_info("parameters by part (model.trainable):\n  " + "\n  ".join(lines))
+    def setup(self, stage: str) -> None:
+        """Log which parts train (``model.trainable``, LoRA) and their parameter counts, before the
+        strategy wraps the model (FSDP's units hold a rank's flat shards, under other names)."""
+        if stage == "fit":
+            lines = summary_lines(parameter_summary(self.model))
+            rank_zero_info("parameters by part (model.trainable):\n  " + "\n  ".join(lines))
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["features"], batch["labels"])

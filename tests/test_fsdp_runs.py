@@ -40,6 +40,8 @@ def test_an_fsdp_run_trains_and_scores_as_the_ddp_run(tmp_path: Path) -> None:
     said = _run("tests/cpu_fsdp.py", *RUN, "trainer=fsdp", f"output_dir={fsdp}")
     _run("train.py", *RUN, "trainer.strategy=ddp", f"output_dir={ddp}")
     assert re.search(r"on-policy refinement: [1-9]\d* queries now start", said)
+    parts = re.findall(r"^  (\w+(?: \w+)?) +(?:trains|frozen) +([\d,]+) of", said, re.MULTILINE)
+    assert dict(parts)["projector"] != "0"  # counted before FSDP flattens the parts into its units
     assert [p.name for p in sorted((fsdp / "refinement_trace").glob("*.png"))] == [
         "step000002.png",
         "step000004.png",
