@@ -305,7 +305,8 @@ def test_rescore_orders_and_clips_predictions_as_the_run_does(tmp_path, capsys):
     assert result["pred_reordered"] == 2 and result["pred_clipped"] == 2 and result["parse_fail"] == 25.0
     assert err.strip() == (
         "warning: 2 predictions had start > end (scored reordered) and 2 lay outside [0, duration] "
-        "(scored clipped), as the run scores its own answers"
+        "(scored clipped), as a run scores its own answers with model.inference.order_and_clip=true (the "
+        "default)"
     )
 
 

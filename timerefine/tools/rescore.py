@@ -10,9 +10,10 @@ answer to a text that did not parse has ``steps: []`` and counts in ``parse_fail
 the rule that scores them, ``multi_window`` (``best`` or ``union``; ``--multi-window`` overrides it).
 
 Rows are scored as the run scores its own answers (the same metric, grounding/metrics/): a
-prediction with start > end is reordered and one outside ``[0, duration]`` clipped, as the run does to
-what it parses, and both are counted and reported. Ground truth outside that rule, a segment or
-duration that is not finite numbers, and a qid scored twice are refused (file:line, exit 2).
+prediction with start > end is reordered and one outside ``[0, duration]`` clipped, as a run does to
+what it parses with ``model.inference.order_and_clip=true`` (the default), and both are counted and
+reported. Ground truth outside that rule, a segment or duration that is not finite numbers, and a qid
+scored twice are refused (file:line, exit 2).
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if scores["pred_reordered"] or scores["pred_clipped"]:
         print(
             f"warning: {scores['pred_reordered']} predictions had start > end (scored reordered) and "
-            f"{scores['pred_clipped']} lay outside [0, duration] (scored clipped), as the run scores "
-            "its own answers",
+            f"{scores['pred_clipped']} lay outside [0, duration] (scored clipped), as a run scores its "
+            "own answers with model.inference.order_and_clip=true (the default)",
             file=sys.stderr,
         )
     print(json.dumps(scores))
