@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -186,10 +187,14 @@ class GroundingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse to step on non-finite gradients (they would make every weight NaN), except under
         fp16's loss scaling, which skips such steps itself."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or str(self.trainer.precision).startswith("16"):
+        if str(self.trainer.precision).startswith("16"):
             return
-        if not torch.isfinite(torch.stack([grad.detach().norm() for grad in grads])).all():
+        grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        finite = torch.isfinite(torch.stack(grads)).all() if grads else torch.tensor(True)
+        if isinstance(self.trainer.strategy.model, FullyShardedDataParallel):  # a rank holds its shards
+            finite = finite.to(self.device, torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops, none waits for the rest
+        if not finite:
             raise diverged("the gradients are not finite", self.global_step, self.optim.lr)
 
     def configure_gradient_clipping(

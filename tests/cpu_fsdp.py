@@ -18,9 +18,18 @@ from callbacks.lightning_compat import KeptRootFSDPStrategy
 
 class CPUFSDPStrategy(KeptRootFSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        """Wrap ``model`` as Lightning's ``_setup_model`` wraps it, with the CPU as the device, where
+        Lightning would wrap it (not the module of the kept root unit, nor a module already wrapped)."""
+        root = getattr(self, "_root", None)
+        kept = isinstance(root, FullyShardedDataParallel) and root.module is model
+        if not kept and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             model = FullyShardedDataParallel(
-                model, sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
             )
         return super()._setup_model(model)
 

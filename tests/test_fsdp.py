@@ -26,11 +26,13 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from callbacks.lightning_compat import KeptRootFSDPStrategy
 from lightning_modules.generation import Generation, generate
 from lightning_modules.grounding_module import GroundingModule
 from lightning_modules.language_model import LoraSpec
+from lightning_modules.optimization import NonFiniteLossError
 from tests import helpers
-from timerefine.pipeline.strategy import decoder_layer_classes
+from timerefine.pipeline.strategy import build_strategy, decoder_layer_classes
 
 WORLD = 2
 DEADLINE_S = 120
@@ -135,6 +137,21 @@ def test_fsdp_weight_decay_groups_match_the_unsharded_model(
         assert all(any(part in n for n in no_decay["names"]) for part in not_decayed)
 
 
+# ---- the strategy --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_cpu_offload"])
+def test_lightnings_fsdp_names_build_the_projects_strategy(name: str) -> None:
+    """Before (review): ``trainer.strategy=fsdp`` gave Lightning's own strategy, which lost its root unit
+    after fitting (the final validation failed) and wrapped the model as one unit."""
+    model = helpers.video_llm()
+    strategy = build_strategy(name, model)
+    assert isinstance(strategy, KeptRootFSDPStrategy)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)  # of its decoder layers
+    assert bool(strategy.cpu_offload and strategy.cpu_offload.offload_params) == (name == "fsdp_cpu_offload")
+    assert build_strategy("ddp", model) == "ddp"
+
+
 # ---- gradient clipping -----------------------------------------------------------------------------
 
 MAX_NORM = 1e-3
@@ -191,6 +208,34 @@ def test_fsdp_clips_by_the_norm_of_every_ranks_shards(tmp_path: Path) -> None:
         assert rank["before"] == pytest.approx(rank["reference"], rel=1e-4)
         assert rank["before"] > 10 * MAX_NORM
         assert rank["after"] == pytest.approx(MAX_NORM, rel=1e-3)
+
+
+def _nan_on_rank_0(rank: int, store: str, out: str) -> None:
+    _init(rank, store)
+    module = helpers.module(refine_steps=1).eval()
+    wrapped = _shard(_Training(module), module.model.lm)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False)
+    module.trainer.strategy.model = wrapped
+    wrapped(helpers.batch(refine_steps=1)).backward()
+    if rank == 0:  # an overflow in one rank's shard of the gradient
+        next(p for p in module.parameters() if p.grad is not None and p.grad.numel()).grad[0] = float("nan")
+    try:
+        module.on_before_optimizer_step(torch.optim.SGD(module.parameters(), lr=0.0))
+        stopped = ""
+    except NonFiniteLossError as error:
+        stopped = str(error)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"stopped": stopped}))
+    del wrapped, module
+    _shut_down()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_non_finite_gradient_in_one_ranks_shard_stops_every_rank(tmp_path: Path) -> None:
+    """Before (review): only the rank holding it stopped; the others went on into the next collective
+    and waited there until its timeout."""
+    for rank in _spawn(_nan_on_rank_0, tmp_path):
+        assert "the gradients are not finite" in rank["stopped"]
 
 
 # ---- free decoding ---------------------------------------------------------------------------------

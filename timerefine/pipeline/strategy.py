@@ -18,9 +18,16 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     return {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
 
 
+# Lightning's names of FSDP, built as the mapping ``{name: fsdp}`` builds it (Lightning's own strategy
+# of that name loses its root unit after fitting, and wraps the model as one unit)
+FSDP_NAMES = {"fsdp": {"name": "fsdp"}, "fsdp_cpu_offload": {"name": "fsdp", "cpu_offload": True}}
+
+
 def build_strategy(spec: Any, model: nn.Module) -> str | Strategy:
     if isinstance(spec, str):
-        return spec
+        if spec not in FSDP_NAMES:
+            return spec
+        spec = FSDP_NAMES[spec]
     options = dict(spec)
     name = options.pop("name", None)
     if name != "fsdp":
