@@ -23,7 +23,7 @@ COSTLIEST_FIRST = (
     "test_slurm_jobs.py",  # 129
     "test_distributed.py",  # 102
     "test_stages.py",  # 89
-    "test_fsdp_runs.py",  # 51-73 alone (session 47, other jobs on the cores at times)
+    "test_fsdp_runs.py",  # 63 (session 47, an AVX2-only AMD EPYC, beside another worker)
     "test_ddp_signals.py",  # 87
     "test_slurm_requeue_runs.py",  # 63
 )

@@ -15,7 +15,7 @@ from callbacks.on_policy import OnPolicyCoarse
 from grounding.answer_format.tokens import VIDEO
 from timerefine.pipeline.build import build_callbacks, build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config
-from timerefine.pipeline.schema import training_refusal
+from timerefine.pipeline.training_rules import training_refusal
 
 
 def test_accumulation():

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import train
 from timerefine.pipeline.config import CONF_DIR, ConfigError, load_config
-from timerefine.pipeline.schema import half_weights_trained, training_refusal
+from timerefine.pipeline.training_rules import half_weights_trained, training_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from lightning_modules.grounding_module import GroundingModule
 from timerefine.pipeline.build import build_datamodule, build_module, build_trainer
 from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 from timerefine.pipeline.init_from_run import train_config
-from timerefine.pipeline.schema import training_refusal
+from timerefine.pipeline.training_rules import training_refusal
 
 TINY = ["experiment=tiny", "data.source.num_train=16", "model.optim.warmup_steps=2"]
 FIRST_STEPS = 2

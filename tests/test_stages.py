@@ -24,7 +24,7 @@ from timerefine.pipeline.best_checkpoint import checkpoint_path
 from timerefine.pipeline.build import build_datamodule, build_module
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.pipeline.init_from_run import train_config
-from timerefine.pipeline.schema import half_weights_trained
+from timerefine.pipeline.training_rules import half_weights_trained
 
 TINY = [
     "experiment=tiny",

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from grounding.checks import SpecError
-from timerefine.pipeline.schema import register_schemas, unread_settings
+from timerefine.pipeline.schema import register_schemas
+from timerefine.pipeline.training_rules import unread_settings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

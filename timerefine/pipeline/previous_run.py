@@ -20,7 +20,7 @@ from timerefine.pipeline.config import UNTIL_ADDED, ConfigError, saved_config, w
 from timerefine.pipeline.config_diff import changes, show
 from timerefine.pipeline.conventions import run_precision
 from timerefine.pipeline.resume import CheckpointError, checkpoint_file, resume_checkpoint, trainer_state
-from timerefine.pipeline.schema import training_refusal
+from timerefine.pipeline.training_rules import training_refusal
 
 log = logging.getLogger(__name__)
 NOT_STOPPED = EarlyStoppingReason.NOT_STOPPED.value  # as EarlyStopping's state records it
