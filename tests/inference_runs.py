@@ -11,8 +11,6 @@ two known times. Their features come from a tiny random CLIP vision model throug
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,10 +21,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+from tests import launched
 from timerefine.inference.frame_encoder import ClipFrameEncoder
 from timerefine.tools.extract_features import extract
 
-ROOT = Path(__file__).resolve().parents[1]
 FPS, SIZE, FRAMES, DIM = 10, (64, 48), 16, 16
 MILLISECOND = Fraction(1, 1000)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -205,9 +203,7 @@ def train_video_run(root: Path, *overrides: str) -> VideoRun:
         f"output_dir={run_dir}",
         *overrides,
     ]
-    result = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    result = launched.run(["train.py", *args], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return VideoRun(run_dir, videos, features, encoder)
 
@@ -222,9 +218,7 @@ def builtin_run(tmp_path_factory) -> Path:
     """``experiment=tiny`` on the built-in data: features only, no pixels."""
     run_dir = tmp_path_factory.mktemp("builtin_run") / "run"
     overrides = ["experiment=tiny", "trainer.accelerator=cpu", "logger.csv=false", f"output_dir={run_dir}"]
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    result = launched.run(["train.py", *overrides], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
 

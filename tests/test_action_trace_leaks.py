@@ -14,8 +14,6 @@ same test queries; the numbers are in bench/RESULTS.md.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from datamodules.charades_sta import CSV_NAMES, load_charades_sta
 from grounding.action_timelines import read_timelines
 from grounding.metrics.action_prior import best_action_scores
 from grounding.metrics.prior import prior_scores
+from tests import launched
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"
@@ -49,9 +48,7 @@ SMALL = [
 
 
 def run(script: str, *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=3600
-    )
+    result = launched.run([script, *args], timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -6,8 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from bench.experiments import answer_tokens
 from bench.figures_out import cpu_name, print_figures
 from bench.pretrained_lm import differences
 from lightning_modules.pretrained import SMOLLM2, missing_model
+from tests import launched
 from timerefine.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,14 +127,7 @@ def test_arm_differences():
 def printed_figures(module: str, *args: str, machine_lines: tuple[str, ...] = BOTH) -> dict[str, float]:
     """The figures ``python -m <module> <args>`` prints last (one intra-op thread), after lines starting
     with each of ``machine_lines``."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = launched.run(["-m", module, *args], env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     for start in machine_lines:
@@ -168,13 +160,7 @@ def test_bench_script_quick_mode(script):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_as_a_module(experiment):
-    result = subprocess.run(
-        [sys.executable, "-m", f"bench.experiments.{experiment}", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = launched.run(["-m", f"bench.experiments.{experiment}", "--help"], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"bench.experiments.{experiment}" in result.stdout
 

@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,10 +16,10 @@ import pytest
 import torch
 
 from callbacks.best_checkpoint import BestCheckpoint
+from tests import launched
 from timerefine import train
 from timerefine.pipeline.best_checkpoint import NoBestCheckpoint, checkpoint_path, recorded_best
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 # Validated every 4 steps, each validation's checkpoint the best (the step monitored: with val/mIoU the
 # test hung on a tiny run's scores, which step 16 no longer beat once its prompts changed); last.ckpt at
@@ -40,7 +38,7 @@ RUN = [
 
 
 def command(output_dir: Path, max_steps: int) -> list[str]:
-    return [sys.executable, "train.py", *RUN, f"trainer.max_steps={max_steps}", f"output_dir={output_dir}"]
+    return ["train.py", *RUN, f"trainer.max_steps={max_steps}", f"output_dir={output_dir}"]
 
 
 def csv_rows(output_dir: Path) -> list[dict[str, str]]:
@@ -58,17 +56,17 @@ def test_a_run_continued_to_fewer_steps_is_tested_on_its_recorded_best(tmp_path)
     best-step12.ckpt", rc 2, at every rerun; and evaluate.py --ckpt best took the killed attempt's
     best-step16, past the run's end."""
     run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    with open(tmp_path / "killed.log", "w") as log:  # killed at step 18, after the validation of step 16
-        process = subprocess.Popen(command(run, 40), cwd=ROOT, env=ENV, stdout=log, stderr=log)
-        while not any(r.get("train/loss") and int(r["step"]) >= 17 for r in csv_rows(run)):
-            assert process.poll() is None, "the run ended before it was killed"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    # killed at step 18, after the validation of step 16
+    process = launched.Launched(command(run, 40), env=ENV, log=tmp_path / "killed.log")
+    while not any(r.get("train/loss") and int(r["step"]) >= 17 for r in csv_rows(run)):
+        assert process.poll() is None, "the run ended before it was killed"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
     assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 12
     assert (checkpoints / "best-step16.ckpt").exists()
 
-    result = subprocess.run(command(run, 14), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    result = launched.run(command(run, 14), env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"removed {checkpoints / 'best-step16.ckpt'}: not recorded by the checkpoint" in result.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step12.ckpt", "last.ckpt"]

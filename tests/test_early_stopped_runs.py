@@ -9,14 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import launched
 from tests.test_resume_runs import signalled_run
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 STOPPED_AT = 30  # val/mIoU is best at step 20 and no better at 30: patience 1 stops the run there
 RUN = [
@@ -30,8 +29,7 @@ RUN = [
 
 
 def train(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "train.py", *RUN, f"output_dir={output_dir}", *extra]
-    return subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return launched.run(["train.py", *RUN, f"output_dir={output_dir}", *extra], env=ENV, timeout=300)
 
 
 def outputs(output_dir: Path) -> tuple[dict, list[dict[str, str]]]:

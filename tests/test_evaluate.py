@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +14,12 @@ from omegaconf import OmegaConf
 import evaluate
 from grounding.metrics.prior import prior_scores
 from grounding.metrics.protocols import protocol_named
+from tests import launched
 from timerefine.inference.run_loading import load_run
 from timerefine.inference.video_features import InputError
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import ConfigError, load_config, load_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
 # Validation at steps 5 and 10, both kept (save_top_k=2); monitoring the step itself makes step 10
 # the best, while the names sort as strings the other way ("best-step10" < "best-step5").
 RUN = [
@@ -41,13 +39,7 @@ RUN = [
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("evaluate") / "run"
-    result = subprocess.run(
-        [sys.executable, "train.py", *RUN, f"output_dir={output_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = launched.run(["train.py", *RUN, f"output_dir={output_dir}"], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return output_dir
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import launched
+
 RUN = [
     "experiment=tiny",
     "trainer.max_steps=4",
@@ -20,7 +20,7 @@ RUN = [
 
 
 def command(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return launched.run(list(argv), timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,8 @@ from safetensors.torch import save_file
 
 from lightning_modules.language_model import TinyLMSpec, build_tiny_lm
 from lightning_modules.tokenizer import train_local_tokenizer
+from tests import launched
 from tests.helpers import corpus
-from tests.inference_runs import ROOT
 from timerefine.inference.export_folder import LM_DIR, WEIGHTS
 from timerefine.inference.grounder import Grounder
 from timerefine.inference.video_features import InputError
@@ -78,9 +76,7 @@ def lora_run(tmp_path_factory) -> Path:
         "logger.tensorboard=false",
         f"output_dir={root / 'run'}",
     ]
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    result = launched.run(["train.py", *overrides], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return root / "run"
 

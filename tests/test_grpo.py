@@ -28,7 +28,7 @@ from lightning_modules.grpo_module import GRPOModule, GRPOSpec, choices_made, se
 from lightning_modules.language_model import LoraSpec
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.slot_logits_processor import layout_automaton
-from tests import helpers
+from tests import helpers, launched
 from timerefine import evaluate
 from timerefine.inference.grounder import Grounder
 from timerefine.pipeline.best_checkpoint import checkpoint_path
@@ -305,7 +305,7 @@ def grpo_command(supervised: Path, run: Path) -> list[str]:
         "callbacks.checkpoint.last_every_n_steps=2",
         f"output_dir={run}",
     ]
-    return [sys.executable, "train.py", *overrides]
+    return ["train.py", *overrides]
 
 
 @pytest.mark.slow
@@ -314,24 +314,17 @@ def test_a_killed_grpo_run_resumes_exactly(supervised, tmp_path):
     weights and metrics as an uninterrupted run (the samples' random state goes on too)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(grpo_command(supervised, whole), cwd=ROOT, env=env, check=True, capture_output=True)
+    whole_run = [sys.executable, *grpo_command(supervised, whole)]  # a fresh interpreter: another hash seed
+    subprocess.run(whole_run, cwd=ROOT, env=env, check=True, capture_output=True)
     last = killed / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(
-        grpo_command(supervised, killed),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = launched.Launched(grpo_command(supervised, killed), env=env)
     while not last.exists():
         assert process.poll() is None, "the run ended before writing last.ckpt"
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] < 8
-    result = subprocess.run(
-        grpo_command(supervised, killed), cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    result = launched.run(grpo_command(supervised, killed), env=env, timeout=300)
     assert result.returncode == 0 and "resuming from" in result.stderr, result.stderr[-3000:]
     expected = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     resumed = torch.load(last, map_location="cpu", weights_only=False)

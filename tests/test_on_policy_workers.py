@@ -6,19 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from tests import launched
 from tests.test_build import tiny_build_overrides
 from timerefine.pipeline.build import build_datamodule
 from timerefine.pipeline.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN = [
     "experiment=tiny",
@@ -34,12 +32,9 @@ RUN = [
 
 
 def run(output_dir: Path, num_workers: int) -> tuple[dict, dict]:
-    result = subprocess.run(
-        [sys.executable, "train.py", *RUN, f"data.num_workers={num_workers}", f"output_dir={output_dir}"],
-        cwd=ROOT,
+    result = launched.run(
+        ["train.py", *RUN, f"data.num_workers={num_workers}", f"output_dir={output_dir}"],
         env=ENV,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -6,8 +6,6 @@ import json
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -15,8 +13,8 @@ import numpy as np
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from tests import launched
 from tests.inference_runs import (
-    ROOT,
     VIDEOS,
     truncated_copy,
     write_audio_only,
@@ -40,14 +38,8 @@ def grounder(video_run) -> Grounder:
 
 def test_predict_json_on_a_real_video(video_run, grounder):
     video = video_run.videos / "vid_red_a.mp4"
-    command = [sys.executable, "-m", "timerefine.tools.predict", str(video), "--run", str(video_run.run_dir)]
-    result = subprocess.run(
-        [*command, "--query", QUERIES[0], "--query", QUERIES[1], "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = ["-m", "timerefine.tools.predict", str(video), "--run", str(video_run.run_dir)]
+    result = launched.run([*command, "--query", QUERIES[0], "--query", QUERIES[1], "--json"], timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout)
     assert [a["query"] for a in answers] == QUERIES

@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import random
-import subprocess
-import sys
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 
 from grounding.metrics.grounding import GroundingMetric
 from grounding.metrics.protocols import PROTOCOLS, protocol_iou, protocol_named, round_half_up
+from tests import launched
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.conventions import recorded_conventions, run_protocol
 from timerefine.pipeline.outputs import print_summary
@@ -23,7 +22,6 @@ from timerefine.tools.rescore import main as rescore_main
 from timerefine.tools.rescore import rescore
 
 NAN = math.nan
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tensor(rows) -> torch.Tensor:
@@ -196,8 +194,9 @@ def test_rescore_cli_prints_one_json_object(tmp_path, capsys):
 def test_rescore_console_script_runs(tmp_path):
     path = tmp_path / "test.jsonl"
     write_predictions(path, count=20)
-    command = [sys.executable, "-m", "timerefine.tools.rescore", str(path), "--protocol", "vtimellm"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = launched.run(
+        ["-m", "timerefine.tools.rescore", str(path), "--protocol", "vtimellm"], timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["protocol"] == "vtimellm"
 

@@ -6,8 +6,6 @@ evaluated again from its run directory (saved tokenizer, chat template and confi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +14,9 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from grounding.answer_format.layout import parse_answer, spaced
-from tests import real_tokenizers
+from tests import launched, real_tokenizers
 
 pytestmark = [real_tokenizers.needs_tokenizers, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "llama2_spm": ["data.chat_template=vicuna_v1"],
     "llama3_bpe": ["model.answer_tokens=canonical"],
@@ -37,9 +34,7 @@ class Run:
 
 
 def run(script: str, *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=500
-    )
+    result = launched.run([script, *args], timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -39,12 +37,11 @@ from lightning_modules.language_model import LMSpec, build_language_model
 from lightning_modules.optimization import OptimSpec
 from lightning_modules.projector import FrameProjector
 from lightning_modules.video_llm import VideoLLM
-from tests import helpers
+from tests import helpers, launched
 from timerefine.inference.run_loading import load_run
 from timerefine.pipeline.config import ConfigError, load_config
 from timerefine.tools.rescore import rescore
 
-ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = RefineSchedule(steps=3, offset_space="seconds", resample="once")
 
 # ---- targets --------------------------------------------------------------------------------------------
@@ -289,8 +286,7 @@ TINY_RUN = [
 
 
 def train(output_dir: Path, *overrides: str) -> dict:
-    command = [sys.executable, "train.py", *TINY_RUN, *overrides, f"output_dir={output_dir}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    result = launched.run(["train.py", *TINY_RUN, *overrides, f"output_dir={output_dir}"], timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((output_dir / "metrics.json").read_text())
 

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from callbacks.lightning_compat import sharded_checkpoint_metadata
 from datamodules.sampling import ResumableLoader, ShardedEpochSampler
+from tests import launched
 from timerefine.pipeline.resume import RESUME_KEYS, CheckpointError, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,14 +221,7 @@ def test_train_with_a_truncated_last_checkpoint_exits_with_one_line(tmp_path):
     last.parent.mkdir()
     last.write_bytes(corrupt_variants(tmp_path / "good.ckpt")["truncated"])
     (tmp_path / "good.ckpt").unlink()
-    result = subprocess.run(
-        [sys.executable, "train.py", "experiment=tiny", f"output_dir={tmp_path}"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = launched.run(["train.py", "experiment=tiny", f"output_dir={tmp_path}"], env=ENV, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} ")

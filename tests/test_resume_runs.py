@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import launched
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTINUES = "the same command with output_dir={} continues it"  # the default output_dir is a new folder
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -37,7 +39,7 @@ RUN = [
 
 
 def command(output_dir: Path) -> list[str]:
-    return [sys.executable, "train.py", *RUN, f"output_dir={output_dir}"]
+    return ["train.py", *RUN, f"output_dir={output_dir}"]
 
 
 def identity(path: Path) -> tuple[int, int] | None:
@@ -48,20 +50,17 @@ def kill_after_next_checkpoint(output_dir: Path) -> int:
     """Start the run and ``kill -9`` it as soon as it has written a new ``last.ckpt``; its step."""
     last = output_dir / "checkpoints" / "last.ckpt"
     before = identity(last)
-    with open(output_dir.parent / "killed.log", "a") as log:
-        process = subprocess.Popen(command(output_dir), cwd=ROOT, env=ENV, stdout=log, stderr=log)
-        while identity(last) == before:
-            assert process.poll() is None, "the run ended before writing last.ckpt"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    process = launched.Launched(command(output_dir), env=ENV, log=output_dir.parent / "killed.log")
+    while identity(last) == before:
+        assert process.poll() is None, "the run ended before writing last.ckpt"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
     return torch.load(last, map_location="cpu", weights_only=False)["global_step"]
 
 
 def finish(output_dir: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command(output_dir), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    result = launched.run(command(output_dir), env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -76,8 +75,12 @@ def final_state(output_dir: Path) -> tuple[dict, dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
+    """In a fresh interpreter: the runs compared with it are forked, with another hash seed."""
     output_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    finish(output_dir)
+    result = subprocess.run(
+        [sys.executable, *command(output_dir)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
     return output_dir
 
 
@@ -129,14 +132,7 @@ def signalled_run(
 ) -> subprocess.CompletedProcess:
     """``train.py overrides`` sent signal ``sent`` in ``GroundingModule.<hook>`` at ``step``, ``batch_idx``."""
     args = [hook, str(step), str(batch_idx), str(int(sent)), *overrides]
-    return subprocess.run(
-        [sys.executable, "-c", SIGNALLED_RUN, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return launched.run(["-c", SIGNALLED_RUN, *args], env=ENV, timeout=300)
 
 
 @pytest.mark.slow
@@ -184,16 +180,13 @@ def test_sigterm_keeps_the_progress_in_last_ckpt_alone_and_says_the_run_did_not_
     output_dir = tmp_path / "run"
     last = output_dir / "checkpoints" / "last.ckpt"
     run = [
-        sys.executable,
         "train.py",
         "experiment=tiny",
         "trainer.max_steps=100000",
         "callbacks.checkpoint.last_every_n_steps=5",
         f"output_dir={output_dir}",
     ]
-    process = subprocess.Popen(
-        run, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = launched.Launched(run, env=ENV)
     while not last.exists():
         assert process.poll() is None, "the run ended before writing last.ckpt"
         time.sleep(0.01)
@@ -226,13 +219,8 @@ def test_a_sigterm_at_an_epochs_end_resumes_into_the_next_epoch(tmp_path, uninte
     """Before: Lightning stopped after the epoch ended, and last.ckpt saved there resumed into an
     empty epoch: the next one took the data order of the one after (found by a docs audit)."""
     output_dir = tmp_path / "run"
-    stopped = subprocess.run(
-        [sys.executable, "-c", EPOCH_END_SIGTERM, "0", *RUN, f"output_dir={output_dir}"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    stopped = launched.run(
+        ["-c", EPOCH_END_SIGTERM, "0", *RUN, f"output_dir={output_dir}"], env=ENV, timeout=300
     )
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
     last = torch.load(output_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -258,7 +246,7 @@ def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
     epochs, more = [*tiny, "trainer.max_epochs=2"], [*tiny, "trainer.max_epochs=3"]
 
     def run(*argv: str) -> int:
-        return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True).returncode
+        return launched.run(list(argv), env=ENV, timeout=300).returncode
 
     def saved_step(output_dir: Path) -> int:
         last = output_dir / "checkpoints" / "last.ckpt"
@@ -287,13 +275,8 @@ def test_a_run_bounded_by_epochs_resumes_its_epochs_data_order(tmp_path):
     assert saved["global_step"] == 5
     finished = {}
     for output_dir in (stopped, uninterrupted):
-        finished[output_dir] = subprocess.run(
-            [sys.executable, "train.py", *epochs, f"output_dir={output_dir}"],
-            cwd=ROOT,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        finished[output_dir] = launched.run(
+            ["train.py", *epochs, f"output_dir={output_dir}"], env=ENV, timeout=300
         )
         assert finished[output_dir].returncode == 0, finished[output_dir].stderr[-4000:]
     assert "resuming epoch 0 after its first 10 batches" in finished[stopped].stderr

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,11 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 import train
+from tests import launched
 from timerefine.pipeline.config import load_config
 from timerefine.pipeline.config_diff import changes
 from timerefine.pipeline.previous_run import MAY_CHANGE
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN = [
     "experiment=tiny",
@@ -46,25 +45,17 @@ def overrides(output_dir: Path, *extra: str) -> list[str]:
 
 def kill_when(output_dir: Path, ready: Callable[[], bool], *extra: str) -> None:
     """Start ``train.py`` and ``kill -9`` it as soon as ``ready()``."""
-    with open(output_dir.parent / f"{output_dir.name}.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "train.py", *overrides(output_dir, *extra)],
-            cwd=ROOT,
-            env=ENV,
-            stdout=log,
-            stderr=log,
-        )
-        while not ready():
-            assert process.poll() is None, "the run ended before it was killed"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    log = output_dir.parent / f"{output_dir.name}.log"
+    process = launched.Launched(["train.py", *overrides(output_dir, *extra)], env=ENV, log=log)
+    while not ready():
+        assert process.poll() is None, "the run ended before it was killed"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
 
 
 def cli(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    return launched.run(["train.py", *argv], env=ENV, timeout=300)
 
 
 def csv_rows(output_dir: Path) -> list[dict[str, str]]:

@@ -1,0 +1,153 @@
+"""Run the project's scripts as real processes without a fresh interpreter's start-up. Each is forked
+from a server that has imported the CLIs (multiprocessing's forkserver: its own fresh interpreter, not
+the test process), then runs as ``python <argv>`` would: its argv, folder, environment, output and exit
+code (negative: the signal that ended it). ``python train.py`` spends about 15 s of CPU on its imports
+on an AVX2-only EPYC (bench/RESULTS.md); a fork, well under one.
+
+Not for what a fresh interpreter itself is tested for: entry points, variables read while torch loads,
+DDP ranks and SLURM jobs; and all forked runs share the server's hash seed (``PYTHONHASHSEED``), so the
+exact-resume tests that compare two runs keep one pair of separate interpreters
+(tests/test_resumed_elsewhere.py)."""
+
+from __future__ import annotations
+
+import atexit
+import io
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_context = multiprocessing.get_context("forkserver")
+_context.set_forkserver_preload(["timerefine.train", "timerefine.evaluate"])
+_SERVER_ENV = dict(os.environ)  # as the session began: not a test's monkeypatched one
+
+
+def _ensure_server() -> None:
+    """Start the server, if it is not running, with the environment of the session's start."""
+    current = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_SERVER_ENV)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(current)
+
+
+def _exit_code(exit_: SystemExit) -> int:
+    """The status ``sys.exit(code)`` ends an interpreter with; a message is printed to stderr."""
+    if exit_.code is None or isinstance(exit_.code, int):
+        return exit_.code or 0
+    print(exit_.code, file=sys.stderr)
+    return 1
+
+
+def _run_argv(argv: list[str], cwd: str) -> None:
+    """``python *argv``: a script, ``-m module`` or ``-c code``, each with its own ``sys.argv``."""
+    if argv[0] == "-m":
+        sys.argv = ["-m", *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    elif argv[0] == "-c":
+        sys.argv = ["-c", *argv[2:]]
+        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = list(argv)
+        sys.path[0] = str(Path(cwd, argv[0]).resolve().parent)
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def _main(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    """In the forked child: ``python *argv`` in ``cwd`` with ``env``, its output appended to the files."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_APPEND), fd)
+    sys.stdout, sys.stderr = (
+        io.TextIOWrapper(open(fd, "wb", buffering=0, closefd=False), write_through=True)  # noqa: SIM115
+        for fd in (1, 2)
+    )
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # the server's, from its TMPDIR, cached at its first use
+    if threads := env.get("OMP_NUM_THREADS"):  # OpenMP read the server's when torch loaded
+        torch.set_num_threads(int(threads))
+    code = 0
+    try:
+        _run_argv(argv, cwd)
+    except SystemExit as exit_:
+        code = _exit_code(exit_)
+    except KeyboardInterrupt:  # as CPython ends on one: the traceback, then by SIGINT
+        traceback.print_exc()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
+class Launched:
+    """A started ``python *argv``, as ``subprocess.Popen`` with its output captured (or appended to
+    ``log``): ``pid``, ``send_signal``, ``poll``, ``wait`` and ``communicate``."""
+
+    def __init__(
+        self, argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> None:
+        self._folder = Path(tempfile.mkdtemp(prefix="launched-"))
+        self._outputs = (log, log) if log else (self._folder / "stdout", self._folder / "stderr")
+        for path in self._outputs:
+            path.touch()
+        env = dict(os.environ if env is None else env)
+        self._process = _context.Process(target=_main, args=(argv, str(cwd), env, *map(str, self._outputs)))
+        _ensure_server()
+        self._process.start()
+        self.pid = self._process.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._process.is_alive():
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self._process.name, timeout)
+        return self.returncode
+
+    def send_signal(self, number: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, number)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Its stdout and stderr once it has ended; killed if it is still running after ``timeout``."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.send_signal(signal.SIGKILL)
+            self.wait()
+            raise
+        finally:
+            output = tuple(path.read_text(errors="replace") for path in self._outputs)
+            shutil.rmtree(self._folder)
+        return output
+
+
+def run(
+    argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """As ``subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True)``."""
+    launched = Launched(argv, cwd, env)
+    stdout, stderr = launched.communicate(timeout)
+    return subprocess.CompletedProcess([sys.executable, *argv], launched.returncode, stdout, stderr)
