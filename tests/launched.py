@@ -4,10 +4,10 @@ the test process), then runs as ``python <argv>`` would: its argv, folder, envir
 code (negative: the signal that ended it). ``python train.py`` spends about 15 s of CPU on its imports
 on an AVX2-only EPYC (bench/RESULTS.md); a fork, well under one.
 
-Not for what a fresh interpreter itself is tested for: entry points, variables read while torch loads,
-DDP ranks and SLURM jobs; and all forked runs share the server's hash seed (``PYTHONHASHSEED``), so the
-exact-resume tests that compare two runs keep one pair of separate interpreters
-(tests/test_resumed_elsewhere.py)."""
+Not for what a fresh interpreter itself is tested for: entry points, warnings printed at import,
+variables read while torch loads, DDP ranks and SLURM jobs. All forked runs share the server's hash seed
+(``PYTHONHASHSEED``), so a test comparing a resumed run with an uninterrupted one runs the latter in a
+fresh interpreter (tests/test_resume_runs.py, tests/test_grpo.py)."""
 
 from __future__ import annotations
 
