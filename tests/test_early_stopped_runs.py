@@ -40,8 +40,9 @@ def outputs(output_dir: Path) -> tuple[dict, list[dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory) -> Path:
+    """In a fresh interpreter: the runs compared with it are forked, with another hash seed."""
     output_dir = tmp_path_factory.mktemp("early_stopped") / "run"
-    result = train(output_dir)
+    result = launched.fresh(["train.py", *RUN, f"output_dir={output_dir}"], env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert outputs(output_dir)[0]["global_step"] == STOPPED_AT
     return output_dir

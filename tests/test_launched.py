@@ -1,5 +1,5 @@
-"""tests/launched.py runs a command as ``python`` does: same exit code, output, argv, folder and
-environment as a fresh interpreter given the same command."""
+"""tests/launched.py runs a command as ``python`` does: the same exit code, stdout, and stderr but for
+the traceback's frames, as a fresh interpreter given the same command."""
 
 from __future__ import annotations
 
@@ -12,19 +12,33 @@ import pytest
 from tests import launched
 
 SHOWS_ITS_PLACE = (
-    "import os, sys, tempfile; print(sys.argv, os.getcwd(), os.environ['X'], tempfile.gettempdir())"
+    "import os, sys, tempfile\n"
+    "print(sys.argv, sys.path[0], os.getcwd(), os.environ['X'], tempfile.gettempdir())"
 )
 COMMANDS = {
     "exit code": ["-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
     "exit message": ["-c", "import sys; sys.exit('bye')"],
     "exception": ["-c", "raise ValueError('bad')"],
-    "Ctrl-C": ["-c", "raise KeyboardInterrupt"],
+    "Ctrl-C": ["-c", "import atexit; atexit.register(print, 'at exit'); raise KeyboardInterrupt"],
     "signal": ["-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"],
     "atexit": ["-c", "import atexit; atexit.register(print, 'at exit')"],
+    "thread": [
+        "-c",
+        "import threading, time; threading.Thread(target=lambda: [time.sleep(1), print('ran')]).start()",
+    ],
+    "__main__": ["-c", "import pickle\ndef f(): pass\nprint(pickle.loads(pickle.dumps(f)).__module__)"],
     "place": ["-c", SHOWS_ITS_PLACE, "a", "b"],
     "script": ["script.py", "a"],
+    "module in the folder": ["-m", "script", "a"],
     "module": ["-m", "json.tool", "--help"],
 }
+
+
+def test_the_preloaded_clis_print_nothing_at_import():
+    """What the server prints at import is not in a forked run's output: here, nothing."""
+    imports = "import timerefine.train, timerefine.evaluate"
+    fresh = subprocess.run([sys.executable, "-c", imports], cwd=launched.ROOT, capture_output=True, text=True)
+    assert (fresh.returncode, fresh.stdout, fresh.stderr) == (0, "", "")
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -37,8 +51,10 @@ def test_a_launched_command_ends_as_in_a_fresh_interpreter(name, tmp_path):
     forked = launched.run(command, cwd=tmp_path, env=env, timeout=120)
     assert forked.returncode == fresh.returncode
     assert forked.stdout == fresh.stdout
-    last_line = [output.stderr.strip().splitlines()[-1:] for output in (forked, fresh)]
-    assert last_line[0] == last_line[1]
+    unindented = [
+        [line for line in run.stderr.splitlines() if not line.startswith(" ")] for run in (forked, fresh)
+    ]
+    assert unindented[0] == unindented[1]
 
 
 def test_a_killed_command_ends_by_the_signal_with_its_output_so_far(tmp_path):

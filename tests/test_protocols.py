@@ -194,7 +194,7 @@ def test_rescore_cli_prints_one_json_object(tmp_path, capsys):
 def test_rescore_console_script_runs(tmp_path):
     path = tmp_path / "test.jsonl"
     write_predictions(path, count=20)
-    result = launched.run(
+    result = launched.fresh(
         ["-m", "timerefine.tools.rescore", str(path), "--protocol", "vtimellm"], timeout=120
     )
     assert result.returncode == 0, result.stderr

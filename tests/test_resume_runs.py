@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 
 from tests import launched
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTINUES = "the same command with output_dir={} continues it"  # the default output_dir is a new folder
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 MAX_STEPS, STEPS_PER_EPOCH = 24, 7
@@ -77,9 +75,7 @@ def final_state(output_dir: Path) -> tuple[dict, dict, list[dict]]:
 def uninterrupted(tmp_path_factory) -> Path:
     """In a fresh interpreter: the runs compared with it are forked, with another hash seed."""
     output_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    result = subprocess.run(
-        [sys.executable, *command(output_dir)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    result = launched.fresh(command(output_dir), env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return output_dir
 
@@ -245,8 +241,8 @@ def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
     ]
     epochs, more = [*tiny, "trainer.max_epochs=2"], [*tiny, "trainer.max_epochs=3"]
 
-    def run(*argv: str) -> int:
-        return launched.run(list(argv), env=ENV, timeout=300).returncode
+    def run(*argv: str, fresh: bool = False) -> int:
+        return (launched.fresh if fresh else launched.run)(list(argv), env=ENV, timeout=300).returncode
 
     def saved_step(output_dir: Path) -> int:
         last = output_dir / "checkpoints" / "last.ckpt"
@@ -255,9 +251,10 @@ def test_a_sigterm_at_the_last_epochs_end_resumes_as_finished(tmp_path):
     stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
     assert run("-c", EPOCH_END_SIGTERM, "1", *epochs, f"output_dir={stopped}") == 128 + signal.SIGTERM
     for output_dir in (stopped, uninterrupted):
-        assert run("train.py", *epochs, f"output_dir={output_dir}") == 0
+        fresh = output_dir == uninterrupted  # in a fresh interpreter: another hash seed
+        assert run("train.py", *epochs, f"output_dir={output_dir}", fresh=fresh) == 0
         assert saved_step(output_dir) == 32
-        assert run("train.py", *more, f"output_dir={output_dir}") == 0
+        assert run("train.py", *more, f"output_dir={output_dir}", fresh=fresh) == 0
         assert saved_step(output_dir) == 48
     assert assert_ends_alike(stopped, uninterrupted) == final_state(uninterrupted)[2]
 
@@ -275,9 +272,8 @@ def test_a_run_bounded_by_epochs_resumes_its_epochs_data_order(tmp_path):
     assert saved["global_step"] == 5
     finished = {}
     for output_dir in (stopped, uninterrupted):
-        finished[output_dir] = launched.run(
-            ["train.py", *epochs, f"output_dir={output_dir}"], env=ENV, timeout=300
-        )
+        start = launched.fresh if output_dir == uninterrupted else launched.run  # another hash seed
+        finished[output_dir] = start(["train.py", *epochs, f"output_dir={output_dir}"], env=ENV, timeout=300)
         assert finished[output_dir].returncode == 0, finished[output_dir].stderr[-4000:]
     assert "resuming epoch 0 after its first 10 batches" in finished[stopped].stderr
     assert assert_ends_alike(stopped, uninterrupted) == final_state(uninterrupted)[2]
