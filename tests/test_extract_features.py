@@ -157,6 +157,22 @@ def test_extract_counts_or_raises_on_corrupt_video(tiny_clip, videos, tmp_path):
     assert "vid_c.mp4" in report.failed["vid_c"]
 
 
+def test_decoding_workers_are_new_interpreters_not_forks_of_the_caller(
+    tiny_clip, videos, tmp_path, monkeypatch
+):
+    """Before: workers were forks, copies of the caller with the locks its other threads held (a
+    progress bar's monitor, FFmpeg's decoders); a CI run hung in one. A fork would run this patch."""
+    import timerefine.tools.extract_features as extract_features
+
+    def inherited(path):
+        raise VideoDecodeError(path, "a copy of the caller's memory")
+
+    monkeypatch.setattr(extract_features, "probe_video", inherited)
+    encoder = ClipFrameEncoder(str(tiny_clip / "proj"))
+    report = extract(sorted(videos.iterdir()), encoder, tmp_path / "out", num_frames=4, workers=1)
+    assert report.done == ["vid_a", "vid_b"] and not report.failed
+
+
 def test_a_still_image_is_not_extracted_as_a_video(tiny_clip, videos, tmp_path):
     """Before: a PNG named .mp4 and a one-frame video were encoded as videos of 0.04 s."""
     write_still(videos / "still.mp4")

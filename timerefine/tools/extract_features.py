@@ -3,8 +3,8 @@
     timerefine-extract-features VIDEO_DIR OUT_DIR --model openai/clip-vit-large-patch14 \\
         --num-frames 100 --batch-size 100 --device cuda --fp16
 
-Frames are decoded in DataLoader workers and encoded as ``timerefine/inference/frame_encoder.py``
-says (with ``--no-projection``, the pooled output is kept). Finished videos are skipped, outputs are
+Frames are decoded in DataLoader workers (new interpreters, not forks) and encoded as
+``timerefine/inference/frame_encoder.py`` says (with ``--no-projection``, the pooled output is kept). Finished videos are skipped, outputs are
 written atomically, and undecodable videos are counted and reported (or raise with ``--strict``).
 ``OUT_DIR/encoder.json`` records the encoder and frame count, so a trained run can encode a new video
 the same way (``timerefine-predict``).
@@ -163,7 +163,10 @@ def extract(
         else:
             todo.append(path)
     frames = _VideoFrames(todo, num_frames, encoder.image_size)
-    for video_id, pixels in DataLoader(frames, batch_size=None, num_workers=workers):
+    # Workers start as new interpreters: a fork copies the locks that this process's other threads
+    # hold (a progress bar's monitor, FFmpeg's decoders), and a worker that takes one waits forever.
+    start = {"multiprocessing_context": "spawn"} if workers else {}
+    for video_id, pixels in DataLoader(frames, batch_size=None, num_workers=workers, **start):
         if isinstance(pixels, VideoDecodeError):
             if strict:
                 raise pixels
