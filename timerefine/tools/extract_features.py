@@ -4,8 +4,9 @@
         --num-frames 100 --batch-size 100 --device cuda --fp16
 
 Frames are decoded in DataLoader workers (new interpreters, not forks) and encoded as
-``timerefine/inference/frame_encoder.py`` says (with ``--no-projection``, the pooled output is kept). Finished videos are skipped, outputs are
-written atomically, and undecodable videos are counted and reported (or raise with ``--strict``).
+``timerefine/inference/frame_encoder.py`` says (with ``--no-projection``, the pooled output is kept).
+Finished videos are skipped, outputs are written atomically, and undecodable videos are counted and
+reported (or raise with ``--strict``).
 ``OUT_DIR/encoder.json`` records the encoder and frame count, so a trained run can encode a new video
 the same way (``timerefine-predict``).
 """
