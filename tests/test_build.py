@@ -173,6 +173,16 @@ def test_a_grpo_stage_refreshes_no_on_policy_guesses(tmp_path):
     assert not [c for c in callbacks if isinstance(c, OnPolicyCoarse)]
 
 
+def test_a_grpo_run_keeps_its_kl_reference_to_train_not_to_evaluate(tmp_path):
+    """Before: evaluate.py and predict built a GRPO run's module with its KL reference, a frozen copy
+    of the whole model that only training reads (a second LM in memory)."""
+    cfg = load_config(tiny_build_overrides(tmp_path))
+    cfg.grpo.enabled = True  # as init_from_run's supervised config, which load_config would check
+    datamodule = build_datamodule(cfg)
+    assert build_module(cfg, datamodule).reference_digest() is not None
+    assert build_module(cfg, datamodule, training=False).reference_digest() is None
+
+
 def test_frames_per_token_need_not_divide_the_data_frames(tmp_path):
     """DiDeMo's 30 frames at 4 per token: 8 video tokens, the last one's two missing frames zero."""
     cfg = load_config(

@@ -238,11 +238,11 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
     # its export loads alone (before: its config said grpo.enabled=true without init_from_run: refused)
     assert export_main([str(run), str(tmp_path / "export")]) == 0
     exported = Grounder.from_export(tmp_path / "export").run.module.state_dict()
-    assert [
-        n
-        for n, t in Grounder.from_run(run).run.module.state_dict().items()
-        if not torch.equal(t, exported[n])
-    ] == []
+    loaded = Grounder.from_run(run).run.module
+    assert [n for n, t in loaded.state_dict().items() if not torch.equal(t, exported[n])] == []
+    assert (
+        loaded.reference_digest() is None
+    )  # before: a KL reference, a second model that predict never reads
 
 
 @pytest.mark.parametrize(

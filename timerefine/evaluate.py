@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, ckpt: Path, output_dir: Path) -> di
         raise FileNotFoundError(f"{tokenizer}: missing (the run's tokenizer)")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg, tokenizer_dir=tokenizer)
-    module = build_module(cfg, datamodule)
+    module = build_module(cfg, datamodule, training=False)
     # trained otherwise than config.yaml says, unreadable, another tokenizer, unfit, other base: refused
     fitting_checkpoint(module, ckpt, tokenizer, weights=False)
     # its scores are metrics.json, which it replaces; loggers would append to an earlier evaluation's

@@ -126,7 +126,7 @@ def build_untrained(cfg: DictConfig, tokenizer_dir: Path) -> tuple[GroundingModu
         datamodule = build_datamodule(cfg, tokenizer_dir, source)
         with torch.random.fork_rng(devices=[]):  # seeded as train.py and evaluate.py build it (on the CPU):
             torch.default_generator.manual_seed(cfg.seed)  # token_rows_init=resize's rows are frozen weights
-            return build_module(cfg, datamodule).eval(), datamodule.collator
+            return build_module(cfg, datamodule, training=False).eval(), datamodule.collator
     except INPUT_ERRORS as err:  # the tokenizer, the LM's file (moved, damaged), released weights
         raise InputError(str(err)) from err
 

@@ -197,11 +197,12 @@ def build_datamodule(
     )
 
 
-def build_module(cfg: DictConfig, datamodule: GroundingDataModule) -> GroundingModule:
-    """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it."""
+def build_module(cfg: DictConfig, datamodule: GroundingDataModule, training: bool = True) -> GroundingModule:
+    """The Video LLM around the datamodule's answer codec, and the LightningModule that trains it; a
+    GRPO run's KL reference, a frozen copy of the model, only for ``training`` (not to evaluate)."""
     module = started_module(cfg, datamodule)
     apply_trainable(module.model, OmegaConf.to_object(cfg.model.trainable))
-    if isinstance(module, GRPOModule):
+    if training and isinstance(module, GRPOModule):
         module.keep_reference()  # the starting policy, also when resuming
     return module
 
