@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHARADES = ROOT.parent / "shared" / "data" / "charades_sta"
 pytestmark = [
     pytest.mark.slow,  # two 600-step runs on real data: 231 s together alone on 2 cores of an Intel Xeon
+    pytest.mark.timeout(2400),  # its first test trains one of them: 630 s on an AVX2-only EPYC in CI
     pytest.mark.real_data,
     pytest.mark.skipif(not (CHARADES / "charades_sta_test.txt").is_file(), reason=f"absent: {CHARADES}"),
 ]
