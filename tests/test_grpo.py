@@ -240,9 +240,8 @@ def test_grpo_stage_runs_from_a_supervised_run(supervised, tmp_path):
     exported = Grounder.from_export(tmp_path / "export").run.module.state_dict()
     loaded = Grounder.from_run(run).run.module
     assert [n for n, t in loaded.state_dict().items() if not torch.equal(t, exported[n])] == []
-    assert (
-        loaded.reference_digest() is None
-    )  # before: a KL reference, a second model that predict never reads
+    # before: with its KL reference, a second model that predict never reads
+    assert loaded.reference_digest() is None
 
 
 @pytest.mark.parametrize(
