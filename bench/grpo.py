@@ -7,11 +7,12 @@
 Trains (or takes, ``--base``) a supervised run, then per seed: ``--steps`` GRPO steps per reward
 (``experiment=grpo init_from_run=<base>``) and continued supervised training (``init_from_run=<base>``)
 for as many steps as take the training time of the GRPO run (its steps x the GRPO/SFT cost ratio,
-measured first with ``--steps`` of each at seed 0). Each run is a child ``python train.py`` profiled by
-Lightning's SimpleProfiler: the ratio divides training seconds (steps and batch loading, as
-``bench.default_run`` sums them), not wall times, which also hold start-up, validation and the test and
-so understate a GRPO step's cost. Every run validates once, at its last step, so each test scores that
-run's final model (``--stage trainer.val_check_interval=<n>`` gives all of them another interval).
+measured first with ``--steps`` of each at seed 0; a later run with a cost run's settings is that
+run, not trained again). Each run is a child ``python train.py`` profiled by Lightning's SimpleProfiler:
+the ratio divides training seconds (steps and batch loading, as ``bench.default_run`` sums them), not
+wall times, which also hold start-up, validation and the test and so understate a GRPO step's cost.
+Every run validates once, at its last step, so each test scores that run's final model
+(``--stage trainer.val_check_interval=<n>`` gives all of them another interval).
 Figures: ``step_cost_ratio`` (that ratio), ``wall_cost_ratio`` (the same runs' wall times, for
 comparison; contended on a shared machine), ``sft_steps``, then per reward and for ``sft`` the mean test
 mIoU and R1@0.7 over the seeds (and the mIoU's sample std), and ``gain_mIoU_<reward>`` /
@@ -105,6 +106,13 @@ def main(argv: list[str] | None = None) -> None:
             base = tmp / "base"
             train(QUICK_BASE if args.quick else [], base)
         start = [f"init_from_run={base}", *stage]
+        trained: dict[tuple[str, ...], tuple[float, dict[str, float]]] = {}
+
+        def once(overrides: list[str], output_dir: Path) -> tuple[float, dict[str, float]]:
+            """The run of ``overrides``, trained once: the first seed's runs may repeat the cost runs'."""
+            if (key := tuple(overrides)) not in trained:
+                trained[key] = train(overrides, output_dir)
+            return trained[key]
 
         def grpo(reward: str, seed: int) -> tuple[float, dict[str, float]]:
             overrides = [
@@ -114,12 +122,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"grpo.reward=[{reward}]",
                 *args.grpo,
             ]
-            return train(
+            return once(
                 [*overrides, f"seed={seed}", f"trainer.max_steps={args.steps}"], tmp / f"{reward}{seed}"
             )
 
         def sft(steps: int, seed: int, name: str) -> tuple[float, dict[str, float]]:
-            return train([*at_end(steps), *start, f"seed={seed}", f"trainer.max_steps={steps}"], tmp / name)
+            return once([*at_end(steps), *start, f"seed={seed}", f"trainer.max_steps={steps}"], tmp / name)
 
         grpo_seconds, grpo_cost = grpo(args.rewards[0], args.seeds[0])
         sft_seconds, sft_cost = sft(args.steps, args.seeds[0], "sft_cost")

@@ -228,6 +228,14 @@ def test_grpo_paths_are_the_callers(run_folders, monkeypatch, tmp_path):
     assert run_folders[0] == tmp_path / "kept" / "base"
 
 
+def test_grpo_trains_each_setting_once(run_folders, tmp_path):
+    """The first seed's GRPO run of the first reward and its continued SFT (here as many steps as the
+    cost runs: their ratio is 1) have the cost runs' settings; each ran again, the GRPO one as a
+    train.py that found its folder finished."""
+    grpo.main(["--quick", "--keep", str(tmp_path / "kept")])
+    assert run_folders == [tmp_path / "kept" / name for name in ("base", "iou0", "sft_cost")]
+
+
 def refused(script, argv: list[str], capsys) -> str:
     """The one error line ``script.main(argv)`` exits 2 with."""
     with pytest.raises(SystemExit) as exit_:
