@@ -66,15 +66,17 @@ def test_grpo_and_continued_sft_each_validate_once_at_their_end(monkeypatch):
 
     def fake_train(overrides: list[str], output_dir) -> tuple[float, dict[str, float]]:
         runs.append(overrides)
-        return 1.0, {"wall_s": 1.0, "test/mIoU": 0.0, "test/R1@0.7": 0.0}
+        seconds = 2.0 if "experiment=grpo" in overrides else 1.0  # continued SFT runs twice the steps
+        return seconds, {"wall_s": 1.0, "test/mIoU": 0.0, "test/R1@0.7": 0.0}
 
     def last(key: str, overrides: list[str]) -> str | None:
         return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{key}=")), None)
 
     monkeypatch.setattr(grpo, "train", fake_train)
     grpo.main(["--quick"])
-    stages = runs[1:]  # after the base run: GRPO and SFT cost runs, then both arms
-    assert len(stages) == 4 and "experiment=grpo" in stages[0] and "experiment=grpo" not in stages[1]
+    stages = runs[1:]  # after the base run: GRPO and SFT cost runs, then SFT (GRPO's is the cost run)
+    assert len(stages) == 3 and "experiment=grpo" in stages[0] and "experiment=grpo" not in stages[1]
+    assert last("trainer.max_steps", stages[2]) == "8", stages
     assert all(last("trainer.val_check_interval", r) == last("trainer.max_steps", r) for r in stages), stages
 
 
